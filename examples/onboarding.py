@@ -1,0 +1,160 @@
+"""Customer onboarding as a four-step durable workflow, run offline.
+
+Shows: two pydantic-ai agents (`AgentActivity`, driven by `FunctionModel` so no API key is needed) and two plain
+functions as steps; one step fails once and is retried; each step is printed as it happens, then the final payload.
+
+Run it (in memory, one process):
+
+    uv run python -m examples.onboarding
+
+On RabbitMQ or Redis, each step can run in its own process (see the README):
+
+    PAIGEANT_TRANSPORT=rabbitmq uv run paigeant worker examples.onboarding:validate_worker
+    PAIGEANT_TRANSPORT=rabbitmq uv run python -m examples.onboarding --dispatch-only
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+
+from pydantic import BaseModel
+from pydantic_ai import Agent
+from pydantic_ai.messages import ModelMessage, ModelResponse, TextPart, ToolCallPart, UserPromptPart
+from pydantic_ai.models.function import AgentInfo, FunctionModel
+
+from paigeant_ai import (
+    ActivityContext,
+    AgentActivity,
+    NonRetryableError,
+    RetryActivity,
+    RetryPolicy,
+    Worker,
+    WorkflowDispatcher,
+    WorkflowEvent,
+    activity,
+    get_transport,
+)
+
+# -- the agents (scripted models stand in for a real LLM) ----------------------------------------------------
+
+
+class CustomerCheck(BaseModel):
+    valid: bool
+    risk: str
+    notes: str
+
+
+def _last_prompt(messages: list[ModelMessage]) -> str:
+    for message in reversed(messages):
+        for part in message.parts:
+            if isinstance(part, UserPromptPart) and isinstance(part.content, str):
+                return part.content
+    return ""
+
+
+def _review_customer(messages: list[ModelMessage], info: AgentInfo) -> ModelResponse:
+    prompt = _last_prompt(messages)
+    valid = "@" in prompt and "example.invalid" not in prompt
+    check = {"valid": valid, "risk": "low" if valid else "high", "notes": "email format and domain checked"}
+    return ModelResponse(parts=[ToolCallPart(info.output_tools[0].name, check)])
+
+
+def _write_welcome(messages: list[ModelMessage], info: AgentInfo) -> ModelResponse:
+    prompt = _last_prompt(messages)
+    tier = "premium" if "premium" in prompt else "standard"
+    return ModelResponse(parts=[TextPart(f"Welcome aboard! Your {tier} account is ready.")])
+
+
+validator_agent = Agent(
+    FunctionModel(_review_customer),
+    name="validate-customer-data",
+    output_type=CustomerCheck,
+    instructions="Check that the customer's data is complete and plausible.",
+)
+welcome_agent = Agent(
+    FunctionModel(_write_welcome),
+    name="send-welcome-email",
+    instructions="Write a short welcome email.",
+)
+
+# -- the steps -----------------------------------------------------------------------------------------------
+
+validate = AgentActivity(
+    validator_agent,
+    prompt="Validate this customer: email {customer_email}, tier {subscription_tier}.",
+    output_key="validation",
+)
+
+
+@activity(name="create-customer-account")
+async def create_account(ctx: ActivityContext) -> dict[str, str]:
+    """Create the customer's account once the data is valid."""
+    validation = ctx.payload.get("validation")
+    if not isinstance(validation, dict) or not validation.get("valid"):
+        raise NonRetryableError("customer data did not pass validation")
+    # The idempotency key is the same on every retry and redelivery: a real system passes it to its database.
+    return {"account_id": "acct-" + ctx.idempotency_key.split(":")[0][:8]}
+
+
+@activity(name="setup-payment-method", retry=RetryPolicy(max_attempts=3, initial_interval=0.2))
+async def setup_payment(ctx: ActivityContext) -> dict[str, str]:
+    """Attach a payment method; the payment provider is flaky on the first try."""
+    if ctx.attempt == 0:
+        raise RetryActivity("payment provider timed out")
+    return {"payment_method": f"card-on-file for {ctx.payload['account_id']}"}
+
+
+send_welcome = AgentActivity(
+    welcome_agent,
+    prompt="Write a welcome email for {customer_email} on the {subscription_tier} tier.",
+    output_key="welcome_email",
+)
+
+ONBOARDING = [validate, create_account, setup_payment, send_welcome]
+
+# -- printing progress ---------------------------------------------------------------------------------------
+
+
+def show(event: WorkflowEvent) -> None:
+    """Print one line per step as the workflow moves."""
+    if event.kind == "step_completed":
+        print(f"  [done]    step {event.step} {event.activity} ({event.duration or 0:.3f}s)")
+    elif event.kind == "step_retried":
+        print(f"  [retry]   step {event.step} {event.activity}: {event.detail}")
+    elif event.kind in ("faulted", "rejected"):
+        print(f"  [{event.kind}] {event.activity}: {event.detail}")
+    elif event.kind == "completed":
+        print(f"workflow {event.correlation_id} completed; final payload:")
+        print(json.dumps(event.payload, indent=2, sort_keys=True))
+
+
+# -- workers: one for everything, or one per step for separate processes -------------------------------------
+
+transport = get_transport()
+worker = Worker(transport, ONBOARDING, on_event=show)
+validate_worker = Worker(transport, [validate], on_event=show)
+account_worker = Worker(transport, [create_account], on_event=show)
+payment_worker = Worker(transport, [setup_payment], on_event=show)
+welcome_worker = Worker(transport, [send_welcome], on_event=show)
+
+
+async def main(*, dispatch_only: bool = False) -> str:
+    """Dispatch one onboarding workflow; unless `dispatch_only`, run the steps here until it completes."""
+    async with transport:
+        dispatcher = WorkflowDispatcher(transport)
+        correlation_id = await dispatcher.dispatch_workflow(
+            activities=ONBOARDING,
+            variables={"customer_email": "new.customer@example.com", "subscription_tier": "premium"},
+        )
+        print(f"dispatched onboarding workflow {correlation_id} on the {transport.name} transport")
+        if not dispatch_only:
+            await worker.run(burst=True)
+    return correlation_id
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description="Run the customer-onboarding workflow.")
+    parser.add_argument("--dispatch-only", action="store_true", help="dispatch, and leave the steps to workers")
+    asyncio.run(main(dispatch_only=parser.parse_args().dispatch_only))

@@ -1,0 +1,56 @@
+"""paigeant-ai: durable, message-driven workflows for pydantic-ai agents, with the routing slip pattern."""
+
+from .activity import Activity, ActivityContext, AgentActivity, FunctionActivity, activity
+from .contracts import (
+    ActivityLogEntry,
+    ActivitySpec,
+    PaigeantMessage,
+    RetryPolicy,
+    RoutingSlip,
+    SecurityContext,
+    WorkflowEvent,
+)
+from .dispatch import WorkflowDispatcher
+from .exceptions import (
+    InvalidMessage,
+    MessageTooLarge,
+    NonRetryableError,
+    PaigeantError,
+    RetryActivity,
+    SecurityError,
+    TransportError,
+    UserError,
+)
+from .transports import InMemoryTransport, Transport, get_transport
+from .worker import Worker, WorkerStats
+
+__all__ = (
+    "Activity",
+    "ActivityContext",
+    "ActivityLogEntry",
+    "ActivitySpec",
+    "AgentActivity",
+    "FunctionActivity",
+    "InMemoryTransport",
+    "InvalidMessage",
+    "MessageTooLarge",
+    "NonRetryableError",
+    "PaigeantError",
+    "PaigeantMessage",
+    "RetryActivity",
+    "RetryPolicy",
+    "RoutingSlip",
+    "SecurityContext",
+    "SecurityError",
+    "Transport",
+    "TransportError",
+    "UserError",
+    "Worker",
+    "WorkerStats",
+    "WorkflowDispatcher",
+    "WorkflowEvent",
+    "activity",
+    "get_transport",
+)
+
+__version__ = "0.1.0"

@@ -1,0 +1,347 @@
+"""Activities: what a worker runs at one step. Plain functions, and any pydantic-ai `Agent` as `AgentActivity`."""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import json
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Any, Generic, Protocol, TypeVar, overload, runtime_checkable
+
+from pydantic import BaseModel, JsonValue, TypeAdapter, ValidationError
+from pydantic_ai.agent import AbstractAgent
+from pydantic_ai.usage import UsageLimits
+from pydantic_core import PydanticSerializationError, to_jsonable_python
+
+from .contracts import ActivitySpec, PaigeantMessage, RetryPolicy, RoutingSlip
+from .exceptions import NonRetryableError, UserError
+
+__all__ = (
+    "Activity",
+    "ActivityContext",
+    "AgentActivity",
+    "FunctionActivity",
+    "activity",
+    "as_activity",
+)
+
+DEFAULT_TIMEOUT = 300.0
+
+DepsT = TypeVar("DepsT")
+OutputT = TypeVar("OutputT")
+
+_PAYLOAD = TypeAdapter(dict[str, JsonValue])
+
+
+@dataclass(frozen=True, slots=True)
+class ActivityContext:
+    """What an activity knows about the step it runs.
+
+    Attributes:
+        message: The message being processed (read it, don't change it: the worker owns the slip).
+        spec: The activity's effective spec: the workflow's overrides over the worker's own.
+        obo_claims: The validated claims of the user's on-behalf-of token, when the worker checks tokens.
+    """
+
+    message: PaigeantMessage
+    spec: ActivitySpec
+    obo_claims: Mapping[str, Any] | None = None
+    _payload: Mapping[str, JsonValue] = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "_payload", MappingProxyType(self.message.payload))
+
+    @property
+    def payload(self) -> Mapping[str, JsonValue]:
+        """The workflow's variables so far (read-only; return what you add)."""
+        return self._payload
+
+    @property
+    def arguments(self) -> Mapping[str, JsonValue]:
+        """Step-specific arguments from the activity's spec in the itinerary."""
+        return self.spec.arguments
+
+    @property
+    def correlation_id(self) -> str:
+        """The workflow's id."""
+        return self.message.correlation_id
+
+    @property
+    def attempt(self) -> int:
+        """0 on the first try, 1 on the first retry, and so on."""
+        return self.message.attempt
+
+    @property
+    def step(self) -> int:
+        """The index of this step in the workflow."""
+        return self.message.step
+
+    @property
+    def idempotency_key(self) -> str:
+        """The same for every attempt and redelivery of this step: key external side effects on it."""
+        return self.message.idempotency_key
+
+    @property
+    def routing_slip(self) -> RoutingSlip:
+        """The workflow's route: what is done and what is left."""
+        return self.message.routing_slip
+
+
+@runtime_checkable
+class Activity(Protocol):
+    """Anything a `Worker` can run as a step: a spec and an async `run`."""
+
+    @property
+    def spec(self) -> ActivitySpec: ...
+
+    async def run(self, ctx: ActivityContext) -> Any:
+        """Do the step's work; the returned mapping (or model) is merged into the payload."""
+        ...
+
+
+def _make_spec(
+    name: str,
+    *,
+    description: str | None,
+    retry: RetryPolicy | None,
+    timeout: float | None,
+    required_scopes: Sequence[str],
+) -> ActivitySpec:
+    try:
+        return ActivitySpec(
+            name=name,
+            description=description or "",
+            retry=retry or RetryPolicy(),
+            timeout=timeout or DEFAULT_TIMEOUT,
+            required_scopes=tuple(required_scopes),
+        )
+    except ValidationError as exc:
+        raise UserError(f"invalid activity {name!r}: {exc.errors(include_url=False)[0]['msg']}") from None
+
+
+ActivityFunc = Callable[[ActivityContext], Any]
+
+
+class FunctionActivity:
+    """A plain function as a step: `async def step(ctx: ActivityContext) -> dict | BaseModel | None`.
+
+    Sync functions run in a worker thread. A returned mapping or model is merged into the payload; any other
+    value is stored under `output_key` (the activity's name unless given).
+    """
+
+    def __init__(
+        self,
+        func: ActivityFunc,
+        *,
+        name: str | None = None,
+        description: str | None = None,
+        retry: RetryPolicy | None = None,
+        timeout: float | None = None,
+        required_scopes: Sequence[str] = (),
+        output_key: str | None = None,
+    ) -> None:
+        self.func = func
+        resolved = name or func.__name__.replace("_", "-")
+        self.spec = _make_spec(
+            resolved,
+            description=description or inspect.getdoc(func),
+            retry=retry,
+            timeout=timeout,
+            required_scopes=required_scopes,
+        )
+        self.output_key = output_key or resolved
+
+    async def run(self, ctx: ActivityContext) -> dict[str, JsonValue]:
+        if inspect.iscoroutinefunction(self.func):
+            result = await self.func(ctx)
+        else:
+            result = await asyncio.to_thread(self.func, ctx)
+            if inspect.isawaitable(result):
+                result = await result
+        return to_payload_update(result, self.output_key, self.spec.name)
+
+    def __repr__(self) -> str:
+        return f"FunctionActivity({self.spec.name!r})"
+
+
+@overload
+def activity(func: ActivityFunc, /) -> FunctionActivity: ...
+
+
+@overload
+def activity(
+    *,
+    name: str | None = None,
+    description: str | None = None,
+    retry: RetryPolicy | None = None,
+    timeout: float | None = None,
+    required_scopes: Sequence[str] = (),
+    output_key: str | None = None,
+) -> Callable[[ActivityFunc], FunctionActivity]: ...
+
+
+def activity(
+    func: ActivityFunc | None = None,
+    /,
+    *,
+    name: str | None = None,
+    description: str | None = None,
+    retry: RetryPolicy | None = None,
+    timeout: float | None = None,
+    required_scopes: Sequence[str] = (),
+    output_key: str | None = None,
+) -> FunctionActivity | Callable[[ActivityFunc], FunctionActivity]:
+    """Decorate a function to make it an activity; its name defaults to the function's, with `-` for `_`."""
+
+    def wrap(f: ActivityFunc) -> FunctionActivity:
+        return FunctionActivity(
+            f,
+            name=name,
+            description=description,
+            retry=retry,
+            timeout=timeout,
+            required_scopes=required_scopes,
+            output_key=output_key,
+        )
+
+    return wrap(func) if func is not None else wrap
+
+
+def as_activity(item: Activity | ActivityFunc) -> Activity:
+    """An `Activity` for `item`: activities as they are, plain functions wrapped in `FunctionActivity`."""
+    if isinstance(item, Activity):
+        return item
+    if callable(item):
+        return FunctionActivity(item)
+    raise UserError(f"{item!r} is not an activity: pass an Activity, an AgentActivity or a function")
+
+
+def to_payload_update(result: Any, output_key: str, activity_name: str) -> dict[str, JsonValue]:
+    """What an activity's return value adds to the payload; JSON values only."""
+    if result is None:
+        return {}
+    if isinstance(result, BaseModel):
+        value: Any = result.model_dump(mode="json")
+    elif isinstance(result, Mapping):
+        value = dict(result)  # pyright: ignore[reportUnknownArgumentType]
+    else:
+        value = {output_key: result}
+    try:
+        return _PAYLOAD.validate_python(value)
+    except ValidationError as exc:
+        raise NonRetryableError(
+            f"activity {activity_name!r} returned a value that is not JSON: {exc.errors(include_url=False)[0]['msg']}"
+        ) from None
+
+
+class _PayloadFormat(dict[str, Any]):
+    def __init__(self, values: Mapping[str, Any], activity_name: str) -> None:
+        super().__init__(values)
+        self.activity_name = activity_name
+
+    def __missing__(self, key: str) -> Any:
+        raise NonRetryableError(
+            f"the prompt of {self.activity_name!r} needs {key!r}, which is not in the workflow's payload"
+        )
+
+
+PromptSource = str | Callable[[ActivityContext], str | Awaitable[str]]
+DepsSource = Callable[[ActivityContext], Any]
+
+
+class AgentActivity(Generic[DepsT, OutputT]):
+    """Any pydantic-ai agent as one step of a workflow.
+
+    The prompt is a template filled from the payload (`"Check {customer_email}"`) or a function of the
+    context; without one, the agent gets the payload as JSON. The agent's output, structured or text, is
+    stored in the payload under `output_key` (the activity's name with `_` for `-`). Each run uses the
+    workflow's correlation ID as `conversation_id` and `<correlation_id>:<step>` as `run_id`, so its spans
+    and messages can be found by workflow.
+
+    Args:
+        agent: The agent to run.
+        name: The activity's name; defaults to `agent.name`.
+        prompt: A `str.format` template over the payload, or a (possibly async) function of the context.
+        deps: Builds the agent's deps from the context; by default the context itself when the agent's
+            `deps_type` is `ActivityContext`, else nothing.
+        output_key: Where the output goes in the payload.
+        description: What the step does, for planners; defaults to the agent's description.
+        retry: The retry policy of the step.
+        timeout: Seconds one attempt may take.
+        usage_limits: Limits for each run of the agent.
+        required_scopes: OAuth scopes the user's token must grant.
+    """
+
+    def __init__(
+        self,
+        agent: AbstractAgent[DepsT, OutputT],
+        *,
+        name: str | None = None,
+        prompt: PromptSource | None = None,
+        deps: DepsSource | None = None,
+        output_key: str | None = None,
+        description: str | None = None,
+        retry: RetryPolicy | None = None,
+        timeout: float | None = None,
+        usage_limits: UsageLimits | None = None,
+        required_scopes: Sequence[str] = (),
+    ) -> None:
+        resolved = name or agent.name
+        if not resolved:
+            raise UserError("AgentActivity needs a name: give the agent a name (Agent(..., name=...)) or pass name=")
+        self.agent = agent
+        self.prompt = prompt
+        self.deps = deps
+        self.usage_limits = usage_limits
+        agent_description = getattr(agent, "description", None)
+        self.spec = _make_spec(
+            resolved,
+            description=description or (agent_description if isinstance(agent_description, str) else None),
+            retry=retry,
+            timeout=timeout,
+            required_scopes=required_scopes,
+        )
+        self.output_key = output_key or resolved.replace("-", "_")
+
+    async def build_prompt(self, ctx: ActivityContext) -> str:
+        """The user prompt for this step."""
+        if self.prompt is None:
+            variables = json.dumps(dict(ctx.payload), indent=2, sort_keys=True)
+            return f"Workflow step {self.spec.name!r}. Workflow variables:\n{variables}"
+        if isinstance(self.prompt, str):
+            return self.prompt.format_map(_PayloadFormat({**ctx.payload, **ctx.arguments}, self.spec.name))
+        prompt = self.prompt(ctx)
+        return await prompt if inspect.isawaitable(prompt) else prompt
+
+    async def build_deps(self, ctx: ActivityContext) -> Any:
+        """The agent's deps for this step."""
+        if self.deps is not None:
+            deps = self.deps(ctx)
+            return await deps if inspect.isawaitable(deps) else deps
+        if getattr(self.agent, "deps_type", None) is ActivityContext:
+            return ctx
+        return None
+
+    async def run(self, ctx: ActivityContext) -> dict[str, JsonValue]:
+        result = await self.agent.run(
+            await self.build_prompt(ctx),
+            deps=await self.build_deps(ctx),  # pyright: ignore[reportArgumentType]
+            conversation_id=ctx.correlation_id,
+            run_id=f"{ctx.correlation_id}:{ctx.step}",
+            usage_limits=self.usage_limits,
+            metadata={
+                "correlation_id": ctx.correlation_id,
+                "activity": self.spec.name,
+                "attempt": ctx.attempt,
+            },
+        )
+        try:
+            output = to_jsonable_python(result.output)
+        except PydanticSerializationError as exc:
+            raise NonRetryableError(f"the output of {self.spec.name!r} cannot be stored as JSON: {exc}") from None
+        return to_payload_update({self.output_key: output}, self.output_key, self.spec.name)
+
+    def __repr__(self) -> str:
+        return f"AgentActivity({self.spec.name!r})"

@@ -1,0 +1,347 @@
+"""Wire types: what travels between a dispatcher and its workers (wire format v1).
+
+Everything here is validated JSON with a version field, never pickle. A message carries its whole route
+(`RoutingSlip`), the workflow's variables (`payload`) and its security context, so any worker can pick it up.
+"""
+
+from __future__ import annotations
+
+import random
+import uuid
+from collections.abc import Mapping
+from datetime import UTC, datetime
+from typing import Annotated, Any, Literal, Self
+
+from pydantic import BaseModel, ConfigDict, Field, JsonValue, ValidationError, model_validator
+from pydantic_core import from_json
+
+from .exceptions import InvalidMessage, UserError
+
+__all__ = (
+    "DEAD_LETTER",
+    "EVENTS",
+    "WIRE_VERSION",
+    "ActivityLogEntry",
+    "ActivitySpec",
+    "PaigeantMessage",
+    "RetryPolicy",
+    "RoutingSlip",
+    "SecurityContext",
+    "WorkflowEvent",
+    "derive_message_id",
+)
+
+WIRE_VERSION = 1
+EVENTS = "events"
+"""The address of workflow lifecycle events."""
+DEAD_LETTER = "dead-letter"
+"""The address of messages that could not be processed, each with a reason."""
+RESERVED_ADDRESSES = frozenset({EVENTS, DEAD_LETTER})
+
+_MESSAGE_NAMESPACE = uuid.UUID("6f1f5a52-3c1e-4d8e-9a57-2f0f3f6c8a11")
+
+ActivityName = Annotated[str, Field(min_length=1, max_length=200, pattern=r"^[A-Za-z0-9][A-Za-z0-9._:-]*$")]
+
+
+def _utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+class _Wire(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=False, ser_json_timedelta="float")
+
+
+class RetryPolicy(_Wire):
+    """How often and how patiently a failing activity is tried again.
+
+    The delay before attempt `n` (1-based retry) is `initial_interval * backoff ** (n - 1)`, capped at
+    `max_interval`, then spread by up to `jitter` (a fraction) either way so retries do not arrive in lockstep.
+    """
+
+    model_config = ConfigDict(frozen=True)
+
+    max_attempts: int = Field(default=3, ge=1, le=1000)
+    initial_interval: float = Field(default=1.0, ge=0)
+    backoff: float = Field(default=2.0, ge=1)
+    max_interval: float = Field(default=60.0, ge=0)
+    jitter: float = Field(default=0.1, ge=0, le=1)
+
+    def delay_before(self, attempt: int, rng: random.Random | None = None) -> float:
+        """Seconds to wait before running `attempt` (0 is the first try, which never waits)."""
+        if attempt <= 0:
+            return 0.0
+        base = min(self.initial_interval * self.backoff ** (attempt - 1), self.max_interval)
+        spread = base * self.jitter
+        return max(0.0, base + (rng or random).uniform(-spread, spread))
+
+
+class ActivitySpec(_Wire):
+    """One step of a workflow, as the routing slip carries it.
+
+    `ActivitySpec(name="validate-customer-data")` is enough; the rest has defaults.
+    """
+
+    model_config = ConfigDict(frozen=True)
+
+    name: ActivityName
+    description: str = ""
+    arguments: dict[str, JsonValue] = Field(default_factory=dict[str, JsonValue])
+    """Step-specific inputs, given to the activity next to the workflow's payload."""
+    retry: RetryPolicy | None = None
+    """How failures are retried; `None` leaves it to the activity's own spec in the worker."""
+    timeout: float | None = Field(default=None, gt=0)
+    """Seconds one attempt may run before it is cancelled and counted as a failure; `None` leaves it to the
+    activity's own spec in the worker (300 seconds unless it says otherwise)."""
+    required_scopes: tuple[str, ...] = ()
+    """OAuth scopes the user's on-behalf-of token must grant for this step to run."""
+
+    @model_validator(mode="after")
+    def _not_reserved(self) -> Self:
+        if self.name in RESERVED_ADDRESSES:
+            raise ValueError(f"{self.name!r} is reserved for paigeant's own queues; choose another activity name")
+        return self
+
+
+class ActivityLogEntry(_Wire):
+    """What happened at one step: who ran it, when, on which attempt, and how it ended."""
+
+    name: str
+    step: int = Field(ge=0)
+    attempt: int = Field(default=0, ge=0)
+    outcome: Literal["completed", "failed"] = "completed"
+    started_at: datetime
+    finished_at: datetime
+    output_keys: list[str] = Field(default_factory=list[str])
+    error: str | None = None
+
+    @property
+    def duration(self) -> float:
+        """Seconds the step took."""
+        return (self.finished_at - self.started_at).total_seconds()
+
+
+class RoutingSlip(_Wire):
+    """The route: the steps still to run (`itinerary`; the first is `current`) and the log of the done ones."""
+
+    itinerary: list[ActivitySpec]
+    completed: list[ActivityLogEntry] = Field(default_factory=list[ActivityLogEntry])
+    current: str | None = None
+    compensations: list[ActivitySpec] = Field(default_factory=list[ActivitySpec])
+
+    @model_validator(mode="after")
+    def _current_matches_itinerary(self) -> Self:
+        expected = self.itinerary[0].name if self.itinerary else None
+        if self.current is None and expected is not None and "current" not in self.model_fields_set:
+            self.current = expected
+        elif self.current != expected:
+            raise ValueError(f"current is {self.current!r} but the itinerary's next step is {expected!r}")
+        return self
+
+    @classmethod
+    def from_activities(cls, activities: list[ActivitySpec]) -> RoutingSlip:
+        """A new slip with `activities` to run in order."""
+        if not activities:
+            raise UserError("a workflow needs at least one activity")
+        return cls(itinerary=list(activities))
+
+    @property
+    def is_complete(self) -> bool:
+        """True when no step is left to run."""
+        return not self.itinerary
+
+    @property
+    def step(self) -> int:
+        """The index of the current step in the workflow (how many steps are done)."""
+        return sum(1 for entry in self.completed if entry.outcome == "completed")
+
+    @property
+    def current_activity(self) -> ActivitySpec | None:
+        """The spec of the step to run next, if any."""
+        return self.itinerary[0] if self.itinerary else None
+
+    def mark_complete(
+        self,
+        name: str,
+        *,
+        attempt: int = 0,
+        started_at: datetime | None = None,
+        finished_at: datetime | None = None,
+        output_keys: list[str] | None = None,
+    ) -> ActivityLogEntry:
+        """Log the current step as done and move on to the next one.
+
+        Args:
+            name: The step being completed; it must be the current one.
+            attempt: Which attempt succeeded (0 is the first).
+            started_at: When the step started; defaults to now.
+            finished_at: When the step finished; defaults to now.
+            output_keys: The payload keys the step wrote.
+
+        Raises:
+            UserError: `name` is not the current step.
+        """
+        if self.current != name:
+            raise UserError(f"cannot complete {name!r}: the current step is {self.current!r}")
+        finished = finished_at or _utcnow()
+        entry = ActivityLogEntry(
+            name=name,
+            step=self.step,
+            attempt=attempt,
+            started_at=started_at or finished,
+            finished_at=finished,
+            output_keys=output_keys or [],
+        )
+        self.completed.append(entry)
+        self.itinerary.pop(0)
+        self.current = self.itinerary[0].name if self.itinerary else None
+        return entry
+
+    def mark_failed(self, name: str, *, attempt: int, started_at: datetime, error: str) -> ActivityLogEntry:
+        """Log the current step as failed for good; the slip does not advance."""
+        entry = ActivityLogEntry(
+            name=name,
+            step=self.step,
+            attempt=attempt,
+            outcome="failed",
+            started_at=started_at,
+            finished_at=_utcnow(),
+            error=error,
+        )
+        self.completed.append(entry)
+        return entry
+
+
+class SecurityContext(_Wire):
+    """The user's delegated token and the message's signature."""
+
+    obo_token: str | None = None
+    jws_signature: str | None = None
+
+
+def derive_message_id(correlation_id: str, step: int, name: str | None, attempt: int) -> str:
+    """The id of one hop, the same every time that hop is produced, so a redelivery can be recognised."""
+    return str(uuid.uuid5(_MESSAGE_NAMESPACE, f"{correlation_id}/{step}/{name}/{attempt}"))
+
+
+class PaigeantMessage(_Wire):
+    """The envelope every hop carries (wire format v1)."""
+
+    v: Literal[1] = WIRE_VERSION
+    message_id: str = Field(min_length=1, max_length=200)
+    correlation_id: str = Field(min_length=1, max_length=200)
+    routing_slip: RoutingSlip
+    payload: dict[str, JsonValue] = Field(default_factory=dict[str, JsonValue])
+    security: SecurityContext = Field(default_factory=SecurityContext)
+    headers: dict[str, str] = Field(default_factory=dict[str, str])
+    attempt: int = Field(default=0, ge=0)
+    created_at: datetime = Field(default_factory=_utcnow)
+    expires_at: datetime | None = None
+
+    @classmethod
+    def new(
+        cls,
+        activities: list[ActivitySpec],
+        variables: Mapping[str, Any] | None = None,
+        *,
+        correlation_id: str | None = None,
+        obo_token: str | None = None,
+        expires_at: datetime | None = None,
+    ) -> PaigeantMessage:
+        """The first message of a new workflow."""
+        slip = RoutingSlip.from_activities(activities)
+        cid = correlation_id or str(uuid.uuid4())
+        return cls(
+            message_id=derive_message_id(cid, 0, slip.current, 0),
+            correlation_id=cid,
+            routing_slip=slip,
+            payload=dict(variables or {}),
+            security=SecurityContext(obo_token=obo_token),
+            expires_at=expires_at,
+        )
+
+    @classmethod
+    def from_json(cls, data: bytes | str) -> PaigeantMessage:
+        """Parse and validate a message.
+
+        Raises:
+            InvalidMessage: The data is not JSON, has an unknown version, or does not have the v1 shape.
+        """
+        try:
+            raw = from_json(data)
+        except ValueError as exc:
+            raise InvalidMessage(f"malformed JSON: {exc}") from None
+        if not isinstance(raw, dict):
+            raise InvalidMessage(f"expected a JSON object, got {type(raw).__name__}")
+        version = raw.get("v")  # pyright: ignore[reportUnknownMemberType]
+        if version != WIRE_VERSION:
+            raise InvalidMessage(f"unsupported wire version {version!r}; this worker reads version {WIRE_VERSION}")
+        try:
+            return cls.model_validate(raw)
+        except ValidationError as exc:
+            raise InvalidMessage(f"invalid message: {_summarize(exc)}") from None
+
+    def to_json(self) -> bytes:
+        """The message as compact JSON bytes."""
+        return self.model_dump_json().encode()
+
+    @property
+    def step(self) -> int:
+        """The index of the current step."""
+        return self.routing_slip.step
+
+    @property
+    def idempotency_key(self) -> str:
+        """The same for every attempt and redelivery of the current step, different for every other step."""
+        return f"{self.correlation_id}:{self.step}:{self.routing_slip.current}"
+
+    def next_hop(self, *, attempt: int = 0) -> PaigeantMessage:
+        """A copy addressed to the slip's current step, with its own id; the signature is dropped."""
+        return self.model_copy(
+            update={
+                "message_id": derive_message_id(self.correlation_id, self.step, self.routing_slip.current, attempt),
+                "attempt": attempt,
+                "security": self.security.model_copy(update={"jws_signature": None}),
+            }
+        )
+
+
+EventKind = Literal[
+    "dispatched",
+    "step_started",
+    "step_completed",
+    "step_retried",
+    "step_failed",
+    "step_skipped",
+    "completed",
+    "faulted",
+    "rejected",
+]
+
+
+class WorkflowEvent(_Wire):
+    """One thing that happened to a workflow, as workers report it (published on `events`).
+
+    `detail` explains retries, faults and rejections; `payload` is the final payload of a completed workflow.
+    Events never carry tokens or signatures.
+    """
+
+    v: Literal[1] = WIRE_VERSION
+    kind: EventKind
+    correlation_id: str | None
+    activity: str | None = None
+    step: int | None = None
+    attempt: int = 0
+    message_id: str | None = None
+    at: datetime = Field(default_factory=_utcnow)
+    detail: str | None = None
+    duration: float | None = None
+    payload: dict[str, JsonValue] | None = None
+
+
+def _summarize(exc: ValidationError) -> str:
+    parts: list[str] = []
+    for error in exc.errors(include_url=False)[:5]:
+        location = ".".join(str(item) for item in error["loc"]) or "<root>"
+        parts.append(f"{location}: {error['msg']}")
+    more = exc.error_count() - len(parts)
+    return "; ".join(parts) + (f" (and {more} more)" if more > 0 else "")

@@ -1,0 +1,44 @@
+"""Transports move message bytes between addresses; `get_transport` picks one by name."""
+
+from __future__ import annotations
+
+from .base import Consumer, Delivery, Transport
+from .memory import InMemoryTransport
+
+__all__ = ("Consumer", "Delivery", "InMemoryTransport", "Transport", "get_transport")
+
+_EXTRAS = {
+    "rabbitmq": ("paigeant_ai.transports.rabbitmq", "RabbitMQTransport", "rabbitmq"),
+    "redis": ("paigeant_ai.transports.redis", "RedisTransport", "redis"),
+}
+
+
+def get_transport(name: str | None = None, **options: object) -> Transport:
+    """A new transport chosen by `name`, else by `PAIGEANT_TRANSPORT` (default `inmemory`).
+
+    Args:
+        name: `inmemory`, `rabbitmq` or `redis`.
+        **options: Passed to the transport's constructor (for example `url=`).
+
+    Raises:
+        UserError: The name is unknown, or the transport's extra is not installed.
+    """
+    import importlib
+
+    from ..exceptions import UserError
+    from ..settings import Settings
+
+    chosen = (name or Settings.from_env().transport).strip().lower()
+    if chosen in ("inmemory", "memory", "in-memory"):
+        return InMemoryTransport(**options)  # pyright: ignore[reportArgumentType]
+    if chosen not in _EXTRAS:
+        known = ", ".join(["inmemory", *_EXTRAS])
+        raise UserError(f"unknown transport {chosen!r}; set PAIGEANT_TRANSPORT to one of: {known}")
+    module_name, class_name, extra = _EXTRAS[chosen]
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        if isinstance(exc, ModuleNotFoundError) and (exc.name or "").startswith("paigeant_ai"):
+            raise UserError(f"the {chosen} transport is not available in this version of paigeant-ai") from exc
+        raise UserError(f'the {chosen} transport needs its extra: pip install "paigeant-ai[{extra}]"') from exc
+    return getattr(module, class_name)(**options)

@@ -1,0 +1,219 @@
+"""`InMemoryTransport`: the default for development and the double every test can use.
+
+It keeps the same promises as the real brokers within one process: deliveries are handed out up to the prefetch
+limit, unacked ones come back when their consumer closes, delayed messages appear after their delay, and
+dead letters keep their reason. It is not durable across processes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+from collections import deque
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from types import TracebackType
+from typing import TYPE_CHECKING, Self
+
+from ..contracts import DEAD_LETTER, RESERVED_ADDRESSES
+from ..exceptions import TransportError
+from .base import Delivery, dead_letter_headers, encode_body
+
+if TYPE_CHECKING:
+    from ..contracts import PaigeantMessage
+
+__all__ = ("InMemoryTransport",)
+
+
+@dataclass(slots=True)
+class _Entry:
+    body: bytes
+    headers: dict[str, str]
+    delivery_count: int = 0
+
+
+@dataclass(slots=True)
+class _Queue:
+    ready: deque[_Entry] = field(default_factory=deque[_Entry])
+    delayed: int = 0
+    unacked: int = 0
+    arrived: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def put(self, entry: _Entry) -> None:
+        self.ready.append(entry)
+        self.arrived.set()
+
+
+class InMemoryTransport:
+    """A transport that lives in this process's memory.
+
+    Share one instance between the dispatcher and the workers of a process. `max_length` bounds the
+    queues nobody may be reading (`events`, `dead-letter`): past it the oldest entries are dropped.
+    """
+
+    name = "inmemory"
+
+    def __init__(self, *, namespace: str = "paigeant", max_length: int = 10_000) -> None:
+        self.namespace = namespace
+        self.max_length = max_length
+        self._queues: dict[str, _Queue] = {}
+        self._connected = False
+        self._consumers: set[_MemoryConsumer] = set()
+        self._timers: set[asyncio.TimerHandle] = set()
+        self._ids = itertools.count(1)
+
+    async def connect(self) -> None:
+        self._connected = True
+
+    async def disconnect(self) -> None:
+        for consumer in list(self._consumers):
+            await consumer.aclose()
+        for timer in self._timers:
+            timer.cancel()
+        self._timers.clear()
+        self._connected = False
+
+    async def __aenter__(self) -> Self:
+        await self.connect()
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.disconnect()
+
+    def _queue(self, address: str) -> _Queue:
+        if not self._connected:
+            raise TransportError("the in-memory transport is not connected: call `await transport.connect()` first")
+        queue = self._queues.get(address)
+        if queue is None:
+            queue = self._queues[address] = _Queue()
+        return queue
+
+    async def publish(
+        self,
+        address: str,
+        body: bytes | PaigeantMessage,
+        *,
+        headers: Mapping[str, str] | None = None,
+        delay: float = 0.0,
+    ) -> None:
+        queue = self._queue(address)
+        entry = _Entry(encode_body(body), dict(headers or {}))
+        if delay > 0:
+            self._put_later(queue, entry, delay)
+            return
+        queue.put(entry)
+        if address in RESERVED_ADDRESSES and len(queue.ready) > self.max_length:
+            queue.ready.popleft()
+
+    def _put_later(self, queue: _Queue, entry: _Entry, delay: float) -> None:
+        queue.delayed += 1
+
+        def release() -> None:
+            self._timers.discard(timer)
+            queue.delayed -= 1
+            queue.put(entry)
+
+        timer = asyncio.get_running_loop().call_later(delay, release)
+        self._timers.add(timer)
+
+    async def consume(self, address: str, *, prefetch: int = 10) -> _MemoryConsumer:
+        if prefetch < 1:
+            raise ValueError("prefetch must be at least 1")
+        consumer = _MemoryConsumer(self, address, self._queue(address), prefetch)
+        self._consumers.add(consumer)
+        return consumer
+
+    def _owner(self, delivery: Delivery) -> _MemoryConsumer:
+        handle = delivery.handle
+        owner = handle[0] if isinstance(handle, tuple) else None
+        if not isinstance(owner, _MemoryConsumer) or owner.transport is not self:
+            raise TransportError("this delivery was not handed out by this transport")
+        return owner
+
+    async def ack(self, delivery: Delivery) -> None:
+        self._owner(delivery).settle(delivery)
+
+    async def retry_later(self, delivery: Delivery, delay: float) -> None:
+        owner = self._owner(delivery)
+        if owner.settle(delivery):
+            entry = _Entry(delivery.body, dict(delivery.headers), delivery.delivery_count)
+            if delay > 0:
+                self._put_later(owner.queue, entry, delay)
+            else:
+                owner.queue.put(entry)
+
+    async def dead_letter(self, delivery: Delivery, reason: str) -> None:
+        owner = self._owner(delivery)
+        if owner.settle(delivery):
+            await self.publish(DEAD_LETTER, delivery.body, headers=dead_letter_headers(delivery, reason))
+
+    async def pending(self, address: str) -> int:
+        queue = self._queue(address)
+        return len(queue.ready) + queue.delayed + queue.unacked
+
+
+class _MemoryConsumer:
+    def __init__(self, transport: InMemoryTransport, address: str, queue: _Queue, prefetch: int) -> None:
+        self.transport = transport
+        self.address = address
+        self.queue = queue
+        self.prefetch = prefetch
+        self._unacked: dict[int, _Entry] = {}
+        self._slot = asyncio.Event()
+        self._slot.set()
+        self._closed = False
+
+    def __aiter__(self) -> Self:
+        return self
+
+    async def __anext__(self) -> Delivery:
+        while True:
+            if self._closed:
+                raise StopAsyncIteration
+            if len(self._unacked) >= self.prefetch:
+                self._slot.clear()
+                await self._slot.wait()
+                continue
+            if not self.queue.ready:
+                self.queue.arrived.clear()
+                await self.queue.arrived.wait()
+                continue
+            entry = self.queue.ready.popleft()
+            entry.delivery_count += 1
+            tag = next(self.transport._ids)
+            self._unacked[tag] = entry
+            self.queue.unacked += 1
+            if self.queue.ready:
+                self.queue.arrived.set()  # wake the next competing consumer
+            return Delivery(self.address, entry.body, dict(entry.headers), entry.delivery_count, (self, tag))
+
+    def settle(self, delivery: Delivery) -> bool:
+        """Forget the delivery; False if it was already settled or given back."""
+        entry = self._unacked.pop(delivery.handle[1], None)
+        if entry is None:
+            return False
+        self.queue.unacked -= 1
+        self._slot.set()
+        return True
+
+    async def aclose(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        for entry in self._unacked.values():
+            self.queue.unacked -= 1
+            self.queue.put(entry)
+        self._unacked.clear()
+        self._slot.set()
+        self.queue.arrived.set()
+        self.transport._consumers.discard(self)
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.aclose()

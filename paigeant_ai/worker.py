@@ -1,0 +1,453 @@
+"""`Worker`: runs activities, one hop at a time.
+
+Each hop: decode and validate -> check the route -> skip if already done -> run the activity with a timeout ->
+merge its output -> advance the slip -> publish the next hop -> remember the step -> ack. Nothing is acked before
+its successor is safely with the broker, so a crash at any point loses nothing; a redelivered step that already
+completed is recognised by its idempotency key and not run twice by the same worker.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import logging
+import random
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any, NoReturn, Protocol
+
+from pydantic_ai.exceptions import UsageLimitExceeded
+from pydantic_ai.exceptions import UserError as PydanticAIUserError
+
+from .activity import DEFAULT_TIMEOUT, Activity, ActivityContext, ActivityFunc, as_activity
+from .contracts import DEAD_LETTER, ActivitySpec, PaigeantMessage, RetryPolicy, WorkflowEvent
+from .exceptions import (
+    InvalidMessage,
+    NonRetryableError,
+    RetryActivity,
+    SecurityError,
+    TransportError,
+    UserError,
+)
+from .settings import Settings
+from .transports.base import REASON_HEADER, SOURCE_HEADER, Consumer, Delivery, Transport
+
+__all__ = ("DedupeStore", "InMemoryDedupeStore", "MessageSecurity", "Worker", "WorkerStats")
+
+logger = logging.getLogger("paigeant_ai.worker")
+
+_NON_RETRYABLE: tuple[type[BaseException], ...] = (NonRetryableError, PydanticAIUserError, UsageLimitExceeded)
+
+EventCallback = Callable[[WorkflowEvent], Awaitable[None] | None]
+
+
+class DedupeStore(Protocol):
+    """Remembers which steps completed, so a redelivered step is not run again."""
+
+    async def is_done(self, key: str) -> bool: ...
+
+    async def mark_done(self, key: str) -> None: ...
+
+
+class MessageSecurity(Protocol):
+    """Signs what a worker or dispatcher sends and verifies what a worker receives."""
+
+    def sign(self, message: PaigeantMessage) -> None:
+        """Set `message.security.jws_signature` over the message as it now is."""
+        ...
+
+    async def verify(self, message: PaigeantMessage, spec: ActivitySpec) -> Mapping[str, Any] | None:
+        """Check the signature, expiry, replay and the user's token against `spec.required_scopes`.
+
+        Returns:
+            The validated claims of the user's on-behalf-of token, if there is one.
+
+        Raises:
+            SecurityError: With the precise reason; the message is dead-lettered and never run.
+        """
+        ...
+
+
+class InMemoryDedupeStore:
+    """The steps this process completed, the most recent `max_keys` of them."""
+
+    def __init__(self, max_keys: int = 100_000) -> None:
+        self.max_keys = max_keys
+        self._keys: OrderedDict[str, None] = OrderedDict()
+
+    async def is_done(self, key: str) -> bool:
+        return key in self._keys
+
+    async def mark_done(self, key: str) -> None:
+        self._keys[key] = None
+        if len(self._keys) > self.max_keys:
+            self._keys.popitem(last=False)
+
+
+@dataclass(slots=True)
+class WorkerStats:
+    """Counters of what a worker did since it started."""
+
+    completed_steps: int = 0
+    completed_workflows: int = 0
+    retried: int = 0
+    faulted: int = 0
+    rejected: int = 0
+    duplicates: int = 0
+
+
+class _Settled(Exception):
+    """The delivery was settled (dead-lettered) while the hop was prepared."""
+
+
+class Worker:
+    """Consumes the queues of its activities and runs each step it receives.
+
+    Args:
+        transport: The transport to consume from and publish to.
+        activities: The activities this worker runs: `Activity` objects (`AgentActivity`, `@activity`
+            functions) or plain functions. Each is consumed from the queue of its name.
+        concurrency: How many steps run at once (also the prefetch of each queue).
+        max_message_bytes: Larger messages are dead-lettered; defaults to `PAIGEANT_MAX_MESSAGE_BYTES`.
+        dedupe: Where completed steps are remembered; in memory by default.
+        security: Verifies every message received and signs every message sent; `None` runs unsigned.
+        on_event: Called (sync or async) with every `WorkflowEvent` this worker produces.
+        shutdown_timeout: On stop, seconds in-flight steps get to finish before they are cancelled and
+            left unacked for redelivery.
+        rng: Source of retry jitter (seed it for reproducible tests).
+    """
+
+    def __init__(
+        self,
+        transport: Transport,
+        activities: Sequence[Activity | ActivityFunc],
+        *,
+        concurrency: int | None = None,
+        max_message_bytes: int | None = None,
+        dedupe: DedupeStore | None = None,
+        security: MessageSecurity | None = None,
+        on_event: EventCallback | Sequence[EventCallback] | None = None,
+        shutdown_timeout: float = 30.0,
+        rng: random.Random | None = None,
+    ) -> None:
+        if not activities:
+            raise UserError("a Worker needs at least one activity")
+        settings = Settings.from_env()
+        self.transport = transport
+        self.activities: dict[str, Activity] = {}
+        for item in activities:
+            act = as_activity(item)
+            if act.spec.name in self.activities:
+                raise UserError(f"two activities are named {act.spec.name!r}; activity names must be unique")
+            self.activities[act.spec.name] = act
+        self.concurrency = concurrency or settings.concurrency
+        if self.concurrency < 1:
+            raise UserError("concurrency must be at least 1")
+        self.max_message_bytes = max_message_bytes or settings.max_message_bytes
+        self.dedupe = dedupe or InMemoryDedupeStore()
+        self.security = security
+        if on_event is None:
+            self._callbacks: list[EventCallback] = []
+        elif callable(on_event):
+            self._callbacks = [on_event]
+        else:
+            self._callbacks = list(on_event)
+        self.shutdown_timeout = shutdown_timeout
+        self.rng = rng or random.Random()
+        self.stats = WorkerStats()
+        self._slots = asyncio.Semaphore(self.concurrency)  # made anew by run(), after `concurrency` may change
+        self._inflight: set[asyncio.Task[None]] = set()
+        self._consumers: list[Consumer] = []
+        self._pumps: list[asyncio.Task[None]] = []
+        self._stop = asyncio.Event()
+        self._running = False
+        self._background: asyncio.Task[None] | None = None
+
+    # -- lifecycle -------------------------------------------------------------------------------------------
+
+    async def run(self, *, burst: bool = False) -> None:
+        """Consume and run steps until `stop()` is called (or, with `burst=True`, until all queues are drained).
+
+        Raises:
+            UserError: The worker is already running.
+        """
+        if self._running:
+            raise UserError("this worker is already running")
+        self._running = True
+        self._stop.clear()
+        self._slots = asyncio.Semaphore(self.concurrency)
+        try:
+            for name in self.activities:
+                consumer = await self.transport.consume(name, prefetch=self.concurrency)
+                self._consumers.append(consumer)
+                self._pumps.append(asyncio.create_task(self._pump(consumer), name=f"paigeant-consume-{name}"))
+            if burst:
+                await self._wait_until_drained()
+            else:
+                await self._stop.wait()
+        finally:
+            await self._shutdown()
+            self._running = False
+
+    def stop(self) -> None:
+        """Ask the worker to stop: no new steps start; running ones get `shutdown_timeout` to finish."""
+        self._stop.set()
+
+    async def __aenter__(self) -> Worker:
+        self._background = asyncio.create_task(self.run(), name="paigeant-worker")
+        await asyncio.sleep(0)
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        self.stop()
+        if self._background is not None:
+            await self._background
+            self._background = None
+
+    async def _wait_until_drained(self) -> None:
+        while not self._stop.is_set():
+            if not self._inflight and all([await self.transport.pending(name) == 0 for name in self.activities]):
+                return
+            for pump in self._pumps:
+                if pump.done() and pump.exception() is not None:
+                    raise TransportError(f"consuming failed: {pump.exception()}") from pump.exception()
+            await asyncio.sleep(0.02)
+
+    async def _shutdown(self) -> None:
+        for pump in self._pumps:
+            pump.cancel()
+        await asyncio.gather(*self._pumps, return_exceptions=True)
+        self._pumps.clear()
+        if self._inflight:
+            _, unfinished = await asyncio.wait(set(self._inflight), timeout=self.shutdown_timeout)
+            for task in unfinished:
+                task.cancel()
+            await asyncio.gather(*unfinished, return_exceptions=True)
+        for consumer in self._consumers:
+            try:
+                await consumer.aclose()
+            except TransportError:
+                logger.warning("closing a consumer failed; its deliveries return to the broker", exc_info=True)
+        self._consumers.clear()
+
+    async def _pump(self, consumer: Consumer) -> None:
+        async for delivery in consumer:
+            await self._slots.acquire()
+            if self._stop.is_set():
+                self._slots.release()
+                return
+            task = asyncio.create_task(self._handle(delivery))
+            self._inflight.add(task)
+            task.add_done_callback(self._inflight.discard)
+
+    # -- one hop ---------------------------------------------------------------------------------------------
+
+    async def _handle(self, delivery: Delivery) -> None:
+        try:
+            await self.process(delivery)
+        except asyncio.CancelledError:
+            logger.info("step on %s cancelled by shutdown; it will be delivered again", delivery.address)
+            raise
+        except _Settled:
+            pass
+        except Exception:
+            # A broker failure while settling: the delivery stays unacked and comes back.
+            logger.exception("could not settle a delivery on %s; it will be delivered again", delivery.address)
+        finally:
+            self._slots.release()
+
+    async def process(self, delivery: Delivery) -> None:
+        """Process one delivery end to end and settle it (ack, publish onwards, or dead-letter)."""
+        message = await self._decode(delivery)
+        spec = message.routing_slip.current_activity
+        activity = self.activities.get(spec.name) if spec is not None else None
+        if spec is None or activity is None:
+            await self._reject(delivery, message, "the workflow has no step left to run")
+            return
+        key = message.idempotency_key
+        if await self.dedupe.is_done(key):
+            self.stats.duplicates += 1
+            logger.info("step %s of %s already completed; skipping the redelivery", spec.name, message.correlation_id)
+            await self.transport.ack(delivery)
+            await self._emit("step_skipped", message, detail="already completed (redelivery)")
+            return
+        effective = _effective_spec(activity.spec, spec)
+        claims = None
+        if self.security is not None:
+            try:
+                claims = await self.security.verify(message, effective)
+            except SecurityError as exc:
+                await self._reject(delivery, message, f"security check failed: {exc}")
+        ctx = ActivityContext(message=message, spec=effective, obo_claims=claims)
+        started = datetime.now(UTC)
+        await self._emit("step_started", message)
+        try:
+            async with asyncio.timeout(effective.timeout or DEFAULT_TIMEOUT):
+                update = await activity.run(ctx)
+            if update is not None and not isinstance(update, dict):
+                from .activity import to_payload_update
+
+                update = to_payload_update(update, effective.name, effective.name)
+        except _NON_RETRYABLE as exc:
+            await self._fault(delivery, message, started, _describe(exc))
+            return
+        except RetryActivity as exc:
+            await self._retry_or_fault(delivery, message, effective.retry, started, _describe(exc), exc.delay)
+            return
+        except TimeoutError as exc:
+            reason = f"timed out after {effective.timeout or DEFAULT_TIMEOUT:g}s" if not str(exc) else _describe(exc)
+            await self._retry_or_fault(delivery, message, effective.retry, started, reason, None)
+            return
+        except Exception as exc:
+            logger.warning("step %s of %s failed: %s", spec.name, message.correlation_id, _describe(exc))
+            await self._retry_or_fault(delivery, message, effective.retry, started, _describe(exc), None)
+            return
+        await self._advance(delivery, message, update or {}, started)
+
+    async def _decode(self, delivery: Delivery) -> PaigeantMessage:
+        if len(delivery.body) > self.max_message_bytes:
+            await self._reject(
+                delivery,
+                None,
+                f"message too large: {len(delivery.body)} bytes, the limit is {self.max_message_bytes}",
+            )
+        try:
+            message = PaigeantMessage.from_json(delivery.body)
+        except InvalidMessage as exc:
+            await self._reject(delivery, None, str(exc))
+        current = message.routing_slip.current
+        if current != delivery.address:
+            await self._reject(
+                delivery,
+                message,
+                f"misrouted: the message is for step {current!r} but arrived on {delivery.address!r}",
+            )
+        if current not in self.activities:
+            known = ", ".join(sorted(self.activities))
+            await self._reject(delivery, message, f"unknown activity {current!r}; this worker runs: {known}")
+        if message.expires_at is not None and message.expires_at < datetime.now(UTC):
+            await self._reject(delivery, message, f"expired at {message.expires_at.isoformat()}")
+        return message
+
+    async def _reject(self, delivery: Delivery, message: PaigeantMessage | None, reason: str) -> NoReturn:
+        self.stats.rejected += 1
+        logger.warning("dead-lettering a message from %s: %s", delivery.address, reason)
+        await self.transport.dead_letter(delivery, reason)
+        await self._emit("rejected", message, detail=reason, activity=delivery.address)
+        raise _Settled
+
+    async def _advance(
+        self, delivery: Delivery, message: PaigeantMessage, update: dict[str, Any], started: datetime
+    ) -> None:
+        name = message.routing_slip.current or ""
+        key = message.idempotency_key
+        attempt = message.attempt
+        step = message.step
+        message.payload.update(update)
+        entry = message.routing_slip.mark_complete(name, attempt=attempt, started_at=started, output_keys=list(update))
+        if message.routing_slip.is_complete:
+            self._check_size(message.to_json())
+        else:
+            hop = message.next_hop()
+            body = self._seal(hop)
+            await self.transport.publish(hop.routing_slip.current or "", body, headers=dict(hop.headers))
+        await self.dedupe.mark_done(key)
+        await self.transport.ack(delivery)
+        self.stats.completed_steps += 1
+        await self._emit("step_completed", message, activity=name, step=step, attempt=attempt, duration=entry.duration)
+        if message.routing_slip.is_complete:
+            self.stats.completed_workflows += 1
+            await self._emit("completed", message, activity=name, step=step, payload=dict(message.payload))
+
+    def _seal(self, message: PaigeantMessage) -> bytes:
+        """Sign `message` (when the worker has security) and encode it within the size limit."""
+        if self.security is not None:
+            self.security.sign(message)
+        return self._check_size(message.to_json())
+
+    def _check_size(self, body: bytes) -> bytes:
+        if len(body) > self.max_message_bytes:
+            raise NonRetryableError(
+                f"the next message would be {len(body)} bytes, over the limit of {self.max_message_bytes}; "
+                "store large outputs elsewhere and put a reference in the payload"
+            )
+        return body
+
+    async def _retry_or_fault(
+        self,
+        delivery: Delivery,
+        message: PaigeantMessage,
+        policy: RetryPolicy | None,
+        started: datetime,
+        reason: str,
+        delay: float | None,
+    ) -> None:
+        policy = policy or RetryPolicy()
+        next_attempt = message.attempt + 1
+        if next_attempt >= policy.max_attempts:
+            attempts = "1 attempt" if policy.max_attempts == 1 else f"{policy.max_attempts} attempts"
+            await self._fault(delivery, message, started, f"retries exhausted after {attempts}: {reason}")
+            return
+        wait = policy.delay_before(next_attempt, self.rng) if delay is None else delay
+        retry = message.next_hop(attempt=next_attempt)
+        await self.transport.publish(delivery.address, self._seal(retry), headers=dict(retry.headers), delay=wait)
+        await self.transport.ack(delivery)
+        self.stats.retried += 1
+        await self._emit("step_retried", message, detail=f"{reason}; attempt {next_attempt + 1} in {wait:.2f}s")
+
+    async def _fault(self, delivery: Delivery, message: PaigeantMessage, started: datetime, reason: str) -> None:
+        name = message.routing_slip.current or delivery.address
+        message.routing_slip.mark_failed(name, attempt=message.attempt, started_at=started, error=reason)
+        detail = f"step {name!r} failed: {reason}"
+        headers = {**message.headers, REASON_HEADER: detail[:2000], SOURCE_HEADER: delivery.address}
+        copy = message.next_hop(attempt=message.attempt)
+        if self.security is not None:
+            self.security.sign(copy)
+        await self.transport.publish(DEAD_LETTER, copy.to_json(), headers=headers)
+        await self.transport.ack(delivery)
+        self.stats.faulted += 1
+        logger.warning("workflow %s faulted: %s", message.correlation_id, detail)
+        await self._emit("step_failed", message, activity=name, detail=reason)
+        await self._emit("faulted", message, activity=name, detail=detail)
+
+    # -- events ----------------------------------------------------------------------------------------------
+
+    async def _emit(self, kind: Any, message: PaigeantMessage | None, **fields: Any) -> None:
+        if not self._callbacks:
+            return
+        base: dict[str, Any] = {"correlation_id": None}
+        if message is not None:
+            base = {
+                "correlation_id": message.correlation_id,
+                "activity": message.routing_slip.current,
+                "step": message.step,
+                "attempt": message.attempt,
+                "message_id": message.message_id,
+            }
+        event = WorkflowEvent(kind=kind, **{**base, **fields})
+        for callback in self._callbacks:
+            try:
+                result = callback(event)
+                if inspect.isawaitable(result):
+                    await result
+            except Exception:
+                logger.exception("an on_event callback failed for %s", kind)
+
+
+def _effective_spec(own: ActivitySpec, wire: ActivitySpec) -> ActivitySpec:
+    """The worker's spec, with the workflow's explicit overrides and the union of required scopes."""
+    return own.model_copy(
+        update={
+            "arguments": {**own.arguments, **wire.arguments},
+            "retry": wire.retry or own.retry,
+            "timeout": wire.timeout or own.timeout,
+            "required_scopes": tuple(dict.fromkeys((*own.required_scopes, *wire.required_scopes))),
+        }
+    )
+
+
+def _describe(exc: BaseException) -> str:
+    text = str(exc)
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
