@@ -159,6 +159,7 @@ class Worker:
         self.stats = WorkerStats()
         self._slots = asyncio.Semaphore(self.concurrency)  # made anew by run(), after `concurrency` may change
         self._inflight: set[asyncio.Task[None]] = set()
+        self._running_keys: dict[str, asyncio.Event] = {}
         self._consumers: list[Consumer] = []
         self._pumps: list[asyncio.Task[None]] = []
         self._stop = asyncio.Event()
@@ -250,8 +251,6 @@ class Worker:
         except asyncio.CancelledError:
             logger.info("step on %s cancelled by shutdown; it will be delivered again", delivery.address)
             raise
-        except _Settled:
-            pass
         except Exception:
             # A broker failure while settling: the delivery stays unacked and comes back.
             logger.exception("could not settle a delivery on %s; it will be delivered again", delivery.address)
@@ -260,7 +259,21 @@ class Worker:
 
     async def process(self, delivery: Delivery) -> None:
         """Process one delivery end to end and settle it (ack, publish onwards, or dead-letter)."""
-        message = await self._decode(delivery)
+        try:
+            message = await self._decode(delivery)
+            key = message.idempotency_key
+            while (running := self._running_keys.get(key)) is not None:
+                await running.wait()  # a second copy of a step in flight here waits for the first, then dedupes
+            self._running_keys[key] = done = asyncio.Event()
+            try:
+                await self._process(delivery, message)
+            finally:
+                del self._running_keys[key]
+                done.set()
+        except _Settled:
+            pass
+
+    async def _process(self, delivery: Delivery, message: PaigeantMessage) -> None:
         spec = message.routing_slip.current_activity
         activity = self.activities.get(spec.name) if spec is not None else None
         if spec is None or activity is None:

@@ -1,0 +1,380 @@
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+from collections.abc import AsyncIterator
+
+import pytest
+
+from paigeant_ai import (
+    ActivityContext,
+    ActivitySpec,
+    InMemoryTransport,
+    NonRetryableError,
+    PaigeantMessage,
+    RetryActivity,
+    RetryPolicy,
+    UserError,
+    Worker,
+    WorkflowDispatcher,
+    WorkflowEvent,
+    activity,
+)
+from paigeant_ai.transports.base import REASON_HEADER, SOURCE_HEADER, Delivery
+
+FAST = RetryPolicy(max_attempts=3, initial_interval=0.01, jitter=0)
+
+
+@pytest.fixture
+async def transport() -> AsyncIterator[InMemoryTransport]:
+    async with InMemoryTransport() as transport:
+        yield transport
+
+
+async def dead_letters(transport: InMemoryTransport) -> list[Delivery]:
+    letters: list[Delivery] = []
+    async with await transport.consume("dead-letter", prefetch=1000) as consumer:
+        while await transport.pending("dead-letter") > len(letters):
+            letter = await asyncio.wait_for(anext(consumer), 1)
+            letters.append(letter)
+        for letter in letters:
+            await transport.ack(letter)
+    return letters
+
+
+@activity
+async def first(ctx: ActivityContext) -> dict[str, int]:
+    return {"a": 1}
+
+
+@activity
+async def second(ctx: ActivityContext) -> dict[str, int]:
+    value = ctx.payload["a"]
+    assert isinstance(value, int)
+    return {"b": value + 1}
+
+
+async def test_a_workflow_runs_every_step_in_order(transport: InMemoryTransport) -> None:
+    events: list[WorkflowEvent] = []
+    dispatcher = WorkflowDispatcher(transport)
+    correlation_id = await dispatcher.dispatch_workflow(activities=[first, second], variables={"start": True})
+    worker = Worker(transport, [first, second], on_event=events.append)
+    await worker.run(burst=True)
+
+    done = [e for e in events if e.kind == "completed"]
+    assert len(done) == 1
+    assert done[0].correlation_id == correlation_id
+    assert done[0].payload == {"start": True, "a": 1, "b": 2}
+    assert [(e.kind, e.activity) for e in events if e.kind.startswith("step_")] == [
+        ("step_started", "first"),
+        ("step_completed", "first"),
+        ("step_started", "second"),
+        ("step_completed", "second"),
+    ]
+    assert worker.stats.completed_workflows == 1
+
+
+async def test_seed_style_specs_and_handwritten_handlers(transport: InMemoryTransport) -> None:
+    dispatcher = WorkflowDispatcher(transport)
+    await dispatcher.dispatch_workflow(
+        activities=[ActivitySpec(name="validate-customer-data"), ActivitySpec(name="send-welcome-email")],
+        variables={"customer_email": "new.customer@example.com"},
+    )
+    async with await transport.consume("validate-customer-data") as consumer:
+        delivery = await anext(consumer)
+        message = PaigeantMessage.from_json(delivery.body)
+        assert message.payload["customer_email"] == "new.customer@example.com"
+        message.payload["valid"] = True
+        message.routing_slip.mark_complete("validate-customer-data")
+        await transport.publish(message.routing_slip.current or "", message.next_hop())
+        await transport.ack(delivery)
+
+    async with await transport.consume("send-welcome-email") as consumer:
+        forwarded = PaigeantMessage.from_json((await anext(consumer)).body)
+    assert forwarded.payload == {"customer_email": "new.customer@example.com", "valid": True}
+    assert [entry.name for entry in forwarded.routing_slip.completed] == ["validate-customer-data"]
+
+
+async def test_retry_then_success(transport: InMemoryTransport) -> None:
+    calls: list[int] = []
+
+    @activity(retry=FAST)
+    async def flaky(ctx: ActivityContext) -> dict[str, str]:
+        calls.append(ctx.attempt)
+        if ctx.attempt < 2:
+            raise ConnectionError("provider unavailable")
+        return {"ok": "yes"}
+
+    events: list[WorkflowEvent] = []
+    await WorkflowDispatcher(transport).dispatch_workflow([flaky])
+    worker = Worker(transport, [flaky], on_event=events.append, rng=random.Random(0))
+    await worker.run(burst=True)
+
+    assert calls == [0, 1, 2]
+    retried = [e.detail for e in events if e.kind == "step_retried"]
+    assert retried == [
+        "ConnectionError: provider unavailable; attempt 2 in 0.01s",
+        "ConnectionError: provider unavailable; attempt 3 in 0.02s",
+    ]
+    completed = next(e for e in events if e.kind == "completed")
+    assert completed.payload == {"ok": "yes"}
+    assert worker.stats.retried == 2
+    assert await dead_letters(transport) == []
+
+
+async def test_retry_exhausted_faults_and_dead_letters(transport: InMemoryTransport) -> None:
+    @activity(retry=FAST)
+    async def always_down(ctx: ActivityContext) -> None:
+        raise RetryActivity("still down", delay=0.01)
+
+    events: list[WorkflowEvent] = []
+    correlation_id = await WorkflowDispatcher(transport).dispatch_workflow([always_down, second])
+    worker = Worker(transport, [always_down, second], on_event=events.append)
+    await worker.run(burst=True)
+
+    assert [e.kind for e in events if e.kind in ("step_retried", "faulted", "completed")] == [
+        "step_retried",
+        "step_retried",
+        "faulted",
+    ]
+    [letter] = await dead_letters(transport)
+    assert letter.headers[REASON_HEADER] == (
+        "step 'always-down' failed: retries exhausted after 3 attempts: RetryActivity: still down"
+    )
+    assert letter.headers[SOURCE_HEADER] == "always-down"
+    faulted = PaigeantMessage.from_json(letter.body)
+    assert faulted.correlation_id == correlation_id
+    assert faulted.routing_slip.completed[-1].outcome == "failed"
+    assert faulted.routing_slip.current == "always-down"
+    assert worker.stats.faulted == 1
+
+
+async def test_non_retryable_failure_faults_at_once(transport: InMemoryTransport) -> None:
+    calls = 0
+
+    @activity(retry=FAST)
+    async def refuse(ctx: ActivityContext) -> None:
+        nonlocal calls
+        calls += 1
+        raise NonRetryableError("customer is on the sanctions list")
+
+    await WorkflowDispatcher(transport).dispatch_workflow([refuse])
+    worker = Worker(transport, [refuse])
+    await worker.run(burst=True)
+
+    assert calls == 1
+    [letter] = await dead_letters(transport)
+    assert letter.headers[REASON_HEADER] == "step 'refuse' failed: NonRetryableError: customer is on the sanctions list"
+
+
+async def test_a_step_over_its_timeout_is_retried(transport: InMemoryTransport) -> None:
+    @activity(timeout=0.05, retry=RetryPolicy(max_attempts=2, initial_interval=0.01))
+    async def slow(ctx: ActivityContext) -> dict[str, int]:
+        if ctx.attempt == 0:
+            await asyncio.sleep(10)
+        return {"attempts": ctx.attempt + 1}
+
+    events: list[WorkflowEvent] = []
+    await WorkflowDispatcher(transport).dispatch_workflow([slow])
+    await Worker(transport, [slow], on_event=events.append).run(burst=True)
+    assert [e.detail for e in events if e.kind == "step_retried"] == [
+        pytest.approx("timed out after 0.05s; attempt 2 in 0.01s")  # pyright: ignore[reportUnknownMemberType]
+    ]
+    assert next(e for e in events if e.kind == "completed").payload == {"attempts": 2}
+
+
+def good_message(name: str = "first") -> PaigeantMessage:
+    return PaigeantMessage.new([ActivitySpec(name=name)], {"n": 1})
+
+
+@pytest.mark.parametrize(
+    ("body", "address", "reason"),
+    [
+        (b"\x00\x01garbage", "first", "malformed JSON"),
+        (
+            good_message().to_json().replace(b'"v":1', b'"v":7'),
+            "first",
+            "unsupported wire version 7; this worker reads version 1",
+        ),
+        (b'{"v": 1, "message_id": "m"}', "first", "invalid message: correlation_id: Field required"),
+        (
+            good_message("second").to_json(),
+            "first",
+            "misrouted: the message is for step 'second' but arrived on 'first'",
+        ),
+        (good_message("mystery").to_json(), "mystery", "unknown activity 'mystery'; this worker runs: first, second"),
+        (
+            PaigeantMessage.new([ActivitySpec(name="first")], {"blob": "x" * 5000}).to_json(),
+            "first",
+            "message too large:",
+        ),
+    ],
+    ids=["garbage", "wrong-version", "missing-fields", "misrouted", "unknown-activity", "too-large"],
+)
+async def test_bad_messages_go_to_the_dead_letter_queue_and_the_worker_keeps_going(
+    transport: InMemoryTransport, body: bytes, address: str, reason: str
+) -> None:
+    events: list[WorkflowEvent] = []
+    worker = Worker(transport, [first, second], on_event=events.append, max_message_bytes=4096)
+    await transport.publish(address, body)
+    await WorkflowDispatcher(transport).dispatch_workflow([first, second])
+    if address == "mystery":
+        # Nobody consumes an unknown queue; a worker that is handed such a message directly still refuses it.
+        async with await transport.consume("mystery") as consumer:
+            await worker.process(await anext(consumer))
+    await worker.run(burst=True)
+
+    [letter] = await dead_letters(transport)
+    assert letter.headers[REASON_HEADER].startswith(reason)
+    assert letter.headers[SOURCE_HEADER] == address
+    assert letter.body == body
+    assert worker.stats.rejected == 1
+    assert worker.stats.completed_workflows == 1, "the valid workflow next to it completed"
+
+
+async def test_a_worker_stopped_mid_step_leaves_the_message_for_redelivery(transport: InMemoryTransport) -> None:
+    started = asyncio.Event()
+    runs: list[int] = []
+
+    @activity
+    async def long_step(ctx: ActivityContext) -> dict[str, bool]:
+        runs.append(ctx.attempt)
+        if len(runs) == 1:
+            started.set()
+            await asyncio.sleep(30)
+        return {"done": True}
+
+    events: list[WorkflowEvent] = []
+    await WorkflowDispatcher(transport).dispatch_workflow([long_step, second], {"a": 1})
+    crashed = Worker(transport, [long_step, second], shutdown_timeout=0.05)
+    running = asyncio.create_task(crashed.run())
+    await asyncio.wait_for(started.wait(), 5)
+    crashed.stop()
+    await running
+    assert crashed.stats.completed_steps == 0
+    assert await transport.pending("long-step") == 1
+
+    restarted = Worker(transport, [long_step, second], on_event=events.append)
+    await restarted.run(burst=True)
+    assert runs == [0, 0], "the same attempt ran again"
+    completed = next(e for e in events if e.kind == "completed")
+    assert completed.payload == {"a": 1, "done": True, "b": 2}
+
+
+async def test_graceful_stop_lets_running_steps_finish(transport: InMemoryTransport) -> None:
+    started = asyncio.Event()
+
+    @activity
+    async def short_step(ctx: ActivityContext) -> dict[str, bool]:
+        started.set()
+        await asyncio.sleep(0.1)
+        return {"done": True}
+
+    events: list[WorkflowEvent] = []
+    await WorkflowDispatcher(transport).dispatch_workflow([short_step])
+    worker = Worker(transport, [short_step], on_event=events.append, shutdown_timeout=5)
+    running = asyncio.create_task(worker.run())
+    await asyncio.wait_for(started.wait(), 5)
+    worker.stop()
+    await running
+    assert [e.kind for e in events][-1] == "completed"
+    assert await transport.pending("short-step") == 0
+
+
+async def test_a_redelivered_completed_step_is_not_run_again(transport: InMemoryTransport) -> None:
+    runs = 0
+
+    @activity
+    async def charge(ctx: ActivityContext) -> dict[str, str]:
+        nonlocal runs
+        runs += 1
+        return {"charged": ctx.idempotency_key}
+
+    await WorkflowDispatcher(transport).dispatch_workflow([charge])
+    async with await transport.consume("charge") as consumer:
+        original = await anext(consumer)
+        for _ in range(2):  # the same hop, delivered twice
+            await transport.publish("charge", original.body)
+        await transport.ack(original)
+    worker = Worker(transport, [charge])
+    await worker.run(burst=True)
+    assert runs == 1
+    assert worker.stats.duplicates == 1
+
+
+async def test_concurrency_limits_steps_in_flight(transport: InMemoryTransport) -> None:
+    running = 0
+    peak = 0
+
+    @activity
+    async def busy(ctx: ActivityContext) -> None:
+        nonlocal running, peak
+        running += 1
+        peak = max(peak, running)
+        await asyncio.sleep(0.01)
+        running -= 1
+
+    dispatcher = WorkflowDispatcher(transport)
+    for _ in range(30):
+        await dispatcher.dispatch_workflow([busy])
+    worker = Worker(transport, [busy], concurrency=4)
+    await worker.run(burst=True)
+    assert peak == 4
+    assert worker.stats.completed_workflows == 30
+
+
+async def test_outputs_must_be_json(transport: InMemoryTransport) -> None:
+    @activity
+    async def returns_object(ctx: ActivityContext) -> dict[str, object]:
+        return {"when": object()}
+
+    await WorkflowDispatcher(transport).dispatch_workflow([returns_object])
+    await Worker(transport, [returns_object]).run(burst=True)
+    [letter] = await dead_letters(transport)
+    assert "returned a value that is not JSON" in letter.headers[REASON_HEADER]
+
+
+async def test_scalar_outputs_are_stored_under_the_activity_name(transport: InMemoryTransport) -> None:
+    @activity(name="score-lead")
+    def score(ctx: ActivityContext) -> int:  # sync activities run in a thread
+        return 42
+
+    events: list[WorkflowEvent] = []
+    await WorkflowDispatcher(transport).dispatch_workflow([score])
+    await Worker(transport, [score], on_event=events.append).run(burst=True)
+    assert next(e for e in events if e.kind == "completed").payload == {"score-lead": 42}
+
+
+async def test_dispatch_refuses_an_oversize_first_message(transport: InMemoryTransport) -> None:
+    from paigeant_ai import MessageTooLarge
+
+    dispatcher = WorkflowDispatcher(transport, max_message_bytes=1000)
+    with pytest.raises(MessageTooLarge, match="over the limit of 1000"):
+        await dispatcher.dispatch_workflow([first], {"blob": "x" * 2000})
+    assert await transport.pending("first") == 0
+
+
+def test_worker_configuration_errors_name_the_problem() -> None:
+    transport = InMemoryTransport()
+    with pytest.raises(UserError, match="at least one activity"):
+        Worker(transport, [])
+    with pytest.raises(UserError, match="two activities are named 'first'"):
+        Worker(transport, [first, first])
+
+
+async def test_dispatch_rejects_bad_input(transport: InMemoryTransport) -> None:
+    dispatcher = WorkflowDispatcher(transport)
+    with pytest.raises(UserError, match="at least one activity"):
+        await dispatcher.dispatch_workflow([])
+    with pytest.raises(UserError, match="invalid activity name 'bad name'"):
+        await dispatcher.dispatch_workflow(["bad name"])
+    with pytest.raises(UserError, match="cannot dispatch"):
+        await dispatcher.dispatch_workflow(["first"], {"x": object()})
+
+
+async def test_events_never_carry_tokens(transport: InMemoryTransport) -> None:
+    events: list[WorkflowEvent] = []
+    await WorkflowDispatcher(transport).dispatch_workflow([first], obo_token="secret-user-token")
+    await Worker(transport, [first], on_event=events.append).run(burst=True)
+    assert "secret-user-token" not in json.dumps([e.model_dump(mode="json") for e in events])
