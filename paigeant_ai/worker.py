@@ -187,7 +187,7 @@ class Worker:
             if burst:
                 await self._wait_until_drained()
             else:
-                await self._stop.wait()
+                await self._wait_until_stopped()
         finally:
             await self._shutdown()
             self._running = False
@@ -207,14 +207,30 @@ class Worker:
             await self._background
             self._background = None
 
+    async def _wait_until_stopped(self) -> None:
+        stopped = asyncio.create_task(self._stop.wait())
+        try:
+            await asyncio.wait([stopped, *self._pumps], return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stopped.cancel()
+        self._raise_if_a_consumer_failed()
+
     async def _wait_until_drained(self) -> None:
         while not self._stop.is_set():
+            self._raise_if_a_consumer_failed()
             if not self._inflight and all([await self.transport.pending(name) == 0 for name in self.activities]):
                 return
-            for pump in self._pumps:
-                if pump.done() and pump.exception() is not None:
-                    raise TransportError(f"consuming failed: {pump.exception()}") from pump.exception()
             await asyncio.sleep(0.02)
+
+    def _raise_if_a_consumer_failed(self) -> None:
+        # A transport reconnects by itself; a consumer that still ends has lost its broker for good, and a
+        # worker that silently stopped consuming would look alive while doing nothing.
+        if self._stop.is_set():
+            return
+        for pump in self._pumps:
+            if pump.done() and not pump.cancelled():
+                error = pump.exception()
+                raise TransportError(f"consuming {pump.get_name()} stopped: {error or 'the consumer ended'}") from error
 
     async def _shutdown(self) -> None:
         for pump in self._pumps:

@@ -378,3 +378,14 @@ async def test_events_never_carry_tokens(transport: InMemoryTransport) -> None:
     await WorkflowDispatcher(transport).dispatch_workflow([first], obo_token="secret-user-token")
     await Worker(transport, [first], on_event=events.append).run(burst=True)
     assert "secret-user-token" not in json.dumps([e.model_dump(mode="json") for e in events])
+
+
+async def test_a_worker_whose_consumer_dies_stops_with_an_error(transport: InMemoryTransport) -> None:
+    from paigeant_ai import TransportError
+
+    worker = Worker(transport, [first])
+    running = asyncio.create_task(worker.run())
+    await asyncio.sleep(0.05)
+    await transport.disconnect()  # the consumer ends under the worker's feet
+    with pytest.raises(TransportError, match="consuming paigeant-consume-first stopped: the consumer ended"):
+        await asyncio.wait_for(running, 5)
