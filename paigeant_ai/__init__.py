@@ -12,6 +12,7 @@ from .contracts import (
 )
 from .dispatch import WorkflowDispatcher
 from .exceptions import (
+    EndWorkflow,
     InvalidMessage,
     MessageTooLarge,
     NonRetryableError,
@@ -30,6 +31,7 @@ __all__ = (
     "ActivityLogEntry",
     "ActivitySpec",
     "AgentActivity",
+    "EndWorkflow",
     "FunctionActivity",
     "InMemoryTransport",
     "InvalidMessage",

@@ -108,7 +108,8 @@ class ActivityLogEntry(_Wire):
     name: str
     step: int = Field(ge=0)
     attempt: int = Field(default=0, ge=0)
-    outcome: Literal["completed", "failed"] = "completed"
+    outcome: Literal["completed", "failed", "ended"] = "completed"
+    """`ended`: the step ended the workflow early (see `EndWorkflow`); `error` then holds the reason."""
     started_at: datetime
     finished_at: datetime
     output_keys: list[str] = Field(default_factory=list[str])
@@ -152,7 +153,7 @@ class RoutingSlip(_Wire):
     @property
     def step(self) -> int:
         """The index of the current step in the workflow (how many steps are done)."""
-        return sum(1 for entry in self.completed if entry.outcome == "completed")
+        return sum(1 for entry in self.completed if entry.outcome != "failed")
 
     @property
     def current_activity(self) -> ActivitySpec | None:
@@ -194,6 +195,28 @@ class RoutingSlip(_Wire):
         self.completed.append(entry)
         self.itinerary.pop(0)
         self.current = self.itinerary[0].name if self.itinerary else None
+        return entry
+
+    def mark_ended(
+        self, name: str, *, attempt: int, started_at: datetime, reason: str, output_keys: list[str] | None = None
+    ) -> ActivityLogEntry:
+        """Log the current step as the one that ended the workflow early; the remaining steps are dropped."""
+        if self.current != name:
+            raise UserError(f"cannot end at {name!r}: the current step is {self.current!r}")
+        skipped = [spec.name for spec in self.itinerary[1:]]
+        entry = ActivityLogEntry(
+            name=name,
+            step=self.step,
+            attempt=attempt,
+            outcome="ended",
+            started_at=started_at,
+            finished_at=_utcnow(),
+            output_keys=output_keys or [],
+            error=reason + (f" (skipped: {', '.join(skipped)})" if skipped else ""),
+        )
+        self.completed.append(entry)
+        self.itinerary.clear()
+        self.current = None
         return entry
 
     def mark_failed(self, name: str, *, attempt: int, started_at: datetime, error: str) -> ActivityLogEntry:

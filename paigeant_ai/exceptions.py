@@ -7,6 +7,7 @@ the worker what to do next, the way pydantic-ai keeps `ModelRetry` apart from `U
 from __future__ import annotations
 
 __all__ = (
+    "EndWorkflow",
     "InvalidMessage",
     "MessageTooLarge",
     "NonRetryableError",
@@ -55,3 +56,16 @@ class RetryActivity(Exception):
 
 class NonRetryableError(Exception):
     """Raise inside an activity when another attempt cannot help: the workflow faults at once."""
+
+
+class EndWorkflow(Exception):
+    """Raise inside an activity to end the workflow here, as a business outcome rather than a failure.
+
+    The remaining steps are skipped (and logged as skipped), `output` is merged into the payload, and the
+    workflow completes with `reason`: an out-of-stock order, a duplicate signup, a ticket closed by the customer.
+    """
+
+    def __init__(self, reason: str, *, output: dict[str, object] | None = None) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.output = output or {}

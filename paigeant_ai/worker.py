@@ -21,9 +21,10 @@ from typing import Any, NoReturn, Protocol
 from pydantic_ai.exceptions import UsageLimitExceeded
 from pydantic_ai.exceptions import UserError as PydanticAIUserError
 
-from .activity import DEFAULT_TIMEOUT, Activity, ActivityContext, ActivityFunc, as_activity
+from .activity import DEFAULT_TIMEOUT, Activity, ActivityContext, ActivityFunc, as_activity, to_payload_update
 from .contracts import DEAD_LETTER, ActivitySpec, PaigeantMessage, RetryPolicy, WorkflowEvent
 from .exceptions import (
+    EndWorkflow,
     InvalidMessage,
     NonRetryableError,
     RetryActivity,
@@ -316,9 +317,10 @@ class Worker:
             async with asyncio.timeout(effective.timeout or DEFAULT_TIMEOUT):
                 update = await activity.run(ctx)
             if update is not None and not isinstance(update, dict):
-                from .activity import to_payload_update
-
                 update = to_payload_update(update, effective.name, effective.name)
+        except EndWorkflow as exc:
+            await self._end(delivery, message, started, exc)
+            return
         except _NON_RETRYABLE as exc:
             await self._fault(delivery, message, started, _describe(exc))
             return
@@ -389,6 +391,23 @@ class Worker:
         if message.routing_slip.is_complete:
             self.stats.completed_workflows += 1
             await self._emit("completed", message, activity=name, step=step, payload=dict(message.payload))
+
+    async def _end(self, delivery: Delivery, message: PaigeantMessage, started: datetime, signal: EndWorkflow) -> None:
+        name = message.routing_slip.current or delivery.address
+        key, step, attempt = message.idempotency_key, message.step, message.attempt
+        update = to_payload_update(signal.output, name, name)
+        message.payload.update(update)
+        entry = message.routing_slip.mark_ended(
+            name, attempt=attempt, started_at=started, reason=signal.reason, output_keys=list(update)
+        )
+        await self.dedupe.mark_done(key)
+        await self.transport.ack(delivery)
+        self.stats.completed_steps += 1
+        self.stats.completed_workflows += 1
+        await self._emit("step_completed", message, activity=name, step=step, attempt=attempt, duration=entry.duration)
+        await self._emit(
+            "completed", message, activity=name, step=step, detail=entry.error, payload=dict(message.payload)
+        )
 
     def _seal(self, message: PaigeantMessage) -> bytes:
         """Sign `message` (when the worker has security) and encode it within the size limit."""

@@ -389,3 +389,22 @@ async def test_a_worker_whose_consumer_dies_stops_with_an_error(transport: InMem
     await transport.disconnect()  # the consumer ends under the worker's feet
     with pytest.raises(TransportError, match="consuming paigeant-consume-first stopped: the consumer ended"):
         await asyncio.wait_for(running, 5)
+
+
+async def test_end_workflow_completes_early_with_its_reason(transport: InMemoryTransport) -> None:
+    from paigeant_ai import EndWorkflow
+
+    @activity
+    async def check_stock(ctx: ActivityContext) -> None:
+        raise EndWorkflow("out of stock: SKU-42", output={"in_stock": False})
+
+    events: list[WorkflowEvent] = []
+    await WorkflowDispatcher(transport).dispatch_workflow([first, check_stock, second])
+    worker = Worker(transport, [first, check_stock, second], on_event=events.append)
+    await worker.run(burst=True)
+
+    completed = next(e for e in events if e.kind == "completed")
+    assert completed.detail == "out of stock: SKU-42 (skipped: second)"
+    assert completed.payload == {"a": 1, "in_stock": False}
+    assert [e.activity for e in events if e.kind == "step_started"] == ["first", "check-stock"]
+    assert await dead_letters(transport) == []
