@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 
 from pydantic import BaseModel
 from pydantic_ai import Agent
@@ -32,10 +31,11 @@ from paigeant_ai import (
     RetryPolicy,
     Worker,
     WorkflowDispatcher,
-    WorkflowEvent,
     activity,
     get_transport,
 )
+
+from ._progress import show
 
 # -- the agents (scripted models stand in for a real LLM) ----------------------------------------------------
 
@@ -113,22 +113,6 @@ send_welcome = AgentActivity(
 )
 
 ONBOARDING = [validate, create_account, setup_payment, send_welcome]
-
-# -- printing progress ---------------------------------------------------------------------------------------
-
-
-def show(event: WorkflowEvent) -> None:
-    """Print one line per step as the workflow moves."""
-    if event.kind == "step_completed":
-        print(f"  [done]    step {event.step} {event.activity} ({event.duration or 0:.3f}s)")
-    elif event.kind == "step_retried":
-        print(f"  [retry]   step {event.step} {event.activity}: {event.detail}")
-    elif event.kind in ("faulted", "rejected"):
-        print(f"  [{event.kind}] {event.activity}: {event.detail}")
-    elif event.kind == "completed":
-        print(f"workflow {event.correlation_id} completed; final payload:")
-        print(json.dumps(event.payload, indent=2, sort_keys=True))
-
 
 # -- workers: one for everything, or one per step for separate processes -------------------------------------
 

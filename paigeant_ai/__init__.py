@@ -1,5 +1,7 @@
 """paigeant-ai: durable, message-driven workflows for pydantic-ai agents, with the routing slip pattern."""
 
+import logging as _logging
+
 from .activity import Activity, ActivityContext, AgentActivity, FunctionActivity, activity
 from .contracts import (
     ActivityLogEntry,
@@ -56,3 +58,6 @@ __all__ = (
 )
 
 __version__ = "0.1.0"
+
+# A library logs; the application decides where it goes.
+_logging.getLogger("paigeant_ai").addHandler(_logging.NullHandler())
