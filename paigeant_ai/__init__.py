@@ -3,11 +3,22 @@
 import logging as _logging
 
 from .activity import Activity, ActivityContext, AgentActivity, FunctionActivity, activity
+from .approval import (
+    InMemoryWaitingStore,
+    ParkedStep,
+    ParkWorkflow,
+    PendingToolCall,
+    RedisWaitingStore,
+    WaitingStore,
+)
+from .catalog import ActivityCatalog, CatalogEntry
 from .contracts import (
     ActivityLogEntry,
     ActivitySpec,
     PaigeantMessage,
+    Resumption,
     RetryPolicy,
+    Revision,
     RoutingSlip,
     SecurityContext,
     WorkflowEvent,
@@ -16,44 +27,70 @@ from .dispatch import WorkflowDispatcher
 from .exceptions import (
     EndWorkflow,
     InvalidMessage,
+    InvalidPlan,
     MessageTooLarge,
     NonRetryableError,
     PaigeantError,
+    ReplayedMessage,
     RetryActivity,
     SecurityError,
+    TokenError,
     TransportError,
     UserError,
 )
+from .planner import PaigeantPlanner, PaigeantToolset, PlannerAgentDeps, create_planner_agent
+from .revision import ItineraryRevision
+from .security import MessageSigner, TokenValidator
 from .transports import InMemoryTransport, Transport, get_transport
 from .worker import Worker, WorkerStats
 
 __all__ = (
     "Activity",
+    "ActivityCatalog",
     "ActivityContext",
     "ActivityLogEntry",
     "ActivitySpec",
     "AgentActivity",
+    "CatalogEntry",
     "EndWorkflow",
     "FunctionActivity",
     "InMemoryTransport",
+    "InMemoryWaitingStore",
     "InvalidMessage",
+    "InvalidPlan",
+    "ItineraryRevision",
+    "MessageSigner",
     "MessageTooLarge",
     "NonRetryableError",
     "PaigeantError",
     "PaigeantMessage",
+    "PaigeantPlanner",
+    "PaigeantToolset",
+    "ParkWorkflow",
+    "ParkedStep",
+    "PendingToolCall",
+    "PlannerAgentDeps",
+    "RedisWaitingStore",
+    "ReplayedMessage",
+    "Resumption",
     "RetryActivity",
     "RetryPolicy",
+    "Revision",
     "RoutingSlip",
     "SecurityContext",
     "SecurityError",
+    "TokenError",
+    "TokenValidator",
     "Transport",
     "TransportError",
     "UserError",
+    "WaitingStore",
     "Worker",
     "WorkerStats",
     "WorkflowDispatcher",
     "WorkflowEvent",
     "activity",
+    "create_planner_agent",
     "get_transport",
 )
 

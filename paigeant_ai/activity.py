@@ -8,15 +8,20 @@ import json
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import Any, Generic, Protocol, TypeVar, overload, runtime_checkable
+from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar, overload, runtime_checkable
 
 from pydantic import BaseModel, JsonValue, TypeAdapter, ValidationError
+from pydantic_ai import DeferredToolRequests
 from pydantic_ai.agent import AbstractAgent
 from pydantic_ai.usage import UsageLimits
 from pydantic_core import PydanticSerializationError, to_jsonable_python
 
-from .contracts import ActivitySpec, PaigeantMessage, RetryPolicy, RoutingSlip
+from .approval import ParkWorkflow, resumed_run
+from .contracts import ActivitySpec, PaigeantMessage, RetryPolicy, Revision, RoutingSlip
 from .exceptions import NonRetryableError, UserError
+
+if TYPE_CHECKING:
+    from .revision import ItineraryRevision
 
 __all__ = (
     "Activity",
@@ -43,11 +48,14 @@ class ActivityContext:
         message: The message being processed (read it, don't change it: the worker owns the slip).
         spec: The activity's effective spec: the workflow's overrides over the worker's own.
         obo_claims: The validated claims of the user's on-behalf-of token, when the worker checks tokens.
+        revisions: Changes the step made to the rest of the route (see `ItineraryRevision`); the worker
+            applies them to the slip when the step succeeds or parks.
     """
 
     message: PaigeantMessage
     spec: ActivitySpec
     obo_claims: Mapping[str, Any] | None = None
+    revisions: list[Revision] = field(default_factory=list[Revision])
     _payload: Mapping[str, JsonValue] = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -260,6 +268,10 @@ class AgentActivity(Generic[DepsT, OutputT]):
     workflow's correlation ID as `conversation_id` and `<correlation_id>:<step>` as `run_id`, so its spans
     and messages can be found by workflow.
 
+    A run that ends with deferred tool calls (a tool that requires approval, or one that raised `CallDeferred`)
+    parks the workflow until `WorkflowDispatcher.resume` answers them; the agent then continues its
+    conversation. `DeferredToolRequests` is added to the agent's output types for that.
+
     Args:
         agent: The agent to run.
         name: The activity's name; defaults to `agent.name`.
@@ -272,6 +284,7 @@ class AgentActivity(Generic[DepsT, OutputT]):
         timeout: Seconds one attempt may take.
         usage_limits: Limits for each run of the agent.
         required_scopes: OAuth scopes the user's token must grant.
+        revision: Lets the agent revise the steps after this one, with activities from a catalog.
     """
 
     def __init__(
@@ -287,6 +300,7 @@ class AgentActivity(Generic[DepsT, OutputT]):
         timeout: float | None = None,
         usage_limits: UsageLimits | None = None,
         required_scopes: Sequence[str] = (),
+        revision: ItineraryRevision | None = None,
     ) -> None:
         resolved = name or agent.name
         if not resolved:
@@ -295,6 +309,7 @@ class AgentActivity(Generic[DepsT, OutputT]):
         self.prompt = prompt
         self.deps = deps
         self.usage_limits = usage_limits
+        self.revision = revision
         agent_description = getattr(agent, "description", None)
         self.spec = _make_spec(
             resolved,
@@ -325,18 +340,27 @@ class AgentActivity(Generic[DepsT, OutputT]):
         return None
 
     async def run(self, ctx: ActivityContext) -> dict[str, JsonValue]:
+        resume = ctx.message.resume
+        conversation, results = resumed_run(resume) if resume is not None else (None, None)
         result = await self.agent.run(
-            await self.build_prompt(ctx),
+            await self.build_prompt(ctx) if resume is None else None,
+            output_type=[self.agent.output_type, DeferredToolRequests],
+            conversation=conversation,
+            deferred_tool_results=results,
             deps=await self.build_deps(ctx),  # pyright: ignore[reportArgumentType]
-            conversation_id=ctx.correlation_id,
-            run_id=f"{ctx.correlation_id}:{ctx.step}",
+            # A resumed run continues the step's conversation, which carries its id and the first run's `run_id`.
+            conversation_id=ctx.correlation_id if conversation is None else None,
+            run_id=f"{ctx.correlation_id}:{ctx.step}" + (f":resume-{resume.count}" if resume is not None else ""),
             usage_limits=self.usage_limits,
+            toolsets=[self.revision.toolset_for(ctx)] if self.revision is not None else None,
             metadata={
                 "correlation_id": ctx.correlation_id,
                 "activity": self.spec.name,
                 "attempt": ctx.attempt,
             },
         )
+        if isinstance(result.output, DeferredToolRequests):
+            raise ParkWorkflow(result.conversation)
         try:
             output = to_jsonable_python(result.output)
         except PydanticSerializationError as exc:

@@ -1,4 +1,4 @@
-"""The `paigeant` command: run a worker as its own process, dispatch a workflow."""
+"""The `paigeant` command: run a worker as its own process, dispatch a workflow, see where workflows are."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from . import _cli_keys, _cli_workflows
 from .exceptions import PaigeantError, UserError
 from .transports import get_transport
 from .worker import Worker
@@ -113,6 +114,9 @@ def _parser() -> argparse.ArgumentParser:
     dispatch.add_argument("activities", nargs="+", help="activity names, in order")
     dispatch.add_argument("--variables", default="{}", help="the initial payload as a JSON object")
     dispatch.add_argument("--transport", help="inmemory, rabbitmq or redis (default PAIGEANT_TRANSPORT)")
+
+    _cli_workflows.add_commands(commands)  # status, workflows, dead-letters
+    _cli_keys.add_commands(commands)  # keys generate
     return parser
 
 
@@ -128,6 +132,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return asyncio.run(run_worker(args.target, burst=args.burst, concurrency=args.concurrency))
         if args.command == "dispatch":
             return asyncio.run(run_dispatch(args.activities, args.variables, args.transport))
+        if args.command in _cli_workflows.COMMANDS:
+            return asyncio.run(_cli_workflows.run_command(args))
+        if args.command == "keys":
+            return _cli_keys.run_command(args)
     except PaigeantError as exc:
         print(f"paigeant: {exc}", file=sys.stderr)
         return 2

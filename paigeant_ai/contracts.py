@@ -24,7 +24,9 @@ __all__ = (
     "ActivityLogEntry",
     "ActivitySpec",
     "PaigeantMessage",
+    "Resumption",
     "RetryPolicy",
+    "Revision",
     "RoutingSlip",
     "SecurityContext",
     "WorkflowEvent",
@@ -121,6 +123,41 @@ class ActivityLogEntry(_Wire):
         return (self.finished_at - self.started_at).total_seconds()
 
 
+class Revision(_Wire):
+    """A change a step made to the rest of its workflow's route, as the slip logs it.
+
+    `remaining` is the whole route after the change (the steps after `activity`), so the log shows what each
+    revision left as well as what it `added` and `discarded`.
+    """
+
+    step: int = Field(ge=0)
+    activity: str
+    """The step that made the change."""
+    action: Literal["add", "remove", "replace"]
+    reason: str = ""
+    added: list[ActivitySpec] = Field(default_factory=list[ActivitySpec])
+    discarded: list[ActivitySpec] = Field(default_factory=list[ActivitySpec])
+    remaining: list[ActivitySpec] = Field(default_factory=list[ActivitySpec])
+    at: datetime = Field(default_factory=_utcnow)
+
+    @property
+    def summary(self) -> str:
+        """One line: what changed, why, and the route it left."""
+
+        def names(specs: list[ActivitySpec]) -> str:
+            return ", ".join(spec.name for spec in specs) or "nothing"
+
+        changed = {"add": f"added {names(self.added)}", "remove": f"removed {names(self.discarded)}"}.get(
+            self.action, f"replaced {names(self.discarded)} with {names(self.added)}"
+        )
+        reason = f" ({self.reason})" if self.reason else ""
+        return f"{self.activity} {changed}{reason}; remaining: {names(self.remaining)}"
+
+
+def _is_empty(value: Any) -> bool:
+    return not value
+
+
 class RoutingSlip(_Wire):
     """The route: the steps still to run (`itinerary`; the first is `current`) and the log of the done ones."""
 
@@ -128,6 +165,8 @@ class RoutingSlip(_Wire):
     completed: list[ActivityLogEntry] = Field(default_factory=list[ActivityLogEntry])
     current: str | None = None
     compensations: list[ActivitySpec] = Field(default_factory=list[ActivitySpec])
+    revisions: list[Revision] = Field(default_factory=list[Revision], exclude_if=_is_empty)
+    """Changes steps made to the route while the workflow ran, oldest first (left out of the JSON while empty)."""
 
     @model_validator(mode="after")
     def _current_matches_itinerary(self) -> Self:
@@ -219,6 +258,17 @@ class RoutingSlip(_Wire):
         self.current = None
         return entry
 
+    def revise(self, revision: Revision) -> None:
+        """Replace the steps after the current one with `revision.remaining`, and log the revision.
+
+        Raises:
+            UserError: The revision was made by another step than the current one.
+        """
+        if self.current is None or self.current != revision.activity:
+            raise UserError(f"cannot revise from {revision.activity!r}: the current step is {self.current!r}")
+        self.itinerary[1:] = revision.remaining
+        self.revisions.append(revision)
+
     def mark_failed(self, name: str, *, attempt: int, started_at: datetime, error: str) -> ActivityLogEntry:
         """Log the current step as failed for good; the slip does not advance."""
         entry = ActivityLogEntry(
@@ -235,15 +285,27 @@ class RoutingSlip(_Wire):
 
 
 class SecurityContext(_Wire):
-    """The user's delegated token and the message's signature."""
+    """The user's delegated token and the message's signature (both left out of `repr`, so never logged by accident)."""
 
-    obo_token: str | None = None
-    jws_signature: str | None = None
+    obo_token: str | None = Field(default=None, repr=False)
+    jws_signature: str | None = Field(default=None, repr=False)
 
 
 def derive_message_id(correlation_id: str, step: int, name: str | None, attempt: int) -> str:
     """The id of one hop, the same every time that hop is produced, so a redelivery can be recognised."""
     return str(uuid.uuid5(_MESSAGE_NAMESPACE, f"{correlation_id}/{step}/{name}/{attempt}"))
+
+
+class Resumption(_Wire):
+    """How a step that waited for input continues: its agent's conversation and the answers it waited for.
+
+    Both are pydantic-ai values as JSON: a `Conversation` (`ConversationTypeAdapter`) and `DeferredToolResults`.
+    """
+
+    count: int = Field(default=1, ge=1)
+    """How many times this step has been resumed, this time included."""
+    conversation: dict[str, JsonValue] = Field(default_factory=dict[str, JsonValue])
+    results: dict[str, JsonValue] = Field(default_factory=dict[str, JsonValue])
 
 
 class PaigeantMessage(_Wire):
@@ -259,6 +321,8 @@ class PaigeantMessage(_Wire):
     attempt: int = Field(default=0, ge=0)
     created_at: datetime = Field(default_factory=_utcnow)
     expires_at: datetime | None = None
+    resume: Resumption | None = Field(default=None, exclude_if=_is_empty)
+    """Set on the hop that continues a step after it waited for input (see `WorkflowDispatcher.resume`)."""
 
     @classmethod
     def new(
@@ -338,6 +402,9 @@ EventKind = Literal[
     "completed",
     "faulted",
     "rejected",
+    "revised",
+    "waiting",
+    "resumed",
 ]
 
 
@@ -359,6 +426,8 @@ class WorkflowEvent(_Wire):
     detail: str | None = None
     duration: float | None = None
     payload: dict[str, JsonValue] | None = None
+    remaining: list[str] | None = None
+    """The names of the steps still to run when it happened, the current one first (`None`: not known)."""
 
 
 def _summarize(exc: ValidationError) -> str:

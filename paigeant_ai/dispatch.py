@@ -2,22 +2,30 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any, Protocol
 
 from pydantic import ValidationError
 
+from . import observability
 from .activity import Activity
-from .contracts import ActivitySpec, PaigeantMessage, WorkflowEvent
+from .contracts import EVENTS, ActivitySpec, PaigeantMessage, WorkflowEvent
 from .exceptions import MessageTooLarge, UserError
+from .security import MessageSigner
 from .settings import Settings
 from .transports.base import Transport
 
 if TYPE_CHECKING:
+    from pydantic_ai import DeferredToolResults
+
+    from .approval import ApprovalAnswer, WaitingStore
     from .worker import MessageSecurity
 
 __all__ = ("WorkflowDispatcher",)
+
+logger = logging.getLogger("paigeant_ai.dispatch")
 
 
 class EventSink(Protocol):
@@ -48,7 +56,13 @@ class WorkflowDispatcher:
         max_message_bytes: The largest message it sends; defaults to `PAIGEANT_MAX_MESSAGE_BYTES` (1 MiB).
         ttl: Seconds after which an unfinished workflow's messages expire; `None` for never.
         on_event: Called with the `dispatched` event of each workflow.
-        security: Signs the first message of each workflow; `None` sends it unsigned.
+        security: Signs the first message of each workflow; by default a `MessageSigner` with the signing key
+            of the `PAIGEANT_*` settings (see `paigeant_ai.security`).
+        allow_unsigned: With no signing key configured, send unsigned messages instead of refusing to dispatch
+            on a real broker (`PAIGEANT_ALLOW_UNSIGNED=1`).
+        publish_events: Also publish the `dispatched` event on the transport's `events` address, for a
+            `WorkflowStore`.
+        waiting_store: Where workers park the workflows that wait for input; needed by `resume`.
     """
 
     def __init__(
@@ -59,12 +73,19 @@ class WorkflowDispatcher:
         ttl: float | None = None,
         on_event: EventSink | None = None,
         security: MessageSecurity | None = None,
+        allow_unsigned: bool | None = None,
+        publish_events: bool = True,
+        waiting_store: WaitingStore | None = None,
     ) -> None:
         self.transport = transport
+        self.waiting_store = waiting_store
         self.max_message_bytes = max_message_bytes or Settings.from_env().max_message_bytes
         self.ttl = ttl
         self._on_event = on_event
-        self.security = security
+        self.publish_events = publish_events
+        self.security: MessageSecurity = (
+            security if security is not None else MessageSigner.from_settings(transport, allow_unsigned=allow_unsigned)
+        )
 
     async def dispatch_workflow(
         self,
@@ -83,7 +104,7 @@ class WorkflowDispatcher:
             correlation_id: Use this id instead of a new one (it must be unique).
 
         Raises:
-            UserError: No activities, an invalid name, or variables that are not JSON.
+            UserError: No activities, an invalid name, variables that are not JSON, or no key to sign with.
             MessageTooLarge: The first message would exceed `max_message_bytes`.
         """
         specs = [to_spec(item) for item in activities]
@@ -94,24 +115,79 @@ class WorkflowDispatcher:
             )
         except ValidationError as exc:
             raise UserError(f"cannot dispatch: {exc.errors(include_url=False)[0]['msg']}") from None
-        body = self.encode(message)
-        await self.transport.publish(specs[0].name, body, headers=dict(message.headers))
+        with observability.dispatch_span(message, self.transport.name):
+            message.headers = observability.inject_context(message.headers, message.correlation_id)
+            body = self.encode(message)
+            await self.transport.publish(specs[0].name, body, headers=dict(message.headers))
+        event = WorkflowEvent(
+            kind="dispatched",
+            correlation_id=message.correlation_id,
+            activity=message.routing_slip.current,
+            step=0,
+            message_id=message.message_id,
+            remaining=[spec.name for spec in specs],
+        )
+        if self.publish_events:
+            try:
+                await self.transport.publish(EVENTS, event.model_dump_json().encode())
+            except Exception:
+                logger.warning("could not publish the dispatched event of %s", event.correlation_id, exc_info=True)
         if self._on_event is not None:
-            await self._on_event(
-                WorkflowEvent(
-                    kind="dispatched",
-                    correlation_id=message.correlation_id,
-                    activity=message.routing_slip.current,
-                    step=0,
-                    message_id=message.message_id,
-                )
-            )
+            await self._on_event(event)
         return message.correlation_id
+
+    async def resume(
+        self,
+        correlation_id: str,
+        results: DeferredToolResults | None = None,
+        *,
+        approvals: Mapping[str, ApprovalAnswer] | None = None,
+        calls: Mapping[str, Any] | None = None,
+        approve_all: bool = False,
+    ) -> None:
+        """Continue a workflow that waits for input, at the step where it stopped.
+
+        Answer every tool call the step waits for (`(await waiting_store.get(correlation_id)).pending`), by tool
+        call ID: approvals as `True`, `False`, `ToolApproved(override_args=...)` or `ToolDenied("why")`; results
+        of deferred calls as values; or a ready `DeferredToolResults`. The step's agent continues its
+        conversation with them: a denial reaches it as the tool's result, and the agent decides what follows.
+
+        Raises:
+            UserError: There is no waiting store, the workflow does not wait, or an answer is missing or names
+                no pending call.
+        """
+        if self.waiting_store is None:
+            raise UserError("resume needs the store workers park workflows in: WorkflowDispatcher(waiting_store=...)")
+        parked = await self.waiting_store.get(correlation_id)
+        if parked is None:
+            raise UserError(f"workflow {correlation_id!r} is not waiting for input")
+        answers = parked.build_results(results, approvals=approvals, calls=calls, approve_all=approve_all)
+        message = parked.resume_message(answers)
+        with observability.replay_span(message, self.transport.name, operation="resume"):
+            message.headers = observability.inject_context(message.headers, correlation_id)
+            await self.transport.publish(parked.activity, self.encode(message), headers=dict(message.headers))
+        await self.waiting_store.remove(parked)
+        event = WorkflowEvent(
+            kind="resumed",
+            correlation_id=correlation_id,
+            activity=parked.activity,
+            step=parked.step,
+            attempt=message.attempt,
+            message_id=message.message_id,
+            detail="answered " + ", ".join(sorted({*answers.approvals, *answers.calls})),
+            remaining=[spec.name for spec in message.routing_slip.itinerary],
+        )
+        if self.publish_events:
+            try:
+                await self.transport.publish(EVENTS, event.model_dump_json().encode())
+            except Exception:
+                logger.warning("could not publish the resumed event of %s", correlation_id, exc_info=True)
+        if self._on_event is not None:
+            await self._on_event(event)
 
     def encode(self, message: PaigeantMessage) -> bytes:
         """The bytes of `message`, checked against the size limit."""
-        if self.security is not None:
-            self.security.sign(message)
+        self.security.sign(message)
         body = message.to_json()
         if len(body) > self.max_message_bytes:
             raise MessageTooLarge(

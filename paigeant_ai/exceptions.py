@@ -9,11 +9,14 @@ from __future__ import annotations
 __all__ = (
     "EndWorkflow",
     "InvalidMessage",
+    "InvalidPlan",
     "MessageTooLarge",
     "NonRetryableError",
     "PaigeantError",
+    "ReplayedMessage",
     "RetryActivity",
     "SecurityError",
+    "TokenError",
     "TransportError",
     "UserError",
 )
@@ -35,12 +38,48 @@ class MessageTooLarge(InvalidMessage):
     """A message over the configured size limit."""
 
 
+class InvalidPlan(PaigeantError):
+    """A route that cannot run: unknown or forbidden activities, or variables a step needs that nothing provides.
+
+    The planner and revision tools hand its message back to the model as a retry, so the model can fix its plan.
+    """
+
+
 class TransportError(PaigeantError):
     """A broker or connection failure, translated once at the transport boundary."""
 
 
 class SecurityError(PaigeantError):
-    """A message or token that failed verification. Never retried."""
+    """A message or token that failed verification. Never retried.
+
+    Attributes:
+        code: A short name of the check that failed (`unsigned`, `bad_signature`, `unknown_kid`, ...), for counting.
+    """
+
+    def __init__(self, message: str, *, code: str = "security") -> None:
+        super().__init__(message)
+        self.code = code
+
+
+class ReplayedMessage(SecurityError):
+    """A hop whose `message_id` was already settled.
+
+    Attributes:
+        same_content: True for a copy of exactly what was settled (a replay, or the broker's own redelivery
+            after a lost ack); False for the same hop produced anew by a trusted signer (an upstream step that
+            re-ran after a crash), which is a duplicate to skip rather than an attack.
+    """
+
+    def __init__(self, message: str, *, same_content: bool) -> None:
+        super().__init__(message, code="replayed" if same_content else "duplicate")
+        self.same_content = same_content
+
+
+class TokenError(SecurityError):
+    """The user's on-behalf-of token is missing, invalid, expired, for someone else, or lacks a required scope.
+
+    The message itself is authentic, so the workflow faults (never retried) instead of being dropped as forged.
+    """
 
 
 class RetryActivity(Exception):

@@ -22,6 +22,21 @@ def _env_int(name: str, default: int) -> int:
         raise UserError(f"{name}={raw!r} is not an integer") from None
 
 
+def _env_flag(name: str) -> bool:
+    raw = os.environ.get(name, "").strip().lower()
+    if raw in ("", "0", "false", "no", "off"):
+        return False
+    if raw in ("1", "true", "yes", "on"):
+        return True
+    from .exceptions import UserError
+
+    raise UserError(f"{name}={raw!r} is not a flag; use 1 or 0")
+
+
+def _env_str(name: str) -> str | None:
+    return os.environ.get(name) or None
+
+
 @dataclass(frozen=True, slots=True)
 class Settings:
     """Settings read from the environment.
@@ -33,6 +48,16 @@ class Settings:
         max_message_bytes: `PAIGEANT_MAX_MESSAGE_BYTES`, the largest message a dispatcher sends or a worker accepts.
         concurrency: `PAIGEANT_CONCURRENCY`, how many steps one worker runs at once.
         namespace: `PAIGEANT_NAMESPACE`, the prefix of every queue, stream and key (default `paigeant`).
+        signing_key: `PAIGEANT_SIGNING_KEY`, this service's private JWK as JSON (or `signing_key_file`,
+            `PAIGEANT_SIGNING_KEY_FILE`, its path).
+        trusted_keys: `PAIGEANT_TRUSTED_KEYS`, the JWKS of the services whose messages are accepted, as JSON (or
+            `trusted_keys_file`, `PAIGEANT_TRUSTED_KEYS_FILE`, one or more paths separated by `os.pathsep`).
+        allow_unsigned: `PAIGEANT_ALLOW_UNSIGNED=1` runs without signing keys on a real broker, deliberately.
+        obo_jwks: `PAIGEANT_OBO_JWKS`, the JWKS of the issuer of users' on-behalf-of tokens, as JSON (or
+            `obo_jwks_file`, `PAIGEANT_OBO_JWKS_FILE`, its path).
+        obo_issuer: `PAIGEANT_OBO_ISSUER`, the `iss` those tokens must carry.
+        obo_audience: `PAIGEANT_OBO_AUDIENCE`, the `aud` those tokens must carry.
+        replay_ttl: `PAIGEANT_REPLAY_TTL`, seconds a settled hop without an expiry is remembered (default 7 days).
     """
 
     transport: str = "inmemory"
@@ -41,6 +66,16 @@ class Settings:
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
     concurrency: int = 10
     namespace: str = "paigeant"
+    signing_key: str | None = None
+    signing_key_file: str | None = None
+    trusted_keys: str | None = None
+    trusted_keys_file: str | None = None
+    allow_unsigned: bool = False
+    obo_jwks: str | None = None
+    obo_jwks_file: str | None = None
+    obo_issuer: str | None = None
+    obo_audience: str | None = None
+    replay_ttl: int = 7 * 24 * 3600
 
     @classmethod
     def from_env(cls) -> Settings:
@@ -54,4 +89,14 @@ class Settings:
             max_message_bytes=_env_int("PAIGEANT_MAX_MESSAGE_BYTES", defaults.max_message_bytes),
             concurrency=_env_int("PAIGEANT_CONCURRENCY", defaults.concurrency),
             namespace=env.get("PAIGEANT_NAMESPACE", defaults.namespace),
+            signing_key=_env_str("PAIGEANT_SIGNING_KEY"),
+            signing_key_file=_env_str("PAIGEANT_SIGNING_KEY_FILE"),
+            trusted_keys=_env_str("PAIGEANT_TRUSTED_KEYS"),
+            trusted_keys_file=_env_str("PAIGEANT_TRUSTED_KEYS_FILE"),
+            allow_unsigned=_env_flag("PAIGEANT_ALLOW_UNSIGNED"),
+            obo_jwks=_env_str("PAIGEANT_OBO_JWKS"),
+            obo_jwks_file=_env_str("PAIGEANT_OBO_JWKS_FILE"),
+            obo_issuer=_env_str("PAIGEANT_OBO_ISSUER"),
+            obo_audience=_env_str("PAIGEANT_OBO_AUDIENCE"),
+            replay_ttl=_env_int("PAIGEANT_REPLAY_TTL", defaults.replay_ttl),
         )

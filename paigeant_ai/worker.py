@@ -21,17 +21,22 @@ from typing import Any, NoReturn, Protocol
 from pydantic_ai.exceptions import UsageLimitExceeded
 from pydantic_ai.exceptions import UserError as PydanticAIUserError
 
+from . import observability
 from .activity import DEFAULT_TIMEOUT, Activity, ActivityContext, ActivityFunc, as_activity, to_payload_update
-from .contracts import DEAD_LETTER, ActivitySpec, PaigeantMessage, RetryPolicy, WorkflowEvent
+from .approval import ParkedStep, ParkWorkflow, WaitingStore
+from .contracts import DEAD_LETTER, EVENTS, ActivitySpec, PaigeantMessage, RetryPolicy, WorkflowEvent
 from .exceptions import (
     EndWorkflow,
     InvalidMessage,
     NonRetryableError,
+    ReplayedMessage,
     RetryActivity,
     SecurityError,
+    TokenError,
     TransportError,
     UserError,
 )
+from .security import MessageSigner
 from .settings import Settings
 from .transports.base import REASON_HEADER, SOURCE_HEADER, Consumer, Delivery, Transport
 
@@ -67,7 +72,13 @@ class MessageSecurity(Protocol):
 
         Raises:
             SecurityError: With the precise reason; the message is dead-lettered and never run.
+            ReplayedMessage: The hop was already settled: dead-lettered as a replay, or skipped as a duplicate.
+            TokenError: The user's token fails a check: the workflow faults, never retried.
         """
+        ...
+
+    async def settled(self, message: PaigeantMessage) -> None:
+        """Called once the hop `message` is settled (acked after its successor, retry or fault was published)."""
         ...
 
 
@@ -97,6 +108,7 @@ class WorkerStats:
     faulted: int = 0
     rejected: int = 0
     duplicates: int = 0
+    parked: int = 0
 
 
 class _Settled(Exception):
@@ -112,12 +124,20 @@ class Worker:
             functions) or plain functions. Each is consumed from the queue of its name.
         concurrency: How many steps run at once (also the prefetch of each queue).
         max_message_bytes: Larger messages are dead-lettered; defaults to `PAIGEANT_MAX_MESSAGE_BYTES`.
-        dedupe: Where completed steps are remembered; in memory by default.
-        security: Verifies every message received and signs every message sent; `None` runs unsigned.
+        dedupe: Where completed steps are remembered; by default in Redis on the Redis transport (shared by
+            every worker: `RedisDedupeStore`), else in this process's memory.
+        security: Verifies every message received and signs every message sent; by default a `MessageSigner`
+            with the keys of the `PAIGEANT_*` settings (see `paigeant_ai.security`).
+        allow_unsigned: With no keys configured, run without signatures instead of refusing to start on a real
+            broker (`PAIGEANT_ALLOW_UNSIGNED=1`). Anyone who can publish to the broker can then forge steps.
         on_event: Called (sync or async) with every `WorkflowEvent` this worker produces.
+        publish_events: Also publish every event on the transport's `events` address (capped by each
+            transport), where a `WorkflowProjector` in any process can feed them to a `WorkflowStore`.
         shutdown_timeout: On stop, seconds in-flight steps get to finish before they are cancelled and
             left unacked for redelivery.
         rng: Source of retry jitter (seed it for reproducible tests).
+        waiting_store: Where steps that wait for input (an agent's tool that needs approval) are parked until
+            `WorkflowDispatcher.resume`; share it with the dispatcher. Without one, such a step faults.
     """
 
     def __init__(
@@ -129,9 +149,12 @@ class Worker:
         max_message_bytes: int | None = None,
         dedupe: DedupeStore | None = None,
         security: MessageSecurity | None = None,
+        allow_unsigned: bool | None = None,
         on_event: EventCallback | Sequence[EventCallback] | None = None,
+        publish_events: bool = True,
         shutdown_timeout: float = 30.0,
         rng: random.Random | None = None,
+        waiting_store: WaitingStore | None = None,
     ) -> None:
         if not activities:
             raise UserError("a Worker needs at least one activity")
@@ -147,16 +170,20 @@ class Worker:
         if self.concurrency < 1:
             raise UserError("concurrency must be at least 1")
         self.max_message_bytes = max_message_bytes or settings.max_message_bytes
-        self.dedupe = dedupe or InMemoryDedupeStore()
-        self.security = security
+        self.dedupe = dedupe or _default_dedupe(transport)
+        self.security: MessageSecurity = (
+            security if security is not None else MessageSigner.from_settings(transport, allow_unsigned=allow_unsigned)
+        )
         if on_event is None:
             self._callbacks: list[EventCallback] = []
         elif callable(on_event):
             self._callbacks = [on_event]
         else:
             self._callbacks = list(on_event)
+        self.publish_events = publish_events
         self.shutdown_timeout = shutdown_timeout
         self.rng = rng or random.Random()
+        self.waiting_store = waiting_store
         self.stats = WorkerStats()
         self._slots = asyncio.Semaphore(self.concurrency)  # made anew by run(), after `concurrency` may change
         self._inflight: set[asyncio.Task[None]] = set()
@@ -173,10 +200,12 @@ class Worker:
         """Consume and run steps until `stop()` is called (or, with `burst=True`, until all queues are drained).
 
         Raises:
-            UserError: The worker is already running.
+            UserError: The worker is already running, or has no keys to sign and verify with (see `security`).
         """
         if self._running:
             raise UserError("this worker is already running")
+        if isinstance(self.security, MessageSigner):
+            self.security.ensure_ready()
         self._running = True
         self._stop.clear()
         self._slots = asyncio.Semaphore(self.concurrency)
@@ -217,10 +246,19 @@ class Worker:
         self._raise_if_a_consumer_failed()
 
     async def _wait_until_drained(self) -> None:
+        # A broker moves a delayed retry back into its queue on its own time (RabbitMQ dead-letters it from a
+        # delay queue), and for that moment no count shows it; so a real broker must look drained for a while.
+        quiet_for = 0.0 if self.transport.name == "inmemory" else 1.0
+        quiet_since: float | None = None
+        loop = asyncio.get_running_loop()
         while not self._stop.is_set():
             self._raise_if_a_consumer_failed()
             if not self._inflight and all([await self.transport.pending(name) == 0 for name in self.activities]):
-                return
+                quiet_since = quiet_since if quiet_since is not None else loop.time()
+                if loop.time() - quiet_since >= quiet_for:
+                    return
+            else:
+                quiet_since = None
             await asyncio.sleep(0.02)
 
     def _raise_if_a_consumer_failed(self) -> None:
@@ -276,6 +314,10 @@ class Worker:
 
     async def process(self, delivery: Delivery) -> None:
         """Process one delivery end to end and settle it (ack, publish onwards, or dead-letter)."""
+        with observability.hop_span(delivery, self.transport.name):
+            await self._process_delivery(delivery)
+
+    async def _process_delivery(self, delivery: Delivery) -> None:
         try:
             message = await self._decode(delivery)
             key = message.idempotency_key
@@ -296,30 +338,25 @@ class Worker:
         if spec is None or activity is None:
             await self._reject(delivery, message, "the workflow has no step left to run")
             return
-        key = message.idempotency_key
-        if await self.dedupe.is_done(key):
-            self.stats.duplicates += 1
-            logger.info("step %s of %s already completed; skipping the redelivery", spec.name, message.correlation_id)
-            await self.transport.ack(delivery)
-            await self._emit("step_skipped", message, detail="already completed (redelivery)")
-            return
         effective = _effective_spec(activity.spec, spec)
-        claims = None
-        if self.security is not None:
-            try:
-                claims = await self.security.verify(message, effective)
-            except SecurityError as exc:
-                await self._reject(delivery, message, f"security check failed: {exc}")
+        claims = await self._verify(delivery, message, effective)
+        if await self.dedupe.is_done(message.idempotency_key):
+            await self._skip(delivery, message, "already completed (redelivery)")
+            return
         ctx = ActivityContext(message=message, spec=effective, obo_claims=claims)
         started = datetime.now(UTC)
         await self._emit("step_started", message)
         try:
-            async with asyncio.timeout(effective.timeout or DEFAULT_TIMEOUT):
-                update = await activity.run(ctx)
+            with observability.activity_span(ctx):
+                async with asyncio.timeout(effective.timeout or DEFAULT_TIMEOUT):
+                    update = await activity.run(ctx)
             if update is not None and not isinstance(update, dict):
                 update = to_payload_update(update, effective.name, effective.name)
         except EndWorkflow as exc:
             await self._end(delivery, message, started, exc)
+            return
+        except ParkWorkflow as signal:
+            await self._park(delivery, message, ctx, started, signal)
             return
         except _NON_RETRYABLE as exc:
             await self._fault(delivery, message, started, _describe(exc))
@@ -335,6 +372,8 @@ class Worker:
             logger.warning("step %s of %s failed: %s", spec.name, message.correlation_id, _describe(exc))
             await self._retry_or_fault(delivery, message, effective.retry, started, _describe(exc), None)
             return
+        await self._apply_revisions(message, ctx)
+        message.resume = None  # the step is done; the next one starts afresh
         await self._advance(delivery, message, update or {}, started)
 
     async def _decode(self, delivery: Delivery) -> PaigeantMessage:
@@ -369,6 +408,38 @@ class Worker:
         await self._emit("rejected", message, detail=reason, activity=delivery.address)
         raise _Settled
 
+    async def _verify(
+        self, delivery: Delivery, message: PaigeantMessage, spec: ActivitySpec
+    ) -> Mapping[str, Any] | None:
+        """The token's claims once the message passed every check; a refusal settles the delivery."""
+        try:
+            return await self.security.verify(message, spec)
+        except ReplayedMessage as exc:
+            if exc.same_content and not delivery.redelivered:
+                await self._reject(delivery, message, f"security check failed: {exc}")
+            # Not an attack: the broker's own redelivery of a hop settled here (its ack was lost), or the hop
+            # produced again, and signed, by an upstream step that re-ran after a crash. It ran once; skip it.
+            await self._skip(delivery, message, "already settled (duplicate)")
+        except TokenError as exc:
+            if await self.dedupe.is_done(message.idempotency_key):  # it ran while the token was still valid
+                await self._skip(delivery, message, "already completed (redelivery)")
+            else:
+                await self._fault(delivery, message, datetime.now(UTC), str(exc))
+        except SecurityError as exc:
+            await self._reject(delivery, message, f"security check failed: {exc}")
+        raise _Settled
+
+    async def _skip(self, delivery: Delivery, message: PaigeantMessage, reason: str) -> None:
+        self.stats.duplicates += 1
+        logger.info("step %s of %s %s; skipping it", delivery.address, message.correlation_id, reason)
+        await self._settle(delivery, message)
+        await self._emit("step_skipped", message, detail=reason)
+
+    async def _settle(self, delivery: Delivery, message: PaigeantMessage) -> None:
+        """Ack the delivery, then let security remember the hop so that a replay of it is refused."""
+        await self.transport.ack(delivery)
+        await self.security.settled(message)
+
     async def _advance(
         self, delivery: Delivery, message: PaigeantMessage, update: dict[str, Any], started: datetime
     ) -> None:
@@ -385,9 +456,17 @@ class Worker:
             body = self._seal(hop)
             await self.transport.publish(hop.routing_slip.current or "", body, headers=dict(hop.headers))
         await self.dedupe.mark_done(key)
-        await self.transport.ack(delivery)
+        await self._settle(delivery, message)
         self.stats.completed_steps += 1
-        await self._emit("step_completed", message, activity=name, step=step, attempt=attempt, duration=entry.duration)
+        await self._emit(
+            "step_completed",
+            message,
+            activity=name,
+            step=step,
+            attempt=attempt,
+            duration=entry.duration,
+            at=entry.finished_at,
+        )
         if message.routing_slip.is_complete:
             self.stats.completed_workflows += 1
             await self._emit("completed", message, activity=name, step=step, payload=dict(message.payload))
@@ -401,18 +480,54 @@ class Worker:
             name, attempt=attempt, started_at=started, reason=signal.reason, output_keys=list(update)
         )
         await self.dedupe.mark_done(key)
-        await self.transport.ack(delivery)
+        await self._settle(delivery, message)
         self.stats.completed_steps += 1
         self.stats.completed_workflows += 1
-        await self._emit("step_completed", message, activity=name, step=step, attempt=attempt, duration=entry.duration)
+        await self._emit(
+            "step_completed",
+            message,
+            activity=name,
+            step=step,
+            attempt=attempt,
+            duration=entry.duration,
+            at=entry.finished_at,
+        )
         await self._emit(
             "completed", message, activity=name, step=step, detail=entry.error, payload=dict(message.payload)
         )
 
+    async def _apply_revisions(self, message: PaigeantMessage, ctx: ActivityContext) -> None:
+        """Log the route changes the step made in the slip, so the message goes to the revised next step."""
+        for revision in ctx.revisions:
+            message.routing_slip.revise(revision)
+            await self._emit("revised", message, detail=revision.summary)
+
+    async def _park(
+        self,
+        delivery: Delivery,
+        message: PaigeantMessage,
+        ctx: ActivityContext,
+        started: datetime,
+        signal: ParkWorkflow,
+    ) -> None:
+        """Store the step with what it waits for, then ack: `WorkflowDispatcher.resume` publishes it again."""
+        if self.waiting_store is None:
+            reason = f"the step is {signal}, but the worker has no waiting store (pass Worker(waiting_store=...))"
+            await self._fault(delivery, message, started, reason)
+            return
+        await self._apply_revisions(message, ctx)
+        parked = ParkedStep.from_signal(message, signal)
+        # The resume, however late, continues this hop's trace.
+        parked.message.headers = observability.inject_context(parked.message.headers, message.correlation_id)
+        await self.waiting_store.put(parked)
+        await self._settle(delivery, message)
+        self.stats.parked += 1
+        await self._emit("waiting", message, detail=parked.describe())
+
     def _seal(self, message: PaigeantMessage) -> bytes:
         """Sign `message` (when the worker has security) and encode it within the size limit."""
-        if self.security is not None:
-            self.security.sign(message)
+        message.headers = observability.inject_context(message.headers, message.correlation_id)
+        self.security.sign(message)
         return self._check_size(message.to_json())
 
     def _check_size(self, body: bytes) -> bytes:
@@ -441,7 +556,7 @@ class Worker:
         wait = policy.delay_before(next_attempt, self.rng) if delay is None else delay
         retry = message.next_hop(attempt=next_attempt)
         await self.transport.publish(delivery.address, self._seal(retry), headers=dict(retry.headers), delay=wait)
-        await self.transport.ack(delivery)
+        await self._settle(delivery, message)
         self.stats.retried += 1
         await self._emit("step_retried", message, detail=f"{reason}; attempt {next_attempt + 1} in {wait:.2f}s")
 
@@ -451,10 +566,10 @@ class Worker:
         detail = f"step {name!r} failed: {reason}"
         headers = {**message.headers, REASON_HEADER: detail[:2000], SOURCE_HEADER: delivery.address}
         copy = message.next_hop(attempt=message.attempt)
-        if self.security is not None:
-            self.security.sign(copy)
+        copy.headers = observability.inject_context(copy.headers, copy.correlation_id)  # a replay continues here
+        self.security.sign(copy)
         await self.transport.publish(DEAD_LETTER, copy.to_json(), headers=headers)
-        await self.transport.ack(delivery)
+        await self._settle(delivery, message)
         self.stats.faulted += 1
         logger.warning("workflow %s faulted: %s", message.correlation_id, detail)
         await self._emit("step_failed", message, activity=name, detail=reason)
@@ -463,8 +578,6 @@ class Worker:
     # -- events ----------------------------------------------------------------------------------------------
 
     async def _emit(self, kind: Any, message: PaigeantMessage | None, **fields: Any) -> None:
-        if not self._callbacks:
-            return
         base: dict[str, Any] = {"correlation_id": None}
         if message is not None:
             base = {
@@ -473,8 +586,15 @@ class Worker:
                 "step": message.step,
                 "attempt": message.attempt,
                 "message_id": message.message_id,
+                "remaining": [spec.name for spec in message.routing_slip.itinerary],
             }
         event = WorkflowEvent(kind=kind, **{**base, **fields})
+        observability.record_event(event)
+        if self.publish_events:
+            try:
+                await self.transport.publish(EVENTS, event.model_dump_json().encode())
+            except Exception:
+                logger.warning("could not publish the %s event of %s", kind, event.correlation_id, exc_info=True)
         for callback in self._callbacks:
             try:
                 result = callback(event)
@@ -482,6 +602,15 @@ class Worker:
                     await result
             except Exception:
                 logger.exception("an on_event callback failed for %s", kind)
+
+
+def _default_dedupe(transport: Transport) -> DedupeStore:
+    if transport.name == "redis":
+        from .transports.redis import RedisDedupeStore, RedisTransport
+
+        if isinstance(transport, RedisTransport):
+            return RedisDedupeStore(transport)
+    return InMemoryDedupeStore()
 
 
 def _effective_spec(own: ActivitySpec, wire: ActivitySpec) -> ActivitySpec:

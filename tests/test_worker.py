@@ -15,6 +15,7 @@ from paigeant_ai import (
     PaigeantMessage,
     RetryActivity,
     RetryPolicy,
+    TransportError,
     UserError,
     Worker,
     WorkflowDispatcher,
@@ -282,7 +283,9 @@ async def test_graceful_stop_lets_running_steps_finish(transport: InMemoryTransp
     assert await transport.pending("short-step") == 0
 
 
-async def test_a_redelivered_completed_step_is_not_run_again(transport: InMemoryTransport) -> None:
+async def test_a_redelivered_completed_step_is_not_run_again(
+    transport: InMemoryTransport, monkeypatch: pytest.MonkeyPatch
+) -> None:
     runs = 0
 
     @activity
@@ -291,13 +294,21 @@ async def test_a_redelivered_completed_step_is_not_run_again(transport: InMemory
         runs += 1
         return {"charged": ctx.idempotency_key}
 
+    ack = transport.ack
+    lost = asyncio.Event()
+
+    async def ack_lost_once(delivery: Delivery) -> None:
+        if not lost.is_set():
+            lost.set()
+            raise TransportError("the connection dropped before the broker got the ack")
+        await ack(delivery)
+
+    monkeypatch.setattr(transport, "ack", ack_lost_once)
     await WorkflowDispatcher(transport).dispatch_workflow([charge])
-    async with await transport.consume("charge") as consumer:
-        original = await anext(consumer)
-        for _ in range(2):  # the same hop, delivered twice
-            await transport.publish("charge", original.body)
-        await transport.ack(original)
     worker = Worker(transport, [charge])
+    async with worker:
+        await asyncio.wait_for(lost.wait(), 5)
+    # The step completed but its ack never arrived: the broker delivers the same hop again.
     await worker.run(burst=True)
     assert runs == 1
     assert worker.stats.duplicates == 1

@@ -1,0 +1,304 @@
+"""Steps that wait for a person: parking a workflow on deferred tool calls, and resuming it with the answers.
+
+When an `AgentActivity`'s agent ends its run with pydantic-ai's `DeferredToolRequests` (a tool that requires
+approval, or one that raised `CallDeferred`), the step raises `ParkWorkflow`. The worker stores a `ParkedStep`
+(the message as it arrived, the agent's conversation and what it waits for) in a `WaitingStore` and acks the
+message: nothing runs until `WorkflowDispatcher.resume` publishes the same step again with the answers (and removes
+the record), and the agent continues its conversation where it stopped.
+
+Everything stored is JSON made with pydantic-ai's own type adapters, never pickle.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any, Literal, Protocol, cast
+
+from pydantic import BaseModel, ConfigDict, Field, JsonValue, TypeAdapter
+from pydantic_ai import Conversation, ConversationTypeAdapter, DeferredToolRequests, DeferredToolResults
+from pydantic_ai.messages import ToolCallPart
+from pydantic_ai.tools import ToolApproved, ToolDenied
+from pydantic_core import to_jsonable_python
+
+from .contracts import PaigeantMessage, Resumption, derive_message_id
+from .exceptions import UserError
+
+if TYPE_CHECKING:
+    from .transports.redis import RedisTransport
+
+__all__ = (
+    "InMemoryWaitingStore",
+    "ParkWorkflow",
+    "ParkedStep",
+    "PendingToolCall",
+    "RedisWaitingStore",
+    "WaitingStore",
+)
+
+_RESULTS: TypeAdapter[DeferredToolResults] = TypeAdapter(DeferredToolResults)
+_JSON_OBJECT: TypeAdapter[dict[str, JsonValue]] = TypeAdapter(dict[str, JsonValue])
+
+ApprovalAnswer = bool | ToolApproved | ToolDenied
+
+
+class ParkWorkflow(Exception):
+    """Raised by a step to wait for input: the worker parks the workflow until it is resumed.
+
+    Args:
+        conversation: The agent's conversation; its `deferred_tool_requests` say what the step waits for.
+    """
+
+    def __init__(self, conversation: Conversation) -> None:
+        requests = conversation.deferred_tool_requests
+        if requests is None or not (requests.calls or requests.approvals):
+            raise UserError("ParkWorkflow needs a conversation that waits for deferred tool calls")
+        super().__init__(f"waiting for {_describe_requests(requests)}")
+        self.conversation = conversation
+        self.requests = requests
+
+
+class PendingToolCall(BaseModel):
+    """One tool call a parked step waits for: an approval, or a result from outside."""
+
+    model_config = ConfigDict(frozen=True)
+
+    tool_call_id: str
+    tool_name: str
+    args: dict[str, JsonValue] = Field(default_factory=dict[str, JsonValue])
+    kind: Literal["approval", "call"]
+    """`approval`: a person approves or denies it; `call`: its result comes from outside."""
+    metadata: dict[str, JsonValue] = Field(default_factory=dict[str, JsonValue])
+
+
+class ParkedStep(BaseModel):
+    """A workflow waiting at one step, as a `WaitingStore` keeps it.
+
+    Attributes:
+        message: The step's message as the worker received it (with any route revisions the step made).
+        conversation: The agent's conversation so far, as `ConversationTypeAdapter` JSON.
+        pending: What the step waits for, readable without pydantic-ai.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    v: Literal[1] = 1
+    correlation_id: str
+    activity: str
+    step: int
+    parked_at: datetime = Field(default_factory=lambda: datetime.now(UTC))
+    message: PaigeantMessage
+    conversation: dict[str, JsonValue]
+    pending: list[PendingToolCall]
+
+    @classmethod
+    def from_signal(cls, message: PaigeantMessage, signal: ParkWorkflow) -> ParkedStep:
+        """The record of `message` parked on `signal`."""
+        return cls(
+            correlation_id=message.correlation_id,
+            activity=message.routing_slip.current or "",
+            step=message.step,
+            message=message.model_copy(deep=True),
+            conversation=_JSON_OBJECT.validate_python(
+                ConversationTypeAdapter.dump_python(signal.conversation, mode="json")
+            ),
+            pending=_pending(signal.requests),
+        )
+
+    @property
+    def requests(self) -> DeferredToolRequests:
+        """The pending requests as pydantic-ai's `DeferredToolRequests`."""
+        requests = ConversationTypeAdapter.validate_python(self.conversation).deferred_tool_requests
+        return requests or DeferredToolRequests()
+
+    def build_results(
+        self,
+        results: DeferredToolResults | None = None,
+        *,
+        approvals: Mapping[str, ApprovalAnswer] | None = None,
+        calls: Mapping[str, Any] | None = None,
+        approve_all: bool = False,
+    ) -> DeferredToolResults:
+        """The answers to every pending call, checked against what is pending.
+
+        Raises:
+            UserError: An answer names a call that is not pending, or a pending call has no answer.
+        """
+        requests = self.requests
+        answers = DeferredToolResults(approvals=dict(approvals or {}), calls=dict(calls or {}))
+        if results is not None:
+            answers.update(results)
+        try:
+            built = requests.build_results(
+                approvals=answers.approvals, calls=answers.calls, metadata=answers.metadata, approve_all=approve_all
+            )
+        except ValueError as exc:
+            raise UserError(f"cannot resume workflow {self.correlation_id}: {exc}") from None
+        missing = [call for call in self.pending if call.tool_call_id not in {*built.approvals, *built.calls}]
+        if missing:
+            needed = ", ".join(f"{call.tool_call_id} ({call.kind} of {call.tool_name})" for call in missing)
+            raise UserError(f"cannot resume workflow {self.correlation_id}: no answer for {needed}")
+        return built
+
+    def resume_message(self, results: DeferredToolResults) -> PaigeantMessage:
+        """The hop that continues the step with `results`: a new message id, the conversation and the answers."""
+        count = self.message.resume.count + 1 if self.message.resume is not None else 1
+        name = self.message.routing_slip.current
+        hop = self.message.next_hop(attempt=self.message.attempt)
+        hop.message_id = derive_message_id(self.correlation_id, self.step, f"{name}#resume-{count}", hop.attempt)
+        hop.resume = Resumption(
+            count=count,
+            conversation=self.conversation,
+            results=_JSON_OBJECT.validate_python(_RESULTS.dump_python(results, mode="json")),
+        )
+        return hop
+
+    def describe(self) -> str:
+        """One line: what the step waits for."""
+        return "waiting for " + ", ".join(
+            f"{call.kind} of {call.tool_name} ({call.tool_call_id})" for call in self.pending
+        )
+
+
+class WaitingStore(Protocol):
+    """Where parked workflows wait, by correlation ID; shared by the workers that park and the dispatcher that resumes.
+
+    It must outlive a worker: a parked workflow's message is already acked, so the store holds all that is left of it.
+    """
+
+    async def put(self, parked: ParkedStep) -> None:
+        """Store `parked`, replacing what the workflow had stored before."""
+        ...
+
+    async def get(self, correlation_id: str) -> ParkedStep | None:
+        """The parked step of a workflow, if it waits."""
+        ...
+
+    async def remove(self, parked: ParkedStep) -> bool:
+        """Remove `parked`, unless the workflow has parked anew since (then its new record stays).
+
+        Returns:
+            Whether it was removed.
+        """
+        ...
+
+    async def waiting(self) -> list[ParkedStep]:
+        """Every parked workflow, oldest first."""
+        ...
+
+
+class InMemoryWaitingStore:
+    """A `WaitingStore` in this process's memory: it outlives workers, not the process.
+
+    Records are kept as JSON, as a shared store keeps them, so what comes back is a fresh copy.
+    """
+
+    def __init__(self) -> None:
+        self._records: dict[str, bytes] = {}
+
+    async def put(self, parked: ParkedStep) -> None:
+        self._records.pop(parked.correlation_id, None)
+        self._records[parked.correlation_id] = parked.model_dump_json().encode()
+
+    async def get(self, correlation_id: str) -> ParkedStep | None:
+        data = self._records.get(correlation_id)
+        return ParkedStep.model_validate_json(data) if data is not None else None
+
+    async def remove(self, parked: ParkedStep) -> bool:
+        current = await self.get(parked.correlation_id)
+        if current is None or current.message.message_id != parked.message.message_id:
+            return False
+        del self._records[parked.correlation_id]
+        return True
+
+    async def waiting(self) -> list[ParkedStep]:
+        return [ParkedStep.model_validate_json(data) for data in self._records.values()]
+
+
+_REMOVE_IF_SAME = """
+if redis.call('HGET', KEYS[1], 'message_id') ~= ARGV[1] then return 0 end
+redis.call('DEL', KEYS[1])
+redis.call('ZREM', KEYS[2], ARGV[2])
+return 1
+"""
+
+
+class RedisWaitingStore:
+    """A `WaitingStore` in Redis, shared by every process that points at it.
+
+    Each parked workflow is a hash `<namespace>:waiting:<correlation_id>` (its JSON and the id of its message);
+    the sorted set `<namespace>:waiting` indexes them by when they parked. Nothing expires: a parked workflow
+    waits until it is resumed.
+
+    Args:
+        transport: A `RedisTransport` whose connection and namespace the store uses.
+    """
+
+    def __init__(self, transport: RedisTransport) -> None:
+        self.transport = transport
+
+    @property
+    def index_key(self) -> str:
+        """The sorted set of parked workflows, scored by when they parked."""
+        return f"{self.transport.namespace}:waiting"
+
+    def key(self, correlation_id: str) -> str:
+        """The hash of one parked workflow."""
+        return f"{self.transport.namespace}:waiting:{correlation_id}"
+
+    async def put(self, parked: ParkedStep) -> None:
+        cid = parked.correlation_id
+        with self.transport.errors(f"parking workflow {cid!r}"):
+            async with self.transport.client.pipeline(transaction=True) as pipe:
+                pipe.delete(self.key(cid))
+                pipe.hset(self.key(cid), "record", parked.model_dump_json())
+                pipe.hset(self.key(cid), "message_id", parked.message.message_id)
+                pipe.zadd(self.index_key, {cid: parked.parked_at.timestamp()})
+                await pipe.execute()
+
+    async def get(self, correlation_id: str) -> ParkedStep | None:
+        with self.transport.errors(f"reading parked workflow {correlation_id!r}"):
+            raw = await self.transport.client.hget(self.key(correlation_id), "record")
+        return ParkedStep.model_validate_json(cast(bytes, raw)) if raw is not None else None
+
+    async def remove(self, parked: ParkedStep) -> bool:
+        cid = parked.correlation_id
+        with self.transport.errors(f"removing parked workflow {cid!r}"):
+            removed = await self.transport.client.eval(
+                _REMOVE_IF_SAME, 2, self.key(cid), self.index_key, parked.message.message_id, cid
+            )
+        return bool(removed)
+
+    async def waiting(self) -> list[ParkedStep]:
+        with self.transport.errors("listing parked workflows"):
+            ids = cast("list[bytes]", await self.transport.client.zrange(self.index_key, 0, -1))
+            found: list[ParkedStep] = []
+            for raw_id in ids:
+                parked = await self.get(raw_id.decode())
+                if parked is not None:
+                    found.append(parked)
+        return found
+
+
+def resumed_run(resume: Resumption) -> tuple[Conversation, DeferredToolResults]:
+    """The conversation and answers a resumed step continues its agent run with."""
+    return ConversationTypeAdapter.validate_python(resume.conversation), _RESULTS.validate_python(resume.results)
+
+
+def _pending(requests: DeferredToolRequests) -> list[PendingToolCall]:
+    def entry(call: ToolCallPart, kind: Literal["approval", "call"]) -> PendingToolCall:
+        return PendingToolCall(
+            tool_call_id=call.tool_call_id,
+            tool_name=call.tool_name,
+            args=_JSON_OBJECT.validate_python(to_jsonable_python(call.args_as_dict())),
+            kind=kind,
+            metadata=_JSON_OBJECT.validate_python(to_jsonable_python(requests.metadata.get(call.tool_call_id, {}))),
+        )
+
+    return [entry(call, "approval") for call in requests.approvals] + [entry(call, "call") for call in requests.calls]
+
+
+def _describe_requests(requests: DeferredToolRequests) -> str:
+    parts = [f"approval of {call.tool_name}" for call in requests.approvals]
+    parts += [f"the result of {call.tool_name}" for call in requests.calls]
+    return ", ".join(parts)

@@ -1,0 +1,264 @@
+"""`ActivityCatalog`: the activities a planner or a revising agent may put on a route, and what each needs.
+
+A catalog is built explicitly from activities and specs (no registry). Each entry says what the activity does,
+which workflow variables it needs and which it produces, as JSON schemas a model can read. The catalog checks a
+route before anything is dispatched: every name known and allowed, every needed variable provided by the
+workflow's variables or by an earlier step.
+"""
+
+from __future__ import annotations
+
+import re
+import string
+import typing
+from collections.abc import Collection, Iterable, Iterator, Mapping, Sequence
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, JsonValue, TypeAdapter
+from pydantic_ai import DeferredToolRequests
+from pydantic_ai.agent import AbstractAgent
+
+from .activity import Activity, AgentActivity, FunctionActivity
+from .contracts import ActivitySpec
+from .exceptions import InvalidPlan, UserError
+
+__all__ = ("ActivityCatalog", "CatalogEntry", "VariablesSchema")
+
+VariablesSchema = type[Any] | Mapping[str, Any] | Sequence[str] | None
+"""What variables an activity needs or produces: a pydantic model or other type (its JSON schema), a JSON schema
+object, a list of names (all required, any type), or `None` to infer it where possible."""
+
+_JSON_OBJECT: TypeAdapter[dict[str, JsonValue]] = TypeAdapter(dict[str, JsonValue])
+_UNKNOWN: dict[str, JsonValue] = {"type": "object"}
+
+
+class CatalogEntry(BaseModel):
+    """One activity as a planner sees it.
+
+    Attributes:
+        name: The activity's name, as it goes on the route.
+        description: What it does.
+        needs: JSON schema of the workflow variables it reads; its `required` ones must exist when it runs.
+        produces: JSON schema of the variables it adds to the workflow.
+        spec: The spec the route carries for it (not shown to models).
+    """
+
+    model_config = ConfigDict(frozen=True)
+
+    name: str
+    description: str = ""
+    needs: dict[str, JsonValue] = Field(default_factory=lambda: dict(_UNKNOWN))
+    produces: dict[str, JsonValue] = Field(default_factory=lambda: dict(_UNKNOWN))
+    spec: ActivitySpec = Field(exclude=True)
+
+    @property
+    def required_variables(self) -> list[str]:
+        """The variables that must exist before the activity runs."""
+        required = self.needs.get("required")
+        return [item for item in required if isinstance(item, str)] if isinstance(required, list) else []
+
+    @property
+    def produced_variables(self) -> list[str]:
+        """The variables the activity adds to the workflow."""
+        properties = self.produces.get("properties")
+        return list(properties) if isinstance(properties, dict) else []
+
+
+class ActivityCatalog:
+    """The activities a route may be built from.
+
+    ```python
+    catalog = ActivityCatalog([classify, route_ticket, ActivitySpec(name="schedule-follow-up")])
+    catalog.add(research, needs=["customer_id"], produces=CustomerHistory)
+    ```
+
+    What an entry needs and produces is inferred where the activity says it: an `AgentActivity` needs the
+    placeholders of its prompt template and produces its output under its `output_key`; a function activity
+    that returns a pydantic model produces that model's fields. Say it explicitly with `add(...)` otherwise.
+
+    Args:
+        activities: Activities, `ActivitySpec`s or ready `CatalogEntry`s.
+    """
+
+    def __init__(self, activities: Iterable[Activity | ActivitySpec | CatalogEntry] = ()) -> None:
+        self._entries: dict[str, CatalogEntry] = {}
+        for item in activities:
+            self.add(item)
+
+    def add(
+        self,
+        activity: Activity | ActivitySpec | CatalogEntry,
+        *,
+        description: str | None = None,
+        needs: VariablesSchema = None,
+        produces: VariablesSchema = None,
+    ) -> CatalogEntry:
+        """Add an activity and return its entry.
+
+        Args:
+            activity: The activity, its spec, or a ready entry.
+            description: What it does; defaults to the spec's description.
+            needs: The variables it reads (see `VariablesSchema`); inferred when `None`.
+            produces: The variables it adds; inferred when `None`.
+
+        Raises:
+            UserError: The name is already in the catalog, or `activity` is not an activity.
+        """
+        entry = activity if isinstance(activity, CatalogEntry) else _entry(activity, description, needs, produces)
+        if entry.name in self._entries:
+            raise UserError(f"the catalog already has an activity named {entry.name!r}")
+        self._entries[entry.name] = entry
+        return entry
+
+    def __iter__(self) -> Iterator[CatalogEntry]:
+        return iter(self._entries.values())
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._entries
+
+    def get(self, name: str) -> CatalogEntry | None:
+        """The entry named `name`, if there is one."""
+        return self._entries.get(name)
+
+    @property
+    def names(self) -> list[str]:
+        """Every activity name, in the order they were added."""
+        return list(self._entries)
+
+    def entries(self, *, forbidden: Collection[str] = ()) -> list[CatalogEntry]:
+        """The entries a planner may use: all but `forbidden`."""
+        return [entry for entry in self._entries.values() if entry.name not in forbidden]
+
+    def plan(
+        self, activities: Sequence[str], variables: Iterable[str] = (), *, forbidden: Collection[str] = ()
+    ) -> list[ActivitySpec]:
+        """The specs of a route, once it is checked.
+
+        Args:
+            activities: Activity names in the order they run.
+            variables: The names of the variables the workflow starts with.
+            forbidden: Names that may not be used.
+
+        Raises:
+            InvalidPlan: With every problem at once: unknown or forbidden names, or needed variables that
+                neither `variables` nor an earlier step provide.
+        """
+        if not activities:
+            raise InvalidPlan("a workflow needs at least one activity")
+        problems = self.unusable(activities, forbidden=forbidden)
+        if not problems:
+            problems = self.missing_variables(activities, variables)
+        if problems:
+            raise InvalidPlan("; ".join(problems))
+        return [self._entries[name].spec for name in activities]
+
+    def unusable(self, activities: Iterable[str], *, forbidden: Collection[str] = ()) -> list[str]:
+        """A sentence for each name that is not in the catalog or is forbidden."""
+        problems: list[str] = []
+        unknown = list(dict.fromkeys(name for name in activities if name not in self._entries))
+        if unknown:
+            allowed = ", ".join(entry.name for entry in self.entries(forbidden=forbidden))
+            names = ", ".join(repr(name) for name in unknown)
+            problems.append(f"unknown {'activity' if len(unknown) == 1 else 'activities'} {names}; use only: {allowed}")
+        for name in dict.fromkeys(name for name in activities if name in forbidden and name in self._entries):
+            problems.append(f"activity {name!r} is not allowed here")
+        return problems
+
+    def missing_variables(self, activities: Sequence[str], available: Iterable[str]) -> list[str]:
+        """A sentence for each variable a step needs that neither `available` nor an earlier step provides."""
+        return [
+            f"step {position + 1} {name!r} needs variable {variable!r}, which neither the workflow's variables "
+            "nor an earlier step provide"
+            for position, name, variable in self.unmet_needs(activities, available)
+        ]
+
+    def unmet_needs(self, activities: Sequence[str], available: Iterable[str]) -> list[tuple[int, str, str]]:
+        """`(position, activity, variable)` for each variable a step needs that nothing before it provides.
+
+        Names the catalog does not know are taken to need and produce nothing.
+        """
+        known = set(available)
+        unmet: list[tuple[int, str, str]] = []
+        for position, name in enumerate(activities):
+            entry = self._entries.get(name)
+            if entry is None:
+                continue
+            unmet.extend((position, name, variable) for variable in entry.required_variables if variable not in known)
+            known.update(entry.produced_variables)
+        return unmet
+
+
+def _entry(
+    activity: Activity | ActivitySpec, description: str | None, needs: VariablesSchema, produces: VariablesSchema
+) -> CatalogEntry:
+    spec = activity if isinstance(activity, ActivitySpec) else getattr(activity, "spec", None)
+    if not isinstance(spec, ActivitySpec):
+        raise UserError(f"{activity!r} is not an activity: add activities, ActivitySpecs or CatalogEntries")
+    inferred_needs, inferred_produces = _infer(activity)
+    return CatalogEntry(
+        name=spec.name,
+        description=description if description is not None else spec.description,
+        needs=_schema(needs) if needs is not None else inferred_needs,
+        produces=_schema(produces) if produces is not None else inferred_produces,
+        # What the route carries: the worker that runs the activity owns its retry policy and timeout.
+        spec=ActivitySpec(name=spec.name, description=spec.description, required_scopes=spec.required_scopes),
+    )
+
+
+def _schema(value: VariablesSchema) -> dict[str, JsonValue]:
+    if value is None:
+        return dict(_UNKNOWN)
+    if isinstance(value, type):
+        return _JSON_OBJECT.validate_python(TypeAdapter(value).json_schema())
+    if isinstance(value, Mapping):
+        return _JSON_OBJECT.validate_python(dict(value))
+    if isinstance(value, str):
+        value = [value]
+    names = list(value)
+    return {"type": "object", "properties": {name: {} for name in names}, "required": list(names)}
+
+
+def _infer(activity: Activity | ActivitySpec) -> tuple[dict[str, JsonValue], dict[str, JsonValue]]:
+    if isinstance(activity, AgentActivity):
+        return _prompt_needs(activity), _agent_produces(activity)
+    if isinstance(activity, FunctionActivity):
+        return dict(_UNKNOWN), _function_produces(activity)
+    return dict(_UNKNOWN), dict(_UNKNOWN)
+
+
+def _prompt_needs(activity: AgentActivity[Any, Any]) -> dict[str, JsonValue]:
+    if not isinstance(activity.prompt, str):
+        return dict(_UNKNOWN)
+    names: list[str] = []
+    for _, field_name, _, _ in string.Formatter().parse(activity.prompt):
+        root = re.split(r"[.\[]", field_name or "", maxsplit=1)[0]
+        if root and not root.isdigit() and root not in activity.spec.arguments and root not in names:
+            names.append(root)
+    return _schema(names)
+
+
+def _agent_produces(activity: AgentActivity[Any, Any]) -> dict[str, JsonValue]:
+    agent: AbstractAgent[Any, Any] = activity.agent
+    output_type: Any = agent.output_type
+    if isinstance(output_type, Sequence) and not isinstance(output_type, str):
+        output_type = [item for item in typing.cast(Sequence[Any], output_type) if item is not DeferredToolRequests]
+    try:
+        output_schema = _JSON_OBJECT.validate_python(agent.output_json_schema(output_type=output_type))
+    except Exception:  # an output spec a JSON schema cannot describe (a function, say): the key is still known
+        output_schema = {}
+    key = activity.output_key
+    return {"type": "object", "properties": {key: output_schema}, "required": [key]}
+
+
+def _function_produces(activity: FunctionActivity) -> dict[str, JsonValue]:
+    try:
+        returns = typing.get_type_hints(activity.func).get("return")
+    except Exception:  # annotations that do not resolve here: say nothing rather than guess
+        return dict(_UNKNOWN)
+    is_model = isinstance(returns, type) and issubclass(returns, BaseModel)
+    if is_model or typing.is_typeddict(returns):
+        return _schema(returns)
+    return dict(_UNKNOWN)

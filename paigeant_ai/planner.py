@@ -1,0 +1,249 @@
+"""The planner: a pydantic-ai toolset with which an agent plans, dispatches and follows durable workflows.
+
+```python
+toolset = PaigeantToolset(catalog, dispatcher=dispatcher)
+agent = Agent("openai:gpt-5", toolsets=[toolset])                      # or capabilities=[PaigeantPlanner(...)]
+
+agent = create_planner_agent(model="openai:gpt-5", catalog=catalog)      # the seed's style, dispatcher from deps
+await agent.run(prompt, deps=PlannerAgentDeps(workflow_dispatcher=dispatcher, user_obo_token=token))
+```
+
+The model sees three tools: `list_activities`, `dispatch_workflow` and `get_workflow_status`. A plan is checked
+as a whole before anything is published; a bad one goes back to the model as a retry that says what is wrong.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Collection
+from dataclasses import dataclass, field
+from typing import Any
+
+from pydantic import BaseModel, JsonValue, TypeAdapter
+from pydantic_ai import Agent, FunctionToolset, ModelRetry, RunContext
+from pydantic_ai.capabilities import AbstractCapability
+from pydantic_ai.models import KnownModelName, Model
+from pydantic_ai.toolsets import AgentToolset
+
+from .approval import WaitingStore
+from .catalog import ActivityCatalog, CatalogEntry
+from .dispatch import WorkflowDispatcher
+from .exceptions import InvalidPlan, MessageTooLarge, UserError
+from .store import WorkflowStore
+
+__all__ = (
+    "PLANNER_INSTRUCTIONS",
+    "DispatchedWorkflow",
+    "PaigeantPlanner",
+    "PaigeantToolset",
+    "PlannerAgentDeps",
+    "create_planner_agent",
+)
+
+PLANNER_INSTRUCTIONS = (
+    "You turn requests into durable workflows. Call `list_activities` to see the activities you may use, then call "
+    "`dispatch_workflow` once with the activity names in the order they should run and the workflow's starting "
+    "variables. Use only listed activities; every variable an activity needs must be among the variables or be "
+    "produced by an earlier activity. Report the workflow's id. Use `get_workflow_status` when asked how a "
+    "workflow is doing."
+)
+
+_NAMESPACE = uuid.UUID("0b7d9a4e-52c1-4f0e-a3c6-8f4d0c2a7b19")
+_JSON_OBJECT: TypeAdapter[dict[str, JsonValue]] = TypeAdapter(dict[str, JsonValue])
+
+
+class DispatchedWorkflow(BaseModel):
+    """What `dispatch_workflow` tells the model."""
+
+    correlation_id: str
+    activities: list[str]
+
+
+@dataclass
+class PlannerAgentDeps:
+    """Deps of a planner agent: where workflows go and on whose behalf.
+
+    Attributes:
+        workflow_dispatcher: Publishes the workflows the planner dispatches.
+        user_obo_token: The user's on-behalf-of token; every workflow the planner dispatches carries it.
+        catalog: The activities to plan with, when the toolset has none of its own.
+        workflow_store: Answers `get_workflow_status`, when the toolset has no store of its own.
+    """
+
+    workflow_dispatcher: WorkflowDispatcher
+    user_obo_token: str | None = None
+    catalog: ActivityCatalog | None = None
+    workflow_store: WorkflowStore | None = None
+
+
+class PaigeantToolset(FunctionToolset[Any]):
+    """The planner's tools: list the catalog, dispatch a workflow, get a workflow's status.
+
+    What it works with comes from its arguments first, then from the run's deps (any deps with the attributes of
+    `PlannerAgentDeps`: `workflow_dispatcher`, `user_obo_token`, `catalog`, `workflow_store`). The user's token
+    always comes from the deps. Its id is stable (`'paigeant'`), so durable-execution capabilities can wrap it;
+    under those, bind the dispatcher here rather than in deps, which they serialize.
+
+    Args:
+        catalog: The activities a plan may use.
+        dispatcher: Publishes the workflows.
+        store: Answers `get_workflow_status`; a parked workflow is also found in the dispatcher's waiting store.
+        forbidden: Names in the catalog this planner may not use (they are not listed, and a plan with one is
+            sent back to the model).
+        id: The toolset's id.
+        max_retries: How often the model may fix a bad call of each tool; the agent's default when `None`.
+        instructions: What the model is told about the tools.
+    """
+
+    def __init__(
+        self,
+        catalog: ActivityCatalog | None = None,
+        *,
+        dispatcher: WorkflowDispatcher | None = None,
+        store: WorkflowStore | None = None,
+        forbidden: Collection[str] = (),
+        id: str = "paigeant",
+        max_retries: int | None = None,
+        instructions: str = PLANNER_INSTRUCTIONS,
+    ) -> None:
+        super().__init__(id=id, max_retries=max_retries, instructions=instructions)
+        self.catalog = catalog
+        self.dispatcher = dispatcher
+        self.store = store
+        self.forbidden = frozenset(forbidden)
+        self.add_function(self.list_activities, takes_ctx=True)
+        self.add_function(self.dispatch_workflow, takes_ctx=True)
+        self.add_function(self.get_workflow_status, takes_ctx=True)
+
+    async def list_activities(self, ctx: RunContext[Any]) -> list[CatalogEntry]:
+        """List the activities a workflow can use, with the variables each needs and produces (JSON schemas)."""
+        return self._catalog(ctx).entries(forbidden=self.forbidden)
+
+    async def dispatch_workflow(
+        self, ctx: RunContext[Any], activities: list[str], variables: dict[str, Any]
+    ) -> DispatchedWorkflow:
+        """Start a durable workflow that runs the activities in order, and return its id.
+
+        Args:
+            activities: Activity names from `list_activities`, in the order they run.
+            variables: The workflow's starting variables (JSON values).
+        """
+        try:
+            specs = self._catalog(ctx).plan(activities, variables, forbidden=self.forbidden)
+        except InvalidPlan as exc:
+            raise ModelRetry(
+                f"The plan was not dispatched: {exc}. Fix the plan and call dispatch_workflow again."
+            ) from None
+        try:
+            correlation_id = await self._dispatcher(ctx).dispatch_workflow(
+                specs,
+                variables,
+                obo_token=getattr(ctx.deps, "user_obo_token", None),
+                correlation_id=_correlation_id(ctx),
+            )
+        except MessageTooLarge as exc:
+            raise ModelRetry(f"The plan was not dispatched: {exc}.") from None
+        return DispatchedWorkflow(correlation_id=correlation_id, activities=[spec.name for spec in specs])
+
+    async def get_workflow_status(self, ctx: RunContext[Any], correlation_id: str) -> dict[str, JsonValue]:
+        """Report where a workflow is: its `state` (pending, running, waiting, completed, faulted, unknown) and steps.
+
+        Args:
+            correlation_id: The id `dispatch_workflow` returned.
+        """
+        waiting = self._waiting_store(ctx)
+        parked = await waiting.get(correlation_id) if waiting is not None else None
+        if parked is not None:
+            return {
+                "correlation_id": correlation_id,
+                "state": "waiting",
+                "current_activity": parked.activity,
+                "waiting_for": [call.model_dump(mode="json") for call in parked.pending],
+            }
+        store = self.store if self.store is not None else getattr(ctx.deps, "workflow_store", None)
+        status = await store.get(correlation_id) if isinstance(store, WorkflowStore) else None
+        if status is None:
+            return {"correlation_id": correlation_id, "state": "unknown"}
+        # The event history is for people and dashboards; the model gets the summary.
+        return _JSON_OBJECT.validate_python(status.model_dump(mode="json", exclude_none=True, exclude={"events"}))
+
+    def _catalog(self, ctx: RunContext[Any]) -> ActivityCatalog:
+        catalog = self.catalog if self.catalog is not None else getattr(ctx.deps, "catalog", None)
+        if not isinstance(catalog, ActivityCatalog):
+            raise UserError(
+                "the planner has no activity catalog: pass one to PaigeantToolset(catalog) or "
+                "create_planner_agent(catalog=...), or set PlannerAgentDeps.catalog"
+            )
+        return catalog
+
+    def _dispatcher(self, ctx: RunContext[Any]) -> WorkflowDispatcher:
+        dispatcher = self.dispatcher or getattr(ctx.deps, "workflow_dispatcher", None)
+        if not isinstance(dispatcher, WorkflowDispatcher):
+            raise UserError(
+                "the planner has no dispatcher: pass PaigeantToolset(dispatcher=...) or run the agent with "
+                "PlannerAgentDeps(workflow_dispatcher=...)"
+            )
+        return dispatcher
+
+    def _waiting_store(self, ctx: RunContext[Any]) -> WaitingStore | None:
+        dispatcher = self.dispatcher or getattr(ctx.deps, "workflow_dispatcher", None)
+        return getattr(dispatcher, "waiting_store", None)
+
+
+@dataclass
+class PaigeantPlanner(AbstractCapability[Any]):
+    """The planner as a pydantic-ai capability: its tools and their instructions in one object.
+
+    ```python
+    agent = Agent("openai:gpt-5", capabilities=[PaigeantPlanner(catalog, dispatcher=dispatcher)])
+    ```
+
+    Takes the arguments of `PaigeantToolset`.
+    """
+
+    catalog: ActivityCatalog | None = None
+    dispatcher: WorkflowDispatcher | None = None
+    store: WorkflowStore | None = None
+    forbidden: Collection[str] = ()
+    toolset_id: str = "paigeant"
+    toolset: PaigeantToolset = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self.toolset = PaigeantToolset(
+            self.catalog, dispatcher=self.dispatcher, store=self.store, forbidden=self.forbidden, id=self.toolset_id
+        )
+
+    def get_toolset(self) -> AgentToolset[Any] | None:
+        return self.toolset
+
+
+def create_planner_agent(
+    model: Model | KnownModelName | str | None = None,
+    *,
+    catalog: ActivityCatalog | None = None,
+    name: str = "paigeant-planner",
+    instructions: str | None = None,
+    forbidden: Collection[str] = (),
+    workflow_store: WorkflowStore | None = None,
+    retries: int = 3,
+) -> Agent[PlannerAgentDeps, str]:
+    """A planner agent: run it with `PlannerAgentDeps`, and it dispatches the workflow a request calls for.
+
+    Args:
+        model: The model, or `None` to give one to each run.
+        catalog: The activities to plan with; without one, each run's `PlannerAgentDeps.catalog` is used.
+        name: The agent's name.
+        instructions: Instructions added to the planner's own (about the business, say).
+        forbidden: Catalog names the planner may not use.
+        workflow_store: Answers `get_workflow_status`.
+        retries: How often the model may fix a bad plan.
+    """
+    toolset = PaigeantToolset(catalog, store=workflow_store, forbidden=forbidden, max_retries=retries)
+    return Agent(model, deps_type=PlannerAgentDeps, name=name, instructions=instructions, toolsets=[toolset])
+
+
+def _correlation_id(ctx: RunContext[Any]) -> str | None:
+    """The same id each time the same tool call of the same run is executed, so a replay dispatches nothing new."""
+    if not ctx.run_id or not ctx.tool_call_id:
+        return None
+    return str(uuid.uuid5(_NAMESPACE, f"{ctx.run_id}/{ctx.tool_call_id}"))

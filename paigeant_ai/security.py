@@ -1,0 +1,647 @@
+"""Zero-trust messaging: every hop signed and verified, on-behalf-of tokens checked, replays refused.
+
+A `MessageSigner` signs each message it sends with a detached JWS over the message's canonical JSON (everything
+but the signature), protected header `{"alg", "kid", "typ"}`, `alg` from a short allow-list (`Ed25519`, `ES256`).
+A worker verifies what it receives against its trusted public keys (a JWKS, looked up by `kid`), refuses a
+message it has already settled, validates the user's on-behalf-of token and the scopes the step requires, and
+signs again, with its own key, what it forwards. All cryptography is joserfc's.
+
+Keys come from the constructor or from the environment (`MessageSigner.from_settings`):
+
+- `PAIGEANT_SIGNING_KEY_FILE` (or `PAIGEANT_SIGNING_KEY`, the JSON): this service's private JWK.
+- `PAIGEANT_TRUSTED_KEYS_FILE` (paths separated by `os.pathsep`) or `PAIGEANT_TRUSTED_KEYS` (JSON): the public
+  keys (JWKS) of every service whose messages are accepted. Rotation is trusting the old and the new `kid` at once.
+- `PAIGEANT_OBO_JWKS_FILE` / `PAIGEANT_OBO_JWKS`, `PAIGEANT_OBO_ISSUER`, `PAIGEANT_OBO_AUDIENCE`: how user tokens
+  are checked.
+- `PAIGEANT_ALLOW_UNSIGNED=1`: the explicit opt-out. Without keys and without it, a worker or dispatcher on a real
+  broker refuses to start; the in-memory transport signs with a key made for the process.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import logging
+import secrets
+import time
+from collections import Counter, OrderedDict
+from collections.abc import Collection, Iterable, Mapping, Sequence
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal, Protocol
+
+from joserfc import jws, jwt
+from joserfc.errors import (
+    BadSignatureError,
+    ClaimError,
+    ExpiredTokenError,
+    InvalidKeyIdError,
+    JoseError,
+    MissingClaimError,
+    UnsupportedAlgorithmError,
+)
+from joserfc.jwk import ECKey, Key, KeySet, OKPKey, import_key
+from joserfc.jws import JWSRegistry
+
+from .contracts import ActivitySpec, PaigeantMessage
+from .exceptions import ReplayedMessage, SecurityError, TokenError, UserError
+from .settings import Settings
+
+if TYPE_CHECKING:
+    from .transports.base import Transport
+    from .transports.redis import RedisTransport
+
+__all__ = (
+    "ALGORITHMS",
+    "InMemoryReplayCache",
+    "MessageSigner",
+    "RedisReplayCache",
+    "ReplayCache",
+    "TokenValidator",
+    "canonical_json",
+    "generate_key",
+    "load_signing_key",
+    "load_trusted_keys",
+)
+
+logger = logging.getLogger("paigeant_ai.security")
+
+ALGORITHMS = ("Ed25519", "ES256")
+"""The only algorithms a message signature may use."""
+TOKEN_ALGORITHMS = ("RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "ES512", "Ed25519")
+"""The algorithms accepted on on-behalf-of tokens by default: what identity providers sign with, never `none`
+or a shared secret."""
+SIGNATURE_TYPE = "paigeant+jws"
+DEFAULT_REPLAY_TTL = 7 * 24 * 3600.0
+_HEADER_KEYS = frozenset({"alg", "kid", "typ"})
+_CLOCK_LEEWAY = 60.0
+
+
+def canonical_json(message: PaigeantMessage) -> bytes:
+    """The bytes a message's signature covers: sorted, compact JSON of everything but the signature.
+
+    Fields at their default are left out, so a later version of the wire format that adds a field with a
+    default still verifies what an earlier version signed.
+    """
+    data = message.model_dump(mode="json", exclude_defaults=True)
+    security = data.get("security", {})
+    security.pop("jws_signature", None)
+    if not security:
+        data.pop("security", None)
+    return json.dumps(data, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+# -- keys ------------------------------------------------------------------------------------------------------
+
+
+def generate_key(kid: str, algorithm: Literal["Ed25519", "ES256"] = "Ed25519") -> Key:
+    """A new private signing key with `kid`, for `algorithm`."""
+    parameters: dict[str, Any] = {"kid": kid, "use": "sig", "alg": algorithm}
+    if algorithm == "Ed25519":
+        return OKPKey.generate_key("Ed25519", parameters=parameters)  # pyright: ignore[reportArgumentType]
+    if algorithm == "ES256":
+        return ECKey.generate_key("P-256", parameters=parameters)  # pyright: ignore[reportArgumentType]
+    raise UserError(f"unsupported signing algorithm {algorithm!r}; choose one of: {', '.join(ALGORITHMS)}")
+
+
+def _algorithm_of(key: Key) -> str | None:
+    if isinstance(key, OKPKey) and key.curve_name == "Ed25519":
+        return "Ed25519"
+    if isinstance(key, ECKey) and key.curve_name == "P-256":
+        return "ES256"
+    return None
+
+
+def _read_json(value: str | Path | Mapping[str, Any], what: str) -> Any:
+    if isinstance(value, Mapping):
+        return dict(value)
+    text = str(value).strip()
+    if isinstance(value, Path) or not text.startswith("{"):
+        try:
+            text = Path(text).expanduser().read_text()
+        except OSError as exc:
+            raise UserError(f"cannot read {what} from {str(value)!r}: {exc.strerror}") from None
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        raise UserError(f"{what} is not valid JSON") from None
+
+
+def load_signing_key(value: str | Path | Mapping[str, Any] | Key) -> Key:
+    """A private signing key: a joserfc key, a JWK as a dict or JSON text, or the path of a JWK file.
+
+    Raises:
+        UserError: Not a private Ed25519 (OKP) or P-256 (EC) key.
+    """
+    if isinstance(value, Key):
+        key = value
+    else:
+        data = _read_json(value, "the signing key")
+        if isinstance(data, dict) and "keys" in data:
+            raise UserError(
+                "the signing key must be one private JWK (<service>.private.jwk.json), not a JWKS; "
+                "a JWKS (<service>.jwks.json) lists the keys to trust"
+            )
+        key = _import(data, "the signing key")
+    if _algorithm_of(key) is None:
+        raise UserError("a signing key must be an Ed25519 (OKP) or P-256 (EC) key; make one: paigeant keys generate")
+    if not key.is_private:
+        raise UserError("the signing key is a public key; use the private JWK written by `paigeant keys generate`")
+    key.ensure_kid()
+    return key
+
+
+def load_trusted_keys(*sources: str | Path | Mapping[str, Any] | KeySet | Key) -> KeySet:
+    """The public keys of `sources` (JWKS or single JWKs: dicts, JSON text or file paths) as one key set.
+
+    Private parts are dropped. Symmetric keys and two different keys under one `kid` are refused.
+    """
+    keys: dict[str, Key] = {}
+    for source in sources:
+        if isinstance(source, KeySet):
+            found = list(source)
+        elif isinstance(source, Key):
+            found = [source]
+        else:
+            data = _read_json(source, "the trusted keys")
+            entries = data.get("keys") if isinstance(data, dict) and "keys" in data else [data]
+            if not isinstance(entries, list):
+                raise UserError('trusted keys must be a JWKS: {"keys": [...]}')
+            found = [_import(entry, "a trusted key") for entry in entries]
+        for key in found:
+            if key.key_type == "oct":
+                raise UserError("trusted keys must be public keys; a shared secret (oct) key cannot be trusted")
+            public = _import(key.as_dict(private=False), "a trusted key")
+            kid = public.kid or ""
+            if kid in keys and keys[kid].as_dict() != public.as_dict():
+                raise UserError(f"two different trusted keys share the kid {kid!r}; every key needs its own kid")
+            keys[kid] = public
+    return KeySet(list(keys.values()))
+
+
+def _import(data: Any, what: str) -> Key:
+    if not isinstance(data, dict):
+        raise UserError(f"{what} must be a JWK (a JSON object)")
+    try:
+        key = import_key(data)  # pyright: ignore[reportUnknownArgumentType]
+    except (JoseError, ValueError, TypeError) as exc:
+        raise UserError(f"{what} is not a valid JWK: {type(exc).__name__}") from None
+    key.ensure_kid()
+    return key
+
+
+@functools.cache
+def _ephemeral_key() -> Key:
+    """The key the in-memory transport signs with when none is configured: made once per process."""
+    return generate_key(f"ephemeral-{secrets.token_hex(4)}")
+
+
+# -- replay cache ----------------------------------------------------------------------------------------------
+
+
+class ReplayCache(Protocol):
+    """Remembers the hops a worker settled (by `message_id`), with a digest of what each one said."""
+
+    async def settled_digest(self, message_id: str) -> str | None:
+        """The digest of the settled hop `message_id`, or None if it was not settled (or is forgotten)."""
+        ...
+
+    async def remember(self, message_id: str, digest: str, ttl: float) -> None:
+        """Record that `message_id` was settled, for `ttl` seconds."""
+        ...
+
+
+class InMemoryReplayCache:
+    """Settled hops, in this process's memory: the most recent `max_entries`, each for its `ttl`.
+
+    Each worker (each `MessageSigner`) has its own; workers in other processes do not see it. On Redis, the
+    default is `RedisReplayCache`, which every worker shares.
+    """
+
+    def __init__(self, max_entries: int = 100_000) -> None:
+        self.max_entries = max_entries
+        self._entries: OrderedDict[str, tuple[str, float]] = OrderedDict()
+
+    async def settled_digest(self, message_id: str) -> str | None:
+        entry = self._entries.get(message_id)
+        if entry is None:
+            return None
+        if entry[1] < time.monotonic():
+            del self._entries[message_id]
+            return None
+        return entry[0]
+
+    async def remember(self, message_id: str, digest: str, ttl: float) -> None:
+        self._entries.setdefault(message_id, (digest, time.monotonic() + ttl))
+        self._entries.move_to_end(message_id)
+        while len(self._entries) > self.max_entries:
+            self._entries.popitem(last=False)
+
+
+class RedisReplayCache:
+    """Settled hops in Redis, shared by every worker on it (`SET NX` with an expiry).
+
+    It uses the connection and namespace of a `RedisTransport`; keys are `<namespace>:replay:<message_id>`.
+    """
+
+    def __init__(self, transport: RedisTransport) -> None:
+        self.transport = transport
+
+    def key(self, message_id: str) -> str:
+        return f"{self.transport.namespace}:replay:{message_id}"
+
+    async def settled_digest(self, message_id: str) -> str | None:
+        with self.transport.errors("checking for a replayed message"):
+            raw = await self.transport.client.get(self.key(message_id))
+        return raw.decode() if isinstance(raw, bytes) else raw
+
+    async def remember(self, message_id: str, digest: str, ttl: float) -> None:
+        with self.transport.errors("recording a settled message"):
+            await self.transport.client.set(self.key(message_id), digest, nx=True, px=max(1, round(ttl * 1000)))
+
+
+# -- on-behalf-of tokens ---------------------------------------------------------------------------------------
+
+
+class TokenValidator:
+    """Checks the user's on-behalf-of token: its signature against the issuer's JWKS, then `iss`, `aud`, `exp`.
+
+    Args:
+        jwks: The issuer's public keys: a `KeySet`, a JWKS dict, JSON text or a file path.
+        issuer: The expected `iss`.
+        audience: The expected `aud` (this system's identifier at the issuer).
+        algorithms: The token algorithms accepted; asymmetric ones only by default.
+        leeway: Seconds of clock skew tolerated on `exp` and `nbf`.
+    """
+
+    def __init__(
+        self,
+        jwks: KeySet | str | Path | Mapping[str, Any],
+        *,
+        issuer: str,
+        audience: str,
+        algorithms: Collection[str] = TOKEN_ALGORITHMS,
+        leeway: int = 30,
+    ) -> None:
+        if not issuer or not audience:
+            raise UserError("checking on-behalf-of tokens needs both an issuer and an audience")
+        unsafe = sorted(alg for alg in algorithms if alg == "none" or alg.startswith("HS"))
+        if unsafe:
+            raise UserError(f"on-behalf-of tokens must be signed with public-key algorithms, not {', '.join(unsafe)}")
+        self.jwks = load_trusted_keys(jwks)
+        self.issuer = issuer
+        self.audience = audience
+        self.algorithms = tuple(algorithms)
+        self.leeway = leeway
+        # Identity providers add header fields of their own (x5t, nonce...): they are signed, so they are allowed.
+        self._registry = JWSRegistry(algorithms=list(self.algorithms), strict_check_header=False)
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> TokenValidator | None:
+        """The validator the `PAIGEANT_OBO_*` settings describe, or None if none is configured."""
+        source = settings.obo_jwks or settings.obo_jwks_file
+        if not source and not settings.obo_issuer and not settings.obo_audience:
+            return None
+        missing = [
+            name
+            for name, value in (
+                ("PAIGEANT_OBO_JWKS_FILE (or PAIGEANT_OBO_JWKS)", source),
+                ("PAIGEANT_OBO_ISSUER", settings.obo_issuer),
+                ("PAIGEANT_OBO_AUDIENCE", settings.obo_audience),
+            )
+            if not value
+        ]
+        if missing:
+            raise UserError(f"checking on-behalf-of tokens also needs {', '.join(missing)}")
+        assert source is not None
+        assert settings.obo_issuer is not None
+        assert settings.obo_audience is not None
+        return cls(source, issuer=settings.obo_issuer, audience=settings.obo_audience)
+
+    def validate(self, token: str) -> dict[str, Any]:
+        """The token's claims once its signature, issuer, audience and expiry are checked.
+
+        Raises:
+            TokenError: With a reason that never quotes the token.
+        """
+        try:
+            decoded = jwt.decode(token, self.jwks, algorithms=self.algorithms, registry=self._registry)
+        except InvalidKeyIdError:
+            raise TokenError(
+                "the on-behalf-of token is signed by a key the issuer does not publish", code="token_key"
+            ) from None
+        except UnsupportedAlgorithmError:
+            raise TokenError(
+                "the on-behalf-of token uses an algorithm that is not accepted", code="token_alg"
+            ) from None
+        except BadSignatureError:
+            raise TokenError("the on-behalf-of token's signature is not valid", code="token_signature") from None
+        except (JoseError, ValueError, TypeError):
+            raise TokenError("the on-behalf-of token is malformed", code="token_malformed") from None
+        claims = decoded.claims
+        registry = jwt.JWTClaimsRegistry(
+            leeway=self.leeway,
+            iss={"essential": True, "value": self.issuer},
+            aud={"essential": True, "value": self.audience},
+            exp={"essential": True},
+        )
+        try:
+            registry.validate(claims)
+        except ExpiredTokenError:
+            raise TokenError("the on-behalf-of token has expired", code="token_expired") from None
+        except MissingClaimError as exc:
+            raise TokenError(f"the on-behalf-of token has no {exc.claim} claim", code="token_claims") from None
+        except ClaimError as exc:
+            raise TokenError(self._claim_reason(exc.claim), code=f"token_{exc.claim}") from None
+        return claims
+
+    def _claim_reason(self, claim: str) -> str:
+        if claim == "aud":
+            return f"the on-behalf-of token is for another audience, not {self.audience!r}"
+        if claim == "iss":
+            return f"the on-behalf-of token is from another issuer, not {self.issuer!r}"
+        return f"the on-behalf-of token has an invalid {claim} claim"
+
+
+def granted_scopes(claims: Mapping[str, Any]) -> set[str]:
+    """The scopes a token grants: its `scope` (space-separated) and `scp` (a list or a string) claims."""
+    granted: set[str] = set()
+    for name in ("scope", "scp"):
+        value = claims.get(name)
+        if isinstance(value, str):
+            granted.update(value.split())
+        elif isinstance(value, list):
+            granted.update(item for item in value if isinstance(item, str))  # pyright: ignore[reportUnknownVariableType]
+    return granted
+
+
+# -- the signer ------------------------------------------------------------------------------------------------
+
+
+class MessageSigner:
+    """Signs what a dispatcher or worker sends and verifies what a worker receives (the `MessageSecurity` of
+    `Worker` and `WorkflowDispatcher`).
+
+    Args:
+        signing_key: This service's private key (Ed25519 or P-256), with its `kid`.
+        trusted_keys: The public keys whose signatures are accepted, besides the signing key's own.
+        tokens: Checks the user's on-behalf-of tokens; without it, tokens are not checked and a step that
+            requires scopes faults.
+        replay_cache: Where settled hops are remembered; in this process's memory by default.
+        replay_ttl: Seconds a settled hop without an expiry is remembered.
+        unsigned: Sign nothing and check no signature (nor replay): the explicit, loud opt-out.
+        refusal: Why this signer cannot work; `ensure_ready`, `sign` and `verify` raise it as a `UserError`.
+
+    Attributes:
+        refused: How many messages each check refused, by reason code (`unsigned`, `bad_signature`, ...).
+    """
+
+    def __init__(
+        self,
+        signing_key: Key | None = None,
+        trusted_keys: KeySet | Iterable[Key] | None = None,
+        *,
+        tokens: TokenValidator | None = None,
+        replay_cache: ReplayCache | None = None,
+        replay_ttl: float = DEFAULT_REPLAY_TTL,
+        unsigned: bool = False,
+        refusal: str | None = None,
+    ) -> None:
+        self.signing_key = load_signing_key(signing_key) if signing_key is not None else None
+        trusted = list(trusted_keys or [])
+        if self.signing_key is not None:
+            trusted.append(self.signing_key)  # a worker may forward to a step it runs itself
+        self.trusted_keys = load_trusted_keys(*trusted) if trusted else KeySet([])
+        self.tokens = tokens
+        self.replay_cache: ReplayCache = replay_cache or InMemoryReplayCache()
+        self.replay_ttl = replay_ttl
+        self.unsigned = unsigned
+        self.refusal = refusal
+        self.refused: Counter[str] = Counter()
+        self._registry = JWSRegistry(algorithms=list(ALGORITHMS))
+        self._digests: OrderedDict[str, str] = OrderedDict()
+        if not unsigned and refusal is None and not self.trusted_keys:
+            self.refusal = "no trusted keys: set PAIGEANT_TRUSTED_KEYS_FILE to the JWKS of the services you accept"
+
+    @classmethod
+    def from_settings(
+        cls,
+        transport: Transport | None = None,
+        *,
+        allow_unsigned: bool | None = None,
+        settings: Settings | None = None,
+    ) -> MessageSigner:
+        """The signer the `PAIGEANT_*` settings describe, for a dispatcher or worker on `transport`.
+
+        Without keys: with `allow_unsigned` (or `PAIGEANT_ALLOW_UNSIGNED=1`) it runs unsigned; on the in-memory
+        transport it signs with a key made for this process; otherwise it refuses to work (see `ensure_ready`).
+        """
+        settings = settings or Settings.from_env()
+        name = transport.name if transport is not None else settings.transport
+        tokens = TokenValidator.from_settings(settings)
+        replay = _replay_cache_for(transport)
+        signing_source = settings.signing_key or settings.signing_key_file
+        trusted_sources = _trusted_sources(settings)
+        opted_out = settings.allow_unsigned if allow_unsigned is None else allow_unsigned
+        common: dict[str, Any] = {"tokens": tokens, "replay_cache": replay, "replay_ttl": settings.replay_ttl}
+        if signing_source or trusted_sources:
+            signing = load_signing_key(signing_source) if signing_source else None
+            trusted = load_trusted_keys(*trusted_sources) if trusted_sources else None
+            refusal = None if signing else "no signing key: set PAIGEANT_SIGNING_KEY_FILE to this service's private JWK"
+            return cls(signing, trusted, refusal=refusal, **common)
+        if opted_out:
+            return cls(unsigned=True, **common)
+        if name in ("inmemory", "memory", "in-memory"):
+            return cls(_ephemeral_key(), **common)
+        return cls(refusal=_missing_keys(name), **common)
+
+    # -- readiness -------------------------------------------------------------------------------------------
+
+    def ensure_ready(self) -> None:
+        """Raise what stops this signer from working, if anything; warn loudly when it runs unsigned.
+
+        Raises:
+            UserError: It has no keys (and was not told to run unsigned), or lacks a signing key.
+        """
+        if self.refusal is not None:
+            raise UserError(self.refusal)
+        if self.unsigned:
+            logger.warning(
+                "messages are NOT signed or verified (PAIGEANT_ALLOW_UNSIGNED / allow_unsigned=True): "
+                "anyone who can publish to the broker can forge or replay steps"
+            )
+
+    # -- signing ---------------------------------------------------------------------------------------------
+
+    def sign(self, message: PaigeantMessage) -> None:
+        """Set `message.security.jws_signature` to a detached JWS over the message as it now is."""
+        if self.refusal is not None:
+            raise UserError(self.refusal)
+        if self.unsigned or self.signing_key is None:
+            message.security.jws_signature = None
+            return
+        key = self.signing_key
+        header = {"alg": _algorithm_of(key), "kid": key.kid, "typ": SIGNATURE_TYPE}
+        compact = jws.serialize_compact(header, canonical_json(message), key, registry=self._registry)
+        message.security.jws_signature = jws.detach_content(compact)
+
+    # -- verifying -------------------------------------------------------------------------------------------
+
+    async def verify(self, message: PaigeantMessage, spec: ActivitySpec) -> Mapping[str, Any] | None:
+        """Check the signature, replay, and the user's token against `spec.required_scopes`.
+
+        Returns:
+            The validated claims of the user's on-behalf-of token, when there is one and tokens are checked.
+
+        Raises:
+            SecurityError: The message is not signed, or not by a trusted key, or was altered.
+            ReplayedMessage: The hop was already settled.
+            TokenError: The token is missing, invalid, or lacks a scope the step requires.
+        """
+        if self.refusal is not None:
+            raise UserError(self.refusal)
+        try:
+            if not self.unsigned:
+                canonical = canonical_json(message)
+                self._check_signature(message.security.jws_signature, canonical)
+                await self._check_replay(message.message_id, hashlib.sha256(canonical).hexdigest())
+            return self._check_token(message.security.obo_token, spec)
+        except SecurityError as exc:
+            self.refused[exc.code] += 1
+            raise
+
+    def _check_signature(self, signature: str | None, canonical: bytes) -> None:
+        if not signature:
+            raise SecurityError("the message is not signed", code="unsigned")
+        parts = signature.split(".")
+        if len(parts) != 3 or parts[1]:
+            raise SecurityError("the signature is not a detached compact JWS", code="malformed_signature")
+        try:
+            obj = jws.extract_compact(signature.encode(), canonical)
+        except (JoseError, ValueError):
+            raise SecurityError("the signature's header cannot be read", code="malformed_signature") from None
+        header = obj.headers()
+        alg = header.get("alg")
+        if alg not in ALGORITHMS:
+            accepted = ", ".join(ALGORITHMS)
+            raise SecurityError(f"algorithm {_show(alg)} is not allowed (accepted: {accepted})", code="algorithm")
+        unexpected = sorted(set(header) - _HEADER_KEYS)
+        if unexpected:
+            raise SecurityError(f"unexpected signature header {_show(unexpected[0])}", code="header")
+        if header.get("typ") != SIGNATURE_TYPE:
+            raise SecurityError(f"signature type {_show(header.get('typ'))} is not {SIGNATURE_TYPE!r}", code="header")
+        kid = header.get("kid")
+        key = next((k for k in self.trusted_keys if isinstance(kid, str) and k.kid == kid), None)
+        if key is None:
+            raise SecurityError(f"signed with unknown key id {_show(kid)}", code="unknown_kid")
+        if _algorithm_of(key) != alg or key.get("alg", alg) != alg:
+            raise SecurityError(f"key {_show(kid)} does not sign with {alg}", code="algorithm")
+        try:
+            valid = jws.validate_compact(obj, key, registry=self._registry)
+        except JoseError:
+            valid = False
+        if not valid:
+            raise SecurityError(
+                f"bad signature: the message was altered after key {_show(kid)} signed it, or that key did not sign it",
+                code="bad_signature",
+            )
+
+    async def _check_replay(self, message_id: str, digest: str) -> None:
+        settled = await self.replay_cache.settled_digest(message_id)
+        if settled is not None:
+            raise ReplayedMessage(
+                f"replayed: message {_show(message_id)} was already processed", same_content=settled == digest
+            )
+        self._digests[message_id] = digest
+        while len(self._digests) > 10_000:  # hops verified but never settled (their worker stopped)
+            self._digests.popitem(last=False)
+
+    def _check_token(self, token: str | None, spec: ActivitySpec) -> Mapping[str, Any] | None:
+        required = spec.required_scopes
+        if token is None:
+            if required:
+                raise TokenError(
+                    f"step {spec.name!r} requires scope {_scopes(required)} but the workflow carries no "
+                    "on-behalf-of token",
+                    code="token_missing",
+                )
+            return None
+        if self.tokens is None:
+            if required:
+                raise TokenError(
+                    f"step {spec.name!r} requires scope {_scopes(required)} but this worker does not check tokens "
+                    "(set PAIGEANT_OBO_JWKS_FILE, PAIGEANT_OBO_ISSUER and PAIGEANT_OBO_AUDIENCE)",
+                    code="token_unchecked",
+                )
+            return None
+        claims = self.tokens.validate(token)
+        missing = [scope for scope in required if scope not in granted_scopes(claims)]
+        if missing:
+            raise TokenError(
+                f"the on-behalf-of token lacks scope {_scopes(missing)}, which step {spec.name!r} requires",
+                code="token_scope",
+            )
+        return claims
+
+    # -- settling --------------------------------------------------------------------------------------------
+
+    async def settled(self, message: PaigeantMessage) -> None:
+        """Remember that the hop `message` was settled, so that a copy of it arriving later is refused.
+
+        Why ids are recorded when a hop is settled, not when it arrives: the broker redelivers a hop whose worker
+        died before acking it, with the same `message_id`, and that copy must run. Only once the hop is settled
+        (its successor, retry or fault safely published) is a second copy a replay. What is recorded is a digest
+        of what the hop said: a copy with the same content is a replay (or the broker's own redelivery after a
+        lost ack, which the worker recognises by its delivery count), while a copy with other content but a
+        trusted signature is the same hop produced again by an upstream step that re-ran after a crash, a
+        duplicate the worker skips. Only verified hops are recorded, so a forger cannot block a message id
+        in advance. A hop that never expires is remembered for `replay_ttl` seconds.
+        """
+        if self.unsigned:
+            return
+        digest = self._digests.pop(message.message_id, None)
+        if digest is None:
+            return
+        ttl = self.replay_ttl
+        if message.expires_at is not None:
+            ttl = max(1.0, (message.expires_at - datetime.now(UTC)).total_seconds() + _CLOCK_LEEWAY)
+        await self.replay_cache.remember(message.message_id, digest, ttl)
+
+
+def _trusted_sources(settings: Settings) -> list[str]:
+    sources: list[str] = []
+    if settings.trusted_keys:
+        sources.append(settings.trusted_keys)
+    if settings.trusted_keys_file:
+        import os
+
+        sources.extend(path for path in settings.trusted_keys_file.split(os.pathsep) if path.strip())
+    return sources
+
+
+def _replay_cache_for(transport: Transport | None) -> ReplayCache | None:
+    if transport is None or transport.name != "redis":
+        return None
+    from .transports.redis import RedisTransport
+
+    return RedisReplayCache(transport) if isinstance(transport, RedisTransport) else None
+
+
+def _missing_keys(transport: str) -> str:
+    return (
+        f"the {transport} transport needs message signing keys: set PAIGEANT_SIGNING_KEY_FILE to this service's "
+        "private JWK and PAIGEANT_TRUSTED_KEYS_FILE to the JWKS of every service it accepts messages from "
+        "(make them with `paigeant keys generate <service>`), or run without signatures, deliberately, with "
+        "PAIGEANT_ALLOW_UNSIGNED=1 (allow_unsigned=True)"
+    )
+
+
+def _show(value: object) -> str:
+    """A value from a message, for a reason: quoted and short."""
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def _scopes(scopes: Sequence[str]) -> str:
+    return ", ".join(repr(scope) for scope in scopes)

@@ -1,0 +1,421 @@
+"""`WorkflowStore`: the status and history of each workflow by correlation ID, projected from its events.
+
+A store is a projection, not an orchestrator: workflows run the same without one. Feed it the `WorkflowEvent`s
+workers and dispatchers report, in process (`Worker(..., on_event=store.apply)`) or from the `events` address
+of a transport (`WorkflowProjector`), and ask it where a workflow is, what happened to it, and why it failed.
+
+The status is computed from the events each time it is read, ordered by when they happened, so events that
+arrive late or twice (several processes, at-least-once delivery) give the same answer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import OrderedDict
+from collections.abc import Iterable, Sequence
+from datetime import datetime
+from typing import TYPE_CHECKING, Literal, Protocol, cast, runtime_checkable
+
+from pydantic import BaseModel, Field, JsonValue, ValidationError
+
+from .contracts import EVENTS, WorkflowEvent
+from .exceptions import TransportError, UserError
+
+if TYPE_CHECKING:
+    from .transports.base import Consumer, Delivery, Transport
+    from .transports.redis import RedisTransport
+
+__all__ = (
+    "InMemoryWorkflowStore",
+    "RedisWorkflowStore",
+    "StepStatus",
+    "WorkflowProjector",
+    "WorkflowState",
+    "WorkflowStatus",
+    "WorkflowStore",
+    "project",
+)
+
+logger = logging.getLogger("paigeant_ai.store")
+
+WorkflowState = Literal["pending", "running", "waiting", "completed", "faulted"]
+StepState = Literal["running", "retrying", "waiting", "completed", "failed"]
+
+DEFAULT_MAX_EVENTS = 1000
+"""Events kept per workflow; past it the oldest are forgotten."""
+
+
+class StepStatus(BaseModel):
+    """One step of a workflow as its events tell it."""
+
+    step: int
+    activity: str
+    state: StepState
+    attempts: int = 0
+    """How many attempts started (retries and replays included)."""
+    started_at: datetime | None = None
+    """When the first attempt started."""
+    finished_at: datetime | None = None
+    """When it completed or failed for good."""
+    duration: float | None = None
+    """Seconds the successful attempt ran."""
+    error: str | None = None
+    """Why the last failed attempt failed (or what the step waits for)."""
+
+
+class WorkflowStatus(BaseModel):
+    """Where a workflow is and how it got there."""
+
+    correlation_id: str
+    state: WorkflowState
+    current_step: int | None = None
+    """The index of the step running, waiting or due next; `None` once the workflow ended."""
+    current_activity: str | None = None
+    steps: list[StepStatus] = Field(default_factory=list[StepStatus])
+    remaining: list[str] = Field(default_factory=list[str])
+    """The steps still to run, the current one first, as the latest event that knew them said."""
+    started_at: datetime
+    updated_at: datetime
+    payload: dict[str, JsonValue] | None = None
+    """The final payload of a completed workflow."""
+    failure: str | None = None
+    """Why a faulted workflow failed."""
+    ended: str | None = None
+    """Why a completed workflow ended early, when a step ended it (`EndWorkflow`)."""
+    waiting_for: str | None = None
+    """What a waiting workflow waits for."""
+    events: list[WorkflowEvent] = Field(default_factory=list[WorkflowEvent])
+    """The history, oldest first."""
+
+
+_STEP_KINDS = frozenset({"step_started", "step_completed", "step_retried", "step_failed", "waiting", "rejected"})
+"""The events that tell a step's story; the others only mention it."""
+_RANK = {"dispatched": 0, "step_started": 1, "completed": 3, "faulted": 3, "rejected": 3}
+
+
+def _order(event: WorkflowEvent) -> tuple[datetime, int]:
+    # Events of one instant keep their causal order: a step's events come before the workflow's outcome.
+    return event.at, _RANK.get(event.kind, 2)
+
+
+class _Projection:
+    def __init__(self, correlation_id: str, first: WorkflowEvent) -> None:
+        self.status = WorkflowStatus(
+            correlation_id=correlation_id, state="pending", started_at=first.at, updated_at=first.at
+        )
+        self.steps: dict[tuple[int, str], StepStatus] = {}
+
+    def step(self, event: WorkflowEvent) -> StepStatus | None:
+        if event.step is None or event.activity is None:
+            return None
+        key = (event.step, event.activity)
+        record = self.steps.get(key)
+        if record is None and event.kind in _STEP_KINDS:
+            record = self.steps[key] = StepStatus(step=event.step, activity=event.activity, state="running")
+        return record
+
+    def apply(self, event: WorkflowEvent) -> None:
+        status = self.status
+        status.updated_at = max(status.updated_at, event.at)
+        if event.remaining is not None:
+            status.remaining = list(event.remaining)
+        kind = event.kind
+        record = self.step(event) if kind != "dispatched" else None
+        if kind == "step_started" and record is not None:
+            record.state = "running"
+            record.attempts = max(record.attempts, event.attempt + 1)
+            record.started_at = record.started_at or event.at
+            record.finished_at = None
+            self._running()
+        elif kind == "step_completed" and record is not None:
+            record.state, record.finished_at, record.duration = "completed", event.at, event.duration
+            record.attempts = max(record.attempts, event.attempt + 1)
+        elif kind == "step_retried" and record is not None:
+            record.state, record.error = "retrying", event.detail
+        elif kind == "step_failed" and record is not None:
+            record.state, record.error, record.finished_at = "failed", event.detail, event.at
+        elif kind == "waiting":
+            if record is not None:
+                record.state, record.error = "waiting", event.detail
+            status.state, status.waiting_for = "waiting", event.detail
+        elif kind == "resumed":
+            if record is not None and record.state == "waiting":
+                record.state, record.error = "running", None
+            self._running()
+        elif kind == "completed":
+            status.state, status.payload, status.remaining = "completed", event.payload, []
+            status.failure = status.waiting_for = None
+            status.ended = event.detail
+        elif kind == "faulted":
+            status.state, status.failure, status.waiting_for = "faulted", event.detail, None
+        elif kind == "rejected" and status.state != "completed":
+            if record is not None:
+                record.state, record.error, record.finished_at = "failed", event.detail, event.at
+            status.state, status.failure = "faulted", f"rejected: {event.detail}"
+
+    def _running(self) -> None:
+        self.status.state = "running"
+        self.status.failure = self.status.waiting_for = None
+
+    def finish(self, events: list[WorkflowEvent]) -> WorkflowStatus:
+        status = self.status
+        status.steps = sorted(self.steps.values(), key=lambda record: record.step)
+        status.events = events
+        if status.state in ("completed", "faulted"):
+            status.current_step = status.current_activity = None
+            return status
+        open_steps = [record for record in status.steps if record.state not in ("completed", "failed")]
+        if open_steps:
+            status.current_step, status.current_activity = open_steps[-1].step, open_steps[-1].activity
+        elif status.remaining:
+            done = [record.step for record in status.steps if record.state == "completed"]
+            status.current_step = max(done) + 1 if done else 0
+            status.current_activity = status.remaining[0]
+        return status
+
+
+def project(correlation_id: str, events: Iterable[WorkflowEvent]) -> WorkflowStatus | None:
+    """The status of the workflow `correlation_id` told by `events`, in any order; `None` without events."""
+    ordered = sorted((event for event in events if event.correlation_id == correlation_id), key=_order)
+    if not ordered:
+        return None
+    projection = _Projection(correlation_id, ordered[0])
+    for event in ordered:
+        projection.apply(event)
+    return projection.finish(ordered)
+
+
+@runtime_checkable
+class WorkflowStore(Protocol):
+    """The status and history of workflows by correlation ID, fed with their events."""
+
+    async def apply(self, event: WorkflowEvent) -> None:
+        """Record `event`; applying the same event twice changes nothing."""
+        ...
+
+    async def get(self, correlation_id: str) -> WorkflowStatus | None:
+        """The status of one workflow, or `None` if the store has never heard of it."""
+        ...
+
+    async def list(self, *, limit: int = 20) -> Sequence[WorkflowStatus]:
+        """The most recently updated workflows, newest first."""
+        ...
+
+
+class InMemoryWorkflowStore:
+    """A store in this process's memory: the latest `max_workflows` workflows, `max_events` events each.
+
+    `Worker(..., on_event=store.apply)` feeds it directly; `WorkflowProjector` feeds it from a transport.
+    """
+
+    def __init__(self, *, max_workflows: int = 10_000, max_events: int = DEFAULT_MAX_EVENTS) -> None:
+        if max_workflows < 1 or max_events < 1:
+            raise UserError("max_workflows and max_events must be at least 1")
+        self.max_workflows = max_workflows
+        self.max_events = max_events
+        self._events: OrderedDict[str, dict[str, WorkflowEvent]] = OrderedDict()
+
+    async def apply(self, event: WorkflowEvent) -> None:
+        correlation_id = event.correlation_id
+        if correlation_id is None:
+            return  # a message so broken its workflow is unknown: only the dead-letter queue has it
+        events = self._events.get(correlation_id)
+        if events is None:
+            events = self._events[correlation_id] = {}
+        self._events.move_to_end(correlation_id)
+        events[event.model_dump_json()] = event
+        if len(events) > self.max_events:
+            oldest = min(events, key=lambda key: _order(events[key]))
+            del events[oldest]
+        if len(self._events) > self.max_workflows:
+            self._events.popitem(last=False)
+
+    async def get(self, correlation_id: str) -> WorkflowStatus | None:
+        events = self._events.get(correlation_id)
+        return project(correlation_id, events.values()) if events else None
+
+    async def list(self, *, limit: int = 20) -> Sequence[WorkflowStatus]:
+        found: list[WorkflowStatus] = []
+        for correlation_id in reversed(self._events):
+            if len(found) >= limit:
+                break
+            status = await self.get(correlation_id)
+            if status is not None:
+                found.append(status)
+        return found
+
+
+class RedisWorkflowStore:
+    """A store in Redis, shared by every process that points at it.
+
+    Each workflow's events are a sorted set (identical events are one member), kept for `ttl` seconds after
+    its last event; a sorted set indexes the workflows by their last update, capped at `max_workflows`.
+
+    Args:
+        transport: A `RedisTransport` whose connection and namespace the store uses.
+        ttl: Seconds a workflow's history is kept after its last event.
+        max_workflows: How many workflows the index keeps.
+        max_events: Events kept per workflow.
+    """
+
+    def __init__(
+        self,
+        transport: RedisTransport,
+        *,
+        ttl: float = 7 * 24 * 3600.0,
+        max_workflows: int = 100_000,
+        max_events: int = DEFAULT_MAX_EVENTS,
+    ) -> None:
+        if ttl <= 0:
+            raise UserError("ttl must be a positive number of seconds")
+        if max_workflows < 1 or max_events < 1:
+            raise UserError("max_workflows and max_events must be at least 1")
+        self.transport = transport
+        self.ttl = ttl
+        self.max_workflows = max_workflows
+        self.max_events = max_events
+
+    @classmethod
+    def from_url(cls, url: str | None = None, **options: float) -> RedisWorkflowStore:
+        """A store with a connection of its own (`await store.transport.connect()` before use).
+
+        Raises:
+            UserError: The `redis` extra is not installed.
+        """
+        try:
+            from .transports.redis import RedisTransport
+        except ImportError as exc:
+            raise UserError(
+                f'the Redis workflow store needs its extra: pip install "paigeant-ai[redis]" ({exc})'
+            ) from exc
+        return cls(RedisTransport(url), **options)  # pyright: ignore[reportArgumentType]
+
+    @property
+    def index_key(self) -> str:
+        """The sorted set of every workflow, scored by its last update."""
+        return f"{self.transport.namespace}:workflows"
+
+    def events_key(self, correlation_id: str) -> str:
+        """The sorted set of one workflow's events."""
+        return f"{self.transport.namespace}:workflow:{correlation_id}"
+
+    async def apply(self, event: WorkflowEvent) -> None:
+        correlation_id = event.correlation_id
+        if correlation_id is None:
+            return
+        key = self.events_key(correlation_id)
+        at, rank = _order(event)
+        micros = round(at.timestamp() * 1_000_000)
+        with self.transport.errors(f"recording an event of workflow {correlation_id!r}"):
+            async with self.transport.client.pipeline(transaction=True) as pipe:
+                pipe.zadd(key, {event.model_dump_json(): micros * 4 + rank})
+                pipe.zremrangebyrank(key, 0, -self.max_events - 1)
+                pipe.pexpire(key, round(self.ttl * 1000))
+                pipe.zadd(self.index_key, {correlation_id: micros}, gt=True)
+                pipe.zremrangebyrank(self.index_key, 0, -self.max_workflows - 1)
+                await pipe.execute()
+
+    async def get(self, correlation_id: str) -> WorkflowStatus | None:
+        with self.transport.errors(f"reading workflow {correlation_id!r}"):
+            raw = cast("list[bytes]", await self.transport.client.zrange(self.events_key(correlation_id), 0, -1))
+        return project(correlation_id, _parse_events(raw))
+
+    async def list(self, *, limit: int = 20) -> Sequence[WorkflowStatus]:
+        with self.transport.errors("listing workflows"):
+            ids = cast("list[bytes]", await self.transport.client.zrevrange(self.index_key, 0, max(0, limit - 1)))
+        found: list[WorkflowStatus] = []
+        expired: list[bytes] = []
+        for raw_id in ids:
+            correlation_id = raw_id.decode()
+            status = await self.get(correlation_id)
+            if status is None:
+                expired.append(raw_id)
+            else:
+                found.append(status)
+        if expired:
+            with self.transport.errors("forgetting expired workflows"):
+                await self.transport.client.zrem(self.index_key, *expired)
+        return found
+
+
+def _parse_events(raw: Iterable[bytes]) -> list[WorkflowEvent]:
+    events: list[WorkflowEvent] = []
+    for item in raw:
+        try:
+            events.append(WorkflowEvent.model_validate_json(item))
+        except ValidationError:
+            logger.warning("ignoring a stored event that is not a valid WorkflowEvent")
+    return events
+
+
+class WorkflowProjector:
+    """Applies the events published on a transport's `events` address to a store.
+
+    Run one per store, beside the workers (the events of a queue go to one of its consumers). Each event is
+    acknowledged once the store has it; an event that is not a `WorkflowEvent` is logged and dropped.
+
+    Args:
+        transport: A connected transport.
+        store: Where the events go.
+        prefetch: Events in flight at once.
+    """
+
+    def __init__(self, transport: Transport, store: WorkflowStore, *, prefetch: int = 100) -> None:
+        self.transport = transport
+        self.store = store
+        self.prefetch = prefetch
+        self.applied = 0
+        self._stop = asyncio.Event()
+
+    def stop(self) -> None:
+        """Ask `run()` to return."""
+        self._stop.set()
+
+    async def run(self, *, burst: bool = False) -> None:
+        """Apply events until `stop()` or, with `burst=True`, until none is waiting (or none came for a second:
+        events another consumer holds unacknowledged are counted as waiting but cannot be had)."""
+        self._stop.clear()
+        idle = 0
+        async with await self.transport.consume(EVENTS, prefetch=self.prefetch) as consumer:
+            while not self._stop.is_set():
+                if burst and (idle >= 5 or await self.transport.pending(EVENTS) == 0):
+                    return
+                delivery = await self._next(consumer, 0.2 if burst else None)
+                if delivery is None:
+                    idle += 1
+                    continue
+                idle = 0
+                await self._apply(delivery)
+
+    async def _next(self, consumer: Consumer, wait: float | None) -> Delivery | None:
+        """The next event, or `None` after `wait` seconds or on `stop()`."""
+        receive = asyncio.ensure_future(anext(consumer))
+        stopped = asyncio.ensure_future(self._stop.wait())
+        await asyncio.wait({receive, stopped}, timeout=wait, return_when=asyncio.FIRST_COMPLETED)
+        stopped.cancel()
+        if not receive.done():
+            receive.cancel()  # it waits for an entry: nothing is taken from the consumer yet
+        await asyncio.gather(receive, stopped, return_exceptions=True)
+        if receive.cancelled():
+            return None
+        if isinstance(receive.exception(), StopAsyncIteration):
+            self._stop.set()
+            return None
+        return receive.result()
+
+    async def _apply(self, delivery: Delivery) -> None:
+        try:
+            event = WorkflowEvent.model_validate_json(delivery.body)
+        except ValidationError as exc:
+            logger.warning("dropping an event that is not a WorkflowEvent: %s", exc.errors(include_url=False)[0]["msg"])
+        else:
+            try:
+                await self.store.apply(event)
+            except TransportError:
+                logger.warning("could not store an event; it will be delivered again", exc_info=True)
+                await asyncio.sleep(0.5)
+                await self.transport.retry_later(delivery, 1.0)
+                return
+            self.applied += 1
+        await self.transport.ack(delivery)

@@ -1,0 +1,267 @@
+"""The Lua scripts of the Redis transport.
+
+Each settles or moves entries atomically, so several workers can share a stream without locks: a message is
+never both handed back and acknowledged, and a delayed message moves into its stream exactly once.
+
+Stream entries have the fields `body`, `headers` (a JSON object) and, once handed back after unacknowledged
+deliveries, `deliveries` (how often it was delivered before). Delayed messages are members of a sorted set,
+scored by the server time in milliseconds when they are due, and packed as
+`<32 hex id><10 digits deliveries><10 digits headers length><headers><body>`.
+"""
+
+from __future__ import annotations
+
+__all__ = (
+    "ACK",
+    "CLAIM",
+    "DEAD_LETTER",
+    "GIVE_BACK",
+    "PENDING",
+    "PROMOTE",
+    "PUBLISH",
+    "PUBLISH_LATER",
+    "RENEW",
+    "RETRY",
+)
+
+_COMMON = """
+local function now_ms()
+  local t = redis.call('TIME')
+  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+end
+
+local function field_map(flat)
+  local m = {}
+  for i = 1, #flat, 2 do m[flat[i]] = flat[i + 1] end
+  return m
+end
+
+local function append(stream, body, headers, deliveries, maxlen)
+  local args = {'XADD', stream}
+  if maxlen > 0 then
+    args[#args + 1] = 'MAXLEN'
+    args[#args + 1] = maxlen
+  end
+  args[#args + 1] = '*'
+  args[#args + 1] = 'body'
+  args[#args + 1] = body
+  args[#args + 1] = 'headers'
+  args[#args + 1] = headers
+  if deliveries > 0 then
+    args[#args + 1] = 'deliveries'
+    args[#args + 1] = deliveries
+  end
+  return redis.call(unpack(args))
+end
+
+local function pack(uid, deliveries, headers, body)
+  return uid .. string.format('%010d%010d', deliveries, #headers) .. headers .. body
+end
+
+local function group_info(stream, group)
+  for _, g in ipairs(redis.call('XINFO', 'GROUPS', stream)) do
+    local m = field_map(g)
+    if m['name'] == group then return m end
+  end
+  return nil
+end
+
+-- Trim the oldest settled entries while the stream is longer than maxlen. Settled means delivered to the
+-- group and acknowledged: older than the oldest pending entry and not after the last delivered one. Entries
+-- still pending or not yet delivered are never trimmed, so the stream may stay longer while they wait.
+local function trim(stream, group, maxlen)
+  local len = redis.call('XLEN', stream)
+  if len <= maxlen then return 0 end
+  local info = group_info(stream, group)
+  if info == nil or info['last-delivered-id'] == '0-0' then return 0 end
+  local upper = info['last-delivered-id']
+  local summary = redis.call('XPENDING', stream, group)
+  if summary[1] > 0 then upper = '(' .. summary[2] end
+  local settled = redis.call('XRANGE', stream, '-', upper, 'COUNT', len - maxlen)
+  if #settled == 0 then return 0 end
+  local after = redis.call('XRANGE', stream, '(' .. settled[#settled][1], '+', 'COUNT', 1)
+  if #after == 0 then return redis.call('XTRIM', stream, 'MAXLEN', 0) end
+  return redis.call('XTRIM', stream, 'MINID', after[1][1])
+end
+
+-- Acknowledge one entry; 1 if it was pending (a number), 0 if not or if the group is gone.
+local function settle(stream, group, id)
+  local acked = redis.pcall('XACK', stream, group, id)
+  if type(acked) ~= 'number' then return 0 end
+  return acked
+end
+"""
+
+PUBLISH = (
+    _COMMON
+    + """
+-- KEYS: stream, this publish's marker. ARGV: body, headers, max length (0 for none), marker lifetime in ms.
+-- redis-py sends a command again when the connection drops before its reply. If Redis had run it, the marker is
+-- there and nothing is added: a second identical entry would reach the next worker as a replay.
+if not redis.call('SET', KEYS[2], '1', 'NX', 'PX', ARGV[4]) then return 0 end
+append(KEYS[1], ARGV[1], ARGV[2], 0, tonumber(ARGV[3]))
+return 1
+"""
+)
+
+PUBLISH_LATER = (
+    _COMMON
+    + """
+-- KEYS: delayed set. ARGV: delay in ms, packed member.
+redis.call('ZADD', KEYS[1], now_ms() + tonumber(ARGV[1]), ARGV[2])
+return 1
+"""
+)
+
+PROMOTE = (
+    _COMMON
+    + """
+-- KEYS: delayed set, stream. ARGV: most members to move.
+-- Moves the due members into the stream; returns ms until the next one is due, or -1 if none is waiting.
+local now = now_ms()
+local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now, 'LIMIT', 0, tonumber(ARGV[1]))
+for _, m in ipairs(due) do
+  local hlen = tonumber(string.sub(m, 43, 52))
+  append(KEYS[2], string.sub(m, 53 + hlen), string.sub(m, 53, 52 + hlen), tonumber(string.sub(m, 33, 42)), 0)
+  redis.call('ZREM', KEYS[1], m)
+end
+local nxt = redis.call('ZRANGE', KEYS[1], 0, 0, 'WITHSCORES')
+if #nxt == 0 then return -1 end
+return math.max(0, tonumber(nxt[2]) - now)
+"""
+)
+
+ACK = (
+    _COMMON
+    + """
+-- KEYS: stream. ARGV: group, entry id, trim length.
+local acked = settle(KEYS[1], ARGV[1], ARGV[2])
+trim(KEYS[1], ARGV[1], tonumber(ARGV[3]))
+return acked
+"""
+)
+
+RETRY = (
+    _COMMON
+    + """
+-- KEYS: stream, delayed set. ARGV: group, entry id, delay in ms, deliveries so far, unique id, trim length.
+local entry = redis.call('XRANGE', KEYS[1], ARGV[2], ARGV[2])
+if settle(KEYS[1], ARGV[1], ARGV[2]) == 0 or #entry == 0 then return 0 end
+local f = field_map(entry[1][2])
+local body, headers = f['body'] or '', f['headers'] or '{}'
+local delay = tonumber(ARGV[3])
+if delay > 0 then
+  redis.call('ZADD', KEYS[2], now_ms() + delay, pack(ARGV[5], tonumber(ARGV[4]), headers, body))
+else
+  append(KEYS[1], body, headers, tonumber(ARGV[4]), 0)
+end
+trim(KEYS[1], ARGV[1], tonumber(ARGV[6]))
+return 1
+"""
+)
+
+DEAD_LETTER = (
+    _COMMON
+    + """
+-- KEYS: stream, dead-letter stream. ARGV: group, entry id, body, headers JSON, trim length.
+if settle(KEYS[1], ARGV[1], ARGV[2]) == 0 then return 0 end
+append(KEYS[2], ARGV[3], ARGV[4], 0, tonumber(ARGV[5]))
+trim(KEYS[1], ARGV[1], tonumber(ARGV[5]))
+return 1
+"""
+)
+
+GIVE_BACK = (
+    _COMMON
+    + """
+-- KEYS: stream. ARGV: group, consumer, trim length, then the ids it read but never handed out.
+-- Re-adds every entry the consumer holds at the end of the stream, so any consumer takes it at once, and
+-- acknowledges the original; then forgets the consumer.
+local skip = {}
+for i = 4, #ARGV do skip[ARGV[i]] = true end
+local moved = 0
+while true do
+  local held = redis.pcall('XPENDING', KEYS[1], ARGV[1], '-', '+', 100, ARGV[2])
+  if type(held) ~= 'table' or held.err or #held == 0 then break end
+  for _, p in ipairs(held) do
+    local id, times = p[1], p[4]
+    if skip[id] then times = times - 1 end
+    local entry = redis.call('XRANGE', KEYS[1], id, id)
+    redis.call('XACK', KEYS[1], ARGV[1], id)
+    if #entry > 0 then
+      local f = field_map(entry[1][2])
+      local deliveries = (tonumber(f['deliveries']) or 0) + times
+      append(KEYS[1], f['body'] or '', f['headers'] or '{}', deliveries, 0)
+      moved = moved + 1
+    end
+  end
+end
+redis.pcall('XGROUP', 'DELCONSUMER', KEYS[1], ARGV[1], ARGV[2])
+trim(KEYS[1], ARGV[1], tonumber(ARGV[3]))
+return moved
+"""
+)
+
+CLAIM = (
+    _COMMON
+    + """
+-- KEYS: stream. ARGV: group, consumer, visibility timeout in ms, cursor, most entries, forget-after in ms.
+-- Claims entries other consumers left idle past the visibility timeout, with their delivery counts, and
+-- forgets consumers that hold nothing and have been silent for forget-after ms.
+local r = redis.pcall('XAUTOCLAIM', KEYS[1], ARGV[1], ARGV[2], ARGV[3], ARGV[4], 'COUNT', ARGV[5])
+if type(r) ~= 'table' or r.err then return {'0-0', {}} end
+local claimed = {}
+for _, e in ipairs(r[2]) do
+  if type(e) == 'table' then
+    local p = redis.call('XPENDING', KEYS[1], ARGV[1], e[1], e[1], 1)
+    local times = 1
+    if #p > 0 then times = p[1][4] end
+    claimed[#claimed + 1] = {e[1], e[2], times}
+  end
+end
+for _, c in ipairs(redis.call('XINFO', 'CONSUMERS', KEYS[1], ARGV[1])) do
+  local m = field_map(c)
+  if m['pending'] == 0 and m['idle'] > tonumber(ARGV[6]) and m['name'] ~= ARGV[2] then
+    redis.call('XGROUP', 'DELCONSUMER', KEYS[1], ARGV[1], m['name'])
+  end
+end
+return {r[1], claimed}
+"""
+)
+
+RENEW = (
+    _COMMON
+    + """
+-- KEYS: stream. ARGV: group, consumer, entry ids.
+-- Resets the idle time of the given entries this consumer still holds (its lease); returns those ids.
+local mine = {}
+for i = 3, #ARGV do
+  local p = redis.pcall('XPENDING', KEYS[1], ARGV[1], ARGV[i], ARGV[i], 1)
+  if type(p) == 'table' and not p.err and #p > 0 and p[1][2] == ARGV[2] then mine[#mine + 1] = ARGV[i] end
+end
+if #mine > 0 then
+  local args = {'XCLAIM', KEYS[1], ARGV[1], ARGV[2], 0}
+  for _, id in ipairs(mine) do args[#args + 1] = id end
+  args[#args + 1] = 'JUSTID'
+  redis.call(unpack(args))
+end
+return mine
+"""
+)
+
+PENDING = (
+    _COMMON
+    + """
+-- KEYS: stream, delayed set. ARGV: group. Messages not yet settled: undelivered, unacknowledged and delayed.
+local total = redis.call('ZCARD', KEYS[2])
+if redis.call('EXISTS', KEYS[1]) == 0 then return total end
+local info = group_info(KEYS[1], ARGV[1])
+if info == nil then return total + redis.call('XLEN', KEYS[1]) end
+local lag = info['lag']
+if type(lag) ~= 'number' then
+  -- Redis cannot tell (entries were deleted in the middle): count them, up to a bound.
+  lag = #redis.call('XRANGE', KEYS[1], '(' .. info['last-delivered-id'], '+', 'COUNT', 100000)
+end
+return total + info['pending'] + lag
+"""
+)

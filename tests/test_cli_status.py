@@ -1,0 +1,275 @@
+"""`paigeant status`, `workflows` and `dead-letters` against the real Redis (DB 15): events, store and replays."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+import uuid
+from collections.abc import Iterator
+from urllib.parse import urlsplit
+
+import pytest
+import redis.asyncio as aioredis
+from inline_snapshot import snapshot
+from pydantic_ai import Agent
+from pydantic_ai.messages import ModelMessage, ModelResponse, ToolCallPart
+from pydantic_ai.models.function import AgentInfo, FunctionModel
+
+from paigeant_ai import (
+    ActivityContext,
+    AgentActivity,
+    NonRetryableError,
+    Worker,
+    WorkflowDispatcher,
+    activity,
+)
+from paigeant_ai.approval import InMemoryWaitingStore
+from paigeant_ai.cli import main
+from paigeant_ai.transports.redis import RedisTransport
+
+from .conftest import REDIS_URL, require_server
+
+pytestmark = pytest.mark.redis
+
+
+@pytest.fixture
+def namespace(monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
+    parts = urlsplit(REDIS_URL)
+    require_server("Redis", parts.hostname or "127.0.0.1", parts.port or 6379)
+    name = f"paigeant-test-{uuid.uuid4().hex[:12]}"
+    monkeypatch.setenv("PAIGEANT_NAMESPACE", name)
+    monkeypatch.setenv("PAIGEANT_REDIS_URL", REDIS_URL)
+    monkeypatch.setenv("PAIGEANT_TRANSPORT", "redis")
+    monkeypatch.setenv("PAIGEANT_ALLOW_UNSIGNED", "1")
+    yield name
+    asyncio.run(_delete_namespace(name))
+
+
+async def _delete_namespace(namespace: str) -> None:
+    client = aioredis.Redis.from_url(REDIS_URL)
+    try:
+        keys = [key async for key in client.scan_iter(match=f"{namespace}[.:]*", count=1000)]
+        if keys:
+            await client.delete(*keys)
+    finally:
+        await client.aclose()
+
+
+def normalized(text: str) -> str:
+    """`text` without what changes from run to run: times, durations, message ids."""
+    text = re.sub(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d", "<date>", text)
+    text = re.sub(r"\d\d:\d\d:\d\d\.\d{3}", "<time>", text)
+    text = re.sub(r"\d+\.\d{3}s", "<s>", text)
+    return re.sub(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}", "<id>", text)
+
+
+FIXED = False
+
+
+@activity(name="check-customer")
+async def check_customer(ctx: ActivityContext) -> dict[str, str]:
+    return {"customer": "known"}
+
+
+@activity(name="create-account")
+async def create_account(ctx: ActivityContext) -> dict[str, str]:
+    if not FIXED and ctx.payload.get("email") == "bad@example.com":
+        raise NonRetryableError("address refused")
+    return {"account": "acct-1"}
+
+
+def refunder() -> AgentActivity[None, str]:
+    def model(messages: list[ModelMessage], info: AgentInfo) -> ModelResponse:
+        return ModelResponse(parts=[ToolCallPart("refund", {"amount": 900}, tool_call_id="call-1")])
+
+    agent = Agent(FunctionModel(model), name="refund-order")
+
+    @agent.tool_plain(requires_approval=True)
+    def refund(amount: int) -> str:
+        return f"refunded {amount}"
+
+    return AgentActivity(agent, prompt="Refund the order")
+
+
+async def run_three_workflows(namespace: str) -> None:
+    steps = [check_customer, create_account]
+    refund = refunder()
+    async with RedisTransport(REDIS_URL, namespace=namespace) as transport:
+        dispatcher = WorkflowDispatcher(transport)
+        await dispatcher.dispatch_workflow(steps, {"email": "good@example.com"}, correlation_id="wf-completed")
+        await dispatcher.dispatch_workflow(steps, {"email": "bad@example.com"}, correlation_id="wf-failed")
+        await dispatcher.dispatch_workflow([refund, check_customer], correlation_id="wf-waiting")
+        worker = Worker(transport, [*steps, refund], waiting_store=InMemoryWaitingStore())
+        await worker.run(burst=True)
+
+
+async def run_worker(namespace: str) -> None:
+    async with RedisTransport(REDIS_URL, namespace=namespace) as transport:
+        await Worker(transport, [check_customer, create_account]).run(burst=True)
+
+
+def test_status_of_a_completed_a_failed_and_a_waiting_workflow(
+    namespace: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    asyncio.run(run_three_workflows(namespace))
+
+    assert main(["status", "wf-completed"]) == 0
+    assert normalized(capsys.readouterr().out) == snapshot("""\
+workflow wf-completed: completed
+  started <date> UTC, last event <s> later
+  steps:
+      0 check-customer  completed 1 attempt   <s>
+      1 create-account  completed 1 attempt   <s>
+  timeline:
+    <time> +<s>  dispatched      step 0 check-customer
+    <time> +<s>  step_started    step 0 check-customer
+    <time> +<s>  step_completed  step 0 check-customer in <s>
+    <time> +<s>  step_started    step 1 create-account
+    <time> +<s>  step_completed  step 1 create-account in <s>
+    <time> +<s>  completed       step 1 create-account
+  final payload:
+    {
+      "account": "acct-1",
+      "customer": "known",
+      "email": "good@example.com"
+    }
+""")
+
+    assert main(["status", "wf-failed"]) == 0
+    assert normalized(capsys.readouterr().out) == snapshot("""\
+workflow wf-failed: faulted
+  started <date> UTC, last event <s> later
+  failed: step 'create-account' failed: NonRetryableError: address refused
+  still to run: create-account
+  steps:
+      0 check-customer  completed 1 attempt   <s>
+      1 create-account  failed    1 attempt
+        NonRetryableError: address refused
+  timeline:
+    <time> +<s>  dispatched      step 0 check-customer
+    <time> +<s>  step_started    step 0 check-customer
+    <time> +<s>  step_completed  step 0 check-customer in <s>
+    <time> +<s>  step_started    step 1 create-account
+    <time> +<s>  step_failed     step 1 create-account: NonRetryableError: address refused
+    <time> +<s>  faulted         step 1 create-account: step 'create-account' failed: NonRetryableError: address refused
+""")
+
+    assert main(["status", "wf-waiting", "--no-sync"]) == 0
+    assert normalized(capsys.readouterr().out) == snapshot("""\
+workflow wf-waiting: waiting
+  started <date> UTC, last event <s> later
+  waiting for approval of refund (call-1)
+  current step: 0 refund-order
+  still to run: refund-order, check-customer
+  steps:
+      0 refund-order  waiting   1 attempt
+  timeline:
+    <time> +<s>  dispatched      step 0 refund-order
+    <time> +<s>  step_started    step 0 refund-order
+    <time> +<s>  waiting         step 0 refund-order: waiting for approval of refund (call-1)
+""")
+
+    assert main(["workflows"]) == 0
+    header, *rows = normalized(capsys.readouterr().out).splitlines()
+    assert header == snapshot("STATE      UPDATED (UTC)        CORRELATION ID  STEP / REASON")
+    assert sorted(rows) == snapshot(
+        [
+            "completed  <date>  wf-completed    -",
+            "faulted    <date>  wf-failed       step 'create-account' failed: NonRetryableError: address refused",
+            "waiting    <date>  wf-waiting      waiting for approval of refund (call-1)",
+        ]
+    )  # the two that ran side by side may finish in either order
+
+    assert main(["status", "wf-nope"]) == 1
+    assert "no workflow 'wf-nope' in the store" in capsys.readouterr().out
+
+
+def test_status_as_json_has_no_token(namespace: str, capsys: pytest.CaptureFixture[str]) -> None:
+    async def run() -> None:
+        async with RedisTransport(REDIS_URL, namespace=namespace) as transport:
+            await WorkflowDispatcher(transport).dispatch_workflow(
+                [check_customer], obo_token="secret-obo-token", correlation_id="wf-json"
+            )
+            await Worker(transport, [check_customer]).run(burst=True)
+
+    asyncio.run(run())
+    assert main(["status", "wf-json", "--json"]) == 0
+    out = capsys.readouterr().out
+    status = json.loads(out)
+    assert status["state"] == "completed"
+    assert [event["kind"] for event in status["events"]] == [
+        "dispatched",
+        "step_started",
+        "step_completed",
+        "completed",
+    ]
+    assert "secret-obo-token" not in out
+
+    assert main(["workflows", "--json", "--no-sync"]) == 0
+    assert [row["correlation_id"] for row in json.loads(capsys.readouterr().out)] == ["wf-json"]
+
+
+def test_dead_letters_are_listed_with_reasons_and_replayed_after_the_fix(
+    namespace: str, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    asyncio.run(run_three_workflows(namespace))
+
+    assert main(["dead-letters"]) == 0
+    listing = capsys.readouterr().out
+    assert normalized(listing) == snapshot("""\
+1 dead letter on redis:
+
+  message <id>  workflow wf-failed  step 1 create-account  attempt 1  from create-account
+    reason: step 'create-account' failed: NonRetryableError: address refused
+
+replay one once its cause is fixed: paigeant dead-letters --replay <message id>
+""")
+    assert main(["dead-letters"]) == 0  # browsing twice shows the same letters
+    assert capsys.readouterr().out == listing
+
+    message_id = re.search(r"message (\S+)  workflow wf-failed", listing)
+    assert message_id is not None
+    monkeypatch.setattr(f"{__name__}.FIXED", True)
+    assert main(["dead-letters", "--replay", message_id[1]]) == 0
+    assert normalized(capsys.readouterr().out) == snapshot("""\
+replayed workflow wf-failed to step 1 create-account as message <id> (attempt 2)
+  it had failed: step 'create-account' failed: NonRetryableError: address refused
+""")
+    assert main(["dead-letters", "--replay", message_id[1]]) == 1
+    assert "no dead letter with message id" in capsys.readouterr().out
+
+    asyncio.run(run_worker(namespace))
+    assert main(["status", "wf-failed"]) == 0
+    assert normalized(capsys.readouterr().out) == snapshot("""\
+workflow wf-failed: completed
+  started <date> UTC, last event <s> later
+  steps:
+      0 check-customer  completed 1 attempt   <s>
+      1 create-account  completed 2 attempts  <s>
+        (earlier attempt: NonRetryableError: address refused)
+  timeline:
+    <time> +<s>  dispatched      step 0 check-customer
+    <time> +<s>  step_started    step 0 check-customer
+    <time> +<s>  step_completed  step 0 check-customer in <s>
+    <time> +<s>  step_started    step 1 create-account
+    <time> +<s>  step_failed     step 1 create-account: NonRetryableError: address refused
+    <time> +<s>  faulted         step 1 create-account: step 'create-account' failed: NonRetryableError: address refused
+    <time> +<s>  resumed         step 1 create-account: replayed from the dead-letter queue
+    <time> +<s>  step_started    step 1 create-account (attempt 2)
+    <time> +<s>  step_completed  step 1 create-account (attempt 2) in <s>
+    <time> +<s>  completed       step 1 create-account
+  final payload:
+    {
+      "account": "acct-1",
+      "customer": "known",
+      "email": "bad@example.com"
+    }
+""")
+    assert main(["dead-letters"]) == 0
+    assert capsys.readouterr().out == "the dead-letter queue is empty\n"
+
+
+def test_dead_letters_need_a_real_broker(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["dead-letters", "--transport", "inmemory"]) == 2
+    assert "live in the process that made them" in capsys.readouterr().err

@@ -1,0 +1,128 @@
+"""Every example runs on RabbitMQ and on Redis as a user would run it: its own process, `PAIGEANT_TRANSPORT` set,
+signing keys in the environment, and the worker in burst mode in the same process.
+
+Each run gets its own `PAIGEANT_NAMESPACE`, so runs never see each other's queues; the namespace's queues, streams
+and keys are deleted afterwards.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import subprocess
+import uuid
+from collections.abc import Callable, Coroutine, Iterator
+from typing import Any
+
+import aio_pika
+import pytest
+import redis.asyncio as aioredis
+
+from paigeant_ai import cli
+
+from .conftest import RABBITMQ_URL, REDIS_URL, require_server
+from .test_examples import run_example
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def signing_keys(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    """Keys made as a user makes them (`paigeant keys generate`), named by the environment: the examples run
+    dispatcher and worker in one process, which signs with its key and trusts its own JWKS."""
+    directory = tmp_path_factory.mktemp("keys")
+    assert cli.main(["keys", "generate", "examples", "--out-dir", str(directory)]) == 0
+    return {
+        "PAIGEANT_SIGNING_KEY_FILE": str(directory / "examples.private.jwk.json"),
+        "PAIGEANT_TRUSTED_KEYS_FILE": str(directory / "examples.jwks.json"),
+    }
+
+
+async def _delete_rabbitmq_namespace(namespace: str) -> None:
+    if shutil.which("rabbitmqctl") is None:
+        return  # nothing to list queues with: they stay, harmless, under their unique namespace
+    listing = await asyncio.to_thread(
+        subprocess.run,
+        ["rabbitmqctl", "list_queues", "-q", "--no-table-headers", "name"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    names = [name for name in listing.stdout.split() if name.startswith(f"{namespace}.")]
+    if not names:
+        return
+    connection = await aio_pika.connect(RABBITMQ_URL)
+    async with connection:
+        channel = await connection.channel()
+        for name in names:
+            await channel.queue_delete(name)
+
+
+async def _delete_redis_namespace(namespace: str) -> None:
+    client = aioredis.Redis.from_url(REDIS_URL)
+    try:
+        keys = [key async for key in client.scan_iter(match=f"{namespace}[.:]*", count=1000)]
+        if keys:
+            await client.delete(*keys)
+    finally:
+        await client.aclose()
+
+
+BROKERS: dict[str, tuple[str, int, dict[str, str], Callable[[str], Coroutine[Any, Any, None]]]] = {
+    "rabbitmq": ("RabbitMQ", 5672, {"PAIGEANT_RABBITMQ_URL": RABBITMQ_URL}, _delete_rabbitmq_namespace),
+    "redis": ("Redis", 6379, {"PAIGEANT_REDIS_URL": REDIS_URL}, _delete_redis_namespace),
+}
+
+
+@pytest.fixture(
+    params=[
+        pytest.param("rabbitmq", marks=pytest.mark.rabbitmq),
+        pytest.param("redis", marks=pytest.mark.redis),
+    ]
+)
+def broker_env(request: pytest.FixtureRequest, signing_keys: dict[str, str]) -> Iterator[dict[str, str]]:
+    """The environment of one example run on one broker, in a namespace of its own."""
+    transport: str = request.param
+    label, port, urls, delete_namespace = BROKERS[transport]
+    require_server(label, "127.0.0.1", port)
+    namespace = f"paigeant-test-{uuid.uuid4().hex[:12]}"
+    # Signed, as in production: the keys are set and the unsigned opt-out is off.
+    yield {
+        "PAIGEANT_TRANSPORT": transport,
+        "PAIGEANT_NAMESPACE": namespace,
+        "PAIGEANT_ALLOW_UNSIGNED": "0",
+        **urls,
+        **signing_keys,
+    }
+    asyncio.run(delete_namespace(namespace))
+
+
+def test_onboarding(broker_env: dict[str, str]) -> None:
+    out = run_example("examples.onboarding", env=broker_env)
+    lines = out.splitlines()
+    assert lines[0].startswith("dispatched onboarding workflow ")
+    assert lines[0].endswith(f"on the {broker_env['PAIGEANT_TRANSPORT']} transport")
+    done = [line.split()[4] for line in lines if " done " in line]
+    assert done == ["validate-customer-data", "create-customer-account", "setup-payment-method", "send-welcome-email"]
+    assert any(" retry " in line and "setup-payment-method" in line for line in lines)
+    assert '"welcome_email": "Welcome aboard! Your premium account is ready."' in out
+
+
+def test_order_processing(broker_env: dict[str, str]) -> None:
+    out = run_example("examples.order_processing", env=broker_env)
+    assert out.count(" retry   step 2 process-payment: ConnectionError: payment provider timed out") == 2
+    assert "completed early: out of stock: SKU-LAMP has 0, the order needs 1" in out
+    assert '"tracking_number": "TRK-' in out
+    assert out.count("completed") == 2
+
+
+def test_support_ticket(broker_env: dict[str, str]) -> None:
+    out = run_example("examples.support_ticket", env=broker_env)
+    route = "classify-ticket-priority -> route-to-specialist -> research-customer-history -> generate-response"
+    assert f"plan: {route}\n" in out
+    assert "revised classify-ticket-priority added schedule-follow-up" in out
+    assert "waiting step 3 generate-response: waiting for approval of send_response" in out
+    assert "approved by the support lead" in out
+    done = [line.split()[4] for line in out.splitlines() if " done " in line]
+    assert done[-2:] == ["generate-response", "schedule-follow-up"]
+    assert "result: Hi X, sorry for the trouble." in out
