@@ -41,6 +41,7 @@ __all__ = (
     "inject_context",
     "record_event",
     "replay_span",
+    "tracing_enabled",
 )
 
 TRACER_NAME = "paigeant_ai"
@@ -68,8 +69,22 @@ _OUTCOMES: dict[str, str] = {
 """The outcome of a hop, by the event that settled it."""
 
 
+def tracing_enabled() -> bool:
+    """False until the application sets a tracer provider (`logfire.configure()` or the OpenTelemetry SDK).
+
+    Until then every span would be a no-op, so the hot path skips building them and their attributes. Inside a
+    hop the answer of the hop's start is used: looking the provider up reads the environment each time.
+    """
+    during_hop = _hop_tracing.get()
+    if during_hop is not None:
+        return during_hop
+    return not isinstance(trace.get_tracer_provider(), trace.ProxyTracerProvider | trace.NoOpTracerProvider)
+
+
 def inject_context(headers: Mapping[str, str], correlation_id: str) -> dict[str, str]:
     """`headers` with the current trace context and `correlation_id` as baggage, replacing any older ones."""
+    if not tracing_enabled():
+        return dict(headers)
     carrier = {key: value for key, value in headers.items() if key not in _TRACE_HEADERS}
     _PROPAGATOR.inject(carrier, context=baggage.set_baggage(CORRELATION_ID, correlation_id))
     return carrier
@@ -176,6 +191,7 @@ class _Hop:
 
 
 _current_hop: contextvars.ContextVar[_Hop | None] = contextvars.ContextVar("paigeant_hop", default=None)
+_hop_tracing: contextvars.ContextVar[bool | None] = contextvars.ContextVar("paigeant_hop_tracing", default=None)
 
 
 @contextmanager
@@ -184,6 +200,13 @@ def hop_span(delivery: Delivery, transport: str) -> Generator[None]:
 
     `record_event` fills in what the hop was (correlation ID, step, attempt, message ID) and how it ended.
     """
+    if not tracing_enabled():
+        disabled = _hop_tracing.set(False)
+        try:
+            yield
+        finally:
+            _hop_tracing.reset(disabled)
+        return
     attributes = {
         "paigeant.activity": delivery.address,
         "paigeant.delivery_count": delivery.delivery_count,
@@ -220,6 +243,9 @@ def record_event(event: WorkflowEvent) -> None:
 @contextmanager
 def activity_span(ctx: ActivityContext) -> Generator[None]:
     """The span of one attempt of an activity, with the correlation ID as baggage for the spans inside it."""
+    if not tracing_enabled():
+        yield
+        return
     attributes = {**_message_attributes(ctx.message), "paigeant.activity": ctx.spec.name}
     attributes["logfire.msg"] = f"activity {ctx.spec.name} (step {ctx.step}, attempt {ctx.attempt + 1})"
     with (

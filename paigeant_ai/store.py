@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Literal, Protocol, cast, runtime_checkable
 
 from pydantic import BaseModel, Field, JsonValue, ValidationError
 
-from .contracts import EVENTS, WorkflowEvent
+from .contracts import EVENTS, WorkflowEvent, decode_events
 from .exceptions import TransportError, UserError
 
 if TYPE_CHECKING:
@@ -406,16 +406,17 @@ class WorkflowProjector:
 
     async def _apply(self, delivery: Delivery) -> None:
         try:
-            event = WorkflowEvent.model_validate_json(delivery.body)
+            events = decode_events(delivery.body)
         except ValidationError as exc:
             logger.warning("dropping an event that is not a WorkflowEvent: %s", exc.errors(include_url=False)[0]["msg"])
-        else:
-            try:
+            events = []
+        try:
+            for event in events:  # applying an event twice gives the same status, so a retried batch is safe
                 await self.store.apply(event)
-            except TransportError:
-                logger.warning("could not store an event; it will be delivered again", exc_info=True)
-                await asyncio.sleep(0.5)
-                await self.transport.retry_later(delivery, 1.0)
-                return
-            self.applied += 1
+        except TransportError:
+            logger.warning("could not store an event; it will be delivered again", exc_info=True)
+            await asyncio.sleep(0.5)
+            await self.transport.retry_later(delivery, 1.0)
+            return
+        self.applied += len(events)
         await self.transport.ack(delivery)

@@ -9,6 +9,7 @@ completed is recognised by its idempotency key and not run twice by the same wor
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import inspect
 import logging
 import random
@@ -20,6 +21,7 @@ from typing import Any, NoReturn, Protocol
 
 from pydantic_ai.exceptions import UsageLimitExceeded
 from pydantic_ai.exceptions import UserError as PydanticAIUserError
+from pydantic_core import to_json
 
 from . import observability
 from .activity import DEFAULT_TIMEOUT, Activity, ActivityContext, ActivityFunc, as_activity, to_payload_update
@@ -181,6 +183,7 @@ class Worker:
         else:
             self._callbacks = list(on_event)
         self.publish_events = publish_events
+        self._events = _EventBatcher(transport)
         self.shutdown_timeout = shutdown_timeout
         self.rng = rng or random.Random()
         self.waiting_store = waiting_store
@@ -281,6 +284,7 @@ class Worker:
             for task in unfinished:
                 task.cancel()
             await asyncio.gather(*unfinished, return_exceptions=True)
+        await self._events.flush()
         for consumer in self._consumers:
             try:
                 await consumer.aclose()
@@ -578,23 +582,22 @@ class Worker:
     # -- events ----------------------------------------------------------------------------------------------
 
     async def _emit(self, kind: Any, message: PaigeantMessage | None, **fields: Any) -> None:
-        base: dict[str, Any] = {"correlation_id": None}
+        values: dict[str, Any] = {**_EVENT_DEFAULTS, "kind": kind, "at": datetime.now(UTC)}
         if message is not None:
-            base = {
-                "correlation_id": message.correlation_id,
-                "activity": message.routing_slip.current,
-                "step": message.step,
-                "attempt": message.attempt,
-                "message_id": message.message_id,
-                "remaining": [spec.name for spec in message.routing_slip.itinerary],
-            }
-        event = WorkflowEvent(kind=kind, **{**base, **fields})
-        observability.record_event(event)
+            values["correlation_id"] = message.correlation_id
+            values["activity"] = message.routing_slip.current
+            values["step"] = message.step
+            values["attempt"] = message.attempt
+            values["message_id"] = message.message_id
+            values["remaining"] = [spec.name for spec in message.routing_slip.itinerary]
+        values.update(fields)
         if self.publish_events:
-            try:
-                await self.transport.publish(EVENTS, event.model_dump_json().encode())
-            except Exception:
-                logger.warning("could not publish the %s event of %s", kind, event.correlation_id, exc_info=True)
+            self._events.add(values)
+        if not self._callbacks and not observability.tracing_enabled():
+            return  # nobody here reads the event: building the model on every hop would only cost time
+        # Every field comes from the worker's own, already valid values: no need to validate them again.
+        event = WorkflowEvent.model_construct(**values)
+        observability.record_event(event)
         for callback in self._callbacks:
             try:
                 result = callback(event)
@@ -602,6 +605,61 @@ class Worker:
                     await result
             except Exception:
                 logger.exception("an on_event callback failed for %s", kind)
+
+
+_EVENT_DEFAULTS: dict[str, Any] = {
+    name: field.default
+    for name, field in WorkflowEvent.model_fields.items()
+    if not field.is_required() and field.default_factory is None
+} | {"correlation_id": None}
+
+
+class _EventBatcher:
+    """Publishes events in batches (one message a batch), off the hop's path.
+
+    A hop reports two or three events; publishing each on its own would cost as many broker round trips as the
+    step itself. Events are a projection, not part of the workflow: a batch that cannot be published is logged
+    and dropped, and at most `interval` seconds of events are lost when a process dies.
+    """
+
+    def __init__(self, transport: Transport, *, interval: float = 0.05, max_batch: int = 500) -> None:
+        self.transport = transport
+        self.interval = interval
+        self.max_batch = max_batch
+        self._pending: list[dict[str, Any]] = []
+        self._task: asyncio.Task[None] | None = None
+        self._full = asyncio.Event()
+
+    def add(self, event: dict[str, Any]) -> None:
+        """Queue an event, given as the values of a `WorkflowEvent`."""
+        self._pending.append(event)
+        if len(self._pending) >= self.max_batch:
+            self._full.set()
+        if self._task is None or self._task.done():
+            self._task = asyncio.create_task(self._run(), name="paigeant-events")
+
+    async def _run(self) -> None:
+        while self._pending:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._full.wait(), self.interval)
+            await self._publish()
+
+    async def _publish(self) -> None:
+        batch, self._pending = self._pending, []
+        self._full.clear()
+        if not batch:
+            return
+        try:
+            await self.transport.publish(EVENTS, to_json(batch))  # the JSON array `decode_events` reads
+        except Exception:
+            logger.warning("could not publish %d workflow events", len(batch), exc_info=True)
+
+    async def flush(self) -> None:
+        """Publish what is waiting, now."""
+        if self._task is not None and not self._task.done():
+            self._full.set()
+            await asyncio.gather(self._task, return_exceptions=True)
+        await self._publish()
 
 
 def _default_dedupe(transport: Transport) -> DedupeStore:
@@ -615,6 +673,8 @@ def _default_dedupe(transport: Transport) -> DedupeStore:
 
 def _effective_spec(own: ActivitySpec, wire: ActivitySpec) -> ActivitySpec:
     """The worker's spec, with the workflow's explicit overrides and the union of required scopes."""
+    if wire.retry is None and wire.timeout is None and not wire.arguments and not wire.required_scopes:
+        return own  # the usual case: nothing overridden
     return own.model_copy(
         update={
             "arguments": {**own.arguments, **wire.arguments},

@@ -113,7 +113,7 @@ async def test_one_workflow_is_one_trace_with_the_correlation_id_on_every_span(
                 "paigeant.activity": "fetch",
                 "paigeant.step": 0,
                 "paigeant.attempt": 0,
-                "paigeant.message_id": "4f88f11b-4903-5aef-bea1-a60e8d92c352",
+                "paigeant.message_id": "3afeb074-fce4-ec76-f274-296125678d51",
                 "paigeant.outcome": "sent",
                 "children": [
                     {
@@ -123,7 +123,7 @@ async def test_one_workflow_is_one_trace_with_the_correlation_id_on_every_span(
                         "paigeant.activity": "fetch",
                         "paigeant.step": 0,
                         "paigeant.attempt": 0,
-                        "paigeant.message_id": "4f88f11b-4903-5aef-bea1-a60e8d92c352",
+                        "paigeant.message_id": "3afeb074-fce4-ec76-f274-296125678d51",
                         "paigeant.outcome": "completed",
                         "children": [
                             {
@@ -133,7 +133,7 @@ async def test_one_workflow_is_one_trace_with_the_correlation_id_on_every_span(
                                 "paigeant.activity": "fetch",
                                 "paigeant.step": 0,
                                 "paigeant.attempt": 0,
-                                "paigeant.message_id": "4f88f11b-4903-5aef-bea1-a60e8d92c352",
+                                "paigeant.message_id": "3afeb074-fce4-ec76-f274-296125678d51",
                                 "paigeant.outcome": "completed",
                             },
                             {
@@ -143,7 +143,7 @@ async def test_one_workflow_is_one_trace_with_the_correlation_id_on_every_span(
                                 "paigeant.activity": "summarize",
                                 "paigeant.step": 1,
                                 "paigeant.attempt": 0,
-                                "paigeant.message_id": "a0b7a413-6cf0-5992-82dc-7f1767066623",
+                                "paigeant.message_id": "d927fadf-5d0b-6f16-7651-7fb1f726ddf9",
                                 "paigeant.outcome": "completed",
                                 "children": [
                                     {
@@ -153,7 +153,7 @@ async def test_one_workflow_is_one_trace_with_the_correlation_id_on_every_span(
                                         "paigeant.activity": "summarize",
                                         "paigeant.step": 1,
                                         "paigeant.attempt": 0,
-                                        "paigeant.message_id": "a0b7a413-6cf0-5992-82dc-7f1767066623",
+                                        "paigeant.message_id": "d927fadf-5d0b-6f16-7651-7fb1f726ddf9",
                                         "paigeant.outcome": "completed",
                                         "children": [
                                             {
@@ -179,7 +179,7 @@ async def test_one_workflow_is_one_trace_with_the_correlation_id_on_every_span(
                                         "paigeant.activity": "publish",
                                         "paigeant.step": 2,
                                         "paigeant.attempt": 0,
-                                        "paigeant.message_id": "8910c974-ce26-55c0-b811-cf6cd4b42f3a",
+                                        "paigeant.message_id": "077e1898-5621-0d51-6623-3f259be6403d",
                                         "paigeant.outcome": "completed",
                                         "paigeant.workflow_outcome": "completed",
                                         "children": [
@@ -190,7 +190,7 @@ async def test_one_workflow_is_one_trace_with_the_correlation_id_on_every_span(
                                                 "paigeant.activity": "publish",
                                                 "paigeant.step": 2,
                                                 "paigeant.attempt": 0,
-                                                "paigeant.message_id": "8910c974-ce26-55c0-b811-cf6cd4b42f3a",
+                                                "paigeant.message_id": "077e1898-5621-0d51-6623-3f259be6403d",
                                                 "paigeant.outcome": "completed",
                                             }
                                         ],
@@ -314,7 +314,7 @@ async def test_a_workflow_that_waits_and_resumes_stays_one_trace(
                 "paigeant.activity": "refund-order",
                 "paigeant.step": 0,
                 "paigeant.attempt": 0,
-                "paigeant.message_id": "4d0560df-bbaf-5ea8-8348-4299b24e51b3",
+                "paigeant.message_id": "765baa79-5479-4797-c5eb-71ab94ec8c6e",
                 "paigeant.outcome": "sent",
                 "children": [
                     {
@@ -324,7 +324,7 @@ async def test_a_workflow_that_waits_and_resumes_stays_one_trace(
                         "paigeant.activity": "refund-order",
                         "paigeant.step": 0,
                         "paigeant.attempt": 0,
-                        "paigeant.message_id": "4d0560df-bbaf-5ea8-8348-4299b24e51b3",
+                        "paigeant.message_id": "765baa79-5479-4797-c5eb-71ab94ec8c6e",
                         "paigeant.outcome": "waiting",
                         "children": [
                             {
@@ -334,7 +334,7 @@ async def test_a_workflow_that_waits_and_resumes_stays_one_trace(
                                 "paigeant.activity": "refund-order",
                                 "paigeant.step": 0,
                                 "paigeant.attempt": 0,
-                                "paigeant.message_id": "4d0560df-bbaf-5ea8-8348-4299b24e51b3",
+                                "paigeant.message_id": "765baa79-5479-4797-c5eb-71ab94ec8c6e",
                                 "paigeant.outcome": "waiting",
                             },
                             {
@@ -344,7 +344,7 @@ async def test_a_workflow_that_waits_and_resumes_stays_one_trace(
                                 "paigeant.activity": "refund-order",
                                 "paigeant.step": 0,
                                 "paigeant.attempt": 0,
-                                "paigeant.message_id": "3a0d274f-d4dd-5ba3-b69d-a706d54325bc",
+                                "paigeant.message_id": "215a2085-1947-11b9-ec9c-57778ac5c6ac",
                                 "paigeant.outcome": "sent",
                                 "children": [
                                     {
@@ -354,7 +354,7 @@ async def test_a_workflow_that_waits_and_resumes_stays_one_trace(
                                         "paigeant.activity": "refund-order",
                                         "paigeant.step": 0,
                                         "paigeant.attempt": 0,
-                                        "paigeant.message_id": "3a0d274f-d4dd-5ba3-b69d-a706d54325bc",
+                                        "paigeant.message_id": "215a2085-1947-11b9-ec9c-57778ac5c6ac",
                                         "paigeant.outcome": "completed",
                                         "paigeant.workflow_outcome": "completed",
                                         "children": [
@@ -365,7 +365,7 @@ async def test_a_workflow_that_waits_and_resumes_stays_one_trace(
                                                 "paigeant.activity": "refund-order",
                                                 "paigeant.step": 0,
                                                 "paigeant.attempt": 0,
-                                                "paigeant.message_id": "3a0d274f-d4dd-5ba3-b69d-a706d54325bc",
+                                                "paigeant.message_id": "215a2085-1947-11b9-ec9c-57778ac5c6ac",
                                                 "paigeant.outcome": "completed",
                                             }
                                         ],
@@ -413,7 +413,7 @@ async def test_a_replayed_dead_letter_continues_the_trace_of_the_hop_that_faulte
                 "paigeant.activity": "create-account",
                 "paigeant.step": 0,
                 "paigeant.attempt": 0,
-                "paigeant.message_id": "23e96d77-e317-5310-a466-c6ea3173e419",
+                "paigeant.message_id": "e4347b90-062b-47b5-8d7a-a356a3ab3225",
                 "paigeant.outcome": "sent",
                 "children": [
                     {
@@ -423,7 +423,7 @@ async def test_a_replayed_dead_letter_continues_the_trace_of_the_hop_that_faulte
                         "paigeant.activity": "create-account",
                         "paigeant.step": 0,
                         "paigeant.attempt": 0,
-                        "paigeant.message_id": "23e96d77-e317-5310-a466-c6ea3173e419",
+                        "paigeant.message_id": "e4347b90-062b-47b5-8d7a-a356a3ab3225",
                         "paigeant.outcome": "faulted",
                         "paigeant.workflow_outcome": "faulted",
                         "children": [
@@ -434,7 +434,7 @@ async def test_a_replayed_dead_letter_continues_the_trace_of_the_hop_that_faulte
                                 "paigeant.activity": "create-account",
                                 "paigeant.step": 0,
                                 "paigeant.attempt": 0,
-                                "paigeant.message_id": "23e96d77-e317-5310-a466-c6ea3173e419",
+                                "paigeant.message_id": "e4347b90-062b-47b5-8d7a-a356a3ab3225",
                                 "paigeant.outcome": "failed",
                             },
                             {
@@ -444,7 +444,7 @@ async def test_a_replayed_dead_letter_continues_the_trace_of_the_hop_that_faulte
                                 "paigeant.activity": "create-account",
                                 "paigeant.step": 0,
                                 "paigeant.attempt": 1,
-                                "paigeant.message_id": "8675fd2f-6e78-564c-9f2b-3b28eea15fa4",
+                                "paigeant.message_id": "81d724ef-7fb4-c0b7-16d2-364dad51e4ef",
                                 "paigeant.outcome": "sent",
                                 "children": [
                                     {
@@ -454,7 +454,7 @@ async def test_a_replayed_dead_letter_continues_the_trace_of_the_hop_that_faulte
                                         "paigeant.activity": "create-account",
                                         "paigeant.step": 0,
                                         "paigeant.attempt": 1,
-                                        "paigeant.message_id": "8675fd2f-6e78-564c-9f2b-3b28eea15fa4",
+                                        "paigeant.message_id": "81d724ef-7fb4-c0b7-16d2-364dad51e4ef",
                                         "paigeant.outcome": "completed",
                                         "paigeant.workflow_outcome": "completed",
                                         "children": [
@@ -465,7 +465,7 @@ async def test_a_replayed_dead_letter_continues_the_trace_of_the_hop_that_faulte
                                                 "paigeant.activity": "create-account",
                                                 "paigeant.step": 0,
                                                 "paigeant.attempt": 1,
-                                                "paigeant.message_id": "8675fd2f-6e78-564c-9f2b-3b28eea15fa4",
+                                                "paigeant.message_id": "81d724ef-7fb4-c0b7-16d2-364dad51e4ef",
                                                 "paigeant.outcome": "completed",
                                             }
                                         ],

@@ -1,7 +1,8 @@
 """The Lua scripts of the Redis transport.
 
 Each settles or moves entries atomically, so several workers can share a stream without locks: a message is
-never both handed back and acknowledged, and a delayed message moves into its stream exactly once.
+never both handed back and acknowledged, and a delayed message moves into its stream exactly once. A plain ack is
+an `XACK`, no script.
 
 Stream entries have the fields `body`, `headers` (a JSON object) and, once handed back after unacknowledged
 deliveries, `deliveries` (how often it was delivered before). Delayed messages are members of a sorted set,
@@ -12,7 +13,6 @@ scored by the server time in milliseconds when they are due, and packed as
 from __future__ import annotations
 
 __all__ = (
-    "ACK",
     "CLAIM",
     "DEAD_LETTER",
     "GIVE_BACK",
@@ -22,6 +22,7 @@ __all__ = (
     "PUBLISH_LATER",
     "RENEW",
     "RETRY",
+    "TRIM",
 )
 
 _COMMON = """
@@ -66,9 +67,10 @@ local function group_info(stream, group)
   return nil
 end
 
--- Trim the oldest settled entries while the stream is longer than maxlen. Settled means delivered to the
--- group and acknowledged: older than the oldest pending entry and not after the last delivered one. Entries
--- still pending or not yet delivered are never trimmed, so the stream may stay longer while they wait.
+-- Trim the oldest settled entries while the stream is longer than maxlen, at most 10,000 of them a call (the
+-- next call goes on). Settled means delivered to the group and acknowledged: older than the oldest pending entry
+-- and not after the last delivered one. Entries still pending or not yet delivered are never trimmed, so the
+-- stream may stay longer while they wait.
 local function trim(stream, group, maxlen)
   local len = redis.call('XLEN', stream)
   if len <= maxlen then return 0 end
@@ -77,7 +79,7 @@ local function trim(stream, group, maxlen)
   local upper = info['last-delivered-id']
   local summary = redis.call('XPENDING', stream, group)
   if summary[1] > 0 then upper = '(' .. summary[2] end
-  local settled = redis.call('XRANGE', stream, '-', upper, 'COUNT', len - maxlen)
+  local settled = redis.call('XRANGE', stream, '-', upper, 'COUNT', math.min(len - maxlen, 10000))
   if #settled == 0 then return 0 end
   local after = redis.call('XRANGE', stream, '(' .. settled[#settled][1], '+', 'COUNT', 1)
   if #after == 0 then return redis.call('XTRIM', stream, 'MAXLEN', 0) end
@@ -95,12 +97,26 @@ end
 PUBLISH = (
     _COMMON
     + """
--- KEYS: stream, this publish's marker. ARGV: body, headers, max length (0 for none), marker lifetime in ms.
--- redis-py sends a command again when the connection drops before its reply. If Redis had run it, the marker is
--- there and nothing is added: a second identical entry would reach the next worker as a replay.
-if not redis.call('SET', KEYS[2], '1', 'NX', 'PX', ARGV[4]) then return 0 end
-append(KEYS[1], ARGV[1], ARGV[2], 0, tonumber(ARGV[3]))
-return 1
+-- KEYS: the stream of each message, then this call's marker. ARGV: the body, headers and max length (0 for none)
+-- of each message in turn, then the marker's lifetime in ms.
+-- Returns {outcome, error}: the outcome has one character per message, 1 if it was added, 0 if Redis refused it
+-- (the first refusal's reason is the error).
+-- redis-py sends a pipeline again when the connection drops before the replies. If Redis had run this call, the
+-- marker is there and holds the outcome: nothing is added twice, since a second identical entry would reach the
+-- next worker as a replay.
+local marker = KEYS[#KEYS]
+local done = redis.call('GET', marker)
+if done then return {done, 'refused on an earlier attempt'} end
+local outcome, first_error = {}, ''
+for i = 1, #KEYS - 1 do
+  local n = 3 * (i - 1)
+  local ok, err = pcall(append, KEYS[i], ARGV[n + 1], ARGV[n + 2], 0, tonumber(ARGV[n + 3]))
+  outcome[i] = ok and '1' or '0'
+  if not ok and first_error == '' then first_error = type(err) == 'table' and err.err or tostring(err) end
+end
+outcome = table.concat(outcome)
+redis.call('SET', marker, outcome, 'PX', ARGV[#ARGV])
+return {outcome, first_error}
 """
 )
 
@@ -131,20 +147,18 @@ return math.max(0, tonumber(nxt[2]) - now)
 """
 )
 
-ACK = (
+TRIM = (
     _COMMON
     + """
--- KEYS: stream. ARGV: group, entry id, trim length.
-local acked = settle(KEYS[1], ARGV[1], ARGV[2])
-trim(KEYS[1], ARGV[1], tonumber(ARGV[3]))
-return acked
+-- KEYS: stream. ARGV: group, trim length. Returns how many entries went.
+return trim(KEYS[1], ARGV[1], tonumber(ARGV[2]))
 """
 )
 
 RETRY = (
     _COMMON
     + """
--- KEYS: stream, delayed set. ARGV: group, entry id, delay in ms, deliveries so far, unique id, trim length.
+-- KEYS: stream, delayed set. ARGV: group, entry id, delay in ms, deliveries so far, unique id.
 local entry = redis.call('XRANGE', KEYS[1], ARGV[2], ARGV[2])
 if settle(KEYS[1], ARGV[1], ARGV[2]) == 0 or #entry == 0 then return 0 end
 local f = field_map(entry[1][2])
@@ -155,7 +169,6 @@ if delay > 0 then
 else
   append(KEYS[1], body, headers, tonumber(ARGV[4]), 0)
 end
-trim(KEYS[1], ARGV[1], tonumber(ARGV[6]))
 return 1
 """
 )
@@ -163,10 +176,9 @@ return 1
 DEAD_LETTER = (
     _COMMON
     + """
--- KEYS: stream, dead-letter stream. ARGV: group, entry id, body, headers JSON, trim length.
+-- KEYS: stream, dead-letter stream. ARGV: group, entry id, body, headers JSON, length cap of dead-letter.
 if settle(KEYS[1], ARGV[1], ARGV[2]) == 0 then return 0 end
 append(KEYS[2], ARGV[3], ARGV[4], 0, tonumber(ARGV[5]))
-trim(KEYS[1], ARGV[1], tonumber(ARGV[5]))
 return 1
 """
 )

@@ -11,8 +11,14 @@ What it keeps in Redis, for the namespace `paigeant`:
 A consumer holds a lease on what it took: it renews the idle time of its entries every third of
 `visibility_timeout`. When a process dies, its leases lapse and a live consumer claims the entries
 (`XAUTOCLAIM`); an entry delivered more than `max_deliveries` times is moved to `dead-letter` with the reason.
-Settled entries are trimmed once a stream is longer than `trim_length`; an entry that is not yet delivered or
-not yet acknowledged is never trimmed. `events` and `dead-letter` are capped at `trim_length` entries.
+Settled entries beyond `trim_length` are trimmed by the consumers, after every `trim_length / 10` settlements,
+at least every second while they settle and when they close; an entry that is not yet delivered or not yet
+acknowledged is never trimmed. `events` and `dead-letter` are capped at `trim_length` entries.
+
+Commands go out in pipelines: what the steps in flight ask of Redis while an earlier pipeline waits for its reply
+goes out together in the next one, with the publishes of a pipeline in one script call and its acks in one `XACK`
+per stream. This includes what other code sends through `RedisTransport.client` (the replay cache, the dedupe
+store), except blocking reads and commands outside a short list of quick ones.
 
 Durability is Redis's: run it with `appendonly yes` (see the README for the settings).
 """
@@ -20,17 +26,16 @@ Durability is Redis's: run it with `appendonly yes` (see the README for the sett
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import logging
 import os
 import socket
 import uuid
 from collections import deque
-from collections.abc import Generator, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from types import TracebackType
-from typing import TYPE_CHECKING, Self, cast
+from typing import TYPE_CHECKING, Any, NamedTuple, Self, cast
 from urllib.parse import urlsplit, urlunsplit
 
 try:
@@ -38,7 +43,7 @@ try:
     from redis.asyncio.retry import Retry
     from redis.backoff import ExponentialBackoff
     from redis.exceptions import ConnectionError as RedisConnectionError
-    from redis.exceptions import RedisError, ResponseError
+    from redis.exceptions import NoScriptError, RedisError, ResponseError
     from redis.exceptions import TimeoutError as RedisTimeoutError
 except ImportError as _exc:  # pragma: no cover - depends on the environment
     raise ImportError('the Redis transport needs redis-py: pip install "paigeant-ai[redis]"') from _exc
@@ -62,6 +67,16 @@ GROUP = "workers"
 """The consumer group of every stream."""
 _PUBLISH_MARKER_MS = 10 * 60 * 1000
 """How long a publish is remembered, so that redis-py's retry of it after a lost reply adds nothing."""
+_PUBLISHES_PER_CALL = 500
+"""Most messages one PUBLISH call appends, so that no call keeps Redis busy for long."""
+_PIPELINED = frozenset(
+    {
+        *("GET", "SET", "EXISTS", "DEL", "UNLINK", "EXPIRE", "PEXPIRE", "TTL", "PTTL", "INCR", "INCRBY"),
+        *("HGET", "HSET", "HDEL", "HMGET", "HEXISTS", "SADD", "SREM", "SISMEMBER"),
+        *("ZADD", "ZREM", "ZSCORE", "ZCARD", "XADD", "XACK", "XLEN", "EVALSHA"),
+    }
+)
+"""The commands that go out in the shared pipelines: quick ones, none that blocks."""
 
 _Entries = list[tuple[bytes, dict[bytes, bytes]]]
 
@@ -80,22 +95,32 @@ def _redact(url: str) -> str:
 
 
 def _dump_headers(headers: Mapping[str, str] | None) -> bytes:
-    return json.dumps(dict(headers or {}), ensure_ascii=False, separators=(",", ":")).encode()
+    if not headers:
+        return b"{}"
+    return json.dumps(dict(headers), ensure_ascii=False, separators=(",", ":")).encode()
 
 
 def _load_headers(raw: bytes | None) -> dict[str, str]:
+    if raw is None or raw == b"{}":
+        return {}
     try:
-        loaded = json.loads(raw or b"{}")
+        loaded = json.loads(raw)
     except ValueError:
         return {}
     if not isinstance(loaded, dict):
         return {}
-    return {str(k): str(v) for k, v in loaded.items()}  # pyright: ignore[reportUnknownVariableType]
+    headers = cast("dict[object, object]", loaded)
+    if all(type(v) is str for v in headers.values()):  # JSON keys are strings already
+        return cast("dict[str, str]", headers)
+    return {str(k): str(v) for k, v in headers.items()}
 
 
 def _deliveries_before(fields: dict[bytes, bytes]) -> int:
+    raw = fields.get(b"deliveries")
+    if raw is None:
+        return 0
     try:
-        return max(0, int(fields.get(b"deliveries", b"0")))
+        return max(0, int(raw))
     except ValueError:  # an entry someone added by hand
         return 0
 
@@ -105,7 +130,7 @@ class _Scripts:
     publish: AsyncScript
     publish_later: AsyncScript
     promote: AsyncScript
-    ack: AsyncScript
+    trim: AsyncScript
     retry: AsyncScript
     dead_letter: AsyncScript
     give_back: AsyncScript
@@ -119,7 +144,7 @@ class _Scripts:
             publish=client.register_script(lua.PUBLISH),
             publish_later=client.register_script(lua.PUBLISH_LATER),
             promote=client.register_script(lua.PROMOTE),
-            ack=client.register_script(lua.ACK),
+            trim=client.register_script(lua.TRIM),
             retry=client.register_script(lua.RETRY),
             dead_letter=client.register_script(lua.DEAD_LETTER),
             give_back=client.register_script(lua.GIVE_BACK),
@@ -129,10 +154,198 @@ class _Scripts:
         )
 
 
-@dataclass(frozen=True, slots=True)
-class _Handle:
+class _Handle(NamedTuple):
     consumer: _RedisConsumer
     entry_id: bytes
+
+
+class _Errors:
+    """Translates redis-py's exceptions raised while `doing` something into `TransportError`."""
+
+    __slots__ = ("doing", "transport")
+
+    def __init__(self, transport: RedisTransport, doing: str) -> None:
+        self.transport = transport
+        self.doing = doing
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        if isinstance(exc, RedisConnectionError | RedisTimeoutError):
+            self.transport.generation += 1
+            url = _redact(self.transport.url)
+            raise TransportError(f"Redis at {url} is unreachable while {self.doing}: {exc}") from exc
+        if isinstance(exc, RedisError):
+            raise TransportError(f"Redis refused {self.doing}: {exc}") from exc
+
+
+# -- pipelining ------------------------------------------------------------------------------------------------
+
+
+class _Batch:
+    """What goes to Redis in one pipeline, each request with the future its caller awaits."""
+
+    __slots__ = ("acks", "commands", "publishes")
+
+    def __init__(self) -> None:
+        self.commands: list[tuple[tuple[Any, ...], dict[str, Any], asyncio.Future[Any]]] = []
+        self.publishes: list[tuple[str, bytes, bytes, int, asyncio.Future[None]]] = []
+        self.acks: dict[str, list[tuple[bytes, asyncio.Future[None]]]] = {}
+
+    def __bool__(self) -> bool:
+        return bool(self.commands or self.publishes or self.acks)
+
+    def futures(self) -> Iterator[asyncio.Future[Any]]:
+        yield from (future for *_, future in self.publishes)
+        for acks in self.acks.values():
+            yield from (future for _, future in acks)
+        yield from (future for *_, future in self.commands)
+
+
+class _Pipeliner:
+    """Sends what is asked of Redis while a pipeline waits for its replies as the next pipeline.
+
+    With fifty steps in flight, each step's own commands (a publish, an ack, a dedupe check...) would cost fifty
+    writes, fifty reads and fifty connection checkouts; batched they cost one of each. The publishes of a batch
+    go out as PUBLISH calls of up to `_PUBLISHES_PER_CALL` messages, each with one duplicate marker, and its acks
+    as one `XACK` per stream. A caller's commands are awaited one after the other, so no order is lost.
+    """
+
+    def __init__(self, client: _PipelinedRedis, namespace: str, publish: AsyncScript, *, in_flight: int = 1) -> None:
+        self.client = client
+        self.namespace = namespace
+        self.publish_script = publish
+        self.max_in_flight = in_flight
+        self._next = _Batch()
+        self._sending: set[asyncio.Task[None]] = set()
+        self._scheduled = False
+
+    def command(self, args: tuple[Any, ...], options: dict[str, Any]) -> asyncio.Future[Any]:
+        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._next.commands.append((args, options, future))
+        self._schedule()
+        return future
+
+    def publish(self, stream: str, body: bytes, headers: bytes, maxlen: int) -> asyncio.Future[None]:
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._next.publishes.append((stream, body, headers, maxlen, future))
+        self._schedule()
+        return future
+
+    def ack(self, stream: str, entry_id: bytes) -> asyncio.Future[None]:
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._next.acks.setdefault(stream, []).append((entry_id, future))
+        self._schedule()
+        return future
+
+    async def drain(self) -> None:
+        """Wait until everything asked so far has been answered."""
+        while self._sending or self._next:
+            if not self._sending:
+                self._start()
+            await asyncio.wait(set(self._sending))
+
+    def _schedule(self) -> None:
+        # On the next turn of the loop: the other steps that are ready add their commands first.
+        if not self._scheduled and len(self._sending) < self.max_in_flight:
+            self._scheduled = True
+            asyncio.get_running_loop().call_soon(self._start)
+
+    def _start(self) -> None:
+        self._scheduled = False
+        if not self._next or len(self._sending) >= self.max_in_flight:
+            return
+        batch, self._next = self._next, _Batch()
+        task = asyncio.get_running_loop().create_task(self._send(batch), name="paigeant-redis-pipeline")
+        self._sending.add(task)
+        task.add_done_callback(self._sent)
+
+    def _sent(self, task: asyncio.Task[None]) -> None:
+        self._sending.discard(task)
+        if self._next:
+            self._schedule()
+
+    async def _send(self, batch: _Batch) -> None:
+        pipe = self.client.pipeline(transaction=False)
+        chunks = [
+            batch.publishes[i : i + _PUBLISHES_PER_CALL] for i in range(0, len(batch.publishes), _PUBLISHES_PER_CALL)
+        ]
+        for chunk in chunks:
+            marker = f"{self.namespace}:published:{uuid.uuid4().hex}"  # the same when redis-py sends it again
+            args: list[Any] = [p[0] for p in chunk]
+            args.append(marker)
+            for _, body, headers, maxlen, _ in chunk:
+                args.extend((body, headers, maxlen))
+            pipe.pipeline_execute_command("EVALSHA", self.publish_script.sha, len(chunk) + 1, *args, _PUBLISH_MARKER_MS)
+        for stream, acks in batch.acks.items():
+            pipe.pipeline_execute_command("XACK", stream, GROUP, *(entry_id for entry_id, _ in acks))
+        for args, options, _ in batch.commands:
+            pipe.pipeline_execute_command(*args, **options)
+        try:
+            replies: list[Any] = await pipe.execute(raise_on_error=False)
+        except asyncio.CancelledError:
+            for future in batch.futures():
+                future.cancel()
+            raise
+        except Exception as exc:
+            for future in batch.futures():
+                if not future.done():
+                    future.set_exception(exc)
+            return
+        replies.reverse()
+        for chunk in chunks:
+            await self._published(chunk, replies.pop())
+        for acks in batch.acks.values():
+            reply = replies.pop()
+            for _, future in acks:
+                _resolve(future, None if not isinstance(reply, Exception) else reply)
+        for *_, future in batch.commands:
+            reply = replies.pop()
+            _resolve(future, reply)
+
+    async def _published(self, chunk: list[tuple[str, bytes, bytes, int, asyncio.Future[None]]], reply: Any) -> None:
+        if isinstance(reply, NoScriptError):  # Redis restarted and forgot its scripts; nothing ran
+            try:
+                await self.client.script_load(lua.PUBLISH)
+            except RedisError as exc:
+                reply = exc
+            else:
+                self._next.publishes[:0] = chunk
+                return
+        if isinstance(reply, Exception):
+            for *_, future in chunk:
+                _resolve(future, reply)
+            return
+        outcome, error = cast("list[bytes]", reply)
+        for flag, (*_, future) in zip(outcome, chunk, strict=True):
+            _resolve(future, None if flag == ord("1") else ResponseError(error.decode(errors="replace")))
+
+
+def _resolve(future: asyncio.Future[Any], reply: object) -> None:
+    if future.done():  # its caller was cancelled
+        return
+    if isinstance(reply, Exception):
+        future.set_exception(reply)
+    else:
+        future.set_result(reply)
+
+
+class _PipelinedRedis(aioredis.Redis):
+    """A redis-py client whose quick commands go out in the shared pipelines of a `_Pipeliner`."""
+
+    pipeliner: _Pipeliner | None = None
+
+    async def execute_command(self, *args: Any, **options: Any) -> Any:
+        pipeliner = self.pipeliner
+        if pipeliner is None or args[0] not in _PIPELINED:
+            return await super().execute_command(*args, **options)
+        return await pipeliner.command(args, options)
+
+
+# -- the transport ---------------------------------------------------------------------------------------------
 
 
 class RedisTransport:
@@ -196,15 +409,20 @@ class RedisTransport:
         self.generation = 0
         """Bumped whenever Redis could not be reached: deliveries handed out before may never be settled, so
         their leases are no longer renewed and they return to the stream after `visibility_timeout`."""
-        self._client: aioredis.Redis | None = None
+        self._client: _PipelinedRedis | None = None
+        self._pipeliner: _Pipeliner | None = None
         self._scripts: _Scripts | None = None
         self._consumers: set[_RedisConsumer] = set()
+        self._streams: dict[str, str] = {}
 
     # -- naming and plumbing ---------------------------------------------------------------------------------
 
     def stream_key(self, address: str) -> str:
         """The stream of `address`."""
-        return f"{self.namespace}.{address}"
+        key = self._streams.get(address)
+        if key is None:
+            key = self._streams[address] = f"{self.namespace}.{address}"
+        return key
 
     def delayed_key(self, address: str) -> str:
         """The sorted set of `address`'s delayed messages."""
@@ -212,7 +430,7 @@ class RedisTransport:
 
     @property
     def client(self) -> aioredis.Redis:
-        """The connected redis-py client.
+        """The connected redis-py client. Its quick commands go out in the transport's pipelines.
 
         Raises:
             TransportError: The transport is not connected.
@@ -227,16 +445,15 @@ class RedisTransport:
             raise TransportError("the Redis transport is not connected: call `await transport.connect()` first")
         return self._scripts
 
-    @contextlib.contextmanager
-    def errors(self, doing: str) -> Generator[None]:
-        """Translate redis-py's exceptions raised while `doing` something into `TransportError`."""
-        try:
-            yield
-        except (RedisConnectionError, RedisTimeoutError) as exc:
-            self.generation += 1
-            raise TransportError(f"Redis at {_redact(self.url)} is unreachable while {doing}: {exc}") from exc
-        except RedisError as exc:
-            raise TransportError(f"Redis refused {doing}: {exc}") from exc
+    @property
+    def pipeliner(self) -> _Pipeliner:
+        if self._pipeliner is None:
+            raise TransportError("the Redis transport is not connected: call `await transport.connect()` first")
+        return self._pipeliner
+
+    def errors(self, doing: str) -> _Errors:
+        """A context that translates redis-py's exceptions raised while `doing` something into `TransportError`."""
+        return _Errors(self, doing)
 
     # -- lifecycle -------------------------------------------------------------------------------------------
 
@@ -255,15 +472,16 @@ class RedisTransport:
             )
         except ValueError as exc:
             raise UserError(f"invalid Redis URL {_redact(self.url)!r}: {exc}; set PAIGEANT_REDIS_URL") from None
-        client = aioredis.Redis.from_pool(pool)
+        client = cast("_PipelinedRedis", _PipelinedRedis.from_pool(pool))
         try:
             with self.errors("connecting"):
                 await client.ping()
         except TransportError:
             await client.aclose()
             raise
-        self._client = client
-        self._scripts = _Scripts.register(client)
+        scripts = _Scripts.register(client)
+        client.pipeliner = _Pipeliner(client, self.namespace, scripts.publish)
+        self._client, self._scripts, self._pipeliner = client, scripts, client.pipeliner
 
     async def disconnect(self) -> None:
         for consumer in list(self._consumers):
@@ -271,7 +489,10 @@ class RedisTransport:
                 await consumer.aclose()
             except TransportError:
                 logger.warning("could not hand back the deliveries of %s", consumer.name, exc_info=True)
-        client, self._client, self._scripts = self._client, None, None
+        client, pipeliner = self._client, self._pipeliner
+        self._client, self._scripts, self._pipeliner = None, None, None
+        if pipeliner is not None:
+            await pipeliner.drain()
         if client is not None:
             await client.aclose()
 
@@ -302,10 +523,7 @@ class RedisTransport:
                 self._expect_due(address, delay)
             else:
                 maxlen = self.trim_length if address in RESERVED_ADDRESSES else 0
-                marker = f"{self.namespace}:published:{uuid.uuid4().hex}"  # the same on every retry of this call
-                await self.scripts.publish(
-                    keys=[self.stream_key(address), marker], args=[data, header_json, maxlen, _PUBLISH_MARKER_MS]
-                )
+                await self.pipeliner.publish(self.stream_key(address), data, header_json, maxlen)
 
     async def consume(self, address: str, *, prefetch: int = 10) -> _RedisConsumer:
         if prefetch < 1:
@@ -320,7 +538,7 @@ class RedisTransport:
     async def ack(self, delivery: Delivery) -> None:
         handle = self._handle(delivery)
         with self.errors(f"acknowledging a delivery from {delivery.address!r}"):
-            await self.scripts.ack(keys=[handle.consumer.stream], args=[GROUP, handle.entry_id, self.trim_length])
+            await self.pipeliner.ack(handle.consumer.stream, handle.entry_id)
         handle.consumer.settled(handle.entry_id)
 
     async def retry_later(self, delivery: Delivery, delay: float) -> None:
@@ -329,7 +547,7 @@ class RedisTransport:
         with self.errors(f"handing back a delivery from {delivery.address!r}"):
             await self.scripts.retry(
                 keys=[handle.consumer.stream, self.delayed_key(delivery.address)],
-                args=[*args, delivery.delivery_count, uuid.uuid4().hex, self.trim_length],
+                args=[*args, delivery.delivery_count, uuid.uuid4().hex],
             )
         handle.consumer.settled(handle.entry_id)
         if delay > 0:
@@ -405,6 +623,8 @@ class _RedisConsumer:
         self._closed = False
         self._cursor: bytes = b"0-0"
         self._due_at = 0.0
+        self._settled_since_trim = 0
+        self._trim_every = max(1, transport.trim_length // 10)
 
     async def start(self) -> None:
         await self.transport._ensure_group(self.stream)
@@ -457,6 +677,7 @@ class _RedisConsumer:
     # -- bookkeeping -----------------------------------------------------------------------------------------
 
     def settled(self, entry_id: bytes) -> None:
+        self._settled_since_trim += 1
         if self._unacked.pop(entry_id, None) is not None:
             self._room.set()
 
@@ -476,7 +697,7 @@ class _RedisConsumer:
     async def _fetch_forever(self) -> None:
         loop = asyncio.get_running_loop()
         claim_interval = self.transport.visibility_timeout / 4
-        next_claim = 0.0
+        next_claim = next_trim = 0.0
         failures = 0
         while not self._closed:
             try:
@@ -491,7 +712,10 @@ class _RedisConsumer:
                     next_claim = now if more else now + claim_interval
                     if self._room_left() <= 0:
                         continue
-                await self._read(min(self._due_at, next_claim) - loop.time())
+                if self._settled_since_trim >= self._trim_every or (self._settled_since_trim and now >= next_trim):
+                    await self._trim()
+                    next_trim = now + 1.0
+                await self._read(min(self._due_at, next_claim, next_trim) - loop.time())
                 failures = 0
             except asyncio.CancelledError:
                 raise
@@ -515,6 +739,13 @@ class _RedisConsumer:
             return t.poll_interval
         return min(wait_ms / 1000, t.poll_interval)
 
+    async def _trim(self) -> None:
+        """Trim the settled entries beyond `trim_length`, never one that is pending or not yet delivered."""
+        t = self.transport
+        self._settled_since_trim = 0
+        with t.errors(f"trimming {self.stream!r}"):
+            await t.scripts.trim(keys=[self.stream], args=[GROUP, t.trim_length])
+
     async def _claim(self) -> bool:
         """Claim entries whose consumer stopped renewing them; True if more may be waiting."""
         room = self._room_left()
@@ -528,9 +759,9 @@ class _RedisConsumer:
                 args=[GROUP, self.name, _ms(t.visibility_timeout), self._cursor, room, _ms(forget_after)],
             )
         self._cursor = cursor
-        for entry_id, flat, times in claimed:
-            fields = dict(zip(flat[::2], flat[1::2], strict=True))
-            await self._accept(entry_id, fields, times)
+        await self._take(
+            (entry_id, dict(zip(flat[::2], flat[1::2], strict=True)), times) for entry_id, flat, times in claimed
+        )
         return cursor != b"0-0"
 
     async def _read(self, wait: float) -> None:
@@ -550,33 +781,32 @@ class _RedisConsumer:
         # RESP2 replies [[stream, entries]], RESP3 {stream: entries} (a `protocol=3` URL).
         streams = cast("dict[bytes, _Entries] | list[tuple[bytes, _Entries]] | None", reply) or ()
         for _stream, entries in streams.items() if isinstance(streams, dict) else streams:
-            for entry_id, fields in entries:
-                await self._accept(entry_id, fields, 1)
+            await self._take((entry_id, fields, 1) for entry_id, fields in entries)
 
-    async def _accept(self, entry_id: bytes, fields: dict[bytes, bytes], times: int) -> None:
+    async def _take(self, entries: Iterable[tuple[bytes, dict[bytes, bytes], int]]) -> None:
+        """Buffer what was read or claimed; dead-letter what was delivered too often."""
         t = self.transport
-        count = _deliveries_before(fields) + int(times)
-        delivery = Delivery(
-            self.address,
-            fields.get(b"body", b""),
-            _load_headers(fields.get(b"headers")),
-            count,
-            _Handle(self, entry_id),
-        )
-        if count <= t.max_deliveries:
-            self._buffer.append(delivery)
+        address, buffer, limit = self.address, self._buffer, t.max_deliveries
+        poison: list[Delivery] = []
+        for entry_id, fields, times in entries:
+            count = _deliveries_before(fields) + int(times)
+            delivery = Delivery(
+                address, fields.get(b"body", b""), _load_headers(fields.get(b"headers")), count, _Handle(self, entry_id)
+            )
+            (buffer if count <= limit else poison).append(delivery)
+        if buffer:
             self._arrived.set()
-            return
-        reason = (
-            f"delivered {count} times without being settled (max_deliveries is {t.max_deliveries}); "
-            "the process handling it may crash on it"
-        )
-        logger.warning("dead-lettering an entry of %r: %s", self.address, reason)
-        try:
-            await t._dead_letter_entry(self.stream, entry_id, delivery, reason)
-        except TransportError:
-            # It stays with this consumer, unrenewed: it is claimed again after the visibility timeout.
-            logger.warning("could not dead-letter an entry of %r", self.address, exc_info=True)
+        for delivery in poison:
+            reason = (
+                f"delivered {delivery.delivery_count} times without being settled (max_deliveries is {limit}); "
+                "the process handling it may crash on it"
+            )
+            logger.warning("dead-lettering an entry of %r: %s", address, reason)
+            try:
+                await t._dead_letter_entry(self.stream, delivery.handle.entry_id, delivery, reason)
+            except TransportError:
+                # It stays with this consumer, unrenewed: it is claimed again after the visibility timeout.
+                logger.warning("could not dead-letter an entry of %r", address, exc_info=True)
 
     async def _renew_forever(self) -> None:
         while not self._closed:
