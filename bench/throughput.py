@@ -39,6 +39,7 @@ from paigeant_ai import (
     get_transport,
 )
 from paigeant_ai.activity import Activity
+from paigeant_ai.contracts import EVENTS
 from paigeant_ai.transports import Transport
 
 from ._security import security_for
@@ -372,6 +373,7 @@ async def soak(transport_name: str, hops: int, concurrency: int, payload_bytes: 
         dispatcher = WorkflowDispatcher(transport, security=security)
         worker = Worker(transport, steps, concurrency=concurrency, security=security)
         running = asyncio.create_task(worker.run())
+        reader = asyncio.create_task(read_events(transport))  # as a projector would, so the broker keeps none
         specs = [ActivitySpec(name=n) for n in NAMES]
         blob = "x" * payload_bytes
         samples: list[tuple[int, float]] = []
@@ -388,6 +390,7 @@ async def soak(transport_name: str, hops: int, concurrency: int, payload_bytes: 
         seconds = time.perf_counter() - started
         worker.stop()
         await running
+        reader.cancel()
         gc.collect()
         samples.append((probe.done * 3, rss_mb()))
         await cleanup(transport)
@@ -397,6 +400,12 @@ async def soak(transport_name: str, hops: int, concurrency: int, payload_bytes: 
     for done, rss in samples:
         print(f"  after {done:>7,} hops: RSS {rss:.1f} MB")
     print(f"  RSS growth after warm-up ({warm[0]:,} hops): {samples[-1][1] - warm[1]:+.1f} MB")
+
+
+async def read_events(transport: Transport) -> None:
+    async with await transport.consume(EVENTS, prefetch=100) as consumer:
+        async for delivery in consumer:
+            await transport.ack(delivery)
 
 
 # -- main ----------------------------------------------------------------------------------------------------

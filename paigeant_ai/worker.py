@@ -87,7 +87,7 @@ class MessageSecurity(Protocol):
 class InMemoryDedupeStore:
     """The steps this process completed, the most recent `max_keys` of them."""
 
-    def __init__(self, max_keys: int = 100_000) -> None:
+    def __init__(self, max_keys: int = 10_000) -> None:
         self.max_keys = max_keys
         self._keys: OrderedDict[str, None] = OrderedDict()
 
@@ -376,9 +376,18 @@ class Worker:
             logger.warning("step %s of %s failed: %s", spec.name, message.correlation_id, _describe(exc))
             await self._retry_or_fault(delivery, message, effective.retry, started, _describe(exc), None)
             return
+        update = update or {}
+        projected = len(delivery.body) + len(to_json(update)) + _LOG_ENTRY_BYTES
+        if projected > self.max_message_bytes:  # fault now, while the slip still shows this step as current
+            reason = (
+                f"its output would make the next message about {projected} bytes, over the limit of "
+                f"{self.max_message_bytes}; store large outputs elsewhere and put a reference in the payload"
+            )
+            await self._fault(delivery, message, started, reason)
+            return
         await self._apply_revisions(message, ctx)
         message.resume = None  # the step is done; the next one starts afresh
-        await self._advance(delivery, message, update or {}, started)
+        await self._advance(delivery, message, update, started)
 
     async def _decode(self, delivery: Delivery) -> PaigeantMessage:
         if len(delivery.body) > self.max_message_bytes:
@@ -612,6 +621,10 @@ _EVENT_DEFAULTS: dict[str, Any] = {
     for name, field in WorkflowEvent.model_fields.items()
     if not field.is_required() and field.default_factory is None
 } | {"correlation_id": None}
+
+
+_LOG_ENTRY_BYTES = 512
+"""About what a step's log entry and new ids add to a message."""
 
 
 class _EventBatcher:

@@ -53,3 +53,16 @@ def test_missing_extra_names_the_install_line(monkeypatch: pytest.MonkeyPatch) -
     monkeypatch.setattr(builtins, "__import__", no_aio_pika)
     with pytest.raises(UserError, match=r'pip install "paigeant-ai\[rabbitmq\]"'):
         get_transport("rabbitmq")
+
+
+async def test_unread_events_and_dead_letters_stay_bounded() -> None:
+    async with InMemoryTransport(max_length=50, max_bytes=10_000) as transport:
+        for i in range(200):
+            await transport.publish("events", str(i).encode() * 100)  # 100-300 bytes each
+        assert await transport.pending("events") <= 50
+        for _ in range(200):
+            await transport.publish("dead-letter", b"x" * 1000)
+        assert await transport.pending("dead-letter") == 10
+        async with await transport.consume("events", prefetch=100) as consumer:
+            newest = [(await anext(consumer)).body for _ in range(await transport.pending("events"))]
+        assert newest[-1] == b"199" * 100, "the oldest are dropped, the newest kept"

@@ -419,3 +419,18 @@ async def test_end_workflow_completes_early_with_its_reason(transport: InMemoryT
     assert completed.payload == {"a": 1, "in_stock": False}
     assert [e.activity for e in events if e.kind == "step_started"] == ["first", "check-stock"]
     assert await dead_letters(transport) == []
+
+
+async def test_an_output_too_large_for_the_next_message_faults_instead_of_looping(transport: InMemoryTransport) -> None:
+    @activity
+    async def bloat(ctx: ActivityContext) -> dict[str, str]:
+        return {"report": "x" * 5000}
+
+    events: list[WorkflowEvent] = []
+    await WorkflowDispatcher(transport).dispatch_workflow([bloat, second], {"a": 1})
+    worker = Worker(transport, [bloat, second], on_event=events.append, max_message_bytes=4096)
+    await worker.run(burst=True)
+    [letter] = await dead_letters(transport)
+    assert letter.headers[REASON_HEADER].startswith("step 'bloat' failed: its output would make the next message")
+    assert [e.kind for e in events].count("step_started") == 1
+    assert await transport.pending("second") == 0

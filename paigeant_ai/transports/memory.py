@@ -38,24 +38,33 @@ class _Queue:
     delayed: int = 0
     unacked: int = 0
     arrived: asyncio.Event = field(default_factory=asyncio.Event)
+    ready_bytes: int = 0
 
     def put(self, entry: _Entry) -> None:
         self.ready.append(entry)
+        self.ready_bytes += len(entry.body)
         self.arrived.set()
+
+    def take(self) -> _Entry:
+        entry = self.ready.popleft()
+        self.ready_bytes -= len(entry.body)
+        return entry
 
 
 class InMemoryTransport:
     """A transport that lives in this process's memory.
 
-    Share one instance between the dispatcher and the workers of a process. `max_length` bounds the
-    queues nobody may be reading (`events`, `dead-letter`): past it the oldest entries are dropped.
+    Share one instance between the dispatcher and the workers of a process. `max_length` (messages) and
+    `max_bytes` bound the queues nobody may be reading (`events`, `dead-letter`): past either, the oldest
+    entries are dropped.
     """
 
     name = "inmemory"
 
-    def __init__(self, *, namespace: str = "paigeant", max_length: int = 10_000) -> None:
+    def __init__(self, *, namespace: str = "paigeant", max_length: int = 10_000, max_bytes: int = 16 * 2**20) -> None:
         self.namespace = namespace
         self.max_length = max_length
+        self.max_bytes = max_bytes
         self._queues: dict[str, _Queue] = {}
         self._connected = False
         self._consumers: set[_MemoryConsumer] = set()
@@ -104,8 +113,12 @@ class InMemoryTransport:
             self._put_later(queue, entry, delay)
             return
         queue.put(entry)
-        if address in RESERVED_ADDRESSES and len(queue.ready) > self.max_length:
-            queue.ready.popleft()
+        if address in RESERVED_ADDRESSES:
+            self._cap(queue)
+
+    def _cap(self, queue: _Queue) -> None:
+        while len(queue.ready) > 1 and (len(queue.ready) > self.max_length or queue.ready_bytes > self.max_bytes):
+            queue.take()
 
     def _put_later(self, queue: _Queue, entry: _Entry, delay: float) -> None:
         queue.delayed += 1
@@ -180,7 +193,7 @@ class _MemoryConsumer:
                 self.queue.arrived.clear()
                 await self.queue.arrived.wait()
                 continue
-            entry = self.queue.ready.popleft()
+            entry = self.queue.take()
             entry.delivery_count += 1
             tag = next(self.transport._ids)
             self._unacked[tag] = entry
