@@ -18,7 +18,8 @@ from typing import TYPE_CHECKING
 
 from . import observability
 from .contracts import DEAD_LETTER, EVENTS, PaigeantMessage, WorkflowEvent
-from .exceptions import InvalidMessage, UserError
+from .exceptions import InvalidMessage, SecurityError, UserError
+from .security import MessageSigner
 from .settings import Settings
 from .store import RedisWorkflowStore, WorkflowProjector, WorkflowStatus
 from .transports import Transport, get_transport
@@ -230,6 +231,14 @@ async def replay_dead_letter(transport: Transport, letter: DeadLetter, signer: M
     message = letter.message
     if message is None or message.routing_slip.current is None:
         raise UserError(f"this letter cannot be replayed: {letter.problem or 'its workflow has no step left'}")
+    reason = letter.delivery.headers.get(REASON_HEADER, "")
+    if reason.startswith("security check failed"):
+        raise UserError(f"this letter was refused by a security check and is never replayed: {reason}")
+    if isinstance(signer, MessageSigner):
+        try:  # re-signing vouches for the letter: only one a trusted key signed as it is gets that
+            signer.check_signature(message)
+        except SecurityError as exc:
+            raise UserError(f"this letter cannot be replayed: {exc}") from None
     replay = message.next_hop(attempt=message.attempt + 1)
     with observability.replay_span(replay, transport.name):
         replay.headers = observability.inject_context(replay.headers, replay.correlation_id)

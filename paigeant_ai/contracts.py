@@ -13,7 +13,16 @@ from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import Annotated, Any, Literal, Self
 
-from pydantic import BaseModel, ConfigDict, Field, JsonValue, TypeAdapter, ValidationError, model_validator
+from pydantic import (
+    AwareDatetime,
+    BaseModel,
+    ConfigDict,
+    Field,
+    JsonValue,
+    TypeAdapter,
+    ValidationError,
+    model_validator,
+)
 from pydantic_core import from_json
 
 from .exceptions import InvalidMessage, UserError
@@ -114,8 +123,8 @@ class ActivityLogEntry(_Wire):
     attempt: int = Field(default=0, ge=0)
     outcome: Literal["completed", "failed", "ended"] = "completed"
     """`ended`: the step ended the workflow early (see `EndWorkflow`); `error` then holds the reason."""
-    started_at: datetime
-    finished_at: datetime
+    started_at: AwareDatetime
+    finished_at: AwareDatetime
     output_keys: list[str] = Field(default_factory=list[str])
     error: str | None = None
 
@@ -327,8 +336,8 @@ class PaigeantMessage(_Wire):
     security: SecurityContext = Field(default_factory=SecurityContext)
     headers: dict[str, str] = Field(default_factory=dict[str, str])
     attempt: int = Field(default=0, ge=0)
-    created_at: datetime = Field(default_factory=_utcnow)
-    expires_at: datetime | None = None
+    created_at: AwareDatetime = Field(default_factory=_utcnow)
+    expires_at: AwareDatetime | None = None
     resume: Resumption | None = Field(default=None, exclude_if=_is_empty)
     """Set on the hop that continues a step after it waited for input (see `WorkflowDispatcher.resume`)."""
 

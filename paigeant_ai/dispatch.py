@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import inspect
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from datetime import UTC, datetime, timedelta
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any
 
 from pydantic import ValidationError
 
@@ -28,8 +29,8 @@ __all__ = ("WorkflowDispatcher",)
 logger = logging.getLogger("paigeant_ai.dispatch")
 
 
-class EventSink(Protocol):
-    async def __call__(self, event: WorkflowEvent, /) -> None: ...
+EventSink = Callable[[WorkflowEvent], Awaitable[None] | None]
+"""A callback for events, sync or async."""
 
 
 def to_spec(item: ActivitySpec | Activity | str) -> ActivitySpec:
@@ -55,7 +56,7 @@ class WorkflowDispatcher:
         transport: A connected transport.
         max_message_bytes: The largest message it sends; defaults to `PAIGEANT_MAX_MESSAGE_BYTES` (1 MiB).
         ttl: Seconds after which an unfinished workflow's messages expire; `None` for never.
-        on_event: Called with the `dispatched` event of each workflow.
+        on_event: Called (sync or async) with the `dispatched` and `resumed` events.
         security: Signs the first message of each workflow; by default a `MessageSigner` with the signing key
             of the `PAIGEANT_*` settings (see `paigeant_ai.security`).
         allow_unsigned: With no signing key configured, send unsigned messages instead of refusing to dispatch
@@ -132,8 +133,7 @@ class WorkflowDispatcher:
                 await self.transport.publish(EVENTS, event.model_dump_json().encode())
             except Exception:
                 logger.warning("could not publish the dispatched event of %s", event.correlation_id, exc_info=True)
-        if self._on_event is not None:
-            await self._on_event(event)
+        await self._report(event)
         return message.correlation_id
 
     async def resume(
@@ -161,6 +161,12 @@ class WorkflowDispatcher:
         parked = await self.waiting_store.get(correlation_id)
         if parked is None:
             raise UserError(f"workflow {correlation_id!r} is not waiting for input")
+        expires_at = parked.message.expires_at
+        if expires_at is not None and expires_at < datetime.now(UTC):
+            raise UserError(
+                f"workflow {correlation_id!r} expired at {expires_at.isoformat()} while it waited; it stays parked "
+                "and cannot be resumed (dispatch workflows that wait for people with a longer ttl)"
+            )
         answers = parked.build_results(results, approvals=approvals, calls=calls, approve_all=approve_all)
         message = parked.resume_message(answers)
         with observability.replay_span(message, self.transport.name, operation="resume"):
@@ -182,8 +188,18 @@ class WorkflowDispatcher:
                 await self.transport.publish(EVENTS, event.model_dump_json().encode())
             except Exception:
                 logger.warning("could not publish the resumed event of %s", correlation_id, exc_info=True)
-        if self._on_event is not None:
-            await self._on_event(event)
+        await self._report(event)
+
+    async def _report(self, event: WorkflowEvent) -> None:
+        """Give `event` to the `on_event` callback, sync or async; its failure does not undo the dispatch."""
+        if self._on_event is None:
+            return
+        try:
+            result = self._on_event(event)
+            if inspect.isawaitable(result):
+                await result
+        except Exception:
+            logger.exception("the on_event callback failed for the %s event of %s", event.kind, event.correlation_id)
 
     def encode(self, message: PaigeantMessage) -> bytes:
         """The bytes of `message`, checked against the size limit."""
@@ -191,7 +207,7 @@ class WorkflowDispatcher:
         body = message.to_json()
         if len(body) > self.max_message_bytes:
             raise MessageTooLarge(
-                f"the workflow's first message is {len(body)} bytes, over the limit of {self.max_message_bytes}; "
+                f"the message is {len(body)} bytes, over the limit of {self.max_message_bytes}; "
                 "keep large data out of the variables and pass a reference to it instead"
             )
         return body

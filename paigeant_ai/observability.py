@@ -139,6 +139,9 @@ def replay_span(
 
 @contextmanager
 def _producer_span(name: str, message: PaigeantMessage, transport: str, text: str) -> Generator[trace.Span]:
+    if not tracing_enabled():
+        yield trace.INVALID_SPAN
+        return
     attributes = {
         **_message_attributes(message),
         "paigeant.itinerary": [spec.name for spec in message.routing_slip.itinerary],

@@ -511,6 +511,15 @@ class MessageSigner:
             self.refused[exc.code] += 1
             raise
 
+    def check_signature(self, message: PaigeantMessage) -> None:
+        """Check only that a trusted key signed `message` as it is (no replay or token check).
+
+        Raises:
+            SecurityError: With the reason; nothing is raised when this signer runs unsigned.
+        """
+        if not self.unsigned:
+            self._check_signature(message.security.jws_signature, canonical_json(message))
+
     def _check_signature(self, signature: str | None, canonical: bytes) -> None:
         if not signature:
             raise SecurityError("the message is not signed", code="unsigned")

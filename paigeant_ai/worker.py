@@ -26,7 +26,7 @@ from pydantic_core import to_json
 from . import observability
 from .activity import DEFAULT_TIMEOUT, Activity, ActivityContext, ActivityFunc, as_activity, to_payload_update
 from .approval import ParkedStep, ParkWorkflow, WaitingStore
-from .contracts import DEAD_LETTER, EVENTS, ActivitySpec, PaigeantMessage, RetryPolicy, WorkflowEvent
+from .contracts import DEAD_LETTER, EVENTS, ActivityLogEntry, ActivitySpec, PaigeantMessage, RetryPolicy, WorkflowEvent
 from .exceptions import (
     EndWorkflow,
     InvalidMessage,
@@ -168,10 +168,12 @@ class Worker:
             if act.spec.name in self.activities:
                 raise UserError(f"two activities are named {act.spec.name!r}; activity names must be unique")
             self.activities[act.spec.name] = act
-        self.concurrency = concurrency or settings.concurrency
+        self.concurrency = settings.concurrency if concurrency is None else concurrency
         if self.concurrency < 1:
             raise UserError("concurrency must be at least 1")
-        self.max_message_bytes = max_message_bytes or settings.max_message_bytes
+        self.max_message_bytes = settings.max_message_bytes if max_message_bytes is None else max_message_bytes
+        if self.max_message_bytes < 1:
+            raise UserError("max_message_bytes must be positive")
         self.dedupe = dedupe or _default_dedupe(transport)
         self.security: MessageSecurity = (
             security if security is not None else MessageSigner.from_settings(transport, allow_unsigned=allow_unsigned)
@@ -210,7 +212,6 @@ class Worker:
         if isinstance(self.security, MessageSigner):
             self.security.ensure_ready()
         self._running = True
-        self._stop.clear()
         self._slots = asyncio.Semaphore(self.concurrency)
         try:
             for name in self.activities:
@@ -224,6 +225,7 @@ class Worker:
         finally:
             await self._shutdown()
             self._running = False
+            self._stop = asyncio.Event()  # ready to run again; a stop() before run() still stops that run
 
     def stop(self) -> None:
         """Ask the worker to stop: no new steps start; running ones get `shutdown_timeout` to finish."""
@@ -310,9 +312,15 @@ class Worker:
         except asyncio.CancelledError:
             logger.info("step on %s cancelled by shutdown; it will be delivered again", delivery.address)
             raise
-        except Exception:
-            # A broker failure while settling: the delivery stays unacked and comes back.
+        except TransportError:
+            # The broker failed while the hop was settled: it hands the unacked delivery out again.
             logger.exception("could not settle a delivery on %s; it will be delivered again", delivery.address)
+        except Exception as exc:
+            # A failure of the worker itself (a store, a callback, a bug): keep the message, with the reason, where
+            # an operator can replay it once the cause is fixed, rather than hold it unsettled forever.
+            logger.exception("the worker failed on a delivery from %s; dead-lettering it", delivery.address)
+            with contextlib.suppress(Exception):
+                await self.transport.dead_letter(delivery, f"the worker failed on this message: {_describe(exc)}")
         finally:
             self._slots.release()
 
@@ -376,6 +384,13 @@ class Worker:
             logger.warning("step %s of %s failed: %s", spec.name, message.correlation_id, _describe(exc))
             await self._retry_or_fault(delivery, message, effective.retry, started, _describe(exc), None)
             return
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():
+                raise  # the worker is stopping: leave the delivery unacked for another worker
+            # The activity raised it on its own (a cancelled inner call): a failure like any other.
+            await self._retry_or_fault(delivery, message, effective.retry, started, "cancelled from inside", None)
+            return
         update = update or {}
         projected = len(delivery.body) + len(to_json(update)) + _LOG_ENTRY_BYTES
         if projected > self.max_message_bytes:  # fault now, while the slip still shows this step as current
@@ -387,7 +402,10 @@ class Worker:
             return
         await self._apply_revisions(message, ctx)
         message.resume = None  # the step is done; the next one starts afresh
-        await self._advance(delivery, message, update, started)
+        try:
+            await self._advance(delivery, message, update, started)
+        except NonRetryableError as exc:  # the exact size check failed where the estimate passed: nothing was sent
+            await self._fault(delivery, message, started, str(exc), name=spec.name)
 
     async def _decode(self, delivery: Delivery) -> PaigeantMessage:
         if len(delivery.body) > self.max_message_bytes:
@@ -418,7 +436,8 @@ class Worker:
         self.stats.rejected += 1
         logger.warning("dead-lettering a message from %s: %s", delivery.address, reason)
         await self.transport.dead_letter(delivery, reason)
-        await self._emit("rejected", message, detail=reason, activity=delivery.address)
+        # Nothing in a refused message is trusted: its event names no workflow, so it cannot change one's status.
+        await self._emit("rejected", None, detail=reason, activity=delivery.address)
         raise _Settled
 
     async def _verify(
@@ -457,9 +476,7 @@ class Worker:
         self, delivery: Delivery, message: PaigeantMessage, update: dict[str, Any], started: datetime
     ) -> None:
         name = message.routing_slip.current or ""
-        key = message.idempotency_key
-        attempt = message.attempt
-        step = message.step
+        key, attempt = message.idempotency_key, message.attempt
         message.payload.update(update)
         entry = message.routing_slip.mark_complete(name, attempt=attempt, started_at=started, output_keys=list(update))
         if message.routing_slip.is_complete:
@@ -468,46 +485,36 @@ class Worker:
             hop = message.next_hop()
             body = self._seal(hop)
             await self.transport.publish(hop.routing_slip.current or "", body, headers=dict(hop.headers))
-        await self.dedupe.mark_done(key)
-        await self._settle(delivery, message)
-        self.stats.completed_steps += 1
-        await self._emit(
-            "step_completed",
-            message,
-            activity=name,
-            step=step,
-            attempt=attempt,
-            duration=entry.duration,
-            at=entry.finished_at,
-        )
-        if message.routing_slip.is_complete:
-            self.stats.completed_workflows += 1
-            await self._emit("completed", message, activity=name, step=step, payload=dict(message.payload))
+        await self._step_done(delivery, message, key, entry)
 
     async def _end(self, delivery: Delivery, message: PaigeantMessage, started: datetime, signal: EndWorkflow) -> None:
         name = message.routing_slip.current or delivery.address
-        key, step, attempt = message.idempotency_key, message.step, message.attempt
-        update = to_payload_update(signal.output, name, name)
+        key, attempt = message.idempotency_key, message.attempt
+        try:
+            update = to_payload_update(signal.output, name, name)
+        except NonRetryableError as exc:
+            await self._fault(delivery, message, started, str(exc))
+            return
         message.payload.update(update)
         entry = message.routing_slip.mark_ended(
             name, attempt=attempt, started_at=started, reason=signal.reason, output_keys=list(update)
         )
+        await self._step_done(delivery, message, key, entry)
+
+    async def _step_done(self, delivery: Delivery, message: PaigeantMessage, key: str, entry: ActivityLogEntry) -> None:
+        """Report the completed step, remember it and ack; a workflow's last step reports its result first."""
+        finished = message.routing_slip.is_complete
+        fields: dict[str, Any] = {"activity": entry.name, "step": entry.step, "attempt": entry.attempt}
+        # The result of a finished workflow lives only in its `completed` event: it is safely published before
+        # the ack, so a crash in between runs the last step again rather than losing the result.
+        await self._emit("step_completed", message, duration=entry.duration, at=entry.finished_at, **fields)
+        if finished:
+            detail = entry.error if entry.outcome == "ended" else None
+            await self._emit("completed", message, detail=detail, payload=dict(message.payload), now=True, **fields)
         await self.dedupe.mark_done(key)
         await self._settle(delivery, message)
         self.stats.completed_steps += 1
-        self.stats.completed_workflows += 1
-        await self._emit(
-            "step_completed",
-            message,
-            activity=name,
-            step=step,
-            attempt=attempt,
-            duration=entry.duration,
-            at=entry.finished_at,
-        )
-        await self._emit(
-            "completed", message, activity=name, step=step, detail=entry.error, payload=dict(message.payload)
-        )
+        self.stats.completed_workflows += finished
 
     async def _apply_revisions(self, message: PaigeantMessage, ctx: ActivityContext) -> None:
         """Log the route changes the step made in the slip, so the message goes to the revised next step."""
@@ -573,8 +580,10 @@ class Worker:
         self.stats.retried += 1
         await self._emit("step_retried", message, detail=f"{reason}; attempt {next_attempt + 1} in {wait:.2f}s")
 
-    async def _fault(self, delivery: Delivery, message: PaigeantMessage, started: datetime, reason: str) -> None:
-        name = message.routing_slip.current or delivery.address
+    async def _fault(
+        self, delivery: Delivery, message: PaigeantMessage, started: datetime, reason: str, *, name: str | None = None
+    ) -> None:
+        name = name or message.routing_slip.current or delivery.address
         message.routing_slip.mark_failed(name, attempt=message.attempt, started_at=started, error=reason)
         detail = f"step {name!r} failed: {reason}"
         headers = {**message.headers, REASON_HEADER: detail[:2000], SOURCE_HEADER: delivery.address}
@@ -590,7 +599,8 @@ class Worker:
 
     # -- events ----------------------------------------------------------------------------------------------
 
-    async def _emit(self, kind: Any, message: PaigeantMessage | None, **fields: Any) -> None:
+    async def _emit(self, kind: Any, message: PaigeantMessage | None, *, now: bool = False, **fields: Any) -> None:
+        """Report an event to the callbacks, the hop's span and (batched, or at once with `now`) the broker."""
         values: dict[str, Any] = {**_EVENT_DEFAULTS, "kind": kind, "at": datetime.now(UTC)}
         if message is not None:
             values["correlation_id"] = message.correlation_id
@@ -600,7 +610,10 @@ class Worker:
             values["message_id"] = message.message_id
             values["remaining"] = [spec.name for spec in message.routing_slip.itinerary]
         values.update(fields)
-        if self.publish_events:
+        if self.publish_events and now:
+            await self._events.flush()  # keep the workflow's events in order
+            await self.transport.publish(EVENTS, to_json([values]))
+        elif self.publish_events:
             self._events.add(values)
         if not self._callbacks and not observability.tracing_enabled():
             return  # nobody here reads the event: building the model on every hop would only cost time

@@ -27,4 +27,5 @@ def test_worker_command_refuses_a_non_worker(capsys: pytest.CaptureFixture[str])
 def test_dispatch_command_validates_variables(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["dispatch", "first", "--variables", "[1]", "--transport", "inmemory"]) == 2
     assert "--variables must be a JSON object" in capsys.readouterr().err
-    assert main(["dispatch", "first", "--variables", '{"a": 1}', "--transport", "inmemory"]) == 0
+    assert main(["dispatch", "first", "--variables", '{"a": 1}', "--transport", "inmemory"]) == 2
+    assert "an in-memory workflow dies with this command's process" in capsys.readouterr().err

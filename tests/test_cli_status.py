@@ -273,3 +273,21 @@ workflow wf-failed: completed
 def test_dead_letters_need_a_real_broker(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["dead-letters", "--transport", "inmemory"]) == 2
     assert "live in the process that made them" in capsys.readouterr().err
+
+
+async def test_a_letter_refused_by_security_or_forged_is_never_replayed() -> None:
+    from paigeant_ai import ActivitySpec, InMemoryTransport, PaigeantMessage, UserError
+    from paigeant_ai._cli_workflows import DeadLetter, replay_dead_letter
+    from paigeant_ai.security import MessageSigner, generate_key
+    from paigeant_ai.transports.base import REASON_HEADER, Delivery
+
+    signer = MessageSigner(generate_key("ops-1"))
+    forged = PaigeantMessage.new([ActivitySpec(name="pay")], {"amount": 1_000_000, "to": "mallory"})
+    async with InMemoryTransport() as transport:
+        refused = Delivery("dead-letter", forged.to_json(), {REASON_HEADER: "security check failed: not signed"})
+        with pytest.raises(UserError, match="refused by a security check and is never replayed"):
+            await replay_dead_letter(transport, DeadLetter(refused, forged, None), signer)
+        unsigned = Delivery("dead-letter", forged.to_json(), {REASON_HEADER: "step 'pay' failed: boom"})
+        with pytest.raises(UserError, match="cannot be replayed: the message is not signed"):
+            await replay_dead_letter(transport, DeadLetter(unsigned, forged, None), signer)
+        assert await transport.pending("pay") == 0

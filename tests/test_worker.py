@@ -434,3 +434,56 @@ async def test_an_output_too_large_for_the_next_message_faults_instead_of_loopin
     assert letter.headers[REASON_HEADER].startswith("step 'bloat' failed: its output would make the next message")
     assert [e.kind for e in events].count("step_started") == 1
     assert await transport.pending("second") == 0
+
+
+async def test_a_naive_expiry_is_refused_and_the_worker_keeps_going(transport: InMemoryTransport) -> None:
+    raw = json.loads(good_message().to_json())
+    raw["expires_at"] = "2999-01-01T00:00:00"  # no time zone
+    await transport.publish("first", json.dumps(raw).encode())
+    await WorkflowDispatcher(transport).dispatch_workflow([first])
+    worker = Worker(transport, [first], concurrency=1)
+    await worker.run(burst=True)
+    [letter] = await dead_letters(transport)
+    assert "expires_at: Input should have timezone info" in letter.headers[REASON_HEADER]
+    assert worker.stats.completed_workflows == 1
+
+
+async def test_an_activity_that_cancels_itself_is_retried_not_left_hanging(transport: InMemoryTransport) -> None:
+    @activity(retry=FAST)
+    async def cancels(ctx: ActivityContext) -> dict[str, int]:
+        if ctx.attempt == 0:
+            raise asyncio.CancelledError
+        return {"attempts": ctx.attempt + 1}
+
+    events: list[WorkflowEvent] = []
+    await WorkflowDispatcher(transport).dispatch_workflow([cancels])
+    await asyncio.wait_for(Worker(transport, [cancels], on_event=events.append).run(burst=True), 10)
+    assert next(e for e in events if e.kind == "completed").payload == {"attempts": 2}
+
+
+async def test_a_failing_worker_dead_letters_the_message_instead_of_holding_it(transport: InMemoryTransport) -> None:
+    class BrokenDedupe:
+        async def is_done(self, key: str) -> bool:
+            raise RuntimeError("dedupe store unavailable")
+
+        async def mark_done(self, key: str) -> None: ...
+
+    await WorkflowDispatcher(transport).dispatch_workflow([first])
+    worker = Worker(transport, [first], dedupe=BrokenDedupe())
+    await asyncio.wait_for(worker.run(burst=True), 10)
+    [letter] = await dead_letters(transport)
+    assert letter.headers[REASON_HEADER] == (
+        "the worker failed on this message: RuntimeError: dedupe store unavailable"
+    )
+
+
+async def test_the_dispatcher_takes_sync_callbacks_and_survives_their_failure(transport: InMemoryTransport) -> None:
+    seen: list[WorkflowEvent] = []
+    await WorkflowDispatcher(transport, on_event=seen.append).dispatch_workflow([first])
+    assert [e.kind for e in seen] == ["dispatched"]
+
+    def broken(event: WorkflowEvent) -> None:
+        raise RuntimeError("observer down")
+
+    await WorkflowDispatcher(transport, on_event=broken).dispatch_workflow([first])
+    assert await transport.pending("first") == 2
