@@ -22,7 +22,7 @@ from .exceptions import InvalidMessage, SecurityError, UserError
 from .security import MessageSigner
 from .settings import Settings
 from .store import RedisWorkflowStore, WorkflowProjector, WorkflowStatus
-from .transports import Transport, get_transport
+from .transports import IN_MEMORY_NAMES, Transport, get_transport
 from .transports.base import REASON_HEADER, SOURCE_HEADER, Delivery
 
 if TYPE_CHECKING:
@@ -31,7 +31,6 @@ if TYPE_CHECKING:
 __all__ = ("COMMANDS", "add_commands", "run_command")
 
 COMMANDS = frozenset({"status", "workflows", "dead-letters"})
-_IN_MEMORY = ("inmemory", "memory", "in-memory")
 
 
 def add_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -74,7 +73,7 @@ async def run_command(args: argparse.Namespace) -> int:
 
 async def _sync(store: RedisWorkflowStore, transport_name: str | None) -> None:
     chosen = (transport_name or Settings.from_env().transport).strip().lower()
-    if chosen in _IN_MEMORY:
+    if chosen in IN_MEMORY_NAMES:
         return  # in-memory events live and die in their own process
     async with get_transport(chosen) as transport:
         await WorkflowProjector(transport, store).run(burst=True)
@@ -260,7 +259,7 @@ async def replay_dead_letter(transport: Transport, letter: DeadLetter, signer: M
 
 async def _dead_letters(transport_name: str | None, *, limit: int, replay: str | None) -> int:
     chosen = (transport_name or Settings.from_env().transport).strip().lower()
-    if chosen in _IN_MEMORY:
+    if chosen in IN_MEMORY_NAMES:
         raise UserError(
             "the in-memory transport's dead letters live in the process that made them; "
             "use --transport rabbitmq or redis (or PAIGEANT_TRANSPORT)"

@@ -135,8 +135,9 @@ ActivityFunc = Callable[[ActivityContext], Any]
 class FunctionActivity:
     """A plain function as a step: `async def step(ctx: ActivityContext) -> dict | BaseModel | None`.
 
-    Sync functions run in a worker thread. A returned mapping or model is merged into the payload; any other
-    value is stored under `output_key` (the activity's name unless given).
+    A returned mapping or model is merged into the payload; any other value is stored under `output_key` (the
+    activity's name unless given). Sync functions run in a worker thread; a thread cannot be interrupted, so one
+    that overruns its timeout goes on running beside the retry: prefer async functions for steps that may hang.
     """
 
     def __init__(

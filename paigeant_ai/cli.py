@@ -18,7 +18,7 @@ from typing import Any
 from . import _cli_keys, _cli_workflows
 from .exceptions import PaigeantError, UserError
 from .settings import Settings
-from .transports import get_transport
+from .transports import IN_MEMORY_NAMES, get_transport
 from .worker import Worker
 
 __all__ = ("main",)
@@ -95,7 +95,7 @@ async def run_dispatch(activities: Sequence[str], variables: str, transport: str
         raise UserError(f"--variables is not JSON: {exc}") from None
     if not isinstance(parsed, dict):
         raise UserError("--variables must be a JSON object")
-    if (transport or Settings.from_env().transport).strip().lower() in ("inmemory", "memory", "in-memory"):
+    if (transport or Settings.from_env().transport).strip().lower() in IN_MEMORY_NAMES:
         raise UserError(
             "an in-memory workflow dies with this command's process: dispatch on rabbitmq or redis "
             "(--transport or PAIGEANT_TRANSPORT)"

@@ -42,7 +42,6 @@ __all__ = (
     "WorkflowEvent",
     "decode_events",
     "derive_message_id",
-    "encode_events",
 )
 
 WIRE_VERSION = 1
@@ -452,11 +451,6 @@ class WorkflowEvent(_Wire):
 
 
 _EVENT_BATCH = TypeAdapter(list[WorkflowEvent])
-
-
-def encode_events(events: list[WorkflowEvent]) -> bytes:
-    """One `events` message for several events: a JSON array of them."""
-    return _EVENT_BATCH.dump_json(events)
 
 
 def decode_events(body: bytes | str) -> list[WorkflowEvent]:

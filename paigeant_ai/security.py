@@ -47,6 +47,7 @@ from joserfc.jws import JWSRegistry
 from .contracts import ActivitySpec, PaigeantMessage
 from .exceptions import ReplayedMessage, SecurityError, TokenError, UserError
 from .settings import Settings
+from .transports import IN_MEMORY_NAMES
 
 if TYPE_CHECKING:
     from .transports.base import Transport
@@ -452,7 +453,7 @@ class MessageSigner:
             return cls(signing, trusted, refusal=refusal, **common)
         if opted_out:
             return cls(unsigned=True, **common)
-        if name in ("inmemory", "memory", "in-memory"):
+        if name in IN_MEMORY_NAMES:
             return cls(_ephemeral_key(), **common)
         return cls(refusal=_missing_keys(name), **common)
 

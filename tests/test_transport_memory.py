@@ -26,7 +26,9 @@ def test_get_transport_defaults_to_in_memory(monkeypatch: pytest.MonkeyPatch) ->
 
 
 def test_get_transport_reads_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("PAIGEANT_TRANSPORT", "InMemory")
+    monkeypatch.setenv("PAIGEANT_TRANSPORT", " Redis ")
+    assert get_transport().name == "redis"  # made, not connected
+    monkeypatch.setenv("PAIGEANT_TRANSPORT", "memory")
     assert isinstance(get_transport(), InMemoryTransport)
 
 

@@ -5,7 +5,10 @@ from __future__ import annotations
 from .base import Consumer, Delivery, Transport
 from .memory import InMemoryTransport
 
-__all__ = ("Consumer", "Delivery", "InMemoryTransport", "Transport", "get_transport")
+__all__ = ("IN_MEMORY_NAMES", "Consumer", "Delivery", "InMemoryTransport", "Transport", "get_transport")
+
+IN_MEMORY_NAMES = frozenset({"inmemory", "memory", "in-memory"})
+"""The names `PAIGEANT_TRANSPORT` accepts for the in-memory transport."""
 
 _EXTRAS = {
     "rabbitmq": ("paigeant_ai.transports.rabbitmq", "RabbitMQTransport", "rabbitmq"),
@@ -29,7 +32,7 @@ def get_transport(name: str | None = None, **options: object) -> Transport:
     from ..settings import Settings
 
     chosen = (name or Settings.from_env().transport).strip().lower()
-    if chosen in ("inmemory", "memory", "in-memory"):
+    if chosen in IN_MEMORY_NAMES:
         return InMemoryTransport(**options)  # pyright: ignore[reportArgumentType]
     if chosen not in _EXTRAS:
         known = ", ".join(["inmemory", *_EXTRAS])
