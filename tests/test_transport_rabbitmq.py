@@ -190,6 +190,30 @@ class TestRabbitMQContract(TransportContract):
             assert delivery.body == b"second"
             await transport.ack(delivery)
 
+    async def test_a_consumer_outlives_the_deletion_of_its_queue(self, transport: RabbitMQTransport) -> None:
+        where = address()
+        async with await transport.consume(where) as consumer:
+            await transport.publish(where, b"before")
+            await transport.ack(await receive(consumer))
+            async with await aio_pika.connect(RABBITMQ_URL) as connection:
+                await (await connection.channel()).queue_delete(transport.queue_name(where))
+            # The broker cancels the consumer once it sees its queue gone (a queue declared again before that keeps a
+            # consumer that never receives); the consumer then declares the queue and consumes it again.
+            await asyncio.sleep(0.5)
+            await transport.publish(where, b"after")
+            delivery = await receive(consumer)
+            assert delivery.body == b"after"
+            await transport.ack(delivery)
+
+    async def test_concurrent_first_publishes_to_an_address(self, transport: RabbitMQTransport) -> None:
+        where = address()
+        await asyncio.gather(*(transport.publish(where, str(n).encode()) for n in range(20)))
+        async with await transport.consume(where, prefetch=20) as consumer:
+            received = [await receive(consumer) for _ in range(20)]
+            for delivery in received:
+                await transport.ack(delivery)
+        assert sorted(int(delivery.body) for delivery in received) == list(range(20))
+
     async def test_cancelled_receive_loses_nothing(self, transport: RabbitMQTransport) -> None:
         where = address()
         async with await transport.consume(where, prefetch=1) as consumer:

@@ -11,6 +11,8 @@ from urllib.parse import urlsplit
 
 import pytest
 import redis.asyncio as aioredis
+from redis.exceptions import DataError as RedisDataError
+from redis.exceptions import ResponseError as RedisResponseError
 
 from paigeant_ai import ActivityContext, ActivitySpec, PaigeantMessage, Worker, WorkflowDispatcher, WorkflowEvent
 from paigeant_ai.exceptions import TransportError, UserError
@@ -252,6 +254,61 @@ async def test_a_lost_stream_is_recreated(namespace: str, raw: aioredis.Redis) -
             await transport.ack(delivery)
 
 
+async def test_quick_commands_share_pipelines_and_keep_their_own_replies(namespace: str) -> None:
+    async with RedisTransport(REDIS_URL, namespace=namespace) as transport:
+        client = transport.client
+        key, text = f"{namespace}:n", f"{namespace}:text"
+        await client.set(text, "not a number")
+        replies = await asyncio.gather(
+            client.set(key, 1),
+            client.set(key, 2, nx=True),
+            client.incr(key),
+            client.get(key),
+            client.exists(key, f"{namespace}:absent"),
+            client.set(key, 5, get=True),
+            client.incr(text),
+            client.set(f"{namespace}:bad", object()),  # pyright: ignore[reportArgumentType]
+            client.hset(f"{namespace}:h", "field", "v"),
+            client.hexists(f"{namespace}:h", "field"),
+            return_exceptions=True,
+        )
+        assert replies[:6] == [True, None, 2, b"2", 1, b"2"]
+        assert isinstance(replies[6], RedisResponseError)  # only the command Redis refused fails
+        assert isinstance(replies[7], RedisDataError)  # only the command that cannot be sent fails
+        assert replies[8:] == [1, True]
+        assert await client.get(key) == b"5"
+
+
+async def test_a_resent_publish_call_adds_none_of_its_messages(namespace: str, raw: aioredis.Redis) -> None:
+    async with RedisTransport(REDIS_URL, namespace=namespace) as transport:
+        first, second = transport.stream_key("first"), transport.stream_key("second")
+        marker = f"{namespace}:published:resent"
+        for _ in range(2):  # the pipeline, then redis-py's resend of it after the connection dropped
+            await transport.scripts.publish(
+                keys=[first, second, first, marker], args=[b"a", b"{}", 0, b"b", b"{}", 0, b"c", b"{}", 0, 60_000]
+            )
+        for stream, bodies in ((first, [b"a", b"c"]), (second, [b"b"])):
+            entries = cast("list[tuple[bytes, dict[bytes, bytes]]]", await raw.xrange(stream))
+            assert [fields[b"body"] for _, fields in entries] == bodies
+
+
+async def test_bodies_and_headers_come_back_byte_for_byte(namespace: str) -> None:
+    messages = [
+        (b"", {}),
+        (b"two\nlines and spaces \r\n", {"x": "a b\nc"}),
+        (bytes(range(256)) * 40, {"traceparent": "00-" + "1" * 32 + "-" + "2" * 16 + "-01", "k": "é 中"}),
+    ]
+    async with RedisTransport(REDIS_URL, namespace=namespace) as transport:
+        where = address()
+        await asyncio.gather(*(transport.publish(where, body, headers=headers) for body, headers in messages))
+        async with await transport.consume(where, prefetch=10) as consumer:
+            received = [await receive(consumer) for _ in messages]
+            for delivery in received:
+                await transport.ack(delivery)
+        assert [(d.body, d.headers, d.delivery_count) for d in received] == [(b, h, 1) for b, h in messages]
+        assert await transport.pending(where) == 0
+
+
 async def test_dedupe_store_remembers_with_an_expiry(namespace: str, raw: aioredis.Redis) -> None:
     async with RedisTransport(REDIS_URL, namespace=namespace) as transport:
         store = RedisDedupeStore(transport, ttl=60)
@@ -299,9 +356,12 @@ async def test_streams_stay_bounded_after_10_000_workflows(namespace: str, raw: 
     async with RedisTransport(REDIS_URL, namespace=namespace, trim_length=trim_length) as transport:
         dispatcher = WorkflowDispatcher(transport, allow_unsigned=True, publish_events=False)
         all_done = asyncio.Event()
+        completed = 0
 
         def count(event: WorkflowEvent) -> None:
-            if event.kind == "completed" and worker.stats.completed_workflows >= workflows:
+            nonlocal completed
+            completed += event.kind == "completed"
+            if completed >= workflows:
                 all_done.set()
 
         worker = Worker(

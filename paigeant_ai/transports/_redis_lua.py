@@ -16,10 +16,12 @@ __all__ = (
     "CLAIM",
     "DEAD_LETTER",
     "GIVE_BACK",
+    "MANY",
     "PENDING",
     "PROMOTE",
     "PUBLISH",
     "PUBLISH_LATER",
+    "READ",
     "RENEW",
     "RETRY",
     "TRIM",
@@ -119,6 +121,40 @@ redis.call('SET', marker, outcome, 'PX', ARGV[#ARGV])
 return {outcome, first_error}
 """
 )
+
+READ = (
+    _COMMON
+    + """
+-- KEYS: stream. ARGV: group, consumer, most entries.
+-- Reads new entries for the consumer, as one string: for each entry
+-- `<id> <deliveries before> <headers length> <body length>\\n<headers><body>`. One string parses much faster
+-- in redis-py than an entry's nested replies.
+local r = redis.call('XREADGROUP', 'GROUP', ARGV[1], ARGV[2], 'COUNT', ARGV[3], 'STREAMS', KEYS[1], '>')
+if not r then return '' end
+local out = {}
+for _, e in ipairs(r[1][2]) do
+  local f = field_map(e[2])
+  local body, headers = f['body'] or '', f['headers'] or '{}'
+  local before = math.max(0, tonumber(f['deliveries']) or 0)
+  out[#out + 1] = string.format('%s %d %d %d\\n', e[1], before, #headers, #body)
+  out[#out + 1] = headers
+  out[#out + 1] = body
+end
+return table.concat(out)
+"""
+)
+
+MANY = """
+-- ARGV: commands, each as its number of words then its words. Returns each command's reply, or its error.
+-- Quick commands from many callers sent as one script call: Redis parses one command and redis-py one reply.
+local replies, i = {}, 1
+while i <= #ARGV do
+  local words = tonumber(ARGV[i])
+  replies[#replies + 1] = redis.pcall(unpack(ARGV, i + 1, i + words))
+  i = i + words + 1
+end
+return replies
+"""
 
 PUBLISH_LATER = (
     _COMMON

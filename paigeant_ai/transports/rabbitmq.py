@@ -19,7 +19,9 @@ a reconnect; deliveries handed out before it can no longer be acked and come bac
 from __future__ import annotations
 
 import asyncio
+import functools
 import itertools
+import logging
 import math
 import os
 import socket
@@ -27,14 +29,17 @@ from collections.abc import Awaitable, Callable, Generator, Mapping
 from contextlib import contextmanager, suppress
 from decimal import Decimal
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, Self, TypeVar
+from typing import TYPE_CHECKING, Any, Self, TypeVar, cast
 from urllib.parse import urlsplit, urlunsplit
 
 try:
     import aio_pika
+    import aiormq
     import aiormq.exceptions
     import pamqp.exceptions
-    from aio_pika.abc import AbstractIncomingMessage, AbstractRobustChannel, AbstractRobustConnection
+    from aio_pika.abc import AbstractRobustChannel, AbstractRobustConnection
+    from aiormq import spec
+    from aiormq.abc import DeliveredMessage
 except ImportError as _exc:  # pragma: no cover - exercised by the missing-extra test
     raise ImportError('the RabbitMQ transport needs aio-pika: pip install "paigeant-ai[rabbitmq]"') from _exc
 
@@ -47,6 +52,8 @@ if TYPE_CHECKING:
     from ..contracts import PaigeantMessage
 
 __all__ = ("RabbitMQTransport",)
+
+logger = logging.getLogger("paigeant_ai.transports.rabbitmq")
 
 T = TypeVar("T")
 
@@ -64,6 +71,7 @@ DELAY_BUCKETS: tuple[tuple[str, float], ...] = (
 own; one that waits behind a longer-lived message of the same queue is held up to that queue's bound."""
 
 _MAX_DELAY = (2**32 - 1) / 1000  # RabbitMQ's largest per-message TTL, in seconds
+_PERSISTENT = int(aio_pika.DeliveryMode.PERSISTENT)
 _BROKER_HEADERS = frozenset({"x-delivery-count", "x-death"})
 _BROKER_HEADER_PREFIXES = ("x-first-death-", "x-last-death-")
 
@@ -127,8 +135,11 @@ class RabbitMQTransport:
         self._connection: AbstractRobustConnection | None = None
         self._publisher: AbstractRobustChannel | None = None
         self._admin: AbstractRobustChannel | None = None
+        self._publishing: aiormq.Channel | None = None  # the open channel under `_publisher`
         self._consumers: set[_RabbitMQConsumer] = set()
         self._declared: set[str] = set()
+        self._queues: dict[str, str] = {}  # address -> its declared queue, looked up on every publish
+        self._declaring: dict[str, asyncio.Future[int]] = {}
         self._connect_lock = asyncio.Lock()
 
     def __repr__(self) -> str:
@@ -169,7 +180,7 @@ class RabbitMQTransport:
             with suppress(TransportError):
                 await consumer.aclose()
         connection, self._connection = self._connection, None
-        self._publisher = self._admin = None
+        self._publisher = self._admin = self._publishing = None
         if connection is not None:
             with suppress(*_BROKER_ERRORS):
                 await connection.close()
@@ -239,8 +250,29 @@ class RabbitMQTransport:
     async def _ensure_queue(self, address: str) -> str:
         name = self.queue_name(address)
         if name not in self._declared:
-            await self._declare(name, self._queue_arguments(address))
+            await self._declare_once(name, self._queue_arguments(address))
+        self._queues[address] = name
         return name
+
+    async def _declare_once(self, name: str, arguments: dict[str, Any]) -> None:
+        """Declare `name` if no other task is declaring it already; then wait for that declaration."""
+        declaring = self._declaring.get(name)
+        if declaring is None:
+            declaring = self._declaring[name] = asyncio.ensure_future(self._declare(name, arguments))
+            declaring.add_done_callback(functools.partial(self._declaration_done, name))
+        # Shielded: a caller that is cancelled must not cancel the declaration the others wait for.
+        await asyncio.shield(declaring)
+
+    def _forget(self, queue: str) -> None:
+        """Declare `queue` again before the next publish to it (it was deleted behind this transport's back)."""
+        self._declared.discard(queue)
+        self._queues = {address: name for address, name in self._queues.items() if name != queue}
+
+    def _declaration_done(self, name: str, declaring: asyncio.Future[int]) -> None:
+        if self._declaring.get(name) is declaring:
+            del self._declaring[name]
+        if not declaring.cancelled():
+            declaring.exception()  # retrieved here too: every waiter may have been cancelled
 
     async def _count_delayed(self, address: str) -> int:
         target = await self._ensure_queue(address)
@@ -254,7 +286,7 @@ class RabbitMQTransport:
         bucket = next(bucket for bucket, bound in DELAY_BUCKETS if delay <= bound)
         name = self._delay_queue_name(address, bucket)
         if name not in self._declared:
-            await self._declare(name, _dead_letter_to(target))
+            await self._declare_once(name, _dead_letter_to(target))
         return name
 
     def _require(self) -> tuple[AbstractRobustConnection, AbstractRobustChannel, AbstractRobustChannel]:
@@ -273,56 +305,79 @@ class RabbitMQTransport:
         delay: float = 0.0,
     ) -> None:
         self._require()
-        if delay > _MAX_DELAY:
-            raise UserError(f"a delay of {delay:g}s is longer than RabbitMQ allows ({_MAX_DELAY:g}s)")
-        message = aio_pika.Message(
-            encode_body(body),
-            headers=dict(headers or {}),
-            delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
-            content_type=None if isinstance(body, bytes | bytearray | memoryview) else "application/json",
+        if delay > 0:
+            if delay > _MAX_DELAY:
+                raise UserError(f"a delay of {delay:g}s is longer than RabbitMQ allows ({_MAX_DELAY:g}s)")
+            queue = await self._ensure_delay_queue(address, delay)
             # The delay queue dead-letters the message to its address when it expires; RabbitMQ drops the
             # expiration on the way, so it does not expire again there.
-            expiration=max(1, math.ceil(delay * 1000)) / 1000 if delay > 0 else None,
+            expiration: str | None = str(max(1, math.ceil(delay * 1000)))
+        else:
+            queue = self._queues.get(address) or await self._ensure_queue(address)
+            expiration = None
+        properties = spec.Basic.Properties(
+            content_type=None if isinstance(body, bytes | bytearray | memoryview) else "application/json",
+            headers=dict(headers) if headers else None,
+            delivery_mode=_PERSISTENT,
+            expiration=expiration,
         )
-        queue = await self._ensure_delay_queue(address, delay) if delay > 0 else await self._ensure_queue(address)
-        await self._send(message, queue)
+        await self._send(encode_body(body), properties, queue)
 
-    async def _send(self, message: aio_pika.Message, queue: str) -> None:
+    async def _send(self, body: bytes, properties: spec.Basic.Properties, queue: str) -> None:
         """Publish and wait for the broker's confirm; while the connection is down, wait for it first.
 
         A publish is never sent twice over a lost connection: without its confirm nobody knows whether the broker
         has it, and a second identical copy would look like a replay to the next worker. The error says so, and
         the caller (a worker leaves its delivery unacked for redelivery) decides.
         """
-        publisher = self._require()[1]
-        action = f"publishing to {queue!r}"
         for attempt in range(2):
-            await self._channel_ready(publisher, action)
+            channel = await self._publishing_channel(queue)
             try:
-                with _broker_errors(action):
-                    async with asyncio.timeout(self.timeout):
-                        await publisher.default_exchange.publish(message, queue, mandatory=True)
+                # Publishes are pipelined: each waits for its own confirm, not for the socket or other publishes.
+                await channel.basic_publish(
+                    body, routing_key=queue, properties=properties, mandatory=True, timeout=self.timeout, wait=False
+                )
                 return
-            except TransportError as exc:
-                cause = exc.__cause__
-                if isinstance(cause, (*_CONNECTION_LOST, asyncio.CancelledError, TimeoutError)):
-                    raise TransportError(
-                        f"{action}: no confirm from RabbitMQ ({_explain(cause)}); "
-                        "the message may or may not have been published"
-                    ) from cause
-                if attempt or not isinstance(cause, aiormq.exceptions.PublishError):
+            except aiormq.exceptions.PublishError as exc:
+                if attempt:
+                    raise TransportError(f"publishing to {queue!r}: {_explain(exc)}") from exc
+            except (*_CONNECTION_LOST, asyncio.CancelledError, TimeoutError) as exc:
+                if isinstance(exc, asyncio.CancelledError) and _cancelling():
                     raise
+                raise TransportError(
+                    f"publishing to {queue!r}: no confirm from RabbitMQ ({_explain(exc)}); "
+                    "the message may or may not have been published"
+                ) from exc
+            except _BROKER_ERRORS as exc:
+                raise TransportError(f"publishing to {queue!r}: {_explain(exc)}") from exc
             # Unroutable: the queue was deleted after it was declared here. Nothing was enqueued, so declare it
             # again and publish once more.
-            self._declared.discard(queue)
+            self._forget(queue)
             await self._redeclare(queue)
+
+    async def _publishing_channel(self, queue: str) -> aiormq.Channel:
+        """The open channel under the publisher; while the connection is being restored, wait for it."""
+        channel = self._publishing
+        if channel is not None and not channel.is_closed:
+            return channel
+        publisher = self._require()[1]
+        action = f"publishing to {queue!r}"
+        await self._channel_ready(publisher, action)
+        with _broker_errors(action):
+            channel = await _underlay(publisher)
+        self._publishing = channel
+        return channel
 
     async def _channel_ready(self, channel: AbstractRobustChannel, action: str) -> None:
         """Wait, up to `timeout`, for a channel that is down (the connection is being restored) to be back."""
-        if channel.is_closed:
-            with _broker_errors(f"{action}: waiting for the connection to RabbitMQ"):
-                async with asyncio.timeout(self.timeout):
+        if not channel.is_closed:
+            return
+        with _broker_errors(f"{action}: waiting for the connection to RabbitMQ"):
+            async with asyncio.timeout(self.timeout):
+                while channel.is_closed:
                     await channel.ready()
+                    if channel.is_closed:
+                        await asyncio.sleep(0.05)  # closed, and its restore not started yet
 
     async def _redeclare(self, queue: str) -> None:
         address, _, bucket = queue.removeprefix(f"{self.namespace}.").partition("@delay-")
@@ -340,13 +395,11 @@ class RabbitMQTransport:
         name = await self._ensure_queue(address)
         with _broker_errors(f"consuming {name!r}"):
             channel = await connection.channel(publisher_confirms=False)
-        consumer = _RabbitMQConsumer(self, address, channel)
+        consumer = _RabbitMQConsumer(self, address, name, channel)
         try:
             with _broker_errors(f"consuming {name!r}"):
-                await channel.set_qos(prefetch_count=prefetch)
-                # A queue declared on a robust channel is declared and consumed again after a reconnect.
-                queue = await channel.declare_queue(name, durable=True, arguments=self._queue_arguments(address))
-                await queue.consume(consumer.on_message)
+                await channel.set_qos(prefetch_count=prefetch)  # a robust channel sets it again when reopened
+            await consumer.subscribe()
         except BaseException:
             with suppress(*_BROKER_ERRORS):
                 await channel.close()
@@ -354,8 +407,8 @@ class RabbitMQTransport:
         self._consumers.add(consumer)
         return consumer
 
-    def _to_delivery(self, address: str, message: AbstractIncomingMessage, handle: Any) -> Delivery:
-        raw: Mapping[str, Any] = message.headers or {}
+    def _to_delivery(self, address: str, message: DeliveredMessage, handle: Any) -> Delivery:
+        raw: Mapping[str, Any] = message.header.properties.headers or {}
         headers = _string_headers(raw)
         if address == DEAD_LETTER and REASON_HEADER not in headers:
             headers.update(self._broker_dead_letter_headers(raw))
@@ -427,24 +480,78 @@ class RabbitMQTransport:
 
 
 class _RabbitMQConsumer:
-    """Deliveries from one queue, on a channel of its own whose prefetch bounds how many are unsettled."""
+    """Deliveries from one queue, on a channel of its own whose prefetch bounds how many are unsettled.
+
+    It consumes on the channel under the robust one, so a delivery costs no more than aiormq's own task: it
+    subscribes again itself when the robust channel is reopened after a reconnect, and when the broker cancels it
+    (its queue was deleted), declaring the queue first.
+    """
 
     _ids = itertools.count(1)
 
-    def __init__(self, transport: RabbitMQTransport, address: str, channel: AbstractRobustChannel) -> None:
+    def __init__(self, transport: RabbitMQTransport, address: str, queue: str, channel: AbstractRobustChannel) -> None:
         self.transport = transport
         self.address = address
+        self.queue = queue
         self.channel = channel
-        self.handed: dict[int, AbstractIncomingMessage] = {}
-        self._buffer: asyncio.Queue[AbstractIncomingMessage | None] = asyncio.Queue()
+        self.handed: dict[int, DeliveredMessage] = {}
+        self._buffer: asyncio.Queue[DeliveredMessage | None] = asyncio.Queue()
         self._closed = False
+        self._tag: str | None = None
+        self._subscribing = asyncio.Lock()
+        self._resubscribing: asyncio.Task[None] | None = None
+        channel.reopen_callbacks.add(self._on_reopen)
 
     @property
     def unsettled(self) -> int:
         """Deliveries received and not yet settled: handed out, or waiting in the buffer."""
         return len(self.handed) + self._buffer.qsize()
 
-    async def on_message(self, message: AbstractIncomingMessage) -> None:
+    async def subscribe(self) -> None:
+        """Declare the queue and consume it on the channel as it now is, unless this consumer already does."""
+        arguments = self.transport._queue_arguments(self.address)
+        async with self._subscribing:
+            with _broker_errors(f"consuming {self.queue!r}"):
+                async with asyncio.timeout(self.transport.timeout):
+                    await self.channel.ready()  # reopened with its prefetch set: a consumer before it gets no limit
+                    channel = await _underlay(self.channel)
+                    if self._closed or (self._tag is not None and self._tag in channel.consumers):
+                        return
+                    await channel.queue_declare(self.queue, durable=True, arguments=arguments)
+                    self._tag = (await channel.basic_consume(self.queue, self._on_delivery)).consumer_tag
+            cancels: set[Any] | None = getattr(channel, "on_consumer_cancel_callbacks", None)  # aiormq 7 and later
+            if cancels is not None:
+                cancels.add(self._on_cancelled)
+
+    async def _on_reopen(self, channel: object) -> None:
+        try:
+            await self.subscribe()
+        except TransportError:
+            self._subscribe_later()  # aio-pika drops what a reopen callback raises
+
+    def _on_cancelled(self, frame: spec.Basic.Cancel) -> None:
+        if frame.consumer_tag == self._tag:
+            self._subscribe_later()
+
+    def _subscribe_later(self) -> None:
+        if not self._closed and self._resubscribing is None:
+            self._resubscribing = asyncio.create_task(self._resubscribe(), name=f"paigeant-resubscribe-{self.queue}")
+
+    async def _resubscribe(self) -> None:
+        """Subscribe again until it works or the consumer is closed."""
+        try:
+            while not self._closed:
+                try:
+                    await self.subscribe()
+                    return
+                except TransportError as exc:
+                    interval = self.transport.reconnect_interval
+                    logger.warning("consuming %r again failed (%s); retrying in %gs", self.queue, exc, interval)
+                    await asyncio.sleep(interval)
+        finally:
+            self._resubscribing = None
+
+    async def _on_delivery(self, message: DeliveredMessage) -> None:
         if not self._closed:
             self._buffer.put_nowait(message)
 
@@ -470,6 +577,9 @@ class _RabbitMQConsumer:
         if self._closed:
             return
         self._closed = True
+        self.channel.reopen_callbacks.discard(self._on_reopen)
+        if self._resubscribing is not None:
+            self._resubscribing.cancel()
         self.handed.clear()
         while not self._buffer.empty():
             self._buffer.get_nowait()
@@ -493,16 +603,22 @@ class _RabbitMQConsumer:
         await self.aclose()
 
 
-async def _ack(message: AbstractIncomingMessage, address: str) -> None:
-    with _broker_errors(f"acknowledging a delivery from {address!r}"):
-        await message.ack()
-
-
-def _from_closed_channel(message: AbstractIncomingMessage) -> bool:
+async def _ack(message: DeliveredMessage, address: str) -> None:
     try:
-        return message.channel.is_closed
-    except aiormq.exceptions.ChannelInvalidStateError:
-        return True
+        # Refused once the channel closed: the broker has taken the delivery back by then. An ack has no reply in
+        # AMQP; waiting for it to reach the socket would only hold the caller up.
+        await message.channel.basic_ack(cast(int, message.delivery_tag), wait=False)  # a consumer's carry one
+    except _BROKER_ERRORS as exc:
+        raise TransportError(f"acknowledging a delivery from {address!r}: {_explain(exc)}") from exc
+
+
+async def _underlay(channel: AbstractRobustChannel) -> aiormq.Channel:
+    """The aiormq channel under `channel`, as it now is (a reconnect replaces it)."""
+    return cast(aiormq.Channel, await channel.get_underlay_channel())
+
+
+def _from_closed_channel(message: DeliveredMessage) -> bool:
+    return message.channel.is_closed
 
 
 def _dead_letter_to(queue: str) -> dict[str, Any]:
@@ -544,13 +660,18 @@ def _broker_errors(action: str) -> Generator[None]:
     try:
         yield
     except asyncio.CancelledError as exc:
-        task = asyncio.current_task()
-        if task is not None and task.cancelling():
+        if _cancelling():
             raise
         # aiormq cancels what waits on a channel that closes under it: that is a lost connection, not a cancel.
         raise TransportError(f"{action}: the channel closed while waiting for RabbitMQ") from exc
     except _BROKER_ERRORS as exc:
         raise TransportError(f"{action}: {_explain(exc)}") from exc
+
+
+def _cancelling() -> bool:
+    """True if the current task is being cancelled (not merely woken by a channel that closed under it)."""
+    task = asyncio.current_task()
+    return task is not None and task.cancelling() > 0
 
 
 def _explain(exc: BaseException) -> str:

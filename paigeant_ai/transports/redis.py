@@ -15,10 +15,13 @@ Settled entries beyond `trim_length` are trimmed by the consumers, after every `
 at least every second while they settle and when they close; an entry that is not yet delivered or not yet
 acknowledged is never trimmed. `events` and `dead-letter` are capped at `trim_length` entries.
 
-Commands go out in pipelines: what the steps in flight ask of Redis while an earlier pipeline waits for its reply
-goes out together in the next one, with the publishes of a pipeline in one script call and its acks in one `XACK`
-per stream. This includes what other code sends through `RedisTransport.client` (the replay cache, the dedupe
-store), except blocking reads and commands outside a short list of quick ones.
+Commands go out in pipelines, one at a time: what the steps in flight ask of Redis while a pipeline waits for its
+replies goes out together in the next one. In a pipeline, the publishes are one script call (with one marker
+against a resent pipeline adding them twice), the acks one `XACK` per stream, the quick commands one script call,
+and each consumer's read one script call that returns its entries packed in one string. This includes what other
+code sends through `RedisTransport.client` (the replay cache, the dedupe store); blocking reads, and commands
+outside a short list of quick ones, go out on their own. An ack is not waited for: like an AMQP ack, it is sent
+before anything asked for after it, and a lost one means the entry is delivered again.
 
 Durability is Redis's: run it with `appendonly yes` (see the README for the settings).
 """
@@ -26,16 +29,17 @@ Durability is Redis's: run it with `appendonly yes` (see the README for the sett
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import logging
 import os
 import socket
 import uuid
 from collections import deque
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, NamedTuple, Self, cast
+from typing import TYPE_CHECKING, Any, NamedTuple, Self, TypeVar, cast
 from urllib.parse import urlsplit, urlunsplit
 
 try:
@@ -43,7 +47,7 @@ try:
     from redis.asyncio.retry import Retry
     from redis.backoff import ExponentialBackoff
     from redis.exceptions import ConnectionError as RedisConnectionError
-    from redis.exceptions import NoScriptError, RedisError, ResponseError
+    from redis.exceptions import DataError, NoScriptError, RedisError, ResponseError
     from redis.exceptions import TimeoutError as RedisTimeoutError
 except ImportError as _exc:  # pragma: no cover - depends on the environment
     raise ImportError('the Redis transport needs redis-py: pip install "paigeant-ai[redis]"') from _exc
@@ -66,7 +70,7 @@ logger = logging.getLogger("paigeant_ai.transports.redis")
 GROUP = "workers"
 """The consumer group of every stream."""
 _PUBLISH_MARKER_MS = 10 * 60 * 1000
-"""How long a publish is remembered, so that redis-py's retry of it after a lost reply adds nothing."""
+"""How long a PUBLISH call is remembered, so that redis-py's retry of it after a lost reply adds nothing."""
 _PUBLISHES_PER_CALL = 500
 """Most messages one PUBLISH call appends, so that no call keeps Redis busy for long."""
 _PIPELINED = frozenset(
@@ -77,8 +81,26 @@ _PIPELINED = frozenset(
     }
 )
 """The commands that go out in the shared pipelines: quick ones, none that blocks."""
+_MERGED = frozenset(
+    {
+        *("GET", "SET", "EXISTS", "DEL", "UNLINK", "EXPIRE", "PEXPIRE", "INCR", "INCRBY"),
+        *("HGET", "HSET", "HDEL", "SADD", "SREM", "XACK", "XADD", "XLEN"),
+    }
+)
+"""The pipelined commands that go out together in MANY calls: those whose reply a script returns unchanged."""
+_MERGED_OPTIONS = frozenset({"keys", "get"})
+"""The redis-py options a merged command may carry (others change how its reply is read)."""
+_MERGED_PER_CALL = 1000
+"""Most commands one MANY call runs."""
+_MERGED_MAX_WORDS = 64
+"""Longer commands go out on their own (a script can unpack only so many words into one call)."""
+_TURNS_TO_FILL = 4
+"""Most turns of the event loop a pipeline waits for more commands, while each turn adds some."""
+_EMPTY_READS_BEFORE_BLOCKING = 2
+"""Reads in the shared pipeline that find nothing before a consumer blocks on a connection of its own."""
 
 _Entries = list[tuple[bytes, dict[bytes, bytes]]]
+_T = TypeVar("_T")
 
 
 def _ms(seconds: float) -> int:
@@ -115,8 +137,7 @@ def _load_headers(raw: bytes | None) -> dict[str, str]:
     return {str(k): str(v) for k, v in headers.items()}
 
 
-def _deliveries_before(fields: dict[bytes, bytes]) -> int:
-    raw = fields.get(b"deliveries")
+def _deliveries_before(raw: bytes | None) -> int:
     if raw is None:
         return 0
     try:
@@ -125,10 +146,28 @@ def _deliveries_before(fields: dict[bytes, bytes]) -> int:
         return 0
 
 
+def _from_fields(entry_id: bytes, fields: dict[bytes, bytes], times: int) -> tuple[bytes, bytes, bytes, int]:
+    """(id, body, headers, deliveries) of an entry read as fields, delivered `times` times now."""
+    deliveries = _deliveries_before(fields.get(b"deliveries")) + times
+    return entry_id, fields.get(b"body", b""), fields.get(b"headers", b"{}"), deliveries
+
+
+def _unpack_entries(packed: bytes) -> Iterator[tuple[bytes, bytes, bytes, int]]:
+    """(id, body, headers, deliveries) of each entry the READ script packed, delivered once more now."""
+    position, end = 0, len(packed)
+    while position < end:
+        line_end = packed.index(b"\n", position)
+        entry_id, before, headers_length, body_length = packed[position:line_end].split(b" ")
+        headers_end = line_end + 1 + int(headers_length)
+        position = headers_end + int(body_length)
+        yield entry_id, packed[headers_end:position], packed[line_end + 1 : headers_end], int(before) + 1
+
+
 @dataclass(slots=True)
 class _Scripts:
     publish: AsyncScript
     publish_later: AsyncScript
+    read: AsyncScript
     promote: AsyncScript
     trim: AsyncScript
     retry: AsyncScript
@@ -143,6 +182,7 @@ class _Scripts:
         return cls(
             publish=client.register_script(lua.PUBLISH),
             publish_later=client.register_script(lua.PUBLISH_LATER),
+            read=client.register_script(lua.READ),
             promote=client.register_script(lua.PROMOTE),
             trim=client.register_script(lua.TRIM),
             retry=client.register_script(lua.RETRY),
@@ -160,13 +200,14 @@ class _Handle(NamedTuple):
 
 
 class _Errors:
-    """Translates redis-py's exceptions raised while `doing` something into `TransportError`."""
+    """Translates redis-py's exceptions raised while `doing` something (to `about`) into `TransportError`."""
 
-    __slots__ = ("doing", "transport")
+    __slots__ = ("about", "doing", "transport")
 
-    def __init__(self, transport: RedisTransport, doing: str) -> None:
+    def __init__(self, transport: RedisTransport, doing: str, about: str | None) -> None:
         self.transport = transport
         self.doing = doing
+        self.about = about
 
     def __enter__(self) -> None:
         return None
@@ -174,154 +215,220 @@ class _Errors:
     def __exit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
+        if not isinstance(exc, RedisError):
+            return
+        doing = self.doing if self.about is None else f"{self.doing} {self.about!r}"
         if isinstance(exc, RedisConnectionError | RedisTimeoutError):
             self.transport.generation += 1
-            url = _redact(self.transport.url)
-            raise TransportError(f"Redis at {url} is unreachable while {self.doing}: {exc}") from exc
-        if isinstance(exc, RedisError):
-            raise TransportError(f"Redis refused {self.doing}: {exc}") from exc
+            raise TransportError(f"Redis at {_redact(self.transport.url)} is unreachable while {doing}: {exc}") from exc
+        raise TransportError(f"Redis refused {doing}: {exc}") from exc
 
 
 # -- pipelining ------------------------------------------------------------------------------------------------
+
+_Request = tuple[tuple[Any, ...], dict[str, Any], "asyncio.Future[Any]"]
+_Publish = tuple[str, bytes, bytes, int, "asyncio.Future[None]"]
 
 
 class _Batch:
     """What goes to Redis in one pipeline, each request with the future its caller awaits."""
 
-    __slots__ = ("acks", "commands", "publishes")
+    __slots__ = ("acks", "commands", "merged", "publishes", "size")
 
     def __init__(self) -> None:
-        self.commands: list[tuple[tuple[Any, ...], dict[str, Any], asyncio.Future[Any]]] = []
-        self.publishes: list[tuple[str, bytes, bytes, int, asyncio.Future[None]]] = []
+        self.size = 0  # requests added
+        self.publishes: list[_Publish] = []
         self.acks: dict[str, list[tuple[bytes, asyncio.Future[None]]]] = {}
+        self.merged: list[_Request] = []  # sent together in MANY calls
+        self.commands: list[_Request] = []  # sent one by one
 
     def __bool__(self) -> bool:
-        return bool(self.commands or self.publishes or self.acks)
+        return bool(self.publishes or self.acks or self.merged or self.commands)
+
+    def drop_cancelled(self) -> None:
+        """Forget the requests whose callers stopped waiting before they were sent: they are not sent."""
+        self.publishes = [publish for publish in self.publishes if not publish[-1].cancelled()]
+        self.merged = [request for request in self.merged if not request[-1].cancelled()]
+        self.commands = [request for request in self.commands if not request[-1].cancelled()]
 
     def futures(self) -> Iterator[asyncio.Future[Any]]:
         yield from (future for *_, future in self.publishes)
         for acks in self.acks.values():
             yield from (future for _, future in acks)
+        yield from (future for *_, future in self.merged)
         yield from (future for *_, future in self.commands)
+
+    def split(self) -> Iterator[_Batch]:
+        """One batch for each request, acks first."""
+        for stream, acks in self.acks.items():
+            for ack in acks:
+                (batch := _Batch()).acks[stream] = [ack]
+                yield batch
+        for publish in self.publishes:
+            (batch := _Batch()).publishes.append(publish)
+            yield batch
+        for request in (*self.merged, *self.commands):
+            (batch := _Batch()).commands.append(request)
+            yield batch
 
 
 class _Pipeliner:
     """Sends what is asked of Redis while a pipeline waits for its replies as the next pipeline.
 
     With fifty steps in flight, each step's own commands (a publish, an ack, a dedupe check...) would cost fifty
-    writes, fifty reads and fifty connection checkouts; batched they cost one of each. The publishes of a batch
-    go out as PUBLISH calls of up to `_PUBLISHES_PER_CALL` messages, each with one duplicate marker, and its acks
-    as one `XACK` per stream. A caller's commands are awaited one after the other, so no order is lost.
+    writes, fifty reads and fifty connection checkouts; batched they cost one of each. In a pipeline, the
+    publishes go out as PUBLISH calls of up to `_PUBLISHES_PER_CALL` messages, each with one duplicate marker;
+    the acks as one `XACK` per stream; the quick commands of `_MERGED` as MANY calls. One pipeline is on the
+    wire at a time (two cost more per command in CPU than they save in waiting). A caller's commands are awaited
+    one after the other, so no order is lost.
     """
 
-    def __init__(self, client: _PipelinedRedis, namespace: str, publish: AsyncScript, *, in_flight: int = 1) -> None:
+    def __init__(self, client: _PipelinedRedis, namespace: str) -> None:
         self.client = client
-        self.namespace = namespace
-        self.publish_script = publish
-        self.max_in_flight = in_flight
+        self._publish_sha = client.register_script(lua.PUBLISH).sha
+        self._many_sha = client.register_script(lua.MANY).sha
         self._next = _Batch()
-        self._sending: set[asyncio.Task[None]] = set()
-        self._scheduled = False
+        self._sender: asyncio.Task[None] | None = None
+        self._load_scripts = False
+        self._markers = f"{namespace}:published:{uuid.uuid4().hex}:"  # then the number of the PUBLISH call
+        self._calls = 0
 
     def command(self, args: tuple[Any, ...], options: dict[str, Any]) -> asyncio.Future[Any]:
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        self._next.commands.append((args, options, future))
-        self._schedule()
+        if args[0] in _MERGED and len(args) <= _MERGED_MAX_WORDS and not options.keys() - _MERGED_OPTIONS:
+            self._next.merged.append((args, options, future))
+        else:
+            self._next.commands.append((args, options, future))
+        self._next.size += 1
+        self._wake()
         return future
 
     def publish(self, stream: str, body: bytes, headers: bytes, maxlen: int) -> asyncio.Future[None]:
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._next.publishes.append((stream, body, headers, maxlen, future))
-        self._schedule()
+        self._next.size += 1
+        self._wake()
         return future
 
     def ack(self, stream: str, entry_id: bytes) -> asyncio.Future[None]:
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._next.acks.setdefault(stream, []).append((entry_id, future))
-        self._schedule()
+        self._next.size += 1
+        self._wake()
         return future
 
     async def drain(self) -> None:
         """Wait until everything asked so far has been answered."""
-        while self._sending or self._next:
-            if not self._sending:
-                self._start()
-            await asyncio.wait(set(self._sending))
+        while self._sender is not None:
+            await asyncio.wait([self._sender])
 
-    def _schedule(self) -> None:
-        # On the next turn of the loop: the other steps that are ready add their commands first.
-        if not self._scheduled and len(self._sending) < self.max_in_flight:
-            self._scheduled = True
-            asyncio.get_running_loop().call_soon(self._start)
+    def _wake(self) -> None:
+        if self._sender is None:
+            self._sender = asyncio.get_running_loop().create_task(self._send_all(), name="paigeant-redis-pipeline")
 
-    def _start(self) -> None:
-        self._scheduled = False
-        if not self._next or len(self._sending) >= self.max_in_flight:
-            return
-        batch, self._next = self._next, _Batch()
-        task = asyncio.get_running_loop().create_task(self._send(batch), name="paigeant-redis-pipeline")
-        self._sending.add(task)
-        task.add_done_callback(self._sent)
-
-    def _sent(self, task: asyncio.Task[None]) -> None:
-        self._sending.discard(task)
-        if self._next:
-            self._schedule()
+    async def _send_all(self) -> None:
+        try:
+            while self._next:
+                # Turns of the loop, until one adds nothing: the steps that are ready add their commands.
+                for _ in range(_TURNS_TO_FILL):
+                    size = self._next.size
+                    await asyncio.sleep(0)
+                    if self._next.size == size:
+                        break
+                batch, self._next = self._next, _Batch()
+                batch.drop_cancelled()
+                await self._send(batch)
+        finally:
+            self._sender = None
 
     async def _send(self, batch: _Batch) -> None:
         pipe = self.client.pipeline(transaction=False)
-        chunks = [
-            batch.publishes[i : i + _PUBLISHES_PER_CALL] for i in range(0, len(batch.publishes), _PUBLISHES_PER_CALL)
-        ]
-        for chunk in chunks:
-            marker = f"{self.namespace}:published:{uuid.uuid4().hex}"  # the same when redis-py sends it again
-            args: list[Any] = [p[0] for p in chunk]
-            args.append(marker)
-            for _, body, headers, maxlen, _ in chunk:
-                args.extend((body, headers, maxlen))
-            pipe.pipeline_execute_command("EVALSHA", self.publish_script.sha, len(chunk) + 1, *args, _PUBLISH_MARKER_MS)
+        answers: list[Callable[[Any], None]] = []
+        # Acks first: nobody waits for them, so a command asked for after an ack must not run before it.
         for stream, acks in batch.acks.items():
             pipe.pipeline_execute_command("XACK", stream, GROUP, *(entry_id for entry_id, _ in acks))
-        for args, options, _ in batch.commands:
+            answers.append(functools.partial(_resolve_all, [future for _, future in acks]))
+        for chunk in _chunks(batch.publishes, _PUBLISHES_PER_CALL):
+            pipe.pipeline_execute_command(*self._publish_call(chunk))
+            answers.append(functools.partial(self._published, chunk))
+        for chunk in _chunks(batch.merged, _MERGED_PER_CALL):
+            pipe.pipeline_execute_command(*self._many_call(chunk))
+            answers.append(functools.partial(self._answered, chunk))
+        for args, options, future in batch.commands:
             pipe.pipeline_execute_command(*args, **options)
+            answers.append(functools.partial(_resolve, future))
         try:
+            if self._load_scripts:  # Redis restarted and forgot them
+                self._load_scripts = False
+                await self.client.script_load(lua.PUBLISH)
+                await self.client.script_load(lua.MANY)
             replies: list[Any] = await pipe.execute(raise_on_error=False)
+        except DataError as exc:
+            # Arguments that cannot be sent: packing them failed, so nothing went out. Only their command fails.
+            requests = list(batch.split())
+            if len(requests) == 1:
+                _resolve_all(list(batch.futures()), exc)
+            for request in requests if len(requests) > 1 else ():
+                await self._send(request)
+            return
         except asyncio.CancelledError:
             for future in batch.futures():
                 future.cancel()
             raise
         except Exception as exc:
-            for future in batch.futures():
-                if not future.done():
-                    future.set_exception(exc)
+            _resolve_all(list(batch.futures()), exc)
             return
-        replies.reverse()
-        for chunk in chunks:
-            await self._published(chunk, replies.pop())
-        for acks in batch.acks.values():
-            reply = replies.pop()
-            for _, future in acks:
-                _resolve(future, None if not isinstance(reply, Exception) else reply)
-        for *_, future in batch.commands:
-            reply = replies.pop()
-            _resolve(future, reply)
+        try:
+            for answer, reply in zip(answers, replies, strict=True):
+                answer(reply)
+        except Exception as exc:  # a reply of an unexpected shape: no caller may wait for ever
+            _resolve_all(list(batch.futures()), exc)
 
-    async def _published(self, chunk: list[tuple[str, bytes, bytes, int, asyncio.Future[None]]], reply: Any) -> None:
-        if isinstance(reply, NoScriptError):  # Redis restarted and forgot its scripts; nothing ran
-            try:
-                await self.client.script_load(lua.PUBLISH)
-            except RedisError as exc:
-                reply = exc
-            else:
-                self._next.publishes[:0] = chunk
-                return
-        if isinstance(reply, Exception):
-            for *_, future in chunk:
-                _resolve(future, reply)
-            return
-        outcome, error = cast("list[bytes]", reply)
-        for flag, (*_, future) in zip(outcome, chunk, strict=True):
-            _resolve(future, None if flag == ord("1") else ResponseError(error.decode(errors="replace")))
+    def _publish_call(self, chunk: list[_Publish]) -> list[Any]:
+        self._calls += 1
+        marker = f"{self._markers}{self._calls}"  # the same when redis-py sends the pipeline again
+        call: list[Any] = ["EVALSHA", self._publish_sha, len(chunk) + 1, *(stream for stream, *_ in chunk), marker]
+        for _, body, headers, maxlen, _ in chunk:
+            call += (body, headers, maxlen)
+        call.append(_PUBLISH_MARKER_MS)
+        return call
+
+    def _published(self, chunk: list[_Publish], reply: Any) -> None:
+        if isinstance(reply, NoScriptError):  # nothing ran: again, once the script is loaded
+            self._load_scripts = True
+            self._next.publishes[:0] = chunk
+        elif isinstance(reply, Exception):
+            _resolve_all([future for *_, future in chunk], reply)
+        else:
+            outcome, error = cast("list[bytes]", reply)
+            for flag, (*_, future) in zip(outcome, chunk, strict=True):
+                _resolve(future, None if flag == ord("1") else ResponseError(error.decode(errors="replace")))
+
+    def _many_call(self, chunk: list[_Request]) -> list[Any]:
+        call: list[Any] = ["EVALSHA", self._many_sha, 0]
+        for args, _, _ in chunk:
+            call.append(len(args))
+            call += args
+        return call
+
+    def _answered(self, chunk: list[_Request], reply: Any) -> None:
+        if isinstance(reply, NoScriptError):
+            self._load_scripts = True
+            self._next.merged[:0] = chunk
+        elif isinstance(reply, Exception):
+            _resolve_all([future for *_, future in chunk], reply)
+        else:
+            callbacks = self.client.response_callbacks
+            for (args, options, future), answer in zip(chunk, cast("list[Any]", reply), strict=True):
+                callback = callbacks.get(args[0])
+                if callback is not None and not isinstance(answer, Exception):
+                    answer = callback(answer, **{k: v for k, v in options.items() if k != "keys"})
+                _resolve(future, answer)
+
+
+def _chunks(items: list[_T], size: int) -> Iterator[list[_T]]:
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
 
 
 def _resolve(future: asyncio.Future[Any], reply: object) -> None:
@@ -331,6 +438,15 @@ def _resolve(future: asyncio.Future[Any], reply: object) -> None:
         future.set_exception(reply)
     else:
         future.set_result(reply)
+
+
+def _resolve_all(futures: list[asyncio.Future[Any]], reply: object) -> None:
+    if isinstance(reply, Exception):
+        for future in futures:
+            _resolve(future, reply)
+    else:
+        for future in futures:
+            _resolve(future, None)
 
 
 class _PipelinedRedis(aioredis.Redis):
@@ -445,15 +561,19 @@ class RedisTransport:
             raise TransportError("the Redis transport is not connected: call `await transport.connect()` first")
         return self._scripts
 
-    @property
-    def pipeliner(self) -> _Pipeliner:
+    def _pipelined(self) -> _Pipeliner:
         if self._pipeliner is None:
             raise TransportError("the Redis transport is not connected: call `await transport.connect()` first")
         return self._pipeliner
 
-    def errors(self, doing: str) -> _Errors:
-        """A context that translates redis-py's exceptions raised while `doing` something into `TransportError`."""
-        return _Errors(self, doing)
+    def errors(self, doing: str, about: str | None = None) -> _Errors:
+        """A context that translates the redis-py exceptions raised in it into `TransportError`.
+
+        Args:
+            doing: What was being done, for the message: `"publishing to"`.
+            about: What it was done to, quoted after `doing` (an address, a stream).
+        """
+        return _Errors(self, doing, about)
 
     # -- lifecycle -------------------------------------------------------------------------------------------
 
@@ -479,9 +599,8 @@ class RedisTransport:
         except TransportError:
             await client.aclose()
             raise
-        scripts = _Scripts.register(client)
-        client.pipeliner = _Pipeliner(client, self.namespace, scripts.publish)
-        self._client, self._scripts, self._pipeliner = client, scripts, client.pipeliner
+        client.pipeliner = _Pipeliner(client, self.namespace)
+        self._client, self._scripts, self._pipeliner = client, _Scripts.register(client), client.pipeliner
 
     async def disconnect(self) -> None:
         for consumer in list(self._consumers):
@@ -515,15 +634,16 @@ class RedisTransport:
         headers: Mapping[str, str] | None = None,
         delay: float = 0.0,
     ) -> None:
-        data, header_json = encode_body(body), _dump_headers(headers)
-        with self.errors(f"publishing to {address!r}"):
+        data = body if type(body) is bytes else encode_body(body)
+        header_json = _dump_headers(headers)
+        with self.errors("publishing to", address):
             if delay > 0:
                 member = f"{uuid.uuid4().hex}{0:010d}{len(header_json):010d}".encode() + header_json + data
                 await self.scripts.publish_later(keys=[self.delayed_key(address)], args=[_ms(delay), member])
                 self._expect_due(address, delay)
             else:
                 maxlen = self.trim_length if address in RESERVED_ADDRESSES else 0
-                await self.pipeliner.publish(self.stream_key(address), data, header_json, maxlen)
+                await self._pipelined().publish(self.stream_key(address), data, header_json, maxlen)
 
     async def consume(self, address: str, *, prefetch: int = 10) -> _RedisConsumer:
         if prefetch < 1:
@@ -536,15 +656,27 @@ class RedisTransport:
         return consumer
 
     async def ack(self, delivery: Delivery) -> None:
+        """Settle the delivery: its `XACK` goes out in the next pipeline, before any command asked for later.
+
+        Like an AMQP ack, it is not waited for: if it is lost with the connection or the process, the entry is
+        delivered again after `visibility_timeout`, and the worker recognises the completed step.
+        """
         handle = self._handle(delivery)
-        with self.errors(f"acknowledging a delivery from {delivery.address!r}"):
-            await self.pipeliner.ack(handle.consumer.stream, handle.entry_id)
+        self._pipelined().ack(handle.consumer.stream, handle.entry_id).add_done_callback(self._ack_settled)
         handle.consumer.settled(handle.entry_id)
+
+    def _ack_settled(self, future: asyncio.Future[None]) -> None:
+        error = None if future.cancelled() else future.exception()
+        if error is None:
+            return
+        if isinstance(error, RedisConnectionError | RedisTimeoutError):
+            self.generation += 1
+        logger.warning("an ack was lost (%s); its delivery comes back after the visibility timeout", error)
 
     async def retry_later(self, delivery: Delivery, delay: float) -> None:
         handle = self._handle(delivery)
         args = [GROUP, handle.entry_id, round(delay * 1000) if delay > 0 else 0]
-        with self.errors(f"handing back a delivery from {delivery.address!r}"):
+        with self.errors("handing back a delivery from", delivery.address):
             await self.scripts.retry(
                 keys=[handle.consumer.stream, self.delayed_key(delivery.address)],
                 args=[*args, delivery.delivery_count, uuid.uuid4().hex],
@@ -559,7 +691,7 @@ class RedisTransport:
         handle.consumer.settled(handle.entry_id)
 
     async def pending(self, address: str) -> int:
-        with self.errors(f"counting the messages of {address!r}"):
+        with self.errors("counting the messages of", address):
             count = await self.scripts.pending(keys=[self.stream_key(address), self.delayed_key(address)], args=[GROUP])
         return int(count)
 
@@ -584,7 +716,7 @@ class RedisTransport:
                 consumer.expect_due(delay)
 
     async def _ensure_group(self, stream: str) -> None:
-        with self.errors(f"creating the consumer group of {stream!r}"):
+        with self.errors("creating the consumer group of", stream):
             try:
                 await self.client.xgroup_create(stream, GROUP, id="0", mkstream=True)
             except ResponseError as exc:
@@ -593,7 +725,7 @@ class RedisTransport:
 
     async def _dead_letter_entry(self, stream: str, entry_id: bytes, delivery: Delivery, reason: str) -> None:
         headers = _dump_headers(dead_letter_headers(delivery, reason))
-        with self.errors(f"dead-lettering a delivery from {delivery.address!r}"):
+        with self.errors("dead-lettering a delivery from", delivery.address):
             await self.scripts.dead_letter(
                 keys=[stream, self.stream_key(DEAD_LETTER)],
                 args=[GROUP, entry_id, delivery.body, headers, self.trim_length],
@@ -625,6 +757,7 @@ class _RedisConsumer:
         self._due_at = 0.0
         self._settled_since_trim = 0
         self._trim_every = max(1, transport.trim_length // 10)
+        self._empty_reads = 0
 
     async def start(self) -> None:
         await self.transport._ensure_group(self.stream)
@@ -689,7 +822,7 @@ class _RedisConsumer:
 
     async def _give_back(self, never_handed_out: list[bytes]) -> None:
         t = self.transport
-        with t.errors(f"handing back the deliveries of {self.name!r}"):
+        with t.errors("handing back the deliveries of", self.name):
             await t.scripts.give_back(keys=[self.stream], args=[GROUP, self.name, t.trim_length, *never_handed_out])
 
     # -- background work -------------------------------------------------------------------------------------
@@ -715,7 +848,10 @@ class _RedisConsumer:
                 if self._settled_since_trim >= self._trim_every or (self._settled_since_trim and now >= next_trim):
                     await self._trim()
                     next_trim = now + 1.0
-                await self._read(min(self._due_at, next_claim, next_trim) - loop.time())
+                wake = min(self._due_at, next_claim)
+                if self._settled_since_trim:
+                    wake = min(wake, next_trim)
+                await self._read(wake - loop.time())
                 failures = 0
             except asyncio.CancelledError:
                 raise
@@ -733,7 +869,7 @@ class _RedisConsumer:
     async def _promote_due(self) -> float:
         """Move due delayed messages into the stream; the seconds until it is worth looking again."""
         t = self.transport
-        with t.errors(f"moving due messages into {self.stream!r}"):
+        with t.errors("moving due messages into", self.stream):
             wait_ms = await t.scripts.promote(keys=[t.delayed_key(self.address), self.stream], args=[100])
         if wait_ms < 0:
             return t.poll_interval
@@ -743,7 +879,7 @@ class _RedisConsumer:
         """Trim the settled entries beyond `trim_length`, never one that is pending or not yet delivered."""
         t = self.transport
         self._settled_since_trim = 0
-        with t.errors(f"trimming {self.stream!r}"):
+        with t.errors("trimming", self.stream):
             await t.scripts.trim(keys=[self.stream], args=[GROUP, t.trim_length])
 
     async def _claim(self) -> bool:
@@ -753,25 +889,36 @@ class _RedisConsumer:
             return True
         t = self.transport
         forget_after = max(600.0, 10 * t.visibility_timeout)
-        with t.errors(f"claiming abandoned entries of {self.stream!r}"):
+        with t.errors("claiming abandoned entries of", self.stream):
             cursor, claimed = await t.scripts.claim(
                 keys=[self.stream],
                 args=[GROUP, self.name, _ms(t.visibility_timeout), self._cursor, room, _ms(forget_after)],
             )
         self._cursor = cursor
         await self._take(
-            (entry_id, dict(zip(flat[::2], flat[1::2], strict=True)), times) for entry_id, flat, times in claimed
+            _from_fields(entry_id, dict(zip(flat[::2], flat[1::2], strict=True)), int(times))
+            for entry_id, flat, times in claimed
         )
         return cursor != b"0-0"
 
     async def _read(self, wait: float) -> None:
+        """Read new entries in the shared pipeline; after a few empty reads, block for up to `wait` seconds."""
         t = self.transport
         room = self._room_left()
         if room <= 0:
             return
-        block = max(1, min(_ms(wait), _ms(t.poll_interval)))
-        with t.errors(f"reading from {self.stream!r}"):
+        with t.errors("reading from", self.stream):
             try:
+                packed = await t.scripts.read(keys=[self.stream], args=[GROUP, self.name, room])
+                if packed:
+                    self._empty_reads = 0
+                    await self._take(_unpack_entries(packed))
+                    return
+                self._empty_reads += 1
+                if self._empty_reads <= _EMPTY_READS_BEFORE_BLOCKING:
+                    return  # again in the next pipeline, which adds what this process publishes meanwhile
+                self._empty_reads = 0
+                block = max(1, min(_ms(wait), _ms(t.poll_interval)))
                 reply: object = await t.client.xreadgroup(GROUP, self.name, {self.stream: ">"}, count=room, block=block)
             except ResponseError as exc:
                 if "NOGROUP" not in str(exc):
@@ -781,18 +928,15 @@ class _RedisConsumer:
         # RESP2 replies [[stream, entries]], RESP3 {stream: entries} (a `protocol=3` URL).
         streams = cast("dict[bytes, _Entries] | list[tuple[bytes, _Entries]] | None", reply) or ()
         for _stream, entries in streams.items() if isinstance(streams, dict) else streams:
-            await self._take((entry_id, fields, 1) for entry_id, fields in entries)
+            await self._take(_from_fields(entry_id, fields, 1) for entry_id, fields in entries)
 
-    async def _take(self, entries: Iterable[tuple[bytes, dict[bytes, bytes], int]]) -> None:
-        """Buffer what was read or claimed; dead-letter what was delivered too often."""
+    async def _take(self, entries: Iterable[tuple[bytes, bytes, bytes, int]]) -> None:
+        """Buffer what was read or claimed, as (id, body, headers, deliveries); dead-letter what came too often."""
         t = self.transport
         address, buffer, limit = self.address, self._buffer, t.max_deliveries
         poison: list[Delivery] = []
-        for entry_id, fields, times in entries:
-            count = _deliveries_before(fields) + int(times)
-            delivery = Delivery(
-                address, fields.get(b"body", b""), _load_headers(fields.get(b"headers")), count, _Handle(self, entry_id)
-            )
+        for entry_id, body, headers, count in entries:
+            delivery = Delivery(address, body, _load_headers(headers), count, _Handle(self, entry_id))
             (buffer if count <= limit else poison).append(delivery)
         if buffer:
             self._arrived.set()
@@ -826,7 +970,7 @@ class _RedisConsumer:
         held = [*self._unacked, *(delivery.handle.entry_id for delivery in self._buffer)]
         lost: set[bytes] = set()
         if held:
-            with t.errors(f"renewing the leases of {self.name!r}"):
+            with t.errors("renewing the leases of", self.name):
                 mine = set(await t.scripts.renew(keys=[self.stream], args=[GROUP, self.name, *held]))
             # Claimed by another consumer, or settled meanwhile. (What arrived during the call is not in `held`.)
             lost = set(held) - mine
@@ -876,8 +1020,8 @@ class RedisDedupeStore:
 
     async def is_done(self, key: str) -> bool:
         with self.transport.errors("checking a step's completion"):
-            return bool(await self.transport.client.exists(self.key(key)))
+            return bool(await self.transport._pipelined().command(("EXISTS", self.key(key)), {}))
 
     async def mark_done(self, key: str) -> None:
         with self.transport.errors("recording a step's completion"):
-            await self.transport.client.set(self.key(key), b"1", nx=True, px=_ms(self.ttl))
+            await self.transport._pipelined().command(("SET", self.key(key), b"1", "NX", "PX", _ms(self.ttl)), {})
