@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import gc
 import os
 import socket
@@ -201,15 +202,39 @@ async def run_paigeant(
         await running
         gc.collect()
         rss_after = rss_mb()
-        await cleanup(transport)
+    await cleanup(transport)
     variant = ("agent" if agent else "functions") + (", signed" if signed else ", unsigned")
     return Result(transport_name, variant, workflows, seconds, probe.latencies, rss_before, rss_after)
 
 
 async def cleanup(transport: Transport) -> None:
-    purge = getattr(transport, "delete_namespace", None)
-    if purge is not None:
-        await purge()
+    """Delete what a run left in the broker: its queues, streams and keys (its namespace is its own).
+
+    Called once the transport is closed, so that no consumer of it declares a queue again.
+    """
+    namespace = getattr(transport, "namespace", "")
+    if transport.name == "redis":
+        import redis.asyncio as redis
+
+        client = redis.Redis.from_url(REDIS_URL)
+        keys = [key async for key in client.scan_iter(match=f"{namespace}*", count=1000)]
+        for start in range(0, len(keys), 1000):
+            await client.unlink(*keys[start : start + 1000])
+        await client.aclose()
+    elif transport.name == "rabbitmq":
+        import aio_pika
+
+        from paigeant_ai.transports.rabbitmq import DELAY_BUCKETS
+
+        connection = await aio_pika.connect(RABBITMQ_URL)
+        async with connection:
+            for address in [*NAMES, EVENTS, "dead-letter"]:
+                for suffix in ["", *(f"@delay-{bucket}" for bucket, _ in DELAY_BUCKETS)]:
+                    channel = await connection.channel()  # a failed delete closes its channel
+                    with contextlib.suppress(aio_pika.exceptions.AMQPError):
+                        await channel.queue_delete(f"{namespace}.{address}{suffix}")
+                    with contextlib.suppress(aio_pika.exceptions.AMQPError):
+                        await channel.close()
 
 
 def message_size(payload_bytes: int) -> int:
@@ -393,7 +418,7 @@ async def soak(transport_name: str, hops: int, concurrency: int, payload_bytes: 
         reader.cancel()
         gc.collect()
         samples.append((probe.done * 3, rss_mb()))
-        await cleanup(transport)
+    await cleanup(transport)
     warm = samples[1] if len(samples) > 2 else samples[0]
     total = probe.done * 3
     print(f"soak on {transport_name}: {total:,} hops in {seconds:.1f}s ({total / seconds:,.0f} hops/s)")

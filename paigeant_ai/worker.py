@@ -507,14 +507,14 @@ class Worker:
         fields: dict[str, Any] = {"activity": entry.name, "step": entry.step, "attempt": entry.attempt}
         # The result of a finished workflow lives only in its `completed` event: it is safely published before
         # the ack, so a crash in between runs the last step again rather than losing the result.
+        self.stats.completed_steps += 1  # counted first, so that a callback reading the stats sees this step
+        self.stats.completed_workflows += finished
         await self._emit("step_completed", message, duration=entry.duration, at=entry.finished_at, **fields)
         if finished:
             detail = entry.error if entry.outcome == "ended" else None
             await self._emit("completed", message, detail=detail, payload=dict(message.payload), now=True, **fields)
         await self.dedupe.mark_done(key)
         await self._settle(delivery, message)
-        self.stats.completed_steps += 1
-        self.stats.completed_workflows += finished
 
     async def _apply_revisions(self, message: PaigeantMessage, ctx: ActivityContext) -> None:
         """Log the route changes the step made in the slip, so the message goes to the revised next step."""
