@@ -247,31 +247,34 @@ class TestRabbitMQContract(TransportContract):
                 await transport.ack(delivery)
             await other.ack(delivery)
 
-    async def test_consumers_resume_after_the_connection_is_lost(self, transport: RabbitMQTransport) -> None:
+    async def test_consumers_resume_after_the_connection_is_lost(self) -> None:
         require_rabbitmqctl()
         where = address()
-        await transport.publish(where, b"before")
-        async with await transport.consume(where) as consumer:
-            held = await receive(consumer)
-            gone = await transport.consume(where)
-            await force_close(transport)
-            for _ in range(50):
-                if consumer.channel.is_closed:
-                    break
-                await asyncio.sleep(0.1)
-            await gone.aclose()  # closed while the connection is down: the reconnect must not bring it back
-            with pytest.raises(TransportError, match="connection was lost"):
-                await transport.ack(held)
-            await transport.publish(where, b"after")  # waits for the reconnect
-            received: list[bytes] = []
-            for _ in range(2):
-                delivery = await receive(consumer)
-                received.append(delivery.body)
-                if delivery.body == b"before":
-                    assert delivery.delivery_count >= 2
-                await transport.ack(delivery)
-            assert sorted(received) == [b"after", b"before"]
-        assert await transport.pending(where) == 0
+        # Reconnecting after a second leaves the time to see the connection down and close a consumer meanwhile.
+        async with self.make(reconnect_interval=1.0) as transport:
+            await transport.publish(where, b"before")
+            async with await transport.consume(where) as consumer:
+                held = await receive(consumer)
+                gone = await transport.consume(where)
+                await force_close(transport)
+                for _ in range(500):
+                    if consumer.channel.is_closed:
+                        break
+                    await asyncio.sleep(0.01)
+                assert consumer.channel.is_closed
+                await gone.aclose()  # closed while the connection is down: the reconnect must not bring it back
+                with pytest.raises(TransportError, match="connection was lost"):
+                    await transport.ack(held)
+                await transport.publish(where, b"after")  # waits for the reconnect
+                received: list[bytes] = []
+                for _ in range(2):
+                    delivery = await receive(consumer)
+                    received.append(delivery.body)
+                    if delivery.body == b"before":
+                        assert delivery.delivery_count >= 2
+                    await transport.ack(delivery)
+                assert sorted(received) == [b"after", b"before"]
+            assert await transport.pending(where) == 0
 
     async def test_events_and_dead_letters_keep_the_newest(self) -> None:
         async with self.make(max_length=3) as transport:

@@ -11,9 +11,10 @@ What it declares, for the namespace `paigeant`:
   long they wait, each message with its own expiry. When it expires, RabbitMQ dead-letters it back to
   `paigeant.<address>` (at-least-once dead-lettering, so nothing is lost on the way).
 
-One connection reconnects by itself; it carries one channel for publishing (every publish waits for the
-broker's confirm), one for declarations and counts, and one per consumer (its prefetch). Consumers resume after
-a reconnect; deliveries handed out before it can no longer be acked and come back from the broker.
+One connection reconnects by itself; it carries one channel for publishing (every publish waits for its own
+confirm, while other publishes go out meanwhile), one for declarations and counts, and one per consumer (its
+prefetch). Consumers resume after a reconnect, and after the broker cancels them (their queue was deleted);
+deliveries handed out before a reconnect can no longer be acked and come back from the broker.
 """
 
 from __future__ import annotations
@@ -331,7 +332,9 @@ class RabbitMQTransport:
         the caller (a worker leaves its delivery unacked for redelivery) decides.
         """
         for attempt in range(2):
-            channel = await self._publishing_channel(queue)
+            channel = self._publishing
+            if channel is None or channel.is_closed:
+                channel = await self._publishing_channel(queue)
             try:
                 # Publishes are pipelined: each waits for its own confirm, not for the socket or other publishes.
                 await channel.basic_publish(
@@ -356,10 +359,7 @@ class RabbitMQTransport:
             await self._redeclare(queue)
 
     async def _publishing_channel(self, queue: str) -> aiormq.Channel:
-        """The open channel under the publisher; while the connection is being restored, wait for it."""
-        channel = self._publishing
-        if channel is not None and not channel.is_closed:
-            return channel
+        """The channel under the publisher, opened again after a reconnect; while it is being restored, wait."""
         publisher = self._require()[1]
         action = f"publishing to {queue!r}"
         await self._channel_ready(publisher, action)
@@ -607,7 +607,7 @@ async def _ack(message: DeliveredMessage, address: str) -> None:
     try:
         # Refused once the channel closed: the broker has taken the delivery back by then. An ack has no reply in
         # AMQP; waiting for it to reach the socket would only hold the caller up.
-        await message.channel.basic_ack(cast(int, message.delivery_tag), wait=False)  # a consumer's carry one
+        await message.channel.basic_ack(cast(int, message.delivery_tag), wait=False)  # deliveries carry one
     except _BROKER_ERRORS as exc:
         raise TransportError(f"acknowledging a delivery from {address!r}: {_explain(exc)}") from exc
 
