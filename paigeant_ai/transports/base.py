@@ -22,8 +22,10 @@ __all__ = (
     "REASON_HEADER",
     "SOURCE_HEADER",
     "Consumer",
+    "ConsumerBase",
     "Delivery",
     "Transport",
+    "TransportBase",
     "encode_body",
 )
 
@@ -131,6 +133,43 @@ class Transport(Protocol):
     async def pending(self, address: str) -> int:
         """How many messages at `address` are waiting or delayed and not yet settled (used by burst mode)."""
         ...
+
+
+class TransportBase:
+    """What every transport shares: `async with transport:` connects, and disconnects on the way out."""
+
+    async def connect(self) -> None:  # pragma: no cover - every transport has its own
+        raise NotImplementedError
+
+    async def disconnect(self) -> None:  # pragma: no cover - every transport has its own
+        raise NotImplementedError
+
+    async def __aenter__(self) -> Self:
+        await self.connect()
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.disconnect()
+
+
+class ConsumerBase:
+    """What every consumer shares: it iterates over itself, and `async with` closes it."""
+
+    async def aclose(self) -> None:  # pragma: no cover - every consumer has its own
+        raise NotImplementedError
+
+    def __aiter__(self) -> Self:
+        return self
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.aclose()
 
 
 def encode_body(body: bytes | PaigeantMessage) -> bytes:

@@ -12,12 +12,11 @@ import itertools
 from collections import deque
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from types import TracebackType
-from typing import TYPE_CHECKING, Self
+from typing import TYPE_CHECKING
 
 from ..contracts import DEAD_LETTER, RESERVED_ADDRESSES
 from ..exceptions import TransportError
-from .base import Delivery, dead_letter_headers, encode_body
+from .base import ConsumerBase, Delivery, TransportBase, dead_letter_headers, encode_body
 
 if TYPE_CHECKING:
     from ..contracts import PaigeantMessage
@@ -51,7 +50,7 @@ class _Queue:
         return entry
 
 
-class InMemoryTransport:
+class InMemoryTransport(TransportBase):
     """A transport that lives in this process's memory.
 
     Share one instance between the dispatcher and the workers of a process. `max_length` (messages) and
@@ -81,15 +80,6 @@ class InMemoryTransport:
             timer.cancel()
         self._timers.clear()
         self._connected = False
-
-    async def __aenter__(self) -> Self:
-        await self.connect()
-        return self
-
-    async def __aexit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        await self.disconnect()
 
     def _queue(self, address: str) -> _Queue:
         if not self._connected:
@@ -167,7 +157,7 @@ class InMemoryTransport:
         return len(queue.ready) + queue.delayed + queue.unacked
 
 
-class _MemoryConsumer:
+class _MemoryConsumer(ConsumerBase):
     def __init__(self, transport: InMemoryTransport, address: str, queue: _Queue, prefetch: int) -> None:
         self.transport = transport
         self.address = address
@@ -177,9 +167,6 @@ class _MemoryConsumer:
         self._slot = asyncio.Event()
         self._slot.set()
         self._closed = False
-
-    def __aiter__(self) -> Self:
-        return self
 
     async def __anext__(self) -> Delivery:
         while True:
@@ -222,11 +209,3 @@ class _MemoryConsumer:
         self._slot.set()
         self.queue.arrived.set()
         self.transport._consumers.discard(self)
-
-    async def __aenter__(self) -> Self:
-        return self
-
-    async def __aexit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        await self.aclose()

@@ -29,8 +29,7 @@ import socket
 from collections.abc import Awaitable, Callable, Generator, Mapping
 from contextlib import contextmanager, suppress
 from decimal import Decimal
-from types import TracebackType
-from typing import TYPE_CHECKING, Any, Self, TypeVar, cast
+from typing import TYPE_CHECKING, Any, TypeVar, cast
 from urllib.parse import urlsplit, urlunsplit
 
 try:
@@ -47,7 +46,7 @@ except ImportError as _exc:  # pragma: no cover - exercised by the missing-extra
 from ..contracts import DEAD_LETTER, RESERVED_ADDRESSES
 from ..exceptions import TransportError, UserError
 from ..settings import Settings
-from .base import REASON_HEADER, SOURCE_HEADER, Delivery, dead_letter_headers, encode_body
+from .base import REASON_HEADER, SOURCE_HEADER, ConsumerBase, Delivery, TransportBase, dead_letter_headers, encode_body
 
 if TYPE_CHECKING:
     from ..contracts import PaigeantMessage
@@ -89,7 +88,7 @@ _CONNECTION_LOST: tuple[type[BaseException], ...] = (
 )
 
 
-class RabbitMQTransport:
+class RabbitMQTransport(TransportBase):
     """A transport on RabbitMQ: durable quorum queues, publisher confirms, manual acks.
 
     Args:
@@ -185,15 +184,6 @@ class RabbitMQTransport:
         if connection is not None:
             with suppress(*_BROKER_ERRORS):
                 await connection.close()
-
-    async def __aenter__(self) -> Self:
-        await self.connect()
-        return self
-
-    async def __aexit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        await self.disconnect()
 
     # -- queues ----------------------------------------------------------------------------------------------
 
@@ -479,7 +469,7 @@ class RabbitMQTransport:
         return ready + delayed + held
 
 
-class _RabbitMQConsumer:
+class _RabbitMQConsumer(ConsumerBase):
     """Deliveries from one queue, on a channel of its own whose prefetch bounds how many are unsettled.
 
     It consumes on the channel under the robust one, so a delivery costs no more than aiormq's own task: it
@@ -555,9 +545,6 @@ class _RabbitMQConsumer:
         if not self._closed:
             self._buffer.put_nowait(message)
 
-    def __aiter__(self) -> Self:
-        return self
-
     async def __anext__(self) -> Delivery:
         while True:
             if self._closed:
@@ -593,14 +580,6 @@ class _RabbitMQConsumer:
         except TransportError:
             if not down:
                 raise  # when the connection is down, the broker has taken the deliveries back already
-
-    async def __aenter__(self) -> Self:
-        return self
-
-    async def __aexit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        await self.aclose()
 
 
 async def _ack(message: DeliveredMessage, address: str) -> None:

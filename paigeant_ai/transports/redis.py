@@ -39,7 +39,7 @@ from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, NamedTuple, Self, TypeVar, cast
+from typing import TYPE_CHECKING, Any, NamedTuple, TypeVar, cast
 from urllib.parse import urlsplit, urlunsplit
 
 try:
@@ -56,7 +56,7 @@ from ..contracts import DEAD_LETTER, RESERVED_ADDRESSES
 from ..exceptions import TransportError, UserError
 from ..settings import Settings
 from . import _redis_lua as lua
-from .base import Delivery, dead_letter_headers, encode_body
+from .base import ConsumerBase, Delivery, TransportBase, dead_letter_headers, encode_body
 
 if TYPE_CHECKING:
     from redis.commands.core import AsyncScript
@@ -464,7 +464,7 @@ class _PipelinedRedis(aioredis.Redis):
 # -- the transport ---------------------------------------------------------------------------------------------
 
 
-class RedisTransport:
+class RedisTransport(TransportBase):
     """A transport over Redis Streams (Redis 7 or later).
 
     Share one instance between the dispatcher and the workers of a process.
@@ -615,15 +615,6 @@ class RedisTransport:
         if client is not None:
             await client.aclose()
 
-    async def __aenter__(self) -> Self:
-        await self.connect()
-        return self
-
-    async def __aexit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        await self.disconnect()
-
     # -- the Transport protocol ------------------------------------------------------------------------------
 
     async def publish(
@@ -732,7 +723,7 @@ class RedisTransport:
             )
 
 
-class _RedisConsumer:
+class _RedisConsumer(ConsumerBase):
     """One named consumer of an address's group.
 
     A background task reads entries into a local buffer, never holding more than `prefetch` entries read or
@@ -769,9 +760,6 @@ class _RedisConsumer:
 
     # -- the consumer protocol -------------------------------------------------------------------------------
 
-    def __aiter__(self) -> Self:
-        return self
-
     async def __anext__(self) -> Delivery:
         while True:
             if self._closed:
@@ -798,14 +786,6 @@ class _RedisConsumer:
         self.transport._consumers.discard(self)
         if self.transport._client is not None:
             await self._give_back(never_handed_out)
-
-    async def __aenter__(self) -> Self:
-        return self
-
-    async def __aexit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        await self.aclose()
 
     # -- bookkeeping -----------------------------------------------------------------------------------------
 
