@@ -258,13 +258,19 @@ class Worker:
         loop = asyncio.get_running_loop()
         while not self._stop.is_set():
             self._raise_if_a_consumer_failed()
-            if not self._inflight and all([await self.transport.pending(name) == 0 for name in self.activities]):
+            if not self._inflight and await self._all_queues_empty():
                 quiet_since = quiet_since if quiet_since is not None else loop.time()
                 if loop.time() - quiet_since >= quiet_for:
                     return
             else:
                 quiet_since = None
             await asyncio.sleep(0.02)
+
+    async def _all_queues_empty(self) -> bool:
+        for name in self.activities:  # stop at the first queue with work: each count may be a broker round trip
+            if await self.transport.pending(name):
+                return False
+        return True
 
     def _raise_if_a_consumer_failed(self) -> None:
         # A transport reconnects by itself; a consumer that still ends has lost its broker for good, and a
