@@ -17,6 +17,7 @@ from datetime import datetime
 from typing import TYPE_CHECKING
 
 from . import observability
+from ._sealing import seal
 from .contracts import DEAD_LETTER, EVENTS, PaigeantMessage, WorkflowEvent
 from .exceptions import InvalidMessage, SecurityError, UserError
 from .security import MessageSigner
@@ -235,14 +236,13 @@ async def replay_dead_letter(transport: Transport, letter: DeadLetter, signer: M
         raise UserError(f"this letter was refused by a security check and is never replayed: {reason}")
     if isinstance(signer, MessageSigner):
         try:  # re-signing vouches for the letter: only one a trusted key signed as it is gets that
-            signer.check_signature(message)
+            signer.check_signature(message, letter.delivery.body)
         except SecurityError as exc:
             raise UserError(f"this letter cannot be replayed: {exc}") from None
     replay = message.next_hop(attempt=message.attempt + 1)
     with observability.replay_span(replay, transport.name):
-        replay.headers = observability.inject_context(replay.headers, replay.correlation_id)
-        signer.sign(replay)
-        await transport.publish(message.routing_slip.current, replay.to_json(), headers=dict(replay.headers))
+        body = seal(replay, signer, max_bytes=Settings.from_env().max_message_bytes)
+        await transport.publish(message.routing_slip.current, body, headers=dict(replay.headers))
     event = WorkflowEvent(
         kind="resumed",
         correlation_id=replay.correlation_id,

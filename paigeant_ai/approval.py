@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Any, Literal, Protocol, cast
+from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 from pydantic import BaseModel, ConfigDict, Field, JsonValue, TypeAdapter
 from pydantic_ai import Conversation, ConversationTypeAdapter, DeferredToolRequests, DeferredToolResults
@@ -259,7 +259,7 @@ class RedisWaitingStore:
     async def get(self, correlation_id: str) -> ParkedStep | None:
         with self.transport.errors(f"reading parked workflow {correlation_id!r}"):
             raw = await self.transport.client.hget(self.key(correlation_id), "record")
-        return ParkedStep.model_validate_json(cast(bytes, raw)) if raw is not None else None
+        return ParkedStep.model_validate_json(raw) if raw is not None else None
 
     async def remove(self, parked: ParkedStep) -> bool:
         cid = parked.correlation_id
@@ -271,7 +271,7 @@ class RedisWaitingStore:
 
     async def waiting(self) -> list[ParkedStep]:
         with self.transport.errors("listing parked workflows"):
-            ids = cast("list[bytes]", await self.transport.client.zrange(self.index_key, 0, -1))
+            ids = await self.transport.client.zrange(self.index_key, 0, -1)
             found: list[ParkedStep] = []
             for raw_id in ids:
                 parked = await self.get(raw_id.decode())

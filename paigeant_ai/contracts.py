@@ -7,6 +7,7 @@ Everything here is validated JSON with a version field, never pickle. A message 
 from __future__ import annotations
 
 import hashlib
+import math
 import random
 import uuid
 from collections.abc import Mapping
@@ -25,7 +26,7 @@ from pydantic import (
 )
 from pydantic_core import from_json
 
-from .exceptions import InvalidMessage, UserError
+from .exceptions import InvalidMessage, NonFiniteNumber, UserError
 
 __all__ = (
     "DEAD_LETTER",
@@ -40,6 +41,7 @@ __all__ = (
     "RoutingSlip",
     "SecurityContext",
     "WorkflowEvent",
+    "check_finite",
     "decode_events",
     "derive_message_id",
 )
@@ -60,7 +62,15 @@ def _utcnow() -> datetime:
 
 
 class _Wire(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=False, ser_json_timedelta="float")
+    # NaN and infinity are refused where values are validated and encoded bare where they are not (a payload
+    # updated in place), so that `_sealing` finds them instead of sending them as null.
+    model_config = ConfigDict(
+        extra="forbid",
+        validate_assignment=False,
+        ser_json_timedelta="float",
+        allow_inf_nan=False,
+        ser_json_inf_nan="constants",
+    )
 
 
 class RetryPolicy(_Wire):
@@ -303,6 +313,7 @@ class SecurityContext(_Wire):
 
     obo_token: str | None = Field(default=None, repr=False)
     jws_signature: str | None = Field(default=None, repr=False)
+    """A detached JWS over the message as sent, with this field `null`; always the message's last value."""
 
 
 def derive_message_id(correlation_id: str, step: int, name: str | None, attempt: int) -> str:
@@ -332,13 +343,14 @@ class PaigeantMessage(_Wire):
     correlation_id: str = Field(min_length=1, max_length=200)
     routing_slip: RoutingSlip
     payload: dict[str, JsonValue] = Field(default_factory=dict[str, JsonValue])
-    security: SecurityContext = Field(default_factory=SecurityContext)
     headers: dict[str, str] = Field(default_factory=dict[str, str])
     attempt: int = Field(default=0, ge=0)
     created_at: AwareDatetime = Field(default_factory=_utcnow)
     expires_at: AwareDatetime | None = None
     resume: Resumption | None = Field(default=None, exclude_if=_is_empty)
     """Set on the hop that continues a step after it waited for input (see `WorkflowDispatcher.resume`)."""
+    security: SecurityContext = Field(default_factory=SecurityContext)
+    """Always the last field, with the signature last in it: see `paigeant_ai._sealing`."""
 
     @classmethod
     def new(
@@ -352,6 +364,7 @@ class PaigeantMessage(_Wire):
     ) -> PaigeantMessage:
         """The first message of a new workflow."""
         slip = RoutingSlip.from_activities(activities)
+        check_finite(variables, "the variables")
         cid = correlation_id or str(uuid.uuid4())
         return cls(
             message_id=derive_message_id(cid, 0, slip.current, 0),
@@ -472,3 +485,30 @@ def _summarize(exc: ValidationError) -> str:
         parts.append(f"{location}: {error['msg']}")
     more = exc.error_count() - len(parts)
     return "; ".join(parts) + (f" (and {more} more)" if more > 0 else "")
+
+
+def check_finite(value: Any, where: str) -> None:
+    """Raise `NonFiniteNumber` naming the first NaN or infinity in `value` (JSON-like data), if there is one."""
+    path = _non_finite_path(value)
+    if path is not None:
+        found, place = path
+        raise NonFiniteNumber(
+            f"{where} holds {found} at {place or 'the top level'}; JSON has no NaN or infinity: use null, a string "
+            "or a finite number there"
+        )
+
+
+def _non_finite_path(value: Any, path: str = "") -> tuple[str, str] | None:
+    if isinstance(value, float):
+        return None if math.isfinite(value) else (repr(value), path)
+    if isinstance(value, Mapping):
+        for key, item in value.items():  # pyright: ignore[reportUnknownVariableType]
+            found = _non_finite_path(item, f"{path}[{key!r}]")
+            if found is not None:
+                return found
+    elif isinstance(value, list | tuple):
+        for index, item in enumerate(value):  # pyright: ignore[reportUnknownVariableType, reportUnknownArgumentType]
+            found = _non_finite_path(item, f"{path}[{index}]")
+            if found is not None:
+                return found
+    return None

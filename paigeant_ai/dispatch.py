@@ -11,9 +11,10 @@ from typing import TYPE_CHECKING, Any
 from pydantic import ValidationError
 
 from . import observability
+from ._sealing import seal
 from .activity import Activity
 from .contracts import EVENTS, ActivitySpec, PaigeantMessage, WorkflowEvent
-from .exceptions import MessageTooLarge, UserError
+from .exceptions import UserError
 from .security import MessageSigner
 from .settings import Settings
 from .transports.base import Transport
@@ -117,7 +118,6 @@ class WorkflowDispatcher:
         except ValidationError as exc:
             raise UserError(f"cannot dispatch: {exc.errors(include_url=False)[0]['msg']}") from None
         with observability.dispatch_span(message, self.transport.name):
-            message.headers = observability.inject_context(message.headers, message.correlation_id)
             body = self.encode(message)
             await self.transport.publish(specs[0].name, body, headers=dict(message.headers))
         event = WorkflowEvent(
@@ -170,7 +170,6 @@ class WorkflowDispatcher:
         answers = parked.build_results(results, approvals=approvals, calls=calls, approve_all=approve_all)
         message = parked.resume_message(answers)
         with observability.replay_span(message, self.transport.name, operation="resume"):
-            message.headers = observability.inject_context(message.headers, correlation_id)
             await self.transport.publish(parked.activity, self.encode(message), headers=dict(message.headers))
         await self.waiting_store.remove(parked)
         event = WorkflowEvent(
@@ -202,12 +201,5 @@ class WorkflowDispatcher:
             logger.exception("the on_event callback failed for the %s event of %s", event.kind, event.correlation_id)
 
     def encode(self, message: PaigeantMessage) -> bytes:
-        """The bytes of `message`, checked against the size limit."""
-        self.security.sign(message)
-        body = message.to_json()
-        if len(body) > self.max_message_bytes:
-            raise MessageTooLarge(
-                f"the message is {len(body)} bytes, over the limit of {self.max_message_bytes}; "
-                "keep large data out of the variables and pass a reference to it instead"
-            )
-        return body
+        """The bytes of `message`: with the current trace context, signed, and checked against the size limit."""
+        return seal(message, self.security, max_bytes=self.max_message_bytes)

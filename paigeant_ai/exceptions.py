@@ -11,6 +11,7 @@ __all__ = (
     "InvalidMessage",
     "InvalidPlan",
     "MessageTooLarge",
+    "NonFiniteNumber",
     "NonRetryableError",
     "PaigeantError",
     "ReplayedMessage",
@@ -28,6 +29,10 @@ class PaigeantError(Exception):
 
 class UserError(PaigeantError):
     """A misconfiguration; the message names the fix."""
+
+
+class NonFiniteNumber(UserError):
+    """A NaN or an infinity where JSON values go (variables, step arguments, an activity's output): JSON has neither."""
 
 
 class InvalidMessage(PaigeantError):

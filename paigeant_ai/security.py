@@ -1,7 +1,8 @@
 """Zero-trust messaging: every hop signed and verified, on-behalf-of tokens checked, replays refused.
 
-A `MessageSigner` signs each message it sends with a detached JWS over the message's canonical JSON (everything
-but the signature), protected header `{"alg", "kid", "typ"}`, `alg` from a short allow-list (`Ed25519`, `ES256`).
+A `MessageSigner` signs each message it sends with a detached JWS over the exact bytes sent (with the signature
+itself `null`: see `paigeant_ai._sealing`), protected header `{"alg", "kid", "typ"}`, `alg` from a short
+allow-list (`Ed25519`, `ES256`).
 A worker verifies what it receives against its trusted public keys (a JWKS, looked up by `kid`), refuses a
 message it has already settled, validates the user's on-behalf-of token and the scopes the step requires, and
 signs again, with its own key, what it forwards. All cryptography is joserfc's.
@@ -44,8 +45,9 @@ from joserfc.errors import (
 from joserfc.jwk import ECKey, Key, KeySet, OKPKey, import_key
 from joserfc.jws import JWSRegistry
 
+from ._sealing import signing_input, unsigned_body
 from .contracts import ActivitySpec, PaigeantMessage
-from .exceptions import ReplayedMessage, SecurityError, TokenError, UserError
+from .exceptions import InvalidMessage, ReplayedMessage, SecurityError, TokenError, UserError
 from .settings import Settings
 from .transports import IN_MEMORY_NAMES
 
@@ -60,7 +62,6 @@ __all__ = (
     "RedisReplayCache",
     "ReplayCache",
     "TokenValidator",
-    "canonical_json",
     "generate_key",
     "load_signing_key",
     "load_trusted_keys",
@@ -77,20 +78,6 @@ SIGNATURE_TYPE = "paigeant+jws"
 DEFAULT_REPLAY_TTL = 7 * 24 * 3600.0
 _HEADER_KEYS = frozenset({"alg", "kid", "typ"})
 _CLOCK_LEEWAY = 60.0
-
-
-def canonical_json(message: PaigeantMessage) -> bytes:
-    """The bytes a message's signature covers: sorted, compact JSON of everything but the signature.
-
-    Fields at their default are left out, so a later version of the wire format that adds a field with a
-    default still verifies what an earlier version signed.
-    """
-    data = message.model_dump(mode="json", exclude_defaults=True)
-    security = data.get("security", {})
-    security.pop("jws_signature", None)
-    if not security:
-        data.pop("security", None)
-    return json.dumps(data, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
 
 
 # -- keys ------------------------------------------------------------------------------------------------------
@@ -475,22 +462,25 @@ class MessageSigner:
 
     # -- signing ---------------------------------------------------------------------------------------------
 
-    def sign(self, message: PaigeantMessage) -> None:
-        """Set `message.security.jws_signature` to a detached JWS over the message as it now is."""
+    def signature_for(self, body: bytes) -> str | None:
+        """The detached JWS over `body` (a message as `_sealing.unsigned_body` encodes it), or None when unsigned."""
         if self.refusal is not None:
             raise UserError(self.refusal)
         if self.unsigned or self.signing_key is None:
-            message.security.jws_signature = None
-            return
+            return None
         key = self.signing_key
         header = {"alg": _algorithm_of(key), "kid": key.kid, "typ": SIGNATURE_TYPE}
-        compact = jws.serialize_compact(header, canonical_json(message), key, registry=self._registry)
-        message.security.jws_signature = jws.detach_content(compact)
+        return jws.detach_content(jws.serialize_compact(header, body, key, registry=self._registry))
+
+    def sign(self, message: PaigeantMessage) -> None:
+        """Set `message.security.jws_signature` over the message as it now is (`message.to_json()` then sends it)."""
+        message.security.jws_signature = self.signature_for(unsigned_body(message))
 
     # -- verifying -------------------------------------------------------------------------------------------
 
-    async def verify(self, message: PaigeantMessage, spec: ActivitySpec) -> Mapping[str, Any] | None:
-        """Check the signature, replay, and the user's token against `spec.required_scopes`.
+    async def verify(self, message: PaigeantMessage, spec: ActivitySpec, body: bytes) -> Mapping[str, Any] | None:
+        """Check the signature of `body` (the bytes `message` was read from), replay, and the user's token against
+        `spec.required_scopes`.
 
         Returns:
             The validated claims of the user's on-behalf-of token, when there is one and tokens are checked.
@@ -504,31 +494,35 @@ class MessageSigner:
             raise UserError(self.refusal)
         try:
             if not self.unsigned:
-                canonical = canonical_json(message)
-                self._check_signature(message.security.jws_signature, canonical)
-                await self._check_replay(message.message_id, hashlib.sha256(canonical).hexdigest())
+                signed = self._check_signature(message.security.jws_signature, body)
+                await self._check_replay(message.message_id, hashlib.sha256(signed).hexdigest())
             return self._check_token(message.security.obo_token, spec)
         except SecurityError as exc:
             self.refused[exc.code] += 1
             raise
 
-    def check_signature(self, message: PaigeantMessage) -> None:
-        """Check only that a trusted key signed `message` as it is (no replay or token check).
+    def check_signature(self, message: PaigeantMessage, body: bytes) -> None:
+        """Check only that a trusted key signed `body`, the bytes `message` was read from (no replay or token check).
 
         Raises:
             SecurityError: With the reason; nothing is raised when this signer runs unsigned.
         """
         if not self.unsigned:
-            self._check_signature(message.security.jws_signature, canonical_json(message))
+            self._check_signature(message.security.jws_signature, body)
 
-    def _check_signature(self, signature: str | None, canonical: bytes) -> None:
+    def _check_signature(self, signature: str | None, body: bytes) -> bytes:
+        """What `signature` covers in `body`, once it is checked against the trusted keys."""
         if not signature:
             raise SecurityError("the message is not signed", code="unsigned")
         parts = signature.split(".")
         if len(parts) != 3 or parts[1]:
             raise SecurityError("the signature is not a detached compact JWS", code="malformed_signature")
         try:
-            obj = jws.extract_compact(signature.encode(), canonical)
+            signed = signing_input(body, signature)
+        except InvalidMessage as exc:
+            raise SecurityError(str(exc), code="malformed_signature") from None
+        try:
+            obj = jws.extract_compact(signature.encode(), signed)
         except (JoseError, ValueError):
             raise SecurityError("the signature's header cannot be read", code="malformed_signature") from None
         header = obj.headers()
@@ -556,6 +550,7 @@ class MessageSigner:
                 f"bad signature: the message was altered after key {_show(kid)} signed it, or that key did not sign it",
                 code="bad_signature",
             )
+        return signed
 
     async def _check_replay(self, message_id: str, digest: str) -> None:
         settled = await self.replay_cache.settled_digest(message_id)

@@ -15,7 +15,7 @@ import logging
 from collections import OrderedDict
 from collections.abc import Iterable, Sequence
 from datetime import datetime
-from typing import TYPE_CHECKING, Literal, Protocol, cast, runtime_checkable
+from typing import TYPE_CHECKING, Literal, Protocol, runtime_checkable
 
 from pydantic import BaseModel, Field, JsonValue, ValidationError
 
@@ -318,12 +318,12 @@ class RedisWorkflowStore:
 
     async def get(self, correlation_id: str) -> WorkflowStatus | None:
         with self.transport.errors(f"reading workflow {correlation_id!r}"):
-            raw = cast("list[bytes]", await self.transport.client.zrange(self.events_key(correlation_id), 0, -1))
+            raw = await self.transport.client.zrange(self.events_key(correlation_id), 0, -1)
         return project(correlation_id, _parse_events(raw))
 
     async def list(self, *, limit: int = 20) -> Sequence[WorkflowStatus]:
         with self.transport.errors("listing workflows"):
-            ids = cast("list[bytes]", await self.transport.client.zrevrange(self.index_key, 0, max(0, limit - 1)))
+            ids = await self.transport.client.zrevrange(self.index_key, 0, max(0, limit - 1))
         found: list[WorkflowStatus] = []
         expired: list[bytes] = []
         for raw_id in ids:

@@ -24,12 +24,14 @@ from pydantic_ai.exceptions import UserError as PydanticAIUserError
 from pydantic_core import to_json
 
 from . import observability
+from ._sealing import NonFiniteNumber, check_finite_json, encode_output, seal, too_large, unsigned_body
 from .activity import DEFAULT_TIMEOUT, Activity, ActivityContext, ActivityFunc, as_activity, to_payload_update
 from .approval import ParkedStep, ParkWorkflow, WaitingStore
 from .contracts import DEAD_LETTER, EVENTS, ActivityLogEntry, ActivitySpec, PaigeantMessage, RetryPolicy, WorkflowEvent
 from .exceptions import (
     EndWorkflow,
     InvalidMessage,
+    MessageTooLarge,
     NonRetryableError,
     ReplayedMessage,
     RetryActivity,
@@ -62,12 +64,13 @@ class DedupeStore(Protocol):
 class MessageSecurity(Protocol):
     """Signs what a worker or dispatcher sends and verifies what a worker receives."""
 
-    def sign(self, message: PaigeantMessage) -> None:
-        """Set `message.security.jws_signature` over the message as it now is."""
+    def signature_for(self, body: bytes) -> str | None:
+        """The detached JWS over `body`, a message encoded with no signature; None to send it unsigned."""
         ...
 
-    async def verify(self, message: PaigeantMessage, spec: ActivitySpec) -> Mapping[str, Any] | None:
-        """Check the signature, expiry, replay and the user's token against `spec.required_scopes`.
+    async def verify(self, message: PaigeantMessage, spec: ActivitySpec, body: bytes) -> Mapping[str, Any] | None:
+        """Check the signature of `body` (the bytes `message` was read from), replay and the user's token against
+        `spec.required_scopes`.
 
         Returns:
             The validated claims of the user's on-behalf-of token, if there is one.
@@ -398,7 +401,13 @@ class Worker:
             await self._retry_or_fault(delivery, message, effective.retry, started, "cancelled from inside", None)
             return
         update = update or {}
-        projected = len(delivery.body) + len(to_json(update)) + _LOG_ENTRY_BYTES
+        encoded = encode_output(update)
+        try:
+            check_finite_json(encoded, update, "its output")
+        except NonFiniteNumber as exc:
+            await self._fault(delivery, message, started, str(exc))
+            return
+        projected = len(delivery.body) + len(encoded) + _LOG_ENTRY_BYTES
         if projected > self.max_message_bytes:  # fault now, while the slip still shows this step as current
             reason = (
                 f"its output would make the next message about {projected} bytes, over the limit of "
@@ -410,7 +419,7 @@ class Worker:
         message.resume = None  # the step is done; the next one starts afresh
         try:
             await self._advance(delivery, message, update, started)
-        except NonRetryableError as exc:  # the exact size check failed where the estimate passed: nothing was sent
+        except (MessageTooLarge, NonFiniteNumber) as exc:  # the exact checks of the seal: nothing was sent
             await self._fault(delivery, message, started, str(exc), name=spec.name)
 
     async def _decode(self, delivery: Delivery) -> PaigeantMessage:
@@ -451,7 +460,7 @@ class Worker:
     ) -> Mapping[str, Any] | None:
         """The token's claims once the message passed every check; a refusal settles the delivery."""
         try:
-            return await self.security.verify(message, spec)
+            return await self.security.verify(message, spec, delivery.body)
         except ReplayedMessage as exc:
             if exc.same_content and not delivery.redelivered:
                 await self._reject(delivery, message, f"security check failed: {exc}")
@@ -486,7 +495,7 @@ class Worker:
         message.payload.update(update)
         entry = message.routing_slip.mark_complete(name, attempt=attempt, started_at=started, output_keys=list(update))
         if message.routing_slip.is_complete:
-            self._check_size(message.to_json())
+            self._check_final(message)
         else:
             hop = message.next_hop()
             body = self._seal(hop)
@@ -551,18 +560,14 @@ class Worker:
         await self._emit("waiting", message, detail=parked.describe())
 
     def _seal(self, message: PaigeantMessage) -> bytes:
-        """Sign `message` (when the worker has security) and encode it within the size limit."""
-        message.headers = observability.inject_context(message.headers, message.correlation_id)
-        self.security.sign(message)
-        return self._check_size(message.to_json())
+        """The bytes of `message`, signed, with this hop's trace context (see `paigeant_ai._sealing`)."""
+        return seal(message, self.security, max_bytes=self.max_message_bytes)
 
-    def _check_size(self, body: bytes) -> bytes:
-        if len(body) > self.max_message_bytes:
-            raise NonRetryableError(
-                f"the next message would be {len(body)} bytes, over the limit of {self.max_message_bytes}; "
-                "store large outputs elsewhere and put a reference in the payload"
-            )
-        return body
+    def _check_final(self, message: PaigeantMessage) -> None:
+        """A finished workflow's result goes out in its `completed` event: it must be one a hop could carry."""
+        size = len(unsigned_body(message))
+        if size > self.max_message_bytes:
+            raise too_large(size, self.max_message_bytes)
 
     async def _retry_or_fault(
         self,
@@ -594,10 +599,17 @@ class Worker:
         detail = f"step {name!r} failed: {reason}"
         headers = {**message.headers, REASON_HEADER: detail[:2000], SOURCE_HEADER: delivery.address}
         copy = message.next_hop(attempt=message.attempt)
-        copy.headers = observability.inject_context(copy.headers, copy.correlation_id)  # a replay continues here
-        self.security.sign(copy)
-        await self.transport.publish(DEAD_LETTER, copy.to_json(), headers=headers)
-        await self._settle(delivery, message)
+        try:
+            body = self._seal(copy)  # a replay continues this hop's trace
+        except (MessageTooLarge, NonFiniteNumber) as exc:
+            # The failed step's log entry tipped it over (or it carries what cannot be sent): keep the bytes as
+            # they arrived instead, with the reason, so that nothing is lost.
+            logger.warning("dead-lettering %s as it arrived: %s", message.correlation_id, exc)
+            await self.transport.dead_letter(delivery, detail[:2000])
+            await self.security.settled(message)
+        else:
+            await self.transport.publish(DEAD_LETTER, body, headers=headers)
+            await self._settle(delivery, message)
         self.stats.faulted += 1
         logger.warning("workflow %s faulted: %s", message.correlation_id, detail)
         await self._emit("step_failed", message, activity=name, detail=reason)

@@ -20,7 +20,7 @@ import redis.asyncio as aioredis
 
 from paigeant_ai import cli
 
-from .conftest import RABBITMQ_URL, REDIS_URL, require_server
+from .conftest import RABBITMQ_URL, REDIS_URL, require_rabbitmq, require_redis
 from .test_examples import run_example
 
 pytestmark = pytest.mark.slow
@@ -68,9 +68,9 @@ async def _delete_redis_namespace(namespace: str) -> None:
         await client.aclose()
 
 
-BROKERS: dict[str, tuple[str, int, dict[str, str], Callable[[str], Coroutine[Any, Any, None]]]] = {
-    "rabbitmq": ("RabbitMQ", 5672, {"PAIGEANT_RABBITMQ_URL": RABBITMQ_URL}, _delete_rabbitmq_namespace),
-    "redis": ("Redis", 6379, {"PAIGEANT_REDIS_URL": REDIS_URL}, _delete_redis_namespace),
+BROKERS: dict[str, tuple[Callable[[], None], dict[str, str], Callable[[str], Coroutine[Any, Any, None]]]] = {
+    "rabbitmq": (require_rabbitmq, {"PAIGEANT_RABBITMQ_URL": RABBITMQ_URL}, _delete_rabbitmq_namespace),
+    "redis": (require_redis, {"PAIGEANT_REDIS_URL": REDIS_URL}, _delete_redis_namespace),
 }
 
 
@@ -83,8 +83,8 @@ BROKERS: dict[str, tuple[str, int, dict[str, str], Callable[[str], Coroutine[Any
 def broker_env(request: pytest.FixtureRequest, signing_keys: dict[str, str]) -> Iterator[dict[str, str]]:
     """The environment of one example run on one broker, in a namespace of its own."""
     transport: str = request.param
-    label, port, urls, delete_namespace = BROKERS[transport]
-    require_server(label, "127.0.0.1", port)
+    require, urls, delete_namespace = BROKERS[transport]
+    require()
     namespace = f"paigeant-test-{uuid.uuid4().hex[:12]}"
     # Signed, as in production: the keys are set and the unsigned opt-out is off.
     yield {

@@ -26,7 +26,7 @@ from paigeant_ai.contracts import DEAD_LETTER, EVENTS
 from paigeant_ai.security import MessageSigner, generate_key
 from paigeant_ai.transports.rabbitmq import DELAY_BUCKETS, RabbitMQTransport
 
-from .conftest import RABBITMQ_URL, require_server
+from .conftest import RABBITMQ_URL, require_rabbitmq
 from .test_transport_rabbitmq import delete_queues, require_rabbitmqctl
 from .workflows_for_crash import MIDDLE, STEPS, read_records
 
@@ -85,7 +85,7 @@ class Fleet:
 @asynccontextmanager
 async def fleet(tmp_path: Path) -> AsyncGenerator[tuple[Fleet, WorkflowDispatcher, Path]]:
     """Worker processes, a dispatcher and the records directory, all in a namespace of their own."""
-    require_server("RabbitMQ", "127.0.0.1", 5672)
+    require_rabbitmq()
     namespace = f"paigeant-test-{uuid.uuid4().hex[:12]}"
     records = tmp_path / "records"
     logs = tmp_path / "logs"

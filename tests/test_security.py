@@ -10,7 +10,7 @@ import base64
 import contextlib
 import json
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -30,20 +30,21 @@ from paigeant_ai import (
     activity,
     get_transport,
 )
+from paigeant_ai._sealing import unsigned_body
 from paigeant_ai.contracts import DEAD_LETTER
 from paigeant_ai.security import (
     SIGNATURE_TYPE,
     MessageSigner,
     RedisReplayCache,
     TokenValidator,
-    canonical_json,
     generate_key,
 )
 from paigeant_ai.transports import Transport
 from paigeant_ai.transports.base import REASON_HEADER, SOURCE_HEADER, Delivery
 from paigeant_ai.transports.redis import RedisTransport
 
-from .conftest import RABBITMQ_URL, REDIS_URL, require_server
+from .brokers import clean
+from .conftest import REDIS_URL, require_redis
 
 ISSUER = "https://id.example.com"
 AUDIENCE = "paigeant-workers"
@@ -102,56 +103,11 @@ def b64(data: bytes) -> str:
 
 
 def forged_signature(message: PaigeantMessage, header: dict[str, Any], key: Key, algorithm: str) -> str:
-    compact = jws.serialize_compact(header, canonical_json(message), key, algorithms=[algorithm])
+    compact = jws.serialize_compact(header, unsigned_body(message), key, algorithms=[algorithm])
     return jws.detach_content(compact)
 
 
 # -- brokers ---------------------------------------------------------------------------------------------------
-
-
-@pytest.fixture(
-    params=[
-        "inmemory",
-        pytest.param("redis", marks=pytest.mark.redis),
-        pytest.param("rabbitmq", marks=pytest.mark.rabbitmq),
-    ]
-)
-async def transport(request: pytest.FixtureRequest) -> AsyncIterator[Transport]:
-    name: str = request.param
-    namespace = f"paigeant-test-{uuid.uuid4().hex[:12]}"
-    if name == "inmemory":
-        made: Transport = InMemoryTransport()
-    elif name == "redis":
-        require_server("Redis", "127.0.0.1", 6379)
-        made = get_transport("redis", url=REDIS_URL, namespace=namespace)
-    else:
-        require_server("RabbitMQ", "127.0.0.1", 5672)
-        made = get_transport("rabbitmq", url=RABBITMQ_URL, namespace=namespace)
-    async with made:
-        yield made
-    await _clean(made, namespace)
-
-
-async def _clean(transport: Transport, namespace: str) -> None:
-    if transport.name == "redis":
-        import redis.asyncio as aioredis
-
-        client = aioredis.Redis.from_url(REDIS_URL)
-        try:
-            keys = [key async for key in client.scan_iter(match=f"{namespace}[.:]*", count=1000)]
-            if keys:
-                await client.delete(*keys)
-        finally:
-            await client.aclose()
-    elif transport.name == "rabbitmq":
-        import aio_pika
-
-        declared: set[str] = getattr(transport, "_declared", set())
-        connection = await aio_pika.connect(RABBITMQ_URL)
-        async with connection:
-            channel = await connection.channel()
-            for queue in sorted(declared):
-                await channel.queue_delete(queue)
 
 
 async def dead_letters(transport: Transport, expected: int) -> list[Delivery]:
@@ -527,7 +483,7 @@ async def test_an_unfinished_step_redelivered_after_a_crash_still_runs(transport
 
 @pytest.mark.redis
 async def test_with_redis_a_replay_is_refused_by_every_worker_not_only_the_one_that_ran_it() -> None:
-    require_server("Redis", "127.0.0.1", 6379)
+    require_redis()
     namespace = f"paigeant-test-{uuid.uuid4().hex[:12]}"
     transport = get_transport("redis", url=REDIS_URL, namespace=namespace)
     async with transport:
@@ -545,7 +501,7 @@ async def test_with_redis_a_replay_is_refused_by_every_worker_not_only_the_one_t
             f"replayed: message {message.message_id!r} was already processed"
         )
         assert other_process.executed == []
-    await _clean(transport, namespace)
+    await clean(transport, namespace)
 
 
 async def test_a_completed_steps_redelivery_after_its_token_expired_is_skipped_not_faulted() -> None:
@@ -564,7 +520,7 @@ async def test_a_completed_steps_redelivery_after_its_token_expired_is_skipped_n
 async def test_a_redis_publish_sent_again_after_a_lost_reply_adds_no_second_copy() -> None:
     """redis-py sends a command again when the connection drops before the reply; an identical second entry
     would reach the next worker as a replay. Each publish carries a marker that makes the second send a no-op."""
-    require_server("Redis", "127.0.0.1", 6379)
+    require_redis()
     namespace = f"paigeant-test-{uuid.uuid4().hex[:12]}"
     transport = get_transport("redis", url=REDIS_URL, namespace=namespace)
     assert isinstance(transport, RedisTransport)
@@ -575,4 +531,4 @@ async def test_a_redis_publish_sent_again_after_a_lost_reply_adds_no_second_copy
                 keys=[transport.stream_key("reserve"), marker], args=[b"{}", b"{}", 0, 60_000]
             )
         assert await transport.client.xlen(transport.stream_key("reserve")) == 1
-    await _clean(transport, namespace)
+    await clean(transport, namespace)

@@ -18,7 +18,7 @@ from paigeant_ai.transports import Transport, get_transport
 from paigeant_ai.transports.base import REASON_HEADER, SOURCE_HEADER
 from paigeant_ai.transports.rabbitmq import RabbitMQTransport
 
-from .conftest import RABBITMQ_URL, require_server
+from .conftest import RABBITMQ_URL, require_rabbitmq
 from .transport_contract import TransportContract, address, receive, receive_nothing
 
 pytestmark = pytest.mark.rabbitmq
@@ -70,7 +70,7 @@ class TestRabbitMQContract(TransportContract):
     @pytest.fixture(autouse=True)
     async def isolated(self) -> AsyncIterator[str]:
         """A namespace for this test alone; its queues are deleted afterwards."""
-        require_server("RabbitMQ", "127.0.0.1", 5672)
+        require_rabbitmq()
         self.namespace = f"paigeant-test-{uuid.uuid4().hex[:12]}"
         self.made: list[RabbitMQTransport] = []
         yield self.namespace

@@ -56,11 +56,10 @@ from ..contracts import DEAD_LETTER, RESERVED_ADDRESSES
 from ..exceptions import TransportError, UserError
 from ..settings import Settings
 from . import _redis_lua as lua
+from ._redis_types import RedisCommands, Script, as_commands, as_script
 from .base import ConsumerBase, Delivery, TransportBase, dead_letter_headers, encode_body
 
 if TYPE_CHECKING:
-    from redis.commands.core import AsyncScript
-
     from ..contracts import PaigeantMessage
 
 __all__ = ("RedisDedupeStore", "RedisTransport")
@@ -165,32 +164,32 @@ def _unpack_entries(packed: bytes) -> Iterator[tuple[bytes, bytes, bytes, int]]:
 
 @dataclass(slots=True)
 class _Scripts:
-    publish: AsyncScript
-    publish_later: AsyncScript
-    read: AsyncScript
-    promote: AsyncScript
-    trim: AsyncScript
-    retry: AsyncScript
-    dead_letter: AsyncScript
-    give_back: AsyncScript
-    claim: AsyncScript
-    renew: AsyncScript
-    pending: AsyncScript
+    publish: Script
+    publish_later: Script
+    read: Script
+    promote: Script
+    trim: Script
+    retry: Script
+    dead_letter: Script
+    give_back: Script
+    claim: Script
+    renew: Script
+    pending: Script
 
     @classmethod
     def register(cls, client: aioredis.Redis) -> _Scripts:
         return cls(
-            publish=client.register_script(lua.PUBLISH),
-            publish_later=client.register_script(lua.PUBLISH_LATER),
-            read=client.register_script(lua.READ),
-            promote=client.register_script(lua.PROMOTE),
-            trim=client.register_script(lua.TRIM),
-            retry=client.register_script(lua.RETRY),
-            dead_letter=client.register_script(lua.DEAD_LETTER),
-            give_back=client.register_script(lua.GIVE_BACK),
-            claim=client.register_script(lua.CLAIM),
-            renew=client.register_script(lua.RENEW),
-            pending=client.register_script(lua.PENDING),
+            publish=as_script(client, lua.PUBLISH),
+            publish_later=as_script(client, lua.PUBLISH_LATER),
+            read=as_script(client, lua.READ),
+            promote=as_script(client, lua.PROMOTE),
+            trim=as_script(client, lua.TRIM),
+            retry=as_script(client, lua.RETRY),
+            dead_letter=as_script(client, lua.DEAD_LETTER),
+            give_back=as_script(client, lua.GIVE_BACK),
+            claim=as_script(client, lua.CLAIM),
+            renew=as_script(client, lua.RENEW),
+            pending=as_script(client, lua.PENDING),
         )
 
 
@@ -545,7 +544,7 @@ class RedisTransport(TransportBase):
         return f"{self.namespace}:delayed:{address}"
 
     @property
-    def client(self) -> aioredis.Redis:
+    def client(self) -> RedisCommands:
         """The connected redis-py client. Its quick commands go out in the transport's pipelines.
 
         Raises:
@@ -553,7 +552,7 @@ class RedisTransport(TransportBase):
         """
         if self._client is None:
             raise TransportError("the Redis transport is not connected: call `await transport.connect()` first")
-        return self._client
+        return as_commands(self._client)
 
     @property
     def scripts(self) -> _Scripts:
@@ -595,7 +594,7 @@ class RedisTransport(TransportBase):
         client = cast("_PipelinedRedis", _PipelinedRedis.from_pool(pool))
         try:
             with self.errors("connecting"):
-                await client.ping()
+                await as_commands(client).ping()
         except TransportError:
             await client.aclose()
             raise

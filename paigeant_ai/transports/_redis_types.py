@@ -1,0 +1,97 @@
+"""The redis-py calls paigeant makes, typed once.
+
+redis-py's annotations change between releases (since 8.2 every command returns `Awaitable[Any] | Any`, one
+signature for the sync and the asyncio client), so the rest of the package never types against them: it sees the
+client and the Lua scripts through the protocols below, and `as_commands` / `as_script` are the only casts.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Protocol, cast
+
+if TYPE_CHECKING:
+    import redis.asyncio as aioredis
+
+__all__ = ("RedisCommands", "Script", "as_commands", "as_script")
+
+Value = str | bytes | int | float
+
+
+class Script(Protocol):
+    """A registered Lua script: `await script(keys=[...], args=[...])` runs it (by SHA, loading it if needed)."""
+
+    sha: str
+
+    def __call__(self, keys: Sequence[Value] = ..., args: Sequence[Value] = ...) -> Awaitable[Any]: ...
+
+
+class RedisCommands(Protocol):
+    """The commands of an asyncio redis-py client that paigeant and its stores use, with their reply types."""
+
+    async def ping(self) -> bool: ...
+
+    async def aclose(self) -> None: ...
+
+    async def get(self, name: str) -> bytes | None: ...
+
+    async def set(
+        self, name: str, value: Value, *, nx: bool = False, px: int | None = None, get: bool = False
+    ) -> Any: ...
+
+    async def incr(self, name: str, amount: int = 1) -> int: ...
+
+    async def pttl(self, name: str) -> int: ...
+
+    async def delete(self, *names: str) -> int: ...
+
+    async def exists(self, *names: str) -> int: ...
+
+    async def hget(self, name: str, key: str) -> bytes | None: ...
+
+    async def hset(self, name: str, key: str, value: Value) -> int: ...
+
+    async def hexists(self, name: str, key: str) -> bool: ...
+
+    async def eval(self, script: str, numkeys: int, *keys_and_args: Value) -> Any: ...
+
+    async def script_load(self, script: str) -> str: ...
+
+    async def zrange(self, name: str, start: int, end: int) -> list[bytes]: ...
+
+    async def zrevrange(self, name: str, start: int, end: int) -> list[bytes]: ...
+
+    async def zrem(self, name: str, *values: Value) -> int: ...
+
+    async def zcard(self, name: str) -> int: ...
+
+    async def xlen(self, name: str) -> int: ...
+
+    async def xgroup_create(self, name: str, groupname: str, id: str = "$", mkstream: bool = False) -> Any: ...
+
+    async def xreadgroup(
+        self,
+        groupname: str,
+        consumername: str,
+        streams: Mapping[str, str],
+        count: int | None = None,
+        block: int | None = None,
+    ) -> Any: ...
+
+    async def xinfo_groups(self, name: str) -> list[dict[str, Any]]: ...
+
+    async def xinfo_consumers(self, name: str, groupname: str) -> list[dict[str, Any]]: ...
+
+    def pipeline(self, transaction: bool = True) -> Any: ...
+
+    def register_script(self, script: str) -> Script: ...
+
+
+def as_commands(client: aioredis.Redis) -> RedisCommands:
+    """`client`, seen through `RedisCommands`."""
+    return cast("RedisCommands", client)
+
+
+def as_script(client: aioredis.Redis, source: str) -> Script:
+    """`source` registered on `client`, seen through `Script`."""
+    return cast("Script", client.register_script(source))
