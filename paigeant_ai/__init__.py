@@ -10,6 +10,7 @@ from .approval import (
     PendingToolCall,
     RedisWaitingStore,
     WaitingStore,
+    get_waiting_store,
 )
 from .catalog import ActivityCatalog, CatalogEntry
 from .contracts import (
@@ -39,9 +40,17 @@ from .exceptions import (
     TransportError,
     UserError,
 )
-from .planner import PaigeantPlanner, PaigeantToolset, PlannerAgentDeps, create_planner_agent
+from .planner import (
+    DispatchedWorkflow,
+    PaigeantPlanner,
+    PaigeantToolset,
+    PlannerAgentDeps,
+    create_planner_agent,
+    dispatched_workflows,
+)
 from .revision import ItineraryRevision
 from .security import MessageSigner, TokenValidator
+from .store import get_workflow_store
 from .transports import InMemoryTransport, Transport, get_transport
 from .worker import Worker, WorkerStats
 
@@ -53,6 +62,7 @@ __all__ = (
     "ActivitySpec",
     "AgentActivity",
     "CatalogEntry",
+    "DispatchedWorkflow",
     "EndWorkflow",
     "FunctionActivity",
     "InMemoryTransport",
@@ -93,7 +103,10 @@ __all__ = (
     "WorkflowEvent",
     "activity",
     "create_planner_agent",
+    "dispatched_workflows",
     "get_transport",
+    "get_waiting_store",
+    "get_workflow_store",
 )
 
 __version__ = "0.1.0"

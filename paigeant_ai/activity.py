@@ -12,10 +12,12 @@ from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar, overload, run
 
 from pydantic import BaseModel, JsonValue, TypeAdapter, ValidationError
 from pydantic_ai import DeferredToolRequests
-from pydantic_ai.agent import AbstractAgent
+from pydantic_ai.agent import AbstractAgent, AgentRunResult
+from pydantic_ai.exceptions import ModelAPIError
 from pydantic_ai.usage import UsageLimits
 from pydantic_core import PydanticSerializationError, to_jsonable_python
 
+from ._agents import model_error_signal, run_output_type
 from .approval import ParkWorkflow, resumed_run
 from .contracts import ActivitySpec, PaigeantMessage, RetryPolicy, Revision, RoutingSlip
 from .exceptions import NonRetryableError, UserError
@@ -271,7 +273,12 @@ class AgentActivity(Generic[DepsT, OutputT]):
 
     A run that ends with deferred tool calls (a tool that requires approval, or one that raised `CallDeferred`)
     parks the workflow until `WorkflowDispatcher.resume` answers them; the agent then continues its
-    conversation. `DeferredToolRequests` is added to the agent's output types for that.
+    conversation. `DeferredToolRequests` is added to the agent's output types for that, unless the agent lists
+    it itself; an agent with output validators must, if it has tools that wait for approval.
+
+    A model request the provider rejected for good (`ModelRequestRejectedError`: authentication, an unknown
+    model, the context window; or `ModelQuotaExceededError`) faults the workflow at once. One the provider asked
+    to retry later (a rate limit's `retry_after`) is retried after that wait.
 
     Args:
         agent: The agent to run.
@@ -320,6 +327,7 @@ class AgentActivity(Generic[DepsT, OutputT]):
             required_scopes=required_scopes,
         )
         self.output_key = output_key or resolved.replace("-", "_")
+        self._run_output_type = run_output_type(agent, resolved)
 
     async def build_prompt(self, ctx: ActivityContext) -> str:
         """The user prompt for this step."""
@@ -341,11 +349,27 @@ class AgentActivity(Generic[DepsT, OutputT]):
         return None
 
     async def run(self, ctx: ActivityContext) -> dict[str, JsonValue]:
+        try:
+            result = await self._run_agent(ctx)
+        except (ModelAPIError, ExceptionGroup) as exc:
+            signal = model_error_signal(exc, self.spec.name)
+            if signal is None:
+                raise
+            raise signal from exc
+        if isinstance(result.output, DeferredToolRequests):
+            raise ParkWorkflow(result.conversation)
+        try:
+            output = to_jsonable_python(result.output)
+        except PydanticSerializationError as exc:
+            raise NonRetryableError(f"the output of {self.spec.name!r} cannot be stored as JSON: {exc}") from None
+        return to_payload_update({self.output_key: output}, self.output_key, self.spec.name)
+
+    async def _run_agent(self, ctx: ActivityContext) -> AgentRunResult[Any]:
         resume = ctx.message.resume
         conversation, results = resumed_run(resume) if resume is not None else (None, None)
-        result = await self.agent.run(
+        return await self.agent.run(
             await self.build_prompt(ctx) if resume is None else None,
-            output_type=[self.agent.output_type, DeferredToolRequests],
+            output_type=self._run_output_type,
             conversation=conversation,
             deferred_tool_results=results,
             deps=await self.build_deps(ctx),  # pyright: ignore[reportArgumentType]
@@ -360,13 +384,6 @@ class AgentActivity(Generic[DepsT, OutputT]):
                 "attempt": ctx.attempt,
             },
         )
-        if isinstance(result.output, DeferredToolRequests):
-            raise ParkWorkflow(result.conversation)
-        try:
-            output = to_jsonable_python(result.output)
-        except PydanticSerializationError as exc:
-            raise NonRetryableError(f"the output of {self.spec.name!r} cannot be stored as JSON: {exc}") from None
-        return to_payload_update({self.output_key: output}, self.output_key, self.spec.name)
 
     def __repr__(self) -> str:
         return f"AgentActivity({self.spec.name!r})"

@@ -23,6 +23,7 @@ from pydantic_core import to_jsonable_python
 
 from .contracts import PaigeantMessage, Resumption, derive_message_id
 from .exceptions import UserError
+from .transports import Transport, as_redis
 
 if TYPE_CHECKING:
     from .transports.redis import RedisTransport
@@ -34,6 +35,7 @@ __all__ = (
     "PendingToolCall",
     "RedisWaitingStore",
     "WaitingStore",
+    "get_waiting_store",
 )
 
 _RESULTS: TypeAdapter[DeferredToolResults] = TypeAdapter(DeferredToolResults)
@@ -278,6 +280,20 @@ class RedisWaitingStore:
                 if parked is not None:
                     found.append(parked)
         return found
+
+
+def get_waiting_store(transport: Transport) -> WaitingStore:
+    """The waiting store that fits `transport`: on Redis a `RedisWaitingStore` on its connection, else in memory.
+
+    ```python
+    transport = get_transport()  # PAIGEANT_TRANSPORT picks it
+    waiting = get_waiting_store(transport)
+    ```
+
+    An in-memory store serves one process: on RabbitMQ, share a `RedisWaitingStore` between processes instead.
+    """
+    redis = as_redis(transport)
+    return RedisWaitingStore(redis) if redis is not None else InMemoryWaitingStore()
 
 
 def resumed_run(resume: Resumption) -> tuple[Conversation, DeferredToolResults]:

@@ -93,20 +93,33 @@ class ActivityCatalog:
         needs: VariablesSchema = None,
         produces: VariablesSchema = None,
     ) -> CatalogEntry:
-        """Add an activity and return its entry.
+        """Add an activity and return its entry; adding one that is already there amends its entry.
+
+        ```python
+        catalog.add(research, produces=["customer_history"])  # research is in the catalog: say what it produces
+        ```
 
         Args:
-            activity: The activity, its spec, or a ready entry.
-            description: What it does; defaults to the spec's description.
-            needs: The variables it reads (see `VariablesSchema`); inferred when `None`.
-            produces: The variables it adds; inferred when `None`.
+            activity: The activity, its spec, or a ready entry (which replaces the one of its name).
+            description: What it does; defaults to the spec's description (or, when amending, the entry's).
+            needs: The variables it reads (see `VariablesSchema`); inferred when `None` (or, when amending, kept).
+            produces: The variables it adds; inferred when `None` (or, when amending, kept).
 
         Raises:
-            UserError: The name is already in the catalog, or `activity` is not an activity.
+            UserError: `activity` is not an activity, or has the name of one in the catalog that requires other scopes.
         """
         entry = activity if isinstance(activity, CatalogEntry) else _entry(activity, description, needs, produces)
-        if entry.name in self._entries:
-            raise UserError(f"the catalog already has an activity named {entry.name!r}")
+        existing = self._entries.get(entry.name)
+        if existing is not None and set(existing.spec.required_scopes) != set(entry.spec.required_scopes):
+            raise UserError(
+                f"the catalog already has an activity named {entry.name!r} that requires other scopes: "
+                "give the new one another name"
+            )
+        if existing is not None and not isinstance(activity, CatalogEntry):
+            said = {"description": description, "needs": needs, "produces": produces}
+            entry = existing.model_copy(
+                update={key: getattr(entry, key) for key, value in said.items() if value is not None}
+            )
         self._entries[entry.name] = entry
         return entry
 

@@ -10,18 +10,21 @@ await agent.run(prompt, deps=PlannerAgentDeps(workflow_dispatcher=dispatcher, us
 
 The model sees three tools: `list_activities`, `dispatch_workflow` and `get_workflow_status`. A plan is checked
 as a whole before anything is published; a bad one goes back to the model as a retry that says what is wrong.
+What a run dispatched is `dispatched_workflows(result)`.
 """
 
 from __future__ import annotations
 
 import uuid
-from collections.abc import Collection
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from pydantic import BaseModel, JsonValue, TypeAdapter
-from pydantic_ai import Agent, FunctionToolset, ModelRetry, RunContext
+from pydantic import BaseModel, JsonValue, TypeAdapter, ValidationError
+from pydantic_ai import Agent, FunctionToolset, ModelRetry, RunContext, ToolReturn
+from pydantic_ai.agent import AgentRunResult
 from pydantic_ai.capabilities import AbstractCapability
+from pydantic_ai.messages import ModelMessage, ToolReturnPart
 from pydantic_ai.models import KnownModelName, Model
 from pydantic_ai.toolsets import AgentToolset
 
@@ -38,6 +41,7 @@ __all__ = (
     "PaigeantToolset",
     "PlannerAgentDeps",
     "create_planner_agent",
+    "dispatched_workflows",
 )
 
 PLANNER_INSTRUCTIONS = (
@@ -52,8 +56,17 @@ _NAMESPACE = uuid.UUID("0b7d9a4e-52c1-4f0e-a3c6-8f4d0c2a7b19")
 _JSON_OBJECT: TypeAdapter[dict[str, JsonValue]] = TypeAdapter(dict[str, JsonValue])
 
 
+DEFAULT_MAX_RETRIES = 3
+"""How often the model may fix a bad call of each planner tool, unless told otherwise."""
+
+
 class DispatchedWorkflow(BaseModel):
-    """What `dispatch_workflow` tells the model."""
+    """A workflow the planner dispatched: what `dispatch_workflow` tells the model, and its tool return's metadata.
+
+    Attributes:
+        correlation_id: The workflow's id.
+        activities: Its steps, in order.
+    """
 
     correlation_id: str
     activities: list[str]
@@ -91,7 +104,8 @@ class PaigeantToolset(FunctionToolset[Any]):
         forbidden: Names in the catalog this planner may not use (they are not listed, and a plan with one is
             sent back to the model).
         id: The toolset's id.
-        max_retries: How often the model may fix a bad call of each tool; the agent's default when `None`.
+        max_retries: How often the model may fix a bad call of each tool (a bad plan, say) before the run
+            fails; `None` leaves it to the agent's `retries`, pydantic-ai's default of 1.
         instructions: What the model is told about the tools.
     """
 
@@ -103,7 +117,7 @@ class PaigeantToolset(FunctionToolset[Any]):
         store: WorkflowStore | None = None,
         forbidden: Collection[str] = (),
         id: str = "paigeant",
-        max_retries: int | None = None,
+        max_retries: int | None = DEFAULT_MAX_RETRIES,
         instructions: str = PLANNER_INSTRUCTIONS,
     ) -> None:
         super().__init__(id=id, max_retries=max_retries, instructions=instructions)
@@ -121,7 +135,7 @@ class PaigeantToolset(FunctionToolset[Any]):
 
     async def dispatch_workflow(
         self, ctx: RunContext[Any], activities: list[str], variables: dict[str, Any]
-    ) -> DispatchedWorkflow:
+    ) -> ToolReturn[DispatchedWorkflow]:
         """Start a durable workflow that runs the activities in order, and return its id.
 
         Args:
@@ -143,7 +157,9 @@ class PaigeantToolset(FunctionToolset[Any]):
             )
         except MessageTooLarge as exc:
             raise ModelRetry(f"The plan was not dispatched: {exc}.") from None
-        return DispatchedWorkflow(correlation_id=correlation_id, activities=[spec.name for spec in specs])
+        dispatched = DispatchedWorkflow(correlation_id=correlation_id, activities=[spec.name for spec in specs])
+        # The metadata stays with the application (`dispatched_workflows`); the model sees the return value.
+        return ToolReturn(dispatched, metadata=dispatched)
 
     async def get_workflow_status(self, ctx: RunContext[Any], correlation_id: str) -> dict[str, JsonValue]:
         """Report where a workflow is: its `state` (pending, running, waiting, completed, faulted, unknown) and steps.
@@ -206,11 +222,17 @@ class PaigeantPlanner(AbstractCapability[Any]):
     store: WorkflowStore | None = None
     forbidden: Collection[str] = ()
     toolset_id: str = "paigeant"
+    max_retries: int | None = DEFAULT_MAX_RETRIES
     toolset: PaigeantToolset = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
         self.toolset = PaigeantToolset(
-            self.catalog, dispatcher=self.dispatcher, store=self.store, forbidden=self.forbidden, id=self.toolset_id
+            self.catalog,
+            dispatcher=self.dispatcher,
+            store=self.store,
+            forbidden=self.forbidden,
+            id=self.toolset_id,
+            max_retries=self.max_retries,
         )
 
     def get_toolset(self) -> AgentToolset[Any] | None:
@@ -225,7 +247,7 @@ def create_planner_agent(
     instructions: str | None = None,
     forbidden: Collection[str] = (),
     workflow_store: WorkflowStore | None = None,
-    retries: int = 3,
+    retries: int = DEFAULT_MAX_RETRIES,
 ) -> Agent[PlannerAgentDeps, str]:
     """A planner agent: run it with `PlannerAgentDeps`, and it dispatches the workflow a request calls for.
 
@@ -240,6 +262,42 @@ def create_planner_agent(
     """
     toolset = PaigeantToolset(catalog, store=workflow_store, forbidden=forbidden, max_retries=retries)
     return Agent(model, deps_type=PlannerAgentDeps, name=name, instructions=instructions, toolsets=[toolset])
+
+
+def dispatched_workflows(run: AgentRunResult[Any] | Sequence[ModelMessage]) -> list[DispatchedWorkflow]:
+    """The workflows a planner dispatched, oldest first, read from its tool returns.
+
+    ```python
+    result = await planner.run(request, deps=deps)
+    [workflow] = dispatched_workflows(result)
+    status = await store.get(workflow.correlation_id)
+    ```
+
+    Args:
+        run: A run's result (the workflows that run dispatched), or messages (those in the messages, which may
+            have been stored as JSON and loaded again).
+    """
+    messages = run.new_messages() if isinstance(run, AgentRunResult) else run
+    found: list[DispatchedWorkflow] = []
+    for message in messages:
+        for part in message.parts:
+            if isinstance(part, ToolReturnPart) and part.outcome == "success" and part.metadata is not None:
+                workflow = _as_dispatched(part.metadata)
+                if workflow is not None:
+                    found.append(workflow)
+    return found
+
+
+def _as_dispatched(metadata: Any) -> DispatchedWorkflow | None:
+    if isinstance(metadata, DispatchedWorkflow):
+        return metadata
+    # Messages that went through JSON carry a plain object; another tool's metadata has other keys.
+    if not isinstance(metadata, dict) or set(metadata) != set(DispatchedWorkflow.model_fields):
+        return None
+    try:
+        return DispatchedWorkflow.model_validate(metadata)
+    except ValidationError:
+        return None
 
 
 def _correlation_id(ctx: RunContext[Any]) -> str | None:

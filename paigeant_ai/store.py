@@ -21,6 +21,7 @@ from pydantic import BaseModel, Field, JsonValue, ValidationError
 
 from .contracts import EVENTS, WorkflowEvent, decode_events
 from .exceptions import TransportError, UserError
+from .transports import as_redis
 
 if TYPE_CHECKING:
     from .transports.base import Consumer, Delivery, Transport
@@ -34,6 +35,7 @@ __all__ = (
     "WorkflowState",
     "WorkflowStatus",
     "WorkflowStore",
+    "get_workflow_store",
     "project",
 )
 
@@ -337,6 +339,18 @@ class RedisWorkflowStore:
             with self.transport.errors("forgetting expired workflows"):
                 await self.transport.client.zrem(self.index_key, *expired)
         return found
+
+
+def get_workflow_store(transport: Transport) -> WorkflowStore:
+    """The workflow store that fits `transport`: on Redis a `RedisWorkflowStore` on its connection, else in memory.
+
+    ```python
+    store = get_workflow_store(transport)
+    worker = Worker(transport, activities, on_event=store.apply)  # or WorkflowProjector(transport, store)
+    ```
+    """
+    redis = as_redis(transport)
+    return RedisWorkflowStore(redis) if redis is not None else InMemoryWorkflowStore()
 
 
 def _parse_events(raw: Iterable[bytes]) -> list[WorkflowEvent]:

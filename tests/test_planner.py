@@ -10,7 +10,7 @@ from dirty_equals import IsStr
 from inline_snapshot import snapshot
 from pydantic import BaseModel
 from pydantic_ai import Agent, RunContext, UnexpectedModelBehavior
-from pydantic_ai.messages import ModelMessage, ModelResponse, TextPart
+from pydantic_ai.messages import ModelMessage, ModelMessagesTypeAdapter, ModelResponse, TextPart
 from pydantic_ai.models.function import AgentInfo
 from pydantic_ai.models.test import TestModel
 from pydantic_ai.usage import RunUsage
@@ -20,6 +20,7 @@ from paigeant_ai import (
     ActivityContext,
     ActivitySpec,
     AgentActivity,
+    DispatchedWorkflow,
     InMemoryTransport,
     PaigeantMessage,
     PaigeantPlanner,
@@ -29,6 +30,7 @@ from paigeant_ai import (
     WorkflowDispatcher,
     activity,
     create_planner_agent,
+    dispatched_workflows,
 )
 from paigeant_ai.store import InMemoryWorkflowStore
 
@@ -188,6 +190,37 @@ async def test_a_model_that_never_fixes_its_plan_dispatches_nothing(transport: I
     assert await nothing_dispatched(transport, catalog)
 
 
+async def test_a_bare_agent_with_the_toolset_may_fix_a_bad_plan_three_times(transport: InMemoryTransport) -> None:
+    toolset = PaigeantToolset(build_catalog(), dispatcher=WorkflowDispatcher(transport))
+    bad = call("dispatch_workflow", {"activities": ["nope"], "variables": {}})
+    agent = Agent(Script([bad, bad, bad, call("dispatch_workflow", PLAN), report]).model, toolsets=[toolset])
+
+    result = await agent.run("plan it")
+
+    message = await first_message(transport, "classify-ticket")
+    assert result.output == f"dispatched {message.correlation_id}"
+
+
+async def test_what_a_run_dispatched_is_in_its_tool_returns_metadata(transport: InMemoryTransport) -> None:
+    script = Script([call("list_activities", {}), call("dispatch_workflow", PLAN), report])
+    agent = Agent(script.model, toolsets=[PaigeantToolset(build_catalog(), dispatcher=WorkflowDispatcher(transport))])
+
+    result = await agent.run("urgent: customer X can't log in after payment")
+
+    message = await first_message(transport, "classify-ticket")
+    expected = [
+        DispatchedWorkflow(
+            correlation_id=message.correlation_id, activities=["classify-ticket", "route-to-specialist", "notify-team"]
+        )
+    ]
+    assert dispatched_workflows(result) == expected
+    stored = ModelMessagesTypeAdapter.validate_json(result.all_messages_json())
+    assert dispatched_workflows(stored) == expected
+    [dispatched] = [part for part in tool_returns(script.requests[-1]) if part.tool_name == "dispatch_workflow"]
+    assert dispatched.metadata == expected[0]
+    assert json.loads(dispatched.model_response_str()) == expected[0].model_dump()  # what the model saw
+
+
 async def test_the_seed_planner_agent_carries_the_users_token_into_the_workflow(transport: InMemoryTransport) -> None:
     script = Script([call("dispatch_workflow", PLAN), report])
     agent = create_planner_agent(model=script.model, catalog=build_catalog())
@@ -331,17 +364,36 @@ async def test_the_same_tool_call_dispatches_the_same_workflow(transport: InMemo
         ["classify-ticket"],
         {"ticket": "x"},
     )
-    assert first.correlation_id == again.correlation_id == IsStr(min_length=36)
-    assert other.correlation_id != first.correlation_id
+    assert first.metadata.correlation_id == again.metadata.correlation_id == IsStr(min_length=36)
+    assert other.metadata.correlation_id != first.metadata.correlation_id
 
 
-def test_the_catalog_refuses_duplicates_and_non_activities() -> None:
+def test_adding_an_activity_again_amends_its_entry() -> None:
     catalog = build_catalog()
-    with pytest.raises(UserError, match="already has an activity named 'notify-team'"):
-        catalog.add(ActivitySpec(name="notify-team"))
+    first = catalog.get("classify-ticket")
+    assert first is not None
+
+    amended = catalog.add(classify, produces=["priority"])
+    assert amended == first.model_copy(update={"produces": amended.produces})
+    assert amended.produced_variables == ["priority"]
+    assert amended.required_variables == ["ticket"]  # what the call did not say is kept
+    renamed = catalog.add(ActivitySpec(name="notify-team"), description="Page whoever is on call.")
+    assert (renamed.description, renamed.required_variables) == ("Page whoever is on call.", ["team"])
+    assert catalog.names == ["classify-ticket", "route-to-specialist", "notify-team", "refund-payment"]
+    assert catalog.get("classify-ticket") == amended
+
+
+def test_the_catalog_refuses_a_namesake_with_other_scopes_and_non_activities() -> None:
+    catalog = build_catalog()
+    with pytest.raises(UserError) as raised:
+        catalog.add(ActivitySpec(name="notify-team", required_scopes=("pager:write",)))
+    assert str(raised.value) == (
+        "the catalog already has an activity named 'notify-team' that requires other scopes: "
+        "give the new one another name"
+    )
     with pytest.raises(UserError, match="is not an activity"):
         catalog.add(42)  # pyright: ignore[reportArgumentType]
-    assert "notify-team" in catalog
+    assert catalog.get("notify-team") == build_catalog().get("notify-team")
     assert len(catalog) == 4
 
 

@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from .base import Consumer, Delivery, Transport
 from .memory import InMemoryTransport
+
+if TYPE_CHECKING:
+    from .redis import RedisTransport
 
 __all__ = ("IN_MEMORY_NAMES", "Consumer", "Delivery", "InMemoryTransport", "Transport", "get_transport")
 
@@ -45,3 +50,15 @@ def get_transport(name: str | None = None, **options: object) -> Transport:
             raise UserError(f"the {chosen} transport is not available in this version of paigeant-ai") from exc
         raise UserError(f'the {chosen} transport needs its extra: pip install "paigeant-ai[{extra}]"') from exc
     return getattr(module, class_name)(**options)
+
+
+def as_redis(transport: Transport) -> RedisTransport | None:
+    """`transport` if it is the Redis transport (whose connection Redis-backed stores share), else `None`.
+
+    The `redis` extra is imported only when the transport says it is Redis.
+    """
+    if transport.name != "redis":
+        return None
+    from .redis import RedisTransport
+
+    return transport if isinstance(transport, RedisTransport) else None
