@@ -30,6 +30,7 @@ from .exceptions import (
     InvalidPlan,
     MessageTooLarge,
     NonRetryableError,
+    NoWorker,
     PaigeantError,
     ReplayedMessage,
     RetryActivity,
@@ -37,6 +38,7 @@ from .exceptions import (
     TokenError,
     TransportError,
     UserError,
+    WorkflowExists,
 )
 from .planner import PaigeantPlanner, PaigeantToolset, PlannerAgentDeps, create_planner_agent
 from .revision import ItineraryRevision
@@ -61,6 +63,7 @@ __all__ = (
     "ItineraryRevision",
     "MessageSigner",
     "MessageTooLarge",
+    "NoWorker",
     "NonRetryableError",
     "PaigeantError",
     "PaigeantMessage",
@@ -89,6 +92,7 @@ __all__ = (
     "WorkerStats",
     "WorkflowDispatcher",
     "WorkflowEvent",
+    "WorkflowExists",
     "activity",
     "create_planner_agent",
     "get_transport",

@@ -11,6 +11,7 @@ __all__ = (
     "InvalidMessage",
     "InvalidPlan",
     "MessageTooLarge",
+    "NoWorker",
     "NonRetryableError",
     "PaigeantError",
     "ReplayedMessage",
@@ -19,6 +20,7 @@ __all__ = (
     "TokenError",
     "TransportError",
     "UserError",
+    "WorkflowExists",
 )
 
 
@@ -28,6 +30,32 @@ class PaigeantError(Exception):
 
 class UserError(PaigeantError):
     """A misconfiguration; the message names the fix."""
+
+
+class WorkflowExists(UserError):
+    """A dispatch under a correlation ID already in use by a workflow with other activities, variables or token.
+
+    Attributes:
+        correlation_id: The ID in use.
+    """
+
+    def __init__(self, message: str, *, correlation_id: str) -> None:
+        super().__init__(message)
+        self.correlation_id = correlation_id
+
+
+class NoWorker(UserError):
+    """A dispatch with `require_workers=True` whose first step no worker consumes.
+
+    Attributes:
+        activity: The step nobody serves.
+        served: The addresses that do have consumers, when the transport can tell.
+    """
+
+    def __init__(self, message: str, *, activity: str, served: list[str] | None = None) -> None:
+        super().__init__(message)
+        self.activity = activity
+        self.served = served
 
 
 class InvalidMessage(PaigeantError):
