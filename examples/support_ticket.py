@@ -204,7 +204,9 @@ catalog.add(generate_response)
 catalog.add(schedule_follow_up, needs=["customer"])
 classify_ticket.revision = ItineraryRevision(catalog, max_revisions=2)
 
-planner = create_planner_agent(model=model(_plan), catalog=catalog)
+# This script plans first and drains the queues after, so no worker consumes yet when the plan is dispatched; a
+# service whose workers are running keeps the default, which sends a plan nobody serves back to the model.
+planner = create_planner_agent(model=model(_plan), catalog=catalog, require_workers=False)
 
 # -- running it ----------------------------------------------------------------------------------------------
 

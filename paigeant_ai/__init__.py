@@ -32,6 +32,7 @@ from .exceptions import (
     MessageTooLarge,
     NonFiniteNumber,
     NonRetryableError,
+    NoWorker,
     PaigeantError,
     ReplayedMessage,
     RetryActivity,
@@ -39,6 +40,7 @@ from .exceptions import (
     TokenError,
     TransportError,
     UserError,
+    WorkflowExists,
 )
 from .planner import (
     DispatchedWorkflow,
@@ -72,6 +74,7 @@ __all__ = (
     "ItineraryRevision",
     "MessageSigner",
     "MessageTooLarge",
+    "NoWorker",
     "NonFiniteNumber",
     "NonRetryableError",
     "PaigeantError",
@@ -101,6 +104,7 @@ __all__ = (
     "WorkerStats",
     "WorkflowDispatcher",
     "WorkflowEvent",
+    "WorkflowExists",
     "activity",
     "create_planner_agent",
     "dispatched_workflows",

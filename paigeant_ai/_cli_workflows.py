@@ -2,7 +2,8 @@
 
 `status` and `workflows` read a `RedisWorkflowStore` (`PAIGEANT_REDIS_URL`). Unless told `--no-sync`, they first
 apply the events waiting on the transport's `events` address (`PAIGEANT_TRANSPORT`), so the store is current
-even when no projector runs. `dead-letters` reads the dead-letter queue without losing any letter: each one is
+even when no projector runs, and afterwards ask the transport which workflows wait at a step nobody consumes
+(`stalled`). `dead-letters` reads the dead-letter queue without losing any letter: each one is
 taken, noted and put back at the end of the queue (a broker-neutral way to browse), except the one replayed.
 """
 
@@ -22,7 +23,7 @@ from .contracts import DEAD_LETTER, EVENTS, PaigeantMessage, WorkflowEvent
 from .exceptions import InvalidMessage, SecurityError, UserError
 from .security import MessageSigner
 from .settings import Settings
-from .store import RedisWorkflowStore, WorkflowProjector, WorkflowStatus
+from .store import RedisWorkflowStore, WorkflowProjector, WorkflowStatus, mark_stalled
 from .transports import IN_MEMORY_NAMES, Transport, get_transport
 from .transports.base import REASON_HEADER, SOURCE_HEADER, Delivery
 
@@ -56,7 +57,9 @@ def _store_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="print JSON instead of text")
     parser.add_argument("--redis-url", help="the Redis of the workflow store (default PAIGEANT_REDIS_URL)")
     parser.add_argument("--transport", help="where the events wait: inmemory, rabbitmq or redis (PAIGEANT_TRANSPORT)")
-    parser.add_argument("--no-sync", action="store_true", help="read the store as it is, without applying new events")
+    parser.add_argument(
+        "--no-sync", action="store_true", help="read the store as it is, without asking the transport for new events"
+    )
 
 
 async def run_command(args: argparse.Namespace) -> int:
@@ -68,8 +71,14 @@ async def run_command(args: argparse.Namespace) -> int:
         if not args.no_sync:
             await _sync(store, args.transport)
         if args.command == "status":
-            return _print_status(await store.get(args.correlation_id), args.correlation_id, as_json=args.json)
-        return _print_workflows(list(await store.list(limit=args.limit)), as_json=args.json)
+            found = await store.get(args.correlation_id)
+            if found is not None and not args.no_sync:
+                [found] = await _with_stalls([found], args.transport)
+            return _print_status(found, args.correlation_id, as_json=args.json)
+        statuses = list(await store.list(limit=args.limit))
+        if not args.no_sync:
+            statuses = await _with_stalls(statuses, args.transport)
+        return _print_workflows(statuses, as_json=args.json)
 
 
 async def _sync(store: RedisWorkflowStore, transport_name: str | None) -> None:
@@ -78,6 +87,15 @@ async def _sync(store: RedisWorkflowStore, transport_name: str | None) -> None:
         return  # in-memory events live and die in their own process
     async with get_transport(chosen) as transport:
         await WorkflowProjector(transport, store).run(burst=True)
+
+
+async def _with_stalls(statuses: list[WorkflowStatus], transport_name: str | None) -> list[WorkflowStatus]:
+    """`statuses`, the workflows whose current step nobody has consumed for a while marked `stalled`."""
+    chosen = (transport_name or Settings.from_env().transport).strip().lower()
+    if chosen in IN_MEMORY_NAMES or not any(status.state in ("pending", "running") for status in statuses):
+        return statuses
+    async with get_transport(chosen) as transport:
+        return await mark_stalled(statuses, transport, after=Settings.from_env().stall_after)
 
 
 # -- status ------------------------------------------------------------------------------------------------------
@@ -108,6 +126,8 @@ def render_status(status: WorkflowStatus) -> str:
     ]
     if status.failure:
         lines.append(f"  failed: {status.failure}")
+    if status.stalled:
+        lines.append(f"  stalled: {status.stalled}")
     if status.ended:
         lines.append(f"  ended early: {status.ended}")
     if status.waiting_for:
@@ -164,7 +184,7 @@ def _print_workflows(statuses: list[WorkflowStatus], *, as_json: bool) -> int:
     print(f"{'STATE':<10} {'UPDATED (UTC)':<19}  {'CORRELATION ID':<{width}}  STEP / REASON")
     for status in statuses:
         where = f"{status.current_step} {status.current_activity}" if status.current_activity else ""
-        note = status.failure or status.waiting_for or where or "-"
+        note = status.stalled or status.failure or status.waiting_for or where or "-"
         if len(note) > 80:
             note = note[:77] + "..."
         print(f"{status.state:<10} {status.updated_at:%Y-%m-%d %H:%M:%S}  {status.correlation_id:<{width}}  {note}")

@@ -2,22 +2,26 @@
 
 from __future__ import annotations
 
+import difflib
+import hashlib
 import inspect
+import json
 import logging
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from datetime import UTC, datetime, timedelta
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from pydantic import ValidationError
 
 from . import observability
 from ._sealing import seal
 from .activity import Activity
-from .contracts import EVENTS, ActivitySpec, PaigeantMessage, WorkflowEvent
-from .exceptions import UserError
+from .contracts import EVENTS, RESERVED_ADDRESSES, ActivitySpec, PaigeantMessage, WorkflowEvent
+from .exceptions import NoWorker, UserError, WorkflowExists
 from .security import MessageSigner
 from .settings import Settings
-from .transports.base import Transport
+from .transports.base import ConsumerWatch, SharedClaims, Transport
 
 if TYPE_CHECKING:
     from pydantic_ai import DeferredToolResults
@@ -32,6 +36,11 @@ logger = logging.getLogger("paigeant_ai.dispatch")
 
 EventSink = Callable[[WorkflowEvent], Awaitable[None] | None]
 """A callback for events, sync or async."""
+
+REMEMBERED_DISPATCHES = 10_000
+"""Correlation IDs a dispatcher remembers in memory, with what it dispatched under them."""
+CLAIM_TTL = 7 * 24 * 3600.0
+"""Seconds a shared claim on a correlation ID lasts, at least (longer for workflows with a longer `ttl`)."""
 
 
 def to_spec(item: ActivitySpec | Activity | str) -> ActivitySpec:
@@ -50,6 +59,52 @@ def to_spec(item: ActivitySpec | Activity | str) -> ActivitySpec:
     raise UserError(f"{item!r} is not an activity: pass ActivitySpec objects, activities or names")
 
 
+def _specs(activities: object) -> list[ActivitySpec]:
+    if isinstance(activities, str):
+        raise UserError(f"activities must be a list of steps, not one string: write [{activities!r}]")
+    if not isinstance(activities, Sequence) or isinstance(activities, bytes | bytearray):
+        raise UserError(
+            f"activities must be a list of steps (ActivitySpec objects, activities or names), "
+            f"not {type(activities).__name__}"
+        )
+    return [to_spec(item) for item in cast("Sequence[ActivitySpec | Activity | str]", activities)]  # each checked
+
+
+def _variables(variables: object) -> Mapping[str, Any] | None:
+    if variables is None:
+        return None
+    if not isinstance(variables, Mapping):
+        raise UserError(
+            "variables must be a mapping of names to JSON values, like {'order_id': 42}, "
+            f"not {type(variables).__name__}"
+        )
+    for key in cast("Mapping[object, object]", variables):
+        if not isinstance(key, str):
+            raise UserError(f"variable names must be strings: {key!r} is {type(key).__name__}; write {str(key)!r}")
+    return cast("Mapping[str, Any]", variables)
+
+
+def _fingerprint(message: PaigeantMessage) -> str:
+    """What makes two dispatches the same workflow: its activities, variables and token (hashed)."""
+    content = {
+        "activities": [spec.model_dump(mode="json") for spec in message.routing_slip.itinerary],
+        "variables": message.payload,
+        "obo_token": message.security.obo_token,
+    }
+    return hashlib.sha256(json.dumps(content, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def _hint(activity: str, served: list[str] | None) -> str:
+    """What the transport knows of the steps that are served, for the `NoWorker` message."""
+    if served is None:
+        return ""
+    if not served:
+        return " (no worker consumes any step on this transport now)"
+    close = difflib.get_close_matches(activity, served, n=1)
+    guess = f"did you mean {close[0]!r}? " if close else ""
+    return f" ({guess}workers consume: {', '.join(served)})"
+
+
 class WorkflowDispatcher:
     """Starts workflows: builds the routing slip and publishes the first message.
 
@@ -65,6 +120,9 @@ class WorkflowDispatcher:
         publish_events: Also publish the `dispatched` event on the transport's `events` address, for a
             `WorkflowStore`.
         waiting_store: Where workers park the workflows that wait for input; needed by `resume`.
+        claims: Where dispatchers claim the correlation IDs they are given, so that every process sees an ID
+            in use; by default the transport itself when it can hold claims (Redis; in memory, within the
+            process). Without one, only this dispatcher's memory of its latest dispatches tells.
     """
 
     def __init__(
@@ -78,8 +136,11 @@ class WorkflowDispatcher:
         allow_unsigned: bool | None = None,
         publish_events: bool = True,
         waiting_store: WaitingStore | None = None,
+        claims: SharedClaims | None = None,
     ) -> None:
         self.transport = transport
+        self.claims = claims if claims is not None else transport if isinstance(transport, SharedClaims) else None
+        self._dispatched: OrderedDict[str, str] = OrderedDict()  # correlation ID -> fingerprint, latest last
         self.waiting_store = waiting_store
         self.max_message_bytes = max_message_bytes or Settings.from_env().max_message_bytes
         self.ttl = ttl
@@ -96,37 +157,49 @@ class WorkflowDispatcher:
         *,
         obo_token: str | None = None,
         correlation_id: str | None = None,
+        require_workers: bool = False,
     ) -> str:
         """Start a workflow and return its correlation ID.
 
         Args:
-            activities: The steps, in order: `ActivitySpec`s, activities or names.
-            variables: The workflow's initial payload (JSON values).
+            activities: The steps, in order: a list of `ActivitySpec`s, activities or names.
+            variables: The workflow's initial payload: a mapping of names to JSON values.
             obo_token: The user's on-behalf-of token, carried with every hop.
-            correlation_id: Use this id instead of a new one (it must be unique).
+            correlation_id: Use this ID instead of a new one. Dispatching the same activities, variables and
+                token under it again is a safe retry: it returns the ID and starts nothing.
+            require_workers: Refuse to dispatch unless a worker consumes the first step now (where the
+                transport can tell; see `ConsumerWatch`).
 
         Raises:
-            UserError: No activities, an invalid name, variables that are not JSON, or no key to sign with.
+            UserError: Activities or variables of the wrong shape, no activities, an invalid name, variables
+                that are not JSON, or no key to sign with.
+            WorkflowExists: `correlation_id` is in use by a workflow with other activities, variables or token.
+            NoWorker: With `require_workers`, no worker consumes the first step.
             MessageTooLarge: The first message would exceed `max_message_bytes`.
         """
-        specs = [to_spec(item) for item in activities]
-        expires_at = datetime.now(UTC) + timedelta(seconds=self.ttl) if self.ttl else None
+        message = self._first_message(activities, variables, obo_token, correlation_id)
+        fingerprint = _fingerprint(message) if correlation_id is not None else None
+        if fingerprint is not None and not await self._claim(message.correlation_id, fingerprint):
+            return message.correlation_id  # the same workflow, dispatched already
         try:
-            message = PaigeantMessage.new(
-                specs, variables, correlation_id=correlation_id, obo_token=obo_token, expires_at=expires_at
-            )
-        except ValidationError as exc:
-            raise UserError(f"cannot dispatch: {exc.errors(include_url=False)[0]['msg']}") from None
-        with observability.dispatch_span(message, self.transport.name):
-            body = self.encode(message)
-            await self.transport.publish(specs[0].name, body, headers=dict(message.headers))
+            if require_workers:
+                await self._require_workers(message.routing_slip.itinerary[0].name)
+            with observability.dispatch_span(message, self.transport.name):
+                body = self.encode(message)
+                await self.transport.publish(
+                    message.routing_slip.itinerary[0].name, body, headers=dict(message.headers)
+                )
+        except BaseException:
+            if fingerprint is not None:
+                await self._release(message.correlation_id, fingerprint)  # so that a corrected retry is not refused
+            raise
         event = WorkflowEvent(
             kind="dispatched",
             correlation_id=message.correlation_id,
             activity=message.routing_slip.current,
             step=0,
             message_id=message.message_id,
-            remaining=[spec.name for spec in specs],
+            remaining=[spec.name for spec in message.routing_slip.itinerary],
         )
         if self.publish_events:
             try:
@@ -135,6 +208,75 @@ class WorkflowDispatcher:
                 logger.warning("could not publish the dispatched event of %s", event.correlation_id, exc_info=True)
         await self._report(event)
         return message.correlation_id
+
+    def _first_message(
+        self, activities: object, variables: object, obo_token: str | None, correlation_id: object
+    ) -> PaigeantMessage:
+        """The first message of a workflow, every argument checked, each mistake told in one sentence."""
+        specs = _specs(activities)
+        if correlation_id is not None and (not isinstance(correlation_id, str) or not correlation_id):
+            raise UserError(
+                f"correlation_id must be a non-empty string (or None for a new one), not {correlation_id!r}"
+            )
+        expires_at = datetime.now(UTC) + timedelta(seconds=self.ttl) if self.ttl else None
+        try:
+            return PaigeantMessage.new(
+                specs, _variables(variables), correlation_id=correlation_id, obo_token=obo_token, expires_at=expires_at
+            )
+        except ValidationError as exc:
+            raise UserError(f"cannot dispatch: {exc.errors(include_url=False)[0]['msg']}") from None
+
+    async def _claim(self, correlation_id: str, fingerprint: str) -> bool:
+        """Claim `correlation_id` for a workflow with `fingerprint`; False if that very workflow has it already.
+
+        Raises:
+            WorkflowExists: Another workflow has it.
+        """
+        held = self._dispatched.get(correlation_id)
+        if held is None and self.claims is not None:
+            held = await self.claims.claim(
+                f"dispatched:{correlation_id}", fingerprint, ttl=max(CLAIM_TTL, self.ttl or 0)
+            )
+        self._dispatched[correlation_id] = held or fingerprint
+        self._dispatched.move_to_end(correlation_id)
+        while len(self._dispatched) > REMEMBERED_DISPATCHES:
+            self._dispatched.popitem(last=False)
+        if held is None:
+            return True
+        if held != fingerprint:
+            raise WorkflowExists(
+                f"workflow {correlation_id!r} was already dispatched with other activities, variables or token; "
+                "pass a new correlation_id to start another workflow",
+                correlation_id=correlation_id,
+            )
+        return False
+
+    async def _release(self, correlation_id: str, fingerprint: str) -> None:
+        """Forget the claim of a dispatch that failed; a failure to do so is logged, not raised over the first."""
+        if self._dispatched.get(correlation_id) == fingerprint:
+            del self._dispatched[correlation_id]
+        if self.claims is None:
+            return
+        try:
+            await self.claims.release(f"dispatched:{correlation_id}", fingerprint)
+        except Exception:
+            logger.warning("could not release the claim on %s after a failed dispatch", correlation_id, exc_info=True)
+
+    async def _require_workers(self, activity: str) -> None:
+        """Raise `NoWorker` unless something consumes `activity` now, or the transport cannot tell."""
+        transport = self.transport
+        if not isinstance(transport, ConsumerWatch) or (count := await transport.consumers(activity)) is None:
+            logger.warning("%s cannot tell whether a worker consumes %r; dispatching anyway", transport.name, activity)
+            return
+        if count > 0:
+            return
+        consumed = await transport.consumed_addresses()
+        served = None if consumed is None else [name for name in consumed if name not in RESERVED_ADDRESSES]
+        raise NoWorker(
+            f"no worker consumes {activity!r}: start a worker for it, or fix the step's name{_hint(activity, served)}",
+            activity=activity,
+            served=served,
+        )
 
     async def resume(
         self,

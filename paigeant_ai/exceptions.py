@@ -11,6 +11,7 @@ __all__ = (
     "InvalidMessage",
     "InvalidPlan",
     "MessageTooLarge",
+    "NoWorker",
     "NonFiniteNumber",
     "NonRetryableError",
     "PaigeantError",
@@ -20,6 +21,7 @@ __all__ = (
     "TokenError",
     "TransportError",
     "UserError",
+    "WorkflowExists",
 )
 
 
@@ -33,6 +35,32 @@ class UserError(PaigeantError):
 
 class NonFiniteNumber(UserError):
     """A NaN or an infinity where JSON values go (variables, step arguments, an activity's output): JSON has neither."""
+
+
+class WorkflowExists(UserError):
+    """A dispatch under a correlation ID already in use by a workflow with other activities, variables or token.
+
+    Attributes:
+        correlation_id: The ID in use.
+    """
+
+    def __init__(self, message: str, *, correlation_id: str) -> None:
+        super().__init__(message)
+        self.correlation_id = correlation_id
+
+
+class NoWorker(UserError):
+    """A dispatch with `require_workers=True` whose first step no worker consumes.
+
+    Attributes:
+        activity: The step nobody serves.
+        served: The addresses that do have consumers, when the transport can tell.
+    """
+
+    def __init__(self, message: str, *, activity: str, served: list[str] | None = None) -> None:
+        super().__init__(message)
+        self.activity = activity
+        self.served = served
 
 
 class InvalidMessage(PaigeantError):

@@ -31,7 +31,7 @@ from pydantic_ai.toolsets import AgentToolset
 from .approval import WaitingStore
 from .catalog import ActivityCatalog, CatalogEntry
 from .dispatch import WorkflowDispatcher
-from .exceptions import InvalidPlan, MessageTooLarge, UserError
+from .exceptions import InvalidPlan, MessageTooLarge, NoWorker, UserError, WorkflowExists
 from .store import WorkflowStore
 
 __all__ = (
@@ -103,6 +103,9 @@ class PaigeantToolset(FunctionToolset[Any]):
         store: Answers `get_workflow_status`; a parked workflow is also found in the dispatcher's waiting store.
         forbidden: Names in the catalog this planner may not use (they are not listed, and a plan with one is
             sent back to the model).
+        require_workers: Dispatch a plan only when a worker consumes its first step now (where the transport can
+            tell); otherwise the model is told which step nobody serves and may fix the plan. Turn it off when the
+            workers start after the planner runs (a test that plans first, then drains the queues).
         id: The toolset's id.
         max_retries: How often the model may fix a bad call of each tool (a bad plan, say) before the run
             fails; `None` leaves it to the agent's `retries`, pydantic-ai's default of 1.
@@ -116,11 +119,13 @@ class PaigeantToolset(FunctionToolset[Any]):
         dispatcher: WorkflowDispatcher | None = None,
         store: WorkflowStore | None = None,
         forbidden: Collection[str] = (),
+        require_workers: bool = True,
         id: str = "paigeant",
         max_retries: int | None = DEFAULT_MAX_RETRIES,
         instructions: str = PLANNER_INSTRUCTIONS,
     ) -> None:
         super().__init__(id=id, max_retries=max_retries, instructions=instructions)
+        self.require_workers = require_workers
         self.catalog = catalog
         self.dispatcher = dispatcher
         self.store = store
@@ -154,8 +159,9 @@ class PaigeantToolset(FunctionToolset[Any]):
                 variables,
                 obo_token=getattr(ctx.deps, "user_obo_token", None),
                 correlation_id=_correlation_id(ctx),
+                require_workers=self.require_workers,
             )
-        except MessageTooLarge as exc:
+        except (MessageTooLarge, NoWorker, WorkflowExists) as exc:
             raise ModelRetry(f"The plan was not dispatched: {exc}.") from None
         dispatched = DispatchedWorkflow(correlation_id=correlation_id, activities=[spec.name for spec in specs])
         # The metadata stays with the application (`dispatched_workflows`); the model sees the return value.
@@ -221,6 +227,7 @@ class PaigeantPlanner(AbstractCapability[Any]):
     dispatcher: WorkflowDispatcher | None = None
     store: WorkflowStore | None = None
     forbidden: Collection[str] = ()
+    require_workers: bool = True
     toolset_id: str = "paigeant"
     max_retries: int | None = DEFAULT_MAX_RETRIES
     toolset: PaigeantToolset = field(init=False, repr=False)
@@ -231,6 +238,7 @@ class PaigeantPlanner(AbstractCapability[Any]):
             dispatcher=self.dispatcher,
             store=self.store,
             forbidden=self.forbidden,
+            require_workers=self.require_workers,
             id=self.toolset_id,
             max_retries=self.max_retries,
         )
@@ -248,6 +256,7 @@ def create_planner_agent(
     forbidden: Collection[str] = (),
     workflow_store: WorkflowStore | None = None,
     retries: int = DEFAULT_MAX_RETRIES,
+    require_workers: bool = True,
 ) -> Agent[PlannerAgentDeps, str]:
     """A planner agent: run it with `PlannerAgentDeps`, and it dispatches the workflow a request calls for.
 
@@ -259,8 +268,11 @@ def create_planner_agent(
         forbidden: Catalog names the planner may not use.
         workflow_store: Answers `get_workflow_status`.
         retries: How often the model may fix a bad plan.
+        require_workers: Dispatch a plan only when a worker consumes its first step (see `PaigeantToolset`).
     """
-    toolset = PaigeantToolset(catalog, store=workflow_store, forbidden=forbidden, max_retries=retries)
+    toolset = PaigeantToolset(
+        catalog, store=workflow_store, forbidden=forbidden, max_retries=retries, require_workers=require_workers
+    )
     return Agent(model, deps_type=PlannerAgentDeps, name=name, instructions=instructions, toolsets=[toolset])
 
 

@@ -58,6 +58,8 @@ class Settings:
         obo_issuer: `PAIGEANT_OBO_ISSUER`, the `iss` those tokens must carry.
         obo_audience: `PAIGEANT_OBO_AUDIENCE`, the `aud` those tokens must carry.
         replay_ttl: `PAIGEANT_REPLAY_TTL`, seconds a settled hop without an expiry is remembered (default 7 days).
+        stall_after: `PAIGEANT_STALL_AFTER`, seconds without a consumer after which `paigeant workflows` shows a
+            workflow `stalled` at its step (default 60).
     """
 
     transport: str = "inmemory"
@@ -76,6 +78,7 @@ class Settings:
     obo_issuer: str | None = None
     obo_audience: str | None = None
     replay_ttl: int = 7 * 24 * 3600
+    stall_after: int = 60
 
     @classmethod
     def from_env(cls) -> Settings:
@@ -99,4 +102,5 @@ class Settings:
             obo_issuer=_env_str("PAIGEANT_OBO_ISSUER"),
             obo_audience=_env_str("PAIGEANT_OBO_AUDIENCE"),
             replay_ttl=_env_int("PAIGEANT_REPLAY_TTL", defaults.replay_ttl),
+            stall_after=_env_int("PAIGEANT_STALL_AFTER", defaults.stall_after),
         )

@@ -5,7 +5,8 @@ workers and dispatchers report, in process (`Worker(..., on_event=store.apply)`)
 of a transport (`WorkflowProjector`), and ask it where a workflow is, what happened to it, and why it failed.
 
 The status is computed from the events each time it is read, ordered by when they happened, so events that
-arrive late or twice (several processes, at-least-once delivery) give the same answer.
+arrive late or twice (several processes, at-least-once delivery) give the same answer. Events cannot tell that
+nobody serves the step a workflow waits at: `mark_stalled` asks the transport.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import asyncio
 import logging
 from collections import OrderedDict
 from collections.abc import Iterable, Sequence
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Literal, Protocol, runtime_checkable
 
 from pydantic import BaseModel, Field, JsonValue, ValidationError
@@ -22,6 +23,7 @@ from pydantic import BaseModel, Field, JsonValue, ValidationError
 from .contracts import EVENTS, WorkflowEvent, decode_events
 from .exceptions import TransportError, UserError
 from .transports import as_redis
+from .transports.base import ConsumerWatch
 
 if TYPE_CHECKING:
     from .transports.base import Consumer, Delivery, Transport
@@ -36,12 +38,13 @@ __all__ = (
     "WorkflowStatus",
     "WorkflowStore",
     "get_workflow_store",
+    "mark_stalled",
     "project",
 )
 
 logger = logging.getLogger("paigeant_ai.store")
 
-WorkflowState = Literal["pending", "running", "waiting", "completed", "faulted"]
+WorkflowState = Literal["pending", "running", "waiting", "stalled", "completed", "faulted"]
 StepState = Literal["running", "retrying", "waiting", "completed", "failed"]
 
 DEFAULT_MAX_EVENTS = 1000
@@ -87,6 +90,8 @@ class WorkflowStatus(BaseModel):
     """Why a completed workflow ended early, when a step ended it (`EndWorkflow`)."""
     waiting_for: str | None = None
     """What a waiting workflow waits for."""
+    stalled: str | None = Field(default=None, exclude_if=lambda reason: reason is None)
+    """Why a stalled workflow does not move: no worker consumes its current step (see `mark_stalled`)."""
     events: list[WorkflowEvent] = Field(default_factory=list[WorkflowEvent])
     """The history, oldest first."""
 
@@ -186,6 +191,64 @@ def project(correlation_id: str, events: Iterable[WorkflowEvent]) -> WorkflowSta
     for event in ordered:
         projection.apply(event)
     return projection.finish(ordered)
+
+
+async def mark_stalled(
+    statuses: Iterable[WorkflowStatus], transport: Transport, *, after: float = 60.0, now: datetime | None = None
+) -> list[WorkflowStatus]:
+    """`statuses`, with each workflow whose current step has had no consumer for `after` seconds `stalled`.
+
+    A pending or running workflow is stalled when the transport (a `ConsumerWatch`) says nobody consumes its
+    current step now, and nothing has happened to it since: neither an event of the workflow nor a consumer of
+    the step (where the transport knows when it last saw one) in the last `after` seconds. A transport that cannot
+    tell leaves every status as it is. The transport is asked once per step.
+    """
+    if not isinstance(transport, ConsumerWatch):
+        return list(statuses)
+    now = now or datetime.now(UTC)
+    unserved: dict[str, datetime | None] = {}
+    marked: list[WorkflowStatus] = []
+    for status in statuses:
+        activity = status.current_activity
+        if status.state not in ("pending", "running") or activity is None:
+            marked.append(status)
+            continue
+        if activity not in unserved:
+            unserved[activity] = await _unserved_since(transport, activity)
+        since = unserved[activity]
+        idle = (now - max(since, _aware(status.updated_at))).total_seconds() if since is not None else 0.0
+        if idle < after:
+            marked.append(status)
+            continue
+        reason = f"no worker consumes {activity!r} for {_span(idle)}"
+        marked.append(status.model_copy(update={"state": "stalled", "stalled": reason}))
+    return marked
+
+
+_NEVER = datetime.min.replace(tzinfo=UTC)
+
+
+async def _unserved_since(transport: ConsumerWatch, activity: str) -> datetime | None:
+    """Since when `activity` has had no consumer (`_NEVER` if it never had one); `None` if it has, or unknown."""
+    count = await transport.consumers(activity)
+    if count is None or count > 0:
+        return None
+    return await transport.last_consumed(activity) or _NEVER
+
+
+def _aware(at: datetime) -> datetime:
+    return at if at.tzinfo is not None else at.replace(tzinfo=UTC)
+
+
+def _span(seconds: float) -> str:
+    """`seconds` as people say it: 45s, 3m, 5h, 2d."""
+    if seconds < 60:
+        return f"{int(seconds)}s"
+    if seconds < 2 * 3600:
+        return f"{int(seconds // 60)}m"
+    if seconds < 2 * 86400:
+        return f"{int(seconds // 3600)}h"
+    return f"{int(seconds // 86400)}d"
 
 
 @runtime_checkable

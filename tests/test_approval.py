@@ -244,7 +244,7 @@ async def test_without_a_waiting_store_the_step_faults_and_says_why(transport: I
 async def test_a_parked_workflow_reports_what_it_waits_for(transport: InMemoryTransport) -> None:
     setup = Setup(transport, Support(Script([SEND, answer])))
     correlation_id = await setup.start()
-    planner = PaigeantToolset(ActivityCatalog([setup.support.step]), dispatcher=setup.dispatcher)
+    planner = PaigeantToolset(ActivityCatalog([setup.support.step]), dispatcher=setup.dispatcher, require_workers=False)
     ctx = RunContext[Any](deps=None, model=TestModel(), usage=RunUsage())
 
     assert await planner.get_workflow_status(ctx, correlation_id) == snapshot(

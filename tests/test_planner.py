@@ -9,7 +9,7 @@ import pytest
 from dirty_equals import IsStr
 from inline_snapshot import snapshot
 from pydantic import BaseModel
-from pydantic_ai import Agent, RunContext, UnexpectedModelBehavior
+from pydantic_ai import Agent, ModelRetry, RunContext, UnexpectedModelBehavior
 from pydantic_ai.messages import ModelMessage, ModelMessagesTypeAdapter, ModelResponse, TextPart
 from pydantic_ai.models.function import AgentInfo
 from pydantic_ai.models.test import TestModel
@@ -27,6 +27,7 @@ from paigeant_ai import (
     PaigeantToolset,
     PlannerAgentDeps,
     UserError,
+    Worker,
     WorkflowDispatcher,
     activity,
     create_planner_agent,
@@ -92,7 +93,9 @@ def report(messages: list[ModelMessage], info: AgentInfo) -> ModelResponse:
 
 async def test_the_planner_lists_the_catalog_and_dispatches_the_plan(transport: InMemoryTransport) -> None:
     catalog = build_catalog()
-    toolset = PaigeantToolset(catalog, dispatcher=WorkflowDispatcher(transport), forbidden={"refund-payment"})
+    toolset = PaigeantToolset(
+        catalog, dispatcher=WorkflowDispatcher(transport), forbidden={"refund-payment"}, require_workers=False
+    )
     script = Script([call("list_activities", {}), call("dispatch_workflow", PLAN), report])
     agent = Agent(script.model, toolsets=[toolset])
 
@@ -148,7 +151,9 @@ async def test_a_bad_plan_comes_back_to_the_model_as_a_retry_and_nothing_is_disp
     transport: InMemoryTransport,
 ) -> None:
     catalog = build_catalog()
-    toolset = PaigeantToolset(catalog, dispatcher=WorkflowDispatcher(transport), forbidden={"refund-payment"})
+    toolset = PaigeantToolset(
+        catalog, dispatcher=WorkflowDispatcher(transport), forbidden={"refund-payment"}, require_workers=False
+    )
     unknown = {"activities": ["classify-ticket", "page-oncall", "refund-payment"], "variables": {"ticket": "x"}}
     missing = {"activities": ["classify-ticket", "notify-team"], "variables": {}}
     script = Script(
@@ -181,7 +186,7 @@ async def test_a_bad_plan_comes_back_to_the_model_as_a_retry_and_nothing_is_disp
 
 async def test_a_model_that_never_fixes_its_plan_dispatches_nothing(transport: InMemoryTransport) -> None:
     catalog = build_catalog()
-    toolset = PaigeantToolset(catalog, dispatcher=WorkflowDispatcher(transport), max_retries=1)
+    toolset = PaigeantToolset(catalog, dispatcher=WorkflowDispatcher(transport), max_retries=1, require_workers=False)
     bad = call("dispatch_workflow", {"activities": ["nope"], "variables": {}})
     agent = Agent(Script([bad, bad, bad]).model, toolsets=[toolset])
 
@@ -191,7 +196,7 @@ async def test_a_model_that_never_fixes_its_plan_dispatches_nothing(transport: I
 
 
 async def test_a_bare_agent_with_the_toolset_may_fix_a_bad_plan_three_times(transport: InMemoryTransport) -> None:
-    toolset = PaigeantToolset(build_catalog(), dispatcher=WorkflowDispatcher(transport))
+    toolset = PaigeantToolset(build_catalog(), dispatcher=WorkflowDispatcher(transport), require_workers=False)
     bad = call("dispatch_workflow", {"activities": ["nope"], "variables": {}})
     agent = Agent(Script([bad, bad, bad, call("dispatch_workflow", PLAN), report]).model, toolsets=[toolset])
 
@@ -203,7 +208,10 @@ async def test_a_bare_agent_with_the_toolset_may_fix_a_bad_plan_three_times(tran
 
 async def test_what_a_run_dispatched_is_in_its_tool_returns_metadata(transport: InMemoryTransport) -> None:
     script = Script([call("list_activities", {}), call("dispatch_workflow", PLAN), report])
-    agent = Agent(script.model, toolsets=[PaigeantToolset(build_catalog(), dispatcher=WorkflowDispatcher(transport))])
+    agent = Agent(
+        script.model,
+        toolsets=[PaigeantToolset(build_catalog(), dispatcher=WorkflowDispatcher(transport), require_workers=False)],
+    )
 
     result = await agent.run("urgent: customer X can't log in after payment")
 
@@ -223,7 +231,7 @@ async def test_what_a_run_dispatched_is_in_its_tool_returns_metadata(transport: 
 
 async def test_the_seed_planner_agent_carries_the_users_token_into_the_workflow(transport: InMemoryTransport) -> None:
     script = Script([call("dispatch_workflow", PLAN), report])
-    agent = create_planner_agent(model=script.model, catalog=build_catalog())
+    agent = create_planner_agent(model=script.model, catalog=build_catalog(), require_workers=False)
     deps = PlannerAgentDeps(workflow_dispatcher=WorkflowDispatcher(transport), user_obo_token="user-token-123")
 
     await agent.run("urgent: customer X can't log in after payment", deps=deps)
@@ -234,7 +242,7 @@ async def test_the_seed_planner_agent_carries_the_users_token_into_the_workflow(
 
 async def test_the_catalog_can_come_with_the_deps(transport: InMemoryTransport) -> None:
     script = Script([call("dispatch_workflow", PLAN), report])
-    agent = create_planner_agent(model=script.model)
+    agent = create_planner_agent(model=script.model, require_workers=False)
     deps = PlannerAgentDeps(workflow_dispatcher=WorkflowDispatcher(transport), catalog=build_catalog())
 
     await agent.run("plan it", deps=deps)
@@ -242,14 +250,14 @@ async def test_the_catalog_can_come_with_the_deps(transport: InMemoryTransport) 
 
 
 async def test_without_a_catalog_the_planner_says_how_to_give_it_one(transport: InMemoryTransport) -> None:
-    agent = create_planner_agent(model=Script([call("list_activities", {})]).model)
+    agent = create_planner_agent(model=Script([call("list_activities", {})]).model, require_workers=False)
     with pytest.raises(UserError, match=r"pass one to PaigeantToolset\(catalog\)"):
         await agent.run("plan it", deps=PlannerAgentDeps(workflow_dispatcher=WorkflowDispatcher(transport)))
 
 
 async def test_the_tools_the_model_sees(transport: InMemoryTransport) -> None:
     script = Script([ModelResponse(parts=[TextPart("nothing to do")])])
-    agent = create_planner_agent(model=script.model, catalog=build_catalog())
+    agent = create_planner_agent(model=script.model, catalog=build_catalog(), require_workers=False)
     await agent.run("hi", deps=PlannerAgentDeps(workflow_dispatcher=WorkflowDispatcher(transport)))
 
     info = script.infos[0]
@@ -316,7 +324,7 @@ async def test_the_tools_the_model_sees(transport: InMemoryTransport) -> None:
 
 async def test_the_planner_as_a_capability(transport: InMemoryTransport) -> None:
     script = Script([call("dispatch_workflow", PLAN), report])
-    planner = PaigeantPlanner(build_catalog(), dispatcher=WorkflowDispatcher(transport))
+    planner = PaigeantPlanner(build_catalog(), dispatcher=WorkflowDispatcher(transport), require_workers=False)
     agent = Agent(script.model, capabilities=[planner])
 
     await agent.run("plan it")
@@ -341,7 +349,10 @@ async def test_status_comes_from_the_workflow_store(transport: InMemoryTransport
             ModelResponse(parts=[TextPart("ok")]),
         ]
     )
-    agent = Agent(script.model, toolsets=[PaigeantToolset(build_catalog(), dispatcher=dispatcher, store=store)])
+    agent = Agent(
+        script.model,
+        toolsets=[PaigeantToolset(build_catalog(), dispatcher=dispatcher, store=store, require_workers=False)],
+    )
 
     await agent.run("how is it going?")
 
@@ -355,7 +366,7 @@ async def test_status_comes_from_the_workflow_store(transport: InMemoryTransport
 
 async def test_the_same_tool_call_dispatches_the_same_workflow(transport: InMemoryTransport) -> None:
     """A replayed tool call (a durable engine re-running it after a crash) yields the same correlation ID."""
-    toolset = PaigeantToolset(build_catalog(), dispatcher=WorkflowDispatcher(transport))
+    toolset = PaigeantToolset(build_catalog(), dispatcher=WorkflowDispatcher(transport), require_workers=False)
     ctx = RunContext[Any](deps=None, model=TestModel(), usage=RunUsage(), run_id="run-1", tool_call_id="call-1")
     first = await toolset.dispatch_workflow(ctx, ["classify-ticket"], {"ticket": "x"})
     again = await toolset.dispatch_workflow(ctx, ["classify-ticket"], {"ticket": "x"})
@@ -415,3 +426,19 @@ def test_needs_and_produces_can_be_models_schemas_or_names() -> None:
     assert catalog.missing_variables(["triage"], ["customer"]) == [
         "step 1 'triage' needs variable 'ticket', which neither the workflow's variables nor an earlier step provide"
     ]
+
+
+async def test_the_toolset_sends_a_plan_nobody_serves_back_to_the_model(transport: InMemoryTransport) -> None:
+    toolset = PaigeantToolset(build_catalog(), dispatcher=WorkflowDispatcher(transport))
+    ctx = RunContext[Any](deps=None, model=TestModel(), usage=RunUsage(), run_id="run-1", tool_call_id="call-1")
+    with pytest.raises(ModelRetry, match="no worker consumes 'classify-ticket'"):
+        await toolset.dispatch_workflow(ctx, ["classify-ticket"], {"ticket": "x"})
+    assert await transport.pending("classify-ticket") == 0
+
+    @activity(name="classify-ticket")
+    async def classify(ctx: ActivityContext) -> None:
+        return None
+
+    async with Worker(transport, [classify]):
+        dispatched = await toolset.dispatch_workflow(ctx, ["classify-ticket"], {"ticket": "x"})
+    assert dispatched.metadata.activities == ["classify-ticket"]

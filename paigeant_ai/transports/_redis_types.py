@@ -7,7 +7,7 @@ client and the Lua scripts through the protocols below, and `as_commands` / `as_
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Protocol, cast
 
 if TYPE_CHECKING:
@@ -64,6 +64,10 @@ class RedisCommands(Protocol):
     async def zrem(self, name: str, *values: Value) -> int: ...
 
     async def zcard(self, name: str) -> int: ...
+
+    async def zscore(self, name: str, value: Value) -> float | None: ...
+
+    def scan_iter(self, match: str | None = None, count: int | None = None) -> AsyncIterator[bytes]: ...
 
     async def xlen(self, name: str) -> int: ...
 

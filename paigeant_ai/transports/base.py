@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from datetime import datetime
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Protocol, Self, runtime_checkable
 
@@ -23,7 +24,9 @@ __all__ = (
     "SOURCE_HEADER",
     "Consumer",
     "ConsumerBase",
+    "ConsumerWatch",
     "Delivery",
+    "SharedClaims",
     "Transport",
     "TransportBase",
     "encode_body",
@@ -132,6 +135,40 @@ class Transport(Protocol):
 
     async def pending(self, address: str) -> int:
         """How many messages at `address` are waiting or delayed and not yet settled (used by burst mode)."""
+        ...
+
+
+@runtime_checkable
+class ConsumerWatch(Protocol):
+    """A capability beside `Transport`: telling who consumes its addresses, so nobody dispatches into the void.
+
+    In memory and on Redis every answer is known (Redis from each consumer's heartbeat); RabbitMQ tells how many
+    consumers a queue has now, but not which queues have some, nor since when.
+    """
+
+    async def consumers(self, address: str) -> int | None:
+        """How many live consumers `address` has now (0 if its queue does not exist); `None` if unknown."""
+        ...
+
+    async def consumed_addresses(self) -> list[str] | None:
+        """The addresses with at least one live consumer, sorted; `None` if this transport cannot tell."""
+        ...
+
+    async def last_consumed(self, address: str) -> datetime | None:
+        """When a consumer of `address` was last seen alive (about now, if one is); `None` if never or unknown."""
+        ...
+
+
+@runtime_checkable
+class SharedClaims(Protocol):
+    """A capability: keys claimed once, in a store every process of the namespace shares (Redis: `SET NX`)."""
+
+    async def claim(self, key: str, value: str, *, ttl: float) -> str | None:
+        """Set `key` to `value` for `ttl` seconds unless it is set; `None` if this call set it, else its value."""
+        ...
+
+    async def release(self, key: str, value: str) -> None:
+        """Delete `key` if it still holds `value`."""
         ...
 
 

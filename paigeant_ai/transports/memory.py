@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-from collections import deque
+import time
+from collections import OrderedDict, deque
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from typing import TYPE_CHECKING
 
 from ..contracts import DEAD_LETTER, RESERVED_ADDRESSES
@@ -55,7 +57,8 @@ class InMemoryTransport(TransportBase):
 
     Share one instance between the dispatcher and the workers of a process. `max_length` (messages) and
     `max_bytes` bound the queues nobody may be reading (`events`, `dead-letter`): past either, the oldest
-    entries are dropped.
+    entries are dropped. It also tells who consumes each address, and holds the claims dispatchers make on
+    correlation IDs (the latest `max_length`), for every dispatcher that shares it.
     """
 
     name = "inmemory"
@@ -69,6 +72,8 @@ class InMemoryTransport(TransportBase):
         self._consumers: set[_MemoryConsumer] = set()
         self._timers: set[asyncio.TimerHandle] = set()
         self._ids = itertools.count(1)
+        self._last_consumed: dict[str, datetime] = {}
+        self._claims: OrderedDict[str, tuple[str, float]] = OrderedDict()  # key -> (value, monotonic expiry)
 
     async def connect(self) -> None:
         self._connected = True
@@ -82,8 +87,7 @@ class InMemoryTransport(TransportBase):
         self._connected = False
 
     def _queue(self, address: str) -> _Queue:
-        if not self._connected:
-            raise TransportError("the in-memory transport is not connected: call `await transport.connect()` first")
+        self._require_connected()
         queue = self._queues.get(address)
         if queue is None:
             queue = self._queues[address] = _Queue()
@@ -156,6 +160,41 @@ class InMemoryTransport(TransportBase):
         queue = self._queue(address)
         return len(queue.ready) + queue.delayed + queue.unacked
 
+    # -- who consumes (`ConsumerWatch`) and claims (`SharedClaims`), within this process ------------------------
+
+    async def consumers(self, address: str) -> int:
+        self._require_connected()
+        return sum(1 for consumer in self._consumers if consumer.address == address)
+
+    async def consumed_addresses(self) -> list[str]:
+        self._require_connected()
+        return sorted({consumer.address for consumer in self._consumers})
+
+    async def last_consumed(self, address: str) -> datetime | None:
+        if await self.consumers(address):
+            return datetime.now(UTC)
+        return self._last_consumed.get(address)
+
+    async def claim(self, key: str, value: str, *, ttl: float) -> str | None:
+        now = time.monotonic()
+        held = self._claims.get(key)
+        if held is not None and held[1] > now:
+            return held[0]
+        self._claims[key] = (value, now + ttl)
+        self._claims.move_to_end(key)
+        while len(self._claims) > self.max_length:
+            self._claims.popitem(last=False)
+        return None
+
+    async def release(self, key: str, value: str) -> None:
+        held = self._claims.get(key)
+        if held is not None and held[0] == value:
+            del self._claims[key]
+
+    def _require_connected(self) -> None:
+        if not self._connected:
+            raise TransportError("the in-memory transport is not connected: call `await transport.connect()` first")
+
 
 class _MemoryConsumer(ConsumerBase):
     def __init__(self, transport: InMemoryTransport, address: str, queue: _Queue, prefetch: int) -> None:
@@ -209,3 +248,4 @@ class _MemoryConsumer(ConsumerBase):
         self._slot.set()
         self.queue.arrived.set()
         self.transport._consumers.discard(self)
+        self.transport._last_consumed[self.address] = datetime.now(UTC)

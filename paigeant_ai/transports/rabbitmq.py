@@ -28,6 +28,7 @@ import os
 import socket
 from collections.abc import Awaitable, Callable, Generator, Mapping
 from contextlib import contextmanager, suppress
+from datetime import UTC, datetime
 from decimal import Decimal
 from typing import TYPE_CHECKING, Any, TypeVar, cast
 from urllib.parse import urlsplit, urlunsplit
@@ -39,7 +40,7 @@ try:
     import pamqp.exceptions
     from aio_pika.abc import AbstractRobustChannel, AbstractRobustConnection
     from aiormq import spec
-    from aiormq.abc import DeliveredMessage
+    from aiormq.abc import AbstractConnection, DeliveredMessage
 except ImportError as _exc:  # pragma: no cover - exercised by the missing-extra test
     raise ImportError('the RabbitMQ transport needs aio-pika: pip install "paigeant-ai[rabbitmq]"') from _exc
 
@@ -467,6 +468,39 @@ class RabbitMQTransport(TransportBase):
         delayed = await self._count_delayed(address)
         held = sum(consumer.unsettled for consumer in self._consumers if consumer.address == address)
         return ready + delayed + held
+
+    # -- who consumes (`ConsumerWatch`) ----------------------------------------------------------------------
+
+    async def consumers(self, address: str) -> int:
+        """How many consumers the queue of `address` has now, as RabbitMQ counts them; 0 if it does not exist."""
+        name = self.queue_name(address)
+        action = f"counting the consumers of {name!r}"
+        with _broker_errors(action):
+            async with asyncio.timeout(self.timeout):
+                # A channel of its own, not robust: the broker closes it when the queue does not exist.
+                channel = await self._underlay_connection(action).channel()
+                try:
+                    declared = await channel.queue_declare(name, passive=True)  # never creates a misspelt queue
+                except aiormq.exceptions.ChannelNotFoundEntity:
+                    return 0
+                finally:
+                    if not channel.is_closed:
+                        await channel.close()
+        return declared.consumer_count or 0
+
+    async def consumed_addresses(self) -> list[str] | None:
+        """`None`: AMQP cannot list queues (only RabbitMQ's management API can)."""
+        return None
+
+    async def last_consumed(self, address: str) -> datetime | None:
+        """Now if the queue of `address` has a consumer; else `None`, as RabbitMQ does not say since when."""
+        return datetime.now(UTC) if await self.consumers(address) else None
+
+    def _underlay_connection(self, action: str) -> AbstractConnection:
+        underlay = self._require()[0].transport
+        if underlay is None:
+            raise TransportError(f"{action}: the connection to RabbitMQ is being restored; try again")
+        return underlay.connection
 
 
 class _RabbitMQConsumer(ConsumerBase):

@@ -7,6 +7,9 @@ What it keeps in Redis, for the namespace `paigeant`:
 - `paigeant:delayed:<address>`: a sorted set of messages due later (delayed publishes and `retry_later`). The
   consumers of the address move due messages into the stream, atomically, so several workers can share it.
 - `paigeant:done:<key>`: the markers of `RedisDedupeStore`.
+- `paigeant:consumers:<address>`: when each consumer of the address was last seen (its heartbeat), for
+  `consumers()`: who serves a step, and since when nobody does.
+- `paigeant:dispatched:<correlation id>`: the claims of dispatchers on correlation IDs (`claim()`).
 
 A consumer holds a lease on what it took: it renews the idle time of its entries every third of
 `visibility_timeout`. When a process dies, its leases lapse and a live consumer claims the entries
@@ -33,11 +36,13 @@ import functools
 import json
 import logging
 import os
+import re
 import socket
 import uuid
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, NamedTuple, TypeVar, cast
 from urllib.parse import urlsplit, urlunsplit
@@ -685,6 +690,50 @@ class RedisTransport(TransportBase):
             count = await self.scripts.pending(keys=[self.stream_key(address), self.delayed_key(address)], args=[GROUP])
         return int(count)
 
+    # -- who consumes (`ConsumerWatch`), from each consumer's heartbeat --------------------------------------
+
+    def consumers_key(self, address: str) -> str:
+        """The sorted set of `address`'s consumers, each scored by when it was last seen (negated once closed)."""
+        return f"{self.namespace}:consumers:{address}"
+
+    async def consumers(self, address: str) -> int:
+        """The consumers of `address` whose last heartbeat is recent (a live one beats every few seconds)."""
+        return (await self._watch(address))[0]
+
+    async def consumed_addresses(self) -> list[str]:
+        prefix = self.consumers_key("")
+        with self.errors("listing the consumers of namespace", self.namespace):
+            keys = [key async for key in self.client.scan_iter(match=_glob(prefix) + "*")]
+        addresses = sorted(key.decode().removeprefix(prefix) for key in keys)
+        return [address for address in addresses if (await self._watch(address))[0]]
+
+    async def last_consumed(self, address: str) -> datetime | None:
+        ago = (await self._watch(address))[1]
+        return None if ago is None else datetime.now(UTC) - timedelta(milliseconds=ago)
+
+    async def _watch(self, address: str) -> tuple[int, int | None]:
+        """(live consumers of `address`, ms since one was last seen or `None` if none ever was), in Redis's clock."""
+        with self.errors("counting the consumers of", address):
+            reply = await self.client.register_script(_WATCH)(
+                keys=[self.consumers_key(address)], args=[_ms(_LIVE_WITHIN)]
+            )
+        live, ago = (int(value) for value in cast("list[int]", reply))
+        return live, None if ago < 0 else ago
+
+    # -- claims (`SharedClaims`) -----------------------------------------------------------------------------
+
+    async def claim(self, key: str, value: str, *, ttl: float) -> str | None:
+        """Set `<namespace>:<key>` to `value` for `ttl` seconds unless it is set (`SET NX GET`); `None` if this
+        call set it, else the value it holds."""
+        command = ("SET", f"{self.namespace}:{key}", value, "NX", "GET", "PX", _ms(ttl))
+        with self.errors("claiming", key):
+            held: bytes | None = await self._pipelined().command(command, {"get": True})
+        return None if held is None else held.decode(errors="replace")
+
+    async def release(self, key: str, value: str) -> None:
+        with self.errors("releasing", key):
+            await self.client.register_script(_RELEASE)(keys=[f"{self.namespace}:{key}"], args=[value])
+
     # -- helpers of the consumers ----------------------------------------------------------------------------
 
     def _names(self) -> Iterator[str]:
@@ -727,7 +776,7 @@ class _RedisConsumer(ConsumerBase):
 
     A background task reads entries into a local buffer, never holding more than `prefetch` entries read or
     handed out and not yet settled; `__anext__` only takes from that buffer, so cancelling it loses nothing.
-    Another task renews the leases of what this consumer holds.
+    Another task renews the leases of what this consumer holds, and a third records its heartbeat.
     """
 
     def __init__(self, transport: RedisTransport, address: str, name: str, prefetch: int) -> None:
@@ -752,9 +801,11 @@ class _RedisConsumer(ConsumerBase):
     async def start(self) -> None:
         await self.transport._ensure_group(self.stream)
         await self._give_back([])  # what a previous process of the same name left unacknowledged
+        await self._beat()
         self._tasks = [
             asyncio.create_task(self._fetch_forever(), name=f"paigeant-redis-fetch-{self.address}"),
             asyncio.create_task(self._renew_forever(), name=f"paigeant-redis-renew-{self.address}"),
+            asyncio.create_task(self._beat_forever(), name=f"paigeant-redis-beat-{self.address}"),
         ]
 
     # -- the consumer protocol -------------------------------------------------------------------------------
@@ -785,6 +836,7 @@ class _RedisConsumer(ConsumerBase):
         self.transport._consumers.discard(self)
         if self.transport._client is not None:
             await self._give_back(never_handed_out)
+            await self._last_beat()
 
     # -- bookkeeping -----------------------------------------------------------------------------------------
 
@@ -959,6 +1011,75 @@ class _RedisConsumer(ConsumerBase):
                 self._buffer = deque(d for d in self._buffer if d.handle.entry_id not in lost)
         if stale or lost:
             self._room.set()
+
+    async def _beat(self, *, closing: bool = False) -> None:
+        """Record that this consumer is alive now (or, closing, that it stopped now), for `consumers()`."""
+        t = self.transport
+        with t.errors("recording the heartbeat of", self.name):
+            await t.client.register_script(_BEAT)(
+                keys=[t.consumers_key(self.address)], args=[self.name, int(closing), _BEATS_KEPT_MS]
+            )
+
+    async def _beat_forever(self) -> None:
+        while not self._closed:
+            await asyncio.sleep(_BEAT_EVERY)
+            try:
+                await self._beat()
+            except TransportError as exc:
+                logger.warning("recording the heartbeat of %s: %s", self.name, exc)
+
+    async def _last_beat(self) -> None:
+        try:
+            await self._beat(closing=True)
+        except TransportError as exc:  # it stops counting as live after `_LIVE_WITHIN` anyway
+            logger.warning("recording that %s stopped: %s", self.name, exc)
+
+
+_BEAT_EVERY = 5.0
+"""Seconds between a consumer's heartbeats, whatever its `visibility_timeout` (so every process agrees)."""
+_LIVE_WITHIN = 15.0
+"""A consumer whose last heartbeat is older than this many seconds is gone (its process died)."""
+_BEATS_KEPT_MS = 24 * 3600 * 1000
+"""How long a consumer's last heartbeat is remembered (to say since when a step has had no consumer)."""
+
+_BEAT = """
+-- KEYS: the consumers of an address. ARGV: consumer, 1 if it closes, ms to remember a heartbeat.
+-- Scores the consumer with the time now, in Redis's clock (negated once it closed); forgets old heartbeats.
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local kept = tonumber(ARGV[3])
+redis.call('ZADD', KEYS[1], ARGV[2] == '1' and -now or now, ARGV[1])
+redis.call('ZREMRANGEBYSCORE', KEYS[1], kept - now, now - kept)
+redis.call('PEXPIRE', KEYS[1], kept)
+return 1
+"""
+
+_WATCH = """
+-- KEYS: the consumers of an address. ARGV: ms within which a heartbeat makes a consumer live.
+-- Returns {live consumers, ms since a consumer was last seen, or -1 if none was}.
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local live, last = 0, -1
+local scored = redis.call('ZRANGE', KEYS[1], 0, -1, 'WITHSCORES')
+for i = 2, #scored, 2 do
+  local seen = tonumber(scored[i])
+  if seen > now - tonumber(ARGV[1]) then live = live + 1 end
+  last = math.max(last, math.abs(seen))
+end
+if last < 0 then return {live, -1} end
+return {live, math.max(0, now - last)}
+"""
+
+_RELEASE = """
+-- KEYS: a claim. ARGV: the value of the claim to release.
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"""
+
+
+def _glob(text: str) -> str:
+    """`text` as a literal in a `SCAN MATCH` pattern."""
+    return re.sub(r"([*?\[\]\\])", r"\\\1", text)
 
 
 async def _cancel_all(tasks: list[asyncio.Task[None]]) -> None:
