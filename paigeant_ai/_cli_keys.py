@@ -34,9 +34,14 @@ def add_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) 
 
 def run_command(args: argparse.Namespace) -> int:
     """Run `keys <command>`; the exit code."""
-    private, public, kid = generate_keys(
-        args.service, out_dir=args.out_dir, kid=args.kid, algorithm=args.alg, rotate=args.rotate, force=args.force
-    )
+    try:
+        private, public, kid = generate_keys(
+            args.service, out_dir=args.out_dir, kid=args.kid, algorithm=args.alg, rotate=args.rotate, force=args.force
+        )
+    except OSError as exc:
+        raise UserError(
+            f"cannot write the keys to {str(args.out_dir)!r}: {exc.strerror or exc}; pick another --out-dir"
+        ) from None
     print(f"wrote {private} (the private key of {args.service}, kid {kid}: keep it secret)")
     print(f"wrote {public} (its public JWKS: give it to every service that accepts messages from {args.service})")
     print(f"  {args.service}:  PAIGEANT_SIGNING_KEY_FILE={private}")

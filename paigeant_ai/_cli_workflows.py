@@ -5,6 +5,8 @@ apply the events waiting on the transport's `events` address (`PAIGEANT_TRANSPOR
 even when no projector runs, and afterwards ask the transport which workflows wait at a step nobody consumes
 (`stalled`). `dead-letters` reads the dead-letter queue without losing any letter: each one is
 taken, noted and put back at the end of the queue (a broker-neutral way to browse), except the one replayed.
+A workflow or a letter is named by its whole ID or by a prefix only it starts with, as `[6e5c217c]` in the logs.
+These commands run once: they give up on a broker they cannot reach in a second or two, where a worker retries.
 """
 
 from __future__ import annotations
@@ -12,7 +14,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-from collections.abc import Awaitable, Callable
+import re
+from collections.abc import AsyncGenerator, Awaitable, Callable, Sequence
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import datetime
 from typing import TYPE_CHECKING
@@ -30,62 +34,90 @@ from .transports.base import REASON_HEADER, SOURCE_HEADER, Delivery
 if TYPE_CHECKING:
     from .worker import MessageSecurity
 
-__all__ = ("COMMANDS", "add_commands", "run_command")
+__all__ = ("COMMANDS", "add_commands", "command_transport", "run_command")
 
 COMMANDS = frozenset({"status", "workflows", "dead-letters"})
 
+_COMMAND_RECONNECTS = 1
+"""Retries of a Redis command by a command that runs once (a worker's transport keeps retrying for a while)."""
 
-def add_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    """Add the subcommands to the `paigeant` parser."""
-    status = commands.add_parser("status", help="where one workflow is, what happened to it and why it failed")
-    status.add_argument("correlation_id", help="the workflow's correlation ID")
+
+def add_commands(
+    commands: argparse._SubParsersAction[argparse.ArgumentParser], common: Sequence[argparse.ArgumentParser] = ()
+) -> None:
+    """Add the subcommands to the `paigeant` parser; `common` holds the options every broker command takes."""
+    parents = list(common)
+    status = commands.add_parser(
+        "status", parents=parents, help="where one workflow is, what happened to it and why it failed"
+    )
+    status.add_argument("correlation_id", help="the workflow's correlation ID, or a prefix only it starts with")
     _store_arguments(status)
 
-    workflows = commands.add_parser("workflows", help="the most recently updated workflows and their state")
+    workflows = commands.add_parser(
+        "workflows", parents=parents, help="the most recently updated workflows and their state"
+    )
     workflows.add_argument("--limit", type=int, default=20, help="how many to show (default 20)")
     _store_arguments(workflows)
 
-    letters = commands.add_parser("dead-letters", help="list the dead-letter queue with reasons, or replay one")
+    letters = commands.add_parser(
+        "dead-letters", parents=parents, help="list the dead-letter queue with reasons, or replay one"
+    )
     letters.add_argument("--limit", type=int, default=50, help="how many letters to show (default 50)")
     letters.add_argument(
-        "--replay", metavar="MESSAGE_ID", help="send this letter back to its step (once its cause is fixed)"
+        "--replay",
+        metavar="ID",
+        help="send this letter back to its step (once its cause is fixed): its message ID or its workflow's, "
+        "or a prefix only it starts with",
     )
-    letters.add_argument("--transport", help="inmemory, rabbitmq or redis (default PAIGEANT_TRANSPORT)")
 
 
 def _store_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="print JSON instead of text")
     parser.add_argument("--redis-url", help="the Redis of the workflow store (default PAIGEANT_REDIS_URL)")
-    parser.add_argument("--transport", help="where the events wait: inmemory, rabbitmq or redis (PAIGEANT_TRANSPORT)")
-    parser.add_argument(
-        "--no-sync", action="store_true", help="read the store as it is, without asking the transport for new events"
-    )
+    parser.add_argument("--no-sync", action="store_true", help="read the store as it is, without applying new events")
 
 
 async def run_command(args: argparse.Namespace) -> int:
     """Run one of `COMMANDS`; the exit code."""
+    if getattr(args, "limit", 1) < 1:
+        raise UserError(f"--limit must be at least 1, got {args.limit}")
     if args.command == "dead-letters":
         return await _dead_letters(args.transport, limit=args.limit, replay=args.replay)
     store = RedisWorkflowStore.from_url(args.redis_url)
+    store.transport.reconnect_attempts = _COMMAND_RECONNECTS
     async with store.transport:
         if not args.no_sync:
             await _sync(store, args.transport)
         if args.command == "status":
-            found = await store.get(args.correlation_id)
-            if found is not None and not args.no_sync:
-                [found] = await _with_stalls([found], args.transport)
-            return _print_status(found, args.correlation_id, as_json=args.json)
+            status = await find_status(store, args.correlation_id)
+            if status is not None and not args.no_sync:
+                [status] = await _with_stalls([status], args.transport)
+            return _print_status(status, args.correlation_id, as_json=args.json)
         statuses = list(await store.list(limit=args.limit))
         if not args.no_sync:
             statuses = await _with_stalls(statuses, args.transport)
         return _print_workflows(statuses, as_json=args.json)
 
 
+@asynccontextmanager
+async def command_transport(name: str | None = None) -> AsyncGenerator[Transport]:
+    """A connected transport for a command that runs once: it gives up on a broker it cannot reach in a second
+    or two, where a worker's transport keeps trying."""
+    chosen = (name or Settings.from_env().transport).strip().lower()
+    options: dict[str, float] = {}
+    if chosen == "redis":
+        options["reconnect_attempts"] = _COMMAND_RECONNECTS
+    elif chosen == "rabbitmq":
+        options["timeout"] = 10.0
+    async with get_transport(chosen, **options) as transport:
+        yield transport
+
+
 async def _sync(store: RedisWorkflowStore, transport_name: str | None) -> None:
     chosen = (transport_name or Settings.from_env().transport).strip().lower()
     if chosen in IN_MEMORY_NAMES:
         return  # in-memory events live and die in their own process
-    async with get_transport(chosen) as transport:
+    async with command_transport(chosen) as transport:
         await WorkflowProjector(transport, store).run(burst=True)
 
 
@@ -94,8 +126,37 @@ async def _with_stalls(statuses: list[WorkflowStatus], transport_name: str | Non
     chosen = (transport_name or Settings.from_env().transport).strip().lower()
     if chosen in IN_MEMORY_NAMES or not any(status.state in ("pending", "running") for status in statuses):
         return statuses
-    async with get_transport(chosen) as transport:
+    async with command_transport(chosen) as transport:
         return await mark_stalled(statuses, transport, after=Settings.from_env().stall_after)
+
+
+# -- IDs by prefix -----------------------------------------------------------------------------------------------
+
+
+async def find_status(store: RedisWorkflowStore, given: str) -> WorkflowStatus | None:
+    """The status of the workflow `given` names: its correlation ID, or a prefix of it no other one starts with.
+
+    Raises:
+        UserError: Several workflows start with `given`.
+    """
+    status = await store.get(given)
+    if status is not None or not given:
+        return status
+    pattern = re.sub(r"([*?\[\]\\])", r"\\\1", given) + "*"  # a glob that matches `given` literally
+    client = store.transport.client
+    with store.transport.errors("looking for workflows by prefix"):
+        found = [member.decode() async for member, _ in client.zscan_iter(store.index_key, match=pattern)]
+        if len(found) > 1:  # the index may still name workflows whose history expired
+            found = [found_id for found_id in found if await client.exists(store.events_key(found_id))]
+    if len(found) > 1:
+        raise UserError(_ambiguous(given, "workflows", sorted(found)))
+    return await store.get(found[0]) if found else None
+
+
+def _ambiguous(given: str, what: str, candidates: Sequence[str]) -> str:
+    shown = ", ".join(candidates[:5])
+    more = f" and {len(candidates) - 5} more" if len(candidates) > 5 else ""
+    return f"{given!r} is the start of {len(candidates)} {what}: {shown}{more}; give more of the ID"
 
 
 # -- status ------------------------------------------------------------------------------------------------------
@@ -284,7 +345,7 @@ async def _dead_letters(transport_name: str | None, *, limit: int, replay: str |
             "the in-memory transport's dead letters live in the process that made them; "
             "use --transport rabbitmq or redis (or PAIGEANT_TRANSPORT)"
         )
-    async with get_transport(chosen) as transport:
+    async with command_transport(chosen) as transport:
         if replay is not None:
             return await _replay(transport, replay)
         shown: list[DeadLetter] = []
@@ -320,11 +381,40 @@ def _letter_heading(letter: DeadLetter) -> str:
     )
 
 
-async def _replay(transport: Transport, message_id: str) -> int:
+async def _dead_letter_id(transport: Transport, given: str) -> str | None:
+    """The message ID of the one letter `given` names: its message ID, or a prefix of its message ID or of its
+    workflow's correlation ID that no other letter starts with.
+
+    Raises:
+        UserError: `given` is empty, or several letters start with it.
+    """
+    if not given:
+        raise UserError("--replay needs the message ID of a letter (or its workflow's), or a prefix of it")
+    candidates: dict[str, str] = {}  # message id: its letter's heading
+
+    async def note(letter: DeadLetter) -> bool:
+        message = letter.message
+        if message is not None and (message.message_id.startswith(given) or message.correlation_id.startswith(given)):
+            candidates[message.message_id] = f"message {message.message_id} (workflow {message.correlation_id})"
+        return True
+
+    await browse_dead_letters(transport, note)
+    if given in candidates:
+        return given
+    if len(candidates) > 1:
+        raise UserError(_ambiguous(given, "dead letters", list(candidates.values())))
+    return next(iter(candidates), None)
+
+
+async def _replay(transport: Transport, given: str) -> int:
     from .security import MessageSigner
 
     signer = MessageSigner.from_settings(transport)
     signer.ensure_ready()  # the replay is signed with this process's key, which the workers must trust
+    message_id = await _dead_letter_id(transport, given)
+    if message_id is None:
+        print(f"no dead letter with message id {given!r}, nor one whose message or workflow ID starts with it")
+        return 1
     replayed: list[tuple[DeadLetter, PaigeantMessage]] = []
 
     async def replay_match(letter: DeadLetter) -> bool:
@@ -335,7 +425,7 @@ async def _replay(transport: Transport, message_id: str) -> int:
 
     await browse_dead_letters(transport, replay_match)
     if not replayed:
-        print(f"no dead letter with message id {message_id!r}")
+        print(f"no dead letter with message id {message_id!r}: another process took it meanwhile")
         return 1
     letter, message = replayed[0]
     print(

@@ -1,4 +1,9 @@
-"""The `paigeant` command: run a worker as its own process, dispatch a workflow, see where workflows are."""
+"""The `paigeant` command: run a worker as its own process, dispatch a workflow, see where workflows are.
+
+`--transport`, `--broker-url` and `--namespace` are given before or after the subcommand; they set the
+`PAIGEANT_*` settings for the command's run, so a worker module that builds its transport with `get_transport()`
+(at import, or in the function `paigeant worker` calls) runs on what the command line says.
+"""
 
 from __future__ import annotations
 
@@ -9,50 +14,117 @@ import importlib.util
 import inspect
 import json
 import logging
+import os
 import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Generator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
+from types import ModuleType
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
-from . import _cli_keys, _cli_workflows
+from . import __version__, _cli_keys, _cli_workflows
+from .contracts import WorkflowEvent
 from .exceptions import PaigeantError, UserError
+from .security import MessageSigner
 from .settings import Settings
-from .transports import IN_MEMORY_NAMES, get_transport
+from .transports import IN_MEMORY_NAMES
 from .worker import Worker
 
 __all__ = ("main",)
 
+logger = logging.getLogger("paigeant_ai.cli")
+
+_EXAMPLE_TARGET = "examples.onboarding:worker"
+_URL_SCHEMES = {"redis": "redis", "rediss": "redis", "unix": "redis", "amqp": "rabbitmq", "amqps": "rabbitmq"}
+_URL_SETTINGS = {"redis": "PAIGEANT_REDIS_URL", "rabbitmq": "PAIGEANT_RABBITMQ_URL"}
+_STEP_LABELS = {
+    "step_started": "started",
+    "step_completed": "done",
+    "step_retried": "retry",
+    "step_failed": "faulted",
+    "waiting": "parked",
+}
+"""The events `paigeant worker -v` logs, and the word each is logged with."""
+
+
+# -- loading the worker ------------------------------------------------------------------------------------------
+
 
 def load_object(target: str) -> Any:
-    """Import `module:attribute` (or `path/to/file.py:attribute`)."""
+    """Import `module:attribute` (or `path/to/file.py:attribute`).
+
+    Raises:
+        UserError: The target is not of that form, or its module, file or attribute is not found.
+    """
     module_name, sep, attribute = target.partition(":")
     if not sep or not module_name or not attribute:
-        raise UserError(f"expected module:attribute, got {target!r} (for example examples.onboarding:worker)")
+        raise UserError(f"expected module:attribute, got {target!r} (for example {_EXAMPLE_TARGET})")
     if str(Path.cwd()) not in sys.path:
         sys.path.insert(0, str(Path.cwd()))
-    if module_name.endswith(".py"):
-        path = Path(module_name).resolve()
-        spec = importlib.util.spec_from_file_location(path.stem, path)
-        if spec is None or spec.loader is None:
-            raise UserError(f"cannot import {module_name!r}")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[path.stem] = module
-        spec.loader.exec_module(module)
-    else:
-        module = importlib.import_module(module_name)
+    module = _import_file(module_name) if module_name.endswith(".py") else _import_module(module_name, target)
     obj: Any = module
     for part in attribute.split("."):
         try:
             obj = getattr(obj, part)
         except AttributeError:
-            raise UserError(f"{module_name!r} has no attribute {attribute!r}") from None
+            raise UserError(
+                f"{module_name!r} has no attribute {part!r}; expected module:attribute (for example {_EXAMPLE_TARGET})"
+            ) from None
     return obj
+
+
+def _import_module(module_name: str, target: str) -> ModuleType:
+    if module_name.startswith("."):
+        raise UserError(
+            f"{target!r} names a relative module; give its full dotted name (for example {_EXAMPLE_TARGET})"
+        )
+    try:
+        return importlib.import_module(module_name)
+    except ModuleNotFoundError as exc:
+        missing = exc.name or ""
+        if module_name == missing or module_name.startswith(f"{missing}."):
+            raise UserError(
+                f"no module named {missing!r} (from {target!r}); expected module:attribute, importable from the "
+                f"current directory (for example {_EXAMPLE_TARGET})"
+            ) from None
+        raise UserError(
+            f"importing {module_name!r} failed: no module named {missing!r}; is it installed here?"
+        ) from exc
+
+
+def _import_file(file_name: str) -> ModuleType:
+    path = Path(file_name).resolve()
+    if not path.is_file():
+        raise UserError(f"no file {file_name!r}; expected module:attribute or path/to/file.py:attribute")
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    if spec is None or spec.loader is None:  # pragma: no cover - a .py file always has a loader
+        raise UserError(f"cannot import {file_name!r}")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[path.stem] = module
+    try:
+        spec.loader.exec_module(module)
+    except ImportError as exc:
+        del sys.modules[path.stem]
+        if "relative import" not in str(exc):
+            raise
+        dotted = ".".join(Path(file_name).with_suffix("").parts)
+        raise UserError(f"{file_name!r} is part of a package (it imports relatively); name it as {dotted}:...") from exc
+    return module
 
 
 async def _resolve_worker(target: str) -> Worker:
     obj = load_object(target)
     if callable(obj) and not isinstance(obj, Worker):
+        try:
+            inspect.signature(obj).bind()
+        except TypeError:
+            raise UserError(
+                f"{target} takes arguments; point at a Worker, or a function without any that returns one"
+            ) from None
+        except ValueError:  # pragma: no cover - a callable without a signature: let the call tell
+            pass
         obj = obj()
         if inspect.isawaitable(obj):
             obj = await obj
@@ -61,21 +133,38 @@ async def _resolve_worker(target: str) -> Worker:
     return obj
 
 
-async def run_worker(target: str, *, burst: bool = False, concurrency: int | None = None) -> int:
-    """Run the worker at `target` until SIGTERM/SIGINT (graceful) or, with `burst`, until its queues are empty."""
+# -- running it --------------------------------------------------------------------------------------------------
+
+
+async def run_worker(
+    target: str,
+    *,
+    burst: bool = False,
+    concurrency: int | None = None,
+    verbose: bool = False,
+    expected: dict[str, str] | None = None,
+) -> int:
+    """Run the worker at `target` until SIGTERM/SIGINT (graceful) or, with `burst`, until its queues are empty.
+
+    `expected` is what the command line asked for (`transport`, `namespace`): a worker built on something
+    else is refused rather than run where the user did not mean it to.
+    """
+    if concurrency is not None and concurrency < 1:
+        raise UserError(f"--concurrency must be at least 1, got {concurrency}")
     worker = await _resolve_worker(target)
+    _check_connection(worker, target, expected or {})
     if concurrency is not None:
         worker.concurrency = concurrency
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, worker.stop)
-    names = ", ".join(worker.activities)
-    logging.getLogger("paigeant_ai").info("worker for %s on %s started", names, worker.transport.name)
-    await worker.transport.connect()
-    try:
-        await worker.run(burst=burst)
-    finally:
-        await worker.transport.disconnect()
+    if verbose:  # only then: a worker without callbacks does not build its events' models at all
+        worker._callbacks.append(log_step)
+    print(worker_banner(worker, target), file=sys.stderr)
+    if worker.transport.name in IN_MEMORY_NAMES and not burst:
+        print(
+            "paigeant: warning: the in-memory transport lives in this process, so no other process can send this "
+            "worker a step; run it on a broker: --transport redis|rabbitmq (or PAIGEANT_TRANSPORT)",
+            file=sys.stderr,
+        )
+    await _run_until_stopped(worker, burst=burst)
     stats = worker.stats
     print(
         f"worker stopped: {stats.completed_steps} steps completed, {stats.retried} retried, "
@@ -85,7 +174,85 @@ async def run_worker(target: str, *, burst: bool = False, concurrency: int | Non
     return 0
 
 
-async def run_dispatch(activities: Sequence[str], variables: str, transport: str | None) -> int:
+async def _run_until_stopped(worker: Worker, *, burst: bool) -> None:
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, worker.stop)
+    try:
+        await worker.transport.connect()
+        await worker.run(burst=burst)
+    finally:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(sig)
+        await worker.transport.disconnect()
+
+
+def _check_connection(worker: Worker, target: str, expected: dict[str, str]) -> None:
+    """Refuse a worker that cannot run as the command line asked, before anything is printed or connected."""
+    hint = "build its transport with get_transport() so that the command line chooses it"
+    wanted = expected.get("transport")
+    if wanted is not None and worker.transport.name != wanted:
+        raise UserError(f"{target} runs on the {worker.transport.name} transport, not {wanted}: {hint}")
+    namespace = getattr(worker.transport, "namespace", None)
+    wanted = expected.get("namespace")
+    if wanted is not None and namespace != wanted and worker.transport.name not in IN_MEMORY_NAMES:
+        raise UserError(f"{target} runs in the namespace {namespace!r}, not {wanted!r}: {hint}")
+    if isinstance(worker.security, MessageSigner) and worker.security.refusal is not None:
+        raise UserError(worker.security.refusal)
+
+
+def worker_banner(worker: Worker, target: str) -> str:
+    """What a worker prints as it starts: what it is, where it connects, what it consumes and how it signs."""
+    transport = worker.transport
+    namespace: str = getattr(transport, "namespace", "paigeant")
+    url: str | None = getattr(transport, "url", None)
+    where = f"{transport.name} {redact(url)}" if url else f"{transport.name} (this process only)"
+    queues = ", ".join(f"{namespace}.{name}" for name in worker.activities)
+    lines = [
+        f"paigeant {__version__} worker {target}",
+        f"  transport    {where}",
+        f"  namespace    {namespace}",
+        f"  queues       {queues}",
+        f"  concurrency  {worker.concurrency}",
+        f"  signing key  {_signing_key(worker)}",
+    ]
+    return "\n".join(lines)
+
+
+def _signing_key(worker: Worker) -> str:
+    security = worker.security
+    if not isinstance(security, MessageSigner):
+        return f"(signed by {type(security).__name__})"
+    if security.unsigned or security.signing_key is None:
+        return "unsigned"
+    kid = security.signing_key.kid or "?"
+    return f"{kid} (made for this process)" if kid.startswith("ephemeral-") else kid
+
+
+def redact(url: str) -> str:
+    """`url` with its password replaced by `***`."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    host = parts.netloc.rpartition("@")[2]
+    return urlunsplit(parts._replace(netloc=f"{parts.username or ''}:***@{host}"))
+
+
+def log_step(event: WorkflowEvent) -> None:
+    """Log one line at INFO for a step that starts, is done, is retried, faults or is parked."""
+    label = _STEP_LABELS.get(event.kind)
+    if label is None:
+        return
+    text = f"[{(event.correlation_id or '?')[:8]}] {label:<7} step {event.step} {event.activity}"
+    text += f" attempt {event.attempt + 1}"
+    if event.duration is not None:
+        text += f" in {event.duration:.3f}s"
+    if event.detail:
+        text += f": {event.detail}"
+    logger.info("%s", text)
+
+
+async def run_dispatch(activities: Sequence[str], variables: str, transport: str | None = None) -> int:
     """Dispatch a workflow and print its correlation ID."""
     from .dispatch import WorkflowDispatcher
 
@@ -100,52 +267,154 @@ async def run_dispatch(activities: Sequence[str], variables: str, transport: str
             "an in-memory workflow dies with this command's process: dispatch on rabbitmq or redis "
             "(--transport or PAIGEANT_TRANSPORT)"
         )
-    async with get_transport(transport) as connected:
+    async with _cli_workflows.command_transport(transport) as connected:
         correlation_id = await WorkflowDispatcher(connected).dispatch_workflow(list(activities), parsed)
     print(correlation_id)
     return 0
 
 
-def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="paigeant", description="Durable routing-slip workflows for pydantic-ai.")
-    parser.add_argument("-v", "--verbose", action="store_true", help="log each step")
-    commands = parser.add_subparsers(dest="command", required=True)
+# -- the command line --------------------------------------------------------------------------------------------
 
-    worker = commands.add_parser("worker", help="run a Worker as its own process (SIGTERM stops it gracefully)")
+
+def _connection_options(*, in_subcommand: bool) -> argparse.ArgumentParser:
+    """The options every command that talks to a broker takes, before or after its name.
+
+    After the name they default to nothing at all, so that they never undo the same option given before it.
+    """
+    options = argparse.ArgumentParser(add_help=False)
+    unset = argparse.SUPPRESS if in_subcommand else None
+    group = options.add_argument_group("broker")
+    group.add_argument("--transport", default=unset, help="inmemory, rabbitmq or redis (default PAIGEANT_TRANSPORT)")
+    group.add_argument(
+        "-b",
+        "--broker-url",
+        default=unset,
+        metavar="URL",
+        help="redis://... or amqp://... (default PAIGEANT_REDIS_URL / PAIGEANT_RABBITMQ_URL); implies --transport",
+    )
+    group.add_argument("--namespace", default=unset, help="prefix of queues, streams and keys (PAIGEANT_NAMESPACE)")
+    group.add_argument(
+        "-v",
+        "--verbose",
+        action="store_true",
+        default=argparse.SUPPRESS if in_subcommand else False,
+        help="log paigeant's INFO lines (a worker logs each step)",
+    )
+    return options
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="paigeant",
+        description="Durable routing-slip workflows for pydantic-ai.",
+        parents=[_connection_options(in_subcommand=False)],
+    )
+    parser.add_argument("--version", action="version", version=f"paigeant {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True)
+    common = [_connection_options(in_subcommand=True)]
+
+    worker = commands.add_parser(
+        "worker", parents=common, help="run a Worker as its own process (SIGTERM stops it gracefully)"
+    )
     worker.add_argument("target", help="module:attribute of a Worker, or of a function that returns one")
     worker.add_argument("--burst", action="store_true", help="stop once the worker's queues are empty")
     worker.add_argument("--concurrency", type=int, help="steps run at once (default PAIGEANT_CONCURRENCY or 10)")
 
-    dispatch = commands.add_parser("dispatch", help="start a workflow and print its correlation ID")
+    dispatch = commands.add_parser("dispatch", parents=common, help="start a workflow and print its correlation ID")
     dispatch.add_argument("activities", nargs="+", help="activity names, in order")
     dispatch.add_argument("--variables", default="{}", help="the initial payload as a JSON object")
-    dispatch.add_argument("--transport", help="inmemory, rabbitmq or redis (default PAIGEANT_TRANSPORT)")
 
-    _cli_workflows.add_commands(commands)  # status, workflows, dead-letters
+    _cli_workflows.add_commands(commands, common)  # status, workflows, dead-letters
     _cli_keys.add_commands(commands)  # keys generate
     return parser
+
+
+def _settings_from(args: argparse.Namespace) -> dict[str, str]:
+    """The `PAIGEANT_*` settings the connection options stand for."""
+    settings: dict[str, str] = {}
+    transport: str | None = None
+    if args.transport is not None:
+        transport = args.transport.strip().lower()
+        transport = "inmemory" if transport in IN_MEMORY_NAMES else transport
+        if transport not in ("inmemory", *_URL_SETTINGS):
+            raise UserError(f"unknown --transport {args.transport!r}; use inmemory, rabbitmq or redis")
+    if args.broker_url is not None:
+        by_scheme = _URL_SCHEMES.get(urlsplit(args.broker_url).scheme.lower())
+        if by_scheme is None:
+            raise UserError(f"--broker-url {redact(args.broker_url)!r} is neither a redis:// nor an amqp:// URL")
+        if transport not in (None, by_scheme):
+            raise UserError(f"--broker-url is a {by_scheme} URL but --transport is {transport}; drop one of them")
+        transport = by_scheme
+        settings[_URL_SETTINGS[by_scheme]] = args.broker_url
+    if transport is not None:
+        settings["PAIGEANT_TRANSPORT"] = transport
+    if args.namespace is not None:
+        if not args.namespace.strip():
+            raise UserError("--namespace must not be empty")
+        settings["PAIGEANT_NAMESPACE"] = args.namespace
+    return settings
+
+
+@contextmanager
+def _environment(settings: dict[str, str]) -> Generator[None]:
+    """Set `settings` in the environment for the command's run, and put back what was there."""
+    saved = {name: os.environ.get(name) for name in settings}
+    os.environ.update(settings)
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
+@contextmanager
+def _logging(*, verbose: bool, quiet: Sequence[str]) -> Generator[None]:
+    """paigeant's own logs at INFO with `-v` (WARNING without); the loggers named in `quiet` silenced."""
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    levels = dict.fromkeys(quiet, logging.CRITICAL) | {"paigeant_ai": logging.INFO if verbose else logging.WARNING}
+    saved = {name: logging.getLogger(name).level for name in levels}
+    for name, level in levels.items():
+        logging.getLogger(name).setLevel(level)
+    try:
+        yield
+    finally:
+        for name, level in saved.items():
+            logging.getLogger(name).setLevel(level)
+
+
+def _run(args: argparse.Namespace, settings: dict[str, str]) -> int:
+    if args.command == "worker":
+        names = {"transport": "PAIGEANT_TRANSPORT", "namespace": "PAIGEANT_NAMESPACE"}
+        expected = {key: settings[name] for key, name in names.items() if name in settings}
+        worker = run_worker(
+            args.target, burst=args.burst, concurrency=args.concurrency, verbose=args.verbose, expected=expected
+        )
+        return asyncio.run(worker)
+    if args.command == "dispatch":
+        return asyncio.run(run_dispatch(args.activities, args.variables))
+    if args.command in _cli_workflows.COMMANDS:
+        return asyncio.run(_cli_workflows.run_command(args))
+    return _cli_keys.run_command(args)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `paigeant` command."""
     args = _parser().parse_args(argv)
-    logging.basicConfig(
-        level=logging.INFO if args.verbose else logging.WARNING,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    # A one-shot command reports a broker it cannot reach in one line; the client's own log would repeat it.
+    quiet = () if args.command == "worker" else ("aiormq", "aio_pika")
     try:
-        if args.command == "worker":
-            return asyncio.run(run_worker(args.target, burst=args.burst, concurrency=args.concurrency))
-        if args.command == "dispatch":
-            return asyncio.run(run_dispatch(args.activities, args.variables, args.transport))
-        if args.command in _cli_workflows.COMMANDS:
-            return asyncio.run(_cli_workflows.run_command(args))
-        if args.command == "keys":
-            return _cli_keys.run_command(args)
+        settings = _settings_from(args)
+        with _logging(verbose=args.verbose, quiet=quiet), _environment(settings):
+            return _run(args, settings)
     except PaigeantError as exc:
         print(f"paigeant: {exc}", file=sys.stderr)
         return 2
-    return 1  # pragma: no cover - argparse rejects unknown commands
+    except KeyboardInterrupt:
+        print("paigeant: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -469,11 +469,16 @@ class WorkflowProjector:
         """The next event, or `None` after `wait` seconds or on `stop()`."""
         receive = asyncio.ensure_future(anext(consumer))
         stopped = asyncio.ensure_future(self._stop.wait())
-        await asyncio.wait({receive, stopped}, timeout=wait, return_when=asyncio.FIRST_COMPLETED)
-        stopped.cancel()
-        if not receive.done():
-            receive.cancel()  # it waits for an entry: nothing is taken from the consumer yet
-        await asyncio.gather(receive, stopped, return_exceptions=True)
+        try:
+            await asyncio.wait({receive, stopped}, timeout=wait, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            # Also when `run()` is cancelled: a receive left running would take an event after the consumer
+            # closed, and nobody would apply it or retrieve its error. A delivery it already got is unacked,
+            # so closing the consumer gives it back.
+            stopped.cancel()
+            if not receive.done():
+                receive.cancel()  # it waits for an entry: nothing is taken from the consumer yet
+            await asyncio.gather(receive, stopped, return_exceptions=True)
         if receive.cancelled():
             return None
         if isinstance(receive.exception(), StopAsyncIteration):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 import re
 import uuid
@@ -291,3 +292,101 @@ async def test_a_letter_refused_by_security_or_forged_is_never_replayed() -> Non
         with pytest.raises(UserError, match="cannot be replayed: the message is not signed"):
             await replay_dead_letter(transport, DeadLetter(unsigned, forged, None), signer)
         assert await transport.pending("pay") == 0
+
+
+async def run_workflows(namespace: str, *emails_by_id: tuple[str, str]) -> None:
+    async with RedisTransport(REDIS_URL, namespace=namespace) as transport:
+        dispatcher = WorkflowDispatcher(transport)
+        for correlation_id, email in emails_by_id:
+            await dispatcher.dispatch_workflow(
+                [check_customer, create_account], {"email": email}, correlation_id=correlation_id
+            )
+        await Worker(transport, [check_customer, create_account]).run(burst=True)
+
+
+def test_a_workflow_is_found_by_a_prefix_of_its_id(namespace: str, capsys: pytest.CaptureFixture[str]) -> None:
+    asyncio.run(
+        run_workflows(
+            namespace,
+            ("6e5c217c-0001", "good@example.com"),
+            ("6e5c9999-0002", "good@example.com"),
+            ("a*[x]-0003", "good@example.com"),
+        )
+    )
+    assert main(["status", "6e5c217c"]) == 0
+    assert capsys.readouterr().out.startswith("workflow 6e5c217c-0001: completed\n")
+
+    assert main(["status", "6e5c", "--no-sync"]) == 2
+    assert capsys.readouterr().err == (
+        "paigeant: '6e5c' is the start of 2 workflows: 6e5c217c-0001, 6e5c9999-0002; give more of the ID\n"
+    )
+    assert main(["status", "a*[", "--no-sync"]) == 0  # glob characters are taken as they are
+    assert capsys.readouterr().out.startswith("workflow a*[x]-0003: completed\n")
+    assert main(["status", "a?", "--no-sync"]) == 1
+    assert capsys.readouterr().out == (
+        "no workflow 'a?' in the store (unknown, expired, or its events not yet applied)\n"
+    )
+
+
+def test_a_dead_letter_is_replayed_by_a_prefix_of_its_id_or_its_workflow(
+    namespace: str, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    asyncio.run(run_workflows(namespace, ("0bad0001-wf", "bad@example.com"), ("0bad0002-wf", "bad@example.com")))
+    assert main(["dead-letters"]) == 0
+    listing = capsys.readouterr().out
+    ids = dict(re.findall(r"message (\S+)  workflow (\S+)", listing))
+    assert sorted(ids.values()) == ["0bad0001-wf", "0bad0002-wf"]
+    by_workflow = {correlation_id: message_id for message_id, correlation_id in ids.items()}
+
+    assert main(["dead-letters", "--replay", "0bad"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("paigeant: '0bad' is the start of 2 dead letters: message ")
+    assert err.count("\n") == 1
+    assert all(f"message {m} (workflow {c})" in err for m, c in ids.items())
+
+    monkeypatch.setattr(f"{__name__}.FIXED", True)
+    assert main(["dead-letters", "--replay", "0bad0001"]) == 0  # by its workflow
+    assert capsys.readouterr().out.startswith("replayed workflow 0bad0001-wf to step 1 create-account")
+    assert main(["dead-letters", "--replay", by_workflow["0bad0002-wf"][:8]]) == 0  # by its message
+    assert capsys.readouterr().out.startswith("replayed workflow 0bad0002-wf to step 1 create-account")
+    assert main(["dead-letters", "--replay", "0bad"]) == 1
+    assert capsys.readouterr().out == (
+        "no dead letter with message id '0bad', nor one whose message or workflow ID starts with it\n"
+    )
+
+
+async def test_cancelling_a_projector_leaves_nothing_behind_and_loses_no_event(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    from paigeant_ai import InMemoryTransport
+    from paigeant_ai.contracts import EVENTS, WorkflowEvent
+    from paigeant_ai.store import InMemoryWorkflowStore, WorkflowProjector
+
+    def event(correlation_id: str) -> bytes:
+        return WorkflowEvent(kind="dispatched", correlation_id=correlation_id).model_dump_json().encode()
+
+    class NotingStore(InMemoryWorkflowStore):
+        def __init__(self) -> None:
+            super().__init__()
+            self.applied = asyncio.Event()
+
+        async def apply(self, event: WorkflowEvent) -> None:
+            await super().apply(event)
+            self.applied.set()
+
+    async with InMemoryTransport() as transport:
+        store = NotingStore()
+        running = asyncio.create_task(WorkflowProjector(transport, store).run())
+        await transport.publish(EVENTS, event("wf-1"))
+        await store.applied.wait()
+        running.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await running
+        await transport.publish(EVENTS, event("wf-2"))
+        await asyncio.sleep(0.05)
+        assert [task for task in asyncio.all_tasks() if task is not asyncio.current_task()] == []
+
+        await WorkflowProjector(transport, store).run(burst=True)  # the next one applies what came after
+        assert sorted(status.correlation_id for status in await store.list()) == ["wf-1", "wf-2"]
+    gc.collect()
+    assert "never retrieved" not in caplog.text
