@@ -1,20 +1,47 @@
 """The three transports, for tests that must behave the same on each: in memory, Redis and RabbitMQ.
 
-Import `transport` into a test module to run its tests on all three (the broker ones marked `redis` / `rabbitmq`),
-each in a namespace of its own that is deleted afterwards.
+`conftest.transport` is the fixture that runs a test on all three (the broker ones marked `redis` / `rabbitmq`),
+each in a namespace of its own that is deleted afterwards; a module with a `transport` fixture of its own keeps it.
 """
 
 from __future__ import annotations
 
-import uuid
-from collections.abc import AsyncIterator
+import os
+import socket
+from urllib.parse import urlsplit
 
 import pytest
 
 from paigeant_ai import InMemoryTransport, get_transport
 from paigeant_ai.transports import Transport
 
-from .conftest import RABBITMQ_URL, REDIS_URL, require_rabbitmq, require_redis
+# The brokers the tests use; point them elsewhere with these two variables (see the README's Development section).
+RABBITMQ_URL = os.environ.get("PAIGEANT_TEST_RABBITMQ_URL", "amqp://guest:guest@127.0.0.1:5672/")
+REDIS_URL = os.environ.get("PAIGEANT_TEST_REDIS_URL", "redis://127.0.0.1:6379/15")
+
+
+def require_redis() -> None:
+    """Skip unless the Redis of `PAIGEANT_TEST_REDIS_URL` answers (fail in CI)."""
+    parts = urlsplit(REDIS_URL)
+    require_server("Redis", parts.hostname or "127.0.0.1", parts.port or 6379)
+
+
+def require_rabbitmq() -> None:
+    """Skip unless the RabbitMQ of `PAIGEANT_TEST_RABBITMQ_URL` answers (fail in CI)."""
+    parts = urlsplit(RABBITMQ_URL)
+    require_server("RabbitMQ", parts.hostname or "127.0.0.1", parts.port or 5672)
+
+
+def require_server(name: str, host: str, port: int) -> None:
+    """Skip when a broker is absent locally; fail in CI, where it must be there."""
+    try:
+        socket.create_connection((host, port), timeout=1).close()
+    except OSError as exc:
+        message = f"{name} is not reachable on {host}:{port} ({exc}); start it to run this test"
+        if os.environ.get("CI"):
+            pytest.fail(f"{message}. CI must provide it (.ci/run starts it).")
+        pytest.skip(message)
+
 
 TRANSPORTS = [
     "inmemory",
@@ -32,14 +59,6 @@ def make_transport(name: str, namespace: str) -> Transport:
         return get_transport("redis", url=REDIS_URL, namespace=namespace)
     require_rabbitmq()
     return get_transport("rabbitmq", url=RABBITMQ_URL, namespace=namespace)
-
-
-@pytest.fixture(params=TRANSPORTS)
-async def transport(request: pytest.FixtureRequest) -> AsyncIterator[Transport]:
-    namespace = f"paigeant-test-{uuid.uuid4().hex[:12]}"
-    async with make_transport(request.param, namespace) as made:
-        yield made
-    await clean(made, namespace)
 
 
 async def clean(transport: Transport, namespace: str) -> None:

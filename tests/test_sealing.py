@@ -34,9 +34,7 @@ from paigeant_ai.security import MessageSigner, generate_key
 from paigeant_ai.transports import Transport
 from paigeant_ai.transports.base import REASON_HEADER
 
-from .brokers import TRANSPORTS, clean, make_transport, transport
-
-__all__ = ("transport",)
+from .brokers import TRANSPORTS, clean, make_transport
 
 KEY = generate_key("sealing-1")
 
