@@ -250,17 +250,18 @@ class TestRabbitMQContract(TransportContract):
     async def test_consumers_resume_after_the_connection_is_lost(self) -> None:
         require_rabbitmqctl()
         where = address()
-        # Reconnecting after a second leaves the time to see the connection down and close a consumer meanwhile.
-        async with self.make(reconnect_interval=1.0) as transport:
+        # Reconnecting after a few seconds leaves the time to see the connection down and close a consumer meanwhile,
+        # even on a loaded machine.
+        async with self.make(reconnect_interval=4.0) as transport:
             await transport.publish(where, b"before")
             async with await transport.consume(where) as consumer:
                 held = await receive(consumer)
                 gone = await transport.consume(where)
                 await force_close(transport)
-                for _ in range(500):
+                for _ in range(2000):
                     if consumer.channel.is_closed:
                         break
-                    await asyncio.sleep(0.01)
+                    await asyncio.sleep(0.005)
                 assert consumer.channel.is_closed
                 await gone.aclose()  # closed while the connection is down: the reconnect must not bring it back
                 with pytest.raises(TransportError, match="connection was lost"):
