@@ -1,23 +1,48 @@
-"""The three transports, for tests that must behave the same on each: in memory, Redis and RabbitMQ.
+"""The test brokers, in one place: where they are, the three transports, clean-up, and worker processes.
 
-`conftest.transport` is the fixture that runs a test on all three (the broker ones marked `redis` / `rabbitmq`),
-each in a namespace of its own that is deleted afterwards; a module with a `transport` fixture of its own keeps it.
+- `conftest.transport` is the fixture that runs a test on all three transports (the broker ones marked `redis` /
+  `rabbitmq`), each in a namespace of its own that is deleted afterwards; a module with a `transport` fixture of its
+  own keeps it. `dead_letters()` reads what any of them dead-lettered.
+- `delete_redis_namespace()`, `delete_queues()`, `delete_rabbitmq_addresses()` and `delete_rabbitmq_namespace()` are
+  the clean-up helpers every test that leaves something on a broker shares.
+- `fleet()` starts `paigeant worker` processes on a real broker for the crash tests, with what they share.
 """
 
 from __future__ import annotations
 
+import asyncio
+import json
 import os
+import shutil
+import signal
 import socket
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import AsyncGenerator, Callable, Iterable
+from contextlib import asynccontextmanager, suppress
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
 from urllib.parse import urlsplit
 
 import pytest
 
-from paigeant_ai import InMemoryTransport, get_transport
+from paigeant_ai import InMemoryTransport, WorkflowDispatcher, get_transport
+from paigeant_ai.contracts import DEAD_LETTER, EVENTS
+from paigeant_ai.security import MessageSigner, generate_key
 from paigeant_ai.transports import Transport
+from paigeant_ai.transports.base import Delivery
 
 # The brokers the tests use; point them elsewhere with these two variables (see the README's Development section).
 RABBITMQ_URL = os.environ.get("PAIGEANT_TEST_RABBITMQ_URL", "amqp://guest:guest@127.0.0.1:5672/")
 REDIS_URL = os.environ.get("PAIGEANT_TEST_REDIS_URL", "redis://127.0.0.1:6379/15")
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+# -- is the broker there ---------------------------------------------------------------------------------------
 
 
 def require_redis() -> None:
@@ -43,6 +68,18 @@ def require_server(name: str, host: str, port: int) -> None:
         pytest.skip(message)
 
 
+def require_rabbitmqctl() -> None:
+    """Skip when `rabbitmqctl` cannot manage the broker here; fail in CI, where it must."""
+    if shutil.which("rabbitmqctl") is None:
+        message = "rabbitmqctl is not on PATH; this test manages the broker with it"
+        if os.environ.get("CI"):
+            pytest.fail(message)
+        pytest.skip(message)
+
+
+# -- the three transports --------------------------------------------------------------------------------------
+
+
 TRANSPORTS = [
     "inmemory",
     pytest.param("redis", marks=pytest.mark.redis),
@@ -61,24 +98,197 @@ def make_transport(name: str, namespace: str) -> Transport:
     return get_transport("rabbitmq", url=RABBITMQ_URL, namespace=namespace)
 
 
+async def dead_letters(transport: Transport) -> list[Delivery]:
+    """Every message dead-lettered on `transport` so far, acknowledged (each transport's `pending` counts the
+    deliveries this process holds, so the count tells when all of them are in hand)."""
+    letters: list[Delivery] = []
+    async with await transport.consume(DEAD_LETTER, prefetch=1000) as consumer:
+        while await transport.pending(DEAD_LETTER) > len(letters):
+            letters.append(await asyncio.wait_for(anext(consumer), 5))
+        for letter in letters:
+            await transport.ack(letter)
+    return letters
+
+
+# -- clean-up --------------------------------------------------------------------------------------------------
+
+
 async def clean(transport: Transport, namespace: str) -> None:
     """Delete what `transport` left on its broker in `namespace`."""
     if transport.name == "redis":
-        import redis.asyncio as aioredis
-
-        client = aioredis.Redis.from_url(REDIS_URL)
-        try:
-            keys = [key async for key in client.scan_iter(match=f"{namespace}[.:]*", count=1000)]
-            if keys:
-                await client.delete(*keys)
-        finally:
-            await client.aclose()
+        await delete_redis_namespace(namespace)
     elif transport.name == "rabbitmq":
-        import aio_pika
+        await delete_queues(getattr(transport, "_declared", set[str]()))
 
-        declared: set[str] = getattr(transport, "_declared", set())
-        connection = await aio_pika.connect(RABBITMQ_URL)
+
+async def delete_redis_namespace(namespace: str, url: str = REDIS_URL) -> None:
+    """Delete every key of the namespace: its streams (`ns.*`) and its other keys (`ns:*`)."""
+    import redis.asyncio as aioredis
+
+    client = aioredis.Redis.from_url(url)
+    try:
+        keys = [key async for key in client.scan_iter(match=f"{namespace}[.:]*", count=1000)]
+        for start in range(0, len(keys), 500):
+            await client.delete(*keys[start : start + 500])
+    finally:
+        await client.aclose()
+
+
+async def delete_queues(names: Iterable[str]) -> None:
+    """Delete the queues (a missing one is not an error), waiting up to 30 seconds for a broker that restarts."""
+    import aio_pika
+
+    for attempt in range(30):
+        try:
+            connection = await aio_pika.connect(RABBITMQ_URL)
+        except ConnectionError:
+            if attempt == 29:
+                raise
+            await asyncio.sleep(1)
+            continue
         async with connection:
             channel = await connection.channel()
-            for queue in sorted(declared):
-                await channel.queue_delete(queue)
+            for name in sorted(names):
+                await channel.queue_delete(name)
+        return
+
+
+async def delete_rabbitmq_addresses(namespace: str, addresses: Iterable[str]) -> None:
+    """Delete the queues of `addresses` in `namespace`, with their delay queues, whoever declared them."""
+    from paigeant_ai.transports.rabbitmq import DELAY_BUCKETS
+
+    queues = [f"{namespace}.{address}" for address in addresses]
+    await delete_queues([*queues, *(f"{queue}@delay-{bucket}" for queue in queues for bucket, _ in DELAY_BUCKETS)])
+
+
+async def delete_rabbitmq_namespace(namespace: str) -> None:
+    """Delete every queue of `namespace` that `rabbitmqctl` lists (without it, they stay, harmless, under their
+    unique namespace)."""
+    if shutil.which("rabbitmqctl") is None:
+        return
+    listing = await asyncio.to_thread(
+        subprocess.run,
+        ["rabbitmqctl", "list_queues", "-q", "--no-table-headers", "name"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    names = [name for name in listing.stdout.split() if name.startswith(f"{namespace}.")]
+    if names:
+        await delete_queues(names)
+
+
+# -- worker processes, for the crash tests ---------------------------------------------------------------------
+
+
+@dataclass
+class Fleet:
+    """Worker processes started with `python -m paigeant_ai.cli worker`, each logging to a file of its own."""
+
+    env: dict[str, str]
+    logs: Path
+    workers: str
+    """The module whose attributes a bare target names."""
+    processes: list[asyncio.subprocess.Process] = field(default_factory=list[asyncio.subprocess.Process])
+
+    async def start(self, target: str) -> asyncio.subprocess.Process:
+        """Start `python -m paigeant_ai.cli worker <target>`; a bare attribute is one of `self.workers`."""
+        target = target if ":" in target else f"{self.workers}:{target}"
+        fd = os.open(self.log_of(target.rpartition(":")[2], len(self.processes)), os.O_WRONLY | os.O_CREAT)
+        try:
+            process = await asyncio.create_subprocess_exec(
+                *(sys.executable, "-m", "paigeant_ai.cli", "worker", target),
+                cwd=ROOT,
+                env=self.env,
+                stdin=asyncio.subprocess.DEVNULL,
+                stdout=fd,
+                stderr=fd,
+            )
+        finally:
+            os.close(fd)
+        self.processes.append(process)
+        return process
+
+    def log_of(self, name: str, number: int) -> Path:
+        return self.logs / f"{name}-{number}.log"
+
+    async def stop(self) -> None:
+        """SIGTERM (graceful) every process still running, SIGKILL what is left after 10 seconds."""
+        running = [p for p in self.processes if p.returncode is None]
+        for process in running:
+            with suppress(ProcessLookupError):
+                process.send_signal(signal.SIGTERM)
+        for process in running:
+            try:
+                await asyncio.wait_for(process.wait(), 10)
+            except TimeoutError:
+                with suppress(ProcessLookupError):
+                    process.kill()
+                await process.wait()
+
+    def output(self) -> str:
+        return "\n".join(f"--- {path.name}\n{path.read_text()[-3000:]}" for path in sorted(self.logs.glob("*.log")))
+
+
+@asynccontextmanager
+async def fleet(
+    tmp_path: Path, broker: Literal["rabbitmq", "redis"], url: str, *, workers: str, steps: Iterable[str]
+) -> AsyncGenerator[tuple[Fleet, WorkflowDispatcher, Path]]:
+    """Worker processes, a dispatcher and the records directory, all in a namespace of their own on `url`.
+
+    Every process signs and verifies, as in production. Afterwards the processes are stopped and the namespace is
+    deleted (on RabbitMQ, the queues of `steps` and of the dead letters and events; on Redis, every key, but only on
+    the shared test server), even when the test fails.
+    """
+    if broker == "rabbitmq":
+        require_rabbitmq()
+    elif url == REDIS_URL:
+        require_redis()
+    namespace = f"paigeant-test-{uuid.uuid4().hex[:12]}"
+    records, logs = tmp_path / "records", tmp_path / "logs"
+    records.mkdir()
+    logs.mkdir(exist_ok=True)
+    key = generate_key(f"{broker}-durability-test")
+    env = {
+        **os.environ,
+        "PAIGEANT_SIGNING_KEY": json.dumps(key.as_dict(private=True)),
+        "PAIGEANT_TRUSTED_KEYS": json.dumps({"keys": [key.as_dict(private=False)]}),
+        "PAIGEANT_TRANSPORT": broker,
+        f"PAIGEANT_{broker.upper()}_URL": url,
+        "PAIGEANT_NAMESPACE": namespace,
+        "PAIGEANT_TEST_RECORDS": str(records),
+        "PAIGEANT_TEST_STEP_SECONDS": "0.2",
+        "PAIGEANT_TEST_VISIBILITY_TIMEOUT": "2",  # for `tests.redis_workflows`: a dead worker's steps return soon
+        "PYTHONUNBUFFERED": "1",
+    }
+    env.pop("PAIGEANT_ALLOW_UNSIGNED", None)
+    processes = Fleet(env, logs, workers)
+    transport = get_transport(broker, url=url, namespace=namespace)
+    try:
+        await transport.connect()
+        yield processes, WorkflowDispatcher(transport, security=MessageSigner(key)), records
+    except BaseException:
+        print(processes.output())
+        raise
+    finally:
+        await processes.stop()
+        await transport.disconnect()
+        if broker == "rabbitmq":
+            await delete_rabbitmq_addresses(namespace, [*steps, DEAD_LETTER, EVENTS])
+        elif url == REDIS_URL:
+            await delete_redis_namespace(namespace)
+
+
+async def wait_until(condition: Callable[[], bool], *, within: float, what: str) -> None:
+    """Poll `condition` every 0.1 s; fail naming `what` after `within` seconds."""
+    deadline = time.monotonic() + within
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {within:g}s waiting for {what}")
+        await asyncio.sleep(0.1)
+
+
+def report(capsys: pytest.CaptureFixture[str], text: str) -> None:
+    """Print `text` past pytest's capture: what a crash test measured."""
+    with capsys.disabled():
+        print(f"\n{text}")

@@ -5,10 +5,8 @@ from __future__ import annotations
 import uuid
 from collections.abc import AsyncIterator
 from typing import Any
-from urllib.parse import urlsplit
 
 import pytest
-import redis.asyncio as aioredis
 from pydantic_ai import Agent, FunctionToolset
 
 from paigeant_ai import (
@@ -25,7 +23,7 @@ from paigeant_ai import (
 from paigeant_ai.security import MessageSigner, RedisReplayCache, generate_key
 from paigeant_ai.transports.redis import RedisTransport
 
-from .conftest import REDIS_URL, require_server
+from .brokers import REDIS_URL, delete_redis_namespace, require_redis
 from .scripted import Script
 from .test_approval import SEND, answer
 
@@ -34,20 +32,13 @@ pytestmark = pytest.mark.redis
 
 @pytest.fixture
 async def transport() -> AsyncIterator[RedisTransport]:
-    parts = urlsplit(REDIS_URL)
-    require_server("Redis", parts.hostname or "127.0.0.1", parts.port or 6379)
+    require_redis()
     namespace = f"paigeant-test-{uuid.uuid4().hex[:12]}"
     try:
         async with RedisTransport(REDIS_URL, namespace=namespace, poll_interval=0.05) as transport:
             yield transport
     finally:
-        client = aioredis.Redis.from_url(REDIS_URL)
-        try:
-            keys = [key async for key in client.scan_iter(match=f"{namespace}[.:]*", count=1000)]
-            if keys:
-                await client.delete(*keys)
-        finally:
-            await client.aclose()
+        await delete_redis_namespace(namespace)
 
 
 async def test_a_workflow_parked_in_redis_is_resumed_by_a_new_worker(transport: RedisTransport) -> None:

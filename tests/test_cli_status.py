@@ -8,10 +8,8 @@ import json
 import re
 import uuid
 from collections.abc import Iterator
-from urllib.parse import urlsplit
 
 import pytest
-import redis.asyncio as aioredis
 from inline_snapshot import snapshot
 from pydantic_ai import Agent
 from pydantic_ai.messages import ModelMessage, ModelResponse, ToolCallPart
@@ -29,32 +27,21 @@ from paigeant_ai.approval import InMemoryWaitingStore
 from paigeant_ai.cli import main
 from paigeant_ai.transports.redis import RedisTransport
 
-from .conftest import REDIS_URL, require_server
+from .brokers import REDIS_URL, delete_redis_namespace, require_redis
 
 pytestmark = pytest.mark.redis
 
 
 @pytest.fixture
 def namespace(monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
-    parts = urlsplit(REDIS_URL)
-    require_server("Redis", parts.hostname or "127.0.0.1", parts.port or 6379)
+    require_redis()
     name = f"paigeant-test-{uuid.uuid4().hex[:12]}"
     monkeypatch.setenv("PAIGEANT_NAMESPACE", name)
     monkeypatch.setenv("PAIGEANT_REDIS_URL", REDIS_URL)
     monkeypatch.setenv("PAIGEANT_TRANSPORT", "redis")
     monkeypatch.setenv("PAIGEANT_ALLOW_UNSIGNED", "1")
     yield name
-    asyncio.run(_delete_namespace(name))
-
-
-async def _delete_namespace(namespace: str) -> None:
-    client = aioredis.Redis.from_url(REDIS_URL)
-    try:
-        keys = [key async for key in client.scan_iter(match=f"{namespace}[.:]*", count=1000)]
-        if keys:
-            await client.delete(*keys)
-    finally:
-        await client.aclose()
+    asyncio.run(delete_redis_namespace(name))
 
 
 def normalized(text: str) -> str:

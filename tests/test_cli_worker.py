@@ -40,8 +40,7 @@ from paigeant_ai._cli_keys import generate_keys
 from paigeant_ai.approval import InMemoryWaitingStore
 from paigeant_ai.cli import main
 
-from .conftest import REDIS_URL, require_server
-from .test_cli_status import _delete_namespace  # pyright: ignore[reportPrivateUsage]
+from .brokers import REDIS_URL, delete_redis_namespace, require_redis
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -118,11 +117,10 @@ def step_lines(caplog: pytest.LogCaptureFixture) -> list[str]:
 
 @pytest.fixture
 def namespace() -> Iterator[str]:
-    parts = urlsplit(REDIS_URL)
-    require_server("Redis", parts.hostname or "127.0.0.1", parts.port or 6379)
+    require_redis()
     name = f"paigeant-test-{uuid.uuid4().hex[:12]}"
     yield name
-    asyncio.run(_delete_namespace(name))
+    asyncio.run(delete_redis_namespace(name))
 
 
 @pytest.mark.redis

@@ -6,7 +6,6 @@ import asyncio
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from datetime import UTC, datetime, timedelta
-from urllib.parse import urlsplit
 
 import aio_pika
 import aiormq.exceptions
@@ -20,9 +19,7 @@ from paigeant_ai.transports import redis as redis_module
 from paigeant_ai.transports.rabbitmq import RabbitMQTransport
 from paigeant_ai.transports.redis import RedisTransport
 
-from .conftest import RABBITMQ_URL, REDIS_URL, require_server
-from .test_transport_rabbitmq import delete_queues
-from .test_transport_redis import delete_namespace
+from .brokers import RABBITMQ_URL, REDIS_URL, delete_queues, delete_redis_namespace, require_rabbitmq, require_redis
 
 
 def pending_at(activity: str, at: datetime) -> WorkflowStatus:
@@ -38,7 +35,7 @@ def pending_at(activity: str, at: datetime) -> WorkflowStatus:
 
 @pytest.fixture
 async def rabbitmq() -> AsyncIterator[RabbitMQTransport]:
-    require_server("RabbitMQ", "127.0.0.1", 5672)
+    require_rabbitmq()
     namespace = f"paigeant-test-{uuid.uuid4().hex[:12]}"
     transport = RabbitMQTransport(RABBITMQ_URL, namespace=namespace, connection_name=namespace)
     async with transport:
@@ -132,11 +129,10 @@ async def test_rabbitmq_a_workflow_at_an_unconsumed_queue_is_stalled(rabbitmq: R
 
 @pytest.fixture
 async def redis_namespace() -> AsyncIterator[str]:
-    parts = urlsplit(REDIS_URL)
-    require_server("Redis", parts.hostname or "127.0.0.1", parts.port or 6379)
+    require_redis()
     name = f"paigeant-test-{uuid.uuid4().hex[:12]}"
     yield name
-    await delete_namespace(name)
+    await delete_redis_namespace(name)
 
 
 @pytest.fixture
@@ -259,8 +255,7 @@ async def test_redis_a_step_left_by_its_worker_stalls_after_a_while(redis: Redis
 
 @pytest.fixture
 def cli_namespace(monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
-    parts = urlsplit(REDIS_URL)
-    require_server("Redis", parts.hostname or "127.0.0.1", parts.port or 6379)
+    require_redis()
     name = f"paigeant-test-{uuid.uuid4().hex[:12]}"
     monkeypatch.setenv("PAIGEANT_NAMESPACE", name)
     monkeypatch.setenv("PAIGEANT_REDIS_URL", REDIS_URL)
@@ -268,7 +263,7 @@ def cli_namespace(monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
     monkeypatch.setenv("PAIGEANT_ALLOW_UNSIGNED", "1")
     monkeypatch.setenv("PAIGEANT_STALL_AFTER", "0")
     yield name
-    asyncio.run(delete_namespace(name))
+    asyncio.run(delete_redis_namespace(name))
 
 
 @pytest.mark.redis

@@ -8,19 +8,22 @@ and keys are deleted afterwards.
 from __future__ import annotations
 
 import asyncio
-import shutil
-import subprocess
 import uuid
 from collections.abc import Callable, Coroutine, Iterator
 from typing import Any
 
-import aio_pika
 import pytest
-import redis.asyncio as aioredis
 
 from paigeant_ai import cli
 
-from .conftest import RABBITMQ_URL, REDIS_URL, require_rabbitmq, require_redis
+from .brokers import (
+    RABBITMQ_URL,
+    REDIS_URL,
+    delete_rabbitmq_namespace,
+    delete_redis_namespace,
+    require_rabbitmq,
+    require_redis,
+)
 from .test_examples import run_example
 
 pytestmark = pytest.mark.slow
@@ -38,39 +41,9 @@ def signing_keys(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     }
 
 
-async def _delete_rabbitmq_namespace(namespace: str) -> None:
-    if shutil.which("rabbitmqctl") is None:
-        return  # nothing to list queues with: they stay, harmless, under their unique namespace
-    listing = await asyncio.to_thread(
-        subprocess.run,
-        ["rabbitmqctl", "list_queues", "-q", "--no-table-headers", "name"],
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    names = [name for name in listing.stdout.split() if name.startswith(f"{namespace}.")]
-    if not names:
-        return
-    connection = await aio_pika.connect(RABBITMQ_URL)
-    async with connection:
-        channel = await connection.channel()
-        for name in names:
-            await channel.queue_delete(name)
-
-
-async def _delete_redis_namespace(namespace: str) -> None:
-    client = aioredis.Redis.from_url(REDIS_URL)
-    try:
-        keys = [key async for key in client.scan_iter(match=f"{namespace}[.:]*", count=1000)]
-        if keys:
-            await client.delete(*keys)
-    finally:
-        await client.aclose()
-
-
 BROKERS: dict[str, tuple[Callable[[], None], dict[str, str], Callable[[str], Coroutine[Any, Any, None]]]] = {
-    "rabbitmq": (require_rabbitmq, {"PAIGEANT_RABBITMQ_URL": RABBITMQ_URL}, _delete_rabbitmq_namespace),
-    "redis": (require_redis, {"PAIGEANT_REDIS_URL": REDIS_URL}, _delete_redis_namespace),
+    "rabbitmq": (require_rabbitmq, {"PAIGEANT_RABBITMQ_URL": RABBITMQ_URL}, delete_rabbitmq_namespace),
+    "redis": (require_redis, {"PAIGEANT_REDIS_URL": REDIS_URL}, delete_redis_namespace),
 }
 
 

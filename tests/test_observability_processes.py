@@ -18,10 +18,8 @@ from collections import defaultdict
 from collections.abc import AsyncIterator, Iterator, Sequence
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
 
 import pytest
-import redis.asyncio as aioredis
 from inline_snapshot import snapshot
 from logfire.testing import CaptureLogfire
 from opentelemetry import baggage, context, trace
@@ -35,7 +33,7 @@ from pydantic_ai.models.instrumented import InstrumentationSettings
 from paigeant_ai import ActivityContext, AgentActivity, Worker, WorkflowDispatcher, activity
 from paigeant_ai.transports.redis import RedisTransport
 
-from .conftest import REDIS_URL, require_server
+from .brokers import REDIS_URL, delete_redis_namespace, require_redis
 
 pytestmark = [pytest.mark.redis, pytest.mark.slow]
 
@@ -112,15 +110,10 @@ def make_worker() -> Worker:
 
 @pytest.fixture
 async def namespace() -> AsyncIterator[str]:
-    parts = urlsplit(REDIS_URL)
-    require_server("Redis", parts.hostname or "127.0.0.1", parts.port or 6379)
+    require_redis()
     name = f"paigeant-test-{uuid.uuid4().hex[:12]}"
     yield name
-    client = aioredis.Redis.from_url(REDIS_URL)
-    keys = [key async for key in client.scan_iter(match=f"{name}[.:]*", count=1000)]
-    if keys:
-        await client.delete(*keys)
-    await client.aclose()
+    await delete_redis_namespace(name)
 
 
 @pytest.fixture

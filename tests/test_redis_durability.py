@@ -11,17 +11,12 @@ clean up, even when they fail.
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import shutil
-import signal
 import socket
 import sys
 import time
-import uuid
-from collections import Counter
-from collections.abc import AsyncGenerator, Callable
-from contextlib import asynccontextmanager, suppress
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -29,134 +24,21 @@ import pytest
 
 from paigeant_ai import WorkflowDispatcher
 from paigeant_ai.contracts import DEAD_LETTER
-from paigeant_ai.security import MessageSigner, generate_key
-from paigeant_ai.transports.redis import RedisTransport
 
-from .conftest import REDIS_URL
-from .test_transport_redis import delete_namespace, require_redis
-from .workflows_for_crash import MIDDLE, STEPS, read_records
+from . import brokers
+from .brokers import REDIS_URL, ROOT, Fleet, report, wait_until
+from .workflows_for_crash import MIDDLE, STEPS, completed, dispatch, middle_runs, read_records
 
 pytestmark = [pytest.mark.redis, pytest.mark.slow]
 
-ROOT = Path(__file__).resolve().parent.parent
-WORKERS = "tests.redis_workflows"
 
-
-@dataclass
-class Fleet:
-    """Worker processes started with `python -m paigeant_ai.cli worker`, each logging to a file of its own."""
-
-    env: dict[str, str]
-    logs: Path
-    processes: list[asyncio.subprocess.Process] = field(default_factory=list[asyncio.subprocess.Process])
-
-    async def start(self, target: str) -> asyncio.subprocess.Process:
-        """Start `python -m paigeant_ai.cli worker <target>`; a bare attribute is one of `tests.redis_workflows`."""
-        target = target if ":" in target else f"{WORKERS}:{target}"
-        log = self.log_of(target.rpartition(":")[2], len(self.processes))
-        fd = os.open(log, os.O_WRONLY | os.O_CREAT)
-        try:
-            process = await asyncio.create_subprocess_exec(
-                sys.executable,
-                "-m",
-                "paigeant_ai.cli",
-                "worker",
-                target,
-                cwd=ROOT,
-                env=self.env,
-                stdin=asyncio.subprocess.DEVNULL,
-                stdout=fd,
-                stderr=fd,
-            )
-        finally:
-            os.close(fd)
-        self.processes.append(process)
-        return process
-
-    def log_of(self, name: str, number: int) -> Path:
-        return self.logs / f"{name}-{number}.log"
-
-    async def stop(self) -> None:
-        """SIGTERM (graceful) every process still running, SIGKILL what is left after 10 seconds."""
-        running = [p for p in self.processes if p.returncode is None]
-        for process in running:
-            with suppress(ProcessLookupError):
-                process.send_signal(signal.SIGTERM)
-        for process in running:
-            try:
-                await asyncio.wait_for(process.wait(), 10)
-            except TimeoutError:
-                with suppress(ProcessLookupError):
-                    process.kill()
-                await process.wait()
-
-    def output(self) -> str:
-        return "\n".join(f"--- {path.name}\n{path.read_text()[-3000:]}" for path in sorted(self.logs.glob("*.log")))
-
-
-@asynccontextmanager
-async def fleet(tmp_path: Path, url: str) -> AsyncGenerator[tuple[Fleet, WorkflowDispatcher, Path]]:
-    """Worker processes, a dispatcher and the records directory, all in a namespace of their own on `url`."""
-    namespace = f"paigeant-test-{uuid.uuid4().hex[:12]}"
-    records, logs = tmp_path / "records", tmp_path / "logs"
-    records.mkdir()
-    logs.mkdir(exist_ok=True)
-    key = generate_key("redis-durability-test")  # every process signs and verifies, as in production
-    env = {
-        **os.environ,
-        "PAIGEANT_SIGNING_KEY": json.dumps(key.as_dict(private=True)),
-        "PAIGEANT_TRUSTED_KEYS": json.dumps({"keys": [key.as_dict(private=False)]}),
-        "PAIGEANT_TRANSPORT": "redis",
-        "PAIGEANT_REDIS_URL": url,
-        "PAIGEANT_NAMESPACE": namespace,
-        "PAIGEANT_TEST_RECORDS": str(records),
-        "PAIGEANT_TEST_STEP_SECONDS": "0.2",
-        "PAIGEANT_TEST_VISIBILITY_TIMEOUT": "2",
-        "PYTHONUNBUFFERED": "1",
-    }
-    env.pop("PAIGEANT_ALLOW_UNSIGNED", None)
-    workers = Fleet(env, logs)
-    transport = RedisTransport(url, namespace=namespace)
-    try:
-        await transport.connect()
-        yield workers, WorkflowDispatcher(transport, security=MessageSigner(key)), records
-    except BaseException:
-        print(workers.output())
-        raise
-    finally:
-        await workers.stop()
-        await transport.disconnect()
-        if url == REDIS_URL:
-            await delete_namespace(namespace)
-
-
-async def wait_until(condition: Callable[[], bool], *, within: float, what: str) -> None:
-    deadline = time.monotonic() + within
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {within:g}s waiting for {what}")
-        await asyncio.sleep(0.1)
-
-
-def completed(records: Path) -> set[str]:
-    return {line for lines in read_records(records, "last").values() for line in lines}
-
-
-def middle_runs(records: Path) -> Counter[str]:
-    return Counter(line for lines in read_records(records, "middle").values() for line in lines)
-
-
-async def dispatch(dispatcher: WorkflowDispatcher, count: int) -> list[str]:
-    return [await dispatcher.dispatch_workflow(list(STEPS), {"n": n}) for n in range(count)]
-
-
-def report(capsys: pytest.CaptureFixture[str], text: str) -> None:
-    with capsys.disabled():
-        print(f"\n{text}")
+def fleet(tmp_path: Path, url: str) -> AbstractAsyncContextManager[tuple[Fleet, WorkflowDispatcher, Path]]:
+    """Worker processes of `tests.redis_workflows` on `url`, a dispatcher and the records directory (see
+    `brokers.fleet`)."""
+    return brokers.fleet(tmp_path, "redis", url, workers="tests.redis_workflows", steps=STEPS)
 
 
 async def test_kill_9_a_worker_mid_run_loses_no_workflow(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    require_redis()
     started = time.monotonic()
     async with fleet(tmp_path, REDIS_URL) as (workers, dispatcher, records):
         ids = await dispatch(dispatcher, 200)
@@ -284,7 +166,6 @@ async def test_workers_ride_out_a_redis_restart(tmp_path: Path, capsys: pytest.C
 
 
 async def test_onboarding_runs_across_worker_processes(tmp_path: Path) -> None:
-    require_redis()
     steps = {
         "validate_worker": "validate-customer-data",
         "account_worker": "create-customer-account",

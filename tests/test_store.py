@@ -7,10 +7,8 @@ import random
 import uuid
 from collections.abc import AsyncGenerator, AsyncIterator
 from datetime import UTC, datetime, timedelta
-from urllib.parse import urlsplit
 
 import pytest
-import redis.asyncio as aioredis
 from dirty_equals import IsDatetime, IsFloat, IsStr
 from inline_snapshot import snapshot
 
@@ -35,7 +33,7 @@ from paigeant_ai.store import (
 )
 from paigeant_ai.transports.redis import RedisTransport
 
-from .conftest import REDIS_URL, require_server
+from .brokers import REDIS_URL, delete_redis_namespace, require_redis
 
 FAST = RetryPolicy(max_attempts=3, initial_interval=0.01, jitter=0)
 
@@ -62,26 +60,15 @@ async def broken(ctx: ActivityContext) -> None:
     raise NonRetryableError("the customer does not exist")
 
 
-async def delete_namespace(namespace: str) -> None:
-    client = aioredis.Redis.from_url(REDIS_URL)
-    try:
-        keys = [key async for key in client.scan_iter(match=f"{namespace}[.:]*", count=1000)]
-        if keys:
-            await client.delete(*keys)
-    finally:
-        await client.aclose()
-
-
 @contextlib.asynccontextmanager
 async def new_redis_store() -> AsyncGenerator[RedisWorkflowStore]:
-    parts = urlsplit(REDIS_URL)
-    require_server("Redis", parts.hostname or "127.0.0.1", parts.port or 6379)
+    require_redis()
     namespace = f"paigeant-test-{uuid.uuid4().hex[:12]}"
     try:
         async with RedisTransport(REDIS_URL, namespace=namespace) as transport:
             yield RedisWorkflowStore(transport, max_workflows=5, max_events=50)
     finally:
-        await delete_namespace(namespace)
+        await delete_redis_namespace(namespace)
 
 
 @pytest.fixture

@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 import asyncio
-import os
-import shutil
 import subprocess
 import uuid
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator
 from typing import Any
 
 import aio_pika
@@ -18,19 +16,10 @@ from paigeant_ai.transports import Transport, get_transport
 from paigeant_ai.transports.base import REASON_HEADER, SOURCE_HEADER
 from paigeant_ai.transports.rabbitmq import RabbitMQTransport
 
-from .conftest import RABBITMQ_URL, require_rabbitmq
+from .brokers import RABBITMQ_URL, delete_queues, require_rabbitmq, require_rabbitmqctl
 from .transport_contract import TransportContract, address, receive, receive_nothing
 
 pytestmark = pytest.mark.rabbitmq
-
-
-def require_rabbitmqctl() -> None:
-    """Skip when `rabbitmqctl` cannot manage the broker here; fail in CI, where it must."""
-    if shutil.which("rabbitmqctl") is None:
-        message = "rabbitmqctl is not on PATH; this test manages the broker with it"
-        if os.environ.get("CI"):
-            pytest.fail(message)
-        pytest.skip(message)
 
 
 async def force_close(transport: RabbitMQTransport) -> None:
@@ -47,23 +36,6 @@ async def force_close(transport: RabbitMQTransport) -> None:
     await asyncio.to_thread(
         subprocess.run, ["rabbitmqctl", "close_connection", pids[0], "test"], capture_output=True, check=True
     )
-
-
-async def delete_queues(names: Iterable[str]) -> None:
-    """Delete the queues (a missing one is not an error), waiting up to 30 seconds for a broker that restarts."""
-    for attempt in range(30):
-        try:
-            connection = await aio_pika.connect(RABBITMQ_URL)
-        except ConnectionError:
-            if attempt == 29:
-                raise
-            await asyncio.sleep(1)
-            continue
-        async with connection:
-            channel = await connection.channel()
-            for name in sorted(names):
-                await channel.queue_delete(name)
-        return
 
 
 class TestRabbitMQContract(TransportContract):

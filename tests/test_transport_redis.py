@@ -7,7 +7,6 @@ import time
 import uuid
 from collections.abc import AsyncIterator
 from typing import cast
-from urllib.parse import urlsplit
 
 import pytest
 import redis.asyncio as aioredis
@@ -20,26 +19,10 @@ from paigeant_ai.transports import Transport, get_transport
 from paigeant_ai.transports.base import REASON_HEADER, SOURCE_HEADER
 from paigeant_ai.transports.redis import GROUP, RedisDedupeStore, RedisTransport
 
-from .conftest import REDIS_URL, require_server
+from .brokers import REDIS_URL, delete_redis_namespace, require_redis
 from .transport_contract import TransportContract, address, receive, receive_nothing
 
 pytestmark = pytest.mark.redis
-
-
-def require_redis() -> None:
-    parts = urlsplit(REDIS_URL)
-    require_server("Redis", parts.hostname or "127.0.0.1", parts.port or 6379)
-
-
-async def delete_namespace(namespace: str) -> None:
-    """Delete every key of the namespace: its streams (`ns.*`) and its other keys (`ns:*`)."""
-    client = aioredis.Redis.from_url(REDIS_URL)
-    try:
-        keys = [key async for key in client.scan_iter(match=f"{namespace}[.:]*", count=1000)]
-        for start in range(0, len(keys), 500):
-            await client.delete(*keys[start : start + 500])
-    finally:
-        await client.aclose()
 
 
 @pytest.fixture
@@ -47,7 +30,7 @@ async def namespace() -> AsyncIterator[str]:
     require_redis()
     name = f"paigeant-test-{uuid.uuid4().hex[:12]}"
     yield name
-    await delete_namespace(name)
+    await delete_redis_namespace(name)
 
 
 @pytest.fixture

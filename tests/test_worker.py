@@ -1,9 +1,10 @@
+"""The worker's behaviour, on each transport: in memory, Redis and RabbitMQ (the `transport` fixture of conftest)."""
+
 from __future__ import annotations
 
 import asyncio
 import json
 import random
-from collections.abc import AsyncIterator
 
 import pytest
 
@@ -15,6 +16,7 @@ from paigeant_ai import (
     PaigeantMessage,
     RetryActivity,
     RetryPolicy,
+    Transport,
     TransportError,
     UserError,
     Worker,
@@ -22,26 +24,21 @@ from paigeant_ai import (
     WorkflowEvent,
     activity,
 )
+from paigeant_ai.security import generate_key
 from paigeant_ai.transports.base import REASON_HEADER, SOURCE_HEADER, Delivery
 
+from .brokers import dead_letters
+
 FAST = RetryPolicy(max_attempts=3, initial_interval=0.01, jitter=0)
+KEY = generate_key("worker-tests")
 
 
-@pytest.fixture
-async def transport() -> AsyncIterator[InMemoryTransport]:
-    async with InMemoryTransport() as transport:
-        yield transport
-
-
-async def dead_letters(transport: InMemoryTransport) -> list[Delivery]:
-    letters: list[Delivery] = []
-    async with await transport.consume("dead-letter", prefetch=1000) as consumer:
-        while await transport.pending("dead-letter") > len(letters):
-            letter = await asyncio.wait_for(anext(consumer), 1)
-            letters.append(letter)
-        for letter in letters:
-            await transport.ack(letter)
-    return letters
+@pytest.fixture(autouse=True)
+def signing_keys(monkeypatch: pytest.MonkeyPatch) -> None:
+    """One key for the dispatchers and workers of a test, as in production: a real broker refuses to run without."""
+    monkeypatch.setenv("PAIGEANT_SIGNING_KEY", json.dumps(KEY.as_dict(private=True)))
+    monkeypatch.setenv("PAIGEANT_TRUSTED_KEYS", json.dumps({"keys": [KEY.as_dict(private=False)]}))
+    monkeypatch.delenv("PAIGEANT_ALLOW_UNSIGNED", raising=False)
 
 
 @activity
@@ -56,7 +53,7 @@ async def second(ctx: ActivityContext) -> dict[str, int]:
     return {"b": value + 1}
 
 
-async def test_a_workflow_runs_every_step_in_order(transport: InMemoryTransport) -> None:
+async def test_a_workflow_runs_every_step_in_order(transport: Transport) -> None:
     events: list[WorkflowEvent] = []
     dispatcher = WorkflowDispatcher(transport)
     correlation_id = await dispatcher.dispatch_workflow(activities=[first, second], variables={"start": True})
@@ -76,7 +73,7 @@ async def test_a_workflow_runs_every_step_in_order(transport: InMemoryTransport)
     assert worker.stats.completed_workflows == 1
 
 
-async def test_seed_style_specs_and_handwritten_handlers(transport: InMemoryTransport) -> None:
+async def test_seed_style_specs_and_handwritten_handlers(transport: Transport) -> None:
     dispatcher = WorkflowDispatcher(transport)
     await dispatcher.dispatch_workflow(
         activities=[ActivitySpec(name="validate-customer-data"), ActivitySpec(name="send-welcome-email")],
@@ -97,7 +94,7 @@ async def test_seed_style_specs_and_handwritten_handlers(transport: InMemoryTran
     assert [entry.name for entry in forwarded.routing_slip.completed] == ["validate-customer-data"]
 
 
-async def test_retry_then_success(transport: InMemoryTransport) -> None:
+async def test_retry_then_success(transport: Transport) -> None:
     calls: list[int] = []
 
     @activity(retry=FAST)
@@ -124,7 +121,7 @@ async def test_retry_then_success(transport: InMemoryTransport) -> None:
     assert await dead_letters(transport) == []
 
 
-async def test_retry_exhausted_faults_and_dead_letters(transport: InMemoryTransport) -> None:
+async def test_retry_exhausted_faults_and_dead_letters(transport: Transport) -> None:
     @activity(retry=FAST)
     async def always_down(ctx: ActivityContext) -> None:
         raise RetryActivity("still down", delay=0.01)
@@ -151,7 +148,7 @@ async def test_retry_exhausted_faults_and_dead_letters(transport: InMemoryTransp
     assert worker.stats.faulted == 1
 
 
-async def test_non_retryable_failure_faults_at_once(transport: InMemoryTransport) -> None:
+async def test_non_retryable_failure_faults_at_once(transport: Transport) -> None:
     calls = 0
 
     @activity(retry=FAST)
@@ -169,7 +166,7 @@ async def test_non_retryable_failure_faults_at_once(transport: InMemoryTransport
     assert letter.headers[REASON_HEADER] == "step 'refuse' failed: NonRetryableError: customer is on the sanctions list"
 
 
-async def test_a_step_over_its_timeout_is_retried(transport: InMemoryTransport) -> None:
+async def test_a_step_over_its_timeout_is_retried(transport: Transport) -> None:
     @activity(timeout=0.05, retry=RetryPolicy(max_attempts=2, initial_interval=0.01))
     async def slow(ctx: ActivityContext) -> dict[str, int]:
         if ctx.attempt == 0:
@@ -214,7 +211,7 @@ def good_message(name: str = "first") -> PaigeantMessage:
     ids=["garbage", "wrong-version", "missing-fields", "misrouted", "unknown-activity", "too-large"],
 )
 async def test_bad_messages_go_to_the_dead_letter_queue_and_the_worker_keeps_going(
-    transport: InMemoryTransport, body: bytes, address: str, reason: str
+    transport: Transport, body: bytes, address: str, reason: str
 ) -> None:
     events: list[WorkflowEvent] = []
     worker = Worker(transport, [first, second], on_event=events.append, max_message_bytes=4096)
@@ -234,7 +231,7 @@ async def test_bad_messages_go_to_the_dead_letter_queue_and_the_worker_keeps_goi
     assert worker.stats.completed_workflows == 1, "the valid workflow next to it completed"
 
 
-async def test_a_worker_stopped_mid_step_leaves_the_message_for_redelivery(transport: InMemoryTransport) -> None:
+async def test_a_worker_stopped_mid_step_leaves_the_message_for_redelivery(transport: Transport) -> None:
     started = asyncio.Event()
     runs: list[int] = []
 
@@ -263,7 +260,7 @@ async def test_a_worker_stopped_mid_step_leaves_the_message_for_redelivery(trans
     assert completed.payload == {"a": 1, "done": True, "b": 2}
 
 
-async def test_graceful_stop_lets_running_steps_finish(transport: InMemoryTransport) -> None:
+async def test_graceful_stop_lets_running_steps_finish(transport: Transport) -> None:
     started = asyncio.Event()
 
     @activity
@@ -284,7 +281,7 @@ async def test_graceful_stop_lets_running_steps_finish(transport: InMemoryTransp
 
 
 async def test_a_redelivered_completed_step_is_not_run_again(
-    transport: InMemoryTransport, monkeypatch: pytest.MonkeyPatch
+    transport: Transport, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     runs = 0
 
@@ -314,7 +311,7 @@ async def test_a_redelivered_completed_step_is_not_run_again(
     assert worker.stats.duplicates == 1
 
 
-async def test_concurrency_limits_steps_in_flight(transport: InMemoryTransport) -> None:
+async def test_concurrency_limits_steps_in_flight(transport: Transport) -> None:
     running = 0
     peak = 0
 
@@ -335,7 +332,7 @@ async def test_concurrency_limits_steps_in_flight(transport: InMemoryTransport) 
     assert worker.stats.completed_workflows == 30
 
 
-async def test_outputs_must_be_json(transport: InMemoryTransport) -> None:
+async def test_outputs_must_be_json(transport: Transport) -> None:
     @activity
     async def returns_object(ctx: ActivityContext) -> dict[str, object]:
         return {"when": object()}
@@ -346,7 +343,7 @@ async def test_outputs_must_be_json(transport: InMemoryTransport) -> None:
     assert "returned a value that is not JSON" in letter.headers[REASON_HEADER]
 
 
-async def test_scalar_outputs_are_stored_under_the_activity_name(transport: InMemoryTransport) -> None:
+async def test_scalar_outputs_are_stored_under_the_activity_name(transport: Transport) -> None:
     @activity(name="score-lead")
     def score(ctx: ActivityContext) -> int:  # sync activities run in a thread
         return 42
@@ -357,7 +354,7 @@ async def test_scalar_outputs_are_stored_under_the_activity_name(transport: InMe
     assert next(e for e in events if e.kind == "completed").payload == {"score-lead": 42}
 
 
-async def test_dispatch_refuses_an_oversize_first_message(transport: InMemoryTransport) -> None:
+async def test_dispatch_refuses_an_oversize_first_message(transport: Transport) -> None:
     from paigeant_ai import MessageTooLarge
 
     dispatcher = WorkflowDispatcher(transport, max_message_bytes=1000)
@@ -367,14 +364,14 @@ async def test_dispatch_refuses_an_oversize_first_message(transport: InMemoryTra
 
 
 def test_worker_configuration_errors_name_the_problem() -> None:
-    transport = InMemoryTransport()
+    transport = InMemoryTransport()  # on any transport alike: the constructor refuses before anything connects
     with pytest.raises(UserError, match="at least one activity"):
         Worker(transport, [])
     with pytest.raises(UserError, match="two activities are named 'first'"):
         Worker(transport, [first, first])
 
 
-async def test_dispatch_rejects_bad_input(transport: InMemoryTransport) -> None:
+async def test_dispatch_rejects_bad_input(transport: Transport) -> None:
     dispatcher = WorkflowDispatcher(transport)
     with pytest.raises(UserError, match="at least one activity"):
         await dispatcher.dispatch_workflow([])
@@ -384,14 +381,14 @@ async def test_dispatch_rejects_bad_input(transport: InMemoryTransport) -> None:
         await dispatcher.dispatch_workflow(["first"], {"x": object()})
 
 
-async def test_events_never_carry_tokens(transport: InMemoryTransport) -> None:
+async def test_events_never_carry_tokens(transport: Transport) -> None:
     events: list[WorkflowEvent] = []
     await WorkflowDispatcher(transport).dispatch_workflow([first], obo_token="secret-user-token")
     await Worker(transport, [first], on_event=events.append).run(burst=True)
     assert "secret-user-token" not in json.dumps([e.model_dump(mode="json") for e in events])
 
 
-async def test_a_worker_whose_consumer_dies_stops_with_an_error(transport: InMemoryTransport) -> None:
+async def test_a_worker_whose_consumer_dies_stops_with_an_error(transport: Transport) -> None:
     from paigeant_ai import TransportError
 
     worker = Worker(transport, [first])
@@ -402,7 +399,7 @@ async def test_a_worker_whose_consumer_dies_stops_with_an_error(transport: InMem
         await asyncio.wait_for(running, 5)
 
 
-async def test_end_workflow_completes_early_with_its_reason(transport: InMemoryTransport) -> None:
+async def test_end_workflow_completes_early_with_its_reason(transport: Transport) -> None:
     from paigeant_ai import EndWorkflow
 
     @activity
@@ -421,7 +418,7 @@ async def test_end_workflow_completes_early_with_its_reason(transport: InMemoryT
     assert await dead_letters(transport) == []
 
 
-async def test_an_output_too_large_for_the_next_message_faults_instead_of_looping(transport: InMemoryTransport) -> None:
+async def test_an_output_too_large_for_the_next_message_faults_instead_of_looping(transport: Transport) -> None:
     @activity
     async def bloat(ctx: ActivityContext) -> dict[str, str]:
         return {"report": "x" * 5000}
@@ -436,7 +433,7 @@ async def test_an_output_too_large_for_the_next_message_faults_instead_of_loopin
     assert await transport.pending("second") == 0
 
 
-async def test_a_naive_expiry_is_refused_and_the_worker_keeps_going(transport: InMemoryTransport) -> None:
+async def test_a_naive_expiry_is_refused_and_the_worker_keeps_going(transport: Transport) -> None:
     raw = json.loads(good_message().to_json())
     raw["expires_at"] = "2999-01-01T00:00:00"  # no time zone
     await transport.publish("first", json.dumps(raw).encode())
@@ -448,7 +445,7 @@ async def test_a_naive_expiry_is_refused_and_the_worker_keeps_going(transport: I
     assert worker.stats.completed_workflows == 1
 
 
-async def test_an_activity_that_cancels_itself_is_retried_not_left_hanging(transport: InMemoryTransport) -> None:
+async def test_an_activity_that_cancels_itself_is_retried_not_left_hanging(transport: Transport) -> None:
     @activity(retry=FAST)
     async def cancels(ctx: ActivityContext) -> dict[str, int]:
         if ctx.attempt == 0:
@@ -461,7 +458,7 @@ async def test_an_activity_that_cancels_itself_is_retried_not_left_hanging(trans
     assert next(e for e in events if e.kind == "completed").payload == {"attempts": 2}
 
 
-async def test_a_failing_worker_dead_letters_the_message_instead_of_holding_it(transport: InMemoryTransport) -> None:
+async def test_a_failing_worker_dead_letters_the_message_instead_of_holding_it(transport: Transport) -> None:
     class BrokenDedupe:
         async def is_done(self, key: str) -> bool:
             raise RuntimeError("dedupe store unavailable")
@@ -477,7 +474,7 @@ async def test_a_failing_worker_dead_letters_the_message_instead_of_holding_it(t
     )
 
 
-async def test_the_dispatcher_takes_sync_callbacks_and_survives_their_failure(transport: InMemoryTransport) -> None:
+async def test_the_dispatcher_takes_sync_callbacks_and_survives_their_failure(transport: Transport) -> None:
     seen: list[WorkflowEvent] = []
     await WorkflowDispatcher(transport, on_event=seen.append).dispatch_workflow([first])
     assert [e.kind for e in seen] == ["dispatched"]

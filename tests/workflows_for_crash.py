@@ -1,6 +1,8 @@
-"""Three-step workflows for the RabbitMQ crash and broker-restart tests; each worker runs as its own process:
+"""Three-step workflows for the crash and broker-restart tests; each worker runs as its own process:
 
     python -m paigeant_ai.cli worker tests.workflows_for_crash:middle_worker
+
+(on Redis, the workers of `tests.redis_workflows` run the same steps).
 
 The environment picks the broker and the namespace (`PAIGEANT_TRANSPORT=rabbitmq`, `PAIGEANT_NAMESPACE`), the
 directory where runs are recorded (`PAIGEANT_TEST_RECORDS`) and how long the middle step takes
@@ -13,9 +15,10 @@ from __future__ import annotations
 
 import asyncio
 import os
+from collections import Counter
 from pathlib import Path
 
-from paigeant_ai import ActivityContext, Worker, activity, get_transport
+from paigeant_ai import ActivityContext, Worker, WorkflowDispatcher, activity, get_transport
 
 FIRST, MIDDLE, LAST = "crash-first", "crash-middle", "crash-last"
 STEPS = (FIRST, MIDDLE, LAST)
@@ -37,6 +40,21 @@ def read_records(directory: Path, kind: str) -> dict[int, list[str]]:
     for path in directory.glob(f"{kind}-*.log"):
         found[int(path.stem.rpartition("-")[2])] = path.read_text().splitlines()
     return found
+
+
+def completed(records: Path) -> set[str]:
+    """The workflows that reached their last step, by correlation ID."""
+    return {line for lines in read_records(records, "last").values() for line in lines}
+
+
+def middle_runs(records: Path) -> Counter[str]:
+    """How many times each middle step ran, by idempotency key."""
+    return Counter(line for lines in read_records(records, "middle").values() for line in lines)
+
+
+async def dispatch(dispatcher: WorkflowDispatcher, count: int) -> list[str]:
+    """Dispatch `count` of these workflows; their correlation IDs."""
+    return [await dispatcher.dispatch_workflow(list(STEPS), {"n": n}) for n in range(count)]
 
 
 @activity(name=FIRST)
