@@ -157,14 +157,7 @@ async def run_worker(
         worker.concurrency = concurrency
     if verbose:  # only then: a worker without callbacks does not build its events' models at all
         worker._callbacks.append(log_step)
-    print(worker_banner(worker, target), file=sys.stderr)
-    if worker.transport.name in IN_MEMORY_NAMES and not burst:
-        print(
-            "paigeant: warning: the in-memory transport lives in this process, so no other process can send this "
-            "worker a step; run it on a broker: --transport redis|rabbitmq (or PAIGEANT_TRANSPORT)",
-            file=sys.stderr,
-        )
-    await _run_until_stopped(worker, burst=burst)
+    await _run_until_stopped(worker, target, burst=burst)
     stats = worker.stats
     print(
         f"worker stopped: {stats.completed_steps} steps completed, {stats.retried} retried, "
@@ -174,11 +167,18 @@ async def run_worker(
     return 0
 
 
-async def _run_until_stopped(worker: Worker, *, burst: bool) -> None:
+async def _run_until_stopped(worker: Worker, target: str, *, burst: bool) -> None:
     loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
+    for sig in (signal.SIGTERM, signal.SIGINT):  # first: a supervisor may signal as soon as it sees the banner
         loop.add_signal_handler(sig, worker.stop)
     try:
+        print(worker_banner(worker, target), file=sys.stderr)
+        if worker.transport.name in IN_MEMORY_NAMES and not burst:
+            print(
+                "paigeant: warning: the in-memory transport lives in this process, so no other process can send "
+                "this worker a step; run it on a broker: --transport redis|rabbitmq (or PAIGEANT_TRANSPORT)",
+                file=sys.stderr,
+            )
         await worker.transport.connect()
         await worker.run(burst=burst)
     finally:
