@@ -361,6 +361,7 @@ class Worker:
             return
         effective = _effective_spec(activity.spec, spec)
         claims = await self._verify(delivery, message, effective)
+        observability.continue_trace(message)  # signed as it is: its trace context is trusted from here on
         if await self.dedupe.is_done(message.idempotency_key):
             await self._skip(delivery, message, "already completed (redelivery)")
             return
@@ -462,12 +463,14 @@ class Worker:
         try:
             return await self.security.verify(message, spec, delivery.body)
         except ReplayedMessage as exc:
+            observability.continue_trace(message)  # the signature held: only the hop is old
             if exc.same_content and not delivery.redelivered:
                 await self._reject(delivery, message, f"security check failed: {exc}")
             # Not an attack: the broker's own redelivery of a hop settled here (its ack was lost), or the hop
             # produced again, and signed, by an upstream step that re-ran after a crash. It ran once; skip it.
             await self._skip(delivery, message, "already settled (duplicate)")
         except TokenError as exc:
+            observability.continue_trace(message)  # the signature held: only the token is refused
             if await self.dedupe.is_done(message.idempotency_key):  # it ran while the token was still valid
                 await self._skip(delivery, message, "already completed (redelivery)")
             else:

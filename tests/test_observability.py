@@ -56,20 +56,35 @@ def instrumented_agents() -> Iterator[None]:
     Agent.instrument_all(False)
 
 
+def label(span: dict[str, Any]) -> str:
+    """A span's name, with the step and outcome of paigeant's spans: enough to tell the hops of a step apart."""
+    attributes = span["attributes"]
+    if "paigeant.activity" not in attributes:
+        return span["name"]
+    return f"{span['name']} {attributes['paigeant.activity']} ({attributes.get('paigeant.outcome', '-')})"
+
+
 def span_tree(spans: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """The spans as a tree: name, trace, the attributes that matter here, and children in start order."""
+    """The spans as a tree: name, trace, the attributes that matter here, links, and children in start order."""
     children: dict[int | None, list[dict[str, Any]]] = defaultdict(list)
+    by_id = {span["context"]["span_id"]: span for span in spans}
     for span in sorted(spans, key=lambda s: s["start_time"]):
         children[span["parent"]["span_id"] if span["parent"] else None].append(span)
+
+    def link(found: dict[str, Any]) -> str:
+        target = by_id.get(found["context"]["span_id"])
+        return f"{found['attributes']['paigeant.link']}: {label(target) if target else 'outside'}"
 
     def node(span: dict[str, Any]) -> dict[str, Any]:
         attributes = span["attributes"]
         shown = {key: attributes[key] for key in SHOWN if key in attributes}
         below = [node(child) for child in children[span["context"]["span_id"]]]
+        links = [link(found) for found in span.get("links", [])]
         return {
             "name": span["name"],
             "trace": span["context"]["trace_id"],
             **shown,
+            **({"links": links} if links else {}),
             **({"children": below} if below else {}),
         }
 
@@ -135,9 +150,22 @@ async def test_one_workflow_is_one_trace_with_the_correlation_id_on_every_span(
                                 "paigeant.attempt": 0,
                                 "paigeant.message_id": "3afeb074-fce4-ec76-f274-296125678d51",
                                 "paigeant.outcome": "completed",
-                            },
+                            }
+                        ],
+                    },
+                    {
+                        "name": "paigeant.hop",
+                        "trace": 1,
+                        "correlation_id": "wf-trace",
+                        "paigeant.activity": "summarize",
+                        "paigeant.step": 1,
+                        "paigeant.attempt": 0,
+                        "paigeant.message_id": "d927fadf-5d0b-6f16-7651-7fb1f726ddf9",
+                        "paigeant.outcome": "completed",
+                        "links": ["sender: paigeant.hop fetch (completed)"],
+                        "children": [
                             {
-                                "name": "paigeant.hop",
+                                "name": "paigeant.activity",
                                 "trace": 1,
                                 "correlation_id": "wf-trace",
                                 "paigeant.activity": "summarize",
@@ -147,58 +175,47 @@ async def test_one_workflow_is_one_trace_with_the_correlation_id_on_every_span(
                                 "paigeant.outcome": "completed",
                                 "children": [
                                     {
-                                        "name": "paigeant.activity",
+                                        "name": "invoke_agent summarize",
                                         "trace": 1,
                                         "correlation_id": "wf-trace",
-                                        "paigeant.activity": "summarize",
-                                        "paigeant.step": 1,
-                                        "paigeant.attempt": 0,
-                                        "paigeant.message_id": "d927fadf-5d0b-6f16-7651-7fb1f726ddf9",
-                                        "paigeant.outcome": "completed",
+                                        "gen_ai.conversation.id": "wf-trace",
                                         "children": [
                                             {
-                                                "name": "invoke_agent summarize",
+                                                "name": "chat summarizer-model",
                                                 "trace": 1,
                                                 "correlation_id": "wf-trace",
                                                 "gen_ai.conversation.id": "wf-trace",
-                                                "children": [
-                                                    {
-                                                        "name": "chat summarizer-model",
-                                                        "trace": 1,
-                                                        "correlation_id": "wf-trace",
-                                                        "gen_ai.conversation.id": "wf-trace",
-                                                    }
-                                                ],
                                             }
                                         ],
-                                    },
-                                    {
-                                        "name": "paigeant.hop",
-                                        "trace": 1,
-                                        "correlation_id": "wf-trace",
-                                        "paigeant.activity": "publish",
-                                        "paigeant.step": 2,
-                                        "paigeant.attempt": 0,
-                                        "paigeant.message_id": "077e1898-5621-0d51-6623-3f259be6403d",
-                                        "paigeant.outcome": "completed",
-                                        "paigeant.workflow_outcome": "completed",
-                                        "children": [
-                                            {
-                                                "name": "paigeant.activity",
-                                                "trace": 1,
-                                                "correlation_id": "wf-trace",
-                                                "paigeant.activity": "publish",
-                                                "paigeant.step": 2,
-                                                "paigeant.attempt": 0,
-                                                "paigeant.message_id": "077e1898-5621-0d51-6623-3f259be6403d",
-                                                "paigeant.outcome": "completed",
-                                            }
-                                        ],
-                                    },
+                                    }
                                 ],
-                            },
+                            }
                         ],
-                    }
+                    },
+                    {
+                        "name": "paigeant.hop",
+                        "trace": 1,
+                        "correlation_id": "wf-trace",
+                        "paigeant.activity": "publish",
+                        "paigeant.step": 2,
+                        "paigeant.attempt": 0,
+                        "paigeant.message_id": "077e1898-5621-0d51-6623-3f259be6403d",
+                        "paigeant.outcome": "completed",
+                        "paigeant.workflow_outcome": "completed",
+                        "links": ["sender: paigeant.hop summarize (completed)"],
+                        "children": [
+                            {
+                                "name": "paigeant.activity",
+                                "trace": 1,
+                                "correlation_id": "wf-trace",
+                                "paigeant.activity": "publish",
+                                "paigeant.step": 2,
+                                "paigeant.attempt": 0,
+                                "paigeant.message_id": "077e1898-5621-0d51-6623-3f259be6403d",
+                                "paigeant.outcome": "completed",
+                            }
+                        ],
+                    },
                 ],
             }
         ]
@@ -336,44 +353,44 @@ async def test_a_workflow_that_waits_and_resumes_stays_one_trace(
                                 "paigeant.attempt": 0,
                                 "paigeant.message_id": "765baa79-5479-4797-c5eb-71ab94ec8c6e",
                                 "paigeant.outcome": "waiting",
-                            },
+                            }
+                        ],
+                    },
+                    {
+                        "name": "paigeant.resume",
+                        "trace": 1,
+                        "correlation_id": "wf-resume",
+                        "paigeant.activity": "refund-order",
+                        "paigeant.step": 0,
+                        "paigeant.attempt": 0,
+                        "paigeant.message_id": "215a2085-1947-11b9-ec9c-57778ac5c6ac",
+                        "paigeant.outcome": "sent",
+                        "links": ["sender: paigeant.hop refund-order (waiting)"],
+                    },
+                    {
+                        "name": "paigeant.hop",
+                        "trace": 1,
+                        "correlation_id": "wf-resume",
+                        "paigeant.activity": "refund-order",
+                        "paigeant.step": 0,
+                        "paigeant.attempt": 0,
+                        "paigeant.message_id": "215a2085-1947-11b9-ec9c-57778ac5c6ac",
+                        "paigeant.outcome": "completed",
+                        "paigeant.workflow_outcome": "completed",
+                        "links": ["sender: paigeant.resume refund-order (sent)"],
+                        "children": [
                             {
-                                "name": "paigeant.resume",
+                                "name": "paigeant.activity",
                                 "trace": 1,
                                 "correlation_id": "wf-resume",
                                 "paigeant.activity": "refund-order",
                                 "paigeant.step": 0,
                                 "paigeant.attempt": 0,
                                 "paigeant.message_id": "215a2085-1947-11b9-ec9c-57778ac5c6ac",
-                                "paigeant.outcome": "sent",
-                                "children": [
-                                    {
-                                        "name": "paigeant.hop",
-                                        "trace": 1,
-                                        "correlation_id": "wf-resume",
-                                        "paigeant.activity": "refund-order",
-                                        "paigeant.step": 0,
-                                        "paigeant.attempt": 0,
-                                        "paigeant.message_id": "215a2085-1947-11b9-ec9c-57778ac5c6ac",
-                                        "paigeant.outcome": "completed",
-                                        "paigeant.workflow_outcome": "completed",
-                                        "children": [
-                                            {
-                                                "name": "paigeant.activity",
-                                                "trace": 1,
-                                                "correlation_id": "wf-resume",
-                                                "paigeant.activity": "refund-order",
-                                                "paigeant.step": 0,
-                                                "paigeant.attempt": 0,
-                                                "paigeant.message_id": "215a2085-1947-11b9-ec9c-57778ac5c6ac",
-                                                "paigeant.outcome": "completed",
-                                            }
-                                        ],
-                                    }
-                                ],
-                            },
+                                "paigeant.outcome": "completed",
+                            }
                         ],
-                    }
+                    },
                 ],
             }
         ]
@@ -436,44 +453,44 @@ async def test_a_replayed_dead_letter_continues_the_trace_of_the_hop_that_faulte
                                 "paigeant.attempt": 0,
                                 "paigeant.message_id": "e4347b90-062b-47b5-8d7a-a356a3ab3225",
                                 "paigeant.outcome": "failed",
-                            },
+                            }
+                        ],
+                    },
+                    {
+                        "name": "paigeant.replay",
+                        "trace": 1,
+                        "correlation_id": "wf-replay",
+                        "paigeant.activity": "create-account",
+                        "paigeant.step": 0,
+                        "paigeant.attempt": 1,
+                        "paigeant.message_id": "81d724ef-7fb4-c0b7-16d2-364dad51e4ef",
+                        "paigeant.outcome": "sent",
+                        "links": ["sender: paigeant.hop create-account (faulted)"],
+                    },
+                    {
+                        "name": "paigeant.hop",
+                        "trace": 1,
+                        "correlation_id": "wf-replay",
+                        "paigeant.activity": "create-account",
+                        "paigeant.step": 0,
+                        "paigeant.attempt": 1,
+                        "paigeant.message_id": "81d724ef-7fb4-c0b7-16d2-364dad51e4ef",
+                        "paigeant.outcome": "completed",
+                        "paigeant.workflow_outcome": "completed",
+                        "links": ["sender: paigeant.replay create-account (sent)"],
+                        "children": [
                             {
-                                "name": "paigeant.replay",
+                                "name": "paigeant.activity",
                                 "trace": 1,
                                 "correlation_id": "wf-replay",
                                 "paigeant.activity": "create-account",
                                 "paigeant.step": 0,
                                 "paigeant.attempt": 1,
                                 "paigeant.message_id": "81d724ef-7fb4-c0b7-16d2-364dad51e4ef",
-                                "paigeant.outcome": "sent",
-                                "children": [
-                                    {
-                                        "name": "paigeant.hop",
-                                        "trace": 1,
-                                        "correlation_id": "wf-replay",
-                                        "paigeant.activity": "create-account",
-                                        "paigeant.step": 0,
-                                        "paigeant.attempt": 1,
-                                        "paigeant.message_id": "81d724ef-7fb4-c0b7-16d2-364dad51e4ef",
-                                        "paigeant.outcome": "completed",
-                                        "paigeant.workflow_outcome": "completed",
-                                        "children": [
-                                            {
-                                                "name": "paigeant.activity",
-                                                "trace": 1,
-                                                "correlation_id": "wf-replay",
-                                                "paigeant.activity": "create-account",
-                                                "paigeant.step": 0,
-                                                "paigeant.attempt": 1,
-                                                "paigeant.message_id": "81d724ef-7fb4-c0b7-16d2-364dad51e4ef",
-                                                "paigeant.outcome": "completed",
-                                            }
-                                        ],
-                                    }
-                                ],
-                            },
+                                "paigeant.outcome": "completed",
+                            }
                         ],
-                    }
+                    },
                 ],
             }
         ]

@@ -1,4 +1,4 @@
-"""One workflow across three worker processes on the real Redis is one trace.
+"""One workflow across three worker processes on the real Redis is one trace, its hops side by side.
 
 Each worker runs as `paigeant worker tests.test_observability_processes:make_worker`, one activity per process,
 and exports its spans to a file of its own through the OpenTelemetry SDK, set up by `make_worker` (the library
@@ -78,6 +78,7 @@ class JsonLinesExporter(SpanExporter):
                     "trace_id": f"{span.context.trace_id:032x}",
                     "span_id": f"{span.context.span_id:016x}",
                     "parent_id": f"{span.parent.span_id:016x}" if span.parent else None,
+                    "links": [f"{link.context.span_id:016x}" for link in span.links],
                     "attributes": dict(span.attributes or {}),
                     "process": os.environ[ACTIVITY_ENV],
                 }
@@ -180,6 +181,7 @@ async def test_a_workflow_across_three_processes_is_one_trace(
         "trace_id": f"{dispatch['context']['trace_id']:032x}",
         "span_id": f"{dispatch['context']['span_id']:016x}",
         "parent_id": None,
+        "links": [],
         "attributes": dispatch["attributes"],
         "process": "test",
     }
@@ -200,18 +202,21 @@ async def test_a_workflow_across_three_processes_is_one_trace(
         [
             [
                 "paigeant.dispatch (test)",
+                ["paigeant.hop (fetch)", ["paigeant.activity (fetch)"]],
+                ["paigeant.hop (publish)", ["paigeant.activity (publish)"]],
                 [
-                    "paigeant.hop (fetch)",
-                    ["paigeant.activity (fetch)"],
+                    "paigeant.hop (summarize)",
                     [
-                        "paigeant.hop (summarize)",
-                        [
-                            "paigeant.activity (summarize)",
-                            ["invoke_agent summarize (summarize)", ["chat summarizer-model (summarize)"]],
-                        ],
-                        ["paigeant.hop (publish)", ["paigeant.activity (publish)"]],
+                        "paigeant.activity (summarize)",
+                        ["invoke_agent summarize (summarize)", ["chat summarizer-model (summarize)"]],
                     ],
                 ],
             ]
         ]
     )
+    # Each hop links to the hop that sent it, across processes.
+    by_id = {span["span_id"]: span for span in spans}
+    hops = sorted(
+        (span for span in spans if span["name"] == "paigeant.hop"), key=lambda span: STEPS.index(span["process"])
+    )
+    assert [[by_id[link]["process"] for link in hop["links"]] for hop in hops] == [[], ["fetch"], ["summarize"]]
