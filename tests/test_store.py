@@ -28,12 +28,11 @@ from paigeant_ai import (
 )
 from paigeant_ai.store import (
     InMemoryWorkflowStore,
-    RedisWorkflowStore,
     WorkflowProjector,
     WorkflowStore,
     project,
 )
-from paigeant_ai.transports.redis import RedisTransport
+from paigeant_ai.transports.redis import RedisTransport, RedisWorkflowStore
 
 from .conftest import REDIS_URL, require_server
 

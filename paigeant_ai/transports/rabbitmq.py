@@ -30,8 +30,7 @@ from collections.abc import Awaitable, Callable, Generator, Mapping
 from contextlib import contextmanager, suppress
 from datetime import UTC, datetime
 from decimal import Decimal
-from typing import TYPE_CHECKING, Any, TypeVar, cast
-from urllib.parse import urlsplit, urlunsplit
+from typing import Any, TypeVar, cast
 
 try:
     import aio_pika
@@ -47,10 +46,7 @@ except ImportError as _exc:  # pragma: no cover - exercised by the missing-extra
 from ..contracts import DEAD_LETTER, RESERVED_ADDRESSES
 from ..exceptions import TransportError, UserError
 from ..settings import Settings
-from .base import REASON_HEADER, SOURCE_HEADER, ConsumerBase, Delivery, TransportBase, dead_letter_headers, encode_body
-
-if TYPE_CHECKING:
-    from ..contracts import PaigeantMessage
+from .base import REASON_HEADER, SOURCE_HEADER, ConsumerBase, Delivery, TransportBase, dead_letter_headers, redact_url
 
 __all__ = ("RabbitMQTransport",)
 
@@ -109,6 +105,8 @@ class RabbitMQTransport(TransportBase):
     """
 
     name = "rabbitmq"
+    process_local = False
+    requeue_lag = 1.0  # a retry waits in a delay queue, then is dead-lettered back: for that moment nothing counts it
 
     def __init__(
         self,
@@ -144,7 +142,7 @@ class RabbitMQTransport(TransportBase):
         self._connect_lock = asyncio.Lock()
 
     def __repr__(self) -> str:
-        return f"RabbitMQTransport({_redact(self.url)!r}, namespace={self.namespace!r})"
+        return f"RabbitMQTransport({redact_url(self.url)!r}, namespace={self.namespace!r})"
 
     # -- lifecycle -------------------------------------------------------------------------------------------
 
@@ -161,7 +159,7 @@ class RabbitMQTransport(TransportBase):
                 )
             except (*_BROKER_ERRORS, ValueError) as exc:
                 raise TransportError(
-                    f"cannot connect to RabbitMQ at {_redact(self.url)}: {_explain(exc)}; "
+                    f"cannot connect to RabbitMQ at {redact_url(self.url)}: {_explain(exc)}; "
                     "check that it runs and that PAIGEANT_RABBITMQ_URL (or url=) points at it"
                 ) from exc
             try:
@@ -291,7 +289,7 @@ class RabbitMQTransport(TransportBase):
     async def publish(
         self,
         address: str,
-        body: bytes | PaigeantMessage,
+        body: bytes,
         *,
         headers: Mapping[str, str] | None = None,
         delay: float = 0.0,
@@ -308,12 +306,11 @@ class RabbitMQTransport(TransportBase):
             queue = self._queues.get(address) or await self._ensure_queue(address)
             expiration = None
         properties = spec.Basic.Properties(
-            content_type=None if isinstance(body, bytes | bytearray | memoryview) else "application/json",
             headers=dict(headers) if headers else None,
             delivery_mode=_PERSISTENT,
             expiration=expiration,
         )
-        await self._send(encode_body(body), properties, queue)
+        await self._send(body, properties, queue)
 
     async def _send(self, body: bytes, properties: spec.Basic.Properties, queue: str) -> None:
         """Publish and wait for the broker's confirm; while the connection is down, wait for it first.
@@ -707,13 +704,3 @@ def _explain(exc: BaseException) -> str:
         return "RabbitMQ did not answer in time"
     text = str(exc)
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
-
-
-def _redact(url: str) -> str:
-    """`url` without its password."""
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    host = parts.hostname or ""
-    netloc = f"{parts.username or ''}:***@{host}" + (f":{parts.port}" if parts.port else "")
-    return urlunsplit(parts._replace(netloc=netloc))
