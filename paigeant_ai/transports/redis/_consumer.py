@@ -12,7 +12,6 @@ from redis.exceptions import ResponseError
 
 from ...exceptions import TransportError
 from ..base import ConsumerBase, Delivery
-from . import _lua as lua
 from ._wire import GROUP, load_headers, ms
 
 if TYPE_CHECKING:
@@ -313,9 +312,7 @@ class RedisConsumer(ConsumerBase):
         """Record that this consumer is alive now (or, closing, that it stopped now), for `consumers()`."""
         t = self.transport
         with t.errors("recording the heartbeat of", self.name):
-            await t.client.register_script(lua.BEAT)(
-                keys=[t.consumers_key(self.address)], args=[self.name, int(closing), _BEATS_KEPT_MS]
-            )
+            await t.scripts.beat(keys=[t.consumers_key(self.address)], args=[self.name, int(closing), _BEATS_KEPT_MS])
 
     async def _beat_forever(self) -> None:
         while not self._closed:

@@ -11,7 +11,10 @@ comes, the next batch goes out as one pipeline. In it:
 - the quick commands of `_MERGED` (those whose reply a script returns unchanged: GET, SET, EXISTS, XADD, ...)
   are MANY script calls of up to `_MERGED_PER_CALL` commands, each command at most `_MERGED_MAX_WORDS` words
   and with only the redis-py options of `_MERGED_OPTIONS`;
-- the other commands of `_PIPELINED` (quick ones that never block) go out one by one in the same pipeline.
+- the other commands of `_PIPELINED` (quick ones that never block) go out one by one in the same pipeline,
+  among them the transport's own script calls (`EVALSHA`): a consumer's read, for one, is the READ script,
+  which returns its entries packed in one string; after `_EMPTY_READS_BEFORE_BLOCKING` empty reads
+  (`_consumer.py`) a consumer blocks on a connection of its own instead.
 
 Anything else (blocking reads, SCAN, transactions the stores open themselves) goes out on its own connection.
 Code outside the transport shares the pipeline without knowing it: `PipelinedRedis.execute_command` routes the
@@ -31,17 +34,18 @@ Invariants.
   order but the pipeline's.
 - redis-py sends a pipeline again after a lost connection. So that a resent PUBLISH call adds nothing twice,
   each call carries a marker key (`<namespace>:published:<random>:<call number>`), set by the script with an
-  expiry of `_PUBLISH_MARKER_MS`: a call whose marker exists does nothing.
+  expiry of `_PUBLISH_MARKER_MS`, holding the call's outcome: a call whose marker exists adds nothing and
+  answers with the outcome of its first run.
 - A request whose caller was cancelled before it was sent is dropped; one whose arguments cannot be packed
   (`DataError`) fails alone: the batch is split and sent again request by request.
 - Every future is resolved, whatever happens: with its reply, its error, or the batch's error.
 - After Redis restarts and forgets the scripts (`NoScriptError`), the unrun calls are queued again in front of
   the next batch and the scripts loaded first.
 
-What breaks if it is reverted. Every step costs several round trips again, and the throughput on Redis drops
-severalfold under load (the benchmark shows it). Awaiting acks adds a round trip to every hop; dropping the
-marker lets a reconnect publish a step twice (the next worker sees the second copy as a replay); sending two
-pipelines at once reorders an ack after a later command.
+What breaks if it is reverted. Every step costs several round trips and connection checkouts again, and the
+throughput on Redis under load falls with them (run `bench/throughput.py` before and after). Awaiting acks adds
+a round trip to every hop; dropping the marker lets a reconnect publish a step twice (the next worker sees the
+second copy as a replay); sending two pipelines at once can run an ack after a command asked for later.
 """
 
 from __future__ import annotations

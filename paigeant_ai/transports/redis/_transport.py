@@ -14,7 +14,6 @@ import re
 import socket
 import uuid
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from types import TracebackType
 from typing import Any, cast
@@ -30,47 +29,15 @@ from ...contracts import DEAD_LETTER, RESERVED_ADDRESSES
 from ...exceptions import TransportError, UserError
 from ...settings import Settings
 from ..base import Delivery, TransportBase, dead_letter_headers, redact_url
-from . import _lua as lua
 from ._consumer import LIVE_WITHIN, Handle, RedisConsumer
 from ._pipeline import PipelinedRedis, Pipeliner
 from ._stores import RedisDedupeStore, RedisReplayCache, RedisWaitingStore, RedisWorkflowStore
-from ._types import RedisCommands, Script, as_commands, as_script
+from ._types import RedisCommands, Scripts, as_commands
 from ._wire import GROUP, dump_headers, ms
 
 __all__ = ("RedisTransport",)
 
 logger = logging.getLogger("paigeant_ai.transports.redis")
-
-
-@dataclass(slots=True)
-class _Scripts:
-    publish: Script
-    publish_later: Script
-    read: Script
-    promote: Script
-    trim: Script
-    retry: Script
-    dead_letter: Script
-    give_back: Script
-    claim: Script
-    renew: Script
-    pending: Script
-
-    @classmethod
-    def register(cls, client: aioredis.Redis) -> _Scripts:
-        return cls(
-            publish=as_script(client, lua.PUBLISH),
-            publish_later=as_script(client, lua.PUBLISH_LATER),
-            read=as_script(client, lua.READ),
-            promote=as_script(client, lua.PROMOTE),
-            trim=as_script(client, lua.TRIM),
-            retry=as_script(client, lua.RETRY),
-            dead_letter=as_script(client, lua.DEAD_LETTER),
-            give_back=as_script(client, lua.GIVE_BACK),
-            claim=as_script(client, lua.CLAIM),
-            renew=as_script(client, lua.RENEW),
-            pending=as_script(client, lua.PENDING),
-        )
 
 
 class _Errors:
@@ -165,7 +132,7 @@ class RedisTransport(TransportBase):
         their leases are no longer renewed and they return to the stream after `visibility_timeout`."""
         self._client: PipelinedRedis | None = None
         self._pipeliner: Pipeliner | None = None
-        self._scripts: _Scripts | None = None
+        self._scripts: Scripts | None = None
         self._consumers: set[RedisConsumer] = set()
         self._streams: dict[str, str] = {}
 
@@ -194,7 +161,7 @@ class RedisTransport(TransportBase):
         return as_commands(self._client)
 
     @property
-    def scripts(self) -> _Scripts:
+    def scripts(self) -> Scripts:
         if self._scripts is None:
             raise TransportError("the Redis transport is not connected: call `await transport.connect()` first")
         return self._scripts
@@ -250,7 +217,7 @@ class RedisTransport(TransportBase):
             await client.aclose()
             raise
         client.pipeliner = Pipeliner(client, self.namespace)
-        self._client, self._scripts, self._pipeliner = client, _Scripts.register(client), client.pipeliner
+        self._client, self._scripts, self._pipeliner = client, Scripts.register(client), client.pipeliner
 
     async def disconnect(self) -> None:
         for consumer in list(self._consumers):
@@ -359,9 +326,7 @@ class RedisTransport(TransportBase):
     async def _watch(self, address: str) -> tuple[int, int | None]:
         """(live consumers of `address`, ms since one was last seen or `None` if none ever was), in Redis's clock."""
         with self.errors("counting the consumers of", address):
-            reply = await self.client.register_script(lua.WATCH)(
-                keys=[self.consumers_key(address)], args=[ms(LIVE_WITHIN)]
-            )
+            reply = await self.scripts.watch(keys=[self.consumers_key(address)], args=[ms(LIVE_WITHIN)])
         live, ago = (int(value) for value in cast("list[int]", reply))
         return live, None if ago < 0 else ago
 
@@ -377,7 +342,7 @@ class RedisTransport(TransportBase):
 
     async def release(self, key: str, value: str) -> None:
         with self.errors("releasing", key):
-            await self.client.register_script(lua.RELEASE)(keys=[f"{self.namespace}:{key}"], args=[value])
+            await self.scripts.release(keys=[f"{self.namespace}:{key}"], args=[value])
 
     # -- shared stores (`SharedStores`) ----------------------------------------------------------------------
 
