@@ -1,4 +1,9 @@
-"""paigeant-ai: durable, message-driven workflows for pydantic-ai agents, with the routing slip pattern."""
+"""paigeant-ai: durable, message-driven workflows for pydantic-ai agents, with the routing slip pattern.
+
+Every public name is here. What belongs to one backend is exported from its module: the Redis transport and
+its shared stores from `paigeant_ai.transports.redis`, the RabbitMQ transport from
+`paigeant_ai.transports.rabbitmq` (each needs its extra).
+"""
 
 import logging as _logging
 
@@ -8,7 +13,6 @@ from .approval import (
     ParkedStep,
     ParkWorkflow,
     PendingToolCall,
-    RedisWaitingStore,
     WaitingStore,
     get_waiting_store,
 )
@@ -52,7 +56,7 @@ from .planner import (
 )
 from .revision import ItineraryRevision
 from .security import MessageSigner, TokenValidator
-from .store import get_workflow_store
+from .store import InMemoryWorkflowStore, WorkflowProjector, WorkflowStatus, WorkflowStore, get_workflow_store
 from .transports import InMemoryTransport, Transport, get_transport
 from .worker import Worker, WorkerStats
 
@@ -69,6 +73,7 @@ __all__ = (
     "FunctionActivity",
     "InMemoryTransport",
     "InMemoryWaitingStore",
+    "InMemoryWorkflowStore",
     "InvalidMessage",
     "InvalidPlan",
     "ItineraryRevision",
@@ -85,7 +90,6 @@ __all__ = (
     "ParkedStep",
     "PendingToolCall",
     "PlannerAgentDeps",
-    "RedisWaitingStore",
     "ReplayedMessage",
     "Resumption",
     "RetryActivity",
@@ -105,6 +109,9 @@ __all__ = (
     "WorkflowDispatcher",
     "WorkflowEvent",
     "WorkflowExists",
+    "WorkflowProjector",
+    "WorkflowStatus",
+    "WorkflowStore",
     "activity",
     "create_planner_agent",
     "dispatched_workflows",

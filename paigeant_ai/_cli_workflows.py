@@ -27,11 +27,12 @@ from .contracts import DEAD_LETTER, EVENTS, PaigeantMessage, WorkflowEvent
 from .exceptions import InvalidMessage, SecurityError, UserError
 from .security import MessageSigner
 from .settings import Settings
-from .store import RedisWorkflowStore, WorkflowProjector, WorkflowStatus, mark_stalled
+from .store import WorkflowProjector, WorkflowStatus, mark_stalled
 from .transports import IN_MEMORY_NAMES, Transport, get_transport
 from .transports.base import REASON_HEADER, SOURCE_HEADER, Delivery
 
 if TYPE_CHECKING:
+    from .transports.redis import RedisWorkflowStore
     from .worker import MessageSecurity
 
 __all__ = ("COMMANDS", "add_commands", "command_transport", "run_command")
@@ -83,7 +84,7 @@ async def run_command(args: argparse.Namespace) -> int:
         raise UserError(f"--limit must be at least 1, got {args.limit}")
     if args.command == "dead-letters":
         return await _dead_letters(args.transport, limit=args.limit, replay=args.replay)
-    store = RedisWorkflowStore.from_url(args.redis_url)
+    store = _workflow_store(args.redis_url)
     store.transport.reconnect_attempts = _COMMAND_RECONNECTS
     async with store.transport:
         if not args.no_sync:
@@ -111,6 +112,19 @@ async def command_transport(name: str | None = None) -> AsyncGenerator[Transport
         options["timeout"] = 10.0
     async with get_transport(chosen, **options) as transport:
         yield transport
+
+
+def _workflow_store(url: str | None) -> RedisWorkflowStore:
+    """The store `status` and `workflows` read, with a connection of its own.
+
+    Raises:
+        UserError: The `redis` extra is not installed.
+    """
+    try:
+        from .transports.redis import RedisWorkflowStore
+    except ImportError as exc:
+        raise UserError(f'the Redis workflow store needs its extra: pip install "paigeant-ai[redis]" ({exc})') from exc
+    return RedisWorkflowStore.from_url(url)
 
 
 async def _sync(store: RedisWorkflowStore, transport_name: str | None) -> None:

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Any, Literal, Protocol
+from typing import Any, Literal, Protocol
 
 from pydantic import BaseModel, ConfigDict, Field, JsonValue, TypeAdapter
 from pydantic_ai import Conversation, ConversationTypeAdapter, DeferredToolRequests, DeferredToolResults
@@ -23,17 +23,13 @@ from pydantic_core import to_jsonable_python
 
 from .contracts import PaigeantMessage, Resumption, derive_message_id
 from .exceptions import UserError
-from .transports import Transport, as_redis
-
-if TYPE_CHECKING:
-    from .transports.redis import RedisTransport
+from .transports.base import SharedStores, Transport
 
 __all__ = (
     "InMemoryWaitingStore",
     "ParkWorkflow",
     "ParkedStep",
     "PendingToolCall",
-    "RedisWaitingStore",
     "WaitingStore",
     "get_waiting_store",
 )
@@ -217,73 +213,9 @@ class InMemoryWaitingStore:
         return [ParkedStep.model_validate_json(data) for data in self._records.values()]
 
 
-_REMOVE_IF_SAME = """
-if redis.call('HGET', KEYS[1], 'message_id') ~= ARGV[1] then return 0 end
-redis.call('DEL', KEYS[1])
-redis.call('ZREM', KEYS[2], ARGV[2])
-return 1
-"""
-
-
-class RedisWaitingStore:
-    """A `WaitingStore` in Redis, shared by every process that points at it.
-
-    Each parked workflow is a hash `<namespace>:waiting:<correlation_id>` (its JSON and the id of its message);
-    the sorted set `<namespace>:waiting` indexes them by when they parked. Nothing expires: a parked workflow
-    waits until it is resumed.
-
-    Args:
-        transport: A `RedisTransport` whose connection and namespace the store uses.
-    """
-
-    def __init__(self, transport: RedisTransport) -> None:
-        self.transport = transport
-
-    @property
-    def index_key(self) -> str:
-        """The sorted set of parked workflows, scored by when they parked."""
-        return f"{self.transport.namespace}:waiting"
-
-    def key(self, correlation_id: str) -> str:
-        """The hash of one parked workflow."""
-        return f"{self.transport.namespace}:waiting:{correlation_id}"
-
-    async def put(self, parked: ParkedStep) -> None:
-        cid = parked.correlation_id
-        with self.transport.errors(f"parking workflow {cid!r}"):
-            async with self.transport.client.pipeline(transaction=True) as pipe:
-                pipe.delete(self.key(cid))
-                pipe.hset(self.key(cid), "record", parked.model_dump_json())
-                pipe.hset(self.key(cid), "message_id", parked.message.message_id)
-                pipe.zadd(self.index_key, {cid: parked.parked_at.timestamp()})
-                await pipe.execute()
-
-    async def get(self, correlation_id: str) -> ParkedStep | None:
-        with self.transport.errors(f"reading parked workflow {correlation_id!r}"):
-            raw = await self.transport.client.hget(self.key(correlation_id), "record")
-        return ParkedStep.model_validate_json(raw) if raw is not None else None
-
-    async def remove(self, parked: ParkedStep) -> bool:
-        cid = parked.correlation_id
-        with self.transport.errors(f"removing parked workflow {cid!r}"):
-            removed = await self.transport.client.eval(
-                _REMOVE_IF_SAME, 2, self.key(cid), self.index_key, parked.message.message_id, cid
-            )
-        return bool(removed)
-
-    async def waiting(self) -> list[ParkedStep]:
-        with self.transport.errors("listing parked workflows"):
-            ids = await self.transport.client.zrange(self.index_key, 0, -1)
-            found: list[ParkedStep] = []
-            for raw_id in ids:
-                parked = await self.get(raw_id.decode())
-                if parked is not None:
-                    found.append(parked)
-        return found
-
-
 def get_waiting_store(transport: Transport) -> WaitingStore:
-    """The waiting store that fits `transport`: on Redis a `RedisWaitingStore` on its connection, else in memory.
+    """The waiting store that fits `transport`: the one its processes share if it offers `SharedStores` (on
+    Redis a `RedisWaitingStore` on its connection), else one in this process's memory.
 
     ```python
     transport = get_transport()  # PAIGEANT_TRANSPORT picks it
@@ -292,8 +224,7 @@ def get_waiting_store(transport: Transport) -> WaitingStore:
 
     An in-memory store serves one process: on RabbitMQ, share a `RedisWaitingStore` between processes instead.
     """
-    redis = as_redis(transport)
-    return RedisWaitingStore(redis) if redis is not None else InMemoryWaitingStore()
+    return transport.waiting_store() if isinstance(transport, SharedStores) else InMemoryWaitingStore()
 
 
 def resumed_run(resume: Resumption) -> tuple[Conversation, DeferredToolResults]:

@@ -22,7 +22,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from types import ModuleType
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
 from . import __version__, _cli_keys, _cli_workflows
 from .contracts import WorkflowEvent
@@ -30,6 +30,7 @@ from .exceptions import PaigeantError, UserError
 from .security import MessageSigner
 from .settings import Settings
 from .transports import IN_MEMORY_NAMES
+from .transports.base import redact_url
 from .worker import Worker
 
 __all__ = ("main",)
@@ -173,7 +174,7 @@ async def _run_until_stopped(worker: Worker, target: str, *, burst: bool) -> Non
         loop.add_signal_handler(sig, worker.stop)
     try:
         print(worker_banner(worker, target), file=sys.stderr)
-        if worker.transport.name in IN_MEMORY_NAMES and not burst:
+        if worker.transport.process_local and not burst:
             print(
                 "paigeant: warning: the in-memory transport lives in this process, so no other process can send "
                 "this worker a step; run it on a broker: --transport redis|rabbitmq (or PAIGEANT_TRANSPORT)",
@@ -195,7 +196,7 @@ def _check_connection(worker: Worker, target: str, expected: dict[str, str]) -> 
         raise UserError(f"{target} runs on the {worker.transport.name} transport, not {wanted}: {hint}")
     namespace = getattr(worker.transport, "namespace", None)
     wanted = expected.get("namespace")
-    if wanted is not None and namespace != wanted and worker.transport.name not in IN_MEMORY_NAMES:
+    if wanted is not None and namespace != wanted and not worker.transport.process_local:
         raise UserError(f"{target} runs in the namespace {namespace!r}, not {wanted!r}: {hint}")
     if isinstance(worker.security, MessageSigner) and worker.security.refusal is not None:
         raise UserError(worker.security.refusal)
@@ -206,7 +207,7 @@ def worker_banner(worker: Worker, target: str) -> str:
     transport = worker.transport
     namespace: str = getattr(transport, "namespace", "paigeant")
     url: str | None = getattr(transport, "url", None)
-    where = f"{transport.name} {redact(url)}" if url else f"{transport.name} (this process only)"
+    where = f"{transport.name} {redact_url(url)}" if url else f"{transport.name} (this process only)"
     queues = ", ".join(f"{namespace}.{name}" for name in worker.activities)
     lines = [
         f"paigeant {__version__} worker {target}",
@@ -227,15 +228,6 @@ def _signing_key(worker: Worker) -> str:
         return "unsigned"
     kid = security.signing_key.kid or "?"
     return f"{kid} (made for this process)" if kid.startswith("ephemeral-") else kid
-
-
-def redact(url: str) -> str:
-    """`url` with its password replaced by `***`."""
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    host = parts.netloc.rpartition("@")[2]
-    return urlunsplit(parts._replace(netloc=f"{parts.username or ''}:***@{host}"))
 
 
 def log_step(event: WorkflowEvent) -> None:
@@ -341,7 +333,7 @@ def _settings_from(args: argparse.Namespace) -> dict[str, str]:
     if args.broker_url is not None:
         by_scheme = _URL_SCHEMES.get(urlsplit(args.broker_url).scheme.lower())
         if by_scheme is None:
-            raise UserError(f"--broker-url {redact(args.broker_url)!r} is neither a redis:// nor an amqp:// URL")
+            raise UserError(f"--broker-url {redact_url(args.broker_url)!r} is neither a redis:// nor an amqp:// URL")
         if transport not in (None, by_scheme):
             raise UserError(f"--broker-url is a {by_scheme} URL but --transport is {transport}; drop one of them")
         transport = by_scheme

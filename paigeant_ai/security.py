@@ -50,16 +50,15 @@ from .contracts import ActivitySpec, PaigeantMessage
 from .exceptions import InvalidMessage, ReplayedMessage, SecurityError, TokenError, UserError
 from .settings import Settings
 from .transports import IN_MEMORY_NAMES
+from .transports.base import SharedStores
 
 if TYPE_CHECKING:
     from .transports.base import Transport
-    from .transports.redis import RedisTransport
 
 __all__ = (
     "ALGORITHMS",
     "InMemoryReplayCache",
     "MessageSigner",
-    "RedisReplayCache",
     "ReplayCache",
     "TokenValidator",
     "generate_key",
@@ -204,7 +203,7 @@ class InMemoryReplayCache:
     """Settled hops, in this process's memory: the most recent `max_entries`, each for its `ttl`.
 
     Each worker (each `MessageSigner`) has its own; workers in other processes do not see it. On Redis, the
-    default is `RedisReplayCache`, which every worker shares.
+    default is the transport's shared cache (`RedisReplayCache`), which every worker shares.
     """
 
     def __init__(self, max_entries: int = 100_000) -> None:
@@ -225,28 +224,6 @@ class InMemoryReplayCache:
         self._entries.move_to_end(message_id)
         while len(self._entries) > self.max_entries:
             self._entries.popitem(last=False)
-
-
-class RedisReplayCache:
-    """Settled hops in Redis, shared by every worker on it (`SET NX` with an expiry).
-
-    It uses the connection and namespace of a `RedisTransport`; keys are `<namespace>:replay:<message_id>`.
-    """
-
-    def __init__(self, transport: RedisTransport) -> None:
-        self.transport = transport
-
-    def key(self, message_id: str) -> str:
-        return f"{self.transport.namespace}:replay:{message_id}"
-
-    async def settled_digest(self, message_id: str) -> str | None:
-        with self.transport.errors("checking for a replayed message"):
-            raw = await self.transport.client.get(self.key(message_id))
-        return raw.decode() if isinstance(raw, bytes) else raw
-
-    async def remember(self, message_id: str, digest: str, ttl: float) -> None:
-        with self.transport.errors("recording a settled message"):
-            await self.transport.client.set(self.key(message_id), digest, nx=True, px=max(1, round(ttl * 1000)))
 
 
 # -- on-behalf-of tokens ---------------------------------------------------------------------------------------
@@ -427,6 +404,7 @@ class MessageSigner:
         """
         settings = settings or Settings.from_env()
         name = transport.name if transport is not None else settings.transport
+        local = transport.process_local if transport is not None else name in IN_MEMORY_NAMES
         tokens = TokenValidator.from_settings(settings)
         replay = _replay_cache_for(transport)
         signing_source = settings.signing_key or settings.signing_key_file
@@ -440,7 +418,7 @@ class MessageSigner:
             return cls(signing, trusted, refusal=refusal, **common)
         if opted_out:
             return cls(unsigned=True, **common)
-        if name in IN_MEMORY_NAMES:
+        if local:  # nothing outside this process can reach its messages
             return cls(_ephemeral_key(), **common)
         return cls(refusal=_missing_keys(name), **common)
 
@@ -626,11 +604,7 @@ def _trusted_sources(settings: Settings) -> list[str]:
 
 
 def _replay_cache_for(transport: Transport | None) -> ReplayCache | None:
-    if transport is None or transport.name != "redis":
-        return None
-    from .transports.redis import RedisTransport
-
-    return RedisReplayCache(transport) if isinstance(transport, RedisTransport) else None
+    return transport.replay_cache() if isinstance(transport, SharedStores) else None
 
 
 def _missing_keys(transport: str) -> str:

@@ -22,16 +22,13 @@ from pydantic import BaseModel, Field, JsonValue, ValidationError
 
 from .contracts import EVENTS, WorkflowEvent, decode_events
 from .exceptions import TransportError, UserError
-from .transports import as_redis
-from .transports.base import ConsumerWatch
+from .transports.base import ConsumerWatch, SharedStores
 
 if TYPE_CHECKING:
     from .transports.base import Consumer, Delivery, Transport
-    from .transports.redis import RedisTransport
 
 __all__ = (
     "InMemoryWorkflowStore",
-    "RedisWorkflowStore",
     "StepStatus",
     "WorkflowProjector",
     "WorkflowState",
@@ -101,8 +98,9 @@ _STEP_KINDS = frozenset({"step_started", "step_completed", "step_retried", "step
 _RANK = {"dispatched": 0, "step_started": 1, "completed": 3, "faulted": 3, "rejected": 3}
 
 
-def _order(event: WorkflowEvent) -> tuple[datetime, int]:
-    # Events of one instant keep their causal order: a step's events come before the workflow's outcome.
+def event_order(event: WorkflowEvent) -> tuple[datetime, int]:
+    """The sort key of `event`: when it happened, then its rank, so that events of one instant keep their
+    causal order (a step's events come before the workflow's outcome)."""
     return event.at, _RANK.get(event.kind, 2)
 
 
@@ -184,7 +182,7 @@ class _Projection:
 
 def project(correlation_id: str, events: Iterable[WorkflowEvent]) -> WorkflowStatus | None:
     """The status of the workflow `correlation_id` told by `events`, in any order; `None` without events."""
-    ordered = sorted((event for event in events if event.correlation_id == correlation_id), key=_order)
+    ordered = sorted((event for event in events if event.correlation_id == correlation_id), key=event_order)
     if not ordered:
         return None
     projection = _Projection(correlation_id, ordered[0])
@@ -291,7 +289,7 @@ class InMemoryWorkflowStore:
         self._events.move_to_end(correlation_id)
         events[event.model_dump_json()] = event
         if len(events) > self.max_events:
-            oldest = min(events, key=lambda key: _order(events[key]))
+            oldest = min(events, key=lambda key: event_order(events[key]))
             del events[oldest]
         if len(self._events) > self.max_workflows:
             self._events.popitem(last=False)
@@ -311,119 +309,16 @@ class InMemoryWorkflowStore:
         return found
 
 
-class RedisWorkflowStore:
-    """A store in Redis, shared by every process that points at it.
-
-    Each workflow's events are a sorted set (identical events are one member), kept for `ttl` seconds after
-    its last event; a sorted set indexes the workflows by their last update, capped at `max_workflows`.
-
-    Args:
-        transport: A `RedisTransport` whose connection and namespace the store uses.
-        ttl: Seconds a workflow's history is kept after its last event.
-        max_workflows: How many workflows the index keeps.
-        max_events: Events kept per workflow.
-    """
-
-    def __init__(
-        self,
-        transport: RedisTransport,
-        *,
-        ttl: float = 7 * 24 * 3600.0,
-        max_workflows: int = 100_000,
-        max_events: int = DEFAULT_MAX_EVENTS,
-    ) -> None:
-        if ttl <= 0:
-            raise UserError("ttl must be a positive number of seconds")
-        if max_workflows < 1 or max_events < 1:
-            raise UserError("max_workflows and max_events must be at least 1")
-        self.transport = transport
-        self.ttl = ttl
-        self.max_workflows = max_workflows
-        self.max_events = max_events
-
-    @classmethod
-    def from_url(cls, url: str | None = None, **options: float) -> RedisWorkflowStore:
-        """A store with a connection of its own (`await store.transport.connect()` before use).
-
-        Raises:
-            UserError: The `redis` extra is not installed.
-        """
-        try:
-            from .transports.redis import RedisTransport
-        except ImportError as exc:
-            raise UserError(
-                f'the Redis workflow store needs its extra: pip install "paigeant-ai[redis]" ({exc})'
-            ) from exc
-        return cls(RedisTransport(url), **options)  # pyright: ignore[reportArgumentType]
-
-    @property
-    def index_key(self) -> str:
-        """The sorted set of every workflow, scored by its last update."""
-        return f"{self.transport.namespace}:workflows"
-
-    def events_key(self, correlation_id: str) -> str:
-        """The sorted set of one workflow's events."""
-        return f"{self.transport.namespace}:workflow:{correlation_id}"
-
-    async def apply(self, event: WorkflowEvent) -> None:
-        correlation_id = event.correlation_id
-        if correlation_id is None:
-            return
-        key = self.events_key(correlation_id)
-        at, rank = _order(event)
-        micros = round(at.timestamp() * 1_000_000)
-        with self.transport.errors(f"recording an event of workflow {correlation_id!r}"):
-            async with self.transport.client.pipeline(transaction=True) as pipe:
-                pipe.zadd(key, {event.model_dump_json(): micros * 4 + rank})
-                pipe.zremrangebyrank(key, 0, -self.max_events - 1)
-                pipe.pexpire(key, round(self.ttl * 1000))
-                pipe.zadd(self.index_key, {correlation_id: micros}, gt=True)
-                pipe.zremrangebyrank(self.index_key, 0, -self.max_workflows - 1)
-                await pipe.execute()
-
-    async def get(self, correlation_id: str) -> WorkflowStatus | None:
-        with self.transport.errors(f"reading workflow {correlation_id!r}"):
-            raw = await self.transport.client.zrange(self.events_key(correlation_id), 0, -1)
-        return project(correlation_id, _parse_events(raw))
-
-    async def list(self, *, limit: int = 20) -> Sequence[WorkflowStatus]:
-        with self.transport.errors("listing workflows"):
-            ids = await self.transport.client.zrevrange(self.index_key, 0, max(0, limit - 1))
-        found: list[WorkflowStatus] = []
-        expired: list[bytes] = []
-        for raw_id in ids:
-            correlation_id = raw_id.decode()
-            status = await self.get(correlation_id)
-            if status is None:
-                expired.append(raw_id)
-            else:
-                found.append(status)
-        if expired:
-            with self.transport.errors("forgetting expired workflows"):
-                await self.transport.client.zrem(self.index_key, *expired)
-        return found
-
-
 def get_workflow_store(transport: Transport) -> WorkflowStore:
-    """The workflow store that fits `transport`: on Redis a `RedisWorkflowStore` on its connection, else in memory.
+    """The workflow store that fits `transport`: the one its processes share if it offers `SharedStores` (on
+    Redis a `RedisWorkflowStore` on its connection), else one in this process's memory.
 
     ```python
     store = get_workflow_store(transport)
     worker = Worker(transport, activities, on_event=store.apply)  # or WorkflowProjector(transport, store)
     ```
     """
-    redis = as_redis(transport)
-    return RedisWorkflowStore(redis) if redis is not None else InMemoryWorkflowStore()
-
-
-def _parse_events(raw: Iterable[bytes]) -> list[WorkflowEvent]:
-    events: list[WorkflowEvent] = []
-    for item in raw:
-        try:
-            events.append(WorkflowEvent.model_validate_json(item))
-        except ValidationError:
-            logger.warning("ignoring a stored event that is not a valid WorkflowEvent")
-    return events
+    return transport.workflow_store() if isinstance(transport, SharedStores) else InMemoryWorkflowStore()
 
 
 class WorkflowProjector:

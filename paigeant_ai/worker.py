@@ -42,7 +42,7 @@ from .exceptions import (
 )
 from .security import MessageSigner
 from .settings import Settings
-from .transports.base import REASON_HEADER, SOURCE_HEADER, Consumer, Delivery, Transport
+from .transports.base import REASON_HEADER, SOURCE_HEADER, Consumer, Delivery, SharedStores, Transport
 
 __all__ = ("DedupeStore", "InMemoryDedupeStore", "MessageSecurity", "Worker", "WorkerStats")
 
@@ -129,8 +129,8 @@ class Worker:
             functions) or plain functions. Each is consumed from the queue of its name.
         concurrency: How many steps run at once (also the prefetch of each queue).
         max_message_bytes: Larger messages are dead-lettered; defaults to `PAIGEANT_MAX_MESSAGE_BYTES`.
-        dedupe: Where completed steps are remembered; by default in Redis on the Redis transport (shared by
-            every worker: `RedisDedupeStore`), else in this process's memory.
+        dedupe: Where completed steps are remembered; by default the transport's shared store if it offers
+            `SharedStores` (on Redis a `RedisDedupeStore`, shared by every worker), else this process's memory.
         security: Verifies every message received and signs every message sent; by default a `MessageSigner`
             with the keys of the `PAIGEANT_*` settings (see `paigeant_ai.security`).
         allow_unsigned: With no keys configured, run without signatures instead of refusing to start on a real
@@ -254,9 +254,9 @@ class Worker:
         self._raise_if_a_consumer_failed()
 
     async def _wait_until_drained(self) -> None:
-        # A broker moves a delayed retry back into its queue on its own time (RabbitMQ dead-letters it from a
-        # delay queue), and for that moment no count shows it; so a real broker must look drained for a while.
-        quiet_for = 0.0 if self.transport.name == "inmemory" else 1.0
+        # A broker may move a delayed retry back into its queue on its own time (RabbitMQ dead-letters it from a
+        # delay queue), and for that moment no count shows it; so the queues must look drained for that long.
+        quiet_for = self.transport.requeue_lag
         quiet_since: float | None = None
         loop = asyncio.get_running_loop()
         while not self._stop.is_set():
@@ -710,12 +710,7 @@ class _EventBatcher:
 
 
 def _default_dedupe(transport: Transport) -> DedupeStore:
-    if transport.name == "redis":
-        from .transports.redis import RedisDedupeStore, RedisTransport
-
-        if isinstance(transport, RedisTransport):
-            return RedisDedupeStore(transport)
-    return InMemoryDedupeStore()
+    return transport.dedupe_store() if isinstance(transport, SharedStores) else InMemoryDedupeStore()
 
 
 def _effective_spec(own: ActivitySpec, wire: ActivitySpec) -> ActivitySpec:

@@ -15,13 +15,12 @@ from paigeant_ai import (
     PaigeantMessage,
     ParkedStep,
     PendingToolCall,
-    RedisWaitingStore,
     Worker,
     WorkflowDispatcher,
     WorkflowEvent,
 )
-from paigeant_ai.security import MessageSigner, RedisReplayCache, generate_key
-from paigeant_ai.transports.redis import RedisTransport
+from paigeant_ai.security import MessageSigner, generate_key
+from paigeant_ai.transports.redis import RedisReplayCache, RedisTransport, RedisWaitingStore
 
 from .brokers import REDIS_URL, delete_redis_namespace, require_redis
 from .scripted import Script

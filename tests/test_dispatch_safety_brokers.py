@@ -15,9 +15,9 @@ import redis.asyncio as aioredis
 from paigeant_ai import MessageTooLarge, NoWorker, WorkflowDispatcher, WorkflowEvent, WorkflowExists
 from paigeant_ai.cli import main
 from paigeant_ai.store import WorkflowStatus, mark_stalled, project
-from paigeant_ai.transports import redis as redis_module
 from paigeant_ai.transports.rabbitmq import RabbitMQTransport
 from paigeant_ai.transports.redis import RedisTransport
+from paigeant_ai.transports.redis import _consumer as redis_consumer
 
 from .brokers import RABBITMQ_URL, REDIS_URL, delete_queues, delete_redis_namespace, require_rabbitmq, require_redis
 
@@ -178,7 +178,7 @@ async def test_redis_a_consumer_that_stopped_beating_is_not_counted(redis: Redis
 
 @pytest.mark.redis
 async def test_redis_a_live_consumer_keeps_beating(redis: RedisTransport, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(redis_module, "_BEAT_EVERY", 0.1)
+    monkeypatch.setattr(redis_consumer, "_BEAT_EVERY", 0.1)
     async with await redis.consume("validate") as consumer:
         key = redis.consumers_key("validate")
         first = await redis.client.zscore(key, consumer.name)

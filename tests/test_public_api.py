@@ -3,6 +3,72 @@ from __future__ import annotations
 from importlib import resources
 
 import paigeant_ai
+from paigeant_ai.transports import redis
+
+PUBLIC = (
+    "Activity",
+    "ActivityCatalog",
+    "ActivityContext",
+    "ActivityLogEntry",
+    "ActivitySpec",
+    "AgentActivity",
+    "CatalogEntry",
+    "DispatchedWorkflow",
+    "EndWorkflow",
+    "FunctionActivity",
+    "InMemoryTransport",
+    "InMemoryWaitingStore",
+    "InMemoryWorkflowStore",
+    "InvalidMessage",
+    "InvalidPlan",
+    "ItineraryRevision",
+    "MessageSigner",
+    "MessageTooLarge",
+    "NoWorker",
+    "NonFiniteNumber",
+    "NonRetryableError",
+    "PaigeantError",
+    "PaigeantMessage",
+    "PaigeantPlanner",
+    "PaigeantToolset",
+    "ParkWorkflow",
+    "ParkedStep",
+    "PendingToolCall",
+    "PlannerAgentDeps",
+    "ReplayedMessage",
+    "Resumption",
+    "RetryActivity",
+    "RetryPolicy",
+    "Revision",
+    "RoutingSlip",
+    "SecurityContext",
+    "SecurityError",
+    "TokenError",
+    "TokenValidator",
+    "Transport",
+    "TransportError",
+    "UserError",
+    "WaitingStore",
+    "Worker",
+    "WorkerStats",
+    "WorkflowDispatcher",
+    "WorkflowEvent",
+    "WorkflowExists",
+    "WorkflowProjector",
+    "WorkflowStatus",
+    "WorkflowStore",
+    "activity",
+    "create_planner_agent",
+    "dispatched_workflows",
+    "get_transport",
+    "get_waiting_store",
+    "get_workflow_store",
+)
+"""Every public name, sorted. A name added or removed here is a change of the public API: say so in the notes."""
+
+
+def test_the_public_names_are_exactly_these() -> None:
+    assert paigeant_ai.__all__ == PUBLIC
 
 
 def test_all_is_sorted_and_importable() -> None:
@@ -14,6 +80,21 @@ def test_all_is_sorted_and_importable() -> None:
 def test_the_planner_results_and_the_stores_for_a_transport_are_exported() -> None:
     exported = set(paigeant_ai.__all__)
     assert {"DispatchedWorkflow", "dispatched_workflows", "get_waiting_store", "get_workflow_store"} <= exported
+    assert {"WorkflowStore", "InMemoryWorkflowStore", "WorkflowProjector", "WorkflowStatus"} <= exported
+
+
+def test_what_belongs_to_redis_is_exported_from_its_module_only() -> None:
+    assert redis.__all__ == (
+        "GROUP",
+        "RedisDedupeStore",
+        "RedisReplayCache",
+        "RedisTransport",
+        "RedisWaitingStore",
+        "RedisWorkflowStore",
+    )
+    for name in redis.__all__:
+        assert getattr(redis, name) is not None, name
+    assert not [name for name in paigeant_ai.__all__ if name.startswith("Redis")]
 
 
 def test_the_package_says_it_is_typed() -> None:

@@ -35,13 +35,12 @@ from paigeant_ai.contracts import DEAD_LETTER
 from paigeant_ai.security import (
     SIGNATURE_TYPE,
     MessageSigner,
-    RedisReplayCache,
     TokenValidator,
     generate_key,
 )
 from paigeant_ai.transports import Transport
 from paigeant_ai.transports.base import REASON_HEADER, SOURCE_HEADER, Delivery
-from paigeant_ai.transports.redis import RedisTransport
+from paigeant_ai.transports.redis import RedisReplayCache, RedisTransport
 
 from .brokers import clean
 from .conftest import REDIS_URL, require_redis

@@ -53,9 +53,10 @@ def no_security_settings(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 class PretendBroker(InMemoryTransport):
-    """The in-memory transport under a real broker's name: what a worker on RabbitMQ decides, in one process."""
+    """The in-memory transport declaring what a real broker does: what a worker on RabbitMQ decides, in one process."""
 
     name = "rabbitmq"
+    process_local = False
 
 
 @activity

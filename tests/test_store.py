@@ -26,12 +26,11 @@ from paigeant_ai import (
 )
 from paigeant_ai.store import (
     InMemoryWorkflowStore,
-    RedisWorkflowStore,
     WorkflowProjector,
     WorkflowStore,
     project,
 )
-from paigeant_ai.transports.redis import RedisTransport
+from paigeant_ai.transports.redis import RedisTransport, RedisWorkflowStore
 
 from .brokers import REDIS_URL, delete_redis_namespace, require_redis
 

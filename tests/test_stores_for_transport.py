@@ -13,16 +13,15 @@ from paigeant_ai import (
     AgentActivity,
     InMemoryTransport,
     InMemoryWaitingStore,
-    RedisWaitingStore,
     Transport,
     Worker,
     WorkflowDispatcher,
     get_waiting_store,
     get_workflow_store,
 )
-from paigeant_ai.security import MessageSigner, RedisReplayCache, generate_key
-from paigeant_ai.store import InMemoryWorkflowStore, RedisWorkflowStore
-from paigeant_ai.transports.redis import RedisTransport
+from paigeant_ai.security import MessageSigner, generate_key
+from paigeant_ai.store import InMemoryWorkflowStore
+from paigeant_ai.transports.redis import RedisReplayCache, RedisTransport, RedisWaitingStore, RedisWorkflowStore
 
 from .brokers import REDIS_URL, delete_redis_namespace, require_redis
 from .scripted import Script

@@ -55,6 +55,8 @@ def test_missing_extra_names_the_install_line(monkeypatch: pytest.MonkeyPatch) -
     monkeypatch.setattr(builtins, "__import__", no_aio_pika)
     with pytest.raises(UserError, match=r'pip install "paigeant-ai\[rabbitmq\]"'):
         get_transport("rabbitmq")
+    with pytest.raises(UserError, match=r'pip install "paigeant-ai\[redis\]"'):
+        get_transport("redis")
 
 
 async def test_unread_events_and_dead_letters_stay_bounded() -> None:

@@ -314,13 +314,13 @@ async def test_the_worker_skips_a_redelivered_step_that_completed(namespace: str
 
     async with RedisTransport(REDIS_URL, namespace=namespace) as transport:
         message = PaigeantMessage.new([ActivitySpec(name="charge")], {"amount": 5})
-        await transport.publish("charge", message)
-        await transport.publish("charge", message)  # the same step, delivered again
+        await transport.publish("charge", message.to_json())
+        await transport.publish("charge", message.to_json())  # the same step, delivered again
         # Two workers in different processes would share only Redis: each gets its own store object.
         first = Worker(transport, [charge], dedupe=RedisDedupeStore(transport), allow_unsigned=True)
         await first.run(burst=True)
         second = Worker(transport, [charge], dedupe=RedisDedupeStore(transport), allow_unsigned=True)
-        await transport.publish("charge", message)
+        await transport.publish("charge", message.to_json())
         await second.run(burst=True)
         assert runs == [message.idempotency_key]
         assert (first.stats.duplicates, second.stats.duplicates) == (1, 1)

@@ -85,7 +85,7 @@ async def test_seed_style_specs_and_handwritten_handlers(transport: Transport) -
         assert message.payload["customer_email"] == "new.customer@example.com"
         message.payload["valid"] = True
         message.routing_slip.mark_complete("validate-customer-data")
-        await transport.publish(message.routing_slip.current or "", message.next_hop())
+        await transport.publish(message.routing_slip.current or "", message.next_hop().to_json())
         await transport.ack(delivery)
 
     async with await transport.consume("send-welcome-email") as consumer:

@@ -55,10 +55,10 @@ class TransportContract:
             assert not delivery.redelivered
             await transport.ack(delivery)
 
-    async def test_publish_encodes_a_message(self, transport: Transport) -> None:
+    async def test_a_message_arrives_as_the_bytes_it_was_published_as(self, transport: Transport) -> None:
         where = address()
         message = PaigeantMessage.new([ActivitySpec(name=where)], {"n": 1})
-        await transport.publish(where, message)
+        await transport.publish(where, message.to_json())
         async with await transport.consume(where) as consumer:
             delivery = await receive(consumer)
             assert PaigeantMessage.from_json(delivery.body) == message

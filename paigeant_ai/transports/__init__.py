@@ -1,16 +1,27 @@
-"""Transports move message bytes between addresses; `get_transport` picks one by name."""
+"""Transports move message bytes between addresses; `get_transport` picks one by name.
+
+The seam is `Transport`; what a transport offers beyond it is declared, never guessed from its name:
+`process_local` and `requeue_lag` on every transport, and the capabilities `ConsumerWatch` (who consumes),
+`SharedClaims` (keys claimed once) and `SharedStores` (stores every process shares). Each backend lives in one
+module or subpackage: `memory`, `rabbitmq`, `redis`.
+"""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
-from .base import Consumer, Delivery, Transport
+from .base import Consumer, ConsumerWatch, Delivery, SharedClaims, SharedStores, Transport
 from .memory import InMemoryTransport
 
-if TYPE_CHECKING:
-    from .redis import RedisTransport
-
-__all__ = ("IN_MEMORY_NAMES", "Consumer", "Delivery", "InMemoryTransport", "Transport", "get_transport")
+__all__ = (
+    "IN_MEMORY_NAMES",
+    "Consumer",
+    "ConsumerWatch",
+    "Delivery",
+    "InMemoryTransport",
+    "SharedClaims",
+    "SharedStores",
+    "Transport",
+    "get_transport",
+)
 
 IN_MEMORY_NAMES = frozenset({"inmemory", "memory", "in-memory"})
 """The names `PAIGEANT_TRANSPORT` accepts for the in-memory transport."""
@@ -50,15 +61,3 @@ def get_transport(name: str | None = None, **options: object) -> Transport:
             raise UserError(f"the {chosen} transport is not available in this version of paigeant-ai") from exc
         raise UserError(f'the {chosen} transport needs its extra: pip install "paigeant-ai[{extra}]"') from exc
     return getattr(module, class_name)(**options)
-
-
-def as_redis(transport: Transport) -> RedisTransport | None:
-    """`transport` if it is the Redis transport (whose connection Redis-backed stores share), else `None`.
-
-    The `redis` extra is imported only when the transport says it is Redis.
-    """
-    if transport.name != "redis":
-        return None
-    from .redis import RedisTransport
-
-    return transport if isinstance(transport, RedisTransport) else None

@@ -15,9 +15,13 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Protocol, Self, runtime_checkable
+from urllib.parse import urlsplit, urlunsplit
 
 if TYPE_CHECKING:
-    from ..contracts import PaigeantMessage
+    from ..approval import WaitingStore
+    from ..security import ReplayCache
+    from ..store import WorkflowStore
+    from ..worker import DedupeStore
 
 __all__ = (
     "REASON_HEADER",
@@ -27,9 +31,11 @@ __all__ = (
     "ConsumerWatch",
     "Delivery",
     "SharedClaims",
+    "SharedStores",
     "Transport",
     "TransportBase",
-    "encode_body",
+    "dead_letter_headers",
+    "redact_url",
 )
 
 REASON_HEADER = "x-paigeant-reason"
@@ -81,9 +87,20 @@ class Consumer(Protocol):
 
 @runtime_checkable
 class Transport(Protocol):
-    """What every transport implements: in memory, RabbitMQ and Redis Streams alike."""
+    """What every transport implements: in memory, RabbitMQ and Redis Streams alike.
+
+    Besides its methods, a transport declares what the code around it may count on (`TransportBase` gives the
+    cautious answers), so that no code decides anything by a transport's name or class.
+    """
 
     name: str
+    """What it is called in logs and banners (`inmemory`, `rabbitmq`, `redis`); never a reason to behave otherwise."""
+    process_local: bool
+    """True if only this process can reach its addresses (in memory): nothing outside can send, receive or
+    tamper with a message, so a key made for the process may sign, and a worker on it serves this process only."""
+    requeue_lag: float
+    """Seconds for which a delayed or retried message may be counted by no `pending()` while the broker moves it
+    back into its queue: how long a burst-mode worker waits for quiet before it believes its queues drained."""
 
     async def connect(self) -> None:
         """Open connections and declare what is needed. Idempotent."""
@@ -102,7 +119,7 @@ class Transport(Protocol):
     async def publish(
         self,
         address: str,
-        body: bytes | PaigeantMessage,
+        body: bytes,
         *,
         headers: Mapping[str, str] | None = None,
         delay: float = 0.0,
@@ -111,7 +128,7 @@ class Transport(Protocol):
 
         Args:
             address: Where to publish: an activity name, `events` or `dead-letter`.
-            body: The bytes, or a `PaigeantMessage` that is encoded as JSON.
+            body: The bytes, exactly as they are to be delivered (a sealed message: see `paigeant_ai._sealing`).
             headers: String headers that travel beside the body.
             delay: Seconds before the message becomes visible to consumers.
         """
@@ -172,8 +189,41 @@ class SharedClaims(Protocol):
         ...
 
 
+@runtime_checkable
+class SharedStores(Protocol):
+    """A capability: stores that every process on this transport shares, on the transport's own connection.
+
+    A transport that offers it (Redis) is where the worker, the signer and `get_waiting_store` /
+    `get_workflow_store` keep their state by default; on any other, each process keeps its own in memory.
+    Each call returns a new store object over the same shared data.
+    """
+
+    def dedupe_store(self) -> DedupeStore:
+        """Where workers remember the steps they completed, so a redelivered step is skipped."""
+        ...
+
+    def replay_cache(self) -> ReplayCache:
+        """Where signers remember the hops they settled, so a replayed hop is refused."""
+        ...
+
+    def waiting_store(self) -> WaitingStore:
+        """Where parked workflows wait to be resumed."""
+        ...
+
+    def workflow_store(self) -> WorkflowStore:
+        """Where the workflows' events are projected into their status."""
+        ...
+
+
 class TransportBase:
-    """What every transport shares: `async with transport:` connects, and disconnects on the way out."""
+    """What every transport shares: `async with transport:` connects, and disconnects on the way out.
+
+    Its declarations are the cautious ones, for a broker with other processes on it and a lag before a delayed
+    message is counted again; a transport that offers better says so.
+    """
+
+    process_local: bool = False
+    requeue_lag: float = 1.0
 
     async def connect(self) -> None:  # pragma: no cover - every transport has its own
         raise NotImplementedError
@@ -209,13 +259,21 @@ class ConsumerBase:
         await self.aclose()
 
 
-def encode_body(body: bytes | PaigeantMessage) -> bytes:
-    """The bytes to send for `body`."""
-    if isinstance(body, bytes | bytearray | memoryview):
-        return bytes(body)
-    return body.to_json()
-
-
 def dead_letter_headers(delivery: Delivery, reason: str) -> dict[str, str]:
     """The headers a dead-lettered copy of `delivery` carries."""
     return {**delivery.headers, REASON_HEADER: reason[:2000], SOURCE_HEADER: delivery.address}
+
+
+def redact_url(url: str) -> str:
+    """`url` with its password replaced by `***` (the user, host, port and path kept), for logs and errors."""
+    try:
+        parts = urlsplit(url)
+        password = parts.password
+    except ValueError:  # not a URL Python can parse (an unclosed IPv6 bracket...): hide whatever precedes an @
+        scheme, sep, rest = url.partition("://")
+        credentials, at, host = rest.rpartition("@")
+        return f"{scheme}{sep}***@{host}" if at and credentials else url
+    if password is None:
+        return url
+    host = parts.netloc.rpartition("@")[2]  # verbatim: an IPv6 host keeps its brackets, and the port stays
+    return urlunsplit(parts._replace(netloc=f"{parts.username or ''}:***@{host}"))

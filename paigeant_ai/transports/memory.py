@@ -14,14 +14,10 @@ from collections import OrderedDict, deque
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING
 
 from ..contracts import DEAD_LETTER, RESERVED_ADDRESSES
 from ..exceptions import TransportError
-from .base import ConsumerBase, Delivery, TransportBase, dead_letter_headers, encode_body
-
-if TYPE_CHECKING:
-    from ..contracts import PaigeantMessage
+from .base import ConsumerBase, Delivery, TransportBase, dead_letter_headers
 
 __all__ = ("InMemoryTransport",)
 
@@ -62,6 +58,8 @@ class InMemoryTransport(TransportBase):
     """
 
     name = "inmemory"
+    process_local = True
+    requeue_lag = 0.0  # a delayed message is counted by `pending()` until it is delivered
 
     def __init__(self, *, namespace: str = "paigeant", max_length: int = 10_000, max_bytes: int = 16 * 2**20) -> None:
         self.namespace = namespace
@@ -96,13 +94,13 @@ class InMemoryTransport(TransportBase):
     async def publish(
         self,
         address: str,
-        body: bytes | PaigeantMessage,
+        body: bytes,
         *,
         headers: Mapping[str, str] | None = None,
         delay: float = 0.0,
     ) -> None:
         queue = self._queue(address)
-        entry = _Entry(encode_body(body), dict(headers or {}))
+        entry = _Entry(body, dict(headers or {}))
         if delay > 0:
             self._put_later(queue, entry, delay)
             return

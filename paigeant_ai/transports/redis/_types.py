@@ -8,12 +8,15 @@ client and the Lua scripts through the protocols below, and `as_commands` / `as_
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Awaitable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol, cast
+
+from . import _lua as lua
 
 if TYPE_CHECKING:
     import redis.asyncio as aioredis
 
-__all__ = ("RedisCommands", "Script", "as_commands", "as_script")
+__all__ = ("RedisCommands", "Script", "Scripts", "as_commands", "as_script")
 
 Value = str | bytes | int | float
 
@@ -101,3 +104,42 @@ def as_commands(client: aioredis.Redis) -> RedisCommands:
 def as_script(client: aioredis.Redis, source: str) -> Script:
     """`source` registered on `client`, seen through `Script`."""
     return cast("Script", client.register_script(source))
+
+
+@dataclass(slots=True)
+class Scripts:
+    """The Lua scripts of `_lua`, registered on one client (each runs by its SHA, loaded again if Redis forgot it)."""
+
+    publish: Script
+    publish_later: Script
+    read: Script
+    promote: Script
+    trim: Script
+    retry: Script
+    dead_letter: Script
+    give_back: Script
+    claim: Script
+    renew: Script
+    pending: Script
+    beat: Script
+    watch: Script
+    release: Script
+
+    @classmethod
+    def register(cls, client: aioredis.Redis) -> Scripts:
+        return cls(
+            publish=as_script(client, lua.PUBLISH),
+            publish_later=as_script(client, lua.PUBLISH_LATER),
+            read=as_script(client, lua.READ),
+            promote=as_script(client, lua.PROMOTE),
+            trim=as_script(client, lua.TRIM),
+            retry=as_script(client, lua.RETRY),
+            dead_letter=as_script(client, lua.DEAD_LETTER),
+            give_back=as_script(client, lua.GIVE_BACK),
+            claim=as_script(client, lua.CLAIM),
+            renew=as_script(client, lua.RENEW),
+            pending=as_script(client, lua.PENDING),
+            beat=as_script(client, lua.BEAT),
+            watch=as_script(client, lua.WATCH),
+            release=as_script(client, lua.RELEASE),
+        )

@@ -1,4 +1,4 @@
-"""The Lua scripts of the Redis transport.
+"""The Lua scripts of the Redis transport and its consumers.
 
 Each settles or moves entries atomically, so several workers can share a stream without locks: a message is
 never both handed back and acknowledged, and a delayed message moves into its stream exactly once. A plain ack is
@@ -13,6 +13,7 @@ scored by the server time in milliseconds when they are due, and packed as
 from __future__ import annotations
 
 __all__ = (
+    "BEAT",
     "CLAIM",
     "DEAD_LETTER",
     "GIVE_BACK",
@@ -22,9 +23,12 @@ __all__ = (
     "PUBLISH",
     "PUBLISH_LATER",
     "READ",
+    "RELEASE",
+    "REMOVE_PARKED",
     "RENEW",
     "RETRY",
     "TRIM",
+    "WATCH",
 )
 
 _COMMON = """
@@ -313,3 +317,46 @@ end
 return total + info['pending'] + lag
 """
 )
+
+BEAT = """
+-- KEYS: the consumers of an address. ARGV: consumer, 1 if it closes, ms to remember a heartbeat.
+-- Scores the consumer with the time now, in Redis's clock (negated once it closed); forgets old heartbeats.
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local kept = tonumber(ARGV[3])
+redis.call('ZADD', KEYS[1], ARGV[2] == '1' and -now or now, ARGV[1])
+redis.call('ZREMRANGEBYSCORE', KEYS[1], kept - now, now - kept)
+redis.call('PEXPIRE', KEYS[1], kept)
+return 1
+"""
+
+WATCH = """
+-- KEYS: the consumers of an address. ARGV: ms within which a heartbeat makes a consumer live.
+-- Returns {live consumers, ms since a consumer was last seen, or -1 if none was}.
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local live, last = 0, -1
+local scored = redis.call('ZRANGE', KEYS[1], 0, -1, 'WITHSCORES')
+for i = 2, #scored, 2 do
+  local seen = tonumber(scored[i])
+  if seen > now - tonumber(ARGV[1]) then live = live + 1 end
+  last = math.max(last, math.abs(seen))
+end
+if last < 0 then return {live, -1} end
+return {live, math.max(0, now - last)}
+"""
+
+RELEASE = """
+-- KEYS: a claim. ARGV: the value of the claim to release.
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"""
+
+REMOVE_PARKED = """
+-- KEYS: a parked workflow, the index of parked workflows. ARGV: its message id, its correlation id.
+-- Removes it if it is still the same parking (a newer one is kept).
+if redis.call('HGET', KEYS[1], 'message_id') ~= ARGV[1] then return 0 end
+redis.call('DEL', KEYS[1])
+redis.call('ZREM', KEYS[2], ARGV[2])
+return 1
+"""

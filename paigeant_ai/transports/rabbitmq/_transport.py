@@ -1,0 +1,404 @@
+"""`RabbitMQTransport`: durable quorum queues, publisher confirms, manual acks (what it declares: see the package)."""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import math
+import os
+import socket
+from collections.abc import Mapping
+from contextlib import suppress
+from datetime import UTC, datetime
+from typing import Any, TypeVar
+
+import aio_pika
+import aiormq
+import aiormq.exceptions
+from aio_pika.abc import AbstractRobustChannel, AbstractRobustConnection
+from aiormq import spec
+from aiormq.abc import AbstractConnection
+
+from ...contracts import DEAD_LETTER, RESERVED_ADDRESSES
+from ...exceptions import TransportError, UserError
+from ...settings import Settings
+from ..base import Delivery, TransportBase, dead_letter_headers, redact_url
+from ._consumer import RabbitMQConsumer, ack, underlay
+from ._errors import BROKER_ERRORS, CONNECTION_LOST, broker_errors, cancelling, channel_ready, explain, on_channel
+from ._wire import dead_letter_to
+
+__all__ = ("DELAY_BUCKETS", "RabbitMQTransport")
+
+T = TypeVar("T")
+
+DELAY_BUCKETS: tuple[tuple[str, float], ...] = (
+    ("1s", 1.0),
+    ("5s", 5.0),
+    ("15s", 15.0),
+    ("1m", 60.0),
+    ("5m", 300.0),
+    ("30m", 1800.0),
+    ("2h", 7200.0),
+    ("long", math.inf),
+)
+"""The delay queues of each address: a name suffix and the longest delay it holds. Each message expires on its
+own; one that waits behind a longer-lived message of the same queue is held up to that queue's bound."""
+
+_MAX_DELAY = (2**32 - 1) / 1000  # RabbitMQ's largest per-message TTL, in seconds
+_PERSISTENT = int(aio_pika.DeliveryMode.PERSISTENT)
+
+
+class RabbitMQTransport(TransportBase):
+    """A transport on RabbitMQ: durable quorum queues, publisher confirms, manual acks.
+
+    Args:
+        url: The AMQP URL; defaults to `PAIGEANT_RABBITMQ_URL` (`amqp://guest:guest@127.0.0.1:5672/`).
+        namespace: The prefix of every queue; defaults to `PAIGEANT_NAMESPACE` (`paigeant`).
+        max_deliveries: The poison limit: a message handed out this many times without being settled (its
+            consumers died or went away) moves to the dead-letter queue; `None` for no limit.
+        max_length: `events` and `dead-letter` keep at most this many messages, dropping the oldest; `None`
+            for no limit.
+        timeout: Seconds an operation waits for the broker, including a reconnect in progress, before it
+            fails with `TransportError`.
+        reconnect_interval: Seconds between reconnection attempts after the connection is lost.
+        connection_name: How the connection appears in RabbitMQ's management tools.
+
+    `max_deliveries` and `max_length` are arguments of the queues: RabbitMQ refuses to declare an existing queue
+    with other values, so every process of a namespace must use the same ones (or delete the queues first).
+    """
+
+    name = "rabbitmq"
+    process_local = False
+    requeue_lag = 1.0  # a retry waits in a delay queue, then is dead-lettered back: for that moment nothing counts it
+
+    def __init__(
+        self,
+        url: str | None = None,
+        *,
+        namespace: str | None = None,
+        max_deliveries: int | None = 10,
+        max_length: int | None = 10_000,
+        timeout: float = 30.0,
+        reconnect_interval: float = 2.0,
+        connection_name: str | None = None,
+    ) -> None:
+        settings = Settings.from_env()
+        self.url = url or settings.rabbitmq_url
+        self.namespace = namespace or settings.namespace
+        if max_deliveries is not None and max_deliveries < 1:
+            raise UserError("max_deliveries must be at least 1 (or None for no limit)")
+        if max_length is not None and max_length < 1:
+            raise UserError("max_length must be at least 1 (or None for no limit)")
+        self.max_deliveries = max_deliveries
+        self.max_length = max_length
+        self.timeout = timeout
+        self.reconnect_interval = reconnect_interval
+        self.connection_name = connection_name or f"paigeant {socket.gethostname()} pid {os.getpid()}"
+        self._connection: AbstractRobustConnection | None = None
+        self._publisher: AbstractRobustChannel | None = None
+        self._admin: AbstractRobustChannel | None = None
+        self._publishing: aiormq.Channel | None = None  # the open channel under `_publisher`
+        self._consumers: set[RabbitMQConsumer] = set()
+        self._declared: set[str] = set()
+        self._queues: dict[str, str] = {}  # address -> its declared queue, looked up on every publish
+        self._declaring: dict[str, asyncio.Future[int]] = {}
+        self._connect_lock = asyncio.Lock()
+
+    def __repr__(self) -> str:
+        return f"RabbitMQTransport({redact_url(self.url)!r}, namespace={self.namespace!r})"
+
+    # -- lifecycle -------------------------------------------------------------------------------------------
+
+    async def connect(self) -> None:
+        async with self._connect_lock:
+            if self._connection is not None:
+                return
+            try:
+                connection = await aio_pika.connect_robust(
+                    self.url,
+                    timeout=self.timeout,
+                    reconnect_interval=self.reconnect_interval,
+                    client_properties={"connection_name": self.connection_name},
+                )
+            except (*BROKER_ERRORS, ValueError) as exc:
+                raise TransportError(
+                    f"cannot connect to RabbitMQ at {redact_url(self.url)}: {explain(exc)}; "
+                    "check that it runs and that PAIGEANT_RABBITMQ_URL (or url=) points at it"
+                ) from exc
+            try:
+                with broker_errors("opening channels"):
+                    self._publisher = await connection.channel(publisher_confirms=True, on_return_raises=True)
+                    self._admin = await connection.channel(publisher_confirms=False)
+                self._connection = connection
+                await self._declare(self.queue_name(DEAD_LETTER), self.queue_arguments(DEAD_LETTER))
+            except BaseException:
+                self._connection = self._publisher = self._admin = None
+                with suppress(*BROKER_ERRORS):
+                    await connection.close()
+                raise
+
+    async def disconnect(self) -> None:
+        for consumer in list(self._consumers):
+            with suppress(TransportError):
+                await consumer.aclose()
+        connection, self._connection = self._connection, None
+        self._publisher = self._admin = self._publishing = None
+        if connection is not None:
+            with suppress(*BROKER_ERRORS):
+                await connection.close()
+
+    # -- queues ----------------------------------------------------------------------------------------------
+
+    def queue_name(self, address: str) -> str:
+        """The RabbitMQ queue of `address`."""
+        return f"{self.namespace}.{address}"
+
+    def _delay_queue_name(self, address: str, bucket: str) -> str:
+        # `@` never occurs in an activity name, so a delay queue cannot clash with an activity's queue.
+        return f"{self.queue_name(address)}@delay-{bucket}"
+
+    def queue_arguments(self, address: str) -> dict[str, Any]:
+        """The arguments the queue of `address` is declared with."""
+        if address in RESERVED_ADDRESSES:
+            bounded = {"x-max-length": self.max_length} if self.max_length is not None else {}
+            return {"x-queue-type": "quorum", **bounded}
+        arguments = dead_letter_to(self.queue_name(DEAD_LETTER))
+        if self.max_deliveries is not None:
+            # RabbitMQ counts the returns: the message goes once it has come back more than this many times.
+            arguments["x-delivery-limit"] = self.max_deliveries - 1
+        return arguments
+
+    async def _declare(self, name: str, arguments: dict[str, Any]) -> int:
+        """Declare a durable queue (idempotent); return how many of its messages are ready for consumers."""
+        admin = self._require()[2]
+
+        async def declare() -> int:
+            channel = await admin.get_underlay_channel()
+            declared = await channel.queue_declare(name, durable=True, arguments=arguments)
+            return declared.message_count or 0
+
+        ready = await on_channel(admin, f"declaring queue {name!r}", declare, self.timeout)
+        self._declared.add(name)
+        return ready
+
+    async def _ensure_queue(self, address: str) -> str:
+        name = self.queue_name(address)
+        if name not in self._declared:
+            await self._declare_once(name, self.queue_arguments(address))
+        self._queues[address] = name
+        return name
+
+    async def _declare_once(self, name: str, arguments: dict[str, Any]) -> None:
+        """Declare `name` if no other task is declaring it already; then wait for that declaration."""
+        declaring = self._declaring.get(name)
+        if declaring is None:
+            declaring = self._declaring[name] = asyncio.ensure_future(self._declare(name, arguments))
+            declaring.add_done_callback(functools.partial(self._declaration_done, name))
+        # Shielded: a caller that is cancelled must not cancel the declaration the others wait for.
+        await asyncio.shield(declaring)
+
+    def _forget(self, queue: str) -> None:
+        """Declare `queue` again before the next publish to it (it was deleted behind this transport's back)."""
+        self._declared.discard(queue)
+        self._queues = {address: name for address, name in self._queues.items() if name != queue}
+
+    def _declaration_done(self, name: str, declaring: asyncio.Future[int]) -> None:
+        if self._declaring.get(name) is declaring:
+            del self._declaring[name]
+        if not declaring.cancelled():
+            declaring.exception()  # retrieved here too: every waiter may have been cancelled
+
+    async def _count_delayed(self, address: str) -> int:
+        target = await self._ensure_queue(address)
+        count = 0
+        for bucket, _ in DELAY_BUCKETS:
+            count += await self._declare(self._delay_queue_name(address, bucket), dead_letter_to(target))
+        return count
+
+    async def _ensure_delay_queue(self, address: str, delay: float) -> str:
+        target = await self._ensure_queue(address)
+        bucket = next(bucket for bucket, bound in DELAY_BUCKETS if delay <= bound)
+        name = self._delay_queue_name(address, bucket)
+        if name not in self._declared:
+            await self._declare_once(name, dead_letter_to(target))
+        return name
+
+    def _require(self) -> tuple[AbstractRobustConnection, AbstractRobustChannel, AbstractRobustChannel]:
+        if self._connection is None or self._publisher is None or self._admin is None:
+            raise TransportError("the RabbitMQ transport is not connected: call `await transport.connect()` first")
+        return self._connection, self._publisher, self._admin
+
+    # -- publishing ------------------------------------------------------------------------------------------
+
+    async def publish(
+        self,
+        address: str,
+        body: bytes,
+        *,
+        headers: Mapping[str, str] | None = None,
+        delay: float = 0.0,
+    ) -> None:
+        self._require()
+        if delay > 0:
+            if delay > _MAX_DELAY:
+                raise UserError(f"a delay of {delay:g}s is longer than RabbitMQ allows ({_MAX_DELAY:g}s)")
+            queue = await self._ensure_delay_queue(address, delay)
+            # The delay queue dead-letters the message to its address when it expires; RabbitMQ drops the
+            # expiration on the way, so it does not expire again there.
+            expiration: str | None = str(max(1, math.ceil(delay * 1000)))
+        else:
+            queue = self._queues.get(address) or await self._ensure_queue(address)
+            expiration = None
+        properties = spec.Basic.Properties(
+            headers=dict(headers) if headers else None,
+            delivery_mode=_PERSISTENT,
+            expiration=expiration,
+        )
+        await self._send(body, properties, queue)
+
+    async def _send(self, body: bytes, properties: spec.Basic.Properties, queue: str) -> None:
+        """Publish and wait for the broker's confirm; while the connection is down, wait for it first.
+
+        A publish is never sent twice over a lost connection: without its confirm nobody knows whether the broker
+        has it, and a second identical copy would look like a replay to the next worker. The error says so, and
+        the caller (a worker leaves its delivery unacked for redelivery) decides.
+        """
+        for attempt in range(2):
+            channel = self._publishing
+            if channel is None or channel.is_closed:
+                channel = await self._publishing_channel(queue)
+            try:
+                # Publishes are pipelined: each waits for its own confirm, not for the socket or other publishes.
+                await channel.basic_publish(
+                    body, routing_key=queue, properties=properties, mandatory=True, timeout=self.timeout, wait=False
+                )
+                return
+            except aiormq.exceptions.PublishError as exc:
+                if attempt:
+                    raise TransportError(f"publishing to {queue!r}: {explain(exc)}") from exc
+            except (*CONNECTION_LOST, asyncio.CancelledError, TimeoutError) as exc:
+                if isinstance(exc, asyncio.CancelledError) and cancelling():
+                    raise
+                raise TransportError(
+                    f"publishing to {queue!r}: no confirm from RabbitMQ ({explain(exc)}); "
+                    "the message may or may not have been published"
+                ) from exc
+            except BROKER_ERRORS as exc:
+                raise TransportError(f"publishing to {queue!r}: {explain(exc)}") from exc
+            # Unroutable: the queue was deleted after it was declared here. Nothing was enqueued, so declare it
+            # again and publish once more.
+            self._forget(queue)
+            await self._redeclare(queue)
+
+    async def _publishing_channel(self, queue: str) -> aiormq.Channel:
+        """The channel under the publisher, opened again after a reconnect; while it is being restored, wait."""
+        publisher = self._require()[1]
+        action = f"publishing to {queue!r}"
+        await channel_ready(publisher, action, self.timeout)
+        with broker_errors(action):
+            channel = await underlay(publisher)
+        self._publishing = channel
+        return channel
+
+    async def _redeclare(self, queue: str) -> None:
+        address, _, bucket = queue.removeprefix(f"{self.namespace}.").partition("@delay-")
+        if bucket:
+            await self._declare(queue, dead_letter_to(await self._ensure_queue(address)))
+        else:
+            await self._declare(queue, self.queue_arguments(address))
+
+    # -- consuming -------------------------------------------------------------------------------------------
+
+    async def consume(self, address: str, *, prefetch: int = 10) -> RabbitMQConsumer:
+        if prefetch < 1:
+            raise ValueError("prefetch must be at least 1")
+        connection = self._require()[0]
+        name = await self._ensure_queue(address)
+        with broker_errors(f"consuming {name!r}"):
+            channel = await connection.channel(publisher_confirms=False)
+        consumer = RabbitMQConsumer(self, address, name, channel)
+        try:
+            with broker_errors(f"consuming {name!r}"):
+                await channel.set_qos(prefetch_count=prefetch)  # a robust channel sets it again when reopened
+            await consumer.subscribe()
+        except BaseException:
+            with suppress(*BROKER_ERRORS):
+                await channel.close()
+            raise
+        self._consumers.add(consumer)
+        return consumer
+
+    # -- settling --------------------------------------------------------------------------------------------
+
+    def _owner(self, delivery: Delivery) -> tuple[RabbitMQConsumer, int]:
+        handle = delivery.handle
+        owner = handle[0] if isinstance(handle, tuple) else None
+        if not isinstance(owner, RabbitMQConsumer) or owner.transport is not self:
+            raise TransportError("this delivery was not handed out by this transport")
+        return owner, handle[1]
+
+    async def ack(self, delivery: Delivery) -> None:
+        consumer, token = self._owner(delivery)
+        message = consumer.handed.pop(token, None)
+        if message is not None:
+            await ack(message, delivery.address)
+
+    async def retry_later(self, delivery: Delivery, delay: float) -> None:
+        consumer, token = self._owner(delivery)
+        if token in consumer.handed:
+            await self.publish(delivery.address, delivery.body, headers=delivery.headers, delay=delay)
+            await self.ack(delivery)
+
+    async def dead_letter(self, delivery: Delivery, reason: str) -> None:
+        consumer, token = self._owner(delivery)
+        if token in consumer.handed:
+            await self.publish(DEAD_LETTER, delivery.body, headers=dead_letter_headers(delivery, reason))
+            await self.ack(delivery)
+
+    async def pending(self, address: str) -> int:
+        """Messages ready or delayed at `address`, plus those handed out and unsettled in this process.
+
+        RabbitMQ does not report deliveries other processes hold unacked, so they are not counted.
+        """
+        self._require()
+        ready = await self._declare(self.queue_name(address), self.queue_arguments(address))
+        delayed = await self._count_delayed(address)
+        held = sum(consumer.unsettled for consumer in self._consumers if consumer.address == address)
+        return ready + delayed + held
+
+    # -- who consumes (`ConsumerWatch`) ----------------------------------------------------------------------
+
+    async def consumers(self, address: str) -> int:
+        """How many consumers the queue of `address` has now, as RabbitMQ counts them; 0 if it does not exist."""
+        name = self.queue_name(address)
+        action = f"counting the consumers of {name!r}"
+        with broker_errors(action):
+            async with asyncio.timeout(self.timeout):
+                # A channel of its own, not robust: the broker closes it when the queue does not exist.
+                channel = await self._underlay_connection(action).channel()
+                try:
+                    declared = await channel.queue_declare(name, passive=True)  # never creates a misspelt queue
+                except aiormq.exceptions.ChannelNotFoundEntity:
+                    return 0
+                finally:
+                    if not channel.is_closed:
+                        await channel.close()
+        return declared.consumer_count or 0
+
+    async def consumed_addresses(self) -> list[str] | None:
+        """`None`: AMQP cannot list queues (only RabbitMQ's management API can)."""
+        return None
+
+    async def last_consumed(self, address: str) -> datetime | None:
+        """Now if the queue of `address` has a consumer; else `None`, as RabbitMQ does not say since when."""
+        return datetime.now(UTC) if await self.consumers(address) else None
+
+    def consumer_closed(self, consumer: RabbitMQConsumer) -> None:
+        """Forget `consumer`, which closed."""
+        self._consumers.discard(consumer)
+
+    def _underlay_connection(self, action: str) -> AbstractConnection:
+        underlay = self._require()[0].transport
+        if underlay is None:
+            raise TransportError(f"{action}: the connection to RabbitMQ is being restored; try again")
+        return underlay.connection

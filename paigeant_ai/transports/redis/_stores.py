@@ -1,0 +1,233 @@
+"""The stores every process on a Redis shares, on the connection and namespace of a `RedisTransport`.
+
+`RedisTransport` hands them out as its shared stores (`SharedStores`), so a worker, a signer or `get_*_store`
+on Redis uses them by default; build them yourself to share them from another transport's processes.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Sequence
+from typing import TYPE_CHECKING
+
+from pydantic import ValidationError
+
+from ...approval import ParkedStep
+from ...contracts import WorkflowEvent
+from ...exceptions import UserError
+from ...store import DEFAULT_MAX_EVENTS, WorkflowStatus, event_order, project
+from . import _lua as lua
+from ._wire import ms
+
+if TYPE_CHECKING:
+    from ._transport import RedisTransport
+
+__all__ = ("RedisDedupeStore", "RedisReplayCache", "RedisWaitingStore", "RedisWorkflowStore")
+
+logger = logging.getLogger("paigeant_ai.transports.redis")
+
+
+class RedisDedupeStore:
+    """Remembers completed steps in Redis, for every worker that shares it (`SET NX` with an expiry).
+
+    Pass it to `Worker(..., dedupe=RedisDedupeStore(transport))` so that a step redelivered to another process
+    after a crash is skipped if it already completed.
+
+    Args:
+        transport: The Redis transport whose connection and namespace it uses.
+        ttl: Seconds a completed step is remembered; longer than any redelivery can take.
+    """
+
+    def __init__(self, transport: RedisTransport, *, ttl: float = 7 * 24 * 3600.0) -> None:
+        if ttl <= 0:
+            raise UserError("ttl must be a positive number of seconds")
+        self.transport = transport
+        self.ttl = ttl
+
+    def key(self, idempotency_key: str) -> str:
+        """The Redis key of `idempotency_key`."""
+        return f"{self.transport.namespace}:done:{idempotency_key}"
+
+    async def is_done(self, key: str) -> bool:
+        with self.transport.errors("checking a step's completion"):
+            return bool(await self.transport.pipelined("EXISTS", self.key(key)))
+
+    async def mark_done(self, key: str) -> None:
+        with self.transport.errors("recording a step's completion"):
+            await self.transport.pipelined("SET", self.key(key), b"1", "NX", "PX", ms(self.ttl))
+
+
+class RedisReplayCache:
+    """Settled hops in Redis, shared by every worker on it (`SET NX` with an expiry): a `ReplayCache`.
+
+    Args:
+        transport: A `RedisTransport` whose connection and namespace the cache uses.
+    """
+
+    def __init__(self, transport: RedisTransport) -> None:
+        self.transport = transport
+
+    def key(self, message_id: str) -> str:
+        """The Redis key of `message_id`."""
+        return f"{self.transport.namespace}:replay:{message_id}"
+
+    async def settled_digest(self, message_id: str) -> str | None:
+        with self.transport.errors("checking for a replayed message"):
+            raw = await self.transport.client.get(self.key(message_id))
+        return raw.decode() if isinstance(raw, bytes) else raw
+
+    async def remember(self, message_id: str, digest: str, ttl: float) -> None:
+        with self.transport.errors("recording a settled message"):
+            await self.transport.client.set(self.key(message_id), digest, nx=True, px=ms(ttl))
+
+
+class RedisWaitingStore:
+    """A `WaitingStore` in Redis, shared by every process that points at it.
+
+    Each parked workflow is a hash `<namespace>:waiting:<correlation_id>` (its JSON and the id of its message);
+    the sorted set `<namespace>:waiting` indexes them by when they parked. Nothing expires: a parked workflow
+    waits until it is resumed.
+
+    Args:
+        transport: A `RedisTransport` whose connection and namespace the store uses.
+    """
+
+    def __init__(self, transport: RedisTransport) -> None:
+        self.transport = transport
+
+    @property
+    def index_key(self) -> str:
+        """The sorted set of parked workflows, scored by when they parked."""
+        return f"{self.transport.namespace}:waiting"
+
+    def key(self, correlation_id: str) -> str:
+        """The hash of one parked workflow."""
+        return f"{self.transport.namespace}:waiting:{correlation_id}"
+
+    async def put(self, parked: ParkedStep) -> None:
+        cid = parked.correlation_id
+        with self.transport.errors(f"parking workflow {cid!r}"):
+            async with self.transport.client.pipeline(transaction=True) as pipe:
+                pipe.delete(self.key(cid))
+                pipe.hset(self.key(cid), "record", parked.model_dump_json())
+                pipe.hset(self.key(cid), "message_id", parked.message.message_id)
+                pipe.zadd(self.index_key, {cid: parked.parked_at.timestamp()})
+                await pipe.execute()
+
+    async def get(self, correlation_id: str) -> ParkedStep | None:
+        with self.transport.errors(f"reading parked workflow {correlation_id!r}"):
+            raw = await self.transport.client.hget(self.key(correlation_id), "record")
+        return ParkedStep.model_validate_json(raw) if raw is not None else None
+
+    async def remove(self, parked: ParkedStep) -> bool:
+        cid = parked.correlation_id
+        with self.transport.errors(f"removing parked workflow {cid!r}"):
+            removed = await self.transport.client.eval(
+                lua.REMOVE_PARKED, 2, self.key(cid), self.index_key, parked.message.message_id, cid
+            )
+        return bool(removed)
+
+    async def waiting(self) -> list[ParkedStep]:
+        with self.transport.errors("listing parked workflows"):
+            ids = await self.transport.client.zrange(self.index_key, 0, -1)
+            found: list[ParkedStep] = []
+            for raw_id in ids:
+                parked = await self.get(raw_id.decode())
+                if parked is not None:
+                    found.append(parked)
+        return found
+
+
+class RedisWorkflowStore:
+    """A store in Redis, shared by every process that points at it.
+
+    Each workflow's events are a sorted set (identical events are one member), kept for `ttl` seconds after
+    its last event; a sorted set indexes the workflows by their last update, capped at `max_workflows`.
+
+    Args:
+        transport: A `RedisTransport` whose connection and namespace the store uses.
+        ttl: Seconds a workflow's history is kept after its last event.
+        max_workflows: How many workflows the index keeps.
+        max_events: Events kept per workflow.
+    """
+
+    def __init__(
+        self,
+        transport: RedisTransport,
+        *,
+        ttl: float = 7 * 24 * 3600.0,
+        max_workflows: int = 100_000,
+        max_events: int = DEFAULT_MAX_EVENTS,
+    ) -> None:
+        if ttl <= 0:
+            raise UserError("ttl must be a positive number of seconds")
+        if max_workflows < 1 or max_events < 1:
+            raise UserError("max_workflows and max_events must be at least 1")
+        self.transport = transport
+        self.ttl = ttl
+        self.max_workflows = max_workflows
+        self.max_events = max_events
+
+    @classmethod
+    def from_url(cls, url: str | None = None, **options: float) -> RedisWorkflowStore:
+        """A store with a connection of its own (`await store.transport.connect()` before use)."""
+        from ._transport import RedisTransport  # which imports this module
+
+        return cls(RedisTransport(url), **options)  # pyright: ignore[reportArgumentType]
+
+    @property
+    def index_key(self) -> str:
+        """The sorted set of every workflow, scored by its last update."""
+        return f"{self.transport.namespace}:workflows"
+
+    def events_key(self, correlation_id: str) -> str:
+        """The sorted set of one workflow's events."""
+        return f"{self.transport.namespace}:workflow:{correlation_id}"
+
+    async def apply(self, event: WorkflowEvent) -> None:
+        correlation_id = event.correlation_id
+        if correlation_id is None:
+            return
+        key = self.events_key(correlation_id)
+        at, rank = event_order(event)
+        micros = round(at.timestamp() * 1_000_000)
+        with self.transport.errors(f"recording an event of workflow {correlation_id!r}"):
+            async with self.transport.client.pipeline(transaction=True) as pipe:
+                pipe.zadd(key, {event.model_dump_json(): micros * 4 + rank})
+                pipe.zremrangebyrank(key, 0, -self.max_events - 1)
+                pipe.pexpire(key, round(self.ttl * 1000))
+                pipe.zadd(self.index_key, {correlation_id: micros}, gt=True)
+                pipe.zremrangebyrank(self.index_key, 0, -self.max_workflows - 1)
+                await pipe.execute()
+
+    async def get(self, correlation_id: str) -> WorkflowStatus | None:
+        with self.transport.errors(f"reading workflow {correlation_id!r}"):
+            raw = await self.transport.client.zrange(self.events_key(correlation_id), 0, -1)
+        return project(correlation_id, _parse_events(raw))
+
+    async def list(self, *, limit: int = 20) -> Sequence[WorkflowStatus]:
+        with self.transport.errors("listing workflows"):
+            ids = await self.transport.client.zrevrange(self.index_key, 0, max(0, limit - 1))
+        found: list[WorkflowStatus] = []
+        expired: list[bytes] = []
+        for raw_id in ids:
+            correlation_id = raw_id.decode()
+            status = await self.get(correlation_id)
+            if status is None:
+                expired.append(raw_id)
+            else:
+                found.append(status)
+        if expired:
+            with self.transport.errors("forgetting expired workflows"):
+                await self.transport.client.zrem(self.index_key, *expired)
+        return found
+
+
+def _parse_events(raw: Iterable[bytes]) -> list[WorkflowEvent]:
+    events: list[WorkflowEvent] = []
+    for item in raw:
+        try:
+            events.append(WorkflowEvent.model_validate_json(item))
+        except ValidationError:
+            logger.warning("ignoring a stored event that is not a valid WorkflowEvent")
+    return events
