@@ -26,6 +26,7 @@ from .contracts import (
 )
 from .dispatch import WorkflowDispatcher
 from .exceptions import (
+    DuplicateMessage,
     EndWorkflow,
     InvalidMessage,
     InvalidPlan,
@@ -65,6 +66,7 @@ __all__ = (
     "AgentActivity",
     "CatalogEntry",
     "DispatchedWorkflow",
+    "DuplicateMessage",
     "EndWorkflow",
     "FunctionActivity",
     "InMemoryTransport",

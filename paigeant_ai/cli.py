@@ -156,7 +156,7 @@ async def run_worker(
     if concurrency is not None:
         worker.concurrency = concurrency
     if verbose:  # only then: a worker without callbacks does not build its events' models at all
-        worker._callbacks.append(log_step)
+        worker.reporter.callbacks.append(log_step)
     print(worker_banner(worker, target), file=sys.stderr)
     if worker.transport.name in IN_MEMORY_NAMES and not burst:
         print(
