@@ -202,7 +202,7 @@ catalog.add(route_to_specialist, needs=["classification"])
 catalog.add(research_customer_history, needs=["customer"])
 catalog.add(generate_response)
 catalog.add(schedule_follow_up, needs=["customer"])
-classify_ticket.revision = ItineraryRevision(catalog, max_revisions=2)
+classify_ticket.toolsets.append(ItineraryRevision(catalog, max_revisions=2))
 
 # This script plans first and drains the queues after, so no worker consumes yet when the plan is dispatched; a
 # service whose workers are running keeps the default, which sends a plan nobody serves back to the model.

@@ -30,6 +30,7 @@ from .contracts import (
 )
 from .dispatch import WorkflowDispatcher
 from .exceptions import (
+    DuplicateMessage,
     EndWorkflow,
     InvalidMessage,
     InvalidPlan,
@@ -69,6 +70,7 @@ __all__ = (
     "AgentActivity",
     "CatalogEntry",
     "DispatchedWorkflow",
+    "DuplicateMessage",
     "EndWorkflow",
     "FunctionActivity",
     "InMemoryTransport",

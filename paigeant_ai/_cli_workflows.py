@@ -22,10 +22,11 @@ from datetime import datetime
 from typing import TYPE_CHECKING
 
 from . import observability
+from ._events import EventReporter
 from ._sealing import seal
-from .contracts import DEAD_LETTER, EVENTS, PaigeantMessage, WorkflowEvent
+from .contracts import DEAD_LETTER, PaigeantMessage, WorkflowEvent
 from .exceptions import InvalidMessage, SecurityError, UserError
-from .security import MessageSigner
+from .security import MessageSecurity, MessageSigner
 from .settings import Settings
 from .store import WorkflowProjector, WorkflowStatus, mark_stalled
 from .transports import IN_MEMORY_NAMES, Transport, get_transport
@@ -33,7 +34,6 @@ from .transports.base import REASON_HEADER, SOURCE_HEADER, Delivery
 
 if TYPE_CHECKING:
     from .transports.redis import RedisWorkflowStore
-    from .worker import MessageSecurity
 
 __all__ = ("COMMANDS", "add_commands", "command_transport", "run_command")
 
@@ -338,17 +338,9 @@ async def replay_dead_letter(transport: Transport, letter: DeadLetter, signer: M
     with observability.replay_span(replay, transport.name):
         body = seal(replay, signer, max_bytes=Settings.from_env().max_message_bytes)
         await transport.publish(message.routing_slip.current, body, headers=dict(replay.headers))
-    event = WorkflowEvent(
-        kind="resumed",
-        correlation_id=replay.correlation_id,
-        activity=replay.routing_slip.current,
-        step=replay.step,
-        attempt=replay.attempt,
-        message_id=replay.message_id,
-        detail="replayed from the dead-letter queue",
-        remaining=[spec.name for spec in replay.routing_slip.itinerary],
+    await EventReporter(transport, batched=False, on_span=False).report(
+        "replayed", replay, detail="from the dead-letter queue"
     )
-    await transport.publish(EVENTS, event.model_dump_json().encode())
     return replay
 
 

@@ -8,28 +8,28 @@ import json
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar, overload, runtime_checkable
+from typing import Any, Generic, Protocol, TypeVar, overload, runtime_checkable
 
 from pydantic import BaseModel, JsonValue, TypeAdapter, ValidationError
 from pydantic_ai import DeferredToolRequests
 from pydantic_ai.agent import AbstractAgent, AgentRunResult
 from pydantic_ai.exceptions import ModelAPIError
+from pydantic_ai.toolsets import AbstractToolset
 from pydantic_ai.usage import UsageLimits
 from pydantic_core import PydanticSerializationError, to_jsonable_python
 
 from ._agents import model_error_signal, run_output_type
-from .approval import ParkWorkflow, resumed_run
+from .approval import resumed_run
 from .contracts import ActivitySpec, PaigeantMessage, RetryPolicy, Revision, RoutingSlip
-from .exceptions import NonRetryableError, UserError
-
-if TYPE_CHECKING:
-    from .revision import ItineraryRevision
+from .exceptions import NonRetryableError, ParkWorkflow, UserError
 
 __all__ = (
     "Activity",
     "ActivityContext",
     "AgentActivity",
     "FunctionActivity",
+    "StepToolset",
+    "ToolsetFactory",
     "activity",
     "as_activity",
 )
@@ -50,8 +50,9 @@ class ActivityContext:
         message: The message being processed (read it, don't change it: the worker owns the slip).
         spec: The activity's effective spec: the workflow's overrides over the worker's own.
         obo_claims: The validated claims of the user's on-behalf-of token, when the worker checks tokens.
-        revisions: Changes the step made to the rest of the route (see `ItineraryRevision`); the worker
-            applies them to the slip when the step succeeds or parks.
+        revisions: Changes the step made to the rest of the route (a per-step toolset such as
+            `ItineraryRevision` records them here); the worker applies them to the slip when the step succeeds
+            or parks.
     """
 
     message: PaigeantMessage
@@ -260,6 +261,10 @@ class _PayloadFormat(dict[str, Any]):
 
 PromptSource = str | Callable[[ActivityContext], str | Awaitable[str]]
 DepsSource = Callable[[ActivityContext], Any]
+ToolsetFactory = Callable[[ActivityContext], AbstractToolset[Any]]
+"""Builds a toolset for one step from its context (`ItineraryRevision` is one)."""
+StepToolset = AbstractToolset[Any] | ToolsetFactory
+"""A toolset an `AgentActivity` adds to its agent's for each run: as it is, or built for the step."""
 
 
 class AgentActivity(Generic[DepsT, OutputT]):
@@ -292,7 +297,8 @@ class AgentActivity(Generic[DepsT, OutputT]):
         timeout: Seconds one attempt may take.
         usage_limits: Limits for each run of the agent.
         required_scopes: OAuth scopes the user's token must grant.
-        revision: Lets the agent revise the steps after this one, with activities from a catalog.
+        toolsets: Toolsets added to the agent's for each run, or factories that build one for the step from
+            its context: `toolsets=[ItineraryRevision(catalog)]` lets the agent revise the steps after its own.
     """
 
     def __init__(
@@ -308,7 +314,7 @@ class AgentActivity(Generic[DepsT, OutputT]):
         timeout: float | None = None,
         usage_limits: UsageLimits | None = None,
         required_scopes: Sequence[str] = (),
-        revision: ItineraryRevision | None = None,
+        toolsets: Sequence[StepToolset] = (),
     ) -> None:
         resolved = name or agent.name
         if not resolved:
@@ -317,7 +323,7 @@ class AgentActivity(Generic[DepsT, OutputT]):
         self.prompt = prompt
         self.deps = deps
         self.usage_limits = usage_limits
-        self.revision = revision
+        self.toolsets: list[StepToolset] = list(toolsets)
         agent_description = getattr(agent, "description", None)
         self.spec = _make_spec(
             resolved,
@@ -348,6 +354,10 @@ class AgentActivity(Generic[DepsT, OutputT]):
             return ctx
         return None
 
+    def build_toolsets(self, ctx: ActivityContext) -> list[AbstractToolset[Any]]:
+        """The toolsets added to the agent's for this step."""
+        return [item if isinstance(item, AbstractToolset) else item(ctx) for item in self.toolsets]
+
     async def run(self, ctx: ActivityContext) -> dict[str, JsonValue]:
         try:
             result = await self._run_agent(ctx)
@@ -377,7 +387,7 @@ class AgentActivity(Generic[DepsT, OutputT]):
             conversation_id=ctx.correlation_id if conversation is None else None,
             run_id=f"{ctx.correlation_id}:{ctx.step}" + (f":resume-{resume.count}" if resume is not None else ""),
             usage_limits=self.usage_limits,
-            toolsets=[self.revision.toolset_for(ctx)] if self.revision is not None else None,
+            toolsets=self.build_toolsets(ctx) or None,
             metadata={
                 "correlation_id": ctx.correlation_id,
                 "activity": self.spec.name,

@@ -22,7 +22,7 @@ from pydantic_ai.tools import ToolApproved, ToolDenied
 from pydantic_core import to_jsonable_python
 
 from .contracts import PaigeantMessage, Resumption, derive_message_id
-from .exceptions import UserError
+from .exceptions import ParkWorkflow, UserError
 from .transports.base import SharedStores, Transport
 
 __all__ = (
@@ -38,22 +38,6 @@ _RESULTS: TypeAdapter[DeferredToolResults] = TypeAdapter(DeferredToolResults)
 _JSON_OBJECT: TypeAdapter[dict[str, JsonValue]] = TypeAdapter(dict[str, JsonValue])
 
 ApprovalAnswer = bool | ToolApproved | ToolDenied
-
-
-class ParkWorkflow(Exception):
-    """Raised by a step to wait for input: the worker parks the workflow until it is resumed.
-
-    Args:
-        conversation: The agent's conversation; its `deferred_tool_requests` say what the step waits for.
-    """
-
-    def __init__(self, conversation: Conversation) -> None:
-        requests = conversation.deferred_tool_requests
-        if requests is None or not (requests.calls or requests.approvals):
-            raise UserError("ParkWorkflow needs a conversation that waits for deferred tool calls")
-        super().__init__(f"waiting for {_describe_requests(requests)}")
-        self.conversation = conversation
-        self.requests = requests
 
 
 class PendingToolCall(BaseModel):
@@ -243,9 +227,3 @@ def _pending(requests: DeferredToolRequests) -> list[PendingToolCall]:
         )
 
     return [entry(call, "approval") for call in requests.approvals] + [entry(call, "call") for call in requests.calls]
-
-
-def _describe_requests(requests: DeferredToolRequests) -> str:
-    parts = [f"approval of {call.tool_name}" for call in requests.approvals]
-    parts += [f"the result of {call.tool_name}" for call in requests.calls]
-    return ", ".join(parts)

@@ -157,7 +157,7 @@ async def run_worker(
     if concurrency is not None:
         worker.concurrency = concurrency
     if verbose:  # only then: a worker without callbacks does not build its events' models at all
-        worker._callbacks.append(log_step)
+        worker.reporter.callbacks.append(log_step)
     await _run_until_stopped(worker, target, burst=burst)
     stats = worker.stats
     print(

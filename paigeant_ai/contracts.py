@@ -438,7 +438,9 @@ EventKind = Literal[
     "revised",
     "waiting",
     "resumed",
+    "replayed",
 ]
+"""What a `WorkflowEvent` reports; `replayed` is a step sent again from the dead-letter queue."""
 
 
 class WorkflowEvent(_Wire):

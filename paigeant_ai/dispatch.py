@@ -4,22 +4,22 @@ from __future__ import annotations
 
 import difflib
 import hashlib
-import inspect
 import json
 import logging
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any, cast
 
 from pydantic import ValidationError
 
 from . import observability
+from ._events import EventCallback, EventReporter
 from ._sealing import seal
 from .activity import Activity
-from .contracts import EVENTS, RESERVED_ADDRESSES, ActivitySpec, PaigeantMessage, WorkflowEvent
+from .contracts import RESERVED_ADDRESSES, ActivitySpec, PaigeantMessage
 from .exceptions import NoWorker, UserError, WorkflowExists
-from .security import MessageSigner
+from .security import MessageSecurity, MessageSigner
 from .settings import Settings
 from .transports.base import ConsumerWatch, SharedClaims, Transport
 
@@ -27,14 +27,13 @@ if TYPE_CHECKING:
     from pydantic_ai import DeferredToolResults
 
     from .approval import ApprovalAnswer, WaitingStore
-    from .worker import MessageSecurity
 
 __all__ = ("WorkflowDispatcher",)
 
 logger = logging.getLogger("paigeant_ai.dispatch")
 
 
-EventSink = Callable[[WorkflowEvent], Awaitable[None] | None]
+EventSink = EventCallback
 """A callback for events, sync or async."""
 
 REMEMBERED_DISPATCHES = 10_000
@@ -144,8 +143,7 @@ class WorkflowDispatcher:
         self.waiting_store = waiting_store
         self.max_message_bytes = max_message_bytes or Settings.from_env().max_message_bytes
         self.ttl = ttl
-        self._on_event = on_event
-        self.publish_events = publish_events
+        self.reporter = EventReporter(transport, on_event, publish=publish_events, batched=False, on_span=False)
         self.security: MessageSecurity = (
             security if security is not None else MessageSigner.from_settings(transport, allow_unsigned=allow_unsigned)
         )
@@ -193,20 +191,7 @@ class WorkflowDispatcher:
             if fingerprint is not None:
                 await self._release(message.correlation_id, fingerprint)  # so that a corrected retry is not refused
             raise
-        event = WorkflowEvent(
-            kind="dispatched",
-            correlation_id=message.correlation_id,
-            activity=message.routing_slip.current,
-            step=0,
-            message_id=message.message_id,
-            remaining=[spec.name for spec in message.routing_slip.itinerary],
-        )
-        if self.publish_events:
-            try:
-                await self.transport.publish(EVENTS, event.model_dump_json().encode())
-            except Exception:
-                logger.warning("could not publish the dispatched event of %s", event.correlation_id, exc_info=True)
-        await self._report(event)
+        await self.reporter.report("dispatched", message)
         return message.correlation_id
 
     def _first_message(
@@ -314,33 +299,13 @@ class WorkflowDispatcher:
         with observability.replay_span(message, self.transport.name, operation="resume"):
             await self.transport.publish(parked.activity, self.encode(message), headers=dict(message.headers))
         await self.waiting_store.remove(parked)
-        event = WorkflowEvent(
-            kind="resumed",
-            correlation_id=correlation_id,
-            activity=parked.activity,
-            step=parked.step,
-            attempt=message.attempt,
-            message_id=message.message_id,
-            detail="answered " + ", ".join(sorted({*answers.approvals, *answers.calls})),
-            remaining=[spec.name for spec in message.routing_slip.itinerary],
-        )
-        if self.publish_events:
-            try:
-                await self.transport.publish(EVENTS, event.model_dump_json().encode())
-            except Exception:
-                logger.warning("could not publish the resumed event of %s", correlation_id, exc_info=True)
-        await self._report(event)
+        detail = "answered " + ", ".join(sorted({*answers.approvals, *answers.calls}))
+        await self.reporter.report("resumed", message, detail=detail)
 
-    async def _report(self, event: WorkflowEvent) -> None:
-        """Give `event` to the `on_event` callback, sync or async; its failure does not undo the dispatch."""
-        if self._on_event is None:
-            return
-        try:
-            result = self._on_event(event)
-            if inspect.isawaitable(result):
-                await result
-        except Exception:
-            logger.exception("the on_event callback failed for the %s event of %s", event.kind, event.correlation_id)
+    @property
+    def publish_events(self) -> bool:
+        """Whether events are published on the transport's `events` address."""
+        return self.reporter.publish
 
     def encode(self, message: PaigeantMessage) -> bytes:
         """The bytes of `message`: with the current trace context, signed, and checked against the size limit."""

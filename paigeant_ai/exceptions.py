@@ -1,12 +1,19 @@
 """One hierarchy of errors under `PaigeantError`, and the control signals activities raise.
 
-Errors say something went wrong; control signals (`RetryActivity`, `NonRetryableError`) are how an activity tells
-the worker what to do next, the way pydantic-ai keeps `ModelRetry` apart from `UserError`.
+Errors say something went wrong; control signals (`RetryActivity`, `NonRetryableError`, `EndWorkflow`,
+`ParkWorkflow`) are how an activity tells the worker what to do next, the way pydantic-ai keeps `ModelRetry` apart
+from `UserError`.
 """
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from pydantic_ai import Conversation, DeferredToolRequests
+
 __all__ = (
+    "DuplicateMessage",
     "EndWorkflow",
     "InvalidMessage",
     "InvalidPlan",
@@ -15,6 +22,7 @@ __all__ = (
     "NonFiniteNumber",
     "NonRetryableError",
     "PaigeantError",
+    "ParkWorkflow",
     "ReplayedMessage",
     "RetryActivity",
     "SecurityError",
@@ -95,17 +103,20 @@ class SecurityError(PaigeantError):
 
 
 class ReplayedMessage(SecurityError):
-    """A hop whose `message_id` was already settled.
+    """A copy of exactly a hop that was already settled: a replay, or the broker's own redelivery after a lost ack.
 
-    Attributes:
-        same_content: True for a copy of exactly what was settled (a replay, or the broker's own redelivery
-            after a lost ack); False for the same hop produced anew by a trusted signer (an upstream step that
-            re-ran after a crash), which is a duplicate to skip rather than an attack.
+    The worker tells the two apart by the delivery: a copy the broker marks as redelivered is skipped, any other
+    is refused as a replay.
     """
 
-    def __init__(self, message: str, *, same_content: bool) -> None:
-        super().__init__(message, code="replayed" if same_content else "duplicate")
-        self.same_content = same_content
+    def __init__(self, message: str) -> None:
+        super().__init__(message, code="replayed")
+
+
+class DuplicateMessage(PaigeantError):
+    """A hop already settled, produced anew, and signed, by a trusted signer: an upstream step that re-ran after a
+    crash. Not an attack, so not a `SecurityError`: the step ran once, and the copy is skipped.
+    """
 
 
 class TokenError(SecurityError):
@@ -130,6 +141,22 @@ class NonRetryableError(Exception):
     """Raise inside an activity when another attempt cannot help: the workflow faults at once."""
 
 
+class ParkWorkflow(Exception):
+    """Raised by a step to wait for input: the worker parks the workflow until it is resumed.
+
+    Args:
+        conversation: The agent's conversation; its `deferred_tool_requests` say what the step waits for.
+    """
+
+    def __init__(self, conversation: Conversation) -> None:
+        requests = conversation.deferred_tool_requests
+        if requests is None or not (requests.calls or requests.approvals):
+            raise UserError("ParkWorkflow needs a conversation that waits for deferred tool calls")
+        super().__init__(f"waiting for {describe_requests(requests)}")
+        self.conversation = conversation
+        self.requests = requests
+
+
 class EndWorkflow(Exception):
     """Raise inside an activity to end the workflow here, as a business outcome rather than a failure.
 
@@ -141,3 +168,10 @@ class EndWorkflow(Exception):
         super().__init__(reason)
         self.reason = reason
         self.output = output or {}
+
+
+def describe_requests(requests: DeferredToolRequests) -> str:
+    """What deferred tool calls wait for, in words: `approval of refund, the result of lookup`."""
+    parts = [f"approval of {call.tool_name}" for call in requests.approvals]
+    parts += [f"the result of {call.tool_name}" for call in requests.calls]
+    return ", ".join(parts)

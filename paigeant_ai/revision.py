@@ -1,14 +1,14 @@
 """Itinerary revision: an agent running as a step changes the rest of its workflow's route.
 
 ```python
-triage = AgentActivity(triage_agent, revision=ItineraryRevision(catalog, max_revisions=2))
+triage = AgentActivity(triage_agent, toolsets=[ItineraryRevision(catalog, max_revisions=2)])
 ```
 
-The agent gets a small toolset (`view_itinerary`, `add_steps`, `remove_steps`, `replace_remaining_steps`) for that
-step. Revisions use catalog activities only, are bounded per workflow, and take effect when the step succeeds (or
-parks to wait for a person): the worker then logs each one in the slip (`RoutingSlip.revisions`, with what it
-discarded) and publishes to the revised next step. A step that fails and is retried starts again from the route it
-was given.
+An `ItineraryRevision` is a per-step toolset factory: the agent gets a small toolset (`view_itinerary`, `add_steps`,
+`remove_steps`, `replace_remaining_steps`) for that step. Revisions use catalog activities only, are bounded per
+workflow, and take effect when the step succeeds (or parks to wait for a person): the worker then logs each one in
+the slip (`RoutingSlip.revisions`, with what it discarded) and publishes to the revised next step. A step that fails
+and is retried starts again from the route it was given.
 """
 
 from __future__ import annotations
@@ -30,7 +30,9 @@ __all__ = ("ItineraryRevision", "ItineraryView", "RevisionToolset")
 
 @dataclass(frozen=True)
 class ItineraryRevision:
-    """Lets the agent of an `AgentActivity` revise the steps after its own.
+    """Lets the agent of an `AgentActivity` revise the steps after its own: one of its `toolsets`.
+
+    Called with a step's context, it builds the revision tools for that step.
 
     Args:
         catalog: The activities the agent may put on the route.
@@ -48,9 +50,13 @@ class ItineraryRevision:
         if self.max_revisions < 1:
             raise UserError("max_revisions must be at least 1")
 
-    def toolset_for(self, ctx: ActivityContext) -> RevisionToolset:
+    def __call__(self, ctx: ActivityContext) -> RevisionToolset:
         """The revision tools for the step `ctx`; what they change is kept in `ctx.revisions`."""
         return RevisionToolset(self, ctx)
+
+    def toolset_for(self, ctx: ActivityContext) -> RevisionToolset:
+        """The revision tools for the step `ctx` (the same as calling the revision)."""
+        return self(ctx)
 
 
 class ItineraryView(BaseModel):

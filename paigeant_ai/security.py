@@ -47,7 +47,7 @@ from joserfc.jws import JWSRegistry
 
 from ._sealing import signing_input, unsigned_body
 from .contracts import ActivitySpec, PaigeantMessage
-from .exceptions import InvalidMessage, ReplayedMessage, SecurityError, TokenError, UserError
+from .exceptions import DuplicateMessage, InvalidMessage, ReplayedMessage, SecurityError, TokenError, UserError
 from .settings import Settings
 from .transports import IN_MEMORY_NAMES
 from .transports.base import SharedStores
@@ -58,6 +58,7 @@ if TYPE_CHECKING:
 __all__ = (
     "ALGORITHMS",
     "InMemoryReplayCache",
+    "MessageSecurity",
     "MessageSigner",
     "ReplayCache",
     "TokenValidator",
@@ -182,6 +183,33 @@ def _import(data: Any, what: str) -> Key:
 def _ephemeral_key() -> Key:
     """The key the in-memory transport signs with when none is configured: made once per process."""
     return generate_key(f"ephemeral-{secrets.token_hex(4)}")
+
+
+class MessageSecurity(Protocol):
+    """Signs what a worker or dispatcher sends and verifies what a worker receives (`MessageSigner` is one)."""
+
+    def signature_for(self, body: bytes) -> str | None:
+        """The detached JWS over `body`, a message encoded with no signature; None to send it unsigned."""
+        ...
+
+    async def verify(self, message: PaigeantMessage, spec: ActivitySpec, body: bytes) -> Mapping[str, Any] | None:
+        """Check the signature of `body` (the bytes `message` was read from), replay and the user's token against
+        `spec.required_scopes`.
+
+        Returns:
+            The validated claims of the user's on-behalf-of token, if there is one.
+
+        Raises:
+            SecurityError: With the precise reason; the message is dead-lettered and never run.
+            ReplayedMessage: A copy of exactly a settled hop: skipped if the broker redelivered it, else refused.
+            DuplicateMessage: The settled hop produced anew by a trusted signer: skipped.
+            TokenError: The user's token fails a check: the workflow faults, never retried.
+        """
+        ...
+
+    async def settled(self, message: PaigeantMessage) -> None:
+        """Called once the hop `message` is settled (acked after its successor, retry or fault was published)."""
+        ...
 
 
 # -- replay cache ----------------------------------------------------------------------------------------------
@@ -465,7 +493,8 @@ class MessageSigner:
 
         Raises:
             SecurityError: The message is not signed, or not by a trusted key, or was altered.
-            ReplayedMessage: The hop was already settled.
+            ReplayedMessage: A copy of exactly a hop that was already settled.
+            DuplicateMessage: The hop was already settled, and was produced anew by a trusted signer.
             TokenError: The token is missing, invalid, or lacks a scope the step requires.
         """
         if self.refusal is not None:
@@ -533,9 +562,8 @@ class MessageSigner:
     async def _check_replay(self, message_id: str, digest: str) -> None:
         settled = await self.replay_cache.settled_digest(message_id)
         if settled is not None:
-            raise ReplayedMessage(
-                f"replayed: message {_show(message_id)} was already processed", same_content=settled == digest
-            )
+            text = f"replayed: message {_show(message_id)} was already processed"
+            raise ReplayedMessage(text) if settled == digest else DuplicateMessage(text)
         self._digests[message_id] = digest
         while len(self._digests) > 10_000:  # hops verified but never settled (their worker stopped)
             self._digests.popitem(last=False)

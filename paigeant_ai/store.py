@@ -144,7 +144,7 @@ class _Projection:
             if record is not None:
                 record.state, record.error = "waiting", event.detail
             status.state, status.waiting_for = "waiting", event.detail
-        elif kind == "resumed":
+        elif kind in ("resumed", "replayed"):
             if record is not None and record.state == "waiting":
                 record.state, record.error = "running", None
             self._running()

@@ -1,123 +1,41 @@
 """`Worker`: runs activities, one hop at a time.
 
-Each hop: decode and validate -> check the route -> skip if already done -> run the activity with a timeout ->
-merge its output -> advance the slip -> publish the next hop -> remember the step -> ack. Nothing is acked before
-its successor is safely with the broker, so a crash at any point loses nothing; a redelivered step that already
-completed is recognised by its idempotency key and not run twice by the same worker.
+A hop goes through four stages, each in one place (see `Worker.process`):
+
+1. admit (`paigeant_ai._hop.admit`): the bytes, their size, the route, the expiry;
+2. authorize (`Worker._authorize`): the signature, replay, the user's token, and the dedupe store;
+3. run (`Worker._run`): the activity with its timeout, in its span; what it does becomes an `Outcome`, decided by
+   the pure `paigeant_ai._outcome.classify`;
+4. settle (`paigeant_ai._settle.settle`): the outcome's successor is made safe with the broker, then the delivery
+   is acked. Nothing is acked before its successor is safe, so a crash at any point loses nothing; a redelivered
+   step that already completed is recognised by its idempotency key and not run twice by the same worker.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import inspect
 import logging
 import random
-from collections import OrderedDict
-from collections.abc import Awaitable, Callable, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import AsyncGenerator, Sequence
 from datetime import UTC, datetime
-from typing import Any, NoReturn, Protocol
-
-from pydantic_ai.exceptions import UsageLimitExceeded
-from pydantic_ai.exceptions import UserError as PydanticAIUserError
-from pydantic_core import to_json
 
 from . import observability
-from ._sealing import NonFiniteNumber, check_finite_json, encode_output, seal, too_large, unsigned_body
-from .activity import DEFAULT_TIMEOUT, Activity, ActivityContext, ActivityFunc, as_activity, to_payload_update
-from .approval import ParkedStep, ParkWorkflow, WaitingStore
-from .contracts import DEAD_LETTER, EVENTS, ActivityLogEntry, ActivitySpec, PaigeantMessage, RetryPolicy, WorkflowEvent
-from .exceptions import (
-    EndWorkflow,
-    InvalidMessage,
-    MessageTooLarge,
-    NonRetryableError,
-    ReplayedMessage,
-    RetryActivity,
-    SecurityError,
-    TokenError,
-    TransportError,
-    UserError,
-)
-from .security import MessageSigner
+from ._dedupe import DedupeStore, InMemoryDedupeStore
+from ._events import EventCallback, EventReporter
+from ._hop import Hop, admit
+from ._outcome import SIGNALS, Fault, Outcome, Reject, Skip, classify, completed, describe
+from ._settle import WorkerStats, refuse, settle
+from .activity import DEFAULT_TIMEOUT, Activity, ActivityContext, ActivityFunc, as_activity
+from .approval import WaitingStore
+from .exceptions import DuplicateMessage, ReplayedMessage, SecurityError, TokenError, TransportError, UserError
+from .security import MessageSecurity, MessageSigner
 from .settings import Settings
-from .transports.base import REASON_HEADER, SOURCE_HEADER, Consumer, Delivery, SharedStores, Transport
+from .transports.base import Consumer, Delivery, SharedStores, Transport
 
 __all__ = ("DedupeStore", "InMemoryDedupeStore", "MessageSecurity", "Worker", "WorkerStats")
 
 logger = logging.getLogger("paigeant_ai.worker")
-
-_NON_RETRYABLE: tuple[type[BaseException], ...] = (NonRetryableError, PydanticAIUserError, UsageLimitExceeded)
-
-EventCallback = Callable[[WorkflowEvent], Awaitable[None] | None]
-
-
-class DedupeStore(Protocol):
-    """Remembers which steps completed, so a redelivered step is not run again."""
-
-    async def is_done(self, key: str) -> bool: ...
-
-    async def mark_done(self, key: str) -> None: ...
-
-
-class MessageSecurity(Protocol):
-    """Signs what a worker or dispatcher sends and verifies what a worker receives."""
-
-    def signature_for(self, body: bytes) -> str | None:
-        """The detached JWS over `body`, a message encoded with no signature; None to send it unsigned."""
-        ...
-
-    async def verify(self, message: PaigeantMessage, spec: ActivitySpec, body: bytes) -> Mapping[str, Any] | None:
-        """Check the signature of `body` (the bytes `message` was read from), replay and the user's token against
-        `spec.required_scopes`.
-
-        Returns:
-            The validated claims of the user's on-behalf-of token, if there is one.
-
-        Raises:
-            SecurityError: With the precise reason; the message is dead-lettered and never run.
-            ReplayedMessage: The hop was already settled: dead-lettered as a replay, or skipped as a duplicate.
-            TokenError: The user's token fails a check: the workflow faults, never retried.
-        """
-        ...
-
-    async def settled(self, message: PaigeantMessage) -> None:
-        """Called once the hop `message` is settled (acked after its successor, retry or fault was published)."""
-        ...
-
-
-class InMemoryDedupeStore:
-    """The steps this process completed, the most recent `max_keys` of them."""
-
-    def __init__(self, max_keys: int = 10_000) -> None:
-        self.max_keys = max_keys
-        self._keys: OrderedDict[str, None] = OrderedDict()
-
-    async def is_done(self, key: str) -> bool:
-        return key in self._keys
-
-    async def mark_done(self, key: str) -> None:
-        self._keys[key] = None
-        if len(self._keys) > self.max_keys:
-            self._keys.popitem(last=False)
-
-
-@dataclass(slots=True)
-class WorkerStats:
-    """Counters of what a worker did since it started."""
-
-    completed_steps: int = 0
-    completed_workflows: int = 0
-    retried: int = 0
-    faulted: int = 0
-    rejected: int = 0
-    duplicates: int = 0
-    parked: int = 0
-
-
-class _Settled(Exception):
-    """The delivery was settled (dead-lettered) while the hop was prepared."""
 
 
 class Worker:
@@ -165,12 +83,7 @@ class Worker:
             raise UserError("a Worker needs at least one activity")
         settings = Settings.from_env()
         self.transport = transport
-        self.activities: dict[str, Activity] = {}
-        for item in activities:
-            act = as_activity(item)
-            if act.spec.name in self.activities:
-                raise UserError(f"two activities are named {act.spec.name!r}; activity names must be unique")
-            self.activities[act.spec.name] = act
+        self.activities = _by_name(activities)
         self.concurrency = settings.concurrency if concurrency is None else concurrency
         if self.concurrency < 1:
             raise UserError("concurrency must be at least 1")
@@ -181,14 +94,7 @@ class Worker:
         self.security: MessageSecurity = (
             security if security is not None else MessageSigner.from_settings(transport, allow_unsigned=allow_unsigned)
         )
-        if on_event is None:
-            self._callbacks: list[EventCallback] = []
-        elif callable(on_event):
-            self._callbacks = [on_event]
-        else:
-            self._callbacks = list(on_event)
-        self.publish_events = publish_events
-        self._events = _EventBatcher(transport)
+        self.reporter = EventReporter(transport, on_event, publish=publish_events)
         self.shutdown_timeout = shutdown_timeout
         self.rng = rng or random.Random()
         self.waiting_store = waiting_store
@@ -201,6 +107,11 @@ class Worker:
         self._stop = asyncio.Event()
         self._running = False
         self._background: asyncio.Task[None] | None = None
+
+    @property
+    def publish_events(self) -> bool:
+        """Whether events are published on the transport's `events` address."""
+        return self.reporter.publish
 
     # -- lifecycle -------------------------------------------------------------------------------------------
 
@@ -295,7 +206,7 @@ class Worker:
             for task in unfinished:
                 task.cancel()
             await asyncio.gather(*unfinished, return_exceptions=True)
-        await self._events.flush()
+        await self.reporter.flush()
         for consumer in self._consumers:
             try:
                 await consumer.aclose()
@@ -329,404 +240,92 @@ class Worker:
             # an operator can replay it once the cause is fixed, rather than hold it unsettled forever.
             logger.exception("the worker failed on a delivery from %s; dead-lettering it", delivery.address)
             with contextlib.suppress(Exception):
-                await self.transport.dead_letter(delivery, f"the worker failed on this message: {_describe(exc)}")
+                await self.transport.dead_letter(delivery, f"the worker failed on this message: {describe(exc)}")
         finally:
             self._slots.release()
 
     async def process(self, delivery: Delivery) -> None:
         """Process one delivery end to end and settle it (ack, publish onwards, or dead-letter)."""
         with observability.hop_span(delivery, self.transport.name):
-            await self._process_delivery(delivery)
+            hop = admit(delivery, self.activities, self.max_message_bytes)  # bytes, size, route, expiry
+            if isinstance(hop, Reject):
+                await refuse(delivery, hop, self)
+                return
+            async with self._one_copy_at_a_time(hop.message.idempotency_key):
+                outcome = await self._authorize(hop)  # signature, replay, token, dedupe
+                if outcome is None:
+                    outcome = await self._run(hop)  # timeout, activity span -> advance, end, park, retry, fault
+                await settle(hop, outcome, self)  # the successor made safe, then the ack
 
-    async def _process_delivery(self, delivery: Delivery) -> None:
+    @contextlib.asynccontextmanager
+    async def _one_copy_at_a_time(self, key: str) -> AsyncGenerator[None]:
+        """A second copy of a step in flight here waits for the first, then finds it done (or runs it)."""
+        while (running := self._running_keys.get(key)) is not None:
+            await running.wait()
+        self._running_keys[key] = done = asyncio.Event()
         try:
-            message = await self._decode(delivery)
-            key = message.idempotency_key
-            while (running := self._running_keys.get(key)) is not None:
-                await running.wait()  # a second copy of a step in flight here waits for the first, then dedupes
-            self._running_keys[key] = done = asyncio.Event()
-            try:
-                await self._process(delivery, message)
-            finally:
-                del self._running_keys[key]
-                done.set()
-        except _Settled:
-            pass
+            yield
+        finally:
+            del self._running_keys[key]
+            done.set()
 
-    async def _process(self, delivery: Delivery, message: PaigeantMessage) -> None:
-        spec = message.routing_slip.current_activity
-        activity = self.activities.get(spec.name) if spec is not None else None
-        if spec is None or activity is None:
-            await self._reject(delivery, message, "the workflow has no step left to run")
-            return
-        effective = _effective_spec(activity.spec, spec)
-        claims = await self._verify(delivery, message, effective)
-        observability.continue_trace(message)  # signed as it is: its trace context is trusted from here on
-        if await self.dedupe.is_done(message.idempotency_key):
-            await self._skip(delivery, message, "already completed (redelivery)")
-            return
-        ctx = ActivityContext(message=message, spec=effective, obo_claims=claims)
-        started = datetime.now(UTC)
-        await self._emit("step_started", message)
+    async def _authorize(self, hop: Hop) -> Outcome | None:
+        """None when the hop may run (its token's claims then in `hop.claims`); else how it ends."""
+        refused: TokenError | None = None
+        try:
+            hop.claims = await self.security.verify(hop.message, hop.spec, hop.delivery.body)
+            observability.continue_trace(hop.message)  # signed as it is: its trace context is trusted from here on
+        except DuplicateMessage:
+            observability.continue_trace(hop.message)  # the signature held: only the hop is old
+            # Not an attack: the hop produced again, and signed, by an upstream step that re-ran after a crash.
+            return Skip("already settled (duplicate)")
+        except ReplayedMessage as exc:
+            observability.continue_trace(hop.message)  # the signature held: only the hop is old
+            # The broker's own redelivery of a hop settled here (its ack was lost) ran once; any other copy is a replay.
+            return (
+                Skip("already settled (duplicate)")
+                if hop.delivery.redelivered
+                else Reject(f"security check failed: {exc}")
+            )
+        except TokenError as exc:
+            observability.continue_trace(hop.message)  # the signature held: only the token is refused
+            refused = exc  # unless the step ran while the token was still valid, the workflow faults
+        except SecurityError as exc:
+            return Reject(f"security check failed: {exc}")
+        if await self.dedupe.is_done(hop.message.idempotency_key):
+            return Skip("already completed (redelivery)")
+        return Fault(str(refused)) if refused is not None else None
+
+    async def _run(self, hop: Hop) -> Outcome:
+        """Run the step with its timeout, in its span; what it did, as an outcome."""
+        hop.ctx = ctx = ActivityContext(message=hop.message, spec=hop.spec, obo_claims=hop.claims)
+        hop.started = datetime.now(UTC)
+        await self.reporter.report("step_started", hop.message)
         try:
             with observability.activity_span(ctx):
-                async with asyncio.timeout(effective.timeout or DEFAULT_TIMEOUT):
-                    update = await activity.run(ctx)
-            if update is not None and not isinstance(update, dict):
-                update = to_payload_update(update, effective.name, effective.name)
-        except EndWorkflow as exc:
-            await self._end(delivery, message, started, exc)
-            return
-        except ParkWorkflow as signal:
-            await self._park(delivery, message, ctx, started, signal)
-            return
-        except _NON_RETRYABLE as exc:
-            await self._fault(delivery, message, started, _describe(exc))
-            return
-        except RetryActivity as exc:
-            await self._retry_or_fault(delivery, message, effective.retry, started, _describe(exc), exc.delay)
-            return
-        except TimeoutError as exc:
-            reason = f"timed out after {effective.timeout or DEFAULT_TIMEOUT:g}s" if not str(exc) else _describe(exc)
-            await self._retry_or_fault(delivery, message, effective.retry, started, reason, None)
-            return
+                async with asyncio.timeout(hop.spec.timeout or DEFAULT_TIMEOUT):
+                    output = await hop.activity.run(ctx)
         except Exception as exc:
-            logger.warning("step %s of %s failed: %s", spec.name, message.correlation_id, _describe(exc))
-            await self._retry_or_fault(delivery, message, effective.retry, started, _describe(exc), None)
-            return
-        except asyncio.CancelledError:
+            if not isinstance(exc, SIGNALS):
+                logger.warning("step %s of %s failed: %s", hop.spec.name, hop.message.correlation_id, describe(exc))
+            return classify(exc, hop.spec, hop.message.attempt)
+        except asyncio.CancelledError as exc:
             task = asyncio.current_task()
             if task is not None and task.cancelling():
                 raise  # the worker is stopping: leave the delivery unacked for another worker
-            # The activity raised it on its own (a cancelled inner call): a failure like any other.
-            await self._retry_or_fault(delivery, message, effective.retry, started, "cancelled from inside", None)
-            return
-        update = update or {}
-        encoded = encode_output(update)
-        try:
-            check_finite_json(encoded, update, "its output")
-        except NonFiniteNumber as exc:
-            await self._fault(delivery, message, started, str(exc))
-            return
-        projected = len(delivery.body) + len(encoded) + _LOG_ENTRY_BYTES
-        if projected > self.max_message_bytes:  # fault now, while the slip still shows this step as current
-            reason = (
-                f"its output would make the next message about {projected} bytes, over the limit of "
-                f"{self.max_message_bytes}; store large outputs elsewhere and put a reference in the payload"
-            )
-            await self._fault(delivery, message, started, reason)
-            return
-        await self._apply_revisions(message, ctx)
-        message.resume = None  # the step is done; the next one starts afresh
-        try:
-            await self._advance(delivery, message, update, started)
-        except (MessageTooLarge, NonFiniteNumber) as exc:  # the exact checks of the seal: nothing was sent
-            await self._fault(delivery, message, started, str(exc), name=spec.name)
-
-    async def _decode(self, delivery: Delivery) -> PaigeantMessage:
-        if len(delivery.body) > self.max_message_bytes:
-            await self._reject(
-                delivery,
-                None,
-                f"message too large: {len(delivery.body)} bytes, the limit is {self.max_message_bytes}",
-            )
-        try:
-            message = PaigeantMessage.from_json(delivery.body)
-        except InvalidMessage as exc:
-            await self._reject(delivery, None, str(exc))
-        current = message.routing_slip.current
-        if current != delivery.address:
-            await self._reject(
-                delivery,
-                message,
-                f"misrouted: the message is for step {current!r} but arrived on {delivery.address!r}",
-            )
-        if current not in self.activities:
-            known = ", ".join(sorted(self.activities))
-            await self._reject(delivery, message, f"unknown activity {current!r}; this worker runs: {known}")
-        if message.expires_at is not None and message.expires_at < datetime.now(UTC):
-            await self._reject(delivery, message, f"expired at {message.expires_at.isoformat()}")
-        return message
-
-    async def _reject(self, delivery: Delivery, message: PaigeantMessage | None, reason: str) -> NoReturn:
-        self.stats.rejected += 1
-        logger.warning("dead-lettering a message from %s: %s", delivery.address, reason)
-        await self.transport.dead_letter(delivery, reason)
-        # Nothing in a refused message is trusted: its event names no workflow, so it cannot change one's status.
-        await self._emit("rejected", None, detail=reason, activity=delivery.address)
-        raise _Settled
-
-    async def _verify(
-        self, delivery: Delivery, message: PaigeantMessage, spec: ActivitySpec
-    ) -> Mapping[str, Any] | None:
-        """The token's claims once the message passed every check; a refusal settles the delivery."""
-        try:
-            return await self.security.verify(message, spec, delivery.body)
-        except ReplayedMessage as exc:
-            observability.continue_trace(message)  # the signature held: only the hop is old
-            if exc.same_content and not delivery.redelivered:
-                await self._reject(delivery, message, f"security check failed: {exc}")
-            # Not an attack: the broker's own redelivery of a hop settled here (its ack was lost), or the hop
-            # produced again, and signed, by an upstream step that re-ran after a crash. It ran once; skip it.
-            await self._skip(delivery, message, "already settled (duplicate)")
-        except TokenError as exc:
-            observability.continue_trace(message)  # the signature held: only the token is refused
-            if await self.dedupe.is_done(message.idempotency_key):  # it ran while the token was still valid
-                await self._skip(delivery, message, "already completed (redelivery)")
-            else:
-                await self._fault(delivery, message, datetime.now(UTC), str(exc))
-        except SecurityError as exc:
-            await self._reject(delivery, message, f"security check failed: {exc}")
-        raise _Settled
-
-    async def _skip(self, delivery: Delivery, message: PaigeantMessage, reason: str) -> None:
-        self.stats.duplicates += 1
-        logger.info("step %s of %s %s; skipping it", delivery.address, message.correlation_id, reason)
-        await self._settle(delivery, message)
-        await self._emit("step_skipped", message, detail=reason)
-
-    async def _settle(self, delivery: Delivery, message: PaigeantMessage) -> None:
-        """Ack the delivery, then let security remember the hop so that a replay of it is refused."""
-        await self.transport.ack(delivery)
-        await self.security.settled(message)
-
-    async def _advance(
-        self, delivery: Delivery, message: PaigeantMessage, update: dict[str, Any], started: datetime
-    ) -> None:
-        name = message.routing_slip.current or ""
-        key, attempt = message.idempotency_key, message.attempt
-        message.payload.update(update)
-        entry = message.routing_slip.mark_complete(name, attempt=attempt, started_at=started, output_keys=list(update))
-        if message.routing_slip.is_complete:
-            self._check_final(message)
-        else:
-            hop = message.next_hop()
-            body = self._seal(hop)
-            await self.transport.publish(hop.routing_slip.current or "", body, headers=dict(hop.headers))
-        await self._step_done(delivery, message, key, entry)
-
-    async def _end(self, delivery: Delivery, message: PaigeantMessage, started: datetime, signal: EndWorkflow) -> None:
-        name = message.routing_slip.current or delivery.address
-        key, attempt = message.idempotency_key, message.attempt
-        try:
-            update = to_payload_update(signal.output, name, name)
-        except NonRetryableError as exc:
-            await self._fault(delivery, message, started, str(exc))
-            return
-        message.payload.update(update)
-        entry = message.routing_slip.mark_ended(
-            name, attempt=attempt, started_at=started, reason=signal.reason, output_keys=list(update)
-        )
-        await self._step_done(delivery, message, key, entry)
-
-    async def _step_done(self, delivery: Delivery, message: PaigeantMessage, key: str, entry: ActivityLogEntry) -> None:
-        """Report the completed step, remember it and ack; a workflow's last step reports its result first."""
-        finished = message.routing_slip.is_complete
-        fields: dict[str, Any] = {"activity": entry.name, "step": entry.step, "attempt": entry.attempt}
-        # The result of a finished workflow lives only in its `completed` event: it is safely published before
-        # the ack, so a crash in between runs the last step again rather than losing the result.
-        self.stats.completed_steps += 1  # counted first, so that a callback reading the stats sees this step
-        self.stats.completed_workflows += finished
-        await self._emit("step_completed", message, duration=entry.duration, at=entry.finished_at, **fields)
-        if finished:
-            detail = entry.error if entry.outcome == "ended" else None
-            await self._emit("completed", message, detail=detail, payload=dict(message.payload), now=True, **fields)
-        await self.dedupe.mark_done(key)
-        await self._settle(delivery, message)
-
-    async def _apply_revisions(self, message: PaigeantMessage, ctx: ActivityContext) -> None:
-        """Log the route changes the step made in the slip, so the message goes to the revised next step."""
-        for revision in ctx.revisions:
-            message.routing_slip.revise(revision)
-            await self._emit("revised", message, detail=revision.summary)
-
-    async def _park(
-        self,
-        delivery: Delivery,
-        message: PaigeantMessage,
-        ctx: ActivityContext,
-        started: datetime,
-        signal: ParkWorkflow,
-    ) -> None:
-        """Store the step with what it waits for, then ack: `WorkflowDispatcher.resume` publishes it again."""
-        if self.waiting_store is None:
-            reason = f"the step is {signal}, but the worker has no waiting store (pass Worker(waiting_store=...))"
-            await self._fault(delivery, message, started, reason)
-            return
-        await self._apply_revisions(message, ctx)
-        parked = ParkedStep.from_signal(message, signal)
-        # The resume, however late, continues this hop's trace.
-        parked.message.headers = observability.inject_context(parked.message.headers, message.correlation_id)
-        await self.waiting_store.put(parked)
-        await self._settle(delivery, message)
-        self.stats.parked += 1
-        await self._emit("waiting", message, detail=parked.describe())
-
-    def _seal(self, message: PaigeantMessage) -> bytes:
-        """The bytes of `message`, signed, with this hop's trace context (see `paigeant_ai._sealing`)."""
-        return seal(message, self.security, max_bytes=self.max_message_bytes)
-
-    def _check_final(self, message: PaigeantMessage) -> None:
-        """A finished workflow's result goes out in its `completed` event: it must be one a hop could carry."""
-        size = len(unsigned_body(message))
-        if size > self.max_message_bytes:
-            raise too_large(size, self.max_message_bytes)
-
-    async def _retry_or_fault(
-        self,
-        delivery: Delivery,
-        message: PaigeantMessage,
-        policy: RetryPolicy | None,
-        started: datetime,
-        reason: str,
-        delay: float | None,
-    ) -> None:
-        policy = policy or RetryPolicy()
-        next_attempt = message.attempt + 1
-        if next_attempt >= policy.max_attempts:
-            attempts = "1 attempt" if policy.max_attempts == 1 else f"{policy.max_attempts} attempts"
-            await self._fault(delivery, message, started, f"retries exhausted after {attempts}: {reason}")
-            return
-        wait = policy.delay_before(next_attempt, self.rng) if delay is None else delay
-        retry = message.next_hop(attempt=next_attempt)
-        await self.transport.publish(delivery.address, self._seal(retry), headers=dict(retry.headers), delay=wait)
-        await self._settle(delivery, message)
-        self.stats.retried += 1
-        await self._emit("step_retried", message, detail=f"{reason}; attempt {next_attempt + 1} in {wait:.2f}s")
-
-    async def _fault(
-        self, delivery: Delivery, message: PaigeantMessage, started: datetime, reason: str, *, name: str | None = None
-    ) -> None:
-        name = name or message.routing_slip.current or delivery.address
-        message.routing_slip.mark_failed(name, attempt=message.attempt, started_at=started, error=reason)
-        detail = f"step {name!r} failed: {reason}"
-        headers = {**message.headers, REASON_HEADER: detail[:2000], SOURCE_HEADER: delivery.address}
-        copy = message.next_hop(attempt=message.attempt)
-        try:
-            body = self._seal(copy)  # a replay continues this hop's trace
-        except (MessageTooLarge, NonFiniteNumber) as exc:
-            # The failed step's log entry tipped it over (or it carries what cannot be sent): keep the bytes as
-            # they arrived instead, with the reason, so that nothing is lost.
-            logger.warning("dead-lettering %s as it arrived: %s", message.correlation_id, exc)
-            await self.transport.dead_letter(delivery, detail[:2000])
-            await self.security.settled(message)
-        else:
-            await self.transport.publish(DEAD_LETTER, body, headers=headers)
-            await self._settle(delivery, message)
-        self.stats.faulted += 1
-        logger.warning("workflow %s faulted: %s", message.correlation_id, detail)
-        await self._emit("step_failed", message, activity=name, detail=reason)
-        await self._emit("faulted", message, activity=name, detail=detail)
-
-    # -- events ----------------------------------------------------------------------------------------------
-
-    async def _emit(self, kind: Any, message: PaigeantMessage | None, *, now: bool = False, **fields: Any) -> None:
-        """Report an event to the callbacks, the hop's span and (batched, or at once with `now`) the broker."""
-        values: dict[str, Any] = {**_EVENT_DEFAULTS, "kind": kind, "at": datetime.now(UTC)}
-        if message is not None:
-            values["correlation_id"] = message.correlation_id
-            values["activity"] = message.routing_slip.current
-            values["step"] = message.step
-            values["attempt"] = message.attempt
-            values["message_id"] = message.message_id
-            values["remaining"] = [spec.name for spec in message.routing_slip.itinerary]
-        values.update(fields)
-        if self.publish_events and now:
-            await self._events.flush()  # keep the workflow's events in order
-            await self.transport.publish(EVENTS, to_json([values]))
-        elif self.publish_events:
-            self._events.add(values)
-        if not self._callbacks and not observability.tracing_enabled():
-            return  # nobody here reads the event: building the model on every hop would only cost time
-        # Every field comes from the worker's own, already valid values: no need to validate them again.
-        event = WorkflowEvent.model_construct(**values)
-        observability.record_event(event)
-        for callback in self._callbacks:
-            try:
-                result = callback(event)
-                if inspect.isawaitable(result):
-                    await result
-            except Exception:
-                logger.exception("an on_event callback failed for %s", kind)
+            return classify(exc, hop.spec, hop.message.attempt)
+        return completed(output, hop.spec, len(hop.delivery.body), self.max_message_bytes)
 
 
-_EVENT_DEFAULTS: dict[str, Any] = {
-    name: field.default
-    for name, field in WorkflowEvent.model_fields.items()
-    if not field.is_required() and field.default_factory is None
-} | {"correlation_id": None}
-
-
-_LOG_ENTRY_BYTES = 512
-"""About what a step's log entry and new ids add to a message."""
-
-
-class _EventBatcher:
-    """Publishes events in batches (one message a batch), off the hop's path.
-
-    A hop reports two or three events; publishing each on its own would cost as many broker round trips as the
-    step itself. Events are a projection, not part of the workflow: a batch that cannot be published is logged
-    and dropped, and at most `interval` seconds of events are lost when a process dies.
-    """
-
-    def __init__(self, transport: Transport, *, interval: float = 0.05, max_batch: int = 500) -> None:
-        self.transport = transport
-        self.interval = interval
-        self.max_batch = max_batch
-        self._pending: list[dict[str, Any]] = []
-        self._task: asyncio.Task[None] | None = None
-        self._full = asyncio.Event()
-
-    def add(self, event: dict[str, Any]) -> None:
-        """Queue an event, given as the values of a `WorkflowEvent`."""
-        self._pending.append(event)
-        if len(self._pending) >= self.max_batch:
-            self._full.set()
-        if self._task is None or self._task.done():
-            self._task = asyncio.create_task(self._run(), name="paigeant-events")
-
-    async def _run(self) -> None:
-        while self._pending:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._full.wait(), self.interval)
-            await self._publish()
-
-    async def _publish(self) -> None:
-        batch, self._pending = self._pending, []
-        self._full.clear()
-        if not batch:
-            return
-        try:
-            await self.transport.publish(EVENTS, to_json(batch))  # the JSON array `decode_events` reads
-        except Exception:
-            logger.warning("could not publish %d workflow events", len(batch), exc_info=True)
-
-    async def flush(self) -> None:
-        """Publish what is waiting, now."""
-        if self._task is not None and not self._task.done():
-            self._full.set()
-            await asyncio.gather(self._task, return_exceptions=True)
-        await self._publish()
+def _by_name(activities: Sequence[Activity | ActivityFunc]) -> dict[str, Activity]:
+    by_name: dict[str, Activity] = {}
+    for item in activities:
+        act = as_activity(item)
+        if act.spec.name in by_name:
+            raise UserError(f"two activities are named {act.spec.name!r}; activity names must be unique")
+        by_name[act.spec.name] = act
+    return by_name
 
 
 def _default_dedupe(transport: Transport) -> DedupeStore:
     return transport.dedupe_store() if isinstance(transport, SharedStores) else InMemoryDedupeStore()
-
-
-def _effective_spec(own: ActivitySpec, wire: ActivitySpec) -> ActivitySpec:
-    """The worker's spec, with the workflow's explicit overrides and the union of required scopes."""
-    if wire.retry is None and wire.timeout is None and not wire.arguments and not wire.required_scopes:
-        return own  # the usual case: nothing overridden
-    return own.model_copy(
-        update={
-            "arguments": {**own.arguments, **wire.arguments},
-            "retry": wire.retry or own.retry,
-            "timeout": wire.timeout or own.timeout,
-            "required_scopes": tuple(dict.fromkeys((*own.required_scopes, *wire.required_scopes))),
-        }
-    )
-
-
-def _describe(exc: BaseException) -> str:
-    text = str(exc)
-    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__

@@ -79,7 +79,9 @@ class Support:
             raise CallDeferred(metadata={"system": "billing"})
 
         agent = Agent(self.script.model, name="draft-reply", toolsets=[tools])
-        self.step = AgentActivity(agent, prompt="Answer: {ticket}", output_key="reply", revision=self.revision)
+        self.step = AgentActivity(
+            agent, prompt="Answer: {ticket}", output_key="reply", toolsets=[self.revision] if self.revision else []
+        )
 
 
 SEND = call("send_reply", {"text": "Your login works again."}, tool_call_id="send-1")

@@ -243,7 +243,7 @@ workflow wf-failed: completed
     <time> +<s>  step_started    step 1 create-account
     <time> +<s>  step_failed     step 1 create-account: NonRetryableError: address refused
     <time> +<s>  faulted         step 1 create-account: step 'create-account' failed: NonRetryableError: address refused
-    <time> +<s>  resumed         step 1 create-account: replayed from the dead-letter queue
+    <time> +<s>  replayed        step 1 create-account: from the dead-letter queue
     <time> +<s>  step_started    step 1 create-account (attempt 2)
     <time> +<s>  step_completed  step 1 create-account (attempt 2) in <s>
     <time> +<s>  completed       step 1 create-account

@@ -14,6 +14,7 @@ PUBLIC = (
     "AgentActivity",
     "CatalogEntry",
     "DispatchedWorkflow",
+    "DuplicateMessage",
     "EndWorkflow",
     "FunctionActivity",
     "InMemoryTransport",

@@ -87,7 +87,7 @@ async def run_workflow(
     script = Script(turns)
     triage = AgentActivity(
         Agent(script.model, name="triage"),
-        revision=ItineraryRevision(catalog, max_revisions=max_revisions, forbidden={"refund-payment"}),
+        toolsets=[ItineraryRevision(catalog, max_revisions=max_revisions, forbidden={"refund-payment"})],
         retry=retry,
     )
     notify = FunctionActivity(lambda ctx: None, name="notify-team")

@@ -160,7 +160,7 @@ class RoundTrip:
 
         self.dispatcher = WorkflowDispatcher(self.transport, security=signer())
         self.worker = Worker(self.transport, [echo, activity(name="check")(_check)], security=signer())
-        self.worker._callbacks.append(self._on_event)
+        self.worker.reporter.callbacks.append(self._on_event)
         self.runner.run(self.transport.connect())
         self.task = self.runner.get_loop().create_task(self.worker.run())
 

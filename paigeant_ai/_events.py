@@ -1,0 +1,180 @@
+"""The one event reporter: what the worker, the dispatcher and the command line tell about a workflow.
+
+An event goes to three places: the `on_event` callbacks of the process, the span of the hop that produced it
+(see `observability.record_event`), and (unless publishing is off) the transport's `events` address, where a
+`WorkflowProjector` in any process feeds them to a `WorkflowStore`.
+
+Events are a projection, not part of the workflow. A worker batches them off the hop's path; an event that must
+be safe before a hop is acked (the `completed` event, the only home of a workflow's result) is published at once,
+after the batch before it so that the workflow's events stay in order.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import inspect
+import logging
+from collections.abc import Awaitable, Callable, Sequence
+from datetime import UTC, datetime
+from typing import Any
+
+from pydantic_core import to_json
+
+from . import observability
+from .contracts import EVENTS, EventKind, PaigeantMessage, WorkflowEvent
+from .transports.base import Transport
+
+__all__ = ("EventCallback", "EventReporter")
+
+logger = logging.getLogger("paigeant_ai.events")
+
+EventCallback = Callable[[WorkflowEvent], Awaitable[None] | None]
+"""Called, sync or async, with every event a worker or dispatcher reports."""
+
+_DEFAULTS: dict[str, Any] = {
+    name: field.default
+    for name, field in WorkflowEvent.model_fields.items()
+    if not field.is_required() and field.default_factory is None
+} | {"correlation_id": None}
+
+
+class EventReporter:
+    """Reports events to callbacks, the current hop's span and the broker.
+
+    Args:
+        transport: Where events are published.
+        on_event: A callback or callbacks for every event.
+        publish: Publish events on the transport's `events` address.
+        batched: Gather events and publish them a batch at a time (a worker); otherwise each is published at
+            once, and a failure to publish is logged (a dispatcher, the command line).
+        on_span: Note each event on the span of the hop that runs (a worker's own events). A dispatcher's are
+            not: one called inside a step reports another workflow, which is not that hop's.
+    """
+
+    def __init__(
+        self,
+        transport: Transport,
+        on_event: EventCallback | Sequence[EventCallback] | None = None,
+        *,
+        publish: bool = True,
+        batched: bool = True,
+        on_span: bool = True,
+    ) -> None:
+        self.transport = transport
+        if on_event is None:
+            self.callbacks: list[EventCallback] = []
+        elif callable(on_event):
+            self.callbacks = [on_event]
+        else:
+            self.callbacks = list(on_event)
+        self.publish = publish
+        self._batch = _EventBatcher(transport) if batched else None
+        self.on_span = on_span
+
+    async def report(
+        self, kind: EventKind, message: PaigeantMessage | None, *, now: bool = False, **fields: Any
+    ) -> None:
+        """Report an event about `message` (None: a message nothing of which is trusted).
+
+        Args:
+            kind: What happened.
+            message: The hop it happened to; its workflow, step, attempt and route fill the event.
+            now: Publish it before returning (after what is batched), raising `TransportError` on failure.
+            **fields: Other `WorkflowEvent` fields, over those taken from `message`.
+        """
+        values: dict[str, Any] = {**_DEFAULTS, "kind": kind, "at": datetime.now(UTC)}
+        if message is not None:
+            values["correlation_id"] = message.correlation_id
+            values["activity"] = message.routing_slip.current
+            values["step"] = message.step
+            values["attempt"] = message.attempt
+            values["message_id"] = message.message_id
+            values["remaining"] = [spec.name for spec in message.routing_slip.itinerary]
+        values.update(fields)
+        if self.publish:
+            await self._publish(values, now=now)
+        on_span = self.on_span and observability.tracing_enabled()
+        if not self.callbacks and not on_span:
+            return  # nobody here reads the event: building the model on every hop would only cost time
+        # Every field comes from the reporter's own, already valid values: no need to validate them again.
+        event = WorkflowEvent.model_construct(**values)
+        if on_span:
+            observability.record_event(event)
+        for callback in self.callbacks:
+            try:
+                result = callback(event)
+                if inspect.isawaitable(result):
+                    await result
+            except Exception:
+                logger.exception("an on_event callback failed for the %s event of %s", kind, event.correlation_id)
+
+    async def _publish(self, values: dict[str, Any], *, now: bool) -> None:
+        if self._batch is not None and not now:
+            self._batch.add(values)
+            return
+        if self._batch is not None:
+            await self._batch.flush()  # keep the workflow's events in order
+            await self.transport.publish(EVENTS, to_json([values]))
+            return
+        try:
+            await self.transport.publish(EVENTS, to_json([values]))
+        except Exception:
+            if now:
+                raise
+            logger.warning(
+                "could not publish the %s event of %s", values["kind"], values["correlation_id"], exc_info=True
+            )
+
+    async def flush(self) -> None:
+        """Publish what is waiting in the batch, now."""
+        if self._batch is not None:
+            await self._batch.flush()
+
+
+class _EventBatcher:
+    """Publishes events in batches (one message a batch), off the hop's path.
+
+    A hop reports two or three events; publishing each on its own would cost as many broker round trips as the
+    step itself. A batch that cannot be published is logged and dropped, and at most `interval` seconds of
+    events are lost when a process dies.
+    """
+
+    def __init__(self, transport: Transport, *, interval: float = 0.05, max_batch: int = 500) -> None:
+        self.transport = transport
+        self.interval = interval
+        self.max_batch = max_batch
+        self._pending: list[dict[str, Any]] = []
+        self._task: asyncio.Task[None] | None = None
+        self._full = asyncio.Event()
+
+    def add(self, event: dict[str, Any]) -> None:
+        """Queue an event, given as the values of a `WorkflowEvent`."""
+        self._pending.append(event)
+        if len(self._pending) >= self.max_batch:
+            self._full.set()
+        if self._task is None or self._task.done():
+            self._task = asyncio.create_task(self._run(), name="paigeant-events")
+
+    async def _run(self) -> None:
+        while self._pending:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._full.wait(), self.interval)
+            await self._publish()
+
+    async def _publish(self) -> None:
+        batch, self._pending = self._pending, []
+        self._full.clear()
+        if not batch:
+            return
+        try:
+            await self.transport.publish(EVENTS, to_json(batch))  # the JSON array `decode_events` reads
+        except Exception:
+            logger.warning("could not publish %d workflow events", len(batch), exc_info=True)
+
+    async def flush(self) -> None:
+        """Publish what is waiting, now."""
+        if self._task is not None and not self._task.done():
+            self._full.set()
+            await asyncio.gather(self._task, return_exceptions=True)
+        await self._publish()

@@ -1,0 +1,255 @@
+"""The last stage of a hop: act on its `Outcome`, and settle the delivery.
+
+The worker's one invariant lives here, in `settle`, and nowhere else: nothing is acked before its successor is
+safe with the broker. What "successor" means depends on the outcome (see `paigeant_ai._outcome`):
+
+- `Advance`: the next step's message, or, for the last step, the workflow's `completed` event (the only home of
+  its result); then the step is remembered in the dedupe store.
+- `End`: the `completed` event.
+- `Park`: the parked record, in the waiting store.
+- `Retry`: the next attempt's message, published with its delay.
+- `Fault`: the copy with the reason, on the dead-letter queue.
+- `Skip`: none; the hop already ran.
+- `Reject`: the delivery itself, moved to the dead-letter queue as it arrived (`Transport.dead_letter`).
+
+Each is published and confirmed by the transport before the ack. A crash in between leaves the delivery with the
+broker, which hands it out again: the step may run a second time (which `ctx.idempotency_key` and the dedupe store
+are for), but nothing is lost.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from dataclasses import dataclass, replace
+from typing import Any, Protocol
+
+from . import observability
+from ._dedupe import DedupeStore
+from ._events import EventReporter
+from ._hop import Hop
+from ._outcome import Advance, End, Fault, Outcome, Park, Reject, Retry, Skip
+from ._sealing import NonFiniteNumber, seal, too_large, unsigned_body
+from .approval import ParkedStep, WaitingStore
+from .contracts import DEAD_LETTER, ActivityLogEntry, PaigeantMessage, RetryPolicy
+from .exceptions import MessageTooLarge
+from .security import MessageSecurity
+from .transports.base import REASON_HEADER, SOURCE_HEADER, Delivery, Transport
+
+__all__ = ("SettleDeps", "WorkerStats", "refuse", "settle")
+
+logger = logging.getLogger("paigeant_ai.worker")
+
+
+@dataclass(slots=True)
+class WorkerStats:
+    """Counters of what a worker did since it started."""
+
+    completed_steps: int = 0
+    completed_workflows: int = 0
+    retried: int = 0
+    faulted: int = 0
+    rejected: int = 0
+    duplicates: int = 0
+    parked: int = 0
+
+
+class SettleDeps(Protocol):
+    """What settling needs of the worker."""
+
+    @property
+    def transport(self) -> Transport: ...
+    @property
+    def security(self) -> MessageSecurity: ...
+    @property
+    def dedupe(self) -> DedupeStore: ...
+    @property
+    def waiting_store(self) -> WaitingStore | None: ...
+    @property
+    def reporter(self) -> EventReporter: ...
+    @property
+    def stats(self) -> WorkerStats: ...
+    @property
+    def rng(self) -> random.Random: ...
+    @property
+    def max_message_bytes(self) -> int: ...
+
+
+async def settle(hop: Hop, outcome: Outcome, deps: SettleDeps) -> None:
+    """Make the successor of `hop` safe with the broker, then ack the delivery, then report how it ended.
+
+    The one place a hop's delivery is acked: the successor of every outcome (see the module's docstring) is
+    confirmed by the transport first, so a crash at any point loses nothing.
+    """
+    if isinstance(outcome, Reject):
+        await refuse(hop.delivery, outcome, deps)
+        return
+    outcome, as_arrived = await _secure_successor(hop, outcome, deps)
+    if as_arrived is None:
+        await deps.transport.ack(hop.delivery)
+    else:  # the fault's copy could not be sealed: the bytes as they arrived are the copy, moved and settled at once
+        await deps.transport.dead_letter(hop.delivery, as_arrived)
+    await deps.security.settled(hop.message)  # only now is another copy of this hop a replay
+    await _report(hop, outcome, deps)
+
+
+async def refuse(delivery: Delivery, outcome: Reject, deps: SettleDeps) -> None:
+    """Dead-letter a delivery nothing of which is trusted, as it arrived."""
+    deps.stats.rejected += 1
+    logger.warning("dead-lettering a message from %s: %s", delivery.address, outcome.reason)
+    await deps.transport.dead_letter(delivery, outcome.reason)
+    # Nothing in a refused message is trusted: its event names no workflow, so it cannot change one's status.
+    await deps.reporter.report("rejected", None, detail=outcome.reason, activity=delivery.address)
+
+
+async def _secure_successor(hop: Hop, outcome: Outcome, deps: SettleDeps) -> tuple[Outcome, str | None]:
+    """Publish what follows `hop`; the outcome as settled, and the reason to dead-letter the delivery as it arrived
+    (None: ack it). An outcome whose successor cannot be sent becomes a `Fault`."""
+    match outcome:
+        case Advance() | End():
+            try:
+                await _complete_step(hop, outcome, deps)
+            except (MessageTooLarge, NonFiniteNumber) as exc:  # the exact checks of the seal: nothing was sent
+                return await _secure_successor(hop, Fault(str(exc)), deps)
+        case Park():
+            store = deps.waiting_store
+            if store is None:
+                reason = f"the step is {outcome.signal}, but the worker has no waiting store"
+                reason += " (pass Worker(waiting_store=...))"
+                return await _secure_successor(hop, Fault(reason), deps)
+            return replace(outcome, detail=await _park(hop, outcome, store, deps)), None
+        case Retry():
+            return await _publish_retry(hop, outcome, deps), None
+        case Fault():
+            return outcome, await _publish_fault(hop, outcome, deps)
+        case Skip() | Reject():
+            pass
+    return outcome, None
+
+
+async def _complete_step(hop: Hop, outcome: Advance | End, deps: SettleDeps) -> None:
+    """Log the step in the slip and send on what follows it; report it, and remember it as done."""
+    message, key = hop.message, hop.message.idempotency_key  # the key of this step, before the slip moves on
+    keys = list(outcome.update)
+    if isinstance(outcome, End):
+        message.payload.update(outcome.update)
+        entry = message.routing_slip.mark_ended(
+            hop.spec.name, attempt=message.attempt, started_at=hop.started, reason=outcome.reason, output_keys=keys
+        )
+    else:
+        await _apply_revisions(hop, deps)
+        message.resume = None  # the step is done; the next one starts afresh
+        message.payload.update(outcome.update)
+        entry = message.routing_slip.mark_complete(
+            hop.spec.name, attempt=message.attempt, started_at=hop.started, output_keys=keys
+        )
+        await _publish_next(message, deps)
+    await _report_step_done(message, entry, deps)
+    await deps.dedupe.mark_done(key)
+
+
+async def _publish_next(message: PaigeantMessage, deps: SettleDeps) -> None:
+    if message.routing_slip.is_complete:
+        # A finished workflow's result goes out in its `completed` event: it must be one a hop could carry.
+        size = len(unsigned_body(message))
+        if size > deps.max_message_bytes:
+            raise too_large(size, deps.max_message_bytes)
+        return
+    hop = message.next_hop()
+    body = seal(hop, deps.security, max_bytes=deps.max_message_bytes)
+    await deps.transport.publish(hop.routing_slip.current or "", body, headers=dict(hop.headers))
+
+
+async def _report_step_done(message: PaigeantMessage, entry: ActivityLogEntry, deps: SettleDeps) -> None:
+    """Report the completed step; a workflow's last step reports its result, safely published before the ack, so
+    that a crash in between runs the last step again rather than losing the result."""
+    finished = message.routing_slip.is_complete
+    fields: dict[str, Any] = {"activity": entry.name, "step": entry.step, "attempt": entry.attempt}
+    deps.stats.completed_steps += 1  # counted first, so that a callback reading the stats sees this step
+    deps.stats.completed_workflows += finished
+    await deps.reporter.report("step_completed", message, duration=entry.duration, at=entry.finished_at, **fields)
+    if finished:
+        detail = entry.error if entry.outcome == "ended" else None
+        await deps.reporter.report(
+            "completed", message, detail=detail, payload=dict(message.payload), now=True, **fields
+        )
+
+
+async def _apply_revisions(hop: Hop, deps: SettleDeps) -> None:
+    """Log the route changes the step made in the slip, so the message goes to the revised next step."""
+    if hop.ctx is not None:
+        for revision in hop.ctx.revisions:
+            hop.message.routing_slip.revise(revision)
+            await deps.reporter.report("revised", hop.message, detail=revision.summary)
+
+
+async def _park(hop: Hop, outcome: Park, store: WaitingStore, deps: SettleDeps) -> str:
+    """Store the step with what it waits for (`WorkflowDispatcher.resume` publishes it again); what it waits for."""
+    await _apply_revisions(hop, deps)
+    parked = ParkedStep.from_signal(hop.message, outcome.signal)
+    # The resume, however late, continues this hop's trace.
+    parked.message.headers = observability.inject_context(parked.message.headers, hop.message.correlation_id)
+    await store.put(parked)
+    return parked.describe()
+
+
+async def _publish_retry(hop: Hop, outcome: Retry, deps: SettleDeps) -> Retry:
+    """Publish the next attempt; the retry with the delay it was given."""
+    policy = hop.spec.retry or RetryPolicy()
+    delay = policy.delay_before(outcome.attempt, deps.rng) if outcome.delay is None else outcome.delay
+    retry = hop.message.next_hop(attempt=outcome.attempt)
+    body = seal(retry, deps.security, max_bytes=deps.max_message_bytes)
+    await deps.transport.publish(hop.delivery.address, body, headers=dict(retry.headers), delay=delay)
+    return replace(outcome, delay=delay)
+
+
+async def _publish_fault(hop: Hop, outcome: Fault, deps: SettleDeps) -> str | None:
+    """Log the failure in the slip and publish the copy for the dead-letter queue; the reason to dead-letter the
+    delivery as it arrived instead, when the copy cannot be sent."""
+    message = hop.message
+    message.routing_slip.mark_failed(
+        hop.spec.name, attempt=message.attempt, started_at=hop.started, error=outcome.reason
+    )
+    detail = _fault_detail(hop, outcome)
+    headers = {**message.headers, REASON_HEADER: detail[:2000], SOURCE_HEADER: hop.delivery.address}
+    copy = message.next_hop(attempt=message.attempt)
+    try:
+        body = seal(copy, deps.security, max_bytes=deps.max_message_bytes)  # a replay continues this hop's trace
+    except (MessageTooLarge, NonFiniteNumber) as exc:
+        # The failed step's log entry tipped it over (or it carries what cannot be sent): keep the bytes as they
+        # arrived instead, with the reason, so that nothing is lost.
+        logger.warning("dead-lettering %s as it arrived: %s", message.correlation_id, exc)
+        return detail[:2000]
+    await deps.transport.publish(DEAD_LETTER, body, headers=headers)
+    return None
+
+
+def _fault_detail(hop: Hop, outcome: Fault) -> str:
+    return f"step {hop.spec.name!r} failed: {outcome.reason}"
+
+
+async def _report(hop: Hop, outcome: Outcome, deps: SettleDeps) -> None:
+    """Count and report a settled hop (a completed step was reported before its ack)."""
+    message, stats, report = hop.message, deps.stats, deps.reporter.report
+    match outcome:
+        case Park():
+            stats.parked += 1
+            await report("waiting", message, detail=outcome.detail)
+        case Retry():
+            stats.retried += 1
+            delay = outcome.delay or 0.0
+            await report(
+                "step_retried", message, detail=f"{outcome.reason}; attempt {outcome.attempt + 1} in {delay:.2f}s"
+            )
+        case Fault():
+            stats.faulted += 1
+            detail = _fault_detail(hop, outcome)
+            logger.warning("workflow %s faulted: %s", message.correlation_id, detail)
+            await report("step_failed", message, activity=hop.spec.name, detail=outcome.reason)
+            await report("faulted", message, activity=hop.spec.name, detail=detail)
+        case Skip():
+            stats.duplicates += 1
+            logger.info("step %s of %s %s; skipping it", hop.delivery.address, message.correlation_id, outcome.reason)
+            await report("step_skipped", message, detail=outcome.reason)
+        case Advance() | End() | Reject():
+            pass
