@@ -7,6 +7,7 @@ its shared stores from `paigeant_ai.transports.redis`, the RabbitMQ transport fr
 
 import logging as _logging
 
+from ._events import WorkflowEvent
 from .activity import Activity, ActivityContext, AgentActivity, FunctionActivity, activity
 from .approval import (
     InMemoryWaitingStore,
@@ -26,7 +27,6 @@ from .contracts import (
     Revision,
     RoutingSlip,
     SecurityContext,
-    WorkflowEvent,
 )
 from .dispatch import WorkflowDispatcher
 from .exceptions import (

@@ -1,4 +1,5 @@
-"""The one event reporter: what the worker, the dispatcher and the command line tell about a workflow.
+"""Workflow events: their wire type (`WorkflowEvent`, published on `events`), and the one reporter that the
+worker, the dispatcher and the command line tell them through.
 
 An event goes to three places: the `on_event` callbacks of the process, the span of the hop that produced it
 (see `observability.record_event`), and (unless publishing is off) the transport's `events` address, where a
@@ -17,15 +18,71 @@ import inspect
 import logging
 from collections.abc import Awaitable, Callable, Sequence
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Literal
 
+from pydantic import Field, JsonValue, TypeAdapter
 from pydantic_core import to_json
 
 from . import observability
-from .contracts import EVENTS, EventKind, PaigeantMessage, WorkflowEvent
+from .contracts import EVENTS, WIRE_VERSION, PaigeantMessage, Wire, utcnow
 from .transports.base import Transport
 
-__all__ = ("EventCallback", "EventReporter")
+EventKind = Literal[
+    "dispatched",
+    "step_started",
+    "step_completed",
+    "step_retried",
+    "step_failed",
+    "step_skipped",
+    "completed",
+    "faulted",
+    "rejected",
+    "revised",
+    "waiting",
+    "resumed",
+    "replayed",
+]
+"""What a `WorkflowEvent` reports; `replayed` is a step sent again from the dead-letter queue."""
+
+
+class WorkflowEvent(Wire):
+    """One thing that happened to a workflow, as workers report it (published on `events`).
+
+    `detail` explains retries, faults and rejections; `payload` is the final payload of a completed workflow.
+    Events never carry tokens or signatures.
+    """
+
+    v: Literal[1] = WIRE_VERSION
+    kind: EventKind
+    correlation_id: str | None
+    activity: str | None = None
+    step: int | None = None
+    attempt: int = 0
+    message_id: str | None = None
+    at: datetime = Field(default_factory=utcnow)
+    detail: str | None = None
+    duration: float | None = None
+    payload: dict[str, JsonValue] | None = None
+    remaining: list[str] | None = None
+    """The names of the steps still to run when it happened, the current one first (`None`: not known)."""
+
+
+_EVENT_BATCH = TypeAdapter(list[WorkflowEvent])
+
+
+def decode_events(body: bytes | str) -> list[WorkflowEvent]:
+    """The events of one `events` message: a JSON array of events, or a single event.
+
+    Raises:
+        ValidationError: The body is neither.
+    """
+    text = body.lstrip()[:1]
+    if text in (b"[", "["):
+        return _EVENT_BATCH.validate_json(body)
+    return [WorkflowEvent.model_validate_json(body)]
+
+
+__all__ = ("EventCallback", "EventKind", "EventReporter", "WorkflowEvent", "decode_events")
 
 logger = logging.getLogger("paigeant_ai.events")
 

@@ -24,8 +24,8 @@ from types import ModuleType
 from typing import Any
 from urllib.parse import urlsplit
 
-from . import __version__, _cli_keys, _cli_workflows
-from .contracts import WorkflowEvent
+from . import __version__, _cli_dead_letters, _cli_keys, _cli_workflows
+from ._events import WorkflowEvent
 from .exceptions import PaigeantError, UserError
 from .security import MessageSigner
 from .settings import Settings
@@ -316,7 +316,8 @@ def _parser() -> argparse.ArgumentParser:
     dispatch.add_argument("activities", nargs="+", help="activity names, in order")
     dispatch.add_argument("--variables", default="{}", help="the initial payload as a JSON object")
 
-    _cli_workflows.add_commands(commands, common)  # status, workflows, dead-letters
+    _cli_workflows.add_commands(commands, common)  # status, workflows
+    _cli_dead_letters.add_command(commands, common)
     _cli_keys.add_commands(commands)  # keys generate
     return parser
 
@@ -389,6 +390,8 @@ def _run(args: argparse.Namespace, settings: dict[str, str]) -> int:
         return asyncio.run(run_dispatch(args.activities, args.variables))
     if args.command in _cli_workflows.COMMANDS:
         return asyncio.run(_cli_workflows.run_command(args))
+    if args.command == "dead-letters":
+        return asyncio.run(_cli_dead_letters.run_command(args))
     return _cli_keys.run_command(args)
 
 

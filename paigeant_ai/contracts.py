@@ -20,7 +20,6 @@ from pydantic import (
     ConfigDict,
     Field,
     JsonValue,
-    TypeAdapter,
     ValidationError,
     model_validator,
 )
@@ -40,9 +39,7 @@ __all__ = (
     "Revision",
     "RoutingSlip",
     "SecurityContext",
-    "WorkflowEvent",
     "check_finite",
-    "decode_events",
     "derive_message_id",
 )
 
@@ -57,11 +54,13 @@ RESERVED_ADDRESSES = frozenset({EVENTS, DEAD_LETTER})
 ActivityName = Annotated[str, Field(min_length=1, max_length=200, pattern=r"^[A-Za-z0-9][A-Za-z0-9._:-]*$")]
 
 
-def _utcnow() -> datetime:
+def utcnow() -> datetime:
     return datetime.now(UTC)
 
 
-class _Wire(BaseModel):
+class Wire(BaseModel):
+    """The base of every wire type: strict, versioned JSON."""
+
     # NaN and infinity are refused where values are validated and encoded bare where they are not (a payload
     # updated in place), so that `_sealing` finds them instead of sending them as null.
     model_config = ConfigDict(
@@ -73,7 +72,7 @@ class _Wire(BaseModel):
     )
 
 
-class RetryPolicy(_Wire):
+class RetryPolicy(Wire):
     """How often and how patiently a failing activity is tried again.
 
     The delay before attempt `n` (1-based retry) is `initial_interval * backoff ** (n - 1)`, capped at
@@ -97,7 +96,7 @@ class RetryPolicy(_Wire):
         return max(0.0, base + (rng or random).uniform(-spread, spread))
 
 
-class ActivitySpec(_Wire):
+class ActivitySpec(Wire):
     """One step of a workflow, as the routing slip carries it.
 
     `ActivitySpec(name="validate-customer-data")` is enough; the rest has defaults.
@@ -124,7 +123,7 @@ class ActivitySpec(_Wire):
         return self
 
 
-class ActivityLogEntry(_Wire):
+class ActivityLogEntry(Wire):
     """What happened at one step: who ran it, when, on which attempt, and how it ended."""
 
     name: str
@@ -143,7 +142,7 @@ class ActivityLogEntry(_Wire):
         return (self.finished_at - self.started_at).total_seconds()
 
 
-class Revision(_Wire):
+class Revision(Wire):
     """A change a step made to the rest of its workflow's route, as the slip logs it.
 
     `remaining` is the whole route after the change (the steps after `activity`), so the log shows what each
@@ -158,7 +157,7 @@ class Revision(_Wire):
     added: list[ActivitySpec] = Field(default_factory=list[ActivitySpec])
     discarded: list[ActivitySpec] = Field(default_factory=list[ActivitySpec])
     remaining: list[ActivitySpec] = Field(default_factory=list[ActivitySpec])
-    at: datetime = Field(default_factory=_utcnow)
+    at: datetime = Field(default_factory=utcnow)
 
     @property
     def summary(self) -> str:
@@ -178,7 +177,7 @@ def _is_empty(value: Any) -> bool:
     return not value
 
 
-class RoutingSlip(_Wire):
+class RoutingSlip(Wire):
     """The route: the steps still to run (`itinerary`; the first is `current`) and the log of the done ones."""
 
     itinerary: list[ActivitySpec]
@@ -246,7 +245,7 @@ class RoutingSlip(_Wire):
         """
         if self.current != name:
             raise UserError(f"cannot complete {name!r}: the current step is {self.current!r}")
-        finished = finished_at or _utcnow()
+        finished = finished_at or utcnow()
         entry = ActivityLogEntry(
             name=name,
             step=self.step,
@@ -273,7 +272,7 @@ class RoutingSlip(_Wire):
             attempt=attempt,
             outcome="ended",
             started_at=started_at,
-            finished_at=_utcnow(),
+            finished_at=utcnow(),
             output_keys=output_keys or [],
             error=reason + (f" (skipped: {', '.join(skipped)})" if skipped else ""),
         )
@@ -301,14 +300,14 @@ class RoutingSlip(_Wire):
             attempt=attempt,
             outcome="failed",
             started_at=started_at,
-            finished_at=_utcnow(),
+            finished_at=utcnow(),
             error=error,
         )
         self.completed.append(entry)
         return entry
 
 
-class SecurityContext(_Wire):
+class SecurityContext(Wire):
     """The user's delegated token and the message's signature (both left out of `repr`, so never logged by accident)."""
 
     obo_token: str | None = Field(default=None, repr=False)
@@ -323,7 +322,7 @@ def derive_message_id(correlation_id: str, step: int, name: str | None, attempt:
     return f"{digest[:8]}-{digest[8:12]}-{digest[12:16]}-{digest[16:20]}-{digest[20:]}"  # shaped like a UUID
 
 
-class Resumption(_Wire):
+class Resumption(Wire):
     """How a step that waited for input continues: its agent's conversation and the answers it waited for.
 
     Both are pydantic-ai values as JSON: a `Conversation` (`ConversationTypeAdapter`) and `DeferredToolResults`.
@@ -335,7 +334,7 @@ class Resumption(_Wire):
     results: dict[str, JsonValue] = Field(default_factory=dict[str, JsonValue])
 
 
-class PaigeantMessage(_Wire):
+class PaigeantMessage(Wire):
     """The envelope every hop carries (wire format v1)."""
 
     v: Literal[1] = WIRE_VERSION
@@ -345,7 +344,7 @@ class PaigeantMessage(_Wire):
     payload: dict[str, JsonValue] = Field(default_factory=dict[str, JsonValue])
     headers: dict[str, str] = Field(default_factory=dict[str, str])
     attempt: int = Field(default=0, ge=0)
-    created_at: AwareDatetime = Field(default_factory=_utcnow)
+    created_at: AwareDatetime = Field(default_factory=utcnow)
     expires_at: AwareDatetime | None = None
     resume: Resumption | None = Field(default=None, exclude_if=_is_empty)
     """Set on the hop that continues a step after it waited for input (see `WorkflowDispatcher.resume`)."""
@@ -423,61 +422,6 @@ class PaigeantMessage(_Wire):
                 "security": self.security.model_copy(update={"jws_signature": None}),
             }
         )
-
-
-EventKind = Literal[
-    "dispatched",
-    "step_started",
-    "step_completed",
-    "step_retried",
-    "step_failed",
-    "step_skipped",
-    "completed",
-    "faulted",
-    "rejected",
-    "revised",
-    "waiting",
-    "resumed",
-    "replayed",
-]
-"""What a `WorkflowEvent` reports; `replayed` is a step sent again from the dead-letter queue."""
-
-
-class WorkflowEvent(_Wire):
-    """One thing that happened to a workflow, as workers report it (published on `events`).
-
-    `detail` explains retries, faults and rejections; `payload` is the final payload of a completed workflow.
-    Events never carry tokens or signatures.
-    """
-
-    v: Literal[1] = WIRE_VERSION
-    kind: EventKind
-    correlation_id: str | None
-    activity: str | None = None
-    step: int | None = None
-    attempt: int = 0
-    message_id: str | None = None
-    at: datetime = Field(default_factory=_utcnow)
-    detail: str | None = None
-    duration: float | None = None
-    payload: dict[str, JsonValue] | None = None
-    remaining: list[str] | None = None
-    """The names of the steps still to run when it happened, the current one first (`None`: not known)."""
-
-
-_EVENT_BATCH = TypeAdapter(list[WorkflowEvent])
-
-
-def decode_events(body: bytes | str) -> list[WorkflowEvent]:
-    """The events of one `events` message: a JSON array of events, or a single event.
-
-    Raises:
-        ValidationError: The body is neither.
-    """
-    text = body.lstrip()[:1]
-    if text in (b"[", "["):
-        return _EVENT_BATCH.validate_json(body)
-    return [WorkflowEvent.model_validate_json(body)]
 
 
 def _summarize(exc: ValidationError) -> str:

@@ -44,8 +44,9 @@ from .approval import ParkWorkflow
 from .exceptions import EndWorkflow, RetryActivity
 
 if TYPE_CHECKING:
+    from ._events import WorkflowEvent
     from .activity import ActivityContext
-    from .contracts import PaigeantMessage, WorkflowEvent
+    from .contracts import PaigeantMessage
     from .transports.base import Delivery
 
 __all__ = (

@@ -20,32 +20,22 @@ Keys come from the constructor or from the environment (`MessageSigner.from_sett
 
 from __future__ import annotations
 
-import functools
 import hashlib
-import json
 import logging
-import secrets
 import time
 from collections import Counter, OrderedDict
-from collections.abc import Collection, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from datetime import UTC, datetime
-from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
-from joserfc import jws, jwt
-from joserfc.errors import (
-    BadSignatureError,
-    ClaimError,
-    ExpiredTokenError,
-    InvalidKeyIdError,
-    JoseError,
-    MissingClaimError,
-    UnsupportedAlgorithmError,
-)
-from joserfc.jwk import ECKey, Key, KeySet, OKPKey, import_key
+from joserfc import jws
+from joserfc.errors import JoseError
+from joserfc.jwk import Key, KeySet
 from joserfc.jws import JWSRegistry
 
+from ._keys import ALGORITHMS, algorithm_of, ephemeral_key, generate_key, load_signing_key, load_trusted_keys
 from ._sealing import signing_input, unsigned_body
+from ._tokens import TokenValidator, granted_scopes
 from .contracts import ActivitySpec, PaigeantMessage
 from .exceptions import DuplicateMessage, InvalidMessage, ReplayedMessage, SecurityError, TokenError, UserError
 from .settings import Settings
@@ -69,120 +59,10 @@ __all__ = (
 
 logger = logging.getLogger("paigeant_ai.security")
 
-ALGORITHMS = ("Ed25519", "ES256")
-"""The only algorithms a message signature may use."""
-TOKEN_ALGORITHMS = ("RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "ES512", "Ed25519")
-"""The algorithms accepted on on-behalf-of tokens by default: what identity providers sign with, never `none`
-or a shared secret."""
 SIGNATURE_TYPE = "paigeant+jws"
 DEFAULT_REPLAY_TTL = 7 * 24 * 3600.0
 _HEADER_KEYS = frozenset({"alg", "kid", "typ"})
 _CLOCK_LEEWAY = 60.0
-
-
-# -- keys ------------------------------------------------------------------------------------------------------
-
-
-def generate_key(kid: str, algorithm: Literal["Ed25519", "ES256"] = "Ed25519") -> Key:
-    """A new private signing key with `kid`, for `algorithm`."""
-    parameters: dict[str, Any] = {"kid": kid, "use": "sig", "alg": algorithm}
-    if algorithm == "Ed25519":
-        return OKPKey.generate_key("Ed25519", parameters=parameters)  # pyright: ignore[reportArgumentType]
-    if algorithm == "ES256":
-        return ECKey.generate_key("P-256", parameters=parameters)  # pyright: ignore[reportArgumentType]
-    raise UserError(f"unsupported signing algorithm {algorithm!r}; choose one of: {', '.join(ALGORITHMS)}")
-
-
-def _algorithm_of(key: Key) -> str | None:
-    if isinstance(key, OKPKey) and key.curve_name == "Ed25519":
-        return "Ed25519"
-    if isinstance(key, ECKey) and key.curve_name == "P-256":
-        return "ES256"
-    return None
-
-
-def _read_json(value: str | Path | Mapping[str, Any], what: str) -> Any:
-    if isinstance(value, Mapping):
-        return dict(value)
-    text = str(value).strip()
-    if isinstance(value, Path) or not text.startswith("{"):
-        try:
-            text = Path(text).expanduser().read_text()
-        except OSError as exc:
-            raise UserError(f"cannot read {what} from {str(value)!r}: {exc.strerror}") from None
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError:
-        raise UserError(f"{what} is not valid JSON") from None
-
-
-def load_signing_key(value: str | Path | Mapping[str, Any] | Key) -> Key:
-    """A private signing key: a joserfc key, a JWK as a dict or JSON text, or the path of a JWK file.
-
-    Raises:
-        UserError: Not a private Ed25519 (OKP) or P-256 (EC) key.
-    """
-    if isinstance(value, Key):
-        key = value
-    else:
-        data = _read_json(value, "the signing key")
-        if isinstance(data, dict) and "keys" in data:
-            raise UserError(
-                "the signing key must be one private JWK (<service>.private.jwk.json), not a JWKS; "
-                "a JWKS (<service>.jwks.json) lists the keys to trust"
-            )
-        key = _import(data, "the signing key")
-    if _algorithm_of(key) is None:
-        raise UserError("a signing key must be an Ed25519 (OKP) or P-256 (EC) key; make one: paigeant keys generate")
-    if not key.is_private:
-        raise UserError("the signing key is a public key; use the private JWK written by `paigeant keys generate`")
-    key.ensure_kid()
-    return key
-
-
-def load_trusted_keys(*sources: str | Path | Mapping[str, Any] | KeySet | Key) -> KeySet:
-    """The public keys of `sources` (JWKS or single JWKs: dicts, JSON text or file paths) as one key set.
-
-    Private parts are dropped. Symmetric keys and two different keys under one `kid` are refused.
-    """
-    keys: dict[str, Key] = {}
-    for source in sources:
-        if isinstance(source, KeySet):
-            found = list(source)
-        elif isinstance(source, Key):
-            found = [source]
-        else:
-            data = _read_json(source, "the trusted keys")
-            entries = data.get("keys") if isinstance(data, dict) and "keys" in data else [data]
-            if not isinstance(entries, list):
-                raise UserError('trusted keys must be a JWKS: {"keys": [...]}')
-            found = [_import(entry, "a trusted key") for entry in entries]
-        for key in found:
-            if key.key_type == "oct":
-                raise UserError("trusted keys must be public keys; a shared secret (oct) key cannot be trusted")
-            public = _import(key.as_dict(private=False), "a trusted key")
-            kid = public.kid or ""
-            if kid in keys and keys[kid].as_dict() != public.as_dict():
-                raise UserError(f"two different trusted keys share the kid {kid!r}; every key needs its own kid")
-            keys[kid] = public
-    return KeySet(list(keys.values()))
-
-
-def _import(data: Any, what: str) -> Key:
-    if not isinstance(data, dict):
-        raise UserError(f"{what} must be a JWK (a JSON object)")
-    try:
-        key = import_key(data)  # pyright: ignore[reportUnknownArgumentType]
-    except (JoseError, ValueError, TypeError) as exc:
-        raise UserError(f"{what} is not a valid JWK: {type(exc).__name__}") from None
-    key.ensure_kid()
-    return key
-
-
-@functools.cache
-def _ephemeral_key() -> Key:
-    """The key the in-memory transport signs with when none is configured: made once per process."""
-    return generate_key(f"ephemeral-{secrets.token_hex(4)}")
 
 
 class MessageSecurity(Protocol):
@@ -252,121 +132,6 @@ class InMemoryReplayCache:
         self._entries.move_to_end(message_id)
         while len(self._entries) > self.max_entries:
             self._entries.popitem(last=False)
-
-
-# -- on-behalf-of tokens ---------------------------------------------------------------------------------------
-
-
-class TokenValidator:
-    """Checks the user's on-behalf-of token: its signature against the issuer's JWKS, then `iss`, `aud`, `exp`.
-
-    Args:
-        jwks: The issuer's public keys: a `KeySet`, a JWKS dict, JSON text or a file path.
-        issuer: The expected `iss`.
-        audience: The expected `aud` (this system's identifier at the issuer).
-        algorithms: The token algorithms accepted; asymmetric ones only by default.
-        leeway: Seconds of clock skew tolerated on `exp` and `nbf`.
-    """
-
-    def __init__(
-        self,
-        jwks: KeySet | str | Path | Mapping[str, Any],
-        *,
-        issuer: str,
-        audience: str,
-        algorithms: Collection[str] = TOKEN_ALGORITHMS,
-        leeway: int = 30,
-    ) -> None:
-        if not issuer or not audience:
-            raise UserError("checking on-behalf-of tokens needs both an issuer and an audience")
-        unsafe = sorted(alg for alg in algorithms if alg == "none" or alg.startswith("HS"))
-        if unsafe:
-            raise UserError(f"on-behalf-of tokens must be signed with public-key algorithms, not {', '.join(unsafe)}")
-        self.jwks = load_trusted_keys(jwks)
-        self.issuer = issuer
-        self.audience = audience
-        self.algorithms = tuple(algorithms)
-        self.leeway = leeway
-        # Identity providers add header fields of their own (x5t, nonce...): they are signed, so they are allowed.
-        self._registry = JWSRegistry(algorithms=list(self.algorithms), strict_check_header=False)
-
-    @classmethod
-    def from_settings(cls, settings: Settings) -> TokenValidator | None:
-        """The validator the `PAIGEANT_OBO_*` settings describe, or None if none is configured."""
-        source = settings.obo_jwks or settings.obo_jwks_file
-        if not source and not settings.obo_issuer and not settings.obo_audience:
-            return None
-        missing = [
-            name
-            for name, value in (
-                ("PAIGEANT_OBO_JWKS_FILE (or PAIGEANT_OBO_JWKS)", source),
-                ("PAIGEANT_OBO_ISSUER", settings.obo_issuer),
-                ("PAIGEANT_OBO_AUDIENCE", settings.obo_audience),
-            )
-            if not value
-        ]
-        if missing:
-            raise UserError(f"checking on-behalf-of tokens also needs {', '.join(missing)}")
-        assert source is not None
-        assert settings.obo_issuer is not None
-        assert settings.obo_audience is not None
-        return cls(source, issuer=settings.obo_issuer, audience=settings.obo_audience)
-
-    def validate(self, token: str) -> dict[str, Any]:
-        """The token's claims once its signature, issuer, audience and expiry are checked.
-
-        Raises:
-            TokenError: With a reason that never quotes the token.
-        """
-        try:
-            decoded = jwt.decode(token, self.jwks, algorithms=self.algorithms, registry=self._registry)
-        except InvalidKeyIdError:
-            raise TokenError(
-                "the on-behalf-of token is signed by a key the issuer does not publish", code="token_key"
-            ) from None
-        except UnsupportedAlgorithmError:
-            raise TokenError(
-                "the on-behalf-of token uses an algorithm that is not accepted", code="token_alg"
-            ) from None
-        except BadSignatureError:
-            raise TokenError("the on-behalf-of token's signature is not valid", code="token_signature") from None
-        except (JoseError, ValueError, TypeError):
-            raise TokenError("the on-behalf-of token is malformed", code="token_malformed") from None
-        claims = decoded.claims
-        registry = jwt.JWTClaimsRegistry(
-            leeway=self.leeway,
-            iss={"essential": True, "value": self.issuer},
-            aud={"essential": True, "value": self.audience},
-            exp={"essential": True},
-        )
-        try:
-            registry.validate(claims)
-        except ExpiredTokenError:
-            raise TokenError("the on-behalf-of token has expired", code="token_expired") from None
-        except MissingClaimError as exc:
-            raise TokenError(f"the on-behalf-of token has no {exc.claim} claim", code="token_claims") from None
-        except ClaimError as exc:
-            raise TokenError(self._claim_reason(exc.claim), code=f"token_{exc.claim}") from None
-        return claims
-
-    def _claim_reason(self, claim: str) -> str:
-        if claim == "aud":
-            return f"the on-behalf-of token is for another audience, not {self.audience!r}"
-        if claim == "iss":
-            return f"the on-behalf-of token is from another issuer, not {self.issuer!r}"
-        return f"the on-behalf-of token has an invalid {claim} claim"
-
-
-def granted_scopes(claims: Mapping[str, Any]) -> set[str]:
-    """The scopes a token grants: its `scope` (space-separated) and `scp` (a list or a string) claims."""
-    granted: set[str] = set()
-    for name in ("scope", "scp"):
-        value = claims.get(name)
-        if isinstance(value, str):
-            granted.update(value.split())
-        elif isinstance(value, list):
-            granted.update(item for item in value if isinstance(item, str))  # pyright: ignore[reportUnknownVariableType]
-    return granted
 
 
 # -- the signer ------------------------------------------------------------------------------------------------
@@ -447,7 +212,7 @@ class MessageSigner:
         if opted_out:
             return cls(unsigned=True, **common)
         if local:  # nothing outside this process can reach its messages
-            return cls(_ephemeral_key(), **common)
+            return cls(ephemeral_key(), **common)
         return cls(refusal=_missing_keys(name), **common)
 
     # -- readiness -------------------------------------------------------------------------------------------
@@ -475,7 +240,7 @@ class MessageSigner:
         if self.unsigned or self.signing_key is None:
             return None
         key = self.signing_key
-        header = {"alg": _algorithm_of(key), "kid": key.kid, "typ": SIGNATURE_TYPE}
+        header = {"alg": algorithm_of(key), "kid": key.kid, "typ": SIGNATURE_TYPE}
         return jws.detach_content(jws.serialize_compact(header, body, key, registry=self._registry))
 
     def sign(self, message: PaigeantMessage) -> None:
@@ -546,7 +311,7 @@ class MessageSigner:
         key = next((k for k in self.trusted_keys if isinstance(kid, str) and k.kid == kid), None)
         if key is None:
             raise SecurityError(f"signed with unknown key id {_show(kid)}", code="unknown_kid")
-        if _algorithm_of(key) != alg or key.get("alg", alg) != alg:
+        if algorithm_of(key) != alg or key.get("alg", alg) != alg:
             raise SecurityError(f"key {_show(kid)} does not sign with {alg}", code="algorithm")
         try:
             valid = jws.validate_compact(obj, key, registry=self._registry)

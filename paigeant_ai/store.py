@@ -20,7 +20,8 @@ from typing import TYPE_CHECKING, Literal, Protocol, runtime_checkable
 
 from pydantic import BaseModel, Field, JsonValue, ValidationError
 
-from .contracts import EVENTS, WorkflowEvent, decode_events
+from ._events import WorkflowEvent, decode_events
+from .contracts import EVENTS
 from .exceptions import TransportError, UserError
 from .transports.base import ConsumerWatch, SharedStores
 

@@ -265,7 +265,7 @@ def test_dead_letters_need_a_real_broker(capsys: pytest.CaptureFixture[str]) -> 
 
 async def test_a_letter_refused_by_security_or_forged_is_never_replayed() -> None:
     from paigeant_ai import ActivitySpec, InMemoryTransport, PaigeantMessage, UserError
-    from paigeant_ai._cli_workflows import DeadLetter, replay_dead_letter
+    from paigeant_ai._cli_dead_letters import DeadLetter, replay_dead_letter
     from paigeant_ai.security import MessageSigner, generate_key
     from paigeant_ai.transports.base import REASON_HEADER, Delivery
 
@@ -345,8 +345,8 @@ def test_a_dead_letter_is_replayed_by_a_prefix_of_its_id_or_its_workflow(
 async def test_cancelling_a_projector_leaves_nothing_behind_and_loses_no_event(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    from paigeant_ai import InMemoryTransport
-    from paigeant_ai.contracts import EVENTS, WorkflowEvent
+    from paigeant_ai import InMemoryTransport, WorkflowEvent
+    from paigeant_ai.contracts import EVENTS
     from paigeant_ai.store import InMemoryWorkflowStore, WorkflowProjector
 
     def event(correlation_id: str) -> bytes:

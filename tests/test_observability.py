@@ -25,7 +25,7 @@ from paigeant_ai import (
     WorkflowDispatcher,
     activity,
 )
-from paigeant_ai._cli_workflows import DeadLetter, browse_dead_letters, replay_dead_letter
+from paigeant_ai._cli_dead_letters import DeadLetter, browse_dead_letters, replay_dead_letter
 from paigeant_ai.approval import InMemoryWaitingStore
 from paigeant_ai.observability import extract_context, inject_context
 from paigeant_ai.security import MessageSigner

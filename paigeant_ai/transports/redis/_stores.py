@@ -12,8 +12,8 @@ from typing import TYPE_CHECKING
 
 from pydantic import ValidationError
 
+from ..._events import WorkflowEvent
 from ...approval import ParkedStep
-from ...contracts import WorkflowEvent
 from ...exceptions import UserError
 from ...store import DEFAULT_MAX_EVENTS, WorkflowStatus, event_order, project
 from . import _lua as lua

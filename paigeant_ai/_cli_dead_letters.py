@@ -1,0 +1,221 @@
+"""`paigeant dead-letters`: browse the dead-letter queue, and send a letter back to the step it failed at."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from . import observability
+from ._cli_workflows import ambiguous, command_transport
+from ._events import EventReporter
+from ._sealing import seal
+from .contracts import DEAD_LETTER, PaigeantMessage
+from .exceptions import InvalidMessage, SecurityError, UserError
+from .security import MessageSecurity, MessageSigner
+from .settings import Settings
+from .transports import IN_MEMORY_NAMES, Transport
+from .transports.base import REASON_HEADER, SOURCE_HEADER, Delivery
+
+if TYPE_CHECKING:
+    pass
+
+__all__ = ("DeadLetter", "add_command", "browse_dead_letters", "replay_dead_letter", "run_command")
+
+
+def add_command(
+    commands: argparse._SubParsersAction[argparse.ArgumentParser], common: Sequence[argparse.ArgumentParser] = ()
+) -> None:
+    """Add `dead-letters` to the `paigeant` parser; `common` holds the options every broker command takes."""
+    letters = commands.add_parser(
+        "dead-letters", parents=list(common), help="list the dead-letter queue with reasons, or replay one"
+    )
+    letters.add_argument("--limit", type=int, default=50, help="how many letters to show (default 50)")
+    letters.add_argument(
+        "--replay",
+        metavar="ID",
+        help="send this letter back to its step (once its cause is fixed): its message ID or its workflow's, "
+        "or a prefix only it starts with",
+    )
+
+
+async def run_command(args: argparse.Namespace) -> int:
+    """Run `paigeant dead-letters`; the exit code."""
+    if args.limit < 1:
+        raise UserError(f"--limit must be at least 1, got {args.limit}")
+    return await _dead_letters(args.transport, limit=args.limit, replay=args.replay)
+
+
+@dataclass(slots=True)
+class DeadLetter:
+    """One letter of the dead-letter queue."""
+
+    delivery: Delivery
+    message: PaigeantMessage | None
+    problem: str | None
+    """Why the body is not a paigeant message, if it is not."""
+
+    @property
+    def reason(self) -> str:
+        return self.delivery.headers.get(REASON_HEADER, "(no reason recorded)")
+
+    @property
+    def source(self) -> str:
+        return self.delivery.headers.get(SOURCE_HEADER, "?")
+
+
+def _letter(delivery: Delivery) -> DeadLetter:
+    try:
+        return DeadLetter(delivery, PaigeantMessage.from_json(delivery.body), None)
+    except InvalidMessage as exc:
+        return DeadLetter(delivery, None, str(exc))
+
+
+async def browse_dead_letters(transport: Transport, visit: Callable[[DeadLetter], Awaitable[bool]]) -> int:
+    """Show each letter waiting in the dead-letter queue to `visit`, oldest first; the number seen.
+
+    A letter `visit` returns True for is put back at the end of the queue; the others are removed (after
+    `visit` has done what it does with them). Letters arriving meanwhile wait for the next browse.
+    """
+    total = await transport.pending(DEAD_LETTER)
+    seen = 0
+    if total == 0:
+        return 0
+    async with await transport.consume(DEAD_LETTER, prefetch=min(total, 100)) as consumer:
+        while seen < total:
+            try:
+                delivery = await asyncio.wait_for(anext(consumer), timeout=2.0)
+            except (TimeoutError, StopAsyncIteration):
+                break  # the rest is held by another consumer
+            seen += 1
+            if await visit(_letter(delivery)):
+                await transport.publish(DEAD_LETTER, delivery.body, headers=delivery.headers)
+            await transport.ack(delivery)
+    return seen
+
+
+async def replay_dead_letter(transport: Transport, letter: DeadLetter, signer: MessageSecurity) -> PaigeantMessage:
+    """Send a letter back to the step it failed at, as one more attempt, signed by `signer`.
+
+    Raises:
+        UserError: The letter is not a paigeant message, or its workflow has no step left.
+    """
+    message = letter.message
+    if message is None or message.routing_slip.current is None:
+        raise UserError(f"this letter cannot be replayed: {letter.problem or 'its workflow has no step left'}")
+    reason = letter.delivery.headers.get(REASON_HEADER, "")
+    if reason.startswith("security check failed"):
+        raise UserError(f"this letter was refused by a security check and is never replayed: {reason}")
+    if isinstance(signer, MessageSigner):
+        try:  # re-signing vouches for the letter: only one a trusted key signed as it is gets that
+            signer.check_signature(message, letter.delivery.body)
+        except SecurityError as exc:
+            raise UserError(f"this letter cannot be replayed: {exc}") from None
+    replay = message.next_hop(attempt=message.attempt + 1)
+    with observability.replay_span(replay, transport.name):
+        body = seal(replay, signer, max_bytes=Settings.from_env().max_message_bytes)
+        await transport.publish(message.routing_slip.current, body, headers=dict(replay.headers))
+    await EventReporter(transport, batched=False, on_span=False).report(
+        "replayed", replay, detail="from the dead-letter queue"
+    )
+    return replay
+
+
+async def _dead_letters(transport_name: str | None, *, limit: int, replay: str | None) -> int:
+    chosen = (transport_name or Settings.from_env().transport).strip().lower()
+    if chosen in IN_MEMORY_NAMES:
+        raise UserError(
+            "the in-memory transport's dead letters live in the process that made them; "
+            "use --transport rabbitmq or redis (or PAIGEANT_TRANSPORT)"
+        )
+    async with command_transport(chosen) as transport:
+        if replay is not None:
+            return await _replay(transport, replay)
+        shown: list[DeadLetter] = []
+
+        async def note(letter: DeadLetter) -> bool:
+            if len(shown) < limit:
+                shown.append(letter)
+            return True
+
+        total = await browse_dead_letters(transport, note)
+    if not total:
+        print("the dead-letter queue is empty")
+        return 0
+    more = f" (showing the oldest {len(shown)})" if total > len(shown) else ""
+    print(f"{total} dead letter{'s' if total != 1 else ''} on {chosen}{more}:")
+    for letter in shown:
+        print()
+        print("  " + _letter_heading(letter))
+        print(f"    reason: {letter.reason}")
+    print()
+    print("replay one once its cause is fixed: paigeant dead-letters --replay <message id>")
+    return 0
+
+
+def _letter_heading(letter: DeadLetter) -> str:
+    message = letter.message
+    if message is None:
+        return f"(not a paigeant message: {letter.problem}) from {letter.source}"
+    step = f"step {message.step} {message.routing_slip.current}" if message.routing_slip.current else "no step left"
+    return (
+        f"message {message.message_id}  workflow {message.correlation_id}  {step}  "
+        f"attempt {message.attempt + 1}  from {letter.source}"
+    )
+
+
+async def _dead_letter_id(transport: Transport, given: str) -> str | None:
+    """The message ID of the one letter `given` names: its message ID, or a prefix of its message ID or of its
+    workflow's correlation ID that no other letter starts with.
+
+    Raises:
+        UserError: `given` is empty, or several letters start with it.
+    """
+    if not given:
+        raise UserError("--replay needs the message ID of a letter (or its workflow's), or a prefix of it")
+    candidates: dict[str, str] = {}  # message id: its letter's heading
+
+    async def note(letter: DeadLetter) -> bool:
+        message = letter.message
+        if message is not None and (message.message_id.startswith(given) or message.correlation_id.startswith(given)):
+            candidates[message.message_id] = f"message {message.message_id} (workflow {message.correlation_id})"
+        return True
+
+    await browse_dead_letters(transport, note)
+    if given in candidates:
+        return given
+    if len(candidates) > 1:
+        raise UserError(ambiguous(given, "dead letters", list(candidates.values())))
+    return next(iter(candidates), None)
+
+
+async def _replay(transport: Transport, given: str) -> int:
+    from .security import MessageSigner
+
+    signer = MessageSigner.from_settings(transport)
+    signer.ensure_ready()  # the replay is signed with this process's key, which the workers must trust
+    message_id = await _dead_letter_id(transport, given)
+    if message_id is None:
+        print(f"no dead letter with message id {given!r}, nor one whose message or workflow ID starts with it")
+        return 1
+    replayed: list[tuple[DeadLetter, PaigeantMessage]] = []
+
+    async def replay_match(letter: DeadLetter) -> bool:
+        if replayed or letter.message is None or letter.message.message_id != message_id:
+            return True
+        replayed.append((letter, await replay_dead_letter(transport, letter, signer)))
+        return False
+
+    await browse_dead_letters(transport, replay_match)
+    if not replayed:
+        print(f"no dead letter with message id {message_id!r}: another process took it meanwhile")
+        return 1
+    letter, message = replayed[0]
+    print(
+        f"replayed workflow {message.correlation_id} to step {message.step} {message.routing_slip.current} "
+        f"as message {message.message_id} (attempt {message.attempt + 1})"
+    )
+    print(f"  it had failed: {letter.reason}")
+    return 0
