@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 from pydantic_core import to_json
 
 from . import observability
-from .contracts import check_finite
+from ._json_values import check_finite
 from .exceptions import InvalidMessage, MessageTooLarge, NonFiniteNumber
 
 if TYPE_CHECKING:

@@ -7,7 +7,6 @@ Everything here is validated JSON with a version field, never pickle. A message 
 from __future__ import annotations
 
 import hashlib
-import math
 import random
 import uuid
 from collections.abc import Mapping
@@ -25,7 +24,8 @@ from pydantic import (
 )
 from pydantic_core import from_json
 
-from .exceptions import InvalidMessage, NonFiniteNumber, UserError
+from ._json_values import check_finite
+from .exceptions import InvalidMessage, UserError
 
 __all__ = (
     "DEAD_LETTER",
@@ -39,7 +39,6 @@ __all__ = (
     "Revision",
     "RoutingSlip",
     "SecurityContext",
-    "check_finite",
     "derive_message_id",
 )
 
@@ -431,30 +430,3 @@ def _summarize(exc: ValidationError) -> str:
         parts.append(f"{location}: {error['msg']}")
     more = exc.error_count() - len(parts)
     return "; ".join(parts) + (f" (and {more} more)" if more > 0 else "")
-
-
-def check_finite(value: Any, where: str) -> None:
-    """Raise `NonFiniteNumber` naming the first NaN or infinity in `value` (JSON-like data), if there is one."""
-    path = _non_finite_path(value)
-    if path is not None:
-        found, place = path
-        raise NonFiniteNumber(
-            f"{where} holds {found} at {place or 'the top level'}; JSON has no NaN or infinity: use null, a string "
-            "or a finite number there"
-        )
-
-
-def _non_finite_path(value: Any, path: str = "") -> tuple[str, str] | None:
-    if isinstance(value, float):
-        return None if math.isfinite(value) else (repr(value), path)
-    if isinstance(value, Mapping):
-        for key, item in value.items():  # pyright: ignore[reportUnknownVariableType]
-            found = _non_finite_path(item, f"{path}[{key!r}]")
-            if found is not None:
-                return found
-    elif isinstance(value, list | tuple):
-        for index, item in enumerate(value):  # pyright: ignore[reportUnknownVariableType, reportUnknownArgumentType]
-            found = _non_finite_path(item, f"{path}[{index}]")
-            if found is not None:
-                return found
-    return None
