@@ -6,7 +6,6 @@ import argparse
 import asyncio
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 from . import observability
 from ._cli_workflows import ambiguous, command_transport
@@ -18,9 +17,6 @@ from .security import MessageSecurity, MessageSigner
 from .settings import Settings
 from .transports import IN_MEMORY_NAMES, Transport
 from .transports.base import REASON_HEADER, SOURCE_HEADER, Delivery
-
-if TYPE_CHECKING:
-    pass
 
 __all__ = ("DeadLetter", "add_command", "browse_dead_letters", "replay_dead_letter", "run_command")
 
@@ -192,8 +188,6 @@ async def _dead_letter_id(transport: Transport, given: str) -> str | None:
 
 
 async def _replay(transport: Transport, given: str) -> int:
-    from .security import MessageSigner
-
     signer = MessageSigner.from_settings(transport)
     signer.ensure_ready()  # the replay is signed with this process's key, which the workers must trust
     message_id = await _dead_letter_id(transport, given)

@@ -150,7 +150,10 @@ class EventReporter:
             values["remaining"] = [spec.name for spec in message.routing_slip.itinerary]
         values.update(fields)
         if self.publish:
-            await self._publish(values, now=now)
+            if self._batch is not None and not now:
+                self._batch.add(values)  # the usual case, on every hop: no await
+            else:
+                await self._publish(values, now=now)
         on_span = self.on_span and observability.tracing_enabled()
         if not self.callbacks and not on_span:
             return  # nobody here reads the event: building the model on every hop would only cost time
@@ -167,9 +170,6 @@ class EventReporter:
                 logger.exception("an on_event callback failed for the %s event of %s", kind, event.correlation_id)
 
     async def _publish(self, values: dict[str, Any], *, now: bool) -> None:
-        if self._batch is not None and not now:
-            self._batch.add(values)
-            return
         if self._batch is not None:
             await self._batch.flush()  # keep the workflow's events in order
             await self.transport.publish(EVENTS, to_json([values]))

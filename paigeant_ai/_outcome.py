@@ -26,6 +26,7 @@ from typing import Any
 from pydantic import JsonValue
 from pydantic_ai.exceptions import UsageLimitExceeded
 from pydantic_ai.exceptions import UserError as PydanticAIUserError
+from pydantic_core import PydanticSerializationError
 
 from ._sealing import NonFiniteNumber, check_finite_json, encode_output
 from .activity import DEFAULT_TIMEOUT, to_payload_update
@@ -123,9 +124,11 @@ def classify(exc: BaseException, spec: ActivitySpec, attempt: int) -> Outcome:
     """
     if isinstance(exc, EndWorkflow):
         try:
-            return End(to_payload_update(exc.output, spec.name, spec.name), exc.reason)
-        except NonRetryableError as bad:
+            update = to_payload_update(exc.output, spec.name, spec.name)
+            check_finite_json(encode_output(update), update, "its output")
+        except (NonRetryableError, NonFiniteNumber) as bad:
             return Fault(str(bad))
+        return End(update, exc.reason)
     if isinstance(exc, ParkWorkflow):
         return Park(exc)
     if isinstance(exc, _NON_RETRYABLE):
@@ -153,11 +156,13 @@ def completed(output: Any, spec: ActivitySpec, arrived_bytes: int, max_bytes: in
     except NonRetryableError as exc:
         return Fault(describe(exc))
     update = update or {}
-    encoded = encode_output(update)
     try:
+        encoded = encode_output(update)
         check_finite_json(encoded, update, "its output")
     except NonFiniteNumber as exc:
         return Fault(str(exc))
+    except (PydanticSerializationError, ValueError, TypeError) as exc:
+        return Fault(f"activity {spec.name!r} returned a value that is not JSON: {exc}")
     projected = arrived_bytes + len(encoded) + LOG_ENTRY_BYTES
     if projected > max_bytes:  # fault now, while the slip still shows this step as current
         return Fault(

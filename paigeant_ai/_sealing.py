@@ -55,11 +55,14 @@ def unsigned_body(message: PaigeantMessage) -> bytes:
         NonFiniteNumber: The message holds a NaN or an infinity.
     """
     signature = message.security.jws_signature
-    message.security.jws_signature = None
-    try:
+    if signature is None:  # the usual case: a hop made by `next_hop`, not signed yet
         body = message.to_json()
-    finally:
-        message.security.jws_signature = signature
+    else:
+        message.security.jws_signature = None
+        try:
+            body = message.to_json()
+        finally:
+            message.security.jws_signature = signature
     if b"NaN" in body or b"Infinity" in body:  # encoded bare only when they are numbers; a string says it quoted
         check_finite(message.model_dump(), "the message")
     if not body.endswith(_UNSIGNED_TAIL):  # pragma: no cover - the field order of PaigeantMessage guarantees it

@@ -119,7 +119,10 @@ async def _secure_successor(hop: Hop, outcome: Outcome, deps: SettleDeps) -> tup
                 return await _secure_successor(hop, Fault(reason), deps)
             return replace(outcome, detail=await _park(hop, outcome, store, deps)), None
         case Retry():
-            return await _publish_retry(hop, outcome, deps), None
+            try:
+                return await _publish_retry(hop, outcome, deps), None
+            except (MessageTooLarge, NonFiniteNumber) as exc:  # the retry cannot be sent: nothing was
+                return await _secure_successor(hop, Fault(str(exc)), deps)
         case Fault():
             return outcome, await _publish_fault(hop, outcome, deps)
         case Skip() | Reject():

@@ -174,7 +174,7 @@ async def _run_until_stopped(worker: Worker, target: str, *, burst: bool) -> Non
         loop.add_signal_handler(sig, worker.stop)
     try:
         print(worker_banner(worker, target), file=sys.stderr)
-        if worker.transport.process_local and not burst:
+        if getattr(worker.transport, "process_local", False) and not burst:
             print(
                 "paigeant: warning: the in-memory transport lives in this process, so no other process can send "
                 "this worker a step; run it on a broker: --transport redis|rabbitmq (or PAIGEANT_TRANSPORT)",
@@ -196,7 +196,7 @@ def _check_connection(worker: Worker, target: str, expected: dict[str, str]) -> 
         raise UserError(f"{target} runs on the {worker.transport.name} transport, not {wanted}: {hint}")
     namespace = getattr(worker.transport, "namespace", None)
     wanted = expected.get("namespace")
-    if wanted is not None and namespace != wanted and not worker.transport.process_local:
+    if wanted is not None and namespace != wanted and not getattr(worker.transport, "process_local", False):
         raise UserError(f"{target} runs in the namespace {namespace!r}, not {wanted!r}: {hint}")
     if isinstance(worker.security, MessageSigner) and worker.security.refusal is not None:
         raise UserError(worker.security.refusal)

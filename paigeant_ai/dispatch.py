@@ -39,6 +39,8 @@ EventSink = EventCallback
 REMEMBERED_DISPATCHES = 10_000
 """Correlation IDs a dispatcher remembers in memory, with what it dispatched under them."""
 CLAIM_TTL = 7 * 24 * 3600.0
+_PENDING = "pending:"
+"""The mark of a claim whose dispatch has not confirmed that its first message was sent."""
 """Seconds a shared claim on a correlation ID lasts, at least (longer for workflows with a longer `ttl`)."""
 
 
@@ -177,8 +179,11 @@ class WorkflowDispatcher:
         """
         message = self._first_message(activities, variables, obo_token, correlation_id)
         fingerprint = _fingerprint(message) if correlation_id is not None else None
-        if fingerprint is not None and not await self._claim(message.correlation_id, fingerprint):
+        held = await self._claim(message.correlation_id, fingerprint) if fingerprint is not None else None
+        if held is not None and held == fingerprint:
             return message.correlation_id  # the same workflow, dispatched already
+        # Ours now, or claimed by a dispatch of the same workflow that may not have got through (it failed, or is
+        # still sending): send it (again). Its first hop has the same message ID, so a worker runs it once.
         try:
             if require_workers:
                 await self._require_workers(message.routing_slip.itinerary[0].name)
@@ -188,9 +193,11 @@ class WorkflowDispatcher:
                     message.routing_slip.itinerary[0].name, body, headers=dict(message.headers)
                 )
         except BaseException:
-            if fingerprint is not None:
+            if fingerprint is not None and held is None:
                 await self._release(message.correlation_id, fingerprint)  # so that a corrected retry is not refused
             raise
+        if fingerprint is not None:
+            await self._confirm(message.correlation_id, fingerprint)
         await self.reporter.report("dispatched", message)
         return message.correlation_id
 
@@ -211,39 +218,55 @@ class WorkflowDispatcher:
         except ValidationError as exc:
             raise UserError(f"cannot dispatch: {exc.errors(include_url=False)[0]['msg']}") from None
 
-    async def _claim(self, correlation_id: str, fingerprint: str) -> bool:
-        """Claim `correlation_id` for a workflow with `fingerprint`; False if that very workflow has it already.
+    async def _claim(self, correlation_id: str, fingerprint: str) -> str | None:
+        """Claim `correlation_id` for a workflow with `fingerprint`, as being sent.
+
+        Returns:
+            None when this call claimed it; `fingerprint` when that workflow was dispatched already; the pending
+            mark of `fingerprint` when a dispatch of that workflow claimed it but never confirmed that it was sent.
 
         Raises:
             WorkflowExists: Another workflow has it.
         """
+        pending = _PENDING + fingerprint
         held = self._dispatched.get(correlation_id)
         if held is None and self.claims is not None:
-            held = await self.claims.claim(
-                f"dispatched:{correlation_id}", fingerprint, ttl=max(CLAIM_TTL, self.ttl or 0)
-            )
-        self._dispatched[correlation_id] = held or fingerprint
-        self._dispatched.move_to_end(correlation_id)
-        while len(self._dispatched) > REMEMBERED_DISPATCHES:
-            self._dispatched.popitem(last=False)
-        if held is None:
-            return True
-        if held != fingerprint:
+            held = await self.claims.claim(_claim_key(correlation_id), pending, ttl=max(CLAIM_TTL, self.ttl or 0))
+        if held is not None and held not in (fingerprint, pending):
             raise WorkflowExists(
                 f"workflow {correlation_id!r} was already dispatched with other activities, variables or token; "
                 "pass a new correlation_id to start another workflow",
                 correlation_id=correlation_id,
             )
-        return False
+        self._remember(correlation_id, held or pending)
+        return held
+
+    async def _confirm(self, correlation_id: str, fingerprint: str) -> None:
+        """Mark the claim of `correlation_id` as sent; a failure leaves it pending, so a retry sends it again."""
+        self._remember(correlation_id, fingerprint)
+        if self.claims is None:
+            return
+        key, ttl = _claim_key(correlation_id), max(CLAIM_TTL, self.ttl or 0)
+        try:
+            await self.claims.release(key, _PENDING + fingerprint)
+            await self.claims.claim(key, fingerprint, ttl=ttl)
+        except Exception:
+            logger.warning("could not mark %s as dispatched; a retry will send it again", correlation_id, exc_info=True)
+
+    def _remember(self, correlation_id: str, value: str) -> None:
+        self._dispatched[correlation_id] = value
+        self._dispatched.move_to_end(correlation_id)
+        while len(self._dispatched) > REMEMBERED_DISPATCHES:
+            self._dispatched.popitem(last=False)
 
     async def _release(self, correlation_id: str, fingerprint: str) -> None:
         """Forget the claim of a dispatch that failed; a failure to do so is logged, not raised over the first."""
-        if self._dispatched.get(correlation_id) == fingerprint:
+        if self._dispatched.get(correlation_id) == _PENDING + fingerprint:
             del self._dispatched[correlation_id]
         if self.claims is None:
             return
         try:
-            await self.claims.release(f"dispatched:{correlation_id}", fingerprint)
+            await self.claims.release(_claim_key(correlation_id), _PENDING + fingerprint)
         except Exception:
             logger.warning("could not release the claim on %s after a failed dispatch", correlation_id, exc_info=True)
 
@@ -310,3 +333,7 @@ class WorkflowDispatcher:
     def encode(self, message: PaigeantMessage) -> bytes:
         """The bytes of `message`: with the current trace context, signed, and checked against the size limit."""
         return seal(message, self.security, max_bytes=self.max_message_bytes)
+
+
+def _claim_key(correlation_id: str) -> str:
+    return f"dispatched:{correlation_id}"

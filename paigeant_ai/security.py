@@ -197,7 +197,7 @@ class MessageSigner:
         """
         settings = settings or Settings.from_env()
         name = transport.name if transport is not None else settings.transport
-        local = transport.process_local if transport is not None else name in IN_MEMORY_NAMES
+        local = getattr(transport, "process_local", False) if transport is not None else name in IN_MEMORY_NAMES
         tokens = TokenValidator.from_settings(settings)
         replay = _replay_cache_for(transport)
         signing_source = settings.signing_key or settings.signing_key_file
@@ -271,6 +271,9 @@ class MessageSigner:
             return self._check_token(message.security.obo_token, spec)
         except SecurityError as exc:
             self.refused[exc.code] += 1
+            raise
+        except DuplicateMessage:
+            self.refused["duplicate"] += 1
             raise
 
     def check_signature(self, message: PaigeantMessage, body: bytes) -> None:

@@ -167,7 +167,7 @@ class Worker:
     async def _wait_until_drained(self) -> None:
         # A broker may move a delayed retry back into its queue on its own time (RabbitMQ dead-letters it from a
         # delay queue), and for that moment no count shows it; so the queues must look drained for that long.
-        quiet_for = self.transport.requeue_lag
+        quiet_for = getattr(self.transport, "requeue_lag", 1.0)  # a transport that does not say: be patient
         quiet_since: float | None = None
         loop = asyncio.get_running_loop()
         while not self._stop.is_set():
@@ -280,13 +280,12 @@ class Worker:
             # Not an attack: the hop produced again, and signed, by an upstream step that re-ran after a crash.
             return Skip("already settled (duplicate)")
         except ReplayedMessage as exc:
-            observability.continue_trace(hop.message)  # the signature held: only the hop is old
-            # The broker's own redelivery of a hop settled here (its ack was lost) ran once; any other copy is a replay.
-            return (
-                Skip("already settled (duplicate)")
-                if hop.delivery.redelivered
-                else Reject(f"security check failed: {exc}")
-            )
+            # The broker's own redelivery of a hop settled here (its ack was lost) ran once; any other copy is a
+            # replay, refused in a trace of its own: whoever replays old hops adds nothing to a workflow's trace.
+            if not hop.delivery.redelivered:
+                return Reject(f"security check failed: {exc}")
+            observability.continue_trace(hop.message)
+            return Skip("already settled (duplicate)")
         except TokenError as exc:
             observability.continue_trace(hop.message)  # the signature held: only the token is refused
             refused = exc  # unless the step ran while the token was still valid, the workflow faults

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -283,3 +283,37 @@ async def test_only_pending_and_running_workflows_can_stall(transport: InMemoryT
     assert (still_waiting.state, still_completed.state) == ("waiting", "completed")
     [stalled] = await mark_stalled([pending_at("approve", at)], transport)
     assert stalled.stalled == "no worker consumes 'approve' for 3d"
+
+
+class _FlakyOnce(InMemoryTransport):
+    """A broker blip: the first publish to a step fails, and so does releasing the claim afterwards."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.failures = {"publish", "release"}
+
+    async def publish(
+        self, address: str, body: bytes, *, headers: Mapping[str, str] | None = None, delay: float = 0.0
+    ) -> None:
+        if address != EVENTS and "publish" in self.failures:
+            self.failures.discard("publish")
+            raise TransportError("the broker went away")
+        await super().publish(address, body, headers=headers, delay=delay)
+
+    async def release(self, key: str, value: str) -> None:
+        if "release" in self.failures:
+            self.failures.discard("release")
+            raise TransportError("the broker went away")
+        await super().release(key, value)
+
+
+async def test_a_retry_after_a_failed_dispatch_whose_claim_stayed_sends_the_workflow() -> None:
+    async with _FlakyOnce() as transport:
+        dispatcher = WorkflowDispatcher(transport)
+        with pytest.raises(TransportError):
+            await dispatcher.dispatch_workflow(["validate"], {"n": 1}, correlation_id="order-42")
+        other_process = WorkflowDispatcher(transport)  # the claim is shared: it stayed, marked as not yet sent
+        assert await other_process.dispatch_workflow(["validate"], {"n": 1}, correlation_id="order-42") == "order-42"
+        assert await transport.pending("validate") == 1
+        assert await other_process.dispatch_workflow(["validate"], {"n": 1}, correlation_id="order-42") == "order-42"
+        assert await transport.pending("validate") == 1, "once sent and confirmed, a retry starts nothing"

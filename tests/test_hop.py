@@ -193,3 +193,30 @@ def test_a_replay_from_the_dead_letter_queue_is_projected_as_the_workflow_runnin
     assert status is not None
     assert (status.state, status.failure) == ("running", None)
     assert status.events[-2].kind == "replayed"
+
+
+class _LongSignatures:
+    """Accepts every message and signs with a signature far longer than a real one: a retry cannot be sealed."""
+
+    async def verify(self, message: PaigeantMessage, spec: ActivitySpec, body: bytes) -> None:
+        return None
+
+    def signature_for(self, body: bytes) -> str:
+        return "x" * 2000
+
+    async def settled(self, message: PaigeantMessage) -> None:
+        return None
+
+
+async def test_a_retry_that_cannot_be_sealed_faults_the_workflow(transport: InMemoryTransport) -> None:
+    @activity(retry=FAST)
+    async def stubborn(ctx: ActivityContext) -> None:
+        raise RetryActivity("not yet", delay=0.01)
+
+    events: list[WorkflowEvent] = []
+    await WorkflowDispatcher(transport, allow_unsigned=True).dispatch_workflow([stubborn], {"a": 1})
+    worker = Worker(transport, [stubborn], security=_LongSignatures(), max_message_bytes=1500, on_event=events.append)
+    await worker.run(burst=True)
+    [faulted] = [event for event in events if event.kind == "faulted"]
+    assert "over the limit of 1500" in (faulted.detail or "")
+    assert worker.stats.faulted == 1

@@ -116,3 +116,15 @@ class Receipt(BaseModel):
 )
 def test_what_a_returned_output_comes_to(output: Any, outcome: Outcome) -> None:
     assert completed(output, SPEC, 0, 2048) == outcome
+
+
+def test_an_end_whose_output_holds_nan_faults_instead_of_ending() -> None:
+    outcome = classify(EndWorkflow("closed", output={"score": math.inf}), ActivitySpec(name="score"), 0)
+    assert isinstance(outcome, Fault)
+    assert "its output holds inf at ['score']" in outcome.reason
+
+
+def test_an_output_json_cannot_encode_faults_instead_of_failing_the_worker() -> None:
+    outcome = completed({"when": object()}, ActivitySpec(name="stamp"), 100, 10_000)
+    assert isinstance(outcome, Fault)
+    assert outcome.reason.startswith("activity 'stamp' returned a value that is not JSON")

@@ -11,10 +11,13 @@ import pytest
 
 from paigeant_ai import (
     ActivityContext,
+    ActivitySpec,
     InMemoryTransport,
     InMemoryWaitingStore,
     InMemoryWorkflowStore,
     MessageSigner,
+    PaigeantMessage,
+    UserError,
     Worker,
     activity,
     get_waiting_store,
@@ -135,3 +138,11 @@ def test_the_core_imports_without_redis_py() -> None:
     )
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60, check=True)
     assert done.stdout.strip() == 'the Redis transport needs redis-py: pip install "paigeant-ai[redis]"'
+
+
+async def test_publishing_a_message_object_names_the_fix() -> None:
+    async with InMemoryTransport() as transport:
+        message = PaigeantMessage.new([ActivitySpec(name="validate")], {"n": 1})
+        with pytest.raises(UserError, match=r"publish takes the message's bytes, not PaigeantMessage"):
+            await transport.publish("validate", message)  # pyright: ignore[reportArgumentType]
+        assert await transport.pending("validate") == 0

@@ -17,6 +17,8 @@ from types import TracebackType
 from typing import TYPE_CHECKING, Any, Protocol, Self, runtime_checkable
 from urllib.parse import urlsplit, urlunsplit
 
+from ..exceptions import UserError
+
 if TYPE_CHECKING:
     from ..approval import WaitingStore
     from ..security import ReplayCache
@@ -277,3 +279,13 @@ def redact_url(url: str) -> str:
         return url
     host = parts.netloc.rpartition("@")[2]  # verbatim: an IPv6 host keeps its brackets, and the port stays
     return urlunsplit(parts._replace(netloc=f"{parts.username or ''}:***@{host}"))
+
+
+def ensure_bytes(body: object) -> None:
+    """Raise a `UserError` naming the fix when `body`, given to `publish`, is not bytes."""
+    if not isinstance(body, bytes):
+        raise UserError(
+            f"publish takes the message's bytes, not {type(body).__name__}: send a PaigeantMessage with "
+            "WorkflowDispatcher.dispatch_workflow, or its bytes (`message.to_json()`, signed with `MessageSigner.sign` "
+            "first on a transport whose workers check signatures)"
+        )

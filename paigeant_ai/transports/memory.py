@@ -17,7 +17,7 @@ from datetime import UTC, datetime
 
 from ..contracts import DEAD_LETTER, RESERVED_ADDRESSES
 from ..exceptions import TransportError
-from .base import ConsumerBase, Delivery, TransportBase, dead_letter_headers
+from .base import ConsumerBase, Delivery, TransportBase, dead_letter_headers, ensure_bytes
 
 __all__ = ("InMemoryTransport",)
 
@@ -99,6 +99,7 @@ class InMemoryTransport(TransportBase):
         headers: Mapping[str, str] | None = None,
         delay: float = 0.0,
     ) -> None:
+        ensure_bytes(body)
         queue = self._queue(address)
         entry = _Entry(body, dict(headers or {}))
         if delay > 0:

@@ -22,7 +22,7 @@ from aiormq.abc import AbstractConnection
 from ...contracts import DEAD_LETTER, RESERVED_ADDRESSES
 from ...exceptions import TransportError, UserError
 from ...settings import Settings
-from ..base import Delivery, TransportBase, dead_letter_headers, redact_url
+from ..base import Delivery, TransportBase, dead_letter_headers, ensure_bytes, redact_url
 from ._consumer import RabbitMQConsumer, ack, underlay
 from ._errors import BROKER_ERRORS, CONNECTION_LOST, broker_errors, cancelling, channel_ready, explain, on_channel
 from ._wire import dead_letter_to
@@ -238,6 +238,7 @@ class RabbitMQTransport(TransportBase):
         headers: Mapping[str, str] | None = None,
         delay: float = 0.0,
     ) -> None:
+        ensure_bytes(body)
         self._require()
         if delay > 0:
             if delay > _MAX_DELAY:

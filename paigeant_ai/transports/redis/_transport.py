@@ -28,7 +28,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from ...contracts import DEAD_LETTER, RESERVED_ADDRESSES
 from ...exceptions import TransportError, UserError
 from ...settings import Settings
-from ..base import Delivery, TransportBase, dead_letter_headers, redact_url
+from ..base import Delivery, TransportBase, dead_letter_headers, ensure_bytes, redact_url
 from ._consumer import LIVE_WITHIN, Handle, RedisConsumer
 from ._pipeline import PipelinedRedis, Pipeliner
 from ._stores import RedisDedupeStore, RedisReplayCache, RedisWaitingStore, RedisWorkflowStore
@@ -242,6 +242,7 @@ class RedisTransport(TransportBase):
         headers: Mapping[str, str] | None = None,
         delay: float = 0.0,
     ) -> None:
+        ensure_bytes(body)
         header_json = dump_headers(headers)
         with self.errors("publishing to", address):
             if delay > 0:
