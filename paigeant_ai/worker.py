@@ -17,7 +17,7 @@ import asyncio
 import contextlib
 import logging
 import random
-from collections.abc import AsyncGenerator, Sequence
+from collections.abc import Sequence
 from datetime import UTC, datetime
 
 from . import observability
@@ -251,23 +251,21 @@ class Worker:
             if isinstance(hop, Reject):
                 await refuse(delivery, hop, self)
                 return
-            async with self._one_copy_at_a_time(hop.message.idempotency_key):
+            key = hop.message.idempotency_key
+            await self._one_copy_at_a_time(key)
+            try:
                 outcome = await self._authorize(hop)  # signature, replay, token, dedupe
                 if outcome is None:
                     outcome = await self._run(hop)  # timeout, activity span -> advance, end, park, retry, fault
                 await settle(hop, outcome, self)  # the successor made safe, then the ack
+            finally:
+                self._running_keys.pop(key).set()
 
-    @contextlib.asynccontextmanager
-    async def _one_copy_at_a_time(self, key: str) -> AsyncGenerator[None]:
+    async def _one_copy_at_a_time(self, key: str) -> None:
         """A second copy of a step in flight here waits for the first, then finds it done (or runs it)."""
         while (running := self._running_keys.get(key)) is not None:
             await running.wait()
-        self._running_keys[key] = done = asyncio.Event()
-        try:
-            yield
-        finally:
-            del self._running_keys[key]
-            done.set()
+        self._running_keys[key] = asyncio.Event()
 
     async def _authorize(self, hop: Hop) -> Outcome | None:
         """None when the hop may run (its token's claims then in `hop.claims`); else how it ends."""
