@@ -63,7 +63,9 @@ def unsigned_body(message: PaigeantMessage) -> bytes:
             body = message.to_json()
         finally:
             message.security.jws_signature = signature
-    if b"NaN" in body or b"Infinity" in body:  # encoded bare only when they are numbers; a string says it quoted
+    # `check_finite_json` inline: the message is dumped to be walked only when its bytes hold a bare constant (a
+    # string holding the word says it quoted), not on every hop.
+    if b"NaN" in body or b"Infinity" in body:
         check_finite(message.model_dump(), "the message")
     if not body.endswith(_UNSIGNED_TAIL):  # pragma: no cover - the field order of PaigeantMessage guarantees it
         raise AssertionError("the message's signature is not its last field")

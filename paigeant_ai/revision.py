@@ -54,10 +54,6 @@ class ItineraryRevision:
         """The revision tools for the step `ctx`; what they change is kept in `ctx.revisions`."""
         return RevisionToolset(self, ctx)
 
-    def toolset_for(self, ctx: ActivityContext) -> RevisionToolset:
-        """The revision tools for the step `ctx` (the same as calling the revision)."""
-        return self(ctx)
-
 
 class ItineraryView(BaseModel):
     """What `view_itinerary` tells the model."""

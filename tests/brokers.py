@@ -292,3 +292,16 @@ def report(capsys: pytest.CaptureFixture[str], text: str) -> None:
     """Print `text` past pytest's capture: what a crash test measured."""
     with capsys.disabled():
         print(f"\n{text}")
+
+
+def redis_command_line(monkeypatch: pytest.MonkeyPatch, **more: str) -> str:
+    """Point the `paigeant` commands of this test at the test Redis, unsigned, in a new namespace (returned).
+
+    `more` sets other `PAIGEANT_*` variables, by their names without the prefix (`STALL_AFTER="0"`).
+    """
+    require_redis()
+    name = f"paigeant-test-{uuid.uuid4().hex[:12]}"
+    settings = {"NAMESPACE": name, "REDIS_URL": REDIS_URL, "TRANSPORT": "redis", "ALLOW_UNSIGNED": "1", **more}
+    for key, value in settings.items():
+        monkeypatch.setenv(f"PAIGEANT_{key}", value)
+    return name

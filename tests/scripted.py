@@ -6,8 +6,11 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from pydantic_ai.messages import ModelMessage, ModelResponse, ToolCallPart, ToolReturnPart
+from pydantic_ai import Agent
+from pydantic_ai.messages import ModelMessage, ModelResponse, TextPart, ToolCallPart, ToolReturnPart
 from pydantic_ai.models.function import AgentInfo, FunctionModel
+
+from paigeant_ai import AgentActivity
 
 Turn = ModelResponse | Callable[[list[ModelMessage], AgentInfo], ModelResponse]
 
@@ -41,3 +44,20 @@ def call(tool: str, args: Mapping[str, Any], tool_call_id: str | None = None) ->
 def tool_returns(messages: list[ModelMessage]) -> list[ToolReturnPart]:
     """Every tool result the model was shown, oldest first."""
     return [part for message in messages for part in message.parts if isinstance(part, ToolReturnPart)]
+
+
+def refunder() -> AgentActivity[None, str]:
+    """A step whose agent asks to refund 900 with a tool that needs approval (it parks), then says it refunded."""
+
+    def model(messages: list[ModelMessage], info: AgentInfo) -> ModelResponse:
+        if any(isinstance(part, ToolReturnPart) for message in messages for part in message.parts):
+            return ModelResponse(parts=[TextPart("refunded")])
+        return ModelResponse(parts=[ToolCallPart("refund", {"amount": 900}, tool_call_id="call-1")])
+
+    agent = Agent(FunctionModel(model), name="refund-order")
+
+    @agent.tool_plain(requires_approval=True)
+    def refund(amount: int) -> str:
+        return f"refunded {amount}"
+
+    return AgentActivity(agent, prompt="Refund the order")

@@ -6,18 +6,13 @@ import asyncio
 import gc
 import json
 import re
-import uuid
 from collections.abc import Iterator
 
 import pytest
 from inline_snapshot import snapshot
-from pydantic_ai import Agent
-from pydantic_ai.messages import ModelMessage, ModelResponse, ToolCallPart
-from pydantic_ai.models.function import AgentInfo, FunctionModel
 
 from paigeant_ai import (
     ActivityContext,
-    AgentActivity,
     NonRetryableError,
     Worker,
     WorkflowDispatcher,
@@ -27,19 +22,15 @@ from paigeant_ai.approval import InMemoryWaitingStore
 from paigeant_ai.cli import main
 from paigeant_ai.transports.redis import RedisTransport
 
-from .brokers import REDIS_URL, delete_redis_namespace, require_redis
+from .brokers import REDIS_URL, delete_redis_namespace, redis_command_line
+from .scripted import refunder
 
 pytestmark = pytest.mark.redis
 
 
 @pytest.fixture
 def namespace(monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
-    require_redis()
-    name = f"paigeant-test-{uuid.uuid4().hex[:12]}"
-    monkeypatch.setenv("PAIGEANT_NAMESPACE", name)
-    monkeypatch.setenv("PAIGEANT_REDIS_URL", REDIS_URL)
-    monkeypatch.setenv("PAIGEANT_TRANSPORT", "redis")
-    monkeypatch.setenv("PAIGEANT_ALLOW_UNSIGNED", "1")
+    name = redis_command_line(monkeypatch)
     yield name
     asyncio.run(delete_redis_namespace(name))
 
@@ -65,19 +56,6 @@ async def create_account(ctx: ActivityContext) -> dict[str, str]:
     if not FIXED and ctx.payload.get("email") == "bad@example.com":
         raise NonRetryableError("address refused")
     return {"account": "acct-1"}
-
-
-def refunder() -> AgentActivity[None, str]:
-    def model(messages: list[ModelMessage], info: AgentInfo) -> ModelResponse:
-        return ModelResponse(parts=[ToolCallPart("refund", {"amount": 900}, tool_call_id="call-1")])
-
-    agent = Agent(FunctionModel(model), name="refund-order")
-
-    @agent.tool_plain(requires_approval=True)
-    def refund(amount: int) -> str:
-        return f"refunded {amount}"
-
-    return AgentActivity(agent, prompt="Refund the order")
 
 
 async def run_three_workflows(namespace: str) -> None:

@@ -21,13 +21,9 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 import pytest
-from pydantic_ai import Agent
-from pydantic_ai.messages import ModelMessage, ModelResponse, ToolCallPart
-from pydantic_ai.models.function import AgentInfo, FunctionModel
 
 from paigeant_ai import (
     ActivityContext,
-    AgentActivity,
     InMemoryTransport,
     NonRetryableError,
     RetryActivity,
@@ -41,6 +37,7 @@ from paigeant_ai.approval import InMemoryWaitingStore
 from paigeant_ai.cli import main
 
 from .brokers import REDIS_URL, delete_redis_namespace, require_redis
+from .scripted import refunder
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -60,19 +57,6 @@ async def flaky(ctx: ActivityContext) -> dict[str, str]:
 @activity(name="refuse")
 async def refuse(ctx: ActivityContext) -> None:
     raise NonRetryableError("address refused")
-
-
-def refunder() -> AgentActivity[None, str]:
-    def model(messages: list[ModelMessage], info: AgentInfo) -> ModelResponse:
-        return ModelResponse(parts=[ToolCallPart("refund", {"amount": 900}, tool_call_id="call-1")])
-
-    agent = Agent(FunctionModel(model), name="refund-order")
-
-    @agent.tool_plain(requires_approval=True)
-    def refund(amount: int) -> str:
-        return f"refunded {amount}"
-
-    return AgentActivity(agent, prompt="Refund the order")
 
 
 async def four_workflows() -> Worker:

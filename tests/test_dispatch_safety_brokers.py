@@ -19,7 +19,15 @@ from paigeant_ai.transports.rabbitmq import RabbitMQTransport
 from paigeant_ai.transports.redis import RedisTransport
 from paigeant_ai.transports.redis import _consumer as redis_consumer
 
-from .brokers import RABBITMQ_URL, REDIS_URL, delete_queues, delete_redis_namespace, require_rabbitmq, require_redis
+from .brokers import (
+    RABBITMQ_URL,
+    REDIS_URL,
+    delete_queues,
+    delete_redis_namespace,
+    redis_command_line,
+    require_rabbitmq,
+    require_redis,
+)
 
 
 def pending_at(activity: str, at: datetime) -> WorkflowStatus:
@@ -255,13 +263,7 @@ async def test_redis_a_step_left_by_its_worker_stalls_after_a_while(redis: Redis
 
 @pytest.fixture
 def cli_namespace(monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
-    require_redis()
-    name = f"paigeant-test-{uuid.uuid4().hex[:12]}"
-    monkeypatch.setenv("PAIGEANT_NAMESPACE", name)
-    monkeypatch.setenv("PAIGEANT_REDIS_URL", REDIS_URL)
-    monkeypatch.setenv("PAIGEANT_TRANSPORT", "redis")
-    monkeypatch.setenv("PAIGEANT_ALLOW_UNSIGNED", "1")
-    monkeypatch.setenv("PAIGEANT_STALL_AFTER", "0")
+    name = redis_command_line(monkeypatch, STALL_AFTER="0")
     yield name
     asyncio.run(delete_redis_namespace(name))
 

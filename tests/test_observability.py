@@ -10,7 +10,7 @@ import pytest
 from inline_snapshot import snapshot
 from logfire.testing import CaptureLogfire
 from pydantic_ai import Agent
-from pydantic_ai.messages import ModelMessage, ModelResponse, TextPart, ToolCallPart, ToolReturnPart
+from pydantic_ai.messages import ModelMessage, ModelResponse, TextPart
 from pydantic_ai.models.function import AgentInfo, FunctionModel
 
 from paigeant_ai import (
@@ -29,6 +29,8 @@ from paigeant_ai._cli_dead_letters import DeadLetter, browse_dead_letters, repla
 from paigeant_ai.approval import InMemoryWaitingStore
 from paigeant_ai.observability import extract_context, inject_context
 from paigeant_ai.security import MessageSigner
+
+from .scripted import refunder
 
 FAST = RetryPolicy(max_attempts=2, initial_interval=0.01, jitter=0)
 SHOWN = (
@@ -301,18 +303,7 @@ async def test_no_token_or_signature_is_ever_on_a_span(
 async def test_a_workflow_that_waits_and_resumes_stays_one_trace(
     capfire: CaptureLogfire, transport: InMemoryTransport
 ) -> None:
-    def model(messages: list[ModelMessage], info: AgentInfo) -> ModelResponse:
-        if any(isinstance(part, ToolReturnPart) for message in messages for part in message.parts):
-            return ModelResponse(parts=[TextPart("refunded")])
-        return ModelResponse(parts=[ToolCallPart("refund", {"amount": 900}, tool_call_id="call-1")])
-
-    agent = Agent(FunctionModel(model), name="refund-order")
-
-    @agent.tool_plain(requires_approval=True)
-    def refund(amount: int) -> str:
-        return f"refunded {amount}"
-
-    step = AgentActivity(agent, prompt="Refund the order")
+    step = refunder()
     waiting = InMemoryWaitingStore()
     dispatcher = WorkflowDispatcher(transport, waiting_store=waiting)
     await dispatcher.dispatch_workflow([step], correlation_id="wf-resume")

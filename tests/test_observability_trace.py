@@ -7,13 +7,9 @@ from typing import Any
 import logfire
 from inline_snapshot import snapshot
 from logfire.testing import CaptureLogfire
-from pydantic_ai import Agent
-from pydantic_ai.messages import ModelMessage, ModelResponse, TextPart, ToolCallPart, ToolReturnPart
-from pydantic_ai.models.function import AgentInfo, FunctionModel
 
 from paigeant_ai import (
     ActivityContext,
-    AgentActivity,
     InMemoryTransport,
     PaigeantMessage,
     RetryActivity,
@@ -24,24 +20,8 @@ from paigeant_ai import (
 from paigeant_ai.approval import InMemoryWaitingStore
 from paigeant_ai.observability import LINK_HEADER, inject_context
 
+from .scripted import refunder
 from .test_observability import FAST, fetch, publish, span_tree
-
-
-def refunder() -> AgentActivity[None, str]:
-    """An agent step that waits for a person to approve its refund."""
-
-    def model(messages: list[ModelMessage], info: AgentInfo) -> ModelResponse:
-        if any(isinstance(part, ToolReturnPart) for message in messages for part in message.parts):
-            return ModelResponse(parts=[TextPart("refunded")])
-        return ModelResponse(parts=[ToolCallPart("refund", {"amount": 900}, tool_call_id="call-1")])
-
-    agent = Agent(FunctionModel(model), name="refund-order")
-
-    @agent.tool_plain(requires_approval=True)
-    def refund(amount: int) -> str:
-        return f"refunded {amount}"
-
-    return AgentActivity(agent, prompt="Refund the order")
 
 
 def traceparent(span: logfire.LogfireSpan, *, span_id: int | None = None) -> str:
