@@ -34,6 +34,7 @@ class Hop:
         activity: The activity that runs the step.
         spec: The step's effective spec: the worker's own, with the workflow's overrides.
         started: When the step started running (until then, when the hop was admitted).
+        signer: The key id that signed the hop, once authorized (None when messages are not signed).
         claims: The validated claims of the user's token, once authorized.
         ctx: What the activity was given, once it runs (its route revisions are applied when the hop settles).
     """
@@ -43,6 +44,7 @@ class Hop:
     activity: Activity
     spec: ActivitySpec
     started: datetime = field(default_factory=lambda: datetime.now(UTC))
+    signer: str | None = None
     claims: Mapping[str, Any] | None = None
     ctx: ActivityContext | None = None
 

@@ -22,9 +22,9 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import time
 from collections import Counter, OrderedDict
 from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -34,6 +34,7 @@ from joserfc.jwk import Key, KeySet
 from joserfc.jws import JWSRegistry
 
 from ._keys import ALGORITHMS, algorithm_of, ephemeral_key, generate_key, load_signing_key, load_trusted_keys
+from ._replay import InMemoryReplayCache, ReplayCache
 from ._sealing import signing_input, unsigned_body
 from ._tokens import TokenValidator, granted_scopes
 from .contracts import ActivitySpec, PaigeantMessage
@@ -41,6 +42,7 @@ from .exceptions import DuplicateMessage, InvalidMessage, ReplayedMessage, Secur
 from .settings import Settings
 from .transports import IN_MEMORY_NAMES
 from .transports.base import SharedStores
+from .trust import TrustPolicy
 
 if TYPE_CHECKING:
     from .transports.base import Transport
@@ -52,6 +54,8 @@ __all__ = (
     "MessageSigner",
     "ReplayCache",
     "TokenValidator",
+    "TrustPolicy",
+    "Verified",
     "generate_key",
     "load_signing_key",
     "load_trusted_keys",
@@ -65,6 +69,19 @@ _HEADER_KEYS = frozenset({"alg", "kid", "typ"})
 _CLOCK_LEEWAY = 60.0
 
 
+@dataclass(frozen=True, slots=True)
+class Verified:
+    """What a verified hop proved.
+
+    Attributes:
+        signer: The key id that signed it; None when messages are not signed.
+        claims: The validated claims of the user's on-behalf-of token, when there is one and tokens are checked.
+    """
+
+    signer: str | None = None
+    claims: Mapping[str, Any] | None = None
+
+
 class MessageSecurity(Protocol):
     """Signs what a worker or dispatcher sends and verifies what a worker receives (`MessageSigner` is one)."""
 
@@ -72,12 +89,29 @@ class MessageSecurity(Protocol):
         """The detached JWS over `body`, a message encoded with no signature; None to send it unsigned."""
         ...
 
-    async def verify(self, message: PaigeantMessage, spec: ActivitySpec, body: bytes) -> Mapping[str, Any] | None:
-        """Check the signature of `body` (the bytes `message` was read from), replay and the user's token against
-        `spec.required_scopes`.
+    @property
+    def policy(self) -> TrustPolicy:
+        """What each trusted key may do."""
+        ...
+
+    def sign_bytes(self, payload: bytes, *, typ: str) -> str | None:
+        """A detached JWS of type `typ` over `payload` (state kept at rest, a plan, an approval); None when unsigned."""
+        ...
+
+    def verify_bytes(self, signature: str | None, payload: bytes, *, typ: str) -> str | None:
+        """The key id that signed `payload` with `signature` (of type `typ`); None when messages are not signed.
+
+        Raises:
+            SecurityError: Not signed, not by a trusted key, of another type, or altered.
+        """
+        ...
+
+    async def verify(self, message: PaigeantMessage, spec: ActivitySpec, body: bytes) -> Verified:
+        """Check the signature of `body` (the bytes `message` was read from), that its signer may send to the
+        step, replay, and the user's token against `spec.required_scopes`.
 
         Returns:
-            The validated claims of the user's on-behalf-of token, if there is one.
+            The signer and the validated claims of the user's on-behalf-of token, if there is one.
 
         Raises:
             SecurityError: With the precise reason; the message is dead-lettered and never run.
@@ -90,48 +124,6 @@ class MessageSecurity(Protocol):
     async def settled(self, message: PaigeantMessage) -> None:
         """Called once the hop `message` is settled (acked after its successor, retry or fault was published)."""
         ...
-
-
-# -- replay cache ----------------------------------------------------------------------------------------------
-
-
-class ReplayCache(Protocol):
-    """Remembers the hops a worker settled (by `message_id`), with a digest of what each one said."""
-
-    async def settled_digest(self, message_id: str) -> str | None:
-        """The digest of the settled hop `message_id`, or None if it was not settled (or is forgotten)."""
-        ...
-
-    async def remember(self, message_id: str, digest: str, ttl: float) -> None:
-        """Record that `message_id` was settled, for `ttl` seconds."""
-        ...
-
-
-class InMemoryReplayCache:
-    """Settled hops, in this process's memory: the most recent `max_entries`, each for its `ttl`.
-
-    Each worker (each `MessageSigner`) has its own; workers in other processes do not see it. On Redis, the
-    default is the transport's shared cache (`RedisReplayCache`), which every worker shares.
-    """
-
-    def __init__(self, max_entries: int = 100_000) -> None:
-        self.max_entries = max_entries
-        self._entries: OrderedDict[str, tuple[str, float]] = OrderedDict()
-
-    async def settled_digest(self, message_id: str) -> str | None:
-        entry = self._entries.get(message_id)
-        if entry is None:
-            return None
-        if entry[1] < time.monotonic():
-            del self._entries[message_id]
-            return None
-        return entry[0]
-
-    async def remember(self, message_id: str, digest: str, ttl: float) -> None:
-        self._entries.setdefault(message_id, (digest, time.monotonic() + ttl))
-        self._entries.move_to_end(message_id)
-        while len(self._entries) > self.max_entries:
-            self._entries.popitem(last=False)
 
 
 # -- the signer ------------------------------------------------------------------------------------------------
@@ -148,6 +140,7 @@ class MessageSigner:
             requires scopes faults.
         replay_cache: Where settled hops are remembered; in this process's memory by default.
         replay_ttl: Seconds a settled hop without an expiry is remembered.
+        policy: What each trusted key may do; every trusted key may do everything by default.
         unsigned: Sign nothing and check no signature (nor replay): the explicit, loud opt-out.
         refusal: Why this signer cannot work; `ensure_ready`, `sign` and `verify` raise it as a `UserError`.
 
@@ -163,6 +156,7 @@ class MessageSigner:
         tokens: TokenValidator | None = None,
         replay_cache: ReplayCache | None = None,
         replay_ttl: float = DEFAULT_REPLAY_TTL,
+        policy: TrustPolicy | None = None,
         unsigned: bool = False,
         refusal: str | None = None,
     ) -> None:
@@ -174,6 +168,7 @@ class MessageSigner:
         self.tokens = tokens
         self.replay_cache: ReplayCache = replay_cache or InMemoryReplayCache()
         self.replay_ttl = replay_ttl
+        self._policy = policy or TrustPolicy.any_trusted_key()
         self.unsigned = unsigned
         self.refusal = refusal
         self.refused: Counter[str] = Counter()
@@ -203,7 +198,13 @@ class MessageSigner:
         signing_source = settings.signing_key or settings.signing_key_file
         trusted_sources = _trusted_sources(settings)
         opted_out = settings.allow_unsigned if allow_unsigned is None else allow_unsigned
-        common: dict[str, Any] = {"tokens": tokens, "replay_cache": replay, "replay_ttl": settings.replay_ttl}
+        policy_source = settings.trust_policy or settings.trust_policy_file
+        common: dict[str, Any] = {
+            "tokens": tokens,
+            "replay_cache": replay,
+            "replay_ttl": settings.replay_ttl,
+            "policy": TrustPolicy.load(policy_source) if policy_source else None,
+        }
         if signing_source or trusted_sources:
             signing = load_signing_key(signing_source) if signing_source else None
             trusted = load_trusted_keys(*trusted_sources) if trusted_sources else None
@@ -233,15 +234,49 @@ class MessageSigner:
 
     # -- signing ---------------------------------------------------------------------------------------------
 
+    @property
+    def policy(self) -> TrustPolicy:
+        """What each trusted key may do."""
+        return self._policy
+
     def signature_for(self, body: bytes) -> str | None:
         """The detached JWS over `body` (a message as `_sealing.unsigned_body` encodes it), or None when unsigned."""
+        return self.sign_bytes(body, typ=SIGNATURE_TYPE)
+
+    def sign_bytes(self, payload: bytes, *, typ: str) -> str | None:
+        """A detached JWS of type `typ` over `payload`, or None when unsigned.
+
+        Each kind of signed thing has its own `typ` (a hop, a plan, a parked step, an approval), so that a
+        signature over one can never pass for another.
+        """
         if self.refusal is not None:
             raise UserError(self.refusal)
         if self.unsigned or self.signing_key is None:
             return None
         key = self.signing_key
-        header = {"alg": algorithm_of(key), "kid": key.kid, "typ": SIGNATURE_TYPE}
-        return jws.detach_content(jws.serialize_compact(header, body, key, registry=self._registry))
+        header = {"alg": algorithm_of(key), "kid": key.kid, "typ": typ}
+        return jws.detach_content(jws.serialize_compact(header, payload, key, registry=self._registry))
+
+    def verify_bytes(self, signature: str | None, payload: bytes, *, typ: str) -> str | None:
+        """The key id that signed `payload` with the detached JWS `signature` of type `typ`; None when unsigned.
+
+        Raises:
+            SecurityError: Not signed, not by a trusted key, of another type, or altered.
+        """
+        if self.refusal is not None:
+            raise UserError(self.refusal)
+        if self.unsigned:
+            return None
+        if not signature:
+            raise SecurityError("not signed", code="unsigned")
+        parts = signature.split(".")
+        if len(parts) != 3 or parts[1]:
+            raise SecurityError("the signature is not a detached compact JWS", code="malformed_signature")
+        try:
+            return self._check_jws(signature, payload, typ)
+        except SecurityError as exc:
+            self.refused[exc.code] += 1
+            raise
 
     def sign(self, message: PaigeantMessage) -> None:
         """Set `message.security.jws_signature` over the message as it now is (`message.to_json()` then sends it)."""
@@ -249,26 +284,30 @@ class MessageSigner:
 
     # -- verifying -------------------------------------------------------------------------------------------
 
-    async def verify(self, message: PaigeantMessage, spec: ActivitySpec, body: bytes) -> Mapping[str, Any] | None:
-        """Check the signature of `body` (the bytes `message` was read from), replay, and the user's token against
-        `spec.required_scopes`.
+    async def verify(self, message: PaigeantMessage, spec: ActivitySpec, body: bytes) -> Verified:
+        """Check the signature of `body` (the bytes `message` was read from), that the trust policy lets its signer
+        send to `spec.name`, replay, and the user's token against `spec.required_scopes`.
 
         Returns:
-            The validated claims of the user's on-behalf-of token, when there is one and tokens are checked.
+            The signer, and the validated claims of the user's on-behalf-of token when there is one and tokens are
+            checked.
 
         Raises:
-            SecurityError: The message is not signed, or not by a trusted key, or was altered.
+            SecurityError: The message is not signed, or not by a trusted key, or was altered, or its signer may
+                not send to this step.
             ReplayedMessage: A copy of exactly a hop that was already settled.
             DuplicateMessage: The hop was already settled, and was produced anew by a trusted signer.
             TokenError: The token is missing, invalid, or lacks a scope the step requires.
         """
         if self.refusal is not None:
             raise UserError(self.refusal)
+        signer: str | None = None
         try:
             if not self.unsigned:
-                signed = self._check_signature(message.security.jws_signature, body)
+                signed, signer = self._check_signature(message.security.jws_signature, body)
+                self._policy.require_send(signer, spec.name)
                 await self._check_replay(message.message_id, hashlib.sha256(signed).hexdigest())
-            return self._check_token(message.security.obo_token, spec)
+            return Verified(signer, self._check_token(message.security.obo_token, spec))
         except SecurityError as exc:
             self.refused[exc.code] += 1
             raise
@@ -276,17 +315,19 @@ class MessageSigner:
             self.refused["duplicate"] += 1
             raise
 
-    def check_signature(self, message: PaigeantMessage, body: bytes) -> None:
+    def check_signature(self, message: PaigeantMessage, body: bytes) -> str | None:
         """Check only that a trusted key signed `body`, the bytes `message` was read from (no replay or token check).
 
-        Raises:
-            SecurityError: With the reason; nothing is raised when this signer runs unsigned.
-        """
-        if not self.unsigned:
-            self._check_signature(message.security.jws_signature, body)
+        Returns:
+            The key id that signed it; None when this signer runs unsigned.
 
-    def _check_signature(self, signature: str | None, body: bytes) -> bytes:
-        """What `signature` covers in `body`, once it is checked against the trusted keys."""
+        Raises:
+            SecurityError: With the reason.
+        """
+        return None if self.unsigned else self._check_signature(message.security.jws_signature, body)[1]
+
+    def _check_signature(self, signature: str | None, body: bytes) -> tuple[bytes, str]:
+        """What `signature` covers in `body`, and the key that signed it, once checked against the trusted keys."""
         if not signature:
             raise SecurityError("the message is not signed", code="unsigned")
         parts = signature.split(".")
@@ -296,6 +337,10 @@ class MessageSigner:
             signed = signing_input(body, signature)
         except InvalidMessage as exc:
             raise SecurityError(str(exc), code="malformed_signature") from None
+        return signed, self._check_jws(signature, signed, SIGNATURE_TYPE)
+
+    def _check_jws(self, signature: str, signed: bytes, typ: str) -> str:
+        """The key id that made the detached `signature` over `signed`, once checked against the trusted keys."""
         try:
             obj = jws.extract_compact(signature.encode(), signed)
         except (JoseError, ValueError):
@@ -308,8 +353,8 @@ class MessageSigner:
         unexpected = sorted(set(header) - _HEADER_KEYS)
         if unexpected:
             raise SecurityError(f"unexpected signature header {_show(unexpected[0])}", code="header")
-        if header.get("typ") != SIGNATURE_TYPE:
-            raise SecurityError(f"signature type {_show(header.get('typ'))} is not {SIGNATURE_TYPE!r}", code="header")
+        if header.get("typ") != typ:
+            raise SecurityError(f"signature type {_show(header.get('typ'))} is not {typ!r}", code="header")
         kid = header.get("kid")
         key = next((k for k in self.trusted_keys if isinstance(kid, str) and k.kid == kid), None)
         if key is None:
@@ -325,7 +370,7 @@ class MessageSigner:
                 f"bad signature: the message was altered after key {_show(kid)} signed it, or that key did not sign it",
                 code="bad_signature",
             )
-        return signed
+        return key.kid or ""
 
     async def _check_replay(self, message_id: str, digest: str) -> None:
         settled = await self.replay_cache.settled_digest(message_id)

@@ -57,6 +57,8 @@ class Settings:
             `obo_jwks_file`, `PAIGEANT_OBO_JWKS_FILE`, its path).
         obo_issuer: `PAIGEANT_OBO_ISSUER`, the `iss` those tokens must carry.
         obo_audience: `PAIGEANT_OBO_AUDIENCE`, the `aud` those tokens must carry.
+        trust_policy: `PAIGEANT_TRUST_POLICY`, what each trusted key may do, as JSON (or `trust_policy_file`,
+            `PAIGEANT_TRUST_POLICY_FILE`, its path); see `paigeant_ai.trust`. Unset: every trusted key may do all.
         replay_ttl: `PAIGEANT_REPLAY_TTL`, seconds a settled hop without an expiry is remembered (default 7 days).
         stall_after: `PAIGEANT_STALL_AFTER`, seconds without a consumer after which `paigeant workflows` shows a
             workflow `stalled` at its step (default 60).
@@ -77,6 +79,8 @@ class Settings:
     obo_jwks_file: str | None = None
     obo_issuer: str | None = None
     obo_audience: str | None = None
+    trust_policy: str | None = None
+    trust_policy_file: str | None = None
     replay_ttl: int = 7 * 24 * 3600
     stall_after: int = 60
 
@@ -101,6 +105,8 @@ class Settings:
             obo_jwks_file=_env_str("PAIGEANT_OBO_JWKS_FILE"),
             obo_issuer=_env_str("PAIGEANT_OBO_ISSUER"),
             obo_audience=_env_str("PAIGEANT_OBO_AUDIENCE"),
+            trust_policy=_env_str("PAIGEANT_TRUST_POLICY"),
+            trust_policy_file=_env_str("PAIGEANT_TRUST_POLICY_FILE"),
             replay_ttl=_env_int("PAIGEANT_REPLAY_TTL", defaults.replay_ttl),
             stall_after=_env_int("PAIGEANT_STALL_AFTER", defaults.stall_after),
         )

@@ -271,7 +271,8 @@ class Worker:
         """None when the hop may run (its token's claims then in `hop.claims`); else how it ends."""
         refused: TokenError | None = None
         try:
-            hop.claims = await self.security.verify(hop.message, hop.spec, hop.delivery.body)
+            verified = await self.security.verify(hop.message, hop.spec, hop.delivery.body)
+            hop.signer, hop.claims = verified.signer, verified.claims
             observability.continue_trace(hop.message)  # signed as it is: its trace context is trusted from here on
         except DuplicateMessage:
             observability.continue_trace(hop.message)  # the signature held: only the hop is old
