@@ -59,6 +59,7 @@ from .revision import ItineraryRevision
 from .security import MessageSigner, TokenValidator
 from .store import InMemoryWorkflowStore, WorkflowProjector, WorkflowStatus, WorkflowStore, get_workflow_store
 from .transports import InMemoryTransport, Transport, get_transport
+from .trust import TrustPolicy
 from .worker import Worker, WorkerStats
 
 __all__ = (
@@ -104,6 +105,7 @@ __all__ = (
     "TokenValidator",
     "Transport",
     "TransportError",
+    "TrustPolicy",
     "UserError",
     "WaitingStore",
     "Worker",

@@ -48,6 +48,7 @@ PUBLIC = (
     "TokenValidator",
     "Transport",
     "TransportError",
+    "TrustPolicy",
     "UserError",
     "WaitingStore",
     "Worker",
