@@ -115,7 +115,7 @@ async def _run(case: WorkflowCase, workflow: Workflow) -> WorkflowRun:
         try:
             async with asyncio.timeout(case.timeout):
                 await worker.run(burst=True)
-                while case.approvals is not None and await _answer(waiting, dispatcher, case.approvals):
+                while case.approvals is not None and await _answer(dispatcher, case.approvals):
                     await worker.run(burst=True)
         except TimeoutError:
             timed_out = True
@@ -124,14 +124,13 @@ async def _run(case: WorkflowCase, workflow: Workflow) -> WorkflowRun:
     return _summarize(events, dead, duration, timed_out)
 
 
-async def _answer(
-    waiting: InMemoryWaitingStore, dispatcher: WorkflowDispatcher, decision: Literal["approve", "deny"]
-) -> bool:
+async def _answer(dispatcher: WorkflowDispatcher, decision: Literal["approve", "deny"]) -> bool:
     """Answer every approval a parked workflow waits for, as a person would; False when none waits."""
-    parked = await waiting.waiting()
+    parked = await dispatcher.waiting()
     answer = True if decision == "approve" else ToolDenied(DENIAL)
     for step in parked:
-        await dispatcher.resume(step.correlation_id, approvals={call.tool_call_id: answer for call in step.pending})
+        approvals = {call.tool_call_id: answer for call in step.pending}
+        await dispatcher.resume(step.correlation_id, approvals=approvals, approver="evals")
     return bool(parked)
 
 

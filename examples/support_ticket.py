@@ -245,13 +245,14 @@ async def main(*, deny: bool = False) -> str:
         print(f"planner: {result.output}")
 
         await worker.run(burst=True)
-        for parked in await waiting_store.waiting():
+        for parked in await dispatcher.waiting():  # the parked records that verify
             for call in parked.pending:
                 print(f"approval needed: {call.tool_name}({json.dumps(call.args)})")
             # This script stands in for the person who decides.
             answer = ToolDenied("The support lead will call the customer instead.") if deny else True
             print(f"  {'denied' if deny else 'approved'} by the support lead")
-            await dispatcher.resume(parked.correlation_id, approvals={c.tool_call_id: answer for c in parked.pending})
+            approvals = {c.tool_call_id: answer for c in parked.pending}
+            await dispatcher.resume(parked.correlation_id, approvals=approvals, approver="support-lead")
         await worker.run(burst=True)
         print(f"result: {OUTBOX[-1] if OUTBOX else 'no reply was sent'}")
         return result.output

@@ -7,6 +7,7 @@ its shared stores from `paigeant_ai.transports.redis`, the RabbitMQ transport fr
 
 import logging as _logging
 
+from ._approvals import Approval, SignedApproval
 from ._events import WorkflowEvent
 from .activity import Activity, ActivityContext, AgentActivity, FunctionActivity, activity
 from .approval import (
@@ -69,6 +70,7 @@ __all__ = (
     "ActivityLogEntry",
     "ActivitySpec",
     "AgentActivity",
+    "Approval",
     "CatalogEntry",
     "DispatchedWorkflow",
     "DuplicateMessage",
@@ -101,6 +103,7 @@ __all__ = (
     "RoutingSlip",
     "SecurityContext",
     "SecurityError",
+    "SignedApproval",
     "TokenError",
     "TokenValidator",
     "Transport",

@@ -37,6 +37,7 @@ class Hop:
         signer: The key id that signed the hop, once authorized (None when messages are not signed).
         claims: The validated claims of the user's token, once authorized.
         ctx: What the activity was given, once it runs (its route revisions are applied when the hop settles).
+        approvals: For a resume hop, once authorized: who approved or denied which call (for the step's log).
     """
 
     delivery: Delivery
@@ -47,6 +48,7 @@ class Hop:
     signer: str | None = None
     claims: Mapping[str, Any] | None = None
     ctx: ActivityContext | None = None
+    approvals: list[str] = field(default_factory=list[str])
 
 
 def admit(delivery: Delivery, activities: Mapping[str, Activity], max_bytes: int) -> Hop | Reject:

@@ -146,6 +146,7 @@ async def _complete_step(hop: Hop, outcome: Advance | End, deps: SettleDeps) -> 
         entry = message.routing_slip.mark_complete(
             hop.spec.name, attempt=message.attempt, started_at=hop.started, output_keys=keys
         )
+        entry.approvals = hop.approvals  # who approved what this step ran, in the signed log
         await _publish_next(message, deps)
     await _report_step_done(message, entry, deps)
     await deps.dedupe.mark_done(key)
@@ -189,10 +190,13 @@ async def _apply_revisions(hop: Hop, deps: SettleDeps) -> None:
 async def _park(hop: Hop, outcome: Park, store: WaitingStore, deps: SettleDeps) -> str:
     """Store the step with what it waits for (`WorkflowDispatcher.resume` publishes it again); what it waits for."""
     await _apply_revisions(hop, deps)
-    parked = ParkedStep.from_signal(hop.message, outcome.signal)
+    subject = hop.claims.get("sub") if hop.claims is not None else None
+    parked = ParkedStep.from_signal(
+        hop.message, outcome.signal, obo_subject=subject if isinstance(subject, str) else None
+    )
     # The resume, however late, continues this hop's trace.
     parked.message.headers = observability.inject_context(parked.message.headers, hop.message.correlation_id)
-    await store.put(parked)
+    await store.put(parked.sign(deps.security))  # signed at rest: nothing acts on it unless it verifies
     return parked.describe()
 
 

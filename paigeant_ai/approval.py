@@ -2,30 +2,43 @@
 
 When an `AgentActivity`'s agent ends its run with pydantic-ai's `DeferredToolRequests` (a tool that requires
 approval, or one that raised `CallDeferred`), the step raises `ParkWorkflow`. The worker stores a `ParkedStep`
-(the message as it arrived, the agent's conversation and what it waits for) in a `WaitingStore` and acks the
-message: nothing runs until `WorkflowDispatcher.resume` publishes the same step again with the answers (and removes
-the record), and the agent continues its conversation where it stopped.
+(the message as it arrived, without its token, and the agent's conversation, whose deferred tool requests are
+what it waits for), signed with its key, in a `WaitingStore` and acks the message: nothing runs until
+`WorkflowDispatcher.resume` verifies the record, has each answer signed as an approval by an approver, and
+publishes the same step again with the record, the approvals and a fresh token (and removes the record). The
+worker checks all of that before the step runs (`paigeant_ai._approvals`), and the agent continues its
+conversation where it stopped.
 
-Everything stored is JSON made with pydantic-ai's own type adapters, never pickle.
+A store is shared state an attacker may write: what it returns is verified before anything acts on it
+(`ParkedStep.verify`; `WorkflowDispatcher.waiting` lists only the records that pass). Everything stored is JSON
+made with pydantic-ai's own type adapters, never pickle.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import hashlib
+import logging
+from collections.abc import Iterable, Mapping, Sequence
 from datetime import UTC, datetime
-from typing import Any, Literal, Protocol
+from typing import TYPE_CHECKING, Any, Literal, Protocol
 
-from pydantic import BaseModel, ConfigDict, Field, JsonValue, TypeAdapter
+from pydantic import BaseModel, ConfigDict, Field, JsonValue, TypeAdapter, ValidationError
 from pydantic_ai import Conversation, ConversationTypeAdapter, DeferredToolRequests, DeferredToolResults
 from pydantic_ai.messages import ToolCallPart
 from pydantic_ai.tools import ToolApproved, ToolDenied
 from pydantic_core import to_jsonable_python
 
-from .contracts import PaigeantMessage, Resumption, derive_message_id
-from .exceptions import ParkWorkflow, UserError
+from .contracts import PaigeantMessage, Resumption, SecurityContext, derive_message_id
+from .exceptions import ParkWorkflow, SecurityError, UserError
 from .transports.base import SharedStores, Transport
 
+if TYPE_CHECKING:
+    from .security import MessageSecurity
+
 __all__ = (
+    "APPROVAL_TYPE",
+    "APPROVE_SCOPE",
+    "PARKED_TYPE",
     "InMemoryWaitingStore",
     "ParkWorkflow",
     "ParkedStep",
@@ -34,10 +47,19 @@ __all__ = (
     "get_waiting_store",
 )
 
+logger = logging.getLogger("paigeant_ai.approval")
+
 _RESULTS: TypeAdapter[DeferredToolResults] = TypeAdapter(DeferredToolResults)
 _JSON_OBJECT: TypeAdapter[dict[str, JsonValue]] = TypeAdapter(dict[str, JsonValue])
 
 ApprovalAnswer = bool | ToolApproved | ToolDenied
+
+PARKED_TYPE = "paigeant-parked+jws"
+"""The `typ` of a parked record's signature."""
+APPROVAL_TYPE = "paigeant-approval+jws"
+"""The `typ` of an approval's signature."""
+APPROVE_SCOPE = "paigeant:approve"
+"""The scope a user's token needs to approve tool calls (`WorkflowDispatcher.resume(..., approver_token=...)`)."""
 
 
 class PendingToolCall(BaseModel):
@@ -54,44 +76,122 @@ class PendingToolCall(BaseModel):
 
 
 class ParkedStep(BaseModel):
-    """A workflow waiting at one step, as a `WaitingStore` keeps it.
+    """A workflow waiting at one step, as a `WaitingStore` keeps it: signed by the worker that parked it.
+
+    The record holds what is later acted on, once: the message as parked (route, payload, revisions) and the
+    agent's conversation, whose deferred tool requests are what the step waits for (`pending` is derived from
+    them, never stored beside them). It keeps no bearer token and no hop signature: `WorkflowDispatcher.resume`
+    takes a fresh token. `proof` is a detached JWS (`typ: paigeant-parked+jws`) over the record without it; a
+    record is acted on only once `verify` found it signed by a trusted key that may send to its activity.
 
     Attributes:
-        message: The step's message as the worker received it (with any route revisions the step made).
+        message: The step's message as the worker received it (with any route revisions the step made), without
+            its token and signature.
         conversation: The agent's conversation so far, as `ConversationTypeAdapter` JSON.
-        pending: What the step waits for, readable without pydantic-ai.
+        obo_subject: The `sub` of the user's token when the step parked (when the worker checks tokens); a fresh
+            token given to `resume` must be of the same subject.
+        obo_required: Whether the workflow carried a user token: `resume` then needs a fresh one.
+        proof: The parking worker's signature; None when messages are not signed.
     """
 
     model_config = ConfigDict(extra="forbid")
 
-    v: Literal[1] = 1
+    v: Literal[2] = 2
     correlation_id: str
     activity: str
     step: int
     parked_at: datetime = Field(default_factory=lambda: datetime.now(UTC))
     message: PaigeantMessage
     conversation: dict[str, JsonValue]
-    pending: list[PendingToolCall]
+    obo_subject: str | None = None
+    obo_required: bool = False
+    proof: str | None = Field(default=None, repr=False)
 
     @classmethod
-    def from_signal(cls, message: PaigeantMessage, signal: ParkWorkflow) -> ParkedStep:
-        """The record of `message` parked on `signal`."""
+    def from_signal(
+        cls, message: PaigeantMessage, signal: ParkWorkflow, *, obo_subject: str | None = None
+    ) -> ParkedStep:
+        """The (unsigned) record of `message` parked on `signal`; `sign` it before it is stored."""
+        parked = message.model_copy(deep=True)
+        parked.security = SecurityContext()  # no bearer token and no hop signature at rest
+        if parked.resume is not None:  # what the last resume carried is done with; only the count is kept
+            parked.resume = Resumption(count=parked.resume.count)
         return cls(
             correlation_id=message.correlation_id,
             activity=message.routing_slip.current or "",
             step=message.step,
-            message=message.model_copy(deep=True),
+            message=parked,
             conversation=_JSON_OBJECT.validate_python(
                 ConversationTypeAdapter.dump_python(signal.conversation, mode="json")
             ),
-            pending=_pending(signal.requests),
+            obo_subject=obo_subject,
+            obo_required=message.security.obo_token is not None,
         )
+
+    @classmethod
+    def load(cls, data: bytes | str) -> ParkedStep:
+        """A record as a store keeps it (JSON), not verified yet.
+
+        Raises:
+            SecurityError: It is not a parked record of this version (code `parked_invalid`).
+        """
+        try:
+            return cls.model_validate_json(data)
+        except ValidationError as exc:
+            reason = exc.errors(include_url=False)[0]
+            where = ".".join(str(item) for item in reason["loc"]) or "<root>"
+            raise SecurityError(f"not a parked record: {where}: {reason['msg']}", code="parked_invalid") from None
+
+    def signed_bytes(self) -> bytes:
+        """What `proof` signs: the record's JSON without the proof."""
+        return self.model_dump_json(exclude={"proof"}).encode()
+
+    @property
+    def digest(self) -> str:
+        """The SHA-256 of `signed_bytes`: what approvals and the resume hop name the record by."""
+        return hashlib.sha256(self.signed_bytes()).hexdigest()
+
+    def sign(self, security: MessageSecurity) -> ParkedStep:
+        """Set `proof` with `security`'s key; returns the record."""
+        self.proof = security.sign_bytes(self.signed_bytes(), typ=PARKED_TYPE)
+        return self
+
+    def verify(self, security: MessageSecurity) -> str | None:
+        """Check the record before anything acts on it; the key id that parked it (None when unsigned).
+
+        Raises:
+            SecurityError: It is not signed, not by a trusted key, altered, signed by a key that may not send to
+                its activity, or inconsistent; the reason names the workflow.
+        """
+        try:
+            kid = security.verify_bytes(self.proof, self.signed_bytes(), typ=PARKED_TYPE)
+            security.policy.require_send(kid, self.activity)
+        except SecurityError as exc:
+            raise SecurityError(
+                f"the parked record of workflow {self.correlation_id!r} is refused: {exc}", code=exc.code
+            ) from None
+        slip = self.message.routing_slip
+        if (self.message.correlation_id, slip.current, self.message.step) != (
+            self.correlation_id,
+            self.activity,
+            self.step,
+        ):
+            raise SecurityError(
+                f"the parked record of workflow {self.correlation_id!r} is refused: its message is for another step",
+                code="parked_invalid",
+            )
+        return kid
 
     @property
     def requests(self) -> DeferredToolRequests:
-        """The pending requests as pydantic-ai's `DeferredToolRequests`."""
+        """The pending requests as pydantic-ai's `DeferredToolRequests`, from the conversation."""
         requests = ConversationTypeAdapter.validate_python(self.conversation).deferred_tool_requests
         return requests or DeferredToolRequests()
+
+    @property
+    def pending(self) -> list[PendingToolCall]:
+        """What the step waits for, readable without pydantic-ai: derived from the signed conversation."""
+        return _pending(self.requests)
 
     def build_results(
         self,
@@ -116,22 +216,39 @@ class ParkedStep(BaseModel):
             )
         except ValueError as exc:
             raise UserError(f"cannot resume workflow {self.correlation_id}: {exc}") from None
-        missing = [call for call in self.pending if call.tool_call_id not in {*built.approvals, *built.calls}]
+        missing = [call for call in _pending(requests) if call.tool_call_id not in {*built.approvals, *built.calls}]
         if missing:
             needed = ", ".join(f"{call.tool_call_id} ({call.kind} of {call.tool_name})" for call in missing)
             raise UserError(f"cannot resume workflow {self.correlation_id}: no answer for {needed}")
         return built
 
-    def resume_message(self, results: DeferredToolResults) -> PaigeantMessage:
-        """The hop that continues the step with `results`: a new message id, the conversation and the answers."""
-        count = self.message.resume.count + 1 if self.message.resume is not None else 1
-        name = self.message.routing_slip.current
+    @property
+    def resume_count(self) -> int:
+        """How many times the step will have been resumed once this record is."""
+        return self.message.resume.count + 1 if self.message.resume is not None else 1
+
+    def resume_message_id(self) -> str:
+        """The id of the hop that resumes this record: the same for every resume of it, so only one runs."""
+        name = f"{self.activity}#resume-{self.resume_count}-{self.digest[:32]}"
+        return derive_message_id(self.correlation_id, self.step, name, self.message.attempt)
+
+    def resume_message(
+        self,
+        results: DeferredToolResults,
+        approvals: Sequence[Mapping[str, JsonValue]] = (),
+        *,
+        obo_token: str | None = None,
+    ) -> PaigeantMessage:
+        """The hop that continues the step: the record with its proof, the answers, their signed approvals and
+        the fresh user token."""
         hop = self.message.next_hop(attempt=self.message.attempt)
-        hop.message_id = derive_message_id(self.correlation_id, self.step, f"{name}#resume-{count}", hop.attempt)
+        hop.message_id = self.resume_message_id()
+        hop.security = SecurityContext(obo_token=obo_token)
         hop.resume = Resumption(
-            count=count,
-            conversation=self.conversation,
+            count=self.resume_count,
             results=_JSON_OBJECT.validate_python(_RESULTS.dump_python(results, mode="json")),
+            parked=_JSON_OBJECT.validate_python(self.model_dump(mode="json")),
+            approvals=[dict(approval) for approval in approvals],
         )
         return hop
 
@@ -153,7 +270,11 @@ class WaitingStore(Protocol):
         ...
 
     async def get(self, correlation_id: str) -> ParkedStep | None:
-        """The parked step of a workflow, if it waits."""
+        """The parked step of a workflow, if it waits; not verified yet (see `ParkedStep.verify`).
+
+        Raises:
+            SecurityError: What is stored is not a parked record.
+        """
         ...
 
     async def remove(self, parked: ParkedStep) -> bool:
@@ -165,7 +286,8 @@ class WaitingStore(Protocol):
         ...
 
     async def waiting(self) -> list[ParkedStep]:
-        """Every parked workflow, oldest first."""
+        """Every parked workflow, oldest first; not verified yet (`WorkflowDispatcher.waiting` lists the verified
+        ones). What is not a parked record is left out, with a logged reason."""
         ...
 
 
@@ -184,7 +306,7 @@ class InMemoryWaitingStore:
 
     async def get(self, correlation_id: str) -> ParkedStep | None:
         data = self._records.get(correlation_id)
-        return ParkedStep.model_validate_json(data) if data is not None else None
+        return ParkedStep.load(data) if data is not None else None
 
     async def remove(self, parked: ParkedStep) -> bool:
         current = await self.get(parked.correlation_id)
@@ -194,7 +316,7 @@ class InMemoryWaitingStore:
         return True
 
     async def waiting(self) -> list[ParkedStep]:
-        return [ParkedStep.model_validate_json(data) for data in self._records.values()]
+        return loadable(self._records.items())
 
 
 def get_waiting_store(transport: Transport) -> WaitingStore:
@@ -212,8 +334,31 @@ def get_waiting_store(transport: Transport) -> WaitingStore:
 
 
 def resumed_run(resume: Resumption) -> tuple[Conversation, DeferredToolResults]:
-    """The conversation and answers a resumed step continues its agent run with."""
-    return ConversationTypeAdapter.validate_python(resume.conversation), _RESULTS.validate_python(resume.results)
+    """The conversation and answers a resumed step continues its agent run with (the conversation of the parked
+    record it carries, which the worker verified)."""
+    conversation = resume.parked.get("conversation") if resume.parked is not None else resume.conversation
+    return ConversationTypeAdapter.validate_python(conversation), _RESULTS.validate_python(resume.results)
+
+
+def verified(parked: ParkedStep, security: MessageSecurity) -> bool:
+    """Whether `parked` verifies (`ParkedStep.verify`); the reason it does not is logged as a warning."""
+    try:
+        parked.verify(security)
+    except SecurityError as exc:
+        logger.warning("ignoring a parked record: %s", exc)
+        return False
+    return True
+
+
+def loadable(records: Iterable[tuple[str, bytes | str]]) -> list[ParkedStep]:
+    """The records that are parked records, by correlation ID; the others left out with a logged reason."""
+    found: list[ParkedStep] = []
+    for correlation_id, data in records:
+        try:
+            found.append(ParkedStep.load(data))
+        except SecurityError as exc:
+            logger.warning("leaving parked workflow %r out: %s", correlation_id, exc)
+    return found
 
 
 def _pending(requests: DeferredToolRequests) -> list[PendingToolCall]:

@@ -122,6 +122,10 @@ class ActivitySpec(Wire):
         return self
 
 
+def _is_empty(value: Any) -> bool:
+    return not value
+
+
 class ActivityLogEntry(Wire):
     """What happened at one step: who ran it, when, on which attempt, and how it ended."""
 
@@ -134,6 +138,8 @@ class ActivityLogEntry(Wire):
     finished_at: AwareDatetime
     output_keys: list[str] = Field(default_factory=list[str])
     error: str | None = None
+    approvals: list[str] = Field(default_factory=list[str], exclude_if=_is_empty)
+    """For a resumed step: who approved or denied which tool call, with any arguments they changed."""
 
     @property
     def duration(self) -> float:
@@ -170,10 +176,6 @@ class Revision(Wire):
         )
         reason = f" ({self.reason})" if self.reason else ""
         return f"{self.activity} {changed}{reason}; remaining: {names(self.remaining)}"
-
-
-def _is_empty(value: Any) -> bool:
-    return not value
 
 
 class RoutingSlip(Wire):
@@ -330,7 +332,12 @@ class Resumption(Wire):
     count: int = Field(default=1, ge=1)
     """How many times this step has been resumed, this time included."""
     conversation: dict[str, JsonValue] = Field(default_factory=dict[str, JsonValue])
+    """Left empty by `WorkflowDispatcher.resume`: the conversation is the one of the signed `parked` record."""
     results: dict[str, JsonValue] = Field(default_factory=dict[str, JsonValue])
+    parked: dict[str, JsonValue] | None = Field(default=None, exclude_if=_is_empty)
+    """The parked record (`ParkedStep`) the step continues, with the proof of the worker that parked it."""
+    approvals: list[dict[str, JsonValue]] = Field(default_factory=list[dict[str, JsonValue]], exclude_if=_is_empty)
+    """The signed approvals (`SignedApproval`) of the calls the step waited for (see `paigeant_ai._approvals`)."""
 
 
 class PaigeantMessage(Wire):

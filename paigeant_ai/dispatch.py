@@ -14,9 +14,11 @@ from typing import TYPE_CHECKING, Any, cast
 from pydantic import ValidationError
 
 from . import observability
+from ._approvals import attested, describe, sign_approvals
 from ._events import EventCallback, EventReporter
 from ._sealing import seal
 from .activity import Activity
+from .approval import verified
 from .contracts import RESERVED_ADDRESSES, ActivitySpec, PaigeantMessage
 from .exceptions import NoWorker, UserError, WorkflowExists
 from .security import MessageSecurity, MessageSigner
@@ -26,7 +28,7 @@ from .transports.base import ConsumerWatch, SharedClaims, Transport
 if TYPE_CHECKING:
     from pydantic_ai import DeferredToolResults
 
-    from .approval import ApprovalAnswer, WaitingStore
+    from .approval import ApprovalAnswer, ParkedStep, WaitingStore
 
 __all__ = ("WorkflowDispatcher",)
 
@@ -286,6 +288,28 @@ class WorkflowDispatcher:
             served=served,
         )
 
+    async def waiting(self) -> list[ParkedStep]:
+        """Every parked workflow whose record verifies, oldest first: what an approver may review.
+
+        A record that fails `ParkedStep.verify` (altered or fabricated in the store) is left out, with the
+        reason logged as a warning.
+        """
+        return [parked for parked in await self._store().waiting() if verified(parked, self.security)]
+
+    async def parked(self, correlation_id: str) -> ParkedStep:
+        """The verified parked record of a workflow that waits for input.
+
+        Raises:
+            UserError: There is no waiting store, or the workflow does not wait.
+            SecurityError: The record is refused: altered, fabricated, or signed by a key that may not send to
+                its step.
+        """
+        parked = await self._store().get(correlation_id)
+        if parked is None:
+            raise UserError(f"workflow {correlation_id!r} is not waiting for input")
+        parked.verify(self.security)
+        return parked
+
     async def resume(
         self,
         correlation_id: str,
@@ -294,23 +318,40 @@ class WorkflowDispatcher:
         approvals: Mapping[str, ApprovalAnswer] | None = None,
         calls: Mapping[str, Any] | None = None,
         approve_all: bool = False,
+        approver: str | None = None,
+        approver_token: str | None = None,
+        obo_token: str | None = None,
     ) -> None:
         """Continue a workflow that waits for input, at the step where it stopped.
 
-        Answer every tool call the step waits for (`(await waiting_store.get(correlation_id)).pending`), by tool
+        Answer every tool call the step waits for (`(await dispatcher.parked(correlation_id)).pending`), by tool
         call ID: approvals as `True`, `False`, `ToolApproved(override_args=...)` or `ToolDenied("why")`; results
         of deferred calls as values; or a ready `DeferredToolResults`. The step's agent continues its
         conversation with them: a denial reaches it as the tool's result, and the agent decides what follows.
 
+        Each answer to an approval request is signed as an approval of that exact call (its arguments, the
+        override ones when given) by `approver`: this service's key attests it, and must hold `approve` in the
+        trust policy; or pass `approver_token`, the approver's token with scope `paigeant:approve`, which the
+        worker validates (the approver is then its `sub`). The worker refuses a resume whose answers are not
+        what was approved.
+
+        Args:
+            correlation_id: The workflow.
+            results: Ready answers, merged with `approvals` and `calls`.
+            approvals: Answers to approval requests, by tool call ID.
+            calls: Results of deferred calls, by tool call ID.
+            approve_all: Approve every approval request not answered otherwise.
+            approver: Who decides the approval requests, as this service attests it.
+            approver_token: The approver's own token, with scope `paigeant:approve`.
+            obo_token: A fresh on-behalf-of token of the workflow's user (the parked record keeps none); needed
+                when the workflow carried one.
+
         Raises:
-            UserError: There is no waiting store, the workflow does not wait, or an answer is missing or names
-                no pending call.
+            UserError: There is no waiting store, the workflow does not wait, an answer is missing or names no
+                pending call, approvals are answered without an approver, or the workflow needs a fresh token.
+            SecurityError: The parked record is refused (see `parked`).
         """
-        if self.waiting_store is None:
-            raise UserError("resume needs the store workers park workflows in: WorkflowDispatcher(waiting_store=...)")
-        parked = await self.waiting_store.get(correlation_id)
-        if parked is None:
-            raise UserError(f"workflow {correlation_id!r} is not waiting for input")
+        parked = await self.parked(correlation_id)
         expires_at = parked.message.expires_at
         if expires_at is not None and expires_at < datetime.now(UTC):
             raise UserError(
@@ -318,12 +359,25 @@ class WorkflowDispatcher:
                 "and cannot be resumed (dispatch workflows that wait for people with a longer ttl)"
             )
         answers = parked.build_results(results, approvals=approvals, calls=calls, approve_all=approve_all)
-        message = parked.resume_message(answers)
+        if parked.obo_required and obo_token is None:
+            raise UserError(
+                f"workflow {correlation_id!r} runs on behalf of a user and its parked record keeps no token: "
+                "pass obo_token=<a fresh token of that user>"
+            )
+        signed = sign_approvals(parked, answers, self.security, approver=approver, approver_token=approver_token)
+        message = parked.resume_message(answers, [item.model_dump(mode="json") for item in signed], obo_token=obo_token)
         with observability.replay_span(message, self.transport.name, operation="resume"):
             await self.transport.publish(parked.activity, self.encode(message), headers=dict(message.headers))
-        await self.waiting_store.remove(parked)
-        detail = "answered " + ", ".join(sorted({*answers.approvals, *answers.calls}))
-        await self.reporter.report("resumed", message, detail=detail)
+        await self._store().remove(parked)
+        audit = describe([(item.approval, attested(item)) for item in signed])
+        others = sorted(answers.calls)
+        detail = "; ".join([*audit, *([f"answered {', '.join(others)}"] if others else [])])
+        await self.reporter.report("resumed", message, detail=detail or "resumed")
+
+    def _store(self) -> WaitingStore:
+        if self.waiting_store is None:
+            raise UserError("resume needs the store workers park workflows in: WorkflowDispatcher(waiting_store=...)")
+        return self.waiting_store
 
     @property
     def publish_events(self) -> bool:

@@ -28,7 +28,7 @@ from pydantic_ai.messages import ModelMessage, ToolReturnPart
 from pydantic_ai.models import KnownModelName, Model
 from pydantic_ai.toolsets import AgentToolset
 
-from .approval import WaitingStore
+from .approval import WaitingStore, verified
 from .catalog import ActivityCatalog, CatalogEntry
 from .dispatch import WorkflowDispatcher
 from .exceptions import InvalidPlan, MessageTooLarge, NoWorker, UserError, WorkflowExists
@@ -175,7 +175,7 @@ class PaigeantToolset(FunctionToolset[Any]):
         """
         waiting = self._waiting_store(ctx)
         parked = await waiting.get(correlation_id) if waiting is not None else None
-        if parked is not None:
+        if parked is not None and verified(parked, self._dispatcher(ctx).security):  # never an unsigned record
             return {
                 "correlation_id": correlation_id,
                 "state": "waiting",

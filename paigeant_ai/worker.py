@@ -21,6 +21,7 @@ from collections.abc import Sequence
 from datetime import UTC, datetime
 
 from . import observability
+from ._approvals import check_resume
 from ._dedupe import DedupeStore, InMemoryDedupeStore
 from ._events import EventCallback, EventReporter
 from ._hop import Hop, admit
@@ -288,6 +289,10 @@ class Worker:
         except TokenError as exc:
             observability.continue_trace(hop.message)  # the signature held: only the token is refused
             refused = exc  # unless the step ran while the token was still valid, the workflow faults
+        except SecurityError as exc:
+            return Reject(f"security check failed: {exc}")
+        try:
+            hop.approvals = check_resume(hop, self.security)  # a resume: its parked record and approvals
         except SecurityError as exc:
             return Reject(f"security check failed: {exc}")
         if await self.dedupe.is_done(hop.message.idempotency_key):

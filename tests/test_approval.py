@@ -144,7 +144,7 @@ async def test_a_step_parks_for_approval_survives_a_worker_restart_and_resume_co
     assert await transport.pending("draft-reply") == 0  # acked: only the store holds the workflow now
 
     # The worker that parked it is gone; a new one picks the workflow up once a person approves.
-    await setup.dispatcher.resume(correlation_id, approvals={"send-1": True})
+    await setup.dispatcher.resume(correlation_id, approvals={"send-1": True}, approver="ana")
     await setup.worker().run(burst=True)
 
     assert setup.support.sent == ["Your login works again."]
@@ -165,7 +165,9 @@ async def test_a_denial_reaches_the_agent_which_decides_what_follows(transport: 
     setup = Setup(transport, Support(Script([SEND, answer])))
     correlation_id = await setup.start()
 
-    await setup.dispatcher.resume(correlation_id, approvals={"send-1": ToolDenied("Legal must review it first.")})
+    await setup.dispatcher.resume(
+        correlation_id, approvals={"send-1": ToolDenied("Legal must review it first.")}, approver="ana"
+    )
     await setup.worker().run(burst=True)
 
     assert setup.support.sent == []
@@ -196,7 +198,7 @@ async def test_a_step_can_wait_more_than_once(transport: InMemoryTransport) -> N
     setup = Setup(transport, Support(Script([SEND, again, answer])))
     correlation_id = await setup.start()
 
-    await setup.dispatcher.resume(correlation_id, approvals={"send-1": True})
+    await setup.dispatcher.resume(correlation_id, approvals={"send-1": True}, approver="ana")
     await setup.worker().run(burst=True)
     parked = await setup.store.get(correlation_id)
     assert parked is not None
@@ -204,7 +206,7 @@ async def test_a_step_can_wait_more_than_once(transport: InMemoryTransport) -> N
     assert parked.message.resume is not None
     assert parked.message.resume.count == 1
 
-    await setup.dispatcher.resume(correlation_id, approve_all=True)
+    await setup.dispatcher.resume(correlation_id, approve_all=True, approver="ana")
     await setup.worker().run(burst=True)
 
     assert setup.support.sent == ["Your login works again.", "And here is a voucher."]
@@ -219,15 +221,15 @@ async def test_resume_checks_its_answers_against_what_is_pending(transport: InMe
     with pytest.raises(UserError, match=r"no answer for send-1 \(approval of send_reply\)"):
         await setup.dispatcher.resume(correlation_id)
     with pytest.raises(UserError, match=r"not in this `DeferredToolRequests\.approvals`"):
-        await setup.dispatcher.resume(correlation_id, approvals={"send-1": True, "other": True})
+        await setup.dispatcher.resume(correlation_id, approvals={"send-1": True, "other": True}, approver="ana")
     with pytest.raises(UserError, match="'no-such-workflow' is not waiting for input"):
-        await setup.dispatcher.resume("no-such-workflow", approvals={"send-1": True})
+        await setup.dispatcher.resume("no-such-workflow", approvals={"send-1": True}, approver="ana")
     with pytest.raises(UserError, match=r"WorkflowDispatcher\(waiting_store=...\)"):
-        await WorkflowDispatcher(transport).resume(correlation_id, approvals={"send-1": True})
+        await WorkflowDispatcher(transport).resume(correlation_id, approvals={"send-1": True}, approver="ana")
 
-    await setup.dispatcher.resume(correlation_id, approvals={"send-1": True})
+    await setup.dispatcher.resume(correlation_id, approvals={"send-1": True}, approver="ana")
     with pytest.raises(UserError, match="is not waiting for input"):
-        await setup.dispatcher.resume(correlation_id, approvals={"send-1": True})
+        await setup.dispatcher.resume(correlation_id, approvals={"send-1": True}, approver="ana")
 
 
 async def test_without_a_waiting_store_the_step_faults_and_says_why(transport: InMemoryTransport) -> None:
@@ -306,7 +308,7 @@ async def test_a_step_that_revised_its_route_and_then_waits_keeps_the_revision(t
     ]
     assert setup.kinds() == ["dispatched", "revised", "waiting"]
 
-    await setup.dispatcher.resume(correlation_id, approvals={"send-1": True})
+    await setup.dispatcher.resume(correlation_id, approvals={"send-1": True}, approver="ana")
     await setup.worker().run(burst=True)
 
     done = [event.activity for event in setup.events if event.kind == "step_completed"]

@@ -14,7 +14,6 @@ from paigeant_ai import (
     AgentActivity,
     PaigeantMessage,
     ParkedStep,
-    PendingToolCall,
     Worker,
     WorkflowDispatcher,
     WorkflowEvent,
@@ -66,7 +65,7 @@ async def test_a_workflow_parked_in_redis_is_resumed_by_a_new_worker(transport: 
     assert [call.tool_name for call in parked.pending] == ["send_reply"]
     assert [p.correlation_id for p in await store.waiting()] == [correlation_id]
 
-    await dispatcher.resume(correlation_id, approvals={"send-1": True})
+    await dispatcher.resume(correlation_id, approvals={"send-1": True}, approver="ana")
     restarted = Worker(transport, [step], security=signer(), waiting_store=store, on_event=events.append)
     await restarted.run(burst=True)
 
@@ -79,14 +78,12 @@ async def test_a_workflow_parked_in_redis_is_resumed_by_a_new_worker(transport: 
 async def test_removing_a_parking_keeps_a_newer_one(transport: RedisTransport) -> None:
     store = RedisWaitingStore(transport)
     message = PaigeantMessage.new([ActivitySpec(name="draft-reply")], {})
-    pending = [PendingToolCall(tool_call_id="a", tool_name="send_reply", kind="approval")]
     older = ParkedStep(
         correlation_id=message.correlation_id,
         activity="draft-reply",
         step=0,
         message=message,
         conversation={},
-        pending=pending,
     )
     newer = older.model_copy(update={"message": message.model_copy(update={"message_id": "resumed-hop"})})
     await store.put(older)

@@ -7,7 +7,7 @@ from typing import Any
 
 import logfire
 import pytest
-from inline_snapshot import snapshot
+from inline_snapshot import Is, snapshot
 from logfire.testing import CaptureLogfire
 from pydantic_ai import Agent
 from pydantic_ai.messages import ModelMessage, ModelResponse, TextPart
@@ -308,7 +308,8 @@ async def test_a_workflow_that_waits_and_resumes_stays_one_trace(
     dispatcher = WorkflowDispatcher(transport, waiting_store=waiting)
     await dispatcher.dispatch_workflow([step], correlation_id="wf-resume")
     await Worker(transport, [step], waiting_store=waiting).run(burst=True)
-    await dispatcher.resume("wf-resume", approve_all=True)
+    resume_id = (await dispatcher.parked("wf-resume")).resume_message_id()  # derived from the signed record
+    await dispatcher.resume("wf-resume", approve_all=True, approver="ana")
     await Worker(transport, [step], waiting_store=waiting).run(burst=True)
 
     spans = capfire.exporter.exported_spans_as_dict()
@@ -354,7 +355,7 @@ async def test_a_workflow_that_waits_and_resumes_stays_one_trace(
                         "paigeant.activity": "refund-order",
                         "paigeant.step": 0,
                         "paigeant.attempt": 0,
-                        "paigeant.message_id": "215a2085-1947-11b9-ec9c-57778ac5c6ac",
+                        "paigeant.message_id": Is(resume_id),
                         "paigeant.outcome": "sent",
                         "links": ["sender: paigeant.hop refund-order (waiting)"],
                     },
@@ -365,7 +366,7 @@ async def test_a_workflow_that_waits_and_resumes_stays_one_trace(
                         "paigeant.activity": "refund-order",
                         "paigeant.step": 0,
                         "paigeant.attempt": 0,
-                        "paigeant.message_id": "215a2085-1947-11b9-ec9c-57778ac5c6ac",
+                        "paigeant.message_id": Is(resume_id),
                         "paigeant.outcome": "completed",
                         "paigeant.workflow_outcome": "completed",
                         "links": ["sender: paigeant.resume refund-order (sent)"],
@@ -377,7 +378,7 @@ async def test_a_workflow_that_waits_and_resumes_stays_one_trace(
                                 "paigeant.activity": "refund-order",
                                 "paigeant.step": 0,
                                 "paigeant.attempt": 0,
-                                "paigeant.message_id": "215a2085-1947-11b9-ec9c-57778ac5c6ac",
+                                "paigeant.message_id": Is(resume_id),
                                 "paigeant.outcome": "completed",
                             }
                         ],

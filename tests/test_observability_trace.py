@@ -39,7 +39,7 @@ async def test_a_workflow_with_an_agent_step_and_a_resume_is_flat(capfire: Captu
         await dispatcher.dispatch_workflow([fetch, step, publish], correlation_id="wf-flat")
         await Worker(transport, [fetch, step, publish], waiting_store=waiting).run(burst=True)
         with logfire.span("POST /approvals/wf-flat"):  # the request that answers the approval
-            await dispatcher.resume("wf-flat", approve_all=True)
+            await dispatcher.resume("wf-flat", approve_all=True, approver="ana")
         await Worker(transport, [fetch, step, publish], waiting_store=waiting).run(burst=True)
 
     spans = capfire.exporter.exported_spans_as_dict()

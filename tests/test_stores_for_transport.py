@@ -77,7 +77,7 @@ async def test_the_stores_that_fit_the_transport_park_resume_and_report_a_workfl
     assert waiting_status is not None
     assert waiting_status.state == "waiting"
 
-    await dispatcher.resume(correlation_id, approvals={"send-1": True})
+    await dispatcher.resume(correlation_id, approvals={"send-1": True}, approver="ana")
     await worker().run(burst=True)
 
     completed = await store.get(correlation_id)

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 from pydantic import ValidationError
 
 from ..._events import WorkflowEvent
-from ...approval import ParkedStep
+from ...approval import ParkedStep, loadable
 from ...exceptions import UserError
 from ...store import DEFAULT_MAX_EVENTS, WorkflowStatus, event_order, project
 from . import _lua as lua
@@ -86,7 +86,9 @@ class RedisWaitingStore:
 
     Each parked workflow is a hash `<namespace>:waiting:<correlation_id>` (its JSON and the id of its message);
     the sorted set `<namespace>:waiting` indexes them by when they parked. Nothing expires: a parked workflow
-    waits until it is resumed.
+    waits until it is resumed. A record holds no bearer token; it is signed by the worker that parked it, and
+    whoever can write to this Redis can change it, so it is verified before anything acts on it
+    (`ParkedStep.verify`).
 
     Args:
         transport: A `RedisTransport` whose connection and namespace the store uses.
@@ -117,7 +119,7 @@ class RedisWaitingStore:
     async def get(self, correlation_id: str) -> ParkedStep | None:
         with self.transport.errors(f"reading parked workflow {correlation_id!r}"):
             raw = await self.transport.client.hget(self.key(correlation_id), "record")
-        return ParkedStep.model_validate_json(raw) if raw is not None else None
+        return ParkedStep.load(raw) if raw is not None else None
 
     async def remove(self, parked: ParkedStep) -> bool:
         cid = parked.correlation_id
@@ -129,13 +131,13 @@ class RedisWaitingStore:
 
     async def waiting(self) -> list[ParkedStep]:
         with self.transport.errors("listing parked workflows"):
-            ids = await self.transport.client.zrange(self.index_key, 0, -1)
-            found: list[ParkedStep] = []
-            for raw_id in ids:
-                parked = await self.get(raw_id.decode())
-                if parked is not None:
-                    found.append(parked)
-        return found
+            ids = [raw_id.decode() for raw_id in await self.transport.client.zrange(self.index_key, 0, -1)]
+            records: list[tuple[str, bytes]] = []
+            for correlation_id in ids:
+                raw = await self.transport.client.hget(self.key(correlation_id), "record")
+                if raw is not None:
+                    records.append((correlation_id, raw))
+        return loadable(records)
 
 
 class RedisWorkflowStore:
