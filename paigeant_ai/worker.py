@@ -25,6 +25,7 @@ from ._dedupe import DedupeStore, InMemoryDedupeStore
 from ._events import EventCallback, EventReporter
 from ._hop import Hop, admit
 from ._outcome import SIGNALS, Fault, Outcome, Reject, Skip, classify, completed, describe
+from ._plan import PlanCheck
 from ._settle import WorkerStats, refuse, settle
 from .activity import DEFAULT_TIMEOUT, Activity, ActivityContext, ActivityFunc, as_activity
 from .approval import WaitingStore
@@ -99,6 +100,7 @@ class Worker:
         self.rng = rng or random.Random()
         self.waiting_store = waiting_store
         self.stats = WorkerStats()
+        self.plans = PlanCheck()
         self._slots = asyncio.Semaphore(self.concurrency)  # made anew by run(), after `concurrency` may change
         self._inflight: set[asyncio.Task[None]] = set()
         self._running_keys: dict[str, asyncio.Event] = {}
@@ -288,6 +290,10 @@ class Worker:
         except TokenError as exc:
             observability.continue_trace(hop.message)  # the signature held: only the token is refused
             refused = exc  # unless the step ran while the token was still valid, the workflow faults
+        except SecurityError as exc:
+            return Reject(f"security check failed: {exc}")
+        try:  # the plan, its revisions, and whose token this is: the hop's signer vouches only for the hop
+            self.plans.check(hop.message, hop.signer, hop.claims, self.security)
         except SecurityError as exc:
             return Reject(f"security check failed: {exc}")
         if await self.dedupe.is_done(hop.message.idempotency_key):
