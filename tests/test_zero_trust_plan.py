@@ -26,8 +26,10 @@ from paigeant_ai import (
     ActivitySpec,
     AgentActivity,
     FunctionActivity,
+    InMemoryTransport,
     ItineraryRevision,
     PaigeantMessage,
+    PaigeantToolset,
     RetryPolicy,
     Revision,
     RevisionLimits,
@@ -426,3 +428,29 @@ def test_the_initiator_is_the_tokens_subject() -> None:
     assert token_subject("opaque-token") is None
     assert token_subject(None) is None
     assert token_subject("a.!!!.c") is None
+
+
+async def test_the_planner_marks_mandatory_steps_in_the_signed_plan() -> None:
+    async with InMemoryTransport() as transport:
+        shop = Shop(transport)
+        catalog = ActivityCatalog()
+        for name in ("reserve", "charge", "ship"):
+            catalog.add(ActivitySpec(name=name))
+        toolset = PaigeantToolset(catalog, dispatcher=shop.dispatcher, require_workers=False, mandatory={"charge"})
+        plan = {"activities": ["reserve", "charge", "ship"], "variables": {}, "mandatory": ["ship"]}
+        wrong = {**plan, "mandatory": ["refund"]}
+        done = ModelResponse(parts=[TextPart("dispatched")])
+        script = Script([call("dispatch_workflow", wrong), call("dispatch_workflow", plan), done])
+        await Agent(script.model, toolsets=[toolset]).run("ship order 42")
+
+        first = PaigeantMessage.from_json((await anext(await transport.consume("reserve"))).body)
+        assert first.plan is not None
+        assert [(step.name, step.mandatory) for step in first.plan.steps] == [
+            ("reserve", False),
+            ("charge", True),
+            ("ship", True),
+        ]
+        assert [part.content for part in tool_returns(script.requests[1])] == [
+            "The plan was not dispatched: mandatory step 'refund' is not an activity of the plan. Fix the plan and "
+            "call dispatch_workflow again."
+        ]
