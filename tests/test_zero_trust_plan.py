@@ -12,10 +12,10 @@ import contextlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Literal
 
 import pytest
-from joserfc import jwt
+from joserfc import jws, jwt
 from joserfc.jwk import Key
 from pydantic_ai import Agent
 from pydantic_ai.messages import ModelResponse, TextPart
@@ -454,3 +454,20 @@ async def test_the_planner_marks_mandatory_steps_in_the_signed_plan() -> None:
             "The plan was not dispatched: mandatory step 'refund' is not an activity of the plan. Fix the plan and "
             "call dispatch_workflow again."
         ]
+
+
+@pytest.mark.parametrize("algorithm", ["Ed25519", "ES256"])
+def test_a_signature_is_joserfcs_detached_compact_jws(algorithm: Literal["Ed25519", "ES256"]) -> None:
+    key = generate_key("svc-1", algorithm)
+    own = MessageSigner(key)
+    payload = b'{"a":1}'
+    signature = own.sign_bytes(payload, typ="paigeant+jws")
+    assert signature is not None
+    assert own.verify_bytes(signature, payload, typ="paigeant+jws") == "svc-1"
+    header = {"alg": algorithm, "kid": "svc-1", "typ": "paigeant+jws"}
+    made_by_joserfc = jws.detach_content(jws.serialize_compact(header, payload, key, algorithms=[algorithm]))
+    assert signature.split(".")[0] == made_by_joserfc.split(".")[0]
+    if algorithm == "Ed25519":  # deterministic: the very same signature
+        assert signature == made_by_joserfc
+    with pytest.raises(SecurityError, match="signature type"):
+        own.verify_bytes(own.sign_bytes(payload, typ=REVISION_TYPE), payload, typ="paigeant+jws")
