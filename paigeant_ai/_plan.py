@@ -100,7 +100,10 @@ def new_plan(message: PaigeantMessage, security: MessageSecurity, limits: Revisi
     """
     plan = Plan(
         correlation_id=message.correlation_id,
-        steps=[PlannedStep(name=s.name, digest=spec_digest(s), mandatory=s.mandatory) for s in _itinerary(message)],
+        steps=[
+            PlannedStep(name=spec.name, digest=spec_digest(spec), mandatory=spec.mandatory)
+            for spec in message.routing_slip.itinerary
+        ],
         initiator=token_subject(message.security.obo_token),
         limits=limits or RevisionLimits(),
         created_at=message.created_at,
@@ -117,10 +120,6 @@ def new_plan(message: PaigeantMessage, security: MessageSecurity, limits: Revisi
             )
     plan.signature = signature
     return plan
-
-
-def _itinerary(message: PaigeantMessage) -> list[ActivitySpec]:
-    return message.routing_slip.itinerary
 
 
 def revise_route(message: PaigeantMessage, revisions: Sequence[Revision], security: MessageSecurity) -> None:
