@@ -29,10 +29,11 @@ from ._dedupe import DedupeStore
 from ._events import EventReporter
 from ._hop import Hop
 from ._outcome import Advance, End, Fault, Outcome, Park, Reject, Retry, Skip
+from ._plan import revise_route
 from ._sealing import NonFiniteNumber, seal, too_large, unsigned_body
 from .approval import ParkedStep, WaitingStore
 from .contracts import DEAD_LETTER, ActivityLogEntry, PaigeantMessage, RetryPolicy
-from .exceptions import MessageTooLarge
+from .exceptions import MessageTooLarge, SecurityError
 from .security import MessageSecurity
 from .transports.base import REASON_HEADER, SOURCE_HEADER, Delivery, Transport
 
@@ -111,13 +112,18 @@ async def _secure_successor(hop: Hop, outcome: Outcome, deps: SettleDeps) -> tup
                 await _complete_step(hop, outcome, deps)
             except (MessageTooLarge, NonFiniteNumber) as exc:  # the exact checks of the seal: nothing was sent
                 return await _secure_successor(hop, Fault(str(exc)), deps)
+            except SecurityError as exc:  # revisions this worker may not sign, or past the plan's limits
+                return await _secure_successor(hop, Fault(str(exc)), deps)
         case Park():
             store = deps.waiting_store
             if store is None:
                 reason = f"the step is {outcome.signal}, but the worker has no waiting store"
                 reason += " (pass Worker(waiting_store=...))"
                 return await _secure_successor(hop, Fault(reason), deps)
-            return replace(outcome, detail=await _park(hop, outcome, store, deps)), None
+            try:
+                return replace(outcome, detail=await _park(hop, outcome, store, deps)), None
+            except SecurityError as exc:  # its revisions cannot be signed or are past the plan's limits
+                return await _secure_successor(hop, Fault(str(exc)), deps)
         case Retry():
             try:
                 return await _publish_retry(hop, outcome, deps), None
@@ -180,10 +186,11 @@ async def _report_step_done(message: PaigeantMessage, entry: ActivityLogEntry, d
 
 
 async def _apply_revisions(hop: Hop, deps: SettleDeps) -> None:
-    """Log the route changes the step made in the slip, so the message goes to the revised next step."""
-    if hop.ctx is not None:
+    """Log the route changes the step made in the slip, signed and checked against the workflow's plan, so the
+    message goes to the revised next step."""
+    if hop.ctx is not None and hop.ctx.revisions:
+        revise_route(hop.message, hop.ctx.revisions, deps.security)
         for revision in hop.ctx.revisions:
-            hop.message.routing_slip.revise(revision)
             await deps.reporter.report("revised", hop.message, detail=revision.summary)
 
 

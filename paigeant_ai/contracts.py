@@ -7,24 +7,16 @@ Everything here is validated JSON with a version field, never pickle. A message 
 from __future__ import annotations
 
 import hashlib
-import random
 import uuid
 from collections.abc import Mapping
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Annotated, Any, Literal, Self
 
-from pydantic import (
-    AwareDatetime,
-    BaseModel,
-    ConfigDict,
-    Field,
-    JsonValue,
-    ValidationError,
-    model_validator,
-)
+from pydantic import AwareDatetime, ConfigDict, Field, JsonValue, ValidationError, model_validator
 from pydantic_core import from_json
 
 from ._json_values import check_finite
+from ._wire import Plan, PlannedStep, RetryPolicy, RevisionLimits, Wire, utcnow
 from .exceptions import InvalidMessage, UserError
 
 __all__ = (
@@ -34,9 +26,12 @@ __all__ = (
     "ActivityLogEntry",
     "ActivitySpec",
     "PaigeantMessage",
+    "Plan",
+    "PlannedStep",
     "Resumption",
     "RetryPolicy",
     "Revision",
+    "RevisionLimits",
     "RoutingSlip",
     "SecurityContext",
     "derive_message_id",
@@ -51,48 +46,6 @@ RESERVED_ADDRESSES = frozenset({EVENTS, DEAD_LETTER})
 
 
 ActivityName = Annotated[str, Field(min_length=1, max_length=200, pattern=r"^[A-Za-z0-9][A-Za-z0-9._:-]*$")]
-
-
-def utcnow() -> datetime:
-    return datetime.now(UTC)
-
-
-class Wire(BaseModel):
-    """The base of every wire type: strict, versioned JSON."""
-
-    # NaN and infinity are refused where values are validated and encoded bare where they are not (a payload
-    # updated in place), so that `_sealing` finds them instead of sending them as null.
-    model_config = ConfigDict(
-        extra="forbid",
-        validate_assignment=False,
-        ser_json_timedelta="float",
-        allow_inf_nan=False,
-        ser_json_inf_nan="constants",
-    )
-
-
-class RetryPolicy(Wire):
-    """How often and how patiently a failing activity is tried again.
-
-    The delay before attempt `n` (1-based retry) is `initial_interval * backoff ** (n - 1)`, capped at
-    `max_interval`, then spread by up to `jitter` (a fraction) either way so retries do not arrive in lockstep.
-    """
-
-    model_config = ConfigDict(frozen=True)
-
-    max_attempts: int = Field(default=3, ge=1, le=1000)
-    initial_interval: float = Field(default=1.0, ge=0)
-    backoff: float = Field(default=2.0, ge=1)
-    max_interval: float = Field(default=60.0, ge=0)
-    jitter: float = Field(default=0.1, ge=0, le=1)
-
-    def delay_before(self, attempt: int, rng: random.Random | None = None) -> float:
-        """Seconds to wait before running `attempt` (0 is the first try, which never waits)."""
-        if attempt <= 0:
-            return 0.0
-        base = min(self.initial_interval * self.backoff ** (attempt - 1), self.max_interval)
-        spread = base * self.jitter
-        return max(0.0, base + (rng or random).uniform(-spread, spread))
 
 
 class ActivitySpec(Wire):
@@ -114,6 +67,8 @@ class ActivitySpec(Wire):
     activity's own spec in the worker (300 seconds unless it says otherwise)."""
     required_scopes: tuple[str, ...] = ()
     """OAuth scopes the user's on-behalf-of token must grant for this step to run."""
+    mandatory: bool = Field(default=False, exclude_if=lambda value: not value)
+    """No revision of the route may remove this step (checked by every worker against the signed plan)."""
 
     @model_validator(mode="after")
     def _not_reserved(self) -> Self:
@@ -163,6 +118,8 @@ class Revision(Wire):
     discarded: list[ActivitySpec] = Field(default_factory=list[ActivitySpec])
     remaining: list[ActivitySpec] = Field(default_factory=list[ActivitySpec])
     at: datetime = Field(default_factory=utcnow)
+    signature: str | None = Field(default=None, repr=False, exclude_if=lambda value: value is None)
+    """A detached JWS (`typ` `paigeant-revision+jws`) by the worker that made the revision; see `paigeant_ai._plan`."""
 
     @property
     def summary(self) -> str:
@@ -354,6 +311,8 @@ class PaigeantMessage(Wire):
     expires_at: AwareDatetime | None = None
     resume: Resumption | None = Field(default=None, exclude_if=_is_empty)
     """Set on the hop that continues a step after it waited for input (see `WorkflowDispatcher.resume`)."""
+    plan: Plan | None = Field(default=None, exclude_if=_is_empty)
+    """The route the workflow was started with, signed; unchanged on every hop (see `paigeant_ai._plan`)."""
     security: SecurityContext = Field(default_factory=SecurityContext)
     """Always the last field, with the signature last in it: see `paigeant_ai._sealing`."""
 

@@ -16,10 +16,11 @@ from pydantic import ValidationError
 from . import observability
 from ._approvals import attested, describe, sign_approvals
 from ._events import EventCallback, EventReporter
+from ._plan import new_plan
 from ._sealing import seal
 from .activity import Activity
 from .approval import verified
-from .contracts import RESERVED_ADDRESSES, ActivitySpec, PaigeantMessage
+from .contracts import RESERVED_ADDRESSES, ActivitySpec, PaigeantMessage, RevisionLimits
 from .exceptions import NoWorker, UserError, WorkflowExists
 from .security import MessageSecurity, MessageSigner
 from .settings import Settings
@@ -58,7 +59,9 @@ def to_spec(item: ActivitySpec | Activity | str) -> ActivitySpec:
     spec = getattr(item, "spec", None)
     if isinstance(spec, ActivitySpec):
         # Only the name and description travel: the worker that runs the activity owns its retry and timeout.
-        return ActivitySpec(name=spec.name, description=spec.description, required_scopes=spec.required_scopes)
+        return ActivitySpec(
+            name=spec.name, description=spec.description, required_scopes=spec.required_scopes, mandatory=spec.mandatory
+        )
     raise UserError(f"{item!r} is not an activity: pass ActivitySpec objects, activities or names")
 
 
@@ -126,6 +129,8 @@ class WorkflowDispatcher:
         claims: Where dispatchers claim the correlation IDs they are given, so that every process sees an ID
             in use; by default the transport itself when it can hold claims (Redis; in memory, within the
             process). Without one, only this dispatcher's memory of its latest dispatches tells.
+        revision_limits: How far the steps of its workflows may revise their routes (see `RevisionLimits`; the
+            defaults when None); signed into each workflow's plan.
     """
 
     def __init__(
@@ -140,8 +145,10 @@ class WorkflowDispatcher:
         publish_events: bool = True,
         waiting_store: WaitingStore | None = None,
         claims: SharedClaims | None = None,
+        revision_limits: RevisionLimits | None = None,
     ) -> None:
         self.transport = transport
+        self.revision_limits = revision_limits
         self.claims = claims if claims is not None else transport if isinstance(transport, SharedClaims) else None
         self._dispatched: OrderedDict[str, str] = OrderedDict()  # correlation ID -> fingerprint, latest last
         self.waiting_store = waiting_store
@@ -160,6 +167,7 @@ class WorkflowDispatcher:
         obo_token: str | None = None,
         correlation_id: str | None = None,
         require_workers: bool = False,
+        revision_limits: RevisionLimits | None = None,
     ) -> str:
         """Start a workflow and return its correlation ID.
 
@@ -171,15 +179,18 @@ class WorkflowDispatcher:
                 token under it again is a safe retry: it returns the ID and starts nothing.
             require_workers: Refuse to dispatch unless a worker consumes the first step now (where the
                 transport can tell; see `ConsumerWatch`).
+            revision_limits: How far this workflow's steps may revise its route; the dispatcher's by default.
+                Mark steps no revision may remove with `ActivitySpec(mandatory=True)`.
 
         Raises:
             UserError: Activities or variables of the wrong shape, no activities, an invalid name, variables
-                that are not JSON, or no key to sign with.
+                that are not JSON, no key to sign with, or a key the trust policy does not let start workflows.
             WorkflowExists: `correlation_id` is in use by a workflow with other activities, variables or token.
             NoWorker: With `require_workers`, no worker consumes the first step.
             MessageTooLarge: The first message would exceed `max_message_bytes`.
         """
         message = self._first_message(activities, variables, obo_token, correlation_id)
+        message.plan = new_plan(message, self.security, revision_limits or self.revision_limits)
         fingerprint = _fingerprint(message) if correlation_id is not None else None
         held = await self._claim(message.correlation_id, fingerprint) if fingerprint is not None else None
         if held is not None and held == fingerprint:

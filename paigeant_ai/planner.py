@@ -30,6 +30,7 @@ from pydantic_ai.toolsets import AgentToolset
 
 from .approval import WaitingStore, verified
 from .catalog import ActivityCatalog, CatalogEntry
+from .contracts import ActivitySpec
 from .dispatch import WorkflowDispatcher
 from .exceptions import InvalidPlan, MessageTooLarge, NoWorker, UserError, WorkflowExists
 from .store import WorkflowStore
@@ -110,6 +111,8 @@ class PaigeantToolset(FunctionToolset[Any]):
         max_retries: How often the model may fix a bad call of each tool (a bad plan, say) before the run
             fails; `None` leaves it to the agent's `retries`, pydantic-ai's default of 1.
         instructions: What the model is told about the tools.
+        mandatory: Activities that are always mandatory steps of the plans it dispatches: no revision of the
+            route may remove them (the model may mark more with `dispatch_workflow`'s `mandatory`).
     """
 
     def __init__(
@@ -123,8 +126,10 @@ class PaigeantToolset(FunctionToolset[Any]):
         id: str = "paigeant",
         max_retries: int | None = DEFAULT_MAX_RETRIES,
         instructions: str = PLANNER_INSTRUCTIONS,
+        mandatory: Collection[str] = (),
     ) -> None:
         super().__init__(id=id, max_retries=max_retries, instructions=instructions)
+        self.mandatory = frozenset(mandatory)
         self.require_workers = require_workers
         self.catalog = catalog
         self.dispatcher = dispatcher
@@ -139,16 +144,22 @@ class PaigeantToolset(FunctionToolset[Any]):
         return self._catalog(ctx).entries(forbidden=self.forbidden)
 
     async def dispatch_workflow(
-        self, ctx: RunContext[Any], activities: list[str], variables: dict[str, Any]
+        self,
+        ctx: RunContext[Any],
+        activities: list[str],
+        variables: dict[str, Any],
+        mandatory: list[str] | None = None,
     ) -> ToolReturn[DispatchedWorkflow]:
         """Start a durable workflow that runs the activities in order, and return its id.
 
         Args:
             activities: Activity names from `list_activities`, in the order they run.
             variables: The workflow's starting variables (JSON values).
+            mandatory: Activities of the plan that must run: no later change of the route may remove them.
         """
         try:
             specs = self._catalog(ctx).plan(activities, variables, forbidden=self.forbidden)
+            specs = _marked(specs, self.mandatory, mandatory or [])
         except InvalidPlan as exc:
             raise ModelRetry(
                 f"The plan was not dispatched: {exc}. Fix the plan and call dispatch_workflow again."
@@ -230,6 +241,7 @@ class PaigeantPlanner(AbstractCapability[Any]):
     require_workers: bool = True
     toolset_id: str = "paigeant"
     max_retries: int | None = DEFAULT_MAX_RETRIES
+    mandatory: Collection[str] = ()
     toolset: PaigeantToolset = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -241,6 +253,7 @@ class PaigeantPlanner(AbstractCapability[Any]):
             require_workers=self.require_workers,
             id=self.toolset_id,
             max_retries=self.max_retries,
+            mandatory=self.mandatory,
         )
 
     def get_toolset(self) -> AgentToolset[Any] | None:
@@ -317,3 +330,16 @@ def _correlation_id(ctx: RunContext[Any]) -> str | None:
     if not ctx.run_id or not ctx.tool_call_id:
         return None
     return str(uuid.uuid5(_NAMESPACE, f"{ctx.run_id}/{ctx.tool_call_id}"))
+
+
+def _marked(specs: list[ActivitySpec], always: Collection[str], asked: list[str]) -> list[ActivitySpec]:
+    """`specs` with the steps named in `always` (the application's) or `asked` (the model's) marked mandatory.
+
+    Raises:
+        InvalidPlan: A name in `asked` is not a step of the plan.
+    """
+    unknown = sorted(set(asked) - {spec.name for spec in specs})
+    if unknown:
+        raise InvalidPlan(f"mandatory step {unknown[0]!r} is not an activity of the plan")
+    marked = {*always, *asked}
+    return [spec.model_copy(update={"mandatory": True}) if spec.name in marked else spec for spec in specs]

@@ -5,10 +5,12 @@ triage = AgentActivity(triage_agent, toolsets=[ItineraryRevision(catalog, max_re
 ```
 
 An `ItineraryRevision` is a per-step toolset factory: the agent gets a small toolset (`view_itinerary`, `add_steps`,
-`remove_steps`, `replace_remaining_steps`) for that step. Revisions use catalog activities only, are bounded per
-workflow, and take effect when the step succeeds (or parks to wait for a person): the worker then logs each one in
-the slip (`RoutingSlip.revisions`, with what it discarded) and publishes to the revised next step. A step that fails
-and is retried starts again from the route it was given.
+`remove_steps`, `replace_remaining_steps`) for that step. Revisions use catalog activities only, never remove a
+mandatory step (`ActivitySpec(mandatory=True)`), are bounded in number and in the steps they add (per revision and
+per workflow; the stricter of this toolset's limits and those signed into the workflow's plan), and take effect when
+the step succeeds (or parks to wait for a person): the worker then signs and logs each one in the slip
+(`RoutingSlip.revisions`, with what it added and discarded) and publishes to the revised next step. A step that
+fails and is retried starts again from the route it was given.
 """
 
 from __future__ import annotations
@@ -20,10 +22,11 @@ from typing import Any, Literal
 from pydantic import BaseModel
 from pydantic_ai import FunctionToolset, ModelRetry
 
+from ._plan import added_and_removed, check_route, spec_digest
 from .activity import ActivityContext
 from .catalog import ActivityCatalog, CatalogEntry
-from .contracts import ActivitySpec, Revision
-from .exceptions import InvalidPlan, UserError
+from .contracts import ActivitySpec, Revision, RevisionLimits
+from .exceptions import InvalidPlan, SecurityError, UserError
 
 __all__ = ("ItineraryRevision", "ItineraryView", "RevisionToolset")
 
@@ -37,18 +40,24 @@ class ItineraryRevision:
     Args:
         catalog: The activities the agent may put on the route.
         max_revisions: How many revisions the whole workflow may have, all steps together.
+        max_steps_per_revision: How many steps one revision may add.
+        max_added_steps: How many steps all revisions of the workflow may add together.
         forbidden: Catalog names the agent may not add.
         toolset_id: The id of the toolset the agent is given.
     """
 
     catalog: ActivityCatalog
     max_revisions: int = 3
+    max_steps_per_revision: int = 5
+    max_added_steps: int = 10
     forbidden: Collection[str] = field(default_factory=frozenset[str])
     toolset_id: str = "paigeant-revision"
 
     def __post_init__(self) -> None:
         if self.max_revisions < 1:
             raise UserError("max_revisions must be at least 1")
+        if self.max_steps_per_revision < 0 or self.max_added_steps < 0:
+            raise UserError("max_steps_per_revision and max_added_steps must not be negative")
 
     def __call__(self, ctx: ActivityContext) -> RevisionToolset:
         """The revision tools for the step `ctx`; what they change is kept in `ctx.revisions`."""
@@ -72,6 +81,8 @@ class RevisionToolset(FunctionToolset[Any]):
         super().__init__(id=policy.toolset_id, instructions=self._route_instructions)
         self.policy = policy
         self.context = context
+        self.limits = _stricter(policy, context)
+        self._added_before = _added_before(context)
         self.add_function(self.view_itinerary, takes_ctx=False)
         self.add_function(self.add_steps, takes_ctx=False)
         self.add_function(self.remove_steps, takes_ctx=False)
@@ -123,8 +134,9 @@ class RevisionToolset(FunctionToolset[Any]):
             activities: Activity names to run after this step instead, in order ([] ends the workflow here).
             reason: Why the route changes.
         """
-        added = self._specs(activities)
-        return self._revise("replace", reason, list(added), added=added, discarded=list(self.remaining))
+        new = self._specs(activities)
+        added, discarded = added_and_removed(self.remaining, new, spec_digest)
+        return self._revise("replace", reason, list(new), added=added, discarded=discarded)
 
     # -- helpers ---------------------------------------------------------------------------------------------
 
@@ -139,7 +151,13 @@ class RevisionToolset(FunctionToolset[Any]):
     def revisions_left(self) -> int:
         """How many revisions the workflow may still make."""
         made = len(self.context.routing_slip.revisions) + len(self.context.revisions)
-        return max(0, self.policy.max_revisions - made)
+        return max(0, self.limits.max_revisions - made)
+
+    @property
+    def steps_left(self) -> int:
+        """How many steps revisions of the workflow may still add."""
+        added = self._added_before + sum(len(revision.added) for revision in self.context.revisions)
+        return max(0, self.limits.max_added_steps - added)
 
     @property
     def _current(self) -> str:
@@ -151,7 +169,8 @@ class RevisionToolset(FunctionToolset[Any]):
             f"You run as step {self._current!r} of a durable workflow. Steps still to run after yours: {remaining}. "
             "Only if your task calls for it, change them with `add_steps`, `remove_steps` or "
             "`replace_remaining_steps`, using activities that `view_itinerary` lists, and give a reason. "
-            f"The workflow may be revised {self.revisions_left} more time(s)."
+            f"The workflow may be revised {self.revisions_left} more time(s), adding at most "
+            f"{min(self.limits.max_steps_per_revision, self.steps_left)} step(s) at a time.{self._mandatory_note()}"
         )
 
     def _specs(self, names: list[str]) -> list[ActivitySpec]:
@@ -181,9 +200,10 @@ class RevisionToolset(FunctionToolset[Any]):
     ) -> list[str]:
         if self.revisions_left == 0:
             raise ModelRetry(
-                f"The route was not changed: this workflow has used all {self.policy.max_revisions} revisions it may "
+                f"The route was not changed: this workflow has used all {self.limits.max_revisions} revisions it may "
                 "make. Continue with the current route."
             )
+        self._check_bounds(added, discarded)
         try:
             self._check_variables(remaining)
         except InvalidPlan as exc:
@@ -200,6 +220,32 @@ class RevisionToolset(FunctionToolset[Any]):
             )
         )
         return [spec.name for spec in remaining]
+
+    def _check_bounds(self, added: list[ActivitySpec], discarded: list[ActivitySpec]) -> None:
+        mandatory = [spec.name for spec in discarded if spec.mandatory]
+        if mandatory:
+            names = ", ".join(repr(name) for name in mandatory)
+            raise ModelRetry(
+                f"The route was not changed: {names} is a mandatory step of this workflow, which no revision may "
+                "remove. Keep it on the route."
+            )
+        per_revision = self.limits.max_steps_per_revision
+        if len(added) > per_revision:
+            raise ModelRetry(
+                f"The route was not changed: one revision may add at most {per_revision} step(s), and this one adds "
+                f"{len(added)}. Add only the steps the task needs."
+            )
+        if len(added) > self.steps_left:
+            raise ModelRetry(
+                f"The route was not changed: this workflow may add {self.steps_left} more step(s) in all "
+                f"(of {self.limits.max_added_steps}), and this revision adds {len(added)}."
+            )
+
+    def _mandatory_note(self) -> str:
+        mandatory = [spec.name for spec in self.remaining if spec.mandatory]
+        if not mandatory:
+            return ""
+        return f" Mandatory steps, which no revision may remove: {', '.join(mandatory)}."
 
     def _check_variables(self, remaining: list[ActivitySpec]) -> None:
         """Refuse a route on which a step would miss a variable, unless the route it replaces missed it already."""
@@ -218,3 +264,31 @@ class RevisionToolset(FunctionToolset[Any]):
     @staticmethod
     def _names(specs: list[ActivitySpec]) -> list[str]:
         return [spec.name for spec in specs]
+
+
+def _stricter(policy: ItineraryRevision, context: ActivityContext) -> RevisionLimits:
+    """The stricter of the toolset's limits and those signed into the workflow's plan."""
+    own = RevisionLimits(
+        max_revisions=policy.max_revisions,
+        max_steps_per_revision=policy.max_steps_per_revision,
+        max_added_steps=policy.max_added_steps,
+    )
+    plan = context.message.plan
+    if plan is None:
+        return own
+    return RevisionLimits(
+        max_revisions=min(own.max_revisions, plan.limits.max_revisions),
+        max_steps_per_revision=min(own.max_steps_per_revision, plan.limits.max_steps_per_revision),
+        max_added_steps=min(own.max_added_steps, plan.limits.max_added_steps),
+    )
+
+
+def _added_before(context: ActivityContext) -> int:
+    """How many steps the workflow's logged revisions added (as the plan counts them, when there is one)."""
+    plan, slip = context.message.plan, context.routing_slip
+    if plan is not None:
+        try:
+            return check_route(plan, slip)
+        except SecurityError:
+            pass  # the worker checked the route before the step ran; counting what the log says will do
+    return sum(len(revision.added) for revision in slip.revisions)

@@ -32,6 +32,7 @@ from joserfc import jws
 from joserfc.errors import JoseError
 from joserfc.jwk import Key, KeySet
 from joserfc.jws import JWSRegistry
+from joserfc.util import json_b64encode, urlsafe_b64encode
 
 from ._keys import ALGORITHMS, algorithm_of, ephemeral_key, generate_key, load_signing_key, load_trusted_keys
 from ._replay import InMemoryReplayCache, ReplayCache
@@ -67,6 +68,10 @@ SIGNATURE_TYPE = "paigeant+jws"
 DEFAULT_REPLAY_TTL = 7 * 24 * 3600.0
 _HEADER_KEYS = frozenset({"alg", "kid", "typ"})
 _CLOCK_LEEWAY = 60.0
+
+
+class _Algorithm(Protocol):
+    def sign(self, msg: bytes, key: Any) -> bytes: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -173,6 +178,7 @@ class MessageSigner:
         self.refusal = refusal
         self.refused: Counter[str] = Counter()
         self._registry = JWSRegistry(algorithms=list(ALGORITHMS))
+        self._headers: dict[str, tuple[Key, bytes, _Algorithm]] = {}  # typ -> key, header segment, algorithm
         self._digests: OrderedDict[str, str] = OrderedDict()
         if not unsigned and refusal is None and not self.trusted_keys:
             self.refusal = "no trusted keys: set PAIGEANT_TRUSTED_KEYS_FILE to the JWKS of the services you accept"
@@ -254,8 +260,15 @@ class MessageSigner:
         if self.unsigned or self.signing_key is None:
             return None
         key = self.signing_key
-        header = {"alg": algorithm_of(key), "kid": key.kid, "typ": typ}
-        return jws.detach_content(jws.serialize_compact(header, payload, key, registry=self._registry))
+        cached = self._headers.get(typ)
+        if cached is None or cached[0] is not key:
+            # joserfc's compact serialization, with the protected header (always the same) encoded once
+            alg = algorithm_of(key) or ""  # a signing key is loaded only for an allowed algorithm
+            header = {"alg": alg, "kid": key.kid, "typ": typ}
+            cached = self._headers[typ] = (key, json_b64encode(header), self._registry.get_alg(alg))
+        _, segment, algorithm = cached
+        signature = algorithm.sign(segment + b"." + urlsafe_b64encode(payload), key)
+        return f"{segment.decode()}..{urlsafe_b64encode(signature).decode()}"
 
     def verify_bytes(self, signature: str | None, payload: bytes, *, typ: str) -> str | None:
         """The key id that signed `payload` with the detached JWS `signature` of type `typ`; None when unsigned.

@@ -26,6 +26,7 @@ from ._dedupe import DedupeStore, InMemoryDedupeStore
 from ._events import EventCallback, EventReporter
 from ._hop import Hop, admit
 from ._outcome import SIGNALS, Fault, Outcome, Reject, Skip, classify, completed, describe
+from ._plan import PlanCheck
 from ._settle import WorkerStats, refuse, settle
 from .activity import DEFAULT_TIMEOUT, Activity, ActivityContext, ActivityFunc, as_activity
 from .approval import WaitingStore
@@ -100,6 +101,7 @@ class Worker:
         self.rng = rng or random.Random()
         self.waiting_store = waiting_store
         self.stats = WorkerStats()
+        self.plans = PlanCheck()
         self._slots = asyncio.Semaphore(self.concurrency)  # made anew by run(), after `concurrency` may change
         self._inflight: set[asyncio.Task[None]] = set()
         self._running_keys: dict[str, asyncio.Event] = {}
@@ -291,7 +293,8 @@ class Worker:
             refused = exc  # unless the step ran while the token was still valid, the workflow faults
         except SecurityError as exc:
             return Reject(f"security check failed: {exc}")
-        try:
+        try:  # the plan, its revisions, and whose token this is: the hop's signer vouches only for the hop
+            self.plans.check(hop.message, hop.signer, hop.claims, self.security)
             hop.approvals = check_resume(hop, self.security)  # a resume: its parked record and approvals
         except SecurityError as exc:
             return Reject(f"security check failed: {exc}")

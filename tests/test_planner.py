@@ -290,6 +290,13 @@ async def test_the_tools_the_model_sees(transport: InMemoryTransport) -> None:
                             "description": "The workflow's starting variables (JSON values).",
                             "type": "object",
                         },
+                        "mandatory": {
+                            "anyOf": [{"items": {"type": "string"}, "type": "array"}, {"type": "null"}],
+                            "default": None,
+                            "description": (
+                                "Activities of the plan that must run: no later change of the route may remove them."
+                            ),
+                        },
                     },
                     "required": ["activities", "variables"],
                     "type": "object",

@@ -149,6 +149,7 @@ async def test_an_agent_adds_a_step_and_the_workflow_follows_the_revised_route(t
                     },
                 ],
                 "at": IsStr(),
+                "signature": IsStr(),
             }
         ]
     )
@@ -173,7 +174,7 @@ async def test_added_steps_can_go_before_a_remaining_one(transport: InMemoryTran
     assert [entry.name for entry in respond.slips[0].completed] == ["triage", "escalate", "follow-up"]
 
 
-async def test_replace_and_remove_are_logged_with_what_they_discarded(transport: InMemoryTransport) -> None:
+async def test_replace_and_remove_are_logged_with_what_they_added_and_discarded(transport: InMemoryTransport) -> None:
     replace = call(
         "replace_remaining_steps", {"activities": ["escalate", "follow-up", "respond"], "reason": "urgent route"}
     )
@@ -189,8 +190,8 @@ async def test_replace_and_remove_are_logged_with_what_they_discarded(transport:
         [
             (
                 "replace",
-                ["escalate", "follow-up", "respond"],
-                ["route-to-team", "respond"],
+                ["escalate", "follow-up"],
+                ["route-to-team"],
                 ["escalate", "follow-up", "respond"],
             ),
             ("remove", [], ["follow-up"], ["escalate", "respond"]),
@@ -333,7 +334,8 @@ async def test_the_revision_tools_the_model_sees(transport: InMemoryTransport) -
     assert info.instructions == snapshot(
         "You run as step 'triage' of a durable workflow. Steps still to run after yours: respond. Only if your task "
         "calls for it, change them with `add_steps`, `remove_steps` or `replace_remaining_steps`, using activities "
-        "that `view_itinerary` lists, and give a reason. The workflow may be revised 3 more time(s)."
+        "that `view_itinerary` lists, and give a reason. The workflow may be revised 3 more time(s), adding at most 5 "
+        "step(s) at a time."
     )
 
 

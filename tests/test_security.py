@@ -30,6 +30,7 @@ from paigeant_ai import (
     activity,
     get_transport,
 )
+from paigeant_ai._plan import new_plan
 from paigeant_ai._sealing import unsigned_body
 from paigeant_ai.contracts import DEAD_LETTER
 from paigeant_ai.security import (
@@ -164,6 +165,7 @@ class Scene:
         """A new workflow's first message, signed by the orders service."""
         specs = [ActivitySpec(name=name) for name in steps]
         message = PaigeantMessage.new(specs, {"order": 42, "amount": 10}, obo_token=token, expires_at=expires_at)
+        message.plan = new_plan(message, orders_signer())
         orders_signer().sign(message)
         return message
 

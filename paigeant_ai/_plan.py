@@ -1,0 +1,368 @@
+"""The signed plan of a workflow, its signed revisions, and the check every worker makes of both.
+
+A hop's signature says only which key sent that hop. The plan says what the workflow was started to do:
+
+- At dispatch, the dispatcher (or the planner, through it) signs a `Plan`: the correlation ID, a digest of every
+  step's whole `ActivitySpec` (arguments, retry, timeout, scopes, `mandatory`), the initiator (the subject of the
+  workflow's on-behalf-of token), the `RevisionLimits`, and when it was made and expires. Its key must hold `start`.
+  The plan travels unchanged beside the live route on every hop, retry, resume and dead-letter replay.
+- A step that changes the rest of the route logs a `Revision`, signed by the worker that ran the step (its key must
+  hold `revise`) and bound to the workflow (the correlation ID is part of what is signed) and to the step.
+- Every worker, before it runs a step (`PlanCheck.check`, from `Worker._authorize`), checks the plan's signature,
+  each revision's signature, that the plan replayed through the logged revisions, at their steps, gives exactly
+  the completed log and the live route (the current step's spec included), that no revision removed a mandatory
+  step or went past the limits, and that the hop's token is the initiator's. Any failure is a `SecurityError`
+  (`plan`, `revision`, `token_subject`): the hop is dead-lettered with the reason, never run.
+
+So a key that may send to one step can no longer rewrite the rest of the route, clear the revision log, raise a
+step's retries or swap in another user's token: it would have to forge the dispatcher's or a reviser's signature.
+What stays possible for a key holding `send_to` alone: undoing the latest revisions whose added steps have not
+run yet, which returns the route to one the plan and its earlier revisions allowed.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import json
+from collections import Counter, OrderedDict
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, TypeVar
+
+from .contracts import ActivitySpec, PaigeantMessage, Plan, PlannedStep, Revision, RevisionLimits, RoutingSlip
+from .exceptions import SecurityError, UserError
+from .security import MessageSecurity
+
+__all__ = (
+    "PLAN_TYPE",
+    "REVISION_TYPE",
+    "PlanCheck",
+    "added_and_removed",
+    "check_route",
+    "new_plan",
+    "revise_route",
+    "spec_digest",
+    "token_subject",
+)
+
+PLAN_TYPE = "paigeant-plan+jws"
+REVISION_TYPE = "paigeant-revision+jws"
+
+T = TypeVar("T")
+_Step = tuple[str, str, bool]
+"""A step of the route as the check sees it: name, spec digest, mandatory."""
+
+
+def spec_digest(spec: ActivitySpec) -> str:
+    """A digest of the whole spec as it travels (22 characters)."""
+    digest = hashlib.blake2b(spec.model_dump_json().encode(), digest_size=16).digest()
+    return base64.urlsafe_b64encode(digest).rstrip(b"=").decode()
+
+
+def token_subject(token: str | None) -> str | None:
+    """The `sub` claim of a JWT, read without checking it; None for no token, an opaque one, or no `sub`."""
+    if not token or token.count(".") != 2:
+        return None
+    part = token.split(".")[1]
+    try:
+        claims: object = json.loads(base64.urlsafe_b64decode(part + "=" * (-len(part) % 4)))
+    except (ValueError, binascii.Error):
+        return None
+    subject = claims.get("sub") if isinstance(claims, dict) else None  # pyright: ignore[reportUnknownMemberType]
+    return subject if isinstance(subject, str) else None
+
+
+def _signer_of(signature: str) -> str | None:
+    """The `kid` of a JWS this process just made (read from its header, not checked)."""
+    part = signature.split(".")[0]
+    header: object = json.loads(base64.urlsafe_b64decode(part + "=" * (-len(part) % 4)))
+    kid = header.get("kid") if isinstance(header, dict) else None  # pyright: ignore[reportUnknownMemberType]
+    return kid if isinstance(kid, str) else None
+
+
+def _plan_bytes(plan: Plan) -> bytes:
+    return plan.model_dump_json(exclude={"signature"}).encode()
+
+
+def _revision_bytes(correlation_id: str, revision: Revision) -> bytes:
+    return b"%s\n%s" % (correlation_id.encode(), revision.model_dump_json(exclude={"signature"}).encode())
+
+
+# -- signing ---------------------------------------------------------------------------------------------------
+
+
+def new_plan(message: PaigeantMessage, security: MessageSecurity, limits: RevisionLimits | None = None) -> Plan:
+    """The signed plan of the workflow whose first message is `message`.
+
+    Raises:
+        UserError: The signing key may not start workflows under the trust policy (with the fix).
+    """
+    plan = Plan(
+        correlation_id=message.correlation_id,
+        steps=[
+            PlannedStep(name=spec.name, digest=spec_digest(spec), mandatory=spec.mandatory)
+            for spec in message.routing_slip.itinerary
+        ],
+        initiator=token_subject(message.security.obo_token),
+        limits=limits or RevisionLimits(),
+        created_at=message.created_at,
+        expires_at=message.expires_at,
+    )
+    signature = security.sign_bytes(_plan_bytes(plan), typ=PLAN_TYPE)
+    if signature is not None:
+        kid = _signer_of(signature)
+        if not security.policy.allows(kid, "start"):
+            raise UserError(
+                f"this dispatcher's key {kid!r} may not start workflows: the trust policy does not grant it "
+                f"'start', so every worker would refuse its workflows; add it to the key's grant in the trust "
+                f'policy (PAIGEANT_TRUST_POLICY_FILE), as in {{"keys": {{"{kid}": {{"may": ["start"]}}}}}}'
+            )
+    plan.signature = signature
+    return plan
+
+
+def revise_route(message: PaigeantMessage, revisions: Sequence[Revision], security: MessageSecurity) -> None:
+    """Sign `revisions` with this worker's key and log them in `message`'s slip, if the plan allows them.
+
+    Nothing changes unless all of them are signed and allowed.
+
+    Raises:
+        SecurityError: This worker's key may not revise routes, or the revisions go past the plan's limits or
+            remove a mandatory step (code `revision`).
+    """
+    slip = message.routing_slip
+    trial = slip.model_copy(update={"itinerary": list(slip.itinerary), "revisions": list(slip.revisions)})
+    for revision in revisions:
+        trial.revise(_signed(message.correlation_id, revision, security))
+    if message.plan is not None:
+        check_route(message.plan, trial)
+    message.routing_slip = trial
+
+
+def _signed(correlation_id: str, revision: Revision, security: MessageSecurity) -> Revision:
+    revision = revision.model_copy(update={"signature": None})
+    signature = security.sign_bytes(_revision_bytes(correlation_id, revision), typ=REVISION_TYPE)
+    if signature is not None and not security.policy.allows(kid := _signer_of(signature), "revise"):
+        raise SecurityError(
+            f"this worker's key {kid!r} may not revise a workflow's route: the trust policy does not grant it 'revise'",
+            code="revision",
+        )
+    return revision.model_copy(update={"signature": signature})
+
+
+# -- the route -------------------------------------------------------------------------------------------------
+
+
+def added_and_removed(old: Sequence[T], new: Sequence[T], key: Callable[[T], str]) -> tuple[list[T], list[T]]:
+    """The items of `new` that `old` did not hold (as often), and those of `old` that `new` does not."""
+    before, after = Counter(key(item) for item in old), Counter(key(item) for item in new)
+    return _beyond(new, after - before, key), _beyond(old, before - after, key)
+
+
+def _beyond(items: Sequence[T], surplus: Counter[str], key: Callable[[T], str]) -> list[T]:
+    """The last `surplus[k]` items of each key `k`, in their order."""
+    picked: list[T] = []
+    for item in reversed(items):
+        if surplus[key(item)] > 0:
+            surplus[key(item)] -= 1
+            picked.append(item)
+    picked.reverse()
+    return picked
+
+
+def _step_key(step: _Step) -> str:
+    return step[1]
+
+
+def _steps(specs: Sequence[ActivitySpec]) -> list[_Step]:
+    return [(spec.name, spec_digest(spec), spec.mandatory) for spec in specs]
+
+
+def check_route(plan: Plan, slip: RoutingSlip) -> int:
+    """Check that `slip` is `plan` changed only by its logged revisions, within the plan's limits.
+
+    Returns:
+        How many steps the revisions added, all together.
+
+    Raises:
+        SecurityError: With code `revision` (a revision goes past the limits, removes a mandatory step, or was not
+            made where it says) or `plan` (the log or the live route is not what the plan and revisions give).
+    """
+    route: list[_Step] = [(step.name, step.digest, step.mandatory) for step in plan.steps]
+    done = [entry.name for entry in slip.completed if entry.outcome != "failed"]
+    limits = plan.limits
+    if len(slip.revisions) > limits.max_revisions:
+        raise _revision_error(
+            f"the route was revised {len(slip.revisions)} times, the plan allows {limits.max_revisions}"
+        )
+    added_total, last = 0, 0
+    for number, revision in enumerate(slip.revisions, 1):
+        at = revision.step
+        if at < last or at > len(done) or at >= len(route) or route[at][0] != revision.activity:
+            raise _revision_error(
+                f"revision {number} says step {at} {revision.activity!r} made it, which it cannot have"
+            )
+        last = at
+        new = _steps(revision.remaining)
+        added, removed = added_and_removed(route[at + 1 :], new, _step_key)
+        mandatory = [name for name, _, required in removed if required]
+        if mandatory:
+            names = ", ".join(repr(name) for name in mandatory)
+            raise _revision_error(f"revision {number} by {revision.activity!r} removes mandatory step {names}")
+        if len(added) > limits.max_steps_per_revision:
+            raise _revision_error(
+                f"revision {number} by {revision.activity!r} adds {len(added)} steps, the plan allows "
+                f"{limits.max_steps_per_revision} per revision"
+            )
+        added_total += len(added)
+        if added_total > limits.max_added_steps:
+            raise _revision_error(
+                f"the revisions add {added_total} steps, the plan allows {limits.max_added_steps} in all"
+            )
+        route[at + 1 :] = new
+    _check_done(route, done)
+    _check_remaining(route[len(done) :], _steps(slip.itinerary))
+    return added_total
+
+
+def _check_done(route: list[_Step], done: list[str]) -> None:
+    for position, name in enumerate(done):
+        planned = route[position][0] if position < len(route) else None
+        if planned != name:
+            raise _plan_error(f"step {position} ran as {name!r}, but the plan and its revisions have {planned!r} there")
+
+
+def _check_remaining(expected: list[_Step], live: list[_Step]) -> None:
+    if [step[1] for step in expected] == [step[1] for step in live]:
+        return
+    if [step[0] for step in expected] == [step[0] for step in live]:
+        changed = next(live[i][0] for i in range(len(live)) if live[i][1] != expected[i][1])
+        raise _plan_error(
+            f"step {changed!r} is not as planned: its arguments, retry, timeout or scopes were changed without a "
+            "revision"
+        )
+    raise _plan_error(
+        f"the remaining route {_names(live)} is not the planned {_names(expected)}: it was changed without a "
+        "logged revision"
+    )
+
+
+def _names(steps: list[_Step]) -> str:
+    return "[" + ", ".join(step[0] for step in steps) + "]"
+
+
+def _plan_error(reason: str) -> SecurityError:
+    return SecurityError(f"plan: {reason}", code="plan")
+
+
+def _revision_error(reason: str) -> SecurityError:
+    return SecurityError(f"revision: {reason}", code="revision")
+
+
+# -- the check at every worker ---------------------------------------------------------------------------------
+
+
+class PlanCheck:
+    """What a worker checks of a hop's plan, revisions and token (see the module's docstring).
+
+    Signatures it verified are remembered (a bounded number), so that the plan of a workflow whose steps run on
+    one worker is verified there once, not on every hop.
+    """
+
+    def __init__(self, remembered: int = 4096) -> None:
+        self._verified: OrderedDict[tuple[int, str, str, bytes], str | None] = OrderedDict()
+        self._remembered = remembered
+
+    def check(
+        self,
+        message: PaigeantMessage,
+        signer: str | None,
+        claims: Mapping[str, Any] | None,
+        security: MessageSecurity,
+    ) -> None:
+        """Check `message`'s plan, revisions and token subject; `signer` signed the hop, `claims` are its token's.
+
+        Raises:
+            SecurityError: Code `plan`, `revision` or `token_subject`, with the reason.
+        """
+        try:
+            self._check(message, signer, claims, security)
+        except SecurityError as exc:
+            refused = getattr(security, "refused", None)
+            if isinstance(refused, Counter):
+                refused[exc.code] += 1
+            raise
+
+    def _check(
+        self,
+        message: PaigeantMessage,
+        signer: str | None,
+        claims: Mapping[str, Any] | None,
+        security: MessageSecurity,
+    ) -> None:
+        plan = message.plan
+        if plan is None:
+            if signer is None and message.security.jws_signature is None:
+                return  # unsigned messages from a sender that predates plans: nothing to check against
+            raise _plan_error(
+                "the hop carries no plan; a workflow's first message carries the one its dispatcher signed"
+            )
+        kid = self._verified_signer(
+            security, plan.signature, _plan_bytes(plan), PLAN_TYPE, lambda reason: _plan_error(f"the plan's {reason}")
+        )
+        if kid is not None and not security.policy.allows(kid, "start"):
+            raise _plan_error(f"key {kid!r} signed it, and the trust policy does not allow it to 'start' workflows")
+        if plan.correlation_id != message.correlation_id:
+            raise _plan_error("the hop carries the plan of another workflow")
+        if plan.expires_at is not None and (message.expires_at is None or message.expires_at > plan.expires_at):
+            raise _plan_error(f"the hop expires later than the plan allows ({plan.expires_at.isoformat()})")
+        for number, revision in enumerate(message.routing_slip.revisions, 1):
+            payload = _revision_bytes(message.correlation_id, revision)
+            kid = self._verified_signer(
+                security,
+                revision.signature,
+                payload,
+                REVISION_TYPE,
+                lambda r, n=number: _revision_error(f"revision {n}'s {r}"),
+            )
+            if kid is not None and not security.policy.allows(kid, "revise"):
+                raise _revision_error(f"revision {number} was signed by key {kid!r}, which may not 'revise' routes")
+        check_route(plan, message.routing_slip)
+        subject = _subject(claims) if claims is not None else token_subject(message.security.obo_token)
+        if subject != plan.initiator:
+            raise SecurityError(
+                f"token_subject: the on-behalf-of token belongs to {_who(subject)}, but the workflow was started for "
+                f"{_who(plan.initiator)}",
+                code="token_subject",
+            )
+
+    def _verified_signer(
+        self,
+        security: MessageSecurity,
+        signature: str | None,
+        payload: bytes,
+        typ: str,
+        error: Callable[[str], SecurityError],
+    ) -> str | None:
+        key = (id(security), typ, signature or "", hashlib.sha256(payload).digest())
+        if key in self._verified:
+            self._verified.move_to_end(key)
+            return self._verified[key]
+        try:
+            kid = security.verify_bytes(signature, payload, typ=typ)
+        except SecurityError as exc:
+            raise error(f"signature does not hold ({exc})") from None
+        self._verified[key] = kid
+        while len(self._verified) > self._remembered:
+            self._verified.popitem(last=False)
+        return kid
+
+
+def _subject(claims: Mapping[str, Any]) -> str | None:
+    subject = claims.get("sub")
+    return subject if isinstance(subject, str) else None
+
+
+def _who(subject: str | None) -> str:
+    return "no one (no token, or one without a subject)" if subject is None else repr(subject[:80])

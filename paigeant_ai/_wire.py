@@ -1,0 +1,107 @@
+"""The base of every wire type, the retry policy, and the signed plan of a workflow.
+
+Re-exported from `paigeant_ai.contracts`, the home of the wire format; kept apart so that `contracts` stays small.
+"""
+
+from __future__ import annotations
+
+import random
+from datetime import UTC, datetime
+
+from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
+
+__all__ = ("Plan", "PlannedStep", "RetryPolicy", "RevisionLimits", "Wire", "utcnow")
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+class Wire(BaseModel):
+    """The base of every wire type: strict, versioned JSON."""
+
+    # NaN and infinity are refused where values are validated and encoded bare where they are not (a payload
+    # updated in place), so that `_sealing` finds them instead of sending them as null.
+    model_config = ConfigDict(
+        extra="forbid",
+        validate_assignment=False,
+        ser_json_timedelta="float",
+        allow_inf_nan=False,
+        ser_json_inf_nan="constants",
+    )
+
+
+class RetryPolicy(Wire):
+    """How often and how patiently a failing activity is tried again.
+
+    The delay before attempt `n` (1-based retry) is `initial_interval * backoff ** (n - 1)`, capped at
+    `max_interval`, then spread by up to `jitter` (a fraction) either way so retries do not arrive in lockstep.
+    """
+
+    model_config = ConfigDict(frozen=True)
+
+    max_attempts: int = Field(default=3, ge=1, le=1000)
+    initial_interval: float = Field(default=1.0, ge=0)
+    backoff: float = Field(default=2.0, ge=1)
+    max_interval: float = Field(default=60.0, ge=0)
+    jitter: float = Field(default=0.1, ge=0, le=1)
+
+    def delay_before(self, attempt: int, rng: random.Random | None = None) -> float:
+        """Seconds to wait before running `attempt` (0 is the first try, which never waits)."""
+        if attempt <= 0:
+            return 0.0
+        base = min(self.initial_interval * self.backoff ** (attempt - 1), self.max_interval)
+        spread = base * self.jitter
+        return max(0.0, base + (rng or random).uniform(-spread, spread))
+
+
+class RevisionLimits(Wire):
+    """How far the steps of a workflow may change its route, carried in the workflow's signed plan.
+
+    Every worker refuses a hop whose logged revisions go past them; `ItineraryRevision` holds its agent to the
+    stricter of these and its own. A step is added when a revision's route holds it more often than the route
+    before it did, so moving steps around adds none and replacing one step with another adds one.
+    """
+
+    model_config = ConfigDict(frozen=True)
+
+    max_revisions: int = Field(default=10, ge=0, le=1000)
+    """Revisions the whole workflow may have, all steps together."""
+    max_steps_per_revision: int = Field(default=5, ge=0, le=1000)
+    """Steps one revision may add."""
+    max_added_steps: int = Field(default=20, ge=0, le=10_000)
+    """Steps all revisions of the workflow may add together."""
+
+
+def _false(value: bool) -> bool:
+    return not value
+
+
+class PlannedStep(Wire):
+    """One step of a plan: its name, whether revisions may remove it, and the digest of its whole `ActivitySpec`."""
+
+    model_config = ConfigDict(frozen=True)
+
+    name: str
+    digest: str
+    """The spec's digest (see `paigeant_ai._plan.spec_digest`): arguments, retry, timeout and scopes included."""
+    mandatory: bool = Field(default=False, exclude_if=_false)
+
+
+class Plan(Wire):
+    """The route a workflow was started with, signed by the dispatcher (or planner) that started it.
+
+    It travels unchanged beside the live route on every hop; each worker checks that the live route is this plan
+    changed only by the slip's logged, signed revisions, within `limits` (see `paigeant_ai._plan`). The steps are
+    kept as digests of their specs, so a plan adds a few dozen bytes per step however large their arguments.
+    """
+
+    correlation_id: str
+    steps: list[PlannedStep]
+    initiator: str | None = None
+    """The subject (`sub`) of the workflow's on-behalf-of token when it was started; every hop's token must have it."""
+    limits: RevisionLimits = Field(default_factory=RevisionLimits)
+    created_at: AwareDatetime = Field(default_factory=utcnow)
+    expires_at: AwareDatetime | None = None
+    signature: str | None = Field(default=None, repr=False)
+    """A detached JWS (`typ` `paigeant-plan+jws`) over the plan's JSON without this field; None when unsigned."""
