@@ -34,7 +34,8 @@ class Hop:
         activity: The activity that runs the step.
         spec: The step's effective spec: the worker's own, with the workflow's overrides.
         started: When the step started running (until then, when the hop was admitted).
-        signer: The key id that signed the hop, once authorized (None when messages are not signed).
+        signer: The key id that signed the hop, once authenticated (None when messages are not signed).
+        digest: A digest of exactly what the hop's signature covers, once authenticated (its claim's content).
         claims: The validated claims of the user's token, once authorized.
         ctx: What the activity was given, once it runs (its route revisions are applied when the hop settles).
     """
@@ -45,6 +46,7 @@ class Hop:
     spec: ActivitySpec
     started: datetime = field(default_factory=lambda: datetime.now(UTC))
     signer: str | None = None
+    digest: str = ""
     claims: Mapping[str, Any] | None = None
     ctx: ActivityContext | None = None
 

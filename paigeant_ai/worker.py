@@ -26,6 +26,7 @@ from ._events import EventCallback, EventReporter
 from ._hop import Hop, admit
 from ._outcome import SIGNALS, Fault, Outcome, Reject, Skip, classify, completed, describe
 from ._settle import WorkerStats, refuse, settle
+from ._shared_store import resolve_shared_store, say_what_is_protected
 from .activity import DEFAULT_TIMEOUT, Activity, ActivityContext, ActivityFunc, as_activity
 from .approval import WaitingStore
 from .exceptions import DuplicateMessage, ReplayedMessage, SecurityError, TokenError, TransportError, UserError
@@ -61,6 +62,10 @@ class Worker:
         rng: Source of retry jitter (seed it for reproducible tests).
         waiting_store: Where steps that wait for input (an agent's tool that needs approval) are parked until
             `WorkflowDispatcher.resume`; share it with the dispatcher. Without one, such a step faults.
+        shared_store: Where every replica keeps the replay cache and the dedupe store, so that a hop replayed to
+            another process is refused there too: a Redis URL or a `RedisTransport`. By default the transport
+            itself when it offers `SharedStores` (Redis), else `PAIGEANT_SHARED_STORE_URL`; without one (RabbitMQ)
+            each process keeps its own, and the worker says at start what that leaves unprotected.
     """
 
     def __init__(
@@ -78,6 +83,7 @@ class Worker:
         shutdown_timeout: float = 30.0,
         rng: random.Random | None = None,
         waiting_store: WaitingStore | None = None,
+        shared_store: str | SharedStores | None = None,
     ) -> None:
         if not activities:
             raise UserError("a Worker needs at least one activity")
@@ -90,9 +96,16 @@ class Worker:
         self.max_message_bytes = settings.max_message_bytes if max_message_bytes is None else max_message_bytes
         if self.max_message_bytes < 1:
             raise UserError("max_message_bytes must be positive")
-        self.dedupe = dedupe or _default_dedupe(transport)
+        shared, self._store_connection = resolve_shared_store(transport, shared_store, settings)
+        self.dedupe = dedupe or (shared.dedupe_store() if shared is not None else InMemoryDedupeStore())
         self.security: MessageSecurity = (
-            security if security is not None else MessageSigner.from_settings(transport, allow_unsigned=allow_unsigned)
+            security
+            if security is not None
+            else MessageSigner.from_settings(
+                transport,
+                allow_unsigned=allow_unsigned,
+                replay_cache=shared.replay_cache() if shared is not None else None,
+            )
         )
         self.reporter = EventReporter(transport, on_event, publish=publish_events)
         self.shutdown_timeout = shutdown_timeout
@@ -125,9 +138,12 @@ class Worker:
             raise UserError("this worker is already running")
         if isinstance(self.security, MessageSigner):
             self.security.ensure_ready()
+        say_what_is_protected(self.transport, self.security)
         self._running = True
         self._slots = asyncio.Semaphore(self.concurrency)
         try:
+            if self._store_connection is not None:
+                await self._store_connection.connect()
             for name in self.activities:
                 consumer = await self.transport.consume(name, prefetch=self.concurrency)
                 self._consumers.append(consumer)
@@ -213,6 +229,8 @@ class Worker:
             except TransportError:
                 logger.warning("closing a consumer failed; its deliveries return to the broker", exc_info=True)
         self._consumers.clear()
+        if self._store_connection is not None:
+            await self._store_connection.disconnect()
 
     async def _pump(self, consumer: Consumer) -> None:
         async for delivery in consumer:
@@ -248,18 +266,29 @@ class Worker:
         """Process one delivery end to end and settle it (ack, publish onwards, or dead-letter)."""
         with observability.hop_span(delivery, self.transport.name):
             hop = admit(delivery, self.activities, self.max_message_bytes)  # bytes, size, route, expiry
+            if not isinstance(hop, Reject):
+                hop = self._authenticate(hop)  # the signature and the signer's right to send here; no I/O
             if isinstance(hop, Reject):
-                await refuse(delivery, hop, self)
+                await refuse(delivery, hop, self)  # before it may wait: a forged copy never holds anything up
                 return
             key = hop.message.idempotency_key
             await self._one_copy_at_a_time(key)
             try:
-                outcome = await self._authorize(hop)  # signature, replay, token, dedupe
+                outcome = await self._authorize(hop)  # claim (replay), token, dedupe
                 if outcome is None:
                     outcome = await self._run(hop)  # timeout, activity span -> advance, end, park, retry, fault
                 await settle(hop, outcome, self)  # the successor made safe, then the ack
             finally:
                 self._running_keys.pop(key).set()
+
+    def _authenticate(self, hop: Hop) -> Hop | Reject:
+        """The hop, once its signature holds and its signer may send to the step; else why it is refused."""
+        try:
+            authenticated = self.security.authenticate(hop.message, hop.spec, hop.delivery.body)
+        except SecurityError as exc:
+            return Reject(f"security check failed: {exc}")
+        hop.signer, hop.digest = authenticated.signer, authenticated.digest
+        return hop
 
     async def _one_copy_at_a_time(self, key: str) -> None:
         """A second copy of a step in flight here waits for the first, then finds it done (or runs it)."""
@@ -268,12 +297,18 @@ class Worker:
         self._running_keys[key] = asyncio.Event()
 
     async def _authorize(self, hop: Hop) -> Outcome | None:
-        """None when the hop may run (its token's claims then in `hop.claims`); else how it ends."""
+        """None when the authenticated hop may run (its token's claims then in `hop.claims`); else how it ends.
+
+        The checks of signed content beyond the hop's signature (the plan, a resume's approval) come first, before
+        the hop claims its id; then the claim, the user's token and the dedupe store.
+        """
         refused: TokenError | None = None
+        lease = (hop.spec.timeout or DEFAULT_TIMEOUT) + 60.0
         try:
-            verified = await self.security.verify(hop.message, hop.spec, hop.delivery.body)
-            hop.signer, hop.claims = verified.signer, verified.claims
+            # -- checks of signed content beyond the hop's signature go here (they raise SecurityError) --
+            await self.security.claim(hop.message, hop.digest, redelivered=hop.delivery.redelivered, lease=lease)
             observability.continue_trace(hop.message)  # signed as it is: its trace context is trusted from here on
+            hop.claims = self.security.check_token(hop.message, hop.spec)
         except DuplicateMessage:
             observability.continue_trace(hop.message)  # the signature held: only the hop is old
             # Not an attack: the hop produced again, and signed, by an upstream step that re-ran after a crash.
@@ -286,7 +321,6 @@ class Worker:
             observability.continue_trace(hop.message)
             return Skip("already settled (duplicate)")
         except TokenError as exc:
-            observability.continue_trace(hop.message)  # the signature held: only the token is refused
             refused = exc  # unless the step ran while the token was still valid, the workflow faults
         except SecurityError as exc:
             return Reject(f"security check failed: {exc}")
@@ -323,7 +357,3 @@ def _by_name(activities: Sequence[Activity | ActivityFunc]) -> dict[str, Activit
             raise UserError(f"two activities are named {act.spec.name!r}; activity names must be unique")
         by_name[act.spec.name] = act
     return by_name
-
-
-def _default_dedupe(transport: Transport) -> DedupeStore:
-    return transport.dedupe_store() if isinstance(transport, SharedStores) else InMemoryDedupeStore()

@@ -195,17 +195,14 @@ def test_a_replay_from_the_dead_letter_queue_is_projected_as_the_workflow_runnin
     assert status.events[-2].kind == "replayed"
 
 
-class _LongSignatures:
+class _LongSignatures(MessageSigner):
     """Accepts every message and signs with a signature far longer than a real one: a retry cannot be sealed."""
 
-    async def verify(self, message: PaigeantMessage, spec: ActivitySpec, body: bytes) -> None:
-        return None
+    def __init__(self) -> None:
+        super().__init__(unsigned=True)
 
     def signature_for(self, body: bytes) -> str:
         return "x" * 2000
-
-    async def settled(self, message: PaigeantMessage) -> None:
-        return None
 
 
 async def test_a_retry_that_cannot_be_sealed_faults_the_workflow(transport: InMemoryTransport) -> None:

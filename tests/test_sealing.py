@@ -64,7 +64,8 @@ async def test_a_signature_that_is_not_the_last_value_is_refused() -> None:
     with pytest.raises(SecurityError, match="not the last value of the message"):
         await signer().verify(PaigeantMessage.from_json(reordered), message.routing_slip.itinerary[0], reordered)
     verified = await signer().verify(PaigeantMessage.from_json(body), message.routing_slip.itinerary[0], body)
-    assert verified.claims is None and verified.signer
+    assert verified.claims is None
+    assert verified.signer
 
 
 @pytest.mark.parametrize(

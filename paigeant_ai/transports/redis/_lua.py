@@ -15,6 +15,7 @@ from __future__ import annotations
 __all__ = (
     "BEAT",
     "CLAIM",
+    "CLAIM_HOP",
     "DEAD_LETTER",
     "GIVE_BACK",
     "MANY",
@@ -27,6 +28,7 @@ __all__ = (
     "REMOVE_PARKED",
     "RENEW",
     "RETRY",
+    "SETTLE_HOP",
     "TRIM",
     "WATCH",
 )
@@ -358,5 +360,36 @@ REMOVE_PARKED = """
 if redis.call('HGET', KEYS[1], 'message_id') ~= ARGV[1] then return 0 end
 redis.call('DEL', KEYS[1])
 redis.call('ZREM', KEYS[2], ARGV[2])
+return 1
+"""
+
+CLAIM_HOP = (
+    _COMMON
+    + """
+-- KEYS: the replay entry of a hop. ARGV: its digest, 1 if the broker redelivered it, lease ms, ttl ms.
+-- The entry is `<r|s> <lease end ms> <digest>`: running or settled. Returns claimed, running, settled or duplicate
+-- (see `paigeant_ai._replay`): a fresh copy of a running or settled hop is a replay.
+local now = now_ms()
+local raw = redis.call('GET', KEYS[1])
+if not raw then
+  redis.call('SET', KEYS[1], 'r ' .. (now + tonumber(ARGV[3])) .. ' ' .. ARGV[1], 'PX', ARGV[4])
+  return 'claimed'
+end
+local state, lease_end, digest = string.match(raw, '^(%a) (%d+) (.*)$')
+if digest ~= ARGV[1] then return 'duplicate' end
+if state == 's' then return 'settled' end
+if ARGV[2] == '1' or tonumber(lease_end) < now then
+  redis.call('SET', KEYS[1], 'r ' .. (now + tonumber(ARGV[3])) .. ' ' .. ARGV[1], 'KEEPTTL')
+  return 'claimed'
+end
+return 'running'
+"""
+)
+
+SETTLE_HOP = """
+-- KEYS: the replay entry of a hop. ARGV: its digest, ttl ms. Marks the hop settled, unless another hop holds the id.
+local raw = redis.call('GET', KEYS[1])
+if raw and string.sub(raw, -#ARGV[1]) ~= ARGV[1] then return 0 end
+redis.call('SET', KEYS[1], 's 0 ' .. ARGV[1], 'PX', ARGV[2])
 return 1
 """

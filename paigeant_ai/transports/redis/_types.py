@@ -124,6 +124,8 @@ class Scripts:
     beat: Script
     watch: Script
     release: Script
+    claim_hop: Script
+    settle_hop: Script
 
     @classmethod
     def register(cls, client: aioredis.Redis) -> Scripts:
@@ -142,4 +144,6 @@ class Scripts:
             beat=as_script(client, lua.BEAT),
             watch=as_script(client, lua.WATCH),
             release=as_script(client, lua.RELEASE),
+            claim_hop=as_script(client, lua.CLAIM_HOP),
+            settle_hop=as_script(client, lua.SETTLE_HOP),
         )
