@@ -3,9 +3,10 @@
 The stages of a hop, in order (see `Worker.process`):
 
 1. admit (here): the bytes, their size, the route and the expiry. A refusal is a `Reject`; nothing is trusted.
-2. authorize (`Worker._authorize`): signature, replay, the user's token, and the dedupe store.
-3. run (`Worker._run`): the activity, with its timeout, inside its span; what it does becomes an `Outcome`.
-4. settle (`paigeant_ai._settle.settle`): the successor is made safe with the broker, then the delivery is acked.
+2. authenticate (`Worker._authenticate`): the signature and the signer's right to send to the step, no I/O.
+3. authorize (`Worker._authorize`): the claim (replay), the user's token, and the dedupe store.
+4. run (`Worker._run`): the activity, with its timeout, inside its span; what it does becomes an `Outcome`.
+5. settle (`paigeant_ai._settle.settle`): the successor is made safe with the broker, then the delivery is acked.
 """
 
 from __future__ import annotations

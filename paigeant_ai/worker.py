@@ -1,14 +1,17 @@
 """`Worker`: runs activities, one hop at a time.
 
-A hop goes through four stages, each in one place (see `Worker.process`):
+A hop goes through five stages, each in one place (see `Worker.process`):
 
 1. admit (`paigeant_ai._hop.admit`): the bytes, their size, the route, the expiry;
-2. authorize (`Worker._authorize`): the signature, replay, the user's token, and the dedupe store;
-3. run (`Worker._run`): the activity with its timeout, in its span; what it does becomes an `Outcome`, decided by
+2. authenticate (`Worker._authenticate`): the signature and the signer's right to send to the step, without I/O,
+   before the hop may wait for anything (a forged copy of a running step never holds a slot);
+3. authorize (`Worker._authorize`): the hop's claim in the replay cache (see `paigeant_ai._replay`), the user's
+   token, and the dedupe store;
+4. run (`Worker._run`): the activity with its timeout, in its span; what it does becomes an `Outcome`, decided by
    the pure `paigeant_ai._outcome.classify`;
-4. settle (`paigeant_ai._settle.settle`): the outcome's successor is made safe with the broker, then the delivery
+5. settle (`paigeant_ai._settle.settle`): the outcome's successor is made safe with the broker, then the delivery
    is acked. Nothing is acked before its successor is safe, so a crash at any point loses nothing; a redelivered
-   step that already completed is recognised by its idempotency key and not run twice by the same worker.
+   step that already completed is recognised by its idempotency key and not run twice.
 """
 
 from __future__ import annotations
@@ -48,8 +51,8 @@ class Worker:
             functions) or plain functions. Each is consumed from the queue of its name.
         concurrency: How many steps run at once (also the prefetch of each queue).
         max_message_bytes: Larger messages are dead-lettered; defaults to `PAIGEANT_MAX_MESSAGE_BYTES`.
-        dedupe: Where completed steps are remembered; by default the transport's shared store if it offers
-            `SharedStores` (on Redis a `RedisDedupeStore`, shared by every worker), else this process's memory.
+        dedupe: Where completed steps are remembered; by default the shared store's (see `shared_store`), else
+            this process's memory.
         security: Verifies every message received and signs every message sent; by default a `MessageSigner`
             with the keys of the `PAIGEANT_*` settings (see `paigeant_ai.security`).
         allow_unsigned: With no keys configured, run without signatures instead of refusing to start on a real

@@ -304,12 +304,15 @@ async def publish_with_count(transport: Transport, address: str, body: bytes, co
         return
     import aio_pika
 
+    from paigeant_ai.transports.rabbitmq import RabbitMQTransport
+
     from .brokers import RABBITMQ_URL
 
+    assert isinstance(transport, RabbitMQTransport)
     connection = await aio_pika.connect(RABBITMQ_URL)
     async with connection:
         channel = await connection.channel()
-        queue = f"{transport.namespace}.{address}"
+        queue = transport.queue_name(address)
         message = aio_pika.Message(body, headers={"x-delivery-count": count}, delivery_mode=2)
         await channel.default_exchange.publish(message, routing_key=queue)
 

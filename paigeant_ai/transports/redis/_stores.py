@@ -93,8 +93,8 @@ class RedisWaitingStore:
     """A `WaitingStore` in Redis, shared by every process that points at it.
 
     Each parked workflow is a hash `<namespace>:waiting:<correlation_id>` (its JSON and the id of its message);
-    the sorted set `<namespace>:waiting` indexes them by when they parked. Nothing expires: a parked workflow
-    waits until it is resumed.
+    the sorted set `<namespace>:waiting` indexes them by when they parked. Nothing is deleted on its own: a parked
+    workflow waits until it is resumed (which is refused once its workflow expired: see `WorkflowDispatcher(ttl=...)`).
 
     Args:
         transport: A `RedisTransport` whose connection and namespace the store uses.
