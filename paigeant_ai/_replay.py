@@ -40,7 +40,7 @@ class ReplayCache(Protocol):
         Args:
             message_id: The hop's id.
             digest: A digest of exactly what its signature covers.
-            sent_at: The earliest time the hop can have been made (its signed `created_at`).
+            sent_at: A signed time the hop was made after (its workflow's start, or its last logged step's end).
             redelivered: The broker delivered this copy before: it may take over a running claim.
             lease: Seconds the claim stays running before another copy may take it over.
             ttl: Seconds the claim is remembered.
@@ -66,9 +66,11 @@ class InMemoryReplayCache:
 
     Each worker (each `MessageSigner`) has its own; workers in other processes do not see it, so a hop replayed to
     another replica runs again there: share a Redis store between replicas (`PAIGEANT_SHARED_STORE_URL`). When
-    it is full, the hops made longest ago are evicted, and the newest of their creation times becomes a horizon:
-    a hop made at or before it that is not in the cache may have been evicted, so it is refused (`forgotten`)
-    rather than silently run again.
+    it is full, the hops made longest ago are evicted, and the newest of their times becomes a horizon: a hop made
+    at or before it that is not in the cache may have been evicted, so it is refused (`forgotten`) rather than
+    silently run again. A hop's time is what its signature vouches for: its workflow's start, or the end of the
+    last step in its log; so on a busy worker, a step that follows a long wait (a parked step resumed, a late
+    retry) can be refused too, and the cure for both is a shared store.
     """
 
     def __init__(self, max_entries: int = 100_000) -> None:

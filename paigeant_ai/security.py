@@ -386,7 +386,7 @@ class MessageSigner:
         state = await self.replay_cache.claim(
             message.message_id,
             digest,
-            sent_at=message.created_at.timestamp(),
+            sent_at=_made_after(message),
             redelivered=redelivered,
             lease=lease,
             ttl=self._ttl_of(message),
@@ -523,6 +523,13 @@ class MessageSigner:
         if self.unsigned or not digest:
             return
         await self.replay_cache.settle(message.message_id, digest, self._ttl_of(message))
+
+
+def _made_after(message: PaigeantMessage) -> float:
+    """A signed time the hop `message` was made after (Unix): its workflow's start, or its last logged step's end."""
+    completed = message.routing_slip.completed
+    made = message.created_at if not completed else max(message.created_at, completed[-1].finished_at)
+    return made.timestamp()
 
 
 def _trusted_sources(settings: Settings) -> list[str]:

@@ -37,7 +37,7 @@ from paigeant_ai.security import InMemoryReplayCache, MessageSigner, generate_ke
 from paigeant_ai.store import InMemoryWorkflowStore
 from paigeant_ai.transports import Transport
 from paigeant_ai.transports.base import REASON_HEADER, SOURCE_HEADER, Delivery, SharedStores
-from paigeant_ai.transports.redis import RedisTransport
+from paigeant_ai.transports.redis import RedisReplayCache, RedisTransport
 from paigeant_ai.worker import InMemoryDedupeStore
 
 from . import replay_workers
@@ -503,3 +503,41 @@ async def _messages(transport: Transport, address: str) -> list[PaigeantMessage]
             found.append(PaigeantMessage.from_json(delivery.body))
             await transport.ack(delivery)
     return found
+
+
+# -- the claim, state by state ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", ["memory", pytest.param("redis", marks=pytest.mark.redis)])
+async def test_a_hop_is_claimed_as_it_starts_and_each_copy_gets_its_answer(kind: str) -> None:
+    async with _cache(kind) as cache:
+
+        async def claim(message_id: str, digest: str = "d1", *, redelivered: bool = False, lease: float = 60) -> str:
+            return await cache.claim(
+                message_id, digest, sent_at=time.time(), redelivered=redelivered, lease=lease, ttl=60
+            )
+
+        assert await claim("m1") == "claimed"
+        assert await claim("m1") == "running", "a fresh copy of a running hop is a replay"
+        assert await claim("m1", "d2") == "duplicate", "the hop made anew by a trusted upstream"
+        assert await claim("m1", redelivered=True) == "claimed", "the broker's redelivery takes over"
+        await cache.settle("m1", "d1", 60)
+        assert await claim("m1") == "settled"
+        assert await claim("m1", redelivered=True) == "settled", "a lost ack: skipped"
+        assert await claim("m2", lease=0.001) == "claimed"
+        await asyncio.sleep(0.05)
+        assert await claim("m2") == "claimed", "its lease lapsed: its worker is gone"
+
+
+@asynccontextmanager
+async def _cache(kind: str) -> AsyncGenerator[InMemoryReplayCache | RedisReplayCache]:
+    if kind == "memory":
+        yield InMemoryReplayCache()
+        return
+    require_redis()
+    namespace = f"paigeant-test-{uuid.uuid4().hex[:12]}"
+    async with RedisTransport(REDIS_URL, namespace=namespace) as redis:
+        try:
+            yield RedisReplayCache(redis)
+        finally:
+            await delete_redis_namespace(namespace)
