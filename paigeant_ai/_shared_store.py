@@ -41,7 +41,7 @@ def resolve_shared_store(
         if isinstance(transport, SharedStores):
             return transport, None
         given = settings.shared_store_url
-        if not given:
+        if not given or transport.process_local:  # nothing outside this process can send it a copy
             return None, None
     if isinstance(given, SharedStores):
         return given, None
