@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import hashlib
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 
@@ -11,14 +12,23 @@ from . import observability
 from ._cli_workflows import ambiguous, command_transport
 from ._events import EventReporter
 from ._sealing import seal
-from .contracts import DEAD_LETTER, PaigeantMessage
+from .contracts import DEAD_LETTER, ActivityLogEntry, PaigeantMessage
 from .exceptions import InvalidMessage, SecurityError, UserError
 from .security import MessageSecurity, MessageSigner
 from .settings import Settings
 from .transports import IN_MEMORY_NAMES, Transport
 from .transports.base import REASON_HEADER, SOURCE_HEADER, Delivery
 
-__all__ = ("DeadLetter", "add_command", "browse_dead_letters", "replay_dead_letter", "run_command")
+__all__ = (
+    "DeadLetter",
+    "add_command",
+    "browse_dead_letters",
+    "printable",
+    "replay_dead_letter",
+    "replay_id",
+    "run_command",
+    "signed_failure",
+)
 
 
 def add_command(
@@ -93,30 +103,76 @@ async def browse_dead_letters(transport: Transport, visit: Callable[[DeadLetter]
 
 
 async def replay_dead_letter(transport: Transport, letter: DeadLetter, signer: MessageSecurity) -> PaigeantMessage:
-    """Send a letter back to the step it failed at, as one more attempt, signed by `signer`.
+    """Send a letter back to the step it failed at, keeping its identity, so that nothing runs twice.
+
+    The decision rests on what the letter's signature covers, never on its headers (anyone who can publish to
+    the dead-letter queue writes those). The letter must be signed by a trusted key; then:
+
+    - a hop the worker faulted (its signed log ends with the failure of its current step, at its attempt) is sent
+      as the next attempt, signed by `signer`, under an id derived from that signed failure: replaying the same
+      letter again makes the same hop, which the workers' replay cache refuses or skips;
+    - any other letter (a hop refused as it arrived, a poison message, or a captured hop put there with a
+      harmless-looking reason) is sent back exactly as it arrived, with its own id and signature: the worker checks
+      it in full again, and its replay cache refuses a hop that already ran.
+
+    Returns:
+        The message sent.
 
     Raises:
-        UserError: The letter is not a paigeant message, or its workflow has no step left.
+        UserError: The letter is not a paigeant message, its workflow has no step left, or no trusted key signed it.
     """
     message = letter.message
     if message is None or message.routing_slip.current is None:
         raise UserError(f"this letter cannot be replayed: {letter.problem or 'its workflow has no step left'}")
-    reason = letter.delivery.headers.get(REASON_HEADER, "")
-    if reason.startswith("security check failed"):
-        raise UserError(f"this letter was refused by a security check and is never replayed: {reason}")
     if isinstance(signer, MessageSigner):
-        try:  # re-signing vouches for the letter: only one a trusted key signed as it is gets that
+        try:  # resending or re-signing vouches for the letter: only one a trusted key signed as it is gets that
             signer.check_signature(message, letter.delivery.body)
         except SecurityError as exc:
             raise UserError(f"this letter cannot be replayed: {exc}") from None
-    replay = message.next_hop(attempt=message.attempt + 1)
-    with observability.replay_span(replay, transport.name):
-        body = seal(replay, signer, max_bytes=Settings.from_env().max_message_bytes)
-        await transport.publish(message.routing_slip.current, body, headers=dict(replay.headers))
+    failure = signed_failure(message)
+    if failure is None:
+        replay, body = message, letter.delivery.body  # as it arrived: its identity is its id and signature
+        with observability.replay_span(replay, transport.name):
+            await transport.publish(message.routing_slip.current, body, headers=_hop_headers(letter.delivery.headers))
+    else:
+        replay = message.next_hop(attempt=message.attempt + 1)
+        replay.message_id = replay_id(message, failure)
+        with observability.replay_span(replay, transport.name):
+            body = seal(replay, signer, max_bytes=Settings.from_env().max_message_bytes)
+            await transport.publish(message.routing_slip.current, body, headers=dict(replay.headers))
     await EventReporter(transport, batched=False, on_span=False).report(
         "replayed", replay, detail="from the dead-letter queue"
     )
     return replay
+
+
+def signed_failure(message: PaigeantMessage) -> ActivityLogEntry | None:
+    """The failure of `message`'s current step at its attempt, when its (signed) log ends with it: the worker
+    faulted this hop and published the letter."""
+    completed = message.routing_slip.completed
+    last = completed[-1] if completed else None
+    if last is None or last.outcome != "failed":
+        return None
+    if last.name != message.routing_slip.current or last.attempt != message.attempt:
+        return None
+    return last
+
+
+def replay_id(message: PaigeantMessage, failure: ActivityLogEntry) -> str:
+    """The id of the replay of the faulted hop `message`: derived from its signed failure, so the same every time
+    (a hop that faults again after a replay is another letter, with another id and attempt)."""
+    seed = f"paigeant/v1/replay/{message.message_id}/{failure.name}/{failure.attempt}/{failure.error}".encode()
+    digest = hashlib.blake2b(seed, digest_size=16).hexdigest()
+    return f"{digest[:8]}-{digest[8:12]}-{digest[12:16]}-{digest[16:20]}-{digest[20:]}"
+
+
+def _hop_headers(headers: dict[str, str]) -> dict[str, str]:
+    return {key: value for key, value in headers.items() if key not in (REASON_HEADER, SOURCE_HEADER)}
+
+
+def printable(text: str) -> str:
+    """`text` with control characters escaped, for a terminal: a header is information, never a command to it."""
+    return "".join(ch if ch.isprintable() else ch.encode("unicode_escape").decode("ascii") for ch in text)
 
 
 async def _dead_letters(transport_name: str | None, *, limit: int, replay: str | None) -> int:
@@ -145,7 +201,7 @@ async def _dead_letters(transport_name: str | None, *, limit: int, replay: str |
     for letter in shown:
         print()
         print("  " + _letter_heading(letter))
-        print(f"    reason: {letter.reason}")
+        print(f"    reason: {printable(letter.reason)}")
     print()
     print("replay one once its cause is fixed: paigeant dead-letters --replay <message id>")
     return 0
@@ -154,9 +210,9 @@ async def _dead_letters(transport_name: str | None, *, limit: int, replay: str |
 def _letter_heading(letter: DeadLetter) -> str:
     message = letter.message
     if message is None:
-        return f"(not a paigeant message: {letter.problem}) from {letter.source}"
+        return printable(f"(not a paigeant message: {letter.problem}) from {letter.source}")
     step = f"step {message.step} {message.routing_slip.current}" if message.routing_slip.current else "no step left"
-    return (
+    return printable(
         f"message {message.message_id}  workflow {message.correlation_id}  {step}  "
         f"attempt {message.attempt + 1}  from {letter.source}"
     )
@@ -207,9 +263,11 @@ async def _replay(transport: Transport, given: str) -> int:
         print(f"no dead letter with message id {message_id!r}: another process took it meanwhile")
         return 1
     letter, message = replayed[0]
+    how = "as it arrived, " if message is letter.message else ""
     print(
-        f"replayed workflow {message.correlation_id} to step {message.step} {message.routing_slip.current} "
-        f"as message {message.message_id} (attempt {message.attempt + 1})"
+        f"replayed workflow {printable(message.correlation_id)} to step {message.step} "
+        f"{printable(message.routing_slip.current or '')} {how}as message {printable(message.message_id)} "
+        f"(attempt {message.attempt + 1})"
     )
-    print(f"  it had failed: {letter.reason}")
+    print(f"  it had failed: {printable(letter.reason)}")
     return 0

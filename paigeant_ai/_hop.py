@@ -3,9 +3,10 @@
 The stages of a hop, in order (see `Worker.process`):
 
 1. admit (here): the bytes, their size, the route and the expiry. A refusal is a `Reject`; nothing is trusted.
-2. authorize (`Worker._authorize`): signature, replay, the user's token, and the dedupe store.
-3. run (`Worker._run`): the activity, with its timeout, inside its span; what it does becomes an `Outcome`.
-4. settle (`paigeant_ai._settle.settle`): the successor is made safe with the broker, then the delivery is acked.
+2. authenticate (`Worker._authenticate`): the signature and the signer's right to send to the step, no I/O.
+3. authorize (`Worker._authorize`): the claim (replay), the user's token, and the dedupe store.
+4. run (`Worker._run`): the activity, with its timeout, inside its span; what it does becomes an `Outcome`.
+5. settle (`paigeant_ai._settle.settle`): the successor is made safe with the broker, then the delivery is acked.
 """
 
 from __future__ import annotations
@@ -34,7 +35,8 @@ class Hop:
         activity: The activity that runs the step.
         spec: The step's effective spec: the worker's own, with the workflow's overrides.
         started: When the step started running (until then, when the hop was admitted).
-        signer: The key id that signed the hop, once authorized (None when messages are not signed).
+        signer: The key id that signed the hop, once authenticated (None when messages are not signed).
+        digest: A digest of exactly what the hop's signature covers, once authenticated (its claim's content).
         claims: The validated claims of the user's token, once authorized.
         ctx: What the activity was given, once it runs (its route revisions are applied when the hop settles).
         approvals: For a resume hop, once authorized: who approved or denied which call (for the step's log).
@@ -46,6 +48,7 @@ class Hop:
     spec: ActivitySpec
     started: datetime = field(default_factory=lambda: datetime.now(UTC))
     signer: str | None = None
+    digest: str = ""
     claims: Mapping[str, Any] | None = None
     ctx: ActivityContext | None = None
     approvals: list[str] = field(default_factory=list[str])

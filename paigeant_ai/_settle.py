@@ -90,7 +90,7 @@ async def settle(hop: Hop, outcome: Outcome, deps: SettleDeps) -> None:
         await deps.transport.ack(hop.delivery)
     else:  # the fault's copy could not be sealed: the bytes as they arrived are the copy, moved and settled at once
         await deps.transport.dead_letter(hop.delivery, as_arrived)
-    await deps.security.settled(hop.message)  # only now is another copy of this hop a replay
+    await deps.security.settled(hop.message, hop.digest)  # now even the broker's redelivery of it is skipped
     await _report(hop, outcome, deps)
 
 

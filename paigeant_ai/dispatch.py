@@ -9,6 +9,7 @@ import logging
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime, timedelta
+from types import EllipsisType
 from typing import TYPE_CHECKING, Any, cast
 
 from pydantic import ValidationError
@@ -117,7 +118,9 @@ class WorkflowDispatcher:
     Args:
         transport: A connected transport.
         max_message_bytes: The largest message it sends; defaults to `PAIGEANT_MAX_MESSAGE_BYTES` (1 MiB).
-        ttl: Seconds after which an unfinished workflow's messages expire; `None` for never.
+        ttl: Seconds after which an unfinished workflow's messages expire, which bounds how long a captured
+            message could be replayed; defaults to `PAIGEANT_WORKFLOW_TTL` (7 days). `None` deliberately makes
+            workflows that never expire (a warning says so): their hops are remembered for `PAIGEANT_REPLAY_TTL`.
         on_event: Called (sync or async) with the `dispatched` and `resumed` events.
         security: Signs the first message of each workflow; by default a `MessageSigner` with the signing key
             of the `PAIGEANT_*` settings (see `paigeant_ai.security`).
@@ -138,7 +141,7 @@ class WorkflowDispatcher:
         transport: Transport,
         *,
         max_message_bytes: int | None = None,
-        ttl: float | None = None,
+        ttl: float | EllipsisType | None = ...,
         on_event: EventSink | None = None,
         security: MessageSecurity | None = None,
         allow_unsigned: bool | None = None,
@@ -153,7 +156,14 @@ class WorkflowDispatcher:
         self._dispatched: OrderedDict[str, str] = OrderedDict()  # correlation ID -> fingerprint, latest last
         self.waiting_store = waiting_store
         self.max_message_bytes = max_message_bytes or Settings.from_env().max_message_bytes
-        self.ttl = ttl
+        self.ttl: float | None = Settings.from_env().workflow_ttl if isinstance(ttl, EllipsisType) else ttl
+        if self.ttl is None:
+            logger.warning(
+                "workflows dispatched here never expire (ttl=None): a captured message stays usable for as long as "
+                "the replay cache remembers it (PAIGEANT_REPLAY_TTL); give them a ttl to bound that"
+            )
+        elif self.ttl <= 0:
+            raise UserError("ttl must be a positive number of seconds (or None for never)")
         self.reporter = EventReporter(transport, on_event, publish=publish_events, batched=False, on_span=False)
         self.security: MessageSecurity = (
             security if security is not None else MessageSigner.from_settings(transport, allow_unsigned=allow_unsigned)

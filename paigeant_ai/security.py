@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
-from collections import Counter, OrderedDict
+from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -50,6 +50,7 @@ if TYPE_CHECKING:
 
 __all__ = (
     "ALGORITHMS",
+    "Authenticated",
     "InMemoryReplayCache",
     "MessageSecurity",
     "MessageSigner",
@@ -66,6 +67,9 @@ logger = logging.getLogger("paigeant_ai.security")
 
 SIGNATURE_TYPE = "paigeant+jws"
 DEFAULT_REPLAY_TTL = 7 * 24 * 3600.0
+DEFAULT_LEASE = 360.0
+"""Seconds a hop's claim stays running when nobody says how long its step may take (the default timeout and a
+minute): a copy arriving later may take it over."""
 _HEADER_KEYS = frozenset({"alg", "kid", "typ"})
 _CLOCK_LEEWAY = 60.0
 
@@ -126,9 +130,46 @@ class MessageSecurity(Protocol):
         """
         ...
 
-    async def settled(self, message: PaigeantMessage) -> None:
-        """Called once the hop `message` is settled (acked after its successor, retry or fault was published)."""
+    def authenticate(self, message: PaigeantMessage, spec: ActivitySpec, body: bytes) -> Authenticated:
+        """Check, without I/O, the signature of `body` (the bytes `message` was read from) and that its signer may
+        send to the step: the first check of a hop, before it may wait for anything.
+
+        Raises:
+            SecurityError: With the precise reason; the message is dead-lettered and never run.
+        """
         ...
+
+    async def claim(self, message: PaigeantMessage, digest: str, *, redelivered: bool, lease: float) -> None:
+        """Claim the authenticated hop `message` (its content `digest`) as it starts (see `paigeant_ai._replay`).
+
+        Raises:
+            ReplayedMessage: A copy of exactly a hop that runs elsewhere or was settled: refused unless the broker
+                redelivered it (then skipped).
+            DuplicateMessage: The hop produced anew by a trusted signer: skipped.
+            SecurityError: The hop cannot be told from a replay (`replay_horizon`).
+        """
+        ...
+
+    def check_token(self, message: PaigeantMessage, spec: ActivitySpec) -> Mapping[str, Any] | None:
+        """The validated claims of the user's token, checked against `spec.required_scopes`.
+
+        Raises:
+            TokenError: The token fails a check: the workflow faults, never retried.
+        """
+        ...
+
+    async def settled(self, message: PaigeantMessage, digest: str | None = None) -> None:
+        """Called once the hop `message` (its content `digest`, from `authenticate`) is settled (acked after its
+        successor, retry or fault was published)."""
+        ...
+
+
+@dataclass(frozen=True, slots=True)
+class Authenticated:
+    """A hop whose signature holds: who signed it, and a digest of exactly what the signature covers."""
+
+    signer: str | None
+    digest: str = ""
 
 
 # -- the signer ------------------------------------------------------------------------------------------------
@@ -143,7 +184,8 @@ class MessageSigner:
         trusted_keys: The public keys whose signatures are accepted, besides the signing key's own.
         tokens: Checks the user's on-behalf-of tokens; without it, tokens are not checked and a step that
             requires scopes faults.
-        replay_cache: Where settled hops are remembered; in this process's memory by default.
+        replay_cache: Where hops are claimed as they start and remembered once settled; in this process's memory
+            by default (see `paigeant_ai._replay`).
         replay_ttl: Seconds a settled hop without an expiry is remembered.
         policy: What each trusted key may do; every trusted key may do everything by default.
         unsigned: Sign nothing and check no signature (nor replay): the explicit, loud opt-out.
@@ -179,7 +221,6 @@ class MessageSigner:
         self.refused: Counter[str] = Counter()
         self._registry = JWSRegistry(algorithms=list(ALGORITHMS))
         self._headers: dict[str, tuple[Key, bytes, _Algorithm]] = {}  # typ -> key, header segment, algorithm
-        self._digests: OrderedDict[str, str] = OrderedDict()
         if not unsigned and refusal is None and not self.trusted_keys:
             self.refusal = "no trusted keys: set PAIGEANT_TRUSTED_KEYS_FILE to the JWKS of the services you accept"
 
@@ -190,8 +231,12 @@ class MessageSigner:
         *,
         allow_unsigned: bool | None = None,
         settings: Settings | None = None,
+        replay_cache: ReplayCache | None = None,
     ) -> MessageSigner:
         """The signer the `PAIGEANT_*` settings describe, for a dispatcher or worker on `transport`.
+
+        Its replay cache is `replay_cache` if given, else the transport's shared one (`SharedStores`), else this
+        process's memory.
 
         Without keys: with `allow_unsigned` (or `PAIGEANT_ALLOW_UNSIGNED=1`) it runs unsigned; on the in-memory
         transport it signs with a key made for this process; otherwise it refuses to work (see `ensure_ready`).
@@ -200,7 +245,7 @@ class MessageSigner:
         name = transport.name if transport is not None else settings.transport
         local = getattr(transport, "process_local", False) if transport is not None else name in IN_MEMORY_NAMES
         tokens = TokenValidator.from_settings(settings)
-        replay = _replay_cache_for(transport)
+        replay = replay_cache or _replay_cache_for(transport)
         signing_source = settings.signing_key or settings.signing_key_file
         trusted_sources = _trusted_sources(settings)
         opted_out = settings.allow_unsigned if allow_unsigned is None else allow_unsigned
@@ -312,21 +357,90 @@ class MessageSigner:
             DuplicateMessage: The hop was already settled, and was produced anew by a trusted signer.
             TokenError: The token is missing, invalid, or lacks a scope the step requires.
         """
+        authenticated = self.authenticate(message, spec, body)
+        await self.claim(message, authenticated.digest, redelivered=False, lease=DEFAULT_LEASE)
+        return Verified(authenticated.signer, self.check_token(message, spec))
+
+    def authenticate(self, message: PaigeantMessage, spec: ActivitySpec, body: bytes) -> Authenticated:
+        """Check the signature of `body` (the bytes `message` was read from) and that the trust policy lets its
+        signer send to `spec.name`: no I/O, so a worker does it before a hop may wait for anything.
+
+        Raises:
+            SecurityError: Not signed, not by a trusted key, altered, or from a signer that may not send here.
+        """
         if self.refusal is not None:
             raise UserError(self.refusal)
-        signer: str | None = None
+        if self.unsigned:
+            return Authenticated(None)
         try:
-            if not self.unsigned:
-                signed, signer = self._check_signature(message.security.jws_signature, body)
-                self._policy.require_send(signer, spec.name)
-                await self._check_replay(message.message_id, hashlib.sha256(signed).hexdigest())
-            return Verified(signer, self._check_token(message.security.obo_token, spec))
+            signed, signer = self._check_signature(message.security.jws_signature, body)
+            self._policy.require_send(signer, spec.name)
         except SecurityError as exc:
             self.refused[exc.code] += 1
             raise
-        except DuplicateMessage:
+        return Authenticated(signer, hashlib.sha256(signed).hexdigest())
+
+    async def claim(self, message: PaigeantMessage, digest: str, *, redelivered: bool, lease: float) -> None:
+        """Claim the authenticated hop `message`, whose signed content has `digest`, as it starts.
+
+        Why a hop is claimed as it starts, and by what: see `paigeant_ai._replay`. The broker redelivers a hop
+        whose worker died before acking it, with the same `message_id`; that copy takes the claim over and runs.
+        Any other copy of a hop that runs or ran is a replay; a copy with other content but a trusted signature
+        is the hop produced again by an upstream step that re-ran after a crash, a duplicate the worker skips.
+        Only authenticated hops claim, so a forger cannot block a message id in advance.
+
+        Raises:
+            ReplayedMessage: The same hop runs elsewhere, or was settled.
+            DuplicateMessage: The hop with other content was claimed already.
+            SecurityError: This worker's in-memory cache may have forgotten the hop (`replay_horizon`).
+        """
+        if self.unsigned:
+            return
+        state = await self.replay_cache.claim(
+            message.message_id,
+            digest,
+            sent_at=_made_after(message),
+            redelivered=redelivered,
+            lease=lease,
+            ttl=self._ttl_of(message),
+        )
+        if state == "claimed":
+            return
+        shown = _show(message.message_id)
+        if state == "running":
+            self.refused["replayed"] += 1
+            raise ReplayedMessage(f"replayed: message {shown} is being processed")
+        if state == "settled":
+            self.refused["replayed"] += 1
+            raise ReplayedMessage(f"replayed: message {shown} was already processed")
+        if state == "duplicate":
             self.refused["duplicate"] += 1
+            raise DuplicateMessage(f"replayed: message {shown} was already processed")
+        self.refused["replay_horizon"] += 1
+        raise SecurityError(
+            f"message {shown} was made before hops this worker's in-memory replay cache had to forget (it is full): "
+            "it may be a replay; share a replay cache between workers (PAIGEANT_SHARED_STORE_URL) or raise "
+            "InMemoryReplayCache(max_entries=...)",
+            code="replay_horizon",
+        )
+
+    def check_token(self, message: PaigeantMessage, spec: ActivitySpec) -> Mapping[str, Any] | None:
+        """The validated claims of the user's token in `message`, checked against `spec.required_scopes`.
+
+        Raises:
+            TokenError: The token is missing, invalid, or lacks a scope the step requires.
+        """
+        try:
+            return self._check_token(message.security.obo_token, spec)
+        except SecurityError as exc:
+            self.refused[exc.code] += 1
             raise
+
+    def _ttl_of(self, message: PaigeantMessage) -> float:
+        """Seconds a hop is remembered: until it expires, or `replay_ttl` if it never does."""
+        if message.expires_at is None:
+            return self.replay_ttl
+        return max(1.0, (message.expires_at - datetime.now(UTC)).total_seconds() + _CLOCK_LEEWAY)
 
     def check_signature(self, message: PaigeantMessage, body: bytes) -> str | None:
         """Check only that a trusted key signed `body`, the bytes `message` was read from (no replay or token check).
@@ -385,15 +499,6 @@ class MessageSigner:
             )
         return key.kid or ""
 
-    async def _check_replay(self, message_id: str, digest: str) -> None:
-        settled = await self.replay_cache.settled_digest(message_id)
-        if settled is not None:
-            text = f"replayed: message {_show(message_id)} was already processed"
-            raise ReplayedMessage(text) if settled == digest else DuplicateMessage(text)
-        self._digests[message_id] = digest
-        while len(self._digests) > 10_000:  # hops verified but never settled (their worker stopped)
-            self._digests.popitem(last=False)
-
     def _check_token(self, token: str | None, spec: ActivitySpec) -> Mapping[str, Any] | None:
         required = spec.required_scopes
         if token is None:
@@ -423,27 +528,21 @@ class MessageSigner:
 
     # -- settling --------------------------------------------------------------------------------------------
 
-    async def settled(self, message: PaigeantMessage) -> None:
-        """Remember that the hop `message` was settled, so that a copy of it arriving later is refused.
-
-        Why ids are recorded when a hop is settled, not when it arrives: the broker redelivers a hop whose worker
-        died before acking it, with the same `message_id`, and that copy must run. Only once the hop is settled
-        (its successor, retry or fault safely published) is a second copy a replay. What is recorded is a digest
-        of what the hop said: a copy with the same content is a replay (or the broker's own redelivery after a
-        lost ack, which the worker recognises by its delivery count), while a copy with other content but a
-        trusted signature is the same hop produced again by an upstream step that re-ran after a crash, a
-        duplicate the worker skips. Only verified hops are recorded, so a forger cannot block a message id
-        in advance. A hop that never expires is remembered for `replay_ttl` seconds.
+    async def settled(self, message: PaigeantMessage, digest: str | None = None) -> None:
+        """Record that the hop `message`, whose signed content has `digest`, was settled: from now on even the
+        broker's redelivery of it (a lost ack) is skipped, and any other copy refused. A hop that never expires is
+        remembered for `replay_ttl` seconds.
         """
-        if self.unsigned:
+        if self.unsigned or not digest:
             return
-        digest = self._digests.pop(message.message_id, None)
-        if digest is None:
-            return
-        ttl = self.replay_ttl
-        if message.expires_at is not None:
-            ttl = max(1.0, (message.expires_at - datetime.now(UTC)).total_seconds() + _CLOCK_LEEWAY)
-        await self.replay_cache.remember(message.message_id, digest, ttl)
+        await self.replay_cache.settle(message.message_id, digest, self._ttl_of(message))
+
+
+def _made_after(message: PaigeantMessage) -> float:
+    """A signed time the hop `message` was made after (Unix): its workflow's start, or its last logged step's end."""
+    completed = message.routing_slip.completed
+    made = message.created_at if not completed else max(message.created_at, completed[-1].finished_at)
+    return made.timestamp()
 
 
 def _trusted_sources(settings: Settings) -> list[str]:

@@ -37,6 +37,23 @@ def _env_str(name: str) -> str | None:
     return os.environ.get(name) or None
 
 
+def _env_ttl(name: str, default: float | None) -> float | None:
+    raw = os.environ.get(name, "").strip().lower()
+    if raw == "":
+        return default
+    if raw in ("never", "none", "0"):
+        return None
+    try:
+        seconds = float(raw)
+    except ValueError:
+        seconds = -1.0
+    if not seconds > 0 or seconds == float("inf"):
+        from .exceptions import UserError
+
+        raise UserError(f"{name}={raw!r} is not a number of seconds (or `never`)")
+    return seconds
+
+
 @dataclass(frozen=True, slots=True)
 class Settings:
     """Settings read from the environment.
@@ -60,6 +77,10 @@ class Settings:
         trust_policy: `PAIGEANT_TRUST_POLICY`, what each trusted key may do, as JSON (or `trust_policy_file`,
             `PAIGEANT_TRUST_POLICY_FILE`, its path); see `paigeant_ai.trust`. Unset: every trusted key may do all.
         replay_ttl: `PAIGEANT_REPLAY_TTL`, seconds a settled hop without an expiry is remembered (default 7 days).
+        shared_store_url: `PAIGEANT_SHARED_STORE_URL`, a Redis URL where workers on a broker without shared stores
+            (RabbitMQ) keep their replay cache and dedupe store, shared by every replica.
+        workflow_ttl: `PAIGEANT_WORKFLOW_TTL`, seconds after which a workflow's messages expire (default 7 days);
+            `never` (or `0`) for never.
         stall_after: `PAIGEANT_STALL_AFTER`, seconds without a consumer after which `paigeant workflows` shows a
             workflow `stalled` at its step (default 60).
     """
@@ -82,6 +103,8 @@ class Settings:
     trust_policy: str | None = None
     trust_policy_file: str | None = None
     replay_ttl: int = 7 * 24 * 3600
+    shared_store_url: str | None = None
+    workflow_ttl: float | None = 7 * 24 * 3600.0
     stall_after: int = 60
 
     @classmethod
@@ -108,5 +131,7 @@ class Settings:
             trust_policy=_env_str("PAIGEANT_TRUST_POLICY"),
             trust_policy_file=_env_str("PAIGEANT_TRUST_POLICY_FILE"),
             replay_ttl=_env_int("PAIGEANT_REPLAY_TTL", defaults.replay_ttl),
+            shared_store_url=_env_str("PAIGEANT_SHARED_STORE_URL"),
+            workflow_ttl=_env_ttl("PAIGEANT_WORKFLOW_TTL", defaults.workflow_ttl),
             stall_after=_env_int("PAIGEANT_STALL_AFTER", defaults.stall_after),
         )

@@ -1,14 +1,17 @@
 """`Worker`: runs activities, one hop at a time.
 
-A hop goes through four stages, each in one place (see `Worker.process`):
+A hop goes through five stages, each in one place (see `Worker.process`):
 
 1. admit (`paigeant_ai._hop.admit`): the bytes, their size, the route, the expiry;
-2. authorize (`Worker._authorize`): the signature, replay, the user's token, and the dedupe store;
-3. run (`Worker._run`): the activity with its timeout, in its span; what it does becomes an `Outcome`, decided by
+2. authenticate (`Worker._authenticate`): the signature and the signer's right to send to the step, without I/O,
+   before the hop may wait for anything (a forged copy of a running step never holds a slot);
+3. authorize (`Worker._authorize`): the hop's claim in the replay cache (see `paigeant_ai._replay`), the user's
+   token, and the dedupe store;
+4. run (`Worker._run`): the activity with its timeout, in its span; what it does becomes an `Outcome`, decided by
    the pure `paigeant_ai._outcome.classify`;
-4. settle (`paigeant_ai._settle.settle`): the outcome's successor is made safe with the broker, then the delivery
+5. settle (`paigeant_ai._settle.settle`): the outcome's successor is made safe with the broker, then the delivery
    is acked. Nothing is acked before its successor is safe, so a crash at any point loses nothing; a redelivered
-   step that already completed is recognised by its idempotency key and not run twice by the same worker.
+   step that already completed is recognised by its idempotency key and not run twice.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from ._hop import Hop, admit
 from ._outcome import SIGNALS, Fault, Outcome, Reject, Skip, classify, completed, describe
 from ._plan import PlanCheck
 from ._settle import WorkerStats, refuse, settle
+from ._shared_store import resolve_shared_store, say_what_is_protected
 from .activity import DEFAULT_TIMEOUT, Activity, ActivityContext, ActivityFunc, as_activity
 from .approval import WaitingStore
 from .exceptions import DuplicateMessage, ReplayedMessage, SecurityError, TokenError, TransportError, UserError
@@ -49,8 +53,8 @@ class Worker:
             functions) or plain functions. Each is consumed from the queue of its name.
         concurrency: How many steps run at once (also the prefetch of each queue).
         max_message_bytes: Larger messages are dead-lettered; defaults to `PAIGEANT_MAX_MESSAGE_BYTES`.
-        dedupe: Where completed steps are remembered; by default the transport's shared store if it offers
-            `SharedStores` (on Redis a `RedisDedupeStore`, shared by every worker), else this process's memory.
+        dedupe: Where completed steps are remembered; by default the shared store's (see `shared_store`), else
+            this process's memory.
         security: Verifies every message received and signs every message sent; by default a `MessageSigner`
             with the keys of the `PAIGEANT_*` settings (see `paigeant_ai.security`).
         allow_unsigned: With no keys configured, run without signatures instead of refusing to start on a real
@@ -63,6 +67,10 @@ class Worker:
         rng: Source of retry jitter (seed it for reproducible tests).
         waiting_store: Where steps that wait for input (an agent's tool that needs approval) are parked until
             `WorkflowDispatcher.resume`; share it with the dispatcher. Without one, such a step faults.
+        shared_store: Where every replica keeps the replay cache and the dedupe store, so that a hop replayed to
+            another process is refused there too: a Redis URL or a `RedisTransport`. By default the transport
+            itself when it offers `SharedStores` (Redis), else `PAIGEANT_SHARED_STORE_URL`; without one (RabbitMQ)
+            each process keeps its own, and the worker says at start what that leaves unprotected.
     """
 
     def __init__(
@@ -80,6 +88,7 @@ class Worker:
         shutdown_timeout: float = 30.0,
         rng: random.Random | None = None,
         waiting_store: WaitingStore | None = None,
+        shared_store: str | SharedStores | None = None,
     ) -> None:
         if not activities:
             raise UserError("a Worker needs at least one activity")
@@ -92,9 +101,16 @@ class Worker:
         self.max_message_bytes = settings.max_message_bytes if max_message_bytes is None else max_message_bytes
         if self.max_message_bytes < 1:
             raise UserError("max_message_bytes must be positive")
-        self.dedupe = dedupe or _default_dedupe(transport)
+        shared, self._store_connection = resolve_shared_store(transport, shared_store, settings)
+        self.dedupe = dedupe or (shared.dedupe_store() if shared is not None else InMemoryDedupeStore())
         self.security: MessageSecurity = (
-            security if security is not None else MessageSigner.from_settings(transport, allow_unsigned=allow_unsigned)
+            security
+            if security is not None
+            else MessageSigner.from_settings(
+                transport,
+                allow_unsigned=allow_unsigned,
+                replay_cache=shared.replay_cache() if shared is not None else None,
+            )
         )
         self.reporter = EventReporter(transport, on_event, publish=publish_events)
         self.shutdown_timeout = shutdown_timeout
@@ -128,9 +144,12 @@ class Worker:
             raise UserError("this worker is already running")
         if isinstance(self.security, MessageSigner):
             self.security.ensure_ready()
+        say_what_is_protected(self.transport, self.security)
         self._running = True
         self._slots = asyncio.Semaphore(self.concurrency)
         try:
+            if self._store_connection is not None:
+                await self._store_connection.connect()
             for name in self.activities:
                 consumer = await self.transport.consume(name, prefetch=self.concurrency)
                 self._consumers.append(consumer)
@@ -216,6 +235,8 @@ class Worker:
             except TransportError:
                 logger.warning("closing a consumer failed; its deliveries return to the broker", exc_info=True)
         self._consumers.clear()
+        if self._store_connection is not None:
+            await self._store_connection.disconnect()
 
     async def _pump(self, consumer: Consumer) -> None:
         async for delivery in consumer:
@@ -251,18 +272,29 @@ class Worker:
         """Process one delivery end to end and settle it (ack, publish onwards, or dead-letter)."""
         with observability.hop_span(delivery, self.transport.name):
             hop = admit(delivery, self.activities, self.max_message_bytes)  # bytes, size, route, expiry
+            if not isinstance(hop, Reject):
+                hop = self._authenticate(hop)  # the signature and the signer's right to send here; no I/O
             if isinstance(hop, Reject):
-                await refuse(delivery, hop, self)
+                await refuse(delivery, hop, self)  # before it may wait: a forged copy never holds anything up
                 return
             key = hop.message.idempotency_key
             await self._one_copy_at_a_time(key)
             try:
-                outcome = await self._authorize(hop)  # signature, replay, token, dedupe
+                outcome = await self._authorize(hop)  # claim (replay), token, dedupe
                 if outcome is None:
                     outcome = await self._run(hop)  # timeout, activity span -> advance, end, park, retry, fault
                 await settle(hop, outcome, self)  # the successor made safe, then the ack
             finally:
                 self._running_keys.pop(key).set()
+
+    def _authenticate(self, hop: Hop) -> Hop | Reject:
+        """The hop, once its signature holds and its signer may send to the step; else why it is refused."""
+        try:
+            authenticated = self.security.authenticate(hop.message, hop.spec, hop.delivery.body)
+        except SecurityError as exc:
+            return Reject(f"security check failed: {exc}")
+        hop.signer, hop.digest = authenticated.signer, authenticated.digest
+        return hop
 
     async def _one_copy_at_a_time(self, key: str) -> None:
         """A second copy of a step in flight here waits for the first, then finds it done (or runs it)."""
@@ -271,12 +303,24 @@ class Worker:
         self._running_keys[key] = asyncio.Event()
 
     async def _authorize(self, hop: Hop) -> Outcome | None:
-        """None when the hop may run (its token's claims then in `hop.claims`); else how it ends."""
+        """None when the authenticated hop may run (its token's claims then in `hop.claims`); else how it ends.
+
+        Everything signed beyond the hop's own signature (the plan, a resume's parked record and approvals) is
+        checked before the hop claims its id: a hop refused for what it carries must not block the genuine one.
+        """
         refused: TokenError | None = None
         try:
-            verified = await self.security.verify(hop.message, hop.spec, hop.delivery.body)
-            hop.signer, hop.claims = verified.signer, verified.claims
-            observability.continue_trace(hop.message)  # signed as it is: its trace context is trusted from here on
+            hop.claims = self.security.check_token(hop.message, hop.spec)
+        except TokenError as exc:
+            refused = exc  # unless the step ran while the token was still valid, the workflow faults
+        try:  # the plan, its revisions, and whose token this is: the hop's signer vouches only for the hop
+            self.plans.check(hop.message, hop.signer, hop.claims, self.security)
+            hop.approvals = check_resume(hop, self.security)  # a resume: its parked record and approvals
+        except SecurityError as exc:
+            return Reject(f"security check failed: {exc}")
+        lease = (hop.spec.timeout or DEFAULT_TIMEOUT) + 60.0
+        try:
+            await self.security.claim(hop.message, hop.digest, redelivered=hop.delivery.redelivered, lease=lease)
         except DuplicateMessage:
             observability.continue_trace(hop.message)  # the signature held: only the hop is old
             # Not an attack: the hop produced again, and signed, by an upstream step that re-ran after a crash.
@@ -288,16 +332,9 @@ class Worker:
                 return Reject(f"security check failed: {exc}")
             observability.continue_trace(hop.message)
             return Skip("already settled (duplicate)")
-        except TokenError as exc:
-            observability.continue_trace(hop.message)  # the signature held: only the token is refused
-            refused = exc  # unless the step ran while the token was still valid, the workflow faults
         except SecurityError as exc:
             return Reject(f"security check failed: {exc}")
-        try:  # the plan, its revisions, and whose token this is: the hop's signer vouches only for the hop
-            self.plans.check(hop.message, hop.signer, hop.claims, self.security)
-            hop.approvals = check_resume(hop, self.security)  # a resume: its parked record and approvals
-        except SecurityError as exc:
-            return Reject(f"security check failed: {exc}")
+        observability.continue_trace(hop.message)  # signed as it is: its trace context is trusted from here on
         if await self.dedupe.is_done(hop.message.idempotency_key):
             return Skip("already completed (redelivery)")
         return Fault(str(refused)) if refused is not None else None
@@ -331,7 +368,3 @@ def _by_name(activities: Sequence[Activity | ActivityFunc]) -> dict[str, Activit
             raise UserError(f"two activities are named {act.spec.name!r}; activity names must be unique")
         by_name[act.spec.name] = act
     return by_name
-
-
-def _default_dedupe(transport: Transport) -> DedupeStore:
-    return transport.dedupe_store() if isinstance(transport, SharedStores) else InMemoryDedupeStore()

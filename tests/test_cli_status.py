@@ -241,7 +241,7 @@ def test_dead_letters_need_a_real_broker(capsys: pytest.CaptureFixture[str]) -> 
     assert "live in the process that made them" in capsys.readouterr().err
 
 
-async def test_a_letter_refused_by_security_or_forged_is_never_replayed() -> None:
+async def test_a_letter_no_trusted_key_signed_is_never_replayed_whatever_its_reason_says() -> None:
     from paigeant_ai import ActivitySpec, InMemoryTransport, PaigeantMessage, UserError
     from paigeant_ai._cli_dead_letters import DeadLetter, replay_dead_letter
     from paigeant_ai.security import MessageSigner, generate_key
@@ -251,7 +251,7 @@ async def test_a_letter_refused_by_security_or_forged_is_never_replayed() -> Non
     forged = PaigeantMessage.new([ActivitySpec(name="pay")], {"amount": 1_000_000, "to": "mallory"})
     async with InMemoryTransport() as transport:
         refused = Delivery("dead-letter", forged.to_json(), {REASON_HEADER: "security check failed: not signed"})
-        with pytest.raises(UserError, match="refused by a security check and is never replayed"):
+        with pytest.raises(UserError, match="cannot be replayed: the message is not signed"):
             await replay_dead_letter(transport, DeadLetter(refused, forged, None), signer)
         unsigned = Delivery("dead-letter", forged.to_json(), {REASON_HEADER: "step 'pay' failed: boom"})
         with pytest.raises(UserError, match="cannot be replayed: the message is not signed"):

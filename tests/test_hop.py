@@ -30,7 +30,7 @@ from paigeant_ai import (
     exceptions,
 )
 from paigeant_ai.exceptions import DuplicateMessage, ReplayedMessage, SecurityError
-from paigeant_ai.security import MessageSecurity, MessageSigner, TrustPolicy, Verified
+from paigeant_ai.security import MessageSecurity, MessageSigner
 from paigeant_ai.store import project
 from paigeant_ai.transports.base import Delivery
 
@@ -195,25 +195,14 @@ def test_a_replay_from_the_dead_letter_queue_is_projected_as_the_workflow_runnin
     assert status.events[-2].kind == "replayed"
 
 
-class _LongSignatures:
+class _LongSignatures(MessageSigner):
     """Accepts every message and signs with a signature far longer than a real one: a retry cannot be sealed."""
 
-    policy = TrustPolicy.any_trusted_key()
-
-    async def verify(self, message: PaigeantMessage, spec: ActivitySpec, body: bytes) -> Verified:
-        return Verified()
+    def __init__(self) -> None:
+        super().__init__(unsigned=True)
 
     def signature_for(self, body: bytes) -> str:
         return "x" * 2000
-
-    def sign_bytes(self, payload: bytes, *, typ: str) -> str | None:
-        return None
-
-    def verify_bytes(self, signature: str | None, payload: bytes, *, typ: str) -> str | None:
-        return None
-
-    async def settled(self, message: PaigeantMessage) -> None:
-        return None
 
 
 async def test_a_retry_that_cannot_be_sealed_faults_the_workflow(transport: InMemoryTransport) -> None:

@@ -26,12 +26,22 @@ def to_delivery(address: str, message: DeliveredMessage, handle: Any, transport:
     headers = string_headers(raw)
     if address == DEAD_LETTER and REASON_HEADER not in headers:
         headers.update(_broker_dead_letter_headers(raw, transport))
+    return Delivery(address, message.body, headers, _delivery_count(message, raw), handle)
+
+
+def _delivery_count(message: DeliveredMessage, raw: Mapping[str, Any]) -> int:
+    """How often the broker handed `message` out, this time included, as the broker alone tells.
+
+    A quorum queue writes its count in `x-delivery-count`, but a classic queue passes on whatever the publisher
+    put there; so the header counts only when the broker's own `redelivered` flag says the message came back, and
+    a first delivery is 1 whatever its headers claim.
+    """
+    if not message.redelivered:
+        return 1
     count = raw.get("x-delivery-count")
-    if isinstance(count, int) and not isinstance(count, bool):
-        delivery_count = count + 1
-    else:
-        delivery_count = 2 if message.redelivered else 1
-    return Delivery(address, message.body, headers, delivery_count, handle)
+    if isinstance(count, int) and not isinstance(count, bool) and count >= 1:
+        return count + 1
+    return 2
 
 
 def _broker_dead_letter_headers(raw: Mapping[str, Any], transport: RabbitMQTransport) -> dict[str, str]:

@@ -34,18 +34,17 @@ _BEATS_KEPT_MS = 24 * 3600 * 1000
 """How long a consumer's last heartbeat is remembered (to say since when a step has had no consumer)."""
 
 
-def _deliveries_before(raw: bytes | None) -> int:
-    if raw is None:
-        return 0
+def _count(raw: object) -> int:
+    """A delivery count the transport's scripts recorded (see `_lua`), or 0."""
     try:
-        return max(0, int(raw))
-    except ValueError:  # an entry someone added by hand
+        return max(0, int(cast("bytes", raw))) if raw is not None else 0
+    except ValueError:
         return 0
 
 
-def _from_fields(entry_id: bytes, fields: dict[bytes, bytes], times: int) -> tuple[bytes, bytes, bytes, int]:
-    """(id, body, headers, deliveries) of an entry read as fields, delivered `times` times now."""
-    deliveries = _deliveries_before(fields.get(b"deliveries")) + times
+def _from_fields(entry_id: bytes, fields: dict[bytes, bytes], deliveries: int) -> tuple[bytes, bytes, bytes, int]:
+    """(id, body, headers, deliveries) of an entry read as fields, delivered `deliveries` times in all, as Redis
+    counts them: a `deliveries` field in the entry, which any publisher can write, counts for nothing."""
     return entry_id, fields.get(b"body", b""), fields.get(b"headers", b"{}"), deliveries
 
 
@@ -255,7 +254,14 @@ class RedisConsumer(ConsumerBase):
         # RESP2 replies [[stream, entries]], RESP3 {stream: entries} (a `protocol=3` URL).
         streams = cast("dict[bytes, _Entries] | list[tuple[bytes, _Entries]] | None", reply) or ()
         for _stream, entries in streams.items() if isinstance(streams, dict) else streams:
-            await self._take(_from_fields(entry_id, fields, 1) for entry_id, fields in entries)
+            if not entries:
+                continue
+            with t.errors("reading from", self.stream):
+                before = await t.client.hmget(f"{self.stream}@deliveries", [entry_id for entry_id, _ in entries])
+            await self._take(
+                _from_fields(entry_id, fields, _count(count) + 1)
+                for (entry_id, fields), count in zip(entries, before, strict=True)
+            )
 
     async def _take(self, entries: Iterable[tuple[bytes, bytes, bytes, int]]) -> None:
         """Buffer what was read or claimed, as (id, body, headers, deliveries); dead-letter what came too often."""

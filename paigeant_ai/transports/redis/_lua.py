@@ -4,10 +4,17 @@ Each settles or moves entries atomically, so several workers can share a stream 
 never both handed back and acknowledged, and a delayed message moves into its stream exactly once. A plain ack is
 an `XACK`, no script.
 
-Stream entries have the fields `body`, `headers` (a JSON object) and, once handed back after unacknowledged
-deliveries, `deliveries` (how often it was delivered before). Delayed messages are members of a sorted set,
-scored by the server time in milliseconds when they are due, and packed as
-`<32 hex id><10 digits deliveries><10 digits headers length><headers><body>`.
+Stream entries have the fields `body` and `headers` (a JSON object); any other field is ignored. How often an entry
+was delivered comes from Redis alone, never from the entry: the consumer group's own delivery counter of the
+entry (in its pending entries list), plus, for an entry the transport itself re-added after unacknowledged
+deliveries (`retry_later`, a consumer handing back what it held, a delayed retry coming due), the deliveries
+before, kept in the hash `<stream>@deliveries` (entry id -> count), which these scripts alone write. A publisher
+can add any field to an entry with `XADD`, so a count in the entry would let anyone who can publish make a replay
+look redelivered (a worker then skips or takes it over instead of refusing it) or poisoned (dead-lettered with a
+harmless-looking reason). The hash loses an entry's count when the entry is trimmed. Delayed messages are members
+of a sorted set, scored by the server time in milliseconds when they are due, and packed as
+`<32 hex id><10 digits deliveries><10 digits headers length><headers><body>`; the transport's `publish` always
+packs 0 deliveries.
 """
 
 from __future__ import annotations
@@ -15,6 +22,7 @@ from __future__ import annotations
 __all__ = (
     "BEAT",
     "CLAIM",
+    "CLAIM_HOP",
     "DEAD_LETTER",
     "GIVE_BACK",
     "MANY",
@@ -27,6 +35,7 @@ __all__ = (
     "REMOVE_PARKED",
     "RENEW",
     "RETRY",
+    "SETTLE_HOP",
     "TRIM",
     "WATCH",
 )
@@ -54,11 +63,14 @@ local function append(stream, body, headers, deliveries, maxlen)
   args[#args + 1] = body
   args[#args + 1] = 'headers'
   args[#args + 1] = headers
-  if deliveries > 0 then
-    args[#args + 1] = 'deliveries'
-    args[#args + 1] = deliveries
-  end
-  return redis.call(unpack(args))
+  local id = redis.call(unpack(args))
+  if deliveries > 0 then redis.call('HSET', stream .. '@deliveries', id, deliveries) end
+  return id
+end
+
+-- How often the entry `id` of `stream` was delivered before it was (re-)added: 0 unless these scripts re-added it.
+local function before(stream, id)
+  return tonumber(redis.call('HGET', stream .. '@deliveries', id)) or 0
 end
 
 local function pack(uid, deliveries, headers, body)
@@ -87,6 +99,11 @@ local function trim(stream, group, maxlen)
   if summary[1] > 0 then upper = '(' .. summary[2] end
   local settled = redis.call('XRANGE', stream, '-', upper, 'COUNT', math.min(len - maxlen, 10000))
   if #settled == 0 then return 0 end
+  for first = 1, #settled, 1000 do  -- the counts of re-added entries go with them (unpack takes a few thousand)
+    local ids = {}
+    for i = first, math.min(first + 999, #settled) do ids[#ids + 1] = settled[i][1] end
+    redis.call('HDEL', stream .. '@deliveries', unpack(ids))
+  end
   local after = redis.call('XRANGE', stream, '(' .. settled[#settled][1], '+', 'COUNT', 1)
   if #after == 0 then return redis.call('XTRIM', stream, 'MAXLEN', 0) end
   return redis.call('XTRIM', stream, 'MINID', after[1][1])
@@ -139,8 +156,7 @@ local out = {}
 for _, e in ipairs(r[1][2]) do
   local f = field_map(e[2])
   local body, headers = f['body'] or '', f['headers'] or '{}'
-  local before = math.max(0, tonumber(f['deliveries']) or 0)
-  out[#out + 1] = string.format('%s %d %d %d\\n', e[1], before, #headers, #body)
+  out[#out + 1] = string.format('%s %d %d %d\\n', e[1], before(KEYS[1], e[1]), #headers, #body)
   out[#out + 1] = headers
   out[#out + 1] = body
 end
@@ -242,7 +258,7 @@ while true do
     redis.call('XACK', KEYS[1], ARGV[1], id)
     if #entry > 0 then
       local f = field_map(entry[1][2])
-      local deliveries = (tonumber(f['deliveries']) or 0) + times
+      local deliveries = before(KEYS[1], id) + times
       append(KEYS[1], f['body'] or '', f['headers'] or '{}', deliveries, 0)
       moved = moved + 1
     end
@@ -258,7 +274,8 @@ CLAIM = (
     _COMMON
     + """
 -- KEYS: stream. ARGV: group, consumer, visibility timeout in ms, cursor, most entries, forget-after in ms.
--- Claims entries other consumers left idle past the visibility timeout, with their delivery counts, and
+-- Claims entries other consumers left idle past the visibility timeout, with their delivery counts (all of them:
+-- the group's and those before the entry was re-added), and
 -- forgets consumers that hold nothing and have been silent for forget-after ms.
 local r = redis.pcall('XAUTOCLAIM', KEYS[1], ARGV[1], ARGV[2], ARGV[3], ARGV[4], 'COUNT', ARGV[5])
 if type(r) ~= 'table' or r.err then return {'0-0', {}} end
@@ -268,7 +285,7 @@ for _, e in ipairs(r[2]) do
     local p = redis.call('XPENDING', KEYS[1], ARGV[1], e[1], e[1], 1)
     local times = 1
     if #p > 0 then times = p[1][4] end
-    claimed[#claimed + 1] = {e[1], e[2], times}
+    claimed[#claimed + 1] = {e[1], e[2], times + before(KEYS[1], e[1])}
   end
 end
 for _, c in ipairs(redis.call('XINFO', 'CONSUMERS', KEYS[1], ARGV[1])) do
@@ -358,5 +375,36 @@ REMOVE_PARKED = """
 if redis.call('HGET', KEYS[1], 'message_id') ~= ARGV[1] then return 0 end
 redis.call('DEL', KEYS[1])
 redis.call('ZREM', KEYS[2], ARGV[2])
+return 1
+"""
+
+CLAIM_HOP = (
+    _COMMON
+    + """
+-- KEYS: the replay entry of a hop. ARGV: its digest, 1 if the broker redelivered it, lease ms, ttl ms.
+-- The entry is `<r|s> <lease end ms> <digest>`: running or settled. Returns claimed, running, settled or duplicate
+-- (see `paigeant_ai._replay`): a fresh copy of a running or settled hop is a replay.
+local now = now_ms()
+local raw = redis.call('GET', KEYS[1])
+if not raw then
+  redis.call('SET', KEYS[1], 'r ' .. (now + tonumber(ARGV[3])) .. ' ' .. ARGV[1], 'PX', ARGV[4])
+  return 'claimed'
+end
+local state, lease_end, digest = string.match(raw, '^(%a) (%d+) (.*)$')
+if digest ~= ARGV[1] then return 'duplicate' end
+if state == 's' then return 'settled' end
+if ARGV[2] == '1' or tonumber(lease_end) < now then
+  redis.call('SET', KEYS[1], 'r ' .. (now + tonumber(ARGV[3])) .. ' ' .. ARGV[1], 'KEEPTTL')
+  return 'claimed'
+end
+return 'running'
+"""
+)
+
+SETTLE_HOP = """
+-- KEYS: the replay entry of a hop. ARGV: its digest, ttl ms. Marks the hop settled, unless another hop holds the id.
+local raw = redis.call('GET', KEYS[1])
+if raw and string.sub(raw, -#ARGV[1]) ~= ARGV[1] then return 0 end
+redis.call('SET', KEYS[1], 's 0 ' .. ARGV[1], 'PX', ARGV[2])
 return 1
 """

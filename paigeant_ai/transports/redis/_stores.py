@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterable, Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 from pydantic import ValidationError
 
 from ..._events import WorkflowEvent
+from ..._replay import ClaimState
 from ...approval import ParkedStep, loadable
 from ...exceptions import UserError
 from ...store import DEFAULT_MAX_EVENTS, WorkflowStatus, event_order, project
@@ -58,7 +59,10 @@ class RedisDedupeStore:
 
 
 class RedisReplayCache:
-    """Settled hops in Redis, shared by every worker on it (`SET NX` with an expiry): a `ReplayCache`.
+    """Hops claimed and settled, in Redis, shared by every worker on it: a `ReplayCache`.
+
+    Each hop is one key, `<namespace>:replay:<message id>`, claimed when the hop starts and marked settled when
+    it is settled, each change one atomic script (see `paigeant_ai._replay` for what each state means).
 
     Args:
         transport: A `RedisTransport` whose connection and namespace the cache uses.
@@ -71,24 +75,28 @@ class RedisReplayCache:
         """The Redis key of `message_id`."""
         return f"{self.transport.namespace}:replay:{message_id}"
 
-    async def settled_digest(self, message_id: str) -> str | None:
-        with self.transport.errors("checking for a replayed message"):
-            raw = await self.transport.client.get(self.key(message_id))
-        return raw.decode() if isinstance(raw, bytes) else raw
+    async def claim(
+        self, message_id: str, digest: str, *, sent_at: float, redelivered: bool, lease: float, ttl: float
+    ) -> ClaimState:
+        with self.transport.errors("claiming a message"):
+            state = await self.transport.scripts.claim_hop(
+                keys=[self.key(message_id)], args=[digest, int(redelivered), ms(lease), ms(ttl)]
+            )
+        return cast("ClaimState", state.decode() if isinstance(state, bytes) else state)
 
-    async def remember(self, message_id: str, digest: str, ttl: float) -> None:
+    async def settle(self, message_id: str, digest: str, ttl: float) -> None:
         with self.transport.errors("recording a settled message"):
-            await self.transport.client.set(self.key(message_id), digest, nx=True, px=ms(ttl))
+            await self.transport.scripts.settle_hop(keys=[self.key(message_id)], args=[digest, ms(ttl)])
 
 
 class RedisWaitingStore:
     """A `WaitingStore` in Redis, shared by every process that points at it.
 
     Each parked workflow is a hash `<namespace>:waiting:<correlation_id>` (its JSON and the id of its message);
-    the sorted set `<namespace>:waiting` indexes them by when they parked. Nothing expires: a parked workflow
-    waits until it is resumed. A record holds no bearer token; it is signed by the worker that parked it, and
-    whoever can write to this Redis can change it, so it is verified before anything acts on it
-    (`ParkedStep.verify`).
+    the sorted set `<namespace>:waiting` indexes them by when they parked. Nothing is deleted on its own: a parked
+    workflow waits until it is resumed (which is refused once its workflow expired: see `WorkflowDispatcher(ttl=...)`).
+    A record holds no bearer token; it is signed by the worker that parked it, and whoever can write to this Redis
+    can change it, so it is verified before anything acts on it (`ParkedStep.verify`).
 
     Args:
         transport: A `RedisTransport` whose connection and namespace the store uses.

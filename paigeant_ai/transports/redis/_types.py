@@ -56,6 +56,8 @@ class RedisCommands(Protocol):
 
     async def hexists(self, name: str, key: str) -> bool: ...
 
+    async def hmget(self, name: str, keys: list[bytes]) -> list[bytes | None]: ...
+
     async def eval(self, script: str, numkeys: int, *keys_and_args: Value) -> Any: ...
 
     async def script_load(self, script: str) -> str: ...
@@ -124,6 +126,8 @@ class Scripts:
     beat: Script
     watch: Script
     release: Script
+    claim_hop: Script
+    settle_hop: Script
 
     @classmethod
     def register(cls, client: aioredis.Redis) -> Scripts:
@@ -142,4 +146,6 @@ class Scripts:
             beat=as_script(client, lua.BEAT),
             watch=as_script(client, lua.WATCH),
             release=as_script(client, lua.RELEASE),
+            claim_hop=as_script(client, lua.CLAIM_HOP),
+            settle_hop=as_script(client, lua.SETTLE_HOP),
         )
