@@ -9,6 +9,7 @@ from dataclasses import dataclass
 
 from . import observability
 from ._cli_workflows import ambiguous, command_transport
+from ._escape import escape_control
 from ._events import EventReporter
 from ._sealing import seal
 from .contracts import DEAD_LETTER, PaigeantMessage
@@ -113,7 +114,7 @@ async def replay_dead_letter(transport: Transport, letter: DeadLetter, signer: M
     with observability.replay_span(replay, transport.name):
         body = seal(replay, signer, max_bytes=Settings.from_env().max_message_bytes)
         await transport.publish(message.routing_slip.current, body, headers=dict(replay.headers))
-    await EventReporter(transport, batched=False, on_span=False).report(
+    await EventReporter(transport, batched=False, on_span=False, security=signer).report(
         "replayed", replay, detail="from the dead-letter queue"
     )
     return replay
@@ -144,8 +145,8 @@ async def _dead_letters(transport_name: str | None, *, limit: int, replay: str |
     print(f"{total} dead letter{'s' if total != 1 else ''} on {chosen}{more}:")
     for letter in shown:
         print()
-        print("  " + _letter_heading(letter))
-        print(f"    reason: {letter.reason}")
+        print("  " + escape_control(_letter_heading(letter)))  # what a letter says is shown, never obeyed
+        print(f"    reason: {escape_control(letter.reason)}")
     print()
     print("replay one once its cause is fixed: paigeant dead-letters --replay <message id>")
     return 0
@@ -208,8 +209,10 @@ async def _replay(transport: Transport, given: str) -> int:
         return 1
     letter, message = replayed[0]
     print(
-        f"replayed workflow {message.correlation_id} to step {message.step} {message.routing_slip.current} "
-        f"as message {message.message_id} (attempt {message.attempt + 1})"
+        escape_control(
+            f"replayed workflow {message.correlation_id} to step {message.step} {message.routing_slip.current} "
+            f"as message {message.message_id} (attempt {message.attempt + 1})"
+        )
     )
-    print(f"  it had failed: {letter.reason}")
+    print(f"  it had failed: {escape_control(letter.reason)}")
     return 0

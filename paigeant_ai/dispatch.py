@@ -15,6 +15,7 @@ from pydantic import ValidationError
 
 from . import observability
 from ._events import EventCallback, EventReporter
+from ._principal import principal_of
 from ._sealing import seal
 from .activity import Activity
 from .contracts import RESERVED_ADDRESSES, ActivitySpec, PaigeantMessage
@@ -145,9 +146,13 @@ class WorkflowDispatcher:
         self.waiting_store = waiting_store
         self.max_message_bytes = max_message_bytes or Settings.from_env().max_message_bytes
         self.ttl = ttl
-        self.reporter = EventReporter(transport, on_event, publish=publish_events, batched=False, on_span=False)
         self.security: MessageSecurity = (
             security if security is not None else MessageSigner.from_settings(transport, allow_unsigned=allow_unsigned)
+        )
+        if isinstance(self.security, MessageSigner):
+            self.security.warn_if_unsigned("steps, and the workflows it dispatches")
+        self.reporter = EventReporter(
+            transport, on_event, publish=publish_events, batched=False, on_span=False, security=self.security
         )
 
     async def dispatch_workflow(
@@ -158,6 +163,7 @@ class WorkflowDispatcher:
         obo_token: str | None = None,
         correlation_id: str | None = None,
         require_workers: bool = False,
+        principal: str | None = None,
     ) -> str:
         """Start a workflow and return its correlation ID.
 
@@ -169,15 +175,19 @@ class WorkflowDispatcher:
                 token under it again is a safe retry: it returns the ID and starts nothing.
             require_workers: Refuse to dispatch unless a worker consumes the first step now (where the
                 transport can tell; see `ConsumerWatch`).
+            principal: Who owns the workflow (`WorkflowStatus.owner`, what the planner's `get_workflow_status`
+                checks); by default the subject (`sub`) of `obo_token`, validated when tokens are checked.
 
         Raises:
             UserError: Activities or variables of the wrong shape, no activities, an invalid name, variables
                 that are not JSON, or no key to sign with.
+            TokenError: Tokens are checked and `obo_token` fails the check (only without `principal`).
             WorkflowExists: `correlation_id` is in use by a workflow with other activities, variables or token.
             NoWorker: With `require_workers`, no worker consumes the first step.
             MessageTooLarge: The first message would exceed `max_message_bytes`.
         """
         message = self._first_message(activities, variables, obo_token, correlation_id)
+        owner = principal if principal is not None else principal_of(obo_token, self.security)
         fingerprint = _fingerprint(message) if correlation_id is not None else None
         held = await self._claim(message.correlation_id, fingerprint) if fingerprint is not None else None
         if held is not None and held == fingerprint:
@@ -198,7 +208,7 @@ class WorkflowDispatcher:
             raise
         if fingerprint is not None:
             await self._confirm(message.correlation_id, fingerprint)
-        await self.reporter.report("dispatched", message)
+        await self.reporter.report("dispatched", message, owner=owner)
         return message.correlation_id
 
     def _first_message(
