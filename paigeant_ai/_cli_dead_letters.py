@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 from . import observability
 from ._cli_workflows import ambiguous, command_transport
+from ._escape import escape_control
 from ._events import EventReporter
 from ._sealing import seal
 from .contracts import DEAD_LETTER, ActivityLogEntry, PaigeantMessage
@@ -23,7 +24,6 @@ __all__ = (
     "DeadLetter",
     "add_command",
     "browse_dead_letters",
-    "printable",
     "replay_dead_letter",
     "replay_id",
     "run_command",
@@ -140,7 +140,7 @@ async def replay_dead_letter(transport: Transport, letter: DeadLetter, signer: M
         with observability.replay_span(replay, transport.name):
             body = seal(replay, signer, max_bytes=Settings.from_env().max_message_bytes)
             await transport.publish(message.routing_slip.current, body, headers=dict(replay.headers))
-    await EventReporter(transport, batched=False, on_span=False).report(
+    await EventReporter(transport, batched=False, on_span=False, security=signer).report(
         "replayed", replay, detail="from the dead-letter queue"
     )
     return replay
@@ -170,11 +170,6 @@ def _hop_headers(headers: dict[str, str]) -> dict[str, str]:
     return {key: value for key, value in headers.items() if key not in (REASON_HEADER, SOURCE_HEADER)}
 
 
-def printable(text: str) -> str:
-    """`text` with control characters escaped, for a terminal: a header is information, never a command to it."""
-    return "".join(ch if ch.isprintable() else ch.encode("unicode_escape").decode("ascii") for ch in text)
-
-
 async def _dead_letters(transport_name: str | None, *, limit: int, replay: str | None) -> int:
     chosen = (transport_name or Settings.from_env().transport).strip().lower()
     if chosen in IN_MEMORY_NAMES:
@@ -201,7 +196,7 @@ async def _dead_letters(transport_name: str | None, *, limit: int, replay: str |
     for letter in shown:
         print()
         print("  " + _letter_heading(letter))
-        print(f"    reason: {printable(letter.reason)}")
+        print(f"    reason: {escape_control(letter.reason)}")
     print()
     print("replay one once its cause is fixed: paigeant dead-letters --replay <message id>")
     return 0
@@ -210,9 +205,9 @@ async def _dead_letters(transport_name: str | None, *, limit: int, replay: str |
 def _letter_heading(letter: DeadLetter) -> str:
     message = letter.message
     if message is None:
-        return printable(f"(not a paigeant message: {letter.problem}) from {letter.source}")
+        return escape_control(f"(not a paigeant message: {letter.problem}) from {letter.source}")
     step = f"step {message.step} {message.routing_slip.current}" if message.routing_slip.current else "no step left"
-    return printable(
+    return escape_control(
         f"message {message.message_id}  workflow {message.correlation_id}  {step}  "
         f"attempt {message.attempt + 1}  from {letter.source}"
     )
@@ -265,9 +260,9 @@ async def _replay(transport: Transport, given: str) -> int:
     letter, message = replayed[0]
     how = "as it arrived, " if message is letter.message else ""
     print(
-        f"replayed workflow {printable(message.correlation_id)} to step {message.step} "
-        f"{printable(message.routing_slip.current or '')} {how}as message {printable(message.message_id)} "
+        f"replayed workflow {escape_control(message.correlation_id)} to step {message.step} "
+        f"{escape_control(message.routing_slip.current or '')} {how}as message {escape_control(message.message_id)} "
         f"(attempt {message.attempt + 1})"
     )
-    print(f"  it had failed: {printable(letter.reason)}")
+    print(f"  it had failed: {escape_control(letter.reason)}")
     return 0

@@ -64,12 +64,18 @@ def generate_keys(
     old one is removed from it.
 
     Raises:
-        UserError: The files exist (and neither `rotate` nor `force` was given), or the name is unusable.
+        UserError: The files exist (and neither `rotate` nor `force` was given), one is a symbolic link (never
+            followed, also with `force`), or the name is unusable.
     """
     if not service or any(ch in service for ch in "/\\") or service.startswith("."):
         raise UserError(f"{service!r} is not a usable service name (no slashes, not starting with a dot)")
     private = out_dir / f"{service}.private.jwk.json"
     public = out_dir / f"{service}.jwks.json"
+    links = [path for path in (private, public) if path.is_symlink()]
+    if links:
+        raise UserError(
+            f"{links[0]} is a symbolic link; keys are never written through one: remove it, or pick another --out-dir"
+        )
     existing = [path for path in (private, public) if path.exists()]
     if existing and not (rotate or force):
         names = ", ".join(str(path) for path in existing)
@@ -82,15 +88,30 @@ def generate_keys(
     if rotate:
         kept = [dict(old.as_dict()) for old in load_trusted_keys(public) if old.kid != kid]
     out_dir.mkdir(parents=True, exist_ok=True)
-    _write_secret(private, json.dumps(key.as_dict(private=True), indent=2) + "\n")
+    _write_new(private, json.dumps(key.as_dict(private=True), indent=2) + "\n", 0o600)
     keys = [*kept, dict(key.as_dict(private=False))]
-    public.write_text(json.dumps({"keys": keys}, indent=2) + "\n")
+    _write_new(public, json.dumps({"keys": keys}, indent=2) + "\n", 0o644)
     return private, public, kid
 
 
-def _write_secret(path: Path, text: str) -> None:
-    """Write `text` to `path`, readable by its owner only, from the moment the file exists."""
-    path.unlink(missing_ok=True)
-    descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(descriptor, "w") as file:
-        file.write(text)
+def _write_new(path: Path, text: str, mode: int) -> None:
+    """Write `text` to `path` with exactly `mode`, whatever the umask, never through a symbolic link.
+
+    The text goes to a new file beside `path` (created exclusively, never following a link, with `mode` set
+    before anything is written), which then replaces `path`: a link put at `path` meanwhile is replaced, its
+    target untouched.
+    """
+    temporary = path.with_name(f".{path.name}.{os.urandom(4).hex()}.tmp")
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0)
+    try:
+        descriptor = os.open(temporary, flags, mode & 0o600)
+    except FileExistsError:
+        raise UserError(f"{temporary} exists; remove it and run again") from None
+    try:
+        with os.fdopen(descriptor, "w") as file:
+            os.fchmod(file.fileno(), mode)  # the umask may have narrowed the mode given to open
+            file.write(text)
+        os.replace(temporary, path)
+    except BaseException:
+        temporary.unlink(missing_ok=True)
+        raise

@@ -19,6 +19,7 @@ from contextlib import asynccontextmanager
 from datetime import datetime
 from typing import TYPE_CHECKING
 
+from ._escape import escape_control, escape_json
 from ._events import WorkflowEvent
 from .exceptions import UserError
 from .settings import Settings
@@ -160,7 +161,7 @@ def _print_status(status: WorkflowStatus | None, correlation_id: str, *, as_json
     if status is None:
         print(f"no workflow {correlation_id!r} in the store (unknown, expired, or its events not yet applied)")
         return 1
-    print(status.model_dump_json(indent=2) if as_json else render_status(status))
+    print(escape_json(status.model_dump_json(indent=2)) if as_json else render_status(status))
     return 0
 
 
@@ -212,7 +213,7 @@ def render_status(status: WorkflowStatus) -> str:
         payload = json.dumps(status.payload, indent=2, sort_keys=True, ensure_ascii=False)
         lines.append("  final payload:")
         lines.extend(f"    {line}" for line in payload.splitlines())
-    return "\n".join(line.rstrip() for line in lines)
+    return "\n".join(escape_control(line.rstrip()) for line in lines)  # what workflows said is shown, never obeyed
 
 
 def _describe(event: WorkflowEvent) -> str:
@@ -230,7 +231,8 @@ def _describe(event: WorkflowEvent) -> str:
 
 def _print_workflows(statuses: list[WorkflowStatus], *, as_json: bool) -> int:
     if as_json:
-        print(json.dumps([status.model_dump(mode="json", exclude={"events"}) for status in statuses], indent=2))
+        listing = [status.model_dump(mode="json", exclude={"events"}) for status in statuses]
+        print(escape_json(json.dumps(listing, indent=2)))
         return 0
     if not statuses:
         print("no workflows in the store")
@@ -242,5 +244,6 @@ def _print_workflows(statuses: list[WorkflowStatus], *, as_json: bool) -> int:
         note = status.stalled or status.failure or status.waiting_for or where or "-"
         if len(note) > 80:
             note = note[:77] + "..."
-        print(f"{status.state:<10} {status.updated_at:%Y-%m-%d %H:%M:%S}  {status.correlation_id:<{width}}  {note}")
+        line = f"{status.state:<10} {status.updated_at:%Y-%m-%d %H:%M:%S}  {status.correlation_id:<{width}}  {note}"
+        print(escape_control(line))
     return 0

@@ -8,6 +8,9 @@ An event goes to three places: the `on_event` callbacks of the process, the span
 Events are a projection, not part of the workflow. A worker batches them off the hop's path; an event that must
 be safe before a hop is acked (the `completed` event, the only home of a workflow's result) is published at once,
 after the batch before it so that the workflow's events stay in order.
+
+Each published batch is signed once by the reporter's `MessageSecurity` (see `paigeant_ai._event_auth`), so that
+a store applies only events a trusted key reported.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ import inspect
 import logging
 from collections.abc import Awaitable, Callable, Sequence
 from datetime import UTC, datetime
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import Field, JsonValue, TypeAdapter
 from pydantic_core import to_json
@@ -26,6 +29,9 @@ from pydantic_core import to_json
 from . import observability
 from .contracts import EVENTS, WIRE_VERSION, PaigeantMessage, Wire, utcnow
 from .transports.base import Transport
+
+if TYPE_CHECKING:
+    from .security import MessageSecurity
 
 EventKind = Literal[
     "dispatched",
@@ -65,6 +71,8 @@ class WorkflowEvent(Wire):
     payload: dict[str, JsonValue] | None = None
     remaining: list[str] | None = None
     """The names of the steps still to run when it happened, the current one first (`None`: not known)."""
+    owner: str | None = None
+    """On a `dispatched` event: the principal that dispatched the workflow (see `WorkflowStatus.owner`)."""
 
 
 _EVENT_BATCH = TypeAdapter(list[WorkflowEvent])
@@ -107,6 +115,8 @@ class EventReporter:
             once, and a failure to publish is logged (a dispatcher, the command line).
         on_span: Note each event on the span of the hop that runs (a worker's own events). A dispatcher's are
             not: one called inside a step reports another workflow, which is not that hop's.
+        security: Signs each published batch (one signature a batch); without it, or unsigned, batches go
+            out unsigned and a store that checks signatures refuses them.
     """
 
     def __init__(
@@ -117,8 +127,10 @@ class EventReporter:
         publish: bool = True,
         batched: bool = True,
         on_span: bool = True,
+        security: MessageSecurity | None = None,
     ) -> None:
         self.transport = transport
+        self.security = security
         if on_event is None:
             self.callbacks: list[EventCallback] = []
         elif callable(on_event):
@@ -126,7 +138,7 @@ class EventReporter:
         else:
             self.callbacks = list(on_event)
         self.publish = publish
-        self._batch = _EventBatcher(transport) if batched else None
+        self._batch = _EventBatcher(transport, security) if batched else None
         self.on_span = on_span
 
     async def report(
@@ -172,10 +184,10 @@ class EventReporter:
     async def _publish(self, values: dict[str, Any], *, now: bool) -> None:
         if self._batch is not None:
             await self._batch.flush()  # keep the workflow's events in order
-            await self.transport.publish(EVENTS, to_json([values]))
+            await _publish_signed(self.transport, self.security, to_json([values]))
             return
         try:
-            await self.transport.publish(EVENTS, to_json([values]))
+            await _publish_signed(self.transport, self.security, to_json([values]))
         except Exception:
             if now:
                 raise
@@ -197,8 +209,11 @@ class _EventBatcher:
     events are lost when a process dies.
     """
 
-    def __init__(self, transport: Transport, *, interval: float = 0.05, max_batch: int = 500) -> None:
+    def __init__(
+        self, transport: Transport, security: MessageSecurity | None, *, interval: float = 0.05, max_batch: int = 500
+    ) -> None:
         self.transport = transport
+        self.security = security
         self.interval = interval
         self.max_batch = max_batch
         self._pending: list[dict[str, Any]] = []
@@ -225,7 +240,7 @@ class _EventBatcher:
         if not batch:
             return
         try:
-            await self.transport.publish(EVENTS, to_json(batch))  # the JSON array `decode_events` reads
+            await _publish_signed(self.transport, self.security, to_json(batch))  # the array `decode_events` reads
         except Exception:
             logger.warning("could not publish %d workflow events", len(batch), exc_info=True)
 
@@ -235,3 +250,22 @@ class _EventBatcher:
             self._full.set()
             await asyncio.gather(self._task, return_exceptions=True)
         await self._publish()
+
+
+EVENTS_SIGNATURE_TYPE = "paigeant-events+jws"
+"""The `typ` of a batch's signature: a hop's signature can never pass for one, nor the other way round."""
+EVENTS_SIGNATURE_HEADER = "x-paigeant-events-signature"
+"""The header a batch's detached signature travels in."""
+
+
+def events_headers(security: MessageSecurity | None, body: bytes) -> dict[str, str] | None:
+    """The headers that sign `body`, a batch of events; None when nothing signs (no signer, or unsigned)."""
+    if security is None:
+        return None
+    signature = security.sign_bytes(body, typ=EVENTS_SIGNATURE_TYPE)
+    return {EVENTS_SIGNATURE_HEADER: signature} if signature else None
+
+
+async def _publish_signed(transport: Transport, security: MessageSecurity | None, body: bytes) -> None:
+    """Publish a batch of events on `events`, with the one signature that covers it all."""
+    await transport.publish(EVENTS, body, headers=events_headers(security, body))

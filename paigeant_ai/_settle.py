@@ -26,6 +26,7 @@ from typing import Any, Protocol
 
 from . import observability
 from ._dedupe import DedupeStore
+from ._escape import escape_control
 from ._events import EventReporter
 from ._hop import Hop
 from ._outcome import Advance, End, Fault, Outcome, Park, Reject, Retry, Skip
@@ -97,10 +98,11 @@ async def settle(hop: Hop, outcome: Outcome, deps: SettleDeps) -> None:
 async def refuse(delivery: Delivery, outcome: Reject, deps: SettleDeps) -> None:
     """Dead-letter a delivery nothing of which is trusted, as it arrived."""
     deps.stats.rejected += 1
-    logger.warning("dead-lettering a message from %s: %s", delivery.address, outcome.reason)
-    await deps.transport.dead_letter(delivery, outcome.reason)
+    reason = escape_control(outcome.reason)  # it quotes what the message said: never let it forge a log line
+    logger.warning("dead-lettering a message from %s: %s", delivery.address, reason)
+    await deps.transport.dead_letter(delivery, reason)
     # Nothing in a refused message is trusted: its event names no workflow, so it cannot change one's status.
-    await deps.reporter.report("rejected", None, detail=outcome.reason, activity=delivery.address)
+    await deps.reporter.report("rejected", None, detail=reason, activity=delivery.address)
 
 
 async def _secure_successor(hop: Hop, outcome: Outcome, deps: SettleDeps) -> tuple[Outcome, str | None]:
@@ -232,14 +234,14 @@ async def _publish_fault(hop: Hop, outcome: Fault, deps: SettleDeps) -> str | No
     except (MessageTooLarge, NonFiniteNumber) as exc:
         # The failed step's log entry tipped it over (or it carries what cannot be sent): keep the bytes as they
         # arrived instead, with the reason, so that nothing is lost.
-        logger.warning("dead-lettering %s as it arrived: %s", message.correlation_id, exc)
+        logger.warning("dead-lettering %s as it arrived: %s", escape_control(message.correlation_id), exc)
         return detail[:2000]
     await deps.transport.publish(DEAD_LETTER, body, headers=headers)
     return None
 
 
 def _fault_detail(hop: Hop, outcome: Fault) -> str:
-    return f"step {hop.spec.name!r} failed: {outcome.reason}"
+    return escape_control(f"step {hop.spec.name!r} failed: {outcome.reason}")
 
 
 async def _report(hop: Hop, outcome: Outcome, deps: SettleDeps) -> None:
@@ -258,12 +260,13 @@ async def _report(hop: Hop, outcome: Outcome, deps: SettleDeps) -> None:
         case Fault():
             stats.faulted += 1
             detail = _fault_detail(hop, outcome)
-            logger.warning("workflow %s faulted: %s", message.correlation_id, detail)
+            logger.warning("workflow %s faulted: %s", escape_control(message.correlation_id), detail)
             await report("step_failed", message, activity=hop.spec.name, detail=outcome.reason)
             await report("faulted", message, activity=hop.spec.name, detail=detail)
         case Skip():
             stats.duplicates += 1
-            logger.info("step %s of %s %s; skipping it", hop.delivery.address, message.correlation_id, outcome.reason)
+            cid = escape_control(message.correlation_id)
+            logger.info("step %s of %s %s; skipping it", hop.delivery.address, cid, outcome.reason)
             await report("step_skipped", message, detail=outcome.reason)
         case Advance() | End() | Reject():
             pass

@@ -25,6 +25,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from . import __version__, _cli_dead_letters, _cli_keys, _cli_workflows
+from ._escape import escape_control
 from ._events import WorkflowEvent
 from .exceptions import PaigeantError, UserError
 from .security import MessageSigner
@@ -241,7 +242,7 @@ def log_step(event: WorkflowEvent) -> None:
         text += f" in {event.duration:.3f}s"
     if event.detail:
         text += f": {event.detail}"
-    logger.info("%s", text)
+    logger.info("%s", escape_control(text))
 
 
 async def run_dispatch(activities: Sequence[str], variables: str, transport: str | None = None) -> int:
@@ -405,7 +406,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         with _logging(verbose=args.verbose, quiet=quiet), _environment(settings):
             return _run(args, settings)
     except PaigeantError as exc:
-        print(f"paigeant: {exc}", file=sys.stderr)
+        print(f"paigeant: {escape_control(str(exc))}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("paigeant: interrupted", file=sys.stderr)

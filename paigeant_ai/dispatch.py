@@ -18,6 +18,7 @@ from . import observability
 from ._approvals import attested, describe, sign_approvals
 from ._events import EventCallback, EventReporter
 from ._plan import new_plan
+from ._principal import principal_of
 from ._sealing import seal
 from .activity import Activity
 from .approval import verified
@@ -168,6 +169,11 @@ class WorkflowDispatcher:
         self.security: MessageSecurity = (
             security if security is not None else MessageSigner.from_settings(transport, allow_unsigned=allow_unsigned)
         )
+        if isinstance(self.security, MessageSigner):
+            self.security.warn_if_unsigned("steps, and the workflows it dispatches")
+        self.reporter = EventReporter(
+            transport, on_event, publish=publish_events, batched=False, on_span=False, security=self.security
+        )
 
     async def dispatch_workflow(
         self,
@@ -178,6 +184,7 @@ class WorkflowDispatcher:
         correlation_id: str | None = None,
         require_workers: bool = False,
         revision_limits: RevisionLimits | None = None,
+        principal: str | None = None,
     ) -> str:
         """Start a workflow and return its correlation ID.
 
@@ -191,16 +198,20 @@ class WorkflowDispatcher:
                 transport can tell; see `ConsumerWatch`).
             revision_limits: How far this workflow's steps may revise its route; the dispatcher's by default.
                 Mark steps no revision may remove with `ActivitySpec(mandatory=True)`.
+            principal: Who owns the workflow (`WorkflowStatus.owner`, what the planner's `get_workflow_status`
+                checks); by default the subject (`sub`) of `obo_token`, validated when tokens are checked.
 
         Raises:
             UserError: Activities or variables of the wrong shape, no activities, an invalid name, variables
                 that are not JSON, no key to sign with, or a key the trust policy does not let start workflows.
+            TokenError: Tokens are checked and `obo_token` fails the check (only without `principal`).
             WorkflowExists: `correlation_id` is in use by a workflow with other activities, variables or token.
             NoWorker: With `require_workers`, no worker consumes the first step.
             MessageTooLarge: The first message would exceed `max_message_bytes`.
         """
         message = self._first_message(activities, variables, obo_token, correlation_id)
         message.plan = new_plan(message, self.security, revision_limits or self.revision_limits)
+        owner = principal if principal is not None else principal_of(obo_token, self.security)
         fingerprint = _fingerprint(message) if correlation_id is not None else None
         held = await self._claim(message.correlation_id, fingerprint) if fingerprint is not None else None
         if held is not None and held == fingerprint:
@@ -221,7 +232,7 @@ class WorkflowDispatcher:
             raise
         if fingerprint is not None:
             await self._confirm(message.correlation_id, fingerprint)
-        await self.reporter.report("dispatched", message)
+        await self.reporter.report("dispatched", message, owner=owner)
         return message.correlation_id
 
     def _first_message(

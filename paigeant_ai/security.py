@@ -246,7 +246,6 @@ class MessageSigner:
         local = getattr(transport, "process_local", False) if transport is not None else name in IN_MEMORY_NAMES
         tokens = TokenValidator.from_settings(settings)
         replay = replay_cache or _replay_cache_for(transport)
-        signing_source = settings.signing_key or settings.signing_key_file
         trusted_sources = _trusted_sources(settings)
         opted_out = settings.allow_unsigned if allow_unsigned is None else allow_unsigned
         policy_source = settings.trust_policy or settings.trust_policy_file
@@ -256,8 +255,8 @@ class MessageSigner:
             "replay_ttl": settings.replay_ttl,
             "policy": TrustPolicy.load(policy_source) if policy_source else None,
         }
-        if signing_source or trusted_sources:
-            signing = load_signing_key(signing_source) if signing_source else None
+        if settings.signing_key or settings.signing_key_file or trusted_sources:
+            signing = _signing_key_of(settings)
             trusted = load_trusted_keys(*trusted_sources) if trusted_sources else None
             refusal = None if signing else "no signing key: set PAIGEANT_SIGNING_KEY_FILE to this service's private JWK"
             return cls(signing, trusted, refusal=refusal, **common)
@@ -269,18 +268,26 @@ class MessageSigner:
 
     # -- readiness -------------------------------------------------------------------------------------------
 
-    def ensure_ready(self) -> None:
+    def ensure_ready(self, *, what: str = "steps") -> None:
         """Raise what stops this signer from working, if anything; warn loudly when it runs unsigned.
+
+        Args:
+            what: What a forger could fake, for the warning.
 
         Raises:
             UserError: It has no keys (and was not told to run unsigned), or lacks a signing key.
         """
         if self.refusal is not None:
             raise UserError(self.refusal)
+        self.warn_if_unsigned(what)
+
+    def warn_if_unsigned(self, what: str = "steps") -> None:
+        """Log a loud warning when this signer runs unsigned (every worker, dispatcher and projector says it)."""
         if self.unsigned:
             logger.warning(
                 "messages are NOT signed or verified (PAIGEANT_ALLOW_UNSIGNED / allow_unsigned=True): "
-                "anyone who can publish to the broker can forge or replay steps"
+                "anyone who can publish to the broker can forge or replay %s",
+                what,
             )
 
     # -- signing ---------------------------------------------------------------------------------------------
@@ -543,6 +550,24 @@ def _made_after(message: PaigeantMessage) -> float:
     completed = message.routing_slip.completed
     made = message.created_at if not completed else max(message.created_at, completed[-1].finished_at)
     return made.timestamp()
+
+
+def _signing_key_of(settings: Settings) -> Key | None:
+    """The signing key of `PAIGEANT_SIGNING_KEY` (the JWK itself, never echoed: it is a secret) or of
+    `PAIGEANT_SIGNING_KEY_FILE` (its path)."""
+    inline = settings.signing_key
+    if not inline:
+        return load_signing_key(settings.signing_key_file) if settings.signing_key_file else None
+    fix = (
+        "put the private JWK written by `paigeant keys generate` there, as JSON, or set PAIGEANT_SIGNING_KEY_FILE "
+        "to the path of that file instead"
+    )
+    if not inline.strip().startswith("{"):
+        raise UserError(f"PAIGEANT_SIGNING_KEY is not a JWK (a JSON object); its value is not shown: {fix}")
+    try:
+        return load_signing_key(inline)
+    except UserError as exc:
+        raise UserError(f"PAIGEANT_SIGNING_KEY cannot be used ({exc}); its value is not shown: {fix}") from None
 
 
 def _trusted_sources(settings: Settings) -> list[str]:

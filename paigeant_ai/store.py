@@ -11,22 +11,21 @@ nobody serves the step a workflow waits at: `mark_stalled` asks the transport.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from collections import OrderedDict
 from collections.abc import Iterable, Sequence
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Literal, Protocol, runtime_checkable
 
-from pydantic import BaseModel, Field, JsonValue, ValidationError
+from pydantic import BaseModel, Field, JsonValue
 
-from ._events import WorkflowEvent, decode_events
-from .contracts import EVENTS
-from .exceptions import TransportError, UserError
+from ._events import WorkflowEvent
+from ._projector import WorkflowProjector
+from .exceptions import UserError
 from .transports.base import ConsumerWatch, SharedStores
 
 if TYPE_CHECKING:
-    from .transports.base import Consumer, Delivery, Transport
+    from .transports.base import Transport
 
 __all__ = (
     "InMemoryWorkflowStore",
@@ -90,6 +89,9 @@ class WorkflowStatus(BaseModel):
     """What a waiting workflow waits for."""
     stalled: str | None = Field(default=None, exclude_if=lambda reason: reason is None)
     """Why a stalled workflow does not move: no worker consumes its current step (see `mark_stalled`)."""
+    owner: str | None = Field(default=None, exclude_if=lambda owner: owner is None)
+    """The principal that dispatched it, from its earliest `dispatched` event (see `WorkflowDispatcher`); the
+    planner shows a workflow only to its owner."""
     events: list[WorkflowEvent] = Field(default_factory=list[WorkflowEvent])
     """The history, oldest first."""
 
@@ -128,6 +130,8 @@ class _Projection:
             status.remaining = list(event.remaining)
         kind = event.kind
         record = self.step(event) if kind != "dispatched" else None
+        if kind == "dispatched" and status.owner is None:
+            status.owner = event.owner  # the earliest dispatch names the owner; a later one cannot change it
         if kind == "step_started" and record is not None:
             record.state = "running"
             record.attempts = max(record.attempts, event.attempt + 1)
@@ -320,81 +324,3 @@ def get_workflow_store(transport: Transport) -> WorkflowStore:
     ```
     """
     return transport.workflow_store() if isinstance(transport, SharedStores) else InMemoryWorkflowStore()
-
-
-class WorkflowProjector:
-    """Applies the events published on a transport's `events` address to a store.
-
-    Run one per store, beside the workers (the events of a queue go to one of its consumers). Each event is
-    acknowledged once the store has it; an event that is not a `WorkflowEvent` is logged and dropped.
-
-    Args:
-        transport: A connected transport.
-        store: Where the events go.
-        prefetch: Events in flight at once.
-    """
-
-    def __init__(self, transport: Transport, store: WorkflowStore, *, prefetch: int = 100) -> None:
-        self.transport = transport
-        self.store = store
-        self.prefetch = prefetch
-        self.applied = 0
-        self._stop = asyncio.Event()
-
-    def stop(self) -> None:
-        """Ask `run()` to return."""
-        self._stop.set()
-
-    async def run(self, *, burst: bool = False) -> None:
-        """Apply events until `stop()` or, with `burst=True`, until none is waiting (or none came for a second:
-        events another consumer holds unacknowledged are counted as waiting but cannot be had)."""
-        self._stop.clear()
-        idle = 0
-        async with await self.transport.consume(EVENTS, prefetch=self.prefetch) as consumer:
-            while not self._stop.is_set():
-                if burst and (idle >= 5 or await self.transport.pending(EVENTS) == 0):
-                    return
-                delivery = await self._next(consumer, 0.2 if burst else None)
-                if delivery is None:
-                    idle += 1
-                    continue
-                idle = 0
-                await self._apply(delivery)
-
-    async def _next(self, consumer: Consumer, wait: float | None) -> Delivery | None:
-        """The next event, or `None` after `wait` seconds or on `stop()`."""
-        receive = asyncio.ensure_future(anext(consumer))
-        stopped = asyncio.ensure_future(self._stop.wait())
-        try:
-            await asyncio.wait({receive, stopped}, timeout=wait, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            # Also when `run()` is cancelled: a receive left running would take an event after the consumer
-            # closed, and nobody would apply it or retrieve its error. A delivery it already got is unacked,
-            # so closing the consumer gives it back.
-            stopped.cancel()
-            if not receive.done():
-                receive.cancel()  # it waits for an entry: nothing is taken from the consumer yet
-            await asyncio.gather(receive, stopped, return_exceptions=True)
-        if receive.cancelled():
-            return None
-        if isinstance(receive.exception(), StopAsyncIteration):
-            self._stop.set()
-            return None
-        return receive.result()
-
-    async def _apply(self, delivery: Delivery) -> None:
-        try:
-            events = decode_events(delivery.body)
-        except ValidationError as exc:
-            logger.warning("dropping an event that is not a WorkflowEvent: %s", exc.errors(include_url=False)[0]["msg"])
-            events = []
-        try:
-            for event in events:  # applying an event twice gives the same status, so a retried batch is safe
-                await self.store.apply(event)
-        except TransportError:
-            logger.warning("could not store an event; it will be delivered again", exc_info=True)
-            await asyncio.sleep(0.5)
-            await self.transport.retry_later(delivery, 1.0)
-            return
-        self.applied += len(events)
-        await self.transport.ack(delivery)

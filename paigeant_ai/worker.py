@@ -26,6 +26,7 @@ from datetime import UTC, datetime
 from . import observability
 from ._approvals import check_resume
 from ._dedupe import DedupeStore, InMemoryDedupeStore
+from ._escape import escape_control
 from ._events import EventCallback, EventReporter
 from ._hop import Hop, admit
 from ._outcome import SIGNALS, Fault, Outcome, Reject, Skip, classify, completed, describe
@@ -112,7 +113,7 @@ class Worker:
                 replay_cache=shared.replay_cache() if shared is not None else None,
             )
         )
-        self.reporter = EventReporter(transport, on_event, publish=publish_events)
+        self.reporter = EventReporter(transport, on_event, publish=publish_events, security=self.security)
         self.shutdown_timeout = shutdown_timeout
         self.rng = rng or random.Random()
         self.waiting_store = waiting_store
@@ -264,7 +265,8 @@ class Worker:
             # an operator can replay it once the cause is fixed, rather than hold it unsettled forever.
             logger.exception("the worker failed on a delivery from %s; dead-lettering it", delivery.address)
             with contextlib.suppress(Exception):
-                await self.transport.dead_letter(delivery, f"the worker failed on this message: {describe(exc)}")
+                reason = escape_control(f"the worker failed on this message: {describe(exc)}")
+                await self.transport.dead_letter(delivery, reason)
         finally:
             self._slots.release()
 
@@ -350,7 +352,8 @@ class Worker:
                     output = await hop.activity.run(ctx)
         except Exception as exc:
             if not isinstance(exc, SIGNALS):
-                logger.warning("step %s of %s failed: %s", hop.spec.name, hop.message.correlation_id, describe(exc))
+                cid, why = escape_control(hop.message.correlation_id), escape_control(describe(exc))
+                logger.warning("step %s of %s failed: %s", hop.spec.name, cid, why)
             return classify(exc, hop.spec, hop.message.attempt)
         except asyncio.CancelledError as exc:
             task = asyncio.current_task()

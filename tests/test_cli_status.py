@@ -324,11 +324,15 @@ async def test_cancelling_a_projector_leaves_nothing_behind_and_loses_no_event(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     from paigeant_ai import InMemoryTransport, WorkflowEvent
+    from paigeant_ai._events import events_headers
     from paigeant_ai.contracts import EVENTS
+    from paigeant_ai.security import MessageSigner
     from paigeant_ai.store import InMemoryWorkflowStore, WorkflowProjector
 
-    def event(correlation_id: str) -> bytes:
-        return WorkflowEvent(kind="dispatched", correlation_id=correlation_id).model_dump_json().encode()
+    def event(correlation_id: str) -> tuple[bytes, dict[str, str] | None]:
+        """An event's body and the headers that sign it with the process's own key, whose events it trusts."""
+        body = WorkflowEvent(kind="dispatched", correlation_id=correlation_id).model_dump_json().encode()
+        return body, events_headers(MessageSigner.from_settings(transport), body)
 
     class NotingStore(InMemoryWorkflowStore):
         def __init__(self) -> None:
@@ -342,12 +346,14 @@ async def test_cancelling_a_projector_leaves_nothing_behind_and_loses_no_event(
     async with InMemoryTransport() as transport:
         store = NotingStore()
         running = asyncio.create_task(WorkflowProjector(transport, store).run())
-        await transport.publish(EVENTS, event("wf-1"))
+        body, headers = event("wf-1")
+        await transport.publish(EVENTS, body, headers=headers)
         await store.applied.wait()
         running.cancel()
         with pytest.raises(asyncio.CancelledError):
             await running
-        await transport.publish(EVENTS, event("wf-2"))
+        body, headers = event("wf-2")
+        await transport.publish(EVENTS, body, headers=headers)
         await asyncio.sleep(0.05)
         assert [task for task in asyncio.all_tasks() if task is not asyncio.current_task()] == []
 

@@ -352,7 +352,10 @@ async def test_tokens_and_keys_never_reach_logs_spans_events_or_dead_letter_reas
     caplog.set_level(logging.DEBUG, logger="paigeant_ai")
     async with InMemoryTransport() as transport:
         dispatcher = WorkflowDispatcher(transport, security=signer)
-        await dispatcher.dispatch_workflow([charge], obo_token=expired_token)
+        # A dispatcher that checks tokens refuses an expired one; one that does not lets the worker find out.
+        await WorkflowDispatcher(transport, security=MessageSigner(signing_key)).dispatch_workflow(
+            [charge], obo_token=expired_token
+        )
         await dispatcher.dispatch_workflow([charge], obo_token=good_token)
         await WorkflowDispatcher(transport, allow_unsigned=True).dispatch_workflow([charge], obo_token=good_token)
         worker = Worker(transport, [charge], security=signer, on_event=events.append)

@@ -17,6 +17,7 @@ from types import TracebackType
 from typing import TYPE_CHECKING, Any, Protocol, Self, runtime_checkable
 from urllib.parse import urlsplit, urlunsplit
 
+from .._escape import escape_control
 from ..exceptions import UserError
 
 if TYPE_CHECKING:
@@ -263,7 +264,7 @@ class ConsumerBase:
 
 def dead_letter_headers(delivery: Delivery, reason: str) -> dict[str, str]:
     """The headers a dead-lettered copy of `delivery` carries."""
-    return {**delivery.headers, REASON_HEADER: reason[:2000], SOURCE_HEADER: delivery.address}
+    return {**delivery.headers, REASON_HEADER: escape_control(reason)[:2000], SOURCE_HEADER: delivery.address}
 
 
 def redact_url(url: str) -> str:

@@ -1,0 +1,46 @@
+"""Signed events: the signature a batch of events travels with, and its check before a store applies it.
+
+Each message on the `events` address (a JSON array of `WorkflowEvent`s) is signed as a whole, once: a detached
+JWS of type `paigeant-events+jws` over the exact body, in the header `x-paigeant-events-signature`. Whoever
+applies events from the broker (`WorkflowProjector`) checks it against the trusted keys first, so a batch that
+is unsigned, signed by an unknown key, or altered changes no status.
+
+What a signer may report: any trusted key may report what happens to a step or a workflow (the worker that ran
+it); only a key the trust policy grants `start` may report a `dispatched` event, the one that names the
+workflow's owner (see `WorkflowStatus.owner`). So a stolen worker key can still forge the progress or outcome
+of a workflow, never who owns it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import TYPE_CHECKING
+
+from ._events import EVENTS_SIGNATURE_HEADER, EVENTS_SIGNATURE_TYPE, WorkflowEvent, decode_events, events_headers
+from .exceptions import SecurityError
+
+if TYPE_CHECKING:
+    from .security import MessageSecurity
+
+__all__ = ("EVENTS_SIGNATURE_HEADER", "EVENTS_SIGNATURE_TYPE", "authenticate_events", "events_headers")
+
+
+def authenticate_events(security: MessageSecurity, body: bytes, headers: Mapping[str, str]) -> list[WorkflowEvent]:
+    """The events of a batch read from the `events` address, once its signature and signer are checked.
+
+    Raises:
+        SecurityError: Unsigned, signed by a key that is not trusted, altered, or a `dispatched` event signed by
+            a key without the `start` permission. Nothing of the batch may be applied.
+        ValidationError: The body is not a batch of events.
+    """
+    signer = security.verify_bytes(headers.get(EVENTS_SIGNATURE_HEADER), body, typ=EVENTS_SIGNATURE_TYPE)
+    events = decode_events(body)
+    if signer is not None and not security.policy.allows(signer, "start"):
+        for event in events:
+            if event.kind == "dispatched":
+                raise SecurityError(
+                    f"key {signer!r} may not report the dispatch of a workflow: the trust policy does not grant it "
+                    "'start'",
+                    code="not_allowed",
+                )
+    return events
