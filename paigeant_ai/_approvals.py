@@ -32,7 +32,6 @@ from pydantic_core import to_jsonable_python
 from ._hop import Hop
 from ._tokens import granted_scopes
 from .approval import APPROVAL_TYPE, APPROVE_SCOPE, ParkedStep, PendingToolCall
-from .contracts import derive_message_id
 from .exceptions import SecurityError, TokenError, UserError
 from .security import MessageSecurity
 
@@ -239,13 +238,9 @@ def _parked_of(hop: Hop, security: MessageSecurity) -> ParkedStep:
 
 
 def _expected_id(parked: ParkedStep, attempt: int) -> str | None:
-    """The id a hop resuming `parked` has at `attempt`: the resume's own (the same for every resume of the record),
-    or, for a later attempt, the id of that retry of the step (a resumed step is retried with its approvals)."""
-    if attempt == parked.message.attempt:
-        return parked.resume_message_id()
-    if attempt > parked.message.attempt:
-        return derive_message_id(parked.correlation_id, parked.step, parked.activity, attempt)
-    return None
+    """The id of the hop that resumes `parked`: the same for every resume of the record, so only one runs. There is
+    no other: a resumed step that fails parks again (its answers are used once), so no retry carries them."""
+    return parked.resume_message_id() if attempt == parked.message.attempt else None
 
 
 def _verified_approvals(

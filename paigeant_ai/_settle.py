@@ -7,7 +7,8 @@ safe with the broker. What "successor" means depends on the outcome (see `paigea
   its result); then the step is remembered in the dedupe store.
 - `End`: the `completed` event.
 - `Park`: the parked record, in the waiting store.
-- `Retry`: the next attempt's message, published with its delay.
+- `Retry`: the next attempt's message, published with its delay; for a resumed step, the parked record it was
+  resumed from, signed anew (its answers are used once: it waits for new ones).
 - `Fault`: the copy with the reason, on the dead-letter queue.
 - `Skip`: none; the hop already ran.
 - `Reject`: the delivery itself, moved to the dead-letter queue as it arrived (`Transport.dead_letter`).
@@ -22,7 +23,10 @@ from __future__ import annotations
 import logging
 import random
 from dataclasses import dataclass, replace
+from datetime import UTC, datetime
 from typing import Any, Protocol
+
+from pydantic_ai import ConversationTypeAdapter
 
 from . import observability
 from ._dedupe import DedupeStore
@@ -34,7 +38,7 @@ from ._plan import revise_route
 from ._sealing import NonFiniteNumber, seal, too_large, unsigned_body
 from .approval import ParkedStep, WaitingStore
 from .contracts import DEAD_LETTER, ActivityLogEntry, PaigeantMessage, RetryPolicy
-from .exceptions import MessageTooLarge, SecurityError
+from .exceptions import MessageTooLarge, ParkWorkflow, SecurityError
 from .security import MessageSecurity
 from .transports.base import REASON_HEADER, SOURCE_HEADER, Delivery, Transport
 
@@ -126,6 +130,13 @@ async def _secure_successor(hop: Hop, outcome: Outcome, deps: SettleDeps) -> tup
                 return replace(outcome, detail=await _park(hop, outcome, store, deps)), None
             except SecurityError as exc:  # its revisions cannot be signed or are past the plan's limits
                 return await _secure_successor(hop, Fault(str(exc)), deps)
+        case Retry() if hop.message.resume is not None and hop.message.resume.parked is not None:
+            # An approval is used once: a resumed step that fails waits for its answers again, rather than run the
+            # approved calls a second time on the strength of the same answers.
+            store = deps.waiting_store
+            if store is None:
+                return await _secure_successor(hop, Fault(f"{outcome.reason} (a resumed step is not retried)"), deps)
+            return await _park_again(hop, outcome, store, deps), None
         case Retry():
             try:
                 return await _publish_retry(hop, outcome, deps), None
@@ -207,6 +218,19 @@ async def _park(hop: Hop, outcome: Park, store: WaitingStore, deps: SettleDeps) 
     parked.message.headers = observability.inject_context(parked.message.headers, hop.message.correlation_id)
     await store.put(parked.sign(deps.security))  # signed at rest: nothing acts on it unless it verifies
     return parked.describe()
+
+
+async def _park_again(hop: Hop, outcome: Retry, store: WaitingStore, deps: SettleDeps) -> Park:
+    """Park a resumed step that failed where it waited before: the record it was resumed from, signed anew, so that
+    it needs new answers (and its resume a new id); how it is parked."""
+    resume = hop.message.resume
+    assert resume is not None
+    assert resume.parked is not None
+    previous = ParkedStep.model_validate(resume.parked)  # verified when the hop was authorized
+    parked = previous.model_copy(update={"parked_at": datetime.now(UTC), "proof": None})
+    await store.put(parked.sign(deps.security))
+    detail = f"{parked.describe()} again: the resumed step failed ({outcome.reason}) and its answers are used once"
+    return Park(ParkWorkflow(ConversationTypeAdapter.validate_python(parked.conversation)), detail=detail)
 
 
 async def _publish_retry(hop: Hop, outcome: Retry, deps: SettleDeps) -> Retry:

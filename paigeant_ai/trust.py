@@ -19,16 +19,13 @@ trusted key may do everything (the compatible default). With one, a key may do o
 - `cancel`: cancel workflows it did not start.
 - `revise`: sign revisions of a workflow's route (a worker whose agent revises it).
 
-A policy names a key by its `kid`, or by the service name `paigeant keys generate` made it for (its kids are
-`<service>-<date>-<random>`), so that a rotated key keeps its grants. A key the policy does not name may do
-nothing. Load it with `TrustPolicy.load(path)` or the
+A key the policy does not name may do nothing. Load it with `TrustPolicy.load(path)` or the
 `PAIGEANT_TRUST_POLICY_FILE` setting.
 """
 
 from __future__ import annotations
 
 import json
-import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,8 +37,6 @@ __all__ = ("Grant", "Permission", "TrustPolicy")
 
 Permission = Literal["start", "approve", "cancel", "revise"]
 PERMISSIONS: frozenset[str] = frozenset(get_args(Permission))
-_GENERATED_KID = re.compile(r"^(?P<service>.+)-\d{8}-[0-9a-f]{6}$")
-"""The kids `paigeant keys generate` makes: `<service>-<date>-<random>`."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -106,24 +101,15 @@ class TrustPolicy:
         """Whether `kid` holds `permission`."""
         if self.grants is None:
             return True
-        grant = self._grant_of(kid)
+        grant = self.grants.get(kid or "")
         return grant is not None and permission in grant.may
 
     def may_send_to(self, kid: str | None, activity: str) -> bool:
         """Whether `kid` may sign hops to `activity`."""
         if self.grants is None:
             return True
-        grant = self._grant_of(kid)
+        grant = self.grants.get(kid or "")
         return grant is not None and grant.sends_to(activity)
-
-    def _grant_of(self, kid: str | None) -> Grant | None:
-        """The grant of `kid`: by its own name, else by the service name of a generated kid."""
-        if self.grants is None or not kid:
-            return None
-        grant = self.grants.get(kid)
-        if grant is None and (generated := _GENERATED_KID.match(kid)) is not None:
-            grant = self.grants.get(generated["service"])
-        return grant
 
     def require(self, kid: str | None, permission: Permission, what: str) -> None:
         """Raise unless `kid` holds `permission`; `what` names the act, for the reason.

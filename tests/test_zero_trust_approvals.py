@@ -52,7 +52,7 @@ from paigeant_ai._approvals import Approval, args_digest
 from paigeant_ai._plan import new_plan
 from paigeant_ai._sealing import seal
 from paigeant_ai.approval import APPROVAL_TYPE, APPROVE_SCOPE
-from paigeant_ai.contracts import ActivitySpec
+from paigeant_ai.contracts import ActivitySpec, derive_message_id
 from paigeant_ai.security import MessageSigner, generate_key
 from paigeant_ai.transports import Transport
 from paigeant_ai.transports.base import REASON_HEADER, SharedStores
@@ -439,17 +439,44 @@ async def test_resume_with_a_fresh_token_after_the_original_expired(transport: T
     assert bank.completed(valid)
 
 
-async def test_a_resumed_step_that_fails_is_retried_with_its_approvals() -> None:
+async def test_a_resumed_step_that_fails_waits_for_its_answers_again() -> None:
     async with InMemoryTransport() as transport:
         bank = Bank(transport)
         bank.pay = payer(bank.paid, [RetryActivity("the bank is busy", delay=0)])
         cid = await bank.park()
-        await bank.approve(cid)
+        await bank.approve(cid)  # the approved call fails: the approval is used, and the step waits again
+        assert bank.paid == []
+        [waiting] = [event for event in bank.events if event.kind == "waiting"][1:]
+        assert "again: the resumed step failed (RetryActivity: the bank is busy)" in (waiting.detail or "")
+        assert [p.correlation_id for p in await bank.dispatcher().waiting()] == [cid]
+        await bank.approve(cid)  # a person decides again
 
     assert bank.paid == [ASKED]
-    assert [event.kind for event in bank.events].count("step_retried") == 1
-    assert bank.logs == [["approved pay (pay-1) by ana (key desk-1)"]]
+    assert bank.logs == [["approved pay (pay-1) by ana (key desk-1)"]]  # the log of the step as it completed
     assert bank.completed(cid)
+
+
+async def test_attack_an_approval_reused_by_a_minted_retry_of_the_resume_is_refused() -> None:
+    async with InMemoryTransport() as transport:
+        bank = Bank(transport)
+        sent: list[PaigeantMessage] = []
+        cid = await bank.park()
+        desk = bank.dispatcher(DESK)
+        encode = desk.encode
+        desk.encode = lambda message: (sent.append(message.model_copy(deep=True)), encode(message))[1]  # pyright: ignore[reportAttributeAccessIssue]
+        await desk.resume(cid, approvals={"pay-1": True}, approver="ana")
+        await bank.run()
+        [resume] = sent
+        minted = resume.model_copy(update={"attempt": resume.attempt + 1})
+        minted.message_id = derive_message_id(cid, resume.step, "pay", minted.attempt)  # "a retry of the resume"
+        await bank.send(minted, signer(INTRUDER, transport))  # a key that may only send to `pay`
+        await bank.run()
+
+        assert bank.paid == [ASKED]
+        assert await bank.reasons() == [
+            "security check failed: the resume hop's id is not the one of its parked record"
+        ]
+        assert bank.completed(cid)
 
 
 async def test_attack_parked_record_rewritten_is_not_reported_to_the_planner() -> None:
