@@ -1,10 +1,11 @@
-"""The user's on-behalf-of tokens: checked against the issuer's keys, issuer, audience and expiry."""
+"""The user's on-behalf-of tokens: checked against the issuer's keys, issuer, audience and expiry, and (`check_scopes`)
+against the scopes a step requires."""
 
 from __future__ import annotations
 
-from collections.abc import Collection, Mapping
+from collections.abc import Collection, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from joserfc import jwt
 from joserfc.errors import (
@@ -23,7 +24,10 @@ from ._keys import load_trusted_keys
 from .exceptions import TokenError, UserError
 from .settings import Settings
 
-__all__ = ("TOKEN_ALGORITHMS", "TokenValidator", "granted_scopes")
+if TYPE_CHECKING:
+    from .contracts import ActivitySpec
+
+__all__ = ("TOKEN_ALGORITHMS", "TokenValidator", "check_scopes", "granted_scopes")
 
 TOKEN_ALGORITHMS = ("RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "ES512", "Ed25519")
 """The algorithms accepted on on-behalf-of tokens by default: what identity providers sign with, never `none`
@@ -140,3 +144,41 @@ def granted_scopes(claims: Mapping[str, Any]) -> set[str]:
         elif isinstance(value, list):
             granted.update(item for item in value if isinstance(item, str))  # pyright: ignore[reportUnknownVariableType]
     return granted
+
+
+def check_scopes(tokens: TokenValidator | None, token: str | None, spec: ActivitySpec) -> Mapping[str, Any] | None:
+    """The claims of `token` once `tokens` validated it and found every scope `spec` requires; None without a token,
+    or when tokens are not checked, if the step requires no scope.
+
+    Raises:
+        TokenError: The token is missing, invalid, or lacks a scope the step requires, or the step requires scopes
+            and tokens are not checked.
+    """
+    required = spec.required_scopes
+    if token is None:
+        if required:
+            raise TokenError(
+                f"step {spec.name!r} requires scope {_scopes(required)} but the workflow carries no on-behalf-of token",
+                code="token_missing",
+            )
+        return None
+    if tokens is None:
+        if required:
+            raise TokenError(
+                f"step {spec.name!r} requires scope {_scopes(required)} but this worker does not check tokens "
+                "(set PAIGEANT_OBO_JWKS_FILE, PAIGEANT_OBO_ISSUER and PAIGEANT_OBO_AUDIENCE)",
+                code="token_unchecked",
+            )
+        return None
+    claims = tokens.validate(token)
+    missing = [scope for scope in required if scope not in granted_scopes(claims)]
+    if missing:
+        raise TokenError(
+            f"the on-behalf-of token lacks scope {_scopes(missing)}, which step {spec.name!r} requires",
+            code="token_scope",
+        )
+    return claims
+
+
+def _scopes(scopes: Sequence[str]) -> str:
+    return ", ".join(repr(scope) for scope in scopes)

@@ -1,21 +1,25 @@
-"""`WorkflowDispatcher`: builds the first message of a workflow and publishes it to its first step."""
+"""`WorkflowDispatcher`: builds the first message of a workflow and publishes it to its first step, and resumes
+workflows that wait for input.
+
+How its arguments are checked, what makes a retry the same workflow, and the hint of a `NoWorker` are in
+`paigeant_ai._dispatch_checks`; `to_spec` stays importable from here.
+"""
 
 from __future__ import annotations
 
-import difflib
-import hashlib
-import json
 import logging
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime, timedelta
 from types import EllipsisType
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any
 
 from pydantic import ValidationError
 
 from . import observability
 from ._approvals import attested, describe, sign_approvals
+from ._dispatch_checks import served_hint, specs_of, variables_of, workflow_fingerprint
+from ._dispatch_checks import to_spec as to_spec  # importable from here, as it always was
 from ._events import EventCallback, EventReporter
 from ._plan import new_plan
 from ._principal import principal_of
@@ -44,73 +48,9 @@ EventSink = EventCallback
 REMEMBERED_DISPATCHES = 10_000
 """Correlation IDs a dispatcher remembers in memory, with what it dispatched under them."""
 CLAIM_TTL = 7 * 24 * 3600.0
+"""Seconds a shared claim on a correlation ID lasts, at least (longer for workflows with a longer `ttl`)."""
 _PENDING = "pending:"
 """The mark of a claim whose dispatch has not confirmed that its first message was sent."""
-"""Seconds a shared claim on a correlation ID lasts, at least (longer for workflows with a longer `ttl`)."""
-
-
-def to_spec(item: ActivitySpec | Activity | str) -> ActivitySpec:
-    """The spec the routing slip carries for `item`: a spec, an activity's spec, or a bare name."""
-    if isinstance(item, ActivitySpec):
-        return item
-    if isinstance(item, str):
-        try:
-            return ActivitySpec(name=item)
-        except ValidationError as exc:
-            raise UserError(f"invalid activity name {item!r}: {exc.errors(include_url=False)[0]['msg']}") from None
-    spec = getattr(item, "spec", None)
-    if isinstance(spec, ActivitySpec):
-        # Only the name and description travel: the worker that runs the activity owns its retry and timeout.
-        return ActivitySpec(
-            name=spec.name, description=spec.description, required_scopes=spec.required_scopes, mandatory=spec.mandatory
-        )
-    raise UserError(f"{item!r} is not an activity: pass ActivitySpec objects, activities or names")
-
-
-def _specs(activities: object) -> list[ActivitySpec]:
-    if isinstance(activities, str):
-        raise UserError(f"activities must be a list of steps, not one string: write [{activities!r}]")
-    if not isinstance(activities, Sequence) or isinstance(activities, bytes | bytearray):
-        raise UserError(
-            f"activities must be a list of steps (ActivitySpec objects, activities or names), "
-            f"not {type(activities).__name__}"
-        )
-    return [to_spec(item) for item in cast("Sequence[ActivitySpec | Activity | str]", activities)]  # each checked
-
-
-def _variables(variables: object) -> Mapping[str, Any] | None:
-    if variables is None:
-        return None
-    if not isinstance(variables, Mapping):
-        raise UserError(
-            "variables must be a mapping of names to JSON values, like {'order_id': 42}, "
-            f"not {type(variables).__name__}"
-        )
-    for key in cast("Mapping[object, object]", variables):
-        if not isinstance(key, str):
-            raise UserError(f"variable names must be strings: {key!r} is {type(key).__name__}; write {str(key)!r}")
-    return cast("Mapping[str, Any]", variables)
-
-
-def _fingerprint(message: PaigeantMessage) -> str:
-    """What makes two dispatches the same workflow: its activities, variables and token (hashed)."""
-    content = {
-        "activities": [spec.model_dump(mode="json") for spec in message.routing_slip.itinerary],
-        "variables": message.payload,
-        "obo_token": message.security.obo_token,
-    }
-    return hashlib.sha256(json.dumps(content, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
-
-
-def _hint(activity: str, served: list[str] | None) -> str:
-    """What the transport knows of the steps that are served, for the `NoWorker` message."""
-    if served is None:
-        return ""
-    if not served:
-        return " (no worker consumes any step on this transport now)"
-    close = difflib.get_close_matches(activity, served, n=1)
-    guess = f"did you mean {close[0]!r}? " if close else ""
-    return f" ({guess}workers consume: {', '.join(served)})"
 
 
 class WorkflowDispatcher:
@@ -212,7 +152,7 @@ class WorkflowDispatcher:
         message = self._first_message(activities, variables, obo_token, correlation_id)
         message.plan = new_plan(message, self.security, revision_limits or self.revision_limits)
         owner = principal if principal is not None else principal_of(obo_token, self.security)
-        fingerprint = _fingerprint(message) if correlation_id is not None else None
+        fingerprint = workflow_fingerprint(message) if correlation_id is not None else None
         held = await self._claim(message.correlation_id, fingerprint) if fingerprint is not None else None
         if held is not None and held == fingerprint:
             return message.correlation_id  # the same workflow, dispatched already
@@ -239,7 +179,7 @@ class WorkflowDispatcher:
         self, activities: object, variables: object, obo_token: str | None, correlation_id: object
     ) -> PaigeantMessage:
         """The first message of a workflow, every argument checked, each mistake told in one sentence."""
-        specs = _specs(activities)
+        specs = specs_of(activities)
         if correlation_id is not None and (not isinstance(correlation_id, str) or not correlation_id):
             raise UserError(
                 f"correlation_id must be a non-empty string (or None for a new one), not {correlation_id!r}"
@@ -247,7 +187,11 @@ class WorkflowDispatcher:
         expires_at = datetime.now(UTC) + timedelta(seconds=self.ttl) if self.ttl else None
         try:
             return PaigeantMessage.new(
-                specs, _variables(variables), correlation_id=correlation_id, obo_token=obo_token, expires_at=expires_at
+                specs,
+                variables_of(variables),
+                correlation_id=correlation_id,
+                obo_token=obo_token,
+                expires_at=expires_at,
             )
         except ValidationError as exc:
             raise UserError(f"cannot dispatch: {exc.errors(include_url=False)[0]['msg']}") from None
@@ -314,8 +258,9 @@ class WorkflowDispatcher:
             return
         consumed = await transport.consumed_addresses()
         served = None if consumed is None else [name for name in consumed if name not in RESERVED_ADDRESSES]
+        hint = served_hint(activity, served)
         raise NoWorker(
-            f"no worker consumes {activity!r}: start a worker for it, or fix the step's name{_hint(activity, served)}",
+            f"no worker consumes {activity!r}: start a worker for it, or fix the step's name{hint}",
             activity=activity,
             served=served,
         )

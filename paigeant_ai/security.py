@@ -16,6 +16,12 @@ Keys come from the constructor or from the environment (`MessageSigner.from_sett
   are checked.
 - `PAIGEANT_ALLOW_UNSIGNED=1`: the explicit opt-out. Without keys and without it, a worker or dispatcher on a real
   broker refuses to start; the in-memory transport signs with a key made for the process.
+
+`MessageSigner` is here; its parts are private modules, and every public name is importable from here:
+`paigeant_ai._message_security` (the `MessageSecurity` protocol it implements, `Authenticated`, `Verified`),
+`paigeant_ai._jws` (its keys, and the detached JWS made and checked with them), `paigeant_ai._signer_settings`
+(what `from_settings` reads), `paigeant_ai._tokens` (on-behalf-of tokens and scopes), `paigeant_ai._replay`
+(the replay cache) and `paigeant_ai._keys` (loading and generating keys).
 """
 
 from __future__ import annotations
@@ -23,26 +29,24 @@ from __future__ import annotations
 import hashlib
 import logging
 from collections import Counter
-from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Iterable, Mapping
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any
 
-from joserfc import jws
-from joserfc.errors import JoseError
 from joserfc.jwk import Key, KeySet
-from joserfc.jws import JWSRegistry
-from joserfc.util import json_b64encode, urlsafe_b64encode
 
-from ._keys import ALGORITHMS, algorithm_of, ephemeral_key, generate_key, load_signing_key, load_trusted_keys
+from ._escape import show
+from ._jws import DetachedJWS, require_detached
+from ._keys import ALGORITHMS, generate_key, load_signing_key, load_trusted_keys
+from ._message_security import Authenticated, MessageSecurity, Verified
 from ._replay import InMemoryReplayCache, ReplayCache
 from ._sealing import signing_input, unsigned_body
-from ._tokens import TokenValidator, granted_scopes
+from ._signer_settings import signer_arguments
+from ._tokens import TokenValidator, check_scopes
+from ._tokens import granted_scopes as granted_scopes  # importable from here, as it always was
 from .contracts import ActivitySpec, PaigeantMessage
-from .exceptions import DuplicateMessage, InvalidMessage, ReplayedMessage, SecurityError, TokenError, UserError
+from .exceptions import DuplicateMessage, InvalidMessage, ReplayedMessage, SecurityError, UserError
 from .settings import Settings
-from .transports import IN_MEMORY_NAMES
-from .transports.base import SharedStores
 from .trust import TrustPolicy
 
 if TYPE_CHECKING:
@@ -70,109 +74,7 @@ DEFAULT_REPLAY_TTL = 7 * 24 * 3600.0
 DEFAULT_LEASE = 360.0
 """Seconds a hop's claim stays running when nobody says how long its step may take (the default timeout and a
 minute): a copy arriving later may take it over."""
-_HEADER_KEYS = frozenset({"alg", "kid", "typ"})
 _CLOCK_LEEWAY = 60.0
-
-
-class _Algorithm(Protocol):
-    def sign(self, msg: bytes, key: Any) -> bytes: ...
-
-
-@dataclass(frozen=True, slots=True)
-class Verified:
-    """What a verified hop proved.
-
-    Attributes:
-        signer: The key id that signed it; None when messages are not signed.
-        claims: The validated claims of the user's on-behalf-of token, when there is one and tokens are checked.
-    """
-
-    signer: str | None = None
-    claims: Mapping[str, Any] | None = None
-
-
-class MessageSecurity(Protocol):
-    """Signs what a worker or dispatcher sends and verifies what a worker receives (`MessageSigner` is one)."""
-
-    def signature_for(self, body: bytes) -> str | None:
-        """The detached JWS over `body`, a message encoded with no signature; None to send it unsigned."""
-        ...
-
-    @property
-    def policy(self) -> TrustPolicy:
-        """What each trusted key may do."""
-        ...
-
-    def sign_bytes(self, payload: bytes, *, typ: str) -> str | None:
-        """A detached JWS of type `typ` over `payload` (state kept at rest, a plan, an approval); None when unsigned."""
-        ...
-
-    def verify_bytes(self, signature: str | None, payload: bytes, *, typ: str) -> str | None:
-        """The key id that signed `payload` with `signature` (of type `typ`); None when messages are not signed.
-
-        Raises:
-            SecurityError: Not signed, not by a trusted key, of another type, or altered.
-        """
-        ...
-
-    async def verify(self, message: PaigeantMessage, spec: ActivitySpec, body: bytes) -> Verified:
-        """Check the signature of `body` (the bytes `message` was read from), that its signer may send to the
-        step, replay, and the user's token against `spec.required_scopes`.
-
-        Returns:
-            The signer and the validated claims of the user's on-behalf-of token, if there is one.
-
-        Raises:
-            SecurityError: With the precise reason; the message is dead-lettered and never run.
-            ReplayedMessage: A copy of exactly a settled hop: skipped if the broker redelivered it, else refused.
-            DuplicateMessage: The settled hop produced anew by a trusted signer: skipped.
-            TokenError: The user's token fails a check: the workflow faults, never retried.
-        """
-        ...
-
-    def authenticate(self, message: PaigeantMessage, spec: ActivitySpec, body: bytes) -> Authenticated:
-        """Check, without I/O, the signature of `body` (the bytes `message` was read from) and that its signer may
-        send to the step: the first check of a hop, before it may wait for anything.
-
-        Raises:
-            SecurityError: With the precise reason; the message is dead-lettered and never run.
-        """
-        ...
-
-    async def claim(self, message: PaigeantMessage, digest: str, *, redelivered: bool, lease: float) -> None:
-        """Claim the authenticated hop `message` (its content `digest`) as it starts (see `paigeant_ai._replay`).
-
-        Raises:
-            ReplayedMessage: A copy of exactly a hop that runs elsewhere or was settled: refused unless the broker
-                redelivered it (then skipped).
-            DuplicateMessage: The hop produced anew by a trusted signer: skipped.
-            SecurityError: The hop cannot be told from a replay (`replay_horizon`).
-        """
-        ...
-
-    def check_token(self, message: PaigeantMessage, spec: ActivitySpec) -> Mapping[str, Any] | None:
-        """The validated claims of the user's token, checked against `spec.required_scopes`.
-
-        Raises:
-            TokenError: The token fails a check: the workflow faults, never retried.
-        """
-        ...
-
-    async def settled(self, message: PaigeantMessage, digest: str | None = None) -> None:
-        """Called once the hop `message` (its content `digest`, from `authenticate`) is settled (acked after its
-        successor, retry or fault was published)."""
-        ...
-
-
-@dataclass(frozen=True, slots=True)
-class Authenticated:
-    """A hop whose signature holds: who signed it, and a digest of exactly what the signature covers."""
-
-    signer: str | None
-    digest: str = ""
-
-
-# -- the signer ------------------------------------------------------------------------------------------------
 
 
 class MessageSigner:
@@ -207,11 +109,7 @@ class MessageSigner:
         unsigned: bool = False,
         refusal: str | None = None,
     ) -> None:
-        self.signing_key = load_signing_key(signing_key) if signing_key is not None else None
-        trusted = list(trusted_keys or [])
-        if self.signing_key is not None:
-            trusted.append(self.signing_key)  # a worker may forward to a step it runs itself
-        self.trusted_keys = load_trusted_keys(*trusted) if trusted else KeySet([])
+        self._jws = DetachedJWS(signing_key, trusted_keys)
         self.tokens = tokens
         self.replay_cache: ReplayCache = replay_cache or InMemoryReplayCache()
         self.replay_ttl = replay_ttl
@@ -219,8 +117,6 @@ class MessageSigner:
         self.unsigned = unsigned
         self.refusal = refusal
         self.refused: Counter[str] = Counter()
-        self._registry = JWSRegistry(algorithms=list(ALGORITHMS))
-        self._headers: dict[str, tuple[Key, bytes, _Algorithm]] = {}  # typ -> key, header segment, algorithm
         if not unsigned and refusal is None and not self.trusted_keys:
             self.refusal = "no trusted keys: set PAIGEANT_TRUSTED_KEYS_FILE to the JWKS of the services you accept"
 
@@ -241,30 +137,19 @@ class MessageSigner:
         Without keys: with `allow_unsigned` (or `PAIGEANT_ALLOW_UNSIGNED=1`) it runs unsigned; on the in-memory
         transport it signs with a key made for this process; otherwise it refuses to work (see `ensure_ready`).
         """
-        settings = settings or Settings.from_env()
-        name = transport.name if transport is not None else settings.transport
-        local = getattr(transport, "process_local", False) if transport is not None else name in IN_MEMORY_NAMES
-        tokens = TokenValidator.from_settings(settings)
-        replay = replay_cache or _replay_cache_for(transport)
-        trusted_sources = _trusted_sources(settings)
-        opted_out = settings.allow_unsigned if allow_unsigned is None else allow_unsigned
-        policy_source = settings.trust_policy or settings.trust_policy_file
-        common: dict[str, Any] = {
-            "tokens": tokens,
-            "replay_cache": replay,
-            "replay_ttl": settings.replay_ttl,
-            "policy": TrustPolicy.load(policy_source) if policy_source else None,
-        }
-        if settings.signing_key or settings.signing_key_file or trusted_sources:
-            signing = _signing_key_of(settings)
-            trusted = load_trusted_keys(*trusted_sources) if trusted_sources else None
-            refusal = None if signing else "no signing key: set PAIGEANT_SIGNING_KEY_FILE to this service's private JWK"
-            return cls(signing, trusted, refusal=refusal, **common)
-        if opted_out:
-            return cls(unsigned=True, **common)
-        if local:  # nothing outside this process can reach its messages
-            return cls(ephemeral_key(), **common)
-        return cls(refusal=_missing_keys(name), **common)
+        return cls(
+            **signer_arguments(transport, allow_unsigned=allow_unsigned, settings=settings, replay_cache=replay_cache)
+        )
+
+    @property
+    def signing_key(self) -> Key | None:
+        """This service's private key; None when it signs nothing."""
+        return self._jws.signing_key
+
+    @property
+    def trusted_keys(self) -> KeySet:
+        """The public keys whose signatures are accepted, the signing key's own included."""
+        return self._jws.trusted_keys
 
     # -- readiness -------------------------------------------------------------------------------------------
 
@@ -309,18 +194,7 @@ class MessageSigner:
         """
         if self.refusal is not None:
             raise UserError(self.refusal)
-        if self.unsigned or self.signing_key is None:
-            return None
-        key = self.signing_key
-        cached = self._headers.get(typ)
-        if cached is None or cached[0] is not key:
-            # joserfc's compact serialization, with the protected header (always the same) encoded once
-            alg = algorithm_of(key) or ""  # a signing key is loaded only for an allowed algorithm
-            header = {"alg": alg, "kid": key.kid, "typ": typ}
-            cached = self._headers[typ] = (key, json_b64encode(header), self._registry.get_alg(alg))
-        _, segment, algorithm = cached
-        signature = algorithm.sign(segment + b"." + urlsafe_b64encode(payload), key)
-        return f"{segment.decode()}..{urlsafe_b64encode(signature).decode()}"
+        return None if self.unsigned else self._jws.sign(payload, typ)
 
     def verify_bytes(self, signature: str | None, payload: bytes, *, typ: str) -> str | None:
         """The key id that signed `payload` with the detached JWS `signature` of type `typ`; None when unsigned.
@@ -334,11 +208,9 @@ class MessageSigner:
             return None
         if not signature:
             raise SecurityError("not signed", code="unsigned")
-        parts = signature.split(".")
-        if len(parts) != 3 or parts[1]:
-            raise SecurityError("the signature is not a detached compact JWS", code="malformed_signature")
+        require_detached(signature)
         try:
-            return self._check_jws(signature, payload, typ)
+            return self._jws.verify(signature, payload, typ)
         except SecurityError as exc:
             self.refused[exc.code] += 1
             raise
@@ -413,7 +285,7 @@ class MessageSigner:
         )
         if state == "claimed":
             return
-        shown = _show(message.message_id)
+        shown = show(message.message_id)
         if state == "running":
             self.refused["replayed"] += 1
             raise ReplayedMessage(f"replayed: message {shown} is being processed")
@@ -438,7 +310,7 @@ class MessageSigner:
             TokenError: The token is missing, invalid, or lacks a scope the step requires.
         """
         try:
-            return self._check_token(message.security.obo_token, spec)
+            return check_scopes(self.tokens, message.security.obo_token, spec)
         except SecurityError as exc:
             self.refused[exc.code] += 1
             raise
@@ -464,74 +336,12 @@ class MessageSigner:
         """What `signature` covers in `body`, and the key that signed it, once checked against the trusted keys."""
         if not signature:
             raise SecurityError("the message is not signed", code="unsigned")
-        parts = signature.split(".")
-        if len(parts) != 3 or parts[1]:
-            raise SecurityError("the signature is not a detached compact JWS", code="malformed_signature")
+        require_detached(signature)
         try:
             signed = signing_input(body, signature)
         except InvalidMessage as exc:
             raise SecurityError(str(exc), code="malformed_signature") from None
-        return signed, self._check_jws(signature, signed, SIGNATURE_TYPE)
-
-    def _check_jws(self, signature: str, signed: bytes, typ: str) -> str:
-        """The key id that made the detached `signature` over `signed`, once checked against the trusted keys."""
-        try:
-            obj = jws.extract_compact(signature.encode(), signed)
-        except (JoseError, ValueError):
-            raise SecurityError("the signature's header cannot be read", code="malformed_signature") from None
-        header = obj.headers()
-        alg = header.get("alg")
-        if alg not in ALGORITHMS:
-            accepted = ", ".join(ALGORITHMS)
-            raise SecurityError(f"algorithm {_show(alg)} is not allowed (accepted: {accepted})", code="algorithm")
-        unexpected = sorted(set(header) - _HEADER_KEYS)
-        if unexpected:
-            raise SecurityError(f"unexpected signature header {_show(unexpected[0])}", code="header")
-        if header.get("typ") != typ:
-            raise SecurityError(f"signature type {_show(header.get('typ'))} is not {typ!r}", code="header")
-        kid = header.get("kid")
-        key = next((k for k in self.trusted_keys if isinstance(kid, str) and k.kid == kid), None)
-        if key is None:
-            raise SecurityError(f"signed with unknown key id {_show(kid)}", code="unknown_kid")
-        if algorithm_of(key) != alg or key.get("alg", alg) != alg:
-            raise SecurityError(f"key {_show(kid)} does not sign with {alg}", code="algorithm")
-        try:
-            valid = jws.validate_compact(obj, key, registry=self._registry)
-        except JoseError:
-            valid = False
-        if not valid:
-            raise SecurityError(
-                f"bad signature: the message was altered after key {_show(kid)} signed it, or that key did not sign it",
-                code="bad_signature",
-            )
-        return key.kid or ""
-
-    def _check_token(self, token: str | None, spec: ActivitySpec) -> Mapping[str, Any] | None:
-        required = spec.required_scopes
-        if token is None:
-            if required:
-                raise TokenError(
-                    f"step {spec.name!r} requires scope {_scopes(required)} but the workflow carries no "
-                    "on-behalf-of token",
-                    code="token_missing",
-                )
-            return None
-        if self.tokens is None:
-            if required:
-                raise TokenError(
-                    f"step {spec.name!r} requires scope {_scopes(required)} but this worker does not check tokens "
-                    "(set PAIGEANT_OBO_JWKS_FILE, PAIGEANT_OBO_ISSUER and PAIGEANT_OBO_AUDIENCE)",
-                    code="token_unchecked",
-                )
-            return None
-        claims = self.tokens.validate(token)
-        missing = [scope for scope in required if scope not in granted_scopes(claims)]
-        if missing:
-            raise TokenError(
-                f"the on-behalf-of token lacks scope {_scopes(missing)}, which step {spec.name!r} requires",
-                code="token_scope",
-            )
-        return claims
+        return signed, self._jws.verify(signature, signed, SIGNATURE_TYPE)
 
     # -- settling --------------------------------------------------------------------------------------------
 
@@ -550,55 +360,3 @@ def _made_after(message: PaigeantMessage) -> float:
     completed = message.routing_slip.completed
     made = message.created_at if not completed else max(message.created_at, completed[-1].finished_at)
     return made.timestamp()
-
-
-def _signing_key_of(settings: Settings) -> Key | None:
-    """The signing key of `PAIGEANT_SIGNING_KEY` (the JWK itself, never echoed: it is a secret) or of
-    `PAIGEANT_SIGNING_KEY_FILE` (its path)."""
-    inline = settings.signing_key
-    if not inline:
-        return load_signing_key(settings.signing_key_file) if settings.signing_key_file else None
-    fix = (
-        "put the private JWK written by `paigeant keys generate` there, as JSON, or set PAIGEANT_SIGNING_KEY_FILE "
-        "to the path of that file instead"
-    )
-    if not inline.strip().startswith("{"):
-        raise UserError(f"PAIGEANT_SIGNING_KEY is not a JWK (a JSON object); its value is not shown: {fix}")
-    try:
-        return load_signing_key(inline)
-    except UserError as exc:
-        raise UserError(f"PAIGEANT_SIGNING_KEY cannot be used ({exc}); its value is not shown: {fix}") from None
-
-
-def _trusted_sources(settings: Settings) -> list[str]:
-    sources: list[str] = []
-    if settings.trusted_keys:
-        sources.append(settings.trusted_keys)
-    if settings.trusted_keys_file:
-        import os
-
-        sources.extend(path for path in settings.trusted_keys_file.split(os.pathsep) if path.strip())
-    return sources
-
-
-def _replay_cache_for(transport: Transport | None) -> ReplayCache | None:
-    return transport.replay_cache() if isinstance(transport, SharedStores) else None
-
-
-def _missing_keys(transport: str) -> str:
-    return (
-        f"the {transport} transport needs message signing keys: set PAIGEANT_SIGNING_KEY_FILE to this service's "
-        "private JWK and PAIGEANT_TRUSTED_KEYS_FILE to the JWKS of every service it accepts messages from "
-        "(make them with `paigeant keys generate <service>`), or run without signatures, deliberately, with "
-        "PAIGEANT_ALLOW_UNSIGNED=1 (allow_unsigned=True)"
-    )
-
-
-def _show(value: object) -> str:
-    """A value from a message, for a reason: quoted and short."""
-    text = repr(value)
-    return text if len(text) <= 80 else text[:77] + "..."
-
-
-def _scopes(scopes: Sequence[str]) -> str:
-    return ", ".join(repr(scope) for scope in scopes)

@@ -1,0 +1,85 @@
+"""The checks of `WorkflowDispatcher.dispatch_workflow`: the shape of its arguments (each mistake told in one
+sentence), what makes a retry the same workflow (`workflow_fingerprint`), and what to say when no worker consumes
+the first step (`served_hint`)."""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import json
+from collections.abc import Mapping, Sequence
+from typing import Any, cast
+
+from pydantic import ValidationError
+
+from .activity import Activity
+from .contracts import ActivitySpec, PaigeantMessage
+from .exceptions import UserError
+
+__all__ = ("served_hint", "specs_of", "to_spec", "variables_of", "workflow_fingerprint")
+
+
+def to_spec(item: ActivitySpec | Activity | str) -> ActivitySpec:
+    """The spec the routing slip carries for `item`: a spec, an activity's spec, or a bare name."""
+    if isinstance(item, ActivitySpec):
+        return item
+    if isinstance(item, str):
+        try:
+            return ActivitySpec(name=item)
+        except ValidationError as exc:
+            raise UserError(f"invalid activity name {item!r}: {exc.errors(include_url=False)[0]['msg']}") from None
+    spec = getattr(item, "spec", None)
+    if isinstance(spec, ActivitySpec):
+        # Only what the routing slip needs travels: the worker that runs the activity owns its retry and timeout.
+        return ActivitySpec(
+            name=spec.name, description=spec.description, required_scopes=spec.required_scopes, mandatory=spec.mandatory
+        )
+    raise UserError(f"{item!r} is not an activity: pass ActivitySpec objects, activities or names")
+
+
+def specs_of(activities: object) -> list[ActivitySpec]:
+    """The spec of each step in `activities`, which must be a list of steps."""
+    if isinstance(activities, str):
+        raise UserError(f"activities must be a list of steps, not one string: write [{activities!r}]")
+    if not isinstance(activities, Sequence) or isinstance(activities, bytes | bytearray):
+        raise UserError(
+            f"activities must be a list of steps (ActivitySpec objects, activities or names), "
+            f"not {type(activities).__name__}"
+        )
+    return [to_spec(item) for item in cast("Sequence[ActivitySpec | Activity | str]", activities)]  # each checked
+
+
+def variables_of(variables: object) -> Mapping[str, Any] | None:
+    """`variables`, once checked to be None or a mapping with names as keys."""
+    if variables is None:
+        return None
+    if not isinstance(variables, Mapping):
+        raise UserError(
+            "variables must be a mapping of names to JSON values, like {'order_id': 42}, "
+            f"not {type(variables).__name__}"
+        )
+    for key in cast("Mapping[object, object]", variables):
+        if not isinstance(key, str):
+            raise UserError(f"variable names must be strings: {key!r} is {type(key).__name__}; write {str(key)!r}")
+    return cast("Mapping[str, Any]", variables)
+
+
+def workflow_fingerprint(message: PaigeantMessage) -> str:
+    """What makes two dispatches the same workflow: its activities, variables and token (hashed)."""
+    content = {
+        "activities": [spec.model_dump(mode="json") for spec in message.routing_slip.itinerary],
+        "variables": message.payload,
+        "obo_token": message.security.obo_token,
+    }
+    return hashlib.sha256(json.dumps(content, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def served_hint(activity: str, served: list[str] | None) -> str:
+    """What the transport knows of the steps that are served, for the `NoWorker` message."""
+    if served is None:
+        return ""
+    if not served:
+        return " (no worker consumes any step on this transport now)"
+    close = difflib.get_close_matches(activity, served, n=1)
+    guess = f"did you mean {close[0]!r}? " if close else ""
+    return f" ({guess}workers consume: {', '.join(served)})"
