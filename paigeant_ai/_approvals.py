@@ -22,15 +22,16 @@ import json
 import logging
 from collections.abc import Mapping
 from datetime import UTC, datetime
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 from pydantic import BaseModel, ConfigDict, Field, JsonValue, TypeAdapter, ValidationError
 from pydantic_ai import DeferredToolResults
 from pydantic_ai.tools import ToolApproved, ToolDenied
 from pydantic_core import to_jsonable_python
 
+from ._escape import escape_control
 from ._hop import Hop
-from ._tokens import granted_scopes
+from ._tokens import granted_scopes, unverified_claims
 from .approval import APPROVAL_TYPE, APPROVE_SCOPE, ParkedStep, PendingToolCall
 from .exceptions import SecurityError, TokenError, UserError
 from .security import MessageSecurity
@@ -82,6 +83,54 @@ class SignedApproval(BaseModel):
         return self.approval.model_dump_json().encode()
 
 
+DECISION_TYPE = "paigeant_approval"
+"""The `type` of the `authorization_details` entry (RFC 9396) that binds an approver's token to one decision."""
+
+
+def decision_digest(approval: Approval) -> str:
+    """What an approver's own token binds to: the workflow, step, call, the arguments that run, the parked record and
+    the decision (not who or when). See `ParkedStep.decision_digest`."""
+    fields = [
+        approval.correlation_id,
+        approval.step,
+        approval.activity,
+        approval.tool_call_id,
+        approval.tool_name,
+        approval.args_digest,
+        approval.parked_digest,
+        approval.decision,
+    ]
+    return hashlib.sha256(json.dumps(fields, separators=(",", ":")).encode()).hexdigest()
+
+
+def binds(claims: Mapping[str, Any], digest: str) -> bool:
+    """Whether a token's claims bind it to the decision `digest` (`authorization_details`, RFC 9396)."""
+    details = claims.get("authorization_details")
+    if not isinstance(details, list):
+        return False
+    return any(
+        isinstance(entry, dict) and entry.get("type") == DECISION_TYPE and entry.get("digest") == digest
+        for entry in cast("list[object]", details)
+    )
+
+
+def approval_of(parked: ParkedStep, call: PendingToolCall, answer: object, approver: str | None) -> Approval:
+    """The approval of `answer` to `call`, as `resume` signs it."""
+    decision, runs_with = _decision(answer, call)
+    return Approval(
+        correlation_id=parked.correlation_id,
+        step=parked.step,
+        activity=parked.activity,
+        tool_call_id=call.tool_call_id,
+        tool_name=call.tool_name,
+        args_digest=args_digest(runs_with),
+        parked_digest=parked.digest,
+        decision=decision,
+        approver=approver,
+        changed_args=_changed(call, runs_with),
+    )
+
+
 def args_digest(args: Mapping[str, Any]) -> str:
     """The SHA-256 of `args` as canonical JSON (sorted keys, no spaces)."""
     canonical = json.dumps(to_jsonable_python(dict(args)), sort_keys=True, separators=(",", ":"))
@@ -114,28 +163,23 @@ def sign_approvals(
             "approver='<their identity>' (with a key that holds 'approve' in the trust policy) or "
             "approver_token=<their token with scope 'paigeant:approve'>"
         )
-    if approver_token is None:
-        kid = _own_kid(security)
-        if kid is not None and not security.policy.allows(kid, "approve"):
-            raise UserError(
-                f"this service's key {kid!r} may not approve tool calls: grant it 'approve' in the trust policy, "
-                "or pass approver_token=<the approver's token with scope 'paigeant:approve'>"
-            )
+    kid = _own_kid(security)
+    may_approve = kid is None or security.policy.allows(kid, "approve")
+    if approver_token is None and not may_approve:
+        raise UserError(
+            f"this service's key {kid!r} may not approve tool calls: grant it 'approve' in the trust policy, "
+            "or pass approver_token=<the approver's token with scope 'paigeant:approve', bound to the decision>"
+        )
     signed: list[SignedApproval] = []
     for call in requests:
-        decision, runs_with = _decision(answers.approvals[call.tool_call_id], call)
-        approval = Approval(
-            correlation_id=parked.correlation_id,
-            step=parked.step,
-            activity=parked.activity,
-            tool_call_id=call.tool_call_id,
-            tool_name=call.tool_name,
-            args_digest=args_digest(runs_with),
-            parked_digest=parked.digest,
-            decision=decision,
-            approver=approver,
-            changed_args=_changed(call, runs_with),
-        )
+        approval = approval_of(parked, call, answers.approvals[call.tool_call_id], approver)
+        if not may_approve and not binds(unverified_claims(approver_token), decision_digest(approval)):
+            raise UserError(
+                f"this service's key {kid!r} may not approve tool calls, and the approver's token is not bound to "
+                f"the decision on {call.tool_name} ({call.tool_call_id}): have it issued with authorization_details "
+                f'[{{"type": "{DECISION_TYPE}", "digest": "{decision_digest(approval)}"}}] '
+                "(ParkedStep.decision_digest), or grant this key 'approve'"
+            )
         item = SignedApproval(approval=approval, approver_token=approver_token)
         item.proof = security.sign_bytes(item.signed_bytes(), typ=APPROVAL_TYPE)
         signed.append(item)
@@ -198,10 +242,16 @@ def check_resume(hop: Hop, security: MessageSecurity) -> list[str]:
                 f"the arguments {call.tool_name} ({call_id}) would run with are not the ones {who} approved",
                 code="approval_mismatch",
             )
+        if approval.changed_args != _changed(call, runs_with):  # the audit says what runs, whoever signed it
+            raise SecurityError(
+                f"the approval of {call.tool_name} ({call_id}) misstates the arguments it changed",
+                code="approval_mismatch",
+            )
         decided.append((approval, who))
     lines = describe(decided)
     if lines:
-        logger.info("workflow %s resumed at %s: %s", hop.message.correlation_id, hop.spec.name, "; ".join(lines))
+        what = escape_control(f"{hop.message.correlation_id} resumed at {hop.spec.name}: {'; '.join(lines)}")
+        logger.info("workflow %s", what)
     return lines
 
 
@@ -293,6 +343,14 @@ def _approver(item: SignedApproval, kid: str | None, security: MessageSecurity, 
     subject = claims.get("sub")
     if not isinstance(subject, str) or (item.approval.approver not in (None, subject)):
         raise SecurityError(f"{what} is refused: it names another approver than its token", code="approval_token")
+    # A token is a bearer credential that travels in the resume hop: alone, it proves only that its holder may
+    # approve something. It stands for this decision only if it is bound to it, or a key that may approve vouches.
+    if not security.policy.allows(kid, "approve") and not binds(claims, decision_digest(item.approval)):
+        raise SecurityError(
+            f"{what} is refused: the approver's token is not bound to this decision (authorization_details of type "
+            f"{DECISION_TYPE!r}), and key {kid!r} may not approve",
+            code="approval_token",
+        )
     return f"{subject} (token)"
 
 

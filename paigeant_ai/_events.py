@@ -27,6 +27,7 @@ from pydantic import Field, JsonValue, TypeAdapter
 from pydantic_core import to_json
 
 from . import observability
+from ._escape import escape_control
 from .contracts import EVENTS, WIRE_VERSION, PaigeantMessage, Wire, utcnow
 from .transports.base import Transport
 
@@ -179,7 +180,11 @@ class EventReporter:
                 if inspect.isawaitable(result):
                     await result
             except Exception:
-                logger.exception("an on_event callback failed for the %s event of %s", kind, event.correlation_id)
+                logger.exception(
+                    "an on_event callback failed for the %s event of %s",
+                    kind,
+                    escape_control(str(event.correlation_id)),
+                )
 
     async def _publish(self, values: dict[str, Any], *, now: bool) -> None:
         if self._batch is not None:
@@ -192,7 +197,10 @@ class EventReporter:
             if now:
                 raise
             logger.warning(
-                "could not publish the %s event of %s", values["kind"], values["correlation_id"], exc_info=True
+                "could not publish the %s event of %s",
+                values["kind"],
+                escape_control(str(values["correlation_id"])),
+                exc_info=True,
             )
 
     async def flush(self) -> None:

@@ -8,11 +8,9 @@ token; otherwise it is read as the token says, and is only as trustworthy as the
 
 from __future__ import annotations
 
-import base64
-import binascii
-import json
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
+from ._tokens import unverified_claims
 from .security import MessageSigner
 
 if TYPE_CHECKING:
@@ -31,18 +29,6 @@ def principal_of(token: str | None, security: MessageSecurity | None) -> str | N
     if token is None:
         return None
     validator = security.tokens if isinstance(security, MessageSigner) else None
-    claims = validator.validate(token) if validator is not None else _unverified_claims(token)
+    claims = validator.validate(token) if validator is not None else unverified_claims(token)
     subject = claims.get("sub")
     return subject if isinstance(subject, str) and subject else None
-
-
-def _unverified_claims(token: str) -> dict[str, Any]:
-    """The claims of a compact JWT, read without checking it; `{}` for anything else."""
-    parts = token.split(".")
-    if len(parts) != 3:
-        return {}
-    try:
-        decoded: object = json.loads(base64.urlsafe_b64decode(parts[1] + "=" * (-len(parts[1]) % 4)))
-    except (binascii.Error, ValueError):
-        return {}
-    return decoded if isinstance(decoded, dict) else {}  # pyright: ignore[reportUnknownVariableType]

@@ -3,6 +3,9 @@ against the scopes a step requires."""
 
 from __future__ import annotations
 
+import base64
+import binascii
+import json
 from collections.abc import Collection, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -182,3 +185,16 @@ def check_scopes(tokens: TokenValidator | None, token: str | None, spec: Activit
 
 def _scopes(scopes: Sequence[str]) -> str:
     return ", ".join(repr(scope) for scope in scopes)
+
+
+def unverified_claims(token: str | None) -> dict[str, Any]:
+    """The claims of a compact JWT, read without checking it; `{}` for no token or anything else. Only ever a hint
+    for an early, friendly error: what is trusted is what a `TokenValidator` validated."""
+    parts = (token or "").split(".")
+    if len(parts) != 3:
+        return {}
+    try:
+        decoded: object = json.loads(base64.urlsafe_b64decode(parts[1] + "=" * (-len(parts[1]) % 4)))
+    except (binascii.Error, ValueError):
+        return {}
+    return decoded if isinstance(decoded, dict) else {}  # pyright: ignore[reportUnknownVariableType]

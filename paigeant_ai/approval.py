@@ -28,6 +28,7 @@ from pydantic_ai.messages import ToolCallPart
 from pydantic_ai.tools import ToolApproved, ToolDenied
 from pydantic_core import to_jsonable_python
 
+from ._escape import escape_control
 from .contracts import PaigeantMessage, Resumption, SecurityContext, derive_message_id
 from .exceptions import ParkWorkflow, SecurityError, UserError
 from .transports.base import SharedStores, Transport
@@ -252,6 +253,21 @@ class ParkedStep(BaseModel):
         )
         return hop
 
+    def decision_digest(self, tool_call_id: str, answer: ApprovalAnswer = True) -> str:
+        """What an approver's own token must be bound to, for `resume(..., approver_token=...)` to need no key that
+        may approve: the digest to put in the token's `authorization_details` (RFC 9396) as
+        `{"type": "paigeant_approval", "digest": ...}`, for `answer` to the call `tool_call_id`.
+
+        Raises:
+            UserError: No approval request of that id is pending.
+        """
+        from ._approvals import approval_of, decision_digest  # the approvals module builds on this one
+
+        call = next((c for c in self.pending if c.tool_call_id == tool_call_id and c.kind == "approval"), None)
+        if call is None:
+            raise UserError(f"workflow {self.correlation_id!r} waits for no approval of {tool_call_id!r}")
+        return decision_digest(approval_of(self, call, answer, approver=None))
+
     def describe(self) -> str:
         """One line: what the step waits for."""
         return "waiting for " + ", ".join(
@@ -345,7 +361,7 @@ def verified(parked: ParkedStep, security: MessageSecurity) -> bool:
     try:
         parked.verify(security)
     except SecurityError as exc:
-        logger.warning("ignoring a parked record: %s", exc)
+        logger.warning("ignoring a parked record: %s", escape_control(str(exc)))
         return False
     return True
 
@@ -357,7 +373,7 @@ def loadable(records: Iterable[tuple[str, bytes | str]]) -> list[ParkedStep]:
         try:
             found.append(ParkedStep.load(data))
         except SecurityError as exc:
-            logger.warning("leaving parked workflow %r out: %s", correlation_id, exc)
+            logger.warning("leaving parked workflow %r out: %s", correlation_id, escape_control(str(exc)))
     return found
 
 

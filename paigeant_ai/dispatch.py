@@ -105,7 +105,6 @@ class WorkflowDispatcher:
             )
         elif self.ttl <= 0:
             raise UserError("ttl must be a positive number of seconds (or None for never)")
-        self.reporter = EventReporter(transport, on_event, publish=publish_events, batched=False, on_span=False)
         self.security: MessageSecurity = (
             security if security is not None else MessageSigner.from_settings(transport, allow_unsigned=allow_unsigned)
         )

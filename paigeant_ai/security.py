@@ -119,6 +119,11 @@ class MessageSigner:
         self.refused: Counter[str] = Counter()
         if not unsigned and refusal is None and not self.trusted_keys:
             self.refusal = "no trusted keys: set PAIGEANT_TRUSTED_KEYS_FILE to the JWKS of the services you accept"
+        if unsigned and not self._policy.is_open:  # a policy grants keys; with nothing signed, no key is known
+            self.refusal = (
+                "a trust policy needs signed messages: set the signing keys, or drop the policy "
+                "(PAIGEANT_TRUST_POLICY_FILE) to run unsigned"
+            )
 
     @classmethod
     def from_settings(

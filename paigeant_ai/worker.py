@@ -5,8 +5,10 @@ A hop goes through five stages, each in one place (see `Worker.process`):
 1. admit (`paigeant_ai._hop.admit`): the bytes, their size, the route, the expiry;
 2. authenticate (`Worker._authenticate`): the signature and the signer's right to send to the step, without I/O,
    before the hop may wait for anything (a forged copy of a running step never holds a slot);
-3. authorize (`Worker._authorize`): the hop's claim in the replay cache (see `paigeant_ai._replay`), the user's
-   token, and the dedupe store;
+3. authorize (`Worker._authorize`): the user's token, what the hop carries beyond its own signature (the signed
+   plan and revisions, a resume's parked record and approvals), then its claim in the replay cache (see
+   `paigeant_ai._replay`); a fresh copy is authorized before it may wait for a copy of its step running here,
+   so a replayed copy is refused at once; then the dedupe store;
 4. run (`Worker._run`): the activity with its timeout, in its span; what it does becomes an `Outcome`, decided by
    the pure `paigeant_ai._outcome.classify`;
 5. settle (`paigeant_ai._settle.settle`): the outcome's successor is made safe with the broker, then the delivery
@@ -279,10 +281,20 @@ class Worker:
             if isinstance(hop, Reject):
                 await refuse(delivery, hop, self)  # before it may wait: a forged copy never holds anything up
                 return
+            # A fresh copy is authorized (and claims its id) before it may wait, so a replayed copy of a running
+            # step is refused at once; the broker's redelivery waits for a copy running here, then finds it settled.
+            redelivered = hop.delivery.redelivered
+            outcome = None if redelivered else await self._authorize(hop)  # token, plan, resume, claim
+            if isinstance(outcome, Reject):
+                await settle(hop, outcome, self)
+                return
             key = hop.message.idempotency_key
             await self._one_copy_at_a_time(key)
             try:
-                outcome = await self._authorize(hop)  # claim (replay), token, dedupe
+                if redelivered:
+                    outcome = await self._authorize(hop)
+                if outcome is None and await self.dedupe.is_done(key):
+                    outcome = Skip("already completed (redelivery)")
                 if outcome is None:
                     outcome = await self._run(hop)  # timeout, activity span -> advance, end, park, retry, fault
                 await settle(hop, outcome, self)  # the successor made safe, then the ack
@@ -305,7 +317,8 @@ class Worker:
         self._running_keys[key] = asyncio.Event()
 
     async def _authorize(self, hop: Hop) -> Outcome | None:
-        """None when the authenticated hop may run (its token's claims then in `hop.claims`); else how it ends.
+        """None when the authenticated hop may run, as far as its token, what it carries and its claim go (its
+        token's claims then in `hop.claims`); else how it ends. The dedupe store is asked once it may run.
 
         Everything signed beyond the hop's own signature (the plan, a resume's parked record and approvals) is
         checked before the hop claims its id: a hop refused for what it carries must not block the genuine one.
@@ -337,8 +350,6 @@ class Worker:
         except SecurityError as exc:
             return Reject(f"security check failed: {exc}")
         observability.continue_trace(hop.message)  # signed as it is: its trace context is trusted from here on
-        if await self.dedupe.is_done(hop.message.idempotency_key):
-            return Skip("already completed (redelivery)")
         return Fault(str(refused)) if refused is not None else None
 
     async def _run(self, hop: Hop) -> Outcome:

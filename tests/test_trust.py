@@ -102,6 +102,12 @@ def test_the_settings_load_the_policy(tmp_path: Path, monkeypatch: pytest.Monkey
     assert MessageSigner.from_settings().policy.grants == TrustPolicy.load(POLICY).grants
 
 
+def test_a_trust_policy_without_signatures_is_refused_at_start() -> None:
+    signer = MessageSigner(unsigned=True, policy=TrustPolicy.load(POLICY))
+    with pytest.raises(UserError, match="a trust policy needs signed messages"):
+        signer.ensure_ready()
+
+
 async def test_a_hop_from_a_key_not_allowed_to_feed_the_step_is_dead_lettered(transport: Transport) -> None:
     ran: list[str] = []
 

@@ -80,9 +80,21 @@ ASKED = {"to": "acct-1", "amount": 10}
 STOLEN = {"to": "attacker", "amount": 1000000}
 
 
-def token(subject: str = "alice", *, scope: str = "payments:write", expires_in: float = 600) -> str:
+def token(
+    subject: str = "alice", *, scope: str = "payments:write", expires_in: float = 600, bound_to: str | None = None
+) -> str:
+    """A token from the identity provider; `bound_to`: the decision digest its `authorization_details` names."""
     now = int(datetime.now(UTC).timestamp())
-    claims = {"iss": ISSUER, "aud": AUDIENCE, "sub": subject, "scope": scope, "iat": now, "exp": now + expires_in}
+    claims: dict[str, Any] = {
+        "iss": ISSUER,
+        "aud": AUDIENCE,
+        "sub": subject,
+        "scope": scope,
+        "iat": now,
+        "exp": now + expires_in,
+    }
+    if bound_to is not None:
+        claims["authorization_details"] = [{"type": "paigeant_approval", "digest": bound_to}]
     return jwt.encode({"alg": "ES256", "kid": IDP.kid}, claims, IDP, algorithms=["ES256"])
 
 
@@ -385,9 +397,12 @@ async def test_resume_names_who_approved_and_the_changed_arguments_which_are_wha
 async def test_attack_approver_token_without_the_approve_scope_is_refused(transport: Transport) -> None:
     bank = Bank(transport)
     attacked, valid = await bank.park(), await bank.park()
-    # The shop's own key may not approve; a person's token with the approve scope may.
-    await bank.dispatcher().resume(attacked, approvals={"pay-1": True}, approver_token=token("bob"))
-    await bank.dispatcher().resume(valid, approvals={"pay-1": True}, approver_token=token("ana", scope=APPROVE_SCOPE))
+    # The shop's own key may not approve; a person's token with the approve scope, bound to the decision, may.
+    shop = bank.dispatcher()
+    unscoped = token("bob", bound_to=(await shop.parked(attacked)).decision_digest("pay-1"))
+    await shop.resume(attacked, approvals={"pay-1": True}, approver_token=unscoped)
+    ana = token("ana", scope=APPROVE_SCOPE, bound_to=(await shop.parked(valid)).decision_digest("pay-1"))
+    await shop.resume(valid, approvals={"pay-1": True}, approver_token=ana)
     await bank.run()
 
     assert bank.paid == [ASKED]
@@ -396,6 +411,32 @@ async def test_attack_approver_token_without_the_approve_scope_is_refused(transp
     ]
     assert bank.logs == [["approved pay (pay-1) by ana (token)"]]
     assert bank.completed(valid)
+
+
+async def test_attack_approver_token_reused_for_another_decision_is_refused(transport: Transport) -> None:
+    bank = Bank(transport)
+    approved, attacked = await bank.park(), await bank.park()
+    shop = bank.dispatcher()
+    with pytest.raises(UserError, match="the approver's token is not bound to the decision on pay"):
+        await shop.resume(approved, approvals={"pay-1": True}, approver_token=token("ana", scope=APPROVE_SCOPE))
+    ana = token("ana", scope=APPROVE_SCOPE, bound_to=(await shop.parked(approved)).decision_digest("pay-1"))
+    await shop.resume(approved, approvals={"pay-1": True}, approver_token=ana)
+    await bank.run()
+    # The intruder reads ana's token off the broker and approves another workflow's payment, to itself.
+    parked = await bank.dispatcher(INTRUDER).parked(attacked)
+    security = signer(INTRUDER, transport)
+    item = SignedApproval(approval=approval_of(parked, STOLEN, approver="ana"), approver_token=ana)
+    item.proof = security.sign_bytes(item.signed_bytes(), typ=APPROVAL_TYPE)
+    answers = DeferredToolResults(approvals={"pay-1": ToolApproved(override_args=STOLEN)})
+    await bank.send(parked.resume_message(answers, [item.model_dump(mode="json")]), security)
+    await bank.run()
+
+    assert bank.paid == [ASKED]
+    assert await bank.reasons() == [
+        "security check failed: the approval of pay (pay-1) is refused: the approver's token is not bound to this "
+        "decision (authorization_details of type 'paigeant_approval'), and key 'intruder-1' may not approve"
+    ]
+    assert bank.completed(approved)
 
 
 async def test_attack_double_resume_runs_the_tool_once(transport: Transport) -> None:
@@ -491,3 +532,23 @@ async def test_attack_parked_record_rewritten_is_not_reported_to_the_planner() -
 
         assert (await planner.get_workflow_status(ctx, tampered))["state"] == "unknown"
         assert (await planner.get_workflow_status(ctx, valid))["state"] == "waiting"
+
+
+async def test_attack_approval_that_hides_its_changed_arguments_is_refused() -> None:
+    async with InMemoryTransport() as transport:
+        bank = Bank(transport)
+        attacked, valid = await bank.park(), await bank.park()
+        parked = await bank.dispatcher(DESK).parked(attacked)
+        desk = signer(DESK, transport)
+        hidden = SignedApproval(approval=approval_of(parked, STOLEN))  # changed arguments, and no word of them
+        hidden.proof = desk.sign_bytes(hidden.signed_bytes(), typ=APPROVAL_TYPE)
+        answers = DeferredToolResults(approvals={"pay-1": ToolApproved(override_args=STOLEN)})
+        await bank.send(parked.resume_message(answers, [hidden.model_dump(mode="json")]), desk)
+        await bank.run()
+        await bank.approve(valid)
+
+        assert bank.paid == [ASKED]
+        assert await bank.reasons() == [
+            "security check failed: the approval of pay (pay-1) misstates the arguments it changed"
+        ]
+        assert bank.completed(valid)
