@@ -149,7 +149,8 @@ class WorkflowDispatcher:
             MessageTooLarge: The first message would exceed `max_message_bytes`.
         """
         message = self._first_message(activities, variables, obo_token, correlation_id)
-        message.plan = new_plan(message, self.security, revision_limits or self.revision_limits)
+        plan = new_plan(message, self.security, revision_limits or self.revision_limits)
+        message.plan = plan if plan.signature is not None else None  # unsigned, a plan would protect nothing
         owner = principal if principal is not None else principal_of(obo_token, self.security)
         fingerprint = workflow_fingerprint(message) if correlation_id is not None else None
         held = await self._claim(message.correlation_id, fingerprint) if fingerprint is not None else None

@@ -293,7 +293,8 @@ class Worker:
             try:
                 if redelivered:
                     outcome = await self._authorize(hop)
-                if outcome is None and await self.dedupe.is_done(key):
+                # A step that completed is skipped, even if its token has expired since (a refused token is a Fault).
+                if (outcome is None or isinstance(outcome, Fault)) and await self.dedupe.is_done(key):
                     outcome = Skip("already completed (redelivery)")
                 if outcome is None:
                     outcome = await self._run(hop)  # timeout, activity span -> advance, end, park, retry, fault
