@@ -38,7 +38,8 @@ def algorithm_of(key: Key) -> str | None:
     return None
 
 
-def _read_json(value: str | Path | Mapping[str, Any], what: str) -> Any:
+def read_json(value: str | Path | Mapping[str, Any], what: str) -> Any:
+    """JSON from a mapping, JSON text, or the path of a JSON file; `what` names it in the `UserError`."""
     if isinstance(value, Mapping):
         return dict(value)
     text = str(value).strip()
@@ -62,7 +63,7 @@ def load_signing_key(value: str | Path | Mapping[str, Any] | Key) -> Key:
     if isinstance(value, Key):
         key = value
     else:
-        data = _read_json(value, "the signing key")
+        data = read_json(value, "the signing key")
         if isinstance(data, dict) and "keys" in data:
             raise UserError(
                 "the signing key must be one private JWK (<service>.private.jwk.json), not a JWKS; "
@@ -89,7 +90,7 @@ def load_trusted_keys(*sources: str | Path | Mapping[str, Any] | KeySet | Key) -
         elif isinstance(source, Key):
             found = [source]
         else:
-            data = _read_json(source, "the trusted keys")
+            data = read_json(source, "the trusted keys")
             entries = data.get("keys") if isinstance(data, dict) and "keys" in data else [data]
             if not isinstance(entries, list):
                 raise UserError('trusted keys must be a JWKS: {"keys": [...]}')

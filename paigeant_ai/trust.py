@@ -25,12 +25,12 @@ A key the policy does not name may do nothing. Load it with `TrustPolicy.load(pa
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, cast, get_args
 
+from ._keys import read_json
 from .exceptions import SecurityError, UserError
 
 __all__ = ("Grant", "Permission", "TrustPolicy")
@@ -77,19 +77,7 @@ class TrustPolicy:
         Raises:
             UserError: It cannot be read, or names an unknown permission.
         """
-        if isinstance(source, Mapping):
-            data: object = dict(source)
-        else:
-            text = str(source).strip()
-            if isinstance(source, Path) or not text.startswith("{"):
-                try:
-                    text = Path(text).expanduser().read_text()
-                except OSError as exc:
-                    raise UserError(f"cannot read the trust policy from {str(source)!r}: {exc.strerror}") from None
-            try:
-                data = json.loads(text)
-            except json.JSONDecodeError as exc:
-                raise UserError(f"the trust policy is not valid JSON: {exc.msg} at line {exc.lineno}") from None
+        data: object = read_json(source, "the trust policy")
         return cls(_grants(data))
 
     @property

@@ -18,17 +18,9 @@ from pydantic_ai.models.test import TestModel
 
 from paigeant_ai import ActivityContext, AgentActivity, Worker, activity, get_transport
 
+from .workflows_for_crash import record
+
 PAY, TRANSFER = "replay-pay", "replay-transfer"
-
-
-def record(kind: str, line: str) -> None:
-    """Append `line` to this process's `<kind>-<pid>.log`."""
-    path = Path(os.environ["PAIGEANT_TEST_RECORDS"]) / f"{kind}-{os.getpid()}.log"
-    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-    try:
-        os.write(fd, f"{line}\n".encode())
-    finally:
-        os.close(fd)
 
 
 def runs(directory: Path, kind: str) -> list[str]:
