@@ -31,6 +31,7 @@ from ._events import EventCallback, EventReporter
 from ._hop import Hop, admit
 from ._outcome import SIGNALS, Fault, Outcome, Reject, Skip, classify, completed, describe
 from ._plan import PlanCheck
+from ._resume_checks import release_parked
 from ._settle import WorkerStats, refuse, settle
 from ._shared_store import resolve_shared_store, say_what_is_protected
 from .activity import DEFAULT_TIMEOUT, Activity, ActivityContext, ActivityFunc, as_activity
@@ -339,6 +340,7 @@ class Worker:
         observability.continue_trace(hop.message)  # signed as it is: its trace context is trusted from here on
         if await self.dedupe.is_done(hop.message.idempotency_key):
             return Skip("already completed (redelivery)")
+        await release_parked(hop, self.waiting_store, runs=refused is None)  # a resume that runs: off the store
         return Fault(str(refused)) if refused is not None else None
 
     async def _run(self, hop: Hop) -> Outcome:
