@@ -324,9 +324,16 @@ class WorkflowDispatcher:
             obo_token: A fresh on-behalf-of token of the workflow's user (the parked record keeps none); needed
                 when the workflow carried one.
 
+        Whatever the worker would refuse and can be checked here is checked before anything is sent (see
+        `paigeant_ai._resume_checks`); the parked record stays in the waiting store until a worker has claimed the
+        resume, so a resume the worker refuses leaves the workflow waiting.
+
         Raises:
             UserError: There is no waiting store, the workflow does not wait, an answer is missing or names no
-                pending call, approvals are answered without an approver, or the workflow needs a fresh token.
+                pending call, approvals are answered without an approver, the workflow needs a fresh token, or
+                a token would be refused by the worker (the approver's: invalid, expired, without
+                `paigeant:approve`, of another subject than `approver`; the fresh `obo_token`: invalid, of another
+                user than the workflow's, or given for a workflow that ran without one).
             SecurityError: The parked record is refused (see `parked`).
         """
         parked = await self.parked(correlation_id)
