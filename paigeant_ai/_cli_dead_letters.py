@@ -7,23 +7,28 @@ import asyncio
 import hashlib
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
+from datetime import UTC, datetime
+
+from pydantic import ValidationError
 
 from . import observability
 from ._cli_workflows import ambiguous, command_transport
 from ._escape import escape_control
 from ._events import EventReporter
 from ._sealing import seal
+from .approval import ParkedStep, WaitingStore, verified
 from .contracts import DEAD_LETTER, ActivityLogEntry, PaigeantMessage
 from .exceptions import InvalidMessage, SecurityError, UserError
 from .security import MessageSecurity, MessageSigner
 from .settings import Settings
 from .transports import IN_MEMORY_NAMES, Transport
-from .transports.base import REASON_HEADER, SOURCE_HEADER, Delivery
+from .transports.base import REASON_HEADER, SOURCE_HEADER, Delivery, SharedStores
 
 __all__ = (
     "DeadLetter",
     "add_command",
     "browse_dead_letters",
+    "park_again",
     "replay_dead_letter",
     "replay_id",
     "run_command",
@@ -102,7 +107,12 @@ async def browse_dead_letters(transport: Transport, visit: Callable[[DeadLetter]
     return seen
 
 
-async def replay_dead_letter(transport: Transport, letter: DeadLetter, signer: MessageSecurity) -> PaigeantMessage:
+async def replay_dead_letter(
+    transport: Transport,
+    letter: DeadLetter,
+    signer: MessageSecurity,
+    waiting_store: WaitingStore | None = None,
+) -> PaigeantMessage:
     """Send a letter back to the step it failed at, keeping its identity, so that nothing runs twice.
 
     The decision rests on what the letter's signature covers, never on its headers (anyone who can publish to
@@ -113,13 +123,18 @@ async def replay_dead_letter(transport: Transport, letter: DeadLetter, signer: M
       letter again makes the same hop, which the workers' replay cache refuses or skips;
     - any other letter (a hop refused as it arrived, a poison message, or a captured hop put there with a
       harmless-looking reason) is sent back exactly as it arrived, with its own id and signature: the worker checks
-      it in full again, and its replay cache refuses a hop that already ran.
+      it in full again, and its replay cache refuses a hop that already ran;
+    - a resume (a hop that carries a parked record and the answers to it) is not sent at all: its answers were used
+      once. Its parked record, once it verifies, is put back in `waiting_store` (by default the one the transport's
+      processes share, see `get_waiting_store`), signed anew by `signer`, so the workflow waits for new answers
+      (`park_again`).
 
     Returns:
-        The message sent.
+        The message sent (for a resume, the message of the record put back).
 
     Raises:
-        UserError: The letter is not a paigeant message, its workflow has no step left, or no trusted key signed it.
+        UserError: The letter is not a paigeant message, its workflow has no step left, no trusted key signed it, or
+            it is a resume that cannot be parked again (see `park_again`).
     """
     message = letter.message
     if message is None or message.routing_slip.current is None:
@@ -129,6 +144,8 @@ async def replay_dead_letter(transport: Transport, letter: DeadLetter, signer: M
             signer.check_signature(message, letter.delivery.body)
         except SecurityError as exc:
             raise UserError(f"this letter cannot be replayed: {exc}") from None
+    if message.resume is not None and message.resume.parked is not None:
+        return await park_again(transport, letter, signer, waiting_store)
     failure = signed_failure(message)
     if failure is None:
         replay, body = message, letter.delivery.body  # as it arrived: its identity is its id and signature
@@ -144,6 +161,52 @@ async def replay_dead_letter(transport: Transport, letter: DeadLetter, signer: M
         "replayed", replay, detail="from the dead-letter queue"
     )
     return replay
+
+
+async def park_again(
+    transport: Transport, letter: DeadLetter, signer: MessageSecurity, waiting_store: WaitingStore | None
+) -> PaigeantMessage:
+    """Put the parked record a resume letter carries back in the waiting store, signed anew by `signer`; its message.
+
+    Raises:
+        UserError: The transport's waiting store is process-local and none is given, the record does not verify,
+            `signer`'s key may not send to its step, or the workflow waits already.
+    """
+    message = letter.message
+    assert message is not None
+    assert message.resume is not None
+    assert message.resume.parked is not None
+    cid = message.correlation_id
+    store = waiting_store or (transport.waiting_store() if isinstance(transport, SharedStores) else None)
+    if store is None:
+        raise UserError(
+            f"this letter resumed workflow {cid!r}, so replaying it means parking the workflow again in the waiting "
+            f"store its workers share, and {transport.name}'s is in each process's memory: it stays in the "
+            "dead-letter queue (from Python, pass replay_dead_letter(..., waiting_store=<the workers' store>))"
+        )
+    try:
+        parked = ParkedStep.model_validate(message.resume.parked)
+        parked.verify(signer)
+    except (ValidationError, SecurityError) as exc:
+        raise UserError(f"this letter cannot be replayed: its parked record is refused: {exc}") from None
+    kid = _own_kid(signer)
+    if kid is not None and not signer.policy.may_send_to(kid, parked.activity):
+        raise UserError(
+            f"this letter cannot be replayed with key {kid!r}: the parked record is signed anew by the replaying "
+            f"key, and the trust policy does not let it send to {parked.activity!r}; grant it send_to "
+            f"{parked.activity!r}, or replay it with the key of a service that may"
+        )
+    current = await store.get(cid)
+    if current is not None and verified(current, signer):
+        raise UserError(f"workflow {cid!r} waits for input already: resume it rather than replay this letter")
+    again = parked.model_copy(update={"parked_at": datetime.now(UTC), "proof": None}).sign(signer)
+    await store.put(again)
+    await EventReporter(transport, batched=False, on_span=False, security=signer).report(
+        "waiting",
+        again.message,
+        detail=f"{again.describe()} again (its resume was replayed from the dead-letter queue)",
+    )
+    return again.message
 
 
 def signed_failure(message: PaigeantMessage) -> ActivityLogEntry | None:
@@ -164,6 +227,11 @@ def replay_id(message: PaigeantMessage, failure: ActivityLogEntry) -> str:
     seed = f"paigeant/v1/replay/{message.message_id}/{failure.name}/{failure.attempt}/{failure.error}".encode()
     digest = hashlib.blake2b(seed, digest_size=16).hexdigest()
     return f"{digest[:8]}-{digest[8:12]}-{digest[12:16]}-{digest[16:20]}-{digest[20:]}"
+
+
+def _own_kid(security: MessageSecurity) -> str | None:
+    key = getattr(security, "signing_key", None)
+    return None if key is None or getattr(security, "unsigned", False) else getattr(key, "kid", None)
 
 
 def _hop_headers(headers: dict[str, str]) -> dict[str, str]:
@@ -246,18 +314,33 @@ async def _replay(transport: Transport, given: str) -> int:
         print(f"no dead letter with message id {given!r}, nor one whose message or workflow ID starts with it")
         return 1
     replayed: list[tuple[DeadLetter, PaigeantMessage]] = []
+    refused: list[UserError] = []
 
     async def replay_match(letter: DeadLetter) -> bool:
-        if replayed or letter.message is None or letter.message.message_id != message_id:
+        if replayed or refused or letter.message is None or letter.message.message_id != message_id:
             return True
-        replayed.append((letter, await replay_dead_letter(transport, letter, signer)))
+        try:
+            replayed.append((letter, await replay_dead_letter(transport, letter, signer)))
+        except UserError as exc:
+            refused.append(exc)
+            return True  # the letter stays in the queue
         return False
 
     await browse_dead_letters(transport, replay_match)
+    if refused:
+        raise refused[0]
     if not replayed:
         print(f"no dead letter with message id {message_id!r}: another process took it meanwhile")
         return 1
     letter, message = replayed[0]
+    if letter.message is not None and letter.message.resume is not None:
+        print(
+            f"parked workflow {escape_control(message.correlation_id)} again at step {message.step} "
+            f"{escape_control(message.routing_slip.current or '')}: its resume's answers were used once, so it "
+            "waits for new ones (see `paigeant workflows` / WorkflowDispatcher.waiting())"
+        )
+        print(f"  its resume had failed: {escape_control(letter.reason)}")
+        return 0
     how = "as it arrived, " if message is letter.message else ""
     print(
         f"replayed workflow {escape_control(message.correlation_id)} to step {message.step} "

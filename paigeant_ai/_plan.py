@@ -92,8 +92,14 @@ def _revision_bytes(correlation_id: str, revision: Revision) -> bytes:
 # -- signing ---------------------------------------------------------------------------------------------------
 
 
-def new_plan(message: PaigeantMessage, security: MessageSecurity, limits: RevisionLimits | None = None) -> Plan:
-    """The signed plan of the workflow whose first message is `message`.
+def new_plan(
+    message: PaigeantMessage,
+    security: MessageSecurity,
+    limits: RevisionLimits | None = None,
+    *,
+    owner: str | None = None,
+) -> Plan:
+    """The signed plan of the workflow whose first message is `message`, which belongs to `owner`.
 
     Raises:
         UserError: The signing key may not start workflows under the trust policy (with the fix).
@@ -105,6 +111,7 @@ def new_plan(message: PaigeantMessage, security: MessageSecurity, limits: Revisi
             for spec in message.routing_slip.itinerary
         ],
         initiator=token_subject(message.security.obo_token),
+        owner=owner,
         limits=limits or RevisionLimits(),
         created_at=message.created_at,
         expires_at=message.expires_at,

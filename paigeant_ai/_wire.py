@@ -100,6 +100,9 @@ class Plan(Wire):
     steps: list[PlannedStep]
     initiator: str | None = None
     """The subject (`sub`) of the workflow's on-behalf-of token when it was started; every hop's token must have it."""
+    owner: str | None = Field(default=None, exclude_if=lambda owner: owner is None)
+    """The principal the workflow belongs to: the `principal=` given to `dispatch_workflow`, else the subject of its
+    token (see `WorkflowStatus.owner`)."""
     limits: RevisionLimits = Field(default_factory=RevisionLimits)
     created_at: AwareDatetime = Field(default_factory=utcnow)
     expires_at: AwareDatetime | None = None

@@ -5,7 +5,8 @@ approval, or one that raised `CallDeferred`), the step raises `ParkWorkflow`. Th
 (the message as it arrived, without its token, and the agent's conversation, whose deferred tool requests are
 what it waits for), signed with its key, in a `WaitingStore` and acks the message: nothing runs until
 `WorkflowDispatcher.resume` verifies the record, has each answer signed as an approval by an approver, and
-publishes the same step again with the record, the approvals and a fresh token (and removes the record). The
+publishes the same step again with the record, the approvals and a fresh token (the worker removes the record once
+it has claimed that resume, see `paigeant_ai._resume_checks`). The
 worker checks all of that before the step runs (`paigeant_ai._approvals`), and the agent continues its
 conversation where it stopped.
 

@@ -23,6 +23,7 @@ from ._dispatch_checks import to_spec as to_spec  # importable from here, as it 
 from ._events import EventCallback, EventReporter
 from ._plan import new_plan
 from ._principal import principal_of
+from ._resume_checks import check_before_resume
 from ._sealing import seal
 from .activity import Activity
 from .approval import verified
@@ -149,9 +150,9 @@ class WorkflowDispatcher:
             MessageTooLarge: The first message would exceed `max_message_bytes`.
         """
         message = self._first_message(activities, variables, obo_token, correlation_id)
-        plan = new_plan(message, self.security, revision_limits or self.revision_limits)
-        message.plan = plan if plan.signature is not None else None  # unsigned, a plan would protect nothing
         owner = principal if principal is not None else principal_of(obo_token, self.security)
+        plan = new_plan(message, self.security, revision_limits or self.revision_limits, owner=owner)
+        message.plan = plan if plan.signature is not None else None  # unsigned, a plan would protect nothing
         fingerprint = workflow_fingerprint(message) if correlation_id is not None else None
         held = await self._claim(message.correlation_id, fingerprint) if fingerprint is not None else None
         if held is not None and held == fingerprint:
@@ -323,9 +324,16 @@ class WorkflowDispatcher:
             obo_token: A fresh on-behalf-of token of the workflow's user (the parked record keeps none); needed
                 when the workflow carried one.
 
+        Whatever the worker would refuse and can be checked here is checked before anything is sent (see
+        `paigeant_ai._resume_checks`); the parked record stays in the waiting store until a worker has claimed the
+        resume, so a resume the worker refuses leaves the workflow waiting.
+
         Raises:
             UserError: There is no waiting store, the workflow does not wait, an answer is missing or names no
-                pending call, approvals are answered without an approver, or the workflow needs a fresh token.
+                pending call, approvals are answered without an approver, the workflow needs a fresh token, or
+                a token would be refused by the worker (the approver's: invalid, expired, without
+                `paigeant:approve`, of another subject than `approver`; the fresh `obo_token`: invalid, of another
+                user than the workflow's, or given for a workflow that ran without one).
             SecurityError: The parked record is refused (see `parked`).
         """
         parked = await self.parked(correlation_id)
@@ -341,11 +349,14 @@ class WorkflowDispatcher:
                 f"workflow {correlation_id!r} runs on behalf of a user and its parked record keeps no token: "
                 "pass obo_token=<a fresh token of that user>"
             )
+        check_before_resume(
+            parked, self.security, approver=approver, approver_token=approver_token, obo_token=obo_token
+        )
         signed = sign_approvals(parked, answers, self.security, approver=approver, approver_token=approver_token)
         message = parked.resume_message(answers, [item.model_dump(mode="json") for item in signed], obo_token=obo_token)
         with observability.replay_span(message, self.transport.name, operation="resume"):
             await self.transport.publish(parked.activity, self.encode(message), headers=dict(message.headers))
-        await self._store().remove(parked)
+        # The record stays parked until a worker has checked and claimed the resume (`_resume_checks`).
         audit = describe([(item.approval, attested(item)) for item in signed])
         others = sorted(answers.calls)
         detail = "; ".join([*audit, *([f"answered {', '.join(others)}"] if others else [])])

@@ -206,9 +206,9 @@ class PaigeantToolset(FunctionToolset[Any]):
         parked = await waiting.get(correlation_id) if waiting is not None else None
         if parked is not None and not verified(parked, self._dispatcher(ctx).security):
             parked = None  # never an unsigned record: one that fails its check is no answer
-        owner = status.owner if status is not None else _parked_owner(parked)
-        if (status is None and parked is None) or caller is _NOBODY or owner != caller:
-            return unknown  # another user's workflow is answered as one that does not exist
+        owner = (status.owner if status is not None else None) or _parked_owner(parked)
+        if owner is None or caller is _NOBODY or owner != caller:
+            return unknown  # another user's workflow, or nobody's, is answered as one that does not exist
         if parked is not None:
             return {
                 "correlation_id": correlation_id,
@@ -370,12 +370,11 @@ _NOBODY = object()
 
 
 def _parked_owner(parked: ParkedStep | None) -> str | None:
-    """The owner of a verified parked workflow the store does not know: its plan's initiator (signed by the
-    dispatcher), else the subject the parking worker recorded."""
-    if parked is None:
+    """The owner of a verified parked workflow the store does not know: the one its plan names (signed by the
+    dispatcher); None (nobody's) when the plan names none."""
+    if parked is None or parked.message.plan is None:
         return None
-    plan = parked.message.plan
-    return plan.initiator if plan is not None and plan.initiator else parked.obo_subject
+    return parked.message.plan.owner
 
 
 def _correlation_id(ctx: RunContext[Any]) -> str | None:

@@ -90,8 +90,9 @@ class WorkflowStatus(BaseModel):
     stalled: str | None = Field(default=None, exclude_if=lambda reason: reason is None)
     """Why a stalled workflow does not move: no worker consumes its current step (see `mark_stalled`)."""
     owner: str | None = Field(default=None, exclude_if=lambda owner: owner is None)
-    """The principal that dispatched it, from its earliest `dispatched` event (see `WorkflowDispatcher`); the
-    planner shows a workflow only to its owner."""
+    """The principal that dispatched it, from its earliest `dispatched` event (see `WorkflowDispatcher`), kept by
+    the store once known even when that event is trimmed; the planner shows a workflow only to its owner, and one
+    whose owner is unknown (None) to nobody."""
     events: list[WorkflowEvent] = Field(default_factory=list[WorkflowEvent])
     """The history, oldest first."""
 
@@ -283,6 +284,8 @@ class InMemoryWorkflowStore:
         self.max_workflows = max_workflows
         self.max_events = max_events
         self._events: OrderedDict[str, dict[str, WorkflowEvent]] = OrderedDict()
+        self._owners: dict[str, tuple[datetime, str]] = {}
+        """Each workflow's owner and when it was dispatched: kept when the `dispatched` event is trimmed."""
 
     async def apply(self, event: WorkflowEvent) -> None:
         correlation_id = event.correlation_id
@@ -293,15 +296,21 @@ class InMemoryWorkflowStore:
             events = self._events[correlation_id] = {}
         self._events.move_to_end(correlation_id)
         events[event.model_dump_json()] = event
+        owner = self._owners.get(correlation_id)
+        if event.kind == "dispatched" and event.owner is not None and (owner is None or event.at < owner[0]):
+            self._owners[correlation_id] = (event.at, event.owner)  # the earliest dispatch names the owner
         if len(events) > self.max_events:
             oldest = min(events, key=lambda key: event_order(events[key]))
             del events[oldest]
         if len(self._events) > self.max_workflows:
-            self._events.popitem(last=False)
+            evicted, _ = self._events.popitem(last=False)
+            self._owners.pop(evicted, None)
 
     async def get(self, correlation_id: str) -> WorkflowStatus | None:
         events = self._events.get(correlation_id)
-        return project(correlation_id, events.values()) if events else None
+        return with_owner(
+            project(correlation_id, events.values()) if events else None, self._owners.get(correlation_id)
+        )
 
     async def list(self, *, limit: int = 20) -> Sequence[WorkflowStatus]:
         found: list[WorkflowStatus] = []
@@ -312,6 +321,13 @@ class InMemoryWorkflowStore:
             if status is not None:
                 found.append(status)
         return found
+
+
+def with_owner(status: WorkflowStatus | None, owner: tuple[datetime, str] | None) -> WorkflowStatus | None:
+    """`status` with the owner its store kept (from the earliest `dispatched` event, which may have been trimmed)."""
+    if status is not None and owner is not None:
+        status.owner = owner[1]
+    return status
 
 
 def get_workflow_store(transport: Transport) -> WorkflowStore:

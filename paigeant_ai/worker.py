@@ -33,6 +33,7 @@ from ._events import EventCallback, EventReporter
 from ._hop import Hop, admit
 from ._outcome import SIGNALS, Fault, Outcome, Reject, Skip, classify, completed, describe
 from ._plan import PlanCheck
+from ._resume_checks import release_parked
 from ._settle import WorkerStats, refuse, settle
 from ._shared_store import resolve_shared_store, say_what_is_protected
 from .activity import DEFAULT_TIMEOUT, Activity, ActivityContext, ActivityFunc, as_activity
@@ -297,6 +298,7 @@ class Worker:
                 if (outcome is None or isinstance(outcome, Fault)) and await self.dedupe.is_done(key):
                     outcome = Skip("already completed (redelivery)")
                 if outcome is None:
+                    await release_parked(hop, self.waiting_store)  # a resume that runs: off the store
                     outcome = await self._run(hop)  # timeout, activity span -> advance, end, park, retry, fault
                 await settle(hop, outcome, self)  # the successor made safe, then the ack
             finally:

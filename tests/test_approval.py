@@ -23,6 +23,7 @@ from paigeant_ai import (
     InMemoryWaitingStore,
     ItineraryRevision,
     PaigeantToolset,
+    PlannerAgentDeps,
     UserError,
     Worker,
     WorkflowDispatcher,
@@ -228,6 +229,7 @@ async def test_resume_checks_its_answers_against_what_is_pending(transport: InMe
         await WorkflowDispatcher(transport).resume(correlation_id, approvals={"send-1": True}, approver="ana")
 
     await setup.dispatcher.resume(correlation_id, approvals={"send-1": True}, approver="ana")
+    await setup.worker().run(burst=True)  # the record leaves the store once a worker claimed the resume
     with pytest.raises(UserError, match="is not waiting for input"):
         await setup.dispatcher.resume(correlation_id, approvals={"send-1": True}, approver="ana")
 
@@ -247,9 +249,14 @@ async def test_without_a_waiting_store_the_step_faults_and_says_why(transport: I
 
 async def test_a_parked_workflow_reports_what_it_waits_for(transport: InMemoryTransport) -> None:
     setup = Setup(transport, Support(Script([SEND, answer])))
-    correlation_id = await setup.start()
+    correlation_id = await setup.dispatcher.dispatch_workflow(
+        [setup.support.step, close_ticket], {"ticket": "can't log in after payment"}, principal="tenant-a:alice"
+    )
+    await setup.worker().run(burst=True)
     planner = PaigeantToolset(ActivityCatalog([setup.support.step]), dispatcher=setup.dispatcher, require_workers=False)
-    ctx = RunContext[Any](deps=None, model=TestModel(), usage=RunUsage())
+    ctx = RunContext[Any](
+        deps=PlannerAgentDeps(setup.dispatcher, principal="tenant-a:alice"), model=TestModel(), usage=RunUsage()
+    )
 
     assert await planner.get_workflow_status(ctx, correlation_id) == snapshot(
         {

@@ -349,7 +349,7 @@ async def test_the_planner_as_a_capability(transport: InMemoryTransport) -> None
 async def test_status_comes_from_the_workflow_store(transport: InMemoryTransport) -> None:
     store = InMemoryWorkflowStore()
     dispatcher = WorkflowDispatcher(transport, on_event=store.apply)
-    correlation_id = await dispatcher.dispatch_workflow(["classify-ticket"], {"ticket": "x"})
+    correlation_id = await dispatcher.dispatch_workflow(["classify-ticket"], {"ticket": "x"}, principal="alice")
     script = Script(
         [
             call("get_workflow_status", {"correlation_id": correlation_id}),
@@ -362,7 +362,7 @@ async def test_status_comes_from_the_workflow_store(transport: InMemoryTransport
         toolsets=[PaigeantToolset(build_catalog(), dispatcher=dispatcher, store=store, require_workers=False)],
     )
 
-    await agent.run("how is it going?")
+    await agent.run("how is it going?", deps=PlannerAgentDeps(dispatcher, principal="alice"))
 
     known, unknown = [json.loads(part.model_response_str()) for part in tool_returns(script.requests[-1])]
     assert known["correlation_id"] == correlation_id

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterable, Sequence
+from datetime import UTC, datetime
 from typing import TYPE_CHECKING, cast
 
 from pydantic import ValidationError
@@ -16,7 +17,7 @@ from ..._events import WorkflowEvent
 from ..._replay import ClaimState
 from ...approval import ParkedStep, loadable
 from ...exceptions import UserError
-from ...store import DEFAULT_MAX_EVENTS, WorkflowStatus, event_order, project
+from ...store import DEFAULT_MAX_EVENTS, WorkflowStatus, event_order, project, with_owner
 from . import _lua as lua
 from ._wire import ms
 
@@ -194,6 +195,11 @@ class RedisWorkflowStore:
         """The sorted set of one workflow's events."""
         return f"{self.transport.namespace}:workflow:{correlation_id}"
 
+    def owner_key(self, correlation_id: str) -> str:
+        """The workflow's owner, kept apart from its events so that trimming them never loses it: a sorted set
+        of one member, the owner of its earliest `dispatched` event, scored by when it was dispatched."""
+        return f"{self.transport.namespace}:workflow-owner:{correlation_id}"
+
     async def apply(self, event: WorkflowEvent) -> None:
         correlation_id = event.correlation_id
         if correlation_id is None:
@@ -206,6 +212,11 @@ class RedisWorkflowStore:
                 pipe.zadd(key, {event.model_dump_json(): micros * 4 + rank})
                 pipe.zremrangebyrank(key, 0, -self.max_events - 1)
                 pipe.pexpire(key, round(self.ttl * 1000))
+                if event.kind == "dispatched" and event.owner is not None:
+                    owner_key = self.owner_key(correlation_id)
+                    pipe.zadd(owner_key, {event.owner: micros}, lt=True)
+                    pipe.zremrangebyrank(owner_key, 1, -1)  # only the earliest dispatch names the owner
+                pipe.pexpire(self.owner_key(correlation_id), round(self.ttl * 1000))
                 pipe.zadd(self.index_key, {correlation_id: micros}, gt=True)
                 pipe.zremrangebyrank(self.index_key, 0, -self.max_workflows - 1)
                 await pipe.execute()
@@ -213,7 +224,10 @@ class RedisWorkflowStore:
     async def get(self, correlation_id: str) -> WorkflowStatus | None:
         with self.transport.errors(f"reading workflow {correlation_id!r}"):
             raw = await self.transport.client.zrange(self.events_key(correlation_id), 0, -1)
-        return project(correlation_id, _parse_events(raw))
+            owners = await self.transport.client.zrange(self.owner_key(correlation_id), 0, 0)
+            micros = await self.transport.client.zscore(self.owner_key(correlation_id), owners[0]) if owners else None
+        owner = (datetime.fromtimestamp(micros / 1e6, UTC), owners[0].decode()) if owners and micros else None
+        return with_owner(project(correlation_id, _parse_events(raw)), owner)
 
     async def list(self, *, limit: int = 20) -> Sequence[WorkflowStatus]:
         with self.transport.errors("listing workflows"):
