@@ -421,9 +421,8 @@ async def test_attack_approver_token_without_the_approve_scope_is_refused(transp
     assert bank.completed(valid)
     # Refused, the workflow still waits: the person with the approve scope can still decide.
     assert [p.correlation_id for p in await bank.dispatcher().waiting()] == [attacked]
-    await bank.dispatcher().resume(
-        attacked, approvals={"pay-1": True}, approver_token=token("ana", scope=APPROVE_SCOPE)
-    )
+    ana = token("ana", scope=APPROVE_SCOPE, bound_to=(await shop.parked(attacked)).decision_digest("pay-1"))
+    await bank.dispatcher().resume(attacked, approvals={"pay-1": True}, approver_token=ana)
     await bank.run()
     assert bank.paid == [ASKED, ASKED]
     assert bank.completed(attacked)

@@ -89,8 +89,9 @@ async def test_a_resume_the_worker_refuses_leaves_the_workflow_parked(transport:
     cid = await bank.park()
     parked = await bank.dispatcher(DESK).parked(cid)
     # The approver's token is valid when the dispatcher checks it, and expired when the worker does.
+    bound = parked.decision_digest("pay-1")
     await bank.dispatcher().resume(
-        cid, approvals={"pay-1": True}, approver_token=token("ana", scope=APPROVE_SCOPE, expires_in=1)
+        cid, approvals={"pay-1": True}, approver_token=token("ana", scope=APPROVE_SCOPE, expires_in=1, bound_to=bound)
     )
     await asyncio.sleep(1.2)
     await bank.run()
@@ -100,7 +101,8 @@ async def test_a_resume_the_worker_refuses_leaves_the_workflow_parked(transport:
     assert "the approver's token: the on-behalf-of token has expired" in reason
     [still] = await bank.dispatcher().waiting()  # the record is where it was: the workflow can be resumed again
     assert still.digest == parked.digest
-    await bank.dispatcher().resume(cid, approvals={"pay-1": True}, approver_token=token("ana", scope=APPROVE_SCOPE))
+    ana = token("ana", scope=APPROVE_SCOPE, bound_to=bound)
+    await bank.dispatcher().resume(cid, approvals={"pay-1": True}, approver_token=ana)
     await bank.run()
     assert bank.paid == [ASKED]
     assert bank.completed(cid)
