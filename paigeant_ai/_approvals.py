@@ -7,8 +7,10 @@ paigeant-approval+jws`, over its JSON) by the approver's principal, one of:
 
 - a key that holds `approve` in the trust policy (an approvals desk's service): it attests `approver`;
 - a user's token with the scope `paigeant:approve` (`APPROVE_SCOPE`), carried in the approval as
-  `approver_token` and validated by the worker's `TokenValidator`: the approver is its `sub`. The approval is then
-  signed by the resuming service's key, which needs no `approve` of its own.
+  `approver_token` and validated by the worker's `TokenValidator`: the approver is its `sub`. A token is a bearer
+  credential that travels in the resume hop, so it stands for a decision only if it is bound to it (an RFC 9396
+  `authorization_details` entry of type `paigeant_approval` with the `decision_digest`); then the resuming service's
+  key needs no `approve` of its own. Otherwise that key must hold `approve` too.
 
 Before a resume hop's step runs, `check_resume` verifies that the hop continues a real parked record (its proof,
 its route and payload, its id, which is the same for every resume of that record so that only one runs) and that
