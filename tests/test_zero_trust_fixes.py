@@ -93,7 +93,7 @@ async def test_a_resume_the_worker_refuses_leaves_the_workflow_parked(transport:
     await bank.dispatcher().resume(
         cid, approvals={"pay-1": True}, approver_token=token("ana", scope=APPROVE_SCOPE, expires_in=1, bound_to=bound)
     )
-    await asyncio.sleep(1.2)
+    await asyncio.sleep(2.1)  # `exp` is a whole second, checked against whole seconds: past it only after 2
     await bank.run()
 
     assert bank.paid == []
