@@ -32,7 +32,12 @@ def to_spec(item: ActivitySpec | Activity | str) -> ActivitySpec:
     if isinstance(spec, ActivitySpec):
         # Only what the routing slip needs travels: the worker that runs the activity owns its retry and timeout.
         return ActivitySpec(
-            name=spec.name, description=spec.description, required_scopes=spec.required_scopes, mandatory=spec.mandatory
+            name=spec.name,
+            description=spec.description,
+            required_scopes=spec.required_scopes,
+            mandatory=spec.mandatory,
+            compensate=spec.compensate,
+            fallbacks=spec.fallbacks,
         )
     raise UserError(f"{item!r} is not an activity: pass ActivitySpec objects, activities or names")
 

@@ -48,8 +48,18 @@ EventKind = Literal[
     "waiting",
     "resumed",
     "replayed",
+    "cancel_requested",
+    "cancelled",
+    "expired",
+    "compensating",
+    "compensated",
+    "compensation_failed",
 ]
-"""What a `WorkflowEvent` reports; `replayed` is a step sent again from the dead-letter queue."""
+"""What a `WorkflowEvent` reports; `replayed` is a step sent again from the dead-letter queue.
+
+A workflow that stops before its end (`faulted`, `cancelled`, `expired`) with completed steps to undo goes on with
+`compensating`, the compensations as steps (their events name the step they undo in `undoes`), and ends
+`compensated` or `compensation_failed`."""
 
 
 class WorkflowEvent(Wire):
@@ -74,6 +84,14 @@ class WorkflowEvent(Wire):
     """The names of the steps still to run when it happened, the current one first (`None`: not known)."""
     owner: str | None = None
     """On a `dispatched` event: the principal that dispatched the workflow (see `WorkflowStatus.owner`)."""
+    undoes: str | None = Field(default=None, exclude_if=lambda value: value is None)
+    """On the events of a compensation: the completed step it undoes (`step` is that step's index)."""
+    by: str | None = Field(default=None, exclude_if=lambda value: value is None)
+    """On `cancel_requested` and `cancelled`: who cancelled the workflow."""
+    deadline: datetime | None = Field(default=None, exclude_if=lambda value: value is None)
+    """On `dispatched`: when the workflow expires (it then ends `expired`)."""
+    timeout: float | None = Field(default=None, exclude_if=lambda value: value is None)
+    """On `step_started`: the seconds the attempt may run."""
 
 
 _EVENT_BATCH = TypeAdapter(list[WorkflowEvent])
@@ -101,7 +119,7 @@ EventCallback = Callable[[WorkflowEvent], Awaitable[None] | None]
 _DEFAULTS: dict[str, Any] = {
     name: field.default
     for name, field in WorkflowEvent.model_fields.items()
-    if not field.is_required() and field.default_factory is None
+    if not field.is_required() and field.default_factory is None and field.exclude_if is None
 } | {"correlation_id": None}
 
 

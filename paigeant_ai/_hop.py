@@ -13,16 +13,21 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from ._outcome import Reject
+from ._outcome import Halt, Reject
 from .activity import Activity, ActivityContext
 from .contracts import ActivitySpec, PaigeantMessage
 from .exceptions import InvalidMessage
 from .transports.base import Delivery
 
-__all__ = ("Hop", "admit", "effective_spec")
+__all__ = ("EXPIRY_GRACE", "Hop", "admit", "effective_spec")
+
+EXPIRY_GRACE = timedelta(days=1)
+"""How long after its workflow's deadline a hop still ends the workflow `expired` (its compensations run); the
+replay cache remembers every hop that long past its expiry, so a copy replayed in that time is refused. Later, it is
+refused as expired, with nothing undone."""
 
 
 @dataclass(slots=True)
@@ -40,6 +45,9 @@ class Hop:
         claims: The validated claims of the user's token, once authorized.
         ctx: What the activity was given, once it runs (its route revisions are applied when the hop settles).
         approvals: For a resume hop, once authorized: who approved or denied which call (for the step's log).
+        expired: The workflow's deadline passed before the hop arrived (it ends `expired` once authenticated).
+        deadline_bound: The step's timeout was cut short to the workflow's deadline.
+        interrupt: Why the running step was interrupted (its workflow was cancelled), if it was.
     """
 
     delivery: Delivery
@@ -52,38 +60,62 @@ class Hop:
     claims: Mapping[str, Any] | None = None
     ctx: ActivityContext | None = None
     approvals: list[str] = field(default_factory=list[str])
+    expired: bool = False
+    deadline_bound: bool = False
+    interrupt: Halt | None = None
 
 
 def admit(delivery: Delivery, activities: Mapping[str, Activity], max_bytes: int) -> Hop | Reject:
-    """The hop `delivery` is, if its bytes are a message of a size, route and age this worker accepts."""
+    """The hop `delivery` is, if its bytes are a message of a size, route and age this worker accepts.
+
+    A hop past its workflow's deadline by less than `EXPIRY_GRACE` is admitted (`Hop.expired`) unless it undoes the
+    workflow: its signature decides whether the workflow then ends `expired`. A compensation past its own deadline,
+    or any hop past the grace, is refused.
+    """
     if len(delivery.body) > max_bytes:
         return Reject(f"message too large: {len(delivery.body)} bytes, the limit is {max_bytes}")
     try:
         message = PaigeantMessage.from_json(delivery.body)
     except InvalidMessage as exc:
         return Reject(str(exc))
-    wire = message.routing_slip.current_activity
-    current = wire.name if wire is not None else None
+    slip = message.routing_slip
+    wire, current = slip.current_activity, slip.current
     if current != delivery.address:
         return Reject(f"misrouted: the message is for step {current!r} but arrived on {delivery.address!r}")
     activity = activities.get(delivery.address)
-    if activity is None or wire is None:
+    if activity is None or wire is None or current is None:
         known = ", ".join(sorted(activities))
         return Reject(f"unknown activity {current!r}; this worker runs: {known}")
-    if message.expires_at is not None and message.expires_at < datetime.now(UTC):
-        return Reject(f"expired at {message.expires_at.isoformat()}")
-    return Hop(delivery, message, activity, effective_spec(activity.spec, wire))
+    expires_at, now = message.expires_at, datetime.now(UTC)
+    expired = expires_at is not None and expires_at < now
+    if expires_at is not None and expired and (slip.unwinding is not None or expires_at + EXPIRY_GRACE < now):
+        return Reject(f"expired at {expires_at.isoformat()}")
+    return Hop(delivery, message, activity, effective_spec(activity.spec, wire, current), expired=expired)
 
 
-def effective_spec(own: ActivitySpec, wire: ActivitySpec) -> ActivitySpec:
-    """The worker's spec, with the workflow's explicit overrides and the union of required scopes."""
-    if wire.retry is None and wire.timeout is None and not wire.arguments and not wire.required_scopes:
+def effective_spec(own: ActivitySpec, wire: ActivitySpec, current: str | None = None) -> ActivitySpec:
+    """The worker's spec, with the workflow's explicit overrides and the union of required scopes.
+
+    A fallback (`current` is not the step's own name) runs with the step's arguments and scopes, and its own retry
+    policy, timeout and compensation.
+    """
+    scopes = tuple(dict.fromkeys((*own.required_scopes, *wire.required_scopes)))
+    if current is not None and current != wire.name:
+        return own.model_copy(update={"arguments": {**own.arguments, **wire.arguments}, "required_scopes": scopes})
+    if (
+        wire.retry is None
+        and wire.timeout is None
+        and not wire.arguments
+        and not wire.required_scopes
+        and wire.compensate is None
+    ):
         return own  # the usual case: nothing overridden
     return own.model_copy(
         update={
             "arguments": {**own.arguments, **wire.arguments},
             "retry": wire.retry or own.retry,
             "timeout": wire.timeout or own.timeout,
-            "required_scopes": tuple(dict.fromkeys((*own.required_scopes, *wire.required_scopes))),
+            "required_scopes": scopes,
+            "compensate": wire.compensate or own.compensate,
         }
     )

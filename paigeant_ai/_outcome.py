@@ -1,4 +1,4 @@
-"""How a hop ends, as a value: the seven outcomes, and the pure functions that decide them.
+"""How a hop ends, as a value: the eight outcomes, and the pure functions that decide them.
 
 A hop comes to exactly one outcome, and `paigeant_ai._settle.settle` acts on it:
 
@@ -8,7 +8,9 @@ A hop comes to exactly one outcome, and `paigeant_ai._settle.settle` acts on it:
 | `End`     | the activity ended the workflow early (`EndWorkflow`), as a business outcome                   |
 | `Park`    | the step waits for input (`ParkWorkflow`): stored in the waiting store until it is resumed      |
 | `Retry`   | the same step is published again, as the next attempt, after a delay                           |
-| `Fault`   | the workflow fails: a copy with the reason goes to the dead-letter queue                       |
+| `Fault`   | the step failed for good: its next fallback runs, else the workflow faults and its completed    |
+|           | steps are undone (or, with nothing to undo, a copy with the reason goes to the dead-letter queue) |
+| `Halt`    | the workflow is cancelled or past its deadline: its completed steps are undone                 |
 | `Skip`    | the hop already ran (a redelivery or a duplicate): acked, nothing runs                         |
 | `Reject`  | nothing in the message is trusted: dead-lettered as it arrived, never retried                  |
 
@@ -21,7 +23,7 @@ from __future__ import annotations
 
 import asyncio
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import JsonValue
 from pydantic_ai.exceptions import UsageLimitExceeded
@@ -39,6 +41,7 @@ __all__ = (
     "Advance",
     "End",
     "Fault",
+    "Halt",
     "Outcome",
     "Park",
     "Reject",
@@ -93,9 +96,23 @@ class Retry:
 
 @dataclass(frozen=True, slots=True)
 class Fault:
-    """The workflow fails at this step with `reason`."""
+    """The step fails for good with `reason`: its next fallback runs, if it has one and `fallback` allows it;
+    else the workflow faults."""
 
     reason: str
+    fallback: bool = True
+    """False for a failure no other activity could help (the user's token refused)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Halt:
+    """The workflow stops before or during this step: cancelled (`by`, with the signed request `cancel`) or past
+    its deadline (`expired`)."""
+
+    cause: Literal["cancelled", "expired"]
+    reason: str
+    by: str | None = None
+    cancel: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -112,7 +129,7 @@ class Reject:
     reason: str
 
 
-Outcome = Advance | End | Park | Retry | Fault | Skip | Reject
+Outcome = Advance | End | Park | Retry | Fault | Halt | Skip | Reject
 
 
 def classify(exc: BaseException, spec: ActivitySpec, attempt: int) -> Outcome:

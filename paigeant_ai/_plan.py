@@ -27,7 +27,8 @@ import hashlib
 import json
 from collections import Counter, OrderedDict
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any, TypeVar
+from datetime import timedelta
+from typing import Any, NamedTuple, TypeVar
 
 from ._tokens import unverified_claims
 from .contracts import ActivitySpec, PaigeantMessage, Plan, PlannedStep, Revision, RevisionLimits, RoutingSlip
@@ -50,8 +51,19 @@ PLAN_TYPE = "paigeant-plan+jws"
 REVISION_TYPE = "paigeant-revision+jws"
 
 T = TypeVar("T")
-_Step = tuple[str, str, bool]
-"""A step of the route as the check sees it: name, spec digest, mandatory."""
+
+COMPENSATION_WINDOW = timedelta(days=7)
+"""How long after a workflow stopped its compensations may still run, past its own expiry."""
+
+
+class _Step(NamedTuple):
+    """A step of the route as the check sees it."""
+
+    name: str
+    digest: str
+    mandatory: bool
+    fallbacks: tuple[str, ...] = ()
+    compensate: str | None = None
 
 
 def spec_digest(spec: ActivitySpec) -> str:
@@ -100,7 +112,13 @@ def new_plan(
     plan = Plan(
         correlation_id=message.correlation_id,
         steps=[
-            PlannedStep(name=spec.name, digest=spec_digest(spec), mandatory=spec.mandatory)
+            PlannedStep(
+                name=spec.name,
+                digest=spec_digest(spec),
+                mandatory=spec.mandatory,
+                fallbacks=spec.fallbacks,
+                compensate=spec.compensate,
+            )
             for spec in message.routing_slip.itinerary
         ],
         initiator=token_subject(message.security.obo_token),
@@ -172,11 +190,11 @@ def _beyond(items: Sequence[T], surplus: Counter[str], key: Callable[[T], str]) 
 
 
 def _step_key(step: _Step) -> str:
-    return step[1]
+    return step.digest
 
 
 def _steps(specs: Sequence[ActivitySpec]) -> list[_Step]:
-    return [(spec.name, spec_digest(spec), spec.mandatory) for spec in specs]
+    return [_Step(spec.name, spec_digest(spec), spec.mandatory, spec.fallbacks, spec.compensate) for spec in specs]
 
 
 def check_route(plan: Plan, slip: RoutingSlip) -> int:
@@ -189,7 +207,7 @@ def check_route(plan: Plan, slip: RoutingSlip) -> int:
         SecurityError: With code `revision` (a revision goes past the limits, removes a mandatory step, or was not
             made where it says) or `plan` (the log or the live route is not what the plan and revisions give).
     """
-    route: list[_Step] = [(step.name, step.digest, step.mandatory) for step in plan.steps]
+    route = [_Step(step.name, step.digest, step.mandatory, step.fallbacks, step.compensate) for step in plan.steps]
     done = [entry.name for entry in slip.completed if entry.outcome != "failed"]
     limits = plan.limits
     if len(slip.revisions) > limits.max_revisions:
@@ -206,7 +224,7 @@ def check_route(plan: Plan, slip: RoutingSlip) -> int:
         last = at
         new = _steps(revision.remaining)
         added, removed = added_and_removed(route[at + 1 :], new, _step_key)
-        mandatory = [name for name, _, required in removed if required]
+        mandatory = [step.name for step in removed if step.mandatory]
         if mandatory:
             names = ", ".join(repr(name) for name in mandatory)
             raise _revision_error(f"revision {number} by {revision.activity!r} removes mandatory step {names}")
@@ -222,22 +240,69 @@ def check_route(plan: Plan, slip: RoutingSlip) -> int:
             )
         route[at + 1 :] = new
     _check_done(route, done)
-    _check_remaining(route[len(done) :], _steps(slip.itinerary))
+    _check_compensations(route, done, slip)
+    if slip.unwinding is None:
+        _check_remaining(route[len(done) :], _steps(slip.itinerary))
+    else:
+        pending = [record.compensate for record in reversed(slip.compensations) if record.compensated_at is None]
+        if [spec.model_dump() for spec in slip.itinerary] != [ActivitySpec(name=name).model_dump() for name in pending]:
+            raise _plan_error(
+                f"the compensations to run {[spec.name for spec in slip.itinerary]} are not the ones the compensation "
+                f"log leaves {pending}"
+            )
+    _check_fallbacks(route, slip)
     return added_total
 
 
 def _check_done(route: list[_Step], done: list[str]) -> None:
     for position, name in enumerate(done):
-        planned = route[position][0] if position < len(route) else None
-        if planned != name:
-            raise _plan_error(f"step {position} ran as {name!r}, but the plan and its revisions have {planned!r} there")
+        planned = route[position] if position < len(route) else None
+        if planned is None or name not in (planned.name, *planned.fallbacks):
+            raise _plan_error(
+                f"step {position} ran as {name!r}, but the plan and its revisions have "
+                f"{planned.name if planned is not None else None!r} there"
+            )
+
+
+def _check_fallbacks(route: list[_Step], slip: RoutingSlip) -> None:
+    """Each fallback taken follows its step's declared order, and the live step runs as one of its alternatives."""
+    position = 0
+    expected: str | None = route[0].name if route else None
+    for entry in slip.completed:
+        step = route[position] if position < len(route) else None
+        alternatives = (step.name, *step.fallbacks) if step is not None else ()
+        if entry.outcome != "failed":
+            position += 1
+            expected = route[position].name if position < len(route) else None
+            continue
+        if entry.fallback is None:
+            continue
+        at = alternatives.index(entry.name) if entry.name in alternatives else -1
+        if entry.name != expected or at < 0 or at + 1 >= len(alternatives) or alternatives[at + 1] != entry.fallback:
+            raise _plan_error(f"step {position} fell back from {entry.name!r} to {entry.fallback!r}, out of its order")
+        expected = entry.fallback
+    if slip.unwinding is None and slip.current is not None and slip.current != expected:
+        raise _plan_error(f"step {position} runs as {slip.current!r}, but its alternatives give {expected!r} now")
+
+
+def _check_compensations(route: list[_Step], done: list[str], slip: RoutingSlip) -> None:
+    """Each entry of the compensation log names a completed step, once, with the compensation its plan declares."""
+    last = -1
+    for record in slip.compensations:
+        if record.step <= last or record.step >= len(done) or done[record.step] != record.activity:
+            raise _plan_error(f"the compensation log names step {record.step} {record.activity!r}, which did not run")
+        planned = route[record.step] if record.step < len(route) else None
+        declared = planned.compensate if planned is not None and planned.name == record.activity else None
+        if declared is not None and declared != record.compensate:
+            raise _plan_error(f"step {record.step} is undone by {record.compensate!r}, but its plan names {declared!r}")
+        last = record.step
 
 
 def _check_remaining(expected: list[_Step], live: list[_Step]) -> None:
-    if [step[1] for step in expected] == [step[1] for step in live]:
+    if [step.digest for step in expected] == [step.digest for step in live]:
         return
-    if [step[0] for step in expected] == [step[0] for step in live]:
-        changed = next(live[i][0] for i in range(len(live)) if live[i][1] != expected[i][1])
+    if [step.name for step in expected] == [step.name for step in live]:
+        changed = next(live[i].name for i in range(len(live)) if live[i].digest != expected[i].digest)
         raise _plan_error(
             f"step {changed!r} is not as planned: its arguments, retry, timeout or scopes were changed without a "
             "revision"
@@ -249,7 +314,7 @@ def _check_remaining(expected: list[_Step], live: list[_Step]) -> None:
 
 
 def _names(steps: list[_Step]) -> str:
-    return "[" + ", ".join(step[0] for step in steps) + "]"
+    return "[" + ", ".join(step.name for step in steps) + "]"
 
 
 def _plan_error(reason: str) -> SecurityError:
@@ -315,8 +380,12 @@ class PlanCheck:
             raise _plan_error(f"key {kid!r} signed it, and the trust policy does not allow it to 'start' workflows")
         if plan.correlation_id != message.correlation_id:
             raise _plan_error("the hop carries the plan of another workflow")
-        if plan.expires_at is not None and (message.expires_at is None or message.expires_at > plan.expires_at):
-            raise _plan_error(f"the hop expires later than the plan allows ({plan.expires_at.isoformat()})")
+        latest = plan.expires_at
+        unwinding = message.routing_slip.unwinding
+        if latest is not None and unwinding is not None:  # its compensations may run past the workflow's expiry
+            latest = max(latest, unwinding.at) + COMPENSATION_WINDOW
+        if latest is not None and (message.expires_at is None or message.expires_at > latest):
+            raise _plan_error(f"the hop expires later than the plan allows ({latest.isoformat()})")
         for number, revision in enumerate(message.routing_slip.revisions, 1):
             payload = _revision_bytes(message.correlation_id, revision)
             kid = self._verified_signer(

@@ -9,7 +9,10 @@ safe with the broker. What "successor" means depends on the outcome (see `paigea
 - `Park`: the parked record, in the waiting store.
 - `Retry`: the next attempt's message, published with its delay; for a resumed step, the parked record it was
   resumed from, signed anew (its answers are used once: it waits for new ones).
-- `Fault`: the copy with the reason, on the dead-letter queue.
+- `Fault`: the step's next fallback, if it has one; else, with completed steps to undo, the first compensation
+  (the workflow unwinds: see `RoutingSlip.unwind`); else the copy with the reason, on the dead-letter queue. A
+  compensation that fails for good leaves the workflow `compensation_failed`, its copy on the dead-letter queue.
+- `Halt`: the first compensation, if the workflow has completed steps to undo; else none.
 - `Skip`: none; the hop already ran.
 - `Reject`: the delivery itself, moved to the dead-letter queue as it arrived (`Transport.dead_letter`).
 
@@ -33,11 +36,11 @@ from ._dedupe import DedupeStore
 from ._escape import escape_control
 from ._events import EventReporter
 from ._hop import Hop
-from ._outcome import Advance, End, Fault, Outcome, Park, Reject, Retry, Skip
-from ._plan import revise_route
+from ._outcome import Advance, End, Fault, Halt, Outcome, Park, Reject, Retry, Skip
+from ._plan import COMPENSATION_WINDOW, revise_route
 from ._sealing import NonFiniteNumber, seal, too_large, unsigned_body
 from .approval import ParkedStep, WaitingStore
-from .contracts import DEAD_LETTER, ActivityLogEntry, PaigeantMessage, RetryPolicy
+from .contracts import DEAD_LETTER, ActivityLogEntry, Compensation, PaigeantMessage, RetryPolicy, Unwinding
 from .exceptions import MessageTooLarge, ParkWorkflow, SecurityError
 from .security import MessageSecurity
 from .transports.base import REASON_HEADER, SOURCE_HEADER, Delivery, Transport
@@ -58,6 +61,31 @@ class WorkerStats:
     rejected: int = 0
     duplicates: int = 0
     parked: int = 0
+    fell_back: int = 0
+    compensated: int = 0
+    cancelled: int = 0
+    expired: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class _FellBack:
+    """A failed step handed on to its next fallback."""
+
+    reason: str
+    to: str
+
+
+@dataclass(frozen=True, slots=True)
+class _Stopped:
+    """A workflow stopped (faulted, cancelled, expired) with `pending` completed steps to undo, oldest first."""
+
+    unwinding: Unwinding
+    pending: list[Compensation]
+    failed: str | None
+    """Why the step that was running failed, when one was (it is logged as failed)."""
+
+
+_Settled = Outcome | _FellBack | _Stopped
 
 
 class SettleDeps(Protocol):
@@ -90,13 +118,13 @@ async def settle(hop: Hop, outcome: Outcome, deps: SettleDeps) -> None:
     if isinstance(outcome, Reject):
         await refuse(hop.delivery, outcome, deps)
         return
-    outcome, as_arrived = await _secure_successor(hop, outcome, deps)
+    settled, as_arrived = await _secure_successor(hop, outcome, deps)
     if as_arrived is None:
         await deps.transport.ack(hop.delivery)
     else:  # the fault's copy could not be sealed: the bytes as they arrived are the copy, moved and settled at once
         await deps.transport.dead_letter(hop.delivery, as_arrived)
     await deps.security.settled(hop.message, hop.digest)  # now even the broker's redelivery of it is skipped
-    await _report(hop, outcome, deps)
+    await _report(hop, settled, deps)
 
 
 async def refuse(delivery: Delivery, outcome: Reject, deps: SettleDeps) -> None:
@@ -109,7 +137,7 @@ async def refuse(delivery: Delivery, outcome: Reject, deps: SettleDeps) -> None:
     await deps.reporter.report("rejected", None, detail=reason, activity=delivery.address)
 
 
-async def _secure_successor(hop: Hop, outcome: Outcome, deps: SettleDeps) -> tuple[Outcome, str | None]:
+async def _secure_successor(hop: Hop, outcome: Outcome, deps: SettleDeps) -> tuple[_Settled, str | None]:
     """Publish what follows `hop`; the outcome as settled, and the reason to dead-letter the delivery as it arrived
     (None: ack it). An outcome whose successor cannot be sent becomes a `Fault`."""
     match outcome:
@@ -142,11 +170,59 @@ async def _secure_successor(hop: Hop, outcome: Outcome, deps: SettleDeps) -> tup
                 return await _publish_retry(hop, outcome, deps), None
             except (MessageTooLarge, NonFiniteNumber) as exc:  # the retry cannot be sent: nothing was
                 return await _secure_successor(hop, Fault(str(exc)), deps)
-        case Fault():
+        case Fault() if hop.message.routing_slip.unwinding is not None:  # a compensation failed for good
             return outcome, await _publish_fault(hop, outcome, deps)
+        case Fault():
+            slip = hop.message.routing_slip
+            if outcome.fallback and (
+                to := slip.fall_back(attempt=hop.message.attempt, started_at=hop.started, error=outcome.reason)
+            ):
+                await _publish_hop(hop.message, deps)
+                return _FellBack(outcome.reason, to), None
+            if any(record.compensated_at is None for record in slip.compensations):
+                cause = Unwinding(
+                    cause="faulted", reason=_fault_detail(hop, outcome), step=slip.step, activity=hop.spec.name
+                )
+                return await _stop(hop, cause, deps, failed=outcome.reason), None
+            return outcome, await _publish_fault(hop, outcome, deps)
+        case Halt():
+            slip = hop.message.routing_slip
+            cause = Unwinding(
+                cause=outcome.cause,
+                reason=outcome.reason,
+                step=slip.step,
+                activity=slip.current,
+                by=outcome.by,
+                cancel=outcome.cancel,
+            )
+            failed = f"interrupted: {outcome.reason}" if hop.interrupt is not None else None
+            return await _stop(hop, cause, deps, failed=failed), None
         case Skip() | Reject():
             pass
     return outcome, None
+
+
+async def _stop(hop: Hop, unwinding: Unwinding, deps: SettleDeps, *, failed: str | None) -> _Stopped:
+    """Stop the workflow of `hop` for `unwinding.cause` and send its first compensation, if it has steps to undo."""
+    message = hop.message
+    slip = message.routing_slip
+    if failed is not None:
+        slip.mark_failed(hop.spec.name, attempt=message.attempt, started_at=hop.started, error=failed)
+    pending = slip.unwind(unwinding)
+    message.resume = None
+    if pending:
+        # Undoing may take longer than the workflow had left, and must still happen: the compensations have a
+        # window of their own from now, which every worker allows (see `paigeant_ai._plan`).
+        message.expires_at = unwinding.at + COMPENSATION_WINDOW
+        await _publish_hop(message, deps)
+    return _Stopped(unwinding, pending, failed)
+
+
+async def _publish_hop(message: PaigeantMessage, deps: SettleDeps) -> None:
+    """Publish `message` as the first attempt of its slip's current step."""
+    hop = message.next_hop()
+    body = seal(hop, deps.security, max_bytes=deps.max_message_bytes)
+    await deps.transport.publish(hop.routing_slip.current or "", body, headers=dict(hop.headers))
 
 
 async def _complete_step(hop: Hop, outcome: Advance | End, deps: SettleDeps) -> None:
@@ -159,13 +235,24 @@ async def _complete_step(hop: Hop, outcome: Advance | End, deps: SettleDeps) -> 
             hop.spec.name, attempt=message.attempt, started_at=hop.started, reason=outcome.reason, output_keys=keys
         )
     else:
-        await _apply_revisions(hop, deps)
+        undoing = message.routing_slip.undoing
+        if undoing is None:
+            await _apply_revisions(hop, deps)  # the slip it leaves is a new one
+        slip = message.routing_slip
         message.resume = None  # the step is done; the next one starts afresh
         message.payload.update(outcome.update)
-        entry = message.routing_slip.mark_complete(
-            hop.spec.name, attempt=message.attempt, started_at=hop.started, output_keys=keys
-        )
+        entry = slip.mark_complete(hop.spec.name, attempt=message.attempt, started_at=hop.started, output_keys=keys)
         entry.approvals = hop.approvals  # who approved what this step ran, in the signed log
+        if undoing is None and hop.spec.compensate is not None:
+            slip.compensations.append(
+                Compensation(
+                    step=entry.step,
+                    activity=entry.name,
+                    compensate=hop.spec.compensate,
+                    idempotency_key=key,
+                    output=outcome.update,
+                )
+            )
         await _publish_next(message, deps)
     await _report_step_done(message, entry, deps)
     await deps.dedupe.mark_done(key)
@@ -178,16 +265,24 @@ async def _publish_next(message: PaigeantMessage, deps: SettleDeps) -> None:
         if size > deps.max_message_bytes:
             raise too_large(size, deps.max_message_bytes)
         return
-    hop = message.next_hop()
-    body = seal(hop, deps.security, max_bytes=deps.max_message_bytes)
-    await deps.transport.publish(hop.routing_slip.current or "", body, headers=dict(hop.headers))
+    await _publish_hop(message, deps)
 
 
 async def _report_step_done(message: PaigeantMessage, entry: ActivityLogEntry, deps: SettleDeps) -> None:
     """Report the completed step; a workflow's last step reports its result, safely published before the ack, so
     that a crash in between runs the last step again rather than losing the result."""
-    finished = message.routing_slip.is_complete
+    slip = message.routing_slip
+    finished = slip.is_complete
     fields: dict[str, Any] = {"activity": entry.name, "step": entry.step, "attempt": entry.attempt}
+    if slip.unwinding is not None:
+        deps.stats.compensated += 1
+        undone = next(record for record in slip.compensations if record.step == entry.step)
+        fields["undoes"] = undone.activity
+        await deps.reporter.report("step_completed", message, duration=entry.duration, at=entry.finished_at, **fields)
+        if finished:
+            detail = f"{_undone(slip.compensations)}; {slip.unwinding.cause}: {slip.unwinding.reason}"
+            await deps.reporter.report("compensated", message, detail=detail, payload=dict(message.payload), now=True)
+        return
     deps.stats.completed_steps += 1  # counted first, so that a callback reading the stats sees this step
     deps.stats.completed_workflows += finished
     await deps.reporter.report("step_completed", message, duration=entry.duration, at=entry.finished_at, **fields)
@@ -268,10 +363,30 @@ def _fault_detail(hop: Hop, outcome: Fault) -> str:
     return escape_control(f"step {hop.spec.name!r} failed: {outcome.reason}")
 
 
-async def _report(hop: Hop, outcome: Outcome, deps: SettleDeps) -> None:
+def _undone(records: list[Compensation]) -> str:
+    names = ", ".join(f"{record.activity} (by {record.compensate})" for record in reversed(records))
+    return f"undid {names}" if names else "nothing to undo"
+
+
+async def _report(hop: Hop, outcome: _Settled, deps: SettleDeps) -> None:
     """Count and report a settled hop (a completed step was reported before its ack)."""
     message, stats, report = hop.message, deps.stats, deps.reporter.report
+    undoing = message.routing_slip.undoing
     match outcome:
+        case _FellBack():
+            stats.fell_back += 1
+            failed = message.routing_slip.completed[-1]
+            detail = f"{outcome.reason}; falling back to {outcome.to!r}"
+            await report("step_failed", message, activity=failed.name, attempt=failed.attempt, detail=detail)
+        case _Stopped():
+            await _report_stopped(hop, outcome, deps)
+        case Fault() if undoing is not None:
+            stats.faulted += 1
+            detail = _fault_detail(hop, outcome)
+            logger.warning("a compensation of %s failed: %s", escape_control(message.correlation_id), detail)
+            fields: dict[str, Any] = {"activity": hop.spec.name, "step": undoing.step, "undoes": undoing.activity}
+            await report("step_failed", message, detail=outcome.reason, **fields)
+            await report("compensation_failed", message, detail=detail, **fields)
         case Park():
             stats.parked += 1
             await report("waiting", message, detail=outcome.detail)
@@ -292,5 +407,28 @@ async def _report(hop: Hop, outcome: Outcome, deps: SettleDeps) -> None:
             cid = escape_control(message.correlation_id)
             logger.info("step %s of %s %s; skipping it", hop.delivery.address, cid, outcome.reason)
             await report("step_skipped", message, detail=outcome.reason)
-        case Advance() | End() | Reject():
+        case Advance() | End() | Reject() | Halt():
             pass
+
+
+async def _report_stopped(hop: Hop, stopped: _Stopped, deps: SettleDeps) -> None:
+    message, report, unwinding = hop.message, deps.reporter.report, stopped.unwinding
+    stats = deps.stats
+    fields: dict[str, Any] = {"activity": hop.spec.name, "step": unwinding.step}
+    if stopped.failed is not None:
+        await report("step_failed", message, detail=stopped.failed, **fields)
+    cid = escape_control(message.correlation_id)
+    if unwinding.cause == "faulted":
+        stats.faulted += 1
+        logger.warning("workflow %s faulted: %s", cid, unwinding.reason)
+        await report("faulted", message, detail=unwinding.reason, **fields)
+    elif unwinding.cause == "cancelled":
+        stats.cancelled += 1
+        logger.info("workflow %s cancelled by %s: %s", cid, escape_control(str(unwinding.by)), unwinding.reason)
+        await report("cancelled", message, detail=unwinding.reason, by=unwinding.by, **fields)
+    else:
+        stats.expired += 1
+        logger.info("workflow %s expired: %s", cid, unwinding.reason)
+        await report("expired", message, detail=unwinding.reason, **fields)
+    if stopped.pending:
+        await report("compensating", message, detail=f"undoing {_undone(stopped.pending).removeprefix('undid ')}")

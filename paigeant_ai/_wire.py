@@ -86,6 +86,10 @@ class PlannedStep(Wire):
     digest: str
     """The spec's digest (see `paigeant_ai._plan.spec_digest`): arguments, retry, timeout and scopes included."""
     mandatory: bool = Field(default=False, exclude_if=_false)
+    fallbacks: tuple[str, ...] = Field(default=(), exclude_if=lambda value: not value)
+    """The step's fallbacks (see `ActivitySpec.fallbacks`): the activities that may run it instead."""
+    compensate: str | None = Field(default=None, exclude_if=lambda value: value is None)
+    """The activity that undoes the step, when the spec names one."""
 
 
 class Plan(Wire):

@@ -20,7 +20,7 @@ from pydantic_core import PydanticSerializationError, to_jsonable_python
 
 from ._agents import model_error_signal, run_output_type
 from .approval import resumed_run
-from .contracts import ActivitySpec, PaigeantMessage, RetryPolicy, Revision, RoutingSlip
+from .contracts import ActivitySpec, Compensation, PaigeantMessage, RetryPolicy, Revision, RoutingSlip, Unwinding
 from .exceptions import NonRetryableError, ParkWorkflow, UserError
 
 __all__ = (
@@ -99,6 +99,17 @@ class ActivityContext:
         """The workflow's route: what is done and what is left."""
         return self.message.routing_slip
 
+    @property
+    def undoing(self) -> Compensation | None:
+        """When this step is a compensation: the completed step it undoes, with that step's output and
+        idempotency key (`undoing.output`, `undoing.idempotency_key`); None for an ordinary step."""
+        return self.message.routing_slip.undoing
+
+    @property
+    def unwinding(self) -> Unwinding | None:
+        """When this step is a compensation: why the workflow stopped (`cause`: faulted, cancelled, expired)."""
+        return self.message.routing_slip.unwinding
+
 
 @runtime_checkable
 class Activity(Protocol):
@@ -119,7 +130,11 @@ def _make_spec(
     retry: RetryPolicy | None,
     timeout: float | None,
     required_scopes: Sequence[str],
+    compensate: str | None = None,
+    fallbacks: Sequence[str] = (),
 ) -> ActivitySpec:
+    if isinstance(fallbacks, str):
+        raise UserError(f"fallbacks of {name!r} must be a list of activity names: write fallbacks=[{fallbacks!r}]")
     try:
         return ActivitySpec(
             name=name,
@@ -127,12 +142,33 @@ def _make_spec(
             retry=retry or RetryPolicy(),
             timeout=timeout or DEFAULT_TIMEOUT,
             required_scopes=tuple(required_scopes),
+            compensate=compensate,
+            fallbacks=tuple(fallbacks),
         )
     except ValidationError as exc:
         raise UserError(f"invalid activity {name!r}: {exc.errors(include_url=False)[0]['msg']}") from None
 
 
 ActivityFunc = Callable[[ActivityContext], Any]
+
+
+def _compensation_of(name: str, compensate: str | Activity | ActivityFunc | None) -> tuple[Activity | None, str | None]:
+    """The activity this worker runs to undo step `name` (None when another worker's activity does, or nothing
+    does), and the name of the activity that undoes it."""
+    if compensate is None:
+        return None, None
+    if isinstance(compensate, str):
+        return None, compensate
+    if isinstance(compensate, Activity):
+        return compensate, compensate.spec.name
+    if callable(compensate):
+        undo = FunctionActivity(
+            compensate, name=f"{name}.compensate", description=f"Undoes {name!r}: {inspect.getdoc(compensate) or ''}"
+        )
+        return undo, undo.spec.name
+    raise UserError(
+        f"compensate of {name!r} must be an activity name, an activity or a function, not {type(compensate).__name__}"
+    )
 
 
 class FunctionActivity:
@@ -153,15 +189,20 @@ class FunctionActivity:
         timeout: float | None = None,
         required_scopes: Sequence[str] = (),
         output_key: str | None = None,
+        compensate: str | Activity | ActivityFunc | None = None,
+        fallbacks: Sequence[str] = (),
     ) -> None:
         self.func = func
         resolved = name or func.__name__.replace("_", "-")
+        self.compensation, compensate_name = _compensation_of(resolved, compensate)
         self.spec = _make_spec(
             resolved,
             description=description or inspect.getdoc(func),
             retry=retry,
             timeout=timeout,
             required_scopes=required_scopes,
+            compensate=compensate_name,
+            fallbacks=fallbacks,
         )
         self.output_key = output_key or resolved
 
@@ -191,6 +232,8 @@ def activity(
     timeout: float | None = None,
     required_scopes: Sequence[str] = (),
     output_key: str | None = None,
+    compensate: str | Activity | ActivityFunc | None = None,
+    fallbacks: Sequence[str] = (),
 ) -> Callable[[ActivityFunc], FunctionActivity]: ...
 
 
@@ -204,8 +247,17 @@ def activity(
     timeout: float | None = None,
     required_scopes: Sequence[str] = (),
     output_key: str | None = None,
+    compensate: str | Activity | ActivityFunc | None = None,
+    fallbacks: Sequence[str] = (),
 ) -> FunctionActivity | Callable[[ActivityFunc], FunctionActivity]:
-    """Decorate a function to make it an activity; its name defaults to the function's, with `-` for `_`."""
+    """Decorate a function to make it an activity; its name defaults to the function's, with `-` for `_`.
+
+    `compensate` names what undoes the step once it completed, should the workflow later fault, be cancelled or
+    expire: another activity's name (`compensate="release-inventory"`), or an activity or function that this
+    step's worker then also runs (as `<name>.compensate` for a function). The compensation gets the step's output
+    and idempotency key as `ctx.undoing`. `fallbacks` are the activities to try instead, in order, once the step
+    failed for good; they travel with the step when it is dispatched as this activity.
+    """
 
     def wrap(f: ActivityFunc) -> FunctionActivity:
         return FunctionActivity(
@@ -216,6 +268,8 @@ def activity(
             timeout=timeout,
             required_scopes=required_scopes,
             output_key=output_key,
+            compensate=compensate,
+            fallbacks=fallbacks,
         )
 
     return wrap(func) if func is not None else wrap
@@ -299,6 +353,9 @@ class AgentActivity(Generic[DepsT, OutputT]):
         required_scopes: OAuth scopes the user's token must grant.
         toolsets: Toolsets added to the agent's for each run, or factories that build one for the step from
             its context: `toolsets=[ItineraryRevision(catalog)]` lets the agent revise the steps after its own.
+        compensate: What undoes the step (see `activity`): another activity's name, or an activity or function
+            this worker runs.
+        fallbacks: Activities to try instead, in order, once the step failed for good.
     """
 
     def __init__(
@@ -315,6 +372,8 @@ class AgentActivity(Generic[DepsT, OutputT]):
         usage_limits: UsageLimits | None = None,
         required_scopes: Sequence[str] = (),
         toolsets: Sequence[StepToolset] = (),
+        compensate: str | Activity | ActivityFunc | None = None,
+        fallbacks: Sequence[str] = (),
     ) -> None:
         resolved = name or agent.name
         if not resolved:
@@ -325,12 +384,15 @@ class AgentActivity(Generic[DepsT, OutputT]):
         self.usage_limits = usage_limits
         self.toolsets: list[StepToolset] = list(toolsets)
         agent_description = getattr(agent, "description", None)
+        self.compensation, compensate_name = _compensation_of(resolved, compensate)
         self.spec = _make_spec(
             resolved,
             description=description or (agent_description if isinstance(agent_description, str) else None),
             retry=retry,
             timeout=timeout,
             required_scopes=required_scopes,
+            compensate=compensate_name,
+            fallbacks=fallbacks,
         )
         self.output_key = output_key or resolved.replace("-", "_")
         self._run_output_type = run_output_type(agent, resolved)

@@ -25,6 +25,7 @@ __all__ = (
     "WIRE_VERSION",
     "ActivityLogEntry",
     "ActivitySpec",
+    "Compensation",
     "PaigeantMessage",
     "Plan",
     "PlannedStep",
@@ -34,6 +35,7 @@ __all__ = (
     "RevisionLimits",
     "RoutingSlip",
     "SecurityContext",
+    "Unwinding",
     "derive_message_id",
 )
 
@@ -44,6 +46,9 @@ DEAD_LETTER = "dead-letter"
 """The address of messages that could not be processed, each with a reason."""
 RESERVED_ADDRESSES = frozenset({EVENTS, DEAD_LETTER})
 
+
+MAX_FALLBACKS = 8
+"""Fallbacks one step may name."""
 
 ActivityName = Annotated[str, Field(min_length=1, max_length=200, pattern=r"^[A-Za-z0-9][A-Za-z0-9._:-]*$")]
 
@@ -69,12 +74,30 @@ class ActivitySpec(Wire):
     """OAuth scopes the user's on-behalf-of token must grant for this step to run."""
     mandatory: bool = Field(default=False, exclude_if=lambda value: not value)
     """No revision of the route may remove this step (checked by every worker against the signed plan)."""
+    compensate: ActivityName | None = Field(default=None, exclude_if=lambda value: value is None)
+    """The activity that undoes this step once it completed, should the workflow later fault, be cancelled or
+    expire; `None` leaves it to the activity's own spec in the worker (see `activity(compensate=...)`)."""
+    fallbacks: tuple[ActivityName, ...] = Field(
+        default=(), max_length=MAX_FALLBACKS, exclude_if=lambda value: not value
+    )
+    """Activities to try instead, in order, once this step has failed for good (its retries exhausted, or a
+    failure no retry can help); each runs with this step's arguments and its own retry policy."""
 
     @model_validator(mode="after")
     def _not_reserved(self) -> Self:
         if self.name in RESERVED_ADDRESSES:
             raise ValueError(f"{self.name!r} is reserved for paigeant's own queues; choose another activity name")
+        others = [name for name in (self.compensate, *self.fallbacks) if name in RESERVED_ADDRESSES]
+        if others:
+            raise ValueError(f"{others[0]!r} is reserved for paigeant's own queues; choose another activity name")
+        if len({self.name, *self.fallbacks}) != len(self.fallbacks) + 1:
+            raise ValueError(f"the fallbacks of {self.name!r} must be other activities, each named once")
         return self
+
+    @property
+    def alternatives(self) -> tuple[str, ...]:
+        """The activities that may run this step, in the order they are tried: its own, then its fallbacks."""
+        return (self.name, *self.fallbacks)
 
 
 def _is_empty(value: Any) -> bool:
@@ -95,6 +118,8 @@ class ActivityLogEntry(Wire):
     error: str | None = None
     approvals: list[str] = Field(default_factory=list[str], exclude_if=_is_empty)
     """For a resumed step: who approved or denied which tool call, with any arguments they changed."""
+    fallback: str | None = Field(default=None, exclude_if=lambda value: value is None)
+    """For a failed step: the alternative tried next in its place (see `ActivitySpec.fallbacks`)."""
 
     @property
     def duration(self) -> float:
@@ -135,24 +160,93 @@ class Revision(Wire):
         return f"{self.activity} {changed}{reason}; remaining: {names(self.remaining)}"
 
 
+class Compensation(Wire):
+    """A completed step that can be undone, as the slip's compensation log keeps it.
+
+    Recorded when the step completes (if it names a compensation); marked done once its compensation ran.
+    """
+
+    step: int = Field(ge=0)
+    """The index of the completed step."""
+    activity: str
+    """The activity that ran the step (a fallback's name when a fallback ran it)."""
+    compensate: ActivityName
+    """The activity that undoes it."""
+    idempotency_key: str
+    """The completed step's `ctx.idempotency_key`: what its side effects were keyed on."""
+    output: dict[str, JsonValue] = Field(default_factory=dict[str, JsonValue])
+    """What the step added to the payload."""
+    compensated_at: AwareDatetime | None = Field(default=None, exclude_if=lambda value: value is None)
+    """When its compensation completed; `None` while it is still to run."""
+
+
+UnwindCause = Literal["faulted", "cancelled", "expired"]
+
+
+class Unwinding(Wire):
+    """Why a workflow stopped and is being undone: set once, when its compensations start.
+
+    While it is set the itinerary holds the compensations still to run, the latest completed step's first.
+    """
+
+    cause: UnwindCause
+    reason: str
+    step: int = Field(ge=0)
+    """The index of the step the workflow stopped at."""
+    activity: str | None = None
+    """The step the workflow stopped at, if one was due."""
+    by: str | None = None
+    """Who cancelled it (for `cancelled`)."""
+    at: AwareDatetime = Field(default_factory=utcnow)
+    cancel: str | None = Field(default=None, repr=False, exclude_if=lambda value: value is None)
+    """For `cancelled`: the signed cancel request (see `paigeant_ai._cancel`), checked by every worker."""
+
+
 class RoutingSlip(Wire):
-    """The route: the steps still to run (`itinerary`; the first is `current`) and the log of the done ones."""
+    """The route: the steps still to run (`itinerary`; the first is `current`) and the log of the done ones.
+
+    `current` is the activity that runs the first step of the itinerary: its own name, or one of its fallbacks
+    once the ones before failed.
+    """
 
     itinerary: list[ActivitySpec]
     completed: list[ActivityLogEntry] = Field(default_factory=list[ActivityLogEntry])
     current: str | None = None
-    compensations: list[ActivitySpec] = Field(default_factory=list[ActivitySpec])
+    compensations: list[Compensation] = Field(default_factory=list[Compensation])
+    """The completed steps that can be undone, oldest first (see `Compensation`)."""
     revisions: list[Revision] = Field(default_factory=list[Revision], exclude_if=_is_empty)
     """Changes steps made to the route while the workflow ran, oldest first (left out of the JSON while empty)."""
+    unwinding: Unwinding | None = Field(default=None, exclude_if=lambda value: value is None)
+    """Set once the workflow stopped (faulted, cancelled, expired) and its compensations run."""
 
     @model_validator(mode="after")
     def _current_matches_itinerary(self) -> Self:
-        expected = self.itinerary[0].name if self.itinerary else None
+        first = self.itinerary[0] if self.itinerary else None
+        expected = first.name if first is not None else None
         if self.current is None and expected is not None and "current" not in self.model_fields_set:
             self.current = expected
-        elif self.current != expected:
+        elif first is None and self.current is not None:
+            raise ValueError(f"current is {self.current!r} but the itinerary is empty")
+        elif first is not None and self.current not in first.alternatives:
             raise ValueError(f"current is {self.current!r} but the itinerary's next step is {expected!r}")
         return self
+
+    @property
+    def undoing(self) -> Compensation | None:
+        """While the workflow unwinds: the compensation log entry the current step undoes."""
+        if self.unwinding is None or self.current is None:
+            return None
+        for record in reversed(self.compensations):
+            if record.compensated_at is None:
+                return record
+        return None
+
+    @property
+    def hop_key(self) -> str:
+        """What tells the current step apart from every other step of the workflow: its index, or, while the
+        workflow unwinds, the index of the step being undone."""
+        undoing = self.undoing
+        return f"undo-{undoing.step}" if undoing is not None else str(self.step)
 
     @classmethod
     def from_activities(cls, activities: list[ActivitySpec]) -> RoutingSlip:
@@ -204,6 +298,8 @@ class RoutingSlip(Wire):
         if self.current != name:
             raise UserError(f"cannot complete {name!r}: the current step is {self.current!r}")
         finished = finished_at or utcnow()
+        if self.unwinding is not None:
+            return self._mark_compensated(name, attempt=attempt, started_at=started_at, finished_at=finished)
         entry = ActivityLogEntry(
             name=name,
             step=self.step,
@@ -216,6 +312,41 @@ class RoutingSlip(Wire):
         self.itinerary.pop(0)
         self.current = self.itinerary[0].name if self.itinerary else None
         return entry
+
+    def _mark_compensated(
+        self, name: str, *, attempt: int, started_at: datetime | None, finished_at: datetime
+    ) -> ActivityLogEntry:
+        undoing = self.undoing
+        assert undoing is not None
+        undoing.compensated_at = finished_at
+        self.itinerary.pop(0)
+        self.current = self.itinerary[0].name if self.itinerary else None
+        return ActivityLogEntry(
+            name=name, step=undoing.step, attempt=attempt, started_at=started_at or finished_at, finished_at=finished_at
+        )
+
+    def fall_back(self, *, attempt: int, started_at: datetime, error: str) -> str | None:
+        """Log the current activity as failed and move on to the step's next fallback; that fallback's name, or
+        `None` (and nothing logged) when the step has none left."""
+        first = self.current_activity
+        if first is None or self.current is None or self.unwinding is not None:
+            return None
+        alternatives = first.alternatives
+        position = alternatives.index(self.current) + 1
+        if position >= len(alternatives):
+            return None
+        entry = self.mark_failed(self.current, attempt=attempt, started_at=started_at, error=error)
+        entry.fallback = self.current = alternatives[position]
+        return self.current
+
+    def unwind(self, unwinding: Unwinding) -> list[Compensation]:
+        """Stop the workflow for `unwinding.cause`: the itinerary becomes the compensations still to run, the
+        latest completed step's first; those compensations (none: the workflow just ends)."""
+        pending = [record for record in self.compensations if record.compensated_at is None]
+        self.unwinding = unwinding
+        self.itinerary = [ActivitySpec(name=record.compensate) for record in reversed(pending)]
+        self.current = self.itinerary[0].name if self.itinerary else None
+        return pending
 
     def mark_ended(
         self, name: str, *, attempt: int, started_at: datetime, reason: str, output_keys: list[str] | None = None
@@ -273,7 +404,7 @@ class SecurityContext(Wire):
     """A detached JWS over the message as sent, with this field `null`; always the message's last value."""
 
 
-def derive_message_id(correlation_id: str, step: int, name: str | None, attempt: int) -> str:
+def derive_message_id(correlation_id: str, step: int | str, name: str | None, attempt: int) -> str:
     """The id of one hop, the same every time that hop is produced, so a redelivery can be recognised."""
     seed = f"paigeant/v1/{correlation_id}/{step}/{name}/{attempt}".encode()
     digest = hashlib.blake2b(seed, digest_size=16).hexdigest()
@@ -376,13 +507,16 @@ class PaigeantMessage(Wire):
     @property
     def idempotency_key(self) -> str:
         """The same for every attempt and redelivery of the current step, different for every other step."""
-        return f"{self.correlation_id}:{self.step}:{self.routing_slip.current}"
+        slip = self.routing_slip
+        return f"{self.correlation_id}:{slip.hop_key}:{slip.current}"
 
     def next_hop(self, *, attempt: int = 0) -> PaigeantMessage:
         """A copy addressed to the slip's current step, with its own id; the signature is dropped."""
         return self.model_copy(
             update={
-                "message_id": derive_message_id(self.correlation_id, self.step, self.routing_slip.current, attempt),
+                "message_id": derive_message_id(
+                    self.correlation_id, self.routing_slip.hop_key, self.routing_slip.current, attempt
+                ),
                 "attempt": attempt,
                 "security": self.security.model_copy(update={"jws_signature": None}),
             }

@@ -42,6 +42,7 @@ from ._message_security import Authenticated, MessageSecurity, Verified
 from ._replay import InMemoryReplayCache, ReplayCache
 from ._sealing import signing_input, unsigned_body
 from ._signer_settings import signer_arguments
+from ._hop import EXPIRY_GRACE
 from ._tokens import TokenValidator, check_scopes
 from ._tokens import granted_scopes as granted_scopes  # importable from here, as it always was
 from .contracts import ActivitySpec, PaigeantMessage
@@ -321,10 +322,12 @@ class MessageSigner:
             raise
 
     def _ttl_of(self, message: PaigeantMessage) -> float:
-        """Seconds a hop is remembered: until it expires, or `replay_ttl` if it never does."""
+        """Seconds a hop is remembered: until it expires and for `EXPIRY_GRACE` after (while a late copy of it can
+        still end its workflow `expired`), or `replay_ttl` if it never does."""
         if message.expires_at is None:
             return self.replay_ttl
-        return max(1.0, (message.expires_at - datetime.now(UTC)).total_seconds() + _CLOCK_LEEWAY)
+        remembered = message.expires_at + EXPIRY_GRACE - datetime.now(UTC)
+        return max(1.0, remembered.total_seconds() + _CLOCK_LEEWAY)
 
     def check_signature(self, message: PaigeantMessage, body: bytes) -> str | None:
         """Check only that a trusted key signed `body`, the bytes `message` was read from (no replay or token check).

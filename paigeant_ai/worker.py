@@ -24,14 +24,16 @@ import logging
 import random
 from collections.abc import Sequence
 from datetime import UTC, datetime
+from typing import Any
 
 from . import observability
 from ._approvals import check_resume
+from ._cancel import CancelCheck
 from ._dedupe import DedupeStore, InMemoryDedupeStore
 from ._escape import escape_control
 from ._events import EventCallback, EventReporter
 from ._hop import Hop, admit
-from ._outcome import SIGNALS, Fault, Outcome, Reject, Skip, classify, completed, describe
+from ._outcome import SIGNALS, Fault, Halt, Outcome, Reject, Skip, classify, completed, describe
 from ._plan import PlanCheck
 from ._resume_checks import release_parked
 from ._settle import WorkerStats, refuse, settle
@@ -41,7 +43,7 @@ from .approval import WaitingStore
 from .exceptions import DuplicateMessage, ReplayedMessage, SecurityError, TokenError, TransportError, UserError
 from .security import MessageSecurity, MessageSigner
 from .settings import Settings
-from .transports.base import Consumer, Delivery, SharedStores, Transport
+from .transports.base import CancelBoard, Cancellations, Consumer, Delivery, SharedStores, Transport
 
 __all__ = ("DedupeStore", "InMemoryDedupeStore", "MessageSecurity", "Worker", "WorkerStats")
 
@@ -122,6 +124,14 @@ class Worker:
         self.waiting_store = waiting_store
         self.stats = WorkerStats()
         self.plans = PlanCheck()
+        self.cancels = CancelCheck()
+        self.cancel_board: CancelBoard | None = (
+            transport.cancel_board() if isinstance(transport, Cancellations) else None
+        )
+        self.cancel_poll = 0.5
+        """Seconds between two looks at the cancel board for the workflows whose steps run here."""
+        self._activity_tasks: dict[str, dict[int, tuple[Hop, asyncio.Task[object]]]] = {}
+        self._watcher: asyncio.Task[None] | None = None
         self._slots = asyncio.Semaphore(self.concurrency)  # made anew by run(), after `concurrency` may change
         self._inflight: set[asyncio.Task[None]] = set()
         self._running_keys: dict[str, asyncio.Event] = {}
@@ -154,6 +164,11 @@ class Worker:
         try:
             if self._store_connection is not None:
                 await self._store_connection.connect()
+            if self.cancel_board is not None:
+                await self.cancel_board.open()  # caught up with every cancel posted so far, before any step runs
+                self._watcher = asyncio.create_task(self._watch_cancellations(), name="paigeant-cancellations")
+            else:
+                logger.warning("%s has no cancel board: workflows cannot be cancelled here", self.transport.name)
             for name in self.activities:
                 consumer = await self.transport.consume(name, prefetch=self.concurrency)
                 self._consumers.append(consumer)
@@ -223,6 +238,10 @@ class Worker:
                 raise TransportError(f"consuming {pump.get_name()} stopped: {error or 'the consumer ended'}") from error
 
     async def _shutdown(self) -> None:
+        if self._watcher is not None:
+            self._watcher.cancel()
+            await asyncio.gather(self._watcher, return_exceptions=True)
+            self._watcher = None
         for pump in self._pumps:
             pump.cancel()
         await asyncio.gather(*self._pumps, return_exceptions=True)
@@ -239,6 +258,8 @@ class Worker:
             except TransportError:
                 logger.warning("closing a consumer failed; its deliveries return to the broker", exc_info=True)
         self._consumers.clear()
+        if self.cancel_board is not None:
+            await self.cancel_board.close()
         if self._store_connection is not None:
             await self._store_connection.disconnect()
 
@@ -298,7 +319,10 @@ class Worker:
                 if (outcome is None or isinstance(outcome, Fault)) and await self.dedupe.is_done(key):
                     outcome = Skip("already completed (redelivery)")
                 if outcome is None:
-                    await release_parked(hop, self.waiting_store)  # a resume that runs: off the store
+                    outcome = await self._halted(hop)  # cancelled, or past its deadline: nothing more runs
+                if outcome is None or isinstance(outcome, Halt):
+                    await release_parked(hop, self.waiting_store)  # a resume that runs, or stops: off the store
+                if outcome is None:
                     outcome = await self._run(hop)  # timeout, activity span -> advance, end, park, retry, fault
                 await settle(hop, outcome, self)  # the successor made safe, then the ack
             finally:
@@ -353,35 +377,121 @@ class Worker:
         except SecurityError as exc:
             return Reject(f"security check failed: {exc}")
         observability.continue_trace(hop.message)  # signed as it is: its trace context is trusted from here on
-        return Fault(str(refused)) if refused is not None else None
+        return Fault(str(refused), fallback=False) if refused is not None else None
+
+    async def _halted(self, hop: Hop) -> Halt | None:
+        """Why the workflow of an authorized hop stops here, if it does: cancelled (a cancel request on the board
+        holds), or past its deadline. A compensation always runs: undoing goes on whatever happens."""
+        message = hop.message
+        if message.routing_slip.unwinding is not None:
+            return None
+        if hop.expired and message.expires_at is not None:
+            deadline = message.expires_at.isoformat()
+            return Halt("expired", f"its deadline {deadline} passed before step {message.routing_slip.current!r} ran")
+        if self.cancel_board is None:
+            return None
+        records = await self.cancel_board.records(message.correlation_id)
+        request = self.cancels.holding(records, message, self.security) if records else None
+        if request is None:
+            return None
+        return Halt("cancelled", request.summary, by=request.by, cancel=request.to_bytes().decode())
+
+    async def _watch_cancellations(self) -> None:
+        """Interrupt the running steps of cancelled workflows: their activity's task is cancelled mid-way."""
+        board = self.cancel_board
+        assert board is not None
+        while True:
+            await asyncio.sleep(self.cancel_poll)
+            if not self._activity_tasks:
+                continue
+            try:
+                found = await board.cancelled_among(list(self._activity_tasks))
+            except TransportError:
+                logger.warning("could not read the cancel board; trying again", exc_info=True)
+                continue
+            for correlation_id, records in found.items():
+                for hop, task in list(self._activity_tasks.get(correlation_id, {}).values()):
+                    if hop.interrupt is not None or hop.message.routing_slip.unwinding is not None:
+                        continue
+                    request = self.cancels.holding(records, hop.message, self.security)
+                    if request is not None:
+                        cancel = request.to_bytes().decode()
+                        hop.interrupt = Halt("cancelled", request.summary, by=request.by, cancel=cancel)
+                        task.cancel(f"workflow cancelled: {request.summary}")
 
     async def _run(self, hop: Hop) -> Outcome:
-        """Run the step with its timeout, in its span; what it did, as an outcome."""
+        """Run the step with its timeout, in its span; what it did, as an outcome.
+
+        The activity runs in a task of its own, which a cancel of its workflow interrupts; the step's timeout is
+        cut short to the workflow's deadline, which then ends the workflow `expired`.
+        """
         hop.ctx = ctx = ActivityContext(message=hop.message, spec=hop.spec, obo_claims=hop.claims)
         hop.started = datetime.now(UTC)
-        await self.reporter.report("step_started", hop.message)
+        message = hop.message
+        timeout = hop.spec.timeout or DEFAULT_TIMEOUT
+        undoing = message.routing_slip.undoing
+        if message.expires_at is not None and undoing is None:
+            left = (message.expires_at - hop.started).total_seconds()
+            if left < timeout:
+                timeout, hop.deadline_bound = max(left, 0.001), True
+        fields: dict[str, Any] = {"step": undoing.step, "undoes": undoing.activity} if undoing is not None else {}
+        await self.reporter.report("step_started", message, timeout=timeout, **fields)
+        cid = message.correlation_id
         try:
             with observability.activity_span(ctx):
-                async with asyncio.timeout(hop.spec.timeout or DEFAULT_TIMEOUT):
-                    output = await hop.activity.run(ctx)
+                running: asyncio.Task[object] = asyncio.ensure_future(hop.activity.run(ctx))
+                self._activity_tasks.setdefault(cid, {})[id(hop)] = (hop, running)
+                try:
+                    async with asyncio.timeout(timeout):
+                        output = await running
+                finally:
+                    self._forget_activity(cid, hop)
+        except TimeoutError as exc:
+            if hop.deadline_bound and not str(exc):
+                deadline = message.expires_at.isoformat() if message.expires_at else ""
+                return Halt("expired", f"its deadline {deadline} passed while step {hop.spec.name!r} ran")
+            return self._failed(hop, exc)
         except Exception as exc:
-            if not isinstance(exc, SIGNALS):
-                cid, why = escape_control(hop.message.correlation_id), escape_control(describe(exc))
-                logger.warning("step %s of %s failed: %s", hop.spec.name, cid, why)
-            return classify(exc, hop.spec, hop.message.attempt)
+            return self._failed(hop, exc)
         except asyncio.CancelledError as exc:
             task = asyncio.current_task()
             if task is not None and task.cancelling():
                 raise  # the worker is stopping: leave the delivery unacked for another worker
+            if hop.interrupt is not None:
+                return hop.interrupt  # its workflow was cancelled
             return classify(exc, hop.spec, hop.message.attempt)
         return completed(output, hop.spec, len(hop.delivery.body), self.max_message_bytes)
 
+    def _forget_activity(self, correlation_id: str, hop: Hop) -> None:
+        running = self._activity_tasks.get(correlation_id)
+        if running is not None:
+            running.pop(id(hop), None)
+            if not running:
+                del self._activity_tasks[correlation_id]
+
+    def _failed(self, hop: Hop, exc: Exception) -> Outcome:
+        """What a step that raised `exc` comes to, logged unless it is a signal."""
+        if not isinstance(exc, SIGNALS):
+            cid, why = escape_control(hop.message.correlation_id), escape_control(describe(exc))
+            logger.warning("step %s of %s failed: %s", hop.spec.name, cid, why)
+        return classify(exc, hop.spec, hop.message.attempt)
+
 
 def _by_name(activities: Sequence[Activity | ActivityFunc]) -> dict[str, Activity]:
+    """The activities by name, with the compensations they bring (`activity(compensate=<a function>)`)."""
     by_name: dict[str, Activity] = {}
     for item in activities:
         act = as_activity(item)
         if act.spec.name in by_name:
             raise UserError(f"two activities are named {act.spec.name!r}; activity names must be unique")
         by_name[act.spec.name] = act
+    for act in list(by_name.values()):
+        compensation = getattr(act, "compensation", None)
+        if isinstance(compensation, Activity) and by_name.setdefault(compensation.spec.name, compensation) is not (
+            compensation
+        ):
+            raise UserError(
+                f"the compensation of {act.spec.name!r} is named {compensation.spec.name!r}, like another activity; "
+                "activity names must be unique"
+            )
     return by_name

@@ -10,7 +10,7 @@ own queues or streams, `<namespace>.<address>`.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from types import TracebackType
@@ -29,6 +29,8 @@ if TYPE_CHECKING:
 __all__ = (
     "REASON_HEADER",
     "SOURCE_HEADER",
+    "CancelBoard",
+    "Cancellations",
     "Consumer",
     "ConsumerBase",
     "ConsumerWatch",
@@ -216,6 +218,36 @@ class SharedStores(Protocol):
     def workflow_store(self) -> WorkflowStore:
         """Where the workflows' events are projected into their status."""
         ...
+
+
+@runtime_checkable
+class CancelBoard(Protocol):
+    """Where cancel records are posted and read by every process on a transport (opaque bytes, verified by readers)."""
+
+    async def post(self, correlation_id: str, record: bytes, *, ttl: float) -> None:
+        """Add `record` for `correlation_id`, kept at least `ttl` seconds; returns once it is safe (confirmed)."""
+        ...
+
+    async def records(self, correlation_id: str) -> list[bytes]:
+        """Every record posted for `correlation_id` (oldest first, at most MAX_RECORDS), [] if none."""
+        ...
+
+    async def cancelled_among(self, correlation_ids: Collection[str]) -> dict[str, list[bytes]]:
+        """For those of `correlation_ids` that have records, their records: one round trip however many ids."""
+        ...
+
+    async def open(self) -> None:
+        """Get ready to answer (RabbitMQ: start reading the stream and catch up with it). Idempotent."""
+        ...
+
+    async def close(self) -> None: ...
+
+
+@runtime_checkable
+class Cancellations(Protocol):
+    """A capability of a transport: its cancel board."""
+
+    def cancel_board(self) -> CancelBoard: ...
 
 
 class TransportBase:
