@@ -23,7 +23,7 @@ from ._escape import escape_control, escape_json
 from ._events import WorkflowEvent
 from .exceptions import UserError
 from .settings import Settings
-from .store import WorkflowProjector, WorkflowStatus, mark_stalled
+from .store import FINAL_STATES, WorkflowProjector, WorkflowStatus, mark_stalled
 from .transports import IN_MEMORY_NAMES, Transport, get_transport
 
 if TYPE_CHECKING:
@@ -180,8 +180,14 @@ def render_status(status: WorkflowStatus) -> str:
         f"workflow {status.correlation_id}: {status.state}",
         f"  started {status.started_at:%Y-%m-%d %H:%M:%S} UTC, last event {elapsed:.3f}s later",
     ]
+    if status.deadline is not None:
+        lines.append(f"  deadline: {status.deadline:%Y-%m-%d %H:%M:%S} UTC")
+    if status.cancelled:
+        lines.append(f"  cancelled: {status.cancelled}")
     if status.failure:
         lines.append(f"  failed: {status.failure}")
+    if status.compensation:
+        lines.append(f"  compensation: {status.compensation}")
     if status.stalled:
         lines.append(f"  stalled: {status.stalled}")
     if status.ended:
@@ -198,8 +204,12 @@ def render_status(status: WorkflowStatus) -> str:
         width = max(len(step.activity) for step in status.steps)
         for step in status.steps:
             took = f"{step.duration:.3f}s" if step.duration is not None else ""
+            if step.timeout is not None and step.state in ("running", "retrying"):
+                took = f"timeout {step.timeout:g}s"
+            undoes = f"  undoes {step.undoes}" if step.undoes else ""
             lines.append(
                 f"    {step.step:>3} {step.activity:<{width}}  {step.state:<9} {_attempts(step.attempts):<11} {took}"
+                f"{undoes}"
             )
             if step.error and step.state in ("failed", "retrying"):
                 lines.append(f"        {step.error}")
@@ -222,6 +232,10 @@ def _describe(event: WorkflowEvent) -> str:
     text = f"{event.kind:<15}{where}"
     if event.kind in ("step_started", "step_completed") and event.attempt:
         text += f" (attempt {event.attempt + 1})"
+    if event.undoes:
+        text += f" undoing {event.undoes}"
+    if event.by:
+        text += f" by {event.by}"
     if event.duration is not None:
         text += f" in {event.duration:.3f}s"
     if event.detail:
@@ -238,12 +252,13 @@ def _print_workflows(statuses: list[WorkflowStatus], *, as_json: bool) -> int:
         print("no workflows in the store")
         return 0
     width = max(len("CORRELATION ID"), *(len(status.correlation_id) for status in statuses))
-    print(f"{'STATE':<10} {'UPDATED (UTC)':<19}  {'CORRELATION ID':<{width}}  STEP / REASON")
+    states = max(10, *(len(status.state) for status in statuses))
+    print(f"{'STATE':<{states}} {'UPDATED (UTC)':<19}  {'CORRELATION ID':<{width}}  STEP / REASON")
     for status in statuses:
         where = f"{status.current_step} {status.current_activity}" if status.current_activity else ""
-        note = status.stalled or status.failure or status.waiting_for or where or "-"
+        note = status.stalled or status.cancelled or status.failure or status.waiting_for or where or "-"
         if len(note) > 80:
             note = note[:77] + "..."
-        line = f"{status.state:<10} {status.updated_at:%Y-%m-%d %H:%M:%S}  {status.correlation_id:<{width}}  {note}"
+        line = f"{status.state:<{states}} {status.updated_at:%Y-%m-%d %H:%M:%S}  {status.correlation_id:<{width}}  {note}"
         print(escape_control(line))
     return 0

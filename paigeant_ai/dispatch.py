@@ -173,7 +173,7 @@ class WorkflowDispatcher:
             raise
         if fingerprint is not None:
             await self._confirm(message.correlation_id, fingerprint)
-        await self.reporter.report("dispatched", message, owner=owner)
+        await self.reporter.report("dispatched", message, owner=owner, deadline=message.expires_at)
         return message.correlation_id
 
     def _first_message(

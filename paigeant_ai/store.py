@@ -41,7 +41,26 @@ __all__ = (
 
 logger = logging.getLogger("paigeant_ai.store")
 
-WorkflowState = Literal["pending", "running", "waiting", "stalled", "completed", "faulted"]
+WorkflowState = Literal[
+    "pending",
+    "running",
+    "waiting",
+    "stalled",
+    "completed",
+    "faulted",
+    "compensating",
+    "compensated",
+    "compensation_failed",
+    "cancelled",
+    "expired",
+]
+"""Where a workflow is. It ends `completed` (early too, by `EndWorkflow`), or stops: `faulted`, `cancelled` or
+`expired`, and, with completed steps to undo, goes through `compensating` to `compensated` (a fault undone),
+`cancelled`, `expired`, or `compensation_failed` (a compensation failed for good)."""
+FINAL_STATES: frozenset[str] = frozenset(
+    {"completed", "faulted", "compensated", "compensation_failed", "cancelled", "expired"}
+)
+"""The states a workflow never leaves."""
 StepState = Literal["running", "retrying", "waiting", "completed", "failed"]
 
 DEFAULT_MAX_EVENTS = 1000
@@ -64,6 +83,10 @@ class StepStatus(BaseModel):
     """Seconds the successful attempt ran."""
     error: str | None = None
     """Why the last failed attempt failed (or what the step waits for)."""
+    timeout: float | None = Field(default=None, exclude_if=lambda value: value is None)
+    """Seconds its latest attempt may run (cut short to the workflow's deadline)."""
+    undoes: str | None = Field(default=None, exclude_if=lambda value: value is None)
+    """For a compensation: the completed step it undoes (`step` is that step's index)."""
 
 
 class WorkflowStatus(BaseModel):
@@ -87,6 +110,12 @@ class WorkflowStatus(BaseModel):
     """Why a completed workflow ended early, when a step ended it (`EndWorkflow`)."""
     waiting_for: str | None = None
     """What a waiting workflow waits for."""
+    deadline: datetime | None = Field(default=None, exclude_if=lambda value: value is None)
+    """When the workflow expires: it then ends `expired` and its completed steps are undone."""
+    cancelled: str | None = Field(default=None, exclude_if=lambda value: value is None)
+    """Who cancelled the workflow and why (once a cancel was requested, then once it took effect)."""
+    compensation: str | None = Field(default=None, exclude_if=lambda value: value is None)
+    """What its compensations undo, or undid, once the workflow stopped with completed steps to undo."""
     stalled: str | None = Field(default=None, exclude_if=lambda reason: reason is None)
     """Why a stalled workflow does not move: no worker consumes its current step (see `mark_stalled`)."""
     owner: str | None = Field(default=None, exclude_if=lambda owner: owner is None)
@@ -97,9 +126,25 @@ class WorkflowStatus(BaseModel):
     """The history, oldest first."""
 
 
+_STOPS = frozenset(
+    {"cancel_requested", "faulted", "cancelled", "expired", "compensating", "compensated", "compensation_failed"}
+)
 _STEP_KINDS = frozenset({"step_started", "step_completed", "step_retried", "step_failed", "waiting", "rejected"})
 """The events that tell a step's story; the others only mention it."""
-_RANK = {"dispatched": 0, "step_started": 1, "completed": 3, "faulted": 3, "rejected": 3}
+_RANK = {
+    "dispatched": 0,
+    "step_started": 1,
+    "completed": 3,
+    "faulted": 3,
+    "rejected": 3,
+    "cancelled": 3,
+    "expired": 3,
+    "compensating": 4,
+    "compensated": 5,
+    "compensation_failed": 5,
+}
+_UNDONE: dict[str, WorkflowState] = {"faulted": "compensated", "cancelled": "cancelled", "expired": "expired"}
+"""The state a workflow that stopped for a cause ends in once its compensations ran."""
 
 
 def event_order(event: WorkflowEvent) -> tuple[datetime, int]:
@@ -114,6 +159,7 @@ class _Projection:
             correlation_id=correlation_id, state="pending", started_at=first.at, updated_at=first.at
         )
         self.steps: dict[tuple[int, str], StepStatus] = {}
+        self.cause = "faulted"
 
     def step(self, event: WorkflowEvent) -> StepStatus | None:
         if event.step is None or event.activity is None:
@@ -133,8 +179,14 @@ class _Projection:
         record = self.step(event) if kind != "dispatched" else None
         if kind == "dispatched" and status.owner is None:
             status.owner = event.owner  # the earliest dispatch names the owner; a later one cannot change it
-        if kind == "step_started" and record is not None:
-            record.state = "running"
+        if kind == "dispatched" and event.deadline is not None:
+            status.deadline = event.deadline
+        if record is not None and event.undoes is not None:
+            record.undoes = event.undoes
+        if kind in _STOPS:
+            self._stop(event)
+        elif kind == "step_started" and record is not None:
+            record.state, record.timeout = "running", event.timeout
             record.attempts = max(record.attempts, event.attempt + 1)
             record.started_at = record.started_at or event.at
             record.finished_at = None
@@ -158,22 +210,45 @@ class _Projection:
             status.state, status.payload, status.remaining = "completed", event.payload, []
             status.failure = status.waiting_for = None
             status.ended = event.detail
-        elif kind == "faulted":
-            status.state, status.failure, status.waiting_for = "faulted", event.detail, None
-        elif kind == "rejected" and status.state != "completed":
+        elif kind == "rejected" and status.state not in FINAL_STATES:
             if record is not None:
                 record.state, record.error, record.finished_at = "failed", event.detail, event.at
             status.state, status.failure = "faulted", f"rejected: {event.detail}"
 
     def _running(self) -> None:
+        if self.status.state == "compensating":
+            return  # a compensation's step: the workflow still unwinds
         self.status.state = "running"
         self.status.failure = self.status.waiting_for = None
+
+    def _stop(self, event: WorkflowEvent) -> None:
+        """The events of a workflow that stops before its end, and of its compensations."""
+        status, kind = self.status, event.kind
+        if kind == "cancel_requested":
+            status.cancelled = f"requested by {event.by or 'an unnamed service'}" + (
+                f": {event.detail}" if event.detail else ""
+            )
+            return
+        status.waiting_for = None
+        if kind == "faulted":
+            self.cause, status.state, status.failure = "faulted", "faulted", event.detail
+        elif kind == "cancelled":
+            self.cause, status.state, status.cancelled = "cancelled", "cancelled", event.detail
+        elif kind == "expired":
+            self.cause, status.state, status.failure = "expired", "expired", event.detail
+        elif kind == "compensating":
+            status.state, status.compensation = "compensating", event.detail
+        elif kind == "compensated":
+            status.state, status.payload = _UNDONE.get(self.cause, "compensated"), event.payload
+            status.compensation = event.detail
+        elif kind == "compensation_failed":
+            status.state, status.failure = "compensation_failed", event.detail
 
     def finish(self, events: list[WorkflowEvent]) -> WorkflowStatus:
         status = self.status
         status.steps = sorted(self.steps.values(), key=lambda record: record.step)
         status.events = events
-        if status.state in ("completed", "faulted"):
+        if status.state in FINAL_STATES:
             status.current_step = status.current_activity = None
             return status
         open_steps = [record for record in status.steps if record.state not in ("completed", "failed")]
@@ -214,7 +289,7 @@ async def mark_stalled(
     marked: list[WorkflowStatus] = []
     for status in statuses:
         activity = status.current_activity
-        if status.state not in ("pending", "running") or activity is None:
+        if status.state not in ("pending", "running", "compensating") or activity is None:
             marked.append(status)
             continue
         if activity not in unserved:

@@ -116,6 +116,7 @@ async def test_a_completed_workflow(store: WorkflowStore, transport: InMemoryTra
                     "finished_at": IsDatetime(),
                     "duration": IsFloat(),
                     "error": None,
+                    "timeout": 300.0,
                 },
                 {
                     "step": 1,
@@ -126,6 +127,7 @@ async def test_a_completed_workflow(store: WorkflowStore, transport: InMemoryTra
                     "finished_at": IsDatetime(),
                     "duration": IsFloat(),
                     "error": "RetryActivity: not yet; attempt 2 in 0.01s",
+                    "timeout": 300.0,
                 },
                 {
                     "step": 2,
@@ -136,9 +138,11 @@ async def test_a_completed_workflow(store: WorkflowStore, transport: InMemoryTra
                     "finished_at": IsDatetime(),
                     "duration": IsFloat(),
                     "error": None,
+                    "timeout": 300.0,
                 },
             ],
             "remaining": [],
+            "deadline": IsDatetime(),
             "started_at": IsDatetime(),
             "updated_at": IsDatetime(),
             "payload": {"start": True, "a": 1, "fine": True, "b": 2},
