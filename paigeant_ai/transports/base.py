@@ -27,6 +27,8 @@ if TYPE_CHECKING:
     from ..worker import DedupeStore
 
 __all__ = (
+    "MAX_CANCEL_RECORDS",
+    "MAX_CANCEL_RECORD_BYTES",
     "REASON_HEADER",
     "SOURCE_HEADER",
     "CancelBoard",
@@ -47,6 +49,10 @@ REASON_HEADER = "x-paigeant-reason"
 """Header that carries why a message was dead-lettered."""
 SOURCE_HEADER = "x-paigeant-source"
 """Header that carries the address a dead-lettered message came from."""
+MAX_CANCEL_RECORDS = 16
+"""Cancel records a board keeps per correlation ID: the oldest are kept, later posts are ignored."""
+MAX_CANCEL_RECORD_BYTES = 16 * 1024
+"""The largest cancel record a board accepts."""
 
 
 @dataclass(slots=True, eq=False)
@@ -222,14 +228,27 @@ class SharedStores(Protocol):
 
 @runtime_checkable
 class CancelBoard(Protocol):
-    """Where cancel records are posted and read by every process on a transport (opaque bytes, verified by readers)."""
+    """Where cancel records are posted and read by every process on a transport (opaque bytes, verified by readers).
+
+    Records are a list, not one value: a reader verifies each and acts on the first valid one, so whoever can write
+    to the broker cannot block a genuine cancel by writing garbage first. A board never parses a record, and never
+    raises on foreign data it finds: it hands the bytes over.
+    """
 
     async def post(self, correlation_id: str, record: bytes, *, ttl: float) -> None:
-        """Add `record` for `correlation_id`, kept at least `ttl` seconds; returns once it is safe (confirmed)."""
+        """Add `record` for `correlation_id`, kept at least `ttl` seconds; returns once it is safe (confirmed).
+
+        The same bytes posted again are kept once (for the longer of the two ttls where the board can tell);
+        past `MAX_CANCEL_RECORDS` records a post is ignored, with a warning.
+
+        Raises:
+            UserError: The record is over `MAX_CANCEL_RECORD_BYTES`, or the correlation ID is empty or over 200
+                characters, or `ttl` is not positive (or longer than the board keeps anything).
+        """
         ...
 
     async def records(self, correlation_id: str) -> list[bytes]:
-        """Every record posted for `correlation_id` (oldest first, at most MAX_RECORDS), [] if none."""
+        """Every record posted for `correlation_id` (oldest first, at most `MAX_CANCEL_RECORDS`), [] if none."""
         ...
 
     async def cancelled_among(self, correlation_ids: Collection[str]) -> dict[str, list[bytes]]:
@@ -240,14 +259,18 @@ class CancelBoard(Protocol):
         """Get ready to answer (RabbitMQ: start reading the stream and catch up with it). Idempotent."""
         ...
 
-    async def close(self) -> None: ...
+    async def close(self) -> None:
+        """Stop using the board (what it shares with the transport is closed with the transport)."""
+        ...
 
 
 @runtime_checkable
 class Cancellations(Protocol):
     """A capability of a transport: its cancel board."""
 
-    def cancel_board(self) -> CancelBoard: ...
+    def cancel_board(self) -> CancelBoard:
+        """A board over the transport's cancel records (every call a new object over the same records)."""
+        ...
 
 
 class TransportBase:

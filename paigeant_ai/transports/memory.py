@@ -11,15 +11,16 @@ import asyncio
 import itertools
 import time
 from collections import OrderedDict, deque
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
 from ..contracts import DEAD_LETTER, RESERVED_ADDRESSES
 from ..exceptions import TransportError
+from ._cancel_book import CancelBook, check_post, readable_id, warn_full
 from .base import ConsumerBase, Delivery, TransportBase, dead_letter_headers, ensure_bytes
 
-__all__ = ("InMemoryTransport",)
+__all__ = ("InMemoryCancelBoard", "InMemoryTransport")
 
 
 @dataclass(slots=True)
@@ -53,8 +54,8 @@ class InMemoryTransport(TransportBase):
 
     Share one instance between the dispatcher and the workers of a process. `max_length` (messages) and
     `max_bytes` bound the queues nobody may be reading (`events`, `dead-letter`): past either, the oldest
-    entries are dropped. It also tells who consumes each address, and holds the claims dispatchers make on
-    correlation IDs (the latest `max_length`), for every dispatcher that shares it.
+    entries are dropped. It also tells who consumes each address, holds the claims dispatchers make on
+    correlation IDs (the latest `max_length`), for every dispatcher that shares it, and its cancel board.
     """
 
     name = "inmemory"
@@ -72,6 +73,7 @@ class InMemoryTransport(TransportBase):
         self._ids = itertools.count(1)
         self._last_consumed: dict[str, datetime] = {}
         self._claims: OrderedDict[str, tuple[str, float]] = OrderedDict()  # key -> (value, monotonic expiry)
+        self._cancelled = CancelBook()
 
     async def connect(self) -> None:
         self._connected = True
@@ -190,6 +192,12 @@ class InMemoryTransport(TransportBase):
         if held is not None and held[0] == value:
             del self._claims[key]
 
+    # -- cancellations (`Cancellations`) ---------------------------------------------------------------------
+
+    def cancel_board(self) -> InMemoryCancelBoard:
+        """A board over this transport's cancel records, which only this process sees."""
+        return InMemoryCancelBoard(self._cancelled)
+
     def _require_connected(self) -> None:
         if not self._connected:
             raise TransportError("the in-memory transport is not connected: call `await transport.connect()` first")
@@ -248,3 +256,27 @@ class _MemoryConsumer(ConsumerBase):
         self.queue.arrived.set()
         self.transport._consumers.discard(self)
         self.transport._last_consumed[self.address] = datetime.now(UTC)
+
+
+class InMemoryCancelBoard:
+    """The cancel board of an `InMemoryTransport`: records in its memory, each kept until its ttl has passed."""
+
+    def __init__(self, book: CancelBook) -> None:
+        self._book = book
+
+    async def post(self, correlation_id: str, record: bytes, *, ttl: float) -> None:
+        check_post(correlation_id, record, ttl)
+        if not self._book.add(correlation_id, record, asyncio.get_running_loop().time() + ttl):
+            warn_full(correlation_id)
+
+    async def records(self, correlation_id: str) -> list[bytes]:
+        return self._book.records(correlation_id) if readable_id(correlation_id) else []
+
+    async def cancelled_among(self, correlation_ids: Collection[str]) -> dict[str, list[bytes]]:
+        return self._book.among([cid for cid in correlation_ids if readable_id(cid)])
+
+    async def open(self) -> None:
+        return None
+
+    async def close(self) -> None:
+        return None

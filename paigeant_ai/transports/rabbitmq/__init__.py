@@ -10,14 +10,19 @@ What it declares, for the namespace `paigeant`:
 - `paigeant.<address>@delay-<bound>`: delayed messages wait in one of a few queues per address, sorted by how
   long they wait, each message with its own expiry. When it expires, RabbitMQ dead-letters it back to
   `paigeant.<address>` (at-least-once dead-lettering, so nothing is lost on the way).
+- `paigeant.@cancellations`: a stream (`x-queue-type: stream`, `x-max-age` 8 days) of cancel records, each with
+  its correlation ID in a header, that every process reads from its first entry (`cancel_board()`; see
+  `_cancel_board.py`).
 
 One connection reconnects by itself; it carries one channel for publishing (every publish waits for its own
-confirm, while other publishes go out meanwhile), one for declarations and counts, and one per consumer (its
-prefetch). Consumers resume after a reconnect, and after the broker cancels them (their queue was deleted);
-deliveries handed out before a reconnect can no longer be acked and come back from the broker.
+confirm, while other publishes go out meanwhile), one for declarations and counts, one per consumer (its
+prefetch), and one that reads the cancellations stream. Consumers resume after a reconnect, and after the broker
+cancels them (their queue was deleted); deliveries handed out before a reconnect can no longer be acked and come
+back from the broker.
 
 The modules: `_transport.py` (the transport and its queues), `_consumer.py` (its consumers), `_wire.py` (headers,
-delivery counts, queue arguments), `_errors.py` (the broker's errors, translated).
+delivery counts, queue arguments), `_errors.py` (the broker's errors, translated), `_cancel_board.py` (the cancel
+board).
 """
 
 try:

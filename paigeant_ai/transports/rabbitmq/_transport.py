@@ -23,6 +23,7 @@ from ...contracts import DEAD_LETTER, RESERVED_ADDRESSES
 from ...exceptions import TransportError, UserError
 from ...settings import Settings
 from ..base import Delivery, TransportBase, dead_letter_headers, ensure_bytes, redact_url
+from ._cancel_board import CANCEL_STREAM, CancelStreamReader, RabbitMQCancelBoard, cancel_stream_arguments
 from ._consumer import RabbitMQConsumer, ack, underlay
 from ._errors import BROKER_ERRORS, CONNECTION_LOST, broker_errors, cancelling, channel_ready, explain, on_channel
 from ._wire import dead_letter_to
@@ -103,6 +104,7 @@ class RabbitMQTransport(TransportBase):
         self._queues: dict[str, str] = {}  # address -> its declared queue, looked up on every publish
         self._declaring: dict[str, asyncio.Future[int]] = {}
         self._connect_lock = asyncio.Lock()
+        self._cancel_reader: CancelStreamReader | None = None
 
     def __repr__(self) -> str:
         return f"RabbitMQTransport({redact_url(self.url)!r}, namespace={self.namespace!r})"
@@ -138,6 +140,9 @@ class RabbitMQTransport(TransportBase):
                 raise
 
     async def disconnect(self) -> None:
+        reader, self._cancel_reader = self._cancel_reader, None
+        if reader is not None:
+            await reader.close()
         for consumer in list(self._consumers):
             with suppress(TransportError):
                 await consumer.aclose()
@@ -302,6 +307,9 @@ class RabbitMQTransport(TransportBase):
         return channel
 
     async def _redeclare(self, queue: str) -> None:
+        if queue == self.queue_name(CANCEL_STREAM):
+            await self._declare(queue, cancel_stream_arguments())
+            return
         address, _, bucket = queue.removeprefix(f"{self.namespace}.").partition("@delay-")
         if bucket:
             await self._declare(queue, dead_letter_to(await self._ensure_queue(address)))
@@ -366,6 +374,25 @@ class RabbitMQTransport(TransportBase):
         delayed = await self._count_delayed(address)
         held = sum(consumer.unsettled for consumer in self._consumers if consumer.address == address)
         return ready + delayed + held
+
+    # -- cancellations (`Cancellations`) ---------------------------------------------------------------------
+
+    def cancel_board(self) -> RabbitMQCancelBoard:
+        return RabbitMQCancelBoard(self)
+
+    def cancel_reader(self) -> CancelStreamReader:
+        """This transport object's one reader of the cancellations stream (opened by the boards, closed by
+        `disconnect()`)."""
+        self._require()
+        if self._cancel_reader is None:
+            self._cancel_reader = CancelStreamReader(self)
+        return self._cancel_reader
+
+    async def declare_cancel_stream(self) -> None:
+        """Declare the cancellations stream unless this transport has (idempotent)."""
+        name = self.queue_name(CANCEL_STREAM)
+        if name not in self._declared:
+            await self._declare_once(name, cancel_stream_arguments())
 
     # -- who consumes (`ConsumerWatch`) ----------------------------------------------------------------------
 

@@ -9,6 +9,7 @@ What it keeps in Redis, for the namespace `paigeant`:
 - `paigeant:consumers:<address>`: when each consumer of the address was last seen (its heartbeat), for
   `consumers()`: who serves a step, and since when nobody does.
 - `paigeant:dispatched:<correlation id>`: the claims of dispatchers on correlation IDs (`claim()`).
+- `paigeant:cancel:<correlation id>`: the cancel records of a workflow (`cancel_board()`).
 - `paigeant:done:<key>`, `paigeant:replay:<message id>`, `paigeant:waiting[:<correlation id>]`,
   `paigeant:workflows` and `paigeant:workflow:<correlation id>`: the shared stores (`RedisDedupeStore`,
   `RedisReplayCache`, `RedisWaitingStore`, `RedisWorkflowStore`).
@@ -24,8 +25,8 @@ Every quick command, the stores' included, goes out in one shared pipeline at a 
 what it batches, why, and what must not change.
 
 The modules: `_transport.py` (the transport), `_consumer.py` (its consumers), `_pipeline.py` (the shared
-pipeline), `_lua.py` (the scripts), `_stores.py` (the shared stores), `_wire.py` (entries and times),
-`_types.py` (redis-py's calls, typed once).
+pipeline), `_lua.py` (the scripts), `_stores.py` (the shared stores), `_cancel_board.py` (the cancel board),
+`_wire.py` (entries and times), `_types.py` (redis-py's calls, typed once).
 """
 
 try:

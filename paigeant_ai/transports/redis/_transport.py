@@ -29,6 +29,7 @@ from ...contracts import DEAD_LETTER, RESERVED_ADDRESSES
 from ...exceptions import TransportError, UserError
 from ...settings import Settings
 from ..base import Delivery, TransportBase, dead_letter_headers, ensure_bytes, redact_url
+from ._cancel_board import RedisCancelBoard
 from ._consumer import LIVE_WITHIN, Handle, RedisConsumer
 from ._pipeline import PipelinedRedis, Pipeliner
 from ._stores import RedisDedupeStore, RedisReplayCache, RedisWaitingStore, RedisWorkflowStore
@@ -358,6 +359,11 @@ class RedisTransport(TransportBase):
 
     def workflow_store(self) -> RedisWorkflowStore:
         return RedisWorkflowStore(self)
+
+    # -- cancellations (`Cancellations`) ---------------------------------------------------------------------
+
+    def cancel_board(self) -> RedisCancelBoard:
+        return RedisCancelBoard(self)
 
     # -- helpers of the consumers ----------------------------------------------------------------------------
 
