@@ -19,23 +19,45 @@ from __future__ import annotations
 import logging
 from collections import Counter, OrderedDict
 from collections.abc import Mapping, Sequence
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Literal
 
 from pydantic import AwareDatetime, Field, ValidationError
 
 from ._escape import escape_control
-from ._plan import token_subject
+from ._plan import begin_unwinding, token_subject
 from ._tokens import TokenValidator
 from ._wire import Plan, Wire, utcnow
-from .contracts import PaigeantMessage
+from .contracts import Compensation, PaigeantMessage, Unwinding
 from .exceptions import SecurityError, TokenError
 from .security import MessageSecurity
 
-__all__ = ("CANCEL_TYPE", "CancelCheck", "CancelRequest", "sign_cancel")
+__all__ = ("CANCEL_TTL", "CANCEL_TYPE", "CancelCheck", "CancelRequest", "Cancellation", "sign_cancel", "unwind_parked")
+
+CANCEL_TTL = 8 * 24 * 3600.0
+"""Seconds a cancel stays on the board, at most: a workflow's default lifetime (7 days) and the grace after it in
+which its hops still arrive (see `paigeant_ai._hop.EXPIRY_GRACE`)."""
 
 logger = logging.getLogger("paigeant_ai.cancel")
 
 CANCEL_TYPE = "paigeant-cancel+jws"
+
+
+@dataclass(frozen=True, slots=True)
+class Cancellation:
+    """What `WorkflowDispatcher.cancel` did.
+
+    Attributes:
+        correlation_id: The workflow.
+        state: `requested`: the cancel is posted; the workflow stops before its next step starts, and a step of it
+            running now is interrupted, in whatever process. `cancelled`: the workflow waited for input; it was
+            released here and its compensations started. `finished`: it had ended already; nothing changed.
+        detail: The same, in a sentence for people.
+    """
+
+    correlation_id: str
+    state: Literal["requested", "cancelled", "finished"]
+    detail: str
 
 
 class CancelRequest(Wire):
@@ -151,3 +173,18 @@ def _token_subject(security: MessageSecurity, token: str | None) -> str | None:
         return None
     subject = claims.get("sub")
     return subject if isinstance(subject, str) else None
+
+
+def unwind_parked(message: PaigeantMessage, request: CancelRequest) -> list[Compensation]:
+    """Stop a parked workflow's `message` for `request`: its slip unwinds (see `RoutingSlip.unwind`); the
+    compensations to run, the first of which `message` is then addressed to."""
+    slip = message.routing_slip
+    unwinding = Unwinding(
+        cause="cancelled",
+        reason=request.summary,
+        step=slip.step,
+        activity=slip.current,
+        by=request.by,
+        cancel=request.to_bytes().decode(),
+    )
+    return begin_unwinding(message, unwinding)

@@ -23,7 +23,7 @@ from ._escape import escape_control, escape_json
 from ._events import WorkflowEvent
 from .exceptions import UserError
 from .settings import Settings
-from .store import FINAL_STATES, WorkflowProjector, WorkflowStatus, mark_stalled
+from .store import WorkflowProjector, WorkflowStatus, mark_stalled
 from .transports import IN_MEMORY_NAMES, Transport, get_transport
 
 if TYPE_CHECKING:
@@ -259,6 +259,8 @@ def _print_workflows(statuses: list[WorkflowStatus], *, as_json: bool) -> int:
         note = status.stalled or status.cancelled or status.failure or status.waiting_for or where or "-"
         if len(note) > 80:
             note = note[:77] + "..."
-        line = f"{status.state:<{states}} {status.updated_at:%Y-%m-%d %H:%M:%S}  {status.correlation_id:<{width}}  {note}"
+        line = (
+            f"{status.state:<{states}} {status.updated_at:%Y-%m-%d %H:%M:%S}  {status.correlation_id:<{width}}  {note}"
+        )
         print(escape_control(line))
     return 0

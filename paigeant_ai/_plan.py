@@ -31,7 +31,17 @@ from datetime import timedelta
 from typing import Any, NamedTuple, TypeVar
 
 from ._tokens import unverified_claims
-from .contracts import ActivitySpec, PaigeantMessage, Plan, PlannedStep, Revision, RevisionLimits, RoutingSlip
+from .contracts import (
+    ActivitySpec,
+    Compensation,
+    PaigeantMessage,
+    Plan,
+    PlannedStep,
+    Revision,
+    RevisionLimits,
+    RoutingSlip,
+    Unwinding,
+)
 from .exceptions import SecurityError, UserError
 from .security import MessageSecurity
 
@@ -40,9 +50,11 @@ __all__ = (
     "REVISION_TYPE",
     "PlanCheck",
     "added_and_removed",
+    "begin_unwinding",
     "check_route",
     "new_plan",
     "revise_route",
+    "signer_of",
     "spec_digest",
     "token_subject",
 )
@@ -78,7 +90,7 @@ def token_subject(token: str | None) -> str | None:
     return subject if isinstance(subject, str) else None
 
 
-def _signer_of(signature: str) -> str | None:
+def signer_of(signature: str) -> str | None:
     """The `kid` of a JWS this process just made (read from its header, not checked)."""
     part = signature.split(".")[0]
     header: object = json.loads(base64.urlsafe_b64decode(part + "=" * (-len(part) % 4)))
@@ -129,7 +141,7 @@ def new_plan(
     )
     signature = security.sign_bytes(_plan_bytes(plan), typ=PLAN_TYPE)
     if signature is not None:
-        kid = _signer_of(signature)
+        kid = signer_of(signature)
         if not security.policy.allows(kid, "start"):
             raise UserError(
                 f"this dispatcher's key {kid!r} may not start workflows: the trust policy does not grant it "
@@ -161,12 +173,23 @@ def revise_route(message: PaigeantMessage, revisions: Sequence[Revision], securi
 def _signed(correlation_id: str, revision: Revision, security: MessageSecurity) -> Revision:
     revision = revision.model_copy(update={"signature": None})
     signature = security.sign_bytes(_revision_bytes(correlation_id, revision), typ=REVISION_TYPE)
-    if signature is not None and not security.policy.allows(kid := _signer_of(signature), "revise"):
+    if signature is not None and not security.policy.allows(kid := signer_of(signature), "revise"):
         raise SecurityError(
             f"this worker's key {kid!r} may not revise a workflow's route: the trust policy does not grant it 'revise'",
             code="revision",
         )
     return revision.model_copy(update={"signature": signature})
+
+
+def begin_unwinding(message: PaigeantMessage, unwinding: Unwinding) -> list[Compensation]:
+    """Stop `message`'s workflow for `unwinding.cause`: its slip's itinerary becomes the compensations still to run
+    (see `RoutingSlip.unwind`), which have `COMPENSATION_WINDOW` from now to run, whatever the workflow had left;
+    those compensations, oldest step first (none: the workflow just ends)."""
+    pending = message.routing_slip.unwind(unwinding)
+    message.resume = None
+    if pending:
+        message.expires_at = unwinding.at + COMPENSATION_WINDOW
+    return pending
 
 
 # -- the route -------------------------------------------------------------------------------------------------

@@ -37,7 +37,7 @@ from ._escape import escape_control
 from ._events import EventReporter
 from ._hop import Hop
 from ._outcome import Advance, End, Fault, Halt, Outcome, Park, Reject, Retry, Skip
-from ._plan import COMPENSATION_WINDOW, revise_route
+from ._plan import begin_unwinding, revise_route
 from ._sealing import NonFiniteNumber, seal, too_large, unsigned_body
 from .approval import ParkedStep, WaitingStore
 from .contracts import DEAD_LETTER, ActivityLogEntry, Compensation, PaigeantMessage, RetryPolicy, Unwinding
@@ -208,12 +208,8 @@ async def _stop(hop: Hop, unwinding: Unwinding, deps: SettleDeps, *, failed: str
     slip = message.routing_slip
     if failed is not None:
         slip.mark_failed(hop.spec.name, attempt=message.attempt, started_at=hop.started, error=failed)
-    pending = slip.unwind(unwinding)
-    message.resume = None
+    pending = begin_unwinding(message, unwinding)  # undoing has a window of its own, past the workflow's deadline
     if pending:
-        # Undoing may take longer than the workflow had left, and must still happen: the compensations have a
-        # window of their own from now, which every worker allows (see `paigeant_ai._plan`).
-        message.expires_at = unwinding.at + COMPENSATION_WINDOW
         await _publish_hop(message, deps)
     return _Stopped(unwinding, pending, failed)
 

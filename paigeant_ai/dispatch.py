@@ -18,25 +18,29 @@ from pydantic import ValidationError
 
 from . import observability
 from ._approvals import attested, describe, sign_approvals
+from ._cancel import CANCEL_TTL, Cancellation, CancelRequest, sign_cancel, unwind_parked
 from ._dispatch_checks import served_hint, specs_of, variables_of, workflow_fingerprint
 from ._dispatch_checks import to_spec as to_spec  # importable from here, as it always was
 from ._events import EventCallback, EventReporter
-from ._plan import new_plan
+from ._hop import EXPIRY_GRACE
+from ._plan import new_plan, signer_of, token_subject
 from ._principal import principal_of
 from ._resume_checks import check_before_resume
 from ._sealing import seal
 from .activity import Activity
 from .approval import verified
 from .contracts import RESERVED_ADDRESSES, ActivitySpec, PaigeantMessage, RevisionLimits
-from .exceptions import NoWorker, UserError, WorkflowExists
+from .exceptions import NoWorker, UnknownWorkflow, UserError, WorkflowExists
 from .security import MessageSecurity, MessageSigner
 from .settings import Settings
-from .transports.base import ConsumerWatch, SharedClaims, Transport
+from .store import FINAL_STATES
+from .transports.base import Cancellations, ConsumerWatch, SharedClaims, Transport
 
 if TYPE_CHECKING:
     from pydantic_ai import DeferredToolResults
 
     from .approval import ApprovalAnswer, ParkedStep, WaitingStore
+    from .store import WorkflowStore
 
 __all__ = ("WorkflowDispatcher",)
 
@@ -361,6 +365,112 @@ class WorkflowDispatcher:
         others = sorted(answers.calls)
         detail = "; ".join([*audit, *([f"answered {', '.join(others)}"] if others else [])])
         await self.reporter.report("resumed", message, detail=detail or "resumed")
+
+    async def cancel(
+        self,
+        correlation_id: str,
+        reason: str = "",
+        *,
+        by: str | None = None,
+        token: str | None = None,
+        store: WorkflowStore | None = None,
+    ) -> Cancellation:
+        """Cancel a workflow, wherever it is: no further step starts, a step running now is interrupted (its
+        activity's task is cancelled, so an agent's run stops mid-way), a workflow waiting for input is released,
+        and then the compensations of its completed steps run. It ends `cancelled`, with who and why.
+
+        The cancel is a signed request posted on the transport's cancel board (see `paigeant_ai._cancel`), which
+        every worker reads before it starts a step, including workers started later. A worker acts on it only if
+        this dispatcher's key may `cancel` under the trust policy, or `token` is the workflow's initiator's or
+        owner's own token.
+
+        Args:
+            correlation_id: The workflow.
+            reason: Why, for its status and its compensations (`ctx.unwinding.reason`).
+            by: Who cancels it, as this service attests it; by default the subject of `token`.
+            token: The requester's own token, needed when this dispatcher's key may not cancel by itself.
+            store: The workflow store to check first (as `paigeant cancel` does): a finished workflow is then
+                left alone, and an ID it does not know is refused. Without it, a workflow this dispatcher did not
+                start or find waiting is cancelled on trust.
+
+        Returns:
+            What was done (see `Cancellation`): `requested`, `cancelled` (it waited for input), or `finished`
+            (it had ended already: nothing changed).
+
+        Raises:
+            UserError: The ID is not a string, or this dispatcher's key may not cancel and no token is given.
+            UnknownWorkflow: `store` does not know the workflow, nor does this dispatcher.
+        """
+        if not isinstance(correlation_id, str) or not correlation_id or len(correlation_id) > 200:  # pyright: ignore[reportUnnecessaryIsInstance]
+            raise UserError(
+                f"correlation_id must be a workflow's ID (a string of 1 to 200 characters), not {correlation_id!r}"
+            )
+        parked = await self._parked_or_none(correlation_id)
+        if store is not None and parked is None:
+            status = await store.get(correlation_id)
+            if status is not None and status.state in FINAL_STATES:
+                detail = f"workflow {correlation_id!r} had already ended {status.state}; nothing was cancelled"
+                return Cancellation(correlation_id, "finished", detail)
+            if status is None and correlation_id not in self._dispatched:
+                raise UnknownWorkflow(
+                    f"no workflow {correlation_id!r} is known: check the ID (`paigeant workflows` lists them)",
+                    correlation_id=correlation_id,
+                )
+        request = self._cancel_request(correlation_id, reason, by, token)
+        board = self.transport.cancel_board() if isinstance(self.transport, Cancellations) else None
+        if board is None:
+            raise UserError(f"{self.transport.name} has no cancel board: workflows on it cannot be cancelled")
+        await board.open()
+        ttl = min((self.ttl or CLAIM_TTL) + EXPIRY_GRACE.total_seconds(), CANCEL_TTL)
+        await board.post(correlation_id, request.to_bytes(), ttl=ttl)
+        await self.reporter.report(
+            "cancel_requested", None, correlation_id=correlation_id, by=request.by, detail=reason or None
+        )
+        if parked is not None and await self._store().remove(parked):
+            return await self._cancel_parked(parked, request)
+        detail = (
+            f"workflow {correlation_id!r} will stop before its next step, and a step of it running now is interrupted"
+        )
+        return Cancellation(correlation_id, "requested", detail)
+
+    def _cancel_request(self, correlation_id: str, reason: str, by: str | None, token: str | None) -> CancelRequest:
+        request = sign_cancel(
+            CancelRequest(correlation_id=correlation_id, reason=reason, by=by or token_subject(token), token=token),
+            self.security,
+        )
+        kid = signer_of(request.signature) if request.signature is not None else None
+        if kid is not None and token is None and not self.security.policy.allows(kid, "cancel"):
+            raise UserError(
+                f"this dispatcher's key {kid!r} may not cancel workflows under the trust policy: pass token=<the "
+                "token of the workflow's initiator or owner>, or grant the key 'cancel' (PAIGEANT_TRUST_POLICY_FILE)"
+            )
+        return request
+
+    async def _parked_or_none(self, correlation_id: str) -> ParkedStep | None:
+        if self.waiting_store is None:
+            return None
+        parked = await self.waiting_store.get(correlation_id)
+        return parked if parked is not None and verified(parked, self.security) else None
+
+    async def _cancel_parked(self, parked: ParkedStep, request: CancelRequest) -> Cancellation:
+        """Release a workflow that waited for input, and start its compensations."""
+        message = parked.message.model_copy(deep=True)
+        step = message.routing_slip.current
+        pending = unwind_parked(message, request)
+        if pending:
+            with observability.replay_span(message, self.transport.name, operation="cancel"):
+                hop = message.next_hop()
+                await self.transport.publish(
+                    hop.routing_slip.current or "", self.encode(hop), headers=dict(hop.headers)
+                )
+        await self.reporter.report("cancelled", message, activity=step, by=request.by, detail=request.summary)
+        if pending:
+            undo = ", ".join(f"{record.activity} (by {record.compensate})" for record in reversed(pending))
+            await self.reporter.report("compensating", message, detail=f"undoing {undo}")
+        detail = f"workflow {parked.correlation_id!r} waited at {step!r}; it was released" + (
+            " and its compensations started" if pending else ", with nothing to undo"
+        )
+        return Cancellation(parked.correlation_id, "cancelled", detail)
 
     def _store(self) -> WaitingStore:
         if self.waiting_store is None:

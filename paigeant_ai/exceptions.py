@@ -28,6 +28,7 @@ __all__ = (
     "SecurityError",
     "TokenError",
     "TransportError",
+    "UnknownWorkflow",
     "UserError",
     "WorkflowExists",
 )
@@ -50,6 +51,18 @@ class WorkflowExists(UserError):
 
     Attributes:
         correlation_id: The ID in use.
+    """
+
+    def __init__(self, message: str, *, correlation_id: str) -> None:
+        super().__init__(message)
+        self.correlation_id = correlation_id
+
+
+class UnknownWorkflow(UserError):
+    """A cancel for a correlation ID that no workflow the status store knows has.
+
+    Attributes:
+        correlation_id: The ID nobody knows.
     """
 
     def __init__(self, message: str, *, correlation_id: str) -> None:

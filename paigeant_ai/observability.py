@@ -195,9 +195,10 @@ def dispatch_span(message: PaigeantMessage, transport: str) -> Generator[trace.S
 
 @contextmanager
 def replay_span(
-    message: PaigeantMessage, transport: str, *, operation: Literal["replay", "resume"] = "replay"
+    message: PaigeantMessage, transport: str, *, operation: Literal["replay", "resume", "cancel"] = "replay"
 ) -> Generator[trace.Span]:
-    """The producer span of a step sent again (a dead letter replayed, a waiting step resumed); seal it inside.
+    """The producer span of a step sent again (a dead letter replayed, a waiting step resumed, or a waiting
+    workflow's first compensation once it is cancelled); seal it inside.
 
     The span is a sibling of the workflow's hops, linked to the span that sent `message` before (the hop that
     parked or faulted) and to the caller's current span (the request that answered an approval, the command

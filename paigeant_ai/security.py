@@ -36,13 +36,13 @@ from typing import TYPE_CHECKING, Any
 from joserfc.jwk import Key, KeySet
 
 from ._escape import show
+from ._hop import EXPIRY_GRACE
 from ._jws import DetachedJWS, require_detached
 from ._keys import ALGORITHMS, generate_key, load_signing_key, load_trusted_keys
 from ._message_security import Authenticated, MessageSecurity, Verified
 from ._replay import InMemoryReplayCache, ReplayCache
 from ._sealing import signing_input, unsigned_body
 from ._signer_settings import signer_arguments
-from ._hop import EXPIRY_GRACE
 from ._tokens import TokenValidator, check_scopes
 from ._tokens import granted_scopes as granted_scopes  # importable from here, as it always was
 from .contracts import ActivitySpec, PaigeantMessage
