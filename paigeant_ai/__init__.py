@@ -8,6 +8,7 @@ its shared stores from `paigeant_ai.transports.redis`, the RabbitMQ transport fr
 import logging as _logging
 
 from ._approvals import Approval, SignedApproval
+from ._cancel import Cancellation
 from ._events import WorkflowEvent
 from .activity import Activity, ActivityContext, AgentActivity, FunctionActivity, activity
 from .approval import (
@@ -22,6 +23,7 @@ from .catalog import ActivityCatalog, CatalogEntry
 from .contracts import (
     ActivityLogEntry,
     ActivitySpec,
+    Compensation,
     PaigeantMessage,
     Plan,
     PlannedStep,
@@ -31,6 +33,7 @@ from .contracts import (
     RevisionLimits,
     RoutingSlip,
     SecurityContext,
+    Unwinding,
 )
 from .dispatch import WorkflowDispatcher
 from .exceptions import (
@@ -48,6 +51,7 @@ from .exceptions import (
     SecurityError,
     TokenError,
     TransportError,
+    UnknownWorkflow,
     UserError,
     WorkflowExists,
 )
@@ -74,7 +78,9 @@ __all__ = (
     "ActivitySpec",
     "AgentActivity",
     "Approval",
+    "Cancellation",
     "CatalogEntry",
+    "Compensation",
     "DispatchedWorkflow",
     "DuplicateMessage",
     "EndWorkflow",
@@ -115,6 +121,8 @@ __all__ = (
     "Transport",
     "TransportError",
     "TrustPolicy",
+    "UnknownWorkflow",
+    "Unwinding",
     "UserError",
     "WaitingStore",
     "Worker",
