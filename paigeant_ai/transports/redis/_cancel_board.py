@@ -13,6 +13,8 @@ import itertools
 from collections.abc import Collection
 from typing import TYPE_CHECKING, cast
 
+from redis.exceptions import ResponseError
+
 from .._cancel_book import check_post, readable_id, warn_full
 from ..base import MAX_CANCEL_RECORDS
 from ._types import Script, as_script
@@ -85,7 +87,15 @@ class RedisCancelBoard:
             warn_full(correlation_id)
 
     async def records(self, correlation_id: str) -> list[bytes]:
-        return (await self.cancelled_among([correlation_id])).get(correlation_id, [])
+        # Read before every step: one command in the transport's shared pipeline, not a script call of its own.
+        if not readable_id(correlation_id):
+            return []
+        with self.transport.errors("reading the cancel records of", correlation_id):
+            try:
+                found = await self.transport.pipelined("LRANGE", self.key(correlation_id), 0, MAX_CANCEL_RECORDS - 1)
+            except ResponseError:  # not a list: nothing a board posted (the next post replaces it)
+                return []
+        return [bytes(record) for record in cast("list[bytes]", found or [])]
 
     async def cancelled_among(self, correlation_ids: Collection[str]) -> dict[str, list[bytes]]:
         ids = list(dict.fromkeys(cid for cid in correlation_ids if readable_id(cid)))
