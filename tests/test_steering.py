@@ -269,6 +269,21 @@ async def test_a_compensation_that_fails_for_good_is_dead_lettered_and_its_repla
     await shop.ended(cid, "compensated")
 
 
+async def test_a_token_refused_at_a_step_faults_the_workflow_without_fallbacks_and_undoes_it(
+    transport: Transport,
+) -> None:
+    shop = Shop(transport)
+    charge = ActivitySpec(name="charge", required_scopes=("payments:write",), fallbacks=("charge-backup",))
+    cid = await shop.dispatcher.dispatch_workflow(["reserve", charge], obo_token=user_token("alice"))
+    await shop.worker().run(burst=True)
+
+    assert shop.order(cid) == ["reserve"], "neither the step nor its fallback ran: the token would not do for either"
+    assert shop.undid(cid) == ["release"]
+    status = await shop.ended(cid, "compensated")
+    assert status.failure is not None
+    assert "lacks scope 'payments:write'" in status.failure
+
+
 async def test_ending_early_is_a_success_and_undoes_nothing(transport: Transport) -> None:
     shop = Shop(transport)
     cid = await shop.dispatcher.dispatch_workflow(["reserve", "end-early", "ship"])
