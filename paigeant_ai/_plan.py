@@ -77,6 +77,11 @@ class _Step(NamedTuple):
     fallbacks: tuple[str, ...] = ()
     compensate: str | None = None
 
+    @property
+    def alternatives(self) -> tuple[str, ...]:
+        """The activities that may run the step: its own, then its fallbacks."""
+        return (self.name, *self.fallbacks)
+
 
 def spec_digest(spec: ActivitySpec) -> str:
     """A digest of the whole spec as it travels (22 characters)."""
@@ -240,7 +245,7 @@ def check_route(plan: Plan, slip: RoutingSlip) -> int:
     added_total, last = 0, 0
     for number, revision in enumerate(slip.revisions, 1):
         at = revision.step
-        if at < last or at > len(done) or at >= len(route) or route[at][0] != revision.activity:
+        if at < last or at > len(done) or at >= len(route) or revision.activity not in route[at].alternatives:
             raise _revision_error(
                 f"revision {number} says step {at} {revision.activity!r} made it, which it cannot have"
             )

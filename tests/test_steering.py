@@ -28,6 +28,7 @@ from paigeant_ai import (
     NonRetryableError,
     PaigeantMessage,
     RetryPolicy,
+    Revision,
     UserError,
     Worker,
     WorkflowDispatcher,
@@ -231,6 +232,28 @@ async def test_a_failed_step_falls_back_in_order_and_the_log_says_why(transport:
     assert [(step.activity, step.error) for step in failed] == [
         ("charge", "NonRetryableError: charge is down; falling back to 'charge-backup'")
     ]
+
+
+async def test_a_fallback_may_revise_the_route_as_its_step_could(transport: Transport) -> None:
+    shop = Shop(transport, fail={"charge"})
+
+    async def backup(ctx: ActivityContext) -> dict[str, Any]:
+        shop.ran.append(("charge-backup", ctx.correlation_id))
+        remaining = [*ctx.routing_slip.itinerary[1:], ActivitySpec(name="ship")]
+        ctx.revisions.append(
+            Revision(step=ctx.step, activity="charge-backup", action="add", reason="backup", remaining=remaining)
+        )
+        return {"charged_by": "backup"}
+
+    worker = shop.worker()
+    worker.activities["charge-backup"] = FunctionActivity(backup, name="charge-backup")
+    cid = await shop.dispatcher.dispatch_workflow(
+        ["reserve", ActivitySpec(name="charge", fallbacks=("charge-backup",))]
+    )
+    await worker.run(burst=True)
+
+    assert shop.order(cid) == ["reserve", "charge", "charge-backup", "ship"]
+    await shop.ended(cid, "completed")
 
 
 async def test_when_every_fallback_fails_the_workflow_faults_and_is_undone(transport: Transport) -> None:
