@@ -7,9 +7,9 @@ Shows, on one order of two books:
   steps run in reverse order: the reservation is released (`release-inventory`), then the customer is told why
   (`notify-customer`). It ends `compensated`.
 - `--cancel-after STEP`: the payment goes through, and the customer withdraws the order as STEP starts (this script
-  calls `dispatcher.cancel`). A quick step finishes, then no further step starts; the slow one
-  (`generate-shipping-label`, a carrier booking of a second) is interrupted mid-way. What completed is undone, and
-  the workflow ends `cancelled`.
+  calls `dispatcher.cancel`). A step done before the worker's next look at the cancel board (every 0.5 s)
+  finishes, and no step after it starts; a longer one, such as `generate-shipping-label` (a carrier booking of a
+  second), is interrupted mid-way. What completed is undone, and the workflow ends `cancelled`.
 - `--pay-ok`: the payment goes through and the order ships; a second order, out of stock, ends early
   (`EndWorkflow`): a success, so nothing is undone.
 
