@@ -54,7 +54,7 @@ class Workflow:
 
 WORKFLOWS: dict[str, Workflow] = {
     "onboarding": Workflow(onboarding.ONBOARDING, onboarding.ONBOARDING),
-    "orders": Workflow(order_processing.ORDER_STEPS, order_processing.ORDER_STEPS),
+    "orders": Workflow(order_processing.ORDER_STEPS, order_processing.ACTIVITIES),
     # The route the support example's planner dispatches; the classifier adds a follow-up call to urgent tickets.
     "support": Workflow(
         [

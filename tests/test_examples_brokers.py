@@ -24,7 +24,7 @@ from .brokers import (
     require_rabbitmq,
     require_redis,
 )
-from .test_examples import run_example
+from .test_examples import progress, run_example, undone
 
 pytestmark = pytest.mark.slow
 
@@ -81,12 +81,28 @@ def test_onboarding(broker_env: dict[str, str]) -> None:
     assert '"welcome_email": "Welcome aboard! Your premium account is ready."' in out
 
 
-def test_order_processing(broker_env: dict[str, str]) -> None:
+def test_order_processing_saga(broker_env: dict[str, str]) -> None:
     out = run_example("examples.order_processing", env=broker_env)
+    assert f"on the {broker_env['PAIGEANT_TRANSPORT']} transport" in out
     assert out.count(" retry   step 2 process-payment: ConnectionError: payment provider timed out") == 2
-    assert "completed early: out of stock: SKU-LAMP has 0, the order needs 1" in out
-    assert '"tracking_number": "TRK-' in out
-    assert out.count("completed") == 2
+    assert "falling back to 'charge-backup'" in out
+    assert undone(out) == [("check-inventory", "release-inventory"), ("validate-order", "notify-customer")]
+    assert "stock: SKU-BOOK 5, SKU-LAMP 0\ncharged: 0.00, refunded: 0.00\n" in out
+    assert "customer told: Your order ord-1001 is cancelled: we could not take the payment" in out
+    assert ": compensated\n" in out
+
+
+def test_order_processing_cancelled(broker_env: dict[str, str]) -> None:
+    out = run_example("examples.order_processing", "--cancel-after", "generate-shipping-label", env=broker_env)
+    assert progress(out, "done") == ["validate-order", "check-inventory", "process-payment", "update-inventory"]
+    assert "the carrier booking was called off mid-way" in out
+    assert undone(out) == [
+        ("process-payment", "refund-payment"),
+        ("check-inventory", "release-inventory"),
+        ("validate-order", "notify-customer"),
+    ]
+    assert "charged: 39.90, refunded: 39.90" in out
+    assert ": cancelled\n" in out
 
 
 def test_support_ticket(broker_env: dict[str, str]) -> None:
