@@ -166,6 +166,7 @@ class PaigeantToolset(FunctionToolset[Any]):
         activities: list[str],
         variables: dict[str, Any],
         mandatory: list[str] | None = None,
+        fallbacks: dict[str, list[str]] | None = None,
     ) -> ToolReturn[DispatchedWorkflow]:
         """Start a durable workflow that runs the activities in order, and return its id.
 
@@ -173,9 +174,12 @@ class PaigeantToolset(FunctionToolset[Any]):
             activities: Activity names from `list_activities`, in the order they run.
             variables: The workflow's starting variables (JSON values).
             mandatory: Activities of the plan that must run: no later change of the route may remove them.
+            fallbacks: Backup activities from `list_activities` for activities of the plan, as
+                `{activity: [backup, ...]}`: once an activity has failed for good, its backups are tried in order
+                in its place, with the same variables.
         """
         try:
-            specs = self._catalog(ctx).plan(activities, variables, forbidden=self.forbidden)
+            specs = self._catalog(ctx).plan(activities, variables, forbidden=self.forbidden, fallbacks=fallbacks)
             specs = _marked(specs, self.mandatory, mandatory or [])
         except InvalidPlan as exc:
             raise ModelRetry(

@@ -297,6 +297,21 @@ async def test_the_tools_the_model_sees(transport: InMemoryTransport) -> None:
                                 "Activities of the plan that must run: no later change of the route may remove them."
                             ),
                         },
+                        "fallbacks": {
+                            "anyOf": [
+                                {
+                                    "additionalProperties": {"items": {"type": "string"}, "type": "array"},
+                                    "type": "object",
+                                },
+                                {"type": "null"},
+                            ],
+                            "default": None,
+                            "description": (
+                                "Backup activities from `list_activities` for activities of the plan, as\n"
+                                "`{activity: [backup, ...]}`: once an activity has failed for good, its backups are "
+                                "tried in order\nin its place, with the same variables."
+                            ),
+                        },
                     },
                     "required": ["activities", "variables"],
                     "type": "object",

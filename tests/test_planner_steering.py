@@ -7,13 +7,17 @@ import json
 from collections.abc import AsyncIterator
 
 import pytest
+from inline_snapshot import snapshot
 from pydantic_ai import Agent
 from pydantic_ai.messages import ModelResponse, TextPart
 
 from paigeant_ai import (
     ActivityCatalog,
     ActivityContext,
+    ActivitySpec,
     InMemoryTransport,
+    NonRetryableError,
+    PaigeantMessage,
     PaigeantToolset,
     PlannerAgentDeps,
     Worker,
@@ -42,6 +46,17 @@ async def release(ctx: ActivityContext) -> None:
 async def transport() -> AsyncIterator[InMemoryTransport]:
     async with InMemoryTransport() as transport:
         yield transport
+
+
+async def first_message(transport: InMemoryTransport, address: str) -> PaigeantMessage:
+    async with await transport.consume(address) as consumer:
+        delivery = await asyncio.wait_for(anext(consumer), 1)
+        await transport.ack(delivery)
+    return PaigeantMessage.from_json(delivery.body)
+
+
+async def agent_run(agent: Agent[PlannerAgentDeps, str], deps: PlannerAgentDeps) -> None:
+    await agent.run("please", deps=deps)
 
 
 async def answers(agent: Agent[PlannerAgentDeps, str], script: Script, deps: PlannerAgentDeps) -> list[object]:
@@ -166,3 +181,132 @@ async def test_a_caller_without_a_principal_cancels_nothing(transport: InMemoryT
     assert isinstance(answer, dict)
     assert answer["state"] == "unknown"
     assert await transport.cancel_board().records(nobodys) == []
+
+
+# -- compensations and fallbacks in the catalog and the plan ----------------------------------------------------
+
+
+@activity(name="book-courier", compensate=lambda ctx: None, description="Book a courier.")
+async def book_courier(ctx: ActivityContext) -> None:
+    return None
+
+
+@activity(name="charge-card", fallbacks=["charge-invoice"])
+async def charge_card(ctx: ActivityContext) -> None:
+    raise NonRetryableError("card declined")
+
+
+@activity(name="charge-backup")
+async def charge_backup(ctx: ActivityContext) -> dict[str, str]:
+    return {"charged_by": "backup"}
+
+
+def steering_catalog() -> ActivityCatalog:
+    catalog = ActivityCatalog([reserve, book_courier, charge_card, charge_backup])
+    catalog.add(ActivitySpec(name="release-stock", description="Put the reserved items back on the shelf."))
+    catalog.add(ActivitySpec(name="charge-invoice", description="Send an invoice."), needs=["billing_address"])
+    catalog.add(ActivitySpec(name="refund-payment", description="Refund the customer."))
+    return catalog
+
+
+async def test_the_catalog_says_what_undoes_each_step_and_its_own_fallbacks(transport: InMemoryTransport) -> None:
+    script = Script([call("list_activities", {}), DONE])
+    dispatcher = WorkflowDispatcher(transport)
+    toolset = PaigeantToolset(steering_catalog(), dispatcher=dispatcher, require_workers=False)
+
+    [listing] = await answers(Agent(script.model, toolsets=[toolset]), script, PlannerAgentDeps(dispatcher))
+
+    entries: list[dict[str, object]] = listing  # pyright: ignore[reportAssignmentType]
+    keys = ("compensate", "compensation", "fallbacks")
+    shown = {entry["name"]: {key: entry[key] for key in keys if key in entry} for entry in entries}
+    assert shown == snapshot(
+        {
+            "reserve-stock": {
+                "compensate": "release-stock",
+                "compensation": "Put the reserved items back on the shelf.",
+            },
+            "book-courier": {"compensate": "book-courier.compensate", "compensation": "Undoes 'book-courier'"},
+            "charge-card": {"fallbacks": ["charge-invoice"]},
+            "charge-backup": {},
+            "release-stock": {},
+            "charge-invoice": {},
+            "refund-payment": {},
+        }
+    )
+    catalog = steering_catalog()
+    entry = catalog.get("reserve-stock")
+    assert entry is not None
+    assert entry.spec.compensate == "release-stock"  # the route carries it: a dispatch can check who serves it
+    charge = catalog.get("charge-card")
+    assert charge is not None
+    assert charge.spec.fallbacks == ("charge-invoice",)
+
+
+async def test_a_plan_sets_fallbacks_on_its_steps_checked_against_the_catalog(transport: InMemoryTransport) -> None:
+    dispatcher = WorkflowDispatcher(transport)
+    toolset = PaigeantToolset(
+        steering_catalog(), dispatcher=dispatcher, forbidden={"refund-payment"}, require_workers=False
+    )
+    plan = {"activities": ["reserve-stock", "charge-card"], "variables": {}}
+    script = Script(
+        [
+            call(
+                "dispatch_workflow",
+                {
+                    **plan,
+                    "fallbacks": {
+                        "charge-card": ["charge-by-pigeon", "refund-payment"],
+                        "ship-order": ["charge-backup"],
+                    },
+                },
+            ),
+            call("dispatch_workflow", {**plan, "fallbacks": {"charge-card": ["charge-card"]}}),
+            call("dispatch_workflow", {**plan, "fallbacks": {"charge-card": ["charge-invoice"]}}),
+            call("dispatch_workflow", {**plan, "fallbacks": {"charge-card": ["charge-backup"]}}),
+            DONE,
+        ]
+    )
+    agent = Agent(script.model, toolsets=[toolset], retries=5)
+
+    await agent.run("plan it", deps=PlannerAgentDeps(dispatcher))
+
+    retries = [part.content for part in tool_returns(script.requests[-1]) if part.outcome == "retried"]
+    assert retries == snapshot(
+        [
+            "The plan was not dispatched: unknown activity 'charge-by-pigeon'; use only: reserve-stock, book-courier, "
+            "charge-card, charge-backup, release-stock, charge-invoice; activity 'refund-payment' is not allowed here; "
+            "fallbacks are given for 'ship-order', which is not an activity of the plan. Fix the plan and call "
+            "dispatch_workflow again.",
+            "The plan was not dispatched: the fallbacks of 'charge-card' must be other activities, each named once. "
+            "Fix the plan and call dispatch_workflow again.",
+            "The plan was not dispatched: fallback 'charge-invoice' of step 2 'charge-card' needs variable "
+            "'billing_address', which neither the workflow's variables nor an earlier step provide. Fix the plan and "
+            "call dispatch_workflow again.",
+        ]
+    )
+    [dispatched] = [part for part in tool_returns(script.requests[-1]) if part.outcome == "success"]
+    assert dispatched.tool_name == "dispatch_workflow"
+    message = await first_message(transport, "reserve-stock")
+    assert [(spec.name, spec.fallbacks, spec.compensate) for spec in message.routing_slip.itinerary] == [
+        ("reserve-stock", (), "release-stock"),
+        ("charge-card", ("charge-backup",), None),
+    ]
+
+
+async def test_a_fallback_the_planner_set_runs_once_the_step_failed_for_good(transport: InMemoryTransport) -> None:
+    store = InMemoryWorkflowStore()
+    dispatcher = WorkflowDispatcher(transport, on_event=store.apply)
+    toolset = PaigeantToolset(steering_catalog(), dispatcher=dispatcher, require_workers=False)
+    plan = {"activities": ["charge-card"], "variables": {}, "fallbacks": {"charge-card": ["charge-backup"]}}
+    script = Script([call("dispatch_workflow", plan), DONE])
+
+    await agent_run(Agent(script.model, toolsets=[toolset]), PlannerAgentDeps(dispatcher))
+    await Worker(transport, [charge_card, charge_backup], on_event=store.apply).run(burst=True)
+
+    [status] = await store.list()
+    assert status.state == "completed"
+    assert status.payload == {"charged_by": "backup"}
+    assert [(step.activity, step.state) for step in status.steps] == [
+        ("charge-card", "failed"),
+        ("charge-backup", "completed"),
+    ]
