@@ -5,11 +5,14 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import AsyncIterator
+from typing import Any
 
 import pytest
 from inline_snapshot import snapshot
-from pydantic_ai import Agent
+from pydantic_ai import Agent, ModelRetry, RunContext
 from pydantic_ai.messages import ModelResponse, TextPart
+from pydantic_ai.models.test import TestModel
+from pydantic_ai.usage import RunUsage
 
 from paigeant_ai import (
     ActivityCatalog,
@@ -310,3 +313,18 @@ async def test_a_fallback_the_planner_set_runs_once_the_step_failed_for_good(tra
         ("charge-card", "failed"),
         ("charge-backup", "completed"),
     ]
+
+
+async def test_a_fallback_nobody_serves_goes_back_to_the_model(transport: InMemoryTransport) -> None:
+    toolset = PaigeantToolset(steering_catalog(), dispatcher=WorkflowDispatcher(transport))
+    ctx = RunContext[Any](deps=None, model=TestModel(), usage=RunUsage(), run_id="run-1", tool_call_id="call-1")
+    async with await transport.consume("charge-card"):
+        with pytest.raises(ModelRetry) as raised:
+            await toolset.dispatch_workflow(ctx, ["charge-card"], {}, fallbacks={"charge-card": ["charge-backup"]})
+        assert str(raised.value) == (
+            "The plan was not dispatched: no worker consumes 'charge-backup', the fallback of step 0 'charge-card': "
+            "start a worker for it, or fix its name (did you mean 'charge-card'? workers consume: charge-card)."
+        )
+        async with await transport.consume("charge-backup"):
+            await toolset.dispatch_workflow(ctx, ["charge-card"], {}, fallbacks={"charge-card": ["charge-backup"]})
+    assert await transport.pending("charge-card") == 1
