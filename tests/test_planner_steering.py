@@ -18,7 +18,9 @@ from paigeant_ai import (
     ActivityCatalog,
     ActivityContext,
     ActivitySpec,
+    AgentActivity,
     InMemoryTransport,
+    ItineraryRevision,
     NonRetryableError,
     PaigeantMessage,
     PaigeantToolset,
@@ -328,3 +330,29 @@ async def test_a_fallback_nobody_serves_goes_back_to_the_model(transport: InMemo
         async with await transport.consume("charge-backup"):
             await toolset.dispatch_workflow(ctx, ["charge-card"], {}, fallbacks={"charge-card": ["charge-backup"]})
     assert await transport.pending("charge-card") == 1
+
+
+async def test_a_step_added_by_a_revision_brings_its_compensation(transport: InMemoryTransport) -> None:
+    undone: list[str] = []
+
+    @activity(name="release-stock")
+    async def release_noting(ctx: ActivityContext) -> None:
+        assert ctx.undoing is not None
+        undone.append(f"{ctx.undoing.activity} {ctx.undoing.output}")
+
+    @activity(name="pay")
+    async def pay(ctx: ActivityContext) -> None:
+        raise NonRetryableError("card declined")
+
+    add = call("add_steps", {"activities": ["reserve-stock"], "reason": "hold the stock first", "before": "pay"})
+    script = Script([add, DONE])
+    triage = AgentActivity(Agent(script.model, name="triage"), toolsets=[ItineraryRevision(ActivityCatalog([reserve]))])
+    store = InMemoryWorkflowStore()
+    correlation_id = await WorkflowDispatcher(transport, on_event=store.apply).dispatch_workflow(["triage", "pay"])
+
+    await Worker(transport, [triage, reserve, release_noting, pay], on_event=store.apply).run(burst=True)
+
+    assert undone == ["reserve-stock {'reservation': 'r-1'}"]
+    status = await store.get(correlation_id)
+    assert status is not None
+    assert status.state == "compensated"
