@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from ._cancel import Cancellation
 from ._cli_workflows import command_transport, find_status, sync_store, workflow_store
@@ -44,7 +46,15 @@ def add_command(
     )
     cancel.add_argument("correlation_id", help="the workflow's correlation ID, or a prefix only it starts with")
     cancel.add_argument("--reason", default="", help="why, for its status and its compensations")
-    cancel.add_argument("--by", help="who cancels it (default: the kid of this process's signing key)")
+    cancel.add_argument(
+        "--by", help="who cancels it (default: the subject of --token-file, else the kid of this process's key)"
+    )
+    cancel.add_argument(
+        "--token-file",
+        metavar="FILE",
+        help="the requester's own token (the workflow's initiator's or owner's), for a key the trust policy does "
+        "not let cancel by itself; - reads it from stdin",
+    )
     cancel.add_argument("--json", action="store_true", help="print JSON instead of text")
     cancel.add_argument("--redis-url", help="the Redis of the workflow store (default PAIGEANT_REDIS_URL)")
 
@@ -57,6 +67,7 @@ async def run_command(args: argparse.Namespace) -> int:
             "an in-memory workflow lives in the process that dispatched it: cancel it there "
             "(WorkflowDispatcher.cancel), or run workflows on rabbitmq or redis (--transport or PAIGEANT_TRANSPORT)"
         )
+    token = _token(args.token_file)
     store = workflow_store(args.redis_url)
     store.transport.reconnect_attempts = 1
     async with store.transport, command_transport(chosen) as transport:
@@ -68,12 +79,25 @@ async def run_command(args: argparse.Namespace) -> int:
         correlation_id = status.correlation_id if status is not None else args.correlation_id
         waiting = transport.waiting_store() if isinstance(transport, SharedStores) else None
         dispatcher = WorkflowDispatcher(transport, security=signer, waiting_store=waiting)
-        by = args.by or _kid(signer)
+        by = args.by or (None if token is not None else _kid(signer))  # with a token: its subject, by default
         try:
-            done = await dispatcher.cancel(correlation_id, args.reason, by=by, store=store)
+            done = await dispatcher.cancel(correlation_id, args.reason, by=by, token=token, store=store)
         except UnknownWorkflow as exc:
             return _print(Cancellation(exc.correlation_id, "finished", str(exc)), as_json=args.json, unknown=True)
     return _print(done, as_json=args.json)
+
+
+def _token(path: str | None) -> str | None:
+    """The token in the file at `path` (stdin for `-`), never one given on the command line, where `ps` shows it."""
+    if path is None:
+        return None
+    try:
+        text = sys.stdin.read() if path == "-" else Path(path).read_text(encoding="utf-8")
+    except OSError as exc:
+        raise UserError(f"cannot read --token-file {path!r}: {exc.strerror or exc}") from None
+    if not text.strip():
+        raise UserError(f"--token-file {path!r} is empty: put the requester's token in it")
+    return text.strip()
 
 
 def _kid(signer: MessageSigner) -> str | None:

@@ -8,6 +8,7 @@ import os
 import sys
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -163,3 +164,19 @@ async def test_cancelling_an_id_nobody_knows_says_so_and_posts_nothing(namespace
             assert await board.records("no-such-workflow") == []
         finally:
             await board.close()
+
+
+def test_the_token_comes_from_a_file_never_from_the_command_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    unreachable = ["--transport", "redis", "-b", "redis://127.0.0.1:1/0"]
+    assert main(["cancel", "6e5c217c", *unreachable, "--token-file", str(tmp_path / "nope")]) == 2
+    err = capsys.readouterr().err
+    assert err == f"paigeant: cannot read --token-file '{tmp_path / 'nope'}': No such file or directory\n"
+    (tmp_path / "empty").write_text(" \n")
+    assert main(["cancel", "6e5c217c", *unreachable, "--token-file", str(tmp_path / "empty")]) == 2
+    err = capsys.readouterr().err
+    assert err == f"paigeant: --token-file '{tmp_path / 'empty'}' is empty: put the requester's token in it\n"
+    (tmp_path / "token").write_text("eyJ.token.sig\n")
+    assert main(["cancel", "6e5c217c", *unreachable, "--token-file", str(tmp_path / "token")]) == 2
+    assert "is unreachable" in capsys.readouterr().err  # the token was read; then the broker was tried
