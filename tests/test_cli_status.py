@@ -84,6 +84,7 @@ def test_status_of_a_completed_a_failed_and_a_waiting_workflow(
     assert normalized(capsys.readouterr().out) == snapshot("""\
 workflow wf-completed: completed
   started <date> UTC, last event <s> later
+  deadline: <date> UTC
   steps:
       0 check-customer  completed 1 attempt   <s>
       1 create-account  completed 1 attempt   <s>
@@ -106,6 +107,7 @@ workflow wf-completed: completed
     assert normalized(capsys.readouterr().out) == snapshot("""\
 workflow wf-failed: faulted
   started <date> UTC, last event <s> later
+  deadline: <date> UTC
   failed: step 'create-account' failed: NonRetryableError: address refused
   still to run: create-account
   steps:
@@ -125,6 +127,7 @@ workflow wf-failed: faulted
     assert normalized(capsys.readouterr().out) == snapshot("""\
 workflow wf-waiting: waiting
   started <date> UTC, last event <s> later
+  deadline: <date> UTC
   waiting for approval of refund (call-1)
   current step: 0 refund-order
   still to run: refund-order, check-customer
@@ -210,6 +213,7 @@ replayed workflow wf-failed to step 1 create-account as message <id> (attempt 2)
     assert normalized(capsys.readouterr().out) == snapshot("""\
 workflow wf-failed: completed
   started <date> UTC, last event <s> later
+  deadline: <date> UTC
   steps:
       0 check-customer  completed 1 attempt   <s>
       1 create-account  completed 2 attempts  <s>
