@@ -13,11 +13,13 @@ from pathlib import Path
 import pytest
 
 from paigeant_ai import ActivityContext, Worker, WorkflowDispatcher, activity
+from paigeant_ai.approval import get_waiting_store
 from paigeant_ai.cli import _parser, main
 from paigeant_ai.security import generate_key
 from paigeant_ai.transports.redis import RedisTransport
 
 from .brokers import REDIS_URL, ROOT, delete_redis_namespace, redis_command_line
+from .scripted import refunder
 
 
 def test_cancel_takes_its_options_and_the_connection_options() -> None:
@@ -180,3 +182,37 @@ def test_the_token_comes_from_a_file_never_from_the_command_line(
     (tmp_path / "token").write_text("eyJ.token.sig\n")
     assert main(["cancel", "6e5c217c", *unreachable, "--token-file", str(tmp_path / "token")]) == 2
     assert "is unreachable" in capsys.readouterr().err  # the token was read; then the broker was tried
+
+
+@pytest.mark.redis
+async def test_a_workflow_waiting_for_approval_is_released_by_the_command_and_undone(namespace: str) -> None:
+    undone: list[str] = []
+
+    @activity(name="reserve-stock", compensate="release-stock")
+    async def reserve(ctx: ActivityContext) -> dict[str, str]:
+        return {"reservation": "r-7"}
+
+    @activity(name="release-stock")
+    async def release(ctx: ActivityContext) -> None:
+        assert ctx.undoing is not None
+        undone.append(str(ctx.undoing.output["reservation"]))
+
+    refund = refunder()
+    async with RedisTransport(REDIS_URL, namespace=namespace) as transport:
+        worker = Worker(transport, [reserve, release, refund], waiting_store=get_waiting_store(transport))
+        correlation_id = await WorkflowDispatcher(transport).dispatch_workflow([reserve, refund])
+        await worker.run(burst=True)
+        assert (await status_of(correlation_id))["state"] == "waiting"
+
+        code, out = await paigeant("cancel", correlation_id, "--reason", "refund withdrawn")
+        assert (code, out) == (
+            0,
+            f"cancelled: workflow {correlation_id!r} waited at 'refund-order'; it was released and its "
+            "compensations started\n",
+        )
+        assert await get_waiting_store(transport).get(correlation_id) is None
+        await worker.run(burst=True)
+
+    assert undone == ["r-7"]
+    status = await status_of(correlation_id)
+    assert (status["state"], status["cancelled"]) == ("cancelled", "cancelled by ops-1: refund withdrawn")
