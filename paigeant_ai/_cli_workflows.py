@@ -29,7 +29,18 @@ from .transports import IN_MEMORY_NAMES, Transport, get_transport
 if TYPE_CHECKING:
     from .transports.redis import RedisWorkflowStore
 
-__all__ = ("COMMANDS", "add_commands", "ambiguous", "command_transport", "find_status", "render_status", "run_command")
+__all__ = (
+    "COMMANDS",
+    "add_commands",
+    "ambiguous",
+    "command_transport",
+    "find_status",
+    "render_status",
+    "run_command",
+    "store_arguments",
+    "sync_store",
+    "workflow_store",
+)
 
 COMMANDS = frozenset({"status", "workflows"})
 
@@ -46,16 +57,17 @@ def add_commands(
         "status", parents=parents, help="where one workflow is, what happened to it and why it failed"
     )
     status.add_argument("correlation_id", help="the workflow's correlation ID, or a prefix only it starts with")
-    _store_arguments(status)
+    store_arguments(status)
 
     workflows = commands.add_parser(
         "workflows", parents=parents, help="the most recently updated workflows and their state"
     )
     workflows.add_argument("--limit", type=int, default=20, help="how many to show (default 20)")
-    _store_arguments(workflows)
+    store_arguments(workflows)
 
 
-def _store_arguments(parser: argparse.ArgumentParser) -> None:
+def store_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of a command that reads the workflow store."""
     parser.add_argument("--json", action="store_true", help="print JSON instead of text")
     parser.add_argument("--redis-url", help="the Redis of the workflow store (default PAIGEANT_REDIS_URL)")
     parser.add_argument("--no-sync", action="store_true", help="read the store as it is, without applying new events")
@@ -65,11 +77,11 @@ async def run_command(args: argparse.Namespace) -> int:
     """Run one of `COMMANDS`; the exit code."""
     if getattr(args, "limit", 1) < 1:
         raise UserError(f"--limit must be at least 1, got {args.limit}")
-    store = _workflow_store(args.redis_url)
+    store = workflow_store(args.redis_url)
     store.transport.reconnect_attempts = _COMMAND_RECONNECTS
     async with store.transport:
         if not args.no_sync:
-            await _sync(store, args.transport)
+            await sync_store(store, args.transport)
         if args.command == "status":
             status = await find_status(store, args.correlation_id)
             if status is not None and not args.no_sync:
@@ -95,7 +107,7 @@ async def command_transport(name: str | None = None) -> AsyncGenerator[Transport
         yield transport
 
 
-def _workflow_store(url: str | None) -> RedisWorkflowStore:
+def workflow_store(url: str | None) -> RedisWorkflowStore:
     """The store `status` and `workflows` read, with a connection of its own.
 
     Raises:
@@ -108,7 +120,8 @@ def _workflow_store(url: str | None) -> RedisWorkflowStore:
     return RedisWorkflowStore.from_url(url)
 
 
-async def _sync(store: RedisWorkflowStore, transport_name: str | None) -> None:
+async def sync_store(store: RedisWorkflowStore, transport_name: str | None) -> None:
+    """Apply the events waiting on the transport's `events` address to `store`, so that it is current."""
     chosen = (transport_name or Settings.from_env().transport).strip().lower()
     if chosen in IN_MEMORY_NAMES:
         return  # in-memory events live and die in their own process

@@ -1,22 +1,26 @@
 """The checks of `WorkflowDispatcher.dispatch_workflow`: the shape of its arguments (each mistake told in one
-sentence), what makes a retry the same workflow (`workflow_fingerprint`), and what to say when no worker consumes
-the first step (`served_hint`)."""
+sentence), what makes a retry the same workflow (`workflow_fingerprint`), and, with `require_workers`, that a worker
+consumes the first step and every fallback and compensation the route names (`require_workers`, `served_hint`)."""
 
 from __future__ import annotations
 
 import difflib
 import hashlib
 import json
+import logging
 from collections.abc import Mapping, Sequence
-from typing import Any, cast
+from typing import Any, NoReturn, cast
 
 from pydantic import ValidationError
 
 from .activity import Activity
-from .contracts import ActivitySpec, PaigeantMessage
-from .exceptions import UserError
+from .contracts import RESERVED_ADDRESSES, ActivitySpec, PaigeantMessage
+from .exceptions import NoWorker, UserError
+from .transports.base import ConsumerWatch, Transport
 
-__all__ = ("served_hint", "specs_of", "to_spec", "variables_of", "workflow_fingerprint")
+__all__ = ("require_workers", "served_hint", "specs_of", "to_spec", "variables_of", "workflow_fingerprint")
+
+logger = logging.getLogger("paigeant_ai.dispatch")
 
 
 def to_spec(item: ActivitySpec | Activity | str) -> ActivitySpec:
@@ -88,3 +92,36 @@ def served_hint(activity: str, served: list[str] | None) -> str:
     close = difflib.get_close_matches(activity, served, n=1)
     guess = f"did you mean {close[0]!r}? " if close else ""
     return f" ({guess}workers consume: {', '.join(served)})"
+
+
+async def require_workers(transport: Transport, itinerary: Sequence[ActivitySpec]) -> None:
+    """Raise `NoWorker` unless something consumes the first step of `itinerary` now, and every fallback and
+    compensation its steps name; nothing when the transport cannot tell (a warning says so).
+
+    Only what the route carries is checked: a compensation that a worker's own spec adds at run time is not known
+    here (a workflow waiting for it shows as `stalled`, see `mark_stalled`).
+    """
+    first = itinerary[0].name
+    if not isinstance(transport, ConsumerWatch) or (count := await transport.consumers(first)) is None:
+        logger.warning("%s cannot tell whether a worker consumes %r; dispatching anyway", transport.name, first)
+        return
+    wanted: dict[str, str | None] = {first: None}  # each activity, and what the route needs it for
+    for position, spec in enumerate(itinerary):
+        for fallback in spec.fallbacks:
+            wanted.setdefault(fallback, f"the fallback of step {position} {spec.name!r}")
+        if spec.compensate is not None:
+            wanted.setdefault(spec.compensate, f"the compensation of step {position} {spec.name!r}")
+    for activity, role in wanted.items():
+        if (count if activity == first else await transport.consumers(activity)) == 0:
+            await _no_worker(transport, activity, role)
+
+
+async def _no_worker(transport: ConsumerWatch, activity: str, role: str | None) -> NoReturn:
+    consumed = await transport.consumed_addresses()
+    served = None if consumed is None else [name for name in consumed if name not in RESERVED_ADDRESSES]
+    hint = served_hint(activity, served)
+    fix = "fix the step's name" if role is None else "fix its name"
+    what = f"{activity!r}" if role is None else f"{activity!r}, {role}"
+    raise NoWorker(
+        f"no worker consumes {what}: start a worker for it, or {fix}{hint}", activity=activity, served=served
+    )

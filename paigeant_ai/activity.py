@@ -162,8 +162,9 @@ def _compensation_of(name: str, compensate: str | Activity | ActivityFunc | None
     if isinstance(compensate, Activity):
         return compensate, compensate.spec.name
     if callable(compensate):
+        doc = inspect.getdoc(compensate)
         undo = FunctionActivity(
-            compensate, name=f"{name}.compensate", description=f"Undoes {name!r}: {inspect.getdoc(compensate) or ''}"
+            compensate, name=f"{name}.compensate", description=f"Undoes {name!r}" + (f": {doc}" if doc else "")
         )
         return undo, undo.spec.name
     raise UserError(

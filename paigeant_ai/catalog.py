@@ -14,7 +14,7 @@ import typing
 from collections.abc import Collection, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, JsonValue, TypeAdapter
+from pydantic import BaseModel, ConfigDict, Field, JsonValue, TypeAdapter, ValidationError
 from pydantic_ai import DeferredToolRequests
 from pydantic_ai.agent import AbstractAgent
 
@@ -40,6 +40,12 @@ class CatalogEntry(BaseModel):
         description: What it does.
         needs: JSON schema of the workflow variables it reads; its `required` ones must exist when it runs.
         produces: JSON schema of the variables it adds to the workflow.
+        compensate: The activity that undoes it once it completed, should the workflow later fault, be cancelled
+            or expire; None when nothing does.
+        compensation: What that activity does, in words, when it is known: what a planner tells the user will be
+            undone.
+        fallbacks: The activities tried instead of it, in order, once it failed for good (the activity's own; a
+            plan may name others).
         spec: The spec the route carries for it (not shown to models).
     """
 
@@ -49,6 +55,9 @@ class CatalogEntry(BaseModel):
     description: str = ""
     needs: dict[str, JsonValue] = Field(default_factory=lambda: dict(_UNKNOWN))
     produces: dict[str, JsonValue] = Field(default_factory=lambda: dict(_UNKNOWN))
+    compensate: str | None = Field(default=None, exclude_if=lambda value: value is None)
+    compensation: str | None = Field(default=None, exclude_if=lambda value: value is None)
+    fallbacks: list[str] = Field(default_factory=list[str], exclude_if=lambda value: not value)
     spec: ActivitySpec = Field(exclude=True)
 
     @property
@@ -142,11 +151,23 @@ class ActivityCatalog:
         return list(self._entries)
 
     def entries(self, *, forbidden: Collection[str] = ()) -> list[CatalogEntry]:
-        """The entries a planner may use: all but `forbidden`."""
-        return [entry for entry in self._entries.values() if entry.name not in forbidden]
+        """The entries a planner may use: all but `forbidden`; each one's `compensation` said in words when its
+        compensating activity is in the catalog with a description."""
+        return [self._described(entry) for entry in self._entries.values() if entry.name not in forbidden]
+
+    def _described(self, entry: CatalogEntry) -> CatalogEntry:
+        undo = self._entries.get(entry.compensate) if entry.compensate is not None else None
+        if entry.compensation is not None or undo is None or not undo.description:
+            return entry
+        return entry.model_copy(update={"compensation": undo.description})
 
     def plan(
-        self, activities: Sequence[str], variables: Iterable[str] = (), *, forbidden: Collection[str] = ()
+        self,
+        activities: Sequence[str],
+        variables: Iterable[str] = (),
+        *,
+        forbidden: Collection[str] = (),
+        fallbacks: Mapping[str, Sequence[str]] | None = None,
     ) -> list[ActivitySpec]:
         """The specs of a route, once it is checked.
 
@@ -154,19 +175,55 @@ class ActivityCatalog:
             activities: Activity names in the order they run.
             variables: The names of the variables the workflow starts with.
             forbidden: Names that may not be used.
+            fallbacks: For an activity of the route, the activities to try instead, in order, once it failed for
+                good (`ActivitySpec.fallbacks`); they replace the activity's own. Each must be usable as a step,
+                and find the variables it needs where its step runs.
 
         Raises:
-            InvalidPlan: With every problem at once: unknown or forbidden names, or needed variables that
-                neither `variables` nor an earlier step provide.
+            InvalidPlan: With every problem at once: unknown or forbidden names (fallbacks included), fallbacks
+                for an activity not on the route, or needed variables that neither `variables` nor an earlier
+                step provide.
         """
         if not activities:
             raise InvalidPlan("a workflow needs at least one activity")
-        problems = self.unusable(activities, forbidden=forbidden)
+        fallbacks = dict(fallbacks or {})
+        problems = self.unusable(
+            [*activities, *(name for names in fallbacks.values() for name in names)], forbidden=forbidden
+        )
+        problems += [
+            f"fallbacks are given for {name!r}, which is not an activity of the plan"
+            for name in fallbacks
+            if name not in activities
+        ]
         if not problems:
-            problems = self.missing_variables(activities, variables)
+            variables = list(variables)
+            problems = self.missing_variables(activities, variables) + self._fallback_needs(
+                activities, variables, fallbacks
+            )
+        specs = [self._entries[name].spec for name in activities] if not problems else []
+        if fallbacks and not problems:
+            specs = [
+                _with_fallbacks(spec, fallbacks[spec.name], problems) if spec.name in fallbacks else spec
+                for spec in specs
+            ]
         if problems:
-            raise InvalidPlan("; ".join(problems))
-        return [self._entries[name].spec for name in activities]
+            raise InvalidPlan("; ".join(dict.fromkeys(problems)))
+        return specs
+
+    def _fallback_needs(
+        self, activities: Sequence[str], variables: list[str], fallbacks: Mapping[str, Sequence[str]]
+    ) -> list[str]:
+        """A sentence for each variable a fallback needs that is not there when its step runs."""
+        problems: list[str] = []
+        for position, name in enumerate(activities):
+            for fallback in fallbacks.get(name, ()):
+                problems.extend(
+                    f"fallback {fallback!r} of step {position + 1} {name!r} needs variable {variable!r}, which "
+                    "neither the workflow's variables nor an earlier step provide"
+                    for at, _, variable in self.unmet_needs([*activities[:position], fallback], variables)
+                    if at == position
+                )
+        return problems
 
     def unusable(self, activities: Iterable[str], *, forbidden: Collection[str] = ()) -> list[str]:
         """A sentence for each name that is not in the catalog or is forbidden."""
@@ -211,14 +268,36 @@ def _entry(
     if not isinstance(spec, ActivitySpec):
         raise UserError(f"{activity!r} is not an activity: add activities, ActivitySpecs or CatalogEntries")
     inferred_needs, inferred_produces = _infer(activity)
+    undo = getattr(activity, "compensation", None)  # the activity or function this step's worker undoes it with
     return CatalogEntry(
         name=spec.name,
         description=description if description is not None else spec.description,
         needs=_schema(needs) if needs is not None else inferred_needs,
         produces=_schema(produces) if produces is not None else inferred_produces,
+        compensate=spec.compensate,
+        compensation=undo.spec.description or None if isinstance(undo, Activity) else None,
+        fallbacks=list(spec.fallbacks),
         # What the route carries: the worker that runs the activity owns its retry policy and timeout.
-        spec=ActivitySpec(name=spec.name, description=spec.description, required_scopes=spec.required_scopes),
+        spec=ActivitySpec(
+            name=spec.name,
+            description=spec.description,
+            required_scopes=spec.required_scopes,
+            compensate=spec.compensate,
+            fallbacks=spec.fallbacks,
+        ),
     )
+
+
+def _with_fallbacks(spec: ActivitySpec, fallbacks: Sequence[str], problems: list[str]) -> ActivitySpec:
+    """`spec` with `fallbacks` instead of its own; what is wrong with them is added to `problems`."""
+    try:
+        return ActivitySpec.model_validate({**spec.model_dump(), "fallbacks": list(fallbacks)})
+    except ValidationError as exc:
+        why = exc.errors(include_url=False)[0]["msg"]
+        problems.append(
+            why.removeprefix("Value error, ") if why.startswith("Value error, ") else f"{spec.name!r}: {why}"
+        )
+        return spec
 
 
 def _schema(value: VariablesSchema) -> dict[str, JsonValue]:

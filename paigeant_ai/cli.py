@@ -1,4 +1,4 @@
-"""The `paigeant` command: run a worker as its own process, dispatch a workflow, see where workflows are.
+"""The `paigeant` command: run a worker as its own process, dispatch a workflow, see where workflows are, cancel one.
 
 `--transport`, `--broker-url` and `--namespace` are given before or after the subcommand; they set the
 `PAIGEANT_*` settings for the command's run, so a worker module that builds its transport with `get_transport()`
@@ -24,7 +24,7 @@ from types import ModuleType
 from typing import Any
 from urllib.parse import urlsplit
 
-from . import __version__, _cli_dead_letters, _cli_keys, _cli_workflows
+from . import __version__, _cli_cancel, _cli_dead_letters, _cli_keys, _cli_workflows
 from ._escape import escape_control
 from ._events import WorkflowEvent
 from .exceptions import PaigeantError, UserError
@@ -318,6 +318,7 @@ def _parser() -> argparse.ArgumentParser:
     dispatch.add_argument("--variables", default="{}", help="the initial payload as a JSON object")
 
     _cli_workflows.add_commands(commands, common)  # status, workflows
+    _cli_cancel.add_command(commands, common)
     _cli_dead_letters.add_command(commands, common)
     _cli_keys.add_commands(commands)  # keys generate
     return parser
@@ -391,6 +392,8 @@ def _run(args: argparse.Namespace, settings: dict[str, str]) -> int:
         return asyncio.run(run_dispatch(args.activities, args.variables))
     if args.command in _cli_workflows.COMMANDS:
         return asyncio.run(_cli_workflows.run_command(args))
+    if args.command == "cancel":
+        return asyncio.run(_cli_cancel.run_command(args))
     if args.command == "dead-letters":
         return asyncio.run(_cli_dead_letters.run_command(args))
     return _cli_keys.run_command(args)

@@ -19,7 +19,7 @@ from pydantic import ValidationError
 from . import observability
 from ._approvals import attested, describe, sign_approvals
 from ._cancel import CANCEL_TTL, Cancellation, CancelRequest, sign_cancel, unwind_parked
-from ._dispatch_checks import served_hint, specs_of, variables_of, workflow_fingerprint
+from ._dispatch_checks import require_workers, specs_of, variables_of, workflow_fingerprint
 from ._dispatch_checks import to_spec as to_spec  # importable from here, as it always was
 from ._events import EventCallback, EventReporter
 from ._hop import EXPIRY_GRACE
@@ -29,12 +29,12 @@ from ._resume_checks import check_before_resume
 from ._sealing import seal
 from .activity import Activity
 from .approval import verified
-from .contracts import RESERVED_ADDRESSES, ActivitySpec, PaigeantMessage, RevisionLimits
-from .exceptions import NoWorker, UnknownWorkflow, UserError, WorkflowExists
+from .contracts import ActivitySpec, PaigeantMessage, RevisionLimits
+from .exceptions import UnknownWorkflow, UserError, WorkflowExists
 from .security import MessageSecurity, MessageSigner
 from .settings import Settings
 from .store import FINAL_STATES
-from .transports.base import Cancellations, ConsumerWatch, SharedClaims, Transport
+from .transports.base import Cancellations, SharedClaims, Transport
 
 if TYPE_CHECKING:
     from pydantic_ai import DeferredToolResults
@@ -138,8 +138,8 @@ class WorkflowDispatcher:
             obo_token: The user's on-behalf-of token, carried with every hop.
             correlation_id: Use this ID instead of a new one. Dispatching the same activities, variables and
                 token under it again is a safe retry: it returns the ID and starts nothing.
-            require_workers: Refuse to dispatch unless a worker consumes the first step now (where the
-                transport can tell; see `ConsumerWatch`).
+            require_workers: Refuse to dispatch unless a worker consumes the first step now, and every fallback
+                and compensation the steps name (where the transport can tell; see `ConsumerWatch`).
             revision_limits: How far this workflow's steps may revise its route; the dispatcher's by default.
                 Mark steps no revision may remove with `ActivitySpec(mandatory=True)`.
             principal: Who owns the workflow (`WorkflowStatus.owner`, what the planner's `get_workflow_status`
@@ -150,7 +150,8 @@ class WorkflowDispatcher:
                 that are not JSON, no key to sign with, or a key the trust policy does not let start workflows.
             TokenError: Tokens are checked and `obo_token` fails the check (only without `principal`).
             WorkflowExists: `correlation_id` is in use by a workflow with other activities, variables or token.
-            NoWorker: With `require_workers`, no worker consumes the first step.
+            NoWorker: With `require_workers`, no worker consumes the first step, or a fallback or compensation a
+                step names.
             MessageTooLarge: The first message would exceed `max_message_bytes`.
         """
         message = self._first_message(activities, variables, obo_token, correlation_id)
@@ -165,7 +166,7 @@ class WorkflowDispatcher:
         # still sending): send it (again). Its first hop has the same message ID, so a worker runs it once.
         try:
             if require_workers:
-                await self._require_workers(message.routing_slip.itinerary[0].name)
+                await self._require_workers(message.routing_slip.itinerary)
             with observability.dispatch_span(message, self.transport.name):
                 body = self.encode(message)
                 await self.transport.publish(
@@ -253,22 +254,10 @@ class WorkflowDispatcher:
         except Exception:
             logger.warning("could not release the claim on %s after a failed dispatch", correlation_id, exc_info=True)
 
-    async def _require_workers(self, activity: str) -> None:
-        """Raise `NoWorker` unless something consumes `activity` now, or the transport cannot tell."""
-        transport = self.transport
-        if not isinstance(transport, ConsumerWatch) or (count := await transport.consumers(activity)) is None:
-            logger.warning("%s cannot tell whether a worker consumes %r; dispatching anyway", transport.name, activity)
-            return
-        if count > 0:
-            return
-        consumed = await transport.consumed_addresses()
-        served = None if consumed is None else [name for name in consumed if name not in RESERVED_ADDRESSES]
-        hint = served_hint(activity, served)
-        raise NoWorker(
-            f"no worker consumes {activity!r}: start a worker for it, or fix the step's name{hint}",
-            activity=activity,
-            served=served,
-        )
+    async def _require_workers(self, itinerary: Sequence[ActivitySpec]) -> None:
+        """Raise `NoWorker` unless something consumes the first step now, and every fallback and compensation the
+        route names (see `paigeant_ai._dispatch_checks.require_workers`)."""
+        await require_workers(self.transport, itinerary)
 
     async def waiting(self) -> list[ParkedStep]:
         """Every parked workflow whose record verifies, oldest first: what an approver may review.

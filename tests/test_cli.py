@@ -48,6 +48,7 @@ BROKER_COMMANDS = [
     ["dispatch", "first"],
     ["status", "6e5c217c"],
     ["workflows"],
+    ["cancel", "6e5c217c"],
     ["dead-letters"],
 ]
 OPTIONS = ["--transport", "redis", "-b", "redis://127.0.0.1:1/0", "--namespace", "elsewhere", "-v"]
