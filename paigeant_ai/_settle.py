@@ -427,4 +427,5 @@ async def _report_stopped(hop: Hop, stopped: _Stopped, deps: SettleDeps) -> None
         logger.info("workflow %s expired: %s", cid, unwinding.reason)
         await report("expired", message, detail=unwinding.reason, **fields)
     if stopped.pending:
-        await report("compensating", message, detail=f"undoing {_undone(stopped.pending).removeprefix('undid ')}")
+        undoing = f"undoing {_undone(stopped.pending).removeprefix('undid ')}"
+        await report("compensating", message, detail=undoing, **fields)

@@ -400,6 +400,9 @@ class WorkflowDispatcher:
             if status is not None and status.state in FINAL_STATES:
                 detail = f"workflow {correlation_id!r} had already ended {status.state}; nothing was cancelled"
                 return Cancellation(correlation_id, "finished", detail)
+            if status is not None and status.state == "compensating":
+                detail = f"workflow {correlation_id!r} has stopped already and is being undone; nothing was cancelled"
+                return Cancellation(correlation_id, "finished", detail)
             if status is None and correlation_id not in self._dispatched:
                 raise UnknownWorkflow(
                     f"no workflow {correlation_id!r} is known: check the ID (`paigeant workflows` lists them)",
@@ -455,7 +458,9 @@ class WorkflowDispatcher:
         await self.reporter.report("cancelled", message, activity=step, by=request.by, detail=request.summary)
         if pending:
             undo = ", ".join(f"{record.activity} (by {record.compensate})" for record in reversed(pending))
-            await self.reporter.report("compensating", message, detail=f"undoing {undo}")
+            await self.reporter.report(
+                "compensating", message, activity=step, step=message.routing_slip.step, detail=f"undoing {undo}"
+            )
         detail = f"workflow {parked.correlation_id!r} waited at {step!r}; it was released" + (
             " and its compensations started" if pending else ", with nothing to undo"
         )
