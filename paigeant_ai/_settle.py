@@ -410,7 +410,9 @@ async def _report(hop: Hop, outcome: _Settled, deps: SettleDeps) -> None:
 async def _report_stopped(hop: Hop, stopped: _Stopped, deps: SettleDeps) -> None:
     message, report, unwinding = hop.message, deps.reporter.report, stopped.unwinding
     stats = deps.stats
-    fields: dict[str, Any] = {"activity": hop.spec.name, "step": unwinding.step}
+    # Dated when the workflow stopped, before its first compensation was sent: another worker may run that and
+    # report it before these are, and the store orders events by when they happened.
+    fields: dict[str, Any] = {"activity": hop.spec.name, "step": unwinding.step, "at": unwinding.at}
     if stopped.failed is not None:
         await report("step_failed", message, detail=stopped.failed, **fields)
     cid = escape_control(message.correlation_id)
@@ -427,4 +429,5 @@ async def _report_stopped(hop: Hop, stopped: _Stopped, deps: SettleDeps) -> None
         logger.info("workflow %s expired: %s", cid, unwinding.reason)
         await report("expired", message, detail=unwinding.reason, **fields)
     if stopped.pending:
-        await report("compensating", message, detail=f"undoing {_undone(stopped.pending).removeprefix('undid ')}")
+        undoing = f"undoing {_undone(stopped.pending).removeprefix('undid ')}"
+        await report("compensating", message, detail=undoing, at=unwinding.at)
