@@ -209,9 +209,13 @@ async def _stop(hop: Hop, unwinding: Unwinding, deps: SettleDeps, *, failed: str
     if failed is not None:
         slip.mark_failed(hop.spec.name, attempt=message.attempt, started_at=hop.started, error=failed)
     pending = begin_unwinding(message, unwinding)  # undoing has a window of its own, past the workflow's deadline
+    stopped = _Stopped(unwinding, pending, failed)
     if pending:
+        # Published before the first compensation is: another worker may run that and report its end before this
+        # hop is settled, and a store must already know why the workflow stopped.
+        await _report_stopped(hop, stopped, deps)
         await _publish_hop(message, deps)
-    return _Stopped(unwinding, pending, failed)
+    return stopped
 
 
 async def _publish_hop(message: PaigeantMessage, deps: SettleDeps) -> None:
@@ -374,7 +378,7 @@ async def _report(hop: Hop, outcome: _Settled, deps: SettleDeps) -> None:
             failed = message.routing_slip.completed[-1]
             detail = f"{outcome.reason}; falling back to {outcome.to!r}"
             await report("step_failed", message, activity=failed.name, attempt=failed.attempt, detail=detail)
-        case _Stopped():
+        case _Stopped() if not outcome.pending:  # with compensations to run, reported before the first was sent
             await _report_stopped(hop, outcome, deps)
         case Fault() if undoing is not None:
             stats.faulted += 1
@@ -403,14 +407,16 @@ async def _report(hop: Hop, outcome: _Settled, deps: SettleDeps) -> None:
             cid = escape_control(message.correlation_id)
             logger.info("step %s of %s %s; skipping it", hop.delivery.address, cid, outcome.reason)
             await report("step_skipped", message, detail=outcome.reason)
-        case Advance() | End() | Reject() | Halt():
+        case Advance() | End() | Reject() | Halt() | _Stopped():
             pass
 
 
 async def _report_stopped(hop: Hop, stopped: _Stopped, deps: SettleDeps) -> None:
     message, report, unwinding = hop.message, deps.reporter.report, stopped.unwinding
     stats = deps.stats
-    fields: dict[str, Any] = {"activity": hop.spec.name, "step": unwinding.step}
+    # Dated when the workflow stopped, before its first compensation was sent: another worker may run that and
+    # report it before these are, and the store orders events by when they happened.
+    fields: dict[str, Any] = {"activity": hop.spec.name, "step": unwinding.step, "at": unwinding.at}
     if stopped.failed is not None:
         await report("step_failed", message, detail=stopped.failed, **fields)
     cid = escape_control(message.correlation_id)
@@ -428,4 +434,4 @@ async def _report_stopped(hop: Hop, stopped: _Stopped, deps: SettleDeps) -> None
         await report("expired", message, detail=unwinding.reason, **fields)
     if stopped.pending:
         undoing = f"undoing {_undone(stopped.pending).removeprefix('undid ')}"
-        await report("compensating", message, detail=undoing, **fields)
+        await report("compensating", message, detail=undoing, now=True, **fields)
