@@ -449,18 +449,19 @@ class WorkflowDispatcher:
         message = parked.message.model_copy(deep=True)
         step = message.routing_slip.current
         pending = unwind_parked(message, request)
-        if pending:
-            with observability.replay_span(message, self.transport.name, operation="cancel"):
-                hop = message.next_hop()
-                await self.transport.publish(
-                    hop.routing_slip.current or "", self.encode(hop), headers=dict(hop.headers)
-                )
+        # Reported before the first compensation is sent: a store must know why the workflow stopped before a
+        # worker reports that its compensations ended.
         await self.reporter.report("cancelled", message, activity=step, by=request.by, detail=request.summary)
         if pending:
             undo = ", ".join(f"{record.activity} (by {record.compensate})" for record in reversed(pending))
             await self.reporter.report(
                 "compensating", message, activity=step, step=message.routing_slip.step, detail=f"undoing {undo}"
             )
+            with observability.replay_span(message, self.transport.name, operation="cancel"):
+                hop = message.next_hop()
+                await self.transport.publish(
+                    hop.routing_slip.current or "", self.encode(hop), headers=dict(hop.headers)
+                )
         detail = f"workflow {parked.correlation_id!r} waited at {step!r}; it was released" + (
             " and its compensations started" if pending else ", with nothing to undo"
         )
