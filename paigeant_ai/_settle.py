@@ -225,7 +225,7 @@ async def _complete_step(hop: Hop, outcome: Advance | End, deps: SettleDeps) -> 
     """Log the step in the slip and send on what follows it; report it, and remember it as done."""
     message, key = hop.message, hop.message.idempotency_key  # the key of this step, before the slip moves on
     keys = list(outcome.update)
-    if isinstance(outcome, End):
+    if isinstance(outcome, End) and message.routing_slip.unwinding is None:  # a compensation cannot end the undoing
         message.payload.update(outcome.update)
         entry = message.routing_slip.mark_ended(
             hop.spec.name, attempt=message.attempt, started_at=hop.started, reason=outcome.reason, output_keys=keys
