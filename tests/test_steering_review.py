@@ -10,9 +10,10 @@ from typing import Any
 import pytest
 
 from paigeant_ai import ActivityContext, EndWorkflow, FunctionActivity, RetryPolicy
+from paigeant_ai.contracts import PaigeantMessage, Unwinding
 from paigeant_ai.transports import InMemoryTransport
 
-from .test_steering import ORDER, Shop
+from .test_steering import ORDER, Shop, _tampered  # pyright: ignore[reportPrivateUsage]
 
 
 @pytest.fixture
@@ -40,3 +41,22 @@ async def test_end_workflow_in_a_compensation_does_not_skip_the_other_compensati
     status = await shop.ended(cid, "compensated")
     assert status.payload is not None
     assert status.payload["refunded"] is True
+
+
+# -- (a) a key that may only send hops forges a cancellation -----------------------------------------------------
+
+
+def _unwind_as_cancelled_by_alice(hop: PaigeantMessage) -> None:
+    hop.routing_slip.unwind(Unwinding(cause="cancelled", reason="cancelled by alice", by="alice", step=1))
+
+
+async def test_a_cancelled_unwinding_without_a_cancel_that_holds_is_refused(memory: InMemoryTransport) -> None:
+    shop = Shop(memory)
+    reasons = await _tampered(memory, _unwind_as_cancelled_by_alice, shop)
+
+    assert len(reasons) == 1
+    assert reasons[0].startswith("security check failed: ")
+    assert "cancel" in reasons[0]
+    assert shop.undone == [], "nothing was undone on the attacker's word"
+    [cid] = {cid for _, cid in shop.ran}
+    assert (await shop.status(cid)).state != "cancelled"
