@@ -5,12 +5,15 @@ In memory, with the signed workers and keys of `tests/test_steering.py`.
 
 from __future__ import annotations
 
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
 
 from paigeant_ai import ActivityContext, EndWorkflow, FunctionActivity, RetryPolicy
+from paigeant_ai._events import WorkflowEvent
 from paigeant_ai.contracts import PaigeantMessage, Unwinding
+from paigeant_ai.store import InMemoryWorkflowStore
 from paigeant_ai.transports import InMemoryTransport
 
 from .test_steering import ORDER, Shop, _tampered  # pyright: ignore[reportPrivateUsage]
@@ -60,3 +63,37 @@ async def test_a_cancelled_unwinding_without_a_cancel_that_holds_is_refused(memo
     assert shop.undone == [], "nothing was undone on the attacker's word"
     [cid] = {cid for _, cid in shop.ran}
     assert (await shop.status(cid)).state != "cancelled"
+
+
+# -- (e) the status, projected from events that arrive out of order across processes ------------------------------
+
+
+async def test_a_compensating_event_stamped_after_the_undoing_ended_leaves_the_workflow_ended() -> None:
+    """The worker whose step faulted reports `faulted` and `compensating` after its ack; a second worker, whose clock
+    is a little behind, may have run the compensation and reported `compensated` with an earlier time by then."""
+    cid, t0 = "order-skewed", datetime(2026, 1, 1, tzinfo=UTC)
+
+    def at(ms: int, kind: Any, **fields: Any) -> WorkflowEvent:
+        return WorkflowEvent(kind=kind, correlation_id=cid, at=t0 + timedelta(milliseconds=ms), **fields)
+
+    events = [
+        at(0, "dispatched", remaining=["reserve", "ship"]),
+        at(1, "step_started", activity="reserve", step=0),
+        at(2, "step_completed", activity="reserve", step=0, remaining=["ship"]),
+        at(3, "step_started", activity="ship", step=1),
+        # the second worker (40 ms behind) runs the compensation as soon as it is published, before the ack
+        at(10 - 40, "step_started", activity="release", step=0, undoes="reserve", remaining=["release"]),
+        at(12 - 40, "step_completed", activity="release", step=0, undoes="reserve", remaining=[]),
+        at(13 - 40, "compensated", detail="undid reserve (by release); faulted: ship is down", payload={}),
+        # the first worker, after its ack
+        at(20, "step_failed", activity="ship", step=1, detail="ship is down"),
+        at(21, "faulted", activity="ship", step=1, detail="step 'ship' failed: ship is down"),
+        at(22, "compensating", activity="ship", step=1, detail="undoing reserve (by release)"),
+    ]
+    for order in (events, list(reversed(events))):
+        store = InMemoryWorkflowStore()
+        for event in order:
+            await store.apply(event)
+        status = await store.get(cid)
+        assert status is not None
+        assert status.state == "compensated", "the undoing ended: the workflow never looks like it still runs"
