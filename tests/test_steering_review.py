@@ -9,14 +9,17 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
+from joserfc import jwt
 
 from paigeant_ai import ActivityContext, EndWorkflow, FunctionActivity, RetryPolicy
 from paigeant_ai._events import WorkflowEvent
+from paigeant_ai.approval import APPROVE_SCOPE
 from paigeant_ai.contracts import PaigeantMessage, Unwinding
 from paigeant_ai.store import InMemoryWorkflowStore
 from paigeant_ai.transports import InMemoryTransport
 
-from .test_steering import ORDER, Shop, _tampered  # pyright: ignore[reportPrivateUsage]
+from .scripted import refunder
+from .test_steering import AUDIENCE, ISSUER, KEYS, ORDER, Shop, _tampered  # pyright: ignore[reportPrivateUsage]
 
 
 @pytest.fixture
@@ -97,3 +100,36 @@ async def test_a_compensating_event_stamped_after_the_undoing_ended_leaves_the_w
         status = await store.get(cid)
         assert status is not None
         assert status.state == "compensated", "the undoing ended: the workflow never looks like it still runs"
+
+
+def _approver(digest: str, subject: str = "alice") -> str:
+    """An approver's token bound to one decision (the desk's key may not approve by itself)."""
+    now = int(datetime.now(UTC).timestamp())
+    claims: dict[str, Any] = {"iss": ISSUER, "aud": AUDIENCE, "sub": subject, "iat": now, "exp": now + 600}
+    claims["scope"] = APPROVE_SCOPE
+    claims["authorization_details"] = [{"type": "paigeant_approval", "digest": digest}]
+    return jwt.encode({"alg": "ES256", "kid": KEYS.issuer.kid}, claims, KEYS.issuer, algorithms=["ES256"])
+
+
+# -- (d)(c) a compensation that waits for input, and a cancel while it waits ---------------------------------------
+
+
+async def test_a_cancel_while_a_compensation_waits_for_input_does_not_strand_the_undoing(
+    memory: InMemoryTransport,
+) -> None:
+    shop = Shop(memory, fail={"ship"})
+    worker = shop.worker(refunder(), shop.step("hold", compensate="refund-order"))
+    cid = await shop.dispatcher.dispatch_workflow(["hold", "ship"])
+    await worker.run(burst=True)
+    assert (await shop.status(cid)).state == "waiting", "the compensation waits for its refund to be approved"
+
+    await shop.dispatcher.cancel(cid, "never mind", by="alice")
+    await worker.run(burst=True)
+    parked = await shop.waiting.get(cid)
+    assert parked is not None, "the undoing still waits for the refund's approval"
+    await shop.dispatcher.resume(cid, approve_all=True, approver_token=_approver(parked.decision_digest("call-1")))
+    await worker.run(burst=True)
+
+    status = await shop.ended(cid, "compensated")
+    assert status.payload is not None
+    assert status.payload["refund_order"] == "refunded"
