@@ -5,21 +5,24 @@ In memory, with the signed workers and keys of `tests/test_steering.py`.
 
 from __future__ import annotations
 
+import asyncio
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
 from joserfc import jwt
 
-from paigeant_ai import ActivityContext, EndWorkflow, FunctionActivity, RetryPolicy
+from paigeant_ai import ActivityContext, ActivitySpec, EndWorkflow, FunctionActivity, RetryPolicy
 from paigeant_ai._events import WorkflowEvent
 from paigeant_ai.approval import APPROVE_SCOPE
 from paigeant_ai.contracts import PaigeantMessage, Unwinding
+from paigeant_ai.exceptions import TransportError
 from paigeant_ai.store import InMemoryWorkflowStore
 from paigeant_ai.transports import InMemoryTransport
+from paigeant_ai.transports.base import Delivery
 
 from .scripted import refunder
-from .test_steering import AUDIENCE, ISSUER, KEYS, ORDER, Shop, _tampered  # pyright: ignore[reportPrivateUsage]
+from .test_steering import AUDIENCE, ISSUER, KEYS, ORDER, Shop, _tampered, _true  # pyright: ignore[reportPrivateUsage]
 
 
 @pytest.fixture
@@ -133,3 +136,58 @@ async def test_a_cancel_while_a_compensation_waits_for_input_does_not_strand_the
     status = await shop.ended(cid, "compensated")
     assert status.payload is not None
     assert status.payload["refund_order"] == "refunded"
+
+
+# -- (b) a crash after a failed step was handed on, before its ack ------------------------------------------------
+
+
+class _LosesOneAck(InMemoryTransport):
+    """Loses the ack of the first delivery from `address`: the worker died right after it settled that hop."""
+
+    def __init__(self, address: str) -> None:
+        super().__init__()
+        self.address, self.lost = address, False
+
+    async def ack(self, delivery: Delivery) -> None:
+        if delivery.address == self.address and not self.lost:
+            self.lost = True
+            raise TransportError("the connection dropped before the ack")
+        await super().ack(delivery)
+
+
+@pytest.mark.parametrize("handed_to", ["fallback", "compensations"])
+async def test_a_redelivered_step_that_was_handed_on_does_not_run_again(handed_to: str) -> None:
+    """A step failed for good and its fallback (or the workflow's compensations) was sent; then its worker died
+    before the ack. The broker hands the step out again: it must not run a second time beside what it was handed to
+    (the card charged by the main and the backup provider both, or a workflow both undone and going on)."""
+    async with _LosesOneAck("charge") as memory:
+        shop = Shop(memory)
+        flaky = shop.step("charge", compensate="refund", fallbacks=("charge-backup",))
+        worker = shop.worker()
+
+        async def charge_once_down(ctx: ActivityContext) -> Any:
+            if not shop.order(ctx.correlation_id).count("charge"):
+                shop.fail.add("charge")  # down the first time only
+            try:
+                return await flaky.run(ctx)
+            finally:
+                shop.fail.discard("charge")
+
+        worker.activities["charge"] = FunctionActivity(
+            charge_once_down, name="charge", retry=RetryPolicy(max_attempts=1)
+        )
+        spec = ActivitySpec(name="charge", fallbacks=("charge-backup",) if handed_to == "fallback" else ())
+        cid = await shop.dispatcher.dispatch_workflow(["reserve", spec, "ship"])
+        async with worker:  # the hop's ack is lost; stopping the worker gives the delivery back to the broker
+            await shop.until(_true(lambda: "charge" in shop.order(cid) and memory.lost), "charge to fail")
+            await asyncio.sleep(0.3)
+        await worker.run(burst=True)
+
+    assert shop.order(cid).count("charge") == 1, "the redelivered step was recognised as handed on"
+    if handed_to == "fallback":
+        assert shop.order(cid) == ["reserve", "charge", "charge-backup", "ship"]
+        await shop.ended(cid, "completed")
+    else:
+        assert shop.order(cid) == ["reserve", "charge"]
+        assert shop.undid(cid) == ["release"]
+        await shop.ended(cid, "compensated")
