@@ -191,3 +191,20 @@ async def test_a_redelivered_step_that_was_handed_on_does_not_run_again(handed_t
         assert shop.order(cid) == ["reserve", "charge"]
         assert shop.undid(cid) == ["release"]
         await shop.ended(cid, "compensated")
+
+
+# -- (a) a key that may only send hops drops a step's compensation from the log -----------------------------------
+
+
+def _drop_the_compensation_log(hop: PaigeantMessage) -> None:
+    hop.routing_slip.compensations.clear()
+
+
+async def test_a_compensation_log_that_leaves_out_a_planned_compensation_is_refused(memory: InMemoryTransport) -> None:
+    shop = Shop(memory, fail={"ship"})
+    reasons = await _tampered(memory, _drop_the_compensation_log, shop)
+
+    assert len(reasons) == 1, "the tampered hop is refused (the genuine one faults at ship and is undone)"
+    assert reasons[0].startswith("security check failed: plan: ")
+    assert "'reserve'" in reasons[0]
+    assert "release" in reasons[0]
