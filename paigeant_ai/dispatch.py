@@ -138,8 +138,8 @@ class WorkflowDispatcher:
             obo_token: The user's on-behalf-of token, carried with every hop.
             correlation_id: Use this ID instead of a new one. Dispatching the same activities, variables and
                 token under it again is a safe retry: it returns the ID and starts nothing.
-            require_workers: Refuse to dispatch unless a worker consumes the first step now (where the
-                transport can tell; see `ConsumerWatch`).
+            require_workers: Refuse to dispatch unless a worker consumes the first step now, and each
+                compensation the steps name (where the transport can tell; see `ConsumerWatch`).
             revision_limits: How far this workflow's steps may revise its route; the dispatcher's by default.
                 Mark steps no revision may remove with `ActivitySpec(mandatory=True)`.
             principal: Who owns the workflow (`WorkflowStatus.owner`, what the planner's `get_workflow_status`
@@ -150,7 +150,7 @@ class WorkflowDispatcher:
                 that are not JSON, no key to sign with, or a key the trust policy does not let start workflows.
             TokenError: Tokens are checked and `obo_token` fails the check (only without `principal`).
             WorkflowExists: `correlation_id` is in use by a workflow with other activities, variables or token.
-            NoWorker: With `require_workers`, no worker consumes the first step.
+            NoWorker: With `require_workers`, no worker consumes the first step, or a compensation a step names.
             MessageTooLarge: The first message would exceed `max_message_bytes`.
         """
         message = self._first_message(activities, variables, obo_token, correlation_id)
@@ -164,8 +164,11 @@ class WorkflowDispatcher:
         # Ours now, or claimed by a dispatch of the same workflow that may not have got through (it failed, or is
         # still sending): send it (again). Its first hop has the same message ID, so a worker runs it once.
         try:
-            if require_workers:
-                await self._require_workers(message.routing_slip.itinerary[0].name)
+            if require_workers:  # the first step, and what undoes any step, as far as the route names it
+                itinerary = message.routing_slip.itinerary
+                undo = [spec.compensate for spec in itinerary if spec.compensate is not None]
+                for name in dict.fromkeys([itinerary[0].name, *undo]):
+                    await self._require_workers(name)
             with observability.dispatch_span(message, self.transport.name):
                 body = self.encode(message)
                 await self.transport.publish(

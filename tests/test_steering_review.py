@@ -16,7 +16,7 @@ from paigeant_ai import ActivityContext, ActivitySpec, EndWorkflow, FunctionActi
 from paigeant_ai._events import WorkflowEvent
 from paigeant_ai.approval import APPROVE_SCOPE
 from paigeant_ai.contracts import PaigeantMessage, Unwinding
-from paigeant_ai.exceptions import TransportError
+from paigeant_ai.exceptions import NoWorker, TransportError
 from paigeant_ai.store import InMemoryWorkflowStore
 from paigeant_ai.transports import InMemoryTransport
 from paigeant_ai.transports.base import Delivery
@@ -208,3 +208,16 @@ async def test_a_compensation_log_that_leaves_out_a_planned_compensation_is_refu
     assert reasons[0].startswith("security check failed: plan: ")
     assert "'reserve'" in reasons[0]
     assert "release" in reasons[0]
+
+
+# -- (d) a compensation no worker serves, with workers required ---------------------------------------------------
+
+
+async def test_require_workers_names_a_compensation_no_worker_serves(memory: InMemoryTransport) -> None:
+    shop = Shop(memory)
+    async with shop.worker():
+        await asyncio.sleep(0.05)  # its consumers are up
+        with pytest.raises(NoWorker, match="no worker consumes 'release-by-hand'"):
+            await shop.dispatcher.dispatch_workflow(
+                [ActivitySpec(name="reserve", compensate="release-by-hand"), "ship"], require_workers=True
+            )
