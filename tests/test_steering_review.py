@@ -12,17 +12,18 @@ from typing import Any
 import pytest
 from joserfc import jwt
 
-from paigeant_ai import ActivityContext, ActivitySpec, EndWorkflow, FunctionActivity, RetryPolicy
+from paigeant_ai import ActivityContext, ActivitySpec, EndWorkflow, FunctionActivity, RetryPolicy, Worker
 from paigeant_ai._events import WorkflowEvent
 from paigeant_ai.approval import APPROVE_SCOPE
 from paigeant_ai.contracts import PaigeantMessage, Unwinding
 from paigeant_ai.exceptions import NoWorker, TransportError
+from paigeant_ai.security import MessageSigner, TokenValidator
 from paigeant_ai.store import InMemoryWorkflowStore
 from paigeant_ai.transports import InMemoryTransport
 from paigeant_ai.transports.base import Delivery
 
 from .scripted import refunder
-from .test_steering import AUDIENCE, ISSUER, KEYS, ORDER, Shop, _tampered, _true  # pyright: ignore[reportPrivateUsage]
+from .test_steering import AUDIENCE, ISSUER, KEYS, ORDER, POLICY, Shop, _tampered, _true  # pyright: ignore[reportPrivateUsage]
 
 
 @pytest.fixture
@@ -221,3 +222,39 @@ async def test_require_workers_names_a_compensation_no_worker_serves(memory: InM
             await shop.dispatcher.dispatch_workflow(
                 [ActivitySpec(name="reserve", compensate="release-by-hand"), "ship"], require_workers=True
             )
+
+
+# -- (d) a workflow that faults because its user's token expired --------------------------------------------------
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="design decision: a compensation hop carries the workflow's expired on-behalf-of token, and every "
+    "worker refuses it, so a workflow that faulted for its token (or expired with it) can never be undone; "
+    "whether compensations may run on the service's own authority, or need a fresh token, is the lead's call",
+)
+async def test_a_workflow_that_faults_for_an_expired_token_is_still_undone(memory: InMemoryTransport) -> None:
+    shop = Shop(memory)
+    strict = TokenValidator({"keys": [KEYS.issuer.as_dict(private=False)]}, issuer=ISSUER, audience=AUDIENCE, leeway=0)
+    now = int(datetime.now(UTC).timestamp())
+    claims = {"iss": ISSUER, "aud": AUDIENCE, "sub": "alice", "iat": now, "exp": now + 2}
+    token = jwt.encode({"alg": "ES256", "kid": KEYS.issuer.kid}, claims, KEYS.issuer, algorithms=["ES256"])
+    keys = [KEYS.orders, KEYS.shop, KEYS.desk]
+    first = Worker(
+        memory,
+        [shop.step("reserve", compensate="release")],
+        security=MessageSigner(KEYS.shop, keys, tokens=strict, policy=POLICY),
+        on_event=shop.store.apply,
+    )
+    cid = await shop.dispatcher.dispatch_workflow(["reserve", "charge"], obo_token=token)
+    await first.run(burst=True)
+    assert shop.order(cid) == ["reserve"]
+    await asyncio.sleep(2.5)  # the user's token expires before the next step runs
+
+    worker = shop.worker()
+    worker.security = MessageSigner(KEYS.shop, keys, tokens=strict, policy=POLICY)
+    await worker.run(burst=True)
+
+    assert shop.order(cid) == ["reserve"], "charge is refused: the token expired"
+    assert shop.undid(cid) == ["release"], "the reservation is released all the same"
+    await shop.ended(cid, "compensated")
