@@ -258,3 +258,24 @@ async def test_a_workflow_that_faults_for_an_expired_token_is_still_undone(memor
     assert shop.order(cid) == ["reserve"], "charge is refused: the token expired"
     assert shop.undid(cid) == ["release"], "the reservation is released all the same"
     await shop.ended(cid, "compensated")
+
+
+def _unwind_as_expired(hop: PaigeantMessage) -> None:
+    hop.routing_slip.unwind(Unwinding(cause="expired", reason="its deadline passed", step=1))
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="design decision: an `expired` unwinding is taken on its word, and so is the hop's own expires_at, which "
+    "a key that may only send hops may lower (the plan check refuses only a later one), making a worker end the "
+    "workflow expired itself; a fix takes the deadline from the signed plan in admit, _halted and _run, and checks "
+    "the unwinding's time against it",
+)
+async def test_an_expired_unwinding_before_the_deadline_is_refused(memory: InMemoryTransport) -> None:
+    shop = Shop(memory)
+    reasons = await _tampered(memory, _unwind_as_expired, shop)
+
+    assert len(reasons) == 1
+    assert reasons[0].startswith("security check failed: ")
+    assert "deadline" in reasons[0]
+    assert shop.undone == [], "nothing was undone on the attacker's word"
