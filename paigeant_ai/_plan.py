@@ -314,7 +314,24 @@ def _check_fallbacks(route: list[_Step], slip: RoutingSlip) -> None:
 
 
 def _check_compensations(route: list[_Step], done: list[str], slip: RoutingSlip) -> None:
-    """Each entry of the compensation log names a completed step, once, with the compensation its plan declares."""
+    """Each entry of the compensation log names a completed step, once, with the compensation its plan declares;
+    each step that completed as planned with a declared compensation has its entry, not yet marked done before
+    the workflow unwinds."""
+    recorded = {record.step: record for record in slip.compensations}
+    position = 0
+    for entry in slip.completed:
+        if entry.outcome == "failed":
+            continue
+        planned = route[position] if position < len(route) else None
+        declared = planned.compensate if planned is not None and planned.name == entry.name else None
+        record = recorded.get(position)
+        if entry.outcome == "completed" and declared is not None and record is None:
+            raise _plan_error(
+                f"step {position} {entry.name!r} completed, but the compensation log leaves out its {declared!r}"
+            )
+        if slip.unwinding is None and record is not None and record.compensated_at is not None:
+            raise _plan_error(f"the compensation log marks step {position} undone, but the workflow is not undone")
+        position += 1
     last = -1
     for record in slip.compensations:
         if record.step <= last or record.step >= len(done) or done[record.step] != record.activity:

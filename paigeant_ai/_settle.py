@@ -173,17 +173,22 @@ async def _secure_successor(hop: Hop, outcome: Outcome, deps: SettleDeps) -> tup
         case Fault() if hop.message.routing_slip.unwinding is not None:  # a compensation failed for good
             return outcome, await _publish_fault(hop, outcome, deps)
         case Fault():
-            slip = hop.message.routing_slip
+            # Once the step is handed on (to its fallback, or to the compensations), the broker's redelivery of it
+            # must not run it again beside them: it is remembered as done, under its key before the slip moves on.
+            slip, key = hop.message.routing_slip, hop.message.idempotency_key
             if outcome.fallback and (
                 to := slip.fall_back(attempt=hop.message.attempt, started_at=hop.started, error=outcome.reason)
             ):
                 await _publish_hop(hop.message, deps)
+                await deps.dedupe.mark_done(key)
                 return _FellBack(outcome.reason, to), None
             if any(record.compensated_at is None for record in slip.compensations):
                 cause = Unwinding(
                     cause="faulted", reason=_fault_detail(hop, outcome), step=slip.step, activity=hop.spec.name
                 )
-                return await _stop(hop, cause, deps, failed=outcome.reason), None
+                stopped = await _stop(hop, cause, deps, failed=outcome.reason)
+                await deps.dedupe.mark_done(key)
+                return stopped, None
             return outcome, await _publish_fault(hop, outcome, deps)
         case Halt():
             slip = hop.message.routing_slip
@@ -229,7 +234,7 @@ async def _complete_step(hop: Hop, outcome: Advance | End, deps: SettleDeps) -> 
     """Log the step in the slip and send on what follows it; report it, and remember it as done."""
     message, key = hop.message, hop.message.idempotency_key  # the key of this step, before the slip moves on
     keys = list(outcome.update)
-    if isinstance(outcome, End):
+    if isinstance(outcome, End) and message.routing_slip.unwinding is None:  # a compensation cannot end the undoing
         message.payload.update(outcome.update)
         entry = message.routing_slip.mark_ended(
             hop.spec.name, attempt=message.attempt, started_at=hop.started, reason=outcome.reason, output_keys=keys

@@ -418,6 +418,14 @@ class WorkflowDispatcher:
         await self.reporter.report(
             "cancel_requested", None, correlation_id=correlation_id, by=request.by, detail=reason or None
         )
+        if parked is not None and parked.message.routing_slip.unwinding is not None:
+            # A compensation waits for input: the workflow is being undone already, and releasing it would drop
+            # that compensation (its hop ran once). It stays parked until it is resumed; the cancel changes nothing.
+            detail = (
+                f"workflow {correlation_id!r} is being undone already; its compensation {parked.activity!r} waits "
+                "for input (resume it)"
+            )
+            return Cancellation(correlation_id, "requested", detail)
         if parked is not None and await self._store().remove(parked):
             return await self._cancel_parked(parked, request)
         detail = (

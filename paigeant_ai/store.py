@@ -160,6 +160,9 @@ class _Projection:
         )
         self.steps: dict[tuple[int, str], StepStatus] = {}
         self.cause = "faulted"
+        self.undone: str | None = None
+        """How the undoing ended (`compensated`, `compensation_failed`), once an event said so: a stop reported
+        later by another process (its clock a little ahead) cannot reopen it."""
 
     def step(self, event: WorkflowEvent) -> StepStatus | None:
         if event.step is None or event.activity is None:
@@ -239,10 +242,13 @@ class _Projection:
         elif kind == "compensating":
             status.state, status.compensation = "compensating", event.detail
         elif kind == "compensated":
-            status.state, status.payload = _UNDONE.get(self.cause, "compensated"), event.payload
-            status.compensation = event.detail
+            status.payload, status.compensation, self.undone = event.payload, event.detail, kind
         elif kind == "compensation_failed":
-            status.state, status.failure = "compensation_failed", event.detail
+            status.failure, self.undone = event.detail, kind
+        if self.undone == "compensated":
+            status.state = _UNDONE.get(self.cause, "compensated")
+        elif self.undone == "compensation_failed":
+            status.state = "compensation_failed"
 
     def finish(self, events: list[WorkflowEvent]) -> WorkflowStatus:
         status = self.status

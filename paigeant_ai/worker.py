@@ -358,6 +358,7 @@ class Worker:
         try:  # the plan, its revisions, and whose token this is: the hop's signer vouches only for the hop
             self.plans.check(hop.message, hop.signer, hop.claims, self.security)
             hop.approvals = check_resume(hop, self.security)  # a resume: its parked record and approvals
+            self._check_cancelled(hop)  # an undoing for a cancel: the signed cancel request it carries
         except SecurityError as exc:
             return Reject(f"security check failed: {exc}")
         lease = (hop.spec.timeout or DEFAULT_TIMEOUT) + 60.0
@@ -378,6 +379,23 @@ class Worker:
             return Reject(f"security check failed: {exc}")
         observability.continue_trace(hop.message)  # signed as it is: its trace context is trusted from here on
         return Fault(str(refused), fallback=False) if refused is not None else None
+
+    def _check_cancelled(self, hop: Hop) -> None:
+        """A workflow undone because it was cancelled carries the cancel request that holds for it, as it names who.
+
+        Raises:
+            SecurityError: Code `cancel`: it carries none, or one that does not hold or names someone else.
+        """
+        unwinding = hop.message.routing_slip.unwinding
+        if hop.signer is None or unwinding is None or unwinding.cause != "cancelled":
+            return
+        records = [unwinding.cancel.encode()] if unwinding.cancel is not None else []
+        request = self.cancels.holding(records, hop.message, self.security)
+        if request is None or request.by != unwinding.by:
+            raise SecurityError(
+                "cancel: the workflow is undone as cancelled, but carries no cancel request that holds for it",
+                code="cancel",
+            )
 
     async def _halted(self, hop: Hop) -> Halt | None:
         """Why the workflow of an authorized hop stops here, if it does: cancelled (a cancel request on the board
