@@ -64,6 +64,9 @@ REVISION_TYPE = "paigeant-revision+jws"
 
 T = TypeVar("T")
 
+_CLOCK_LEEWAY = timedelta(seconds=60)
+"""How far apart the clocks of a workflow's workers may be."""
+
 COMPENSATION_WINDOW = timedelta(days=7)
 """How long after a workflow stopped its compensations may still run, past its own expiry."""
 
@@ -425,12 +428,7 @@ class PlanCheck:
             raise _plan_error(f"key {kid!r} signed it, and the trust policy does not allow it to 'start' workflows")
         if plan.correlation_id != message.correlation_id:
             raise _plan_error("the hop carries the plan of another workflow")
-        latest = plan.expires_at
-        unwinding = message.routing_slip.unwinding
-        if latest is not None and unwinding is not None:  # its compensations may run past the workflow's expiry
-            latest = max(latest, unwinding.at) + COMPENSATION_WINDOW
-        if latest is not None and (message.expires_at is None or message.expires_at > latest):
-            raise _plan_error(f"the hop expires later than the plan allows ({latest.isoformat()})")
+        self._check_deadline(message, plan)
         for number, revision in enumerate(message.routing_slip.revisions, 1):
             payload = _revision_bytes(message.correlation_id, revision)
             kid = self._verified_signer(
@@ -449,6 +447,28 @@ class PlanCheck:
                 f"token_subject: the on-behalf-of token belongs to {_who(subject)}, but the workflow was started for "
                 f"{_who(plan.initiator)}",
                 code="token_subject",
+            )
+
+    @staticmethod
+    def _check_deadline(message: PaigeantMessage, plan: Plan) -> None:
+        """The hop's deadline is the plan's; only its compensations may run past it, for `COMPENSATION_WINDOW`; and
+        a workflow is undone as `expired` only once the plan's deadline passed."""
+        deadline, unwinding = plan.expires_at, message.routing_slip.unwinding
+        if deadline is None:
+            if message.expires_at is not None and unwinding is None:
+                raise _plan_error("the hop has a deadline its plan does not have")
+            return
+        if unwinding is None:
+            if message.expires_at != deadline:
+                raise _plan_error(f"the hop's deadline is not its plan's ({deadline.isoformat()})")
+            return
+        latest = max(deadline, unwinding.at) + COMPENSATION_WINDOW
+        if message.expires_at is None or message.expires_at > latest:
+            raise _plan_error(f"the hop expires later than the plan allows ({latest.isoformat()})")
+        if unwinding.cause == "expired" and unwinding.at + _CLOCK_LEEWAY < deadline:
+            raise _plan_error(
+                f"the workflow is undone as expired at {unwinding.at.isoformat()}, before its deadline "
+                f"{deadline.isoformat()}"
             )
 
     def _verified_signer(

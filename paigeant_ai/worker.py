@@ -355,6 +355,10 @@ class Worker:
             hop.claims = self.security.check_token(hop.message, hop.spec)
         except TokenError as exc:
             refused = exc  # unless the step ran while the token was still valid, the workflow faults
+            if exc.code == "token_expired" and hop.message.routing_slip.unwinding is not None:
+                # Undoing what was done on the user's behalf does not wait for a fresh token: a compensation runs
+                # on the authority its workflow was started with, once the token was genuine (checked above).
+                refused = None
         try:  # the plan, its revisions, and whose token this is: the hop's signer vouches only for the hop
             self.plans.check(hop.message, hop.signer, hop.claims, self.security)
             hop.approvals = check_resume(hop, self.security)  # a resume: its parked record and approvals

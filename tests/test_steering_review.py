@@ -227,12 +227,6 @@ async def test_require_workers_names_a_compensation_no_worker_serves(memory: InM
 # -- (d) a workflow that faults because its user's token expired --------------------------------------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="design decision: a compensation hop carries the workflow's expired on-behalf-of token, and every "
-    "worker refuses it, so a workflow that faulted for its token (or expired with it) can never be undone; "
-    "whether compensations may run on the service's own authority, or need a fresh token, is the lead's call",
-)
 async def test_a_workflow_that_faults_for_an_expired_token_is_still_undone(memory: InMemoryTransport) -> None:
     shop = Shop(memory)
     strict = TokenValidator({"keys": [KEYS.issuer.as_dict(private=False)]}, issuer=ISSUER, audience=AUDIENCE, leeway=0)
@@ -264,13 +258,6 @@ def _unwind_as_expired(hop: PaigeantMessage) -> None:
     hop.routing_slip.unwind(Unwinding(cause="expired", reason="its deadline passed", step=1))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="design decision: an `expired` unwinding is taken on its word, and so is the hop's own expires_at, which "
-    "a key that may only send hops may lower (the plan check refuses only a later one), making a worker end the "
-    "workflow expired itself; a fix takes the deadline from the signed plan in admit, _halted and _run, and checks "
-    "the unwinding's time against it",
-)
 async def test_an_expired_unwinding_before_the_deadline_is_refused(memory: InMemoryTransport) -> None:
     shop = Shop(memory)
     reasons = await _tampered(memory, _unwind_as_expired, shop)
