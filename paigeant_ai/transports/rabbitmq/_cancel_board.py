@@ -29,7 +29,7 @@ from aiormq.abc import DeliveredMessage
 from ...exceptions import TransportError, UserError
 from .._cancel_book import CancelBook, check_post, readable_id, warn_full
 from ..base import MAX_CANCEL_RECORD_BYTES
-from ._consumer import underlay
+from ._consumer import Resubscribing, underlay
 from ._errors import BROKER_ERRORS, broker_errors
 from ._wire import header_text
 
@@ -110,8 +110,10 @@ class RabbitMQCancelBoard:
         return reader.book
 
 
-class CancelStreamReader:
+class CancelStreamReader(Resubscribing):
     """Reads the cancellations stream of one transport object into its `book`, from the first entry on."""
+
+    _doing = "reading"
 
     def __init__(self, transport: RabbitMQTransport) -> None:
         self.transport = transport
@@ -175,14 +177,14 @@ class CancelStreamReader:
                 await channel.set_qos(prefetch_count=_PREFETCH)  # a robust channel sets it again when reopened
             self._channel = channel
             channel.reopen_callbacks.add(self._on_reopen)
-            await self._subscribe()
+            await self.subscribe()
         except BaseException:
             self._channel = None
             with suppress(*BROKER_ERRORS):
                 await channel.close()
             raise
 
-    async def _subscribe(self) -> None:
+    async def subscribe(self) -> None:
         """Consume the stream from its first entry on the channel as it now is, unless already consuming there."""
         robust = self._channel
         if robust is None or self._closed:
@@ -202,33 +204,6 @@ class CancelStreamReader:
             cancels: set[Any] | None = getattr(channel, "on_consumer_cancel_callbacks", None)  # aiormq 7 and later
             if cancels is not None:
                 cancels.add(self._on_cancelled)
-
-    async def _on_reopen(self, channel: object) -> None:
-        try:
-            await self._subscribe()
-        except TransportError:
-            self._subscribe_later()  # aio-pika drops what a reopen callback raises
-
-    def _on_cancelled(self, frame: spec.Basic.Cancel) -> None:
-        if frame.consumer_tag == self._tag:
-            self._subscribe_later()
-
-    def _subscribe_later(self) -> None:
-        if not self._closed and self._resubscribing is None:
-            self._resubscribing = asyncio.create_task(self._resubscribe(), name=f"paigeant-resubscribe-{self.queue}")
-
-    async def _resubscribe(self) -> None:
-        try:
-            while not self._closed:
-                try:
-                    await self._subscribe()
-                    return
-                except TransportError as exc:
-                    interval = self.transport.reconnect_interval
-                    logger.warning("reading %r again failed (%s); retrying in %gs", self.queue, exc, interval)
-                    await asyncio.sleep(interval)
-        finally:
-            self._resubscribing = None
 
     async def _on_message(self, message: DeliveredMessage) -> None:
         try:

@@ -20,12 +20,58 @@ from ._wire import to_delivery
 if TYPE_CHECKING:
     from ._transport import RabbitMQTransport
 
-__all__ = ("RabbitMQConsumer", "ack", "underlay")
+__all__ = ("RabbitMQConsumer", "Resubscribing", "ack", "underlay")
 
 logger = logging.getLogger("paigeant_ai.transports.rabbitmq")
 
 
-class RabbitMQConsumer(ConsumerBase):
+class Resubscribing:
+    """What subscribes again by itself: when its robust channel is reopened after a reconnect, and when the broker
+    cancels its consumer (its queue was deleted). A subclass sets `transport`, `queue`, `_tag`, `_closed` and
+    `_resubscribing`, registers `_on_reopen` with its channel and `_on_cancelled` with the channel underneath, and
+    implements `subscribe`."""
+
+    transport: RabbitMQTransport
+    queue: str
+    _tag: str | None
+    _closed: bool
+    _resubscribing: asyncio.Task[None] | None
+    _doing = "consuming"
+    """What it does with its queue, for the log."""
+
+    async def subscribe(self) -> None:  # pragma: no cover - every subclass has its own
+        raise NotImplementedError
+
+    async def _on_reopen(self, channel: object) -> None:
+        try:
+            await self.subscribe()
+        except TransportError:
+            self._subscribe_later()  # aio-pika drops what a reopen callback raises
+
+    def _on_cancelled(self, frame: spec.Basic.Cancel) -> None:
+        if frame.consumer_tag == self._tag:
+            self._subscribe_later()
+
+    def _subscribe_later(self) -> None:
+        if not self._closed and self._resubscribing is None:
+            self._resubscribing = asyncio.create_task(self._resubscribe(), name=f"paigeant-resubscribe-{self.queue}")
+
+    async def _resubscribe(self) -> None:
+        """Subscribe again until it works or this is closed."""
+        try:
+            while not self._closed:
+                try:
+                    await self.subscribe()
+                    return
+                except TransportError as exc:
+                    interval = self.transport.reconnect_interval
+                    logger.warning("%s %r again failed (%s); retrying in %gs", self._doing, self.queue, exc, interval)
+                    await asyncio.sleep(interval)
+        finally:
+            self._resubscribing = None
+
+
+class RabbitMQConsumer(Resubscribing, ConsumerBase):
     """Deliveries from one queue, on a channel of its own whose prefetch bounds how many are unsettled.
 
     It consumes on the channel under the robust one, so a delivery costs no more than aiormq's own task: it
@@ -68,34 +114,6 @@ class RabbitMQConsumer(ConsumerBase):
             cancels: set[Any] | None = getattr(channel, "on_consumer_cancel_callbacks", None)  # aiormq 7 and later
             if cancels is not None:
                 cancels.add(self._on_cancelled)
-
-    async def _on_reopen(self, channel: object) -> None:
-        try:
-            await self.subscribe()
-        except TransportError:
-            self._subscribe_later()  # aio-pika drops what a reopen callback raises
-
-    def _on_cancelled(self, frame: spec.Basic.Cancel) -> None:
-        if frame.consumer_tag == self._tag:
-            self._subscribe_later()
-
-    def _subscribe_later(self) -> None:
-        if not self._closed and self._resubscribing is None:
-            self._resubscribing = asyncio.create_task(self._resubscribe(), name=f"paigeant-resubscribe-{self.queue}")
-
-    async def _resubscribe(self) -> None:
-        """Subscribe again until it works or the consumer is closed."""
-        try:
-            while not self._closed:
-                try:
-                    await self.subscribe()
-                    return
-                except TransportError as exc:
-                    interval = self.transport.reconnect_interval
-                    logger.warning("consuming %r again failed (%s); retrying in %gs", self.queue, exc, interval)
-                    await asyncio.sleep(interval)
-        finally:
-            self._resubscribing = None
 
     async def _on_delivery(self, message: DeliveredMessage) -> None:
         if not self._closed:
