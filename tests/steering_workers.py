@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import os
 import time
 from collections import Counter
@@ -30,13 +29,14 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from opentelemetry import trace
-from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
-from opentelemetry.sdk.trace.export import SimpleSpanProcessor, SpanExporter, SpanExportResult
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 
 from paigeant_ai import Activity, ActivityContext, NonRetryableError, Worker, activity, get_transport
 from paigeant_ai.settings import Settings
 from paigeant_ai.transports import Transport
 
+from .span_files import JsonLinesExporter
 from .workflows_for_crash import read_records, record
 
 # -- what the tests read back ------------------------------------------------------------------------------------
@@ -227,26 +227,6 @@ def wait_worker() -> Worker:
 def saga_worker() -> Worker:
     """The saga's steps and compensations; run two to have one to kill."""
     return Worker(_transport(), list(SAGA), concurrency=10, shutdown_timeout=5)
-
-
-class JsonLinesExporter(SpanExporter):
-    """Appends each finished span to a file as one JSON line."""
-
-    def __init__(self, path: str) -> None:
-        self.path = path
-
-    def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
-        with open(self.path, "a", encoding="utf-8") as file:
-            for span in spans:
-                assert span.context is not None
-                line = {
-                    "name": span.name,
-                    "trace_id": f"{span.context.trace_id:032x}",
-                    "attributes": dict(span.attributes or {}),
-                    "pid": os.getpid(),
-                }
-                file.write(json.dumps(line, default=str) + "\n")
-        return SpanExportResult.SUCCESS
 
 
 def _traced() -> None:

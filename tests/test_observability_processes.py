@@ -15,7 +15,7 @@ import sys
 import time
 import uuid
 from collections import defaultdict
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -23,8 +23,8 @@ import pytest
 from inline_snapshot import snapshot
 from logfire.testing import CaptureLogfire
 from opentelemetry import baggage, context, trace
-from opentelemetry.sdk.trace import ReadableSpan, Span, SpanProcessor, TracerProvider
-from opentelemetry.sdk.trace.export import SimpleSpanProcessor, SpanExporter, SpanExportResult
+from opentelemetry.sdk.trace import Span, SpanProcessor, TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from pydantic_ai import Agent
 from pydantic_ai.messages import ModelMessage, ModelResponse, TextPart
 from pydantic_ai.models.function import AgentInfo, FunctionModel
@@ -34,6 +34,7 @@ from paigeant_ai import ActivityContext, AgentActivity, Worker, WorkflowDispatch
 from paigeant_ai.transports.redis import RedisTransport
 
 from .brokers import REDIS_URL, delete_redis_namespace, require_redis
+from .span_files import JsonLinesExporter
 
 pytestmark = [pytest.mark.redis, pytest.mark.slow]
 
@@ -63,29 +64,6 @@ def summarizer() -> AgentActivity[None, str]:
     return AgentActivity(agent, prompt="Summarize {document}")
 
 
-class JsonLinesExporter(SpanExporter):
-    """Appends each finished span to a file as one JSON line."""
-
-    def __init__(self, path: str) -> None:
-        self.path = path
-
-    def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
-        with open(self.path, "a", encoding="utf-8") as file:
-            for span in spans:
-                assert span.context is not None
-                record = {
-                    "name": span.name,
-                    "trace_id": f"{span.context.trace_id:032x}",
-                    "span_id": f"{span.context.span_id:016x}",
-                    "parent_id": f"{span.parent.span_id:016x}" if span.parent else None,
-                    "links": [f"{link.context.span_id:016x}" for link in span.links],
-                    "attributes": dict(span.attributes or {}),
-                    "process": os.environ[ACTIVITY_ENV],
-                }
-                file.write(json.dumps(record, default=str) + "\n")
-        return SpanExportResult.SUCCESS
-
-
 class CorrelationIdFromBaggage(SpanProcessor):
     """Copies the `correlation_id` baggage onto every span, as Logfire does for all baggage."""
 
@@ -99,7 +77,9 @@ def make_worker() -> Worker:
     """The worker of one process: the activity named by PAIGEANT_TEST_ACTIVITY, spans to PAIGEANT_TEST_SPAN_FILE."""
     provider = TracerProvider()
     provider.add_span_processor(CorrelationIdFromBaggage())
-    provider.add_span_processor(SimpleSpanProcessor(JsonLinesExporter(os.environ[SPAN_FILE_ENV])))
+    provider.add_span_processor(
+        SimpleSpanProcessor(JsonLinesExporter(os.environ[SPAN_FILE_ENV], process=os.environ[ACTIVITY_ENV]))
+    )
     trace.set_tracer_provider(provider)
     Agent.instrument_all(InstrumentationSettings(tracer_provider=provider))
     steps = {"fetch": fetch, "summarize": summarizer(), "publish": publish}
