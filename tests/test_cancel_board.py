@@ -267,7 +267,7 @@ async def test_redis_foreign_data_in_a_key_never_breaks_the_board(redis_brokers:
     raw = aioredis.Redis.from_url(REDIS_URL)
     try:
         await raw.set(f"{redis_brokers.namespace}:cancel:{wrong_type}", b"not a list")
-        await raw.rpush(f"{redis_brokers.namespace}:cancel:{garbage}", b"\xff\x00garbage")
+        await raw.execute_command("RPUSH", f"{redis_brokers.namespace}:cancel:{garbage}", b"\xff\x00garbage")
     finally:
         await raw.aclose()
     assert await board.records(wrong_type) == []
