@@ -270,8 +270,10 @@ def validator() -> TokenValidator:
 
 
 def claims(**overrides: Any) -> dict[str, Any]:
+    # Valid for a day: the tokens of the parametrized cases are made when the tests are collected, and the whole
+    # suite may run longer than a few minutes before they are checked.
     now = int(datetime.now(UTC).timestamp())
-    return {"iss": ISSUER, "aud": "api", "sub": "alice", "exp": now + 300, **overrides}
+    return {"iss": ISSUER, "aud": "api", "sub": "alice", "exp": now + 86_400, **overrides}
 
 
 def signed(values: dict[str, Any]) -> str:
