@@ -18,7 +18,15 @@ from .contracts import RESERVED_ADDRESSES, ActivitySpec, PaigeantMessage
 from .exceptions import NoWorker, UserError
 from .transports.base import ConsumerWatch, Transport
 
-__all__ = ("require_workers", "served_hint", "specs_of", "to_spec", "variables_of", "workflow_fingerprint")
+__all__ = (
+    "require_workers",
+    "route_spec",
+    "served_hint",
+    "specs_of",
+    "to_spec",
+    "variables_of",
+    "workflow_fingerprint",
+)
 
 logger = logging.getLogger("paigeant_ai.dispatch")
 
@@ -34,16 +42,20 @@ def to_spec(item: ActivitySpec | Activity | str) -> ActivitySpec:
             raise UserError(f"invalid activity name {item!r}: {exc.errors(include_url=False)[0]['msg']}") from None
     spec = getattr(item, "spec", None)
     if isinstance(spec, ActivitySpec):
-        # Only what the routing slip needs travels: the worker that runs the activity owns its retry and timeout.
-        return ActivitySpec(
-            name=spec.name,
-            description=spec.description,
-            required_scopes=spec.required_scopes,
-            mandatory=spec.mandatory,
-            compensate=spec.compensate,
-            fallbacks=spec.fallbacks,
-        )
+        return route_spec(spec)
     raise UserError(f"{item!r} is not an activity: pass ActivitySpec objects, activities or names")
+
+
+def route_spec(spec: ActivitySpec) -> ActivitySpec:
+    """What the routing slip carries of an activity's own spec: the worker that runs it owns its retry and timeout."""
+    return ActivitySpec(
+        name=spec.name,
+        description=spec.description,
+        required_scopes=spec.required_scopes,
+        mandatory=spec.mandatory,
+        compensate=spec.compensate,
+        fallbacks=spec.fallbacks,
+    )
 
 
 def specs_of(activities: object) -> list[ActivitySpec]:

@@ -18,6 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, JsonValue, TypeAdapter, Valid
 from pydantic_ai import DeferredToolRequests
 from pydantic_ai.agent import AbstractAgent
 
+from ._dispatch_checks import route_spec
 from .activity import Activity, AgentActivity, FunctionActivity
 from .contracts import ActivitySpec
 from .exceptions import InvalidPlan, UserError
@@ -277,14 +278,7 @@ def _entry(
         compensate=spec.compensate,
         compensation=undo.spec.description or None if isinstance(undo, Activity) else None,
         fallbacks=list(spec.fallbacks),
-        # What the route carries: the worker that runs the activity owns its retry policy and timeout.
-        spec=ActivitySpec(
-            name=spec.name,
-            description=spec.description,
-            required_scopes=spec.required_scopes,
-            compensate=spec.compensate,
-            fallbacks=spec.fallbacks,
-        ),
+        spec=route_spec(spec),
     )
 
 
