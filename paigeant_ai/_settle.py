@@ -424,19 +424,21 @@ async def _report_stopped(hop: Hop, stopped: _Stopped, deps: SettleDeps) -> None
     fields: dict[str, Any] = {"activity": hop.spec.name, "step": unwinding.step, "at": unwinding.at}
     if stopped.failed is not None:
         await report("step_failed", message, detail=stopped.failed, **fields)
-    cid = escape_control(message.correlation_id)
-    if unwinding.cause == "faulted":
-        stats.faulted += 1
-        logger.warning("workflow %s faulted: %s", cid, unwinding.reason)
-        await report("faulted", message, detail=unwinding.reason, **fields)
-    elif unwinding.cause == "cancelled":
-        stats.cancelled += 1
-        logger.info("workflow %s cancelled by %s: %s", cid, escape_control(str(unwinding.by)), unwinding.reason)
-        await report("cancelled", message, detail=unwinding.reason, by=unwinding.by, **fields)
-    else:
-        stats.expired += 1
-        logger.info("workflow %s expired: %s", cid, unwinding.reason)
-        await report("expired", message, detail=unwinding.reason, **fields)
+    cid, now = escape_control(message.correlation_id), bool(stopped.pending)
+    # With steps to undo, `compensating` goes first: whoever reads the status between the two events sees a workflow
+    # being undone, never one that seems to have ended. The store orders them by rank (the cause, then the undoing).
     if stopped.pending:
         undoing = f"undoing {_undone(stopped.pending).removeprefix('undid ')}"
         await report("compensating", message, detail=undoing, now=True, **fields)
+    if unwinding.cause == "faulted":
+        stats.faulted += 1
+        logger.warning("workflow %s faulted: %s", cid, unwinding.reason)
+        await report("faulted", message, detail=unwinding.reason, now=now, **fields)
+    elif unwinding.cause == "cancelled":
+        stats.cancelled += 1
+        logger.info("workflow %s cancelled by %s: %s", cid, escape_control(str(unwinding.by)), unwinding.reason)
+        await report("cancelled", message, detail=unwinding.reason, by=unwinding.by, now=now, **fields)
+    else:
+        stats.expired += 1
+        logger.info("workflow %s expired: %s", cid, unwinding.reason)
+        await report("expired", message, detail=unwinding.reason, now=now, **fields)

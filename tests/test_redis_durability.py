@@ -26,7 +26,7 @@ from paigeant_ai import WorkflowDispatcher
 from paigeant_ai.contracts import DEAD_LETTER
 
 from . import brokers
-from .brokers import REDIS_URL, ROOT, Fleet, report, wait_until
+from .brokers import REDIS_URL, ROOT, Fleet, drained, report, wait_until
 from .workflows_for_crash import MIDDLE, STEPS, completed, dispatch, middle_runs, read_records
 
 pytestmark = [pytest.mark.redis, pytest.mark.slow]
@@ -64,7 +64,7 @@ async def test_kill_9_a_worker_mid_run_loses_no_workflow(tmp_path: Path, capsys:
         assert len(twice) <= 4  # what the victim held (its prefetch) and had not yet recorded as done
         transport = dispatcher.transport
         assert await transport.pending(DEAD_LETTER) == 0
-        assert all([await transport.pending(step) == 0 for step in STEPS])
+        await drained(transport, STEPS, within=30)
         report(
             capsys,
             f"redis kill -9: 200/200 workflows completed in {time.monotonic() - started:.1f}s; the victim ran "

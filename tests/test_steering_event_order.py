@@ -5,8 +5,16 @@ from __future__ import annotations
 
 import asyncio
 
-from paigeant_ai import ActivityContext, InMemoryTransport, NonRetryableError, Worker, WorkflowDispatcher, activity
-from paigeant_ai.store import InMemoryWorkflowStore
+from paigeant_ai import (
+    ActivityContext,
+    InMemoryTransport,
+    NonRetryableError,
+    Worker,
+    WorkflowDispatcher,
+    WorkflowEvent,
+    activity,
+)
+from paigeant_ai.store import FINAL_STATES, InMemoryWorkflowStore
 from paigeant_ai.transports.base import Delivery
 
 
@@ -43,3 +51,23 @@ async def test_a_faulted_workflow_ends_compensated_even_when_its_compensation_re
     kinds = [event.kind for event in status.events if event.step is not None and event.kind != "step_started"]
     assert kinds == ["step_completed", "step_failed", "faulted", "compensating", "step_completed", "compensated"]
     assert status.state == "compensated"
+
+
+async def test_a_stopped_workflow_never_looks_ended_while_its_compensations_run() -> None:
+    store = InMemoryWorkflowStore()
+    seen: list[str] = []
+
+    async def watch(event: WorkflowEvent) -> None:
+        await store.apply(event)
+        status = await store.get(event.correlation_id or "")
+        assert status is not None
+        seen.append(status.state)
+
+    async with InMemoryTransport() as transport:
+        await WorkflowDispatcher(transport).dispatch_workflow([hold, break_])
+        await Worker(transport, [hold, break_], on_event=watch).run(burst=True)
+
+    undoing = seen.index("compensating")
+    assert seen[-1] == "compensated"
+    assert not FINAL_STATES & set(seen[undoing:-1]), f"a final state showed while the undoing ran: {seen}"
+    assert not FINAL_STATES & set(seen[:undoing]), f"the workflow looked ended before its undoing began: {seen}"
