@@ -10,6 +10,7 @@ import logging as _logging
 from ._approvals import Approval, SignedApproval
 from ._cancel import Cancellation
 from ._events import WorkflowEvent
+from ._in_doubt import Ran, RunAgain
 from .activity import Activity, ActivityContext, AgentActivity, FunctionActivity, activity
 from .approval import (
     InMemoryWaitingStore,
@@ -106,6 +107,7 @@ __all__ = (
     "Plan",
     "PlannedStep",
     "PlannerAgentDeps",
+    "Ran",
     "ReplayedMessage",
     "Resumption",
     "RetryActivity",
@@ -113,6 +115,7 @@ __all__ = (
     "Revision",
     "RevisionLimits",
     "RoutingSlip",
+    "RunAgain",
     "SecurityContext",
     "SecurityError",
     "SignedApproval",

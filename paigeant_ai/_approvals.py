@@ -31,6 +31,7 @@ from pydantic_ai import DeferredToolResults
 from pydantic_ai.tools import ToolApproved, ToolDenied
 from pydantic_core import to_jsonable_python
 
+from ._at_most_once import check_decision
 from ._escape import escape_control
 from ._hop import Hop
 from ._tokens import granted_scopes, unverified_claims
@@ -218,6 +219,8 @@ def check_resume(hop: Hop, security: MessageSecurity) -> list[str]:
     if resume is None:
         return []
     parked = _parked_of(hop, security)
+    if parked.in_doubt is not None:  # a person's word on whether an at-most-once step ran
+        return check_decision(parked, resume.approvals, security)
     try:
         results = _RESULTS.validate_python(resume.results)
     except ValidationError:

@@ -54,12 +54,15 @@ EventKind = Literal[
     "compensating",
     "compensated",
     "compensation_failed",
+    "in_doubt",
+    "reconciled",
 ]
 """What a `WorkflowEvent` reports; `replayed` is a step sent again from the dead-letter queue.
 
 A workflow that stops before its end (`faulted`, `cancelled`, `expired`) with completed steps to undo goes on with
 `compensating`, the compensations as steps (their events name the step they undo in `undoes`), and ends
-`compensated` or `compensation_failed`."""
+`compensated` or `compensation_failed`. An at-most-once step found started and not finished is `reconciled` (it
+completes without running) or parks the workflow `in_doubt` until a person says whether it ran."""
 
 
 class WorkflowEvent(Wire):

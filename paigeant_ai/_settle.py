@@ -36,6 +36,7 @@ from ._dedupe import DedupeStore
 from ._escape import escape_control
 from ._events import EventReporter
 from ._hop import Hop
+from ._in_doubt import StepInDoubt
 from ._outcome import Advance, End, Fault, Halt, Outcome, Park, Reject, Retry, Skip
 from ._plan import begin_unwinding, revise_route
 from ._sealing import NonFiniteNumber, seal, too_large, unsigned_body
@@ -394,7 +395,8 @@ async def _report(hop: Hop, outcome: _Settled, deps: SettleDeps) -> None:
             await report("compensation_failed", message, detail=detail, **fields)
         case Park():
             stats.parked += 1
-            await report("waiting", message, detail=outcome.detail)
+            kind = "in_doubt" if isinstance(outcome.signal, StepInDoubt) else "waiting"
+            await report(kind, message, detail=outcome.detail)
         case Retry():
             stats.retried += 1
             delay = outcome.delay or 0.0

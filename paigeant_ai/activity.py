@@ -19,6 +19,7 @@ from pydantic_ai.usage import UsageLimits
 from pydantic_core import PydanticSerializationError, to_jsonable_python
 
 from ._agents import model_error_signal, run_output_type
+from ._in_doubt import ReconcileFunc
 from .approval import resumed_run
 from .contracts import ActivitySpec, Compensation, PaigeantMessage, RetryPolicy, Revision, RoutingSlip, Unwinding
 from .exceptions import NonRetryableError, ParkWorkflow, UserError
@@ -132,6 +133,7 @@ def _make_spec(
     required_scopes: Sequence[str],
     compensate: str | None = None,
     fallbacks: Sequence[str] = (),
+    at_most_once: bool = False,
 ) -> ActivitySpec:
     if isinstance(fallbacks, str):
         raise UserError(f"fallbacks of {name!r} must be a list of activity names: write fallbacks=[{fallbacks!r}]")
@@ -144,6 +146,7 @@ def _make_spec(
             required_scopes=tuple(required_scopes),
             compensate=compensate,
             fallbacks=tuple(fallbacks),
+            at_most_once=at_most_once,
         )
     except ValidationError as exc:
         raise UserError(f"invalid activity {name!r}: {exc.errors(include_url=False)[0]['msg']}") from None
@@ -172,6 +175,14 @@ def _compensation_of(name: str, compensate: str | Activity | ActivityFunc | None
     )
 
 
+def _reconcile_of(name: str, at_most_once: bool, reconcile: ReconcileFunc | None) -> ReconcileFunc | None:
+    if reconcile is not None and not at_most_once:
+        raise UserError(f"reconcile of {name!r} is for an at-most-once step: add at_most_once=True")
+    if reconcile is not None and not callable(reconcile):
+        raise UserError(f"reconcile of {name!r} must be a function of the step's context, returning Ran or RunAgain")
+    return reconcile
+
+
 class FunctionActivity:
     """A plain function as a step: `async def step(ctx: ActivityContext) -> dict | BaseModel | None`.
 
@@ -192,9 +203,12 @@ class FunctionActivity:
         output_key: str | None = None,
         compensate: str | Activity | ActivityFunc | None = None,
         fallbacks: Sequence[str] = (),
+        at_most_once: bool = False,
+        reconcile: ReconcileFunc | None = None,
     ) -> None:
         self.func = func
         resolved = name or func.__name__.replace("_", "-")
+        self.reconcile = _reconcile_of(resolved, at_most_once, reconcile)
         self.compensation, compensate_name = _compensation_of(resolved, compensate)
         self.spec = _make_spec(
             resolved,
@@ -204,6 +218,7 @@ class FunctionActivity:
             required_scopes=required_scopes,
             compensate=compensate_name,
             fallbacks=fallbacks,
+            at_most_once=at_most_once,
         )
         self.output_key = output_key or resolved
 
@@ -235,6 +250,8 @@ def activity(
     output_key: str | None = None,
     compensate: str | Activity | ActivityFunc | None = None,
     fallbacks: Sequence[str] = (),
+    at_most_once: bool = False,
+    reconcile: ReconcileFunc | None = None,
 ) -> Callable[[ActivityFunc], FunctionActivity]: ...
 
 
@@ -250,6 +267,8 @@ def activity(
     output_key: str | None = None,
     compensate: str | Activity | ActivityFunc | None = None,
     fallbacks: Sequence[str] = (),
+    at_most_once: bool = False,
+    reconcile: ReconcileFunc | None = None,
 ) -> FunctionActivity | Callable[[ActivityFunc], FunctionActivity]:
     """Decorate a function to make it an activity; its name defaults to the function's, with `-` for `_`.
 
@@ -258,6 +277,11 @@ def activity(
     step's worker then also runs (as `<name>.compensate` for a function). The compensation gets the step's output
     and idempotency key as `ctx.undoing`. `fallbacks` are the activities to try instead, in order, once the step
     failed for good; they travel with the step when it is dispatched as this activity.
+
+    `at_most_once=True` is for a step whose effect has no idempotency key to lean on (an e-mail, a payment
+    without keys): it is never run twice blindly. A copy that finds it started and not finished (a crash between
+    the effect and the ack) asks `reconcile(ctx)`, which returns `Ran(output)` or `RunAgain()`; without a hook,
+    the workflow parks `in_doubt` until a person resumes it (see `WorkflowDispatcher.resume`).
     """
 
     def wrap(f: ActivityFunc) -> FunctionActivity:
@@ -271,6 +295,8 @@ def activity(
             output_key=output_key,
             compensate=compensate,
             fallbacks=fallbacks,
+            at_most_once=at_most_once,
+            reconcile=reconcile,
         )
 
     return wrap(func) if func is not None else wrap
@@ -357,6 +383,8 @@ class AgentActivity(Generic[DepsT, OutputT]):
         compensate: What undoes the step (see `activity`): another activity's name, or an activity or function
             this worker runs.
         fallbacks: Activities to try instead, in order, once the step failed for good.
+        at_most_once: Never run the step twice blindly (see `activity`).
+        reconcile: For an at-most-once step: whether a copy that did not finish did its work (see `activity`).
     """
 
     def __init__(
@@ -375,6 +403,8 @@ class AgentActivity(Generic[DepsT, OutputT]):
         toolsets: Sequence[StepToolset] = (),
         compensate: str | Activity | ActivityFunc | None = None,
         fallbacks: Sequence[str] = (),
+        at_most_once: bool = False,
+        reconcile: ReconcileFunc | None = None,
     ) -> None:
         resolved = name or agent.name
         if not resolved:
@@ -394,7 +424,9 @@ class AgentActivity(Generic[DepsT, OutputT]):
             required_scopes=required_scopes,
             compensate=compensate_name,
             fallbacks=fallbacks,
+            at_most_once=at_most_once,
         )
+        self.reconcile = _reconcile_of(resolved, at_most_once, reconcile)
         self.output_key = output_key or resolved.replace("-", "_")
         self._run_output_type = run_output_type(agent, resolved)
 

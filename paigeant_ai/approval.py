@@ -30,6 +30,7 @@ from pydantic_ai.tools import ToolApproved, ToolDenied
 from pydantic_core import to_jsonable_python
 
 from ._escape import escape_control
+from ._in_doubt import InDoubt, StepInDoubt
 from .contracts import PaigeantMessage, Resumption, SecurityContext, derive_message_id
 from .exceptions import ParkWorkflow, SecurityError, UserError
 from .transports.base import SharedStores, Transport
@@ -104,9 +105,11 @@ class ParkedStep(BaseModel):
     step: int
     parked_at: datetime = Field(default_factory=lambda: datetime.now(UTC))
     message: PaigeantMessage
-    conversation: dict[str, JsonValue]
+    conversation: dict[str, JsonValue] = Field(default_factory=dict[str, JsonValue])
     obo_subject: str | None = None
     obo_required: bool = False
+    in_doubt: InDoubt | None = Field(default=None, exclude_if=lambda value: value is None)
+    """Set when the step waits because it may have run (an at-most-once step): what a person must settle."""
     proof: str | None = Field(default=None, repr=False)
 
     @classmethod
@@ -123,9 +126,8 @@ class ParkedStep(BaseModel):
             activity=message.routing_slip.current or "",
             step=message.step,
             message=parked,
-            conversation=_JSON_OBJECT.validate_python(
-                ConversationTypeAdapter.dump_python(signal.conversation, mode="json")
-            ),
+            conversation=_conversation_of(signal),
+            in_doubt=signal.in_doubt if isinstance(signal, StepInDoubt) else None,
             obo_subject=obo_subject,
             obo_required=message.security.obo_token is not None,
         )
@@ -187,6 +189,8 @@ class ParkedStep(BaseModel):
     @property
     def requests(self) -> DeferredToolRequests:
         """The pending requests as pydantic-ai's `DeferredToolRequests`, from the conversation."""
+        if self.in_doubt is not None:
+            return DeferredToolRequests()  # it waits for a person's word on the step, not for tool calls
         requests = ConversationTypeAdapter.validate_python(self.conversation).deferred_tool_requests
         return requests or DeferredToolRequests()
 
@@ -271,6 +275,8 @@ class ParkedStep(BaseModel):
 
     def describe(self) -> str:
         """One line: what the step waits for."""
+        if self.in_doubt is not None:
+            return self.in_doubt.describe(self.correlation_id, self.activity)
         return "waiting for " + ", ".join(
             f"{call.kind} of {call.tool_name} ({call.tool_call_id})" for call in self.pending
         )
@@ -376,6 +382,12 @@ def loadable(records: Iterable[tuple[str, bytes | str]]) -> list[ParkedStep]:
         except SecurityError as exc:
             logger.warning("leaving parked workflow %r out: %s", correlation_id, escape_control(str(exc)))
     return found
+
+
+def _conversation_of(signal: ParkWorkflow) -> dict[str, JsonValue]:
+    if isinstance(signal, StepInDoubt):
+        return {}
+    return _JSON_OBJECT.validate_python(ConversationTypeAdapter.dump_python(signal.conversation, mode="json"))
 
 
 def _pending(requests: DeferredToolRequests) -> list[PendingToolCall]:

@@ -47,6 +47,8 @@ class CatalogEntry(BaseModel):
             undone.
         fallbacks: The activities tried instead of it, in order, once it failed for good (the activity's own; a
             plan may name others).
+        at_most_once: The step runs at most once: after a crash it is never re-run blindly, but reconciled or
+            left for a person to settle (it may then wait).
         spec: The spec the route carries for it (not shown to models).
     """
 
@@ -59,6 +61,7 @@ class CatalogEntry(BaseModel):
     compensate: str | None = Field(default=None, exclude_if=lambda value: value is None)
     compensation: str | None = Field(default=None, exclude_if=lambda value: value is None)
     fallbacks: list[str] = Field(default_factory=list[str], exclude_if=lambda value: not value)
+    at_most_once: bool = Field(default=False, exclude_if=lambda value: not value)
     spec: ActivitySpec = Field(exclude=True)
 
     @property
@@ -278,6 +281,7 @@ def _entry(
         compensate=spec.compensate,
         compensation=undo.spec.description or None if isinstance(undo, Activity) else None,
         fallbacks=list(spec.fallbacks),
+        at_most_once=spec.at_most_once,
         spec=route_spec(spec),
     )
 

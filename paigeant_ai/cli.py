@@ -47,6 +47,8 @@ _STEP_LABELS = {
     "step_retried": "retry",
     "step_failed": "faulted",
     "waiting": "parked",
+    "in_doubt": "in doubt",
+    "reconciled": "reconciled",
 }
 """The events `paigeant worker -v` logs, and the word each is logged with."""
 

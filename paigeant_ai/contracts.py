@@ -82,6 +82,9 @@ class ActivitySpec(Wire):
     )
     """Activities to try instead, in order, once this step has failed for good (its retries exhausted, or a
     failure no retry can help); each runs with this step's arguments and its own retry policy."""
+    at_most_once: bool = Field(default=False, exclude_if=lambda value: not value)
+    """The step must not run twice blindly: a copy that finds it started and not finished reconciles it, or parks
+    the workflow `in_doubt` (decided by the worker's own spec; see `activity(at_most_once=True)`)."""
 
     @model_validator(mode="after")
     def _not_reserved(self) -> Self:

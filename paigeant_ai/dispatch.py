@@ -18,11 +18,13 @@ from pydantic import ValidationError
 
 from . import observability
 from ._approvals import attested, describe, sign_approvals
+from ._at_most_once import resume_in_doubt
 from ._cancel import CANCEL_TTL, Cancellation, CancelRequest, sign_cancel, unwind_parked
 from ._dispatch_checks import require_workers, specs_of, variables_of, workflow_fingerprint
 from ._dispatch_checks import to_spec as to_spec  # importable from here, as it always was
 from ._events import EventCallback, EventReporter
 from ._hop import EXPIRY_GRACE
+from ._in_doubt import Ran, RunAgain
 from ._plan import new_plan, signer_of, token_subject
 from ._principal import principal_of
 from ._resume_checks import check_before_resume
@@ -292,6 +294,7 @@ class WorkflowDispatcher:
         approver: str | None = None,
         approver_token: str | None = None,
         obo_token: str | None = None,
+        in_doubt: Ran | RunAgain | None = None,
     ) -> None:
         """Continue a workflow that waits for input, at the step where it stopped.
 
@@ -316,6 +319,9 @@ class WorkflowDispatcher:
             approver_token: The approver's own token, with scope `paigeant:approve`.
             obo_token: A fresh on-behalf-of token of the workflow's user (the parked record keeps none); needed
                 when the workflow carried one.
+            in_doubt: For a workflow parked `in_doubt` (an at-most-once step that may have run): `Ran(output)`,
+                the step did run and completes with `output`; or `RunAgain()`, it runs now. Signed as the
+                decision of `approver` by this service's key, which must hold `approve` in the trust policy.
 
         Whatever the worker would refuse and can be checked here is checked before anything is sent (see
         `paigeant_ai._resume_checks`); the parked record stays in the waiting store until a worker has claimed the
@@ -336,6 +342,10 @@ class WorkflowDispatcher:
                 f"workflow {correlation_id!r} expired at {expires_at.isoformat()} while it waited; it stays parked "
                 "and cannot be resumed (dispatch workflows that wait for people with a longer ttl)"
             )
+        if parked.in_doubt is not None or in_doubt is not None:
+            check_before_resume(parked, self.security, approver=approver, approver_token=None, obo_token=obo_token)
+            await resume_in_doubt(self, parked, in_doubt, approver=approver, obo_token=obo_token)
+            return
         answers = parked.build_results(results, approvals=approvals, calls=calls, approve_all=approve_all)
         if parked.obo_required and obo_token is None:
             raise UserError(

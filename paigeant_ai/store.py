@@ -45,6 +45,7 @@ WorkflowState = Literal[
     "pending",
     "running",
     "waiting",
+    "in_doubt",
     "stalled",
     "completed",
     "faulted",
@@ -61,7 +62,7 @@ FINAL_STATES: frozenset[str] = frozenset(
     {"completed", "faulted", "compensated", "compensation_failed", "cancelled", "expired"}
 )
 """The states a workflow never leaves."""
-StepState = Literal["running", "retrying", "waiting", "completed", "failed"]
+StepState = Literal["running", "retrying", "waiting", "in_doubt", "completed", "failed"]
 
 DEFAULT_MAX_EVENTS = 1000
 """Events kept per workflow; past it the oldest are forgotten."""
@@ -129,7 +130,9 @@ class WorkflowStatus(BaseModel):
 _STOPS = frozenset(
     {"cancel_requested", "faulted", "cancelled", "expired", "compensating", "compensated", "compensation_failed"}
 )
-_STEP_KINDS = frozenset({"step_started", "step_completed", "step_retried", "step_failed", "waiting", "rejected"})
+_STEP_KINDS = frozenset(
+    {"step_started", "step_completed", "step_retried", "step_failed", "waiting", "in_doubt", "rejected"}
+)
 """The events that tell a step's story; the others only mention it."""
 _RANK = {
     "dispatched": 0,
@@ -201,12 +204,12 @@ class _Projection:
             record.state, record.error = "retrying", event.detail
         elif kind == "step_failed" and record is not None:
             record.state, record.error, record.finished_at = "failed", event.detail, event.at
-        elif kind == "waiting":
+        elif kind == "waiting" or kind == "in_doubt":  # in doubt: waits for a person's word on whether it ran
             if record is not None:
-                record.state, record.error = "waiting", event.detail
-            status.state, status.waiting_for = "waiting", event.detail
+                record.state, record.error = kind, event.detail
+            status.state, status.waiting_for = kind, event.detail
         elif kind in ("resumed", "replayed"):
-            if record is not None and record.state == "waiting":
+            if record is not None and record.state in ("waiting", "in_doubt"):
                 record.state, record.error = "running", None
             self._running()
         elif kind == "completed":

@@ -28,6 +28,7 @@ from typing import Any
 
 from . import observability
 from ._approvals import check_resume
+from ._at_most_once import AtMostOnce
 from ._cancel import CancelCheck
 from ._dedupe import DedupeStore, InMemoryDedupeStore
 from ._escape import escape_control
@@ -122,6 +123,9 @@ class Worker:
         self.shutdown_timeout = shutdown_timeout
         self.rng = rng or random.Random()
         self.waiting_store = waiting_store
+        self.at_most_once = AtMostOnce.for_worker(
+            transport, shared, self.activities, self.security, self.reporter, waiting_store
+        )
         self.stats = WorkerStats()
         self.plans = PlanCheck()
         self.cancels = CancelCheck()
@@ -322,10 +326,12 @@ class Worker:
                     outcome = await self._halted(hop)  # cancelled, or past its deadline: nothing more runs
                 if outcome is None or isinstance(outcome, Halt):
                     await release_parked(hop, self.waiting_store)  # a resume that runs, or stops: off the store
-                if outcome is None:
-                    outcome = await self._run(hop)  # timeout, activity span -> advance, end, park, retry, fault
+                if outcome is None:  # an at-most-once step runs once its start record is safe, else is reconciled
+                    outcome = await self.at_most_once.run(hop, self._run, self.max_message_bytes)
                 await settle(hop, outcome, self)  # the successor made safe, then the ack
+                await self.at_most_once.settled(hop)
             finally:
+                self.at_most_once.forget(hop)
                 self._running_keys.pop(key).set()
 
     def _authenticate(self, hop: Hop) -> Hop | Reject:

@@ -1,0 +1,305 @@
+"""At-most-once steps: a step found started and not finished is reconciled or parked `in_doubt`, never re-run
+blindly, on every transport.
+
+A copy that "finds a start record" is the broker's redelivery after a crash: the test writes the record a crashed
+worker would have left, signed as that worker signs it, then runs the workers (the crash itself, with real worker
+processes, is in `tests/test_at_most_once_processes.py`).
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import pytest
+from joserfc.jwk import Key
+
+from paigeant_ai import (
+    ActivityContext,
+    FunctionActivity,
+    InMemoryTransport,
+    InMemoryWaitingStore,
+    Ran,
+    RetryPolicy,
+    RunAgain,
+    UserError,
+    Worker,
+    WorkflowDispatcher,
+    activity,
+)
+from paigeant_ai._in_doubt import StartRecord
+from paigeant_ai.catalog import ActivityCatalog
+from paigeant_ai.security import MessageSigner, TrustPolicy, generate_key
+from paigeant_ai.store import InMemoryWorkflowStore, WorkflowStatus
+from paigeant_ai.transports import Transport
+from paigeant_ai.transports.base import SharedClaims
+from paigeant_ai.transports.rabbitmq import RabbitMQTransport
+from paigeant_ai.transports.redis import RedisReplayCache, RedisTransport
+
+from .brokers import RABBITMQ_URL, REDIS_URL, dead_letters, delete_redis_namespace
+
+ORDERS, SHOP, DESK = generate_key("orders-1"), generate_key("shop-1"), generate_key("desk-1")
+STRANGER = generate_key("stranger-1")
+POLICY = TrustPolicy.load(
+    {
+        "keys": {
+            "orders-1": {"may": ["start", "approve"], "send_to": "*"},
+            "shop-1": {"send_to": "*"},
+            "desk-1": {"send_to": "*"},
+        }
+    }
+)
+
+
+def signer(key: Key, transport: Transport | None = None) -> MessageSigner:
+    cache = RedisReplayCache(transport) if isinstance(transport, RedisTransport) else None
+    return MessageSigner(key, [ORDERS, SHOP, DESK], policy=POLICY, replay_cache=cache)
+
+
+@pytest.fixture
+async def shared(transport: Transport) -> AsyncIterator[RedisTransport | None]:
+    """The store a RabbitMQ worker's replicas share (Redis); none on the other transports."""
+    if transport.name != "rabbitmq":
+        yield None
+        return
+    namespace = f"paigeant-test-{uuid.uuid4().hex[:12]}"
+    store = RedisTransport(REDIS_URL, namespace=namespace)
+    await store.connect()
+    try:
+        yield store
+    finally:
+        await store.disconnect()
+        await delete_redis_namespace(namespace)
+
+
+@dataclass
+class Payments:
+    """A payment workflow, `pay` then `ship`; `paid` counts each payment that really happened."""
+
+    transport: Transport
+    shared: RedisTransport | None
+    fail_first: bool = False
+    paid: list[str] = field(default_factory=list[str])
+    store: InMemoryWorkflowStore = field(default_factory=InMemoryWorkflowStore)
+    waiting: InMemoryWaitingStore = field(default_factory=InMemoryWaitingStore)
+
+    def __post_init__(self) -> None:
+        self.dispatcher = WorkflowDispatcher(
+            self.transport, security=signer(ORDERS), on_event=self.store.apply, waiting_store=self.waiting
+        )
+
+    def pay(self, reconcile: Callable[[ActivityContext], Any] | None = None) -> FunctionActivity:
+        @activity(at_most_once=True, reconcile=reconcile, retry=RetryPolicy(max_attempts=3, initial_interval=0.01))
+        async def pay(ctx: ActivityContext) -> dict[str, Any]:
+            if self.fail_first and ctx.attempt == 0:
+                raise ConnectionError("the provider hung up before charging")
+            self.paid.append(ctx.correlation_id)
+            return {"charge": f"ch-{ctx.correlation_id[:8]}"}
+
+        return pay
+
+    def worker(self, reconcile: Callable[[ActivityContext], Any] | None = None) -> Worker:
+        async def ship(ctx: ActivityContext) -> dict[str, Any]:
+            return {"shipped": ctx.payload["charge"]}
+
+        return Worker(
+            self.transport,
+            [self.pay(reconcile), FunctionActivity(ship, name="ship")],
+            security=signer(SHOP, self.shared or self.transport),
+            on_event=self.store.apply,
+            waiting_store=self.waiting,
+            shared_store=self.shared,
+        )
+
+    async def started_before(self, worker: Worker, cid: str, *, key: Key = SHOP, raw: str | None = None) -> None:
+        """Leave the start record of `pay` a crashed worker would have left (signed with `key`), or `raw`."""
+        idempotency_key = f"{cid}:0:pay"
+        record = StartRecord(
+            correlation_id=cid, activity="pay", step=0, idempotency_key=idempotency_key, attempt=0, worker="gone:1"
+        )
+        claims = worker.at_most_once.claims
+        assert isinstance(claims, SharedClaims)
+        value = raw if raw is not None else record.sign(signer(key)).encode()
+        assert await claims.claim(StartRecord.key(idempotency_key, 0), value, ttl=60) is None
+
+    async def status(self, cid: str) -> WorkflowStatus:
+        status = await self.store.get(cid)
+        assert status is not None
+        return status
+
+
+@pytest.fixture
+def payments(transport: Transport, shared: RedisTransport | None) -> Payments:
+    return Payments(transport, shared)
+
+
+async def test_a_step_with_no_start_record_runs_once_and_leaves_none(payments: Payments) -> None:
+    worker = payments.worker()
+    cid = await payments.dispatcher.dispatch_workflow(["pay", "ship"])
+    await worker.run(burst=True)
+
+    assert payments.paid == [cid]
+    status = await payments.status(cid)
+    assert status.state == "completed"
+    assert status.payload == {"charge": f"ch-{cid[:8]}", "shipped": f"ch-{cid[:8]}"}
+    claims = worker.at_most_once.claims
+    assert claims is not None
+    assert await claims.claim(StartRecord.key(f"{cid}:0:pay", 0), "probe", ttl=1) is None, "released once settled"
+
+
+async def test_the_reconcile_hook_that_finds_the_effect_completes_the_step_without_running_it(
+    payments: Payments,
+) -> None:
+    looked_for: list[str] = []
+
+    def reconcile(ctx: ActivityContext) -> Ran:
+        looked_for.append(ctx.idempotency_key)
+        return Ran({"charge": "ch-found"})
+
+    worker = payments.worker(reconcile)
+    cid = await payments.dispatcher.dispatch_workflow(["pay", "ship"])
+    await payments.started_before(worker, cid)
+    await worker.run(burst=True)
+
+    assert payments.paid == [], "the step did not run again"
+    assert looked_for == [f"{cid}:0:pay"]
+    status = await payments.status(cid)
+    assert status.state == "completed"
+    assert status.payload == {"charge": "ch-found", "shipped": "ch-found"}
+    assert [event.detail for event in status.events if event.kind == "reconciled"] == [
+        "step 'pay' reconciled: completed without running it again"
+    ]
+
+
+async def test_the_reconcile_hook_that_finds_nothing_runs_the_step(payments: Payments) -> None:
+    async def reconcile(ctx: ActivityContext) -> RunAgain:
+        return RunAgain()
+
+    worker = payments.worker(reconcile)
+    cid = await payments.dispatcher.dispatch_workflow(["pay", "ship"])
+    await payments.started_before(worker, cid)
+    await worker.run(burst=True)
+
+    assert payments.paid == [cid]
+    assert (await payments.status(cid)).state == "completed"
+
+
+async def test_without_a_hook_the_workflow_parks_in_doubt_with_step_key_and_start(payments: Payments) -> None:
+    worker = payments.worker()
+    cid = await payments.dispatcher.dispatch_workflow(["pay", "ship"])
+    await payments.started_before(worker, cid)
+    await worker.run(burst=True)
+
+    assert payments.paid == []
+    status = await payments.status(cid)
+    assert status.state == "in_doubt"
+    assert status.current_activity == "pay"
+    assert status.waiting_for is not None
+    assert f"key {cid}:0:pay" in status.waiting_for
+    assert "started on gone:1 since 20" in status.waiting_for
+    assert f"paigeant resume {cid} --ran OUTPUT_JSON" in status.waiting_for
+    assert [step.state for step in status.steps] == ["in_doubt"]
+    parked = await payments.dispatcher.parked(cid)
+    assert parked.in_doubt is not None
+    assert parked.in_doubt.idempotency_key == f"{cid}:0:pay"
+    assert parked.in_doubt.started_at is not None
+    assert parked.in_doubt.started_by == "gone:1"
+
+
+async def test_a_person_saying_it_ran_continues_with_the_given_output(payments: Payments) -> None:
+    worker = payments.worker()
+    cid = await payments.dispatcher.dispatch_workflow(["pay", "ship"])
+    await payments.started_before(worker, cid)
+    await worker.run(burst=True)
+    await payments.dispatcher.resume(cid, in_doubt=Ran({"charge": "ch-by-hand"}), approver="ops@example.com")
+    await worker.run(burst=True)
+
+    assert payments.paid == [], "the step never ran twice"
+    status = await payments.status(cid)
+    assert status.state == "completed"
+    assert status.payload == {"charge": "ch-by-hand", "shipped": "ch-by-hand"}
+    assert await payments.waiting.waiting() == []
+    resumed = [event.detail for event in status.events if event.kind == "resumed"]
+    assert len(resumed) == 1
+    assert (resumed[0] or "").startswith("in-doubt step 'pay' declared run by ops@example.com (output sha256 ")
+
+
+async def test_a_person_saying_run_it_again_runs_it(payments: Payments) -> None:
+    worker = payments.worker()
+    cid = await payments.dispatcher.dispatch_workflow(["pay", "ship"])
+    await payments.started_before(worker, cid)
+    await worker.run(burst=True)
+    await payments.dispatcher.resume(cid, in_doubt=RunAgain(), approver="ops@example.com")
+    await worker.run(burst=True)
+
+    assert payments.paid == [cid]
+    assert (await payments.status(cid)).state == "completed"
+
+
+async def test_a_forged_start_record_parks_in_doubt_with_the_reason(payments: Payments) -> None:
+    worker = payments.worker(lambda ctx: Ran({"charge": "never asked"}))
+    forged = await payments.dispatcher.dispatch_workflow(["pay", "ship"])
+    garbage = await payments.dispatcher.dispatch_workflow(["pay", "ship"])
+    await payments.started_before(worker, forged, key=STRANGER)
+    await payments.started_before(worker, garbage, raw='{"not": "a record"}')
+    await worker.run(burst=True)
+
+    assert payments.paid == []
+    forged_status, garbage_status = await payments.status(forged), await payments.status(garbage)
+    assert forged_status.state == garbage_status.state == "in_doubt"
+    assert forged_status.waiting_for is not None
+    assert "its start record does not verify" in forged_status.waiting_for
+    assert garbage_status.waiting_for is not None
+    assert "its start record is not a start record" in garbage_status.waiting_for
+
+
+async def test_an_at_most_once_step_that_raised_is_retried_normally(payments: Payments) -> None:
+    payments.fail_first = True
+    worker = payments.worker()
+    cid = await payments.dispatcher.dispatch_workflow(["pay", "ship"])
+    await worker.run(burst=True)
+
+    assert payments.paid == [cid]
+    status = await payments.status(cid)
+    assert status.state == "completed"
+    assert [step.attempts for step in status.steps] == [2, 1]
+
+
+async def test_only_a_key_that_may_approve_settles_a_doubt(payments: Payments) -> None:
+    worker = payments.worker()
+    cid = await payments.dispatcher.dispatch_workflow(["pay", "ship"])
+    await payments.started_before(worker, cid)
+    await worker.run(burst=True)
+    desk = WorkflowDispatcher(payments.transport, security=signer(DESK), waiting_store=payments.waiting)
+
+    with pytest.raises(UserError, match="may not settle in-doubt steps: grant it 'approve'"):
+        await desk.resume(cid, in_doubt=RunAgain(), approver="someone")
+    with pytest.raises(UserError, match=r"pass in_doubt=Ran\(output\) or in_doubt=RunAgain\(\)"):
+        await payments.dispatcher.resume(cid, approver="ops@example.com")
+    assert payments.paid == []
+    assert await dead_letters(payments.transport) == []
+
+
+def test_a_rabbitmq_worker_without_a_shared_store_refuses_at_most_once_steps(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.delenv("PAIGEANT_SHARED_STORE_URL", raising=False)
+    transport = RabbitMQTransport(RABBITMQ_URL, namespace="paigeant-test-unused")
+    payments = Payments(transport, None)
+    with pytest.raises(UserError, match="could not tell a crashed replica's step from a new one") as refused:
+        payments.worker()
+    assert "PAIGEANT_SHARED_STORE_URL=redis://" in str(refused.value)
+
+
+def test_the_catalog_says_a_step_runs_at_most_once() -> None:
+    payments = Payments(InMemoryTransport(), None)
+    entry = ActivityCatalog([payments.pay()]).get("pay")
+    assert entry is not None
+    assert entry.model_dump()["at_most_once"] is True
+
+
+def test_reconcile_needs_at_most_once() -> None:
+    with pytest.raises(UserError, match="add at_most_once=True"):
+        activity(reconcile=lambda ctx: RunAgain())(lambda ctx: None)
