@@ -83,8 +83,9 @@ class AtMostOnce:
         security: MessageSecurity,
         reporter: EventReporter,
         waiting_store: WaitingStore | None,
-    ) -> AtMostOnce:
-        """The stage of a worker on `transport` with `shared` stores.
+    ) -> tuple[AtMostOnce, WaitingStore | None]:
+        """The stage of a worker on `transport` with `shared` stores, and the waiting store the worker parks in:
+        `waiting_store`, else, with at-most-once steps, the shared store's.
 
         Raises:
             UserError: An activity is at-most-once and no store every replica shares can keep start records, or
@@ -92,18 +93,20 @@ class AtMostOnce:
         """
         names = [name for name, act in activities.items() if act.spec.at_most_once]
         if not names:
-            return cls(None, security, reporter)
+            return cls(None, security, reporter), waiting_store
         claims = shared if isinstance(shared, SharedClaims) else None
         if claims is None and transport.process_local and isinstance(transport, SharedClaims):
             claims = transport  # nothing outside this process runs its steps
         if claims is None:
             raise UserError(NO_SHARED_STORE.format(names=", ".join(map(repr, names)), transport=transport.name))
+        if waiting_store is None and shared is not None:
+            waiting_store = shared.waiting_store()
         if waiting_store is None:
             raise UserError(
                 f"activities {', '.join(map(repr, names))} are at-most-once and park in doubt after a crash: pass "
                 "Worker(waiting_store=...), the store the dispatcher that resumes them reads"
             )
-        return cls(claims, security, reporter)
+        return cls(claims, security, reporter), waiting_store
 
     async def run(self, hop: Hop, run: Callable[[Hop], Awaitable[Outcome]], max_bytes: int) -> Outcome:
         """What the step of `hop` comes to: run by `run` once its start record is safe, reconciled, or in doubt."""

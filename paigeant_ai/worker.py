@@ -73,7 +73,8 @@ class Worker:
             left unacked for redelivery.
         rng: Source of retry jitter (seed it for reproducible tests).
         waiting_store: Where steps that wait for input (an agent's tool that needs approval) are parked until
-            `WorkflowDispatcher.resume`; share it with the dispatcher. Without one, such a step faults.
+            `WorkflowDispatcher.resume`; share it with the dispatcher. Without one, such a step faults; a worker
+            with at-most-once activities parks the steps in doubt in its shared store's, or refuses to start.
         shared_store: Where every replica keeps the replay cache and the dedupe store, so that a hop replayed to
             another process is refused there too: a Redis URL or a `RedisTransport`. By default the transport
             itself when it offers `SharedStores` (Redis), else `PAIGEANT_SHARED_STORE_URL`; without one (RabbitMQ)
@@ -122,8 +123,7 @@ class Worker:
         self.reporter = EventReporter(transport, on_event, publish=publish_events, security=self.security)
         self.shutdown_timeout = shutdown_timeout
         self.rng = rng or random.Random()
-        self.waiting_store = waiting_store
-        self.at_most_once = AtMostOnce.for_worker(
+        self.at_most_once, self.waiting_store = AtMostOnce.for_worker(
             transport, shared, self.activities, self.security, self.reporter, waiting_store
         )
         self.stats = WorkerStats()
