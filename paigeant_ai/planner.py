@@ -202,8 +202,9 @@ class PaigeantToolset(FunctionToolset[Any]):
 
     async def get_workflow_status(self, ctx: RunContext[Any], correlation_id: str) -> dict[str, JsonValue]:
         """Report where a workflow is: its `state` and steps, and why it stopped (`cancelled`, `failure`) and what
-        was undone (`compensation`). States: pending, running, waiting, completed, faulted, compensating,
-        compensated (a fault undone), compensation_failed, cancelled, expired, unknown.
+        was undone (`compensation`). States: pending, running, waiting, in_doubt (a step that must not run twice
+        may have run: a person must say whether it did), completed, faulted, compensating, compensated (a fault
+        undone), compensation_failed, cancelled, expired, unknown.
 
         Args:
             correlation_id: The id `dispatch_workflow` returned.
@@ -212,6 +213,14 @@ class PaigeantToolset(FunctionToolset[Any]):
         if found is None:
             return {"correlation_id": correlation_id, "state": "unknown"}
         status, parked = found
+        if parked is not None and parked.in_doubt is not None:
+            return {
+                "correlation_id": correlation_id,
+                "state": "in_doubt",
+                "current_activity": parked.activity,
+                "in_doubt": parked.describe(),
+                "note": DATA_NOTICE,
+            }
         if parked is not None:
             return {
                 "correlation_id": correlation_id,

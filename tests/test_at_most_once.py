@@ -8,6 +8,10 @@ processes, is in `tests/test_at_most_once_processes.py`).
 
 from __future__ import annotations
 
+import asyncio
+import json
+import os
+import sys
 import uuid
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
@@ -15,12 +19,17 @@ from typing import Any
 
 import pytest
 from joserfc.jwk import Key
+from pydantic_ai import DeferredToolResults, RunContext
+from pydantic_ai.models.test import TestModel
+from pydantic_ai.usage import RunUsage
 
 from paigeant_ai import (
     ActivityContext,
     FunctionActivity,
     InMemoryTransport,
     InMemoryWaitingStore,
+    PaigeantToolset,
+    PlannerAgentDeps,
     Ran,
     RetryPolicy,
     RunAgain,
@@ -29,16 +38,16 @@ from paigeant_ai import (
     WorkflowDispatcher,
     activity,
 )
-from paigeant_ai._in_doubt import StartRecord
+from paigeant_ai._in_doubt import DECISION_TYPE, DoubtDecision, SignedDecision, StartRecord
 from paigeant_ai.catalog import ActivityCatalog
 from paigeant_ai.security import MessageSigner, TrustPolicy, generate_key
 from paigeant_ai.store import InMemoryWorkflowStore, WorkflowStatus
 from paigeant_ai.transports import Transport
-from paigeant_ai.transports.base import SharedClaims
+from paigeant_ai.transports.base import REASON_HEADER, SharedClaims
 from paigeant_ai.transports.rabbitmq import RabbitMQTransport
 from paigeant_ai.transports.redis import RedisReplayCache, RedisTransport
 
-from .brokers import RABBITMQ_URL, REDIS_URL, dead_letters, delete_redis_namespace
+from .brokers import RABBITMQ_URL, REDIS_URL, ROOT, dead_letters, delete_redis_namespace, redis_command_line
 
 ORDERS, SHOP, DESK = generate_key("orders-1"), generate_key("shop-1"), generate_key("desk-1")
 STRANGER = generate_key("stranger-1")
@@ -303,3 +312,105 @@ def test_the_catalog_says_a_step_runs_at_most_once() -> None:
 def test_reconcile_needs_at_most_once() -> None:
     with pytest.raises(UserError, match="add at_most_once=True"):
         activity(reconcile=lambda ctx: RunAgain())(lambda ctx: None)
+
+
+# -- the planner, a forged decision, and the command line (in-memory and Redis) ----------------------------------
+
+
+async def test_the_planner_reports_a_workflow_in_doubt_and_how_to_settle_it() -> None:
+    transport = InMemoryTransport()
+    await transport.connect()
+    payments = Payments(transport, None)
+    worker = payments.worker()
+    cid = await payments.dispatcher.dispatch_workflow(["pay", "ship"], principal="tenant-a:alice")
+    await payments.started_before(worker, cid)
+    await worker.run(burst=True)
+    planner = PaigeantToolset(ActivityCatalog([payments.pay()]), dispatcher=payments.dispatcher, require_workers=False)
+    ctx = RunContext[Any](
+        deps=PlannerAgentDeps(payments.dispatcher, principal="tenant-a:alice"), model=TestModel(), usage=RunUsage()
+    )
+
+    answer = await planner.get_workflow_status(ctx, cid)
+    assert (answer["state"], answer["current_activity"]) == ("in_doubt", "pay")
+    assert isinstance(answer["in_doubt"], str)
+    assert answer["in_doubt"].startswith(f"in doubt: step 'pay' (key {cid}:0:pay, attempt 0) started on gone:1 since")
+
+
+async def test_a_decision_signed_by_a_key_that_may_not_approve_is_refused_and_the_doubt_stays() -> None:
+    transport = InMemoryTransport()
+    await transport.connect()
+    payments = Payments(transport, None)
+    worker = payments.worker()
+    cid = await payments.dispatcher.dispatch_workflow(["pay", "ship"])
+    await payments.started_before(worker, cid)
+    await worker.run(burst=True)
+    parked = await payments.dispatcher.parked(cid)
+    decision = DoubtDecision(
+        correlation_id=cid, step=0, activity="pay", parked_digest=parked.digest, decision="ran", output={"x": 1}
+    )
+    forged = SignedDecision(decision=decision)
+    forged.proof = signer(DESK).sign_bytes(forged.signed_bytes(), typ=DECISION_TYPE)
+    message = parked.resume_message(DeferredToolResults(), [forged.model_dump(mode="json")])
+    await transport.publish("pay", payments.dispatcher.encode(message), headers=dict(message.headers))
+    await worker.run(burst=True)
+
+    assert payments.paid == []
+    [letter] = await dead_letters(transport)
+    assert "key 'desk-1' may not settle in-doubt steps" in letter.headers[REASON_HEADER]
+    assert (await payments.dispatcher.parked(cid)).in_doubt is not None, "still in doubt, for a genuine decision"
+
+
+async def paigeant(*argv: str) -> tuple[int, str]:
+    """Run the `paigeant` command in a process of its own; its exit code and what it printed."""
+    process = await asyncio.create_subprocess_exec(
+        *(sys.executable, "-m", "paigeant_ai.cli", *argv),
+        cwd=ROOT,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    out, err = await asyncio.wait_for(process.communicate(), 60)
+    assert process.returncode is not None
+    return process.returncode, out.decode() + err.decode()
+
+
+@pytest.mark.redis
+async def test_paigeant_status_shows_a_workflow_in_doubt_and_paigeant_resume_settles_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    namespace = redis_command_line(monkeypatch)
+    key = generate_key("ops-1")
+    monkeypatch.delenv("PAIGEANT_ALLOW_UNSIGNED")
+    monkeypatch.setenv("PAIGEANT_SIGNING_KEY", json.dumps(key.as_dict(private=True)))
+    monkeypatch.setenv("PAIGEANT_TRUSTED_KEYS", json.dumps({"keys": [key.as_dict(private=False)]}))
+    transport = RedisTransport(REDIS_URL, namespace=namespace)
+    await transport.connect()
+    try:
+        payments = Payments(transport, None)
+        payments.dispatcher = WorkflowDispatcher(transport, security=MessageSigner(key))
+        worker = Worker(
+            transport,
+            [payments.pay(), activity(name="ship")(lambda ctx: None)],
+            security=MessageSigner(key, replay_cache=RedisReplayCache(transport)),
+            on_event=payments.store.apply,
+        )
+        cid = await payments.dispatcher.dispatch_workflow(["pay", "ship"])
+        await payments.started_before(worker, cid, key=key)
+        await worker.run(burst=True)
+
+        code, out = await paigeant("status", cid, "--json")
+        assert code == 0, out
+        shown = json.loads(out)
+        assert shown["state"] == "in_doubt"
+        assert f"paigeant resume {cid} --ran OUTPUT_JSON" in shown["waiting_for"]
+        code, out = await paigeant("resume", cid, "--ran", '{"charge": "ch-by-hand"}', "--by", "ops@example.com")
+        assert (code, out.strip()) == (0, f"resumed {cid}: its in-doubt step declared run by ops@example.com")
+        await worker.run(burst=True)
+
+        assert payments.paid == []
+        status = await payments.status(cid)
+        assert status.state == "completed"
+        assert status.payload == {"charge": "ch-by-hand"}
+    finally:
+        await transport.disconnect()
+        await delete_redis_namespace(namespace)

@@ -1,0 +1,87 @@
+"""`paigeant resume ID --ran OUTPUT_JSON | --run-again`: settle a workflow parked `in_doubt`.
+
+An at-most-once step that a crash left started and not finished waits for a person to say whether it ran (see
+`paigeant_ai._at_most_once`). The command signs that decision with this process's key (`PAIGEANT_SIGNING_KEY`),
+which the workers must trust and the trust policy must let `approve`, through `WorkflowDispatcher.resume`. The
+parked record is read from the store the workers park in: the transport's own on Redis, the shared store
+(`PAIGEANT_SHARED_STORE_URL`) on RabbitMQ.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections.abc import Sequence
+
+from ._cli_cancel import _kid, _token  # pyright: ignore[reportPrivateUsage]
+from ._cli_workflows import command_transport
+from ._escape import escape_control
+from ._in_doubt import Ran, RunAgain
+from ._shared_store import resolve_shared_store
+from .dispatch import WorkflowDispatcher
+from .exceptions import UserError
+from .security import MessageSigner
+from .settings import Settings
+from .transports import IN_MEMORY_NAMES
+
+__all__ = ("add_command", "run_command")
+
+
+def add_command(
+    commands: argparse._SubParsersAction[argparse.ArgumentParser], common: Sequence[argparse.ArgumentParser] = ()
+) -> None:
+    """Add `resume` to the `paigeant` parser; `common` holds the options every broker command takes."""
+    resume = commands.add_parser(
+        "resume",
+        parents=list(common),
+        help="settle a workflow in doubt: say whether its at-most-once step ran (--ran) or must run (--run-again)",
+    )
+    resume.add_argument("correlation_id", help="the workflow's correlation ID")
+    answer = resume.add_mutually_exclusive_group(required=True)
+    answer.add_argument("--ran", metavar="OUTPUT_JSON", help="the step ran: it completes with this output (JSON)")
+    answer.add_argument("--run-again", action="store_true", help="the step did not run: run it now")
+    resume.add_argument("--by", help="who decides, for the audit trail (default: the kid of this process's key)")
+    resume.add_argument(
+        "--token-file", metavar="FILE", help="a fresh token of the workflow's user, when it ran with one; - for stdin"
+    )
+
+
+async def run_command(args: argparse.Namespace) -> int:
+    """Run `paigeant resume`; the exit code."""
+    settings = Settings.from_env()
+    chosen = (args.transport or settings.transport).strip().lower()
+    if chosen in IN_MEMORY_NAMES:
+        raise UserError(
+            "an in-memory workflow lives in the process that dispatched it: resume it there (WorkflowDispatcher.resume)"
+        )
+    answer = RunAgain() if args.run_again else Ran(_output(args.ran))
+    token = _token(args.token_file)
+    async with command_transport(chosen) as transport:
+        signer = MessageSigner.from_settings(transport)
+        if signer.refusal is not None:  # the workers act only on a decision signed by a key they trust
+            raise UserError(signer.refusal)
+        shared, connection = resolve_shared_store(transport, None, settings)
+        if shared is None:
+            raise UserError(
+                f"workflows in doubt on {transport.name} are parked in the workers' shared store: set "
+                "PAIGEANT_SHARED_STORE_URL=redis://... as the workers have it"
+            )
+        if connection is not None:
+            await connection.connect()
+        try:
+            dispatcher = WorkflowDispatcher(transport, security=signer, waiting_store=shared.waiting_store())
+            by = args.by or _kid(signer) or "an unnamed operator"
+            await dispatcher.resume(args.correlation_id, in_doubt=answer, approver=by, obo_token=token)
+        finally:
+            if connection is not None:
+                await connection.disconnect()
+    said = "declared run" if isinstance(answer, Ran) else "sent to run again"
+    print(escape_control(f"resumed {args.correlation_id}: its in-doubt step {said} by {by}"))
+    return 0
+
+
+def _output(text: str) -> object:
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise UserError(f'--ran takes the step\'s output as JSON (e.g. \'{{"charge_id": "ch_1"}}\'): {exc}') from None
