@@ -207,7 +207,7 @@ def render_status(status: WorkflowStatus) -> str:
         lines.append(f"  ended early: {status.ended}")
     if status.waiting_for:
         waiting = status.waiting_for
-        lines.append(f"  {waiting}" if waiting.startswith("waiting") else f"  waiting for: {waiting}")
+        lines.append(f"  {waiting}" if waiting.startswith(("waiting", "in doubt")) else f"  waiting for: {waiting}")
     if status.current_activity is not None:
         lines.append(f"  current step: {status.current_step} {status.current_activity}")
     if status.remaining and status.state != "completed":

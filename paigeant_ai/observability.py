@@ -89,6 +89,7 @@ _OUTCOMES: dict[str, str] = {
     "rejected": "rejected",
     "step_skipped": "skipped",
     "waiting": "waiting",
+    "in_doubt": "in_doubt",
 }
 """The outcome of a hop, by the event that settled it."""
 
@@ -292,7 +293,7 @@ class _Hop:
             self.set({"paigeant.outcome": outcome})
         if event.kind in ("completed", "faulted"):
             self.set({"paigeant.workflow_outcome": event.kind})
-        if event.detail is not None and event.kind in ("step_retried", "faulted", "rejected", "waiting"):
+        if event.detail is not None and event.kind in ("step_retried", "faulted", "rejected", "waiting", "in_doubt"):
             self.set({"paigeant.reason": event.detail[:2000]})
         if event.kind in ("faulted", "rejected"):
             self.status = Status(StatusCode.ERROR, event.detail or event.kind)

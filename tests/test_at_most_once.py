@@ -276,6 +276,37 @@ async def test_an_at_most_once_step_that_raised_is_retried_normally(payments: Pa
     assert [step.attempts for step in status.steps] == [2, 1]
 
 
+async def test_a_reconcile_hook_that_fails_parks_in_doubt_with_its_error(payments: Payments) -> None:
+    def reconcile(ctx: ActivityContext) -> Ran:
+        raise ConnectionError("the provider's search is down")
+
+    worker = payments.worker(reconcile)
+    cid = await payments.dispatcher.dispatch_workflow(["pay", "ship"])
+    await payments.started_before(worker, cid)
+    await worker.run(burst=True)
+
+    assert payments.paid == []
+    status = await payments.status(cid)
+    assert status.state == "in_doubt"
+    assert status.waiting_for is not None
+    assert "its reconcile hook failed: ConnectionError: the provider's search is down" in status.waiting_for
+
+
+async def test_a_step_run_again_by_a_person_that_raises_is_retried_normally(payments: Payments) -> None:
+    payments.fail_first = True
+    worker = payments.worker()
+    cid = await payments.dispatcher.dispatch_workflow(["pay", "ship"])
+    await payments.started_before(worker, cid)
+    await worker.run(burst=True)
+    await payments.dispatcher.resume(cid, in_doubt=RunAgain(), approver="ops@example.com")
+    await worker.run(burst=True)
+
+    assert payments.paid == [cid], "its first run raised, its retry paid"
+    status = await payments.status(cid)
+    assert status.state == "completed"
+    assert await payments.waiting.waiting() == []
+
+
 async def test_only_a_key_that_may_approve_settles_a_doubt(payments: Payments) -> None:
     worker = payments.worker()
     cid = await payments.dispatcher.dispatch_workflow(["pay", "ship"])
