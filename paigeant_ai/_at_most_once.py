@@ -117,20 +117,19 @@ class AtMostOnce:
             hop.message.resume = None  # settled as a fresh step from here: a failure retries as any step does
             if decision.decision == "ran":
                 return await self._reconciled(hop, Ran(decision.output), "declared run", max_bytes)
-            return await self._start(hop, run, replacing=True)
-        key, record = StartRecord.key(hop.message.idempotency_key, hop.message.attempt), self._record(hop)
-        found = await self.claims.claim(key, record, ttl=self.ttl)
+            # Run again: as a fresh copy, under a start record of its own (the one in doubt went when it parked), so
+            # that a crash of this run is in doubt too.
+        key = StartRecord.key(hop.message.idempotency_key, hop.message.attempt)
+        found = await self._claim(hop, key)
         if found is None:
-            self._held[id(hop)] = (key, record)
             return await run(hop)
-        self._held[id(hop)] = (key, found)  # released once the hop settled: the doubt lives on in its parked record
         try:
             started = StartRecord.verified(
                 found, self.security, idempotency_key=hop.message.idempotency_key, attempt=hop.message.attempt
             )
         except SecurityError as exc:
             return self._in_doubt(hop, None, str(exc))
-        return await self._reconcile(hop, started, run, max_bytes)
+        return await self._reconcile(hop, key, (found, started), run, max_bytes)
 
     async def settled(self, hop: Hop) -> None:
         """Release the start record `hop` held, now that the step settled; one that cannot be released expires."""
@@ -146,23 +145,25 @@ class AtMostOnce:
         """Drop what `hop` held without releasing it (it did not settle: its record stays for the next copy)."""
         self._held.pop(id(hop), None)
 
-    async def _start(self, hop: Hop, run: Callable[[Hop], Awaitable[Outcome]], *, replacing: bool) -> Outcome:
-        """Write the step's start record (replacing the one found, when told to), then run it."""
+    async def _claim(self, hop: Hop, key: str) -> str | None:
+        """Write the step's start record under `key` unless one is there; None once it is written, else the one
+        found (either is released once the hop settled: a doubt lives on in the parked record)."""
         assert self.claims is not None
-        key, record = StartRecord.key(hop.message.idempotency_key, hop.message.attempt), self._record(hop)
+        record = self._record(hop)
         found = await self.claims.claim(key, record, ttl=self.ttl)
-        if found is not None and replacing:
-            await self.claims.release(key, found)
-            found = await self.claims.claim(key, record, ttl=self.ttl)
-        if found is not None:  # another copy started it meanwhile
-            self._held[id(hop)] = (key, found)
-            return self._in_doubt(hop, None, "another copy of the step started it while this one was deciding")
-        self._held[id(hop)] = (key, record)
-        return await run(hop)
+        self._held[id(hop)] = (key, record if found is None else found)
+        return found
 
     async def _reconcile(
-        self, hop: Hop, started: StartRecord, run: Callable[[Hop], Awaitable[Outcome]], max_bytes: int
+        self,
+        hop: Hop,
+        key: str,
+        found: tuple[str, StartRecord],
+        run: Callable[[Hop], Awaitable[Outcome]],
+        max_bytes: int,
     ) -> Outcome:
+        """Ask the activity's hook whether the step whose start record was `found` ran; act on the answer."""
+        raw, started = found
         reconcile = getattr(hop.activity, "reconcile", None)
         if reconcile is None:
             return self._in_doubt(hop, started, "a copy of it started and did not finish, and it has no reconcile hook")
@@ -178,7 +179,11 @@ class AtMostOnce:
             return await self._reconciled(hop, answer, "reconciled", max_bytes)
         if isinstance(answer, RunAgain):
             logger.info("step %s of %s reconciled as not run; running it", hop.spec.name, _cid(hop))
-            return await self._start(hop, run, replacing=True)
+            assert self.claims is not None
+            await self.claims.release(key, raw)  # that very record only: a newer one is another copy's
+            if await self._claim(hop, key) is not None:
+                return self._in_doubt(hop, None, "another copy of the step started it while this one reconciled it")
+            return await run(hop)
         what = type(answer).__name__
         return self._in_doubt(hop, started, f"its reconcile hook returned {what}, not Ran(output) or RunAgain()")
 

@@ -247,6 +247,20 @@ async def test_a_person_saying_run_it_again_runs_it(payments: Payments) -> None:
     assert (await payments.status(cid)).state == "completed"
 
 
+async def test_a_run_again_that_crashed_in_turn_is_in_doubt_again(payments: Payments) -> None:
+    worker = payments.worker()
+    cid = await payments.dispatcher.dispatch_workflow(["pay", "ship"])
+    await payments.started_before(worker, cid)
+    await worker.run(burst=True)
+    await payments.dispatcher.resume(cid, in_doubt=RunAgain(), approver="ops@example.com")
+    await payments.started_before(worker, cid)  # what the resumed run leaves when its worker dies mid-way
+    await worker.run(burst=True)
+
+    assert payments.paid == []
+    assert (await payments.status(cid)).state == "in_doubt"
+    assert (await payments.dispatcher.parked(cid)).in_doubt is not None
+
+
 async def test_a_forged_start_record_parks_in_doubt_with_the_reason(payments: Payments) -> None:
     worker = payments.worker(lambda ctx: Ran({"charge": "never asked"}))
     forged = await payments.dispatcher.dispatch_workflow(["pay", "ship"])
