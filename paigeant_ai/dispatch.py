@@ -343,6 +343,11 @@ class WorkflowDispatcher:
                 "and cannot be resumed (dispatch workflows that wait for people with a longer ttl)"
             )
         if parked.in_doubt is not None or in_doubt is not None:
+            if parked.in_doubt is not None and (results is not None or approvals or calls or approve_all):
+                raise UserError(
+                    f"workflow {correlation_id!r} is in doubt, not waiting for tool calls: resume it with in_doubt= "
+                    "alone (Ran(output) or RunAgain())"
+                )
             check_before_resume(parked, self.security, approver=approver, approver_token=None, obo_token=obo_token)
             await resume_in_doubt(self, parked, in_doubt, approver=approver, obo_token=obo_token)
             return

@@ -332,6 +332,8 @@ async def test_only_a_key_that_may_approve_settles_a_doubt(payments: Payments) -
         await desk.resume(cid, in_doubt=RunAgain(), approver="someone")
     with pytest.raises(UserError, match=r"pass in_doubt=Ran\(output\) or in_doubt=RunAgain\(\)"):
         await payments.dispatcher.resume(cid, approver="ops@example.com")
+    with pytest.raises(UserError, match="not waiting for tool calls: resume it with in_doubt= alone"):
+        await payments.dispatcher.resume(cid, in_doubt=RunAgain(), approve_all=True, approver="ops@example.com")
     assert payments.paid == []
     assert await dead_letters(payments.transport) == []
 
