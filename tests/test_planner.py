@@ -321,8 +321,9 @@ async def test_the_tools_the_model_sees(transport: InMemoryTransport) -> None:
                 "name": "get_workflow_status",
                 "description": (
                     "Report where a workflow is: its `state` and steps, and why it stopped (`cancelled`, `failure`) "
-                    "and what\nwas undone (`compensation`). States: pending, running, waiting, completed, faulted, "
-                    "compensating,\ncompensated (a fault undone), compensation_failed, cancelled, expired, unknown."
+                    "and what\nwas undone (`compensation`). States: pending, running, waiting, in_doubt (a step that "
+                    "must not run twice\nmay have run: a person must say whether it did), completed, faulted, "
+                    "compensating, compensated (a fault\nundone), compensation_failed, cancelled, expired, unknown."
                 ),
                 "parameters": {
                     "additionalProperties": False,
