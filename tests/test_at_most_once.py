@@ -54,7 +54,7 @@ STRANGER = generate_key("stranger-1")
 POLICY = TrustPolicy.load(
     {
         "keys": {
-            "orders-1": {"may": ["start", "approve"], "send_to": "*"},
+            "orders-1": {"may": ["start", "approve", "cancel"], "send_to": "*"},
             "shop-1": {"send_to": "*"},
             "desk-1": {"send_to": "*"},
         }
@@ -405,6 +405,24 @@ async def test_a_decision_signed_by_a_key_that_may_not_approve_is_refused_and_th
     [letter] = await dead_letters(transport)
     assert "key 'desk-1' may not settle in-doubt steps" in letter.headers[REASON_HEADER]
     assert (await payments.dispatcher.parked(cid)).in_doubt is not None, "still in doubt, for a genuine decision"
+
+
+async def test_a_workflow_in_doubt_can_be_cancelled_instead() -> None:
+    transport = InMemoryTransport()
+    await transport.connect()
+    payments = Payments(transport, None)
+    worker = payments.worker()
+    cid = await payments.dispatcher.dispatch_workflow(["pay", "ship"])
+    await payments.started_before(worker, cid)
+    await worker.run(burst=True)
+
+    done = await payments.dispatcher.cancel(cid, "the customer called: settled by phone", by="ops@example.com")
+    await worker.run(burst=True)
+
+    assert done.state == "cancelled"
+    assert payments.paid == []
+    assert (await payments.status(cid)).state == "cancelled"
+    assert await payments.waiting.waiting() == []
 
 
 async def paigeant(*argv: str) -> tuple[int, str]:
