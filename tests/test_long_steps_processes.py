@@ -132,3 +132,88 @@ async def shared_store_cleaned(env: dict[str, str]) -> AsyncGenerator[None]:
         yield
     finally:
         await brokers.delete_redis_namespace(env["PAIGEANT_NAMESPACE"])
+
+
+@pytest.mark.rabbitmq
+async def test_a_long_step_whose_worker_is_killed_is_taken_over_by_its_watch_copy(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The worker running a handed-back step dies (SIGKILL): the broker has nothing to redeliver, and the watch copy
+    finds the claim lapsed within about two leases, and the other worker runs the step; the workflow completes.
+
+    The workers are told the broker's timeout is 6 s (they hand deliveries back after 3 s); the broker's own is
+    left alone."""
+    require_redis()
+    lease = 3.0
+    async with (
+        brokers.fleet(tmp_path, "rabbitmq", RABBITMQ_URL, workers="tests.long_steps_workers", steps=STEPS) as (
+            workers,
+            dispatcher,
+            records,
+        ),
+        shared_store_cleaned(workers.env),
+    ):
+        workers.env |= {
+            "PAIGEANT_SHARED_STORE_URL": REDIS_URL,
+            "PAIGEANT_TEST_STEP_SECONDS": "12",
+            "PAIGEANT_RABBITMQ_CONSUMER_TIMEOUT": "6",
+            "PAIGEANT_STEP_LEASE": str(lease),
+            "PAIGEANT_TEST_CONCURRENCY": "1",
+        }
+        await workers.start("tests.workflows_for_crash:edge_worker")
+        first_worker = await workers.start("long_worker")
+        second_worker = await workers.start("long_worker")
+        await wait_until_consumed(dispatcher.transport, LONG, 2)
+        [cid] = await dispatch(dispatcher, 1)
+
+        await wait_until(lambda: bool(long_runs(records)), within=30, what="the long step to start")
+        [(victim_pid, _)] = runs_by_process(records).items()
+        victim, survivor = (
+            (first_worker, second_worker) if first_worker.pid == victim_pid else (second_worker, first_worker)
+        )
+        await asyncio.sleep(3 + lease)  # handed back after 3 s; its claim renewed since
+        victim.kill()
+        await victim.wait()
+        killed = time.monotonic()
+
+        await wait_until(
+            lambda: survivor.pid in runs_by_process(records), within=4 * lease + 5, what="the survivor to take over"
+        )
+        taken_over = time.monotonic() - killed
+        await wait_until(lambda: cid in completed(records), within=40, what="the workflow to complete")
+        assert runs_by_process(records) == {victim.pid: [f"{cid}:1:{LONG}"], survivor.pid: [f"{cid}:1:{LONG}"]}
+        assert survivor.returncode is None
+        assert await dispatcher.transport.pending(DEAD_LETTER) == 0
+        report(capsys, f"long step, worker killed: taken over {taken_over:.1f}s after SIGKILL (lease {lease:g}s)")
+
+
+# -- Redis -----------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.redis
+async def test_redis_steps_longer_than_the_visibility_timeout_run_once(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Redis Streams renews the lease of what a consumer holds while its step runs: four steps of three times the
+    visibility timeout, on two worker processes, each run once."""
+    started = time.monotonic()
+    async with brokers.fleet(tmp_path, "redis", REDIS_URL, workers="tests.long_steps_workers", steps=STEPS) as (
+        workers,
+        dispatcher,
+        records,
+    ):
+        workers.env |= {"PAIGEANT_TEST_VISIBILITY_TIMEOUT": "2", "PAIGEANT_TEST_STEP_SECONDS": "6"}
+        await workers.start("redis_edge_worker")
+        await workers.start("redis_long_worker")
+        await workers.start("redis_long_worker")
+        ids = await dispatch(dispatcher, 4)
+
+        await wait_until(lambda: completed(records) >= set(ids), within=60, what="all 4 workflows to complete")
+        runs = long_runs(records)
+        assert runs == {f"{cid}:1:{LONG}": 1 for cid in ids}
+        assert await dispatcher.transport.pending(DEAD_LETTER) == 0
+        report(
+            capsys,
+            f"redis long steps: 4/4 workflows of a 6s step under a 2s visibility timeout completed in "
+            f"{time.monotonic() - started:.1f}s, each step run once",
+        )
