@@ -8,7 +8,8 @@ after `detach_after` seconds (half the deadline), every delivery it still holds:
 - a step that is running: a *watch copy* of the hop (the same signed bytes, with the `x-paigeant-watch` header) is
   published to the step's queue, delayed one lease; once the broker has it, the delivery is acked, and the worker
   renews the hop's claim every third of a lease until the hop is settled (its settling acks nothing more);
-- a delivery still waiting for a free slot: published again as it is, at once, then acked.
+- a delivery still waiting for a free slot: published again as it is, at once, then acked (the broker's redelivery
+  of a hop whose worker died goes back as a watch copy, so it keeps its way to take the dead worker's claim over).
 
 A watch copy is authenticated as any hop, then claimed as a fresh copy, never as the broker's redelivery (a header
 anyone can set never grants a takeover): a claim that is running with a live lease (its worker is alive and renews
@@ -145,8 +146,12 @@ class LongSteps:
             return True
         except TimeoutError:
             pass
+        # Published again first, then acked. The broker's redelivery (its worker died) goes back as a watch copy: as
+        # a fresh copy it would be refused while the dead worker's claim is live; as a watch copy it waits that out.
+        headers = {**delivery.headers, WATCH_HEADER: "1"} if broker_redelivered(delivery) else delivery.headers
         try:
-            await self.transport.retry_later(delivery, 0.0)  # published again first, then acked
+            await self.transport.publish(delivery.address, delivery.body, headers=headers)
+            await self.transport.ack(delivery)
         except TransportError:
             logger.warning("could not hand back a delivery waiting on %s", delivery.address, exc_info=True)
         return False
