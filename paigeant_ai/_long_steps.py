@@ -101,6 +101,7 @@ class LongSteps:
         """Seconds after which a delivery still held is handed back; None: never (no deadline, or not started)."""
         self.lease = transport.lease if isinstance(transport, AckDeadline) else Settings.from_env().step_lease
         self._renewals: dict[int, asyncio.Task[None]] = {}
+        self._detached: dict[int, Hop] = {}  # by id of the delivery, until its handling ends (see `dead_letter`)
 
     def start(self, activities: Mapping[str, Activity]) -> None:
         """Learn from the transport when to hand deliveries back (before consuming), and warn where it is unsafe."""
@@ -195,6 +196,7 @@ class LongSteps:
             )
             return
         hop.detached = True
+        self._detached[id(delivery)] = hop
         self._renewals[id(hop)] = asyncio.create_task(self._renew(hop), name=f"paigeant-renew-{hop.spec.name}")
 
     async def _renew(self, hop: Hop) -> None:
@@ -211,6 +213,21 @@ class LongSteps:
         renewal = self._renewals.pop(id(hop), None)
         if renewal is not None:
             renewal.cancel()
+
+    async def dead_letter(self, delivery: Delivery, reason: str) -> None:
+        """Move `delivery`, on which the worker itself failed, to the dead-letter queue. One handed back while its
+        step ran was acked then: its copy is published, and its hop recorded as settled, so that its watch copy
+        does not run the step again."""
+        hop = self._detached.get(id(delivery))
+        if hop is None:
+            await self.transport.dead_letter(delivery, reason)
+            return
+        await self.transport.publish(DEAD_LETTER, delivery.body, headers=dead_letter_headers(delivery, reason))
+        await self.security.settled(hop.message, hop.digest)
+
+    def handled(self, delivery: Delivery) -> None:
+        """Forget `delivery`, whose handling is over."""
+        self._detached.pop(id(delivery), None)
 
     async def rearm(self, hop: Hop) -> None:
         """Send the watch copy `hop` on, one lease later: its step still runs under a live claim."""

@@ -294,8 +294,9 @@ class Worker:
             logger.exception("the worker failed on a delivery from %s; dead-lettering it", delivery.address)
             with contextlib.suppress(Exception):
                 reason = escape_control(f"the worker failed on this message: {describe(exc)}")
-                await self.transport.dead_letter(delivery, reason)
+                await self._long_steps.dead_letter(delivery, reason)
         finally:
+            self._long_steps.handled(delivery)
             self._slots.release()
 
     async def process(self, delivery: Delivery) -> None:

@@ -22,11 +22,12 @@ from paigeant_ai.contracts import DEAD_LETTER
 from paigeant_ai.exceptions import UserError
 from paigeant_ai.security import InMemoryReplayCache, MessageSigner, generate_key
 from paigeant_ai.settings import Settings
-from paigeant_ai.transports.base import AckDeadline, Delivery
+from paigeant_ai.transports.base import REASON_HEADER, AckDeadline, Delivery
 from paigeant_ai.transports.memory import InMemoryTransport
 from paigeant_ai.transports.rabbitmq import RabbitMQTransport
 from paigeant_ai.transports.rabbitmq._timeouts import broker_version, per_consumer_timeout
 from paigeant_ai.transports.redis import RedisReplayCache, RedisTransport
+from paigeant_ai.worker import InMemoryDedupeStore
 
 from .brokers import REDIS_URL, dead_letters, delete_redis_namespace, require_redis
 
@@ -337,3 +338,23 @@ async def test_a_detached_hop_that_faults_unsealable_still_leaves_its_copy_on_th
         assert [letter.body for letter in letters] == [body]
         assert len([ack for ack in transport.acks if ack[0] == STEP]) == 1
         assert await transport.pending(DEAD_LETTER) == 0
+
+
+class BrokenDedupe(InMemoryDedupeStore):
+    """A dedupe store that fails as a step is recorded done: a failure of the worker itself."""
+
+    async def mark_done(self, key: str) -> None:
+        raise RuntimeError("the dedupe store is down")
+
+
+async def test_a_handed_back_step_the_worker_fails_on_is_dead_lettered_and_not_run_again() -> None:
+    transport, runs = DeadlineTransport(after=0.2, lease=0.3), list[str]()
+    async with transport:
+        await WorkflowDispatcher(transport, security=signer()).dispatch_workflow([STEP])
+        worker = Worker(transport, [long_step(runs, 0.5)], security=signer(), dedupe=BrokenDedupe())  # pyright: ignore[reportArgumentType]
+        await worker.run(burst=True)
+        letters = await dead_letters(transport)
+    assert len(runs) == 1  # its watch copies found it settled
+    assert [letter.headers[REASON_HEADER] for letter in letters] == [
+        "the worker failed on this message: RuntimeError: the dedupe store is down"
+    ]
