@@ -165,18 +165,16 @@ class LongSteps:
         if self.detach_after is None:
             yield
             return
-        detaching: list[asyncio.Future[None]] = []
+        detaching: list[asyncio.Task[None]] = []
 
-        async def when_due() -> None:
-            await asyncio.sleep(max(0.0, self._due_in(hop.delivery)))
-            detaching.append(asyncio.ensure_future(self.detach(hop)))  # not interrupted once begun
+        def when_due() -> None:  # a task of its own: not interrupted once begun
+            detaching.append(asyncio.create_task(self.detach(hop), name=f"paigeant-detach-{hop.spec.name}"))
 
-        timer = asyncio.create_task(when_due(), name=f"paigeant-detach-{hop.spec.name}")
+        timer = asyncio.get_running_loop().call_later(max(0.0, self._due_in(hop.delivery)), when_due)
         try:
             yield
         finally:
             timer.cancel()
-            await asyncio.gather(timer, return_exceptions=True)
             if detaching:
                 await asyncio.gather(*detaching, return_exceptions=True)
 
