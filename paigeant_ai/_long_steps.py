@@ -112,15 +112,18 @@ class LongSteps:
         if after is None:
             return
         security = self.security
+        longer = sorted(name for name, act in activities.items() if step_timeout(act.spec) > after)
         if isinstance(security, MessageSigner) and security.unsigned:
-            logger.warning(
-                "this worker runs unsigned, without claims: a step still running after %gs is not handed back, and "
-                "the broker may take its delivery back and run it again once its consumer timeout passes",
-                after,
-            )
+            if longer:
+                logger.warning(
+                    "this worker runs unsigned, without claims: steps %s still running after %gs are not handed "
+                    "back, and the broker may take their delivery back and run them again once its consumer "
+                    "timeout passes",
+                    ", ".join(longer),
+                    after,
+                )
             return
         self.detach_after = after
-        longer = sorted(name for name, act in activities.items() if step_timeout(act.spec) > after)
         if longer and isinstance(security, MessageSigner) and isinstance(security.replay_cache, InMemoryReplayCache):
             logger.warning(long_steps_warning(longer, after))
 

@@ -358,3 +358,11 @@ async def test_a_handed_back_step_the_worker_fails_on_is_dead_lettered_and_not_r
     assert [letter.headers[REASON_HEADER] for letter in letters] == [
         "the worker failed on this message: RuntimeError: the dedupe store is down"
     ]
+
+
+async def test_an_unsigned_worker_hands_nothing_back_and_says_so(caplog: pytest.LogCaptureFixture) -> None:
+    worker = Worker(DeadlineTransport(after=10.0), [long_step([], 0)], security=MessageSigner(unsigned=True))  # pyright: ignore[reportArgumentType]
+    with caplog.at_level(logging.WARNING, logger="paigeant_ai.worker"):
+        worker._long_steps.start(worker.activities)  # pyright: ignore[reportPrivateUsage]
+    assert worker._long_steps.detach_after is None  # pyright: ignore[reportPrivateUsage]
+    assert "runs unsigned, without claims: steps long-step still running after 10s are not handed back" in caplog.text
