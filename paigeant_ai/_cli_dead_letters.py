@@ -15,6 +15,7 @@ from . import observability
 from ._cli_workflows import ambiguous, command_transport
 from ._escape import escape_control
 from ._events import EventReporter
+from ._long_steps import WATCH_HEADER
 from ._sealing import seal
 from .approval import ParkedStep, WaitingStore, verified
 from .contracts import DEAD_LETTER, ActivityLogEntry, PaigeantMessage
@@ -235,7 +236,8 @@ def _own_kid(security: MessageSecurity) -> str | None:
 
 
 def _hop_headers(headers: dict[str, str]) -> dict[str, str]:
-    return {key: value for key, value in headers.items() if key not in (REASON_HEADER, SOURCE_HEADER)}
+    """The headers a replayed letter goes back with: not why it was dead-lettered, and never as a watch copy."""
+    return {key: value for key, value in headers.items() if key not in (REASON_HEADER, SOURCE_HEADER, WATCH_HEADER)}
 
 
 async def _dead_letters(transport_name: str | None, *, limit: int, replay: str | None) -> int:

@@ -48,6 +48,8 @@ class Hop:
         expired: The workflow's deadline passed before the hop arrived (it ends `expired` once authenticated).
         deadline_bound: The step's timeout was cut short to the workflow's deadline.
         interrupt: Why the running step was interrupted (its workflow was cancelled), if it was.
+        detached: Its delivery was handed back to the broker while the step ran (acked, a watch copy left behind:
+            see `paigeant_ai._long_steps`); settling it acks nothing more.
     """
 
     delivery: Delivery
@@ -63,6 +65,7 @@ class Hop:
     expired: bool = False
     deadline_bound: bool = False
     interrupt: Halt | None = None
+    detached: bool = False
 
 
 def admit(delivery: Delivery, activities: Mapping[str, Activity], max_bytes: int) -> Hop | Reject:

@@ -85,6 +85,11 @@ class MessageSecurity(Protocol):
         """
         ...
 
+    async def renew(self, message: PaigeantMessage, digest: str, lease: float) -> bool:
+        """Extend the running claim of the hop `message` (its content `digest`) to `lease` seconds from now;
+        False when it is claimed no more (see `paigeant_ai._long_steps`)."""
+        ...
+
     def check_token(self, message: PaigeantMessage, spec: ActivitySpec) -> Mapping[str, Any] | None:
         """The validated claims of the user's token, checked against `spec.required_scopes`.
 

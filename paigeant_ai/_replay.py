@@ -11,7 +11,10 @@ A hop is claimed, atomically, when it starts, with a digest of what it says, and
 | the hop with other content    | `duplicate`: skipped              | `duplicate`: skipped                |
 
 A running claim carries a lease (the step's timeout and a margin): a copy that arrives after it lapsed belongs to
-a hop whose worker is gone (a poison message sent back from the dead-letter queue) and may run. Only hops whose
+a hop whose worker is gone (a poison message sent back from the dead-letter queue) and may run. A worker that
+handed its delivery back to the broker while the step runs (see `paigeant_ai._long_steps`) renews the lease
+(`ReplayCache.renew`) until the hop is settled, so the watch copy it left behind takes the hop over only once that
+worker is gone. Only hops whose
 signature a trusted key made are claimed, so a forger cannot block a message id.
 """
 
@@ -44,6 +47,14 @@ class ReplayCache(Protocol):
             redelivered: The broker delivered this copy before: it may take over a running claim.
             lease: Seconds the claim stays running before another copy may take it over.
             ttl: Seconds the claim is remembered.
+        """
+        ...
+
+    async def renew(self, message_id: str, digest: str, lease: float) -> bool:
+        """Extend the running claim of the hop `message_id` (content `digest`) to `lease` seconds from now.
+
+        Returns:
+            False when there is no such running claim (the hop was settled, forgotten, or is another's).
         """
         ...
 
@@ -103,6 +114,14 @@ class InMemoryReplayCache:
             entry.lease_until = now + lease
             return "claimed"
         return "running"
+
+    async def renew(self, message_id: str, digest: str, lease: float) -> bool:
+        now = time.time()
+        entry = self._entries.get(message_id)
+        if entry is None or entry.expires < now or entry.settled or entry.digest != digest:
+            return False
+        entry.lease_until = now + lease
+        return True
 
     async def settle(self, message_id: str, digest: str, ttl: float) -> None:
         now = time.time()

@@ -37,6 +37,7 @@ from ._escape import escape_control
 from ._events import EventReporter
 from ._hop import Hop
 from ._in_doubt import StepInDoubt
+from ._long_steps import hand_over
 from ._outcome import Advance, End, Fault, Halt, Outcome, Park, Reject, Retry, Skip
 from ._plan import begin_unwinding, revise_route
 from ._sealing import NonFiniteNumber, seal, too_large, unsigned_body
@@ -120,10 +121,9 @@ async def settle(hop: Hop, outcome: Outcome, deps: SettleDeps) -> None:
         await refuse(hop.delivery, outcome, deps)
         return
     settled, as_arrived = await _secure_successor(hop, outcome, deps)
-    if as_arrived is None:
-        await deps.transport.ack(hop.delivery)
-    else:  # the fault's copy could not be sealed: the bytes as they arrived are the copy, moved and settled at once
-        await deps.transport.dead_letter(hop.delivery, as_arrived)
+    # The ack; or, when the fault's copy could not be sealed, the bytes as they arrived are the copy, moved and settled
+    # at once. A delivery handed back while its step ran was acked then (see `paigeant_ai._long_steps`).
+    await hand_over(deps.transport, hop, as_arrived)
     await deps.security.settled(hop.message, hop.digest)  # now even the broker's redelivery of it is skipped
     await _report(hop, settled, deps)
 

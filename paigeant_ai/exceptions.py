@@ -122,8 +122,10 @@ class ReplayedMessage(SecurityError):
     is refused as a replay.
     """
 
-    def __init__(self, message: str) -> None:
+    def __init__(self, message: str, *, running: bool = False) -> None:
         super().__init__(message, code="replayed")
+        self.running = running
+        """The hop runs (its claim is live), rather than was settled."""
 
 
 class DuplicateMessage(PaigeantError):

@@ -294,7 +294,7 @@ class MessageSigner:
         shown = show(message.message_id)
         if state == "running":
             self.refused["replayed"] += 1
-            raise ReplayedMessage(f"replayed: message {shown} is being processed")
+            raise ReplayedMessage(f"replayed: message {shown} is being processed", running=True)
         if state == "settled":
             self.refused["replayed"] += 1
             raise ReplayedMessage(f"replayed: message {shown} was already processed")
@@ -350,6 +350,17 @@ class MessageSigner:
         except InvalidMessage as exc:
             raise SecurityError(str(exc), code="malformed_signature") from None
         return signed, self._jws.verify(signature, signed, SIGNATURE_TYPE)
+
+    async def renew(self, message: PaigeantMessage, digest: str, lease: float) -> bool:
+        """Extend the running claim of the hop `message` (its content `digest`) to `lease` seconds from now, while
+        its worker runs it with its delivery handed back to the broker (see `paigeant_ai._long_steps`).
+
+        Returns:
+            False when the hop is claimed no more (settled or forgotten): there is nothing left to renew.
+        """
+        if self.unsigned or not digest:
+            return False
+        return await self.replay_cache.renew(message.message_id, digest, lease)
 
     # -- settling --------------------------------------------------------------------------------------------
 

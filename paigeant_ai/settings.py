@@ -22,6 +22,21 @@ def _env_int(name: str, default: int) -> int:
         raise UserError(f"{name}={raw!r} is not an integer") from None
 
 
+def _env_seconds(name: str, default: float) -> float:
+    raw = os.environ.get(name, "").strip()
+    if raw == "":
+        return default
+    try:
+        seconds = float(raw)
+    except ValueError:
+        seconds = -1.0
+    if not 0 < seconds < float("inf"):
+        from .exceptions import UserError
+
+        raise UserError(f"{name}={raw!r} is not a positive number of seconds")
+    return seconds
+
+
 def _env_flag(name: str) -> bool:
     raw = os.environ.get(name, "").strip().lower()
     if raw in ("", "0", "false", "no", "off"):
@@ -83,6 +98,12 @@ class Settings:
             `never` (or `0`) for never.
         stall_after: `PAIGEANT_STALL_AFTER`, seconds without a consumer after which `paigeant workflows` shows a
             workflow `stalled` at its step (default 60).
+        rabbitmq_consumer_timeout: `PAIGEANT_RABBITMQ_CONSUMER_TIMEOUT`, seconds RabbitMQ lets a consumer hold a
+            delivery unacked (its `consumer_timeout`; default 1800, the broker's default): a worker hands back
+            what it still holds after half of it (see `paigeant_ai._long_steps`).
+        step_lease: `PAIGEANT_STEP_LEASE`, seconds of a handed-back step's lease (default 60): its worker renews
+            its claim every third of it, and another worker takes the step over within about two leases of its
+            worker's death.
     """
 
     transport: str = "inmemory"
@@ -106,6 +127,8 @@ class Settings:
     shared_store_url: str | None = None
     workflow_ttl: float | None = 7 * 24 * 3600.0
     stall_after: int = 60
+    rabbitmq_consumer_timeout: float = 1800.0
+    step_lease: float = 60.0
 
     @classmethod
     def from_env(cls) -> Settings:
@@ -134,4 +157,8 @@ class Settings:
             shared_store_url=_env_str("PAIGEANT_SHARED_STORE_URL"),
             workflow_ttl=_env_ttl("PAIGEANT_WORKFLOW_TTL", defaults.workflow_ttl),
             stall_after=_env_int("PAIGEANT_STALL_AFTER", defaults.stall_after),
+            rabbitmq_consumer_timeout=_env_seconds(
+                "PAIGEANT_RABBITMQ_CONSUMER_TIMEOUT", defaults.rabbitmq_consumer_timeout
+            ),
+            step_lease=_env_seconds("PAIGEANT_STEP_LEASE", defaults.step_lease),
         )

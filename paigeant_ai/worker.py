@@ -35,6 +35,7 @@ from ._dedupe import DedupeStore, InMemoryDedupeStore
 from ._escape import escape_control
 from ._events import EventCallback, EventReporter
 from ._hop import Hop, admit
+from ._long_steps import LongSteps, StillRunning, broker_redelivered, is_watch_copy
 from ._outcome import SIGNALS, Fault, Halt, Outcome, Reject, Skip, classify, completed, describe
 from ._plan import PlanCheck
 from ._resume_checks import release_parked
@@ -122,6 +123,7 @@ class Worker:
             )
         )
         self.reporter = EventReporter(transport, on_event, publish=publish_events, security=self.security)
+        self._long_steps = LongSteps(transport, self.security)  # hands back what it holds past the ack deadline
         self.shutdown_timeout = shutdown_timeout
         self.rng = rng or random.Random()
         self.at_most_once, self.waiting_store = AtMostOnce.for_worker(
@@ -164,6 +166,7 @@ class Worker:
         if isinstance(self.security, MessageSigner):
             self.security.ensure_ready()
         say_what_is_protected(self.transport, self.security)
+        self._long_steps.start(self.activities)
         self._running = True
         self._slots = asyncio.Semaphore(self.concurrency)
         try:
@@ -270,7 +273,8 @@ class Worker:
 
     async def _pump(self, consumer: Consumer) -> None:
         async for delivery in consumer:
-            await self._slots.acquire()
+            if not await self._long_steps.wait_for_slot(self._slots, delivery):
+                continue  # handed back to the broker before its ack deadline
             if self._stop.is_set():
                 self._slots.release()
                 return
@@ -295,8 +299,9 @@ class Worker:
             logger.exception("the worker failed on a delivery from %s; dead-lettering it", delivery.address)
             with contextlib.suppress(Exception):
                 reason = escape_control(f"the worker failed on this message: {describe(exc)}")
-                await self.transport.dead_letter(delivery, reason)
+                await self._long_steps.dead_letter(delivery, reason)
         finally:
+            self._long_steps.handled(delivery)
             self._slots.release()
 
     async def process(self, delivery: Delivery) -> None:
@@ -310,10 +315,13 @@ class Worker:
                 return
             # A fresh copy is authorized (and claims its id) before it may wait, so a replayed copy of a running
             # step is refused at once; the broker's redelivery waits for a copy running here, then finds it settled.
-            redelivered = hop.delivery.redelivered
+            redelivered = broker_redelivered(hop.delivery)
             outcome = None if redelivered else await self._authorize(hop)  # token, plan, resume, claim
             if isinstance(outcome, Reject):
                 await settle(hop, outcome, self)
+                return
+            if isinstance(outcome, StillRunning):
+                await self._long_steps.rearm(hop)  # a watch copy of a step its worker still runs
                 return
             key = hop.message.idempotency_key
             await self._one_copy_at_a_time(key)
@@ -328,11 +336,13 @@ class Worker:
                 if outcome is None or isinstance(outcome, Halt):
                     await release_parked(hop, self.waiting_store)  # a resume that runs, or stops: off the store
                 if outcome is None:  # an at-most-once step runs once its start record is safe, else is reconciled
-                    outcome = await self.at_most_once.run(hop, self._run, self.max_message_bytes)
+                    async with self._long_steps.watch(hop):  # handed back before the broker's ack deadline
+                        outcome = await self.at_most_once.run(hop, self._run, self.max_message_bytes)
                 await settle(hop, outcome, self)  # the successor made safe, then the ack
                 await self.at_most_once.settled(hop)
             finally:
                 self.at_most_once.forget(hop)
+                self._long_steps.forget(hop)
                 self._running_keys.pop(key).set()
 
     def _authenticate(self, hop: Hop) -> Hop | Reject:
@@ -372,17 +382,20 @@ class Worker:
             self._check_cancelled(hop)  # an undoing for a cancel: the signed cancel request it carries
         except SecurityError as exc:
             return Reject(f"security check failed: {exc}")
-        lease = (hop.spec.timeout or DEFAULT_TIMEOUT) + 60.0
+        lease = self._long_steps.claim_lease(hop.spec)
+        redelivered = broker_redelivered(hop.delivery)
         try:
-            await self.security.claim(hop.message, hop.digest, redelivered=hop.delivery.redelivered, lease=lease)
+            await self.security.claim(hop.message, hop.digest, redelivered=redelivered, lease=lease)
         except DuplicateMessage:
             observability.continue_trace(hop.message)  # the signature held: only the hop is old
             # Not an attack: the hop produced again, and signed, by an upstream step that re-ran after a crash.
             return Skip("already settled (duplicate)")
         except ReplayedMessage as exc:
+            if is_watch_copy(hop.delivery):  # see `paigeant_ai._long_steps`
+                return StillRunning("its worker runs it") if exc.running else Skip("already settled (watched)")
             # The broker's own redelivery of a hop settled here (its ack was lost) ran once; any other copy is a
             # replay, refused in a trace of its own: whoever replays old hops adds nothing to a workflow's trace.
-            if not hop.delivery.redelivered:
+            if not redelivered:
                 return Reject(f"security check failed: {exc}")
             observability.continue_trace(hop.message)
             return Skip("already settled (duplicate)")

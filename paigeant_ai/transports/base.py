@@ -10,6 +10,7 @@ own queues or streams, `<namespace>.<address>`.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -31,6 +32,7 @@ __all__ = (
     "MAX_CANCEL_RECORD_BYTES",
     "REASON_HEADER",
     "SOURCE_HEADER",
+    "AckDeadline",
     "CancelBoard",
     "Cancellations",
     "Consumer",
@@ -65,6 +67,7 @@ class Delivery:
         headers: String headers, as published.
         delivery_count: 1 on first delivery, more when redelivered after a consumer stopped or died.
         handle: The transport's own reference to the delivery (a delivery tag, a stream entry id...).
+        received_at: When this process received it (`time.monotonic()`): a broker's ack deadline runs from then.
     """
 
     address: str
@@ -72,6 +75,7 @@ class Delivery:
     headers: dict[str, str] = field(default_factory=dict[str, str])
     delivery_count: int = 1
     handle: Any = None
+    received_at: float = field(default_factory=time.monotonic)
 
     @property
     def redelivered(self) -> bool:
@@ -163,6 +167,20 @@ class Transport(Protocol):
 
     async def pending(self, address: str) -> int:
         """How many messages at `address` are waiting or delayed and not yet settled (used by burst mode)."""
+        ...
+
+
+@runtime_checkable
+class AckDeadline(Protocol):
+    """A capability: the broker takes back a delivery held unacked for too long (RabbitMQ's consumer timeout), so a
+    worker hands back what it still holds before then (see `paigeant_ai._long_steps`)."""
+
+    lease: float
+    """Seconds of the lease of a step whose delivery was handed back while it runs (renewed every third of it)."""
+
+    def detach_after(self, longest_step: float) -> float | None:
+        """Seconds after which a consumer opened from now on, for steps of up to `longest_step` seconds, hands back
+        a delivery it still holds; None if it never needs to."""
         ...
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import time
 from typing import TYPE_CHECKING, Any, cast
 
 import aiormq
@@ -87,7 +88,7 @@ class RabbitMQConsumer(Resubscribing, ConsumerBase):
         self.queue = queue
         self.channel = channel
         self.handed: dict[int, DeliveredMessage] = {}
-        self._buffer: asyncio.Queue[DeliveredMessage | None] = asyncio.Queue()
+        self._buffer: asyncio.Queue[tuple[DeliveredMessage, float] | None] = asyncio.Queue()
         self._closed = False
         self._tag: str | None = None
         self._subscribing = asyncio.Lock()
@@ -110,28 +111,33 @@ class RabbitMQConsumer(Resubscribing, ConsumerBase):
                     if self._closed or (self._tag is not None and self._tag in channel.consumers):
                         return
                     await channel.queue_declare(self.queue, durable=True, arguments=arguments)
-                    self._tag = (await channel.basic_consume(self.queue, self._on_delivery)).consumer_tag
+                    arguments = self.transport.consume_arguments()
+                    consuming = await channel.basic_consume(self.queue, self._on_delivery, arguments=arguments)
+                    self._tag = consuming.consumer_tag
             cancels: set[Any] | None = getattr(channel, "on_consumer_cancel_callbacks", None)  # aiormq 7 and later
             if cancels is not None:
                 cancels.add(self._on_cancelled)
 
     async def _on_delivery(self, message: DeliveredMessage) -> None:
         if not self._closed:
-            self._buffer.put_nowait(message)
+            self._buffer.put_nowait((message, time.monotonic()))  # the broker's ack deadline runs from now
 
     async def __anext__(self) -> Delivery:
         while True:
             if self._closed:
                 raise StopAsyncIteration
-            message = await self._buffer.get()  # cancelling here loses nothing: the buffer keeps the message
-            if message is None:
+            received = await self._buffer.get()  # cancelling here loses nothing: the buffer keeps the message
+            if received is None:
                 self._buffer.put_nowait(None)  # wake any other waiter too
                 raise StopAsyncIteration
+            message, received_at = received
             if from_closed_channel(message):
                 continue  # its channel died; the broker delivers it again on the restored one
             token = next(self._ids)
             self.handed[token] = message
-            return to_delivery(self.address, message, (self, token), self.transport)
+            delivery = to_delivery(self.address, message, (self, token), self.transport)
+            delivery.received_at = received_at
+            return delivery
 
     async def aclose(self) -> None:
         """Stop consuming; everything received and not settled goes back to the broker with the channel."""

@@ -26,6 +26,7 @@ from ..base import Delivery, TransportBase, dead_letter_headers, ensure_bytes, r
 from ._cancel_board import CANCEL_STREAM, CancelStreamReader, RabbitMQCancelBoard, cancel_stream_arguments
 from ._consumer import RabbitMQConsumer, ack, underlay
 from ._errors import BROKER_ERRORS, CONNECTION_LOST, broker_errors, cancelling, channel_ready, explain, on_channel
+from ._timeouts import broker_version, detach_after, own_consumer_timeout, per_consumer_timeout
 from ._wire import dead_letter_to
 
 __all__ = ("DELAY_BUCKETS", "RabbitMQTransport")
@@ -63,6 +64,12 @@ class RabbitMQTransport(TransportBase):
             fails with `TransportError`.
         reconnect_interval: Seconds between reconnection attempts after the connection is lost.
         connection_name: How the connection appears in RabbitMQ's management tools.
+        consumer_timeout: Seconds the broker lets a consumer hold a delivery unacked (its `consumer_timeout`);
+            defaults to `PAIGEANT_RABBITMQ_CONSUMER_TIMEOUT` (1800, RabbitMQ's default). A worker hands back what
+            it still holds after half of it (see `detach_after`).
+        lease: Seconds of the lease of a step whose delivery was handed back while it runs; defaults to
+            `PAIGEANT_STEP_LEASE` (60). Another worker takes such a step over within about two leases of its
+            worker's death.
 
     `max_deliveries` and `max_length` are arguments of the queues: RabbitMQ refuses to declare an existing queue
     with other values, so every process of a namespace must use the same ones (or delete the queues first).
@@ -82,6 +89,8 @@ class RabbitMQTransport(TransportBase):
         timeout: float = 30.0,
         reconnect_interval: float = 2.0,
         connection_name: str | None = None,
+        consumer_timeout: float | None = None,
+        lease: float | None = None,
     ) -> None:
         settings = Settings.from_env()
         self.url = url or settings.rabbitmq_url
@@ -92,6 +101,17 @@ class RabbitMQTransport(TransportBase):
             raise UserError("max_length must be at least 1 (or None for no limit)")
         self.max_deliveries = max_deliveries
         self.max_length = max_length
+        self.consumer_timeout = settings.rabbitmq_consumer_timeout if consumer_timeout is None else consumer_timeout
+        self.lease = settings.step_lease if lease is None else lease
+        if not 0 < self.consumer_timeout < math.inf:
+            raise UserError(
+                "consumer_timeout must be a positive number of seconds (PAIGEANT_RABBITMQ_CONSUMER_TIMEOUT)"
+            )
+        if not 0 < self.lease < math.inf:
+            raise UserError("lease must be a positive number of seconds (PAIGEANT_STEP_LEASE)")
+        self.server_version: tuple[int, int, int] | None = None
+        """The broker's version, once connected (None if it does not say)."""
+        self._own_timeout_ms: int | None = None
         self.timeout = timeout
         self.reconnect_interval = reconnect_interval
         self.connection_name = connection_name or f"paigeant {socket.gethostname()} pid {os.getpid()}"
@@ -132,6 +152,7 @@ class RabbitMQTransport(TransportBase):
                     self._publisher = await connection.channel(publisher_confirms=True, on_return_raises=True)
                     self._admin = await connection.channel(publisher_confirms=False)
                 self._connection = connection
+                self.server_version = _server_version(connection)
                 await self._declare(self.queue_name(DEAD_LETTER), self.queue_arguments(DEAD_LETTER))
             except BaseException:
                 self._connection = self._publisher = self._admin = None
@@ -337,6 +358,24 @@ class RabbitMQTransport(TransportBase):
         self._consumers.add(consumer)
         return consumer
 
+    # -- the broker's ack deadline (`AckDeadline`) ------------------------------------------------------------
+
+    def detach_after(self, longest_step: float) -> float:
+        """Seconds after which a consumer opened from now on, for steps of up to `longest_step` seconds, hands back
+        a delivery it still holds: half the broker's timeout. A broker that accepts a consumer's own timeout
+        (RabbitMQ 3.11.15 and later) is asked for one past twice the longest step, so no running step is handed
+        back; on an older one, `consumer_timeout`, the broker's own, applies.
+        """
+        if per_consumer_timeout(self.server_version):
+            own = own_consumer_timeout(longest_step)
+            self._own_timeout_ms = math.ceil(own * 1000)
+            return detach_after(own)
+        return detach_after(self.consumer_timeout)
+
+    def consume_arguments(self) -> dict[str, Any] | None:
+        """The arguments of `basic.consume`: the consumer's own timeout, when it asks for one."""
+        return {"x-consumer-timeout": self._own_timeout_ms} if self._own_timeout_ms is not None else None
+
     # -- settling --------------------------------------------------------------------------------------------
 
     def _owner(self, delivery: Delivery) -> tuple[RabbitMQConsumer, int]:
@@ -430,3 +469,9 @@ class RabbitMQTransport(TransportBase):
         if underlay is None:
             raise TransportError(f"{action}: the connection to RabbitMQ is being restored; try again")
         return underlay.connection
+
+
+def _server_version(connection: AbstractRobustConnection) -> tuple[int, int, int] | None:
+    """The version the broker announced when `connection` opened."""
+    underlay = connection.transport
+    return broker_version(underlay.connection.server_properties or {}) if underlay is not None else None

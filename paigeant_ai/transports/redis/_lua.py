@@ -34,6 +34,7 @@ __all__ = (
     "RELEASE",
     "REMOVE_PARKED",
     "RENEW",
+    "RENEW_HOP",
     "RETRY",
     "SETTLE_HOP",
     "TRIM",
@@ -398,6 +399,20 @@ if ARGV[2] == '1' or tonumber(lease_end) < now then
   return 'claimed'
 end
 return 'running'
+"""
+)
+
+RENEW_HOP = (
+    _COMMON
+    + """
+-- KEYS: the replay entry of a hop. ARGV: its digest, lease ms. Extends the lease of the hop's running claim to
+-- now + lease; returns 1 if it did, 0 if the entry is settled, gone or another hop's.
+local raw = redis.call('GET', KEYS[1])
+if not raw then return 0 end
+local state, lease_end, digest = string.match(raw, '^(%a) (%d+) (.*)$')
+if state ~= 'r' or digest ~= ARGV[1] then return 0 end
+redis.call('SET', KEYS[1], 'r ' .. (now_ms() + tonumber(ARGV[2])) .. ' ' .. digest, 'KEEPTTL')
+return 1
 """
 )
 

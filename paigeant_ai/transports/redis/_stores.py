@@ -85,6 +85,11 @@ class RedisReplayCache:
             )
         return cast("ClaimState", state.decode() if isinstance(state, bytes) else state)
 
+    async def renew(self, message_id: str, digest: str, lease: float) -> bool:
+        with self.transport.errors("renewing a claim"):
+            renewed = await self.transport.scripts.renew_hop(keys=[self.key(message_id)], args=[digest, ms(lease)])
+        return bool(renewed)
+
     async def settle(self, message_id: str, digest: str, ttl: float) -> None:
         with self.transport.errors("recording a settled message"):
             await self.transport.scripts.settle_hop(keys=[self.key(message_id)], args=[digest, ms(ttl)])

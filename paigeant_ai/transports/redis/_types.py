@@ -127,6 +127,7 @@ class Scripts:
     watch: Script
     release: Script
     claim_hop: Script
+    renew_hop: Script
     settle_hop: Script
 
     @classmethod
@@ -147,5 +148,6 @@ class Scripts:
             watch=as_script(client, lua.WATCH),
             release=as_script(client, lua.RELEASE),
             claim_hop=as_script(client, lua.CLAIM_HOP),
+            renew_hop=as_script(client, lua.RENEW_HOP),
             settle_hop=as_script(client, lua.SETTLE_HOP),
         )

@@ -1,0 +1,247 @@
+"""Steps longer than the broker's ack deadline: their delivery is handed back before the broker takes it.
+
+RabbitMQ closes the channel of a consumer that holds a delivery unacked past its consumer timeout and redelivers
+everything that channel held; the redelivery would take the running step's claim over (see `paigeant_ai._replay`)
+and run it a second time. A transport with such a deadline says so (`AckDeadline`), and a worker on it hands back,
+after `detach_after` seconds (half the deadline), every delivery it still holds:
+
+- a step that is running: a *watch copy* of the hop (the same signed bytes, with the `x-paigeant-watch` header) is
+  published to the step's queue, delayed one lease; once the broker has it, the delivery is acked, and the worker
+  renews the hop's claim every third of a lease until the hop is settled (its settling acks nothing more);
+- a delivery still waiting for a free slot: published again as it is, at once, then acked (the broker's redelivery
+  of a hop whose worker died goes back as a watch copy, so it keeps its way to take the dead worker's claim over).
+
+A watch copy is authenticated as any hop, then claimed as a fresh copy, never as the broker's redelivery (a header
+anyone can set never grants a takeover): a claim that is running with a live lease (its worker is alive and renews
+it) sends the copy on, one lease later; a hop settled or done is skipped; a claim that lapsed (its worker died) or
+was never there is taken over, and the step runs, and is handed back again if it runs long. So a worker killed
+during a long step has its step taken over within about two leases. A hostile copy with the header cannot take over
+a live claim, and each produces at most one follow-up copy while the hop runs.
+
+Claims must be seen by every replica: on RabbitMQ that is the shared store (`PAIGEANT_SHARED_STORE_URL`). Without
+one, the worker says so at start. A step shorter than `detach_after` costs nothing: a timer that never fires.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import AsyncGenerator, Mapping
+from dataclasses import dataclass
+
+from ._hop import Hop
+from ._outcome import Skip
+from ._replay import InMemoryReplayCache
+from .activity import DEFAULT_TIMEOUT, Activity
+from .contracts import DEAD_LETTER, ActivitySpec
+from .exceptions import PaigeantError, TransportError
+from .security import MessageSecurity, MessageSigner
+from .settings import Settings
+from .transports.base import AckDeadline, Delivery, Transport, dead_letter_headers
+
+__all__ = (
+    "WATCH_HEADER",
+    "LongSteps",
+    "StillRunning",
+    "broker_redelivered",
+    "hand_over",
+    "is_watch_copy",
+    "long_steps_warning",
+)
+
+logger = logging.getLogger("paigeant_ai.worker")
+
+WATCH_HEADER = "x-paigeant-watch"
+"""The header of a watch copy: the hop, sent again one lease later by the worker that runs it."""
+CLAIM_MARGIN = 60.0
+"""Seconds a claim outlives its step's timeout, when nothing renews it."""
+
+
+def is_watch_copy(delivery: Delivery) -> bool:
+    """Whether `delivery` says it is a watch copy (unsigned: it only decides how the copy is claimed)."""
+    return WATCH_HEADER in delivery.headers
+
+
+def broker_redelivered(delivery: Delivery) -> bool:
+    """Whether `delivery` is the broker's redelivery of a hop, which may take a running claim over; a watch copy
+    never is, whatever the broker says of it: it is claimed like a fresh copy."""
+    return delivery.redelivered and not is_watch_copy(delivery)
+
+
+def step_timeout(spec: ActivitySpec) -> float:
+    return spec.timeout or DEFAULT_TIMEOUT
+
+
+@dataclass(frozen=True, slots=True)
+class StillRunning(Skip):
+    """A watch copy of a hop whose claim is live: its worker runs it. The copy is sent on, one lease later."""
+
+
+def long_steps_warning(steps: list[str], detach_after: float) -> str:
+    """What a worker without a shared store says at start about its steps longer than `detach_after`."""
+    return (
+        f"steps {', '.join(steps)} may run longer than {detach_after:g}s, half the broker's consumer timeout "
+        "(PAIGEANT_RABBITMQ_CONSUMER_TIMEOUT): their deliveries are handed back to the broker while they run, "
+        "watched by copies of the hop that any worker may receive, and this worker keeps its claims in its own "
+        "memory only; so another replica cannot see that such a step is running, and runs it again one lease "
+        "later. Fix: point every replica at one Redis with PAIGEANT_SHARED_STORE_URL=redis://... "
+        "(or Worker(shared_store=...))"
+    )
+
+
+class LongSteps:
+    """Hands back the deliveries a worker holds past its transport's ack deadline (see the module's docstring)."""
+
+    def __init__(self, transport: Transport, security: MessageSecurity) -> None:
+        self.transport = transport
+        self.security = security
+        self.detach_after: float | None = None
+        """Seconds after which a delivery still held is handed back; None: never (no deadline, or not started)."""
+        self.lease = transport.lease if isinstance(transport, AckDeadline) else Settings.from_env().step_lease
+        self._renewals: dict[int, asyncio.Task[None]] = {}
+        self._detached: dict[int, Hop] = {}  # by id of the delivery, until its handling ends (see `dead_letter`)
+
+    def start(self, activities: Mapping[str, Activity]) -> None:
+        """Learn from the transport when to hand deliveries back (before consuming), and warn where it is unsafe."""
+        self.detach_after = None
+        if not isinstance(self.transport, AckDeadline) or not activities:
+            return
+        after = self.transport.detach_after(max(step_timeout(act.spec) for act in activities.values()))
+        if after is None:
+            return
+        security = self.security
+        longer = sorted(name for name, act in activities.items() if step_timeout(act.spec) > after)
+        if isinstance(security, MessageSigner) and security.unsigned:
+            if longer:
+                logger.warning(
+                    "this worker runs unsigned, without claims: steps %s still running after %gs are not handed "
+                    "back, and the broker may take their delivery back and run them again once its consumer "
+                    "timeout passes",
+                    ", ".join(longer),
+                    after,
+                )
+            return
+        self.detach_after = after
+        if longer and isinstance(security, MessageSigner) and isinstance(security.replay_cache, InMemoryReplayCache):
+            logger.warning(long_steps_warning(longer, after))
+
+    def claim_lease(self, spec: ActivitySpec) -> float:
+        """Seconds a hop's claim stays running unless renewed: its step's timeout and a margin, or, when it may be
+        handed back, until then and a lease (after that, it is renewed)."""
+        lease = step_timeout(spec) + CLAIM_MARGIN
+        return lease if self.detach_after is None else min(lease, self.detach_after + self.lease)
+
+    def _due_in(self, delivery: Delivery) -> float:
+        assert self.detach_after is not None
+        return self.detach_after - (time.monotonic() - delivery.received_at)
+
+    # -- a delivery waiting for a slot -----------------------------------------------------------------------
+
+    async def wait_for_slot(self, slots: asyncio.Semaphore, delivery: Delivery) -> bool:
+        """Take a slot for `delivery`; False if it waited until it was due and was handed back instead."""
+        if self.detach_after is None:
+            await slots.acquire()
+            return True
+        try:
+            async with asyncio.timeout(max(0.0, self._due_in(delivery))):
+                await slots.acquire()
+            return True
+        except TimeoutError:
+            pass
+        # Published again first, then acked. The broker's redelivery (its worker died) goes back as a watch copy: as
+        # a fresh copy it would be refused while the dead worker's claim is live; as a watch copy it waits that out.
+        headers = {**delivery.headers, WATCH_HEADER: "1"} if broker_redelivered(delivery) else delivery.headers
+        try:
+            await self.transport.publish(delivery.address, delivery.body, headers=headers)
+            await self.transport.ack(delivery)
+        except TransportError:
+            logger.warning("could not hand back a delivery waiting on %s", delivery.address, exc_info=True)
+        return False
+
+    # -- a running step --------------------------------------------------------------------------------------
+
+    @contextlib.asynccontextmanager
+    async def watch(self, hop: Hop) -> AsyncGenerator[None]:
+        """While the step of `hop` runs: hand its delivery back when it is due (see `detach`)."""
+        if self.detach_after is None:
+            yield
+            return
+        detaching: list[asyncio.Task[None]] = []
+
+        def when_due() -> None:  # a task of its own: not interrupted once begun
+            detaching.append(asyncio.create_task(self.detach(hop), name=f"paigeant-detach-{hop.spec.name}"))
+
+        timer = asyncio.get_running_loop().call_later(max(0.0, self._due_in(hop.delivery)), when_due)
+        try:
+            yield
+        finally:
+            timer.cancel()
+            if detaching:
+                await asyncio.gather(*detaching, return_exceptions=True)
+
+    async def detach(self, hop: Hop) -> None:
+        """Publish the watch copy of `hop` (delayed one lease), ack its delivery once the broker has the copy, and
+        renew its claim until it is settled."""
+        delivery = hop.delivery
+        headers = {**delivery.headers, WATCH_HEADER: "1"}
+        try:
+            await self.transport.publish(delivery.address, delivery.body, headers=headers, delay=self.lease)
+            await self.transport.ack(delivery)
+        except TransportError:
+            logger.warning(
+                "could not hand back the delivery of step %s while it runs; the broker may take it back",
+                hop.spec.name,
+                exc_info=True,
+            )
+            return
+        hop.detached = True
+        self._detached[id(delivery)] = hop
+        self._renewals[id(hop)] = asyncio.create_task(self._renew(hop), name=f"paigeant-renew-{hop.spec.name}")
+
+    async def _renew(self, hop: Hop) -> None:
+        while True:
+            try:
+                if not await self.security.renew(hop.message, hop.digest, self.lease):
+                    return  # settled (or forgotten): nothing left to hold
+            except PaigeantError:
+                logger.warning("could not renew the claim of step %s; trying again", hop.spec.name, exc_info=True)
+            await asyncio.sleep(self.lease / 3)
+
+    def forget(self, hop: Hop) -> None:
+        """Stop renewing the claim of `hop`, done with (settled, or left to its watch copy)."""
+        renewal = self._renewals.pop(id(hop), None)
+        if renewal is not None:
+            renewal.cancel()
+
+    async def dead_letter(self, delivery: Delivery, reason: str) -> None:
+        """Move `delivery`, on which the worker itself failed, to the dead-letter queue. One handed back while its
+        step ran was acked then: its copy is published, and its hop recorded as settled, so that its watch copy
+        does not run the step again."""
+        hop = self._detached.get(id(delivery))
+        if hop is None:
+            await self.transport.dead_letter(delivery, reason)
+            return
+        await self.transport.publish(DEAD_LETTER, delivery.body, headers=dead_letter_headers(delivery, reason))
+        await self.security.settled(hop.message, hop.digest)
+
+    def handled(self, delivery: Delivery) -> None:
+        """Forget `delivery`, whose handling is over."""
+        self._detached.pop(id(delivery), None)
+
+    async def rearm(self, hop: Hop) -> None:
+        """Send the watch copy `hop` on, one lease later: its step still runs under a live claim."""
+        await self.transport.retry_later(hop.delivery, self.lease)
+
+
+async def hand_over(transport: Transport, hop: Hop, as_arrived: str | None) -> None:
+    """Settle the delivery of `hop`: ack it, or, with the reason `as_arrived`, move it to the dead-letter queue as it
+    arrived. A hop handed back while it ran was acked then: only its dead-lettered copy is still to send."""
+    if not hop.detached:
+        if as_arrived is None:
+            await transport.ack(hop.delivery)
+        else:
+            await transport.dead_letter(hop.delivery, as_arrived)
+    elif as_arrived is not None:
+        await transport.publish(DEAD_LETTER, hop.delivery.body, headers=dead_letter_headers(hop.delivery, as_arrived))

@@ -1,0 +1,368 @@
+"""Steps longer than the broker's ack deadline (see `paigeant_ai._long_steps`), in one process.
+
+An in-memory broker that declares an ack deadline, as RabbitMQ does, stands in for the real one (the processes on
+real brokers are in `tests/test_long_steps_processes.py`): handing a running step back, watch copies and what each
+finds, deliveries waiting for a slot, the start-up warning, and RabbitMQ's own timeout per consumer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import uuid
+from collections.abc import Mapping
+
+import pytest
+
+from paigeant_ai import ActivityContext, ActivitySpec, PaigeantMessage, Worker, WorkflowDispatcher, activity
+from paigeant_ai._long_steps import WATCH_HEADER, long_steps_warning
+from paigeant_ai._plan import new_plan
+from paigeant_ai._sealing import seal
+from paigeant_ai.contracts import DEAD_LETTER
+from paigeant_ai.exceptions import UserError
+from paigeant_ai.security import InMemoryReplayCache, MessageSigner, generate_key
+from paigeant_ai.settings import Settings
+from paigeant_ai.transports.base import REASON_HEADER, AckDeadline, Delivery
+from paigeant_ai.transports.memory import InMemoryTransport
+from paigeant_ai.transports.rabbitmq import RabbitMQTransport
+from paigeant_ai.transports.rabbitmq._timeouts import broker_version, per_consumer_timeout
+from paigeant_ai.transports.redis import RedisReplayCache, RedisTransport
+from paigeant_ai.worker import InMemoryDedupeStore
+
+from .brokers import REDIS_URL, dead_letters, delete_redis_namespace, require_redis
+
+KEY = generate_key("orders-1")
+STEP = "long-step"
+
+
+class DeadlineTransport(InMemoryTransport):
+    """An in-memory broker whose consumers must hand back what they hold after `after` seconds, as on RabbitMQ.
+
+    Attributes:
+        acks: Every ack asked for: the address, whether the delivery was a watch copy, its delivery tag.
+        published: Every publish to a step: the address, its headers, its delay.
+    """
+
+    def __init__(self, *, after: float = 0.2, lease: float = 0.3) -> None:
+        super().__init__(namespace=f"test-{uuid.uuid4().hex[:8]}")
+        self.after = after
+        self.lease = lease
+        self.acks: list[tuple[str, bool, int]] = []
+        self.published: list[tuple[str, dict[str, str], float]] = []
+
+    def detach_after(self, longest_step: float) -> float | None:
+        return self.after
+
+    async def retry_later(self, delivery: Delivery, delay: float) -> None:
+        self.published.append((delivery.address, dict(delivery.headers), delay))
+        await super().retry_later(delivery, delay)
+
+    async def ack(self, delivery: Delivery) -> None:
+        self.acks.append((delivery.address, WATCH_HEADER in delivery.headers, delivery.handle[1]))
+        await super().ack(delivery)
+
+    async def publish(
+        self, address: str, body: bytes, *, headers: Mapping[str, str] | None = None, delay: float = 0.0
+    ) -> None:
+        if address == STEP:
+            self.published.append((address, dict(headers or {}), delay))
+        await super().publish(address, body, headers=headers, delay=delay)
+
+
+def test_the_test_broker_declares_an_ack_deadline() -> None:
+    assert isinstance(DeadlineTransport(), AckDeadline)
+    assert not isinstance(InMemoryTransport(), AckDeadline)
+
+
+def signer() -> MessageSigner:
+    return MessageSigner(KEY)
+
+
+def long_step(runs: list[str], seconds: float) -> object:
+    @activity(name=STEP, timeout=30)
+    async def step(ctx: ActivityContext) -> None:
+        runs.append(ctx.idempotency_key)
+        await asyncio.sleep(seconds)
+
+    return step
+
+
+# -- a running step, handed back -------------------------------------------------------------------------------
+
+
+async def test_a_step_running_past_the_deadline_is_handed_back_once_and_runs_once() -> None:
+    transport, runs = DeadlineTransport(after=0.2, lease=0.3), list[str]()
+    async with transport:
+        await WorkflowDispatcher(transport, security=signer()).dispatch_workflow([STEP])
+        transport.published.clear()
+        worker = Worker(transport, [long_step(runs, 0.8)], security=signer())  # pyright: ignore[reportArgumentType]
+        await worker.run(burst=True)
+        assert await dead_letters(transport) == []
+
+    assert len(runs) == 1
+    assert worker.stats.completed_workflows == 1
+    originals = [tag for address, watch, tag in transport.acks if address == STEP and not watch]
+    assert len(originals) == len(set(originals)) == 1  # acked when handed back; its settling acked nothing more
+    watch_copies = [(headers.get(WATCH_HEADER), delay) for _, headers, delay in transport.published]
+    assert watch_copies[0] == ("1", 0.3)  # the first watch copy, delayed one lease
+    assert len(watch_copies) >= 2  # sent on at least once while the step still ran
+
+
+async def test_a_short_step_is_not_handed_back() -> None:
+    transport, runs = DeadlineTransport(after=5.0), list[str]()
+    async with transport:
+        await WorkflowDispatcher(transport, security=signer()).dispatch_workflow([STEP])
+        transport.published.clear()
+        worker = Worker(transport, [long_step(runs, 0.01)], security=signer())  # pyright: ignore[reportArgumentType]
+        await worker.run(burst=True)
+    assert len(runs) == 1
+    assert transport.published == []
+
+
+async def test_a_delivery_waiting_for_a_slot_is_handed_back_and_runs_later() -> None:
+    transport, runs = DeadlineTransport(after=0.2, lease=0.3), list[str]()
+    async with transport:
+        dispatcher = WorkflowDispatcher(transport, security=signer())
+        ids = [await dispatcher.dispatch_workflow([STEP]) for _ in range(2)]
+        transport.published.clear()
+        worker = Worker(transport, [long_step(runs, 0.7)], security=signer(), concurrency=1)  # pyright: ignore[reportArgumentType]
+        await worker.run(burst=True)
+        assert await dead_letters(transport) == []
+    assert sorted(runs) == sorted(f"{cid}:0:{STEP}" for cid in ids)  # each ran, once
+    handed_back = [headers for _, headers, delay in transport.published if delay == 0]
+    assert handed_back  # the second waited past the deadline behind the first, and went back to the broker
+    assert worker.stats.completed_workflows == 2
+
+
+# -- a watch copy ----------------------------------------------------------------------------------------------
+
+
+def first_hop() -> tuple[PaigeantMessage, bytes]:
+    message = PaigeantMessage.new([ActivitySpec(name=STEP)], {}, correlation_id=str(uuid.uuid4()))
+    message.plan = new_plan(message, signer())
+    return message, seal(message, signer(), max_bytes=1 << 20)
+
+
+async def deliver(
+    transport: DeadlineTransport, body: bytes, *, watch: bool = True, redelivered: bool = False
+) -> Delivery:
+    """The delivery of `body` on the step's queue, as a watch copy by default, as the broker's redelivery if asked."""
+    await transport.publish(STEP, body, headers={WATCH_HEADER: "1"} if watch else {})
+    consumer = await transport.consume(STEP)
+    delivery = await anext(consumer)
+    if redelivered:
+        await transport.retry_later(delivery, 0)
+        delivery = await anext(consumer)
+        assert delivery.redelivered
+    transport.published.clear()
+    return delivery
+
+
+async def watched(claim: str) -> tuple[list[str], DeadlineTransport, Worker]:
+    """A watch copy processed by a worker, its hop's claim as `claim` says: what ran, the broker, the worker."""
+    transport, runs = DeadlineTransport(), list[str]()
+    async with transport:
+        worker = Worker(transport, [long_step(runs, 0.01)], security=signer())  # pyright: ignore[reportArgumentType]
+        message, body = first_hop()
+        digest = worker.security.authenticate(message, worker.activities[STEP].spec, body).digest
+        if claim in ("running", "lapsed", "hostile"):
+            lease = 0.01 if claim == "lapsed" else 60.0
+            await worker.security.claim(message, digest, redelivered=False, lease=lease)
+            await asyncio.sleep(0.05)
+        elif claim == "settled":
+            await worker.security.settled(message, digest)
+        delivery = await deliver(transport, body, redelivered=claim == "hostile")
+        await worker.process(delivery)
+        assert await dead_letters(transport) == []
+    return runs, transport, worker
+
+
+async def test_a_watch_copy_of_a_running_step_is_sent_on_one_lease_later() -> None:
+    runs, transport, _ = await watched("running")
+    assert runs == []
+    assert [(headers.get(WATCH_HEADER), delay) for _, headers, delay in transport.published] == [("1", 0.3)]
+
+
+async def test_a_watch_copy_of_a_settled_step_is_skipped() -> None:
+    runs, transport, worker = await watched("settled")
+    assert runs == []
+    assert transport.published == []
+    assert worker.stats.duplicates == 1
+
+
+async def test_a_watch_copy_whose_claim_lapsed_takes_the_step_over() -> None:
+    runs, _, worker = await watched("lapsed")
+    assert len(runs) == 1
+    assert worker.stats.completed_workflows == 1
+
+
+async def test_a_watch_copy_of_a_step_nobody_claimed_runs_it() -> None:
+    runs, _, _ = await watched("nothing")
+    assert len(runs) == 1
+
+
+async def test_attack_a_watch_header_on_a_redelivered_copy_cannot_take_over_a_live_claim() -> None:
+    """Whoever can write to the broker adds the header to a copy that even comes back redelivered: it is claimed as
+    a fresh copy, finds the claim live, and only produces one follow-up copy; the step does not run again."""
+    runs, transport, _ = await watched("hostile")
+    assert runs == []
+    assert len(transport.published) == 1
+
+
+# -- at start --------------------------------------------------------------------------------------------------
+
+
+async def test_a_worker_without_a_shared_store_names_its_long_steps_and_the_fix(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    @activity(name="quick-step", timeout=10)
+    async def quick(ctx: ActivityContext) -> None: ...
+
+    transport, runs = DeadlineTransport(after=10.0), list[str]()
+    worker = Worker(transport, [long_step(runs, 0), quick], security=signer())  # pyright: ignore[reportArgumentType]
+    with caplog.at_level(logging.WARNING, logger="paigeant_ai.worker"):
+        worker._long_steps.start(worker.activities)  # pyright: ignore[reportPrivateUsage]
+    assert [record.getMessage() for record in caplog.records] == [long_steps_warning([STEP], 10.0)]
+    warning = caplog.records[0].getMessage()
+    assert "steps long-step may run longer than 10s" in warning
+    assert "PAIGEANT_SHARED_STORE_URL=redis://" in warning
+    assert "quick-step" not in warning
+
+    caplog.clear()
+    shared = MessageSigner(KEY, replay_cache=RedisReplayCache(RedisTransport(REDIS_URL)))
+    worker = Worker(transport, [long_step(runs, 0)], security=shared)  # pyright: ignore[reportArgumentType]
+    worker._long_steps.start(worker.activities)  # pyright: ignore[reportPrivateUsage]
+    assert caplog.records == []
+
+
+# -- RabbitMQ's timeout ----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("announced", "version", "own_timeout"),
+    [
+        (b"3.10.8", (3, 10, 8), False),
+        ("3.11.14", (3, 11, 14), False),
+        (b"3.11.15", (3, 11, 15), True),
+        (b"3.12.0", (3, 12, 0), True),
+        (b"4.1.0-rc.1", (4, 1, 0), True),
+        (b"unknown", None, False),
+        (None, None, False),
+    ],
+)
+def test_the_broker_version_decides_whether_a_consumer_asks_for_its_own_timeout(
+    announced: object, version: tuple[int, int, int] | None, own_timeout: bool
+) -> None:
+    properties = {"version": announced} if announced is not None else {}
+    assert broker_version(properties) == version
+    assert per_consumer_timeout(version) is own_timeout
+
+
+def test_on_rabbitmq_3_10_deliveries_are_handed_back_at_half_the_brokers_timeout() -> None:
+    transport = RabbitMQTransport(consumer_timeout=600, lease=20)
+    transport.server_version = (3, 10, 8)
+    assert transport.detach_after(longest_step=3600) == 300
+    assert transport.consume_arguments() is None
+    assert transport.lease == 20
+    assert RabbitMQTransport(consumer_timeout=2).detach_after(10) == 3.0  # never sooner than a few seconds
+
+
+def test_on_a_newer_rabbitmq_a_consumer_asks_for_a_timeout_past_its_longest_step() -> None:
+    transport = RabbitMQTransport(consumer_timeout=600)
+    transport.server_version = (3, 12, 1)
+    after = transport.detach_after(longest_step=3600)
+    assert transport.consume_arguments() == {"x-consumer-timeout": (2 * 3600 + 60) * 1000}
+    assert after == 3630  # past the longest step: no running step is handed back
+
+
+def test_the_timeout_and_the_lease_come_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PAIGEANT_RABBITMQ_CONSUMER_TIMEOUT", "900")
+    monkeypatch.setenv("PAIGEANT_STEP_LEASE", "15")
+    settings = Settings.from_env()
+    assert (settings.rabbitmq_consumer_timeout, settings.step_lease) == (900, 15)
+    transport = RabbitMQTransport()
+    assert (transport.consumer_timeout, transport.lease) == (900, 15)
+    with pytest.raises(UserError, match="consumer_timeout must be a positive number"):
+        RabbitMQTransport(consumer_timeout=0)
+    monkeypatch.setenv("PAIGEANT_STEP_LEASE", "soon")
+    with pytest.raises(UserError, match="PAIGEANT_STEP_LEASE='soon' is not a positive number of seconds"):
+        Settings.from_env()
+
+
+# -- renewing a claim ------------------------------------------------------------------------------------------
+
+
+async def renewals(cache: InMemoryReplayCache | RedisReplayCache) -> list[object]:
+    found: list[object] = []
+    await cache.claim("m-1", "d-1", sent_at=0, redelivered=False, lease=0.05, ttl=60)
+    found.append(await cache.renew("m-1", "d-1", 60))
+    await asyncio.sleep(0.1)
+    found.append(await cache.claim("m-1", "d-1", sent_at=0, redelivered=False, lease=1, ttl=60))  # still live
+    found.append(await cache.renew("m-1", "other", 60))
+    found.append(await cache.renew("m-2", "d-1", 60))
+    await cache.settle("m-1", "d-1", 60)
+    found.append(await cache.renew("m-1", "d-1", 60))
+    return found
+
+
+async def test_a_renewed_claim_stays_running_until_settled() -> None:
+    assert await renewals(InMemoryReplayCache()) == [True, "running", False, False, False]
+
+
+@pytest.mark.redis
+async def test_a_renewed_claim_stays_running_until_settled_in_redis() -> None:
+    require_redis()
+    namespace = f"paigeant-test-{uuid.uuid4().hex[:12]}"
+    try:
+        async with RedisTransport(REDIS_URL, namespace=namespace) as store:
+            assert await renewals(RedisReplayCache(store)) == [True, "running", False, False, False]
+    finally:
+        await delete_redis_namespace(namespace)
+
+
+async def test_a_detached_hop_that_faults_unsealable_still_leaves_its_copy_on_the_dead_letter_queue() -> None:
+    from paigeant_ai._hop import Hop, admit
+    from paigeant_ai._long_steps import hand_over
+
+    transport = DeadlineTransport()
+    async with transport:
+        worker = Worker(transport, [long_step([], 0)], security=signer())  # pyright: ignore[reportArgumentType]
+        _, body = first_hop()
+        delivery = await deliver(transport, body, watch=False)
+        hop = admit(delivery, worker.activities, 1 << 20)
+        assert isinstance(hop, Hop)
+        await transport.ack(delivery)  # handed back while it ran
+        hop.detached = True
+        await hand_over(transport, hop, "could not seal the fault's copy")
+        letters = await dead_letters(transport)
+        assert [letter.body for letter in letters] == [body]
+        assert len([ack for ack in transport.acks if ack[0] == STEP]) == 1
+        assert await transport.pending(DEAD_LETTER) == 0
+
+
+class BrokenDedupe(InMemoryDedupeStore):
+    """A dedupe store that fails as a step is recorded done: a failure of the worker itself."""
+
+    async def mark_done(self, key: str) -> None:
+        raise RuntimeError("the dedupe store is down")
+
+
+async def test_a_handed_back_step_the_worker_fails_on_is_dead_lettered_and_not_run_again() -> None:
+    transport, runs = DeadlineTransport(after=0.2, lease=0.3), list[str]()
+    async with transport:
+        await WorkflowDispatcher(transport, security=signer()).dispatch_workflow([STEP])
+        worker = Worker(transport, [long_step(runs, 0.5)], security=signer(), dedupe=BrokenDedupe())  # pyright: ignore[reportArgumentType]
+        await worker.run(burst=True)
+        letters = await dead_letters(transport)
+    assert len(runs) == 1  # its watch copies found it settled
+    assert [letter.headers[REASON_HEADER] for letter in letters] == [
+        "the worker failed on this message: RuntimeError: the dedupe store is down"
+    ]
+
+
+async def test_an_unsigned_worker_hands_nothing_back_and_says_so(caplog: pytest.LogCaptureFixture) -> None:
+    worker = Worker(DeadlineTransport(after=10.0), [long_step([], 0)], security=MessageSigner(unsigned=True))  # pyright: ignore[reportArgumentType]
+    with caplog.at_level(logging.WARNING, logger="paigeant_ai.worker"):
+        worker._long_steps.start(worker.activities)  # pyright: ignore[reportPrivateUsage]
+    assert worker._long_steps.detach_after is None  # pyright: ignore[reportPrivateUsage]
+    assert "runs unsigned, without claims: steps long-step still running after 10s are not handed back" in caplog.text
