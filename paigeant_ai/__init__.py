@@ -10,6 +10,7 @@ import logging as _logging
 from ._approvals import Approval, SignedApproval
 from ._cancel import Cancellation
 from ._events import WorkflowEvent
+from ._parallel import Parallel
 from .activity import Activity, ActivityContext, AgentActivity, FunctionActivity, activity
 from .approval import (
     InMemoryWaitingStore,
@@ -100,6 +101,7 @@ __all__ = (
     "PaigeantMessage",
     "PaigeantPlanner",
     "PaigeantToolset",
+    "Parallel",
     "ParkWorkflow",
     "ParkedStep",
     "PendingToolCall",

@@ -22,7 +22,9 @@ from ._cancel import CANCEL_TTL, Cancellation, CancelRequest, sign_cancel, unwin
 from ._dispatch_checks import require_workers, specs_of, variables_of, workflow_fingerprint
 from ._dispatch_checks import to_spec as to_spec  # importable from here, as it always was
 from ._events import EventCallback, EventReporter
+from ._fan import branch_hops, fans_out
 from ._hop import EXPIRY_GRACE
+from ._join import refuse_groups_without_join
 from ._plan import new_plan, signer_of, token_subject
 from ._principal import principal_of
 from ._resume_checks import check_before_resume
@@ -168,10 +170,9 @@ class WorkflowDispatcher:
             if require_workers:
                 await self._require_workers(message.routing_slip.itinerary)
             with observability.dispatch_span(message, self.transport.name):
-                body = self.encode(message)
-                await self.transport.publish(
-                    message.routing_slip.itinerary[0].name, body, headers=dict(message.headers)
-                )
+                for first in branch_hops(message) if fans_out(message) else [message]:  # a group: each branch
+                    body = self.encode(first)
+                    await self.transport.publish(first.routing_slip.current or "", body, headers=dict(first.headers))
         except BaseException:
             if fingerprint is not None and held is None:
                 await self._release(message.correlation_id, fingerprint)  # so that a corrected retry is not refused
@@ -186,6 +187,7 @@ class WorkflowDispatcher:
     ) -> PaigeantMessage:
         """The first message of a workflow, every argument checked, each mistake told in one sentence."""
         specs = specs_of(activities)
+        refuse_groups_without_join(self.transport, specs)
         if correlation_id is not None and (not isinstance(correlation_id, str) or not correlation_id):
             raise UserError(
                 f"correlation_id must be a non-empty string (or None for a new one), not {correlation_id!r}"
