@@ -5,10 +5,11 @@
   from the group's step and the branch key, so each branch is claimed, retried and deduplicated on its own.
 - Join (`complete_branch`): a branch that completes stores its signed `BranchResult` in the join store (see
   `paigeant_ai._join`), atomically with a count. The worker whose store brings the count to the number of branches
-  (the count, not "it added the last new field": a redelivered last branch joins again a join lost to a crash)
-  verifies every stored result, merges each branch's output into the payload under its key, logs the group as one
-  entry (each branch's log inside it) and publishes one continuation. The continuation's id is derived like every
-  hop's, so a second joiner's copy is skipped as a duplicate. The group is forgotten once its continuation is safe.
+  (the count, not "it added the last new field": a redelivered last branch joins again a join lost to a crash),
+  and finds a result for every branch, verifies every one, merges each branch's output into the payload under its
+  key, logs the group as one entry (each branch's log inside it) and publishes one continuation. The
+  continuation's id is derived like every hop's, so a second joiner's copy is skipped as a duplicate. The group
+  is forgotten once its continuation is safe.
 - Failure (`stop_group`): a branch that fails for good (its retries and fallbacks spent), or is stopped by a cancel
   or the workflow's deadline, marks its group failed, atomically; the first one to do so takes the compensations of
   the branches that completed into its slip, and the workflow unwinds from there (latest first). A branch that
@@ -170,10 +171,12 @@ async def complete_branch(hop: Hop, outcome: Advance, deps: SettleDeps) -> Joine
     }
     await deps.reporter.report("step_completed", message, duration=entry.duration, at=entry.finished_at, **fields)
     deps.stats.completed_steps += 1
-    if count != len(group.branches):
+    if count < len(group.branches):  # more than that: someone wrote other fields, which are not joined
         return None
-    results = _verified(await joins.records(group_id), message, group, deps)
-    continuation, joined = _join(message, group, results)
+    records = await joins.records(group_id)
+    if any(spec.branch_key not in records for spec in group.branches):
+        return None  # not every branch is there yet: the last one to store its result joins the group
+    continuation, joined = _join(message, group, _verified(records, message, group, deps))
     return Joined(continuation, joined, group_id)
 
 
@@ -183,15 +186,12 @@ def _verified(
     """The results of every branch of `group`, each verified, in the group's order."""
     results: list[BranchResult] = []
     for spec in group.branches:
-        raw = records.get(spec.branch_key)
-        if raw is None:
-            raise SecurityError(
-                f"branch_result: the join store counts every branch of {group.name!r} done, but holds no result for "
-                f"{spec.branch_key!r}",
-                code="branch_result",
-            )
         result = BranchResult.load(
-            raw, deps.security, correlation_id=message.correlation_id, step=message.step, key=spec.branch_key
+            records[spec.branch_key],
+            deps.security,
+            correlation_id=message.correlation_id,
+            step=message.step,
+            key=spec.branch_key,
         )
         if result.entries[-1].name not in spec.alternatives:
             raise SecurityError(

@@ -152,6 +152,7 @@ async def _secure_successor(hop: Hop, outcome: Outcome, deps: SettleDeps) -> tup
                 assert isinstance(outcome, Advance)  # a branch's End was refused above
                 await _complete_branch(hop, outcome, deps)
             except SecurityError as exc:  # a result in the join store that does not verify: nothing is joined
+                deps.stats.rejected += 1
                 return Reject(f"security check failed: {exc}"), f"security check failed: {exc}"
             except (MessageTooLarge, NonFiniteNumber) as exc:
                 return await _secure_successor(hop, Fault(str(exc), fallback=False), deps)
@@ -253,6 +254,7 @@ async def _first_to_stop(hop: Hop, deps: SettleDeps) -> bool:
 
 async def _complete_branch(hop: Hop, outcome: Advance, deps: SettleDeps) -> None:
     """Store a completed branch's result; if it completes its group, send the continuation, then forget the group."""
+    key = hop.message.idempotency_key  # the branch's, before its slip changes
     joined = await complete_branch(hop, outcome, deps)
     if joined is not None:
         await _publish_next(joined.message, deps)
@@ -260,7 +262,7 @@ async def _complete_branch(hop: Hop, outcome: Advance, deps: SettleDeps) -> None
             await _report_step_done(joined.message, joined.entry, deps)
         assert deps.joins is not None
         await deps.joins.delete(joined.group)
-    await deps.dedupe.mark_done(hop.message.idempotency_key)
+    await deps.dedupe.mark_done(key)
 
 
 async def _publish_hop(message: PaigeantMessage, deps: SettleDeps) -> None:
