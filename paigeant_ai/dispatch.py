@@ -25,6 +25,7 @@ from ._events import EventCallback, EventReporter
 from ._fan import branch_hops, fans_out
 from ._hop import EXPIRY_GRACE
 from ._join import refuse_groups_without_join
+from ._parallel import Parallel
 from ._plan import new_plan, signer_of, token_subject
 from ._principal import principal_of
 from ._resume_checks import check_before_resume
@@ -123,7 +124,7 @@ class WorkflowDispatcher:
 
     async def dispatch_workflow(
         self,
-        activities: Sequence[ActivitySpec | Activity | str],
+        activities: Sequence[ActivitySpec | Activity | Parallel | str],
         variables: Mapping[str, Any] | None = None,
         *,
         obo_token: str | None = None,
@@ -135,7 +136,8 @@ class WorkflowDispatcher:
         """Start a workflow and return its correlation ID.
 
         Args:
-            activities: The steps, in order: a list of `ActivitySpec`s, activities or names.
+            activities: The steps, in order: a list of `ActivitySpec`s, activities or names, and `Parallel`
+                groups of them (their branches run at the same time; see `Parallel`).
             variables: The workflow's initial payload: a mapping of names to JSON values.
             obo_token: The user's on-behalf-of token, carried with every hop.
             correlation_id: Use this ID instead of a new one. Dispatching the same activities, variables and
@@ -148,7 +150,8 @@ class WorkflowDispatcher:
                 checks); by default the subject (`sub`) of `obo_token`, validated when tokens are checked.
 
         Raises:
-            UserError: Activities or variables of the wrong shape, no activities, an invalid name, variables
+            UserError: Activities or variables of the wrong shape, no activities, an invalid name, a parallel group
+                past its limits (or, on RabbitMQ, without `PAIGEANT_SHARED_STORE_URL`), variables
                 that are not JSON, no key to sign with, or a key the trust policy does not let start workflows.
             TokenError: Tokens are checked and `obo_token` fails the check (only without `principal`).
             WorkflowExists: `correlation_id` is in use by a workflow with other activities, variables or token.
