@@ -39,6 +39,7 @@ __all__ = (
     "branch_hops",
     "branch_refusal",
     "complete_branch",
+    "describe_fan_out",
     "fan_out",
     "fans_out",
     "refuse_without_join",
@@ -77,9 +78,17 @@ def branch_hops(message: PaigeantMessage) -> list[PaigeantMessage]:
 
 async def fan_out(message: PaigeantMessage, deps: SettleDeps) -> None:
     """Send the first hop of each branch of the group `message` has reached, each confirmed by the transport."""
-    for hop in branch_hops(message):
+    hops = branch_hops(message)
+    for hop in hops:
         body = seal(hop, deps.security, max_bytes=deps.max_message_bytes)
         await deps.transport.publish(hop.routing_slip.current or "", body, headers=dict(hop.headers))
+    await deps.reporter.report("fanned_out", message, detail=describe_fan_out(hops))
+
+
+def describe_fan_out(hops: list[PaigeantMessage]) -> str:
+    """What a `fanned_out` event says: the branches sent, by key and activity."""
+    sent = ", ".join(f"{hop.routing_slip.branch} ({hop.routing_slip.current})" for hop in hops)
+    return f"{len(hops)} branches: {sent}"
 
 
 def refuse_without_join(hop: Hop, joins: JoinStore | None) -> Hop | Reject:
@@ -177,6 +186,9 @@ async def complete_branch(hop: Hop, outcome: Advance, deps: SettleDeps) -> Joine
     if any(spec.branch_key not in records for spec in group.branches):
         return None  # not every branch is there yet: the last one to store its result joins the group
     continuation, joined = _join(message, group, _verified(records, message, group, deps))
+    keys = ", ".join(joined.output_keys)
+    detail = f"{len(group.branches)} branches merged: {keys}"
+    await deps.reporter.report("joined", continuation, step=joined.step, activity=group.name, detail=detail)
     return Joined(continuation, joined, group_id)
 
 

@@ -22,7 +22,7 @@ from ._cancel import CANCEL_TTL, Cancellation, CancelRequest, sign_cancel, unwin
 from ._dispatch_checks import require_workers, specs_of, variables_of, workflow_fingerprint
 from ._dispatch_checks import to_spec as to_spec  # importable from here, as it always was
 from ._events import EventCallback, EventReporter
-from ._fan import branch_hops, fans_out
+from ._fan import branch_hops, describe_fan_out, fans_out
 from ._hop import EXPIRY_GRACE
 from ._join import refuse_groups_without_join
 from ._parallel import Parallel
@@ -183,6 +183,8 @@ class WorkflowDispatcher:
         if fingerprint is not None:
             await self._confirm(message.correlation_id, fingerprint)
         await self.reporter.report("dispatched", message, owner=owner, deadline=message.expires_at)
+        if fans_out(message):
+            await self.reporter.report("fanned_out", message, detail=describe_fan_out(branch_hops(message)))
         return message.correlation_id
 
     def _first_message(

@@ -161,6 +161,27 @@ async def test_a_group_runs_its_branches_and_merges_their_outputs_under_their_ke
     assert status.payload["research"] == {"by": "research", "of": cid[:8]}
     assert status.payload["by"] == "decide"
     assert await dead_letters(joinable) == []
+    steps = [(step.step, step.activity, step.branch, step.state) for step in status.steps]
+    assert sorted(steps, key=str) == sorted(
+        [
+            (0, "validate", None, "completed"),
+            (1, "research", "research", "completed"),
+            (1, "inventory", "inventory", "completed"),
+            (1, "pricing", "pricing", "completed"),
+            (2, "decide", None, "completed"),
+        ],
+        key=str,
+    ), "the branches side by side, at the group's step"
+    kinds = [event.kind for event in status.events]
+    assert kinds.count("fanned_out") == kinds.count("joined") == 1
+    fanned = next(event for event in status.events if event.kind == "fanned_out")
+    assert fanned.detail == "3 branches: research (research), inventory (inventory), pricing (pricing)"
+    joined = next(event for event in status.events if event.kind == "joined")
+    assert (joined.step, joined.activity, joined.detail) == (
+        1,
+        "parallel",
+        "3 branches merged: research, inventory, pricing",
+    )
 
 
 async def test_a_group_may_start_a_workflow_and_end_it_with_keys_of_its_own(joinable: Transport) -> None:
