@@ -13,12 +13,14 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import pytest
+from logfire.testing import CaptureLogfire
 
 from paigeant_ai import (
     Activity,
     ActivityContext,
     ActivitySpec,
     FunctionActivity,
+    InMemoryTransport,
     NonRetryableError,
     Parallel,
     RetryPolicy,
@@ -390,3 +392,32 @@ async def test_on_rabbitmq_a_group_needs_a_shared_store_at_dispatch_and_at_the_w
     assert team.order(cid) == []
     letters = await dead_letters(transport)
     assert [letter.headers[REASON_HEADER] for letter in letters] == [NO_JOIN_STORE]
+
+
+async def test_the_branches_hop_spans_are_siblings_sent_by_the_hop_that_fanned_out(capfire: CaptureLogfire) -> None:
+    async with InMemoryTransport() as transport:
+        team = Team(transport)
+        cid = await team.dispatcher.dispatch_workflow(["validate", Parallel("research", "inventory"), "decide"])
+        await team.worker_.run(burst=True)
+        await team.ended(cid, "completed")
+
+    spans = capfire.exporter.exported_spans_as_dict()
+    by_id = {span["context"]["span_id"]: span for span in spans}
+    hops = {
+        span["attributes"]["paigeant.activity"]: span
+        for span in spans
+        if span["attributes"].get("paigeant.activity") and span["name"] == "paigeant.hop"
+    }
+    assert {"validate", "research", "inventory", "decide"} <= set(hops), sorted(span["name"] for span in spans)
+    assert len({span["context"]["trace_id"] for span in spans}) == 1, "one workflow, one trace"
+    assert all(hops[name]["attributes"]["correlation_id"] == cid for name in hops)
+    # Every hop's span is a child of the workflow's root (the dispatch span), linked to the hop that sent it.
+    dispatch = next(span for span in spans if span["name"] == "paigeant.dispatch")
+    assert {hop["parent"]["span_id"] for hop in hops.values()} == {dispatch["context"]["span_id"]}
+
+    def sender(hop: dict[str, Any]) -> str:
+        [link] = [link for link in hop.get("links", []) if link["attributes"]["paigeant.link"] == "sender"]
+        return by_id[link["context"]["span_id"]]["attributes"]["paigeant.activity"]
+
+    assert sender(hops["research"]) == sender(hops["inventory"]) == "validate", "siblings sent by the fan-out"
+    assert sender(hops["decide"]) in ("research", "inventory"), "the continuation is sent by the joining branch"
