@@ -17,10 +17,12 @@ from logfire.testing import CaptureLogfire
 
 from paigeant_ai import (
     Activity,
+    ActivityCatalog,
     ActivityContext,
     ActivitySpec,
     FunctionActivity,
     InMemoryTransport,
+    InvalidPlan,
     NonRetryableError,
     Parallel,
     RetryPolicy,
@@ -421,3 +423,21 @@ async def test_the_branches_hop_spans_are_siblings_sent_by_the_hop_that_fanned_o
 
     assert sender(hops["research"]) == sender(hops["inventory"]) == "validate", "siblings sent by the fan-out"
     assert sender(hops["decide"]) in ("research", "inventory"), "the continuation is sent by the joining branch"
+
+
+def test_a_plan_may_hold_a_group_whose_branches_see_the_variables_before_it() -> None:
+    catalog = ActivityCatalog()
+    catalog.add(ActivitySpec(name="validate"), needs=["order"], produces=["customer"])
+    catalog.add(ActivitySpec(name="research"), needs=["customer"], produces=["history"])
+    catalog.add(ActivitySpec(name="inventory"), needs=["order"])
+    catalog.add(ActivitySpec(name="decide"), needs=["research", "inventory"])
+    catalog.add(ActivitySpec(name="peek"), needs=["history"])
+
+    specs = catalog.plan(["validate", ["research", "inventory"], "decide"], ["order"])
+    assert [spec.name for spec in specs] == ["validate", "parallel", "decide"]
+    assert [branch.branch_key for branch in specs[1].branches] == ["research", "inventory"]
+
+    with pytest.raises(InvalidPlan, match="step 2 'peek' needs variable 'history'"):
+        catalog.plan(["validate", ["research", "peek"]], ["order"])  # a branch does not see another's output
+    with pytest.raises(InvalidPlan, match="have the key 'research'"):
+        catalog.plan(["validate", ["research", "research"]], ["order"])
