@@ -8,6 +8,7 @@ workflow ended is read from its status, projected from the events its workers re
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -212,6 +213,20 @@ async def test_a_branch_is_retried_on_its_own(joinable: Transport) -> None:
     assert sorted(team.order(cid)) == ["decide", "inventory", "inventory", "pricing", "research", "validate"]
 
 
+async def test_a_branch_falls_back_in_order_and_its_fallbacks_output_goes_under_its_key(joinable: Transport) -> None:
+    team = Team(joinable, fail={"broken"})
+    branch = ActivitySpec(name="broken", fallbacks=("pricing",))
+    cid = await team.dispatcher.dispatch_workflow(["validate", Parallel(branch, "inventory"), "decide"])
+    await team.worker_.run(burst=True)
+
+    status = await team.ended(cid, "completed")
+    assert sorted(team.order(cid)) == ["broken", "decide", "inventory", "pricing", "validate"]
+    assert status.payload is not None
+    assert status.payload["broken"] == {"by": "pricing", "of": cid[:8]}, "the branch's key, the fallback's output"
+    failed = [(step.activity, step.branch, step.state) for step in status.steps if step.state == "failed"]
+    assert failed == [("broken", "broken", "failed")]
+
+
 async def test_a_branch_that_fails_for_good_undoes_the_steps_before_and_the_branches_that_completed(
     joinable: Transport,
 ) -> None:
@@ -270,6 +285,20 @@ async def test_a_cancel_stops_the_running_branches(joinable: Transport) -> None:
 
     assert sorted(team.interrupted) == ["inventory", "research"]
     assert team.undid(cid) == ["unvalidate"], "the steps before the group undone once; no branch had completed"
+    assert "decide" not in team.order(cid)
+
+
+async def test_the_workflows_deadline_stops_the_running_branches(joinable: Transport) -> None:
+    team = Team(joinable)
+    team.waits["research"] = lambda: False  # until its timeout is cut short by the deadline
+    dispatcher = WorkflowDispatcher(joinable, security=signer(KEYS.orders), on_event=team.store.apply, ttl=2)
+    async with team.worker_:
+        cid = await dispatcher.dispatch_workflow(["validate", Parallel("research", "inventory"), "decide"])
+        await team.ended(cid, "expired")
+        await team.until(_now(lambda: sorted(team.undid(cid)) == ["release-stock", "unvalidate"]), "the undoing")
+
+    assert team.interrupted == ["research"]
+    assert team.undid(cid)[-1] == "unvalidate", "the completed branch first, then the step before the group"
     assert "decide" not in team.order(cid)
 
 
@@ -377,12 +406,14 @@ def _now(check: Callable[[], bool]) -> Callable[[], Awaitable[bool]]:
 
 @pytest.mark.rabbitmq
 async def test_on_rabbitmq_a_group_needs_a_shared_store_at_dispatch_and_at_the_worker(
-    transport: Transport, monkeypatch: pytest.MonkeyPatch
+    transport: Transport, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     if transport.name != "rabbitmq":
         pytest.skip("RabbitMQ alone has no store its workers share")
     monkeypatch.delenv("PAIGEANT_SHARED_STORE_URL", raising=False)
-    team = Team(transport)
+    with caplog.at_level(logging.WARNING, logger="paigeant_ai.worker"):
+        team = Team(transport)
+    assert NO_JOIN_STORE in caplog.text, "the worker says so when it starts"
     with pytest.raises(UserError) as refused:
         await team.dispatcher.dispatch_workflow(["validate", GROUP])
     assert str(refused.value) == NO_JOIN_STORE
