@@ -30,10 +30,9 @@ from collections.abc import Callable, Mapping, Sequence
 from datetime import timedelta
 from typing import Any, NamedTuple, TypeVar
 
+from ._plan_groups import Branch, check_branch_compensation, check_branch_fallbacks, check_group_sizes, check_groups
 from ._tokens import unverified_claims
 from .contracts import (
-    MAX_BRANCHES,
-    ActivityLogEntry,
     ActivitySpec,
     Compensation,
     PaigeantMessage,
@@ -73,14 +72,6 @@ COMPENSATION_WINDOW = timedelta(days=7)
 """How long after a workflow stopped its compensations may still run, past its own expiry."""
 
 
-class _Branch(NamedTuple):
-    """A branch of a parallel group as the check sees it."""
-
-    key: str
-    alternatives: tuple[str, ...]
-    compensate: str | None
-
-
 class _Step(NamedTuple):
     """A step of the route as the check sees it."""
 
@@ -89,9 +80,9 @@ class _Step(NamedTuple):
     mandatory: bool
     fallbacks: tuple[str, ...] = ()
     compensate: str | None = None
-    branches: tuple[_Branch, ...] = ()
+    branches: tuple[Branch, ...] = ()
 
-    def branch(self, key: str | None) -> _Branch | None:
+    def branch(self, key: str | None) -> Branch | None:
         """The branch with payload key `key`, if this step is a group that has one."""
         return next((branch for branch in self.branches if branch.key == key), None)
 
@@ -250,7 +241,7 @@ def _steps(specs: Sequence[ActivitySpec]) -> list[_Step]:
             spec.mandatory,
             spec.fallbacks,
             spec.compensate,
-            tuple(_Branch(branch.branch_key, branch.alternatives, branch.compensate) for branch in spec.branches),
+            tuple(Branch(branch.branch_key, branch.alternatives, branch.compensate) for branch in spec.branches),
         )
         for spec in specs
     ]
@@ -265,20 +256,12 @@ def _planned_steps(steps: Sequence[PlannedStep]) -> list[_Step]:
             step.fallbacks,
             step.compensate,
             tuple(
-                _Branch(branch.key or branch.name, (branch.name, *branch.fallbacks), branch.compensate)
+                Branch(branch.key or branch.name, (branch.name, *branch.fallbacks), branch.compensate)
                 for branch in step.branches
             ),
         )
         for step in steps
     ]
-
-
-def _check_group_sizes(steps: Sequence[_Step], error: Callable[[str], SecurityError]) -> None:
-    for step in steps:
-        if len(step.branches) > MAX_BRANCHES:
-            raise error(
-                f"parallel group {step.name!r} has {len(step.branches)} branches, at most {MAX_BRANCHES} are allowed"
-            )
 
 
 def check_route(plan: Plan, slip: RoutingSlip) -> int:
@@ -292,7 +275,7 @@ def check_route(plan: Plan, slip: RoutingSlip) -> int:
             made where it says) or `plan` (the log or the live route is not what the plan and revisions give).
     """
     route = _planned_steps(plan.steps)
-    _check_group_sizes(route, _plan_error)
+    check_group_sizes(route, _plan_error)
     done = [entry.name for entry in slip.completed if entry.outcome != "failed"]
     limits = plan.limits
     if len(slip.revisions) > limits.max_revisions:
@@ -308,7 +291,7 @@ def check_route(plan: Plan, slip: RoutingSlip) -> int:
             )
         last = at
         new = _steps(revision.remaining)
-        _check_group_sizes(new, lambda reason, n=number: _revision_error(f"revision {n}: {reason}"))
+        check_group_sizes(new, lambda reason, n=number: _revision_error(f"revision {n}: {reason}"))
         added, removed = added_and_removed(route[at + 1 :], new, _step_key)
         mandatory = [step.name for step in removed if step.mandatory]
         if mandatory:
@@ -326,7 +309,7 @@ def check_route(plan: Plan, slip: RoutingSlip) -> int:
             )
         route[at + 1 :] = new
     _check_done(route, done)
-    _check_groups(route, slip)
+    check_groups(route, slip)
     _check_compensations(route, done, slip)
     if slip.unwinding is None:
         _check_remaining(route[len(done) :], _steps(slip.itinerary))
@@ -351,73 +334,13 @@ def _check_done(route: list[_Step], done: list[str]) -> None:
             )
 
 
-def _check_groups(route: list[_Step], slip: RoutingSlip) -> None:
-    """Each parallel group that completed logs one completion per branch, by one of the branch's alternatives; a
-    branch's failures logged beside the route belong to a branch of the group the workflow is at."""
-    position = 0
-    for entry in slip.completed:
-        planned = route[position] if position < len(route) else None
-        if entry.branch is not None:
-            branch = planned.branch(entry.branch) if planned is not None else None
-            if entry.outcome != "failed" or branch is None or entry.name not in branch.alternatives:
-                raise _plan_error(f"step {position} logs {entry.name!r} as branch {entry.branch!r}, which it is not")
-            continue
-        if entry.outcome == "failed":
-            continue
-        if planned is not None and planned.branches:
-            _check_joined(position, planned, entry)
-        elif entry.branches:
-            raise _plan_error(f"step {position} {entry.name!r} logs branches, but it is not a parallel group")
-        position += 1
-    if slip.branch is not None and (len(route) <= position or route[position].branch(slip.branch) is None):
-        raise _plan_error(f"the hop runs branch {slip.branch!r}, which step {position} of the plan does not have")
-
-
-def _check_joined(position: int, planned: _Step, entry: ActivityLogEntry) -> None:
-    done = [branch.branch for branch in entry.branches if branch.outcome == "completed"]
-    if sorted(key or "" for key in done) != sorted(branch.key for branch in planned.branches):
-        raise _plan_error(f"parallel group {planned.name!r} at step {position} did not log each branch completed once")
-    for logged in entry.branches:
-        branch = planned.branch(logged.branch)
-        if branch is None or logged.name not in branch.alternatives:
-            raise _plan_error(
-                f"parallel group {planned.name!r} at step {position} logs {logged.name!r} as branch "
-                f"{logged.branch!r}, which it is not"
-            )
-
-
-def _check_branch_fallbacks(route: list[_Step], position: int, slip: RoutingSlip) -> None:
-    """The live branch's fallbacks were taken in its declared order, and it runs as the one they give now."""
-    branch = route[position].branch(slip.branch) if position < len(route) else None
-    if branch is None:
-        raise _plan_error(f"the hop runs branch {slip.branch!r}, which step {position} of the plan does not have")
-    expected = branch.alternatives[0]
-    for entry in slip.completed:
-        if entry.branch != slip.branch or entry.fallback is None:
-            continue
-        at = branch.alternatives.index(entry.name) if entry.name in branch.alternatives else -1
-        if (
-            entry.name != expected
-            or at + 1 >= len(branch.alternatives)
-            or branch.alternatives[at + 1] != entry.fallback
-        ):
-            raise _plan_error(
-                f"branch {slip.branch!r} fell back from {entry.name!r} to {entry.fallback!r}, out of its order"
-            )
-        expected = entry.fallback
-    if slip.current != expected:
-        raise _plan_error(
-            f"branch {slip.branch!r} runs as {slip.current!r}, but its alternatives give {expected!r} now"
-        )
-
-
 def _check_fallbacks(route: list[_Step], slip: RoutingSlip) -> None:
     """Each fallback taken follows its step's declared order, and the live step runs as one of its alternatives."""
     position = 0
     expected: str | None = route[0].name if route else None
     for entry in slip.completed:
         if entry.branch is not None:
-            continue  # a branch's failure: see `_check_branch_fallbacks`
+            continue  # a branch's failure: see `_plan_groups.check_branch_fallbacks`
         step = route[position] if position < len(route) else None
         alternatives = (step.name, *step.fallbacks) if step is not None else ()
         if entry.outcome != "failed":
@@ -431,7 +354,7 @@ def _check_fallbacks(route: list[_Step], slip: RoutingSlip) -> None:
             raise _plan_error(f"step {position} fell back from {entry.name!r} to {entry.fallback!r}, out of its order")
         expected = entry.fallback
     if slip.unwinding is None and slip.branch is not None:
-        _check_branch_fallbacks(route, position, slip)
+        check_branch_fallbacks(route, position, slip)
     elif slip.unwinding is None and slip.current is not None and slip.current != expected:
         raise _plan_error(f"step {position} runs as {slip.current!r}, but its alternatives give {expected!r} now")
 
@@ -458,7 +381,7 @@ def _check_compensations(route: list[_Step], done: list[str], slip: RoutingSlip)
     last, keys = -1, set[str]()
     for record in slip.compensations:
         if record.branch is not None:
-            _check_branch_compensation(route, done, slip, record, last, keys)
+            check_branch_compensation(route, done, slip, record, last, keys)
             last = record.step
             continue
         if record.step <= last or record.step >= len(done) or done[record.step] != record.activity:
@@ -468,36 +391,6 @@ def _check_compensations(route: list[_Step], done: list[str], slip: RoutingSlip)
         if declared is not None and declared != record.compensate:
             raise _plan_error(f"step {record.step} is undone by {record.compensate!r}, but its plan names {declared!r}")
         last = record.step
-
-
-def _check_branch_compensation(
-    route: list[_Step], done: list[str], slip: RoutingSlip, record: Compensation, last: int, keys: set[str]
-) -> None:
-    """A branch's entry in the compensation log: of a branch of the group at its step, which completed there (or
-    the workflow is being undone from that group), once, after the steps before it."""
-    if record.step != last:
-        keys.clear()
-    planned = route[record.step] if record.step < len(route) else None
-    branch = planned.branch(record.branch) if planned is not None else None
-    joined = record.step < len(done) and planned is not None and done[record.step] == planned.name
-    stopped_there = record.step == len(done) and slip.unwinding is not None
-    if (
-        record.step < last
-        or record.branch in keys
-        or branch is None
-        or record.activity not in branch.alternatives
-        or not (joined or stopped_there)
-    ):
-        raise _plan_error(
-            f"the compensation log names branch {record.branch!r} of step {record.step} {record.activity!r}, which "
-            "did not run"
-        )
-    if record.activity == branch.alternatives[0] and branch.compensate not in (None, record.compensate):
-        raise _plan_error(
-            f"branch {record.branch!r} of step {record.step} is undone by {record.compensate!r}, but its plan names "
-            f"{branch.compensate!r}"
-        )
-    keys.add(record.branch or "")
 
 
 def _check_remaining(expected: list[_Step], live: list[_Step]) -> None:
