@@ -25,6 +25,7 @@ from paigeant_ai import (
     InMemoryTransport,
     InvalidPlan,
     NonRetryableError,
+    NoWorker,
     Parallel,
     RetryPolicy,
     Revision,
@@ -472,3 +473,13 @@ def test_a_plan_may_hold_a_group_whose_branches_see_the_variables_before_it() ->
         catalog.plan(["validate", ["research", "peek"]], ["order"])  # a branch does not see another's output
     with pytest.raises(InvalidPlan, match="have the key 'research'"):
         catalog.plan(["validate", ["research", "research"]], ["order"])
+
+
+async def test_require_workers_asks_for_every_branch_of_a_first_group() -> None:
+    async with InMemoryTransport() as transport:
+        team = Team(transport)
+        async with team.worker_:
+            with pytest.raises(NoWorker, match="no worker consumes 'unknown-branch'"):
+                await team.dispatcher.dispatch_workflow([Parallel("research", "unknown-branch")], require_workers=True)
+            cid = await team.dispatcher.dispatch_workflow([Parallel("research", "inventory")], require_workers=True)
+            await team.ended(cid, "completed")
