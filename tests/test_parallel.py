@@ -33,6 +33,7 @@ from paigeant_ai import (
     Worker,
     WorkflowDispatcher,
 )
+from paigeant_ai._cli_workflows import render_status
 from paigeant_ai._join import NO_JOIN_STORE, BranchResult
 from paigeant_ai._sealing import seal
 from paigeant_ai.contracts import ActivityLogEntry, Compensation, PaigeantMessage, utcnow
@@ -182,6 +183,9 @@ async def test_a_group_runs_its_branches_and_merges_their_outputs_under_their_ke
     assert kinds.count("fanned_out") == kinds.count("joined") == 1
     fanned = next(event for event in status.events if event.kind == "fanned_out")
     assert fanned.detail == "3 branches: research (research), inventory (inventory), pricing (pricing)"
+    shown = render_status(status)  # what `paigeant status` prints
+    assert "branch research" in shown
+    assert "fanned_out" in shown
     joined = next(event for event in status.events if event.kind == "joined")
     assert (joined.step, joined.activity, joined.detail) == (
         1,
