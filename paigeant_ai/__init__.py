@@ -11,6 +11,7 @@ from ._approvals import Approval, SignedApproval
 from ._cancel import Cancellation
 from ._events import WorkflowEvent
 from ._in_doubt import Ran, RunAgain
+from ._parallel import Parallel
 from .activity import Activity, ActivityContext, AgentActivity, FunctionActivity, activity
 from .approval import (
     InMemoryWaitingStore,
@@ -101,6 +102,7 @@ __all__ = (
     "PaigeantMessage",
     "PaigeantPlanner",
     "PaigeantToolset",
+    "Parallel",
     "ParkWorkflow",
     "ParkedStep",
     "PendingToolCall",

@@ -220,6 +220,7 @@ def render_status(status: WorkflowStatus) -> str:
             if step.timeout is not None and step.state in ("running", "retrying"):
                 took = f"timeout {step.timeout:g}s"
             undoes = f"  undoes {step.undoes}" if step.undoes else ""
+            undoes += f"  branch {step.branch}" if step.branch else ""
             lines.append(
                 f"    {step.step:>3} {step.activity:<{width}}  {step.state:<9} {_attempts(step.attempts):<11} {took}"
                 f"{undoes}"
@@ -242,6 +243,7 @@ def render_status(status: WorkflowStatus) -> str:
 def _describe(event: WorkflowEvent) -> str:
     where = f" step {event.step}" if event.step is not None else ""
     where += f" {event.activity}" if event.activity else ""
+    where += f" [branch {event.branch}]" if event.branch else ""
     text = f"{event.kind:<15}{where}"
     if event.kind in ("step_started", "step_completed") and event.attempt:
         text += f" (attempt {event.attempt + 1})"

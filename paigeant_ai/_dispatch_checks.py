@@ -13,6 +13,7 @@ from typing import Any, NoReturn, cast
 
 from pydantic import ValidationError
 
+from ._parallel import MAX_BRANCHES, Parallel, check_branch_count
 from .activity import Activity
 from .contracts import RESERVED_ADDRESSES, ActivitySpec, PaigeantMessage
 from .exceptions import NoWorker, UserError
@@ -31,9 +32,14 @@ __all__ = (
 logger = logging.getLogger("paigeant_ai.dispatch")
 
 
-def to_spec(item: ActivitySpec | Activity | str) -> ActivitySpec:
-    """The spec the routing slip carries for `item`: a spec, an activity's spec, or a bare name."""
+def to_spec(item: ActivitySpec | Activity | Parallel | str) -> ActivitySpec:
+    """The spec the routing slip carries for `item`: a spec, an activity's spec, a bare name, or a `Parallel`
+    group's."""
+    if isinstance(item, Parallel):
+        return item.spec
     if isinstance(item, ActivitySpec):
+        if len(item.branches) > MAX_BRANCHES:
+            check_branch_count(len(item.branches))
         return item
     if isinstance(item, str):
         try:
@@ -67,7 +73,9 @@ def specs_of(activities: object) -> list[ActivitySpec]:
             f"activities must be a list of steps (ActivitySpec objects, activities or names), "
             f"not {type(activities).__name__}"
         )
-    return [to_spec(item) for item in cast("Sequence[ActivitySpec | Activity | str]", activities)]  # each checked
+    return [
+        to_spec(item) for item in cast("Sequence[ActivitySpec | Activity | Parallel | str]", activities)
+    ]  # each checked
 
 
 def variables_of(variables: object) -> Mapping[str, Any] | None:
@@ -113,12 +121,14 @@ async def require_workers(transport: Transport, itinerary: Sequence[ActivitySpec
     Only what the route carries is checked: a compensation that a worker's own spec adds at run time is not known
     here (a workflow waiting for it shows as `stalled`, see `mark_stalled`).
     """
-    first = itinerary[0].name
+    first = itinerary[0].branches[0].name if itinerary[0].branches else itinerary[0].name
     if not isinstance(transport, ConsumerWatch) or (count := await transport.consumers(first)) is None:
         logger.warning("%s cannot tell whether a worker consumes %r; dispatching anyway", transport.name, first)
         return
     wanted: dict[str, str | None] = {first: None}  # each activity, and what the route needs it for
-    for position, spec in enumerate(itinerary):
+    for position, spec in enumerate(step for group in itinerary for step in (group.branches or (group,))):
+        if position == 0 or spec in itinerary[0].branches:
+            wanted.setdefault(spec.name, None)  # each branch of a first group runs first
         for fallback in spec.fallbacks:
             wanted.setdefault(fallback, f"the fallback of step {position} {spec.name!r}")
         if spec.compensate is not None:

@@ -56,13 +56,17 @@ EventKind = Literal[
     "compensation_failed",
     "in_doubt",
     "reconciled",
+    "fanned_out",
+    "joined",
 ]
 """What a `WorkflowEvent` reports; `replayed` is a step sent again from the dead-letter queue.
 
 A workflow that stops before its end (`faulted`, `cancelled`, `expired`) with completed steps to undo goes on with
 `compensating`, the compensations as steps (their events name the step they undo in `undoes`), and ends
 `compensated` or `compensation_failed`. An at-most-once step found started and not finished is `reconciled` (it
-completes without running) or parks the workflow `in_doubt` until a person says whether it ran."""
+completes without running) or parks the workflow `in_doubt` until a person says whether it ran. A parallel group
+reports `fanned_out` when its branches are sent and `joined` when the step after it is; its branches' step events
+name their `branch`."""
 
 
 class WorkflowEvent(Wire):
@@ -95,6 +99,8 @@ class WorkflowEvent(Wire):
     """On `dispatched`: when the workflow expires (it then ends `expired`)."""
     timeout: float | None = Field(default=None, exclude_if=lambda value: value is None)
     """On `step_started`: the seconds the attempt may run."""
+    branch: str | None = Field(default=None, exclude_if=lambda value: value is None)
+    """On the events of a parallel group's branch: its key (`step` is the group's index)."""
 
 
 _EVENT_BATCH = TypeAdapter(list[WorkflowEvent])
@@ -182,6 +188,8 @@ class EventReporter:
             values["attempt"] = message.attempt
             values["message_id"] = message.message_id
             values["remaining"] = [spec.name for spec in message.routing_slip.itinerary]
+            if message.routing_slip.branch is not None:
+                values["branch"] = message.routing_slip.branch
         values.update(fields)
         if self.publish:
             if self._batch is not None and not now:

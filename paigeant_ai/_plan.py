@@ -30,6 +30,7 @@ from collections.abc import Callable, Mapping, Sequence
 from datetime import timedelta
 from typing import Any, NamedTuple, TypeVar
 
+from ._plan_groups import Branch, check_branch_compensation, check_branch_fallbacks, check_group_sizes, check_groups
 from ._tokens import unverified_claims
 from .contracts import (
     ActivitySpec,
@@ -79,6 +80,11 @@ class _Step(NamedTuple):
     mandatory: bool
     fallbacks: tuple[str, ...] = ()
     compensate: str | None = None
+    branches: tuple[Branch, ...] = ()
+
+    def branch(self, key: str | None) -> Branch | None:
+        """The branch with payload key `key`, if this step is a group that has one."""
+        return next((branch for branch in self.branches if branch.key == key), None)
 
     @property
     def alternatives(self) -> tuple[str, ...]:
@@ -131,16 +137,7 @@ def new_plan(
     """
     plan = Plan(
         correlation_id=message.correlation_id,
-        steps=[
-            PlannedStep(
-                name=spec.name,
-                digest=spec_digest(spec),
-                mandatory=spec.mandatory,
-                fallbacks=spec.fallbacks,
-                compensate=spec.compensate,
-            )
-            for spec in message.routing_slip.itinerary
-        ],
+        steps=[_planned(spec) for spec in message.routing_slip.itinerary],
         initiator=token_subject(message.security.obo_token),
         owner=owner,
         limits=limits or RevisionLimits(),
@@ -158,6 +155,18 @@ def new_plan(
             )
     plan.signature = signature
     return plan
+
+
+def _planned(spec: ActivitySpec, key: str | None = None) -> PlannedStep:
+    return PlannedStep(
+        name=spec.name,
+        digest=spec_digest(spec),
+        mandatory=spec.mandatory,
+        fallbacks=spec.fallbacks,
+        compensate=spec.compensate,
+        branches=tuple(_planned(branch, branch.branch_key) for branch in spec.branches),
+        key=key,
+    )
 
 
 def revise_route(message: PaigeantMessage, revisions: Sequence[Revision], security: MessageSecurity) -> None:
@@ -225,7 +234,34 @@ def _step_key(step: _Step) -> str:
 
 
 def _steps(specs: Sequence[ActivitySpec]) -> list[_Step]:
-    return [_Step(spec.name, spec_digest(spec), spec.mandatory, spec.fallbacks, spec.compensate) for spec in specs]
+    return [
+        _Step(
+            spec.name,
+            spec_digest(spec),
+            spec.mandatory,
+            spec.fallbacks,
+            spec.compensate,
+            tuple(Branch(branch.branch_key, branch.alternatives, branch.compensate) for branch in spec.branches),
+        )
+        for spec in specs
+    ]
+
+
+def _planned_steps(steps: Sequence[PlannedStep]) -> list[_Step]:
+    return [
+        _Step(
+            step.name,
+            step.digest,
+            step.mandatory,
+            step.fallbacks,
+            step.compensate,
+            tuple(
+                Branch(branch.key or branch.name, (branch.name, *branch.fallbacks), branch.compensate)
+                for branch in step.branches
+            ),
+        )
+        for step in steps
+    ]
 
 
 def check_route(plan: Plan, slip: RoutingSlip) -> int:
@@ -238,7 +274,8 @@ def check_route(plan: Plan, slip: RoutingSlip) -> int:
         SecurityError: With code `revision` (a revision goes past the limits, removes a mandatory step, or was not
             made where it says) or `plan` (the log or the live route is not what the plan and revisions give).
     """
-    route = [_Step(step.name, step.digest, step.mandatory, step.fallbacks, step.compensate) for step in plan.steps]
+    route = _planned_steps(plan.steps)
+    check_group_sizes(route, _plan_error)
     done = [entry.name for entry in slip.completed if entry.outcome != "failed"]
     limits = plan.limits
     if len(slip.revisions) > limits.max_revisions:
@@ -254,6 +291,7 @@ def check_route(plan: Plan, slip: RoutingSlip) -> int:
             )
         last = at
         new = _steps(revision.remaining)
+        check_group_sizes(new, lambda reason, n=number: _revision_error(f"revision {n}: {reason}"))
         added, removed = added_and_removed(route[at + 1 :], new, _step_key)
         mandatory = [step.name for step in removed if step.mandatory]
         if mandatory:
@@ -271,6 +309,7 @@ def check_route(plan: Plan, slip: RoutingSlip) -> int:
             )
         route[at + 1 :] = new
     _check_done(route, done)
+    check_groups(route, slip)
     _check_compensations(route, done, slip)
     if slip.unwinding is None:
         _check_remaining(route[len(done) :], _steps(slip.itinerary))
@@ -300,6 +339,8 @@ def _check_fallbacks(route: list[_Step], slip: RoutingSlip) -> None:
     position = 0
     expected: str | None = route[0].name if route else None
     for entry in slip.completed:
+        if entry.branch is not None:
+            continue  # a branch's failure: see `_plan_groups.check_branch_fallbacks`
         step = route[position] if position < len(route) else None
         alternatives = (step.name, *step.fallbacks) if step is not None else ()
         if entry.outcome != "failed":
@@ -312,7 +353,9 @@ def _check_fallbacks(route: list[_Step], slip: RoutingSlip) -> None:
         if entry.name != expected or at < 0 or at + 1 >= len(alternatives) or alternatives[at + 1] != entry.fallback:
             raise _plan_error(f"step {position} fell back from {entry.name!r} to {entry.fallback!r}, out of its order")
         expected = entry.fallback
-    if slip.unwinding is None and slip.current is not None and slip.current != expected:
+    if slip.unwinding is None and slip.branch is not None:
+        check_branch_fallbacks(route, position, slip)
+    elif slip.unwinding is None and slip.current is not None and slip.current != expected:
         raise _plan_error(f"step {position} runs as {slip.current!r}, but its alternatives give {expected!r} now")
 
 
@@ -320,7 +363,7 @@ def _check_compensations(route: list[_Step], done: list[str], slip: RoutingSlip)
     """Each entry of the compensation log names a completed step, once, with the compensation its plan declares;
     each step that completed as planned with a declared compensation has its entry, not yet marked done before
     the workflow unwinds."""
-    recorded = {record.step: record for record in slip.compensations}
+    recorded = {record.step: record for record in slip.compensations if record.branch is None}
     position = 0
     for entry in slip.completed:
         if entry.outcome == "failed":
@@ -335,8 +378,12 @@ def _check_compensations(route: list[_Step], done: list[str], slip: RoutingSlip)
         if slip.unwinding is None and record is not None and record.compensated_at is not None:
             raise _plan_error(f"the compensation log marks step {position} undone, but the workflow is not undone")
         position += 1
-    last = -1
+    last, keys = -1, set[str]()
     for record in slip.compensations:
+        if record.branch is not None:
+            check_branch_compensation(route, done, slip, record, last, keys)
+            last = record.step
+            continue
         if record.step <= last or record.step >= len(done) or done[record.step] != record.activity:
             raise _plan_error(f"the compensation log names step {record.step} {record.activity!r}, which did not run")
         planned = route[record.step] if record.step < len(route) else None

@@ -35,8 +35,10 @@ from . import observability
 from ._dedupe import DedupeStore
 from ._escape import escape_control
 from ._events import EventReporter
+from ._fan import branch_refusal, complete_branch, fan_out, fans_out, stop_group
 from ._hop import Hop
 from ._in_doubt import StepInDoubt
+from ._join import JoinStore
 from ._long_steps import hand_over
 from ._outcome import Advance, End, Fault, Halt, Outcome, Park, Reject, Retry, Skip
 from ._plan import begin_unwinding, revise_route
@@ -109,6 +111,8 @@ class SettleDeps(Protocol):
     def rng(self) -> random.Random: ...
     @property
     def max_message_bytes(self) -> int: ...
+    @property
+    def joins(self) -> JoinStore | None: ...
 
 
 async def settle(hop: Hop, outcome: Outcome, deps: SettleDeps) -> None:
@@ -142,6 +146,17 @@ async def _secure_successor(hop: Hop, outcome: Outcome, deps: SettleDeps) -> tup
     """Publish what follows `hop`; the outcome as settled, and the reason to dead-letter the delivery as it arrived
     (None: ack it). An outcome whose successor cannot be sent becomes a `Fault`."""
     match outcome:
+        case Advance() | End() if hop.message.routing_slip.branch is not None:
+            if (refused := branch_refusal(hop, outcome)) is not None:
+                return await _secure_successor(hop, Fault(refused, fallback=False), deps)
+            try:
+                assert isinstance(outcome, Advance)  # a branch's End was refused above
+                await _complete_branch(hop, outcome, deps)
+            except SecurityError as exc:  # a result in the join store that does not verify: nothing is joined
+                deps.stats.rejected += 1
+                return Reject(f"security check failed: {exc}"), f"security check failed: {exc}"
+            except (MessageTooLarge, NonFiniteNumber) as exc:
+                return await _secure_successor(hop, Fault(str(exc), fallback=False), deps)
         case Advance() | End():
             try:
                 await _complete_step(hop, outcome, deps)
@@ -183,6 +198,9 @@ async def _secure_successor(hop: Hop, outcome: Outcome, deps: SettleDeps) -> tup
                 await _publish_hop(hop.message, deps)
                 await deps.dedupe.mark_done(key)
                 return _FellBack(outcome.reason, to), None
+            if slip.branch is not None and not await _first_to_stop(hop, deps):
+                await deps.dedupe.mark_done(key)
+                return Skip(f"its parallel group failed already ({outcome.reason})"), None
             if any(record.compensated_at is None for record in slip.compensations):
                 cause = Unwinding(
                     cause="faulted", reason=_fault_detail(hop, outcome), step=slip.step, activity=hop.spec.name
@@ -193,6 +211,8 @@ async def _secure_successor(hop: Hop, outcome: Outcome, deps: SettleDeps) -> tup
             return outcome, await _publish_fault(hop, outcome, deps)
         case Halt():
             slip = hop.message.routing_slip
+            if slip.branch is not None and not await _first_to_stop(hop, deps):
+                return Skip(f"its parallel group stopped already ({outcome.reason})"), None
             cause = Unwinding(
                 cause=outcome.cause,
                 reason=outcome.reason,
@@ -224,8 +244,33 @@ async def _stop(hop: Hop, unwinding: Unwinding, deps: SettleDeps, *, failed: str
     return stopped
 
 
+async def _first_to_stop(hop: Hop, deps: SettleDeps) -> bool:
+    """For a branch that stops its workflow: whether it is the first of its group to (see `_fan.stop_group`)."""
+    try:
+        return await stop_group(hop, deps)
+    except SecurityError as exc:  # what the other branches stored is forged: undo only what this slip knows
+        logger.warning("%s; the branches that completed are not undone", escape_control(str(exc)))
+        return True
+
+
+async def _complete_branch(hop: Hop, outcome: Advance, deps: SettleDeps) -> None:
+    """Store a completed branch's result; if it completes its group, send the continuation, then forget the group."""
+    key = hop.message.idempotency_key  # the branch's, before its slip changes
+    joined = await complete_branch(hop, outcome, deps)
+    if joined is not None:
+        await _publish_next(joined.message, deps)
+        if joined.message.routing_slip.is_complete:
+            await _report_step_done(joined.message, joined.entry, deps)
+        assert deps.joins is not None
+        await deps.joins.delete(joined.group)
+    await deps.dedupe.mark_done(key)
+
+
 async def _publish_hop(message: PaigeantMessage, deps: SettleDeps) -> None:
-    """Publish `message` as the first attempt of its slip's current step."""
+    """Publish `message` as the first attempt of its slip's current step (one hop per branch for a group)."""
+    if fans_out(message):
+        await fan_out(message, deps)
+        return
     hop = message.next_hop()
     body = seal(hop, deps.security, max_bytes=deps.max_message_bytes)
     await deps.transport.publish(hop.routing_slip.current or "", body, headers=dict(hop.headers))

@@ -90,6 +90,10 @@ class PlannedStep(Wire):
     """The step's fallbacks (see `ActivitySpec.fallbacks`): the activities that may run it instead."""
     compensate: str | None = Field(default=None, exclude_if=lambda value: value is None)
     """The activity that undoes the step, when the spec names one."""
+    branches: tuple[PlannedStep, ...] = Field(default=(), exclude_if=lambda value: not value)
+    """For a parallel group: its branches (each with its `key`)."""
+    key: str | None = Field(default=None, exclude_if=lambda value: value is None)
+    """For a branch of a parallel group: its payload key."""
 
 
 class Plan(Wire):

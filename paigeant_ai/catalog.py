@@ -18,6 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, JsonValue, TypeAdapter, Valid
 from pydantic_ai import DeferredToolRequests
 from pydantic_ai.agent import AbstractAgent
 
+from ._catalog_groups import PlanStep, plan_with_groups
 from ._dispatch_checks import route_spec
 from .activity import Activity, AgentActivity, FunctionActivity
 from .contracts import ActivitySpec
@@ -167,7 +168,7 @@ class ActivityCatalog:
 
     def plan(
         self,
-        activities: Sequence[str],
+        activities: Sequence[PlanStep],
         variables: Iterable[str] = (),
         *,
         forbidden: Collection[str] = (),
@@ -176,7 +177,8 @@ class ActivityCatalog:
         """The specs of a route, once it is checked.
 
         Args:
-            activities: Activity names in the order they run.
+            activities: Activity names in the order they run; a list of names is a parallel group (see
+                `paigeant_ai._catalog_groups`).
             variables: The names of the variables the workflow starts with.
             forbidden: Names that may not be used.
             fallbacks: For an activity of the route, the activities to try instead, in order, once it failed for
@@ -191,6 +193,9 @@ class ActivityCatalog:
         if not activities:
             raise InvalidPlan("a workflow needs at least one activity")
         fallbacks = dict(fallbacks or {})
+        if any(not isinstance(step, str) for step in activities):  # a parallel group: a list of names
+            return plan_with_groups(self, activities, variables, forbidden=forbidden, fallbacks=fallbacks)
+        activities = [step for step in activities if isinstance(step, str)]  # all of them: names
         problems = self.unusable(
             [*activities, *(name for names in fallbacks.values() for name in names)], forbidden=forbidden
         )

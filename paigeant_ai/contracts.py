@@ -85,6 +85,11 @@ class ActivitySpec(Wire):
     at_most_once: bool = Field(default=False, exclude_if=lambda value: not value)
     """The step must not run twice blindly: a copy that finds it started and not finished reconciles it, or parks
     the workflow `in_doubt` (decided by the worker's own spec; see `activity(at_most_once=True)`)."""
+    branches: tuple[ActivitySpec, ...] = Field(default=(), exclude_if=lambda value: not value)
+    """For a parallel group (see `Parallel`): its branches, each a step that runs at the same time as the others;
+    the workflow goes on once all completed, each one's output under its key in the payload."""
+    key: str | None = Field(default=None, max_length=200, exclude_if=lambda value: value is None)
+    """For a branch of a parallel group: the payload key its output goes under (its name when `None`)."""
 
     @model_validator(mode="after")
     def _not_reserved(self) -> Self:
@@ -95,7 +100,21 @@ class ActivitySpec(Wire):
             raise ValueError(f"{others[0]!r} is reserved for paigeant's own queues; choose another activity name")
         if len({self.name, *self.fallbacks}) != len(self.fallbacks) + 1:
             raise ValueError(f"the fallbacks of {self.name!r} must be other activities, each named once")
+        if self.branches:
+            check_group_shape(self)
         return self
+
+    @property
+    def branch_key(self) -> str:
+        """For a branch of a parallel group: the payload key its output goes under."""
+        return self.key if self.key is not None else self.name
+
+    def branch(self, key: str) -> ActivitySpec | None:
+        """For a parallel group: its branch with payload key `key`, if it has one."""
+        for spec in self.branches:
+            if spec.branch_key == key:
+                return spec
+        return None
 
     @property
     def alternatives(self) -> tuple[str, ...]:
@@ -123,6 +142,10 @@ class ActivityLogEntry(Wire):
     """For a resumed step: who approved or denied which tool call, with any arguments they changed."""
     fallback: str | None = Field(default=None, exclude_if=lambda value: value is None)
     """For a failed step: the alternative tried next in its place (see `ActivitySpec.fallbacks`)."""
+    branch: str | None = Field(default=None, exclude_if=lambda value: value is None)
+    """For a step of a parallel group's branch: the branch's key."""
+    branches: list[ActivityLogEntry] = Field(default_factory=list["ActivityLogEntry"], exclude_if=_is_empty)
+    """For a parallel group that completed: what happened in each of its branches, in the group's order."""
 
     @property
     def duration(self) -> float:
@@ -181,6 +204,8 @@ class Compensation(Wire):
     """What the step added to the payload."""
     compensated_at: AwareDatetime | None = Field(default=None, exclude_if=lambda value: value is None)
     """When its compensation completed; `None` while it is still to run."""
+    branch: str | None = Field(default=None, exclude_if=lambda value: value is None)
+    """For a branch of a parallel group (`step` is the group's index): the branch's key."""
 
 
 UnwindCause = Literal["faulted", "cancelled", "expired"]
@@ -221,10 +246,14 @@ class RoutingSlip(Wire):
     """Changes steps made to the route while the workflow ran, oldest first (left out of the JSON while empty)."""
     unwinding: Unwinding | None = Field(default=None, exclude_if=lambda value: value is None)
     """Set once the workflow stopped (faulted, cancelled, expired) and its compensations run."""
+    branch: str | None = Field(default=None, exclude_if=lambda value: value is None)
+    """On a hop of a parallel group's branch: the branch's key (the first step of the itinerary is the group)."""
 
     @model_validator(mode="after")
     def _current_matches_itinerary(self) -> Self:
-        first = self.itinerary[0] if self.itinerary else None
+        first = self.current_activity
+        if self.branch is not None and first is None:
+            raise ValueError(f"branch {self.branch!r} is not a branch of the itinerary's next step")
         expected = first.name if first is not None else None
         if self.current is None and expected is not None and "current" not in self.model_fields_set:
             self.current = expected
@@ -249,7 +278,9 @@ class RoutingSlip(Wire):
         """What tells the current step apart from every other step of the workflow: its index, or, while the
         workflow unwinds, the index of the step being undone."""
         undoing = self.undoing
-        return f"undo-{undoing.step}" if undoing is not None else str(self.step)
+        if undoing is not None:
+            return f"undo-{undoing.step}" + (f"/{undoing.branch}" if undoing.branch is not None else "")
+        return f"{self.step}/{self.branch}" if self.branch is not None else str(self.step)
 
     @classmethod
     def from_activities(cls, activities: list[ActivitySpec]) -> RoutingSlip:
@@ -274,8 +305,11 @@ class RoutingSlip(Wire):
 
     @property
     def current_activity(self) -> ActivitySpec | None:
-        """The spec of the step to run next, if any."""
-        return self.itinerary[0] if self.itinerary else None
+        """The spec of the step to run next, if any: on a branch's hop, the branch's."""
+        first = self.itinerary[0] if self.itinerary else None
+        if first is not None and self.branch is not None:
+            return first.branch(self.branch)
+        return first
 
     def mark_complete(
         self,
@@ -346,7 +380,7 @@ class RoutingSlip(Wire):
         """Stop the workflow for `unwinding.cause`: the itinerary becomes the compensations still to run, the
         latest completed step's first; those compensations (none: the workflow just ends)."""
         pending = [record for record in self.compensations if record.compensated_at is None]
-        self.unwinding = unwinding
+        self.unwinding, self.branch = unwinding, None
         self.itinerary = [ActivitySpec(name=record.compensate) for record in reversed(pending)]
         self.current = self.itinerary[0].name if self.itinerary else None
         return pending
@@ -394,6 +428,7 @@ class RoutingSlip(Wire):
             started_at=started_at,
             finished_at=utcnow(),
             error=error,
+            branch=self.branch,
         )
         self.completed.append(entry)
         return entry
@@ -523,6 +558,32 @@ class PaigeantMessage(Wire):
                 "attempt": attempt,
                 "security": self.security.model_copy(update={"jws_signature": None}),
             }
+        )
+
+
+MAX_BRANCHES = 64
+"""Branches one parallel group may have."""
+
+
+def check_group_shape(group: ActivitySpec) -> None:
+    """Check what every parallel group must be: branches with distinct keys, none a group, and nothing that only a
+    single step can have (the branches carry their own retries, fallbacks and compensations).
+
+    Raises:
+        ValueError: With the reason.
+    """
+    if any(spec.branches for spec in group.branches):
+        raise ValueError(f"parallel group {group.name!r} holds another group; groups cannot be nested")
+    if group.fallbacks or group.compensate is not None or group.arguments or group.retry is not None:
+        raise ValueError(
+            f"parallel group {group.name!r} may not have fallbacks, a compensation, arguments or a retry policy: "
+            "give them to its branches"
+        )
+    keys = [spec.branch_key for spec in group.branches]
+    duplicate = next((key for key in keys if keys.count(key) > 1), None)
+    if duplicate is not None:
+        raise ValueError(
+            f"two branches of parallel group {group.name!r} have the key {duplicate!r}; give each of them its own key"
         )
 
 

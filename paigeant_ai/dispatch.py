@@ -23,8 +23,11 @@ from ._cancel import CANCEL_TTL, Cancellation, CancelRequest, sign_cancel, unwin
 from ._dispatch_checks import require_workers, specs_of, variables_of, workflow_fingerprint
 from ._dispatch_checks import to_spec as to_spec  # importable from here, as it always was
 from ._events import EventCallback, EventReporter
+from ._fan import branch_hops, describe_fan_out, fans_out
 from ._hop import EXPIRY_GRACE
 from ._in_doubt import Ran, RunAgain
+from ._join import refuse_groups_without_join
+from ._parallel import Parallel
 from ._plan import new_plan, signer_of, token_subject
 from ._principal import principal_of
 from ._resume_checks import check_before_resume
@@ -123,7 +126,7 @@ class WorkflowDispatcher:
 
     async def dispatch_workflow(
         self,
-        activities: Sequence[ActivitySpec | Activity | str],
+        activities: Sequence[ActivitySpec | Activity | Parallel | str],
         variables: Mapping[str, Any] | None = None,
         *,
         obo_token: str | None = None,
@@ -135,7 +138,8 @@ class WorkflowDispatcher:
         """Start a workflow and return its correlation ID.
 
         Args:
-            activities: The steps, in order: a list of `ActivitySpec`s, activities or names.
+            activities: The steps, in order: a list of `ActivitySpec`s, activities or names, and `Parallel`
+                groups of them (their branches run at the same time; see `Parallel`).
             variables: The workflow's initial payload: a mapping of names to JSON values.
             obo_token: The user's on-behalf-of token, carried with every hop.
             correlation_id: Use this ID instead of a new one. Dispatching the same activities, variables and
@@ -148,7 +152,8 @@ class WorkflowDispatcher:
                 checks); by default the subject (`sub`) of `obo_token`, validated when tokens are checked.
 
         Raises:
-            UserError: Activities or variables of the wrong shape, no activities, an invalid name, variables
+            UserError: Activities or variables of the wrong shape, no activities, an invalid name, a parallel group
+                past its limits (or, on RabbitMQ, without `PAIGEANT_SHARED_STORE_URL`), variables
                 that are not JSON, no key to sign with, or a key the trust policy does not let start workflows.
             TokenError: Tokens are checked and `obo_token` fails the check (only without `principal`).
             WorkflowExists: `correlation_id` is in use by a workflow with other activities, variables or token.
@@ -170,10 +175,9 @@ class WorkflowDispatcher:
             if require_workers:
                 await self._require_workers(message.routing_slip.itinerary)
             with observability.dispatch_span(message, self.transport.name):
-                body = self.encode(message)
-                await self.transport.publish(
-                    message.routing_slip.itinerary[0].name, body, headers=dict(message.headers)
-                )
+                for first in branch_hops(message) if fans_out(message) else [message]:  # a group: each branch
+                    body = self.encode(first)
+                    await self.transport.publish(first.routing_slip.current or "", body, headers=dict(first.headers))
         except BaseException:
             if fingerprint is not None and held is None:
                 await self._release(message.correlation_id, fingerprint)  # so that a corrected retry is not refused
@@ -181,6 +185,8 @@ class WorkflowDispatcher:
         if fingerprint is not None:
             await self._confirm(message.correlation_id, fingerprint)
         await self.reporter.report("dispatched", message, owner=owner, deadline=message.expires_at)
+        if fans_out(message):
+            await self.reporter.report("fanned_out", message, detail=describe_fan_out(branch_hops(message)))
         return message.correlation_id
 
     def _first_message(
@@ -188,6 +194,7 @@ class WorkflowDispatcher:
     ) -> PaigeantMessage:
         """The first message of a workflow, every argument checked, each mistake told in one sentence."""
         specs = specs_of(activities)
+        refuse_groups_without_join(self.transport, specs)
         if correlation_id is not None and (not isinstance(correlation_id, str) or not correlation_id):
             raise UserError(
                 f"correlation_id must be a non-empty string (or None for a new one), not {correlation_id!r}"

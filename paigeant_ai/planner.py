@@ -163,7 +163,7 @@ class PaigeantToolset(FunctionToolset[Any]):
     async def dispatch_workflow(
         self,
         ctx: RunContext[Any],
-        activities: list[str],
+        activities: list[str | list[str]],
         variables: dict[str, Any],
         mandatory: list[str] | None = None,
         fallbacks: dict[str, list[str]] | None = None,
@@ -171,7 +171,9 @@ class PaigeantToolset(FunctionToolset[Any]):
         """Start a durable workflow that runs the activities in order, and return its id.
 
         Args:
-            activities: Activity names from `list_activities`, in the order they run.
+            activities: Activity names from `list_activities`, in the order they run. A list of names is a
+                parallel group: they run at the same time, each seeing the variables from before the group, and
+                the steps after it find each one's output under its name.
             variables: The workflow's starting variables (JSON values).
             mandatory: Activities of the plan that must run: no later change of the route may remove them.
             fallbacks: Backup activities from `list_activities` for activities of the plan, as

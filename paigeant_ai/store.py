@@ -88,6 +88,8 @@ class StepStatus(BaseModel):
     """Seconds its latest attempt may run (cut short to the workflow's deadline)."""
     undoes: str | None = Field(default=None, exclude_if=lambda value: value is None)
     """For a compensation: the completed step it undoes (`step` is that step's index)."""
+    branch: str | None = Field(default=None, exclude_if=lambda value: value is None)
+    """For a branch of a parallel group: its key (`step` is the group's index; its branches are side by side)."""
 
 
 class WorkflowStatus(BaseModel):
@@ -161,7 +163,7 @@ class _Projection:
         self.status = WorkflowStatus(
             correlation_id=correlation_id, state="pending", started_at=first.at, updated_at=first.at
         )
-        self.steps: dict[tuple[int, str], StepStatus] = {}
+        self.steps: dict[tuple[int, str, str | None], StepStatus] = {}
         self.cause = "faulted"
         self.undone: str | None = None
         """How the undoing ended (`compensated`, `compensation_failed`), once an event said so: a stop reported
@@ -170,10 +172,12 @@ class _Projection:
     def step(self, event: WorkflowEvent) -> StepStatus | None:
         if event.step is None or event.activity is None:
             return None
-        key = (event.step, event.activity)
+        key = (event.step, event.activity, event.branch)
         record = self.steps.get(key)
         if record is None and event.kind in _STEP_KINDS:
-            record = self.steps[key] = StepStatus(step=event.step, activity=event.activity, state="running")
+            record = self.steps[key] = StepStatus(
+                step=event.step, activity=event.activity, state="running", branch=event.branch
+            )
         return record
 
     def apply(self, event: WorkflowEvent) -> None:

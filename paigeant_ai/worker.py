@@ -34,7 +34,9 @@ from ._cancel import CancelCheck
 from ._dedupe import DedupeStore, InMemoryDedupeStore
 from ._escape import escape_control
 from ._events import EventCallback, EventReporter
+from ._fan import refuse_without_join
 from ._hop import Hop, admit
+from ._join import JoinStore, join_store_for
 from ._long_steps import LongSteps, StillRunning, broker_redelivered, is_watch_copy
 from ._outcome import SIGNALS, Fault, Halt, Outcome, Reject, Skip, classify, completed, describe
 from ._plan import PlanCheck
@@ -113,6 +115,8 @@ class Worker:
             raise UserError("max_message_bytes must be positive")
         shared, self._store_connection = resolve_shared_store(transport, shared_store, settings)
         self.dedupe = dedupe or (shared.dedupe_store() if shared is not None else InMemoryDedupeStore())
+        self.joins: JoinStore | None = join_store_for(transport, shared)
+        """Where the branches of parallel groups meet (see `paigeant_ai._join`); None: this worker refuses them."""
         self.security: MessageSecurity = (
             security
             if security is not None
@@ -308,6 +312,8 @@ class Worker:
         """Process one delivery end to end and settle it (ack, publish onwards, or dead-letter)."""
         with observability.hop_span(delivery, self.transport.name):
             hop = admit(delivery, self.activities, self.max_message_bytes)  # bytes, size, route, expiry
+            if not isinstance(hop, Reject):
+                hop = refuse_without_join(hop, self.joins)  # a branch's hop needs a join store
             if not isinstance(hop, Reject):
                 hop = self._authenticate(hop)  # the signature and the signer's right to send here; no I/O
             if isinstance(hop, Reject):

@@ -281,8 +281,12 @@ async def test_the_tools_the_model_sees(transport: InMemoryTransport) -> None:
                     "additionalProperties": False,
                     "properties": {
                         "activities": {
-                            "description": "Activity names from `list_activities`, in the order they run.",
-                            "items": {"type": "string"},
+                            "description": """\
+Activity names from `list_activities`, in the order they run. A list of names is a
+parallel group: they run at the same time, each seeing the variables from before the group, and
+the steps after it find each one's output under its name.\
+""",
+                            "items": {"anyOf": [{"type": "string"}, {"items": {"type": "string"}, "type": "array"}]},
                             "type": "array",
                         },
                         "variables": {

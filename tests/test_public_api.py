@@ -35,6 +35,7 @@ PUBLIC = (
     "PaigeantMessage",
     "PaigeantPlanner",
     "PaigeantToolset",
+    "Parallel",
     "ParkWorkflow",
     "ParkedStep",
     "PendingToolCall",

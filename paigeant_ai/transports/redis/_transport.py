@@ -31,6 +31,7 @@ from ...settings import Settings
 from ..base import Delivery, TransportBase, dead_letter_headers, ensure_bytes, redact_url
 from ._cancel_board import RedisCancelBoard
 from ._consumer import LIVE_WITHIN, Handle, RedisConsumer
+from ._joins import RedisJoinStore
 from ._pipeline import PipelinedRedis, Pipeliner
 from ._stores import RedisDedupeStore, RedisReplayCache, RedisWaitingStore, RedisWorkflowStore
 from ._types import RedisCommands, Scripts, as_commands
@@ -359,6 +360,10 @@ class RedisTransport(TransportBase):
 
     def workflow_store(self) -> RedisWorkflowStore:
         return RedisWorkflowStore(self)
+
+    def join_store(self) -> RedisJoinStore:
+        """Where the branches of parallel groups meet (see `paigeant_ai._join`)."""
+        return RedisJoinStore(self)
 
     # -- cancellations (`Cancellations`) ---------------------------------------------------------------------
 

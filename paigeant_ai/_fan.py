@@ -1,0 +1,309 @@
+"""Parallel groups on their way through workers: the fan-out, the join, and a group that fails.
+
+- Fan-out (`fan_out`): the step before a group (or the dispatcher, for a group that starts a workflow) sends one hop
+  per branch, each to its activity's queue; the slip's `branch` says which branch a hop is, and its id is derived
+  from the group's step and the branch key, so each branch is claimed, retried and deduplicated on its own.
+- Join (`complete_branch`): a branch that completes stores its signed `BranchResult` in the join store (see
+  `paigeant_ai._join`), atomically with a count. The worker whose store brings the count to the number of branches
+  (the count, not "it added the last new field": a redelivered last branch joins again a join lost to a crash),
+  and finds a result for every branch, verifies every one, merges each branch's output into the payload under its
+  key, logs the group as one entry (each branch's log inside it) and publishes one continuation. The
+  continuation's id is derived like every hop's, so a second joiner's copy is skipped as a duplicate. The group
+  is forgotten once its continuation is safe.
+- Failure (`stop_group`): a branch that fails for good (its retries and fallbacks spent), or is stopped by a cancel
+  or the workflow's deadline, marks its group failed, atomically; the first one to do so takes the compensations of
+  the branches that completed into its slip, and the workflow unwinds from there (latest first). A branch that
+  completes after its group failed is not joined: its own compensation runs (`undo_late_branch`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import TYPE_CHECKING, Any
+
+from ._hop import EXPIRY_GRACE, Hop
+from ._join import FAILED, NO_JOIN_STORE, BranchResult, JoinStore
+from ._outcome import Advance, End, Reject
+from ._plan import begin_unwinding
+from ._sealing import seal
+from ._wire import utcnow
+from .contracts import ActivityLogEntry, ActivitySpec, Compensation, PaigeantMessage, Unwinding
+from .exceptions import SecurityError
+
+if TYPE_CHECKING:
+    from ._settle import SettleDeps
+
+__all__ = (
+    "Joined",
+    "branch_hops",
+    "branch_refusal",
+    "complete_branch",
+    "describe_fan_out",
+    "fan_out",
+    "fans_out",
+    "refuse_without_join",
+    "stop_group",
+)
+
+JOIN_TTL = timedelta(days=7)
+"""How long the results of a group of a workflow without a deadline are kept, unjoined."""
+
+
+@dataclass(frozen=True, slots=True)
+class Joined:
+    """A group whose branches all completed: the continuation to send, and the group's log entry."""
+
+    message: PaigeantMessage
+    entry: ActivityLogEntry
+    group: str
+
+
+def fans_out(message: PaigeantMessage) -> bool:
+    """Whether `message`'s next step is a parallel group, to be sent as one hop per branch."""
+    slip = message.routing_slip
+    first = slip.itinerary[0] if slip.itinerary else None
+    return first is not None and bool(first.branches) and slip.branch is None and slip.unwinding is None
+
+
+def branch_hops(message: PaigeantMessage) -> list[PaigeantMessage]:
+    """The first hop of each branch of the group `message` has reached, unsigned."""
+    slip = message.routing_slip
+    hops: list[PaigeantMessage] = []
+    for spec in slip.itinerary[0].branches:
+        branch = slip.model_copy(update={"branch": spec.branch_key, "current": spec.name})
+        hops.append(message.model_copy(update={"routing_slip": branch}).next_hop())
+    return hops
+
+
+async def fan_out(message: PaigeantMessage, deps: SettleDeps) -> None:
+    """Send the first hop of each branch of the group `message` has reached, each confirmed by the transport."""
+    hops = branch_hops(message)
+    for hop in hops:
+        body = seal(hop, deps.security, max_bytes=deps.max_message_bytes)
+        await deps.transport.publish(hop.routing_slip.current or "", body, headers=dict(hop.headers))
+    await deps.reporter.report("fanned_out", message, detail=describe_fan_out(hops))
+
+
+def describe_fan_out(hops: list[PaigeantMessage]) -> str:
+    """What a `fanned_out` event says: the branches sent, by key and activity."""
+    sent = ", ".join(f"{hop.routing_slip.branch} ({hop.routing_slip.current})" for hop in hops)
+    return f"{len(hops)} branches: {sent}"
+
+
+def refuse_without_join(hop: Hop, joins: JoinStore | None) -> Hop | Reject:
+    """The hop, unless it is a branch's and this worker has no join store to meet the other branches in."""
+    if hop.message.routing_slip.branch is not None and joins is None:
+        return Reject(NO_JOIN_STORE)
+    return hop
+
+
+def branch_refusal(hop: Hop, outcome: Advance | End) -> str | None:
+    """Why a branch's outcome cannot stand, if it cannot: a branch neither ends nor revises its workflow."""
+    if isinstance(outcome, End):
+        return f"a branch of a parallel group cannot end its workflow ({outcome.reason})"
+    if hop.ctx is not None and hop.ctx.revisions:
+        return "a branch of a parallel group cannot revise its workflow's route; revise it from a step after the group"
+    return None
+
+
+def _group_of(message: PaigeantMessage) -> tuple[ActivitySpec, str]:
+    slip = message.routing_slip
+    return slip.itinerary[0], f"{message.correlation_id}/{slip.step}"
+
+
+def _ttl(message: PaigeantMessage) -> float:
+    if message.expires_at is None:
+        return JOIN_TTL.total_seconds()
+    left = message.expires_at - utcnow() + EXPIRY_GRACE
+    return max(left.total_seconds(), 60.0)
+
+
+def _result(hop: Hop, outcome: Advance) -> BranchResult:
+    message = hop.message
+    slip = message.routing_slip
+    key = slip.branch
+    assert key is not None
+    entry = ActivityLogEntry(
+        name=hop.spec.name,
+        step=slip.step,
+        attempt=message.attempt,
+        started_at=hop.started,
+        finished_at=utcnow(),
+        output_keys=[key],
+        approvals=hop.approvals,
+        branch=key,
+    )
+    compensation = None
+    if hop.spec.compensate is not None:
+        compensation = Compensation(
+            step=slip.step,
+            activity=hop.spec.name,
+            compensate=hop.spec.compensate,
+            idempotency_key=message.idempotency_key,
+            output=outcome.update,
+            branch=key,
+        )
+    entries = [*(logged for logged in slip.completed if logged.branch == key), entry]
+    return BranchResult(
+        correlation_id=message.correlation_id,
+        step=slip.step,
+        key=key,
+        entries=entries,
+        output=outcome.update,
+        compensation=compensation,
+    )
+
+
+async def complete_branch(hop: Hop, outcome: Advance, deps: SettleDeps) -> Joined | None:
+    """Store the result of a branch that completed; the group's continuation if this result completes the group.
+
+    A branch whose group failed meanwhile is undone instead (its compensation is sent), never joined.
+
+    Raises:
+        SecurityError: A result in the join store does not verify (code `branch_result`).
+    """
+    joins = deps.joins
+    assert joins is not None  # a branch's hop is refused by a worker without a join store
+    message = hop.message
+    group, group_id = _group_of(message)
+    result = _result(hop, outcome).sign(deps.security)
+    count = await joins.add(group_id, result.key, result.model_dump_json().encode(), ttl=_ttl(message))
+    if count == FAILED:
+        await _undo_late_branch(hop, result, deps)
+        return None
+    entry = result.entries[-1]
+    fields: dict[str, Any] = {
+        "activity": entry.name,
+        "attempt": entry.attempt,
+        "detail": f"branch {result.key!r} of {group.name!r}",
+    }
+    await deps.reporter.report("step_completed", message, duration=entry.duration, at=entry.finished_at, **fields)
+    deps.stats.completed_steps += 1
+    if count < len(group.branches):  # more than that: someone wrote other fields, which are not joined
+        return None
+    records = await joins.records(group_id)
+    if any(spec.branch_key not in records for spec in group.branches):
+        return None  # not every branch is there yet: the last one to store its result joins the group
+    continuation, joined = _join(message, group, _verified(records, message, group, deps))
+    keys = ", ".join(joined.output_keys)
+    detail = f"{len(group.branches)} branches merged: {keys}"
+    await deps.reporter.report("joined", continuation, step=joined.step, activity=group.name, detail=detail)
+    return Joined(continuation, joined, group_id)
+
+
+def _verified(
+    records: dict[str, bytes], message: PaigeantMessage, group: ActivitySpec, deps: SettleDeps
+) -> list[BranchResult]:
+    """The results of every branch of `group`, each verified, in the group's order."""
+    results: list[BranchResult] = []
+    for spec in group.branches:
+        result = BranchResult.load(
+            records[spec.branch_key],
+            deps.security,
+            correlation_id=message.correlation_id,
+            step=message.step,
+            key=spec.branch_key,
+        )
+        if result.entries[-1].name not in spec.alternatives:
+            raise SecurityError(
+                f"branch_result: branch {spec.branch_key!r} says {result.entries[-1].name!r} ran it, which it cannot",
+                code="branch_result",
+            )
+        results.append(result)
+    return results
+
+
+def _by_completion(results: list[BranchResult]) -> list[Compensation]:
+    done = sorted(results, key=lambda result: (result.entries[-1].finished_at, result.key))
+    return [result.compensation for result in done if result.compensation is not None]
+
+
+def _join(
+    message: PaigeantMessage, group: ActivitySpec, results: list[BranchResult]
+) -> tuple[PaigeantMessage, ActivityLogEntry]:
+    """The continuation after `group`, built from the hop that joined it and the results of its branches alone
+    (so any joiner builds the same), and the group's log entry."""
+    slip = message.routing_slip
+    entries = [entry for result in results for entry in result.entries]
+    joined = ActivityLogEntry(
+        name=group.name,
+        step=slip.step,
+        started_at=min(entry.started_at for entry in entries),
+        finished_at=max(entry.finished_at for entry in entries),
+        output_keys=[result.key for result in results],
+        branches=entries,
+    )
+    completed = [*(entry for entry in slip.completed if entry.branch is None), joined]
+    itinerary = slip.itinerary[1:]
+    continued = slip.model_copy(
+        update={
+            "itinerary": itinerary,
+            "completed": completed,
+            "current": itinerary[0].name if itinerary else None,
+            "compensations": [*slip.compensations, *_by_completion(results)],
+            "branch": None,
+        }
+    )
+    payload = {**message.payload, **{result.key: result.output for result in results}}
+    continuation = message.model_copy(update={"routing_slip": continued, "payload": payload, "resume": None})
+    return continuation, joined
+
+
+async def stop_group(hop: Hop, deps: SettleDeps) -> bool:
+    """Mark the group of a branch that stops the workflow (it failed for good, or was cancelled or expired) failed;
+    whether this branch is the one that failed it, in which case the compensations of the branches that completed
+    join its slip's, to be undone with the steps before the group. False: the group had failed already, so its
+    workflow is being undone, and nothing more is done here.
+
+    Raises:
+        SecurityError: A result in the join store does not verify (code `branch_result`).
+    """
+    joins = deps.joins
+    assert joins is not None
+    message = hop.message
+    slip = message.routing_slip
+    group, group_id = _group_of(message)
+    assert slip.branch is not None
+    first, records = await joins.fail(group_id, slip.branch, ttl=_ttl(message))
+    if not first:
+        return False
+    completed = [spec for spec in group.branches if spec.branch_key in records]
+    results: list[BranchResult] = []
+    for spec in completed:
+        results.append(
+            BranchResult.load(
+                records[spec.branch_key],
+                deps.security,
+                correlation_id=message.correlation_id,
+                step=slip.step,
+                key=spec.branch_key,
+            )
+        )
+    slip.compensations.extend(_by_completion(results))
+    return True
+
+
+async def _undo_late_branch(hop: Hop, result: BranchResult, deps: SettleDeps) -> None:
+    """Undo a branch that completed after its group failed: its own compensation runs, if it has one.
+
+    The steps before the group are undone by the unwinding its failure started; so this slip marks them undone
+    and carries only the late branch's compensation to run.
+    """
+    message = hop.message
+    slip = message.routing_slip
+    group, _ = _group_of(message)
+    reason = f"branch {result.key!r} of {group.name!r} completed after its group had failed"
+    await deps.reporter.report("step_failed", message, activity=hop.spec.name, detail=reason)
+    if result.compensation is None:
+        return
+    now = utcnow()
+    slip.compensations = [
+        *(record.model_copy(update={"compensated_at": record.compensated_at or now}) for record in slip.compensations),
+        result.compensation,
+    ]
+    slip.completed = [entry for entry in slip.completed if entry.branch is None]
+    begin_unwinding(message, Unwinding(cause="faulted", reason=reason, step=slip.step, activity=hop.spec.name))
+    first = message.next_hop()
+    body = seal(first, deps.security, max_bytes=deps.max_message_bytes)
+    await deps.transport.publish(first.routing_slip.current or "", body, headers=dict(first.headers))

@@ -1,0 +1,168 @@
+"""Where the branches of a parallel group meet: the join store, and the signed results kept in it.
+
+A branch that completes stores its result, signed by its worker, under its workflow, its group's step and its key,
+atomically with a count; the worker whose result brings the count to the number of branches joins the group (see
+`paigeant_ai._fan`). A branch that fails for good marks the group failed, atomically too: a result stored after
+that is refused, and its branch is undone rather than joined.
+
+The store is shared by every process of the workflow's workers: the Redis transport's own Redis, or for RabbitMQ
+the shared store (`PAIGEANT_SHARED_STORE_URL`); process memory only for the in-memory transport. Whoever can write
+to that Redis can write results, so each one is verified against the key that signed it before it is joined.
+"""
+
+from __future__ import annotations
+
+import logging
+import weakref
+from collections.abc import Sequence
+from typing import Protocol, cast
+
+from pydantic import Field, JsonValue, ValidationError
+
+from ._wire import Wire
+from .contracts import ActivityLogEntry, ActivitySpec, Compensation
+from .exceptions import SecurityError, UserError
+from .security import MessageSecurity
+from .settings import Settings
+from .transports.base import SharedStores, Transport
+
+__all__ = (
+    "BRANCH_RESULT_TYPE",
+    "NO_JOIN_STORE",
+    "BranchResult",
+    "InMemoryJoinStore",
+    "JoinStore",
+    "join_store_for",
+)
+
+logger = logging.getLogger("paigeant_ai.worker")
+
+BRANCH_RESULT_TYPE = "paigeant-branch+jws"
+
+NO_JOIN_STORE = (
+    "a parallel group needs a join store that all its workers share, which RabbitMQ does not have: set "
+    "PAIGEANT_SHARED_STORE_URL=redis://... for every worker and dispatcher (or pass Worker(shared_store=...))"
+)
+
+FAILED = -1
+"""What `JoinStore.add` returns for a group that failed."""
+
+
+class BranchResult(Wire):
+    """What a branch of a parallel group did, as its worker stored it for the join, signed."""
+
+    correlation_id: str
+    step: int = Field(ge=0)
+    """The index of the group in its workflow."""
+    key: str
+    entries: list[ActivityLogEntry]
+    """The branch's log: its fallbacks' failures, if any, then its completion (the last entry)."""
+    output: dict[str, JsonValue] = Field(default_factory=dict[str, JsonValue])
+    compensation: Compensation | None = None
+    signature: str | None = Field(default=None, repr=False)
+
+    def _signed_bytes(self) -> bytes:
+        return self.model_dump_json(exclude={"signature"}).encode()
+
+    def sign(self, security: MessageSecurity) -> BranchResult:
+        """This result, signed with `security`'s key."""
+        signature = security.sign_bytes(self._signed_bytes(), typ=BRANCH_RESULT_TYPE)
+        return self.model_copy(update={"signature": signature})
+
+    @classmethod
+    def load(cls, raw: bytes, security: MessageSecurity, *, correlation_id: str, step: int, key: str) -> BranchResult:
+        """The result `raw` read from the join store under (`correlation_id`, `step`, `key`), once its signature
+        holds and it is the one of that branch.
+
+        Raises:
+            SecurityError: Code `branch_result`: unreadable, unsigned, not by a trusted key, or another branch's.
+        """
+        where = f"the result of branch {key!r} in the join store"
+        try:
+            result = cls.model_validate_json(raw)
+        except ValidationError:
+            raise SecurityError(f"branch_result: {where} is not a branch result", code="branch_result") from None
+        try:
+            security.verify_bytes(result.signature, result._signed_bytes(), typ=BRANCH_RESULT_TYPE)
+        except SecurityError as exc:
+            raise SecurityError(f"branch_result: {where} does not verify ({exc})", code="branch_result") from None
+        if (result.correlation_id, result.step, result.key) != (correlation_id, step, key) or not result.entries:
+            raise SecurityError(f"branch_result: {where} is another branch's", code="branch_result")
+        return result
+
+
+class JoinStore(Protocol):
+    """The results of the branches of parallel groups, by group (`<correlation id>/<step>`) and branch key."""
+
+    async def add(self, group: str, key: str, record: bytes, *, ttl: float) -> int:
+        """Store `record` under `key` unless the group failed; how many results the group holds now (`FAILED`, -1,
+        when it failed: nothing was stored)."""
+        ...
+
+    async def records(self, group: str) -> dict[str, bytes]:
+        """The results the group holds, by branch key."""
+        ...
+
+    async def fail(self, group: str, key: str, *, ttl: float) -> tuple[bool, dict[str, bytes]]:
+        """Mark the group failed by branch `key`, unless it failed already: whether `key` is the branch that
+        failed it (also when it did so before), and the results the group holds."""
+        ...
+
+    async def delete(self, group: str) -> None:
+        """Forget the group (its continuation is safe with the broker)."""
+        ...
+
+
+class InMemoryJoinStore:
+    """A `JoinStore` in this process's memory: for the in-memory transport, whose workers share the process."""
+
+    def __init__(self) -> None:
+        self._groups: dict[str, dict[str, bytes]] = {}
+        self._failed: dict[str, str] = {}
+
+    async def add(self, group: str, key: str, record: bytes, *, ttl: float) -> int:
+        if group in self._failed:
+            return FAILED
+        results = self._groups.setdefault(group, {})
+        results[key] = record
+        return len(results)
+
+    async def records(self, group: str) -> dict[str, bytes]:
+        return dict(self._groups.get(group, {}))
+
+    async def fail(self, group: str, key: str, *, ttl: float) -> tuple[bool, dict[str, bytes]]:
+        failer = self._failed.setdefault(group, key)
+        return failer == key, dict(self._groups.get(group, {}))
+
+    async def delete(self, group: str) -> None:
+        self._groups.pop(group, None)
+
+
+_MEMORY: weakref.WeakKeyDictionary[Transport, InMemoryJoinStore] = weakref.WeakKeyDictionary()
+
+
+def refuse_groups_without_join(transport: Transport, specs: Sequence[ActivitySpec]) -> None:
+    """At dispatch: refuse a route with a parallel group on a transport whose workers cannot share a join store.
+
+    Raises:
+        UserError: The route has a group, and the transport is RabbitMQ without `PAIGEANT_SHARED_STORE_URL`.
+    """
+    if not any(spec.branches for spec in specs) or transport.process_local or isinstance(transport, SharedStores):
+        return
+    if not Settings.from_env().shared_store_url:
+        raise UserError(NO_JOIN_STORE)
+
+
+def join_store_for(transport: Transport, shared: object | None) -> JoinStore | None:
+    """The join store of a worker on `transport` with the shared store `shared`; None when there is none (RabbitMQ
+    without a shared store), which is said once, here."""
+    if transport.process_local:
+        store = _MEMORY.get(transport)
+        if store is None:
+            store = _MEMORY[transport] = InMemoryJoinStore()
+        return store
+    make = getattr(shared, "join_store", None)
+    if callable(make):
+        return cast("JoinStore", make())
+    logger.warning(NO_JOIN_STORE)
+    return None

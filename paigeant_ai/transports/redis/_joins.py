@@ -1,0 +1,76 @@
+"""`RedisJoinStore`: where the branches of parallel groups meet, in Redis (a `JoinStore`, see `paigeant_ai._join`).
+
+Each group is one hash, `<namespace>:join:<correlation id>/<step>`: a field `r:<branch key>` per stored result, and
+`failed` (the key of the branch that failed the group) once one did. Each change is one script, so a result is
+never stored beside a failure, and the count a worker reads is the one its own result made.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from ._wire import ms
+
+if TYPE_CHECKING:
+    from ._transport import RedisTransport
+
+__all__ = ("RedisJoinStore",)
+
+_ADD = """
+if redis.call('HEXISTS', KEYS[1], 'failed') == 1 then return -1 end
+redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
+redis.call('PEXPIRE', KEYS[1], ARGV[3])
+return redis.call('HLEN', KEYS[1])
+"""
+
+_FAIL = """
+redis.call('HSETNX', KEYS[1], 'failed', ARGV[1])
+redis.call('PEXPIRE', KEYS[1], ARGV[2])
+return redis.call('HGETALL', KEYS[1])
+"""
+
+_ALL = "return redis.call('HGETALL', KEYS[1])"
+
+
+class RedisJoinStore:
+    """The results of parallel groups' branches, in the Redis of `transport`, shared by every worker on it.
+
+    Args:
+        transport: A `RedisTransport` whose connection and namespace the store uses.
+    """
+
+    def __init__(self, transport: RedisTransport) -> None:
+        self.transport = transport
+
+    def key(self, group: str) -> str:
+        """The hash of one group."""
+        return f"{self.transport.namespace}:join:{group}"
+
+    async def add(self, group: str, key: str, record: bytes, *, ttl: float) -> int:
+        with self.transport.errors("storing a branch's result", group):
+            count = await self.transport.client.eval(_ADD, 1, self.key(group), f"r:{key}", record, ms(ttl))
+        return int(count)
+
+    async def records(self, group: str) -> dict[str, bytes]:
+        with self.transport.errors("reading a group's results", group):
+            flat = await self.transport.client.eval(_ALL, 1, self.key(group))
+        return _results(flat)
+
+    async def fail(self, group: str, key: str, *, ttl: float) -> tuple[bool, dict[str, bytes]]:
+        with self.transport.errors("marking a group failed", group):
+            flat = await self.transport.client.eval(_FAIL, 1, self.key(group), key, ms(ttl))
+        fields = _fields(flat)
+        return fields.get("failed") == key.encode(), _results(flat)
+
+    async def delete(self, group: str) -> None:
+        with self.transport.errors("forgetting a joined group", group):
+            await self.transport.client.delete(self.key(group))
+
+
+def _fields(flat: Any) -> dict[str, bytes]:
+    items: list[bytes] = list(flat or [])
+    return {items[i].decode(): items[i + 1] for i in range(0, len(items) - 1, 2)}
+
+
+def _results(flat: Any) -> dict[str, bytes]:
+    return {name[2:]: value for name, value in _fields(flat).items() if name.startswith("r:")}

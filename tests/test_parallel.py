@@ -1,0 +1,489 @@
+"""Parallel groups: fan-out, the durable join and the merge, a group's failure, on every transport.
+
+Signed workers run in this process on the in-memory transport, Redis and RabbitMQ alike; on RabbitMQ the join store
+is the shared Redis store (`PAIGEANT_SHARED_STORE_URL`). What ran is recorded by the activities themselves; where a
+workflow ended is read from its status, projected from the events its workers reported.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import pytest
+from logfire.testing import CaptureLogfire
+
+from paigeant_ai import (
+    Activity,
+    ActivityCatalog,
+    ActivityContext,
+    ActivitySpec,
+    FunctionActivity,
+    InMemoryTransport,
+    InvalidPlan,
+    NonRetryableError,
+    NoWorker,
+    Parallel,
+    RetryPolicy,
+    Revision,
+    UserError,
+    Worker,
+    WorkflowDispatcher,
+)
+from paigeant_ai._cli_workflows import render_status
+from paigeant_ai._join import NO_JOIN_STORE, BranchResult
+from paigeant_ai._sealing import seal
+from paigeant_ai.contracts import ActivityLogEntry, Compensation, PaigeantMessage, utcnow
+from paigeant_ai.security import generate_key
+from paigeant_ai.store import InMemoryWorkflowStore, WorkflowStatus
+from paigeant_ai.transports import Transport
+from paigeant_ai.transports.base import REASON_HEADER
+from paigeant_ai.transports.redis import RedisTransport
+
+from .brokers import REDIS_URL, dead_letters, delete_redis_namespace
+from .test_steering import KEYS, signer
+
+GROUP = Parallel("research", "inventory", "pricing")
+
+
+@pytest.fixture
+async def joinable(transport: Transport, monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[Transport]:
+    """`transport`, with the Redis store its RabbitMQ workers and dispatchers share (in its namespace)."""
+    namespace = str(getattr(transport, "namespace", ""))
+    if transport.name == "rabbitmq":
+        monkeypatch.setenv("PAIGEANT_SHARED_STORE_URL", REDIS_URL)
+        monkeypatch.setenv("PAIGEANT_NAMESPACE", namespace)
+    yield transport
+    if transport.name == "rabbitmq":
+        await delete_redis_namespace(namespace)
+
+
+@dataclass
+class Team:
+    """A workflow's steps, each recording what it did; `fail` names the steps that fail for good, `flaky` those that
+    fail on their first attempt, and `waits` what a step waits for before it returns."""
+
+    transport: Transport
+    fail: set[str] = field(default_factory=set[str])
+    flaky: set[str] = field(default_factory=set[str])
+    waits: dict[str, Callable[[], bool]] = field(default_factory=dict[str, Callable[[], bool]])
+    ran: list[tuple[str, str]] = field(default_factory=list[tuple[str, str]])
+    undone: list[tuple[str, str, Compensation]] = field(default_factory=list[tuple[str, str, Compensation]])
+    interrupted: list[str] = field(default_factory=list[str])
+    seen: dict[str, dict[str, Any]] = field(default_factory=dict[str, dict[str, Any]])
+    store: InMemoryWorkflowStore = field(default_factory=InMemoryWorkflowStore)
+
+    def __post_init__(self) -> None:
+        self.dispatcher = WorkflowDispatcher(self.transport, security=signer(KEYS.orders), on_event=self.store.apply)
+        self.worker_ = self.worker()
+
+    def step(self, name: str, *, compensate: str | None = None) -> FunctionActivity:
+        async def run(ctx: ActivityContext) -> dict[str, Any]:
+            self.ran.append((name, ctx.correlation_id))
+            self.seen[f"{name} {ctx.correlation_id}"] = dict(ctx.payload)
+            if name in self.flaky and ctx.attempt == 0:
+                raise RuntimeError(f"{name} hiccupped")
+            if name in self.fail:
+                raise NonRetryableError(f"{name} is down")
+            if (condition := self.waits.get(name)) is not None:
+                try:
+                    while not condition():  # noqa: ASYNC110  # a condition on what other steps did
+                        await asyncio.sleep(0.02)
+                except asyncio.CancelledError:
+                    self.interrupted.append(name)
+                    raise
+            return {"by": name, "of": ctx.correlation_id[:8]}
+
+        retry = RetryPolicy(max_attempts=2, initial_interval=0.01)
+        return FunctionActivity(run, name=name, compensate=compensate, retry=retry)
+
+    def undo(self, name: str) -> FunctionActivity:
+        async def run(ctx: ActivityContext) -> dict[str, Any]:
+            assert ctx.undoing is not None
+            self.undone.append((name, ctx.correlation_id, ctx.undoing))
+            return {}
+
+        return FunctionActivity(run, name=name, retry=RetryPolicy(max_attempts=1))
+
+    def worker(self, *extra: Activity) -> Worker:
+        steps = [
+            self.step("validate", compensate="unvalidate"),
+            self.step("research", compensate="forget-research"),
+            self.step("inventory", compensate="release-stock"),
+            self.step("pricing"),
+            self.step("broken"),
+            self.step("decide"),
+            self.undo("unvalidate"),
+            self.undo("forget-research"),
+            self.undo("release-stock"),
+            *extra,
+        ]
+        worker = Worker(
+            self.transport, steps, security=signer(KEYS.shop, self.transport), on_event=self.store.apply, concurrency=20
+        )
+        worker.cancel_poll = 0.05
+        return worker
+
+    def order(self, cid: str) -> list[str]:
+        return [name for name, of in self.ran if of == cid]
+
+    def undid(self, cid: str) -> list[str]:
+        return [name for name, of, _ in self.undone if of == cid]
+
+    async def until(self, check: Callable[[], Awaitable[bool]], what: str, within: float = 30.0) -> None:
+        deadline = asyncio.get_running_loop().time() + within
+        while not await check():
+            assert asyncio.get_running_loop().time() < deadline, f"timed out waiting for {what}"
+            await asyncio.sleep(0.05)
+
+    async def ended(self, cid: str, state: str) -> WorkflowStatus:
+        async def done() -> bool:
+            status = await self.store.get(cid)
+            return status is not None and status.state == state
+
+        await self.until(done, f"{cid} to end {state}")
+        status = await self.store.get(cid)
+        assert status is not None
+        return status
+
+
+async def test_a_group_runs_its_branches_and_merges_their_outputs_under_their_keys(joinable: Transport) -> None:
+    team = Team(joinable)
+    cid = await team.dispatcher.dispatch_workflow(["validate", GROUP, "decide"], {"order": 7})
+    await team.worker_.run(burst=True)
+
+    status = await team.ended(cid, "completed")
+    assert sorted(team.order(cid)) == ["decide", "inventory", "pricing", "research", "validate"]
+    assert team.order(cid)[0] == "validate"
+    assert team.order(cid)[-1] == "decide", "the step after the group runs once, after every branch"
+    for name in ("research", "inventory", "pricing"):
+        assert team.seen[f"{name} {cid}"] == {"order": 7, "by": "validate", "of": cid[:8]}, (
+            "each sees the payload before"
+        )
+        assert team.seen[f"decide {cid}"][name] == {"by": name, "of": cid[:8]}
+    assert status.payload is not None
+    assert status.payload["research"] == {"by": "research", "of": cid[:8]}
+    assert status.payload["by"] == "decide"
+    assert await dead_letters(joinable) == []
+    steps = [(step.step, step.activity, step.branch, step.state) for step in status.steps]
+    assert sorted(steps, key=str) == sorted(
+        [
+            (0, "validate", None, "completed"),
+            (1, "research", "research", "completed"),
+            (1, "inventory", "inventory", "completed"),
+            (1, "pricing", "pricing", "completed"),
+            (2, "decide", None, "completed"),
+        ],
+        key=str,
+    ), "the branches side by side, at the group's step"
+    kinds = [event.kind for event in status.events]
+    assert kinds.count("fanned_out") == kinds.count("joined") == 1
+    fanned = next(event for event in status.events if event.kind == "fanned_out")
+    assert fanned.detail == "3 branches: research (research), inventory (inventory), pricing (pricing)"
+    shown = render_status(status)  # what `paigeant status` prints
+    assert "branch research" in shown
+    assert "fanned_out" in shown
+    joined = next(event for event in status.events if event.kind == "joined")
+    assert (joined.step, joined.activity, joined.detail) == (
+        1,
+        "parallel",
+        "3 branches merged: research, inventory, pricing",
+    )
+
+
+async def test_a_group_may_start_a_workflow_and_end_it_with_keys_of_its_own(joinable: Transport) -> None:
+    team = Team(joinable)
+    group = Parallel("research", ActivitySpec(name="research", key="second-look"), keys=["first-look", None])
+    assert group.keys == ["first-look", "second-look"]
+    cid = await team.dispatcher.dispatch_workflow([group])
+    await team.worker_.run(burst=True)
+
+    status = await team.ended(cid, "completed")
+    assert team.order(cid) == ["research", "research"]
+    assert status.payload == {
+        "first-look": {"by": "research", "of": cid[:8]},
+        "second-look": {"by": "research", "of": cid[:8]},
+    }
+
+
+async def test_a_branch_is_retried_on_its_own(joinable: Transport) -> None:
+    team = Team(joinable, flaky={"inventory"})
+    cid = await team.dispatcher.dispatch_workflow(["validate", GROUP, "decide"])
+    await team.worker_.run(burst=True)
+
+    await team.ended(cid, "completed")
+    assert sorted(team.order(cid)) == ["decide", "inventory", "inventory", "pricing", "research", "validate"]
+
+
+async def test_a_branch_falls_back_in_order_and_its_fallbacks_output_goes_under_its_key(joinable: Transport) -> None:
+    team = Team(joinable, fail={"broken"})
+    branch = ActivitySpec(name="broken", fallbacks=("pricing",))
+    cid = await team.dispatcher.dispatch_workflow(["validate", Parallel(branch, "inventory"), "decide"])
+    await team.worker_.run(burst=True)
+
+    status = await team.ended(cid, "completed")
+    assert sorted(team.order(cid)) == ["broken", "decide", "inventory", "pricing", "validate"]
+    assert status.payload is not None
+    assert status.payload["broken"] == {"by": "pricing", "of": cid[:8]}, "the branch's key, the fallback's output"
+    failed = [(step.activity, step.branch, step.state) for step in status.steps if step.state == "failed"]
+    assert failed == [("broken", "broken", "failed")]
+
+
+async def test_a_branch_that_fails_for_good_undoes_the_steps_before_and_the_branches_that_completed(
+    joinable: Transport,
+) -> None:
+    team = Team(joinable)
+    group = Parallel("research", "inventory", "broken")
+
+    async def broken(ctx: ActivityContext) -> None:  # fails once validate and the other two branches completed
+        team.ran.append(("broken", ctx.correlation_id))
+        while team.worker_.stats.completed_steps < 3:  # noqa: ASYNC110  # the worker's count
+            await asyncio.sleep(0.02)
+        raise NonRetryableError("broken is down")
+
+    team.worker_.activities["broken"] = FunctionActivity(broken, name="broken", retry=RetryPolicy(max_attempts=1))
+    cid = await team.dispatcher.dispatch_workflow(["validate", group, "decide"])
+    await team.worker_.run(burst=True)
+
+    status = await team.ended(cid, "compensated")
+    assert "decide" not in team.order(cid)
+    undid = team.undid(cid)
+    assert sorted(undid[:2]) == ["forget-research", "release-stock"], "the completed branches, latest first"
+    assert undid[2:] == ["unvalidate"], "then the step before the group"
+    branch_records = [record for name, _, record in team.undone if name != "unvalidate"]
+    assert {record.branch for record in branch_records} == {"research", "inventory"}
+    assert all(record.step == 1 for record in branch_records)
+    assert status.failure is not None
+    assert "broken is down" in status.failure
+    assert await dead_letters(joinable) == []
+
+
+async def test_a_branch_that_completes_after_its_group_failed_is_undone_not_joined(joinable: Transport) -> None:
+    team = Team(joinable, fail={"broken"})
+    cid_box: list[str] = []
+
+    def group_failed() -> bool:
+        return bool(cid_box) and "unvalidate" in team.undid(cid_box[0])
+
+    team.waits["research"] = group_failed
+    cid = await team.dispatcher.dispatch_workflow(["validate", Parallel("research", "broken"), "decide"])
+    cid_box.append(cid)
+    await team.worker_.run(burst=True)
+
+    await team.until(_now(lambda: "forget-research" in team.undid(cid)), "the late branch to be undone")
+    assert sorted(team.undid(cid)) == ["forget-research", "unvalidate"], "each undone once"
+    assert "decide" not in team.order(cid)
+
+
+async def test_a_cancel_stops_the_running_branches(joinable: Transport) -> None:
+    team = Team(joinable)
+    team.waits["research"] = team.waits["inventory"] = lambda: False  # until interrupted
+    async with team.worker_:
+        cid = await team.dispatcher.dispatch_workflow(["validate", GROUP, "decide"])
+        await team.until(_now(lambda: {"research", "inventory"} <= set(team.order(cid))), "the branches to start")
+        await team.dispatcher.cancel(cid, "no longer needed", by="support:bob")
+        await team.ended(cid, "cancelled")
+        await team.until(_now(lambda: team.undid(cid) == ["unvalidate"]), "the step before the group to be undone")
+
+    assert sorted(team.interrupted) == ["inventory", "research"]
+    assert team.undid(cid) == ["unvalidate"], "the steps before the group undone once; no branch had completed"
+    assert "decide" not in team.order(cid)
+
+
+async def test_the_workflows_deadline_stops_the_running_branches(joinable: Transport) -> None:
+    team = Team(joinable)
+    team.waits["research"] = lambda: False  # until its timeout is cut short by the deadline
+    dispatcher = WorkflowDispatcher(joinable, security=signer(KEYS.orders), on_event=team.store.apply, ttl=2)
+    async with team.worker_:
+        cid = await dispatcher.dispatch_workflow(["validate", Parallel("research", "inventory"), "decide"])
+        await team.ended(cid, "expired")
+        await team.until(_now(lambda: sorted(team.undid(cid)) == ["release-stock", "unvalidate"]), "the undoing")
+
+    assert team.interrupted == ["research"]
+    assert team.undid(cid)[-1] == "unvalidate", "the completed branch first, then the step before the group"
+    assert "decide" not in team.order(cid)
+
+
+async def test_a_group_of_more_than_64_branches_is_refused_at_dispatch_and_in_a_revision(
+    joinable: Transport,
+) -> None:
+    team = Team(joinable)
+    many = [f"part-{number}" for number in range(100)]
+    with pytest.raises(UserError, match=r"^a parallel group may have at most 64 branches, not 100: split"):
+        Parallel(*many)
+    with pytest.raises(UserError, match="at most 64 branches, not 100"):
+        await team.dispatcher.dispatch_workflow(
+            ["validate", ActivitySpec(name="parallel", branches=tuple(ActivitySpec(name=name) for name in many))]
+        )
+
+    async def planner(ctx: ActivityContext) -> dict[str, Any]:
+        group = ActivitySpec(name="parallel", branches=tuple(ActivitySpec(name=name) for name in many))
+        ctx.revisions.append(
+            Revision(step=ctx.step, activity="planner", action="add", reason="fan out", remaining=[group])
+        )
+        return {}
+
+    worker = team.worker(FunctionActivity(planner, name="planner"))
+    cid = await team.dispatcher.dispatch_workflow(["planner"])
+    await worker.run(burst=True)
+    status = await team.ended(cid, "faulted")
+    assert status.failure is not None
+    assert "parallel group 'parallel' has 100 branches, at most 64 are allowed" in status.failure
+
+
+def test_two_branches_with_one_key_are_refused_with_the_fix() -> None:
+    with pytest.raises(UserError, match=r"have the key 'research'; give one of them its own key, as in Parallel\("):
+        Parallel("research", "research")
+    with pytest.raises(UserError, match="cannot hold another group"):
+        Parallel("research", Parallel("inventory", "pricing"))  # pyright: ignore[reportArgumentType]
+    assert Parallel("research", "research", keys=["a", "b"]).keys == ["a", "b"]
+
+
+async def test_a_forged_branch_result_in_the_join_store_is_refused_and_the_genuine_one_joins(
+    joinable: Transport,
+) -> None:
+    team = Team(joinable)
+    team.waits["inventory"] = lambda: team.worker_.stats.rejected >= 1  # completes once the forgery was refused
+    cid = await team.dispatcher.dispatch_workflow(["validate", Parallel("research", "inventory"), "decide"])
+    now = utcnow()
+    forged = BranchResult(
+        correlation_id=cid,
+        step=1,
+        key="inventory",
+        entries=[ActivityLogEntry(name="inventory", step=1, started_at=now, finished_at=now, branch="inventory")],
+        output={"stock": 10**6},
+    ).sign(signer(generate_key("mallory-1")))
+    record = forged.model_dump_json().encode()
+    if joinable.name == "rabbitmq":  # the shared store the workers join in
+        async with RedisTransport(REDIS_URL, namespace=str(getattr(joinable, "namespace", ""))) as shared:
+            await shared.join_store().add(f"{cid}/1", "inventory", record, ttl=60)
+    else:
+        assert team.worker_.joins is not None
+        await team.worker_.joins.add(f"{cid}/1", "inventory", record, ttl=60)
+    await team.worker_.run(burst=True)
+
+    status = await team.ended(cid, "completed")
+    assert status.payload is not None
+    assert status.payload["inventory"] == {"by": "inventory", "of": cid[:8]}, "the forged output was never joined"
+    letters = await dead_letters(joinable)
+    assert len(letters) == 1
+    reason = letters[0].headers[REASON_HEADER]
+    assert reason.startswith("security check failed: branch_result: the result of branch 'inventory'")
+
+
+async def test_a_continuation_that_forges_a_groups_log_is_refused(joinable: Transport) -> None:
+    team = Team(joinable)
+    cid = await team.dispatcher.dispatch_workflow(["validate", Parallel("research", "inventory"), "decide"])
+    async with await joinable.consume("validate") as consumer:
+        delivery = await asyncio.wait_for(anext(consumer), 5)
+        await joinable.ack(delivery)
+    message = PaigeantMessage.from_json(delivery.body)
+    slip = message.routing_slip
+    now = utcnow()
+    slip.mark_complete("validate")
+    research = ActivityLogEntry(name="research", step=1, started_at=now, finished_at=now, branch="research")
+    slip.completed.append(
+        ActivityLogEntry(name="parallel", step=1, started_at=now, finished_at=now, branches=[research])
+    )
+    slip.itinerary.pop(0)
+    slip.current = "decide"
+    message.payload["research"] = {"verdict": "approve"}
+    forged = message.next_hop()
+    await joinable.publish("decide", seal(forged, signer(KEYS.desk), max_bytes=1 << 20))
+    await team.worker_.run(burst=True)
+
+    assert team.order(cid) == []
+    letters = await dead_letters(joinable)
+    assert len(letters) == 1
+    reason = letters[0].headers[REASON_HEADER]
+    assert "plan: parallel group 'parallel' at step 1 did not log each branch completed once" in reason
+
+
+def _now(check: Callable[[], bool]) -> Callable[[], Awaitable[bool]]:
+    async def checked() -> bool:
+        return check()
+
+    return checked
+
+
+@pytest.mark.rabbitmq
+async def test_on_rabbitmq_a_group_needs_a_shared_store_at_dispatch_and_at_the_worker(
+    transport: Transport, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    if transport.name != "rabbitmq":
+        pytest.skip("RabbitMQ alone has no store its workers share")
+    monkeypatch.delenv("PAIGEANT_SHARED_STORE_URL", raising=False)
+    with caplog.at_level(logging.WARNING, logger="paigeant_ai.worker"):
+        team = Team(transport)
+    assert NO_JOIN_STORE in caplog.text, "the worker says so when it starts"
+    with pytest.raises(UserError) as refused:
+        await team.dispatcher.dispatch_workflow(["validate", GROUP])
+    assert str(refused.value) == NO_JOIN_STORE
+    assert "PAIGEANT_SHARED_STORE_URL=redis://" in NO_JOIN_STORE
+
+    monkeypatch.setenv("PAIGEANT_SHARED_STORE_URL", REDIS_URL)  # a dispatcher that has one, a worker that has not
+    cid = await Team(transport).dispatcher.dispatch_workflow([Parallel("research")])
+    await team.worker_.run(burst=True)
+    assert team.order(cid) == []
+    letters = await dead_letters(transport)
+    assert [letter.headers[REASON_HEADER] for letter in letters] == [NO_JOIN_STORE]
+
+
+async def test_the_branches_hop_spans_are_siblings_sent_by_the_hop_that_fanned_out(capfire: CaptureLogfire) -> None:
+    async with InMemoryTransport() as transport:
+        team = Team(transport)
+        cid = await team.dispatcher.dispatch_workflow(["validate", Parallel("research", "inventory"), "decide"])
+        await team.worker_.run(burst=True)
+        await team.ended(cid, "completed")
+
+    spans = capfire.exporter.exported_spans_as_dict()
+    by_id = {span["context"]["span_id"]: span for span in spans}
+    hops = {
+        span["attributes"]["paigeant.activity"]: span
+        for span in spans
+        if span["attributes"].get("paigeant.activity") and span["name"] == "paigeant.hop"
+    }
+    assert {"validate", "research", "inventory", "decide"} <= set(hops), sorted(span["name"] for span in spans)
+    assert len({span["context"]["trace_id"] for span in spans}) == 1, "one workflow, one trace"
+    assert all(hops[name]["attributes"]["correlation_id"] == cid for name in hops)
+    # Every hop's span is a child of the workflow's root (the dispatch span), linked to the hop that sent it.
+    dispatch = next(span for span in spans if span["name"] == "paigeant.dispatch")
+    assert {hop["parent"]["span_id"] for hop in hops.values()} == {dispatch["context"]["span_id"]}
+
+    def sender(hop: dict[str, Any]) -> str:
+        [link] = [link for link in hop.get("links", []) if link["attributes"]["paigeant.link"] == "sender"]
+        return by_id[link["context"]["span_id"]]["attributes"]["paigeant.activity"]
+
+    assert sender(hops["research"]) == sender(hops["inventory"]) == "validate", "siblings sent by the fan-out"
+    assert sender(hops["decide"]) in ("research", "inventory"), "the continuation is sent by the joining branch"
+
+
+def test_a_plan_may_hold_a_group_whose_branches_see_the_variables_before_it() -> None:
+    catalog = ActivityCatalog()
+    catalog.add(ActivitySpec(name="validate"), needs=["order"], produces=["customer"])
+    catalog.add(ActivitySpec(name="research"), needs=["customer"], produces=["history"])
+    catalog.add(ActivitySpec(name="inventory"), needs=["order"])
+    catalog.add(ActivitySpec(name="decide"), needs=["research", "inventory"])
+    catalog.add(ActivitySpec(name="peek"), needs=["history"])
+
+    specs = catalog.plan(["validate", ["research", "inventory"], "decide"], ["order"])
+    assert [spec.name for spec in specs] == ["validate", "parallel", "decide"]
+    assert [branch.branch_key for branch in specs[1].branches] == ["research", "inventory"]
+
+    with pytest.raises(InvalidPlan, match="step 2 'peek' needs variable 'history'"):
+        catalog.plan(["validate", ["research", "peek"]], ["order"])  # a branch does not see another's output
+    with pytest.raises(InvalidPlan, match="have the key 'research'"):
+        catalog.plan(["validate", ["research", "research"]], ["order"])
+
+
+async def test_require_workers_asks_for_every_branch_of_a_first_group() -> None:
+    async with InMemoryTransport() as transport:
+        team = Team(transport)
+        async with team.worker_:
+            with pytest.raises(NoWorker, match="no worker consumes 'unknown-branch'"):
+                await team.dispatcher.dispatch_workflow([Parallel("research", "unknown-branch")], require_workers=True)
+            cid = await team.dispatcher.dispatch_workflow([Parallel("research", "inventory")], require_workers=True)
+            await team.ended(cid, "completed")
