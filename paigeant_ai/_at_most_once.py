@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import json
 import logging
 import os
 import socket
@@ -30,10 +31,10 @@ from . import observability
 from ._escape import escape_control
 from ._hop import Hop
 from ._in_doubt import DECISION_TYPE, DoubtDecision, InDoubt, Ran, RunAgain, SignedDecision, StartRecord, StepInDoubt
-from ._outcome import Fault, Outcome, Park, completed, describe
+from ._outcome import Fault, Outcome, Park, Retry, completed, describe
 from .activity import DEFAULT_TIMEOUT, Activity, ActivityContext, to_payload_update
 from .approval import ParkedStep
-from .exceptions import SecurityError, TransportError, UserError
+from .exceptions import NonRetryableError, RetryActivity, SecurityError, TransportError, UserError
 from .transports.base import SharedClaims, SharedStores, Transport
 
 if TYPE_CHECKING:
@@ -122,7 +123,7 @@ class AtMostOnce:
         key = StartRecord.key(hop.message.idempotency_key, hop.message.attempt)
         found = await self._claim(hop, key)
         if found is None:
-            return await run(hop)
+            return await self._run_once(hop, run, max_bytes)
         try:
             started = StartRecord.verified(
                 found, self.security, idempotency_key=hop.message.idempotency_key, attempt=hop.message.attempt
@@ -154,6 +155,39 @@ class AtMostOnce:
         self._held[id(hop)] = (key, record if found is None else found)
         return found
 
+    async def _run_once(self, hop: Hop, run: Callable[[Hop], Awaitable[Outcome]], max_bytes: int) -> Outcome:
+        """Run the step under its start record. A failure that leaves open whether it had its effect (a timeout,
+        or any error but `RetryActivity` and `NonRetryableError`, by which the activity says it did not) is not
+        retried blindly: the reconcile hook says whether it ran, else the step is in doubt."""
+        outcome = await run(hop)
+        if not isinstance(outcome, Retry | Fault) or not _may_have_run(hop.raised):
+            return outcome
+        answer = await self._ask(hop)
+        if isinstance(answer, Ran):
+            return await self._reconciled(hop, answer, "reconciled", max_bytes)
+        if isinstance(answer, RunAgain):
+            return outcome  # the hook found it did not run: retried (or failed) as any step
+        held = self._held.get(id(hop))
+        started = _own_record(held[1], hop, self.security) if held is not None else None
+        return self._in_doubt(hop, started, f"it failed after it started ({outcome.reason}), and {answer}")
+
+    async def _ask(self, hop: Hop) -> Ran | RunAgain | str:
+        """The activity's reconcile hook's answer to whether the step ran; else why there is none."""
+        reconcile = getattr(hop.activity, "reconcile", None)
+        if reconcile is None:
+            return "it has no reconcile hook"
+        ctx = ActivityContext(message=hop.message, spec=hop.spec, obo_claims=hop.claims)
+        try:
+            async with asyncio.timeout(hop.spec.timeout or DEFAULT_TIMEOUT):
+                answer: Any = reconcile(ctx)
+                if inspect.isawaitable(answer):
+                    answer = await answer
+        except Exception as exc:
+            return f"its reconcile hook failed: {describe(exc)}"
+        if isinstance(answer, Ran | RunAgain):
+            return answer
+        return f"its reconcile hook returned {type(answer).__name__}, not Ran(output) or RunAgain()"
+
     async def _reconcile(
         self,
         hop: Hop,
@@ -164,28 +198,17 @@ class AtMostOnce:
     ) -> Outcome:
         """Ask the activity's hook whether the step whose start record was `found` ran; act on the answer."""
         raw, started = found
-        reconcile = getattr(hop.activity, "reconcile", None)
-        if reconcile is None:
-            return self._in_doubt(hop, started, "a copy of it started and did not finish, and it has no reconcile hook")
-        ctx = ActivityContext(message=hop.message, spec=hop.spec, obo_claims=hop.claims)
-        try:
-            async with asyncio.timeout(hop.spec.timeout or DEFAULT_TIMEOUT):
-                answer: Any = reconcile(ctx)
-                if inspect.isawaitable(answer):
-                    answer = await answer
-        except Exception as exc:
-            return self._in_doubt(hop, started, f"its reconcile hook failed: {describe(exc)}")
+        answer = await self._ask(hop)
         if isinstance(answer, Ran):
             return await self._reconciled(hop, answer, "reconciled", max_bytes)
-        if isinstance(answer, RunAgain):
-            logger.info("step %s of %s reconciled as not run; running it", hop.spec.name, _cid(hop))
-            assert self.claims is not None
-            await self.claims.release(key, raw)  # that very record only: a newer one is another copy's
-            if await self._claim(hop, key) is not None:
-                return self._in_doubt(hop, None, "another copy of the step started it while this one reconciled it")
-            return await run(hop)
-        what = type(answer).__name__
-        return self._in_doubt(hop, started, f"its reconcile hook returned {what}, not Ran(output) or RunAgain()")
+        if not isinstance(answer, RunAgain):
+            return self._in_doubt(hop, started, f"a copy of it started and did not finish, and {answer}")
+        logger.info("step %s of %s reconciled as not run; running it", hop.spec.name, _cid(hop))
+        assert self.claims is not None
+        await self.claims.release(key, raw)  # that very record only: a newer one is another copy's
+        if await self._claim(hop, key) is not None:
+            return self._in_doubt(hop, None, "another copy of the step started it while this one reconciled it")
+        return await self._run_once(hop, run, max_bytes)
 
     async def _reconciled(self, hop: Hop, answer: Ran, how: str, max_bytes: int) -> Outcome:
         """The step completes with `answer.output`, without running."""
@@ -222,6 +245,20 @@ class AtMostOnce:
             worker=self.worker,
         )
         return record.sign(self.security).encode()
+
+
+def _may_have_run(raised: BaseException | None) -> bool:
+    """Whether a step that raised `raised` may have had its effect: unless the activity said it did not."""
+    return raised is not None and not isinstance(raised, RetryActivity | NonRetryableError)
+
+
+def _own_record(raw: str, hop: Hop, security: MessageSecurity) -> StartRecord | None:
+    try:
+        return StartRecord.verified(
+            raw, security, idempotency_key=hop.message.idempotency_key, attempt=hop.message.attempt
+        )
+    except SecurityError:
+        return None
 
 
 def _cid(hop: Hop) -> str:
@@ -335,9 +372,13 @@ def _json_output(answer: Ran | RunAgain) -> Any:
     if not isinstance(answer, Ran):
         return None
     try:
-        return to_jsonable_python(answer.output)
+        output = to_jsonable_python(answer.output)
+        json.dumps(output, allow_nan=False)
     except PydanticSerializationError as exc:
         raise UserError(f"Ran(output) must be JSON: a mapping, a pydantic model or a JSON value ({exc})") from None
+    except ValueError:
+        raise UserError("Ran(output) must be finite JSON: replace NaN and infinity (JSON has neither)") from None
+    return output
 
 
 def _own_kid(security: MessageSecurity) -> str | None:

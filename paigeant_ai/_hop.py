@@ -48,6 +48,7 @@ class Hop:
         expired: The workflow's deadline passed before the hop arrived (it ends `expired` once authenticated).
         deadline_bound: The step's timeout was cut short to the workflow's deadline.
         interrupt: Why the running step was interrupted (its workflow was cancelled), if it was.
+        raised: What the step raised, if it failed (for an at-most-once step: whether it may have run).
         detached: Its delivery was handed back to the broker while the step ran (acked, a watch copy left behind:
             see `paigeant_ai._long_steps`); settling it acks nothing more.
     """
@@ -65,6 +66,7 @@ class Hop:
     expired: bool = False
     deadline_bound: bool = False
     interrupt: Halt | None = None
+    raised: BaseException | None = None
     detached: bool = False
 
 

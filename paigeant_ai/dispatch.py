@@ -355,6 +355,11 @@ class WorkflowDispatcher:
                     f"workflow {correlation_id!r} is in doubt, not waiting for tool calls: resume it with in_doubt= "
                     "alone (Ran(output) or RunAgain())"
                 )
+            if approver_token is not None:
+                raise UserError(
+                    "a doubt is settled by this dispatcher's key, which must hold `approve` in the trust policy; "
+                    "approver_token is not taken for it: drop approver_token and pass approver='who decided'"
+                )
             check_before_resume(parked, self.security, approver=approver, approver_token=None, obo_token=obo_token)
             await resume_in_doubt(self, parked, in_doubt, approver=approver, obo_token=obo_token)
             return

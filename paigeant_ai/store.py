@@ -165,6 +165,8 @@ class _Projection:
         )
         self.steps: dict[tuple[int, str, str | None], StepStatus] = {}
         self.cause = "faulted"
+        self.unwinding = False
+        """A `compensating` event was seen: the steps that run from then on undo the workflow."""
         self.undone: str | None = None
         """How the undoing ended (`compensated`, `compensation_failed`), once an event said so: a stop reported
         later by another process (its clock a little ahead) cannot reopen it."""
@@ -212,6 +214,8 @@ class _Projection:
             if record is not None:
                 record.state, record.error = kind, event.detail
             status.state, status.waiting_for = kind, event.detail
+        elif kind == "resumed" and status.state in FINAL_STATES:
+            pass  # a resume that came too late (its step had settled): the skipped copy changes nothing
         elif kind in ("resumed", "replayed"):
             if record is not None and record.state in ("waiting", "in_doubt"):
                 record.state, record.error = "running", None
@@ -226,8 +230,9 @@ class _Projection:
             status.state, status.failure = "faulted", f"rejected: {event.detail}"
 
     def _running(self) -> None:
-        if self.status.state == "compensating":
-            return  # a compensation's step: the workflow still unwinds
+        if self.unwinding:  # a compensation's step: the workflow still unwinds, and keeps why it stopped
+            self.status.state, self.status.waiting_for = "compensating", None
+            return
         self.status.state = "running"
         self.status.failure = self.status.waiting_for = None
 
@@ -247,7 +252,7 @@ class _Projection:
         elif kind == "expired":
             self.cause, status.state, status.failure = "expired", "expired", event.detail
         elif kind == "compensating":
-            status.state, status.compensation = "compensating", event.detail
+            status.state, status.compensation, self.unwinding = "compensating", event.detail, True
         elif kind == "compensated":
             status.payload, status.compensation, self.undone = event.payload, event.detail, kind
         elif kind == "compensation_failed":

@@ -339,8 +339,8 @@ class Worker:
                     outcome = Skip("already completed (redelivery)")
                 if outcome is None:
                     outcome = await self._halted(hop)  # cancelled, or past its deadline: nothing more runs
-                if outcome is None or isinstance(outcome, Halt):
-                    await release_parked(hop, self.waiting_store)  # a resume that runs, or stops: off the store
+                if outcome is None or isinstance(outcome, (Halt, Skip)):
+                    await release_parked(hop, self.waiting_store)  # a resume that runs, stops or came late: gone
                 if outcome is None:  # an at-most-once step runs once its start record is safe, else is reconciled
                     async with self._long_steps.watch(hop):  # handed back before the broker's ack deadline
                         outcome = await self.at_most_once.run(hop, self._run, self.max_message_bytes)
@@ -519,6 +519,7 @@ class Worker:
 
     def _failed(self, hop: Hop, exc: Exception) -> Outcome:
         """What a step that raised `exc` comes to, logged unless it is a signal."""
+        hop.raised = exc
         if not isinstance(exc, SIGNALS):
             cid, why = escape_control(hop.message.correlation_id), escape_control(describe(exc))
             logger.warning("step %s of %s failed: %s", hop.spec.name, cid, why)

@@ -31,6 +31,7 @@ from paigeant_ai import (
     PaigeantToolset,
     PlannerAgentDeps,
     Ran,
+    RetryActivity,
     RetryPolicy,
     RunAgain,
     UserError,
@@ -90,6 +91,8 @@ class Payments:
     transport: Transport
     shared: RedisTransport | None
     fail_first: bool = False
+    after_paying: BaseException | None = None
+    """What the first attempt raises once it has paid (the provider's reply lost, a hang past the timeout)."""
     paid: list[str] = field(default_factory=list[str])
     store: InMemoryWorkflowStore = field(default_factory=InMemoryWorkflowStore)
     waiting: InMemoryWaitingStore = field(default_factory=InMemoryWaitingStore)
@@ -100,11 +103,17 @@ class Payments:
         )
 
     def pay(self, reconcile: Callable[[ActivityContext], Any] | None = None) -> FunctionActivity:
-        @activity(at_most_once=True, reconcile=reconcile, retry=RetryPolicy(max_attempts=3, initial_interval=0.01))
+        @activity(
+            at_most_once=True, reconcile=reconcile, retry=RetryPolicy(max_attempts=3, initial_interval=0.01), timeout=1
+        )
         async def pay(ctx: ActivityContext) -> dict[str, Any]:
             if self.fail_first and ctx.attempt == 0:
-                raise ConnectionError("the provider hung up before charging")
+                raise RetryActivity("the provider declined before charging: try again", delay=0.01)
             self.paid.append(ctx.correlation_id)
+            if self.after_paying is not None and ctx.attempt == 0:
+                if isinstance(self.after_paying, TimeoutError):
+                    await asyncio.sleep(5)  # past the step's timeout: the worker cuts it short
+                raise self.after_paying
             return {"charge": f"ch-{ctx.correlation_id[:8]}"}
 
         return pay
@@ -304,6 +313,81 @@ async def test_a_reconcile_hook_that_fails_parks_in_doubt_with_its_error(payment
     assert status.state == "in_doubt"
     assert status.waiting_for is not None
     assert "its reconcile hook failed: ConnectionError: the provider's search is down" in status.waiting_for
+
+
+@pytest.mark.parametrize(
+    "failure",
+    [ConnectionError("the provider hung up after charging"), TimeoutError()],
+    ids=["error-after-effect", "timeout-after-effect"],
+)
+async def test_a_step_that_fails_after_it_may_have_run_is_in_doubt_not_retried(
+    payments: Payments, failure: BaseException
+) -> None:
+    payments.after_paying = failure
+    worker = payments.worker()
+    cid = await payments.dispatcher.dispatch_workflow(["pay", "ship"])
+    await worker.run(burst=True)
+
+    assert payments.paid == [cid], "paid once: the failure after the effect was not retried blindly"
+    status = await payments.status(cid)
+    assert status.state == "in_doubt"
+    assert status.waiting_for is not None
+    assert "it failed after it started" in status.waiting_for
+    assert "it has no reconcile hook" in status.waiting_for
+    doubt = (await payments.dispatcher.parked(cid)).in_doubt
+    assert doubt is not None
+    assert doubt.started_at is not None, "its own start record says since when"
+
+
+async def test_a_step_that_fails_after_it_may_have_run_asks_the_reconcile_hook(payments: Payments) -> None:
+    payments.after_paying = ConnectionError("the provider hung up after charging")
+
+    def reconcile(ctx: ActivityContext) -> Ran | RunAgain:
+        charged = ctx.correlation_id in payments.paid
+        return Ran({"charge": "ch-found"}) if charged else RunAgain()
+
+    worker = payments.worker(reconcile)
+    cid = await payments.dispatcher.dispatch_workflow(["pay", "ship"])
+    await worker.run(burst=True)
+
+    assert payments.paid == [cid]
+    status = await payments.status(cid)
+    assert status.state == "completed"
+    assert status.payload == {"charge": "ch-found", "shipped": "ch-found"}
+
+
+async def test_a_resume_that_comes_after_its_step_completed_changes_nothing_and_clears_the_doubt(
+    payments: Payments,
+) -> None:
+    worker = payments.worker()
+    cid = await payments.dispatcher.dispatch_workflow(["pay", "ship"])
+    await payments.started_before(worker, cid)
+    await worker.run(burst=True)
+    assert (await payments.status(cid)).state == "in_doubt"
+    # Meanwhile the first copy, only stalled, finished: its successor ran and its key is done.
+    await worker.dedupe.mark_done(f"{cid}:0:pay")
+    await payments.dispatcher.resume(cid, in_doubt=RunAgain(), approver="ops@example.com")
+    await worker.run(burst=True)
+
+    assert payments.paid == [], "the late decision ran nothing"
+    assert await payments.waiting.waiting() == [], "and its parked record is gone"
+
+
+def test_ran_output_with_nan_is_refused_with_the_fix() -> None:
+    from paigeant_ai._at_most_once import _json_output  # pyright: ignore[reportPrivateUsage]
+
+    with pytest.raises(UserError, match="finite JSON"):
+        _json_output(Ran({"amount": float("nan")}))
+
+
+async def test_a_doubt_is_not_settled_with_an_approver_token(payments: Payments) -> None:
+    worker = payments.worker()
+    cid = await payments.dispatcher.dispatch_workflow(["pay", "ship"])
+    await payments.started_before(worker, cid)
+    await worker.run(burst=True)
+
+    with pytest.raises(UserError, match="approver_token is not taken"):
+        await payments.dispatcher.resume(cid, in_doubt=RunAgain(), approver_token="a.token.here")
 
 
 async def test_a_step_run_again_by_a_person_that_raises_is_retried_normally(payments: Payments) -> None:

@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 
 from paigeant_ai import (
@@ -45,6 +47,11 @@ async def test_a_compensation_or_fallback_nobody_serves_is_refused_at_dispatch(t
 
             async with await transport.consume("charge-backup"):
                 await dispatcher.dispatch_workflow(ROUTE, require_workers=True)
+    # The consumer held the hop unacked; the broker puts it back once that consumer is gone, a moment later.
+    for _ in range(50):
+        if await transport.pending("reserve-stock") == 1:
+            break
+        await asyncio.sleep(0.1)
     assert await transport.pending("reserve-stock") == 1
 
 

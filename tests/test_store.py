@@ -333,3 +333,45 @@ async def test_a_workflow_ended_early_says_why(store: WorkflowStore, transport: 
         "out of stock (skipped: second)",
         {"reserved": False},
     )
+
+
+def test_a_compensation_in_doubt_and_resumed_keeps_why_the_workflow_stopped() -> None:
+    from datetime import UTC, datetime, timedelta
+
+    from paigeant_ai import WorkflowEvent
+    from paigeant_ai._events import EventKind
+    from paigeant_ai.store import project
+
+    start = datetime(2026, 1, 1, tzinfo=UTC)
+    steps: list[tuple[EventKind, int | None, str | None]] = [
+        ("dispatched", None, None),
+        ("step_started", 0, "reserve"),
+        ("step_completed", 0, "reserve"),
+        ("faulted", 1, "charge"),
+        ("compensating", 1, "charge"),
+        ("step_started", 0, "release"),
+        ("in_doubt", 0, "release"),
+        ("resumed", 0, "release"),
+    ]
+    events = [
+        WorkflowEvent(
+            kind=kind,
+            correlation_id="wf",
+            step=step,
+            activity=activity,
+            at=start + timedelta(seconds=n),
+            detail="the card was declined" if kind == "faulted" else None,
+        )
+        for n, (kind, step, activity) in enumerate(steps)
+    ]
+    parked = project("wf", events[:-1])
+    assert parked is not None
+    assert (parked.state, parked.failure) == ("in_doubt", "the card was declined")
+    resumed = project("wf", events)
+    assert resumed is not None
+    assert (resumed.state, resumed.failure) == ("compensating", "the card was declined")
+    late = project("wf", [*events, WorkflowEvent(kind="compensated", correlation_id="wf", at=start + timedelta(9))])
+    assert late is not None
+    after = project("wf", [*late.events, WorkflowEvent(kind="resumed", correlation_id="wf", at=start + timedelta(10))])
+    assert after is not None
+    assert after.state == "compensated", "a resume that came too late does not reopen a finished workflow"
