@@ -37,7 +37,7 @@ from ._hop import Hop
 from ._tokens import granted_scopes, unverified_claims
 from .approval import APPROVAL_TYPE, APPROVE_SCOPE, ParkedStep, PendingToolCall
 from .exceptions import SecurityError, TokenError, UserError
-from .security import MessageSecurity
+from .security import MessageSecurity, own_kid
 
 __all__ = ("APPROVAL_TYPE", "APPROVE_SCOPE", "Approval", "SignedApproval", "check_resume", "sign_approvals")
 
@@ -166,7 +166,7 @@ def sign_approvals(
             "approver='<their identity>' (with a key that holds 'approve' in the trust policy) or "
             "approver_token=<their token with scope 'paigeant:approve'>"
         )
-    kid = _own_kid(security)
+    kid = own_kid(security)
     may_approve = kid is None or security.policy.allows(kid, "approve")
     if approver_token is None and not may_approve:
         raise UserError(
@@ -373,10 +373,3 @@ def _decision(answer: object, call: PendingToolCall) -> tuple[Literal["approved"
 def _changed(call: PendingToolCall, runs_with: Mapping[str, Any]) -> dict[str, JsonValue] | None:
     jsonable = to_jsonable_python(dict(runs_with))
     return jsonable if jsonable != to_jsonable_python(dict(call.args)) else None
-
-
-def _own_kid(security: MessageSecurity) -> str | None:
-    key = getattr(security, "signing_key", None)
-    if key is None or getattr(security, "unsigned", False):
-        return None
-    return getattr(key, "kid", None)

@@ -35,6 +35,7 @@ from ._outcome import Fault, Outcome, Park, Retry, completed, describe
 from .activity import DEFAULT_TIMEOUT, Activity, ActivityContext, to_payload_update
 from .approval import ParkedStep
 from .exceptions import NonRetryableError, RetryActivity, SecurityError, TransportError, UserError
+from .security import own_kid
 from .transports.base import SharedClaims, SharedStores, Transport
 
 if TYPE_CHECKING:
@@ -339,7 +340,7 @@ async def resume_in_doubt(
             )
         )
     security = dispatcher.security
-    kid = _own_kid(security)
+    kid = own_kid(security)
     if approver is None:
         raise UserError(f"resuming in-doubt workflow {cid!r}: say who decides with approver='<their identity>'")
     if kid is not None and not security.policy.allows(kid, "approve"):
@@ -379,10 +380,3 @@ def _json_output(answer: Ran | RunAgain) -> Any:
     except ValueError:
         raise UserError("Ran(output) must be finite JSON: replace NaN and infinity (JSON has neither)") from None
     return output
-
-
-def _own_kid(security: MessageSecurity) -> str | None:
-    key = getattr(security, "signing_key", None)
-    if key is None or getattr(security, "unsigned", False):
-        return None
-    return getattr(key, "kid", None)

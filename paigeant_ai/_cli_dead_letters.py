@@ -20,7 +20,7 @@ from ._sealing import seal
 from .approval import ParkedStep, WaitingStore, verified
 from .contracts import DEAD_LETTER, ActivityLogEntry, PaigeantMessage
 from .exceptions import InvalidMessage, SecurityError, UserError
-from .security import MessageSecurity, MessageSigner
+from .security import MessageSecurity, MessageSigner, own_kid
 from .settings import Settings
 from .transports import IN_MEMORY_NAMES, Transport
 from .transports.base import REASON_HEADER, SOURCE_HEADER, Delivery, SharedStores
@@ -190,7 +190,7 @@ async def park_again(
         parked.verify(signer)
     except (ValidationError, SecurityError) as exc:
         raise UserError(f"this letter cannot be replayed: its parked record is refused: {exc}") from None
-    kid = _own_kid(signer)
+    kid = own_kid(signer)
     if kid is not None and not signer.policy.may_send_to(kid, parked.activity):
         raise UserError(
             f"this letter cannot be replayed with key {kid!r}: the parked record is signed anew by the replaying "
@@ -203,7 +203,7 @@ async def park_again(
     again = parked.model_copy(update={"parked_at": datetime.now(UTC), "proof": None}).sign(signer)
     await store.put(again)
     await EventReporter(transport, batched=False, on_span=False, security=signer).report(
-        "waiting",
+        "in_doubt" if again.in_doubt is not None else "waiting",  # an at-most-once step's doubt stays one
         again.message,
         detail=f"{again.describe()} again (its resume was replayed from the dead-letter queue)",
     )
@@ -228,11 +228,6 @@ def replay_id(message: PaigeantMessage, failure: ActivityLogEntry) -> str:
     seed = f"paigeant/v1/replay/{message.message_id}/{failure.name}/{failure.attempt}/{failure.error}".encode()
     digest = hashlib.blake2b(seed, digest_size=16).hexdigest()
     return f"{digest[:8]}-{digest[8:12]}-{digest[12:16]}-{digest[16:20]}-{digest[20:]}"
-
-
-def _own_kid(security: MessageSecurity) -> str | None:
-    key = getattr(security, "signing_key", None)
-    return None if key is None or getattr(security, "unsigned", False) else getattr(key, "kid", None)
 
 
 def _hop_headers(headers: dict[str, str]) -> dict[str, str]:

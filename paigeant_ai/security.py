@@ -379,3 +379,11 @@ def _made_after(message: PaigeantMessage) -> float:
     completed = message.routing_slip.completed
     made = message.created_at if not completed else max(message.created_at, completed[-1].finished_at)
     return made.timestamp()
+
+
+def own_kid(security: MessageSecurity) -> str | None:
+    """The key id `security` signs with; None when it signs nothing."""
+    key = getattr(security, "signing_key", None)
+    if key is None or getattr(security, "unsigned", False):
+        return None
+    return getattr(key, "kid", None)
