@@ -26,6 +26,7 @@ from . import brokers
 from .brokers import RABBITMQ_URL, REDIS_URL, Fleet, delete_redis_namespace, report, require_rabbitmqctl, wait_until
 from .parallel_workers import ADDRESSES, BRANCH_STEPS, ROUTE, end, start
 from .test_rabbitmq_durability import rabbitmqctl
+from .test_redis_durability import PrivateRedis
 from .workflows_for_crash import read_records
 
 Broker = Literal["rabbitmq", "redis"]
@@ -156,3 +157,38 @@ async def test_groups_ride_out_a_rabbitmq_restart(
         assert all(line.endswith(" ok") for line in found), [line for line in found if not line.endswith(" ok")]
         assert await dispatcher.transport.pending(DEAD_LETTER) == 0
         report(capsys, f"rabbitmq restarted mid-run: {len(ids)}/{len(ids)} workflows joined")
+
+
+@pytest.mark.slow
+@pytest.mark.redis
+async def test_groups_ride_out_a_redis_restart(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Redis killed (SIGKILL) mid-run and started again: a server of the test's own, so nothing else is disturbed;
+    its append-only file, fsynced on every write, keeps the queues and the joins' results."""
+    (tmp_path / "redis").mkdir()
+    server = PrivateRedis(tmp_path / "redis")
+    await server.start()
+    try:
+        fleet = brokers.fleet(tmp_path, "redis", server.url, workers="tests.parallel_workers", steps=ADDRESSES)
+        async with fleet as (workers, dispatcher, records):
+            workers.env["PAIGEANT_TEST_STEP_SECONDS"] = "0.2"
+            await workers.start("fan_worker")
+            await workers.start("fan_worker")
+            ids = list(await asyncio.gather(*(dispatcher.dispatch_workflow(ROUTE, {"n": n}) for n in range(40))))
+            await wait_until(lambda: len(finished(records)) >= 5, within=60, what="the first workflows to finish")
+            in_flight = len(ids) - len(finished(records))
+            await server.kill()
+            await asyncio.sleep(1)
+            await server.start()
+            await wait_until(lambda: finished(records) >= set(ids), within=180, what="every workflow to finish")
+
+            found = verdicts(records)
+            assert {line.split(" ", 1)[0] for line in found} == set(ids)
+            assert all(line.endswith(" ok") for line in found), [line for line in found if not line.endswith(" ok")]
+            assert await dispatcher.transport.pending(DEAD_LETTER) == 0
+            assert all(process.returncode is None for process in workers.processes)
+            report(capsys, f"redis killed mid-run: {len(ids)}/{len(ids)} workflows joined ({in_flight} in flight)")
+    except BaseException:
+        print(server.log())
+        raise
+    finally:
+        await server.kill()
