@@ -57,6 +57,11 @@ WATCH_HEADER = "x-paigeant-watch"
 """The header of a watch copy: the hop, sent again one lease later by the worker that runs it."""
 CLAIM_MARGIN = 60.0
 """Seconds a claim outlives its step's timeout, when nothing renews it."""
+HAND_BACK_MARGIN = 0.1
+"""The part of the broker's deadline left when a worker gives up handing a delivery back."""
+HAND_BACK_PAUSE = 0.05
+"""Seconds before a failed hand-back is tried again the first time; the pause doubles each time after."""
+HAND_BACK_PAUSE_MAX = 2.0
 
 
 def is_watch_copy(delivery: Delivery) -> bool:
@@ -102,6 +107,7 @@ class LongSteps:
         self.lease = transport.lease if isinstance(transport, AckDeadline) else Settings.from_env().step_lease
         self._renewals: dict[int, asyncio.Task[None]] = {}
         self._detached: dict[int, Hop] = {}  # by id of the delivery, until its handling ends (see `dead_letter`)
+        self._holding: dict[str, Hop] = {}  # by message id, while handed back and running (see `holds`)
 
     def start(self, activities: Mapping[str, Activity]) -> None:
         """Learn from the transport when to hand deliveries back (before consuming), and warn where it is unsafe."""
@@ -182,23 +188,54 @@ class LongSteps:
                 await asyncio.gather(*detaching, return_exceptions=True)
 
     async def detach(self, hop: Hop) -> None:
-        """Publish the watch copy of `hop` (delayed one lease), ack its delivery once the broker has the copy, and
-        renew its claim until it is settled."""
+        """Publish the watch copy of `hop` (delayed one lease), then ack its delivery, each tried again with a short
+        backoff until shortly before the broker's deadline; from the moment the broker has the copy, the hop counts
+        as handed back and its claim is renewed until it is settled, whatever the ack does."""
         delivery = hop.delivery
-        headers = {**delivery.headers, WATCH_HEADER: "1"}
-        try:
-            await self.transport.publish(delivery.address, delivery.body, headers=headers, delay=self.lease)
-            await self.transport.ack(delivery)
-        except TransportError:
-            logger.warning(
-                "could not hand back the delivery of step %s while it runs; the broker may take it back",
-                hop.spec.name,
-                exc_info=True,
-            )
-            return
+        give_up_at = delivery.received_at + self._deadline() - HAND_BACK_MARGIN * self._deadline()
+        pause = HAND_BACK_PAUSE
+        while True:
+            try:
+                if not hop.detached:
+                    await self.transport.publish(
+                        delivery.address, delivery.body, headers=self._watch(hop), delay=self.lease
+                    )
+                    self._hold(hop)
+                await self.transport.ack(delivery)
+                return
+            except TransportError:
+                what = "ack the delivery" if hop.detached else "publish the watch copy"
+                if time.monotonic() + pause >= give_up_at:
+                    logger.error(
+                        "could not %s of step %s before the broker's deadline; the broker may take it back and "
+                        "deliver it again",
+                        what,
+                        hop.spec.name,
+                        exc_info=True,
+                    )
+                    return
+                logger.warning("could not %s of step %s; trying again", what, hop.spec.name, exc_info=True)
+            await asyncio.sleep(pause)
+            pause = min(2 * pause, HAND_BACK_PAUSE_MAX)
+
+    def _deadline(self) -> float:
+        assert self.detach_after is not None
+        return 2 * self.detach_after  # handed back at half the broker's deadline
+
+    def _watch(self, hop: Hop) -> dict[str, str]:
+        return {**hop.delivery.headers, WATCH_HEADER: "1"}
+
+    def _hold(self, hop: Hop) -> None:
+        """The broker has the watch copy of `hop`: it is handed back; renew its claim until it is settled."""
         hop.detached = True
-        self._detached[id(delivery)] = hop
+        self._detached[id(hop.delivery)] = hop
+        self._holding[hop.message.message_id] = hop
         self._renewals[id(hop)] = asyncio.create_task(self._renew(hop), name=f"paigeant-renew-{hop.spec.name}")
+
+    def holds(self, message_id: str) -> bool:
+        """Whether this worker runs the hop `message_id` with its delivery handed back: the broker's redelivery of
+        that delivery (its ack failed) is then left over, and must not take the running claim over."""
+        return message_id in self._holding
 
     async def _renew(self, hop: Hop) -> None:
         while True:
@@ -211,6 +248,8 @@ class LongSteps:
 
     def forget(self, hop: Hop) -> None:
         """Stop renewing the claim of `hop`, done with (settled, or left to its watch copy)."""
+        if self._holding.get(hop.message.message_id) is hop:
+            del self._holding[hop.message.message_id]
         renewal = self._renewals.pop(id(hop), None)
         if renewal is not None:
             renewal.cancel()

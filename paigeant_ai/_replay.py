@@ -14,7 +14,8 @@ A running claim carries a lease (the step's timeout and a margin): a copy that a
 a hop whose worker is gone (a poison message sent back from the dead-letter queue) and may run. A worker that
 handed its delivery back to the broker while the step runs (see `paigeant_ai._long_steps`) renews the lease
 (`ReplayCache.renew`) until the hop is settled, so the watch copy it left behind takes the hop over only once that
-worker is gone. Only hops whose
+worker is gone; a renewed claim is not taken over by the broker's redelivery either (that worker handed its
+delivery back: a redelivery of it is left over, an ack that failed), only once its lease lapsed. Only hops whose
 signature a trusted key made are claimed, so a forger cannot block a message id.
 """
 
@@ -70,6 +71,7 @@ class _Entry:
     lease_until: float
     expires: float
     sent_at: float
+    held: bool = False  # renewed by a worker that handed its delivery back: no broker redelivery takes it over
 
 
 class InMemoryReplayCache:
@@ -110,8 +112,8 @@ class InMemoryReplayCache:
             return "duplicate"
         if entry.settled:
             return "settled"
-        if redelivered or entry.lease_until < now:
-            entry.lease_until = now + lease
+        if (redelivered and not entry.held) or entry.lease_until < now:
+            entry.lease_until, entry.held = now + lease, False
             return "claimed"
         return "running"
 
@@ -120,7 +122,7 @@ class InMemoryReplayCache:
         entry = self._entries.get(message_id)
         if entry is None or entry.expires < now or entry.settled or entry.digest != digest:
             return False
-        entry.lease_until = now + lease
+        entry.lease_until, entry.held = now + lease, True
         return True
 
     async def settle(self, message_id: str, digest: str, ttl: float) -> None:

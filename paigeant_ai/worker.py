@@ -322,6 +322,9 @@ class Worker:
             # A fresh copy is authorized (and claims its id) before it may wait, so a replayed copy of a running
             # step is refused at once; the broker's redelivery waits for a copy running here, then finds it settled.
             redelivered = broker_redelivered(hop.delivery)
+            if redelivered and self._long_steps.holds(hop.message.message_id):  # its ack failed as it was handed back
+                await settle(hop, Skip("handed back, and running here (redelivery)"), self)
+                return
             outcome = None if redelivered else await self._authorize(hop)  # token, plan, resume, claim
             if isinstance(outcome, Reject):
                 await settle(hop, outcome, self)
@@ -404,7 +407,7 @@ class Worker:
             if not redelivered:
                 return Reject(f"security check failed: {exc}")
             observability.continue_trace(hop.message)
-            return Skip("already settled (duplicate)")
+            return Skip("handed back, and watched (redelivery)" if exc.running else "already settled (duplicate)")
         except SecurityError as exc:
             return Reject(f"security check failed: {exc}")
         observability.continue_trace(hop.message)  # signed as it is: its trace context is trusted from here on

@@ -8,6 +8,7 @@ finds, deliveries waiting for a slot, the start-up warning, and RabbitMQ's own t
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import uuid
 from collections.abc import Mapping
@@ -19,7 +20,7 @@ from paigeant_ai._long_steps import WATCH_HEADER, long_steps_warning
 from paigeant_ai._plan import new_plan
 from paigeant_ai._sealing import seal
 from paigeant_ai.contracts import DEAD_LETTER
-from paigeant_ai.exceptions import UserError
+from paigeant_ai.exceptions import TransportError, UserError
 from paigeant_ai.security import InMemoryReplayCache, MessageSigner, generate_key
 from paigeant_ai.settings import Settings
 from paigeant_ai.transports.base import REASON_HEADER, AckDeadline, Delivery
@@ -366,3 +367,107 @@ async def test_an_unsigned_worker_hands_nothing_back_and_says_so(caplog: pytest.
         worker._long_steps.start(worker.activities)  # pyright: ignore[reportPrivateUsage]
     assert worker._long_steps.detach_after is None  # pyright: ignore[reportPrivateUsage]
     assert "runs unsigned, without claims: steps long-step still running after 10s are not handed back" in caplog.text
+
+
+# -- a hand-back that fails ------------------------------------------------------------------------------------
+
+
+class FailingHandBack(DeadlineTransport):
+    """A broker on which the first watch copy is not confirmed (`fail="publish"`), or the first ack of a delivery
+    handed back fails (`fail="ack"`); it records, for each ack of the step's original delivery, whether the step
+    was still running then."""
+
+    def __init__(self, fail: str, running: asyncio.Event) -> None:
+        super().__init__(after=0.2, lease=0.3)
+        self.fail, self.failed, self.running = fail, False, running
+        self.acked_while_running: list[bool] = []
+
+    async def publish(
+        self, address: str, body: bytes, *, headers: Mapping[str, str] | None = None, delay: float = 0.0
+    ) -> None:
+        if self.fail == "publish" and address == STEP and WATCH_HEADER in (headers or {}) and not self.failed:
+            self.failed = True
+            raise TransportError("publish not confirmed")
+        await super().publish(address, body, headers=headers, delay=delay)
+
+    async def ack(self, delivery: Delivery) -> None:
+        if delivery.address == STEP and WATCH_HEADER not in delivery.headers:
+            watched = any(WATCH_HEADER in headers for _, headers, _ in self.published)
+            if self.fail == "ack" and watched and not self.failed:
+                self.failed = True
+                raise TransportError("channel closed")
+            self.acked_while_running.append(self.running.is_set())
+        await super().ack(delivery)
+
+
+def flagged_step(runs: list[str], seconds: float, running: asyncio.Event) -> object:
+    @activity(name=STEP, timeout=30)
+    async def step(ctx: ActivityContext) -> None:
+        runs.append(ctx.idempotency_key)
+        running.set()
+        await asyncio.sleep(seconds)
+        running.clear()
+
+    return step
+
+
+async def test_a_watch_copy_not_confirmed_is_published_again_and_the_delivery_handed_back() -> None:
+    running, runs = asyncio.Event(), list[str]()
+    transport = FailingHandBack("publish", running)
+    async with transport:
+        await WorkflowDispatcher(transport, security=signer()).dispatch_workflow([STEP])
+        transport.published.clear()
+        worker = Worker(transport, [flagged_step(runs, 1.0, running)], security=signer())  # pyright: ignore[reportArgumentType]
+        await worker.run(burst=True)
+        assert await dead_letters(transport) == []
+    assert transport.failed
+    assert len(runs) == 1
+    assert transport.acked_while_running == [True]  # handed back while it ran, once the copy was confirmed
+
+
+async def test_a_failed_ack_after_the_watch_copy_still_renews_the_claim_and_the_step_runs_once() -> None:
+    running, runs = asyncio.Event(), list[str]()
+    transport = FailingHandBack("ack", running)
+    cache, dedupe = InMemoryReplayCache(), InMemoryDedupeStore()
+    async with transport:
+        await WorkflowDispatcher(transport, security=signer()).dispatch_workflow([STEP])
+        transport.published.clear()
+        workers = [
+            Worker(
+                transport,
+                [flagged_step(runs, 1.2, running)],  # pyright: ignore[reportArgumentType]
+                security=MessageSigner(KEY, replay_cache=cache),
+                dedupe=dedupe,
+                concurrency=1,
+            )
+            for _ in range(2)
+        ]
+        await asyncio.gather(*(worker.run(burst=True) for worker in workers))
+        assert await dead_letters(transport) == []
+    assert transport.failed
+    assert len(runs) == 1  # the claim was renewed: the watch copy, on the other replica, did not take it over
+    assert sum(worker.stats.completed_workflows for worker in workers) == 1
+
+
+async def redelivered_claims(cache: InMemoryReplayCache | RedisReplayCache) -> list[object]:
+    """What the broker's redelivery finds: a running claim (taken over), then one its worker renews (not)."""
+    claim = functools.partial(cache.claim, "m-1", "d-1", sent_at=0, lease=60, ttl=60)
+    found: list[object] = [await claim(redelivered=False), await claim(redelivered=True)]
+    found.append(await cache.renew("m-1", "d-1", 60))  # its worker handed the delivery back and renews the claim
+    found.append(await claim(redelivered=True))
+    return found
+
+
+async def test_the_brokers_redelivery_does_not_take_over_a_renewed_claim() -> None:
+    assert await redelivered_claims(InMemoryReplayCache()) == ["claimed", "claimed", True, "running"]
+
+
+@pytest.mark.redis
+async def test_the_brokers_redelivery_does_not_take_over_a_renewed_claim_in_redis() -> None:
+    require_redis()
+    namespace = f"paigeant-test-{uuid.uuid4().hex[:12]}"
+    try:
+        async with RedisTransport(REDIS_URL, namespace=namespace) as store:
+            assert await redelivered_claims(RedisReplayCache(store)) == ["claimed", "claimed", True, "running"]
+    finally:
+        await delete_redis_namespace(namespace)

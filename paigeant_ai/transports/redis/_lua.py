@@ -383,7 +383,8 @@ CLAIM_HOP = (
     _COMMON
     + """
 -- KEYS: the replay entry of a hop. ARGV: its digest, 1 if the broker redelivered it, lease ms, ttl ms.
--- The entry is `<r|s> <lease end ms> <digest>`: running or settled. Returns claimed, running, settled or duplicate
+-- The entry is `<r|h|s> <lease end ms> <digest>`: running, running and renewed by a worker that handed its delivery
+-- back (no redelivery takes it over before its lease ends), or settled. Returns claimed, running, settled or duplicate
 -- (see `paigeant_ai._replay`): a fresh copy of a running or settled hop is a replay.
 local now = now_ms()
 local raw = redis.call('GET', KEYS[1])
@@ -394,7 +395,7 @@ end
 local state, lease_end, digest = string.match(raw, '^(%a) (%d+) (.*)$')
 if digest ~= ARGV[1] then return 'duplicate' end
 if state == 's' then return 'settled' end
-if ARGV[2] == '1' or tonumber(lease_end) < now then
+if (ARGV[2] == '1' and state == 'r') or tonumber(lease_end) < now then
   redis.call('SET', KEYS[1], 'r ' .. (now + tonumber(ARGV[3])) .. ' ' .. ARGV[1], 'KEEPTTL')
   return 'claimed'
 end
@@ -410,8 +411,8 @@ RENEW_HOP = (
 local raw = redis.call('GET', KEYS[1])
 if not raw then return 0 end
 local state, lease_end, digest = string.match(raw, '^(%a) (%d+) (.*)$')
-if state ~= 'r' or digest ~= ARGV[1] then return 0 end
-redis.call('SET', KEYS[1], 'r ' .. (now_ms() + tonumber(ARGV[2])) .. ' ' .. digest, 'KEEPTTL')
+if state == 's' or digest ~= ARGV[1] then return 0 end
+redis.call('SET', KEYS[1], 'h ' .. (now_ms() + tonumber(ARGV[2])) .. ' ' .. digest, 'KEEPTTL')
 return 1
 """
 )
