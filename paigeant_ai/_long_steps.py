@@ -28,7 +28,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncGenerator, Mapping
+from collections.abc import AsyncGenerator, Awaitable, Callable, Mapping
 from dataclasses import dataclass
 
 from ._hop import Hop
@@ -147,23 +147,45 @@ class LongSteps:
 
     async def wait_for_slot(self, slots: asyncio.Semaphore, delivery: Delivery) -> bool:
         """Take a slot for `delivery`; False if it waited until it was due and was handed back instead."""
+        # The broker's redelivery (its worker died) goes back as a watch copy: as a fresh copy it would be refused
+        # while the dead worker's claim is live; as a watch copy it waits that out.
+        return await self._wait(slots.acquire, delivery, watch=broker_redelivered(delivery))
+
+    async def wait_turn(self, turn: Callable[[], Awaitable[None]], delivery: Delivery) -> bool:
+        """Wait for `turn()` (another copy of the same step, running here, to end) for an authorized `delivery`;
+        False if it waited until it was due and was handed back instead, as a watch copy: it may hold its claim,
+        which lapses unrenewed, so that its watch copy then takes it over (or finds the step done)."""
+        return await self._wait(turn, delivery, watch=True)
+
+    async def _wait(self, wait: Callable[[], Awaitable[object]], delivery: Delivery, *, watch: bool) -> bool:
         if self.detach_after is None:
-            await slots.acquire()
+            await wait()
             return True
         try:
             async with asyncio.timeout(max(0.0, self._due_in(delivery))):
-                await slots.acquire()
+                await wait()
             return True
         except TimeoutError:
             pass
-        # Published again first, then acked. The broker's redelivery (its worker died) goes back as a watch copy: as
-        # a fresh copy it would be refused while the dead worker's claim is live; as a watch copy it waits that out.
-        headers = {**delivery.headers, WATCH_HEADER: "1"} if broker_redelivered(delivery) else delivery.headers
+        # Published again first, then acked; a copy the broker did not confirm waits on here, and runs.
+        headers = {**delivery.headers, WATCH_HEADER: "1"} if watch else delivery.headers
         try:
             await self.transport.publish(delivery.address, delivery.body, headers=headers)
+        except TransportError:
+            logger.warning(
+                "could not hand back a delivery waiting on %s; it waits here", delivery.address, exc_info=True
+            )
+            await wait()
+            return True
+        try:
             await self.transport.ack(delivery)
         except TransportError:
-            logger.warning("could not hand back a delivery waiting on %s", delivery.address, exc_info=True)
+            logger.warning(
+                "could not ack a delivery on %s once handed back; the broker delivers it again, and its copy then "
+                "finds it running or settled",
+                delivery.address,
+                exc_info=True,
+            )
         return False
 
     # -- a running step --------------------------------------------------------------------------------------

@@ -333,7 +333,8 @@ class Worker:
                 await self._long_steps.rearm(hop)  # a watch copy of a step its worker still runs
                 return
             key = hop.message.idempotency_key
-            await self._one_copy_at_a_time(key)
+            if not await self._long_steps.wait_turn(lambda: self._one_copy_at_a_time(key), hop.delivery):
+                return  # handed back to the broker before its ack deadline
             try:
                 if redelivered:
                     outcome = await self._authorize(hop)

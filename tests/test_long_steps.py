@@ -471,3 +471,64 @@ async def test_the_brokers_redelivery_does_not_take_over_a_renewed_claim_in_redi
             assert await redelivered_claims(RedisReplayCache(store)) == ["claimed", "claimed", True, "running"]
     finally:
         await delete_redis_namespace(namespace)
+
+
+class SlotHandBackFails(DeadlineTransport):
+    """A broker that does not confirm the first publish of a delivery handed back while it waits for a slot."""
+
+    armed, failed = False, False
+
+    async def publish(
+        self, address: str, body: bytes, *, headers: Mapping[str, str] | None = None, delay: float = 0.0
+    ) -> None:
+        if self.armed and address == STEP and delay == 0 and not self.failed:
+            self.failed = True
+            raise TransportError("broker unreachable")
+        await super().publish(address, body, headers=headers, delay=delay)
+
+
+async def test_a_delivery_waiting_for_a_slot_that_cannot_be_handed_back_waits_on_and_runs() -> None:
+    transport, runs = SlotHandBackFails(after=0.2, lease=0.3), list[str]()
+    async with transport:
+        dispatcher = WorkflowDispatcher(transport, security=signer())
+        ids = [await dispatcher.dispatch_workflow([STEP]) for _ in range(2)]
+        transport.armed = True
+        worker = Worker(transport, [long_step(runs, 0.5)], security=signer(), concurrency=1)  # pyright: ignore[reportArgumentType]
+        async with asyncio.timeout(30):  # a delivery neither run nor handed back would hold the queue forever
+            await worker.run(burst=True)
+        assert await dead_letters(transport) == []
+        assert await transport.pending(STEP) == 0
+    assert transport.failed
+    assert sorted(runs) == sorted(f"{cid}:0:{STEP}" for cid in ids)
+    assert worker.stats.completed_workflows == 2
+
+
+class AckedWhen(DeadlineTransport):
+    """A broker that records, for each ack of a broker's redelivery, whether the step was still running then."""
+
+    def __init__(self, running: asyncio.Event) -> None:
+        super().__init__(after=0.2, lease=0.3)
+        self.running = running
+        self.redelivery_acked_while_running: list[bool] = []
+
+    async def ack(self, delivery: Delivery) -> None:
+        if delivery.redelivered and WATCH_HEADER not in delivery.headers:
+            self.redelivery_acked_while_running.append(self.running.is_set())
+        await super().ack(delivery)
+
+
+async def test_a_redelivery_waiting_for_its_own_step_running_here_is_handed_back_before_the_deadline() -> None:
+    running, runs = asyncio.Event(), list[str]()
+    transport = AckedWhen(running)
+    async with transport:
+        await WorkflowDispatcher(transport, security=signer()).dispatch_workflow([STEP])
+        consumer = await transport.consume(STEP, prefetch=1)
+        delivery = await anext(consumer)
+        await transport.publish(STEP, delivery.body)  # a second copy, which runs ...
+        await transport.retry_later(delivery, 0)  # ... and the first comes back as the broker's redelivery
+        await consumer.aclose()
+        worker = Worker(transport, [flagged_step(runs, 1.0, running)], security=signer(), concurrency=2)  # pyright: ignore[reportArgumentType]
+        await worker.run(burst=True)
+        assert await dead_letters(transport) == []
+    assert len(runs) == 1
+    assert transport.redelivery_acked_while_running == [True]  # handed back while its copy ran, not held to the end
