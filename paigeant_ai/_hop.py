@@ -11,6 +11,7 @@ The stages of a hop, in order (see `Worker.process`):
 
 from __future__ import annotations
 
+import secrets
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -68,6 +69,8 @@ class Hop:
     interrupt: Halt | None = None
     raised: BaseException | None = None
     detached: bool = False
+    holder: str = field(default_factory=lambda: secrets.token_hex(8))
+    """A random token of this copy of the hop, stored with its running claim: who holds it (see `_replay`)."""
 
 
 def admit(delivery: Delivery, activities: Mapping[str, Activity], max_bytes: int) -> Hop | Reject:

@@ -31,12 +31,13 @@ import time
 from collections.abc import AsyncGenerator, Awaitable, Callable, Mapping
 from dataclasses import dataclass
 
+from ._escape import escape_control
 from ._hop import Hop
 from ._outcome import Skip
 from ._replay import InMemoryReplayCache
 from .activity import DEFAULT_TIMEOUT, Activity
 from .contracts import DEAD_LETTER, ActivitySpec
-from .exceptions import PaigeantError, TransportError
+from .exceptions import TransportError
 from .security import MessageSecurity, MessageSigner
 from .settings import Settings
 from .transports.base import AckDeadline, Delivery, Transport, dead_letter_headers
@@ -262,10 +263,19 @@ class LongSteps:
     async def _renew(self, hop: Hop) -> None:
         while True:
             try:
-                if not await self.security.renew(hop.message, hop.digest, self.lease):
-                    return  # settled (or forgotten): nothing left to hold
-            except PaigeantError:
+                found = await self.security.renew(hop.message, hop.digest, self.lease, hop.holder)
+            except Exception:
                 logger.warning("could not renew the claim of step %s; trying again", hop.spec.name, exc_info=True)
+            else:
+                if found == "taken":
+                    logger.error(
+                        "the claim of step %s of %s was taken over by another copy of its hop (this worker could "
+                        "not renew it in time): the step now runs there too; this worker renews it no more",
+                        hop.spec.name,
+                        escape_control(hop.message.correlation_id),
+                    )
+                if found != "renewed":
+                    return  # settled (or forgotten): nothing left to hold; or another's
             await asyncio.sleep(self.lease / 3)
 
     def forget(self, hop: Hop) -> None:

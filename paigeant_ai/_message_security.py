@@ -7,6 +7,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from ._replay import RenewState
 from .contracts import ActivitySpec, PaigeantMessage
 from .trust import TrustPolicy
 
@@ -74,7 +75,9 @@ class MessageSecurity(Protocol):
         """
         ...
 
-    async def claim(self, message: PaigeantMessage, digest: str, *, redelivered: bool, lease: float) -> None:
+    async def claim(
+        self, message: PaigeantMessage, digest: str, *, redelivered: bool, lease: float, holder: str = ""
+    ) -> None:
         """Claim the authenticated hop `message` (its content `digest`) as it starts (see `paigeant_ai._replay`).
 
         Raises:
@@ -85,9 +88,9 @@ class MessageSecurity(Protocol):
         """
         ...
 
-    async def renew(self, message: PaigeantMessage, digest: str, lease: float) -> bool:
-        """Extend the running claim of the hop `message` (its content `digest`) to `lease` seconds from now;
-        False when it is claimed no more (see `paigeant_ai._long_steps`)."""
+    async def renew(self, message: PaigeantMessage, digest: str, lease: float, holder: str = "") -> RenewState:
+        """Extend the running claim of the hop `message` (its content `digest`) held by `holder` to `lease` seconds
+        from now; `gone` when it is claimed no more, `taken` when another holds it (see `paigeant_ai._long_steps`)."""
         ...
 
     def check_token(self, message: PaigeantMessage, spec: ActivitySpec) -> Mapping[str, Any] | None:

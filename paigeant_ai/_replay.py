@@ -26,18 +26,28 @@ import time
 from dataclasses import dataclass
 from typing import Literal, Protocol
 
-__all__ = ("ClaimState", "InMemoryReplayCache", "ReplayCache")
+__all__ = ("ClaimState", "InMemoryReplayCache", "RenewState", "ReplayCache")
 
 ClaimState = Literal["claimed", "running", "settled", "duplicate", "forgotten"]
 """What claiming a hop found: `claimed` (it runs), `running` or `settled` (the same hop, elsewhere or before),
 `duplicate` (the same id with other content), `forgotten` (an in-memory cache that may have evicted it)."""
+RenewState = Literal["renewed", "gone", "taken"]
+"""What renewing a claim found: `renewed`, `gone` (settled, forgotten, another hop's), `taken` (another holder's)."""
 
 
 class ReplayCache(Protocol):
     """Claims hops when they start and remembers them once settled (by `message_id`, with a digest of their content)."""
 
     async def claim(
-        self, message_id: str, digest: str, *, sent_at: float, redelivered: bool, lease: float, ttl: float
+        self,
+        message_id: str,
+        digest: str,
+        *,
+        sent_at: float,
+        redelivered: bool,
+        lease: float,
+        ttl: float,
+        holder: str = "",
     ) -> ClaimState:
         """Claim the hop `message_id` (content `digest`, signed at or after `sent_at`, a Unix time), atomically.
 
@@ -48,14 +58,17 @@ class ReplayCache(Protocol):
             redelivered: The broker delivered this copy before: it may take over a running claim.
             lease: Seconds the claim stays running before another copy may take it over.
             ttl: Seconds the claim is remembered.
+            holder: A random token of the copy that claims: only it renews the claim (see `renew`).
         """
         ...
 
-    async def renew(self, message_id: str, digest: str, lease: float) -> bool:
-        """Extend the running claim of the hop `message_id` (content `digest`) to `lease` seconds from now.
+    async def renew(self, message_id: str, digest: str, lease: float, holder: str = "") -> RenewState:
+        """Extend the running claim of the hop `message_id` (content `digest`), held by `holder`, to `lease` seconds
+        from now.
 
         Returns:
-            False when there is no such running claim (the hop was settled, forgotten, or is another's).
+            `renewed`; `gone` when there is no such running claim (the hop was settled, forgotten, or is another
+            hop's); `taken` when another copy of the hop took the claim over.
         """
         ...
 
@@ -71,6 +84,7 @@ class _Entry:
     lease_until: float
     expires: float
     sent_at: float
+    holder: str = ""
     held: bool = False  # renewed by a worker that handed its delivery back: no broker redelivery takes it over
 
 
@@ -94,7 +108,15 @@ class InMemoryReplayCache:
         self._by_age: list[tuple[float, str]] = []  # (sent_at, message_id): a heap, the oldest first
 
     async def claim(
-        self, message_id: str, digest: str, *, sent_at: float, redelivered: bool, lease: float, ttl: float
+        self,
+        message_id: str,
+        digest: str,
+        *,
+        sent_at: float,
+        redelivered: bool,
+        lease: float,
+        ttl: float,
+        holder: str = "",
     ) -> ClaimState:
         now = time.time()
         entry = self._entries.get(message_id)
@@ -104,7 +126,7 @@ class InMemoryReplayCache:
         if entry is None:
             if self.horizon is not None and sent_at <= self.horizon:
                 return "forgotten"
-            self._entries[message_id] = _Entry(digest, False, now + lease, now + ttl, sent_at)
+            self._entries[message_id] = _Entry(digest, False, now + lease, now + ttl, sent_at, holder)
             heapq.heappush(self._by_age, (sent_at, message_id))
             self._evict(now)
             return "claimed"
@@ -113,17 +135,19 @@ class InMemoryReplayCache:
         if entry.settled:
             return "settled"
         if (redelivered and not entry.held) or entry.lease_until < now:
-            entry.lease_until, entry.held = now + lease, False
+            entry.lease_until, entry.held, entry.holder = now + lease, False, holder
             return "claimed"
         return "running"
 
-    async def renew(self, message_id: str, digest: str, lease: float) -> bool:
+    async def renew(self, message_id: str, digest: str, lease: float, holder: str = "") -> RenewState:
         now = time.time()
         entry = self._entries.get(message_id)
         if entry is None or entry.expires < now or entry.settled or entry.digest != digest:
-            return False
+            return "gone"
+        if entry.holder != holder:
+            return "taken"
         entry.lease_until, entry.held = now + lease, True
-        return True
+        return "renewed"
 
     async def settle(self, message_id: str, digest: str, ttl: float) -> None:
         now = time.time()

@@ -40,7 +40,7 @@ from ._hop import EXPIRY_GRACE
 from ._jws import DetachedJWS, require_detached
 from ._keys import ALGORITHMS, generate_key, load_signing_key, load_trusted_keys
 from ._message_security import Authenticated, MessageSecurity, Verified
-from ._replay import InMemoryReplayCache, ReplayCache
+from ._replay import InMemoryReplayCache, RenewState, ReplayCache
 from ._sealing import signing_input, unsigned_body
 from ._signer_settings import signer_arguments
 from ._tokens import TokenValidator, check_scopes
@@ -265,7 +265,9 @@ class MessageSigner:
             raise
         return Authenticated(signer, hashlib.sha256(signed).hexdigest())
 
-    async def claim(self, message: PaigeantMessage, digest: str, *, redelivered: bool, lease: float) -> None:
+    async def claim(
+        self, message: PaigeantMessage, digest: str, *, redelivered: bool, lease: float, holder: str = ""
+    ) -> None:
         """Claim the authenticated hop `message`, whose signed content has `digest`, as it starts.
 
         Why a hop is claimed as it starts, and by what: see `paigeant_ai._replay`. The broker redelivers a hop
@@ -288,6 +290,7 @@ class MessageSigner:
             redelivered=redelivered,
             lease=lease,
             ttl=self._ttl_of(message),
+            holder=holder,
         )
         if state == "claimed":
             return
@@ -351,16 +354,17 @@ class MessageSigner:
             raise SecurityError(str(exc), code="malformed_signature") from None
         return signed, self._jws.verify(signature, signed, SIGNATURE_TYPE)
 
-    async def renew(self, message: PaigeantMessage, digest: str, lease: float) -> bool:
+    async def renew(self, message: PaigeantMessage, digest: str, lease: float, holder: str = "") -> RenewState:
         """Extend the running claim of the hop `message` (its content `digest`) to `lease` seconds from now, while
         its worker runs it with its delivery handed back to the broker (see `paigeant_ai._long_steps`).
 
         Returns:
-            False when the hop is claimed no more (settled or forgotten): there is nothing left to renew.
+            `renewed`; `gone` when the hop is claimed no more (settled or forgotten): there is nothing left to renew;
+            `taken` when another copy of the hop took the claim over (`holder` lost it).
         """
         if self.unsigned or not digest:
-            return False
-        return await self.replay_cache.renew(message.message_id, digest, lease)
+            return "gone"
+        return await self.replay_cache.renew(message.message_id, digest, lease, holder)
 
     # -- settling --------------------------------------------------------------------------------------------
 

@@ -395,7 +395,7 @@ class Worker:
         lease = self._long_steps.claim_lease(hop.spec)
         redelivered = broker_redelivered(hop.delivery)
         try:
-            await self.security.claim(hop.message, hop.digest, redelivered=redelivered, lease=lease)
+            await self.security.claim(hop.message, hop.digest, redelivered=redelivered, lease=lease, holder=hop.holder)
         except DuplicateMessage:
             observability.continue_trace(hop.message)  # the signature held: only the hop is old
             # Not an attack: the hop produced again, and signed, by an upstream step that re-ran after a crash.

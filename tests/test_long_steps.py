@@ -307,7 +307,7 @@ async def renewals(cache: InMemoryReplayCache | RedisReplayCache) -> list[object
 
 
 async def test_a_renewed_claim_stays_running_until_settled() -> None:
-    assert await renewals(InMemoryReplayCache()) == [True, "running", False, False, False]
+    assert await renewals(InMemoryReplayCache()) == ["renewed", "running", "gone", "gone", "gone"]
 
 
 @pytest.mark.redis
@@ -316,7 +316,7 @@ async def test_a_renewed_claim_stays_running_until_settled_in_redis() -> None:
     namespace = f"paigeant-test-{uuid.uuid4().hex[:12]}"
     try:
         async with RedisTransport(REDIS_URL, namespace=namespace) as store:
-            assert await renewals(RedisReplayCache(store)) == [True, "running", False, False, False]
+            assert await renewals(RedisReplayCache(store)) == ["renewed", "running", "gone", "gone", "gone"]
     finally:
         await delete_redis_namespace(namespace)
 
@@ -459,7 +459,7 @@ async def redelivered_claims(cache: InMemoryReplayCache | RedisReplayCache) -> l
 
 
 async def test_the_brokers_redelivery_does_not_take_over_a_renewed_claim() -> None:
-    assert await redelivered_claims(InMemoryReplayCache()) == ["claimed", "claimed", True, "running"]
+    assert await redelivered_claims(InMemoryReplayCache()) == ["claimed", "claimed", "renewed", "running"]
 
 
 @pytest.mark.redis
@@ -468,7 +468,7 @@ async def test_the_brokers_redelivery_does_not_take_over_a_renewed_claim_in_redi
     namespace = f"paigeant-test-{uuid.uuid4().hex[:12]}"
     try:
         async with RedisTransport(REDIS_URL, namespace=namespace) as store:
-            assert await redelivered_claims(RedisReplayCache(store)) == ["claimed", "claimed", True, "running"]
+            assert await redelivered_claims(RedisReplayCache(store)) == ["claimed", "claimed", "renewed", "running"]
     finally:
         await delete_redis_namespace(namespace)
 
@@ -532,3 +532,28 @@ async def test_a_redelivery_waiting_for_its_own_step_running_here_is_handed_back
         assert await dead_letters(transport) == []
     assert len(runs) == 1
     assert transport.redelivery_acked_while_running == [True]  # handed back while its copy ran, not held to the end
+
+
+async def claim_taken_over(cache: InMemoryReplayCache | RedisReplayCache) -> list[object]:
+    """What a holder finds renewing a claim the broker's redelivery took over, and what the new holder finds."""
+    claim = functools.partial(cache.claim, "m-1", "d-1", sent_at=0, lease=60, ttl=60)
+    found: list[object] = [await claim(redelivered=False, holder="first")]
+    found.append(await claim(redelivered=True, holder="second"))  # the broker thought the first worker dead
+    found.append(await cache.renew("m-1", "d-1", 60, "first"))
+    found.append(await cache.renew("m-1", "d-1", 60, "second"))
+    return found
+
+
+async def test_a_claim_taken_over_is_renewed_only_by_its_new_holder() -> None:
+    assert await claim_taken_over(InMemoryReplayCache()) == ["claimed", "claimed", "taken", "renewed"]
+
+
+@pytest.mark.redis
+async def test_a_claim_taken_over_is_renewed_only_by_its_new_holder_in_redis() -> None:
+    require_redis()
+    namespace = f"paigeant-test-{uuid.uuid4().hex[:12]}"
+    try:
+        async with RedisTransport(REDIS_URL, namespace=namespace) as store:
+            assert await claim_taken_over(RedisReplayCache(store)) == ["claimed", "claimed", "taken", "renewed"]
+    finally:
+        await delete_redis_namespace(namespace)

@@ -379,24 +379,35 @@ redis.call('ZREM', KEYS[2], ARGV[2])
 return 1
 """
 
+_HOP_ENTRY = """
+-- A hop's replay entry: `<r|h|s> <lease end ms> <digest> <holder>`: running, running and renewed by a worker that
+-- handed its delivery back (no redelivery takes it over before its lease ends), or settled; `holder` is the random
+-- token of the copy that holds the claim (an entry without one is read with none).
+local function read_entry(raw)
+  local state, lease_end, digest, holder = string.match(raw, '^(%a) (%d+) (%S+) ?(%S*)$')
+  return state, tonumber(lease_end), digest, holder
+end
+"""
+
 CLAIM_HOP = (
     _COMMON
+    + _HOP_ENTRY
     + """
--- KEYS: the replay entry of a hop. ARGV: its digest, 1 if the broker redelivered it, lease ms, ttl ms.
--- The entry is `<r|h|s> <lease end ms> <digest>`: running, running and renewed by a worker that handed its delivery
--- back (no redelivery takes it over before its lease ends), or settled. Returns claimed, running, settled or duplicate
--- (see `paigeant_ai._replay`): a fresh copy of a running or settled hop is a replay.
+-- KEYS: the replay entry of a hop. ARGV: its digest, 1 if the broker redelivered it, lease ms, ttl ms, holder.
+-- Returns claimed, running, settled or duplicate (see `paigeant_ai._replay`): a fresh copy of a running or settled
+-- hop is a replay.
 local now = now_ms()
 local raw = redis.call('GET', KEYS[1])
+local running = 'r ' .. (now + tonumber(ARGV[3])) .. ' ' .. ARGV[1] .. ' ' .. ARGV[5]
 if not raw then
-  redis.call('SET', KEYS[1], 'r ' .. (now + tonumber(ARGV[3])) .. ' ' .. ARGV[1], 'PX', ARGV[4])
+  redis.call('SET', KEYS[1], running, 'PX', ARGV[4])
   return 'claimed'
 end
-local state, lease_end, digest = string.match(raw, '^(%a) (%d+) (.*)$')
+local state, lease_end, digest = read_entry(raw)
 if digest ~= ARGV[1] then return 'duplicate' end
 if state == 's' then return 'settled' end
-if (ARGV[2] == '1' and state == 'r') or tonumber(lease_end) < now then
-  redis.call('SET', KEYS[1], 'r ' .. (now + tonumber(ARGV[3])) .. ' ' .. ARGV[1], 'KEEPTTL')
+if (ARGV[2] == '1' and state == 'r') or lease_end < now then
+  redis.call('SET', KEYS[1], running, 'KEEPTTL')
   return 'claimed'
 end
 return 'running'
@@ -405,22 +416,30 @@ return 'running'
 
 RENEW_HOP = (
     _COMMON
+    + _HOP_ENTRY
     + """
--- KEYS: the replay entry of a hop. ARGV: its digest, lease ms. Extends the lease of the hop's running claim to
--- now + lease; returns 1 if it did, 0 if the entry is settled, gone or another hop's.
+-- KEYS: the replay entry of a hop. ARGV: its digest, lease ms, holder. Extends the lease of the hop's running claim
+-- to now + lease; returns 1 if it did, 0 if the entry is settled, gone or another hop's, -1 if another holds it.
 local raw = redis.call('GET', KEYS[1])
 if not raw then return 0 end
-local state, lease_end, digest = string.match(raw, '^(%a) (%d+) (.*)$')
+local state, lease_end, digest, holder = read_entry(raw)
 if state == 's' or digest ~= ARGV[1] then return 0 end
-redis.call('SET', KEYS[1], 'h ' .. (now_ms() + tonumber(ARGV[2])) .. ' ' .. digest, 'KEEPTTL')
+if holder ~= ARGV[3] then return -1 end
+redis.call('SET', KEYS[1], 'h ' .. (now_ms() + tonumber(ARGV[2])) .. ' ' .. digest .. ' ' .. holder, 'KEEPTTL')
 return 1
 """
 )
 
-SETTLE_HOP = """
+SETTLE_HOP = (
+    _HOP_ENTRY
+    + """
 -- KEYS: the replay entry of a hop. ARGV: its digest, ttl ms. Marks the hop settled, unless another hop holds the id.
 local raw = redis.call('GET', KEYS[1])
-if raw and string.sub(raw, -#ARGV[1]) ~= ARGV[1] then return 0 end
+if raw then
+  local _, _, digest = read_entry(raw)
+  if digest ~= ARGV[1] then return 0 end
+end
 redis.call('SET', KEYS[1], 's 0 ' .. ARGV[1], 'PX', ARGV[2])
 return 1
 """
+)

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, cast
 from pydantic import ValidationError
 
 from ..._events import WorkflowEvent
-from ..._replay import ClaimState
+from ..._replay import ClaimState, RenewState
 from ...approval import ParkedStep, loadable
 from ...exceptions import UserError
 from ...store import DEFAULT_MAX_EVENTS, WorkflowStatus, event_order, project, with_owner
@@ -77,18 +77,28 @@ class RedisReplayCache:
         return f"{self.transport.namespace}:replay:{message_id}"
 
     async def claim(
-        self, message_id: str, digest: str, *, sent_at: float, redelivered: bool, lease: float, ttl: float
+        self,
+        message_id: str,
+        digest: str,
+        *,
+        sent_at: float,
+        redelivered: bool,
+        lease: float,
+        ttl: float,
+        holder: str = "",
     ) -> ClaimState:
         with self.transport.errors("claiming a message"):
             state = await self.transport.scripts.claim_hop(
-                keys=[self.key(message_id)], args=[digest, int(redelivered), ms(lease), ms(ttl)]
+                keys=[self.key(message_id)], args=[digest, int(redelivered), ms(lease), ms(ttl), holder or "-"]
             )
         return cast("ClaimState", state.decode() if isinstance(state, bytes) else state)
 
-    async def renew(self, message_id: str, digest: str, lease: float) -> bool:
+    async def renew(self, message_id: str, digest: str, lease: float, holder: str = "") -> RenewState:
         with self.transport.errors("renewing a claim"):
-            renewed = await self.transport.scripts.renew_hop(keys=[self.key(message_id)], args=[digest, ms(lease)])
-        return bool(renewed)
+            found = await self.transport.scripts.renew_hop(
+                keys=[self.key(message_id)], args=[digest, ms(lease), holder or "-"]
+            )
+        return "renewed" if found == 1 else "taken" if found == -1 else "gone"
 
     async def settle(self, message_id: str, digest: str, ttl: float) -> None:
         with self.transport.errors("recording a settled message"):
