@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import logging
 import time
 from collections.abc import AsyncGenerator, Awaitable, Callable, Mapping
@@ -37,7 +38,7 @@ from ._outcome import Skip
 from ._replay import InMemoryReplayCache
 from .activity import DEFAULT_TIMEOUT, Activity
 from .contracts import DEAD_LETTER, ActivitySpec
-from .exceptions import TransportError
+from .exceptions import SecurityError, TransportError
 from .security import MessageSecurity, MessageSigner
 from .settings import Settings
 from .transports.base import AckDeadline, Delivery, Transport, dead_letter_headers
@@ -46,16 +47,18 @@ __all__ = (
     "WATCH_HEADER",
     "LongSteps",
     "StillRunning",
-    "broker_redelivered",
     "hand_over",
-    "is_watch_copy",
     "long_steps_warning",
+    "watch_marker",
+    "watch_sequence",
 )
 
 logger = logging.getLogger("paigeant_ai.worker")
 
 WATCH_HEADER = "x-paigeant-watch"
-"""The header of a watch copy: the hop, sent again one lease later by the worker that runs it."""
+"""The header of a watch copy: the hop, sent again one lease later by the worker that runs it (`watch_marker`)."""
+WATCH_TYPE = "paigeant-watch"
+"""The `typ` of a watch marker's signature."""
 CLAIM_MARGIN = 60.0
 """Seconds a claim outlives its step's timeout, when nothing renews it."""
 HAND_BACK_MARGIN = 0.1
@@ -65,15 +68,30 @@ HAND_BACK_PAUSE = 0.05
 HAND_BACK_PAUSE_MAX = 2.0
 
 
-def is_watch_copy(delivery: Delivery) -> bool:
-    """Whether `delivery` says it is a watch copy (unsigned: it only decides how the copy is claimed)."""
-    return WATCH_HEADER in delivery.headers
+def watch_marker(security: MessageSecurity, body: bytes, sequence: int = 0) -> str:
+    """The value of the watch header of a copy of the hop `body`: its `sequence` (0 for the first watch copy, one
+    more each time it is sent on) and this worker's signature over the hop's bytes, the word and the sequence."""
+    return f"{sequence} {security.sign_bytes(_watched(body, sequence), typ=WATCH_TYPE) or ''}"
 
 
-def broker_redelivered(delivery: Delivery) -> bool:
-    """Whether `delivery` is the broker's redelivery of a hop, which may take a running claim over; a watch copy
-    never is, whatever the broker says of it: it is claimed like a fresh copy."""
-    return delivery.redelivered and not is_watch_copy(delivery)
+def watch_sequence(security: MessageSecurity, delivery: Delivery) -> int | None:
+    """The sequence of the watch copy `delivery`, if its watch marker holds (signed by a trusted key, for exactly
+    these bytes); None if it has none, or one that does not hold: then it is a plain copy, claimed as such."""
+    marker = delivery.headers.get(WATCH_HEADER)
+    if marker is None:
+        return None
+    sequence, _, signature = marker.partition(" ")
+    if not sequence.isdigit() or len(sequence) > 9:
+        return None
+    try:
+        security.verify_bytes(signature, _watched(delivery.body, int(sequence)), typ=WATCH_TYPE)
+    except SecurityError:
+        return None
+    return int(sequence)
+
+
+def _watched(body: bytes, sequence: int) -> bytes:
+    return f"watch {sequence} {hashlib.sha256(body).hexdigest()}".encode()
 
 
 def step_timeout(spec: ActivitySpec) -> float:
@@ -134,6 +152,15 @@ class LongSteps:
         if longer and isinstance(security, MessageSigner) and isinstance(security.replay_cache, InMemoryReplayCache):
             logger.warning(long_steps_warning(longer, after))
 
+    def is_watch_copy(self, delivery: Delivery) -> bool:
+        """Whether `delivery` is a genuine watch copy: its watch marker holds (see `watch_sequence`)."""
+        return watch_sequence(self.security, delivery) is not None
+
+    def redelivered(self, delivery: Delivery) -> bool:
+        """Whether `delivery` is the broker's redelivery of a hop, which may take a running claim over; a genuine
+        watch copy never is, whatever the broker says of it: it is claimed like a fresh copy."""
+        return delivery.redelivered and not self.is_watch_copy(delivery)
+
     def claim_lease(self, spec: ActivitySpec) -> float:
         """Seconds a hop's claim stays running unless renewed: its step's timeout and a margin, or, when it may be
         handed back, until then and a lease (after that, it is renewed)."""
@@ -150,7 +177,7 @@ class LongSteps:
         """Take a slot for `delivery`; False if it waited until it was due and was handed back instead."""
         # The broker's redelivery (its worker died) goes back as a watch copy: as a fresh copy it would be refused
         # while the dead worker's claim is live; as a watch copy it waits that out.
-        return await self._wait(slots.acquire, delivery, watch=broker_redelivered(delivery))
+        return await self._wait(slots.acquire, delivery, watch=self.redelivered(delivery))
 
     async def wait_turn(self, turn: Callable[[], Awaitable[None]], delivery: Delivery) -> bool:
         """Wait for `turn()` (another copy of the same step, running here, to end) for an authorized `delivery`;
@@ -169,7 +196,11 @@ class LongSteps:
         except TimeoutError:
             pass
         # Published again first, then acked; a copy the broker did not confirm waits on here, and runs.
-        headers = {**delivery.headers, WATCH_HEADER: "1"} if watch else delivery.headers
+        headers = (
+            {**delivery.headers, WATCH_HEADER: watch_marker(self.security, delivery.body)}
+            if watch
+            else delivery.headers
+        )
         try:
             await self.transport.publish(delivery.address, delivery.body, headers=headers)
         except TransportError:
@@ -246,7 +277,7 @@ class LongSteps:
         return 2 * self.detach_after  # handed back at half the broker's deadline
 
     def _watch(self, hop: Hop) -> dict[str, str]:
-        return {**hop.delivery.headers, WATCH_HEADER: "1"}
+        return {**hop.delivery.headers, WATCH_HEADER: watch_marker(self.security, hop.delivery.body)}
 
     def _hold(self, hop: Hop) -> None:
         """The broker has the watch copy of `hop`: it is handed back; renew its claim until it is settled."""
@@ -303,7 +334,11 @@ class LongSteps:
 
     async def rearm(self, hop: Hop) -> None:
         """Send the watch copy `hop` on, one lease later: its step still runs under a live claim."""
-        await self.transport.retry_later(hop.delivery, self.lease)
+        delivery = hop.delivery
+        sequence = (watch_sequence(self.security, delivery) or 0) + 1
+        headers = {**delivery.headers, WATCH_HEADER: watch_marker(self.security, delivery.body, sequence)}
+        await self.transport.publish(delivery.address, delivery.body, headers=headers, delay=self.lease)
+        await self.transport.ack(delivery)
 
 
 async def hand_over(transport: Transport, hop: Hop, as_arrived: str | None) -> None:

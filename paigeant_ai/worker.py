@@ -37,7 +37,7 @@ from ._events import EventCallback, EventReporter
 from ._fan import refuse_without_join
 from ._hop import Hop, admit
 from ._join import JoinStore, join_store_for
-from ._long_steps import LongSteps, StillRunning, broker_redelivered, is_watch_copy
+from ._long_steps import LongSteps, StillRunning
 from ._outcome import SIGNALS, Fault, Halt, Outcome, Reject, Skip, classify, completed, describe
 from ._plan import PlanCheck
 from ._resume_checks import release_parked
@@ -321,7 +321,7 @@ class Worker:
                 return
             # A fresh copy is authorized (and claims its id) before it may wait, so a replayed copy of a running
             # step is refused at once; the broker's redelivery waits for a copy running here, then finds it settled.
-            redelivered = broker_redelivered(hop.delivery)
+            redelivered = self._long_steps.redelivered(hop.delivery)
             if redelivered and self._long_steps.holds(hop.message.message_id):  # its ack failed as it was handed back
                 await settle(hop, Skip("handed back, and running here (redelivery)"), self)
                 return
@@ -393,7 +393,7 @@ class Worker:
         except SecurityError as exc:
             return Reject(f"security check failed: {exc}")
         lease = self._long_steps.claim_lease(hop.spec)
-        redelivered = broker_redelivered(hop.delivery)
+        redelivered = self._long_steps.redelivered(hop.delivery)
         try:
             await self.security.claim(hop.message, hop.digest, redelivered=redelivered, lease=lease, holder=hop.holder)
         except DuplicateMessage:
@@ -401,7 +401,7 @@ class Worker:
             # Not an attack: the hop produced again, and signed, by an upstream step that re-ran after a crash.
             return Skip("already settled (duplicate)")
         except ReplayedMessage as exc:
-            if is_watch_copy(hop.delivery):  # see `paigeant_ai._long_steps`
+            if self._long_steps.is_watch_copy(hop.delivery):  # see `paigeant_ai._long_steps`
                 return StillRunning("its worker runs it") if exc.running else Skip("already settled (watched)")
             # The broker's own redelivery of a hop settled here (its ack was lost) ran once; any other copy is a
             # replay, refused in a trace of its own: whoever replays old hops adds nothing to a workflow's trace.

@@ -16,7 +16,7 @@ from collections.abc import Mapping
 import pytest
 
 from paigeant_ai import ActivityContext, ActivitySpec, PaigeantMessage, Worker, WorkflowDispatcher, activity
-from paigeant_ai._long_steps import WATCH_HEADER, long_steps_warning
+from paigeant_ai._long_steps import WATCH_HEADER, long_steps_warning, watch_marker, watch_sequence
 from paigeant_ai._plan import new_plan
 from paigeant_ai._sealing import seal
 from paigeant_ai.contracts import DEAD_LETTER
@@ -50,12 +50,18 @@ class DeadlineTransport(InMemoryTransport):
         self.lease = lease
         self.acks: list[tuple[str, bool, int]] = []
         self.published: list[tuple[str, dict[str, str], float]] = []
+        self.bodies: list[bytes] = []
+
+    def forget_published(self) -> None:
+        self.published.clear()
+        self.bodies.clear()
 
     def detach_after(self, longest_step: float) -> float | None:
         return self.after
 
     async def retry_later(self, delivery: Delivery, delay: float) -> None:
         self.published.append((delivery.address, dict(delivery.headers), delay))
+        self.bodies.append(delivery.body)
         await super().retry_later(delivery, delay)
 
     async def ack(self, delivery: Delivery) -> None:
@@ -67,6 +73,7 @@ class DeadlineTransport(InMemoryTransport):
     ) -> None:
         if address == STEP:
             self.published.append((address, dict(headers or {}), delay))
+            self.bodies.append(body)
         await super().publish(address, body, headers=headers, delay=delay)
 
 
@@ -77,6 +84,14 @@ def test_the_test_broker_declares_an_ack_deadline() -> None:
 
 def signer() -> MessageSigner:
     return MessageSigner(KEY)
+
+
+def sequences(transport: DeadlineTransport) -> list[tuple[int | None, float]]:
+    """The sequence of the watch marker of each copy published to the step, if it holds, and its delay."""
+    return [
+        (watch_sequence(signer(), Delivery(address=STEP, body=body, headers=headers)), delay)
+        for (_, headers, delay), body in zip(transport.published, transport.bodies, strict=True)
+    ]
 
 
 def long_step(runs: list[str], seconds: float) -> object:
@@ -95,7 +110,7 @@ async def test_a_step_running_past_the_deadline_is_handed_back_once_and_runs_onc
     transport, runs = DeadlineTransport(after=0.2, lease=0.3), list[str]()
     async with transport:
         await WorkflowDispatcher(transport, security=signer()).dispatch_workflow([STEP])
-        transport.published.clear()
+        transport.forget_published()
         worker = Worker(transport, [long_step(runs, 0.8)], security=signer())  # pyright: ignore[reportArgumentType]
         await worker.run(burst=True)
         assert await dead_letters(transport) == []
@@ -104,8 +119,8 @@ async def test_a_step_running_past_the_deadline_is_handed_back_once_and_runs_onc
     assert worker.stats.completed_workflows == 1
     originals = [tag for address, watch, tag in transport.acks if address == STEP and not watch]
     assert len(originals) == len(set(originals)) == 1  # acked when handed back; its settling acked nothing more
-    watch_copies = [(headers.get(WATCH_HEADER), delay) for _, headers, delay in transport.published]
-    assert watch_copies[0] == ("1", 0.3)  # the first watch copy, delayed one lease
+    watch_copies = sequences(transport)
+    assert watch_copies[0] == (0, 0.3)  # the first watch copy, signed, delayed one lease
     assert len(watch_copies) >= 2  # sent on at least once while the step still ran
 
 
@@ -113,7 +128,7 @@ async def test_a_short_step_is_not_handed_back() -> None:
     transport, runs = DeadlineTransport(after=5.0), list[str]()
     async with transport:
         await WorkflowDispatcher(transport, security=signer()).dispatch_workflow([STEP])
-        transport.published.clear()
+        transport.forget_published()
         worker = Worker(transport, [long_step(runs, 0.01)], security=signer())  # pyright: ignore[reportArgumentType]
         await worker.run(burst=True)
     assert len(runs) == 1
@@ -125,7 +140,7 @@ async def test_a_delivery_waiting_for_a_slot_is_handed_back_and_runs_later() -> 
     async with transport:
         dispatcher = WorkflowDispatcher(transport, security=signer())
         ids = [await dispatcher.dispatch_workflow([STEP]) for _ in range(2)]
-        transport.published.clear()
+        transport.forget_published()
         worker = Worker(transport, [long_step(runs, 0.7)], security=signer(), concurrency=1)  # pyright: ignore[reportArgumentType]
         await worker.run(burst=True)
         assert await dead_letters(transport) == []
@@ -148,14 +163,14 @@ async def deliver(
     transport: DeadlineTransport, body: bytes, *, watch: bool = True, redelivered: bool = False
 ) -> Delivery:
     """The delivery of `body` on the step's queue, as a watch copy by default, as the broker's redelivery if asked."""
-    await transport.publish(STEP, body, headers={WATCH_HEADER: "1"} if watch else {})
+    await transport.publish(STEP, body, headers={WATCH_HEADER: watch_marker(signer(), body)} if watch else {})
     consumer = await transport.consume(STEP)
     delivery = await anext(consumer)
     if redelivered:
         await transport.retry_later(delivery, 0)
         delivery = await anext(consumer)
         assert delivery.redelivered
-    transport.published.clear()
+    transport.forget_published()
     return delivery
 
 
@@ -181,7 +196,7 @@ async def watched(claim: str) -> tuple[list[str], DeadlineTransport, Worker]:
 async def test_a_watch_copy_of_a_running_step_is_sent_on_one_lease_later() -> None:
     runs, transport, _ = await watched("running")
     assert runs == []
-    assert [(headers.get(WATCH_HEADER), delay) for _, headers, delay in transport.published] == [("1", 0.3)]
+    assert sequences(transport) == [(1, 0.3)]
 
 
 async def test_a_watch_copy_of_a_settled_step_is_skipped() -> None:
@@ -416,7 +431,7 @@ async def test_a_watch_copy_not_confirmed_is_published_again_and_the_delivery_ha
     transport = FailingHandBack("publish", running)
     async with transport:
         await WorkflowDispatcher(transport, security=signer()).dispatch_workflow([STEP])
-        transport.published.clear()
+        transport.forget_published()
         worker = Worker(transport, [flagged_step(runs, 1.0, running)], security=signer())  # pyright: ignore[reportArgumentType]
         await worker.run(burst=True)
         assert await dead_letters(transport) == []
@@ -431,7 +446,7 @@ async def test_a_failed_ack_after_the_watch_copy_still_renews_the_claim_and_the_
     cache, dedupe = InMemoryReplayCache(), InMemoryDedupeStore()
     async with transport:
         await WorkflowDispatcher(transport, security=signer()).dispatch_workflow([STEP])
-        transport.published.clear()
+        transport.forget_published()
         workers = [
             Worker(
                 transport,
@@ -557,3 +572,47 @@ async def test_a_claim_taken_over_is_renewed_only_by_its_new_holder_in_redis() -
             assert await claim_taken_over(RedisReplayCache(store)) == ["claimed", "claimed", "taken", "renewed"]
     finally:
         await delete_redis_namespace(namespace)
+
+
+# -- the watch marker ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("marker", ["1", "0 not-a-signature", "forged by another key", "genuine for other bytes"])
+async def test_attack_a_replay_of_a_settled_hop_with_a_watch_header_that_does_not_hold_is_refused(marker: str) -> None:
+    transport, runs = DeadlineTransport(after=5.0, lease=0.3), list[str]()
+    async with transport:
+        worker = Worker(transport, [long_step(runs, 0.0)], security=signer())  # pyright: ignore[reportArgumentType]
+        _, body = first_hop()
+        await transport.publish(STEP, body)
+        await worker.run(burst=True)
+        if marker == "forged by another key":
+            marker = watch_marker(MessageSigner(generate_key("intruder")), body)
+        elif marker == "genuine for other bytes":
+            marker = watch_marker(signer(), first_hop()[1])
+        await transport.publish(STEP, body, headers={WATCH_HEADER: marker})  # the replay
+        await worker.run(burst=True)
+        letters = await dead_letters(transport)
+    assert len(runs) == 1
+    assert worker.stats.rejected == 1
+    assert len(letters) == 1
+    assert letters[0].headers[REASON_HEADER].startswith("security check failed: replayed")
+
+
+async def test_attack_copies_of_a_running_hop_without_a_genuine_watch_marker_are_refused_not_sent_on() -> None:
+    transport, runs = DeadlineTransport(after=100.0, lease=0.3), list[str]()
+    running = asyncio.Event()
+    async with transport:
+        worker = Worker(transport, [flagged_step(runs, 1.0, running)], security=signer(), concurrency=2)  # pyright: ignore[reportArgumentType]
+        _, body = first_hop()
+        await transport.publish(STEP, body)
+        task = asyncio.create_task(worker.run(burst=True))
+        await running.wait()
+        for _ in range(5):
+            await transport.publish(STEP, body, headers={WATCH_HEADER: "1"})
+        transport.forget_published()
+        await task
+        letters = await dead_letters(transport)
+    assert len(runs) == 1
+    assert transport.published == []  # none sent on
+    assert len(letters) == 5
+    assert all(letter.headers[REASON_HEADER].startswith("security check failed: replayed") for letter in letters)
