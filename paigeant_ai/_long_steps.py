@@ -328,6 +328,12 @@ class LongSteps:
         await self.transport.publish(DEAD_LETTER, delivery.body, headers=dead_letter_headers(delivery, reason))
         await self.security.settled(hop.message, hop.digest)
 
+    def after(self, delivery: Delivery) -> str:
+        """What becomes of `delivery`, which could not be settled."""
+        if id(delivery) in self._detached:
+            return "it was handed back while its step ran: its watch copy runs the step again once its claim lapses"
+        return "it will be delivered again"
+
     def handled(self, delivery: Delivery) -> None:
         """Forget `delivery`, whose handling is over."""
         self._detached.pop(id(delivery), None)

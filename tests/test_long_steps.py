@@ -616,3 +616,33 @@ async def test_attack_copies_of_a_running_hop_without_a_genuine_watch_marker_are
     assert transport.published == []  # none sent on
     assert len(letters) == 5
     assert all(letter.headers[REASON_HEADER].startswith("security check failed: replayed") for letter in letters)
+
+
+class SuccessorFailsOnce(DeadlineTransport):
+    """A broker that fails the first publish of a step's successor."""
+
+    failed = False
+
+    async def publish(
+        self, address: str, body: bytes, *, headers: Mapping[str, str] | None = None, delay: float = 0.0
+    ) -> None:
+        if address == "next-step" and not self.failed:
+            self.failed = True
+            raise TransportError("broker unreachable")
+        await super().publish(address, body, headers=headers, delay=delay)
+
+
+async def test_a_handed_back_step_whose_successor_cannot_be_published_says_its_watch_copy_runs_it_again(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    transport, runs = SuccessorFailsOnce(after=0.2, lease=0.3), list[str]()
+    async with transport:
+        await WorkflowDispatcher(transport, security=signer()).dispatch_workflow([STEP, "next-step"])
+        worker = Worker(transport, [long_step(runs, 0.5)], security=signer())  # pyright: ignore[reportArgumentType]
+        with caplog.at_level(logging.ERROR, logger="paigeant_ai.worker"):
+            async with asyncio.timeout(30):
+                await worker.run(burst=True)
+    assert transport.failed
+    assert "its watch copy runs the step again once its claim lapses" in caplog.text
+    assert "it will be delivered again" not in caplog.text
+    assert len(runs) == 2  # as it says
