@@ -1,6 +1,6 @@
 """Workers for the at-most-once crash tests, run as processes of their own:
 
-    python -m paigeant_ai.cli worker tests.doubt_workers:payment_worker
+    python -m paigeant_ai.cli worker tests.doubt_workers:checked_worker     # also unchecked_worker, rest_worker
 
 The environment picks the broker, the namespace and the records directory, as for `tests.steering_workers`; on
 RabbitMQ, `PAIGEANT_SHARED_STORE_URL` names the Redis every replica keeps its start records in.
@@ -82,6 +82,17 @@ def _transport() -> Transport:
     return get_transport()
 
 
-def payment_worker() -> Worker:
-    """Every step; restarted by the test each time a payment kills it."""
-    return Worker(_transport(), [pay_checked, pay_unchecked, note, ship], concurrency=20, shutdown_timeout=5)
+def checked_worker() -> Worker:
+    """The payment with a reconcile hook, one at a time (each kill stops exactly one payment, and holds no other);
+    restarted by the test each time a payment kills it."""
+    return Worker(_transport(), [pay_checked], concurrency=1, shutdown_timeout=5)
+
+
+def unchecked_worker() -> Worker:
+    """The payment without a hook, one at a time; restarted by the test each time a payment kills it."""
+    return Worker(_transport(), [pay_unchecked], concurrency=1, shutdown_timeout=5)
+
+
+def rest_worker() -> Worker:
+    """The steps that never kill their process: the note and the shipping after every payment."""
+    return Worker(_transport(), [note, ship], concurrency=20, shutdown_timeout=5)
