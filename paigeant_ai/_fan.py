@@ -42,6 +42,7 @@ __all__ = (
     "describe_fan_out",
     "fan_out",
     "fans_out",
+    "parks_alone",
     "refuse_without_join",
     "stop_group",
 )
@@ -107,6 +108,23 @@ def branch_refusal(hop: Hop, outcome: Advance | End) -> str | None:
     return None
 
 
+async def parks_alone(hop: Hop, deps: SettleDeps) -> str | None:
+    """Why a branch cannot park (wait for approval, or be in doubt), if it cannot: one branch of a group parks at a
+    time, as a workflow has one parked step; a second branch that would park fails its group instead."""
+    message = hop.message
+    key = message.routing_slip.branch
+    if key is None or deps.joins is None:
+        return None
+    group, group_id = _group_of(message)
+    holder = await deps.joins.hold_wait(group_id, key, ttl=_ttl(message))
+    if holder == key:
+        return None
+    return (
+        f"branch {key!r} of {group.name!r} would wait while branch {holder!r} waits, and only one branch of a group "
+        "may wait at a time: approve or resolve that one first, or move one of the two steps out of the group"
+    )
+
+
 def _group_of(message: PaigeantMessage) -> tuple[ActivitySpec, str]:
     slip = message.routing_slip
     return slip.itinerary[0], f"{message.correlation_id}/{slip.step}"
@@ -168,6 +186,8 @@ async def complete_branch(hop: Hop, outcome: Advance, deps: SettleDeps) -> Joine
     message = hop.message
     group, group_id = _group_of(message)
     result = _result(hop, outcome).sign(deps.security)
+    if message.resume is not None:  # it may have held its group's wait
+        await joins.release_wait(group_id, result.key)
     count = await joins.add(group_id, result.key, result.model_dump_json().encode(), ttl=_ttl(message))
     if count == FAILED:
         await _undo_late_branch(hop, result, deps)

@@ -112,6 +112,15 @@ class JoinStore(Protocol):
         """Forget the group (its continuation is safe with the broker)."""
         ...
 
+    async def hold_wait(self, group: str, key: str, *, ttl: float) -> str:
+        """Let branch `key` park (wait for approval, or be in doubt) unless another branch of the group is parked:
+        the key of the branch that holds the group's one wait now."""
+        ...
+
+    async def release_wait(self, group: str, key: str) -> None:
+        """Branch `key`, resumed and done waiting, lets another branch of the group park."""
+        ...
+
 
 class InMemoryJoinStore:
     """A `JoinStore` in this process's memory: for the in-memory transport, whose workers share the process."""
@@ -119,6 +128,7 @@ class InMemoryJoinStore:
     def __init__(self) -> None:
         self._groups: dict[str, dict[str, bytes]] = {}
         self._failed: dict[str, str] = {}
+        self._waits: dict[str, str] = {}
 
     async def add(self, group: str, key: str, record: bytes, *, ttl: float) -> int:
         if group in self._failed:
@@ -136,6 +146,14 @@ class InMemoryJoinStore:
 
     async def delete(self, group: str) -> None:
         self._groups.pop(group, None)
+        self._waits.pop(group, None)
+
+    async def hold_wait(self, group: str, key: str, *, ttl: float) -> str:
+        return self._waits.setdefault(group, key)
+
+    async def release_wait(self, group: str, key: str) -> None:
+        if self._waits.get(group) == key:
+            del self._waits[group]
 
 
 _MEMORY: weakref.WeakKeyDictionary[Transport, InMemoryJoinStore] = weakref.WeakKeyDictionary()

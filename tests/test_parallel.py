@@ -15,12 +15,16 @@ from typing import Any
 
 import pytest
 from logfire.testing import CaptureLogfire
+from pydantic_ai import Agent, FunctionToolset
+from pydantic_ai.messages import ModelMessage, ModelResponse, TextPart, ToolCallPart
+from pydantic_ai.models.function import AgentInfo, FunctionModel
 
 from paigeant_ai import (
     Activity,
     ActivityCatalog,
     ActivityContext,
     ActivitySpec,
+    AgentActivity,
     FunctionActivity,
     InMemoryTransport,
     InvalidPlan,
@@ -36,6 +40,7 @@ from paigeant_ai import (
 from paigeant_ai._cli_workflows import render_status
 from paigeant_ai._join import NO_JOIN_STORE, BranchResult
 from paigeant_ai._sealing import seal
+from paigeant_ai.approval import WaitingStore, get_waiting_store
 from paigeant_ai.contracts import ActivityLogEntry, Compensation, PaigeantMessage, utcnow
 from paigeant_ai.security import generate_key
 from paigeant_ai.store import InMemoryWorkflowStore, WorkflowStatus
@@ -75,9 +80,12 @@ class Team:
     interrupted: list[str] = field(default_factory=list[str])
     seen: dict[str, dict[str, Any]] = field(default_factory=dict[str, dict[str, Any]])
     store: InMemoryWorkflowStore = field(default_factory=InMemoryWorkflowStore)
+    waiting: WaitingStore | None = None
 
     def __post_init__(self) -> None:
-        self.dispatcher = WorkflowDispatcher(self.transport, security=signer(KEYS.orders), on_event=self.store.apply)
+        self.dispatcher = WorkflowDispatcher(
+            self.transport, security=signer(KEYS.orders), on_event=self.store.apply, waiting_store=self.waiting
+        )
         self.worker_ = self.worker()
 
     def step(self, name: str, *, compensate: str | None = None) -> FunctionActivity:
@@ -122,7 +130,12 @@ class Team:
             *extra,
         ]
         worker = Worker(
-            self.transport, steps, security=signer(KEYS.shop, self.transport), on_event=self.store.apply, concurrency=20
+            self.transport,
+            steps,
+            security=signer(KEYS.shop, self.transport),
+            on_event=self.store.apply,
+            concurrency=20,
+            waiting_store=self.waiting,
         )
         worker.cancel_poll = 0.05
         return worker
@@ -487,3 +500,43 @@ async def test_require_workers_asks_for_every_branch_of_a_first_group() -> None:
                 await team.dispatcher.dispatch_workflow([Parallel("research", "unknown-branch")], require_workers=True)
             cid = await team.dispatcher.dispatch_workflow([Parallel("research", "inventory")], require_workers=True)
             await team.ended(cid, "completed")
+
+
+def asks_approval(name: str) -> AgentActivity[None, str]:
+    """A step whose agent calls a tool that needs approval (so it parks), then answers."""
+    tools = FunctionToolset[Any](id=f"tools-{name}")
+
+    @tools.tool_plain(requires_approval=True)
+    def send(text: str) -> str:  # pyright: ignore[reportUnusedFunction]
+        """Send `text`."""
+        return "sent"
+
+    def model(messages: list[ModelMessage], info: AgentInfo) -> ModelResponse:
+        if len(messages) == 1:
+            return ModelResponse(parts=[ToolCallPart("send", {"text": name}, tool_call_id=f"{name}-1")])
+        return ModelResponse(parts=[TextPart(f"{name} done")])
+
+    return AgentActivity(Agent(FunctionModel(model), name=name, toolsets=[tools]), prompt="go", output_key="reply")
+
+
+async def test_a_second_branch_that_would_wait_while_another_waits_fails_its_group_and_says_why(
+    joinable: Transport,
+) -> None:
+    team = Team(joinable, waiting=get_waiting_store(joinable))
+
+    async def parked() -> bool:
+        return team.waiting is not None and await team.waiting.get(cid) is not None
+
+    worker = team.worker(asks_approval("ask-a"), asks_approval("ask-b"))
+    cid = await team.dispatcher.dispatch_workflow(["validate", Parallel("ask-a", "ask-b", "research"), "decide"])
+    async with worker:
+        await team.until(parked, "a branch to park")
+        status = await team.ended(cid, "compensated")
+    assert status.failure is not None
+    assert "may wait at a time: approve or resolve that one first" in status.failure
+    assert team.waiting is not None
+    record = await team.waiting.get(cid)
+    assert record is not None
+    assert record.activity in {"ask-a", "ask-b"}, "the branch that parked first still waits, untouched"
+    assert "decide" not in team.order(cid)
+    assert "unvalidate" in team.undid(cid)

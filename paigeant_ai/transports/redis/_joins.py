@@ -1,7 +1,8 @@
 """`RedisJoinStore`: where the branches of parallel groups meet, in Redis (a `JoinStore`, see `paigeant_ai._join`).
 
 Each group is one hash, `<namespace>:join:<correlation id>/<step>`: a field `r:<branch key>` per stored result, and
-`failed` (the key of the branch that failed the group) once one did. Each change is one script, so a result is
+`failed` (the key of the branch that failed the group) once one did; and beside it `<that key>:wait`, the key of
+the branch that is parked, if one is. Each change is one script, so a result is
 never stored beside a failure, and the count a worker reads is the one its own result made.
 """
 
@@ -27,6 +28,16 @@ _FAIL = """
 redis.call('HSETNX', KEYS[1], 'failed', ARGV[1])
 redis.call('PEXPIRE', KEYS[1], ARGV[2])
 return redis.call('HGETALL', KEYS[1])
+"""
+
+_HOLD = """
+redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2])
+return redis.call('GET', KEYS[1])
+"""
+
+_RELEASE = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then redis.call('DEL', KEYS[1]) end
+return 0
 """
 
 _ALL = "return redis.call('HGETALL', KEYS[1])"
@@ -64,7 +75,20 @@ class RedisJoinStore:
 
     async def delete(self, group: str) -> None:
         with self.transport.errors("forgetting a joined group", group):
-            await self.transport.client.delete(self.key(group))
+            await self.transport.client.delete(self.key(group), self.wait_key(group))
+
+    def wait_key(self, group: str) -> str:
+        """The key of the branch of `group` that is parked, if one is (a group's branches park one at a time)."""
+        return f"{self.key(group)}:wait"
+
+    async def hold_wait(self, group: str, key: str, *, ttl: float) -> str:
+        with self.transport.errors("holding a group's wait", group):
+            holder = await self.transport.client.eval(_HOLD, 1, self.wait_key(group), key, ms(ttl))
+        return holder.decode() if isinstance(holder, bytes) else str(holder)
+
+    async def release_wait(self, group: str, key: str) -> None:
+        with self.transport.errors("releasing a group's wait", group):
+            await self.transport.client.eval(_RELEASE, 1, self.wait_key(group), key)
 
 
 def _fields(flat: Any) -> dict[str, bytes]:
