@@ -540,3 +540,27 @@ async def test_a_second_branch_that_would_wait_while_another_waits_fails_its_gro
     assert record.activity in {"ask-a", "ask-b"}, "the branch that parked first still waits, untouched"
     assert "decide" not in team.order(cid)
     assert "unvalidate" in team.undid(cid)
+
+
+async def test_cancelling_a_workflow_whose_branch_waits_undoes_the_branches_that_completed(
+    joinable: Transport,
+) -> None:
+    team = Team(joinable, waiting=get_waiting_store(joinable))
+    worker = team.worker(asks_approval("ask-a"))
+    cid = await team.dispatcher.dispatch_workflow(["validate", Parallel("ask-a", "research"), "decide"])
+    async with worker:
+
+        async def parked_and_research_done() -> bool:
+            assert team.waiting is not None
+            return await team.waiting.get(cid) is not None and worker.stats.completed_steps >= 2
+
+        await team.until(parked_and_research_done, "the branch to park beside the completed one")
+        cancellation = await team.dispatcher.cancel(cid, "no longer needed", by="support:bob")
+        assert cancellation.state == "cancelled"
+        status = await team.ended(cid, "cancelled")
+        await team.until(_now(lambda: len(team.undid(cid)) == 2), "the undoing")
+
+    assert team.undid(cid) == ["forget-research", "unvalidate"], "the completed branch, then the step before"
+    assert "decide" not in team.order(cid)
+    assert status.cancelled is not None
+    assert "no longer needed" in status.cancelled
