@@ -22,8 +22,9 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
+from ._group_marks import GroupMark, read_mark
 from ._hop import EXPIRY_GRACE, Hop
-from ._join import FAILED, NO_JOIN_STORE, BranchResult, JoinStore
+from ._join import NO_JOIN_STORE, BranchResult, JoinStore
 from ._outcome import Advance, End, Reject
 from ._plan import begin_unwinding
 from ._sealing import seal
@@ -188,8 +189,8 @@ async def complete_branch(hop: Hop, outcome: Advance, deps: SettleDeps) -> Joine
     result = _result(hop, outcome).sign(deps.security)
     if message.resume is not None:  # it may have held its group's wait
         await joins.release_wait(group_id, result.key)
-    count = await joins.add(group_id, result.key, result.model_dump_json().encode(), ttl=_ttl(message))
-    if count == FAILED:
+    count, mark = await joins.add(group_id, result.key, result.model_dump_json().encode(), ttl=_ttl(message))
+    if read_mark(mark, deps.security, correlation_id=message.correlation_id, step=message.step) is not None:
         await _undo_late_branch(hop, result, deps)
         return None
     entry = result.entries[-1]
@@ -283,10 +284,10 @@ async def stop_group(hop: Hop, deps: SettleDeps) -> bool:
     assert joins is not None
     message = hop.message
     slip = message.routing_slip
-    group, group_id = _group_of(message)
+    group, _ = _group_of(message)
     assert slip.branch is not None
-    first, records = await joins.fail(group_id, slip.branch, ttl=_ttl(message))
-    if not first:
+    failer, records = await _failer(hop, deps)
+    if failer != slip.branch:
         return False
     completed = [spec for spec in group.branches if spec.branch_key in records]
     results: list[BranchResult] = []
@@ -302,6 +303,32 @@ async def stop_group(hop: Hop, deps: SettleDeps) -> bool:
         )
     slip.compensations.extend(_by_completion(results))
     return True
+
+
+async def _failer(hop: Hop, deps: SettleDeps) -> tuple[str, dict[str, bytes]]:
+    """Mark the group of `hop`'s branch failed by it, unless a branch did already: the branch that failed it, and
+    the results stored before the group was marked (a result stored after is undone by its own branch).
+
+    A mark in the store that does not verify is never believed: this branch's own takes its place.
+
+    Raises:
+        SecurityError: The mark in the store still does not verify once replaced (code `group_mark`).
+    """
+    joins = deps.joins
+    assert joins is not None
+    message = hop.message
+    slip = message.routing_slip
+    assert slip.branch is not None
+    _, group_id = _group_of(message)
+    mine = GroupMark(correlation_id=message.correlation_id, step=slip.step, key=slip.branch).sign(deps.security)
+    stored, records = await joins.fail(group_id, mine.to_bytes(), ttl=_ttl(message))
+    mark = read_mark(stored, deps.security, correlation_id=message.correlation_id, step=slip.step)
+    if mark is None:
+        stored, records = await joins.replace_mark(group_id, stored, mine.to_bytes())
+        mark = read_mark(stored, deps.security, correlation_id=message.correlation_id, step=slip.step)
+    if mark is None:
+        raise SecurityError(f"group_mark: the failure mark of group {group_id} does not verify", code="group_mark")
+    return mark.key, records
 
 
 async def _undo_late_branch(hop: Hop, result: BranchResult, deps: SettleDeps) -> None:

@@ -38,7 +38,8 @@ from paigeant_ai import (
     WorkflowDispatcher,
 )
 from paigeant_ai._cli_workflows import render_status
-from paigeant_ai._join import NO_JOIN_STORE, BranchResult
+from paigeant_ai._group_marks import GroupMark
+from paigeant_ai._join import NO_JOIN_STORE, BranchResult, InMemoryJoinStore
 from paigeant_ai._sealing import seal
 from paigeant_ai.approval import WaitingStore, get_waiting_store
 from paigeant_ai.contracts import ActivityLogEntry, Compensation, PaigeantMessage, utcnow
@@ -47,6 +48,7 @@ from paigeant_ai.store import InMemoryWorkflowStore, WorkflowStatus
 from paigeant_ai.transports import Transport
 from paigeant_ai.transports.base import REASON_HEADER
 from paigeant_ai.transports.redis import RedisTransport
+from paigeant_ai.transports.redis._joins import RedisJoinStore
 
 from .brokers import REDIS_URL, dead_letters, delete_redis_namespace
 from .test_steering import KEYS, signer
@@ -564,3 +566,34 @@ async def test_cancelling_a_workflow_whose_branch_waits_undoes_the_branches_that
     assert "decide" not in team.order(cid)
     assert status.cancelled is not None
     assert "no longer needed" in status.cancelled
+
+
+async def forge_failure_mark(team: Team, group: str, mark: bytes) -> None:
+    """Write `mark` as the failure mark of `group` straight into the join store, as whoever can write there could."""
+    if team.transport.name == "rabbitmq":  # the shared store the workers join in
+        async with RedisTransport(REDIS_URL, namespace=str(getattr(team.transport, "namespace", ""))) as shared:
+            joins = shared.join_store()
+            await joins.transport.client.hset(joins.key(group), "failed", mark)  # pyright: ignore[reportUnknownMemberType]
+        return
+    joins = team.worker_.joins
+    if isinstance(joins, RedisJoinStore):
+        await joins.transport.client.hset(joins.key(group), "failed", mark)  # pyright: ignore[reportUnknownMemberType]
+    else:
+        assert isinstance(joins, InMemoryJoinStore)
+        joins._failed[group] = mark  # pyright: ignore[reportPrivateUsage]
+
+
+async def test_an_unsigned_failure_mark_in_the_join_store_is_ignored_and_the_group_joins(
+    joinable: Transport, caplog: pytest.LogCaptureFixture
+) -> None:
+    team = Team(joinable)
+    cid = await team.dispatcher.dispatch_workflow(["validate", Parallel("research", "inventory"), "decide"])
+    forged = GroupMark(correlation_id=cid, step=1, key="research").sign(signer(generate_key("mallory-2")))
+    await forge_failure_mark(team, f"{cid}/1", forged.to_bytes())
+    with caplog.at_level(logging.WARNING, logger="paigeant_ai.worker"):
+        await team.worker_.run(burst=True)
+
+    await team.ended(cid, "completed")
+    assert team.order(cid)[-1] == "decide", "the forged mark made no branch late"
+    assert team.undid(cid) == []
+    assert any("does not verify and is ignored" in record.getMessage() for record in caplog.records)
