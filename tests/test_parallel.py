@@ -43,6 +43,7 @@ from paigeant_ai._join import NO_JOIN_STORE, BranchResult, InMemoryJoinStore
 from paigeant_ai._sealing import seal
 from paigeant_ai.approval import WaitingStore, get_waiting_store
 from paigeant_ai.contracts import ActivityLogEntry, Compensation, PaigeantMessage, utcnow
+from paigeant_ai.planner import _marked  # pyright: ignore[reportPrivateUsage]
 from paigeant_ai.security import generate_key
 from paigeant_ai.store import InMemoryWorkflowStore, WorkflowStatus
 from paigeant_ai.transports import Transport
@@ -597,3 +598,35 @@ async def test_an_unsigned_failure_mark_in_the_join_store_is_ignored_and_the_gro
     assert team.order(cid)[-1] == "decide", "the forged mark made no branch late"
     assert team.undid(cid) == []
     assert any("does not verify and is ignored" in record.getMessage() for record in caplog.records)
+
+
+async def test_a_revision_may_not_remove_a_group_whose_branch_is_mandatory(joinable: Transport) -> None:
+    team = Team(joinable)
+
+    async def planner(ctx: ActivityContext) -> dict[str, Any]:
+        remaining = [ActivitySpec(name="decide")]
+        ctx.revisions.append(
+            Revision(step=ctx.step, activity="planner", action="remove", reason="skip it", remaining=remaining)
+        )
+        return {}
+
+    worker = team.worker(FunctionActivity(planner, name="planner"))
+    group = Parallel(ActivitySpec(name="research", mandatory=True), "inventory")
+    cid = await team.dispatcher.dispatch_workflow(["planner", group, "decide"])
+    await worker.run(burst=True)
+
+    status = await team.ended(cid, "faulted")
+    assert status.failure is not None
+    assert "removes mandatory step 'parallel' (a group is mandatory when one of its branches is)" in status.failure
+    assert "decide" not in team.order(cid)
+
+
+def test_a_planners_mandatory_steps_are_marked_inside_groups() -> None:
+    group = Parallel("research", "inventory").spec
+    marked = _marked([group, ActivitySpec(name="decide")], {"research"}, ["decide"])
+    assert [branch.mandatory for branch in marked[0].branches] == [True, False]
+    assert marked[1].mandatory
+    asked = _marked([group], set(), ["inventory"])
+    assert [branch.mandatory for branch in asked[0].branches] == [False, True]
+    with pytest.raises(InvalidPlan, match="mandatory step 'pricing' is not an activity of the plan"):
+        _marked([group], set(), ["pricing"])
