@@ -18,10 +18,12 @@
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
+from ._escape import escape_control
 from ._group_marks import GroupMark, read_mark
 from ._hop import EXPIRY_GRACE, Hop
 from ._join import NO_JOIN_STORE, BranchResult, JoinStore
@@ -31,6 +33,8 @@ from ._sealing import seal
 from ._wire import utcnow
 from .contracts import ActivityLogEntry, ActivitySpec, Compensation, PaigeantMessage, Unwinding
 from .exceptions import SecurityError
+
+logger = logging.getLogger("paigeant_ai.worker")
 
 if TYPE_CHECKING:
     from ._settle import SettleDeps
@@ -275,10 +279,11 @@ async def stop_group(hop: Hop, deps: SettleDeps) -> bool:
     """Mark the group of a branch that stops the workflow (it failed for good, or was cancelled or expired) failed;
     whether this branch is the one that failed it, in which case the compensations of the branches that completed
     join its slip's, to be undone with the steps before the group. False: the group had failed already, so its
-    workflow is being undone, and nothing more is done here.
+    workflow is being undone, and nothing more is done here. A stored result that does not verify is logged and
+    left out: the other branches are undone.
 
     Raises:
-        SecurityError: A result in the join store does not verify (code `branch_result`).
+        SecurityError: The group's failure mark does not verify, even once replaced (code `group_mark`).
     """
     joins = deps.joins
     assert joins is not None
@@ -289,20 +294,38 @@ async def stop_group(hop: Hop, deps: SettleDeps) -> bool:
     failer, records = await _failer(hop, deps)
     if failer != slip.branch:
         return False
-    completed = [spec for spec in group.branches if spec.branch_key in records]
+    results = _loadable(records, message, group, deps)
+    slip.compensations.extend(_by_completion(results))
+    return True
+
+
+def _loadable(
+    records: dict[str, bytes], message: PaigeantMessage, group: ActivitySpec, deps: SettleDeps
+) -> list[BranchResult]:
+    """The results of `group`'s branches in `records` that verify; each one that does not is logged and left out
+    (that branch is not undone), so one bad record does not keep the others from being undone."""
     results: list[BranchResult] = []
-    for spec in completed:
-        results.append(
-            BranchResult.load(
+    for spec in group.branches:
+        if spec.branch_key not in records:
+            continue
+        try:
+            result = BranchResult.load(
                 records[spec.branch_key],
                 deps.security,
                 correlation_id=message.correlation_id,
-                step=slip.step,
+                step=message.step,
                 key=spec.branch_key,
             )
-        )
-    slip.compensations.extend(_by_completion(results))
-    return True
+        except SecurityError as exc:
+            logger.warning(
+                "workflow %s: %s; branch %r is not undone, the other branches are",
+                message.correlation_id,
+                escape_control(str(exc)),
+                spec.branch_key,
+            )
+            continue
+        results.append(result)
+    return results
 
 
 async def _failer(hop: Hop, deps: SettleDeps) -> tuple[str, dict[str, bytes]]:

@@ -630,3 +630,45 @@ def test_a_planners_mandatory_steps_are_marked_inside_groups() -> None:
     assert [branch.mandatory for branch in asked[0].branches] == [False, True]
     with pytest.raises(InvalidPlan, match="mandatory step 'pricing' is not an activity of the plan"):
         _marked([group], set(), ["pricing"])
+
+
+async def test_a_forged_result_does_not_keep_the_other_branches_from_being_undone(
+    joinable: Transport, caplog: pytest.LogCaptureFixture
+) -> None:
+    team = Team(joinable)
+    cid_box: list[str] = []
+
+    async def broken(ctx: ActivityContext) -> None:  # fails once validate and research completed
+        team.ran.append(("broken", ctx.correlation_id))
+        while team.worker_.stats.completed_steps < 2:  # noqa: ASYNC110  # the worker's count
+            await asyncio.sleep(0.02)
+        raise NonRetryableError("broken is down")
+
+    team.worker_.activities["broken"] = FunctionActivity(broken, name="broken", retry=RetryPolicy(max_attempts=1))
+    team.waits["inventory"] = lambda: bool(cid_box) and "unvalidate" in team.undid(cid_box[0])
+    cid = await team.dispatcher.dispatch_workflow(["validate", Parallel("research", "inventory", "broken"), "decide"])
+    cid_box.append(cid)
+    now = utcnow()
+    forged = BranchResult(
+        correlation_id=cid,
+        step=1,
+        key="inventory",
+        entries=[ActivityLogEntry(name="inventory", step=1, started_at=now, finished_at=now, branch="inventory")],
+    ).sign(signer(generate_key("mallory-3")))
+    await store_record(team, f"{cid}/1", "inventory", forged.model_dump_json().encode())
+    with caplog.at_level(logging.WARNING, logger="paigeant_ai.worker"):
+        await team.worker_.run(burst=True)
+        await team.until(_now(lambda: "release-stock" in team.undid(cid)), "the late branch to be undone")
+
+    assert team.undid(cid)[:2] == ["forget-research", "unvalidate"], "the genuine branch undone despite the forgery"
+    assert any("branch 'inventory' is not undone, the other branches are" in r.getMessage() for r in caplog.records)
+
+
+async def store_record(team: Team, group: str, key: str, record: bytes) -> None:
+    """Store `record` as branch `key`'s result of `group` straight into the join store."""
+    if team.transport.name == "rabbitmq":  # the shared store the workers join in
+        async with RedisTransport(REDIS_URL, namespace=str(getattr(team.transport, "namespace", ""))) as shared:
+            await shared.join_store().add(group, key, record, ttl=60)
+        return
+    assert team.worker_.joins is not None
+    await team.worker_.joins.add(group, key, record, ttl=60)
