@@ -194,7 +194,11 @@ async def complete_branch(hop: Hop, outcome: Advance, deps: SettleDeps) -> Joine
     if message.resume is not None:  # it may have held its group's wait
         await joins.release_wait(group_id, result.key)
     count, mark = await joins.add(group_id, result.key, result.model_dump_json().encode(), ttl=_ttl(message))
-    if read_mark(mark, deps.security, correlation_id=message.correlation_id, step=message.step) is not None:
+    failed = read_mark(mark, deps.security, correlation_id=message.correlation_id, step=message.step)
+    if failed is not None and failed.key == result.key:  # it failed the group, then its worker died: redelivered
+        await _unwind_again(hop, deps)
+        return None
+    if failed is not None:
         await _undo_late_branch(hop, result, deps)
         return None
     entry = result.entries[-1]
@@ -352,6 +356,25 @@ async def _failer(hop: Hop, deps: SettleDeps) -> tuple[str, dict[str, bytes]]:
     if mark is None:
         raise SecurityError(f"group_mark: the failure mark of group {group_id} does not verify", code="group_mark")
     return mark.key, records
+
+
+async def _unwind_again(hop: Hop, deps: SettleDeps) -> None:
+    """Undo the group of a branch that failed it before, whose worker died before it sent the undoing, and which
+    completed once redelivered: the undoing is sent now, with every branch that completed (this one too)."""
+    joins = deps.joins
+    assert joins is not None
+    message = hop.message
+    slip = message.routing_slip
+    group, group_id = _group_of(message)
+    results = _loadable(await joins.records(group_id), message, group, deps)
+    reason = f"branch {slip.branch!r} of {group.name!r} failed its group before; its group is undone"
+    await deps.reporter.report("step_failed", message, activity=hop.spec.name, detail=reason)
+    slip.compensations.extend(_by_completion(results))
+    slip.completed = [entry for entry in slip.completed if entry.branch is None]
+    if begin_unwinding(message, Unwinding(cause="faulted", reason=reason, step=slip.step, activity=hop.spec.name)):
+        first = message.next_hop()
+        body = seal(first, deps.security, max_bytes=deps.max_message_bytes)
+        await deps.transport.publish(first.routing_slip.current or "", body, headers=dict(first.headers))
 
 
 async def _undo_late_branch(hop: Hop, result: BranchResult, deps: SettleDeps) -> None:

@@ -672,3 +672,27 @@ async def store_record(team: Team, group: str, key: str, record: bytes) -> None:
         return
     assert team.worker_.joins is not None
     await team.worker_.joins.add(group, key, record, ttl=60)
+
+
+async def test_a_branch_redelivered_after_it_failed_its_group_undoes_the_whole_group(joinable: Transport) -> None:
+    team = Team(joinable)
+
+    async def inventory(ctx: ActivityContext) -> dict[str, Any]:  # marks its group failed, as a crashed copy did
+        team.ran.append(("inventory", ctx.correlation_id))
+        while ("research", ctx.correlation_id) not in team.ran:  # noqa: ASYNC110  # what the other branch did
+            await asyncio.sleep(0.02)
+        await asyncio.sleep(0.1)
+        mark = GroupMark(correlation_id=ctx.correlation_id, step=1, key="inventory")
+        assert team.worker_.joins is not None
+        await team.worker_.joins.fail(f"{ctx.correlation_id}/1", mark.sign(team.worker_.security).to_bytes(), ttl=60)
+        return {"stock": 3}
+
+    activity = FunctionActivity(inventory, name="inventory", compensate="release-stock")
+    team.worker_.activities["inventory"] = activity
+    cid = await team.dispatcher.dispatch_workflow(["validate", Parallel("research", "inventory"), "decide"])
+    await team.worker_.run(burst=True)
+
+    await team.ended(cid, "compensated")
+    await team.until(_now(lambda: len(team.undid(cid)) == 3), "the undoing")
+    assert sorted(team.undid(cid)) == ["forget-research", "release-stock", "unvalidate"]
+    assert "decide" not in team.order(cid)
