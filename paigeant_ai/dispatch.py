@@ -27,7 +27,7 @@ from ._fan import branch_hops, describe_fan_out, fans_out
 from ._hop import EXPIRY_GRACE
 from ._in_doubt import Ran, RunAgain
 from ._join import refuse_groups_without_join
-from ._parallel import Parallel
+from ._parallel import Parallel, refuse_shadowed_keys
 from ._plan import new_plan, signer_of, token_subject
 from ._principal import principal_of
 from ._resume_checks import check_before_resume
@@ -195,6 +195,7 @@ class WorkflowDispatcher:
         """The first message of a workflow, every argument checked, each mistake told in one sentence."""
         specs = specs_of(activities)
         refuse_groups_without_join(self.transport, specs)
+        refuse_shadowed_keys(specs, variables_of(variables))
         if correlation_id is not None and (not isinstance(correlation_id, str) or not correlation_id):
             raise UserError(
                 f"correlation_id must be a non-empty string (or None for a new one), not {correlation_id!r}"

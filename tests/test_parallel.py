@@ -696,3 +696,19 @@ async def test_a_branch_redelivered_after_it_failed_its_group_undoes_the_whole_g
     await team.until(_now(lambda: len(team.undid(cid)) == 3), "the undoing")
     assert sorted(team.undid(cid)) == ["forget-research", "release-stock", "unvalidate"]
     assert "decide" not in team.order(cid)
+
+
+def test_an_empty_branch_key_is_refused_with_the_fix() -> None:
+    with pytest.raises(UserError, match=r"^branch 'research' of the parallel group has an empty key: give it a non"):
+        Parallel("research", "inventory", keys=["", None])
+    with pytest.raises(ValueError, match="at least 1 character"):
+        ActivitySpec(name="research", key="")
+
+
+async def test_a_variable_a_branch_would_overwrite_is_refused_at_dispatch(joinable: Transport) -> None:
+    team = Team(joinable)
+    with pytest.raises(UserError, match=r"^the variable 'stock' would be overwritten by the output of branch 'inv"):
+        await team.dispatcher.dispatch_workflow(
+            ["validate", Parallel("research", "inventory", keys=[None, "stock"])], {"stock": 3}
+        )
+    assert await dead_letters(joinable) == []
