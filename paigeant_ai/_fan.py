@@ -53,7 +53,8 @@ __all__ = (
 )
 
 JOIN_TTL = timedelta(days=7)
-"""How long the results of a group of a workflow without a deadline are kept, unjoined."""
+"""How long a failed group of a workflow without a deadline is kept (for its late branches). Its results are kept
+until it is joined: however long a branch takes, or waits for approval, its siblings' results are still there."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -193,7 +194,8 @@ async def complete_branch(hop: Hop, outcome: Advance, deps: SettleDeps) -> Joine
     result = _result(hop, outcome).sign(deps.security)
     if message.resume is not None:  # it may have held its group's wait
         await joins.release_wait(group_id, result.key)
-    count, mark = await joins.add(group_id, result.key, result.model_dump_json().encode(), ttl=_ttl(message))
+    keep = _ttl(message) if message.expires_at is not None else 0.0
+    count, mark = await joins.add(group_id, result.key, result.model_dump_json().encode(), ttl=keep)
     failed = read_mark(mark, deps.security, correlation_id=message.correlation_id, step=message.step)
     if failed is not None and failed.key == result.key:  # it failed the group, then its worker died: redelivered
         await _unwind_again(hop, deps)

@@ -92,8 +92,9 @@ class JoinStore(Protocol):
     """The results of the branches of parallel groups, by group (`<correlation id>/<step>`) and branch key."""
 
     async def add(self, group: str, key: str, record: bytes, *, ttl: float) -> tuple[int, bytes | None]:
-        """Store `record` under `key`: how many results the group holds now, and its failure mark if it has one (a
-        `GroupMark`, to verify before it is believed)."""
+        """Store `record` under `key`, the group kept `ttl` seconds from now (0: until it is joined or fails): how many
+        results the group holds now, and its failure mark if it has one (a `GroupMark`, to verify before it is
+        believed)."""
         ...
 
     async def records(self, group: str) -> dict[str, bytes]:

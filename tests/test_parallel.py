@@ -712,3 +712,27 @@ async def test_a_variable_a_branch_would_overwrite_is_refused_at_dispatch(joinab
             ["validate", Parallel("research", "inventory", keys=[None, "stock"])], {"stock": 3}
         )
     assert await dead_letters(joinable) == []
+
+
+async def test_without_a_deadline_a_groups_results_are_kept_until_it_joins(joinable: Transport) -> None:
+    if joinable.name == "inmemory":
+        pytest.skip("process memory does not expire")
+    team = Team(joinable)
+    ttls: list[int] = []
+
+    async def inventory(ctx: ActivityContext) -> dict[str, Any]:  # reads the group's expiry once research is stored
+        joins = team.worker_.joins
+        assert isinstance(joins, RedisJoinStore)
+        key = joins.key(f"{ctx.correlation_id}/1")
+        while not await joins.transport.client.exists(key):  # pyright: ignore[reportUnknownMemberType]  # noqa: ASYNC110
+            await asyncio.sleep(0.02)
+        ttls.append(await joins.transport.client.pttl(key))  # pyright: ignore[reportUnknownMemberType, reportUnknownArgumentType]
+        return {"stock": 3}
+
+    team.worker_.activities["inventory"] = FunctionActivity(inventory, name="inventory")
+    forever = WorkflowDispatcher(joinable, security=signer(KEYS.orders), on_event=team.store.apply, ttl=None)
+    cid = await forever.dispatch_workflow(["validate", Parallel("research", "inventory"), "decide"])
+    await team.worker_.run(burst=True)
+
+    await team.ended(cid, "completed")
+    assert ttls == [-1], "no expiry: a sibling's result cannot expire before the group joins"

@@ -19,7 +19,7 @@ __all__ = ("RedisJoinStore",)
 
 _ADD = """
 redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
-redis.call('PEXPIRE', KEYS[1], ARGV[3])
+if tonumber(ARGV[3]) > 0 then redis.call('PEXPIRE', KEYS[1], ARGV[3]) else redis.call('PERSIST', KEYS[1]) end
 local failed = redis.call('HGET', KEYS[1], 'failed')
 local count = redis.call('HLEN', KEYS[1])
 if failed then count = count - 1 end
@@ -66,7 +66,8 @@ class RedisJoinStore:
 
     async def add(self, group: str, key: str, record: bytes, *, ttl: float) -> tuple[int, bytes | None]:
         with self.transport.errors("storing a branch's result", group):
-            count, failed = await self.transport.client.eval(_ADD, 1, self.key(group), f"r:{key}", record, ms(ttl))
+            keep = ms(ttl) if ttl > 0 else 0  # 0: until the group is joined or fails
+            count, failed = await self.transport.client.eval(_ADD, 1, self.key(group), f"r:{key}", record, keep)
         return int(count), failed if isinstance(failed, bytes) else None
 
     async def records(self, group: str) -> dict[str, bytes]:
