@@ -18,18 +18,23 @@
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
+from ._escape import escape_control
+from ._group_marks import GroupMark, read_mark
 from ._hop import EXPIRY_GRACE, Hop
-from ._join import FAILED, NO_JOIN_STORE, BranchResult, JoinStore
+from ._join import NO_JOIN_STORE, BranchResult, JoinStore
 from ._outcome import Advance, End, Reject
 from ._plan import begin_unwinding
 from ._sealing import seal
 from ._wire import utcnow
 from .contracts import ActivityLogEntry, ActivitySpec, Compensation, PaigeantMessage, Unwinding
 from .exceptions import SecurityError
+
+logger = logging.getLogger("paigeant_ai.worker")
 
 if TYPE_CHECKING:
     from ._settle import SettleDeps
@@ -42,12 +47,14 @@ __all__ = (
     "describe_fan_out",
     "fan_out",
     "fans_out",
+    "parks_alone",
     "refuse_without_join",
     "stop_group",
 )
 
 JOIN_TTL = timedelta(days=7)
-"""How long the results of a group of a workflow without a deadline are kept, unjoined."""
+"""How long a failed group of a workflow without a deadline is kept (for its late branches). Its results are kept
+until it is joined: however long a branch takes, or waits for approval, its siblings' results are still there."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -105,6 +112,23 @@ def branch_refusal(hop: Hop, outcome: Advance | End) -> str | None:
     if hop.ctx is not None and hop.ctx.revisions:
         return "a branch of a parallel group cannot revise its workflow's route; revise it from a step after the group"
     return None
+
+
+async def parks_alone(hop: Hop, deps: SettleDeps) -> str | None:
+    """Why a branch cannot park (wait for approval, or be in doubt), if it cannot: one branch of a group parks at a
+    time, as a workflow has one parked step; a second branch that would park fails its group instead."""
+    message = hop.message
+    key = message.routing_slip.branch
+    if key is None or deps.joins is None:
+        return None
+    group, group_id = _group_of(message)
+    holder = await deps.joins.hold_wait(group_id, key, ttl=_ttl(message))
+    if holder == key:
+        return None
+    return (
+        f"branch {key!r} of {group.name!r} would wait while branch {holder!r} waits, and only one branch of a group "
+        "may wait at a time: approve or resolve that one first, or move one of the two steps out of the group"
+    )
 
 
 def _group_of(message: PaigeantMessage) -> tuple[ActivitySpec, str]:
@@ -168,8 +192,15 @@ async def complete_branch(hop: Hop, outcome: Advance, deps: SettleDeps) -> Joine
     message = hop.message
     group, group_id = _group_of(message)
     result = _result(hop, outcome).sign(deps.security)
-    count = await joins.add(group_id, result.key, result.model_dump_json().encode(), ttl=_ttl(message))
-    if count == FAILED:
+    if message.resume is not None:  # it may have held its group's wait
+        await joins.release_wait(group_id, result.key)
+    keep = _ttl(message) if message.expires_at is not None else 0.0
+    count, mark = await joins.add(group_id, result.key, result.model_dump_json().encode(), ttl=keep)
+    failed = read_mark(mark, deps.security, correlation_id=message.correlation_id, step=message.step)
+    if failed is not None and failed.key == result.key:  # it failed the group, then its worker died: redelivered
+        await _unwind_again(hop, deps)
+        return None
+    if failed is not None:
         await _undo_late_branch(hop, result, deps)
         return None
     entry = result.entries[-1]
@@ -254,34 +285,98 @@ async def stop_group(hop: Hop, deps: SettleDeps) -> bool:
     """Mark the group of a branch that stops the workflow (it failed for good, or was cancelled or expired) failed;
     whether this branch is the one that failed it, in which case the compensations of the branches that completed
     join its slip's, to be undone with the steps before the group. False: the group had failed already, so its
-    workflow is being undone, and nothing more is done here.
+    workflow is being undone, and nothing more is done here. A stored result that does not verify is logged and
+    left out: the other branches are undone.
 
     Raises:
-        SecurityError: A result in the join store does not verify (code `branch_result`).
+        SecurityError: The group's failure mark does not verify, even once replaced (code `group_mark`).
     """
     joins = deps.joins
     assert joins is not None
     message = hop.message
     slip = message.routing_slip
-    group, group_id = _group_of(message)
+    group, _ = _group_of(message)
     assert slip.branch is not None
-    first, records = await joins.fail(group_id, slip.branch, ttl=_ttl(message))
-    if not first:
+    failer, records = await _failer(hop, deps)
+    if failer != slip.branch:
         return False
-    completed = [spec for spec in group.branches if spec.branch_key in records]
+    results = _loadable(records, message, group, deps)
+    slip.compensations.extend(_by_completion(results))
+    return True
+
+
+def _loadable(
+    records: dict[str, bytes], message: PaigeantMessage, group: ActivitySpec, deps: SettleDeps
+) -> list[BranchResult]:
+    """The results of `group`'s branches in `records` that verify; each one that does not is logged and left out
+    (that branch is not undone), so one bad record does not keep the others from being undone."""
     results: list[BranchResult] = []
-    for spec in completed:
-        results.append(
-            BranchResult.load(
+    for spec in group.branches:
+        if spec.branch_key not in records:
+            continue
+        try:
+            result = BranchResult.load(
                 records[spec.branch_key],
                 deps.security,
                 correlation_id=message.correlation_id,
-                step=slip.step,
+                step=message.step,
                 key=spec.branch_key,
             )
-        )
+        except SecurityError as exc:
+            logger.warning(
+                "workflow %s: %s; branch %r is not undone, the other branches are",
+                message.correlation_id,
+                escape_control(str(exc)),
+                spec.branch_key,
+            )
+            continue
+        results.append(result)
+    return results
+
+
+async def _failer(hop: Hop, deps: SettleDeps) -> tuple[str, dict[str, bytes]]:
+    """Mark the group of `hop`'s branch failed by it, unless a branch did already: the branch that failed it, and
+    the results stored before the group was marked (a result stored after is undone by its own branch).
+
+    A mark in the store that does not verify is never believed: this branch's own takes its place.
+
+    Raises:
+        SecurityError: The mark in the store still does not verify once replaced (code `group_mark`).
+    """
+    joins = deps.joins
+    assert joins is not None
+    message = hop.message
+    slip = message.routing_slip
+    assert slip.branch is not None
+    _, group_id = _group_of(message)
+    mine = GroupMark(correlation_id=message.correlation_id, step=slip.step, key=slip.branch).sign(deps.security)
+    stored, records = await joins.fail(group_id, mine.to_bytes(), ttl=_ttl(message))
+    mark = read_mark(stored, deps.security, correlation_id=message.correlation_id, step=slip.step)
+    if mark is None:
+        stored, records = await joins.replace_mark(group_id, stored, mine.to_bytes())
+        mark = read_mark(stored, deps.security, correlation_id=message.correlation_id, step=slip.step)
+    if mark is None:
+        raise SecurityError(f"group_mark: the failure mark of group {group_id} does not verify", code="group_mark")
+    return mark.key, records
+
+
+async def _unwind_again(hop: Hop, deps: SettleDeps) -> None:
+    """Undo the group of a branch that failed it before, whose worker died before it sent the undoing, and which
+    completed once redelivered: the undoing is sent now, with every branch that completed (this one too)."""
+    joins = deps.joins
+    assert joins is not None
+    message = hop.message
+    slip = message.routing_slip
+    group, group_id = _group_of(message)
+    results = _loadable(await joins.records(group_id), message, group, deps)
+    reason = f"branch {slip.branch!r} of {group.name!r} failed its group before; its group is undone"
+    await deps.reporter.report("step_failed", message, activity=hop.spec.name, detail=reason)
     slip.compensations.extend(_by_completion(results))
-    return True
+    slip.completed = [entry for entry in slip.completed if entry.branch is None]
+    if begin_unwinding(message, Unwinding(cause="faulted", reason=reason, step=slip.step, activity=hop.spec.name)):
+        first = message.next_hop()
+        body = seal(first, deps.security, max_bytes=deps.max_message_bytes)
+        await deps.transport.publish(first.routing_slip.current or "", body, headers=dict(first.headers))
 
 
 async def _undo_late_branch(hop: Hop, result: BranchResult, deps: SettleDeps) -> None:

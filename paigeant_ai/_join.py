@@ -3,7 +3,7 @@
 A branch that completes stores its result, signed by its worker, under its workflow, its group's step and its key,
 atomically with a count; the worker whose result brings the count to the number of branches joins the group (see
 `paigeant_ai._fan`). A branch that fails for good marks the group failed, atomically too: a result stored after
-that is refused, and its branch is undone rather than joined.
+that is not joined: its branch is undone instead. The mark is signed too (`paigeant_ai._group_marks`).
 
 The store is shared by every process of the workflow's workers: the Redis transport's own Redis, or for RabbitMQ
 the shared store (`PAIGEANT_SHARED_STORE_URL`); process memory only for the in-memory transport. Whoever can write
@@ -43,9 +43,6 @@ NO_JOIN_STORE = (
     "a parallel group needs a join store that all its workers share, which RabbitMQ does not have: set "
     "PAIGEANT_SHARED_STORE_URL=redis://... for every worker and dispatcher (or pass Worker(shared_store=...))"
 )
-
-FAILED = -1
-"""What `JoinStore.add` returns for a group that failed."""
 
 
 class BranchResult(Wire):
@@ -94,22 +91,36 @@ class BranchResult(Wire):
 class JoinStore(Protocol):
     """The results of the branches of parallel groups, by group (`<correlation id>/<step>`) and branch key."""
 
-    async def add(self, group: str, key: str, record: bytes, *, ttl: float) -> int:
-        """Store `record` under `key` unless the group failed; how many results the group holds now (`FAILED`, -1,
-        when it failed: nothing was stored)."""
+    async def add(self, group: str, key: str, record: bytes, *, ttl: float) -> tuple[int, bytes | None]:
+        """Store `record` under `key`, the group kept `ttl` seconds from now (0: until it is joined or fails): how many
+        results the group holds now, and its failure mark if it has one (a `GroupMark`, to verify before it is
+        believed)."""
         ...
 
     async def records(self, group: str) -> dict[str, bytes]:
         """The results the group holds, by branch key."""
         ...
 
-    async def fail(self, group: str, key: str, *, ttl: float) -> tuple[bool, dict[str, bytes]]:
-        """Mark the group failed by branch `key`, unless it failed already: whether `key` is the branch that
-        failed it (also when it did so before), and the results the group holds."""
+    async def fail(self, group: str, mark: bytes, *, ttl: float) -> tuple[bytes, dict[str, bytes]]:
+        """Mark the group failed with `mark` unless it has a mark already: the mark it has now, and its results."""
+        ...
+
+    async def replace_mark(self, group: str, old: bytes, new: bytes) -> tuple[bytes, dict[str, bytes]]:
+        """Put `new` in place of the mark `old` (one that did not verify), unless the mark changed meanwhile: the
+        mark the group has now, and its results."""
         ...
 
     async def delete(self, group: str) -> None:
         """Forget the group (its continuation is safe with the broker)."""
+        ...
+
+    async def hold_wait(self, group: str, key: str, *, ttl: float) -> str:
+        """Let branch `key` park (wait for approval, or be in doubt) unless another branch of the group is parked:
+        the key of the branch that holds the group's one wait now."""
+        ...
+
+    async def release_wait(self, group: str, key: str) -> None:
+        """Branch `key`, resumed and done waiting, lets another branch of the group park."""
         ...
 
 
@@ -118,24 +129,35 @@ class InMemoryJoinStore:
 
     def __init__(self) -> None:
         self._groups: dict[str, dict[str, bytes]] = {}
-        self._failed: dict[str, str] = {}
+        self._failed: dict[str, bytes] = {}
+        self._waits: dict[str, str] = {}
 
-    async def add(self, group: str, key: str, record: bytes, *, ttl: float) -> int:
-        if group in self._failed:
-            return FAILED
+    async def add(self, group: str, key: str, record: bytes, *, ttl: float) -> tuple[int, bytes | None]:
         results = self._groups.setdefault(group, {})
         results[key] = record
-        return len(results)
+        return len(results), self._failed.get(group)
 
     async def records(self, group: str) -> dict[str, bytes]:
         return dict(self._groups.get(group, {}))
 
-    async def fail(self, group: str, key: str, *, ttl: float) -> tuple[bool, dict[str, bytes]]:
-        failer = self._failed.setdefault(group, key)
-        return failer == key, dict(self._groups.get(group, {}))
+    async def fail(self, group: str, mark: bytes, *, ttl: float) -> tuple[bytes, dict[str, bytes]]:
+        return self._failed.setdefault(group, mark), dict(self._groups.get(group, {}))
+
+    async def replace_mark(self, group: str, old: bytes, new: bytes) -> tuple[bytes, dict[str, bytes]]:
+        if self._failed.get(group) == old:
+            self._failed[group] = new
+        return self._failed[group], dict(self._groups.get(group, {}))
 
     async def delete(self, group: str) -> None:
         self._groups.pop(group, None)
+        self._waits.pop(group, None)
+
+    async def hold_wait(self, group: str, key: str, *, ttl: float) -> str:
+        return self._waits.setdefault(group, key)
+
+    async def release_wait(self, group: str, key: str) -> None:
+        if self._waits.get(group) == key:
+            del self._waits[group]
 
 
 _MEMORY: weakref.WeakKeyDictionary[Transport, InMemoryJoinStore] = weakref.WeakKeyDictionary()

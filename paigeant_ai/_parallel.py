@@ -8,7 +8,7 @@ on with one message (see `paigeant_ai._fan`).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 from pydantic import ValidationError
 
@@ -16,7 +16,7 @@ from .activity import Activity
 from .contracts import MAX_BRANCHES, ActivitySpec
 from .exceptions import UserError
 
-__all__ = ("MAX_BRANCHES", "Parallel", "check_branch_count", "group_spec")
+__all__ = ("MAX_BRANCHES", "Parallel", "check_branch_count", "group_spec", "refuse_shadowed_keys")
 
 Branch = ActivitySpec | Activity | str
 
@@ -87,6 +87,12 @@ def group_spec(branches: Sequence[ActivitySpec], *, name: str = "parallel") -> A
     if not branches:
         raise UserError("a parallel group needs at least one branch")
     check_branch_count(len(branches))
+    for spec in branches:
+        if spec.key is not None and not spec.key:
+            raise UserError(
+                f"branch {spec.name!r} of the parallel group has an empty key: give it a non-empty key, or None to "
+                "put its output under its activity's name"
+            )
     keys = [spec.branch_key for spec in branches]
     for position, key in enumerate(keys):
         if key in keys[:position]:
@@ -98,3 +104,19 @@ def group_spec(branches: Sequence[ActivitySpec], *, name: str = "parallel") -> A
         return ActivitySpec(name=name, branches=tuple(branches))
     except ValidationError as exc:
         raise UserError(f"invalid parallel group: {exc.errors(include_url=False)[0]['msg']}") from None
+
+
+def refuse_shadowed_keys(specs: Sequence[ActivitySpec], variables: Mapping[str, object] | None) -> None:
+    """At dispatch: refuse a variable that a branch's output would overwrite, as it is merged under the branch's key.
+
+    Raises:
+        UserError: A variable has the name of a branch's key.
+    """
+    for spec in specs:
+        for branch in spec.branches:
+            if variables is not None and branch.branch_key in variables:
+                raise UserError(
+                    f"the variable {branch.branch_key!r} would be overwritten by the output of branch "
+                    f"{branch.name!r} of the parallel group, which is merged under that key: rename the variable, "
+                    "or give the branch another key (Parallel(..., keys=[...]))"
+                )

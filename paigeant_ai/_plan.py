@@ -30,7 +30,14 @@ from collections.abc import Callable, Mapping, Sequence
 from datetime import timedelta
 from typing import Any, NamedTuple, TypeVar
 
-from ._plan_groups import Branch, check_branch_compensation, check_branch_fallbacks, check_group_sizes, check_groups
+from ._plan_groups import (
+    Branch,
+    check_branch_compensation,
+    check_branch_fallbacks,
+    check_group_sizes,
+    check_groups,
+    is_mandatory,
+)
 from ._tokens import unverified_claims
 from .contracts import (
     ActivitySpec,
@@ -238,7 +245,7 @@ def _steps(specs: Sequence[ActivitySpec]) -> list[_Step]:
         _Step(
             spec.name,
             spec_digest(spec),
-            spec.mandatory,
+            is_mandatory(spec),
             spec.fallbacks,
             spec.compensate,
             tuple(Branch(branch.branch_key, branch.alternatives, branch.compensate) for branch in spec.branches),
@@ -252,7 +259,7 @@ def _planned_steps(steps: Sequence[PlannedStep]) -> list[_Step]:
         _Step(
             step.name,
             step.digest,
-            step.mandatory,
+            step.mandatory or any(branch.mandatory for branch in step.branches),
             step.fallbacks,
             step.compensate,
             tuple(
@@ -296,7 +303,8 @@ def check_route(plan: Plan, slip: RoutingSlip) -> int:
         mandatory = [step.name for step in removed if step.mandatory]
         if mandatory:
             names = ", ".join(repr(name) for name in mandatory)
-            raise _revision_error(f"revision {number} by {revision.activity!r} removes mandatory step {names}")
+            group = " (a group is mandatory when one of its branches is)" if any(s.branches for s in removed) else ""
+            raise _revision_error(f"revision {number} by {revision.activity!r} removes mandatory step {names}{group}")
         if len(added) > limits.max_steps_per_revision:
             raise _revision_error(
                 f"revision {number} by {revision.activity!r} adds {len(added)} steps, the plan allows "

@@ -7,7 +7,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, NamedTuple
 
-from .contracts import MAX_BRANCHES, ActivityLogEntry, Compensation, RoutingSlip
+from .contracts import MAX_BRANCHES, ActivityLogEntry, ActivitySpec, Compensation, RoutingSlip
 from .exceptions import SecurityError
 
 if TYPE_CHECKING:
@@ -19,8 +19,23 @@ __all__ = (
     "check_branch_fallbacks",
     "check_group_sizes",
     "check_groups",
+    "is_mandatory",
+    "mark_mandatory",
     "plan_error",
 )
+
+
+def is_mandatory(spec: ActivitySpec) -> bool:
+    """Whether no revision may remove or replace `spec`: it is mandatory, or it is a group one of whose branches is."""
+    return spec.mandatory or any(branch.mandatory for branch in spec.branches)
+
+
+def mark_mandatory(spec: ActivitySpec, names: set[str]) -> ActivitySpec:
+    """`spec` marked mandatory if its name is in `names`; for a group, each branch whose activity is."""
+    if spec.branches:
+        branches = tuple(mark_mandatory(branch, names) for branch in spec.branches)
+        return spec.model_copy(update={"branches": branches, "mandatory": spec.mandatory or spec.name in names})
+    return spec.model_copy(update={"mandatory": True}) if spec.name in names else spec
 
 
 def plan_error(reason: str) -> SecurityError:

@@ -35,7 +35,7 @@ from . import observability
 from ._dedupe import DedupeStore
 from ._escape import escape_control
 from ._events import EventReporter
-from ._fan import branch_refusal, complete_branch, fan_out, fans_out, stop_group
+from ._fan import branch_refusal, complete_branch, fan_out, fans_out, parks_alone, stop_group
 from ._hop import Hop
 from ._in_doubt import StepInDoubt
 from ._join import JoinStore
@@ -170,6 +170,8 @@ async def _secure_successor(hop: Hop, outcome: Outcome, deps: SettleDeps) -> tup
                 reason = f"the step is {outcome.signal}, but the worker has no waiting store"
                 reason += " (pass Worker(waiting_store=...))"
                 return await _secure_successor(hop, Fault(reason), deps)
+            if (refused := await parks_alone(hop, deps)) is not None:
+                return await _secure_successor(hop, Fault(refused, fallback=False), deps)
             try:
                 return replace(outcome, detail=await _park(hop, outcome, store, deps)), None
             except SecurityError as exc:  # its revisions cannot be signed or are past the plan's limits

@@ -88,7 +88,7 @@ class ActivitySpec(Wire):
     branches: tuple[ActivitySpec, ...] = Field(default=(), exclude_if=lambda value: not value)
     """For a parallel group (see `Parallel`): its branches, each a step that runs at the same time as the others;
     the workflow goes on once all completed, each one's output under its key in the payload."""
-    key: str | None = Field(default=None, max_length=200, exclude_if=lambda value: value is None)
+    key: str | None = Field(default=None, min_length=1, max_length=200, exclude_if=lambda value: value is None)
     """For a branch of a parallel group: the payload key its output goes under (its name when `None`)."""
 
     @model_validator(mode="after")

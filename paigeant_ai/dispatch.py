@@ -27,14 +27,14 @@ from ._fan import branch_hops, describe_fan_out, fans_out
 from ._hop import EXPIRY_GRACE
 from ._in_doubt import Ran, RunAgain
 from ._join import refuse_groups_without_join
-from ._parallel import Parallel
+from ._parallel import Parallel, refuse_shadowed_keys
 from ._plan import new_plan, signer_of, token_subject
 from ._principal import principal_of
 from ._resume_checks import check_before_resume
 from ._sealing import seal
 from .activity import Activity
 from .approval import verified
-from .contracts import ActivitySpec, PaigeantMessage, RevisionLimits
+from .contracts import ActivitySpec, PaigeantMessage, RevisionLimits, derive_message_id
 from .exceptions import UnknownWorkflow, UserError, WorkflowExists
 from .security import MessageSecurity, MessageSigner
 from .settings import Settings
@@ -195,6 +195,7 @@ class WorkflowDispatcher:
         """The first message of a workflow, every argument checked, each mistake told in one sentence."""
         specs = specs_of(activities)
         refuse_groups_without_join(self.transport, specs)
+        refuse_shadowed_keys(specs, variables_of(variables))
         if correlation_id is not None and (not isinstance(correlation_id, str) or not correlation_id):
             raise UserError(
                 f"correlation_id must be a non-empty string (or None for a new one), not {correlation_id!r}"
@@ -454,6 +455,8 @@ class WorkflowDispatcher:
             )
             return Cancellation(correlation_id, "requested", detail)
         if parked is not None and await self._store().remove(parked):
+            if parked.message.routing_slip.branch is not None:
+                return await self._cancel_parked_branch(parked)
             return await self._cancel_parked(parked, request)
         detail = (
             f"workflow {correlation_id!r} will stop before its next step, and a step of it running now is interrupted"
@@ -499,6 +502,20 @@ class WorkflowDispatcher:
                 )
         detail = f"workflow {parked.correlation_id!r} waited at {step!r}; it was released" + (
             " and its compensations started" if pending else ", with nothing to undo"
+        )
+        return Cancellation(parked.correlation_id, "cancelled", detail)
+
+    async def _cancel_parked_branch(self, parked: ParkedStep) -> Cancellation:
+        """Release a branch of a parallel group that waited for input: its hop is sent again, so that a worker, which
+        holds the group's join store, finds the cancel posted and stops the group (undoing the branches that
+        completed) as it does for a running branch."""
+        hop = parked.message.model_copy(update={"resume": None}).next_hop(attempt=parked.message.attempt)
+        name = f"{parked.activity}#cancel-{parked.digest[:32]}"  # not the parked hop's id, which ran already
+        hop.message_id = derive_message_id(parked.correlation_id, parked.step, name, hop.attempt)
+        await self.transport.publish(hop.routing_slip.current or "", self.encode(hop), headers=dict(hop.headers))
+        detail = (
+            f"workflow {parked.correlation_id!r} waited at branch {parked.message.routing_slip.branch!r}; it was "
+            "released, and a worker stops its group and undoes what completed"
         )
         return Cancellation(parked.correlation_id, "cancelled", detail)
 

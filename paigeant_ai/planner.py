@@ -29,6 +29,7 @@ from pydantic_ai.messages import ModelMessage, ToolReturnPart
 from pydantic_ai.models import KnownModelName, Model
 from pydantic_ai.toolsets import AgentToolset
 
+from ._plan_groups import mark_mandatory
 from ._principal import principal_of
 from .approval import ParkedStep, WaitingStore, verified
 from .catalog import ActivityCatalog, CatalogEntry
@@ -451,8 +452,9 @@ def _marked(specs: list[ActivitySpec], always: Collection[str], asked: list[str]
     Raises:
         InvalidPlan: A name in `asked` is not a step of the plan.
     """
-    unknown = sorted(set(asked) - {spec.name for spec in specs})
+    names = {spec.name for spec in specs} | {branch.name for spec in specs for branch in spec.branches}
+    unknown = sorted(set(asked) - names)
     if unknown:
         raise InvalidPlan(f"mandatory step {unknown[0]!r} is not an activity of the plan")
     marked = {*always, *asked}
-    return [spec.model_copy(update={"mandatory": True}) if spec.name in marked else spec for spec in specs]
+    return [mark_mandatory(spec, marked) for spec in specs]

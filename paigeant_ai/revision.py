@@ -23,6 +23,7 @@ from pydantic import BaseModel
 from pydantic_ai import FunctionToolset, ModelRetry
 
 from ._plan import added_and_removed, check_route, spec_digest
+from ._plan_groups import is_mandatory
 from .activity import ActivityContext
 from .catalog import ActivityCatalog, CatalogEntry
 from .contracts import ActivitySpec, Revision, RevisionLimits
@@ -222,7 +223,7 @@ class RevisionToolset(FunctionToolset[Any]):
         return [spec.name for spec in remaining]
 
     def _check_bounds(self, added: list[ActivitySpec], discarded: list[ActivitySpec]) -> None:
-        mandatory = [spec.name for spec in discarded if spec.mandatory]
+        mandatory = [_mandatory_name(spec) for spec in discarded if is_mandatory(spec)]
         if mandatory:
             names = ", ".join(repr(name) for name in mandatory)
             raise ModelRetry(
@@ -242,7 +243,7 @@ class RevisionToolset(FunctionToolset[Any]):
             )
 
     def _mandatory_note(self) -> str:
-        mandatory = [spec.name for spec in self.remaining if spec.mandatory]
+        mandatory = [_mandatory_name(spec) for spec in self.remaining if is_mandatory(spec)]
         if not mandatory:
             return ""
         return f" Mandatory steps, which no revision may remove: {', '.join(mandatory)}."
@@ -292,3 +293,11 @@ def _added_before(context: ActivityContext) -> int:
         except SecurityError:
             pass  # the worker checked the route before the step ran; counting what the log says will do
     return sum(len(revision.added) for revision in slip.revisions)
+
+
+def _mandatory_name(spec: ActivitySpec) -> str:
+    """A mandatory step as the model is told of it: a group by its mandatory branches."""
+    if not spec.branches:
+        return spec.name
+    inside = ", ".join(branch.name for branch in spec.branches if branch.mandatory)
+    return f"{spec.name} (the parallel group of {inside})" if inside else spec.name

@@ -15,12 +15,16 @@ from typing import Any
 
 import pytest
 from logfire.testing import CaptureLogfire
+from pydantic_ai import Agent, FunctionToolset
+from pydantic_ai.messages import ModelMessage, ModelResponse, TextPart, ToolCallPart
+from pydantic_ai.models.function import AgentInfo, FunctionModel
 
 from paigeant_ai import (
     Activity,
     ActivityCatalog,
     ActivityContext,
     ActivitySpec,
+    AgentActivity,
     FunctionActivity,
     InMemoryTransport,
     InvalidPlan,
@@ -34,14 +38,18 @@ from paigeant_ai import (
     WorkflowDispatcher,
 )
 from paigeant_ai._cli_workflows import render_status
-from paigeant_ai._join import NO_JOIN_STORE, BranchResult
+from paigeant_ai._group_marks import GroupMark
+from paigeant_ai._join import NO_JOIN_STORE, BranchResult, InMemoryJoinStore
 from paigeant_ai._sealing import seal
+from paigeant_ai.approval import WaitingStore, get_waiting_store
 from paigeant_ai.contracts import ActivityLogEntry, Compensation, PaigeantMessage, utcnow
+from paigeant_ai.planner import _marked  # pyright: ignore[reportPrivateUsage]
 from paigeant_ai.security import generate_key
 from paigeant_ai.store import InMemoryWorkflowStore, WorkflowStatus
 from paigeant_ai.transports import Transport
 from paigeant_ai.transports.base import REASON_HEADER
 from paigeant_ai.transports.redis import RedisTransport
+from paigeant_ai.transports.redis._joins import RedisJoinStore
 
 from .brokers import REDIS_URL, dead_letters, delete_redis_namespace
 from .test_steering import KEYS, signer
@@ -75,9 +83,12 @@ class Team:
     interrupted: list[str] = field(default_factory=list[str])
     seen: dict[str, dict[str, Any]] = field(default_factory=dict[str, dict[str, Any]])
     store: InMemoryWorkflowStore = field(default_factory=InMemoryWorkflowStore)
+    waiting: WaitingStore | None = None
 
     def __post_init__(self) -> None:
-        self.dispatcher = WorkflowDispatcher(self.transport, security=signer(KEYS.orders), on_event=self.store.apply)
+        self.dispatcher = WorkflowDispatcher(
+            self.transport, security=signer(KEYS.orders), on_event=self.store.apply, waiting_store=self.waiting
+        )
         self.worker_ = self.worker()
 
     def step(self, name: str, *, compensate: str | None = None) -> FunctionActivity:
@@ -122,7 +133,12 @@ class Team:
             *extra,
         ]
         worker = Worker(
-            self.transport, steps, security=signer(KEYS.shop, self.transport), on_event=self.store.apply, concurrency=20
+            self.transport,
+            steps,
+            security=signer(KEYS.shop, self.transport),
+            on_event=self.store.apply,
+            concurrency=20,
+            waiting_store=self.waiting,
         )
         worker.cancel_poll = 0.05
         return worker
@@ -487,3 +503,236 @@ async def test_require_workers_asks_for_every_branch_of_a_first_group() -> None:
                 await team.dispatcher.dispatch_workflow([Parallel("research", "unknown-branch")], require_workers=True)
             cid = await team.dispatcher.dispatch_workflow([Parallel("research", "inventory")], require_workers=True)
             await team.ended(cid, "completed")
+
+
+def asks_approval(name: str) -> AgentActivity[None, str]:
+    """A step whose agent calls a tool that needs approval (so it parks), then answers."""
+    tools = FunctionToolset[Any](id=f"tools-{name}")
+
+    @tools.tool_plain(requires_approval=True)
+    def send(text: str) -> str:  # pyright: ignore[reportUnusedFunction]
+        """Send `text`."""
+        return "sent"
+
+    def model(messages: list[ModelMessage], info: AgentInfo) -> ModelResponse:
+        if len(messages) == 1:
+            return ModelResponse(parts=[ToolCallPart("send", {"text": name}, tool_call_id=f"{name}-1")])
+        return ModelResponse(parts=[TextPart(f"{name} done")])
+
+    return AgentActivity(Agent(FunctionModel(model), name=name, toolsets=[tools]), prompt="go", output_key="reply")
+
+
+async def test_a_second_branch_that_would_wait_while_another_waits_fails_its_group_and_says_why(
+    joinable: Transport,
+) -> None:
+    team = Team(joinable, waiting=get_waiting_store(joinable))
+
+    async def parked() -> bool:
+        return team.waiting is not None and await team.waiting.get(cid) is not None
+
+    worker = team.worker(asks_approval("ask-a"), asks_approval("ask-b"))
+    cid = await team.dispatcher.dispatch_workflow(["validate", Parallel("ask-a", "ask-b", "research"), "decide"])
+    async with worker:
+        await team.until(parked, "a branch to park")
+        status = await team.ended(cid, "compensated")
+    assert status.failure is not None
+    assert "may wait at a time: approve or resolve that one first" in status.failure
+    assert team.waiting is not None
+    record = await team.waiting.get(cid)
+    assert record is not None
+    assert record.activity in {"ask-a", "ask-b"}, "the branch that parked first still waits, untouched"
+    assert "decide" not in team.order(cid)
+    assert "unvalidate" in team.undid(cid)
+
+
+async def test_cancelling_a_workflow_whose_branch_waits_undoes_the_branches_that_completed(
+    joinable: Transport,
+) -> None:
+    team = Team(joinable, waiting=get_waiting_store(joinable))
+    worker = team.worker(asks_approval("ask-a"))
+    cid = await team.dispatcher.dispatch_workflow(["validate", Parallel("ask-a", "research"), "decide"])
+    async with worker:
+
+        async def parked_and_research_done() -> bool:
+            assert team.waiting is not None
+            return await team.waiting.get(cid) is not None and worker.stats.completed_steps >= 2
+
+        await team.until(parked_and_research_done, "the branch to park beside the completed one")
+        cancellation = await team.dispatcher.cancel(cid, "no longer needed", by="support:bob")
+        assert cancellation.state == "cancelled"
+        status = await team.ended(cid, "cancelled")
+        await team.until(_now(lambda: len(team.undid(cid)) == 2), "the undoing")
+
+    assert team.undid(cid) == ["forget-research", "unvalidate"], "the completed branch, then the step before"
+    assert "decide" not in team.order(cid)
+    assert status.cancelled is not None
+    assert "no longer needed" in status.cancelled
+
+
+async def forge_failure_mark(team: Team, group: str, mark: bytes) -> None:
+    """Write `mark` as the failure mark of `group` straight into the join store, as whoever can write there could."""
+    if team.transport.name == "rabbitmq":  # the shared store the workers join in
+        async with RedisTransport(REDIS_URL, namespace=str(getattr(team.transport, "namespace", ""))) as shared:
+            joins = shared.join_store()
+            await joins.transport.client.hset(joins.key(group), "failed", mark)  # pyright: ignore[reportUnknownMemberType]
+        return
+    joins = team.worker_.joins
+    if isinstance(joins, RedisJoinStore):
+        await joins.transport.client.hset(joins.key(group), "failed", mark)  # pyright: ignore[reportUnknownMemberType]
+    else:
+        assert isinstance(joins, InMemoryJoinStore)
+        joins._failed[group] = mark  # pyright: ignore[reportPrivateUsage]
+
+
+async def test_an_unsigned_failure_mark_in_the_join_store_is_ignored_and_the_group_joins(
+    joinable: Transport, caplog: pytest.LogCaptureFixture
+) -> None:
+    team = Team(joinable)
+    cid = await team.dispatcher.dispatch_workflow(["validate", Parallel("research", "inventory"), "decide"])
+    forged = GroupMark(correlation_id=cid, step=1, key="research").sign(signer(generate_key("mallory-2")))
+    await forge_failure_mark(team, f"{cid}/1", forged.to_bytes())
+    with caplog.at_level(logging.WARNING, logger="paigeant_ai.worker"):
+        await team.worker_.run(burst=True)
+
+    await team.ended(cid, "completed")
+    assert team.order(cid)[-1] == "decide", "the forged mark made no branch late"
+    assert team.undid(cid) == []
+    assert any("does not verify and is ignored" in record.getMessage() for record in caplog.records)
+
+
+async def test_a_revision_may_not_remove_a_group_whose_branch_is_mandatory(joinable: Transport) -> None:
+    team = Team(joinable)
+
+    async def planner(ctx: ActivityContext) -> dict[str, Any]:
+        remaining = [ActivitySpec(name="decide")]
+        ctx.revisions.append(
+            Revision(step=ctx.step, activity="planner", action="remove", reason="skip it", remaining=remaining)
+        )
+        return {}
+
+    worker = team.worker(FunctionActivity(planner, name="planner"))
+    group = Parallel(ActivitySpec(name="research", mandatory=True), "inventory")
+    cid = await team.dispatcher.dispatch_workflow(["planner", group, "decide"])
+    await worker.run(burst=True)
+
+    status = await team.ended(cid, "faulted")
+    assert status.failure is not None
+    assert "removes mandatory step 'parallel' (a group is mandatory when one of its branches is)" in status.failure
+    assert "decide" not in team.order(cid)
+
+
+def test_a_planners_mandatory_steps_are_marked_inside_groups() -> None:
+    group = Parallel("research", "inventory").spec
+    marked = _marked([group, ActivitySpec(name="decide")], {"research"}, ["decide"])
+    assert [branch.mandatory for branch in marked[0].branches] == [True, False]
+    assert marked[1].mandatory
+    asked = _marked([group], set(), ["inventory"])
+    assert [branch.mandatory for branch in asked[0].branches] == [False, True]
+    with pytest.raises(InvalidPlan, match="mandatory step 'pricing' is not an activity of the plan"):
+        _marked([group], set(), ["pricing"])
+
+
+async def test_a_forged_result_does_not_keep_the_other_branches_from_being_undone(
+    joinable: Transport, caplog: pytest.LogCaptureFixture
+) -> None:
+    team = Team(joinable)
+    cid_box: list[str] = []
+
+    async def broken(ctx: ActivityContext) -> None:  # fails once validate and research completed
+        team.ran.append(("broken", ctx.correlation_id))
+        while team.worker_.stats.completed_steps < 2:  # noqa: ASYNC110  # the worker's count
+            await asyncio.sleep(0.02)
+        raise NonRetryableError("broken is down")
+
+    team.worker_.activities["broken"] = FunctionActivity(broken, name="broken", retry=RetryPolicy(max_attempts=1))
+    team.waits["inventory"] = lambda: bool(cid_box) and "unvalidate" in team.undid(cid_box[0])
+    cid = await team.dispatcher.dispatch_workflow(["validate", Parallel("research", "inventory", "broken"), "decide"])
+    cid_box.append(cid)
+    now = utcnow()
+    forged = BranchResult(
+        correlation_id=cid,
+        step=1,
+        key="inventory",
+        entries=[ActivityLogEntry(name="inventory", step=1, started_at=now, finished_at=now, branch="inventory")],
+    ).sign(signer(generate_key("mallory-3")))
+    await store_record(team, f"{cid}/1", "inventory", forged.model_dump_json().encode())
+    with caplog.at_level(logging.WARNING, logger="paigeant_ai.worker"):
+        await team.worker_.run(burst=True)
+        await team.until(_now(lambda: "release-stock" in team.undid(cid)), "the late branch to be undone")
+
+    assert team.undid(cid)[:2] == ["forget-research", "unvalidate"], "the genuine branch undone despite the forgery"
+    assert any("branch 'inventory' is not undone, the other branches are" in r.getMessage() for r in caplog.records)
+
+
+async def store_record(team: Team, group: str, key: str, record: bytes) -> None:
+    """Store `record` as branch `key`'s result of `group` straight into the join store."""
+    if team.transport.name == "rabbitmq":  # the shared store the workers join in
+        async with RedisTransport(REDIS_URL, namespace=str(getattr(team.transport, "namespace", ""))) as shared:
+            await shared.join_store().add(group, key, record, ttl=60)
+        return
+    assert team.worker_.joins is not None
+    await team.worker_.joins.add(group, key, record, ttl=60)
+
+
+async def test_a_branch_redelivered_after_it_failed_its_group_undoes_the_whole_group(joinable: Transport) -> None:
+    team = Team(joinable)
+
+    async def inventory(ctx: ActivityContext) -> dict[str, Any]:  # marks its group failed, as a crashed copy did
+        team.ran.append(("inventory", ctx.correlation_id))
+        while ("research", ctx.correlation_id) not in team.ran:  # noqa: ASYNC110  # what the other branch did
+            await asyncio.sleep(0.02)
+        await asyncio.sleep(0.1)
+        mark = GroupMark(correlation_id=ctx.correlation_id, step=1, key="inventory")
+        assert team.worker_.joins is not None
+        await team.worker_.joins.fail(f"{ctx.correlation_id}/1", mark.sign(team.worker_.security).to_bytes(), ttl=60)
+        return {"stock": 3}
+
+    activity = FunctionActivity(inventory, name="inventory", compensate="release-stock")
+    team.worker_.activities["inventory"] = activity
+    cid = await team.dispatcher.dispatch_workflow(["validate", Parallel("research", "inventory"), "decide"])
+    await team.worker_.run(burst=True)
+
+    await team.ended(cid, "compensated")
+    await team.until(_now(lambda: len(team.undid(cid)) == 3), "the undoing")
+    assert sorted(team.undid(cid)) == ["forget-research", "release-stock", "unvalidate"]
+    assert "decide" not in team.order(cid)
+
+
+def test_an_empty_branch_key_is_refused_with_the_fix() -> None:
+    with pytest.raises(UserError, match=r"^branch 'research' of the parallel group has an empty key: give it a non"):
+        Parallel("research", "inventory", keys=["", None])
+    with pytest.raises(ValueError, match="at least 1 character"):
+        ActivitySpec(name="research", key="")
+
+
+async def test_a_variable_a_branch_would_overwrite_is_refused_at_dispatch(joinable: Transport) -> None:
+    team = Team(joinable)
+    with pytest.raises(UserError, match=r"^the variable 'stock' would be overwritten by the output of branch 'inv"):
+        await team.dispatcher.dispatch_workflow(
+            ["validate", Parallel("research", "inventory", keys=[None, "stock"])], {"stock": 3}
+        )
+    assert await dead_letters(joinable) == []
+
+
+async def test_without_a_deadline_a_groups_results_are_kept_until_it_joins(joinable: Transport) -> None:
+    if joinable.name == "inmemory":
+        pytest.skip("process memory does not expire")
+    team = Team(joinable)
+    ttls: list[int] = []
+
+    async def inventory(ctx: ActivityContext) -> dict[str, Any]:  # reads the group's expiry once research is stored
+        joins = team.worker_.joins
+        assert isinstance(joins, RedisJoinStore)
+        key = joins.key(f"{ctx.correlation_id}/1")
+        while not await joins.transport.client.exists(key):  # pyright: ignore[reportUnknownMemberType]  # noqa: ASYNC110
+            await asyncio.sleep(0.02)
+        ttls.append(await joins.transport.client.pttl(key))  # pyright: ignore[reportUnknownMemberType, reportUnknownArgumentType]
+        return {"stock": 3}
+
+    team.worker_.activities["inventory"] = FunctionActivity(inventory, name="inventory")
+    forever = WorkflowDispatcher(joinable, security=signer(KEYS.orders), on_event=team.store.apply, ttl=None)
+    cid = await forever.dispatch_workflow(["validate", Parallel("research", "inventory"), "decide"])
+    await team.worker_.run(burst=True)
+
+    await team.ended(cid, "completed")
+    assert ttls == [-1], "no expiry: a sibling's result cannot expire before the group joins"
