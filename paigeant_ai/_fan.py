@@ -370,7 +370,8 @@ async def _unwind_again(hop: Hop, deps: SettleDeps) -> None:
     group, group_id = _group_of(message)
     results = _loadable(await joins.records(group_id), message, group, deps)
     reason = f"branch {slip.branch!r} of {group.name!r} failed its group before; its group is undone"
-    await deps.reporter.report("step_failed", message, activity=hop.spec.name, detail=reason)
+    # It did complete: its row says so, and why it was not joined.
+    await deps.reporter.report("step_completed", message, activity=hop.spec.name, detail=reason)
     slip.compensations.extend(_by_completion(results))
     slip.completed = [entry for entry in slip.completed if entry.branch is None]
     if begin_unwinding(message, Unwinding(cause="faulted", reason=reason, step=slip.step, activity=hop.spec.name)):
@@ -389,7 +390,8 @@ async def _undo_late_branch(hop: Hop, result: BranchResult, deps: SettleDeps) ->
     slip = message.routing_slip
     group, _ = _group_of(message)
     reason = f"branch {result.key!r} of {group.name!r} completed after its group had failed"
-    await deps.reporter.report("step_failed", message, activity=hop.spec.name, detail=reason)
+    # It did complete: its row says so, and why it was not joined.
+    await deps.reporter.report("step_completed", message, activity=hop.spec.name, detail=reason)
     if result.compensation is None:
         return
     now = utcnow()

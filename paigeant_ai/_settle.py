@@ -87,6 +87,8 @@ class _Stopped:
     pending: list[Compensation]
     failed: str | None
     """Why the step that was running failed, when one was (it is logged as failed)."""
+    branch: str | None = None
+    """The branch of a parallel group the stopping hop ran, if it did (its slip is no branch's once unwinding)."""
 
 
 _Settled = Outcome | _FellBack | _Stopped
@@ -236,8 +238,9 @@ async def _stop(hop: Hop, unwinding: Unwinding, deps: SettleDeps, *, failed: str
     slip = message.routing_slip
     if failed is not None:
         slip.mark_failed(hop.spec.name, attempt=message.attempt, started_at=hop.started, error=failed)
+    branch = slip.branch
     pending = begin_unwinding(message, unwinding)  # undoing has a window of its own, past the workflow's deadline
-    stopped = _Stopped(unwinding, pending, failed)
+    stopped = _Stopped(unwinding, pending, failed, branch)
     if pending:
         # Published before the first compensation is: another worker may run that and report its end before this
         # hop is settled, and a store must already know why the workflow stopped.
@@ -250,7 +253,7 @@ async def _first_to_stop(hop: Hop, deps: SettleDeps) -> bool:
     """For a branch that stops its workflow: whether it is the first of its group to (see `_fan.stop_group`)."""
     try:
         return await stop_group(hop, deps)
-    except SecurityError as exc:  # what the other branches stored is forged: undo only what this slip knows
+    except SecurityError as exc:  # the group's failure mark does not verify even once replaced: undo what this slip knows
         logger.warning("%s; the branches that completed are not undone", escape_control(str(exc)))
         return True
 
@@ -472,7 +475,7 @@ async def _report_stopped(hop: Hop, stopped: _Stopped, deps: SettleDeps) -> None
     # report it before these are, and the store orders events by when they happened.
     fields: dict[str, Any] = {"activity": hop.spec.name, "step": unwinding.step, "at": unwinding.at}
     if stopped.failed is not None:
-        await report("step_failed", message, detail=stopped.failed, **fields)
+        await report("step_failed", message, detail=stopped.failed, branch=stopped.branch, **fields)
     cid, now = escape_control(message.correlation_id), bool(stopped.pending)
     # With steps to undo, `compensating` goes first: whoever reads the status between the two events sees a workflow
     # being undone, never one that seems to have ended. The store orders them by rank (the cause, then the undoing).

@@ -274,6 +274,13 @@ async def test_a_branch_that_fails_for_good_undoes_the_steps_before_and_the_bran
     assert all(record.step == 1 for record in branch_records)
     assert status.failure is not None
     assert "broken is down" in status.failure
+    group_rows = {(row.branch, row.activity): row.state for row in status.steps if row.step == 1 and row.branch}
+    assert group_rows == {
+        ("research", "research"): "completed",
+        ("inventory", "inventory"): "completed",
+        ("broken", "broken"): "failed",
+    }, "each branch in its own row, the failed one failed"
+    assert not [row for row in status.steps if row.activity == "broken" and row.branch is None]
     assert await dead_letters(joinable) == []
 
 
@@ -292,6 +299,11 @@ async def test_a_branch_that_completes_after_its_group_failed_is_undone_not_join
     await team.until(_now(lambda: "forget-research" in team.undid(cid)), "the late branch to be undone")
     assert sorted(team.undid(cid)) == ["forget-research", "unvalidate"], "each undone once"
     assert "decide" not in team.order(cid)
+    status = await team.ended(cid, "compensated")
+    research = [row for row in status.steps if row.activity == "research"]
+    assert [row.state for row in research] == ["completed"], "it did complete, and was undone"
+    assert status.failure is not None
+    assert "broken" in status.failure, "the late branch's undoing keeps why the workflow stopped"
 
 
 async def test_a_cancel_stops_the_running_branches(joinable: Transport) -> None:
