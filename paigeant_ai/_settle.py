@@ -253,7 +253,7 @@ async def _first_to_stop(hop: Hop, deps: SettleDeps) -> bool:
     """For a branch that stops its workflow: whether it is the first of its group to (see `_fan.stop_group`)."""
     try:
         return await stop_group(hop, deps)
-    except SecurityError as exc:  # the group's failure mark does not verify even once replaced: undo what this slip knows
+    except SecurityError as exc:  # its failure mark does not verify even once replaced: undo what this slip knows
         logger.warning("%s; the branches that completed are not undone", escape_control(str(exc)))
         return True
 
