@@ -393,7 +393,10 @@ async def test_a_worker_whose_consumer_dies_stops_with_an_error(transport: Trans
 
     worker = Worker(transport, [first])
     running = asyncio.create_task(worker.run())
-    await asyncio.sleep(0.05)
+    for _ in range(200):  # until it consumes (on a loaded machine, opening the cancel board and queue takes a while)
+        if worker._pumps:  # pyright: ignore[reportPrivateUsage]
+            break
+        await asyncio.sleep(0.05)
     await transport.disconnect()  # the consumer ends under the worker's feet
     with pytest.raises(TransportError, match="consuming paigeant-consume-first stopped: the consumer ended"):
         await asyncio.wait_for(running, 5)
