@@ -170,12 +170,13 @@ async def test_groups_ride_out_a_redis_restart(tmp_path: Path, capsys: pytest.Ca
     try:
         fleet = brokers.fleet(tmp_path, "redis", server.url, workers="tests.parallel_workers", steps=ADDRESSES)
         async with fleet as (workers, dispatcher, records):
-            workers.env["PAIGEANT_TEST_STEP_SECONDS"] = "0.2"
+            workers.env["PAIGEANT_TEST_STEP_SECONDS"] = "0.5"
             await workers.start("fan_worker")
             await workers.start("fan_worker")
-            ids = list(await asyncio.gather(*(dispatcher.dispatch_workflow(ROUTE, {"n": n}) for n in range(40))))
+            ids = list(await asyncio.gather(*(dispatcher.dispatch_workflow(ROUTE, {"n": n}) for n in range(100))))
             await wait_until(lambda: len(finished(records)) >= 5, within=60, what="the first workflows to finish")
             in_flight = len(ids) - len(finished(records))
+            assert in_flight > 0, "Redis is killed while workflows run"
             await server.kill()
             await asyncio.sleep(1)
             await server.start()
