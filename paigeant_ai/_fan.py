@@ -227,22 +227,24 @@ def _verified(
     records: dict[str, bytes], message: PaigeantMessage, group: ActivitySpec, deps: SettleDeps
 ) -> list[BranchResult]:
     """The results of every branch of `group`, each verified, in the group's order."""
-    results: list[BranchResult] = []
-    for spec in group.branches:
-        result = BranchResult.load(
-            records[spec.branch_key],
-            deps.security,
-            correlation_id=message.correlation_id,
-            step=message.step,
-            key=spec.branch_key,
+    return [_load(records[spec.branch_key], spec, message, deps) for spec in group.branches]
+
+
+def _load(raw: bytes, spec: ActivitySpec, message: PaigeantMessage, deps: SettleDeps) -> BranchResult:
+    """The stored result of branch `spec` of `message`'s group, once its signature, its place and what ran it hold.
+
+    Raises:
+        SecurityError: It does not verify, or names an activity that cannot run that branch.
+    """
+    result = BranchResult.load(
+        raw, deps.security, correlation_id=message.correlation_id, step=message.step, key=spec.branch_key
+    )
+    if result.entries[-1].name not in spec.alternatives:
+        raise SecurityError(
+            f"branch_result: branch {spec.branch_key!r} says {result.entries[-1].name!r} ran it, which it cannot",
+            code="branch_result",
         )
-        if result.entries[-1].name not in spec.alternatives:
-            raise SecurityError(
-                f"branch_result: branch {spec.branch_key!r} says {result.entries[-1].name!r} ran it, which it cannot",
-                code="branch_result",
-            )
-        results.append(result)
-    return results
+    return result
 
 
 def _by_completion(results: list[BranchResult]) -> list[Compensation]:
@@ -315,22 +317,14 @@ def _loadable(
         if spec.branch_key not in records:
             continue
         try:
-            result = BranchResult.load(
-                records[spec.branch_key],
-                deps.security,
-                correlation_id=message.correlation_id,
-                step=message.step,
-                key=spec.branch_key,
-            )
+            results.append(_load(records[spec.branch_key], spec, message, deps))
         except SecurityError as exc:
             logger.warning(
                 "workflow %s: %s; branch %r is not undone, the other branches are",
-                message.correlation_id,
+                escape_control(message.correlation_id),
                 escape_control(str(exc)),
                 spec.branch_key,
             )
-            continue
-        results.append(result)
     return results
 
 
