@@ -16,6 +16,7 @@ from pydantic import AwareDatetime, ConfigDict, Field, JsonValue, ValidationErro
 from pydantic_core import from_json
 
 from ._json_values import check_finite
+from ._usage import Usage, sum_usage
 from ._wire import Plan, PlannedStep, RetryPolicy, RevisionLimits, Wire, utcnow
 from .exceptions import InvalidMessage, UserError
 
@@ -36,7 +37,9 @@ __all__ = (
     "RoutingSlip",
     "SecurityContext",
     "Unwinding",
+    "Usage",
     "derive_message_id",
+    "sum_usage",
 )
 
 WIRE_VERSION = 1
@@ -146,6 +149,10 @@ class ActivityLogEntry(Wire):
     """For a step of a parallel group's branch: the branch's key."""
     branches: list[ActivityLogEntry] = Field(default_factory=list["ActivityLogEntry"], exclude_if=_is_empty)
     """For a parallel group that completed: what happened in each of its branches, in the group's order."""
+    usage: list[Usage] = Field(default_factory=list[Usage], exclude_if=_is_empty)
+    """What the attempt used, one `Usage` per model it called (empty for a step that called none)."""
+    version: str | None = Field(default=None, exclude_if=lambda value: value is None)
+    """The version of the activity's code that ran the step (see `paigeant_ai._versions`)."""
 
     @property
     def duration(self) -> float:
