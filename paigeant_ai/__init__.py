@@ -11,6 +11,7 @@ from ._approvals import Approval, SignedApproval
 from ._cancel import Cancellation
 from ._events import WorkflowEvent
 from ._in_doubt import Ran, RunAgain
+from ._ledger import usage_by_model, workflow_usage
 from ._parallel import Parallel
 from .activity import Activity, ActivityContext, AgentActivity, FunctionActivity, activity
 from .approval import (
@@ -36,6 +37,7 @@ from .contracts import (
     RoutingSlip,
     SecurityContext,
     Unwinding,
+    Usage,
 )
 from .dispatch import WorkflowDispatcher
 from .exceptions import (
@@ -128,6 +130,7 @@ __all__ = (
     "TrustPolicy",
     "UnknownWorkflow",
     "Unwinding",
+    "Usage",
     "UserError",
     "WaitingStore",
     "Worker",
@@ -144,6 +147,8 @@ __all__ = (
     "get_transport",
     "get_waiting_store",
     "get_workflow_store",
+    "usage_by_model",
+    "workflow_usage",
 )
 
 __version__ = "0.1.0"

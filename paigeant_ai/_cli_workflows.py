@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING
 
 from ._escape import escape_control, escape_json
 from ._events import WorkflowEvent
+from ._ledger import describe_usage
 from .exceptions import UserError
 from .settings import Settings
 from .store import WorkflowProjector, WorkflowStatus, mark_stalled
@@ -208,6 +209,8 @@ def render_status(status: WorkflowStatus) -> str:
     if status.waiting_for:
         waiting = status.waiting_for
         lines.append(f"  {waiting}" if waiting.startswith(("waiting", "in doubt")) else f"  waiting for: {waiting}")
+    if status.usage is not None:
+        lines.append(f"  usage: {describe_usage(status.usage)}")
     if status.current_activity is not None:
         lines.append(f"  current step: {status.current_step} {status.current_activity}")
     if status.remaining and status.state != "completed":

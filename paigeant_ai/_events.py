@@ -28,6 +28,8 @@ from pydantic_core import to_json
 
 from . import observability
 from ._escape import escape_control
+from ._ledger import workflow_usage
+from ._usage import Usage
 from .contracts import EVENTS, WIRE_VERSION, PaigeantMessage, Wire, utcnow
 from .transports.base import Transport
 
@@ -101,7 +103,12 @@ class WorkflowEvent(Wire):
     """On `step_started`: the seconds the attempt may run."""
     branch: str | None = Field(default=None, exclude_if=lambda value: value is None)
     """On the events of a parallel group's branch: its key (`step` is the group's index)."""
+    usage: Usage | None = Field(default=None, exclude_if=lambda value: value is None)
+    """On the events that end a workflow or its undoing: what it used so far (see `workflow_usage`)."""
 
+
+_WITH_USAGE = frozenset({"completed", "faulted", "cancelled", "expired", "compensated", "compensation_failed"})
+"""The events that carry the workflow's usage so far: the ones that end it, or end its undoing."""
 
 _EVENT_BATCH = TypeAdapter(list[WorkflowEvent])
 
@@ -190,6 +197,8 @@ class EventReporter:
             values["remaining"] = [spec.name for spec in message.routing_slip.itinerary]
             if message.routing_slip.branch is not None:
                 values["branch"] = message.routing_slip.branch
+        if kind in _WITH_USAGE and message is not None and not (used := workflow_usage(message)).is_empty:
+            values["usage"] = used
         values.update(fields)
         if self.publish:
             if self._batch is not None and not now:

@@ -27,6 +27,7 @@ from ._escape import escape_control
 from ._group_marks import GroupMark, read_mark
 from ._hop import EXPIRY_GRACE, Hop
 from ._join import NO_JOIN_STORE, BranchResult, JoinStore
+from ._ledger import take_usage
 from ._outcome import Advance, End, Reject
 from ._plan import begin_unwinding
 from ._sealing import seal
@@ -157,6 +158,7 @@ def _result(hop: Hop, outcome: Advance) -> BranchResult:
         output_keys=[key],
         approvals=hop.approvals,
         branch=key,
+        usage=take_usage(hop),
     )
     compensation = None
     if hop.spec.compensate is not None:

@@ -116,6 +116,8 @@ def effective_spec(own: ActivitySpec, wire: ActivitySpec, current: str | None = 
         and not wire.arguments
         and not wire.required_scopes
         and wire.compensate is None
+        and wire.model_settings is None
+        and wire.usage_limits is None
     ):
         return own  # the usual case: nothing overridden
     return own.model_copy(
@@ -125,5 +127,7 @@ def effective_spec(own: ActivitySpec, wire: ActivitySpec, current: str | None = 
             "timeout": wire.timeout or own.timeout,
             "required_scopes": scopes,
             "compensate": wire.compensate or own.compensate,
+            "model_settings": wire.model_settings,
+            "usage_limits": wire.usage_limits,
         }
     )

@@ -39,6 +39,7 @@ from ._fan import branch_refusal, complete_branch, fan_out, fans_out, parks_alon
 from ._hop import Hop
 from ._in_doubt import StepInDoubt
 from ._join import JoinStore
+from ._ledger import carry_usage, take_usage
 from ._long_steps import hand_over
 from ._outcome import Advance, End, Fault, Halt, Outcome, Park, Reject, Retry, Skip
 from ._plan import begin_unwinding, revise_route
@@ -199,6 +200,7 @@ async def _secure_successor(hop: Hop, outcome: Outcome, deps: SettleDeps) -> tup
             if outcome.fallback and (
                 to := slip.fall_back(attempt=hop.message.attempt, started_at=hop.started, error=outcome.reason)
             ):
+                slip.completed[-1].usage = take_usage(hop)
                 await _publish_hop(hop.message, deps)
                 await deps.dedupe.mark_done(key)
                 return _FellBack(outcome.reason, to), None
@@ -238,6 +240,7 @@ async def _stop(hop: Hop, unwinding: Unwinding, deps: SettleDeps, *, failed: str
     slip = message.routing_slip
     if failed is not None:
         slip.mark_failed(hop.spec.name, attempt=message.attempt, started_at=hop.started, error=failed)
+        slip.completed[-1].usage = take_usage(hop)
     branch = slip.branch
     pending = begin_unwinding(message, unwinding)  # undoing has a window of its own, past the workflow's deadline
     stopped = _Stopped(unwinding, pending, failed, branch)
@@ -290,6 +293,7 @@ async def _complete_step(hop: Hop, outcome: Advance | End, deps: SettleDeps) -> 
         entry = message.routing_slip.mark_ended(
             hop.spec.name, attempt=message.attempt, started_at=hop.started, reason=outcome.reason, output_keys=keys
         )
+        entry.usage = take_usage(hop)
     else:
         undoing = message.routing_slip.undoing
         if undoing is None:
@@ -298,6 +302,9 @@ async def _complete_step(hop: Hop, outcome: Advance | End, deps: SettleDeps) -> 
         message.resume = None  # the step is done; the next one starts afresh
         message.payload.update(outcome.update)
         entry = slip.mark_complete(hop.spec.name, attempt=message.attempt, started_at=hop.started, output_keys=keys)
+        entry.usage = take_usage(hop)
+        if undoing is not None:
+            undoing.usage = entry.usage  # a compensation's entry is not logged: its record keeps what it used
         entry.approvals = hop.approvals  # who approved what this step ran, in the signed log
         if undoing is None and hop.spec.compensate is not None:
             slip.compensations.append(
@@ -361,6 +368,7 @@ async def _apply_revisions(hop: Hop, deps: SettleDeps) -> None:
 async def _park(hop: Hop, outcome: Park, store: WaitingStore, deps: SettleDeps) -> str:
     """Store the step with what it waits for (`WorkflowDispatcher.resume` publishes it again); what it waits for."""
     await _apply_revisions(hop, deps)
+    carry_usage(hop)  # the resumed run's entry takes it on
     subject = hop.claims.get("sub") if hop.claims is not None else None
     parked = ParkedStep.from_signal(
         hop.message, outcome.signal, obo_subject=subject if isinstance(subject, str) else None
@@ -388,6 +396,7 @@ async def _publish_retry(hop: Hop, outcome: Retry, deps: SettleDeps) -> Retry:
     """Publish the next attempt; the retry with the delay it was given."""
     policy = hop.spec.retry or RetryPolicy()
     delay = policy.delay_before(outcome.attempt, deps.rng) if outcome.delay is None else outcome.delay
+    carry_usage(hop)  # the next attempt carries what this one used, for the step's entry
     retry = hop.message.next_hop(attempt=outcome.attempt)
     body = seal(retry, deps.security, max_bytes=deps.max_message_bytes)
     await deps.transport.publish(hop.delivery.address, body, headers=dict(retry.headers), delay=delay)
@@ -401,6 +410,7 @@ async def _publish_fault(hop: Hop, outcome: Fault, deps: SettleDeps) -> str | No
     message.routing_slip.mark_failed(
         hop.spec.name, attempt=message.attempt, started_at=hop.started, error=outcome.reason
     )
+    message.routing_slip.completed[-1].usage = take_usage(hop)
     detail = _fault_detail(hop, outcome)
     headers = {**message.headers, REASON_HEADER: detail[:2000], SOURCE_HEADER: hop.delivery.address}
     copy = message.next_hop(attempt=message.attempt)

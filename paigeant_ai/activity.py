@@ -6,22 +6,35 @@ import asyncio
 import inspect
 import json
 from collections.abc import Awaitable, Callable, Mapping, Sequence
+from copy import copy
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any, Generic, Protocol, TypeVar, overload, runtime_checkable
 
 from pydantic import BaseModel, JsonValue, TypeAdapter, ValidationError
-from pydantic_ai import DeferredToolRequests
+from pydantic_ai import Conversation, DeferredToolRequests, DeferredToolResults, capture_run_messages
 from pydantic_ai.agent import AbstractAgent, AgentRunResult
 from pydantic_ai.exceptions import ModelAPIError
+from pydantic_ai.settings import ModelSettings
 from pydantic_ai.toolsets import AbstractToolset
-from pydantic_ai.usage import UsageLimits
+from pydantic_ai.usage import RequestUsage, RunUsage, UsageLimits
 from pydantic_core import PydanticSerializationError, to_jsonable_python
 
 from ._agents import model_error_signal, run_output_type
 from ._in_doubt import ReconcileFunc
+from ._ledger import by_model, run_model_name, to_usage, usage_since
+from ._model_settings import check_overridable, step_run_options
 from .approval import resumed_run
-from .contracts import ActivitySpec, Compensation, PaigeantMessage, RetryPolicy, Revision, RoutingSlip, Unwinding
+from .contracts import (
+    ActivitySpec,
+    Compensation,
+    PaigeantMessage,
+    RetryPolicy,
+    Revision,
+    RoutingSlip,
+    Unwinding,
+    Usage,
+)
 from .exceptions import NonRetryableError, ParkWorkflow, UserError
 
 __all__ = (
@@ -54,16 +67,28 @@ class ActivityContext:
         revisions: Changes the step made to the rest of the route (a per-step toolset such as
             `ItineraryRevision` records them here); the worker applies them to the slip when the step succeeds
             or parks.
+        usage: What the step used so far, one `Usage` per model: an `AgentActivity` records its run's here,
+            any activity its own models' with `add_usage`; the worker logs it in the step's entry.
     """
 
     message: PaigeantMessage
     spec: ActivitySpec
     obo_claims: Mapping[str, Any] | None = None
     revisions: list[Revision] = field(default_factory=list[Revision])
+    usage: list[Usage] = field(default_factory=list[Usage])
     _payload: Mapping[str, JsonValue] = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "_payload", MappingProxyType(self.message.payload))
+
+    def add_usage(self, usage: Usage | RunUsage | RequestUsage, *, model: str | None = None) -> None:
+        """Record what a model the step called used: `ctx.add_usage(result.usage(), model="openai:gpt-5")`.
+
+        Args:
+            usage: A pydantic-ai `RunUsage` (`result.usage()`) or `RequestUsage`, or a `Usage`.
+            model: The model's name (a `Usage` keeps its own unless this is given).
+        """
+        self.usage[:] = by_model([*self.usage, to_usage(usage, model)])
 
     @property
     def payload(self) -> Mapping[str, JsonValue]:
@@ -376,7 +401,9 @@ class AgentActivity(Generic[DepsT, OutputT]):
         description: What the step does, for planners; defaults to the agent's description.
         retry: The retry policy of the step.
         timeout: Seconds one attempt may take.
-        usage_limits: Limits for each run of the agent.
+        usage_limits: Limits for each run of the agent; a step's spec can lower them, never raise them.
+        model_settings: Model settings for each run of the agent.
+        overridable: The model settings a step's spec may set (`["temperature", "max_tokens"]`); by default none.
         required_scopes: OAuth scopes the user's token must grant.
         toolsets: Toolsets added to the agent's for each run, or factories that build one for the step from
             its context: `toolsets=[ItineraryRevision(catalog)]` lets the agent revise the steps after its own.
@@ -399,6 +426,8 @@ class AgentActivity(Generic[DepsT, OutputT]):
         retry: RetryPolicy | None = None,
         timeout: float | None = None,
         usage_limits: UsageLimits | None = None,
+        model_settings: ModelSettings | None = None,
+        overridable: Sequence[str] = (),
         required_scopes: Sequence[str] = (),
         toolsets: Sequence[StepToolset] = (),
         compensate: str | Activity | ActivityFunc | None = None,
@@ -413,6 +442,8 @@ class AgentActivity(Generic[DepsT, OutputT]):
         self.prompt = prompt
         self.deps = deps
         self.usage_limits = usage_limits
+        self.model_settings = model_settings
+        self.overridable = check_overridable(resolved, overridable)
         self.toolsets: list[StepToolset] = list(toolsets)
         agent_description = getattr(agent, "description", None)
         self.compensation, compensate_name = _compensation_of(resolved, compensate)
@@ -472,16 +503,49 @@ class AgentActivity(Generic[DepsT, OutputT]):
     async def _run_agent(self, ctx: ActivityContext) -> AgentRunResult[Any]:
         resume = ctx.message.resume
         conversation, results = resumed_run(resume) if resume is not None else (None, None)
+        settings, limits = step_run_options(
+            self.spec.name,
+            ctx.correlation_id,
+            self.model_settings,
+            self.overridable,
+            self.usage_limits,
+            ctx.spec.model_settings,
+            ctx.spec.usage_limits,
+        )
+        # Filled as the run goes, so that a run that raises still tells what it used. A resumed run goes on from its
+        # conversation's usage (its limits count the whole step) and records only what it adds.
+        start = copy(conversation.usage) if conversation is not None else RunUsage()
+        usage = copy(start)
+        with capture_run_messages() as messages:
+            try:
+                return await self._start(ctx, conversation, results, settings, limits, usage)
+            finally:
+                model = run_model_name(messages, getattr(self.agent, "model", None))
+                ctx.add_usage(usage_since(usage, start), model=model)
+
+    async def _start(
+        self,
+        ctx: ActivityContext,
+        conversation: Conversation | None,
+        results: DeferredToolResults | None,
+        settings: ModelSettings | None,
+        limits: UsageLimits | None,
+        usage: RunUsage,
+    ) -> AgentRunResult[Any]:
+        resume = ctx.message.resume
         return await self.agent.run(
             await self.build_prompt(ctx) if resume is None else None,
             output_type=self._run_output_type,
-            conversation=conversation,
+            # A resumed run continues the step's conversation, its id and the first run's `run_id` (passed as
+            # pieces: the conversation's usage is the one given here).
+            message_history=conversation.messages if conversation is not None else None,
             deferred_tool_results=results,
             deps=await self.build_deps(ctx),  # pyright: ignore[reportArgumentType]
-            # A resumed run continues the step's conversation, which carries its id and the first run's `run_id`.
-            conversation_id=ctx.correlation_id if conversation is None else None,
+            conversation_id=ctx.correlation_id if conversation is None else conversation.conversation_id,
             run_id=f"{ctx.correlation_id}:{ctx.step}" + (f":resume-{resume.count}" if resume is not None else ""),
-            usage_limits=self.usage_limits,
+            usage_limits=limits,
+            model_settings=settings,
+            usage=usage,
             toolsets=self.build_toolsets(ctx) or None,
             metadata={
                 "correlation_id": ctx.correlation_id,

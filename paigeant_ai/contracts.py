@@ -16,6 +16,7 @@ from pydantic import AwareDatetime, ConfigDict, Field, JsonValue, ValidationErro
 from pydantic_core import from_json
 
 from ._json_values import check_finite
+from ._model_settings import StepModelSettings, StepUsageLimits
 from ._usage import Usage, sum_usage
 from ._wire import Plan, PlannedStep, RetryPolicy, RevisionLimits, Wire, utcnow
 from .exceptions import InvalidMessage, UserError
@@ -93,6 +94,11 @@ class ActivitySpec(Wire):
     the workflow goes on once all completed, each one's output under its key in the payload."""
     key: str | None = Field(default=None, min_length=1, max_length=200, exclude_if=lambda value: value is None)
     """For a branch of a parallel group: the payload key its output goes under (its name when `None`)."""
+    model_settings: StepModelSettings | None = Field(default=None, exclude_if=lambda value: value is None)
+    """Model settings for an agent's run at this step (`{"temperature": 0.2}`); the worker applies only those its
+    activity lets a plan set (`AgentActivity(overridable=[...])`) and logs the others as left out."""
+    usage_limits: StepUsageLimits | None = Field(default=None, exclude_if=lambda value: value is None)
+    """Usage limits for an agent's run at this step (`{"request_limit": 3}`); each can only lower the worker's."""
 
     @model_validator(mode="after")
     def _not_reserved(self) -> Self:
@@ -213,6 +219,8 @@ class Compensation(Wire):
     """When its compensation completed; `None` while it is still to run."""
     branch: str | None = Field(default=None, exclude_if=lambda value: value is None)
     """For a branch of a parallel group (`step` is the group's index): the branch's key."""
+    usage: list[Usage] = Field(default_factory=list[Usage], exclude_if=_is_empty)
+    """What its compensation used, one `Usage` per model, once it ran."""
 
 
 UnwindCause = Literal["faulted", "cancelled", "expired"]
@@ -255,6 +263,9 @@ class RoutingSlip(Wire):
     """Set once the workflow stopped (faulted, cancelled, expired) and its compensations run."""
     branch: str | None = Field(default=None, exclude_if=lambda value: value is None)
     """On a hop of a parallel group's branch: the branch's key (the first step of the itinerary is the group)."""
+    carried_usage: list[Usage] = Field(default_factory=list[Usage], exclude_if=_is_empty)
+    """What earlier attempts of the current step used (retried failures, a parked run), one `Usage` per model; the
+    step's log entry takes it over once it is logged (see `paigeant_ai._ledger`)."""
 
     @model_validator(mode="after")
     def _current_matches_itinerary(self) -> Self:

@@ -40,6 +40,7 @@ from opentelemetry.propagators.composite import CompositePropagator
 from opentelemetry.trace import Link, SpanKind, Status, StatusCode
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
+from ._usage import Usage, sum_usage
 from .approval import ParkWorkflow
 from .exceptions import EndWorkflow, RetryActivity
 
@@ -293,6 +294,8 @@ class _Hop:
             self.set({"paigeant.outcome": outcome})
         if event.kind in ("completed", "faulted"):
             self.set({"paigeant.workflow_outcome": event.kind})
+        if event.usage is not None:
+            self.set(usage_attributes(event.usage, "paigeant.workflow.usage."))
         if event.detail is not None and event.kind in ("step_retried", "faulted", "rejected", "waiting", "in_doubt"):
             self.set({"paigeant.reason": event.detail[:2000]})
         if event.kind in ("faulted", "rejected"):
@@ -391,9 +394,31 @@ def activity_span(ctx: ActivityContext) -> Generator[None]:
             except BaseException as exc:
                 _note_failure(span, exc)
                 raise
+            finally:
+                if ctx.usage:
+                    span.set_attributes(usage_attributes(sum_usage(ctx.usage)))
             span.set_attribute("paigeant.outcome", "completed")
     finally:
         context.detach(token)
+
+
+def usage_attributes(usage: Usage, prefix: str | None = None) -> dict[str, Any]:
+    """Span attributes for `usage`: OpenTelemetry's `gen_ai.usage.*` names for tokens and `paigeant.usage.*` for
+    requests and tool calls; all under `prefix` instead when given (a workflow's totals)."""
+    names = {
+        "input_tokens": "gen_ai.usage.input_tokens",
+        "output_tokens": "gen_ai.usage.output_tokens",
+        "cache_read_tokens": "gen_ai.usage.cache_read.input_tokens",
+        "cache_write_tokens": "gen_ai.usage.cache_creation.input_tokens",
+        "requests": "paigeant.usage.requests",
+        "tool_calls": "paigeant.usage.tool_calls",
+    }
+    attributes: dict[str, Any] = {
+        (prefix + field if prefix else name): getattr(usage, field) for field, name in names.items()
+    }
+    if usage.model is not None:
+        attributes[prefix + "model" if prefix else "gen_ai.response.model"] = usage.model
+    return attributes
 
 
 def _note_failure(span: trace.Span, exc: BaseException) -> None:

@@ -21,6 +21,7 @@ from pydantic import BaseModel, Field, JsonValue
 
 from ._events import WorkflowEvent
 from ._projector import WorkflowProjector
+from ._usage import Usage
 from .exceptions import UserError
 from .transports.base import ConsumerWatch, SharedStores
 
@@ -125,6 +126,9 @@ class WorkflowStatus(BaseModel):
     """The principal that dispatched it, from its earliest `dispatched` event (see `WorkflowDispatcher`), kept by
     the store once known even when that event is trimmed; the planner shows a workflow only to its owner, and one
     whose owner is unknown (None) to nobody."""
+    usage: Usage | None = Field(default=None, exclude_if=lambda usage: usage is None)
+    """What the workflow used, over all its steps, attempts and compensations, once it ended (or ended its undoing):
+    told by its `completed`, `faulted`, `cancelled`, `expired`, `compensated` or `compensation_failed` event."""
     events: list[WorkflowEvent] = Field(default_factory=list[WorkflowEvent])
     """The history, oldest first."""
 
@@ -187,6 +191,8 @@ class _Projection:
         status.updated_at = max(status.updated_at, event.at)
         if event.remaining is not None:
             status.remaining = list(event.remaining)
+        if event.usage is not None:
+            status.usage = event.usage  # the latest that ended the workflow or its undoing knows the most
         kind = event.kind
         record = self.step(event) if kind != "dispatched" else None
         if kind == "dispatched" and status.owner is None:

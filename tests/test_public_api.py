@@ -61,6 +61,7 @@ PUBLIC = (
     "TrustPolicy",
     "UnknownWorkflow",
     "Unwinding",
+    "Usage",
     "UserError",
     "WaitingStore",
     "Worker",
@@ -77,6 +78,8 @@ PUBLIC = (
     "get_transport",
     "get_waiting_store",
     "get_workflow_store",
+    "usage_by_model",
+    "workflow_usage",
 )
 """Every public name, sorted. A name added or removed here is a change of the public API: say so in the notes."""
 
