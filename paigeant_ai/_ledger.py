@@ -64,7 +64,7 @@ def to_usage(usage: Usage | RunUsage | RequestUsage, model: str | None = None) -
         )
     raise UserError(
         f"add_usage takes a pydantic-ai RunUsage or RequestUsage, or a Usage, not {type(usage).__name__}: "
-        "pass result.usage()"
+        "pass result.usage"
     )
 
 

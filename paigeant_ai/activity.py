@@ -82,10 +82,10 @@ class ActivityContext:
         object.__setattr__(self, "_payload", MappingProxyType(self.message.payload))
 
     def add_usage(self, usage: Usage | RunUsage | RequestUsage, *, model: str | None = None) -> None:
-        """Record what a model the step called used: `ctx.add_usage(result.usage(), model="openai:gpt-5")`.
+        """Record what a model the step called used: `ctx.add_usage(result.usage, model="openai:gpt-5")`.
 
         Args:
-            usage: A pydantic-ai `RunUsage` (`result.usage()`) or `RequestUsage`, or a `Usage`.
+            usage: A pydantic-ai `RunUsage` (`result.usage`) or `RequestUsage`, or a `Usage`.
             model: The model's name (a `Usage` keeps its own unless this is given).
         """
         self.usage[:] = by_model([*self.usage, to_usage(usage, model)])

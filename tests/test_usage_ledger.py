@@ -1,0 +1,236 @@
+"""The usage ledger: what each step's model runs used, in the signed slip, totalled in the workflow's status.
+
+The three agents of the workflow run on FunctionModels that report known token counts; the totals the status shows
+must equal what pydantic-ai itself reports for the same runs (a run that raised included, through the `RunUsage`
+it was handed), on each transport.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import pytest
+from pydantic_ai import Agent
+from pydantic_ai.messages import ModelMessage, ModelResponse, TextPart, ToolCallPart, ToolReturnPart
+from pydantic_ai.models.function import AgentInfo, FunctionModel
+from pydantic_ai.usage import RequestUsage, RunUsage
+
+from paigeant_ai import (
+    ActivityContext,
+    AgentActivity,
+    InMemoryTransport,
+    InMemoryWorkflowStore,
+    Parallel,
+    RetryPolicy,
+    Transport,
+    Usage,
+    UserError,
+    Worker,
+    WorkflowDispatcher,
+    WorkflowEvent,
+    activity,
+    usage_by_model,
+    workflow_usage,
+)
+from paigeant_ai._cli_workflows import render_status
+from paigeant_ai._ledger import to_usage
+from paigeant_ai.security import generate_key
+
+KEY = generate_key("usage-tests")
+FAST = RetryPolicy(max_attempts=3, initial_interval=0.01, jitter=0)
+
+
+@pytest.fixture(autouse=True)
+def signing_keys(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PAIGEANT_SIGNING_KEY", json.dumps(KEY.as_dict(private=True)))
+    monkeypatch.setenv("PAIGEANT_TRUSTED_KEYS", json.dumps({"keys": [KEY.as_dict(private=False)]}))
+    monkeypatch.delenv("PAIGEANT_ALLOW_UNSIGNED", raising=False)
+
+
+@pytest.fixture
+async def memory() -> AsyncIterator[InMemoryTransport]:
+    async with InMemoryTransport() as transport:
+        yield transport
+
+
+def _replied(messages: list[ModelMessage]) -> bool:
+    return any(isinstance(part, ToolReturnPart) for part in messages[-1].parts)
+
+
+def draft_model(messages: list[ModelMessage], info: AgentInfo) -> ModelResponse:
+    usage = RequestUsage(input_tokens=120, output_tokens=30, cache_read_tokens=40)
+    return ModelResponse(parts=[TextPart("a draft")], usage=usage)
+
+
+def check_model(messages: list[ModelMessage], info: AgentInfo) -> ModelResponse:
+    if not _replied(messages):
+        call = ToolCallPart("look_up", {"term": "refund"})
+        return ModelResponse(parts=[call], usage=RequestUsage(input_tokens=80, output_tokens=12))
+    return ModelResponse(parts=[TextPart("checked")], usage=RequestUsage(input_tokens=95, output_tokens=7))
+
+
+def publish_model(messages: list[ModelMessage], info: AgentInfo) -> ModelResponse:
+    if not _replied(messages):
+        call = ToolCallPart("post", {"text": "hello"})
+        return ModelResponse(parts=[call], usage=RequestUsage(input_tokens=60, output_tokens=9, cache_write_tokens=25))
+    return ModelResponse(parts=[TextPart("published")], usage=RequestUsage(input_tokens=70, output_tokens=4))
+
+
+@dataclass
+class Agents:
+    """The three agents; the `post` tool fails the first time it is called, so `publish` fails once."""
+
+    posted: list[str] = field(default_factory=list[str])
+
+    def build(self) -> tuple[Agent[None, str], Agent[None, str], Agent[None, str]]:
+        draft = Agent(FunctionModel(draft_model), name="draft")
+        check = Agent(FunctionModel(check_model), name="check")
+        publish = Agent(FunctionModel(publish_model), name="publish")
+
+        @check.tool_plain
+        def look_up(term: str) -> str:  # pyright: ignore[reportUnusedFunction]
+            return f"{term}: allowed"
+
+        @publish.tool_plain
+        def post(text: str) -> str:  # pyright: ignore[reportUnusedFunction]
+            self.posted.append(text)
+            if len(self.posted) == 1:
+                raise ConnectionError("the channel hung up")
+            return "posted"
+
+        return draft, check, publish
+
+
+async def reported_by_pydantic_ai() -> Usage:
+    """What pydantic-ai reports for the same runs as the workflow's, run here directly: the failed run's usage is
+    the `RunUsage` it was handed."""
+    draft, check, publish = Agents().build()
+    total = to_usage((await draft.run("go")).usage) + to_usage((await check.run("go")).usage)
+    failed = RunUsage()
+    with pytest.raises(ConnectionError):
+        await publish.run("go", usage=failed)
+    assert failed.requests == 1  # the run that raised still tells what it used
+    return total + to_usage(failed) + to_usage((await publish.run("go")).usage)
+
+
+async def test_the_status_totals_what_pydantic_ai_reported_for_every_run(transport: Transport) -> None:
+    expected = await reported_by_pydantic_ai()
+    draft, check, publish = Agents().build()
+    steps = [
+        AgentActivity(draft, prompt="Draft for {customer}"),
+        AgentActivity(check, prompt="Check {draft}"),
+        AgentActivity(publish, prompt="Publish {check}", retry=FAST),
+    ]
+    store = InMemoryWorkflowStore()
+    events: list[WorkflowEvent] = []
+    dispatcher = WorkflowDispatcher(transport, on_event=store.apply)
+    cid = await dispatcher.dispatch_workflow(activities=steps, variables={"customer": "ada"})
+    worker = Worker(transport, steps, on_event=[store.apply, events.append], rng=random.Random(0))
+    await worker.run(burst=True)
+
+    status = await store.get(cid)
+    assert status is not None
+    assert status.state == "completed"
+    assert worker.stats.retried == 1
+    assert status.usage == expected
+    assert expected == Usage(
+        requests=6,
+        input_tokens=120 + 80 + 95 + 60 + 60 + 70,
+        output_tokens=30 + 12 + 7 + 9 + 9 + 4,
+        cache_read_tokens=40,
+        cache_write_tokens=50,
+        tool_calls=expected.tool_calls,
+    )
+    completed = next(event for event in events if event.kind == "completed")
+    assert completed.usage == expected
+    assert "usage: 6 requests, 485 input + 71 output tokens, cache 40 read, 50 written" in render_status(status)
+
+
+async def test_each_entry_records_its_step_and_the_failed_attempts_before_it(memory: InMemoryTransport) -> None:
+    transport = memory
+    draft, check, publish = Agents().build()
+    steps = [AgentActivity(draft), AgentActivity(check), AgentActivity(publish, retry=FAST)]
+    last: list[Any] = []
+
+    @activity
+    async def keep(ctx: ActivityContext) -> None:
+        last.append(ctx.routing_slip.model_copy(deep=True))
+
+    await WorkflowDispatcher(transport).dispatch_workflow(activities=[*steps, keep])
+    await Worker(transport, [*steps, keep], rng=random.Random(0)).run(burst=True)
+
+    [slip] = last
+    draft_entry, check_entry, publish_entry = slip.completed
+    assert draft_entry.usage == [
+        Usage(model="function:draft_model:", requests=1, input_tokens=120, output_tokens=30, cache_read_tokens=40)
+    ]
+    assert [usage.model for usage in check_entry.usage] == ["function:check_model:"]
+    assert check_entry.usage[0].requests == 2
+    assert publish_entry.attempt == 1
+    assert publish_entry.usage[0].requests == 3  # one of the failed attempt, two of the one that completed
+    assert slip.carried_usage == []
+    assert sum(usage.requests for usage in usage_by_model(slip).values()) == 6
+    assert set(usage_by_model(slip)) == {"function:draft_model:", "function:check_model:", "function:publish_model:"}
+    assert workflow_usage(slip).requests == 6
+
+
+async def test_an_activity_adds_what_its_own_model_calls_used(memory: InMemoryTransport) -> None:
+    transport = memory
+    agent = Agent(FunctionModel(draft_model))
+
+    @activity
+    async def summarise(ctx: ActivityContext) -> dict[str, str]:
+        result = await agent.run("summarise")
+        ctx.add_usage(result.usage, model="openai:gpt-5")
+        ctx.add_usage(Usage(model="openai:gpt-5", requests=1, input_tokens=10))
+        ctx.add_usage(RequestUsage(input_tokens=3, output_tokens=1), model="anthropic:claude")
+        return {"summary": result.output}
+
+    store = InMemoryWorkflowStore()
+    cid = await WorkflowDispatcher(transport, on_event=store.apply).dispatch_workflow([summarise])
+    await Worker(transport, [summarise], on_event=store.apply).run(burst=True)
+
+    status = await store.get(cid)
+    assert status is not None
+    assert status.usage == Usage(requests=3, input_tokens=133, output_tokens=31, cache_read_tokens=40)
+
+
+def test_add_usage_refuses_what_is_not_usage() -> None:
+    with pytest.raises(UserError, match=r"pass result\.usage"):
+        to_usage({"input_tokens": 3})  # pyright: ignore[reportArgumentType]
+
+
+async def test_branches_and_compensations_count_in_the_totals(memory: InMemoryTransport) -> None:
+    transport = memory
+
+    def answering(tokens: int) -> FunctionModel:
+        def reply(messages: list[ModelMessage], info: AgentInfo) -> ModelResponse:
+            return ModelResponse(parts=[TextPart("ok")], usage=RequestUsage(input_tokens=tokens, output_tokens=1))
+
+        return FunctionModel(reply, model_name=f"model-{tokens}")
+
+    @activity(name="undo-research")
+    async def undo_research(ctx: ActivityContext) -> None:
+        ctx.add_usage(Usage(model="model-7", requests=1, input_tokens=7))
+
+    @activity(retry=RetryPolicy(max_attempts=1))
+    async def fail(ctx: ActivityContext) -> None:
+        ctx.add_usage(Usage(model="model-5", requests=1, input_tokens=5))
+        raise ConnectionError("down")
+
+    research = AgentActivity(Agent(answering(100), name="research"), compensate="undo-research")
+    pricing = AgentActivity(Agent(answering(200), name="pricing"))
+    steps = [research, pricing, undo_research, fail]
+    store = InMemoryWorkflowStore()
+    dispatcher = WorkflowDispatcher(transport, on_event=store.apply)
+    cid = await dispatcher.dispatch_workflow([Parallel("research", "pricing"), "fail"])
+    await Worker(transport, steps, on_event=store.apply).run(burst=True)
+
+    status = await store.get(cid)
+    assert status is not None
+    assert status.state == "compensated"
+    assert status.usage == Usage(requests=4, input_tokens=100 + 200 + 5 + 7, output_tokens=2)
