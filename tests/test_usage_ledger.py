@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import pytest
+from logfire.testing import CaptureLogfire
 from pydantic_ai import Agent
 from pydantic_ai.messages import ModelMessage, ModelResponse, TextPart, ToolCallPart, ToolReturnPart
 from pydantic_ai.models.function import AgentInfo, FunctionModel
@@ -234,3 +235,23 @@ async def test_branches_and_compensations_count_in_the_totals(memory: InMemoryTr
     assert status is not None
     assert status.state == "compensated"
     assert status.usage == Usage(requests=4, input_tokens=100 + 200 + 5 + 7, output_tokens=2)
+
+
+async def test_the_step_and_the_workflow_usage_are_on_the_spans(
+    capfire: CaptureLogfire, memory: InMemoryTransport
+) -> None:
+    draft = AgentActivity(Agent(FunctionModel(draft_model), name="draft"))
+    await WorkflowDispatcher(memory).dispatch_workflow([draft])
+    await Worker(memory, [draft]).run(burst=True)
+
+    spans = capfire.exporter.exported_spans_as_dict()
+    [step] = [span["attributes"] for span in spans if span["name"] == "paigeant.activity"]
+    assert step["gen_ai.usage.input_tokens"] == 120
+    assert step["gen_ai.usage.output_tokens"] == 30
+    assert step["gen_ai.usage.cache_read.input_tokens"] == 40
+    assert step["paigeant.usage.requests"] == 1
+    assert step["gen_ai.response.model"] == "function:draft_model:"
+    [hop] = [span["attributes"] for span in spans if span["name"] == "paigeant.hop"]
+    assert hop["paigeant.workflow_outcome"] == "completed"
+    assert hop["paigeant.workflow.usage.input_tokens"] == 120
+    assert hop["paigeant.workflow.usage.requests"] == 1
