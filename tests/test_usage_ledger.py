@@ -33,6 +33,7 @@ from paigeant_ai import (
     Worker,
     WorkflowDispatcher,
     WorkflowEvent,
+    WorkflowProjector,
     activity,
     usage_by_model,
     workflow_usage,
@@ -148,6 +149,11 @@ async def test_the_status_totals_what_pydantic_ai_reported_for_every_run(transpo
     )
     completed = next(event for event in events if event.kind == "completed")
     assert completed.usage == expected
+    projected = InMemoryWorkflowStore()  # the same totals from the signed events on the broker
+    await WorkflowProjector(transport, projected).run(burst=True)
+    from_broker = await projected.get(cid)
+    assert from_broker is not None
+    assert from_broker.usage == expected
     assert "usage: 6 requests, 485 input + 71 output tokens, cache 40 read, 50 written" in render_status(status)
 
 
