@@ -597,6 +597,10 @@ def check_group_shape(group: ActivitySpec) -> None:
             f"parallel group {group.name!r} may not have fallbacks, a compensation, arguments or a retry policy: "
             "give them to its branches"
         )
+    if group.model_settings is not None or group.usage_limits is not None:
+        raise ValueError(
+            f"parallel group {group.name!r} may not have model settings or usage limits: give them to its branches"
+        )
     keys = [spec.branch_key for spec in group.branches]
     duplicate = next((key for key in keys if keys.count(key) > 1), None)
     if duplicate is not None:

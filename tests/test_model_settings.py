@@ -86,6 +86,13 @@ def test_a_step_spec_checks_its_settings_and_limits() -> None:
         ActivitySpec(name="draft", model_settings={"": 1})
 
 
+def test_a_parallel_group_leaves_settings_and_limits_to_its_branches() -> None:
+    branches = (ActivitySpec(name="research"), ActivitySpec(name="pricing", usage_limits={"request_limit": 2}))
+    assert ActivitySpec(name="look", branches=branches).branches[1].usage_limits == {"request_limit": 2}
+    with pytest.raises(ValidationError, match="give them to its branches"):
+        ActivitySpec(name="look", branches=branches, model_settings={"temperature": 0})
+
+
 def test_a_step_spec_without_settings_keeps_its_wire_json() -> None:
     assert ActivitySpec(name="draft").model_dump(mode="json") == {
         "name": "draft",
