@@ -24,6 +24,7 @@ from paigeant_ai import (
     ActivityContext,
     AgentActivity,
     InMemoryTransport,
+    InMemoryWaitingStore,
     InMemoryWorkflowStore,
     Parallel,
     RetryPolicy,
@@ -261,3 +262,39 @@ async def test_the_step_and_the_workflow_usage_are_on_the_spans(
     assert hop["paigeant.workflow_outcome"] == "completed"
     assert hop["paigeant.workflow.usage.input_tokens"] == 120
     assert hop["paigeant.workflow.usage.requests"] == 1
+
+
+async def test_a_run_that_waits_for_approval_is_counted_once_across_its_resume(memory: InMemoryTransport) -> None:
+    def asks_then_answers(messages: list[ModelMessage], info: AgentInfo) -> ModelResponse:
+        if not _replied(messages):
+            call = ToolCallPart("send", {"text": "hi"}, tool_call_id="send-1")
+            return ModelResponse(parts=[call], usage=RequestUsage(input_tokens=50, output_tokens=5))
+        return ModelResponse(parts=[TextPart("sent")], usage=RequestUsage(input_tokens=70, output_tokens=3))
+
+    agent = Agent(FunctionModel(asks_then_answers), name="reply")
+
+    @agent.tool_plain(requires_approval=True)
+    def send(text: str) -> str:  # pyright: ignore[reportUnusedFunction]
+        return "sent"
+
+    reply = AgentActivity(agent)
+    last: list[Any] = []
+
+    @activity
+    async def keep(ctx: ActivityContext) -> None:
+        last.append(ctx.routing_slip.model_copy(deep=True))
+
+    waiting = InMemoryWaitingStore()
+    dispatcher = WorkflowDispatcher(memory, waiting_store=waiting)
+    cid = await dispatcher.dispatch_workflow([reply, keep])
+    await Worker(memory, [reply, keep], waiting_store=waiting).run(burst=True)
+    parked = await waiting.get(cid)
+    assert parked is not None
+    assert workflow_usage(parked.message).input_tokens == 50  # carried while it waits
+    await dispatcher.resume(cid, approvals={"send-1": True}, approver="ana")
+    await Worker(memory, [reply, keep], waiting_store=waiting).run(burst=True)
+
+    [slip] = last
+    assert slip.completed[0].usage == [
+        Usage(model="function:asks_then_answers:", requests=2, input_tokens=120, output_tokens=8, tool_calls=1)
+    ]
