@@ -12,6 +12,7 @@ from ._cancel import Cancellation
 from ._events import WorkflowEvent
 from ._in_doubt import Ran, RunAgain
 from ._parallel import Parallel
+from ._registry import AdvertisedActivity, LiveRegistry, WorkerRecord, read_registry
 from .activity import Activity, ActivityContext, AgentActivity, FunctionActivity, activity
 from .approval import (
     InMemoryWaitingStore,
@@ -78,6 +79,7 @@ __all__ = (
     "ActivityContext",
     "ActivityLogEntry",
     "ActivitySpec",
+    "AdvertisedActivity",
     "AgentActivity",
     "Approval",
     "Cancellation",
@@ -93,6 +95,7 @@ __all__ = (
     "InvalidMessage",
     "InvalidPlan",
     "ItineraryRevision",
+    "LiveRegistry",
     "MessageSigner",
     "MessageTooLarge",
     "NoWorker",
@@ -131,6 +134,7 @@ __all__ = (
     "UserError",
     "WaitingStore",
     "Worker",
+    "WorkerRecord",
     "WorkerStats",
     "WorkflowDispatcher",
     "WorkflowEvent",
@@ -144,6 +148,7 @@ __all__ = (
     "get_transport",
     "get_waiting_store",
     "get_workflow_store",
+    "read_registry",
 )
 
 __version__ = "0.1.0"

@@ -11,6 +11,7 @@ PUBLIC = (
     "ActivityContext",
     "ActivityLogEntry",
     "ActivitySpec",
+    "AdvertisedActivity",
     "AgentActivity",
     "Approval",
     "Cancellation",
@@ -26,6 +27,7 @@ PUBLIC = (
     "InvalidMessage",
     "InvalidPlan",
     "ItineraryRevision",
+    "LiveRegistry",
     "MessageSigner",
     "MessageTooLarge",
     "NoWorker",
@@ -64,6 +66,7 @@ PUBLIC = (
     "UserError",
     "WaitingStore",
     "Worker",
+    "WorkerRecord",
     "WorkerStats",
     "WorkflowDispatcher",
     "WorkflowEvent",
@@ -77,6 +80,7 @@ PUBLIC = (
     "get_transport",
     "get_waiting_store",
     "get_workflow_store",
+    "read_registry",
 )
 """Every public name, sorted. A name added or removed here is a change of the public API: say so in the notes."""
 
