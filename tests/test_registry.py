@@ -18,6 +18,7 @@ from paigeant_ai import (
     MessageSigner,
     NoWorker,
     PlannerAgentDeps,
+    UserError,
     Worker,
     WorkflowDispatcher,
     activity,
@@ -188,3 +189,22 @@ async def test_the_planner_without_a_catalog_plans_from_the_registry(transport: 
         assert "validate-customer" in listed
         assert "send-welcome" in listed
         await wait_until(lambda: "completed" in events, within=20, what="the planned workflow to complete")
+
+
+async def test_a_board_keeps_each_workers_latest_record_until_its_ttl_passes(transport: Transport) -> None:
+    assert isinstance(transport, Advertising)
+    board = transport.registry_board()
+    await board.open()
+    await board.post("w-1", b"first", ttl=60)
+    await board.post("w-1", b"second", ttl=60)
+    await board.post("w-2", b"short-lived", ttl=0.3)
+    assert sorted(await board.records()) == [b"second", b"short-lived"]
+    await asyncio.sleep(0.5)
+    assert await board.records() == [b"second"]
+    other = transport.registry_board()  # another board over the same registry
+    await other.open()
+    assert await other.records() == [b"second"]
+    with pytest.raises(UserError, match="at most 262144 bytes"):
+        await board.post("w-3", b"x" * (256 * 1024 + 1), ttl=60)
+    await board.close()
+    await other.close()
