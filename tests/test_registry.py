@@ -29,7 +29,7 @@ from paigeant_ai._registry import WorkerRecord
 from paigeant_ai.transports import Transport
 from paigeant_ai.transports.base import Advertising
 
-from .brokers import wait_until
+from .brokers import make_transport, wait_until
 from .scripted import Script, call
 
 
@@ -204,6 +204,10 @@ async def test_a_board_keeps_each_workers_latest_record_until_its_ttl_passes(tra
     other = transport.registry_board()  # another board over the same registry
     await other.open()
     assert await other.records() == [b"second"]
+    if not transport.process_local:  # another process's transport reads what was posted before it started
+        async with make_transport(transport.name, getattr(transport, "namespace", "")) as later:
+            assert isinstance(later, Advertising)
+            assert await later.registry_board().records() == [b"second"]
     with pytest.raises(UserError, match="at most 262144 bytes"):
         await board.post("w-3", b"x" * (256 * 1024 + 1), ttl=60)
     await board.close()
