@@ -313,7 +313,14 @@ class PaigeantToolset(FunctionToolset[Any]):
         dispatcher = self._dispatcher_or_none(ctx)
         if dispatcher is not None and isinstance(dispatcher.transport, Advertising):
             # Without a catalog, the live registry is the catalog: read when a tool needs it, so it is current.
-            return await ActivityCatalog.from_registry(dispatcher.transport, security=dispatcher.security)
+            live = await ActivityCatalog.from_registry(dispatcher.transport, security=dispatcher.security)
+            if len(live):
+                return live
+            raise UserError(
+                f"the planner has no activity catalog, and no live worker advertises any on the "
+                f"{dispatcher.transport.name} transport: start the workers first, or pass one to "
+                "PaigeantToolset(catalog) or create_planner_agent(catalog=...)"
+            )
         raise UserError(
             "the planner has no activity catalog: pass one to PaigeantToolset(catalog) or "
             "create_planner_agent(catalog=...), set PlannerAgentDeps.catalog, or dispatch on a transport whose "
