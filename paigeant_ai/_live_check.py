@@ -8,6 +8,8 @@ burst-mode worker drained afterwards, in tests) still goes out; `True` always; `
 
 from __future__ import annotations
 
+import asyncio
+import time
 from collections.abc import Sequence
 
 from ._registry import LiveRegistry, read_registry
@@ -16,7 +18,7 @@ from .exceptions import NoWorker
 from .security import MessageSecurity
 from .transports.base import Transport
 
-__all__ = ("named_activities", "require_live_workers", "unserved_sentence")
+__all__ = ("LiveCheck", "named_activities", "unserved_sentence")
 
 
 def named_activities(itinerary: Sequence[ActivitySpec]) -> list[str]:
@@ -31,22 +33,60 @@ def named_activities(itinerary: Sequence[ActivitySpec]) -> list[str]:
     return list(names)
 
 
-async def require_live_workers(
-    transport: Transport, security: MessageSecurity, itinerary: Sequence[ActivitySpec], *, when: bool | None
-) -> None:
-    """Raise `NoWorker` when the registry of `transport` shows no live worker for an activity `itinerary` names.
+class LiveCheck:
+    """A dispatcher's check against the registry, which it reads at most once per `fresh_for` seconds.
+
+    A dispatch does not pay a registry read (a round trip and a signature check per worker) each time: dispatches
+    within `fresh_for` of a read, or while one is under way, use its answer. A refusal is never made on a cached
+    answer, nor is a check skipped on one that shows no live worker: the registry is read again first, so a worker
+    that started a moment ago counts.
 
     Args:
+        transport: The dispatcher's transport.
+        security: Verifies the workers' records.
         when: `True` always checks, `None` checks once any worker is live, `False` never checks.
+        fresh_for: Seconds a read answers for.
     """
-    if when is False:
-        return
-    registry = await read_registry(transport, security)
-    if registry is None or (when is None and not registry.live):
-        return
-    unserved = [name for name in named_activities(itinerary) if not registry.serves(name)]
-    if unserved:
-        raise NoWorker(unserved_sentence(unserved, registry), activity=unserved[0], served=registry.names)
+
+    def __init__(
+        self, transport: Transport, security: MessageSecurity, *, when: bool | None, fresh_for: float = 1.0
+    ) -> None:
+        self.transport = transport
+        self.security = security
+        self.when = when
+        self.fresh_for = fresh_for
+        self._read: tuple[float, LiveRegistry | None] | None = None
+        self._lock: tuple[asyncio.AbstractEventLoop, asyncio.Lock] | None = None
+
+    async def require(self, itinerary: Sequence[ActivitySpec]) -> None:
+        """Raise `NoWorker` when the registry shows no live worker for an activity `itinerary` names."""
+        if self.when is False:
+            return
+        names = named_activities(itinerary)
+        registry = await self._registry(fresh=False)
+        if self._unserved(registry, names):
+            registry = await self._registry(fresh=True)
+        unserved = self._unserved(registry, names)
+        if unserved and registry is not None:
+            raise NoWorker(unserved_sentence(unserved, registry), activity=unserved[0], served=registry.names)
+
+    def _unserved(self, registry: LiveRegistry | None, names: list[str]) -> list[str]:
+        if registry is None or (self.when is None and not registry.live):
+            return []
+        return [name for name in names if not registry.serves(name)]
+
+    async def _registry(self, *, fresh: bool) -> LiveRegistry | None:
+        loop = asyncio.get_running_loop()
+        if self._lock is None or self._lock[0] is not loop:  # a lock serves one event loop
+            self._lock = (loop, asyncio.Lock())
+        async with self._lock[1]:  # dispatches at once wait for one read, then use it
+            if not fresh and self._read is not None and time.monotonic() - self._read[0] <= self.fresh_for:
+                cached = self._read[1]
+                if cached is None or cached.live:  # an empty registry is read again: a worker may have started
+                    return cached
+            registry = await read_registry(self.transport, self.security)
+            self._read = (time.monotonic(), registry)
+            return registry
 
 
 def unserved_sentence(unserved: Sequence[str], registry: LiveRegistry) -> str:

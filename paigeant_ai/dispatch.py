@@ -27,7 +27,7 @@ from ._fan import branch_hops, describe_fan_out, fans_out
 from ._hop import EXPIRY_GRACE
 from ._in_doubt import Ran, RunAgain
 from ._join import refuse_groups_without_join
-from ._live_check import require_live_workers as check_live_workers
+from ._live_check import LiveCheck
 from ._parallel import Parallel, refuse_shadowed_keys
 from ._plan import new_plan, signer_of, token_subject
 from ._principal import principal_of
@@ -111,7 +111,6 @@ class WorkflowDispatcher:
                 f"the {transport.name} transport keeps no registry of live workers: "
                 "leave require_live_workers at None or False"
             )
-        self.require_live_workers = require_live_workers
         self.transport = transport
         self.revision_limits = revision_limits
         self.claims = claims if claims is not None else transport if isinstance(transport, SharedClaims) else None
@@ -134,6 +133,8 @@ class WorkflowDispatcher:
         self.reporter = EventReporter(
             transport, on_event, publish=publish_events, batched=False, on_span=False, security=self.security
         )
+        self.live_workers = LiveCheck(transport, self.security, when=require_live_workers)
+        """Refuses a route naming an activity no live worker serves (see `paigeant_ai._live_check`)."""
 
     async def dispatch_workflow(
         self,
@@ -186,9 +187,7 @@ class WorkflowDispatcher:
         try:
             if require_workers:
                 await self._require_workers(message.routing_slip.itinerary)
-            await check_live_workers(
-                self.transport, self.security, message.routing_slip.itinerary, when=self.require_live_workers
-            )
+            await self.live_workers.require(message.routing_slip.itinerary)
             with observability.dispatch_span(message, self.transport.name):
                 for first in branch_hops(message) if fans_out(message) else [message]:  # a group: each branch
                     body = self.encode(first)
