@@ -65,8 +65,7 @@ class Advertiser:
         """Post the record, then keep posting it every heartbeat in the background."""
         if self.board is None:
             return
-        await self.board.open()
-        await self._post(stopped=False)
+        await self._post(stopped=False)  # posting needs no open board: a worker never reads the registry
         self._task = asyncio.create_task(self._beat(), name="paigeant-registry-heartbeat")
 
     async def stop(self) -> None:

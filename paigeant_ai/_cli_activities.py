@@ -1,9 +1,9 @@
 """`paigeant activities`: what the live workers on a transport serve, read from its registry.
 
-One line per activity any worker advertised within the registry's retention: how many live workers serve it now,
-the versions they run (side by side during a deploy), their total concurrency and the latest heartbeat. An activity
-whose workers all lapsed or stopped shows 0 workers and when one was last seen. Records that do not verify under
-this process's trusted keys (`PAIGEANT_TRUSTED_KEYS`) are left out, with a warning.
+One line per activity any worker advertised within the registry's retention (ten minutes): how many live workers serve
+it now, the versions they run (side by side during a deploy), their total concurrency and the latest heartbeat. An
+activity whose workers all lapsed or stopped shows 0 workers and when one was last seen. Records that do not verify
+under this process's trusted keys (`PAIGEANT_TRUSTED_KEYS`) are left out, with a warning.
 """
 
 from __future__ import annotations
@@ -92,7 +92,7 @@ def activity_rows(registry: LiveRegistry) -> list[dict[str, Any]]:
 
 def _table(rows: list[dict[str, Any]]) -> str:
     if not rows:
-        return "no worker has advertised any activity on this transport within the last hour"
+        return "no worker has advertised any activity on this transport within the last ten minutes"
     lines = [("ACTIVITY", "WORKERS", "CONCURRENCY", "VERSIONS", "LAST HEARTBEAT")]
     for row in rows:
         seen = datetime.fromisoformat(row["last_heartbeat"]).strftime("%Y-%m-%d %H:%M:%S UTC")

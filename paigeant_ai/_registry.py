@@ -44,8 +44,9 @@ logger = logging.getLogger("paigeant_ai.registry")
 REGISTRY_TYPE = "paigeant-registry+jws"
 LAPSE_BEATS = 3
 """A worker's record lapses once this many of its heartbeats have passed without a newer one."""
-REGISTRY_RETENTION = 3600.0
-"""Seconds a board keeps a record after its last post: how long a dead worker shows as last seen."""
+REGISTRY_RETENTION = 600.0
+"""Seconds a board keeps a record after its last post: how long a dead worker shows as last seen (and how far back
+a RabbitMQ reader reads the registry stream when it opens)."""
 
 
 class AdvertisedActivity(Wire):

@@ -1,10 +1,10 @@
-"""The registry board of a `RabbitMQTransport`: a stream of worker records, read from an hour back.
+"""The registry board of a `RabbitMQTransport`: a stream of worker records, read from ten minutes back.
 
-A post is a persistent message, confirmed by the broker, on the durable stream `<namespace>.@registry`
-(`x-queue-type: stream`, `x-max-age` an hour); its headers name the worker and the time (Unix seconds) until which
+A post is a persistent message, confirmed by the broker, on the durable stream `<namespace>.@registry` (`x-queue-type:
+stream`, `x-max-age` an hour, in segments of 8 MiB); its headers name the worker and the time (Unix seconds) until which
 the record is kept. Each transport object has one `RegistryStreamReader`, which reads the stream from
-`REGISTRY_RETENTION` seconds back (a timestamp offset) into a map of each worker's latest record, so reads are
-local; opening it catches up with a marker, as the cancel board's reader does (see `_cancel_board`).
+`REGISTRY_RETENTION` seconds back (a timestamp offset) into a map of each worker's latest record, so reads are local;
+opening it catches up with a marker, as the cancel board's reader does (see `_cancel_board`).
 """
 
 from __future__ import annotations
@@ -34,7 +34,8 @@ UNTIL_HEADER = "x-paigeant-registry-until"
 
 def registry_stream_arguments() -> dict[str, Any]:
     """The arguments the registry stream is declared with."""
-    return {"x-queue-type": "stream", "x-max-age": f"{round(REGISTRY_RETENTION)}s"}
+    # Retention drops whole segments: small ones keep the stream near an hour of heartbeats, not 500 MB of them.
+    return {"x-queue-type": "stream", "x-max-age": "1h", "x-stream-max-segment-size-bytes": 8 * 2**20}
 
 
 class RabbitMQRegistryBoard:

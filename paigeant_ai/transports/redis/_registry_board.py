@@ -1,9 +1,9 @@
 """`RedisRegistryBoard`: the registry of a `RedisTransport`, one hash of records and one sorted set of expiries.
 
-`<namespace>:registry` maps each worker ID to its latest record; `<namespace>:registry:until` scores each worker ID
-with the time (Unix ms) until which its record is kept. A post sets both; a read first drops the records whose time
-has passed. Both keys expire a while after the last post, so a namespace nobody uses any more leaves nothing behind.
-Both scripts put up with keys that hold something else: a read finds nothing there, a post replaces them.
+`<namespace>:registry` maps each worker ID to its latest record; `<namespace>:registry:until` scores each worker ID with
+the time (Unix ms) until which its record is kept. A post sets both; a read first drops the records whose time has
+passed. Both keys expire `REGISTRY_RETENTION` after the last post, so a namespace nobody uses any more leaves nothing
+behind. Both scripts put up with keys that hold something else: a read finds nothing there, a post replaces them.
 """
 
 from __future__ import annotations
