@@ -17,6 +17,7 @@ from paigeant_ai import (
     InMemoryTransport,
     MessageSigner,
     NoWorker,
+    Parallel,
     PlannerAgentDeps,
     UserError,
     Worker,
@@ -151,6 +152,11 @@ async def test_the_dispatcher_refuses_a_step_no_live_worker_serves_once_any_work
                 "no live worker serves activity 'undo-customer': start a worker for it, or use only what is live: "
                 "validate-customer"
             )
+            with pytest.raises(NoWorker, match=r"serves activities 'score-risk', 'manual-review': start"):
+                await dispatcher.dispatch_workflow(
+                    [Parallel("validate-customer", ActivitySpec(name="score-risk", fallbacks=("manual-review",)))],
+                    {"email": "a@b"},
+                )
             unchecked = WorkflowDispatcher(transport, security=security, require_live_workers=False)
             await unchecked.dispatch_workflow(["nobody-serves-this"], {})
 
