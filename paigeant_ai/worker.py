@@ -192,11 +192,11 @@ class Worker:
                 self._watcher = asyncio.create_task(self._watch_cancellations(), name="paigeant-cancellations")
             else:
                 logger.warning("%s has no cancel board: workflows cannot be cancelled here", self.transport.name)
+            await self._advertise()  # before consuming: whoever sees a consumer of a step sees it advertised
             for name in self.activities:
                 consumer = await self.transport.consume(name, prefetch=self.concurrency)
                 self._consumers.append(consumer)
                 self._pumps.append(asyncio.create_task(self._pump(consumer), name=f"paigeant-consume-{name}"))
-            await self._advertise()
             if burst:
                 await self._wait_until_drained()
             else:
@@ -265,7 +265,7 @@ class Worker:
         self.advertiser.concurrency = self.concurrency
         try:
             await self.advertiser.start()
-        except TransportError as exc:  # the registry is for planners and status; the steps still run
+        except Exception as exc:  # the registry is for planners and status; the steps run without it
             logger.warning("this worker is not on the registry: %s", exc)
 
     async def _shutdown(self) -> None:
