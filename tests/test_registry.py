@@ -188,7 +188,8 @@ async def test_the_planner_without_a_catalog_plans_from_the_registry(transport: 
     )
     async with worker:
         await wait_until(lambda: worker.advertiser._task is not None, within=10, what="the first heartbeat")  # pyright: ignore[reportPrivateUsage]
-        deps = PlannerAgentDeps(workflow_dispatcher=dispatcher, user_obo_token=None)
+        # The seed's call: an application's token, which travels with the workflow (no step here requires scopes).
+        deps = PlannerAgentDeps(workflow_dispatcher=dispatcher, user_obo_token="opaque-user-token")
         result = await planner.run("Onboard new.customer@example.com", deps=deps)
         assert result.output == "Dispatched."
         listed = str(script.requests[1][-1])
