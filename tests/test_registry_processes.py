@@ -28,7 +28,7 @@ async def test_a_workflow_whose_worker_was_killed_shows_stalled_within_a_few_hea
     tmp_path: Path, broker: Literal["redis", "rabbitmq"]
 ) -> None:
     url = REDIS_URL if broker == "redis" else RABBITMQ_URL
-    async with fleet(tmp_path, broker, url, workers="tests.registry_workers", steps=["registry-slow"]) as (
+    async with fleet(tmp_path, broker, url, workers="tests.registry_workers", steps=["registry-slow", "@registry"]) as (
         workers,
         dispatcher,
         _,
