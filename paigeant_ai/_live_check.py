@@ -9,16 +9,19 @@ burst-mode worker drained afterwards, in tests) still goes out; `True` always; `
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import Sequence
 
 from ._registry import LiveRegistry, read_registry
 from .contracts import ActivitySpec
-from .exceptions import NoWorker
+from .exceptions import NoWorker, TransportError
 from .security import MessageSecurity
 from .transports.base import Transport
 
 __all__ = ("LiveCheck", "named_activities", "unserved_sentence")
+
+logger = logging.getLogger("paigeant_ai.dispatch")
 
 
 def named_activities(itinerary: Sequence[ActivitySpec]) -> list[str]:
@@ -63,9 +66,15 @@ class LiveCheck:
         if self.when is False:
             return
         names = named_activities(itinerary)
-        registry = await self._registry(fresh=False)
-        if self._unserved(registry, names):
-            registry = await self._registry(fresh=True)
+        try:
+            registry = await self._registry(fresh=False)
+            if self._unserved(registry, names):
+                registry = await self._registry(fresh=True)
+        except TransportError as exc:
+            if self.when:
+                raise
+            logger.warning("the registry cannot be read (%s); dispatching without checking for live workers", exc)
+            return
         unserved = self._unserved(registry, names)
         if unserved and registry is not None:
             raise NoWorker(unserved_sentence(unserved, registry), activity=unserved[0], served=registry.names)

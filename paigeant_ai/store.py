@@ -21,7 +21,7 @@ from pydantic import BaseModel, Field, JsonValue
 
 from ._events import WorkflowEvent
 from ._projector import WorkflowProjector
-from .exceptions import UserError
+from .exceptions import TransportError, UserError
 from .transports.base import ConsumerWatch, SharedStores
 
 if TYPE_CHECKING:
@@ -349,7 +349,7 @@ async def _judged_by_registry(
 
     try:
         registry = await read_registry(transport, security)
-    except UserError:  # no keys here to verify the registry with: ask who consumes instead
+    except (UserError, TransportError):  # no keys here to verify it with, or it cannot be read: ask who consumes
         registry = None
     return judged_by_registry(statuses, registry) if registry is not None else [None] * len(statuses)
 

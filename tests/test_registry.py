@@ -27,6 +27,7 @@ from paigeant_ai import (
     read_registry,
 )
 from paigeant_ai._registry import WorkerRecord
+from paigeant_ai.exceptions import TransportError
 from paigeant_ai.transports import Transport
 from paigeant_ai.transports.base import Advertising
 
@@ -219,3 +220,26 @@ async def test_a_board_keeps_each_workers_latest_record_until_its_ttl_passes(tra
         await board.post("w-3", b"x" * (256 * 1024 + 1), ttl=60)
     await board.close()
     await other.close()
+
+
+class _UnreadableRegistry(InMemoryTransport):
+    """A transport whose registry cannot be read now (a broker without streams, say)."""
+
+    def registry_board(self) -> Any:
+        board = super().registry_board()
+
+        async def records() -> list[bytes]:
+            raise TransportError("the registry stream is missing")
+
+        board.records = records  # pyright: ignore[reportAttributeAccessIssue]
+        return board
+
+
+async def test_a_registry_that_cannot_be_read_does_not_stop_dispatches(caplog: pytest.LogCaptureFixture) -> None:
+    transport, security = _UnreadableRegistry(), signer()
+    async with transport:
+        await WorkflowDispatcher(transport, security=security).dispatch_workflow(["validate-customer"], {})
+        assert "the registry cannot be read (the registry stream is missing)" in caplog.text
+        strict = WorkflowDispatcher(transport, security=security, require_live_workers=True)
+        with pytest.raises(TransportError, match="the registry stream is missing"):
+            await strict.dispatch_workflow(["validate-customer"], {})
