@@ -144,6 +144,7 @@ class Worker:
             transport.cancel_board() if isinstance(transport, Cancellations) else None
         )
         self.cancel_poll = 0.5
+        """Seconds between two looks at the cancel board for the workflows whose steps run here."""
         self.advertiser = Advertiser(
             transport,
             self.activities,
@@ -151,7 +152,7 @@ class Worker:
             concurrency=self.concurrency,
             interval=settings.registry_heartbeat if registry_heartbeat is None else registry_heartbeat,
         )
-        """Seconds between two looks at the cancel board for the workflows whose steps run here."""
+        """Posts this worker's record on the transport's registry (see `paigeant_ai._advertiser`)."""
         self._activity_tasks: dict[str, dict[int, tuple[Hop, asyncio.Task[object]]]] = {}
         self._watcher: asyncio.Task[None] | None = None
         self._slots = asyncio.Semaphore(self.concurrency)  # made anew by run(), after `concurrency` may change
