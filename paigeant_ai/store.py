@@ -21,7 +21,7 @@ from pydantic import BaseModel, Field, JsonValue
 
 from ._events import WorkflowEvent
 from ._projector import WorkflowProjector
-from .exceptions import TransportError, UserError
+from .exceptions import UserError
 from .transports.base import ConsumerWatch, SharedStores
 
 if TYPE_CHECKING:
@@ -346,6 +346,7 @@ async def _judged_by_registry(
     """What the registry of `transport` says of each status (see `paigeant_ai._stalls`); all None without one."""
     from ._registry import read_registry
     from ._stalls import judged_by_registry
+    from .exceptions import TransportError
 
     try:
         registry = await read_registry(transport, security)
