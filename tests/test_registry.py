@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
@@ -97,8 +98,13 @@ async def test_a_worker_that_dies_lapses_after_three_heartbeats() -> None:
         assert await live_names(transport, security) == ["validate-customer"]
         worker.advertiser._task.cancel()  # pyright: ignore[reportOptionalMemberAccess, reportPrivateUsage]
         worker.advertiser._task = None  # pyright: ignore[reportPrivateUsage]
-        await asyncio.sleep(0.45)
-        assert await live_names(transport, security) == []
+        registry = await read_registry(transport, security)  # the heartbeats stopped: the last one is on record
+        assert registry is not None
+        [record] = registry.live
+        while await live_names(transport, security):
+            assert datetime.now(UTC) < record.lapses_at + timedelta(seconds=1), "the record never lapsed"
+            await asyncio.sleep(0.01)
+        assert datetime.now(UTC) >= record.lapses_at  # three heartbeats after the last one, not before
         worker.stop()
         await running
 
