@@ -13,6 +13,7 @@ from ._events import WorkflowEvent
 from ._in_doubt import Ran, RunAgain
 from ._ledger import usage_by_model, workflow_usage
 from ._parallel import Parallel
+from ._registry import AdvertisedActivity, LiveRegistry, WorkerRecord, read_registry
 from .activity import Activity, ActivityContext, AgentActivity, FunctionActivity, activity
 from .approval import (
     InMemoryWaitingStore,
@@ -80,6 +81,7 @@ __all__ = (
     "ActivityContext",
     "ActivityLogEntry",
     "ActivitySpec",
+    "AdvertisedActivity",
     "AgentActivity",
     "Approval",
     "Cancellation",
@@ -95,6 +97,7 @@ __all__ = (
     "InvalidMessage",
     "InvalidPlan",
     "ItineraryRevision",
+    "LiveRegistry",
     "MessageSigner",
     "MessageTooLarge",
     "NoWorker",
@@ -134,6 +137,7 @@ __all__ = (
     "UserError",
     "WaitingStore",
     "Worker",
+    "WorkerRecord",
     "WorkerStats",
     "WorkflowDispatcher",
     "WorkflowEvent",
@@ -147,6 +151,7 @@ __all__ = (
     "get_transport",
     "get_waiting_store",
     "get_workflow_store",
+    "read_registry",
     "usage_by_model",
     "workflow_usage",
 )

@@ -12,7 +12,7 @@ import re
 import string
 import typing
 from collections.abc import Collection, Iterable, Iterator, Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel, ConfigDict, Field, JsonValue, TypeAdapter, ValidationError
 from pydantic_ai import DeferredToolRequests
@@ -23,6 +23,10 @@ from ._dispatch_checks import route_spec
 from .activity import Activity, AgentActivity, FunctionActivity
 from .contracts import ActivitySpec
 from .exceptions import InvalidPlan, UserError
+
+if TYPE_CHECKING:
+    from .security import MessageSecurity
+    from .transports.base import Transport
 
 __all__ = ("ActivityCatalog", "CatalogEntry", "VariablesSchema")
 
@@ -98,6 +102,61 @@ class ActivityCatalog:
         self._entries: dict[str, CatalogEntry] = {}
         for item in activities:
             self.add(item)
+
+    @classmethod
+    async def from_registry(
+        cls,
+        transport: Transport,
+        *,
+        security: MessageSecurity | None = None,
+        allowed: Collection[str] | None = None,
+        forbidden: Collection[str] = (),
+        scopes: Collection[str] | None = None,
+    ) -> ActivityCatalog:
+        """The activities live workers on `transport` serve now, as they advertise them (see `docs/registry.md`).
+
+        ```python
+        catalog = await ActivityCatalog.from_registry(transport, scopes=["customers:write"])
+        ```
+
+        Args:
+            transport: A connected transport that keeps a registry (all three built-in ones do).
+            security: Verifies the workers' records; by default a `MessageSigner` of the `PAIGEANT_*` settings.
+            allowed: Only these activities, when given.
+            forbidden: Never these activities.
+            scopes: Only the activities whose required scopes are all among these, when given.
+
+        Raises:
+            UserError: The transport keeps no registry.
+        """
+        from ._registry import read_registry
+
+        registry = await read_registry(transport, security)
+        if registry is None:
+            raise UserError(
+                f"the {transport.name} transport keeps no registry of live workers: build the catalog by hand "
+                "with ActivityCatalog([...])"
+            )
+        return cls(
+            entry
+            for entry in registry.entries()
+            if (allowed is None or entry.name in allowed)
+            and entry.name not in forbidden
+            and (scopes is None or set(entry.spec.required_scopes) <= set(scopes))
+        )
+
+    def merge(self, other: ActivityCatalog) -> ActivityCatalog:
+        """A new catalog with the entries of both; where both have an activity, this catalog's entry wins.
+
+        `catalog | live` is the same: a hand-written catalog merged with the registry's keeps its own descriptions
+        and schemas, and gains the live activities it does not name.
+        """
+        merged = ActivityCatalog()
+        merged._entries = {**other._entries, **self._entries}
+        return merged
+
+    def __or__(self, other: object) -> ActivityCatalog:
+        return self.merge(other) if isinstance(other, ActivityCatalog) else NotImplemented
 
     def add(
         self,

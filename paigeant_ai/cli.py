@@ -24,7 +24,7 @@ from types import ModuleType
 from typing import Any
 from urllib.parse import urlsplit
 
-from . import __version__, _cli_cancel, _cli_dead_letters, _cli_keys, _cli_resume, _cli_workflows
+from . import __version__, _cli_activities, _cli_cancel, _cli_dead_letters, _cli_keys, _cli_resume, _cli_workflows
 from ._escape import escape_control
 from ._events import WorkflowEvent
 from .exceptions import PaigeantError, UserError
@@ -321,6 +321,7 @@ def _parser() -> argparse.ArgumentParser:
 
     _cli_workflows.add_commands(commands, common)  # status, workflows
     _cli_cancel.add_command(commands, common)
+    _cli_activities.add_command(commands, common)
     _cli_resume.add_command(commands, common)
     _cli_dead_letters.add_command(commands, common)
     _cli_keys.add_commands(commands)  # keys generate
@@ -397,6 +398,8 @@ def _run(args: argparse.Namespace, settings: dict[str, str]) -> int:
         return asyncio.run(_cli_workflows.run_command(args))
     if args.command == "cancel":
         return asyncio.run(_cli_cancel.run_command(args))
+    if args.command == "activities":
+        return asyncio.run(_cli_activities.run_command(args))
     if args.command == "resume":
         return asyncio.run(_cli_resume.run_command(args))
     if args.command == "dead-letters":

@@ -27,6 +27,7 @@ from ._fan import branch_hops, describe_fan_out, fans_out
 from ._hop import EXPIRY_GRACE
 from ._in_doubt import Ran, RunAgain
 from ._join import refuse_groups_without_join
+from ._live_check import LiveCheck
 from ._parallel import Parallel, refuse_shadowed_keys
 from ._plan import new_plan, signer_of, token_subject
 from ._principal import principal_of
@@ -39,7 +40,7 @@ from .exceptions import UnknownWorkflow, UserError, WorkflowExists
 from .security import MessageSecurity, MessageSigner
 from .settings import Settings
 from .store import FINAL_STATES
-from .transports.base import Cancellations, SharedClaims, Transport
+from .transports.base import Advertising, Cancellations, SharedClaims, Transport
 
 if TYPE_CHECKING:
     from pydantic_ai import DeferredToolResults
@@ -85,6 +86,9 @@ class WorkflowDispatcher:
             process). Without one, only this dispatcher's memory of its latest dispatches tells.
         revision_limits: How far the steps of its workflows may revise their routes (see `RevisionLimits`; the
             defaults when None); signed into each workflow's plan.
+        require_live_workers: Refuse a workflow naming an activity that no live worker serves, by the transport's
+            registry (see `docs/registry.md`): `None` (the default) once the registry shows any live worker,
+            `True` always (the transport must keep a registry), `False` never.
     """
 
     def __init__(
@@ -100,7 +104,13 @@ class WorkflowDispatcher:
         waiting_store: WaitingStore | None = None,
         claims: SharedClaims | None = None,
         revision_limits: RevisionLimits | None = None,
+        require_live_workers: bool | None = None,
     ) -> None:
+        if require_live_workers and not isinstance(transport, Advertising):
+            raise UserError(
+                f"the {transport.name} transport keeps no registry of live workers: "
+                "leave require_live_workers at None or False"
+            )
         self.transport = transport
         self.revision_limits = revision_limits
         self.claims = claims if claims is not None else transport if isinstance(transport, SharedClaims) else None
@@ -123,6 +133,8 @@ class WorkflowDispatcher:
         self.reporter = EventReporter(
             transport, on_event, publish=publish_events, batched=False, on_span=False, security=self.security
         )
+        self.live_workers = LiveCheck(transport, self.security, when=require_live_workers)
+        """Refuses a route naming an activity no live worker serves (see `paigeant_ai._live_check`)."""
 
     async def dispatch_workflow(
         self,
@@ -158,7 +170,8 @@ class WorkflowDispatcher:
             TokenError: Tokens are checked and `obo_token` fails the check (only without `principal`).
             WorkflowExists: `correlation_id` is in use by a workflow with other activities, variables or token.
             NoWorker: With `require_workers`, no worker consumes the first step, or a fallback or compensation a
-                step names.
+                step names; or the registry shows no live worker for an activity the route names (see
+                `require_live_workers`).
             MessageTooLarge: The first message would exceed `max_message_bytes`.
         """
         message = self._first_message(activities, variables, obo_token, correlation_id)
@@ -174,6 +187,7 @@ class WorkflowDispatcher:
         try:
             if require_workers:
                 await self._require_workers(message.routing_slip.itinerary)
+            await self.live_workers.require(message.routing_slip.itinerary)
             with observability.dispatch_span(message, self.transport.name):
                 for first in branch_hops(message) if fans_out(message) else [message]:  # a group: each branch
                     body = self.encode(first)

@@ -38,6 +38,7 @@ from .dispatch import WorkflowDispatcher
 from .exceptions import InvalidPlan, MessageTooLarge, NoWorker, TokenError, UserError, WorkflowExists
 from .security import MessageSecurity
 from .store import WorkflowStatus, WorkflowStore
+from .transports.base import Advertising
 
 __all__ = (
     "PLANNER_INSTRUCTIONS",
@@ -116,7 +117,8 @@ class PaigeantToolset(FunctionToolset[Any]):
     under those, bind the dispatcher here rather than in deps, which they serialize.
 
     Args:
-        catalog: The activities a plan may use.
+        catalog: The activities a plan may use; without one (nor one in the deps), the activities live workers
+            advertise on the dispatcher's transport, read whenever a tool needs them.
         dispatcher: Publishes the workflows.
         store: Answers `get_workflow_status`; a parked workflow is also found in the dispatcher's waiting store.
         forbidden: Names in the catalog this planner may not use (they are not listed, and a plan with one is
@@ -159,7 +161,7 @@ class PaigeantToolset(FunctionToolset[Any]):
 
     async def list_activities(self, ctx: RunContext[Any]) -> list[CatalogEntry]:
         """List the activities a workflow can use, with the variables each needs and produces (JSON schemas)."""
-        return self._catalog(ctx).entries(forbidden=self.forbidden)
+        return (await self._catalog(ctx)).entries(forbidden=self.forbidden)
 
     async def dispatch_workflow(
         self,
@@ -182,7 +184,9 @@ class PaigeantToolset(FunctionToolset[Any]):
                 in its place, with the same variables.
         """
         try:
-            specs = self._catalog(ctx).plan(activities, variables, forbidden=self.forbidden, fallbacks=fallbacks)
+            specs = (await self._catalog(ctx)).plan(
+                activities, variables, forbidden=self.forbidden, fallbacks=fallbacks
+            )
             specs = _marked(specs, self.mandatory, mandatory or [])
         except InvalidPlan as exc:
             raise ModelRetry(
@@ -303,14 +307,26 @@ class PaigeantToolset(FunctionToolset[Any]):
         dispatcher = self.dispatcher or getattr(ctx.deps, "workflow_dispatcher", None)
         return dispatcher if isinstance(dispatcher, WorkflowDispatcher) else None
 
-    def _catalog(self, ctx: RunContext[Any]) -> ActivityCatalog:
+    async def _catalog(self, ctx: RunContext[Any]) -> ActivityCatalog:
         catalog = self.catalog if self.catalog is not None else getattr(ctx.deps, "catalog", None)
-        if not isinstance(catalog, ActivityCatalog):
+        if isinstance(catalog, ActivityCatalog):
+            return catalog
+        dispatcher = self._dispatcher_or_none(ctx)
+        if dispatcher is not None and isinstance(dispatcher.transport, Advertising):
+            # Without a catalog, the live registry is the catalog: read when a tool needs it, so it is current.
+            live = await ActivityCatalog.from_registry(dispatcher.transport, security=dispatcher.security)
+            if len(live):
+                return live
             raise UserError(
-                "the planner has no activity catalog: pass one to PaigeantToolset(catalog) or "
-                "create_planner_agent(catalog=...), or set PlannerAgentDeps.catalog"
+                f"the planner has no activity catalog, and no live worker advertises any on the "
+                f"{dispatcher.transport.name} transport: start the workers first, or pass one to "
+                "PaigeantToolset(catalog) or create_planner_agent(catalog=...)"
             )
-        return catalog
+        raise UserError(
+            "the planner has no activity catalog: pass one to PaigeantToolset(catalog) or "
+            "create_planner_agent(catalog=...), set PlannerAgentDeps.catalog, or dispatch on a transport whose "
+            "workers advertise their activities"
+        )
 
     def _dispatcher(self, ctx: RunContext[Any]) -> WorkflowDispatcher:
         dispatcher = self.dispatcher or getattr(ctx.deps, "workflow_dispatcher", None)
@@ -378,7 +394,8 @@ def create_planner_agent(
 
     Args:
         model: The model, or `None` to give one to each run.
-        catalog: The activities to plan with; without one, each run's `PlannerAgentDeps.catalog` is used.
+        catalog: The activities to plan with; without one, each run's `PlannerAgentDeps.catalog` is used, and
+            without that, the live registry of the dispatcher's transport (`ActivityCatalog.from_registry`).
         name: The agent's name.
         instructions: Instructions added to the planner's own (about the business, say).
         forbidden: Catalog names the planner may not use.

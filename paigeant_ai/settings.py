@@ -104,6 +104,8 @@ class Settings:
         step_lease: `PAIGEANT_STEP_LEASE`, seconds of a handed-back step's lease (default 60): its worker renews
             its claim every third of it, and another worker takes the step over within about two leases of its
             worker's death.
+        registry_heartbeat: `PAIGEANT_REGISTRY_HEARTBEAT`, seconds between two posts of a worker's record on the
+            registry (default 10); a worker not heard from for three of them no longer counts as serving anything.
     """
 
     transport: str = "inmemory"
@@ -129,6 +131,7 @@ class Settings:
     stall_after: int = 60
     rabbitmq_consumer_timeout: float = 1800.0
     step_lease: float = 60.0
+    registry_heartbeat: float = 10.0
 
     @classmethod
     def from_env(cls) -> Settings:
@@ -161,4 +164,5 @@ class Settings:
                 "PAIGEANT_RABBITMQ_CONSUMER_TIMEOUT", defaults.rabbitmq_consumer_timeout
             ),
             step_lease=_env_seconds("PAIGEANT_STEP_LEASE", defaults.step_lease),
+            registry_heartbeat=_env_seconds("PAIGEANT_REGISTRY_HEARTBEAT", defaults.registry_heartbeat),
         )

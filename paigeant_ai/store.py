@@ -26,6 +26,7 @@ from .exceptions import UserError
 from .transports.base import ConsumerWatch, SharedStores
 
 if TYPE_CHECKING:
+    from .security import MessageSecurity
     from .transports.base import Transport
 
 __all__ = (
@@ -297,7 +298,12 @@ def project(correlation_id: str, events: Iterable[WorkflowEvent]) -> WorkflowSta
 
 
 async def mark_stalled(
-    statuses: Iterable[WorkflowStatus], transport: Transport, *, after: float = 60.0, now: datetime | None = None
+    statuses: Iterable[WorkflowStatus],
+    transport: Transport,
+    *,
+    after: float = 60.0,
+    now: datetime | None = None,
+    security: MessageSecurity | None = None,
 ) -> list[WorkflowStatus]:
     """`statuses`, with each workflow whose current step has had no consumer for `after` seconds `stalled`.
 
@@ -305,13 +311,22 @@ async def mark_stalled(
     current step now, and nothing has happened to it since: neither an event of the workflow nor a consumer of
     the step (where the transport knows when it last saw one) in the last `after` seconds. A transport that cannot
     tell leaves every status as it is. The transport is asked once per step.
+
+    Where the transport keeps a registry of live workers (`Advertising`) that knows the step, the registry answers
+    instead (verified with `security`, by default the `PAIGEANT_*` keys): a workflow is stalled once no live worker
+    serves its current step, a few heartbeats after the last one died (see `paigeant_ai._stalls`).
     """
+    statuses = list(statuses)
+    judged = await _judged_by_registry(statuses, transport, security)
     if not isinstance(transport, ConsumerWatch):
-        return list(statuses)
+        return [verdict or status for status, verdict in zip(statuses, judged, strict=True)]
     now = now or datetime.now(UTC)
     unserved: dict[str, datetime | None] = {}
     marked: list[WorkflowStatus] = []
-    for status in statuses:
+    for status, verdict in zip(statuses, judged, strict=True):
+        if verdict is not None:
+            marked.append(verdict)
+            continue
         activity = status.current_activity
         if status.state not in ("pending", "running", "compensating") or activity is None:
             marked.append(status)
@@ -329,6 +344,21 @@ async def mark_stalled(
 
 
 _NEVER = datetime.min.replace(tzinfo=UTC)
+
+
+async def _judged_by_registry(
+    statuses: list[WorkflowStatus], transport: Transport, security: MessageSecurity | None
+) -> list[WorkflowStatus | None]:
+    """What the registry of `transport` says of each status (see `paigeant_ai._stalls`); all None without one."""
+    from ._registry import read_registry
+    from ._stalls import judged_by_registry
+    from .exceptions import TransportError
+
+    try:
+        registry = await read_registry(transport, security)
+    except (UserError, TransportError):  # no keys here to verify it with, or it cannot be read: ask who consumes
+        registry = None
+    return judged_by_registry(statuses, registry) if registry is not None else [None] * len(statuses)
 
 
 async def _unserved_since(transport: ConsumerWatch, activity: str) -> datetime | None:

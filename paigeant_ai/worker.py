@@ -28,6 +28,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from . import observability
+from ._advertiser import Advertiser
 from ._approvals import check_resume
 from ._at_most_once import AtMostOnce
 from ._cancel import CancelCheck
@@ -83,6 +84,8 @@ class Worker:
             another process is refused there too: a Redis URL or a `RedisTransport`. By default the transport
             itself when it offers `SharedStores` (Redis), else `PAIGEANT_SHARED_STORE_URL`; without one (RabbitMQ)
             each process keeps its own, and the worker says at start what that leaves unprotected.
+        registry_heartbeat: Seconds between two posts of this worker's record on the transport's registry (see
+            `paigeant_ai._registry`); defaults to `PAIGEANT_REGISTRY_HEARTBEAT` (10).
     """
 
     def __init__(
@@ -101,6 +104,7 @@ class Worker:
         rng: random.Random | None = None,
         waiting_store: WaitingStore | None = None,
         shared_store: str | SharedStores | None = None,
+        registry_heartbeat: float | None = None,
     ) -> None:
         if not activities:
             raise UserError("a Worker needs at least one activity")
@@ -141,6 +145,14 @@ class Worker:
         )
         self.cancel_poll = 0.5
         """Seconds between two looks at the cancel board for the workflows whose steps run here."""
+        self.advertiser = Advertiser(
+            transport,
+            self.activities,
+            self.security,
+            concurrency=self.concurrency,
+            interval=settings.registry_heartbeat if registry_heartbeat is None else registry_heartbeat,
+        )
+        """Posts this worker's record on the transport's registry (see `paigeant_ai._advertiser`)."""
         self._activity_tasks: dict[str, dict[int, tuple[Hop, asyncio.Task[object]]]] = {}
         self._watcher: asyncio.Task[None] | None = None
         self._slots = asyncio.Semaphore(self.concurrency)  # made anew by run(), after `concurrency` may change
@@ -181,6 +193,7 @@ class Worker:
                 self._watcher = asyncio.create_task(self._watch_cancellations(), name="paigeant-cancellations")
             else:
                 logger.warning("%s has no cancel board: workflows cannot be cancelled here", self.transport.name)
+            await self._advertise()  # before consuming: whoever sees a consumer of a step sees it advertised
             for name in self.activities:
                 consumer = await self.transport.consume(name, prefetch=self.concurrency)
                 self._consumers.append(consumer)
@@ -249,7 +262,15 @@ class Worker:
                 error = pump.exception()
                 raise TransportError(f"consuming {pump.get_name()} stopped: {error or 'the consumer ended'}") from error
 
+    async def _advertise(self) -> None:
+        self.advertiser.concurrency = self.concurrency
+        try:
+            await self.advertiser.start()
+        except Exception as exc:  # the registry is for planners and status; the steps run without it
+            logger.warning("this worker is not on the registry: %s", exc)
+
     async def _shutdown(self) -> None:
+        await self.advertiser.stop()
         if self._watcher is not None:
             self._watcher.cancel()
             await asyncio.gather(self._watcher, return_exceptions=True)

@@ -30,15 +30,18 @@ if TYPE_CHECKING:
 __all__ = (
     "MAX_CANCEL_RECORDS",
     "MAX_CANCEL_RECORD_BYTES",
+    "MAX_REGISTRY_RECORD_BYTES",
     "REASON_HEADER",
     "SOURCE_HEADER",
     "AckDeadline",
+    "Advertising",
     "CancelBoard",
     "Cancellations",
     "Consumer",
     "ConsumerBase",
     "ConsumerWatch",
     "Delivery",
+    "RegistryBoard",
     "SharedClaims",
     "SharedStores",
     "Transport",
@@ -55,6 +58,8 @@ MAX_CANCEL_RECORDS = 16
 """Cancel records a board keeps per correlation ID: the oldest are kept, later posts are ignored."""
 MAX_CANCEL_RECORD_BYTES = 16 * 1024
 """The largest cancel record a board accepts."""
+MAX_REGISTRY_RECORD_BYTES = 256 * 1024
+"""The largest worker record a registry board accepts."""
 
 
 @dataclass(slots=True, eq=False)
@@ -289,6 +294,58 @@ class Cancellations(Protocol):
     def cancel_board(self) -> CancelBoard:
         """A board over the transport's cancel records (every call a new object over the same records)."""
         ...
+
+
+@runtime_checkable
+class RegistryBoard(Protocol):
+    """Where each worker posts what it serves, one record per worker, read by every process on a transport.
+
+    Records are opaque bytes, verified by readers (see `paigeant_ai._registry`): a board never parses one, and never
+    raises on foreign data it finds. A post replaces the worker's earlier record.
+    """
+
+    async def post(self, worker_id: str, record: bytes, *, ttl: float) -> None:
+        """Make `record` the record of `worker_id`, kept at least `ttl` seconds unless posted again.
+
+        Raises:
+            UserError: The record is over `MAX_REGISTRY_RECORD_BYTES`, the worker ID is empty or over 200
+                characters, or `ttl` is not positive.
+        """
+        ...
+
+    async def records(self) -> list[bytes]:
+        """The latest record of every worker that posted within its ttl (in no particular order)."""
+        ...
+
+    async def open(self) -> None:
+        """Get ready to answer (RabbitMQ: start reading the stream and catch up with it). Idempotent."""
+        ...
+
+    async def close(self) -> None:
+        """Stop using the board (what it shares with the transport is closed with the transport)."""
+        ...
+
+
+@runtime_checkable
+class Advertising(Protocol):
+    """A capability of a transport: its registry board, where workers advertise the activities they serve."""
+
+    def registry_board(self) -> RegistryBoard:
+        """A board over the transport's registry (every call a new object over the same records)."""
+        ...
+
+
+def check_registry_post(worker_id: str, record: bytes, ttl: float) -> None:
+    """Raise the `UserError` a board's `post` raises for a bad worker ID, record or ttl."""
+    if not 0 < len(worker_id) <= 200:
+        raise UserError("a worker ID must have 1 to 200 characters")
+    if len(record) > MAX_REGISTRY_RECORD_BYTES:
+        raise UserError(
+            f"a worker record may have at most {MAX_REGISTRY_RECORD_BYTES} bytes, not {len(record)}: "
+            "split the worker's activities over more workers"
+        )
+    if not 0 < ttl < float("inf"):
+        raise UserError(f"a registry record's ttl must be a positive number of seconds, not {ttl!r}")
 
 
 class TransportBase:

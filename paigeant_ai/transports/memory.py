@@ -18,9 +18,9 @@ from datetime import UTC, datetime
 from ..contracts import DEAD_LETTER, RESERVED_ADDRESSES
 from ..exceptions import TransportError
 from ._cancel_book import CancelBook, check_post, readable_id, warn_full
-from .base import ConsumerBase, Delivery, TransportBase, dead_letter_headers, ensure_bytes
+from .base import ConsumerBase, Delivery, TransportBase, check_registry_post, dead_letter_headers, ensure_bytes
 
-__all__ = ("InMemoryCancelBoard", "InMemoryTransport")
+__all__ = ("InMemoryCancelBoard", "InMemoryRegistryBoard", "InMemoryTransport")
 
 
 @dataclass(slots=True)
@@ -74,6 +74,7 @@ class InMemoryTransport(TransportBase):
         self._last_consumed: dict[str, datetime] = {}
         self._claims: OrderedDict[str, tuple[str, float]] = OrderedDict()  # key -> (value, monotonic expiry)
         self._cancelled = CancelBook()
+        self._registry: dict[str, tuple[bytes, float]] = {}  # worker ID -> (record, monotonic expiry)
 
     async def connect(self) -> None:
         self._connected = True
@@ -198,6 +199,12 @@ class InMemoryTransport(TransportBase):
         """A board over this transport's cancel records, which only this process sees."""
         return InMemoryCancelBoard(self._cancelled)
 
+    # -- the registry (`Advertising`) ------------------------------------------------------------------------
+
+    def registry_board(self) -> InMemoryRegistryBoard:
+        """A board over this transport's registry, which only this process sees."""
+        return InMemoryRegistryBoard(self._registry)
+
     def _require_connected(self) -> None:
         if not self._connected:
             raise TransportError("the in-memory transport is not connected: call `await transport.connect()` first")
@@ -274,6 +281,29 @@ class InMemoryCancelBoard:
 
     async def cancelled_among(self, correlation_ids: Collection[str]) -> dict[str, list[bytes]]:
         return self._book.among([cid for cid in correlation_ids if readable_id(cid)])
+
+    async def open(self) -> None:
+        return None
+
+    async def close(self) -> None:
+        return None
+
+
+class InMemoryRegistryBoard:
+    """The registry board of an `InMemoryTransport`: each worker's latest record, kept until its ttl has passed."""
+
+    def __init__(self, records: dict[str, tuple[bytes, float]]) -> None:
+        self._records = records
+
+    async def post(self, worker_id: str, record: bytes, *, ttl: float) -> None:
+        check_registry_post(worker_id, record, ttl)
+        self._records[worker_id] = (record, time.monotonic() + ttl)
+
+    async def records(self) -> list[bytes]:
+        now = time.monotonic()
+        for worker_id in [key for key, (_, until) in self._records.items() if until <= now]:
+            del self._records[worker_id]
+        return [record for record, _ in self._records.values()]
 
     async def open(self) -> None:
         return None

@@ -20,6 +20,7 @@ import time
 import uuid
 from collections.abc import Collection, Mapping
 from contextlib import suppress
+from datetime import datetime
 from typing import TYPE_CHECKING, Any, cast
 
 from aio_pika.abc import AbstractRobustChannel
@@ -114,10 +115,11 @@ class CancelStreamReader(Resubscribing):
     """Reads the cancellations stream of one transport object into its `book`, from the first entry on."""
 
     _doing = "reading"
+    stream = CANCEL_STREAM
 
     def __init__(self, transport: RabbitMQTransport) -> None:
         self.transport = transport
-        self.queue = transport.queue_name(CANCEL_STREAM)
+        self.queue = transport.queue_name(self.stream)
         self.book = CancelBook()
         self._channel: AbstractRobustChannel | None = None
         self._tag: str | None = None
@@ -161,7 +163,7 @@ class CancelStreamReader(Resubscribing):
 
     async def publish(self, body: bytes, headers: Mapping[str, str]) -> None:
         """Publish to the stream and wait for the broker's confirm (declaring the stream the first time)."""
-        await self.transport.declare_cancel_stream()
+        await self._declare()
         properties = spec.Basic.Properties(headers=dict(headers), delivery_mode=_PERSISTENT)
         await self.transport._send(body, properties, self.queue)
 
@@ -169,7 +171,7 @@ class CancelStreamReader(Resubscribing):
 
     async def _start(self) -> None:
         connection = self.transport._require()[0]
-        await self.transport.declare_cancel_stream()
+        await self._declare()
         with broker_errors(f"reading {self.queue!r}"):
             channel = await connection.channel(publisher_confirms=False)
         try:
@@ -196,14 +198,24 @@ class CancelStreamReader(Resubscribing):
                     channel = await underlay(robust)
                     if self._tag is not None and self._tag in channel.consumers:
                         return
-                    await channel.queue_declare(self.queue, durable=True, arguments=cancel_stream_arguments())
+                    await channel.queue_declare(self.queue, durable=True, arguments=self._arguments())
                     consumed = await channel.basic_consume(
-                        self.queue, self._on_message, arguments={"x-stream-offset": "first"}
+                        self.queue, self._on_message, arguments={"x-stream-offset": self._offset()}
                     )
                     self._tag = consumed.consumer_tag
             cancels: set[Any] | None = getattr(channel, "on_consumer_cancel_callbacks", None)  # aiormq 7 and later
             if cancels is not None:
                 cancels.add(self._on_cancelled)
+
+    async def _declare(self) -> None:
+        await self.transport.declare_cancel_stream()
+
+    def _arguments(self) -> dict[str, Any]:
+        return cancel_stream_arguments()
+
+    def _offset(self) -> str | datetime:
+        """Where reading starts: the first entry (a cancel is kept as long as the stream keeps it)."""
+        return "first"
 
     async def _on_message(self, message: DeliveredMessage) -> None:
         try:

@@ -26,6 +26,7 @@ from ..base import Delivery, TransportBase, dead_letter_headers, ensure_bytes, r
 from ._cancel_board import CANCEL_STREAM, CancelStreamReader, RabbitMQCancelBoard, cancel_stream_arguments
 from ._consumer import RabbitMQConsumer, ack, underlay
 from ._errors import BROKER_ERRORS, CONNECTION_LOST, broker_errors, cancelling, channel_ready, explain, on_channel
+from ._registry_board import REGISTRY_STREAM, RabbitMQRegistryBoard, RegistryStreamReader, registry_stream_arguments
 from ._timeouts import broker_version, detach_after, own_consumer_timeout, per_consumer_timeout
 from ._wire import dead_letter_to
 
@@ -125,6 +126,7 @@ class RabbitMQTransport(TransportBase):
         self._declaring: dict[str, asyncio.Future[int]] = {}
         self._connect_lock = asyncio.Lock()
         self._cancel_reader: CancelStreamReader | None = None
+        self._registry_reader: RegistryStreamReader | None = None
 
     def __repr__(self) -> str:
         return f"RabbitMQTransport({redact_url(self.url)!r}, namespace={self.namespace!r})"
@@ -164,6 +166,9 @@ class RabbitMQTransport(TransportBase):
         reader, self._cancel_reader = self._cancel_reader, None
         if reader is not None:
             await reader.close()
+        registry, self._registry_reader = self._registry_reader, None
+        if registry is not None:
+            await registry.close()
         for consumer in list(self._consumers):
             with suppress(TransportError):
                 await consumer.aclose()
@@ -331,6 +336,9 @@ class RabbitMQTransport(TransportBase):
         if queue == self.queue_name(CANCEL_STREAM):
             await self._declare(queue, cancel_stream_arguments())
             return
+        if queue == self.queue_name(REGISTRY_STREAM):
+            await self._declare(queue, registry_stream_arguments())
+            return
         address, _, bucket = queue.removeprefix(f"{self.namespace}.").partition("@delay-")
         if bucket:
             await self._declare(queue, dead_letter_to(await self._ensure_queue(address)))
@@ -432,6 +440,25 @@ class RabbitMQTransport(TransportBase):
         name = self.queue_name(CANCEL_STREAM)
         if name not in self._declared:
             await self._declare_once(name, cancel_stream_arguments())
+
+    # -- the registry (`Advertising`) ------------------------------------------------------------------------
+
+    def registry_board(self) -> RabbitMQRegistryBoard:
+        return RabbitMQRegistryBoard(self)
+
+    def registry_reader(self) -> RegistryStreamReader:
+        """This transport object's one reader of the registry stream (opened by the boards, closed by
+        `disconnect()`)."""
+        self._require()
+        if self._registry_reader is None:
+            self._registry_reader = RegistryStreamReader(self)
+        return self._registry_reader
+
+    async def declare_registry_stream(self) -> None:
+        """Declare the registry stream unless this transport has (idempotent)."""
+        name = self.queue_name(REGISTRY_STREAM)
+        if name not in self._declared:
+            await self._declare_once(name, registry_stream_arguments())
 
     # -- who consumes (`ConsumerWatch`) ----------------------------------------------------------------------
 

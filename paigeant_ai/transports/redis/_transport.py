@@ -33,6 +33,7 @@ from ._cancel_board import RedisCancelBoard
 from ._consumer import LIVE_WITHIN, Handle, RedisConsumer
 from ._joins import RedisJoinStore
 from ._pipeline import PipelinedRedis, Pipeliner
+from ._registry_board import RedisRegistryBoard
 from ._stores import RedisDedupeStore, RedisReplayCache, RedisWaitingStore, RedisWorkflowStore
 from ._types import RedisCommands, Scripts, as_commands
 from ._wire import GROUP, dump_headers, ms
@@ -369,6 +370,11 @@ class RedisTransport(TransportBase):
 
     def cancel_board(self) -> RedisCancelBoard:
         return RedisCancelBoard(self)
+
+    # -- the registry (`Advertising`) ------------------------------------------------------------------------
+
+    def registry_board(self) -> RedisRegistryBoard:
+        return RedisRegistryBoard(self)
 
     # -- helpers of the consumers ----------------------------------------------------------------------------
 

@@ -1,0 +1,113 @@
+"""What a worker tells the registry: its record on start, every heartbeat, and `stopped` when it stops cleanly.
+
+The heartbeat is a background task of the worker: no hop ever waits for it. A post that fails (the broker is away)
+is logged and tried again at the next heartbeat; a worker whose posts keep failing lapses from the registry after
+`LAPSE_BEATS` heartbeats, as a dead one does.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import socket
+import uuid
+from collections.abc import Mapping
+
+from ._registry import REGISTRY_RETENTION, AdvertisedActivity, WorkerRecord
+from ._versions import activity_version
+from ._wire import utcnow
+from .activity import Activity
+from .catalog import ActivityCatalog
+from .exceptions import UserError
+from .security import MessageSecurity
+from .transports.base import Advertising, RegistryBoard, Transport
+
+__all__ = ("Advertiser",)
+
+logger = logging.getLogger("paigeant_ai.registry")
+
+
+class Advertiser:
+    """Posts one worker's record on its transport's registry board, if the transport keeps one.
+
+    Args:
+        transport: The worker's transport.
+        activities: The activities the worker serves, by name.
+        security: Signs the record with the worker's key.
+        concurrency: How many steps the worker runs at once.
+        interval: Seconds between two heartbeats.
+    """
+
+    def __init__(
+        self,
+        transport: Transport,
+        activities: Mapping[str, Activity],
+        security: MessageSecurity,
+        *,
+        concurrency: int,
+        interval: float,
+    ) -> None:
+        if not 0 < interval < float("inf"):
+            raise UserError(f"the registry heartbeat must be a positive number of seconds, not {interval!r}")
+        self.board: RegistryBoard | None = transport.registry_board() if isinstance(transport, Advertising) else None
+        self.activities = activities
+        self.security = security
+        self.concurrency = concurrency
+        self.interval = interval
+        self.host = socket.gethostname()
+        self.worker_id = f"{self.host}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        self._advertised: list[AdvertisedActivity] | None = None
+        self._task: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        """Post the record, then keep posting it every heartbeat in the background."""
+        if self.board is None:
+            return
+        await self._post(stopped=False)  # posting needs no open board: a worker never reads the registry
+        self._task = asyncio.create_task(self._beat(), name="paigeant-registry-heartbeat")
+
+    async def stop(self) -> None:
+        """Stop the heartbeat and post the record once more, `stopped`: its activities are no longer served here."""
+        task, self._task = self._task, None
+        if task is None or self.board is None:
+            return
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        try:
+            await self._post(stopped=True)
+        except Exception as exc:
+            logger.warning("could not withdraw worker %s from the registry (%s); it lapses there", self.worker_id, exc)
+        with contextlib.suppress(Exception):
+            await self.board.close()
+
+    async def _beat(self) -> None:
+        while True:
+            await asyncio.sleep(self.interval)
+            try:
+                await self._post(stopped=False)
+            except Exception as exc:  # the broker is away, say: the next heartbeat tries again
+                logger.warning("posting worker %s on the registry failed: %s", self.worker_id, exc)
+
+    async def _post(self, *, stopped: bool) -> None:
+        assert self.board is not None
+        record = WorkerRecord(
+            worker_id=self.worker_id,
+            host=self.host,
+            pid=os.getpid(),
+            concurrency=self.concurrency,
+            heartbeat=utcnow(),
+            interval=self.interval,
+            stopped=stopped,
+            activities=self._advertisements(),
+        ).sign(self.security)
+        await self.board.post(self.worker_id, record.to_bytes(), ttl=max(REGISTRY_RETENTION, 4 * self.interval))
+
+    def _advertisements(self) -> list[AdvertisedActivity]:
+        if self._advertised is None:  # made once: an agent's output schema is not free
+            catalog = ActivityCatalog(self.activities.values())
+            self._advertised = [
+                AdvertisedActivity.of(entry, activity_version(self.activities[entry.name])) for entry in catalog
+            ]
+        return self._advertised

@@ -1,0 +1,69 @@
+"""`paigeant activities`: what the live workers on a broker serve, as another process reads the registry."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from paigeant_ai import ActivityContext, Worker, activity
+from paigeant_ai.cli import _parser, main
+from paigeant_ai.transports.redis import RedisTransport
+
+from .brokers import REDIS_URL, wait_until
+from .test_cli_cancel import namespace, paigeant
+
+__all__ = ("namespace",)  # the fixture: this test's Redis namespace, with a key every process signs with and trusts
+
+
+@activity(name="score-lead")
+async def score_lead(ctx: ActivityContext) -> dict[str, int]:
+    return {"score": 1}
+
+
+score_lead.version = "3.0.1"  # pyright: ignore[reportAttributeAccessIssue]
+
+
+@activity(name="score-lead")
+async def score_lead_v4(ctx: ActivityContext) -> dict[str, int]:
+    return {"score": 4}
+
+
+score_lead_v4.version = "4.0.0"  # pyright: ignore[reportAttributeAccessIssue]
+
+
+def test_activities_takes_json_and_the_connection_options() -> None:
+    args = _parser().parse_args(["--transport", "redis", "activities", "--json"])
+    assert (args.command, args.transport, args.json) == ("activities", "redis", True)
+
+
+def test_activities_refuses_the_in_memory_transport_in_one_line(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["activities", "--transport", "inmemory"]) == 2
+    assert capsys.readouterr().err.startswith("paigeant: an in-memory registry lives in the process of its workers")
+
+
+@pytest.mark.redis
+async def test_the_command_lists_live_workers_versions_and_heartbeats(namespace: str) -> None:
+    async with RedisTransport(REDIS_URL, namespace=namespace) as transport:
+        old = Worker(transport, [score_lead], concurrency=2)
+        new = Worker(transport, [score_lead_v4], concurrency=3)
+        async with old, new:
+            await wait_until(lambda: old.advertiser._task is not None, within=10, what="a heartbeat")  # pyright: ignore[reportPrivateUsage]
+            await wait_until(lambda: new.advertiser._task is not None, within=10, what="a heartbeat")  # pyright: ignore[reportPrivateUsage]
+            code, out = await paigeant("activities", "--json")
+            assert code == 0, out
+            [row] = json.loads(out[out.index("[") :])
+            assert row["name"] == "score-lead"
+            assert row["versions"] == ["3.0.1", "4.0.0"]
+            assert row["concurrency"] == 5
+            assert sorted(worker["worker_id"] for worker in row["workers"]) == sorted(
+                [old.advertiser.worker_id, new.advertiser.worker_id]
+            )
+            code, out = await paigeant("activities")
+            assert code == 0, out
+            header, line = out.strip().splitlines()[-2:]
+            assert header.split() == ["ACTIVITY", "WORKERS", "CONCURRENCY", "VERSIONS", "LAST", "HEARTBEAT"]
+            assert line.split()[:5] == ["score-lead", "2", "5", "3.0.1,", "4.0.0"]
+        code, out = await paigeant("activities", "--json")
+        [row] = json.loads(out[out.index("[") :])
+        assert (row["workers"], row["versions"]) == ([], [])  # both stopped: on record, serving nothing

@@ -1,0 +1,251 @@
+"""The live activity registry: workers advertise what they serve, signed; catalogs, planners and dispatchers read it."""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import pytest
+from joserfc.jwk import OKPKey
+from pydantic import BaseModel
+from pydantic_ai.messages import ModelResponse, TextPart
+
+from paigeant_ai import (
+    ActivityCatalog,
+    ActivityContext,
+    ActivitySpec,
+    InMemoryTransport,
+    MessageSigner,
+    NoWorker,
+    Parallel,
+    PlannerAgentDeps,
+    UserError,
+    Worker,
+    WorkflowDispatcher,
+    activity,
+    create_planner_agent,
+    read_registry,
+)
+from paigeant_ai._registry import WorkerRecord
+from paigeant_ai.exceptions import TransportError
+from paigeant_ai.transports import Transport
+from paigeant_ai.transports.base import Advertising
+
+from .brokers import make_transport, wait_until
+from .scripted import Script, call
+
+
+class Customer(BaseModel):
+    customer_id: str
+
+
+@activity(name="validate-customer", description="Checks the e-mail address and makes a customer ID")
+async def validate_customer(ctx: ActivityContext) -> Customer:
+    return Customer(customer_id=f"c-{ctx.payload['email']}")
+
+
+validate_customer.version = "2.1.0"  # pyright: ignore[reportAttributeAccessIssue]
+
+
+@activity(name="send-welcome", description="Sends the welcome e-mail")
+async def send_welcome(ctx: ActivityContext) -> dict[str, Any]:
+    return {"welcomed": ctx.payload["customer_id"]}
+
+
+def signer() -> MessageSigner:
+    key = OKPKey.generate_key("Ed25519", parameters={"kid": "workers"})
+    return MessageSigner(key)
+
+
+async def live_names(transport: Transport, security: MessageSigner) -> list[str]:
+    registry = await read_registry(transport, security)
+    assert registry is not None
+    return registry.names
+
+
+async def test_a_running_worker_advertises_its_activities_and_withdraws_them_when_it_stops() -> None:
+    transport, security = InMemoryTransport(), signer()
+    async with transport:
+        worker = Worker(transport, [validate_customer, send_welcome], security=security, concurrency=3)
+        async with worker:
+            await wait_until(lambda: bool(worker.advertiser._task), within=5, what="the first heartbeat")  # pyright: ignore[reportPrivateUsage]
+            registry = await read_registry(transport, security)
+            assert registry is not None
+            assert registry.names == ["send-welcome", "validate-customer"]
+            [record] = registry.workers("validate-customer")
+            assert record.concurrency == 3
+            assert record.worker_id == worker.advertiser.worker_id
+            versions = {item.name: item.version for item in record.activities}
+            assert versions == {"validate-customer": "2.1.0", "send-welcome": None}
+            catalog = await ActivityCatalog.from_registry(transport, security=security)
+            entry = catalog.get("validate-customer")
+            assert entry is not None
+            assert entry.description == "Checks the e-mail address and makes a customer ID"
+            assert entry.produced_variables == ["customer_id"]
+        assert await live_names(transport, security) == []
+        registry = await read_registry(transport, security)
+        assert registry is not None
+        assert registry.last_seen("validate-customer") is not None
+
+
+async def test_a_worker_that_dies_lapses_after_three_heartbeats() -> None:
+    transport, security = InMemoryTransport(), signer()
+    async with transport:
+        worker = Worker(transport, [validate_customer], security=security, registry_heartbeat=0.1)
+        running = asyncio.create_task(worker.run())
+        await wait_until(lambda: worker.advertiser._task is not None, within=5, what="the first heartbeat")  # pyright: ignore[reportPrivateUsage]
+        assert await live_names(transport, security) == ["validate-customer"]
+        worker.advertiser._task.cancel()  # pyright: ignore[reportOptionalMemberAccess, reportPrivateUsage]
+        worker.advertiser._task = None  # pyright: ignore[reportPrivateUsage]
+        registry = await read_registry(transport, security)  # the heartbeats stopped: the last one is on record
+        assert registry is not None
+        [record] = registry.live
+        while await live_names(transport, security):
+            assert datetime.now(UTC) < record.lapses_at + timedelta(seconds=1), "the record never lapsed"
+            await asyncio.sleep(0.01)
+        assert datetime.now(UTC) >= record.lapses_at  # three heartbeats after the last one, not before
+        worker.stop()
+        await running
+
+
+async def test_a_record_that_does_not_verify_is_logged_and_ignored(caplog: pytest.LogCaptureFixture) -> None:
+    transport, security = InMemoryTransport(), signer()
+    async with transport:
+        board = transport.registry_board()
+        forged = WorkerRecord(worker_id="w-forged", interval=10, activities=[]).sign(signer())  # an untrusted key
+        tampered = WorkerRecord(worker_id="w-tampered", interval=10).sign(security)
+        tampered = tampered.model_copy(update={"concurrency": 99})
+        await board.post("w-forged", forged.to_bytes(), ttl=60)
+        await board.post("w-tampered", tampered.to_bytes(), ttl=60)
+        await board.post("w-garbage", b"not json", ttl=60)
+        registry = await read_registry(transport, security)
+        assert registry is not None
+        assert registry.records == []
+    assert "'w-forged' does not verify" in caplog.text
+    assert "'w-tampered' does not verify" in caplog.text
+    assert "is not a worker record" in caplog.text
+
+
+async def test_a_hand_written_catalog_merges_with_the_live_one_and_wins_on_a_clash() -> None:
+    transport, security = InMemoryTransport(), signer()
+    worker = Worker(transport, [validate_customer, send_welcome], security=security)
+    async with transport, worker:
+        await wait_until(lambda: worker.advertiser._task is not None, within=5, what="the first heartbeat")  # pyright: ignore[reportPrivateUsage]
+        live = await ActivityCatalog.from_registry(transport, security=security, forbidden=["send-welcome"])
+        assert live.names == ["validate-customer"]
+        hand = ActivityCatalog([ActivitySpec(name="validate-customer", description="by hand")])
+        merged = hand | await ActivityCatalog.from_registry(transport, security=security)
+        assert sorted(merged.names) == ["send-welcome", "validate-customer"]
+        entry = merged.get("validate-customer")
+        assert entry is not None
+        assert entry.description == "by hand"
+        scoped = await ActivityCatalog.from_registry(transport, security=security, scopes=[])
+        assert sorted(scoped.names) == ["send-welcome", "validate-customer"]
+
+
+async def test_the_dispatcher_refuses_a_step_no_live_worker_serves_once_any_worker_is_live() -> None:
+    transport, security = InMemoryTransport(), signer()
+    async with transport:
+        dispatcher = WorkflowDispatcher(transport, security=security)
+        await dispatcher.dispatch_workflow(["nobody-serves-this"], {})  # nobody is live: dispatched anyway
+        async with Worker(transport, [validate_customer], security=security) as worker:
+            await wait_until(lambda: worker.advertiser._task is not None, within=5, what="the first heartbeat")  # pyright: ignore[reportPrivateUsage]
+            with pytest.raises(NoWorker) as refused:
+                await dispatcher.dispatch_workflow(
+                    [ActivitySpec(name="validate-customer", compensate="undo-customer")], {"email": "a@b"}
+                )
+            assert str(refused.value) == (
+                "no live worker serves activity 'undo-customer': start a worker for it, or use only what is live: "
+                "validate-customer"
+            )
+            with pytest.raises(NoWorker, match=r"serves activities 'score-risk', 'manual-review': start"):
+                await dispatcher.dispatch_workflow(
+                    [Parallel("validate-customer", ActivitySpec(name="score-risk", fallbacks=("manual-review",)))],
+                    {"email": "a@b"},
+                )
+            unchecked = WorkflowDispatcher(transport, security=security, require_live_workers=False)
+            await unchecked.dispatch_workflow(["nobody-serves-this"], {})
+
+
+async def test_the_planner_without_a_catalog_plans_from_the_registry(transport: Transport) -> None:
+    assert isinstance(transport, Advertising)
+    security = signer()
+    events: list[str] = []
+    script = Script(
+        [
+            call("list_activities", {}),
+            call(
+                "dispatch_workflow",
+                {
+                    "activities": ["validate-customer", "send-welcome"],
+                    "variables": {"email": "new.customer@example.com"},
+                },
+            ),
+            ModelResponse(parts=[TextPart("Dispatched.")]),
+        ]
+    )
+    planner = create_planner_agent(model=script.model)
+    dispatcher = WorkflowDispatcher(transport, security=security, require_live_workers=True)
+    worker = Worker(
+        transport,
+        [validate_customer, send_welcome],
+        security=security,
+        on_event=lambda event: events.append(event.kind),
+    )
+    async with worker:
+        await wait_until(lambda: worker.advertiser._task is not None, within=10, what="the first heartbeat")  # pyright: ignore[reportPrivateUsage]
+        # The seed's call: an application's token, which travels with the workflow (no step here requires scopes).
+        deps = PlannerAgentDeps(workflow_dispatcher=dispatcher, user_obo_token="opaque-user-token")
+        result = await planner.run("Onboard new.customer@example.com", deps=deps)
+        assert result.output == "Dispatched."
+        listed = str(script.requests[1][-1])
+        assert "validate-customer" in listed
+        assert "send-welcome" in listed
+        await wait_until(lambda: "completed" in events, within=20, what="the planned workflow to complete")
+
+
+async def test_a_board_keeps_each_workers_latest_record_until_its_ttl_passes(transport: Transport) -> None:
+    assert isinstance(transport, Advertising)
+    board = transport.registry_board()
+    await board.open()
+    await board.post("w-1", b"first", ttl=60)
+    await board.post("w-1", b"second", ttl=60)
+    await board.post("w-2", b"short-lived", ttl=0.3)
+    assert sorted(await board.records()) == [b"second", b"short-lived"]
+    await asyncio.sleep(0.5)
+    assert await board.records() == [b"second"]
+    other = transport.registry_board()  # another board over the same registry
+    await other.open()
+    assert await other.records() == [b"second"]
+    if not transport.process_local:  # another process's transport reads what was posted before it started
+        async with make_transport(transport.name, getattr(transport, "namespace", "")) as later:
+            assert isinstance(later, Advertising)
+            assert await later.registry_board().records() == [b"second"]
+    with pytest.raises(UserError, match="at most 262144 bytes"):
+        await board.post("w-3", b"x" * (256 * 1024 + 1), ttl=60)
+    await board.close()
+    await other.close()
+
+
+class _UnreadableRegistry(InMemoryTransport):
+    """A transport whose registry cannot be read now (a broker without streams, say)."""
+
+    def registry_board(self) -> Any:
+        board = super().registry_board()
+
+        async def records() -> list[bytes]:
+            raise TransportError("the registry stream is missing")
+
+        board.records = records  # pyright: ignore[reportAttributeAccessIssue]
+        return board
+
+
+async def test_a_registry_that_cannot_be_read_does_not_stop_dispatches(caplog: pytest.LogCaptureFixture) -> None:
+    transport, security = _UnreadableRegistry(), signer()
+    async with transport:
+        await WorkflowDispatcher(transport, security=security).dispatch_workflow(["validate-customer"], {})
+        assert "the registry cannot be read (the registry stream is missing)" in caplog.text
+        strict = WorkflowDispatcher(transport, security=security, require_live_workers=True)
+        with pytest.raises(TransportError, match="the registry stream is missing"):
+            await strict.dispatch_workflow(["validate-customer"], {})
