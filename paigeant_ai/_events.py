@@ -28,6 +28,7 @@ from pydantic_core import to_json
 
 from . import observability
 from ._escape import escape_control
+from ._wire import FROM_WIRE
 from .contracts import EVENTS, WIRE_VERSION, PaigeantMessage, Wire, utcnow
 from .transports.base import Transport
 
@@ -114,8 +115,8 @@ def decode_events(body: bytes | str) -> list[WorkflowEvent]:
     """
     text = body.lstrip()[:1]
     if text in (b"[", "["):
-        return _EVENT_BATCH.validate_json(body)
-    return [WorkflowEvent.model_validate_json(body)]
+        return _EVENT_BATCH.validate_json(body, context=FROM_WIRE)
+    return [WorkflowEvent.model_validate_json(body, context=FROM_WIRE)]
 
 
 __all__ = ("EventCallback", "EventKind", "EventReporter", "WorkflowEvent", "decode_events")

@@ -17,7 +17,7 @@ from pydantic_core import from_json
 
 from ._json_values import check_finite
 from ._usage import Usage, sum_usage
-from ._wire import Plan, PlannedStep, RetryPolicy, RevisionLimits, Wire, utcnow
+from ._wire import FROM_WIRE, Plan, PlannedStep, RetryPolicy, RevisionLimits, Wire, extras_before, utcnow
 from .exceptions import InvalidMessage, UserError
 
 __all__ = (
@@ -448,6 +448,8 @@ class SecurityContext(Wire):
     jws_signature: str | None = Field(default=None, repr=False)
     """A detached JWS over the message as sent, with this field `null`; always the message's last value."""
 
+    _last_in_json = extras_before("jws_signature")
+
 
 def derive_message_id(correlation_id: str, step: int | str, name: str | None, attempt: int) -> str:
     """The id of one hop, the same every time that hop is produced, so a redelivery can be recognised."""
@@ -492,6 +494,8 @@ class PaigeantMessage(Wire):
     security: SecurityContext = Field(default_factory=SecurityContext)
     """Always the last field, with the signature last in it: see `paigeant_ai._sealing`."""
 
+    _last_in_json = extras_before("security")
+
     @classmethod
     def new(
         cls,
@@ -523,7 +527,7 @@ class PaigeantMessage(Wire):
             InvalidMessage: The data is not JSON, has an unknown version, or does not have the v1 shape.
         """
         try:
-            return cls.model_validate_json(data)  # the common case, in one pass
+            return cls.model_validate_json(data, context=FROM_WIRE)  # the common case, in one pass
         except ValidationError:
             pass  # find out what is wrong, to say it clearly
         try:
@@ -533,10 +537,14 @@ class PaigeantMessage(Wire):
         if not isinstance(raw, dict):
             raise InvalidMessage(f"expected a JSON object, got {type(raw).__name__}")
         version = raw.get("v")  # pyright: ignore[reportUnknownMemberType]
+        if isinstance(version, int) and not isinstance(version, bool) and version > WIRE_VERSION:
+            raise InvalidMessage(
+                f"wire version {version} is newer than this worker reads ({WIRE_VERSION}): upgrade the worker"
+            )
         if version != WIRE_VERSION:
             raise InvalidMessage(f"unsupported wire version {version!r}; this worker reads version {WIRE_VERSION}")
         try:
-            return cls.model_validate(raw)
+            return cls.model_validate(raw, context=FROM_WIRE)
         except ValidationError as exc:
             raise InvalidMessage(f"invalid message: {_summarize(exc)}") from None
 
