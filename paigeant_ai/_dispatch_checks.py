@@ -14,6 +14,7 @@ from typing import Any, NoReturn, cast
 from pydantic import ValidationError
 
 from ._parallel import MAX_BRANCHES, Parallel, check_branch_count
+from ._versions import check_version_range
 from .activity import Activity
 from .contracts import RESERVED_ADDRESSES, ActivitySpec, PaigeantMessage
 from .exceptions import NoWorker, UserError
@@ -40,6 +41,9 @@ def to_spec(item: ActivitySpec | Activity | Parallel | str) -> ActivitySpec:
     if isinstance(item, ActivitySpec):
         if len(item.branches) > MAX_BRANCHES:
             check_branch_count(len(item.branches))
+        for spec in (item, *item.branches):
+            if spec.version is not None:
+                check_version_range(spec.version, spec.name)
         return item
     if isinstance(item, str):
         try:

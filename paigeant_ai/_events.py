@@ -102,6 +102,9 @@ class WorkflowEvent(Wire):
     """On `step_started`: the seconds the attempt may run."""
     branch: str | None = Field(default=None, exclude_if=lambda value: value is None)
     """On the events of a parallel group's branch: its key (`step` is the group's index)."""
+    version: str | None = Field(default=None, exclude_if=lambda value: value is None)
+    """On `step_started` and `step_completed`: the version of the activity that ran it; on `waiting`, for a step
+    pinned to versions no worker that took it has, the range it waits for."""
 
 
 _EVENT_BATCH = TypeAdapter(list[WorkflowEvent])

@@ -30,6 +30,7 @@ from ._join import NO_JOIN_STORE, BranchResult, JoinStore
 from ._outcome import Advance, End, Reject
 from ._plan import begin_unwinding
 from ._sealing import seal
+from ._versions import activity_version
 from ._wire import utcnow
 from .contracts import ActivityLogEntry, ActivitySpec, Compensation, PaigeantMessage, Unwinding
 from .exceptions import SecurityError
@@ -157,6 +158,7 @@ def _result(hop: Hop, outcome: Advance) -> BranchResult:
         output_keys=[key],
         approvals=hop.approvals,
         branch=key,
+        version=activity_version(hop.activity),
     )
     compensation = None
     if hop.spec.compensate is not None:

@@ -93,6 +93,9 @@ class ActivitySpec(Wire):
     the workflow goes on once all completed, each one's output under its key in the payload."""
     key: str | None = Field(default=None, min_length=1, max_length=200, exclude_if=lambda value: value is None)
     """For a branch of a parallel group: the payload key its output goes under (its name when `None`)."""
+    version: str | None = Field(default=None, min_length=1, max_length=200, exclude_if=lambda value: value is None)
+    """The versions of the activity that may run the step, a PEP 440 range (`"~=2.1"`, `">=2,<3"`): a worker whose
+    version is outside it hands the step back for one that fits (see `paigeant_ai._versions`)."""
 
     @model_validator(mode="after")
     def _not_reserved(self) -> Self:
