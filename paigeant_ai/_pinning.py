@@ -44,6 +44,8 @@ class Pins:
         wire = slip.current_activity
         if wire is None or wire.version is None or slip.current != wire.name or slip.unwinding is not None:
             return None  # a fallback or a compensation runs whatever its version
+        if hop.expired:
+            return None  # past its deadline: it ends `expired` here, and nothing runs
         try:
             inside = fits(activity_version(hop.activity), wire.version)
         except InvalidSpecifier:
