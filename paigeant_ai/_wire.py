@@ -20,14 +20,12 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
-    SerializerFunctionWrapHandler,
     ValidationInfo,
-    model_serializer,
     model_validator,
 )
 from pydantic_core import PydanticCustomError
 
-__all__ = ("FROM_WIRE", "Plan", "PlannedStep", "RetryPolicy", "RevisionLimits", "Wire", "extras_before", "utcnow")
+__all__ = ("FROM_WIRE", "Plan", "PlannedStep", "RetryPolicy", "RevisionLimits", "Wire", "utcnow")
 
 FROM_WIRE: Mapping[str, Any] = {"paigeant_wire": True}
 """The validation context of what is read from the wire (or a store): fields a newer sender added are kept."""
@@ -65,20 +63,6 @@ class Wire(BaseModel):
                 {"names": names, "model": type(self).__name__},
             )
         return self
-
-
-def extras_before(last: str) -> Any:
-    """A serializer for a model whose field `last` must stay its last value: the fields a newer sender added are
-    encoded before it (assign it in the class body). `PaigeantMessage` keeps `security` last, and `SecurityContext`
-    its signature, because `paigeant_ai._sealing` finds the signature at the very end of the bytes."""
-
-    def serialize(self: Wire, handler: SerializerFunctionWrapHandler) -> Any:
-        data = handler(self)
-        if self.__pydantic_extra__ and isinstance(data, dict) and last in data:
-            data[last] = data.pop(last)  # pyright: ignore[reportUnknownMemberType]
-        return data  # pyright: ignore[reportUnknownVariableType]
-
-    return model_serializer(mode="wrap")(serialize)
 
 
 class RetryPolicy(Wire):

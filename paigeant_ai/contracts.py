@@ -13,11 +13,11 @@ from datetime import datetime
 from typing import Annotated, Any, Literal, Self
 
 from pydantic import AwareDatetime, ConfigDict, Field, JsonValue, ValidationError, model_validator
-from pydantic_core import from_json
+from pydantic_core import from_json, to_json
 
 from ._json_values import check_finite
 from ._usage import Usage, sum_usage
-from ._wire import FROM_WIRE, Plan, PlannedStep, RetryPolicy, RevisionLimits, Wire, extras_before, utcnow
+from ._wire import FROM_WIRE, Plan, PlannedStep, RetryPolicy, RevisionLimits, Wire, utcnow
 from .exceptions import InvalidMessage, UserError
 
 __all__ = (
@@ -451,8 +451,6 @@ class SecurityContext(Wire):
     jws_signature: str | None = Field(default=None, repr=False)
     """A detached JWS over the message as sent, with this field `null`; always the message's last value."""
 
-    _last_in_json = extras_before("jws_signature")
-
 
 def derive_message_id(correlation_id: str, step: int | str, name: str | None, attempt: int) -> str:
     """The id of one hop, the same every time that hop is produced, so a redelivery can be recognised."""
@@ -496,8 +494,6 @@ class PaigeantMessage(Wire):
     """The route the workflow was started with, signed; unchanged on every hop (see `paigeant_ai._plan`)."""
     security: SecurityContext = Field(default_factory=SecurityContext)
     """Always the last field, with the signature last in it: see `paigeant_ai._sealing`."""
-
-    _last_in_json = extras_before("security")
 
     @classmethod
     def new(
@@ -552,8 +548,14 @@ class PaigeantMessage(Wire):
             raise InvalidMessage(f"invalid message: {_summarize(exc)}") from None
 
     def to_json(self) -> bytes:
-        """The message as compact JSON bytes."""
-        return self.model_dump_json().encode()
+        """The message as compact JSON bytes, `security` last and its signature last in it (see `_sealing`)."""
+        if not self.__pydantic_extra__ and not self.security.__pydantic_extra__:
+            return self.model_dump_json().encode()
+        # Fields a newer sender added (see `_wire`) go before `security` and its signature, not after them.
+        data = self.model_dump(mode="json")
+        security = data.pop("security")
+        security["jws_signature"] = security.pop("jws_signature")
+        return to_json({**data, "security": security}, inf_nan_mode="constants")
 
     @property
     def step(self) -> int:
