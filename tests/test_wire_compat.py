@@ -11,7 +11,8 @@ from pydantic import ValidationError
 
 from paigeant_ai import ActivityContext, ActivitySpec, PaigeantMessage, Worker, WorkflowDispatcher, WorkflowEvent
 from paigeant_ai import activity as activity_decorator
-from paigeant_ai._plan import spec_digest
+from paigeant_ai._events import decode_events
+from paigeant_ai._plan import PLAN_TYPE, _plan_bytes, spec_digest  # pyright: ignore[reportPrivateUsage]
 from paigeant_ai._sealing import seal
 from paigeant_ai.contracts import RoutingSlip
 from paigeant_ai.exceptions import InvalidMessage
@@ -112,3 +113,62 @@ async def _forward_newer(transport: InMemoryTransport) -> None:
     assert last.model_extra == {"release": {"train": "2026.12", "flags": [1, 2]}}
     assert last.routing_slip.model_extra == {"lane": "blue"}
     assert last.security.model_extra == {"channel": "mtls"}
+
+
+async def _run_newer_plan(*, tamper: bool) -> list[WorkflowEvent]:
+    """A workflow whose plan and second step carry fields a newer dispatcher added, signed by it (then, with
+    `tamper`, one more plan field added on the way, under no signature)."""
+    security = MessageSigner(KEY)
+    events: list[WorkflowEvent] = []
+
+    @activity_decorator(name="a")
+    async def first(ctx: ActivityContext) -> None:
+        return None
+
+    @activity_decorator(name="b")
+    async def second(ctx: ActivityContext) -> None:
+        return None
+
+    async with InMemoryTransport() as transport:
+        await WorkflowDispatcher(transport, security=security).dispatch_workflow(["a", "b"], {})
+        async with await transport.consume("a") as deliveries:
+            delivery = await anext(deliveries)
+            await transport.ack(delivery)
+        raw = json.loads(delivery.body)
+        raw["routing_slip"]["itinerary"][1]["priority"] = 3
+        raw["plan"]["region"] = "eu"
+        message = PaigeantMessage.from_json(json.dumps(raw))
+        plan = message.plan
+        assert plan is not None
+        plan.steps[1] = plan.steps[1].model_copy(update={"digest": spec_digest(message.routing_slip.itinerary[1])})
+        plan.signature = security.sign_bytes(_plan_bytes(plan), typ=PLAN_TYPE)
+        if tamper:
+            assert plan.__pydantic_extra__ is not None
+            plan.__pydantic_extra__["region"] = "us"
+        await transport.publish("a", seal(message, security, max_bytes=1_000_000))
+        await Worker(transport, [first, second], security=security, on_event=events.append).run(burst=True)
+    return events
+
+
+async def test_a_plan_and_a_step_with_fields_a_newer_dispatcher_added_verify_and_run() -> None:
+    events = await _run_newer_plan(tamper=False)
+    kinds = [event.kind for event in events]
+    assert kinds.count("step_completed") == 2
+    assert kinds[-1] == "completed"
+    assert "rejected" not in kinds
+
+
+async def test_a_field_added_to_a_signed_plan_on_the_way_is_refused() -> None:
+    events = await _run_newer_plan(tamper=True)
+    rejected = [event for event in events if event.kind == "rejected"]
+    assert len(rejected) == 1
+    assert "plan" in (rejected[0].detail or "")
+    assert "completed" not in [event.kind for event in events]
+
+
+def test_an_event_from_a_newer_worker_keeps_its_new_fields() -> None:
+    event = WorkflowEvent(kind="step_started", correlation_id="c-1", activity="a", step=0)
+    raw = {**json.loads(event.model_dump_json()), "heartbeat": 3}
+    (decoded,) = decode_events(json.dumps([raw]).encode())
+    assert decoded.model_extra == {"heartbeat": 3}
+    assert json.loads(decoded.model_dump_json()) == raw
