@@ -16,6 +16,7 @@ from paigeant_ai import (
     AgentActivity,
     EndWorkflow,
     PaigeantMessage,
+    Parallel,
     Worker,
     WorkflowDispatcher,
     WorkflowEvent,
@@ -149,3 +150,33 @@ async def test_a_pinned_step_waits_for_a_worker_whose_version_fits_and_then_runs
     assert status is not None
     assert status.state == "completed"
     assert [(step.activity, step.version, step.attempts) for step in status.steps] == [("charge", "2.1.4", 1)]
+
+
+async def test_a_pinned_branch_of_a_parallel_group_waits_for_its_version_and_the_group_joins() -> None:
+    def research(version: str) -> FunctionActivity:
+        async def run(ctx: ActivityContext) -> dict[str, str]:
+            return {"found": version}
+
+        return activity(name="research", version=version)(run)
+
+    other = activity(name="inventory", version="1.0")(_step)
+    async with InMemoryTransport() as transport:
+        events: list[WorkflowEvent] = []
+        dispatcher = WorkflowDispatcher(transport, security=MessageSigner(KEY))
+        group = Parallel(ActivitySpec(name="research", version=">=2"), "inventory")
+        correlation_id = await dispatcher.dispatch_workflow([group], {})
+        old = Worker(transport, [research("1.5"), other], security=MessageSigner(KEY), on_event=events.append)
+        running = asyncio.create_task(old.run())
+        await wait_until(lambda: any(event.kind == "waiting" for event in events), within=10, what="the wait")
+        old.stop()
+        await running
+        new = Worker(transport, [research("2.0"), other], security=MessageSigner(KEY), on_event=events.append)
+        await new.run(burst=True)
+
+    status = project(correlation_id, events)
+    assert status is not None
+    assert status.state == "completed"
+    assert status.payload is not None
+    assert status.payload["research"] == {"found": "2.0"}
+    versions = {(step.activity, step.branch): step.version for step in status.steps if step.branch}
+    assert versions == {("research", "research"): "2.0", ("inventory", "inventory"): "1.0"}
