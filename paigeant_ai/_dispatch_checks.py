@@ -41,9 +41,6 @@ def to_spec(item: ActivitySpec | Activity | Parallel | str) -> ActivitySpec:
     if isinstance(item, ActivitySpec):
         if len(item.branches) > MAX_BRANCHES:
             check_branch_count(len(item.branches))
-        for spec in (item, *item.branches):
-            if spec.version is not None:
-                check_version_range(spec.version, spec.name)
         return item
     if isinstance(item, str):
         try:
@@ -77,9 +74,13 @@ def specs_of(activities: object) -> list[ActivitySpec]:
             f"activities must be a list of steps (ActivitySpec objects, activities or names), "
             f"not {type(activities).__name__}"
         )
-    return [
+    specs = [
         to_spec(item) for item in cast("Sequence[ActivitySpec | Activity | Parallel | str]", activities)
     ]  # each checked
+    for spec in (step for group in specs for step in (group, *group.branches)):
+        if spec.version is not None:
+            check_version_range(spec.version, spec.name)
+    return specs
 
 
 def variables_of(variables: object) -> Mapping[str, Any] | None:

@@ -108,10 +108,14 @@ async def test_each_log_entry_records_the_version_that_ran_its_step() -> None:
     assert project(done, events) is not None
 
 
-def test_a_pin_that_is_not_a_version_range_is_refused_at_dispatch() -> None:
+@pytest.mark.parametrize("grouped", [False, True])
+def test_a_pin_that_is_not_a_version_range_is_refused_at_dispatch(grouped: bool) -> None:
+    pinned = ActivitySpec(name="a", version="2.x")
+
     async def dispatch() -> None:
         async with InMemoryTransport() as transport:
-            await WorkflowDispatcher(transport).dispatch_workflow([ActivitySpec(name="a", version="2.x")], {})
+            route = [Parallel(pinned, "b")] if grouped else [pinned]
+            await WorkflowDispatcher(transport).dispatch_workflow(route, {})
 
     with pytest.raises(UserError, match=r"the version range '2.x' of step 'a' is not a PEP 440 specifier: write"):
         asyncio.run(dispatch())
