@@ -35,6 +35,16 @@ def activity_version(activity: Any) -> str | None:
     return _distribution_version(module.partition(".")[0]) or _code_version(code)
 
 
+def _code_version(code: Any) -> str:
+    """`0+` and 8 hex digits of a digest of the source of `code` (of its qualified name when it has none)."""
+    while isinstance(code, functools.partial):
+        code = code.func  # pyright: ignore[reportUnknownMemberType]
+    try:
+        return _cached_code_version(code)
+    except TypeError:  # not hashable: a callable object that defines equality
+        return _digest_of(type(code))
+
+
 def check_version(version: str | None, name: str) -> str | None:
     """`version`, once it is a PEP 440 version (or None).
 
@@ -89,6 +99,8 @@ def _specifier(pin: str) -> SpecifierSet:
 def _origin(activity: Any) -> tuple[str, Any] | None:
     """The module the activity's code is in, and the object whose source is its code."""
     func = getattr(activity, "func", None)  # a function activity
+    while isinstance(func, functools.partial):
+        func = func.func  # pyright: ignore[reportUnknownMemberType]
     if callable(func):
         return getattr(func, "__module__", None) or "", func
     defined_in = getattr(activity, "defined_in", None)  # an agent activity: the module that built it
@@ -118,11 +130,15 @@ def _packages_distributions() -> dict[str, list[str]]:
 
 
 @functools.lru_cache(maxsize=256)
-def _code_version(code: Any) -> str:
-    """`0+` and 8 hex digits of a digest of the source of `code` (its qualified name when it has none)."""
+def _cached_code_version(code: Any) -> str:
+    return _digest_of(code)
+
+
+def _digest_of(code: Any) -> str:
     try:
         source = inspect.getsource(code)
-    except (OSError, TypeError):
-        source = getattr(code, "__qualname__", None) or repr(code)
+    except (OSError, TypeError):  # no source at hand (built in, or typed at a prompt): its name, the same anywhere
+        name = getattr(code, "__qualname__", None) or type(code).__qualname__
+        source = f"{getattr(code, '__module__', '')}.{name}"
     digest = hashlib.blake2b(source.encode(), digest_size=4).hexdigest()
     return f"0+{digest}"

@@ -4,6 +4,7 @@ pinned to a version range runs only on a worker whose version is in it."""
 from __future__ import annotations
 
 import asyncio
+import functools
 import re
 
 import pydantic
@@ -184,3 +185,20 @@ async def test_a_pinned_branch_of_a_parallel_group_waits_for_its_version_and_the
     assert status.payload["research"] == {"found": "2.0"}
     versions = {(step.activity, step.branch): step.version for step in status.steps if step.branch}
     assert versions == {("research", "research"): "2.0", ("inventory", "inventory"): "1.0"}
+
+
+def test_a_derived_version_is_the_same_for_a_partial_and_for_a_callable_object() -> None:
+    class Step:
+        def __eq__(self, other: object) -> bool:  # defines equality, so it cannot be hashed
+            return isinstance(other, Step)
+
+        __hash__ = None  # pyright: ignore[reportAssignmentType]
+
+        async def __call__(self, ctx: ActivityContext) -> None:
+            return None
+
+    plain = activity_version(FunctionActivity(_step, name="a"))
+    assert activity_version(FunctionActivity(functools.partial(_step), name="a")) == plain
+    made = activity_version(FunctionActivity(Step(), name="b"))
+    assert made == activity_version(FunctionActivity(Step(), name="b"))
+    assert re.fullmatch(r"0\+[0-9a-f]{8}", made or "")
