@@ -27,7 +27,7 @@ from pydantic import AwareDatetime, Field, ValidationError
 from ._escape import escape_control
 from ._plan import begin_unwinding, token_subject
 from ._tokens import TokenValidator
-from ._wire import Plan, Wire, utcnow
+from ._wire import FROM_WIRE, Plan, Wire, utcnow
 from .contracts import Compensation, PaigeantMessage, Unwinding
 from .exceptions import SecurityError, TokenError
 from .security import MessageSecurity
@@ -138,7 +138,7 @@ class CancelCheck:
         security: MessageSecurity,
     ) -> CancelRequest | None:
         try:
-            request = CancelRequest.model_validate_json(record)
+            request = CancelRequest.model_validate_json(record, context=FROM_WIRE)
         except ValidationError:
             return self._refuse("malformed", correlation_id, "a record on the cancel board is not a cancel request")
         if request.correlation_id != correlation_id:

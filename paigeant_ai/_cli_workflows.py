@@ -224,6 +224,7 @@ def render_status(status: WorkflowStatus) -> str:
                 took = f"timeout {step.timeout:g}s"
             undoes = f"  undoes {step.undoes}" if step.undoes else ""
             undoes += f"  branch {step.branch}" if step.branch else ""
+            undoes += f"  version {step.version}" if step.version else ""
             lines.append(
                 f"    {step.step:>3} {step.activity:<{width}}  {step.state:<9} {_attempts(step.attempts):<11} {took}"
                 f"{undoes}"

@@ -14,6 +14,7 @@ from typing import Any, NoReturn, cast
 from pydantic import ValidationError
 
 from ._parallel import MAX_BRANCHES, Parallel, check_branch_count
+from ._versions import check_version_range
 from .activity import Activity
 from .contracts import RESERVED_ADDRESSES, ActivitySpec, PaigeantMessage
 from .exceptions import NoWorker, UserError
@@ -73,9 +74,13 @@ def specs_of(activities: object) -> list[ActivitySpec]:
             f"activities must be a list of steps (ActivitySpec objects, activities or names), "
             f"not {type(activities).__name__}"
         )
-    return [
+    specs = [
         to_spec(item) for item in cast("Sequence[ActivitySpec | Activity | Parallel | str]", activities)
     ]  # each checked
+    for spec in (step for group in specs for step in (group, *group.branches)):
+        if spec.version is not None:
+            check_version_range(spec.version, spec.name)
+    return specs
 
 
 def variables_of(variables: object) -> Mapping[str, Any] | None:

@@ -30,6 +30,7 @@ from . import observability
 from ._escape import escape_control
 from ._ledger import workflow_usage
 from ._usage import Usage
+from ._wire import FROM_WIRE
 from .contracts import EVENTS, WIRE_VERSION, PaigeantMessage, Wire, utcnow
 from .transports.base import Transport
 
@@ -105,6 +106,9 @@ class WorkflowEvent(Wire):
     """On the events of a parallel group's branch: its key (`step` is the group's index)."""
     usage: Usage | None = Field(default=None, exclude_if=lambda value: value is None)
     """On the events that end a workflow or its undoing: what it used so far (see `workflow_usage`)."""
+    version: str | None = Field(default=None, exclude_if=lambda value: value is None)
+    """On `step_started` and `step_completed`: the version of the activity that ran it; on `waiting`, for a step
+    pinned to versions no worker that took it has, the range it waits for."""
 
 
 _WITH_USAGE = frozenset({"completed", "faulted", "cancelled", "expired", "compensated", "compensation_failed"})
@@ -121,8 +125,8 @@ def decode_events(body: bytes | str) -> list[WorkflowEvent]:
     """
     text = body.lstrip()[:1]
     if text in (b"[", "["):
-        return _EVENT_BATCH.validate_json(body)
-    return [WorkflowEvent.model_validate_json(body)]
+        return _EVENT_BATCH.validate_json(body, context=FROM_WIRE)
+    return [WorkflowEvent.model_validate_json(body, context=FROM_WIRE)]
 
 
 __all__ = ("EventCallback", "EventKind", "EventReporter", "WorkflowEvent", "decode_events")

@@ -31,6 +31,7 @@ from ._ledger import take_usage
 from ._outcome import Advance, End, Reject
 from ._plan import begin_unwinding
 from ._sealing import seal
+from ._versions import activity_version
 from ._wire import utcnow
 from .contracts import ActivityLogEntry, ActivitySpec, Compensation, PaigeantMessage, Unwinding
 from .exceptions import SecurityError
@@ -159,6 +160,7 @@ def _result(hop: Hop, outcome: Advance) -> BranchResult:
         approvals=hop.approvals,
         branch=key,
         usage=take_usage(hop),
+        version=activity_version(hop.activity),
     )
     compensation = None
     if hop.spec.compensate is not None:

@@ -13,7 +13,7 @@ import logging
 from pydantic import Field, ValidationError
 
 from ._escape import escape_control
-from ._wire import Wire
+from ._wire import FROM_WIRE, Wire
 from .exceptions import SecurityError
 from .security import MessageSecurity
 
@@ -53,7 +53,7 @@ def read_mark(raw: bytes | None, security: MessageSecurity, *, correlation_id: s
         return None
     where = f"the failure mark of group {correlation_id}/{step} in the join store"
     try:
-        mark = GroupMark.model_validate_json(raw)
+        mark = GroupMark.model_validate_json(raw, context=FROM_WIRE)
         security.verify_bytes(mark.signature, mark._signed_bytes(), typ=GROUP_MARK_TYPE)  # pyright: ignore[reportPrivateUsage]
     except (ValidationError, SecurityError) as exc:
         logger.warning("%s does not verify and is ignored: %s", where, escape_control(str(exc)))

@@ -19,7 +19,7 @@ from typing import Protocol, cast
 
 from pydantic import Field, JsonValue, ValidationError
 
-from ._wire import Wire
+from ._wire import FROM_WIRE, Wire
 from .contracts import ActivityLogEntry, ActivitySpec, Compensation
 from .exceptions import SecurityError, UserError
 from .security import MessageSecurity
@@ -76,7 +76,7 @@ class BranchResult(Wire):
         """
         where = f"the result of branch {key!r} in the join store"
         try:
-            result = cls.model_validate_json(raw)
+            result = cls.model_validate_json(raw, context=FROM_WIRE)
         except ValidationError:
             raise SecurityError(f"branch_result: {where} is not a branch result", code="branch_result") from None
         try:

@@ -22,7 +22,7 @@ from datetime import datetime, timedelta
 from pydantic import AwareDatetime, Field, JsonValue, ValidationError
 
 from ._escape import escape_control
-from ._wire import Wire, utcnow
+from ._wire import FROM_WIRE, Wire, utcnow
 from .catalog import CatalogEntry
 from .contracts import ActivitySpec
 from .exceptions import SecurityError
@@ -191,7 +191,7 @@ def verified_records(raw: Iterable[bytes], security: MessageSecurity) -> list[Wo
 
 def _verified(body: bytes, security: MessageSecurity) -> WorkerRecord | None:
     try:
-        record = WorkerRecord.model_validate_json(body)
+        record = WorkerRecord.model_validate_json(body, context=FROM_WIRE)
     except ValidationError as exc:
         logger.warning("a registry record is not a worker record and is ignored: %s", _first_error(exc))
         return None

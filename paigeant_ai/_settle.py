@@ -44,6 +44,7 @@ from ._long_steps import hand_over
 from ._outcome import Advance, End, Fault, Halt, Outcome, Park, Reject, Retry, Skip
 from ._plan import begin_unwinding, revise_route
 from ._sealing import NonFiniteNumber, seal, too_large, unsigned_body
+from ._versions import activity_version
 from .approval import ParkedStep, WaitingStore
 from .contracts import DEAD_LETTER, ActivityLogEntry, Compensation, PaigeantMessage, RetryPolicy, Unwinding
 from .exceptions import MessageTooLarge, ParkWorkflow, SecurityError
@@ -201,6 +202,7 @@ async def _secure_successor(hop: Hop, outcome: Outcome, deps: SettleDeps) -> tup
                 to := slip.fall_back(attempt=hop.message.attempt, started_at=hop.started, error=outcome.reason)
             ):
                 slip.completed[-1].usage = take_usage(hop)
+                slip.completed[-1].version = activity_version(hop.activity)  # the failure `fall_back` logged
                 await _publish_hop(hop.message, deps)
                 await deps.dedupe.mark_done(key)
                 return _FellBack(outcome.reason, to), None
@@ -239,8 +241,9 @@ async def _stop(hop: Hop, unwinding: Unwinding, deps: SettleDeps, *, failed: str
     message = hop.message
     slip = message.routing_slip
     if failed is not None:
-        slip.mark_failed(hop.spec.name, attempt=message.attempt, started_at=hop.started, error=failed)
-        slip.completed[-1].usage = take_usage(hop)
+        entry = slip.mark_failed(hop.spec.name, attempt=message.attempt, started_at=hop.started, error=failed)
+        entry.usage = take_usage(hop)
+        entry.version = activity_version(hop.activity)
     branch = slip.branch
     pending = begin_unwinding(message, unwinding)  # undoing has a window of its own, past the workflow's deadline
     stopped = _Stopped(unwinding, pending, failed, branch)
@@ -294,6 +297,7 @@ async def _complete_step(hop: Hop, outcome: Advance | End, deps: SettleDeps) -> 
             hop.spec.name, attempt=message.attempt, started_at=hop.started, reason=outcome.reason, output_keys=keys
         )
         entry.usage = take_usage(hop)
+        entry.version = activity_version(hop.activity)
     else:
         undoing = message.routing_slip.undoing
         if undoing is None:
@@ -306,6 +310,7 @@ async def _complete_step(hop: Hop, outcome: Advance | End, deps: SettleDeps) -> 
         if undoing is not None:
             undoing.usage = entry.usage  # a compensation's entry is not logged: its record keeps what it used
         entry.approvals = hop.approvals  # who approved what this step ran, in the signed log
+        entry.version = activity_version(hop.activity)
         if undoing is None and hop.spec.compensate is not None:
             slip.compensations.append(
                 Compensation(
@@ -337,6 +342,8 @@ async def _report_step_done(message: PaigeantMessage, entry: ActivityLogEntry, d
     slip = message.routing_slip
     finished = slip.is_complete
     fields: dict[str, Any] = {"activity": entry.name, "step": entry.step, "attempt": entry.attempt}
+    if entry.version is not None:
+        fields["version"] = entry.version
     if slip.unwinding is not None:
         deps.stats.compensated += 1
         undone = next(record for record in slip.compensations if record.step == entry.step)
@@ -407,10 +414,11 @@ async def _publish_fault(hop: Hop, outcome: Fault, deps: SettleDeps) -> str | No
     """Log the failure in the slip and publish the copy for the dead-letter queue; the reason to dead-letter the
     delivery as it arrived instead, when the copy cannot be sent."""
     message = hop.message
-    message.routing_slip.mark_failed(
+    entry = message.routing_slip.mark_failed(
         hop.spec.name, attempt=message.attempt, started_at=hop.started, error=outcome.reason
     )
-    message.routing_slip.completed[-1].usage = take_usage(hop)
+    entry.usage = take_usage(hop)
+    entry.version = activity_version(hop.activity)
     detail = _fault_detail(hop, outcome)
     headers = {**message.headers, REASON_HEADER: detail[:2000], SOURCE_HEADER: hop.delivery.address}
     copy = message.next_hop(attempt=message.attempt)

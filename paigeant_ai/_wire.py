@@ -1,16 +1,27 @@
 """The base of every wire type, the retry policy, and the signed plan of a workflow.
 
 Re-exported from `paigeant_ai.contracts`, the home of the wire format; kept apart so that `contracts` stays small.
+
+Within wire version 1 the wire is forward compatible: a model read from the wire (validated with `FROM_WIRE` as its
+context) keeps the fields it does not know, at any depth, and writes them back unchanged after its own, so a
+worker forwards a newer worker's message with everything it carried, and what was signed over it still verifies.
+Built in Python, a model refuses a field it does not know: a misspelt argument raises.
 """
 
 from __future__ import annotations
 
 import random
+from collections.abc import Mapping
 from datetime import UTC, datetime
+from typing import Any, Self
 
-from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
+from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, ValidationInfo, model_validator
+from pydantic_core import PydanticCustomError
 
-__all__ = ("Plan", "PlannedStep", "RetryPolicy", "RevisionLimits", "Wire", "utcnow")
+__all__ = ("FROM_WIRE", "Plan", "PlannedStep", "RetryPolicy", "RevisionLimits", "Wire", "utcnow")
+
+FROM_WIRE: Mapping[str, Any] = {"paigeant_wire": True}
+"""The validation context of what is read from the wire (or a store): fields a newer sender added are kept."""
 
 
 def utcnow() -> datetime:
@@ -18,17 +29,33 @@ def utcnow() -> datetime:
 
 
 class Wire(BaseModel):
-    """The base of every wire type: strict, versioned JSON."""
+    """The base of every wire type: versioned JSON, strict when built in Python, forward compatible on the wire.
+
+    A field a newer sender added is kept in `__pydantic_extra__` and encoded after the known ones, in the order it
+    arrived; a newer release declares its new fields after the existing ones, so both encode a model alike.
+    """
 
     # NaN and infinity are refused where values are validated and encoded bare where they are not (a payload
     # updated in place), so that `_sealing` finds them instead of sending them as null.
     model_config = ConfigDict(
-        extra="forbid",
+        extra="allow",
         validate_assignment=False,
         ser_json_timedelta="float",
         allow_inf_nan=False,
         ser_json_inf_nan="constants",
     )
+
+    @model_validator(mode="after")
+    def _known_fields_only(self, info: ValidationInfo) -> Self:
+        extra = self.__pydantic_extra__
+        if extra and not (info.context or {}).get("paigeant_wire"):
+            names = ", ".join(repr(name) for name in extra)
+            raise PydanticCustomError(
+                "extra_forbidden",
+                "unknown field {names} for {model}: check its spelling",
+                {"names": names, "model": type(self).__name__},
+            )
+        return self
 
 
 class RetryPolicy(Wire):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import inspect
 import json
+import sys
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from copy import copy
 from dataclasses import dataclass, field
@@ -24,6 +25,7 @@ from ._agents import model_error_signal, run_output_type
 from ._in_doubt import ReconcileFunc
 from ._ledger import by_model, run_model_name, to_usage, usage_since
 from ._model_settings import check_overridable, step_run_options
+from ._versions import check_version
 from .approval import resumed_run
 from .contracts import (
     ActivitySpec,
@@ -230,9 +232,12 @@ class FunctionActivity:
         fallbacks: Sequence[str] = (),
         at_most_once: bool = False,
         reconcile: ReconcileFunc | None = None,
+        version: str | None = None,
     ) -> None:
         self.func = func
         resolved = name or func.__name__.replace("_", "-")
+        self.version = check_version(version, resolved)
+        """The version of the step's code (see `paigeant_ai._versions`); None derives it."""
         self.reconcile = _reconcile_of(resolved, at_most_once, reconcile)
         self.compensation, compensate_name = _compensation_of(resolved, compensate)
         self.spec = _make_spec(
@@ -277,6 +282,7 @@ def activity(
     fallbacks: Sequence[str] = (),
     at_most_once: bool = False,
     reconcile: ReconcileFunc | None = None,
+    version: str | None = None,
 ) -> Callable[[ActivityFunc], FunctionActivity]: ...
 
 
@@ -294,6 +300,7 @@ def activity(
     fallbacks: Sequence[str] = (),
     at_most_once: bool = False,
     reconcile: ReconcileFunc | None = None,
+    version: str | None = None,
 ) -> FunctionActivity | Callable[[ActivityFunc], FunctionActivity]:
     """Decorate a function to make it an activity; its name defaults to the function's, with `-` for `_`.
 
@@ -307,6 +314,10 @@ def activity(
     without keys): it is never run twice blindly. A copy that finds it started and not finished (a crash between
     the effect and the ack) asks `reconcile(ctx)`, which returns `Ran(output)` or `RunAgain()`; without a hook,
     the workflow parks `in_doubt` until a person resumes it (see `WorkflowDispatcher.resume`).
+
+    `version` is the version of the step's code (PEP 440, like `"2.1.0"`): each log entry records the version that
+    ran the step, and a workflow may pin the step to a range (`ActivitySpec(version="~=2.1")`). Without it, the
+    version of the installed distribution the function belongs to is used, else `0+` and a digest of its source.
     """
 
     def wrap(f: ActivityFunc) -> FunctionActivity:
@@ -322,6 +333,7 @@ def activity(
             fallbacks=fallbacks,
             at_most_once=at_most_once,
             reconcile=reconcile,
+            version=version,
         )
 
     return wrap(func) if func is not None else wrap
@@ -412,6 +424,8 @@ class AgentActivity(Generic[DepsT, OutputT]):
         fallbacks: Activities to try instead, in order, once the step failed for good.
         at_most_once: Never run the step twice blindly (see `activity`).
         reconcile: For an at-most-once step: whether a copy that did not finish did its work (see `activity`).
+        version: The version of the step's code (see `activity`); by default the installed distribution's of the
+            module that builds the activity, else `0+` and a digest of that module's source.
     """
 
     def __init__(
@@ -434,10 +448,14 @@ class AgentActivity(Generic[DepsT, OutputT]):
         fallbacks: Sequence[str] = (),
         at_most_once: bool = False,
         reconcile: ReconcileFunc | None = None,
+        version: str | None = None,
     ) -> None:
         resolved = name or agent.name
         if not resolved:
             raise UserError("AgentActivity needs a name: give the agent a name (Agent(..., name=...)) or pass name=")
+        self.version = check_version(version, resolved)
+        """The version of the step's code (see `activity`); None derives it from the module that built it."""
+        self.defined_in: str | None = sys._getframe(1).f_globals.get("__name__")  # pyright: ignore[reportPrivateUsage]
         self.agent = agent
         self.prompt = prompt
         self.deps = deps

@@ -13,12 +13,12 @@ from datetime import datetime
 from typing import Annotated, Any, Literal, Self
 
 from pydantic import AwareDatetime, ConfigDict, Field, JsonValue, ValidationError, model_validator
-from pydantic_core import from_json
+from pydantic_core import from_json, to_json
 
 from ._json_values import check_finite
 from ._model_settings import StepModelSettings, StepUsageLimits
 from ._usage import Usage, sum_usage
-from ._wire import Plan, PlannedStep, RetryPolicy, RevisionLimits, Wire, utcnow
+from ._wire import FROM_WIRE, Plan, PlannedStep, RetryPolicy, RevisionLimits, Wire, utcnow
 from .exceptions import InvalidMessage, UserError
 
 __all__ = (
@@ -99,6 +99,9 @@ class ActivitySpec(Wire):
     activity lets a plan set (`AgentActivity(overridable=[...])`) and logs the others as left out."""
     usage_limits: StepUsageLimits | None = Field(default=None, exclude_if=lambda value: value is None)
     """Usage limits for an agent's run at this step (`{"request_limit": 3}`); each can only lower the worker's."""
+    version: str | None = Field(default=None, min_length=1, max_length=200, exclude_if=lambda value: value is None)
+    """The versions of the activity that may run the step, a PEP 440 range (`"~=2.1"`, `">=2,<3"`): a worker whose
+    version is outside it hands the step back for one that fits (see `paigeant_ai._versions`)."""
 
     @model_validator(mode="after")
     def _not_reserved(self) -> Self:
@@ -534,7 +537,7 @@ class PaigeantMessage(Wire):
             InvalidMessage: The data is not JSON, has an unknown version, or does not have the v1 shape.
         """
         try:
-            return cls.model_validate_json(data)  # the common case, in one pass
+            return cls.model_validate_json(data, context=FROM_WIRE)  # the common case, in one pass
         except ValidationError:
             pass  # find out what is wrong, to say it clearly
         try:
@@ -544,16 +547,26 @@ class PaigeantMessage(Wire):
         if not isinstance(raw, dict):
             raise InvalidMessage(f"expected a JSON object, got {type(raw).__name__}")
         version = raw.get("v")  # pyright: ignore[reportUnknownMemberType]
+        if isinstance(version, int) and not isinstance(version, bool) and version > WIRE_VERSION:
+            raise InvalidMessage(
+                f"wire version {version} is newer than this worker reads ({WIRE_VERSION}): upgrade the worker"
+            )
         if version != WIRE_VERSION:
             raise InvalidMessage(f"unsupported wire version {version!r}; this worker reads version {WIRE_VERSION}")
         try:
-            return cls.model_validate(raw)
+            return cls.model_validate(raw, context=FROM_WIRE)
         except ValidationError as exc:
             raise InvalidMessage(f"invalid message: {_summarize(exc)}") from None
 
     def to_json(self) -> bytes:
-        """The message as compact JSON bytes."""
-        return self.model_dump_json().encode()
+        """The message as compact JSON bytes, `security` last and its signature last in it (see `_sealing`)."""
+        if not self.__pydantic_extra__ and not self.security.__pydantic_extra__:
+            return self.model_dump_json().encode()
+        # Fields a newer sender added (see `_wire`) go before `security` and its signature, not after them.
+        data = self.model_dump(mode="json")
+        security = data.pop("security")
+        security["jws_signature"] = security.pop("jws_signature")
+        return to_json({**data, "security": security}, inf_nan_mode="constants")
 
     @property
     def step(self) -> int:

@@ -92,6 +92,8 @@ class StepStatus(BaseModel):
     """For a compensation: the completed step it undoes (`step` is that step's index)."""
     branch: str | None = Field(default=None, exclude_if=lambda value: value is None)
     """For a branch of a parallel group: its key (`step` is the group's index; its branches are side by side)."""
+    version: str | None = Field(default=None, exclude_if=lambda value: value is None)
+    """The version of the activity that ran its latest attempt (see `activity(version=...)`)."""
 
 
 class WorkflowStatus(BaseModel):
@@ -202,6 +204,8 @@ class _Projection:
             status.deadline = event.deadline
         if record is not None and event.undoes is not None:
             record.undoes = event.undoes
+        if record is not None and event.version is not None and kind != "waiting":
+            record.version = event.version
         if kind in _STOPS:
             self._stop(event)
         elif kind == "step_started" and record is not None:

@@ -40,10 +40,12 @@ from ._hop import Hop, admit
 from ._join import JoinStore, join_store_for
 from ._long_steps import LongSteps, StillRunning
 from ._outcome import SIGNALS, Fault, Halt, Outcome, Reject, Skip, classify, completed, describe
+from ._pinning import Pins
 from ._plan import PlanCheck
 from ._resume_checks import release_parked
 from ._settle import WorkerStats, refuse, settle
 from ._shared_store import resolve_shared_store, say_what_is_protected
+from ._versions import activity_version
 from .activity import DEFAULT_TIMEOUT, Activity, ActivityContext, ActivityFunc, as_activity
 from .approval import WaitingStore
 from .exceptions import DuplicateMessage, ReplayedMessage, SecurityError, TokenError, TransportError, UserError
@@ -131,6 +133,7 @@ class Worker:
             )
         )
         self.reporter = EventReporter(transport, on_event, publish=publish_events, security=self.security)
+        self._pins = Pins(transport, self.reporter)
         self._long_steps = LongSteps(transport, self.security)  # hands back what it holds past the ack deadline
         self.shutdown_timeout = shutdown_timeout
         self.rng = rng or random.Random()
@@ -343,6 +346,13 @@ class Worker:
             if isinstance(hop, Reject):
                 await refuse(delivery, hop, self)  # before it may wait: a forged copy never holds anything up
                 return
+            pin = self._pins.missed(hop)  # pinned to versions this worker does not run: for another, unclaimed
+            if isinstance(pin, Reject):
+                await refuse(delivery, pin, self)
+                return
+            if pin is not None:
+                await self._pins.hand_back(hop, pin)
+                return
             # A fresh copy is authorized (and claims its id) before it may wait, so a replayed copy of a running
             # step is refused at once; the broker's redelivery waits for a copy running here, then finds it settled.
             redelivered = self._long_steps.redelivered(hop.delivery)
@@ -511,6 +521,7 @@ class Worker:
             if left < timeout:
                 timeout, hop.deadline_bound = max(left, 0.001), True
         fields: dict[str, Any] = {"step": undoing.step, "undoes": undoing.activity} if undoing is not None else {}
+        fields["version"] = activity_version(hop.activity)
         await self.reporter.report("step_started", message, timeout=timeout, **fields)
         cid = message.correlation_id
         try:

@@ -36,7 +36,8 @@ def namespace(monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
 
 
 def normalized(text: str) -> str:
-    """`text` without what changes from run to run: times, durations, message ids."""
+    """`text` without what changes from run to run: times, durations, message ids, the digests of code."""
+    text = re.sub(r"0\+[0-9a-f]{8}\b", "0+<digest>", text)
     text = re.sub(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d", "<date>", text)
     text = re.sub(r"\d\d:\d\d:\d\d\.\d{3}", "<time>", text)
     text = re.sub(r"\d+\.\d{3}s", "<s>", text)
@@ -86,8 +87,8 @@ workflow wf-completed: completed
   started <date> UTC, last event <s> later
   deadline: <date> UTC
   steps:
-      0 check-customer  completed 1 attempt   <s>
-      1 create-account  completed 1 attempt   <s>
+      0 check-customer  completed 1 attempt   <s>  version 0+<digest>
+      1 create-account  completed 1 attempt   <s>  version 0+<digest>
   timeline:
     <time> +<s>  dispatched      step 0 check-customer
     <time> +<s>  step_started    step 0 check-customer
@@ -111,8 +112,8 @@ workflow wf-failed: faulted
   failed: step 'create-account' failed: NonRetryableError: address refused
   still to run: create-account
   steps:
-      0 check-customer  completed 1 attempt   <s>
-      1 create-account  failed    1 attempt
+      0 check-customer  completed 1 attempt   <s>  version 0+<digest>
+      1 create-account  failed    1 attempt     version 0+<digest>
         NonRetryableError: address refused
   timeline:
     <time> +<s>  dispatched      step 0 check-customer
@@ -132,7 +133,7 @@ workflow wf-waiting: waiting
   current step: 0 refund-order
   still to run: refund-order, check-customer
   steps:
-      0 refund-order  waiting   1 attempt
+      0 refund-order  waiting   1 attempt     version 0+<digest>
   timeline:
     <time> +<s>  dispatched      step 0 refund-order
     <time> +<s>  step_started    step 0 refund-order
@@ -215,8 +216,8 @@ workflow wf-failed: completed
   started <date> UTC, last event <s> later
   deadline: <date> UTC
   steps:
-      0 check-customer  completed 1 attempt   <s>
-      1 create-account  completed 2 attempts  <s>
+      0 check-customer  completed 1 attempt   <s>  version 0+<digest>
+      1 create-account  completed 2 attempts  <s>  version 0+<digest>
         (earlier attempt: NonRetryableError: address refused)
   timeline:
     <time> +<s>  dispatched      step 0 check-customer

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import json
+import re
 from datetime import UTC, datetime
 
 import pytest
@@ -135,20 +136,17 @@ def test_message_ids_are_deterministic_per_hop() -> None:
     [
         (b"\x00\xffnot json", "malformed JSON"),
         (b"[1, 2]", "expected a JSON object, got list"),
-        (b'{"v": 2, "message_id": "m"}', "unsupported wire version 2; this worker reads version 1"),
+        (b'{"v": 2, "message_id": "m"}', "wire version 2 is newer than this worker reads (1): upgrade the worker"),
+        (b'{"v": "1", "message_id": "m"}', "unsupported wire version '1'; this worker reads version 1"),
         (b'{"message_id": "m"}', "unsupported wire version None"),
         (
             b'{"v": 1, "message_id": "m"}',
             "invalid message: correlation_id: Field required; routing_slip: Field required",
         ),
-        (
-            b'{"v": 1, "message_id": "m", "correlation_id": "c", "routing_slip": {"itinerary": []}, "surprise": 1}',
-            "invalid message: surprise: Extra inputs are not permitted",
-        ),
     ],
 )
 def test_invalid_messages_raise_one_clear_error(data: bytes, reason: str) -> None:
-    with pytest.raises(InvalidMessage, match=reason.replace("(", r"\(")):
+    with pytest.raises(InvalidMessage, match=re.escape(reason)):
         PaigeantMessage.from_json(data)
 
 

@@ -28,6 +28,7 @@ from paigeant_ai import (
     read_registry,
 )
 from paigeant_ai._registry import WorkerRecord
+from paigeant_ai._versions import activity_version
 from paigeant_ai.exceptions import TransportError
 from paigeant_ai.transports import Transport
 from paigeant_ai.transports.base import Advertising
@@ -77,7 +78,7 @@ async def test_a_running_worker_advertises_its_activities_and_withdraws_them_whe
             assert record.concurrency == 3
             assert record.worker_id == worker.advertiser.worker_id
             versions = {item.name: item.version for item in record.activities}
-            assert versions == {"validate-customer": "2.1.0", "send-welcome": None}
+            assert versions == {"validate-customer": "2.1.0", "send-welcome": activity_version(send_welcome)}  # derived
             catalog = await ActivityCatalog.from_registry(transport, security=security)
             entry = catalog.get("validate-customer")
             assert entry is not None

@@ -117,6 +117,7 @@ async def test_a_completed_workflow(store: WorkflowStore, transport: InMemoryTra
                     "duration": IsFloat(),
                     "error": None,
                     "timeout": 300.0,
+                    "version": IsStr(regex=r"0\+[0-9a-f]{8}"),
                 },
                 {
                     "step": 1,
@@ -128,6 +129,7 @@ async def test_a_completed_workflow(store: WorkflowStore, transport: InMemoryTra
                     "duration": IsFloat(),
                     "error": "RetryActivity: not yet; attempt 2 in 0.01s",
                     "timeout": 300.0,
+                    "version": IsStr(regex=r"0\+[0-9a-f]{8}"),
                 },
                 {
                     "step": 2,
@@ -139,6 +141,7 @@ async def test_a_completed_workflow(store: WorkflowStore, transport: InMemoryTra
                     "duration": IsFloat(),
                     "error": None,
                     "timeout": 300.0,
+                    "version": IsStr(regex=r"0\+[0-9a-f]{8}"),
                 },
             ],
             "remaining": [],

@@ -193,7 +193,7 @@ def good_message(name: str = "first") -> PaigeantMessage:
         (
             good_message().to_json().replace(b'"v":1', b'"v":7'),
             "first",
-            "unsupported wire version 7; this worker reads version 1",
+            "wire version 7 is newer than this worker reads (1): upgrade the worker",
         ),
         (b'{"v": 1, "message_id": "m"}', "first", "invalid message: correlation_id: Field required"),
         (

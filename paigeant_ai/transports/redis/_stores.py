@@ -15,6 +15,7 @@ from pydantic import ValidationError
 
 from ..._events import WorkflowEvent
 from ..._replay import ClaimState, RenewState
+from ..._wire import FROM_WIRE
 from ...approval import ParkedStep, loadable
 from ...exceptions import UserError
 from ...store import DEFAULT_MAX_EVENTS, WorkflowStatus, event_order, project, with_owner
@@ -266,7 +267,7 @@ def _parse_events(raw: Iterable[bytes]) -> list[WorkflowEvent]:
     events: list[WorkflowEvent] = []
     for item in raw:
         try:
-            events.append(WorkflowEvent.model_validate_json(item))
+            events.append(WorkflowEvent.model_validate_json(item, context=FROM_WIRE))
         except ValidationError:
             logger.warning("ignoring a stored event that is not a valid WorkflowEvent")
     return events
