@@ -157,6 +157,7 @@ def _result(hop: Hop, outcome: Advance) -> BranchResult:
         output_keys=[key],
         approvals=hop.approvals,
         branch=key,
+        usage=hop.ctx.usage if hop.ctx is not None else [],
     )
     compensation = None
     if hop.spec.compensate is not None:

@@ -32,6 +32,7 @@ from typing import Any, Protocol
 from pydantic_ai import ConversationTypeAdapter
 
 from . import observability
+from ._budget import BudgetExhausted
 from ._dedupe import DedupeStore
 from ._escape import escape_control
 from ._events import EventReporter
@@ -290,6 +291,7 @@ async def _complete_step(hop: Hop, outcome: Advance | End, deps: SettleDeps) -> 
         entry = message.routing_slip.mark_ended(
             hop.spec.name, attempt=message.attempt, started_at=hop.started, reason=outcome.reason, output_keys=keys
         )
+        entry.usage = hop.ctx.usage if hop.ctx is not None else []
     else:
         undoing = message.routing_slip.undoing
         if undoing is None:
@@ -299,6 +301,7 @@ async def _complete_step(hop: Hop, outcome: Advance | End, deps: SettleDeps) -> 
         message.payload.update(outcome.update)
         entry = slip.mark_complete(hop.spec.name, attempt=message.attempt, started_at=hop.started, output_keys=keys)
         entry.approvals = hop.approvals  # who approved what this step ran, in the signed log
+        entry.usage = hop.ctx.usage if hop.ctx is not None else []  # what it used, for budgets and the ledger
         if undoing is None and hop.spec.compensate is not None:
             slip.compensations.append(
                 Compensation(
@@ -446,6 +449,7 @@ async def _report(hop: Hop, outcome: _Settled, deps: SettleDeps) -> None:
         case Park():
             stats.parked += 1
             kind = "in_doubt" if isinstance(outcome.signal, StepInDoubt) else "waiting"
+            kind = "budget_exhausted" if isinstance(outcome.signal, BudgetExhausted) else kind
             await report(kind, message, detail=outcome.detail)
         case Retry():
             stats.retried += 1

@@ -15,13 +15,23 @@ from pydantic_ai import DeferredToolRequests
 from pydantic_ai.agent import AbstractAgent, AgentRunResult
 from pydantic_ai.exceptions import ModelAPIError
 from pydantic_ai.toolsets import AbstractToolset
-from pydantic_ai.usage import UsageLimits
+from pydantic_ai.usage import RunUsage, UsageLimits
 from pydantic_core import PydanticSerializationError, to_jsonable_python
 
 from ._agents import model_error_signal, run_output_type
+from ._budget import agent_model_name, merge_by_model, step_limits, usage_of_run
 from ._in_doubt import ReconcileFunc
 from .approval import resumed_run
-from .contracts import ActivitySpec, Compensation, PaigeantMessage, RetryPolicy, Revision, RoutingSlip, Unwinding
+from .contracts import (
+    ActivitySpec,
+    Compensation,
+    PaigeantMessage,
+    RetryPolicy,
+    Revision,
+    RoutingSlip,
+    Unwinding,
+    Usage,
+)
 from .exceptions import NonRetryableError, ParkWorkflow, UserError
 
 __all__ = (
@@ -61,9 +71,19 @@ class ActivityContext:
     obo_claims: Mapping[str, Any] | None = None
     revisions: list[Revision] = field(default_factory=list[Revision])
     _payload: Mapping[str, JsonValue] = field(init=False, repr=False)
+    _usage: list[Usage] = field(init=False, repr=False, default_factory=list[Usage])
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "_payload", MappingProxyType(self.message.payload))
+
+    def add_usage(self, usage: Usage) -> None:
+        """Record what the step used of a model (an `AgentActivity` records its agent's runs itself)."""
+        self._usage.append(usage)
+
+    @property
+    def usage(self) -> list[Usage]:
+        """What the step used so far, one `Usage` per model (see `add_usage`)."""
+        return merge_by_model(self._usage)
 
     @property
     def payload(self) -> Mapping[str, JsonValue]:
@@ -454,13 +474,18 @@ class AgentActivity(Generic[DepsT, OutputT]):
         return [item if isinstance(item, AbstractToolset) else item(ctx) for item in self.toolsets]
 
     async def run(self, ctx: ActivityContext) -> dict[str, JsonValue]:
+        used = RunUsage()
         try:
-            result = await self._run_agent(ctx)
+            result = await self._run_agent(ctx, used)
         except (ModelAPIError, ExceptionGroup) as exc:
             signal = model_error_signal(exc, self.spec.name)
             if signal is None:
                 raise
             raise signal from exc
+        finally:  # what a run that failed (a usage limit reached) used counts too
+            self._record_usage(ctx, used)
+        if ctx.message.resume is not None:  # its conversation carries its usage, the part before it parked included
+            self._record_usage(ctx, result.usage)
         if isinstance(result.output, DeferredToolRequests):
             raise ParkWorkflow(result.conversation)
         try:
@@ -469,7 +494,11 @@ class AgentActivity(Generic[DepsT, OutputT]):
             raise NonRetryableError(f"the output of {self.spec.name!r} cannot be stored as JSON: {exc}") from None
         return to_payload_update({self.output_key: output}, self.output_key, self.spec.name)
 
-    async def _run_agent(self, ctx: ActivityContext) -> AgentRunResult[Any]:
+    def _record_usage(self, ctx: ActivityContext, used: RunUsage) -> None:
+        if (usage := usage_of_run(used, agent_model_name(self.agent))) is not None:
+            ctx.add_usage(usage)
+
+    async def _run_agent(self, ctx: ActivityContext, used: RunUsage) -> AgentRunResult[Any]:
         resume = ctx.message.resume
         conversation, results = resumed_run(resume) if resume is not None else (None, None)
         return await self.agent.run(
@@ -481,7 +510,8 @@ class AgentActivity(Generic[DepsT, OutputT]):
             # A resumed run continues the step's conversation, which carries its id and the first run's `run_id`.
             conversation_id=ctx.correlation_id if conversation is None else None,
             run_id=f"{ctx.correlation_id}:{ctx.step}" + (f":resume-{resume.count}" if resume is not None else ""),
-            usage_limits=self.usage_limits,
+            usage=used if conversation is None else None,  # a conversation carries its own
+            usage_limits=step_limits(ctx.message, self.usage_limits, agent_model_name(self.agent)),
             toolsets=self.build_toolsets(ctx) or None,
             metadata={
                 "correlation_id": ctx.correlation_id,

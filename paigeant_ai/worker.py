@@ -30,6 +30,8 @@ from typing import Any
 from . import observability
 from ._approvals import check_resume
 from ._at_most_once import AtMostOnce
+from ._budget_gate import after_step, budget_gate
+from ._budget_resume import check_extensions
 from ._cancel import CancelCheck
 from ._dedupe import DedupeStore, InMemoryDedupeStore
 from ._escape import escape_control
@@ -346,11 +348,14 @@ class Worker:
                     outcome = Skip("already completed (redelivery)")
                 if outcome is None:
                     outcome = await self._halted(hop)  # cancelled, or past its deadline: nothing more runs
+                if outcome is None:
+                    outcome = budget_gate(hop)  # its budget spent: parked or faulted before the step runs
                 if outcome is None or isinstance(outcome, (Halt, Skip)):
                     await release_parked(hop, self.waiting_store)  # a resume that runs, stops or came late: gone
                 if outcome is None:  # an at-most-once step runs once its start record is safe, else is reconciled
                     async with self._long_steps.watch(hop):  # handed back before the broker's ack deadline
                         outcome = await self.at_most_once.run(hop, self._run, self.max_message_bytes)
+                    outcome = after_step(hop, outcome)  # stopped at its budget's limit: the budget is exhausted
                 await settle(hop, outcome, self)  # the successor made safe, then the ack
                 await self.at_most_once.settled(hop)
             finally:
@@ -393,6 +398,7 @@ class Worker:
             self.plans.check(hop.message, hop.signer, hop.claims, self.security)
             hop.approvals = check_resume(hop, self.security)  # a resume: its parked record and approvals
             self._check_cancelled(hop)  # an undoing for a cancel: the signed cancel request it carries
+            check_extensions(hop.message, hop.signer, self.security)  # more budget: each grant signed
         except SecurityError as exc:
             return Reject(f"security check failed: {exc}")
         lease = self._long_steps.claim_lease(hop.spec)
