@@ -33,27 +33,29 @@ from paigeant_ai._budget import exhaustion, spent, workflow_usage
 from paigeant_ai._budget_resume import EXTENSION_TYPE
 from paigeant_ai._sealing import seal
 from paigeant_ai.approval import WaitingStore, get_waiting_store
+from paigeant_ai.cli import _parser, main
 from paigeant_ai.contracts import ActivitySpec, BudgetExtension, PaigeantMessage, Plan, Usage
 from paigeant_ai.security import MessageSigner, generate_key
 from paigeant_ai.transports import Transport
 from paigeant_ai.transports.base import REASON_HEADER, SharedStores
+from paigeant_ai.transports.redis import RedisTransport
 from paigeant_ai.trust import TrustPolicy
 
-from .brokers import dead_letters
+from .brokers import REDIS_URL, dead_letters, delete_redis_namespace, redis_command_line
+from .test_cli_cancel import paigeant
 
 STEP = 1000
 """Tokens each model request of a step uses: 600 in, 400 out."""
 
 ORDERS, WORKERS, DESK = generate_key("orders-1"), generate_key("workers-1"), generate_key("desk-1")
-POLICY = TrustPolicy.load(
-    {
-        "keys": {
-            "orders-1": {"may": ["start", "cancel"], "send_to": "*"},
-            "workers-1": {"send_to": "*"},
-            "desk-1": {"may": ["approve"], "send_to": "*"},
-        }
+POLICY_DATA = {
+    "keys": {
+        "orders-1": {"may": ["start", "cancel"], "send_to": "*"},
+        "workers-1": {"send_to": "*"},
+        "desk-1": {"may": ["approve"], "send_to": "*"},
     }
-)
+}
+POLICY = TrustPolicy.load(POLICY_DATA)
 
 
 def signer(key: Key, transport: Transport) -> MessageSigner:
@@ -271,3 +273,43 @@ def test_usage_of_a_log_counts_the_branches() -> None:
     usage = Usage(model="m", input_tokens=3, output_tokens=2, requests=1)
     assert spent([usage, usage], {"m": Price(input_per_mtok=1e6, output_per_mtok=0)}).cost == 6
     assert json.loads(Budget(tokens=5).model_dump_json()) == {"tokens": 5, "on_exhausted": "park"}
+
+
+# -- `paigeant resume --budget`, on Redis, from a process of its own ----------------------------------------------
+
+
+def test_resume_takes_budget_amounts_and_refuses_bad_ones(capsys: pytest.CaptureFixture[str]) -> None:
+    args = _parser().parse_args(["resume", "6e5c217c", "--budget", "tokens=5000", "cost=0.5", "--by", "carol"])
+    assert (args.budget, args.by) == (["tokens=5000", "cost=0.5"], "carol")
+    for bad, said in (
+        ("tokens=1.5", "--budget tokens= takes a positive whole number, not '1.5'"),
+        ("cost=nan", "--budget cost= takes a positive number, not 'nan'"),
+        ("money=5", "--budget takes NAME=AMOUNT with NAME one of tokens, requests, tool_calls, cost, wall_time"),
+    ):
+        assert main(["resume", "6e5c217c", "--transport", "redis", "--budget", bad]) == 2
+        assert said in capsys.readouterr().err
+
+
+async def test_paigeant_resume_budget_extends_a_parked_workflow_on_redis(monkeypatch: pytest.MonkeyPatch) -> None:
+    namespace = redis_command_line(monkeypatch)
+    monkeypatch.delenv("PAIGEANT_ALLOW_UNSIGNED")
+    monkeypatch.setenv("PAIGEANT_SIGNING_KEY", json.dumps(DESK.as_dict(private=True)))
+    keys = {"keys": [key.as_dict(private=False) for key in (ORDERS, WORKERS, DESK)]}
+    monkeypatch.setenv("PAIGEANT_TRUSTED_KEYS", json.dumps(keys))
+    monkeypatch.setenv("PAIGEANT_TRUST_POLICY", json.dumps(POLICY_DATA))
+    try:
+        async with RedisTransport(REDIS_URL, namespace=namespace) as transport:
+            team = Team(transport, get_waiting_store(transport))
+            cid = await team.dispatcher().dispatch_workflow(
+                [team.step(name) for name in STEPS], budget=Budget(tokens=STEP)
+            )
+            await team.work(STEPS)
+            assert team.kinds() == ["budget_exhausted"]
+
+            code, out = await paigeant("resume", cid, "--budget", "tokens=2000", "--by", "carol")
+            assert (code, out) == (0, f"resumed {cid}: its budget extended (+2000 tokens) by carol\n")
+            await team.work(STEPS)
+            assert team.calls == ["draft", "review", "publish"]
+            assert team.kinds() == ["budget_exhausted", "completed"]
+    finally:
+        await delete_redis_namespace(namespace)
