@@ -18,8 +18,10 @@ from ._budget import BudgetExhausted, effective_budget, exhaustion
 from ._hop import Hop
 from ._outcome import Fault, Outcome, Park
 from ._usage import Usage, sum_usage
+from .approval import WaitingStore
+from .exceptions import SecurityError
 
-__all__ = ("after_step", "budget_gate")
+__all__ = ("after_step", "budget_gate", "release_budget_park")
 
 
 def budget_gate(hop: Hop) -> Outcome | None:
@@ -48,6 +50,28 @@ def after_step(hop: Hop, outcome: Outcome) -> Outcome:
         )
         entry.usage = used
     return exhausted
+
+
+async def release_budget_park(hop: Hop, store: WaitingStore | None) -> None:
+    """Remove the record of the workflow parked `budget_exhausted` that `hop`, authorized and claimed, goes on from.
+
+    The resume is a fresh hop of the parked step carrying one grant more than the record (see
+    `paigeant_ai._budget_resume`); a record that parked again since carries that grant too, and stays.
+    """
+    message = hop.message
+    if store is None or message.resume is not None or not message.budget_extensions:
+        return
+    try:
+        parked = await store.get(message.correlation_id)
+    except SecurityError:
+        return  # not a parked record: nothing of this workflow's to remove
+    if (
+        parked is not None
+        and parked.budget_exhausted is not None
+        and (parked.activity, parked.step) == (message.routing_slip.current, message.step)
+        and len(parked.message.budget_extensions) < len(message.budget_extensions)
+    ):
+        await store.remove(parked)
 
 
 def _within(own: object, used: Usage) -> bool:

@@ -124,9 +124,7 @@ async def resume_with_budget(
     message.budget_extensions = [*message.budget_extensions, extension]
     with observability.replay_span(message, dispatcher.transport.name, operation="resume"):
         await dispatcher.transport.publish(parked.activity, dispatcher.encode(message), headers=dict(message.headers))
-    store = dispatcher.waiting_store
-    if store is not None:
-        await store.remove(parked)
+    # The record stays parked until a worker has checked and claimed the resume (`_budget_gate.release_budget_park`).
     detail = f"budget extended by {approver}: {describe_amounts(add)}"
     logger.info("workflow %s: %s", escape_control(cid), escape_control(detail))
     await dispatcher.reporter.report("resumed", message, detail=detail)

@@ -30,7 +30,7 @@ from typing import Any
 from . import observability
 from ._approvals import check_resume
 from ._at_most_once import AtMostOnce
-from ._budget_gate import after_step, budget_gate
+from ._budget_gate import after_step, budget_gate, release_budget_park
 from ._budget_resume import check_extensions
 from ._cancel import CancelCheck
 from ._dedupe import DedupeStore, InMemoryDedupeStore
@@ -352,6 +352,7 @@ class Worker:
                     outcome = budget_gate(hop)  # its budget spent: parked or faulted before the step runs
                 if outcome is None or isinstance(outcome, (Halt, Skip)):
                     await release_parked(hop, self.waiting_store)  # a resume that runs, stops or came late: gone
+                    await release_budget_park(hop, self.waiting_store)  # so is a workflow given more budget
                 if outcome is None:  # an at-most-once step runs once its start record is safe, else is reconciled
                     async with self._long_steps.watch(hop):  # handed back before the broker's ack deadline
                         outcome = await self.at_most_once.run(hop, self._run, self.max_message_bytes)
