@@ -249,6 +249,7 @@ async def test_a_hop_whose_budget_was_raised_or_granted_by_a_forger_is_refused(m
 
     await team.work(STEPS)
     assert team.calls == ["draft"]  # none of them ran the step
+    assert await team.store.get(cid) is not None  # and the workflow still waits for a genuine grant
     reasons = sorted(delivery.headers.get(REASON_HEADER, "") for delivery in await dead_letters(memory))
     assert len(reasons) == 3
     assert "plan: the plan's signature does not hold" in reasons[2]
