@@ -36,6 +36,7 @@ from paigeant_ai.approval import WaitingStore, get_waiting_store
 from paigeant_ai.cli import _parser, main
 from paigeant_ai.contracts import ActivitySpec, BudgetExtension, PaigeantMessage, Plan, Usage
 from paigeant_ai.security import MessageSigner, generate_key
+from paigeant_ai.store import project
 from paigeant_ai.transports import Transport
 from paigeant_ai.transports.base import REASON_HEADER, SharedStores
 from paigeant_ai.transports.redis import RedisTransport
@@ -145,6 +146,14 @@ async def test_a_budget_spent_exactly_stops_before_the_next_step_runs(memory: In
     assert team.kinds() == ["budget_exhausted"]
     assert "used 1000 of its 1000 tokens" in (team.last("budget_exhausted").detail or "")
     assert (await team.dispatcher().parked(cid)).activity == "review"
+    status = project(cid, team.events)
+    assert status is not None
+    assert status.state == "budget_exhausted"
+    assert status.waiting_for == "budget exhausted before step 'review': it used 1000 of its 1000 tokens"
+    assert [(step.activity, step.state) for step in status.steps] == [
+        ("draft", "completed"),
+        ("review", "budget_exhausted"),
+    ]
 
 
 async def test_on_exhausted_fault_faults_the_workflow(memory: InMemoryTransport) -> None:
