@@ -11,7 +11,9 @@ A hop goes through five stages, each in one place (see `Worker.process`):
    so a replayed copy is refused at once; then the dedupe store;
 4. run (`Worker._run`): the activity with its timeout, in its span; what it does becomes an `Outcome`, decided by
    the pure `paigeant_ai._outcome.classify`; an at-most-once step runs only once its start record is safe, and a
-   copy that finds one is reconciled or parked in doubt instead (`paigeant_ai._at_most_once`);
+   copy that finds one is reconciled or parked in doubt instead (`paigeant_ai._at_most_once`); a step whose
+   workflow's budget is spent does not run, and one stopped at the limit its budget left ends the same way
+   (`paigeant_ai._budget_gate`);
 5. settle (`paigeant_ai._settle.settle`): the outcome's successor is made safe with the broker, then the delivery
    is acked. Nothing is acked before its successor is safe, so a crash at any point loses nothing; a redelivered
    step that already completed is recognised by its idempotency key and not run twice.
