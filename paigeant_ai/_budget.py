@@ -33,11 +33,11 @@ __all__ = (
     "checked_budget",
     "effective_budget",
     "exhaustion",
+    "logged_usages",
     "merge_by_model",
     "spent",
     "step_limits",
     "usage_of_run",
-    "workflow_usage",
 )
 
 _LIMITS = ("tokens", "requests", "tool_calls", "cost", "wall_time")
@@ -125,7 +125,7 @@ def _entry_usages(entries: Iterable[ActivityLogEntry], branch: str | None = None
     return found
 
 
-def workflow_usage(message: PaigeantMessage) -> list[Usage]:
+def logged_usages(message: PaigeantMessage) -> list[Usage]:
     """Everything the workflow's log records it used, the branches of its groups included."""
     return _entry_usages(message.routing_slip.completed)
 
@@ -174,7 +174,7 @@ def _share(message: PaigeantMessage, budget: Budget) -> tuple[Budget, list[Usage
     """For a branch's hop: its share of the budget, and what it used itself; else the budget and the whole log."""
     slip = message.routing_slip
     if slip.branch is None or not slip.itinerary:
-        return budget, workflow_usage(message)
+        return budget, logged_usages(message)
     before = [entry for entry in slip.completed if entry.branch is None]
     used_before = _entry_usages(before)
     left = _left(budget, spent(used_before, budget.prices))

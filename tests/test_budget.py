@@ -29,7 +29,7 @@ from paigeant_ai import (
     WorkflowDispatcher,
     WorkflowEvent,
 )
-from paigeant_ai._budget import exhaustion, spent, workflow_usage
+from paigeant_ai._budget import exhaustion, logged_usages, spent
 from paigeant_ai._budget_resume import EXTENSION_TYPE
 from paigeant_ai._sealing import seal
 from paigeant_ai.approval import WaitingStore, get_waiting_store
@@ -125,7 +125,7 @@ async def test_a_spent_budget_parks_before_the_next_step_and_a_signed_grant_comp
     parked = await team.dispatcher().parked(cid)
     assert parked.budget_exhausted is not None
     assert parked.activity == "review"
-    spent_tokens = spent(workflow_usage(parked.message), {}).tokens
+    spent_tokens = spent(logged_usages(parked.message), {}).tokens
     overshoot = spent_tokens - (STEP + STEP // 2)
     assert spent_tokens == 2 * STEP
     assert 0 < overshoot <= STEP
