@@ -1,4 +1,5 @@
-"""`paigeant resume ID --ran OUTPUT_JSON | --run-again`: settle a workflow parked `in_doubt`.
+"""`paigeant resume ID --ran OUTPUT_JSON | --run-again | --budget NAME=AMOUNT...`: settle a workflow parked
+`in_doubt`, or grant one parked `budget_exhausted` more budget (see `paigeant_ai._budget_resume`).
 
 An at-most-once step that a crash left started and not finished waits for a person to say whether it ran (see
 `paigeant_ai._at_most_once`). The command signs that decision with this process's key (`PAIGEANT_SIGNING_KEY`),
@@ -11,13 +12,16 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 from collections.abc import Sequence
 
+from ._budget_resume import describe_amounts
 from ._cli_cancel import _kid, _token  # pyright: ignore[reportPrivateUsage]
 from ._cli_workflows import command_transport
 from ._escape import escape_control
 from ._in_doubt import Ran, RunAgain
 from ._shared_store import resolve_shared_store
+from .contracts import Budget
 from .dispatch import WorkflowDispatcher
 from .exceptions import UserError
 from .security import MessageSigner
@@ -34,12 +38,19 @@ def add_command(
     resume = commands.add_parser(
         "resume",
         parents=list(common),
-        help="settle a workflow in doubt: say whether its at-most-once step ran (--ran) or must run (--run-again)",
+        help="settle a workflow in doubt: say whether its at-most-once step ran (--ran) or must run (--run-again); "
+        "or add to the budget of a workflow whose budget is spent (--budget tokens=5000)",
     )
     resume.add_argument("correlation_id", help="the workflow's correlation ID")
     answer = resume.add_mutually_exclusive_group(required=True)
     answer.add_argument("--ran", metavar="OUTPUT_JSON", help="the step ran: it completes with this output (JSON)")
     answer.add_argument("--run-again", action="store_true", help="the step did not run: run it now")
+    answer.add_argument(
+        "--budget",
+        nargs="+",
+        metavar="NAME=AMOUNT",
+        help="add to a spent budget's limits: tokens, requests, tool_calls, cost, wall_time (seconds)",
+    )
     resume.add_argument("--by", help="who decides, for the audit trail (default: the kid of this process's key)")
     resume.add_argument(
         "--token-file", metavar="FILE", help="a fresh token of the workflow's user, when it ran with one; - for stdin"
@@ -54,7 +65,8 @@ async def run_command(args: argparse.Namespace) -> int:
         raise UserError(
             "an in-memory workflow lives in the process that dispatched it: resume it there (WorkflowDispatcher.resume)"
         )
-    answer = RunAgain() if args.run_again else Ran(_output(args.ran))
+    budget = _budget(args.budget) if args.budget else None
+    answer = None if budget is not None else RunAgain() if args.run_again else Ran(_output(args.ran))
     token = _token(args.token_file)
     async with command_transport(chosen) as transport:
         signer = MessageSigner.from_settings(transport)
@@ -71,13 +83,44 @@ async def run_command(args: argparse.Namespace) -> int:
         try:
             dispatcher = WorkflowDispatcher(transport, security=signer, waiting_store=shared.waiting_store())
             by = args.by or _kid(signer) or "an unnamed operator"
-            await dispatcher.resume(args.correlation_id, in_doubt=answer, approver=by, obo_token=token)
+            await dispatcher.resume(args.correlation_id, in_doubt=answer, budget=budget, approver=by, obo_token=token)
         finally:
             if connection is not None:
                 await connection.disconnect()
-    said = "declared run" if isinstance(answer, Ran) else "sent to run again"
-    print(escape_control(f"resumed {args.correlation_id}: its in-doubt step {said} by {by}"))
+    if budget is not None:
+        said = f"its budget extended ({describe_amounts(budget)}) by {by}"
+    else:
+        said = f"its in-doubt step {'declared run' if isinstance(answer, Ran) else 'sent to run again'} by {by}"
+    print(escape_control(f"resumed {args.correlation_id}: {said}"))
     return 0
+
+
+def _budget(pairs: Sequence[str]) -> Budget:
+    """`--budget tokens=5000 cost=0.5` as the `Budget` of the amounts to add."""
+    amounts: dict[str, float] = {}
+    for pair in pairs:
+        name, _, text = pair.partition("=")
+        name = name.strip().replace("-", "_")
+        if name not in _AMOUNTS:
+            raise UserError(f"--budget takes NAME=AMOUNT with NAME one of {', '.join(_AMOUNTS)}, not {pair!r}")
+        try:
+            amount = float(text)
+        except ValueError:
+            amount = math.nan
+        if not math.isfinite(amount) or amount <= 0 or (_AMOUNTS[name] is int and not amount.is_integer()):
+            kind = "a positive whole number" if _AMOUNTS[name] is int else "a positive number"
+            raise UserError(f"--budget {name}= takes {kind}, not {text!r}")
+        amounts[name] = amount
+    return Budget.model_validate({name: _AMOUNTS[name](amount) for name, amount in amounts.items()})
+
+
+_AMOUNTS: dict[str, type[int] | type[float]] = {
+    "tokens": int,
+    "requests": int,
+    "tool_calls": int,
+    "cost": float,
+    "wall_time": float,
+}
 
 
 def _output(text: str) -> object:

@@ -58,6 +58,7 @@ EventKind = Literal[
     "compensated",
     "compensation_failed",
     "in_doubt",
+    "budget_exhausted",
     "reconciled",
     "fanned_out",
     "joined",
@@ -67,7 +68,8 @@ EventKind = Literal[
 A workflow that stops before its end (`faulted`, `cancelled`, `expired`) with completed steps to undo goes on with
 `compensating`, the compensations as steps (their events name the step they undo in `undoes`), and ends
 `compensated` or `compensation_failed`. An at-most-once step found started and not finished is `reconciled` (it
-completes without running) or parks the workflow `in_doubt` until a person says whether it ran. A parallel group
+completes without running) or parks the workflow `in_doubt` until a person says whether it ran. A workflow whose
+budget is spent parks `budget_exhausted` until it is resumed with more (or cancelled). A parallel group
 reports `fanned_out` when its branches are sent and `joined` when the step after it is; its branches' step events
 name their `branch`."""
 

@@ -87,14 +87,15 @@ def by_model(usages: Iterable[Usage]) -> list[Usage]:
 
 
 def run_model_name(messages: Iterable[ModelMessage], model: Any) -> str | None:
-    """The model a run used: the latest response's (`provider:model` when the response names its provider), else
-    the agent's own model (its name as written, or its `model_name`)."""
+    """The name a run's usage is recorded and priced under: the agent's model as written (`"openai:gpt-5"`, the
+    name a price table knows), else the latest response's (`provider:model` when it names its provider), else the
+    model's `model_name`."""
+    if isinstance(model, str):
+        return model
     for message in reversed(list(messages)):
         if isinstance(message, ModelResponse) and message.model_name:
             provider = message.provider_name
             return f"{provider}:{message.model_name}" if provider else message.model_name
-    if isinstance(model, str):
-        return model
     name = getattr(model, "model_name", None)
     return name if isinstance(name, str) else None
 

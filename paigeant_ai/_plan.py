@@ -41,6 +41,7 @@ from ._plan_groups import (
 from ._tokens import unverified_claims
 from .contracts import (
     ActivitySpec,
+    Budget,
     Compensation,
     PaigeantMessage,
     Plan,
@@ -136,6 +137,7 @@ def new_plan(
     limits: RevisionLimits | None = None,
     *,
     owner: str | None = None,
+    budget: Budget | None = None,
 ) -> Plan:
     """The signed plan of the workflow whose first message is `message`, which belongs to `owner`.
 
@@ -150,6 +152,7 @@ def new_plan(
         limits=limits or RevisionLimits(),
         created_at=message.created_at,
         expires_at=message.expires_at,
+        budget=budget,
     )
     signature = security.sign_bytes(_plan_bytes(plan), typ=PLAN_TYPE)
     if signature is not None:

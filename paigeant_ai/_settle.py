@@ -32,6 +32,7 @@ from typing import Any, Protocol
 from pydantic_ai import ConversationTypeAdapter
 
 from . import observability
+from ._budget import BudgetExhausted
 from ._dedupe import DedupeStore
 from ._escape import escape_control
 from ._events import EventReporter
@@ -464,6 +465,7 @@ async def _report(hop: Hop, outcome: _Settled, deps: SettleDeps) -> None:
         case Park():
             stats.parked += 1
             kind = "in_doubt" if isinstance(outcome.signal, StepInDoubt) else "waiting"
+            kind = "budget_exhausted" if isinstance(outcome.signal, BudgetExhausted) else kind
             await report(kind, message, detail=outcome.detail)
         case Retry():
             stats.retried += 1

@@ -13,12 +13,23 @@ from __future__ import annotations
 import random
 from collections.abc import Mapping
 from datetime import UTC, datetime
-from typing import Any, Self
+from typing import Any, Literal, Self
 
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, ValidationInfo, model_validator
 from pydantic_core import PydanticCustomError
 
-__all__ = ("FROM_WIRE", "Plan", "PlannedStep", "RetryPolicy", "RevisionLimits", "Wire", "utcnow")
+__all__ = (
+    "FROM_WIRE",
+    "Budget",
+    "BudgetExtension",
+    "Plan",
+    "PlannedStep",
+    "Price",
+    "RetryPolicy",
+    "RevisionLimits",
+    "Wire",
+    "utcnow",
+)
 
 FROM_WIRE: Mapping[str, Any] = {"paigeant_wire": True}
 """The validation context of what is read from the wire (or a store): fields a newer sender added are kept."""
@@ -104,6 +115,67 @@ def _false(value: bool) -> bool:
     return not value
 
 
+def _none(value: object) -> bool:
+    return value is None
+
+
+class Price(Wire):
+    """What one model costs, in the currency of the budget's `cost`, per million tokens."""
+
+    model_config = ConfigDict(frozen=True)
+
+    input_per_mtok: float = Field(ge=0)
+    output_per_mtok: float = Field(ge=0)
+    cache_read_per_mtok: float | None = Field(default=None, ge=0, exclude_if=_none)
+    """Cache reads; None: priced as input."""
+    cache_write_per_mtok: float | None = Field(default=None, ge=0, exclude_if=_none)
+    """Cache writes; None: priced as input."""
+
+
+class Budget(Wire):
+    """What a whole workflow may use, all steps and branches together, carried in its signed plan.
+
+    Each limit left `None` is not enforced. See `paigeant_ai._budget` and the docs' "Budgets" section.
+    """
+
+    model_config = ConfigDict(frozen=True)
+
+    tokens: int | None = Field(default=None, ge=0, exclude_if=_none)
+    """Input and output tokens, all models together."""
+    requests: int | None = Field(default=None, ge=0, exclude_if=_none)
+    """Model requests."""
+    tool_calls: int | None = Field(default=None, ge=0, exclude_if=_none)
+    """Tool calls the agents ran."""
+    cost: float | None = Field(default=None, ge=0, exclude_if=_none)
+    """Cost, priced by `prices`."""
+    wall_time: float | None = Field(default=None, ge=0, exclude_if=_none)
+    """Seconds from the workflow's start (its plan's `created_at`)."""
+    prices: dict[str, Price] = Field(default_factory=dict[str, Price], exclude_if=lambda value: not value)
+    """The price of each model by its name as pydantic-ai reports it (`"openai:gpt-5"`), for `cost`."""
+    on_exhausted: Literal["park", "fault"] = "park"
+    """`park`: the workflow waits as `budget_exhausted` until it is resumed with more, or cancelled; `fault`: it
+    faults (its completed steps are undone)."""
+
+
+class BudgetExtension(Wire):
+    """More budget for one workflow, granted by a person when it is resumed (see `WorkflowDispatcher.resume`).
+
+    Signed by the key of the service that resumed it (which must hold `approve`); every worker verifies each one a
+    hop carries, bound to its workflow, before it counts it (see `paigeant_ai._budget`).
+    """
+
+    model_config = ConfigDict(frozen=True)
+
+    correlation_id: str
+    add: Budget
+    """The amounts added to each limit of the workflow's budget (its `prices` and `on_exhausted` are not used)."""
+    by: str
+    """Who granted it."""
+    at: AwareDatetime = Field(default_factory=utcnow)
+    signature: str | None = Field(default=None, repr=False)
+    """A detached JWS (`typ` `paigeant-budget+jws`) over the record's JSON without this field; None when unsigned."""
+
+
 class PlannedStep(Wire):
     """One step of a plan: its name, whether revisions may remove it, and the digest of its whole `ActivitySpec`."""
 
@@ -143,3 +215,5 @@ class Plan(Wire):
     expires_at: AwareDatetime | None = None
     signature: str | None = Field(default=None, repr=False)
     """A detached JWS (`typ` `paigeant-plan+jws`) over the plan's JSON without this field; None when unsigned."""
+    budget: Budget | None = Field(default=None, exclude_if=_none)
+    """What the whole workflow may use (see `Budget`); None: no budget."""

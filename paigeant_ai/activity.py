@@ -22,6 +22,7 @@ from pydantic_ai.usage import RequestUsage, RunUsage, UsageLimits
 from pydantic_core import PydanticSerializationError, to_jsonable_python
 
 from ._agents import model_error_signal, run_output_type
+from ._budget import step_limits
 from ._in_doubt import ReconcileFunc
 from ._ledger import by_model, run_model_name, to_usage, usage_since
 from ._model_settings import check_overridable, step_run_options
@@ -530,6 +531,7 @@ class AgentActivity(Generic[DepsT, OutputT]):
             ctx.spec.model_settings,
             ctx.spec.usage_limits,
         )
+        limits = step_limits(ctx.message, limits, run_model_name((), getattr(self.agent, "model", None)))
         # Filled as the run goes, so that a run that raises still tells what it used. A resumed run goes on from its
         # conversation's usage (its limits count the whole step) and records only what it adds.
         start = copy(conversation.usage) if conversation is not None else RunUsage()

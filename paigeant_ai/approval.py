@@ -29,6 +29,7 @@ from pydantic_ai.messages import ToolCallPart
 from pydantic_ai.tools import ToolApproved, ToolDenied
 from pydantic_core import to_jsonable_python
 
+from ._budget import BudgetExhausted
 from ._escape import escape_control
 from ._in_doubt import InDoubt, StepInDoubt
 from .contracts import PaigeantMessage, Resumption, SecurityContext, derive_message_id
@@ -110,6 +111,8 @@ class ParkedStep(BaseModel):
     obo_required: bool = False
     in_doubt: InDoubt | None = Field(default=None, exclude_if=lambda value: value is None)
     """Set when the step waits because it may have run (an at-most-once step): what a person must settle."""
+    budget_exhausted: str | None = Field(default=None, exclude_if=lambda value: value is None)
+    """Set when the workflow waits because its budget is spent: why (see `paigeant_ai._budget`)."""
     proof: str | None = Field(default=None, repr=False)
 
     @classmethod
@@ -128,6 +131,7 @@ class ParkedStep(BaseModel):
             message=parked,
             conversation=_conversation_of(signal),
             in_doubt=signal.in_doubt if isinstance(signal, StepInDoubt) else None,
+            budget_exhausted=signal.reason if isinstance(signal, BudgetExhausted) else None,
             obo_subject=obo_subject,
             obo_required=message.security.obo_token is not None,
         )
@@ -189,7 +193,7 @@ class ParkedStep(BaseModel):
     @property
     def requests(self) -> DeferredToolRequests:
         """The pending requests as pydantic-ai's `DeferredToolRequests`, from the conversation."""
-        if self.in_doubt is not None:
+        if self.in_doubt is not None or self.budget_exhausted is not None:
             return DeferredToolRequests()  # it waits for a person's word on the step, not for tool calls
         requests = ConversationTypeAdapter.validate_python(self.conversation).deferred_tool_requests
         return requests or DeferredToolRequests()
@@ -277,6 +281,8 @@ class ParkedStep(BaseModel):
         """One line: what the step waits for."""
         if self.in_doubt is not None:
             return self.in_doubt.describe(self.correlation_id, self.activity)
+        if self.budget_exhausted is not None:
+            return f"budget exhausted before step {self.activity!r}: {self.budget_exhausted}"
         return "waiting for " + ", ".join(
             f"{call.kind} of {call.tool_name} ({call.tool_call_id})" for call in self.pending
         )
@@ -385,7 +391,7 @@ def loadable(records: Iterable[tuple[str, bytes | str]]) -> list[ParkedStep]:
 
 
 def _conversation_of(signal: ParkWorkflow) -> dict[str, JsonValue]:
-    if isinstance(signal, StepInDoubt):
+    if isinstance(signal, StepInDoubt | BudgetExhausted):
         return {}
     return _JSON_OBJECT.validate_python(ConversationTypeAdapter.dump_python(signal.conversation, mode="json"))
 

@@ -48,6 +48,7 @@ _STEP_LABELS = {
     "step_failed": "faulted",
     "waiting": "parked",
     "in_doubt": "in doubt",
+    "budget_exhausted": "budget exhausted",
     "reconciled": "reconciled",
 }
 """The events `paigeant worker -v` logs, and the word each is logged with."""

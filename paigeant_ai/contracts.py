@@ -18,7 +18,18 @@ from pydantic_core import from_json, to_json
 from ._json_values import check_finite
 from ._model_settings import StepModelSettings, StepUsageLimits
 from ._usage import Usage, sum_usage
-from ._wire import FROM_WIRE, Plan, PlannedStep, RetryPolicy, RevisionLimits, Wire, utcnow
+from ._wire import (
+    FROM_WIRE,
+    Budget,
+    BudgetExtension,
+    Plan,
+    PlannedStep,
+    Price,
+    RetryPolicy,
+    RevisionLimits,
+    Wire,
+    utcnow,
+)
 from .exceptions import InvalidMessage, UserError
 
 __all__ = (
@@ -27,10 +38,13 @@ __all__ = (
     "WIRE_VERSION",
     "ActivityLogEntry",
     "ActivitySpec",
+    "Budget",
+    "BudgetExtension",
     "Compensation",
     "PaigeantMessage",
     "Plan",
     "PlannedStep",
+    "Price",
     "Resumption",
     "RetryPolicy",
     "Revision",
@@ -503,6 +517,8 @@ class PaigeantMessage(Wire):
     """Set on the hop that continues a step after it waited for input (see `WorkflowDispatcher.resume`)."""
     plan: Plan | None = Field(default=None, exclude_if=_is_empty)
     """The route the workflow was started with, signed; unchanged on every hop (see `paigeant_ai._plan`)."""
+    budget_extensions: list[BudgetExtension] = Field(default_factory=list[BudgetExtension], exclude_if=_is_empty)
+    """More budget granted since the workflow started, each signed by who granted it (see `paigeant_ai._budget`)."""
     security: SecurityContext = Field(default_factory=SecurityContext)
     """Always the last field, with the signature last in it: see `paigeant_ai._sealing`."""
 

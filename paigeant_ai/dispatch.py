@@ -19,6 +19,8 @@ from pydantic import ValidationError
 from . import observability
 from ._approvals import attested, describe, sign_approvals
 from ._at_most_once import resume_in_doubt
+from ._budget import checked_budget
+from ._budget_resume import resume_with_budget
 from ._cancel import CANCEL_TTL, Cancellation, CancelRequest, sign_cancel, unwind_parked
 from ._dispatch_checks import require_workers, specs_of, variables_of, workflow_fingerprint
 from ._dispatch_checks import to_spec as to_spec  # importable from here, as it always was
@@ -35,7 +37,7 @@ from ._resume_checks import check_before_resume
 from ._sealing import seal
 from .activity import Activity
 from .approval import verified
-from .contracts import ActivitySpec, PaigeantMessage, RevisionLimits, derive_message_id
+from .contracts import ActivitySpec, Budget, PaigeantMessage, RevisionLimits, derive_message_id
 from .exceptions import UnknownWorkflow, UserError, WorkflowExists
 from .security import MessageSecurity, MessageSigner
 from .settings import Settings
@@ -146,6 +148,7 @@ class WorkflowDispatcher:
         require_workers: bool = False,
         revision_limits: RevisionLimits | None = None,
         principal: str | None = None,
+        budget: Budget | None = None,
     ) -> str:
         """Start a workflow and return its correlation ID.
 
@@ -162,6 +165,8 @@ class WorkflowDispatcher:
                 Mark steps no revision may remove with `ActivitySpec(mandatory=True)`.
             principal: Who owns the workflow (`WorkflowStatus.owner`, what the planner's `get_workflow_status`
                 checks); by default the subject (`sub`) of `obo_token`, validated when tokens are checked.
+            budget: What the whole workflow may use (tokens, requests, tool calls, cost, wall time), carried in
+                its signed plan and enforced before every step (see `Budget`).
 
         Raises:
             UserError: Activities or variables of the wrong shape, no activities, an invalid name, a parallel group
@@ -176,8 +181,11 @@ class WorkflowDispatcher:
         """
         message = self._first_message(activities, variables, obo_token, correlation_id)
         owner = principal if principal is not None else principal_of(obo_token, self.security)
-        plan = new_plan(message, self.security, revision_limits or self.revision_limits, owner=owner)
-        message.plan = plan if plan.signature is not None else None  # unsigned, a plan would protect nothing
+        plan = new_plan(
+            message, self.security, revision_limits or self.revision_limits, owner=owner, budget=checked_budget(budget)
+        )
+        # Unsigned, a plan would protect nothing; it still carries a budget, which is then kept, not enforced.
+        message.plan = plan if plan.signature is not None or budget is not None else None
         fingerprint = workflow_fingerprint(message) if correlation_id is not None else None
         held = await self._claim(message.correlation_id, fingerprint) if fingerprint is not None else None
         if held is not None and held == fingerprint:
@@ -317,6 +325,7 @@ class WorkflowDispatcher:
         approver_token: str | None = None,
         obo_token: str | None = None,
         in_doubt: Ran | RunAgain | None = None,
+        budget: Budget | None = None,
     ) -> None:
         """Continue a workflow that waits for input, at the step where it stopped.
 
@@ -344,6 +353,9 @@ class WorkflowDispatcher:
             in_doubt: For a workflow parked `in_doubt` (an at-most-once step that may have run): `Ran(output)`,
                 the step did run and completes with `output`; or `RunAgain()`, it runs now. Signed as the
                 decision of `approver` by this service's key, which must hold `approve` in the trust policy.
+            budget: For a workflow parked `budget_exhausted`: the amounts to add to its budget's limits
+                (`Budget(tokens=5000)`), granted by `approver`, signed by this service's key, which must hold
+                `approve`; the step then runs again.
 
         Whatever the worker would refuse and can be checked here is checked before anything is sent (see
         `paigeant_ai._resume_checks`); the parked record stays in the waiting store until a worker has claimed the
@@ -364,6 +376,9 @@ class WorkflowDispatcher:
                 f"workflow {correlation_id!r} expired at {expires_at.isoformat()} while it waited; it stays parked "
                 "and cannot be resumed (dispatch workflows that wait for people with a longer ttl)"
             )
+        if parked.budget_exhausted is not None or budget is not None:
+            await resume_with_budget(self, parked, budget, approver=approver, obo_token=obo_token)
+            return
         if parked.in_doubt is not None or in_doubt is not None:
             if parked.in_doubt is not None and (results is not None or approvals or calls or approve_all):
                 raise UserError(

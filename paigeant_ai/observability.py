@@ -91,6 +91,7 @@ _OUTCOMES: dict[str, str] = {
     "step_skipped": "skipped",
     "waiting": "waiting",
     "in_doubt": "in_doubt",
+    "budget_exhausted": "budget_exhausted",
 }
 """The outcome of a hop, by the event that settled it."""
 
@@ -296,7 +297,14 @@ class _Hop:
             self.set({"paigeant.workflow_outcome": event.kind})
         if event.usage is not None:
             self.set(usage_attributes(event.usage, "paigeant.workflow.usage."))
-        if event.detail is not None and event.kind in ("step_retried", "faulted", "rejected", "waiting", "in_doubt"):
+        if event.detail is not None and event.kind in (
+            "step_retried",
+            "faulted",
+            "rejected",
+            "waiting",
+            "in_doubt",
+            "budget_exhausted",
+        ):
             self.set({"paigeant.reason": event.detail[:2000]})
         if event.kind in ("faulted", "rejected"):
             self.status = Status(StatusCode.ERROR, event.detail or event.kind)

@@ -229,6 +229,14 @@ class PaigeantToolset(FunctionToolset[Any]):
                 "in_doubt": parked.describe(),
                 "note": DATA_NOTICE,
             }
+        if parked is not None and parked.budget_exhausted is not None:
+            return {
+                "correlation_id": correlation_id,
+                "state": "budget_exhausted",
+                "current_activity": parked.activity,
+                "budget_exhausted": parked.describe(),
+                "note": DATA_NOTICE,
+            }
         if parked is not None:
             return {
                 "correlation_id": correlation_id,

@@ -48,6 +48,7 @@ WorkflowState = Literal[
     "running",
     "waiting",
     "in_doubt",
+    "budget_exhausted",
     "stalled",
     "completed",
     "faulted",
@@ -64,7 +65,7 @@ FINAL_STATES: frozenset[str] = frozenset(
     {"completed", "faulted", "compensated", "compensation_failed", "cancelled", "expired"}
 )
 """The states a workflow never leaves."""
-StepState = Literal["running", "retrying", "waiting", "in_doubt", "completed", "failed"]
+StepState = Literal["running", "retrying", "waiting", "in_doubt", "budget_exhausted", "completed", "failed"]
 
 DEFAULT_MAX_EVENTS = 1000
 """Events kept per workflow; past it the oldest are forgotten."""
@@ -140,7 +141,16 @@ _STOPS = frozenset(
     {"cancel_requested", "faulted", "cancelled", "expired", "compensating", "compensated", "compensation_failed"}
 )
 _STEP_KINDS = frozenset(
-    {"step_started", "step_completed", "step_retried", "step_failed", "waiting", "in_doubt", "rejected"}
+    {
+        "step_started",
+        "step_completed",
+        "step_retried",
+        "step_failed",
+        "waiting",
+        "in_doubt",
+        "budget_exhausted",
+        "rejected",
+    }
 )
 """The events that tell a step's story; the others only mention it."""
 _RANK = {
@@ -221,14 +231,14 @@ class _Projection:
             record.state, record.error = "retrying", event.detail
         elif kind == "step_failed" and record is not None:
             record.state, record.error, record.finished_at = "failed", event.detail, event.at
-        elif kind == "waiting" or kind == "in_doubt":  # in doubt: waits for a person's word on whether it ran
+        elif kind in ("waiting", "in_doubt", "budget_exhausted"):  # each waits for a person
             if record is not None:
                 record.state, record.error = kind, event.detail
             status.state, status.waiting_for = kind, event.detail
         elif kind == "resumed" and status.state in FINAL_STATES:
             pass  # a resume that came too late (its step had settled): the skipped copy changes nothing
         elif kind in ("resumed", "replayed"):
-            if record is not None and record.state in ("waiting", "in_doubt"):
+            if record is not None and record.state in ("waiting", "in_doubt", "budget_exhausted"):
                 record.state, record.error = "running", None
             self._running()
         elif kind == "completed":

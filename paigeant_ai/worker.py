@@ -11,7 +11,9 @@ A hop goes through five stages, each in one place (see `Worker.process`):
    so a replayed copy is refused at once; then the dedupe store;
 4. run (`Worker._run`): the activity with its timeout, in its span; what it does becomes an `Outcome`, decided by
    the pure `paigeant_ai._outcome.classify`; an at-most-once step runs only once its start record is safe, and a
-   copy that finds one is reconciled or parked in doubt instead (`paigeant_ai._at_most_once`);
+   copy that finds one is reconciled or parked in doubt instead (`paigeant_ai._at_most_once`); a step whose
+   workflow's budget is spent does not run, and one stopped at the limit its budget left ends the same way
+   (`paigeant_ai._budget_gate`);
 5. settle (`paigeant_ai._settle.settle`): the outcome's successor is made safe with the broker, then the delivery
    is acked. Nothing is acked before its successor is safe, so a crash at any point loses nothing; a redelivered
    step that already completed is recognised by its idempotency key and not run twice.
@@ -31,6 +33,8 @@ from . import observability
 from ._advertiser import Advertiser
 from ._approvals import check_resume
 from ._at_most_once import AtMostOnce
+from ._budget_gate import after_step, budget_gate, release_budget_park
+from ._budget_resume import check_extensions
 from ._cancel import CancelCheck
 from ._dedupe import DedupeStore, InMemoryDedupeStore
 from ._escape import escape_control
@@ -377,11 +381,15 @@ class Worker:
                     outcome = Skip("already completed (redelivery)")
                 if outcome is None:
                     outcome = await self._halted(hop)  # cancelled, or past its deadline: nothing more runs
+                if outcome is None:
+                    outcome = budget_gate(hop)  # its budget spent: parked or faulted before the step runs
                 if outcome is None or isinstance(outcome, (Halt, Skip)):
                     await release_parked(hop, self.waiting_store)  # a resume that runs, stops or came late: gone
+                    await release_budget_park(hop, self.waiting_store)  # so is a workflow given more budget
                 if outcome is None:  # an at-most-once step runs once its start record is safe, else is reconciled
                     async with self._long_steps.watch(hop):  # handed back before the broker's ack deadline
                         outcome = await self.at_most_once.run(hop, self._run, self.max_message_bytes)
+                    outcome = after_step(hop, outcome)  # stopped at its budget's limit: the budget is exhausted
                 await settle(hop, outcome, self)  # the successor made safe, then the ack
                 await self.at_most_once.settled(hop)
             finally:
@@ -424,6 +432,7 @@ class Worker:
             self.plans.check(hop.message, hop.signer, hop.claims, self.security)
             hop.approvals = check_resume(hop, self.security)  # a resume: its parked record and approvals
             self._check_cancelled(hop)  # an undoing for a cancel: the signed cancel request it carries
+            check_extensions(hop.message, hop.signer, self.security)  # more budget: each grant signed
         except SecurityError as exc:
             return Reject(f"security check failed: {exc}")
         lease = self._long_steps.claim_lease(hop.spec)

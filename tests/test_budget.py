@@ -1,0 +1,325 @@
+"""Budgets carried by the workflow: enforced before every step and inside each agent step, parked or faulted when
+spent, extended by a signed grant on resume, shared among a group's branches, and never raised by a forged hop.
+
+Each agent step's model reports `STEP` tokens per request (FunctionModel), so what a workflow spends is exact.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from datetime import timedelta
+
+import pytest
+from joserfc.jwk import Key
+from pydantic_ai import Agent
+from pydantic_ai.messages import ModelMessage, ModelResponse, TextPart
+from pydantic_ai.models.function import AgentInfo, FunctionModel
+from pydantic_ai.usage import RequestUsage
+
+from paigeant_ai import (
+    AgentActivity,
+    Budget,
+    InMemoryTransport,
+    Parallel,
+    Price,
+    UserError,
+    Worker,
+    WorkflowDispatcher,
+    WorkflowEvent,
+)
+from paigeant_ai._budget import exhaustion, logged_usages, spent
+from paigeant_ai._budget_resume import EXTENSION_TYPE
+from paigeant_ai._sealing import seal
+from paigeant_ai.approval import WaitingStore, get_waiting_store
+from paigeant_ai.cli import _parser, main
+from paigeant_ai.contracts import ActivitySpec, BudgetExtension, PaigeantMessage, Plan, Usage
+from paigeant_ai.security import MessageSigner, generate_key
+from paigeant_ai.store import project
+from paigeant_ai.transports import Transport
+from paigeant_ai.transports.base import REASON_HEADER, SharedStores
+from paigeant_ai.transports.redis import RedisTransport
+from paigeant_ai.trust import TrustPolicy
+
+from .brokers import REDIS_URL, dead_letters, delete_redis_namespace, redis_command_line
+from .test_cli_cancel import paigeant
+
+STEP = 1000
+"""Tokens each model request of a step uses: 600 in, 400 out."""
+
+ORDERS, WORKERS, DESK = generate_key("orders-1"), generate_key("workers-1"), generate_key("desk-1")
+POLICY_DATA = {
+    "keys": {
+        "orders-1": {"may": ["start", "cancel"], "send_to": "*"},
+        "workers-1": {"send_to": "*"},
+        "desk-1": {"may": ["approve"], "send_to": "*"},
+    }
+}
+POLICY = TrustPolicy.load(POLICY_DATA)
+
+
+def signer(key: Key, transport: Transport) -> MessageSigner:
+    cache = transport.replay_cache() if isinstance(transport, SharedStores) else None
+    return MessageSigner(key, [ORDERS, WORKERS, DESK], policy=POLICY, replay_cache=cache)
+
+
+@dataclass
+class Team:
+    """Agent steps that each use `STEP` tokens per request, and who dispatches, works and approves."""
+
+    transport: Transport
+    store: WaitingStore
+    calls: list[str] = field(default_factory=list[str])
+    events: list[WorkflowEvent] = field(default_factory=list[WorkflowEvent])
+
+    def step(self, name: str) -> AgentActivity[None, str]:
+        def model(messages: list[ModelMessage], info: AgentInfo) -> ModelResponse:
+            self.calls.append(name)
+            return ModelResponse(
+                parts=[TextPart(f"{name} done")], usage=RequestUsage(input_tokens=600, output_tokens=400)
+            )
+
+        agent = Agent(FunctionModel(model, model_name=f"fn:{name}"), name=name)
+        return AgentActivity(agent, prompt=f"do {name}", output_key=name, name=name)
+
+    def dispatcher(self, key: Key = ORDERS) -> WorkflowDispatcher:
+        return WorkflowDispatcher(self.transport, security=signer(key, self.transport), waiting_store=self.store)
+
+    async def work(self, names: list[str]) -> None:
+        worker = Worker(
+            self.transport,
+            [self.step(name) for name in names],
+            security=signer(WORKERS, self.transport),
+            waiting_store=self.store,
+            on_event=self.events.append,
+        )
+        await worker.run(burst=True)
+
+    def kinds(self) -> list[str]:
+        return [event.kind for event in self.events if event.kind in ("budget_exhausted", "completed", "faulted")]
+
+    def last(self, kind: str) -> WorkflowEvent:
+        return [event for event in self.events if event.kind == kind][-1]
+
+
+@pytest.fixture
+async def memory() -> AsyncIterator[InMemoryTransport]:
+    async with InMemoryTransport() as transport:
+        yield transport
+
+
+STEPS = ["draft", "review", "publish"]
+
+
+async def test_a_spent_budget_parks_before_the_next_step_and_a_signed_grant_completes_it(transport: Transport) -> None:
+    team = Team(transport, get_waiting_store(transport))
+    cid = await team.dispatcher().dispatch_workflow(
+        [team.step(name) for name in STEPS], budget=Budget(tokens=STEP + STEP // 2)
+    )
+    await team.work(STEPS)
+
+    # draft used 1000; review had 500 left as its limit, went over it in its one request, and stopped there.
+    assert team.calls == ["draft", "review"]
+    assert team.kinds() == ["budget_exhausted"]
+    parked = await team.dispatcher().parked(cid)
+    assert parked.budget_exhausted is not None
+    assert parked.activity == "review"
+    spent_tokens = spent(logged_usages(parked.message), {}).tokens
+    overshoot = spent_tokens - (STEP + STEP // 2)
+    assert spent_tokens == 2 * STEP
+    assert 0 < overshoot <= STEP
+
+    # A grant the desk signs: review runs again (its first attempt's tokens stay counted), then publish.
+    await team.dispatcher(DESK).resume(cid, budget=Budget(tokens=3 * STEP), approver="carol")
+    await team.work(STEPS)
+    assert team.calls == ["draft", "review", "review", "publish"]
+    assert team.kinds() == ["budget_exhausted", "completed"]
+    assert await team.store.get(cid) is None
+
+
+async def test_a_budget_spent_exactly_stops_before_the_next_step_runs(memory: InMemoryTransport) -> None:
+    team = Team(memory, get_waiting_store(memory))
+    cid = await team.dispatcher().dispatch_workflow([team.step(name) for name in STEPS], budget=Budget(tokens=STEP))
+    await team.work(STEPS)
+    assert team.calls == ["draft"]  # review's model was never called
+    assert team.kinds() == ["budget_exhausted"]
+    assert "used 1000 of its 1000 tokens" in (team.last("budget_exhausted").detail or "")
+    assert (await team.dispatcher().parked(cid)).activity == "review"
+    status = project(cid, team.events)
+    assert status is not None
+    assert status.state == "budget_exhausted"
+    assert status.waiting_for == "budget exhausted before step 'review': it used 1000 of its 1000 tokens"
+    assert [(step.activity, step.state) for step in status.steps] == [
+        ("draft", "completed"),
+        ("review", "budget_exhausted"),
+    ]
+
+
+async def test_on_exhausted_fault_faults_the_workflow(memory: InMemoryTransport) -> None:
+    team = Team(memory, get_waiting_store(memory))
+    budget = Budget(tokens=STEP + 1, on_exhausted="fault")
+    cid = await team.dispatcher().dispatch_workflow([team.step(name) for name in STEPS], budget=budget)
+    await team.work(STEPS)
+    assert team.calls == ["draft", "review"]
+    assert team.kinds() == ["faulted"]
+    assert "budget exhausted" in (team.last("faulted").detail or "")
+    assert await team.store.get(cid) is None
+
+
+async def test_requests_and_cost_are_budgets_too(memory: InMemoryTransport) -> None:
+    team = Team(memory, get_waiting_store(memory))
+    await team.dispatcher().dispatch_workflow([team.step(name) for name in STEPS], budget=Budget(requests=2))
+    await team.work(STEPS)
+    assert team.calls == ["draft", "review"]
+    assert "2 of its 2 model requests" in (team.last("budget_exhausted").detail or "")
+
+    # 600 in at 1/Mtok and 400 out at 10/Mtok: 0.0046 a step. What is left is given to each step as tokens at the
+    # dearer price (1100 at first, then 640), so review stops at its limit, and the cost never passes the budget.
+    team = Team(memory, get_waiting_store(memory))
+    prices = {f"fn:{name}": Price(input_per_mtok=1, output_per_mtok=10) for name in STEPS}
+    await team.dispatcher().dispatch_workflow(
+        [team.step(name) for name in STEPS], budget=Budget(cost=0.011, prices=prices)
+    )
+    await team.work(STEPS)
+    assert team.calls == ["draft", "review"]
+    assert "reached the limit what was left gave it" in (team.last("budget_exhausted").detail or "")
+
+
+async def test_a_model_missing_from_the_price_table_exhausts_a_cost_budget(memory: InMemoryTransport) -> None:
+    team = Team(memory, get_waiting_store(memory))
+    budget = Budget(cost=1.0, prices={"fn:draft": Price(input_per_mtok=1, output_per_mtok=1)})
+    await team.dispatcher().dispatch_workflow([team.step(name) for name in STEPS], budget=budget)
+    await team.work(STEPS)
+    assert team.calls == ["draft", "review"]
+    assert "no price for fn:review" in (team.last("budget_exhausted").detail or "")
+
+
+def test_wall_time_counts_from_the_plan() -> None:
+    message = PaigeantMessage.new([ActivitySpec(name="draft")])
+    assert exhaustion(message) is None  # no plan, no budget
+    message.plan = Plan(correlation_id=message.correlation_id, steps=[], budget=Budget(wall_time=60))
+    start = message.plan.created_at
+    assert exhaustion(message, now=start + timedelta(seconds=59)) is None
+    assert exhaustion(message, now=start + timedelta(seconds=61)) == "it ran 61.0s of its 60s of wall time"
+
+
+async def test_mistakes_are_refused_with_the_fix(memory: InMemoryTransport) -> None:
+    team = Team(memory, get_waiting_store(memory))
+    with pytest.raises(UserError, match="prices="):
+        await team.dispatcher().dispatch_workflow([team.step("draft")], budget=Budget(cost=1.0))
+    with pytest.raises(UserError, match="Budget"):
+        await team.dispatcher().dispatch_workflow([team.step("draft")], budget={"tokens": 5})  # pyright: ignore[reportArgumentType]
+    cid = await team.dispatcher().dispatch_workflow([team.step(n) for n in STEPS], budget=Budget(tokens=STEP))
+    await team.work(STEPS)
+    with pytest.raises(UserError, match="approver="):
+        await team.dispatcher(DESK).resume(cid, budget=Budget(tokens=5))
+    with pytest.raises(UserError, match="may not grant more budget"):
+        await team.dispatcher(WORKERS).resume(cid, budget=Budget(tokens=5), approver="mallory")
+    with pytest.raises(UserError, match="has no limit on"):
+        await team.dispatcher(DESK).resume(cid, budget=Budget(requests=5), approver="carol")
+    with pytest.raises(UserError, match="pass budget="):
+        await team.dispatcher(DESK).resume(cid, approver="carol")
+
+
+async def test_a_hop_whose_budget_was_raised_or_granted_by_a_forger_is_refused(memory: InMemoryTransport) -> None:
+    team = Team(memory, get_waiting_store(memory))
+    cid = await team.dispatcher().dispatch_workflow([team.step(n) for n in STEPS], budget=Budget(tokens=STEP))
+    await team.work(STEPS)
+    parked = await team.dispatcher().parked(cid)
+    workers = signer(WORKERS, memory)
+
+    # A key that may send to the step raises the plan's budget and signs the hop.
+    raised = parked.message.next_hop()
+    assert raised.plan is not None
+    assert raised.plan.budget is not None
+    raised.plan = raised.plan.model_copy(update={"budget": Budget(tokens=10**9)})
+    raised.message_id = "forged-1"
+    await memory.publish("review", seal(raised, workers, max_bytes=1 << 20))
+
+    # The same key grants itself more budget: it may not approve.
+    granted = parked.message.next_hop()
+    extension = BudgetExtension(correlation_id=cid, add=Budget(tokens=10**9), by="mallory")
+    body = extension.model_dump_json(exclude={"signature"}).encode()
+    granted.budget_extensions = [
+        extension.model_copy(update={"signature": workers.sign_bytes(body, typ=EXTENSION_TYPE)})
+    ]
+    granted.message_id = "forged-2"
+    await memory.publish("review", seal(granted, workers, max_bytes=1 << 20))
+
+    # A genuine grant for another workflow, replayed into this one.
+    desk = signer(DESK, memory)
+    other = BudgetExtension(correlation_id="another", add=Budget(tokens=10**9), by="carol")
+    signed = desk.sign_bytes(other.model_dump_json(exclude={"signature"}).encode(), typ=EXTENSION_TYPE)
+    moved = parked.message.next_hop()
+    moved.budget_extensions = [other.model_copy(update={"signature": signed})]
+    moved.message_id = "forged-3"
+    await memory.publish("review", seal(moved, workers, max_bytes=1 << 20))
+
+    await team.work(STEPS)
+    assert team.calls == ["draft"]  # none of them ran the step
+    assert await team.store.get(cid) is not None  # and the workflow still waits for a genuine grant
+    reasons = sorted(delivery.headers.get(REASON_HEADER, "") for delivery in await dead_letters(memory))
+    assert len(reasons) == 3
+    assert "plan: the plan's signature does not hold" in reasons[2]
+    assert "budget: extension 1 (by 'carol') was granted to another workflow" in reasons[0]
+    assert "budget: extension 1 (by 'mallory') is refused" in reasons[1]
+
+
+async def test_branches_share_what_is_left(memory: InMemoryTransport) -> None:
+    """Ten branches of a group after a step that used STEP, with a budget for three more: at most four run."""
+    team = Team(memory, get_waiting_store(memory))
+    branches = [f"b{n}" for n in range(10)]
+    await team.dispatcher().dispatch_workflow(
+        [team.step("draft"), Parallel(*(team.step(name) for name in branches))], budget=Budget(tokens=4 * STEP)
+    )
+    await team.work(["draft", *branches])
+    ran = [name for name in team.calls if name != "draft"]
+    assert sorted(ran) == ["b0", "b1", "b2"]  # the estimate (draft's 1000) pays for three; the others get no share
+    assert len(team.calls) * STEP <= 4 * STEP + STEP  # the budget, and at most one step's own overshoot
+
+
+def test_usage_of_a_log_counts_the_branches() -> None:
+    usage = Usage(model="m", input_tokens=3, output_tokens=2, requests=1)
+    assert spent([usage, usage], {"m": Price(input_per_mtok=1e6, output_per_mtok=0)}).cost == 6
+    assert json.loads(Budget(tokens=5).model_dump_json()) == {"tokens": 5, "on_exhausted": "park"}
+
+
+# -- `paigeant resume --budget`, on Redis, from a process of its own ----------------------------------------------
+
+
+def test_resume_takes_budget_amounts_and_refuses_bad_ones(capsys: pytest.CaptureFixture[str]) -> None:
+    args = _parser().parse_args(["resume", "6e5c217c", "--budget", "tokens=5000", "cost=0.5", "--by", "carol"])
+    assert (args.budget, args.by) == (["tokens=5000", "cost=0.5"], "carol")
+    for bad, said in (
+        ("tokens=1.5", "--budget tokens= takes a positive whole number, not '1.5'"),
+        ("cost=nan", "--budget cost= takes a positive number, not 'nan'"),
+        ("money=5", "--budget takes NAME=AMOUNT with NAME one of tokens, requests, tool_calls, cost, wall_time"),
+    ):
+        assert main(["resume", "6e5c217c", "--transport", "redis", "--budget", bad]) == 2
+        assert said in capsys.readouterr().err
+
+
+async def test_paigeant_resume_budget_extends_a_parked_workflow_on_redis(monkeypatch: pytest.MonkeyPatch) -> None:
+    namespace = redis_command_line(monkeypatch)
+    monkeypatch.delenv("PAIGEANT_ALLOW_UNSIGNED")
+    monkeypatch.setenv("PAIGEANT_SIGNING_KEY", json.dumps(DESK.as_dict(private=True)))
+    keys = {"keys": [key.as_dict(private=False) for key in (ORDERS, WORKERS, DESK)]}
+    monkeypatch.setenv("PAIGEANT_TRUSTED_KEYS", json.dumps(keys))
+    monkeypatch.setenv("PAIGEANT_TRUST_POLICY", json.dumps(POLICY_DATA))
+    try:
+        async with RedisTransport(REDIS_URL, namespace=namespace) as transport:
+            team = Team(transport, get_waiting_store(transport))
+            cid = await team.dispatcher().dispatch_workflow(
+                [team.step(name) for name in STEPS], budget=Budget(tokens=STEP)
+            )
+            await team.work(STEPS)
+            assert team.kinds() == ["budget_exhausted"]
+
+            code, out = await paigeant("resume", cid, "--budget", "tokens=2000", "--by", "carol")
+            assert (code, out) == (0, f"resumed {cid}: its budget extended (+2000 tokens) by carol\n")
+            await team.work(STEPS)
+            assert team.calls == ["draft", "review", "publish"]
+            assert team.kinds() == ["budget_exhausted", "completed"]
+    finally:
+        await delete_redis_namespace(namespace)
