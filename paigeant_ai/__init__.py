@@ -12,6 +12,7 @@ from ._cancel import Cancellation
 from ._events import WorkflowEvent
 from ._in_doubt import Ran, RunAgain
 from ._parallel import Parallel
+from ._watch import WatchedEvent
 from .activity import Activity, ActivityContext, AgentActivity, FunctionActivity, activity
 from .approval import (
     InMemoryWaitingStore,
@@ -130,6 +131,7 @@ __all__ = (
     "Unwinding",
     "UserError",
     "WaitingStore",
+    "WatchedEvent",
     "Worker",
     "WorkerStats",
     "WorkflowDispatcher",

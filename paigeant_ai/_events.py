@@ -28,6 +28,7 @@ from pydantic_core import to_json
 
 from . import observability
 from ._escape import escape_control
+from ._progress_write import ProgressWriter
 from .contracts import EVENTS, WIRE_VERSION, PaigeantMessage, Wire, utcnow
 from .transports.base import Transport
 
@@ -168,6 +169,7 @@ class EventReporter:
         self.publish = publish
         self._batch = _EventBatcher(transport, security) if batched else None
         self.on_span = on_span
+        self.progress = self._batch.progress if self._batch is not None else _progress_writer(transport, security)
 
     async def report(
         self, kind: EventKind, message: PaigeantMessage | None, *, now: bool = False, **fields: Any
@@ -216,12 +218,15 @@ class EventReporter:
                 )
 
     async def _publish(self, values: dict[str, Any], *, now: bool) -> None:
+        body = to_json([values])
+        headers = events_headers(self.security, body)
         if self._batch is not None:
             await self._batch.flush()  # keep the workflow's events in order
-            await _publish_signed(self.transport, self.security, to_json([values]))
+            self.progress.add([values], body, headers)  # in the background, after the batch before it
+            await self.transport.publish(EVENTS, body, headers=headers)
             return
         try:
-            await _publish_signed(self.transport, self.security, to_json([values]))
+            await self.transport.publish(EVENTS, body, headers=headers)
         except Exception:
             if now:
                 raise
@@ -231,11 +236,13 @@ class EventReporter:
                 escape_control(str(values["correlation_id"])),
                 exc_info=True,
             )
+        await self.progress.write([values], body, headers)
 
     async def flush(self) -> None:
-        """Publish what is waiting in the batch, now."""
+        """Publish what is waiting in the batch, now, and write what waits for the progress streams."""
         if self._batch is not None:
             await self._batch.flush()
+        await self.progress.flush()
 
 
 class _EventBatcher:
@@ -256,6 +263,7 @@ class _EventBatcher:
         self._pending: list[dict[str, Any]] = []
         self._task: asyncio.Task[None] | None = None
         self._full = asyncio.Event()
+        self.progress = _progress_writer(transport, security)
 
     def add(self, event: dict[str, Any]) -> None:
         """Queue an event, given as the values of a `WorkflowEvent`."""
@@ -276,8 +284,11 @@ class _EventBatcher:
         self._full.clear()
         if not batch:
             return
+        body = to_json(batch)  # the array `decode_events` reads
+        headers = events_headers(self.security, body)
+        self.progress.add(batch, body, headers)
         try:
-            await _publish_signed(self.transport, self.security, to_json(batch))  # the array `decode_events` reads
+            await self.transport.publish(EVENTS, body, headers=headers)
         except Exception:
             logger.warning("could not publish %d workflow events", len(batch), exc_info=True)
 
@@ -303,6 +314,6 @@ def events_headers(security: MessageSecurity | None, body: bytes) -> dict[str, s
     return {EVENTS_SIGNATURE_HEADER: signature} if signature else None
 
 
-async def _publish_signed(transport: Transport, security: MessageSecurity | None, body: bytes) -> None:
-    """Publish a batch of events on `events`, with the one signature that covers it all."""
-    await transport.publish(EVENTS, body, headers=events_headers(security, body))
+def _progress_writer(transport: Transport, security: MessageSecurity | None) -> ProgressWriter:
+    """What writes the reporter's batches into the workflows' progress streams, signing a batch split there."""
+    return ProgressWriter(transport, lambda body: events_headers(security, body))

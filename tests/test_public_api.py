@@ -63,6 +63,7 @@ PUBLIC = (
     "Unwinding",
     "UserError",
     "WaitingStore",
+    "WatchedEvent",
     "Worker",
     "WorkerStats",
     "WorkflowDispatcher",
