@@ -7,6 +7,7 @@ its shared stores from `paigeant_ai.transports.redis`, the RabbitMQ transport fr
 
 import logging as _logging
 
+from ._agent_progress import OutputLimits
 from ._approvals import Approval, SignedApproval
 from ._cancel import Cancellation
 from ._events import WorkflowEvent
@@ -99,6 +100,7 @@ __all__ = (
     "NoWorker",
     "NonFiniteNumber",
     "NonRetryableError",
+    "OutputLimits",
     "PaigeantError",
     "PaigeantMessage",
     "PaigeantPlanner",

@@ -59,6 +59,7 @@ EventKind = Literal[
     "reconciled",
     "fanned_out",
     "joined",
+    "agent_output",
 ]
 """What a `WorkflowEvent` reports; `replayed` is a step sent again from the dead-letter queue.
 
@@ -67,7 +68,8 @@ A workflow that stops before its end (`faulted`, `cancelled`, `expired`) with co
 `compensated` or `compensation_failed`. An at-most-once step found started and not finished is `reconciled` (it
 completes without running) or parks the workflow `in_doubt` until a person says whether it ran. A parallel group
 reports `fanned_out` when its branches are sent and `joined` when the step after it is; its branches' step events
-name their `branch`."""
+name their `branch`. `agent_output` carries what a step's agent said or did as it ran (`AgentActivity(...,
+stream_progress=True)`): it goes only to the workflow's progress stream."""
 
 
 class WorkflowEvent(Wire):
@@ -102,6 +104,10 @@ class WorkflowEvent(Wire):
     """On `step_started`: the seconds the attempt may run."""
     branch: str | None = Field(default=None, exclude_if=lambda value: value is None)
     """On the events of a parallel group's branch: its key (`step` is the group's index)."""
+    part: Literal["text", "tool_call", "tool_result", "note"] | None = Field(
+        default=None, exclude_if=lambda value: value is None
+    )
+    """On `agent_output`: what `detail` holds: streamed text, a tool call, a tool's result, or a note."""
 
 
 _EVENT_BATCH = TypeAdapter(list[WorkflowEvent])
@@ -182,17 +188,7 @@ class EventReporter:
             now: Publish it before returning (after what is batched), raising `TransportError` on failure.
             **fields: Other `WorkflowEvent` fields, over those taken from `message`.
         """
-        values: dict[str, Any] = {**_DEFAULTS, "kind": kind, "at": datetime.now(UTC)}
-        if message is not None:
-            values["correlation_id"] = message.correlation_id
-            values["activity"] = message.routing_slip.current
-            values["step"] = message.step
-            values["attempt"] = message.attempt
-            values["message_id"] = message.message_id
-            values["remaining"] = [spec.name for spec in message.routing_slip.itinerary]
-            if message.routing_slip.branch is not None:
-                values["branch"] = message.routing_slip.branch
-        values.update(fields)
+        values = _values(kind, message, fields)
         if self.publish:
             if self._batch is not None and not now:
                 self._batch.add(values)  # the usual case, on every hop: no await
@@ -216,6 +212,14 @@ class EventReporter:
                     kind,
                     escape_control(str(event.correlation_id)),
                 )
+
+    def report_progress(self, kind: EventKind, message: PaigeantMessage, **fields: Any) -> None:
+        """Send an event to its workflow's progress stream only, in the background (not to `events`, the
+        callbacks or the span): what a running step says as it goes."""
+        if self.publish:
+            values = _values(kind, message, fields)
+            body = to_json([values])
+            self.progress.add([values], body, events_headers(self.security, body))
 
     async def _publish(self, values: dict[str, Any], *, now: bool) -> None:
         body = to_json([values])
@@ -243,6 +247,22 @@ class EventReporter:
         if self._batch is not None:
             await self._batch.flush()
         await self.progress.flush()
+
+
+def _values(kind: EventKind, message: PaigeantMessage | None, fields: dict[str, Any]) -> dict[str, Any]:
+    """The values of an event about `message`: its workflow, step, attempt and route, then `fields`."""
+    values: dict[str, Any] = {**_DEFAULTS, "kind": kind, "at": datetime.now(UTC)}
+    if message is not None:
+        values["correlation_id"] = message.correlation_id
+        values["activity"] = message.routing_slip.current
+        values["step"] = message.step
+        values["attempt"] = message.attempt
+        values["message_id"] = message.message_id
+        values["remaining"] = [spec.name for spec in message.routing_slip.itinerary]
+        if message.routing_slip.branch is not None:
+            values["branch"] = message.routing_slip.branch
+    values.update(fields)
+    return values
 
 
 class _EventBatcher:

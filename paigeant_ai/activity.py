@@ -18,6 +18,7 @@ from pydantic_ai.toolsets import AbstractToolset
 from pydantic_ai.usage import UsageLimits
 from pydantic_core import PydanticSerializationError, to_jsonable_python
 
+from ._agent_progress import OutputLimits, StepProgress
 from ._agents import model_error_signal, run_output_type
 from ._in_doubt import ReconcileFunc
 from .approval import resumed_run
@@ -54,12 +55,15 @@ class ActivityContext:
         revisions: Changes the step made to the rest of the route (a per-step toolset such as
             `ItineraryRevision` records them here); the worker applies them to the slip when the step succeeds
             or parks.
+        progress: Where the step's running output goes (its workflow's progress stream), set by the worker;
+            `AgentActivity(..., stream_progress=True)` sends its agent's output there.
     """
 
     message: PaigeantMessage
     spec: ActivitySpec
     obo_claims: Mapping[str, Any] | None = None
     revisions: list[Revision] = field(default_factory=list[Revision])
+    progress: StepProgress | None = field(default=None, repr=False, compare=False)
     _payload: Mapping[str, JsonValue] = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -385,6 +389,9 @@ class AgentActivity(Generic[DepsT, OutputT]):
         fallbacks: Activities to try instead, in order, once the step failed for good.
         at_most_once: Never run the step twice blindly (see `activity`).
         reconcile: For an at-most-once step: whether a copy that did not finish did its work (see `activity`).
+        stream_progress: Forward the agent's output as it happens (text, tool calls and their results) to the
+            workflow's progress stream (`WorkflowDispatcher.watch`): `True` with the default limits, or
+            `OutputLimits(rate=..., max_chars=..., max_events=...)`. Off by default.
     """
 
     def __init__(
@@ -405,6 +412,7 @@ class AgentActivity(Generic[DepsT, OutputT]):
         fallbacks: Sequence[str] = (),
         at_most_once: bool = False,
         reconcile: ReconcileFunc | None = None,
+        stream_progress: bool | OutputLimits = False,
     ) -> None:
         resolved = name or agent.name
         if not resolved:
@@ -429,6 +437,13 @@ class AgentActivity(Generic[DepsT, OutputT]):
         self.reconcile = _reconcile_of(resolved, at_most_once, reconcile)
         self.output_key = output_key or resolved.replace("-", "_")
         self._run_output_type = run_output_type(agent, resolved)
+        self.output_limits = (
+            stream_progress
+            if isinstance(stream_progress, OutputLimits)
+            else OutputLimits()
+            if stream_progress
+            else None
+        )
 
     async def build_prompt(self, ctx: ActivityContext) -> str:
         """The user prompt for this step."""
@@ -488,6 +503,11 @@ class AgentActivity(Generic[DepsT, OutputT]):
                 "activity": self.spec.name,
                 "attempt": ctx.attempt,
             },
+            event_stream_handler=(
+                ctx.progress.handler(self.output_limits)
+                if ctx.progress is not None and self.output_limits is not None
+                else None
+            ),
         )
 
     def __repr__(self) -> str:

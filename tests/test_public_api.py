@@ -31,6 +31,7 @@ PUBLIC = (
     "NoWorker",
     "NonFiniteNumber",
     "NonRetryableError",
+    "OutputLimits",
     "PaigeantError",
     "PaigeantMessage",
     "PaigeantPlanner",
