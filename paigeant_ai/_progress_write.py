@@ -6,13 +6,15 @@ several is split, and each part signed on its own.
 
 A worker's writes go in the background, one at a time in the order they were given, so that a hop never waits
 on them; at most the writes still queued are lost when its process dies. A write that fails is logged and
-dropped: the progress stream is a view, never the workflow.
+dropped: the progress stream is a view, never the workflow. So are the oldest of the writes queued past
+`MAX_QUEUED`, should the broker take them slower than they come.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+from collections import deque
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -26,6 +28,8 @@ __all__ = ("ProgressWriter",)
 logger = logging.getLogger("paigeant_ai.events")
 
 _Entry = tuple[str, bytes, dict[str, str]]
+MAX_QUEUED = 10_000
+"""Entries a process holds for the progress streams at most while the broker is slow; past it the oldest go."""
 
 
 class ProgressWriter:
@@ -40,7 +44,7 @@ class ProgressWriter:
     def __init__(self, transport: Transport, sign: Callable[[bytes], dict[str, str] | None]) -> None:
         self.streams = transport if isinstance(transport, ProgressStreams) else None
         self.sign = sign
-        self._queued: list[_Entry] = []
+        self._queued: deque[_Entry] = deque()
         self._task: asyncio.Task[None] | None = None
 
     def add(self, events: Sequence[dict[str, Any]], body: bytes, headers: dict[str, str] | None) -> None:
@@ -49,6 +53,13 @@ class ProgressWriter:
         if self.streams is None:
             return
         self._queued.extend(self._entries(events, body, headers))
+        if len(self._queued) > MAX_QUEUED:
+            dropped = len(self._queued) - MAX_QUEUED
+            for _ in range(dropped):
+                self._queued.popleft()
+            logger.warning(
+                "dropped %d entries for the progress streams: the broker takes them slower than they come", dropped
+            )
         if self._task is None or self._task.done():
             self._task = asyncio.create_task(self._drain(), name="paigeant-progress")
 
@@ -81,7 +92,7 @@ class ProgressWriter:
 
     async def _drain(self) -> None:
         while self._queued:
-            entry = self._queued.pop(0)
+            entry = self._queued.popleft()
             await self._append(entry)
 
     async def _append(self, entry: _Entry) -> None:
