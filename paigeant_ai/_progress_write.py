@@ -30,6 +30,7 @@ logger = logging.getLogger("paigeant_ai.events")
 _Entry = tuple[str, bytes, dict[str, str]]
 MAX_QUEUED = 10_000
 """Entries a process holds for the progress streams at most while the broker is slow; past it the oldest go."""
+_AT_ONCE = 500
 
 
 class ProgressWriter:
@@ -92,8 +93,9 @@ class ProgressWriter:
 
     async def _drain(self) -> None:
         while self._queued:
-            entry = self._queued.popleft()
-            await self._append(entry)
+            # Everything queued goes out at once, in order (one pipeline on Redis, pipelined confirms on RabbitMQ).
+            entries = [self._queued.popleft() for _ in range(min(len(self._queued), _AT_ONCE))]
+            await asyncio.gather(*(self._append(entry) for entry in entries))
 
     async def _append(self, entry: _Entry) -> None:
         assert self.streams is not None
