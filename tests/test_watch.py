@@ -12,7 +12,16 @@ from contextlib import asynccontextmanager
 import pytest
 from pydantic_core import to_json
 
-from paigeant_ai import ActivityContext, WatchedEvent, Worker, WorkflowDispatcher, activity
+from paigeant_ai import (
+    ActivityContext,
+    InMemoryTransport,
+    NonRetryableError,
+    RetryPolicy,
+    WatchedEvent,
+    Worker,
+    WorkflowDispatcher,
+    activity,
+)
 from paigeant_ai._events import EVENTS_SIGNATURE_HEADER, EVENTS_SIGNATURE_TYPE
 from paigeant_ai.exceptions import UserError
 from paigeant_ai.security import MessageSigner, generate_key
@@ -159,3 +168,57 @@ async def test_a_bad_offset_or_a_transport_without_streams_is_a_user_error(trans
 
     with pytest.raises(UserError, match="keeps no progress streams"):
         await anext(WorkflowDispatcher(Bare(), security=signer()).watch("x"))  # pyright: ignore[reportArgumentType]
+
+
+async def test_a_faulted_workflow_is_watched_to_the_end_of_its_undoing() -> None:
+    @activity(name="reserve", compensate="release")
+    async def reserve(ctx: ActivityContext) -> dict[str, str]:
+        return {"reserved": "yes"}
+
+    @activity(name="release")
+    async def release(ctx: ActivityContext) -> dict[str, str]:
+        await asyncio.sleep(0.3)  # the undoing outlasts the fault's own events
+        return {"released": "yes"}
+
+    @activity(name="charge", retry=RetryPolicy(max_attempts=1))
+    async def charge(ctx: ActivityContext) -> dict[str, str]:
+        raise NonRetryableError("card declined")
+
+    async with InMemoryTransport() as transport:
+        dispatcher = WorkflowDispatcher(transport, security=signer())
+        worker = Worker(transport, [reserve, release, charge], security=signer())
+        running = asyncio.create_task(worker.run())
+        try:
+            cid = await dispatcher.dispatch_workflow(["reserve", "charge"])
+            watched: list[WatchedEvent] = []
+            await asyncio.wait_for(_collect(dispatcher.watch(cid), watched), 30)
+        finally:
+            worker.stop()
+            await asyncio.wait_for(running, 30)
+    kinds = [item.event.kind for item in watched]
+    assert "faulted" in kinds
+    assert kinds[-1] == "compensated"
+    assert ("step_completed", "release") in _kinds(watched)
+
+
+async def test_the_same_entry_written_twice_is_yielded_once() -> None:
+    async with InMemoryTransport() as transport:
+        cid = f"twice-{uuid.uuid4().hex}"
+        events = [
+            {"kind": "step_started", "correlation_id": cid, "activity": "one", "step": 0, "at": "2026-12-01T10:00:00Z"},
+            {
+                "kind": "completed",
+                "correlation_id": cid,
+                "activity": "one",
+                "payload": {},
+                "at": "2026-12-01T10:00:01Z",
+            },
+        ]
+        body = to_json(events)
+        headers = {EVENTS_SIGNATURE_HEADER: signer().sign_bytes(body, typ=EVENTS_SIGNATURE_TYPE) or ""}
+        await transport.append_progress(cid, body, headers)
+        await transport.append_progress(cid, body, headers)  # a batch published again after a crash
+        dispatcher = WorkflowDispatcher(transport, security=signer())
+        watched: list[WatchedEvent] = []
+        await asyncio.wait_for(_collect(dispatcher.watch(cid), watched), 10)
+    assert _kinds(watched) == [("step_started", "one"), ("completed", "one")]
