@@ -17,6 +17,7 @@ from it yields exactly what came after, even a late duplicate of a recent event.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import hashlib
 import json
@@ -31,7 +32,7 @@ from pydantic_core import to_json
 from ._escape import escape_control
 from ._event_auth import authenticate_events
 from ._events import WorkflowEvent
-from .exceptions import SecurityError, UserError
+from .exceptions import SecurityError, TransportError, UserError
 from .store import FINAL_STATES, event_order, project
 from .transports.base import ProgressEntry, ProgressReader, ProgressStreams, Transport
 
@@ -42,6 +43,8 @@ __all__ = ("WatchedEvent", "watch_workflow")
 
 logger = logging.getLogger("paigeant_ai.watch")
 
+_REOPENS = 5
+"""Times in a row a watch opens its reader again after the broker connection failed, before it gives up."""
 _RECENT = 32
 """Digests of the latest yielded events an offset keeps, to tell a late duplicate of one of them."""
 
@@ -106,6 +109,7 @@ async def watch_workflow(
 
     Raises:
         UserError: The transport keeps no progress streams, or `after` is no offset.
+        TransportError: The broker could not be read, six times in a row.
     """
     if not isinstance(transport, ProgressStreams):
         raise UserError(
@@ -117,10 +121,10 @@ async def watch_workflow(
         return
     known = set(cursor.seen) | set(cursor.recent)
     history: list[WorkflowEvent] = []
-    reader = await transport.read_progress(correlation_id, after=cursor.position)
+    read = _Reading(transport, correlation_id, cursor.position)
     try:
         while True:
-            entries = await _read_together(reader, poll, linger)
+            entries = await read.together(poll, linger)
             if not entries:
                 continue
             fresh: list[tuple[WorkflowEvent, str]] = []
@@ -146,20 +150,54 @@ async def watch_workflow(
             if ended:
                 return
     finally:
-        await reader.aclose()
+        await read.close()
 
 
-async def _read_together(reader: ProgressReader, poll: float, linger: float) -> list[ProgressEntry]:
-    """What the stream holds now, or the first entries within `poll` seconds, with what follows within `linger`."""
-    entries = await reader.read(poll)
-    if not entries:
-        return []
-    for _ in range(20):
-        more = await reader.read(linger)
-        if not more:
-            break
-        entries.extend(more)
-    return entries
+class _Reading:
+    """A reader of the stream that opens again after the entry it last returned when the broker connection fails
+    (up to `_REOPENS` times in a row)."""
+
+    def __init__(self, transport: ProgressStreams, correlation_id: str, after: str | None) -> None:
+        self.transport = transport
+        self.correlation_id = correlation_id
+        self.after = after
+        self.reader: ProgressReader | None = None
+
+    async def together(self, poll: float, linger: float) -> list[ProgressEntry]:
+        """What the stream holds now, or the first entries within `poll` seconds, with what follows within
+        `linger`."""
+        entries = await self._read(poll)
+        if not entries:
+            return []
+        for _ in range(20):
+            more = await self._read(linger)
+            if not more:
+                break
+            entries.extend(more)
+        return entries
+
+    async def _read(self, wait: float) -> list[ProgressEntry]:
+        for attempt in range(_REOPENS + 1):
+            try:
+                if self.reader is None:
+                    self.reader = await self.transport.read_progress(self.correlation_id, after=self.after)
+                entries = await self.reader.read(wait)
+            except TransportError:
+                await self.close()
+                if attempt == _REOPENS:
+                    raise
+                logger.warning("reading the progress of %s failed; reading on", escape_control(self.correlation_id))
+                await asyncio.sleep(min(2.0**attempt, 10.0))
+                continue
+            if entries:
+                self.after = entries[-1].position
+            return entries
+        return []  # pragma: no cover - the loop returns or raises
+
+    async def close(self) -> None:
+        reader, self.reader = self.reader, None
+        if reader is not None:
+            await reader.aclose()
 
 
 def _verified(security: MessageSecurity, correlation_id: str, entry: ProgressEntry) -> list[WorkflowEvent]:

@@ -535,6 +535,8 @@ class WorkflowDispatcher:
 
         Raises:
             UserError: The transport keeps no progress streams, or `after` is no offset a watch yielded.
+            TransportError: The broker could not be read, six times in a row (a watch reads on after a failed
+                read, from the entry it last read).
         """
         return watch_workflow(self.transport, self.security, correlation_id, after=after)
 

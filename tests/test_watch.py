@@ -8,6 +8,7 @@ import logging
 import uuid
 from collections.abc import AsyncGenerator, AsyncIterator
 from contextlib import asynccontextmanager
+from typing import Any
 
 import pytest
 from pydantic_core import to_json
@@ -23,7 +24,7 @@ from paigeant_ai import (
     activity,
 )
 from paigeant_ai._events import EVENTS_SIGNATURE_HEADER, EVENTS_SIGNATURE_TYPE
-from paigeant_ai.exceptions import UserError
+from paigeant_ai.exceptions import TransportError, UserError
 from paigeant_ai.security import MessageSigner, generate_key
 from paigeant_ai.transports import ProgressStreams, Transport
 from paigeant_ai.transports.base import TransportBase
@@ -222,3 +223,42 @@ async def test_the_same_entry_written_twice_is_yielded_once() -> None:
         watched: list[WatchedEvent] = []
         await asyncio.wait_for(_collect(dispatcher.watch(cid), watched), 10)
     assert _kinds(watched) == [("step_started", "one"), ("completed", "one")]
+
+
+class _FailingOnce(InMemoryTransport):
+    """An in-memory transport whose first progress reader loses its connection at its second read."""
+
+    failed = False
+
+    async def read_progress(self, correlation_id: str, *, after: str | None = None) -> Any:
+        reader = await super().read_progress(correlation_id, after=after)
+        if self.failed:
+            return reader
+        transport, reads = self, [0]
+        real_read = reader.read
+
+        async def read(wait: float) -> Any:
+            reads[0] += 1
+            if reads[0] == 2:
+                transport.failed = True
+                raise TransportError("the connection to the broker was lost")
+            return await real_read(wait)
+
+        reader.read = read  # type: ignore[method-assign]
+        return reader
+
+
+async def test_a_watch_reads_on_after_a_failed_read_missing_and_repeating_nothing(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    gated = Gated()
+    gated.gate.set()
+    async with _FailingOnce() as transport:
+        dispatcher = WorkflowDispatcher(transport, security=signer())
+        async with _worker(transport, gated):
+            cid = await dispatcher.dispatch_workflow(STEPS)
+            watched: list[WatchedEvent] = []
+            await asyncio.wait_for(_collect(dispatcher.watch(cid), watched), 30)
+    assert transport.failed
+    assert sorted(_kinds(watched)) == sorted(EXPECTED)
+    assert "failed; reading on" in caplog.text

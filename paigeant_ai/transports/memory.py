@@ -76,9 +76,7 @@ class InMemoryTransport(TransportBase):
         self._last_consumed: dict[str, datetime] = {}
         self._claims: OrderedDict[str, tuple[str, float]] = OrderedDict()  # key -> (value, monotonic expiry)
         self._cancelled = CancelBook()
-        self._progress = MemoryProgress(
-            max_entries=max_length, max_workflows=max_length, retention=self.progress_retention
-        )
+        self._progress = MemoryProgress(max_entries=1000, max_workflows=1000, retention=self.progress_retention)
 
     async def connect(self) -> None:
         self._connected = True
