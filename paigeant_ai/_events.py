@@ -1,9 +1,10 @@
 """Workflow events: their wire type (`WorkflowEvent`, published on `events`), and the one reporter that the
 worker, the dispatcher and the command line tell them through.
 
-An event goes to three places: the `on_event` callbacks of the process, the span of the hop that produced it
+An event goes to four places: the `on_event` callbacks of the process, the span of the hop that produced it
 (see `observability.record_event`), and (unless publishing is off) the transport's `events` address, where a
-`WorkflowProjector` in any process feeds them to a `WorkflowStore`.
+`WorkflowProjector` in any process feeds them to a `WorkflowStore`, and its workflow's progress stream, where
+`WorkflowDispatcher.watch` reads them (see `paigeant_ai._progress_write`, written in the background).
 
 Events are a projection, not part of the workflow. A worker batches them off the hop's path; an event that must
 be safe before a hop is acked (the `completed` event, the only home of a workflow's result) is published at once,
