@@ -135,7 +135,7 @@ async def watch_workflow(
                         known.add(digest)
                         fresh.append((event, digest))
             fresh.sort(key=lambda item: event_order(item[0]))
-            history.extend(event for event, _ in fresh)
+            history.extend(event for event, _ in fresh if event.kind != "agent_output")  # what tells the state
             status = project(correlation_id, history) if fresh else None
             ended = status is not None and status.state in FINAL_STATES
             for index, (event, digest) in enumerate(fresh):
