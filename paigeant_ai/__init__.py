@@ -7,6 +7,7 @@ its shared stores from `paigeant_ai.transports.redis`, the RabbitMQ transport fr
 
 import logging as _logging
 
+from ._agent_progress import OutputLimits
 from ._approvals import Approval, SignedApproval
 from ._cancel import Cancellation
 from ._events import WorkflowEvent
@@ -14,6 +15,7 @@ from ._in_doubt import Ran, RunAgain
 from ._ledger import usage_by_model, workflow_usage
 from ._parallel import Parallel
 from ._registry import AdvertisedActivity, LiveRegistry, WorkerRecord, read_registry
+from ._watch import WatchedEvent
 from .activity import Activity, ActivityContext, AgentActivity, FunctionActivity, activity
 from .approval import (
     InMemoryWaitingStore,
@@ -108,6 +110,7 @@ __all__ = (
     "NoWorker",
     "NonFiniteNumber",
     "NonRetryableError",
+    "OutputLimits",
     "PaigeantError",
     "PaigeantMessage",
     "PaigeantPlanner",
@@ -142,6 +145,7 @@ __all__ = (
     "Usage",
     "UserError",
     "WaitingStore",
+    "WatchedEvent",
     "Worker",
     "WorkerRecord",
     "WorkerStats",

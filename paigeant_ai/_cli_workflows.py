@@ -59,6 +59,12 @@ def add_commands(
     )
     status.add_argument("correlation_id", help="the workflow's correlation ID, or a prefix only it starts with")
     store_arguments(status)
+    status.add_argument(
+        "--follow",
+        action="store_true",
+        help="print the workflow's events as they happen, from its start until it ends (the whole ID, on a broker)",
+    )
+    status.add_argument("--after", help="with --follow: go on after this offset (from a --json line)")
 
     workflows = commands.add_parser(
         "workflows", parents=parents, help="the most recently updated workflows and their state"
@@ -78,6 +84,12 @@ async def run_command(args: argparse.Namespace) -> int:
     """Run one of `COMMANDS`; the exit code."""
     if getattr(args, "limit", 1) < 1:
         raise UserError(f"--limit must be at least 1, got {args.limit}")
+    if getattr(args, "follow", False):
+        from ._cli_follow import follow
+
+        return await follow(args)
+    if getattr(args, "after", None) is not None:
+        raise UserError("--after goes with --follow: paigeant status ID --follow --after OFFSET")
     store = workflow_store(args.redis_url)
     store.transport.reconnect_attempts = _COMMAND_RECONNECTS
     async with store.transport:

@@ -1,9 +1,10 @@
 """Workflow events: their wire type (`WorkflowEvent`, published on `events`), and the one reporter that the
 worker, the dispatcher and the command line tell them through.
 
-An event goes to three places: the `on_event` callbacks of the process, the span of the hop that produced it
+An event goes to four places: the `on_event` callbacks of the process, the span of the hop that produced it
 (see `observability.record_event`), and (unless publishing is off) the transport's `events` address, where a
-`WorkflowProjector` in any process feeds them to a `WorkflowStore`.
+`WorkflowProjector` in any process feeds them to a `WorkflowStore`, and its workflow's progress stream, where
+`WorkflowDispatcher.watch` reads them (see `paigeant_ai._progress_write`, written in the background).
 
 Events are a projection, not part of the workflow. A worker batches them off the hop's path; an event that must
 be safe before a hop is acked (the `completed` event, the only home of a workflow's result) is published at once,
@@ -29,6 +30,7 @@ from pydantic_core import to_json
 from . import observability
 from ._escape import escape_control
 from ._ledger import workflow_usage
+from ._progress_write import ProgressWriter
 from ._usage import Usage
 from ._wire import FROM_WIRE
 from .contracts import EVENTS, WIRE_VERSION, PaigeantMessage, Wire, utcnow
@@ -62,6 +64,7 @@ EventKind = Literal[
     "reconciled",
     "fanned_out",
     "joined",
+    "agent_output",
 ]
 """What a `WorkflowEvent` reports; `replayed` is a step sent again from the dead-letter queue.
 
@@ -71,7 +74,8 @@ A workflow that stops before its end (`faulted`, `cancelled`, `expired`) with co
 completes without running) or parks the workflow `in_doubt` until a person says whether it ran. A workflow whose
 budget is spent parks `budget_exhausted` until it is resumed with more (or cancelled). A parallel group
 reports `fanned_out` when its branches are sent and `joined` when the step after it is; its branches' step events
-name their `branch`."""
+name their `branch`. `agent_output` carries what a step's agent said or did as it ran (`AgentActivity(...,
+stream_progress=True)`): it goes only to the workflow's progress stream."""
 
 
 class WorkflowEvent(Wire):
@@ -111,6 +115,10 @@ class WorkflowEvent(Wire):
     version: str | None = Field(default=None, exclude_if=lambda value: value is None)
     """On `step_started` and `step_completed`: the version of the activity that ran it; on `waiting`, for a step
     pinned to versions no worker that took it has, the range it waits for."""
+    part: Literal["text", "tool_call", "tool_result", "note"] | None = Field(
+        default=None, exclude_if=lambda value: value is None
+    )
+    """On `agent_output`: what `detail` holds: streamed text, a tool call, a tool's result, or a note."""
 
 
 _WITH_USAGE = frozenset({"completed", "faulted", "cancelled", "expired", "compensated", "compensation_failed"})
@@ -181,6 +189,7 @@ class EventReporter:
         self.publish = publish
         self._batch = _EventBatcher(transport, security) if batched else None
         self.on_span = on_span
+        self.progress = self._batch.progress if self._batch is not None else _progress_writer(transport, security)
 
     async def report(
         self, kind: EventKind, message: PaigeantMessage | None, *, now: bool = False, **fields: Any
@@ -193,19 +202,7 @@ class EventReporter:
             now: Publish it before returning (after what is batched), raising `TransportError` on failure.
             **fields: Other `WorkflowEvent` fields, over those taken from `message`.
         """
-        values: dict[str, Any] = {**_DEFAULTS, "kind": kind, "at": datetime.now(UTC)}
-        if message is not None:
-            values["correlation_id"] = message.correlation_id
-            values["activity"] = message.routing_slip.current
-            values["step"] = message.step
-            values["attempt"] = message.attempt
-            values["message_id"] = message.message_id
-            values["remaining"] = [spec.name for spec in message.routing_slip.itinerary]
-            if message.routing_slip.branch is not None:
-                values["branch"] = message.routing_slip.branch
-        if kind in _WITH_USAGE and message is not None and not (used := workflow_usage(message)).is_empty:
-            values["usage"] = used
-        values.update(fields)
+        values = _values(kind, message, fields)
         if self.publish:
             if self._batch is not None and not now:
                 self._batch.add(values)  # the usual case, on every hop: no await
@@ -230,13 +227,24 @@ class EventReporter:
                     escape_control(str(event.correlation_id)),
                 )
 
+    def report_progress(self, kind: EventKind, message: PaigeantMessage, **fields: Any) -> None:
+        """Send an event to its workflow's progress stream only, in the background (not to `events`, the
+        callbacks or the span): what a running step says as it goes."""
+        if self.publish:
+            values = _values(kind, message, fields)
+            body = to_json([values])
+            self.progress.add([values], body, events_headers(self.security, body))
+
     async def _publish(self, values: dict[str, Any], *, now: bool) -> None:
+        body = to_json([values])
+        headers = events_headers(self.security, body)
         if self._batch is not None:
             await self._batch.flush()  # keep the workflow's events in order
-            await _publish_signed(self.transport, self.security, to_json([values]))
+            self.progress.add([values], body, headers)  # in the background, after the batch before it
+            await self.transport.publish(EVENTS, body, headers=headers)
             return
         try:
-            await _publish_signed(self.transport, self.security, to_json([values]))
+            await self.transport.publish(EVENTS, body, headers=headers)
         except Exception:
             if now:
                 raise
@@ -246,11 +254,31 @@ class EventReporter:
                 escape_control(str(values["correlation_id"])),
                 exc_info=True,
             )
+        await self.progress.write([values], body, headers)
 
     async def flush(self) -> None:
-        """Publish what is waiting in the batch, now."""
+        """Publish what is waiting in the batch, now, and write what waits for the progress streams."""
         if self._batch is not None:
             await self._batch.flush()
+        await self.progress.flush()
+
+
+def _values(kind: EventKind, message: PaigeantMessage | None, fields: dict[str, Any]) -> dict[str, Any]:
+    """The values of an event about `message`: its workflow, step, attempt and route, then `fields`."""
+    values: dict[str, Any] = {**_DEFAULTS, "kind": kind, "at": datetime.now(UTC)}
+    if message is not None:
+        values["correlation_id"] = message.correlation_id
+        values["activity"] = message.routing_slip.current
+        values["step"] = message.step
+        values["attempt"] = message.attempt
+        values["message_id"] = message.message_id
+        values["remaining"] = [spec.name for spec in message.routing_slip.itinerary]
+        if message.routing_slip.branch is not None:
+            values["branch"] = message.routing_slip.branch
+    if kind in _WITH_USAGE and message is not None and not (used := workflow_usage(message)).is_empty:
+        values["usage"] = used
+    values.update(fields)
+    return values
 
 
 class _EventBatcher:
@@ -271,6 +299,7 @@ class _EventBatcher:
         self._pending: list[dict[str, Any]] = []
         self._task: asyncio.Task[None] | None = None
         self._full = asyncio.Event()
+        self.progress = _progress_writer(transport, security)
 
     def add(self, event: dict[str, Any]) -> None:
         """Queue an event, given as the values of a `WorkflowEvent`."""
@@ -291,8 +320,11 @@ class _EventBatcher:
         self._full.clear()
         if not batch:
             return
+        body = to_json(batch)  # the array `decode_events` reads
+        headers = events_headers(self.security, body)
+        self.progress.add(batch, body, headers)
         try:
-            await _publish_signed(self.transport, self.security, to_json(batch))  # the array `decode_events` reads
+            await self.transport.publish(EVENTS, body, headers=headers)
         except Exception:
             logger.warning("could not publish %d workflow events", len(batch), exc_info=True)
 
@@ -318,6 +350,6 @@ def events_headers(security: MessageSecurity | None, body: bytes) -> dict[str, s
     return {EVENTS_SIGNATURE_HEADER: signature} if signature else None
 
 
-async def _publish_signed(transport: Transport, security: MessageSecurity | None, body: bytes) -> None:
-    """Publish a batch of events on `events`, with the one signature that covers it all."""
-    await transport.publish(EVENTS, body, headers=events_headers(security, body))
+def _progress_writer(transport: Transport, security: MessageSecurity | None) -> ProgressWriter:
+    """What writes the reporter's batches into the workflows' progress streams, signing a batch split there."""
+    return ProgressWriter(transport, lambda body: events_headers(security, body))

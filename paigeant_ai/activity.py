@@ -21,6 +21,7 @@ from pydantic_ai.toolsets import AbstractToolset
 from pydantic_ai.usage import RequestUsage, RunUsage, UsageLimits
 from pydantic_core import PydanticSerializationError, to_jsonable_python
 
+from ._agent_progress import OutputLimits, StepProgress
 from ._agents import model_error_signal, run_output_type
 from ._budget import step_limits
 from ._in_doubt import ReconcileFunc
@@ -72,6 +73,8 @@ class ActivityContext:
             or parks.
         usage: What the step used so far, one `Usage` per model: an `AgentActivity` records its run's here,
             any activity its own models' with `add_usage`; the worker logs it in the step's entry.
+        progress: Where the step's running output goes (its workflow's progress stream), set by the worker;
+            `AgentActivity(..., stream_progress=True)` sends its agent's output there.
     """
 
     message: PaigeantMessage
@@ -79,6 +82,7 @@ class ActivityContext:
     obo_claims: Mapping[str, Any] | None = None
     revisions: list[Revision] = field(default_factory=list[Revision])
     usage: list[Usage] = field(default_factory=list[Usage])
+    progress: StepProgress | None = field(default=None, repr=False, compare=False)
     _payload: Mapping[str, JsonValue] = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -427,6 +431,9 @@ class AgentActivity(Generic[DepsT, OutputT]):
         reconcile: For an at-most-once step: whether a copy that did not finish did its work (see `activity`).
         version: The version of the step's code (see `activity`); by default the installed distribution's of the
             module that builds the activity, else `0+` and a digest of that module's source.
+        stream_progress: Forward the agent's output as it happens (text, tool calls and their results) to the
+            workflow's progress stream (`WorkflowDispatcher.watch`): `True` with the default limits, or
+            `OutputLimits(rate=..., max_chars=..., max_events=...)`. Off by default.
     """
 
     def __init__(
@@ -450,6 +457,7 @@ class AgentActivity(Generic[DepsT, OutputT]):
         at_most_once: bool = False,
         reconcile: ReconcileFunc | None = None,
         version: str | None = None,
+        stream_progress: bool | OutputLimits = False,
     ) -> None:
         resolved = name or agent.name
         if not resolved:
@@ -479,6 +487,13 @@ class AgentActivity(Generic[DepsT, OutputT]):
         self.reconcile = _reconcile_of(resolved, at_most_once, reconcile)
         self.output_key = output_key or resolved.replace("-", "_")
         self._run_output_type = run_output_type(agent, resolved)
+        self.output_limits = (
+            stream_progress
+            if isinstance(stream_progress, OutputLimits)
+            else OutputLimits()
+            if stream_progress
+            else None
+        )
 
     async def build_prompt(self, ctx: ActivityContext) -> str:
         """The user prompt for this step."""
@@ -572,6 +587,11 @@ class AgentActivity(Generic[DepsT, OutputT]):
                 "activity": self.spec.name,
                 "attempt": ctx.attempt,
             },
+            event_stream_handler=(
+                ctx.progress.handler(self.output_limits)
+                if ctx.progress is not None and self.output_limits is not None
+                else None
+            ),
         )
 
     def __repr__(self) -> str:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 from collections import OrderedDict
-from collections.abc import Mapping, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from datetime import UTC, datetime, timedelta
 from types import EllipsisType
 from typing import TYPE_CHECKING, Any
@@ -35,6 +35,7 @@ from ._plan import new_plan, signer_of, token_subject
 from ._principal import principal_of
 from ._resume_checks import check_before_resume
 from ._sealing import seal
+from ._watch import WatchedEvent, watch_workflow
 from .activity import Activity
 from .approval import verified
 from .contracts import ActivitySpec, Budget, PaigeantMessage, RevisionLimits, derive_message_id
@@ -547,6 +548,26 @@ class WorkflowDispatcher:
             "released, and a worker stops its group and undoes what completed"
         )
         return Cancellation(parked.correlation_id, "cancelled", detail)
+
+    def watch(self, correlation_id: str, *, after: str | None = None) -> AsyncIterator[WatchedEvent]:
+        """Every event of a workflow, in order, from its start until it ends, as it happens.
+
+        ```python
+        async for watched in dispatcher.watch(correlation_id):
+            print(watched.event.kind, watched.event.activity)
+        ```
+
+        Each event comes from the transport's progress stream (see `ProgressStreams`), checked against the trusted
+        keys of this dispatcher's `security`: what does not verify is logged and skipped. A watch started late
+        catches up from the workflow's first event the stream still keeps; one given `after=watched.offset`
+        yields only what came after that event. See the "Progress" section of docs/cost-and-progress.md.
+
+        Raises:
+            UserError: The transport keeps no progress streams, or `after` is no offset a watch yielded.
+            TransportError: The broker could not be read, six times in a row (a watch reads on after a failed
+                read, from the entry it last read).
+        """
+        return watch_workflow(self.transport, self.security, correlation_id, after=after)
 
     def _store(self) -> WaitingStore:
         if self.waiting_store is None:

@@ -31,6 +31,7 @@ from typing import Any
 
 from . import observability
 from ._advertiser import Advertiser
+from ._agent_progress import StepProgress
 from ._approvals import check_resume
 from ._at_most_once import AtMostOnce
 from ._budget_gate import after_step, budget_gate, release_budget_park
@@ -520,7 +521,9 @@ class Worker:
         The activity runs in a task of its own, which a cancel of its workflow interrupts; the step's timeout is
         cut short to the workflow's deadline, which then ends the workflow `expired`.
         """
-        hop.ctx = ctx = ActivityContext(message=hop.message, spec=hop.spec, obo_claims=hop.claims)
+        hop.ctx = ctx = ActivityContext(
+            message=hop.message, spec=hop.spec, obo_claims=hop.claims, progress=StepProgress(self.reporter, hop.message)
+        )
         hop.started = datetime.now(UTC)
         message = hop.message
         timeout = hop.spec.timeout or DEFAULT_TIMEOUT

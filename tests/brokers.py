@@ -35,6 +35,9 @@ from paigeant_ai.security import MessageSigner, generate_key
 from paigeant_ai.transports import Transport
 from paigeant_ai.transports.base import Delivery
 
+PROGRESS_STREAM = "@progress"
+"""The address of RabbitMQ's progress stream, shared by every workflow of a namespace (deleted with it)."""
+
 # The brokers the tests use; point them elsewhere with these two variables (see the README's Development section).
 RABBITMQ_URL = os.environ.get("PAIGEANT_TEST_RABBITMQ_URL", "amqp://guest:guest@127.0.0.1:5672/")
 REDIS_URL = os.environ.get("PAIGEANT_TEST_REDIS_URL", "redis://127.0.0.1:6379/15")
@@ -274,7 +277,7 @@ async def fleet(
         await processes.stop()
         await transport.disconnect()
         if broker == "rabbitmq":
-            await delete_rabbitmq_addresses(namespace, [*steps, DEAD_LETTER, EVENTS])
+            await delete_rabbitmq_addresses(namespace, [*steps, DEAD_LETTER, EVENTS, PROGRESS_STREAM])
         elif url == REDIS_URL:
             await delete_redis_namespace(namespace)
 

@@ -20,6 +20,7 @@ from paigeant_ai import (
 )
 from paigeant_ai.approval import InMemoryWaitingStore
 from paigeant_ai.cli import main
+from paigeant_ai.security import generate_key
 from paigeant_ai.transports.redis import RedisTransport
 
 from .brokers import REDIS_URL, delete_redis_namespace, redis_command_line
@@ -366,3 +367,47 @@ async def test_cancelling_a_projector_leaves_nothing_behind_and_loses_no_event(
         assert sorted(status.correlation_id for status in await store.list()) == ["wf-1", "wf-2"]
     gc.collect()
     assert "never retrieved" not in caplog.text
+
+
+def test_status_follow_prints_every_event_until_the_workflow_ends_and_goes_on_after_an_offset(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    key = generate_key("follow-test-1")
+    name = redis_command_line(
+        monkeypatch,
+        SIGNING_KEY=json.dumps(key.as_dict(private=True)),
+        TRUSTED_KEYS=json.dumps({"keys": [key.as_dict(private=False)]}),
+    )
+    monkeypatch.delenv("PAIGEANT_ALLOW_UNSIGNED")
+
+    async def run() -> None:
+        async with RedisTransport(REDIS_URL, namespace=name) as transport:
+            dispatcher = WorkflowDispatcher(transport)
+            steps = [check_customer, create_account]
+            await dispatcher.dispatch_workflow(steps, {"email": "good@example.com"}, correlation_id="wf-follow")
+            await Worker(transport, steps).run(burst=True)
+
+    try:
+        asyncio.run(run())
+        assert main(["status", "wf-follow", "--follow"]) == 0
+        lines = normalized(capsys.readouterr().out).splitlines()
+        assert sorted(lines) == sorted(
+            [
+                "<time>  dispatched      step 0 check-customer",
+                "<time>  step_started    step 0 check-customer",
+                "<time>  step_completed  step 0 check-customer in <s>",
+                "<time>  step_started    step 1 create-account",
+                "<time>  step_completed  step 1 create-account in <s>",
+                "<time>  completed       step 1 create-account",
+            ]
+        )
+        assert lines[-1] == "<time>  completed       step 1 create-account"
+
+        assert main(["status", "wf-follow", "--follow", "--json"]) == 0
+        every = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+        assert len(every) == 6
+        assert main(["status", "wf-follow", "--follow", "--json", "--after", every[2]["offset"]]) == 0
+        rest = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+        assert [item["event"] for item in rest] == [item["event"] for item in every[3:]]
+    finally:
+        asyncio.run(delete_redis_namespace(name))

@@ -473,7 +473,7 @@ def test_a_rabbitmq_worker_without_a_shared_store_says_what_is_not_protected(
             finally:
                 from .brokers import delete_rabbitmq_addresses
 
-                await delete_rabbitmq_addresses(namespace, [replay_workers.PAY, DEAD_LETTER, "events"])
+                await delete_rabbitmq_addresses(namespace, [replay_workers.PAY, DEAD_LETTER, "events", "@progress"])
                 await delete_redis_namespace(namespace)
 
     with caplog.at_level(logging.WARNING, logger="paigeant_ai.worker"):

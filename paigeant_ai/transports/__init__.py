@@ -2,14 +2,25 @@
 
 The seam is `Transport`; what a transport offers beyond it is declared, never guessed from its name:
 `process_local` and `requeue_lag` on every transport, and the capabilities `ConsumerWatch` (who consumes),
-`SharedClaims` (keys claimed once), `SharedStores` (stores every process shares) and `Cancellations` (a
-`CancelBoard` of cancel records every process reads). Each backend lives in one module or subpackage: `memory`,
+`SharedClaims` (keys claimed once), `SharedStores` (stores every process shares), `Cancellations` (a
+`CancelBoard` of cancel records every process reads) and `ProgressStreams` (a durable progress stream per
+workflow). Each backend lives in one module or subpackage: `memory`,
 `rabbitmq`, `redis`.
 """
 
 from __future__ import annotations
 
-from .base import CancelBoard, Cancellations, Consumer, ConsumerWatch, Delivery, SharedClaims, SharedStores, Transport
+from .base import (
+    CancelBoard,
+    Cancellations,
+    Consumer,
+    ConsumerWatch,
+    Delivery,
+    ProgressStreams,
+    SharedClaims,
+    SharedStores,
+    Transport,
+)
 from .memory import InMemoryTransport
 
 __all__ = (
@@ -20,6 +31,7 @@ __all__ = (
     "ConsumerWatch",
     "Delivery",
     "InMemoryTransport",
+    "ProgressStreams",
     "SharedClaims",
     "SharedStores",
     "Transport",

@@ -41,6 +41,9 @@ __all__ = (
     "ConsumerBase",
     "ConsumerWatch",
     "Delivery",
+    "ProgressEntry",
+    "ProgressReader",
+    "ProgressStreams",
     "RegistryBoard",
     "SharedClaims",
     "SharedStores",
@@ -323,6 +326,33 @@ class RegistryBoard(Protocol):
 
     async def close(self) -> None:
         """Stop using the board (what it shares with the transport is closed with the transport)."""
+
+
+@dataclass(frozen=True, slots=True)
+class ProgressEntry:
+    """One entry of a workflow's progress stream: opaque bytes and headers, verified by whoever reads them.
+
+    Attributes:
+        position: Where it is in the stream, as the transport names it (only that transport reads it back).
+        body: The bytes, as appended.
+        headers: The headers, as appended.
+    """
+
+    position: str
+    body: bytes
+    headers: dict[str, str]
+
+
+@runtime_checkable
+class ProgressReader(Protocol):
+    """Reads one workflow's progress stream forward, from where it was opened."""
+
+    async def read(self, wait: float) -> list[ProgressEntry]:
+        """The entries after those returned so far (oldest first); [] if none arrived within `wait` seconds."""
+        ...
+
+    async def aclose(self) -> None:
+        """Stop reading. Idempotent."""
         ...
 
 
@@ -346,6 +376,26 @@ def check_registry_post(worker_id: str, record: bytes, ttl: float) -> None:
         )
     if not 0 < ttl < float("inf"):
         raise UserError(f"a registry record's ttl must be a positive number of seconds, not {ttl!r}")
+
+
+@runtime_checkable
+class ProgressStreams(Protocol):
+    """A capability: a durable, bounded stream of progress per workflow that anyone may read from any position.
+
+    A stream holds opaque bytes (signed batches of events): it never parses them, and hands over whatever it finds,
+    foreign data included.
+    """
+
+    progress_retention: float
+    """Seconds a workflow's stream is kept after its last entry (RabbitMQ: after the entry is written)."""
+
+    async def append_progress(self, correlation_id: str, body: bytes, headers: Mapping[str, str]) -> None:
+        """Append an entry to `correlation_id`'s stream; returns once the broker has it."""
+        ...
+
+    async def read_progress(self, correlation_id: str, *, after: str | None = None) -> ProgressReader:
+        """A reader of `correlation_id`'s stream from just after `position` `after` (None: from its first entry)."""
+        ...
 
 
 class TransportBase:

@@ -18,6 +18,7 @@ from datetime import UTC, datetime
 from ..contracts import DEAD_LETTER, RESERVED_ADDRESSES
 from ..exceptions import TransportError
 from ._cancel_book import CancelBook, check_post, readable_id, warn_full
+from ._memory_progress import MemoryProgress, MemoryProgressReader
 from .base import ConsumerBase, Delivery, TransportBase, check_registry_post, dead_letter_headers, ensure_bytes
 
 __all__ = ("InMemoryCancelBoard", "InMemoryRegistryBoard", "InMemoryTransport")
@@ -61,6 +62,7 @@ class InMemoryTransport(TransportBase):
     name = "inmemory"
     process_local = True
     requeue_lag = 0.0  # a delayed message is counted by `pending()` until it is delivered
+    progress_retention = 24 * 3600.0
 
     def __init__(self, *, namespace: str = "paigeant", max_length: int = 10_000, max_bytes: int = 16 * 2**20) -> None:
         self.namespace = namespace
@@ -75,6 +77,7 @@ class InMemoryTransport(TransportBase):
         self._claims: OrderedDict[str, tuple[str, float]] = OrderedDict()  # key -> (value, monotonic expiry)
         self._cancelled = CancelBook()
         self._registry: dict[str, tuple[bytes, float]] = {}  # worker ID -> (record, monotonic expiry)
+        self._progress = MemoryProgress(max_entries=1000, max_workflows=1000, retention=self.progress_retention)
 
     async def connect(self) -> None:
         self._connected = True
@@ -204,6 +207,16 @@ class InMemoryTransport(TransportBase):
     def registry_board(self) -> InMemoryRegistryBoard:
         """A board over this transport's registry, which only this process sees."""
         return InMemoryRegistryBoard(self._registry)
+
+    # -- progress (`ProgressStreams`) -------------------------------------------------------------------------
+
+    async def append_progress(self, correlation_id: str, body: bytes, headers: Mapping[str, str]) -> None:
+        self._require_connected()
+        self._progress.append(correlation_id, body, headers)
+
+    async def read_progress(self, correlation_id: str, *, after: str | None = None) -> MemoryProgressReader:
+        self._require_connected()
+        return self._progress.reader(correlation_id, after)
 
     def _require_connected(self) -> None:
         if not self._connected:

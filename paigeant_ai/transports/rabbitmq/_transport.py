@@ -26,6 +26,13 @@ from ..base import Delivery, TransportBase, dead_letter_headers, ensure_bytes, r
 from ._cancel_board import CANCEL_STREAM, CancelStreamReader, RabbitMQCancelBoard, cancel_stream_arguments
 from ._consumer import RabbitMQConsumer, ack, underlay
 from ._errors import BROKER_ERRORS, CONNECTION_LOST, broker_errors, cancelling, channel_ready, explain, on_channel
+from ._progress import (
+    PROGRESS_RETENTION,
+    PROGRESS_STREAM,
+    RabbitMQProgressReader,
+    append_progress,
+    progress_stream_arguments,
+)
 from ._registry_board import REGISTRY_STREAM, RabbitMQRegistryBoard, RegistryStreamReader, registry_stream_arguments
 from ._timeouts import broker_version, detach_after, own_consumer_timeout, per_consumer_timeout
 from ._wire import dead_letter_to
@@ -339,6 +346,9 @@ class RabbitMQTransport(TransportBase):
         if queue == self.queue_name(REGISTRY_STREAM):
             await self._declare(queue, registry_stream_arguments())
             return
+        if queue == self.queue_name(PROGRESS_STREAM):
+            await self._declare(queue, progress_stream_arguments())
+            return
         address, _, bucket = queue.removeprefix(f"{self.namespace}.").partition("@delay-")
         if bucket:
             await self._declare(queue, dead_letter_to(await self._ensure_queue(address)))
@@ -459,6 +469,24 @@ class RabbitMQTransport(TransportBase):
         name = self.queue_name(REGISTRY_STREAM)
         if name not in self._declared:
             await self._declare_once(name, registry_stream_arguments())
+
+    # -- progress (`ProgressStreams`) -------------------------------------------------------------------------
+
+    progress_retention = PROGRESS_RETENTION
+
+    async def append_progress(self, correlation_id: str, body: bytes, headers: Mapping[str, str]) -> None:
+        await append_progress(self, correlation_id, body, headers)
+
+    async def read_progress(self, correlation_id: str, *, after: str | None = None) -> RabbitMQProgressReader:
+        reader = RabbitMQProgressReader(self, correlation_id, after)
+        await reader.open()
+        return reader
+
+    async def declare_progress_stream(self) -> None:
+        """Declare the progress stream unless this transport has (idempotent)."""
+        name = self.queue_name(PROGRESS_STREAM)
+        if name not in self._declared:
+            await self._declare_once(name, progress_stream_arguments())
 
     # -- who consumes (`ConsumerWatch`) ----------------------------------------------------------------------
 

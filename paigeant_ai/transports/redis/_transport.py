@@ -33,6 +33,7 @@ from ._cancel_board import RedisCancelBoard
 from ._consumer import LIVE_WITHIN, Handle, RedisConsumer
 from ._joins import RedisJoinStore
 from ._pipeline import PipelinedRedis, Pipeliner
+from ._progress import PROGRESS_RETENTION, RedisProgressReader, append_progress
 from ._registry_board import RedisRegistryBoard
 from ._stores import RedisDedupeStore, RedisReplayCache, RedisWaitingStore, RedisWorkflowStore
 from ._types import RedisCommands, Scripts, as_commands
@@ -361,6 +362,16 @@ class RedisTransport(TransportBase):
 
     def workflow_store(self) -> RedisWorkflowStore:
         return RedisWorkflowStore(self)
+
+    # -- progress (`ProgressStreams`) -------------------------------------------------------------------------
+
+    progress_retention = PROGRESS_RETENTION
+
+    async def append_progress(self, correlation_id: str, body: bytes, headers: Mapping[str, str]) -> None:
+        await append_progress(self, correlation_id, body, headers)
+
+    async def read_progress(self, correlation_id: str, *, after: str | None = None) -> RedisProgressReader:
+        return RedisProgressReader(self, correlation_id, after)
 
     def join_store(self) -> RedisJoinStore:
         """Where the branches of parallel groups meet (see `paigeant_ai._join`)."""

@@ -1,0 +1,94 @@
+"""An agent's output as it happens: `AgentActivity(..., stream_progress=True)` forwards its streamed text, tool
+calls and their results into the workflow's progress stream, coalesced and bounded (issue 18)."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+import pytest
+from pydantic_ai import Agent
+from pydantic_ai.messages import ModelMessage, ModelResponse, TextPart, ToolCallPart, ToolReturnPart
+from pydantic_ai.models.function import AgentInfo, DeltaToolCall, DeltaToolCalls, FunctionModel
+
+from paigeant_ai import AgentActivity, InMemoryTransport, OutputLimits, WatchedEvent, Worker, WorkflowDispatcher
+from paigeant_ai.exceptions import UserError
+from paigeant_ai.security import MessageSigner, generate_key
+
+KEY = generate_key("agent-output-test-1")
+WORDS = [f"word{n} " for n in range(40)]
+
+
+def _has_tool_result(messages: list[ModelMessage]) -> bool:
+    return any(isinstance(part, ToolReturnPart) for message in messages for part in message.parts)
+
+
+async def stream(messages: list[ModelMessage], info: AgentInfo) -> AsyncIterator[str | DeltaToolCalls]:
+    if not _has_tool_result(messages):
+        yield {0: DeltaToolCall(name="lookup", json_args='{"city": "Paris"}', tool_call_id="call-1")}
+        return
+    for word in WORDS:
+        yield word
+
+
+def respond(messages: list[ModelMessage], info: AgentInfo) -> ModelResponse:
+    """The same answers, not streamed (a run without `stream_progress`)."""
+    if not _has_tool_result(messages):
+        return ModelResponse(parts=[ToolCallPart("lookup", {"city": "Paris"}, tool_call_id="call-1")])
+    return ModelResponse(parts=[TextPart("".join(WORDS))])
+
+
+def writer_agent() -> Agent[None, str]:
+    agent = Agent(FunctionModel(respond, stream_function=stream), name="writer")
+
+    @agent.tool_plain
+    def lookup(city: str) -> str:
+        return f"sunny in {city}"
+
+    return agent
+
+
+async def run_and_watch(activity: AgentActivity[None, str]) -> list[WatchedEvent]:
+    signer = MessageSigner(KEY, [KEY])
+    async with InMemoryTransport() as transport:
+        dispatcher = WorkflowDispatcher(transport, security=signer)
+        worker = Worker(transport, [activity], security=signer)
+        running = asyncio.create_task(worker.run())
+        try:
+            cid = await dispatcher.dispatch_workflow(["writer"])
+            return [item async for item in dispatcher.watch(cid)]
+        finally:
+            worker.stop()
+            await asyncio.wait_for(running, 30)
+
+
+async def test_a_streaming_agent_s_text_tool_call_and_tool_result_reach_the_watch() -> None:
+    watched = await run_and_watch(AgentActivity(writer_agent(), stream_progress=True))
+    outputs = [item.event for item in watched if item.event.kind == "agent_output"]
+    assert [(event.part, event.detail) for event in outputs[:2]] == [
+        ("tool_call", 'lookup({"city":"Paris"})'),
+        ("tool_result", "lookup: sunny in Paris"),
+    ]
+    text = [event for event in outputs if event.part == "text"]
+    assert "".join(event.detail or "" for event in text) == "".join(WORDS)
+    assert len(text) < len(WORDS)  # coalesced: a fast stream's deltas are joined
+    assert all(event.activity == "writer" and event.step == 0 for event in outputs)
+    assert watched[-1].event.kind == "completed"
+
+
+async def test_agent_output_is_cut_and_capped_and_off_by_default() -> None:
+    limits = OutputLimits(rate=1000, max_chars=10, max_events=3)
+    watched = await run_and_watch(AgentActivity(writer_agent(), stream_progress=limits))
+    outputs = [item.event for item in watched if item.event.kind == "agent_output"]
+    assert len(outputs) == 4
+    assert all(len(event.detail or "") <= 10 for event in outputs[:3])
+    assert outputs[-1].part == "note"
+
+    quiet = await run_and_watch(AgentActivity(writer_agent()))
+    assert not [item for item in quiet if item.event.kind == "agent_output"]
+    assert quiet[-1].event.kind == "completed"
+
+
+def test_limits_must_be_positive() -> None:
+    with pytest.raises(UserError, match="must be positive"):
+        OutputLimits(rate=0)
