@@ -298,3 +298,50 @@ async def test_a_run_that_waits_for_approval_is_counted_once_across_its_resume(m
     assert slip.completed[0].usage == [
         Usage(model="function:asks_then_answers:", requests=2, input_tokens=120, output_tokens=8, tool_calls=1)
     ]
+
+
+async def test_a_resumed_run_that_fails_and_waits_again_is_counted(memory: InMemoryTransport) -> None:
+    def model(messages: list[ModelMessage], info: AgentInfo) -> ModelResponse:
+        returned = {
+            part.tool_name for message in messages for part in message.parts if isinstance(part, ToolReturnPart)
+        }
+        if "send" not in returned:
+            call = ToolCallPart("send", {"text": "hi"}, tool_call_id="send-1")
+            return ModelResponse(parts=[call], usage=RequestUsage(input_tokens=50, output_tokens=5))
+        if "note" not in returned:
+            return ModelResponse(parts=[ToolCallPart("note", {})], usage=RequestUsage(input_tokens=70, output_tokens=3))
+        return ModelResponse(parts=[TextPart("sent")], usage=RequestUsage(input_tokens=90, output_tokens=2))
+
+    agent = Agent(FunctionModel(model), name="reply")
+    notes: list[int] = []
+
+    @agent.tool_plain(requires_approval=True)
+    def send(text: str) -> str:  # pyright: ignore[reportUnusedFunction]
+        return "sent"
+
+    @agent.tool_plain
+    def note() -> str:  # pyright: ignore[reportUnusedFunction]
+        notes.append(1)
+        if len(notes) == 1:
+            raise ConnectionError("the log hung up")
+        return "noted"
+
+    reply = AgentActivity(agent, retry=FAST)
+    last: list[Any] = []
+
+    @activity
+    async def keep(ctx: ActivityContext) -> None:
+        last.append(ctx.routing_slip.model_copy(deep=True))
+
+    waiting = InMemoryWaitingStore()
+    dispatcher = WorkflowDispatcher(memory, waiting_store=waiting)
+    cid = await dispatcher.dispatch_workflow([reply, keep])
+    for _ in range(3):  # parks, fails once resumed and parks again, then completes
+        await Worker(memory, [reply, keep], waiting_store=waiting).run(burst=True)
+        if last:
+            break
+        await dispatcher.resume(cid, approvals={"send-1": True}, approver="ana")
+    [slip] = last
+    assert len(notes) == 2
+    # 50 asking, 70 in the resumed run that failed, then 70 and 90 in the run that completed
+    assert workflow_usage(slip).input_tokens == 50 + 70 + 70 + 90
