@@ -4,7 +4,8 @@ Where usage is recorded:
 
 - a step's log entry (`ActivityLogEntry.usage`): what the step used, one `Usage` per model, its failed attempts
   that were retried included;
-- a parallel group's entry: each branch's entry in `branches` (the group's own `usage` stays empty);
+- a parallel group's entry: each branch's entry in `branches` (the group's own `usage` stays empty); when a branch
+  fails its group, its failed entry also takes what the branches that had completed used;
 - a compensation's record (`Compensation.usage`), once it ran;
 - the slip's `carried_usage`: what earlier attempts of the current step used (a retried failure, a run that parked),
   until the step's entry takes it over.

@@ -345,3 +345,29 @@ async def test_a_resumed_run_that_fails_and_waits_again_is_counted(memory: InMem
     assert len(notes) == 2
     # 50 asking, 70 in the resumed run that failed, then 70 and 90 in the run that completed
     assert workflow_usage(slip).input_tokens == 50 + 70 + 70 + 90
+
+
+async def test_the_branches_that_completed_before_their_group_failed_count(memory: InMemoryTransport) -> None:
+    @activity(compensate="undo-research")
+    async def research(ctx: ActivityContext) -> str:
+        ctx.add_usage(Usage(model="model-100", requests=1, input_tokens=100))
+        return "found"
+
+    @activity(name="undo-research")
+    async def undo_research(ctx: ActivityContext) -> None:
+        ctx.add_usage(Usage(model="model-7", requests=1, input_tokens=7))
+
+    @activity(retry=RetryPolicy(max_attempts=1))
+    async def broken(ctx: ActivityContext) -> None:
+        ctx.add_usage(Usage(model="model-5", requests=1, input_tokens=5))
+        raise ConnectionError("down")
+
+    steps = [research, broken, undo_research]
+    store = InMemoryWorkflowStore()
+    cid = await WorkflowDispatcher(memory, on_event=store.apply).dispatch_workflow([Parallel("research", "broken")])
+    await Worker(memory, steps, on_event=store.apply).run(burst=True)
+
+    status = await store.get(cid)
+    assert status is not None
+    assert status.state == "compensated"  # research completed first, then broken failed the group
+    assert status.usage == Usage(requests=3, input_tokens=100 + 5 + 7)
