@@ -33,6 +33,7 @@ __all__ = (
     "by_model",
     "carry_usage",
     "describe_usage",
+    "most_used",
     "run_model_name",
     "take_usage",
     "to_usage",
@@ -141,6 +142,14 @@ def take_usage(hop: Hop) -> list[Usage]:
     slip = hop.message.routing_slip
     used, slip.carried_usage = slip.carried_usage, []
     return used
+
+
+def most_used(known: Usage | None, told: Usage) -> Usage:
+    """The larger of two totals of one workflow (by requests, then tokens, then tool calls): events from different
+    slips (branches, a late branch's undoing) each tell their own, so the latest is not always the most."""
+    if known is None:
+        return told
+    return max(known, told, key=lambda usage: (usage.requests, usage.total_tokens, usage.tool_calls))
 
 
 def describe_usage(usage: Usage) -> str:

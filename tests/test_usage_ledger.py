@@ -371,3 +371,33 @@ async def test_the_branches_that_completed_before_their_group_failed_count(memor
     assert status is not None
     assert status.state == "compensated"  # research completed first, then broken failed the group
     assert status.usage == Usage(requests=3, input_tokens=100 + 5 + 7)
+
+
+async def test_the_status_tells_the_usage_so_far_while_the_workflow_runs_or_waits(memory: InMemoryTransport) -> None:
+    def asks(messages: list[ModelMessage], info: AgentInfo) -> ModelResponse:
+        if not _replied(messages):
+            call = ToolCallPart("send", {"text": "hi"}, tool_call_id="send-1")
+            return ModelResponse(parts=[call], usage=RequestUsage(input_tokens=50, output_tokens=5))
+        return ModelResponse(parts=[TextPart("sent")], usage=RequestUsage(input_tokens=70, output_tokens=3))
+
+    agent = Agent(FunctionModel(asks), name="reply")
+
+    @agent.tool_plain(requires_approval=True)
+    def send(text: str) -> str:  # pyright: ignore[reportUnusedFunction]
+        return "sent"
+
+    draft = AgentActivity(Agent(FunctionModel(draft_model), name="draft"))
+    reply = AgentActivity(agent)
+    store, waiting = InMemoryWorkflowStore(), InMemoryWaitingStore()
+    dispatcher = WorkflowDispatcher(memory, waiting_store=waiting, on_event=store.apply)
+    cid = await dispatcher.dispatch_workflow([draft, reply])
+    await Worker(memory, [draft, reply], waiting_store=waiting, on_event=store.apply).run(burst=True)
+
+    status = await store.get(cid)
+    assert status is not None
+    assert status.state == "waiting"
+    assert status.usage is not None
+    assert (status.usage.requests, status.usage.input_tokens) == (2, 120 + 50)  # the draft, then the run that asks
+    step = next(event for event in status.events if event.kind == "step_completed")
+    assert step.usage is not None
+    assert step.usage.input_tokens == 120  # the totals after the draft
