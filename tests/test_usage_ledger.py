@@ -253,11 +253,13 @@ async def test_the_step_and_the_workflow_usage_are_on_the_spans(
 
     spans = capfire.exporter.exported_spans_as_dict()
     [step] = [span["attributes"] for span in spans if span["name"] == "paigeant.activity"]
-    assert step["gen_ai.usage.input_tokens"] == 120
-    assert step["gen_ai.usage.output_tokens"] == 30
-    assert step["gen_ai.usage.cache_read.input_tokens"] == 40
+    assert step["paigeant.usage.input_tokens"] == 120
+    assert step["paigeant.usage.output_tokens"] == 30
+    assert step["paigeant.usage.cache_read_tokens"] == 40
     assert step["paigeant.usage.requests"] == 1
-    assert step["gen_ai.response.model"] == "function:draft_model:"
+    assert step["paigeant.usage.model"] == "function:draft_model:"
+    # pydantic-ai's own spans tell the run's gen_ai.usage.*: the step's does not repeat them (a sum would count twice)
+    assert not [name for name in step if name.startswith("gen_ai.usage.")]
     [hop] = [span["attributes"] for span in spans if span["name"] == "paigeant.hop"]
     assert hop["paigeant.workflow_outcome"] == "completed"
     assert hop["paigeant.workflow.usage.input_tokens"] == 120
