@@ -83,6 +83,24 @@ def publish_model(messages: list[ModelMessage], info: AgentInfo) -> ModelRespons
     return ModelResponse(parts=[TextPart("published")], usage=RequestUsage(input_tokens=70, output_tokens=4))
 
 
+def asks_then_answers(messages: list[ModelMessage], info: AgentInfo) -> ModelResponse:
+    if not _replied(messages):
+        call = ToolCallPart("send", {"text": "hi"}, tool_call_id="send-1")
+        return ModelResponse(parts=[call], usage=RequestUsage(input_tokens=50, output_tokens=5))
+    return ModelResponse(parts=[TextPart("sent")], usage=RequestUsage(input_tokens=70, output_tokens=3))
+
+
+def approval_agent() -> Agent[None, str]:
+    """An agent whose `send` tool waits for approval: 50 input tokens to ask, 70 once it is approved."""
+    agent = Agent(FunctionModel(asks_then_answers), name="reply")
+
+    @agent.tool_plain(requires_approval=True)
+    def send(text: str) -> str:  # pyright: ignore[reportUnusedFunction]
+        return "sent"
+
+    return agent
+
+
 @dataclass
 class Agents:
     """The three agents; the `post` tool fails the first time it is called, so `publish` fails once."""
@@ -267,19 +285,7 @@ async def test_the_step_and_the_workflow_usage_are_on_the_spans(
 
 
 async def test_a_run_that_waits_for_approval_is_counted_once_across_its_resume(memory: InMemoryTransport) -> None:
-    def asks_then_answers(messages: list[ModelMessage], info: AgentInfo) -> ModelResponse:
-        if not _replied(messages):
-            call = ToolCallPart("send", {"text": "hi"}, tool_call_id="send-1")
-            return ModelResponse(parts=[call], usage=RequestUsage(input_tokens=50, output_tokens=5))
-        return ModelResponse(parts=[TextPart("sent")], usage=RequestUsage(input_tokens=70, output_tokens=3))
-
-    agent = Agent(FunctionModel(asks_then_answers), name="reply")
-
-    @agent.tool_plain(requires_approval=True)
-    def send(text: str) -> str:  # pyright: ignore[reportUnusedFunction]
-        return "sent"
-
-    reply = AgentActivity(agent)
+    reply = AgentActivity(approval_agent())
     last: list[Any] = []
 
     @activity
@@ -376,20 +382,8 @@ async def test_the_branches_that_completed_before_their_group_failed_count(memor
 
 
 async def test_the_status_tells_the_usage_so_far_while_the_workflow_runs_or_waits(memory: InMemoryTransport) -> None:
-    def asks(messages: list[ModelMessage], info: AgentInfo) -> ModelResponse:
-        if not _replied(messages):
-            call = ToolCallPart("send", {"text": "hi"}, tool_call_id="send-1")
-            return ModelResponse(parts=[call], usage=RequestUsage(input_tokens=50, output_tokens=5))
-        return ModelResponse(parts=[TextPart("sent")], usage=RequestUsage(input_tokens=70, output_tokens=3))
-
-    agent = Agent(FunctionModel(asks), name="reply")
-
-    @agent.tool_plain(requires_approval=True)
-    def send(text: str) -> str:  # pyright: ignore[reportUnusedFunction]
-        return "sent"
-
     draft = AgentActivity(Agent(FunctionModel(draft_model), name="draft"))
-    reply = AgentActivity(agent)
+    reply = AgentActivity(approval_agent())
     store, waiting = InMemoryWorkflowStore(), InMemoryWaitingStore()
     dispatcher = WorkflowDispatcher(memory, waiting_store=waiting, on_event=store.apply)
     cid = await dispatcher.dispatch_workflow([draft, reply])
