@@ -27,10 +27,11 @@ from ._escape import escape_control
 from ._group_marks import GroupMark, read_mark
 from ._hop import EXPIRY_GRACE, Hop
 from ._join import NO_JOIN_STORE, BranchResult, JoinStore
-from ._ledger import by_model, take_usage
+from ._ledger import by_model, take_usage, workflow_usage
 from ._outcome import Advance, End, Reject
 from ._plan import begin_unwinding
 from ._sealing import seal
+from ._usage import sum_usage
 from ._wire import utcnow
 from .contracts import ActivityLogEntry, ActivitySpec, Compensation, PaigeantMessage, RoutingSlip, Unwinding
 from .exceptions import SecurityError
@@ -211,6 +212,9 @@ async def complete_branch(hop: Hop, outcome: Advance, deps: SettleDeps) -> Joine
         "attempt": entry.attempt,
         "detail": f"branch {result.key!r} of {group.name!r}",
     }
+    if entry.usage:  # its slip no longer carries it: the totals so far are its slip's and its own
+        used = [workflow_usage(message), *entry.usage]
+        fields["usage"] = sum_usage(usage for usage in used if not usage.is_empty)
     await deps.reporter.report("step_completed", message, duration=entry.duration, at=entry.finished_at, **fields)
     deps.stats.completed_steps += 1
     if count < len(group.branches):  # more than that: someone wrote other fields, which are not joined

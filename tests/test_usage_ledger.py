@@ -397,3 +397,29 @@ async def test_the_status_tells_the_usage_so_far_while_the_workflow_runs_or_wait
     step = next(event for event in status.events if event.kind == "step_completed")
     assert step.usage is not None
     assert step.usage.input_tokens == 120  # the totals after the draft
+
+
+async def test_a_branch_that_completes_tells_the_totals_with_its_own_usage(memory: InMemoryTransport) -> None:
+    @activity
+    async def research(ctx: ActivityContext) -> str:
+        ctx.add_usage(Usage(model="model-100", requests=1, input_tokens=100))
+        return "found"
+
+    @activity
+    async def pricing(ctx: ActivityContext) -> str:
+        ctx.add_usage(Usage(model="model-200", requests=1, input_tokens=200))
+        return "priced"
+
+    store = InMemoryWorkflowStore()
+    cid = await WorkflowDispatcher(memory, on_event=store.apply).dispatch_workflow([Parallel("research", "pricing")])
+    await Worker(memory, [research, pricing], on_event=store.apply).run(burst=True)
+
+    status = await store.get(cid)
+    assert status is not None
+    completed = [event for event in status.events if event.kind == "step_completed" and event.branch is not None]
+    told = {event.branch: event.usage for event in completed}
+    assert told == {
+        "research": Usage(model="model-100", requests=1, input_tokens=100),
+        "pricing": Usage(model="model-200", requests=1, input_tokens=200),
+    }
+    assert status.usage == Usage(requests=2, input_tokens=300)
