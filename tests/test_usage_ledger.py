@@ -7,6 +7,7 @@ it was handed), on each transport.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import random
 from collections.abc import AsyncIterator
@@ -423,3 +424,26 @@ async def test_a_branch_that_completes_tells_the_totals_with_its_own_usage(memor
         "pricing": Usage(model="model-200", requests=1, input_tokens=200),
     }
     assert status.usage == Usage(requests=2, input_tokens=300)
+
+
+async def test_an_attempt_that_times_out_still_counts_what_it_used(memory: InMemoryTransport) -> None:
+    def slow_tool_model(messages: list[ModelMessage], info: AgentInfo) -> ModelResponse:
+        return ModelResponse(parts=[ToolCallPart("wait", {})], usage=RequestUsage(input_tokens=40, output_tokens=2))
+
+    agent = Agent(FunctionModel(slow_tool_model), name="slow")
+
+    @agent.tool_plain
+    async def wait() -> str:  # pyright: ignore[reportUnusedFunction]
+        await asyncio.sleep(30)
+        return "never"
+
+    slow = AgentActivity(agent, timeout=0.2, retry=RetryPolicy(max_attempts=1))
+    store = InMemoryWorkflowStore()
+    cid = await WorkflowDispatcher(memory, on_event=store.apply).dispatch_workflow([slow])
+    await Worker(memory, [slow], on_event=store.apply).run(burst=True)
+
+    status = await store.get(cid)
+    assert status is not None
+    assert status.state == "faulted"
+    assert status.usage is not None
+    assert (status.usage.requests, status.usage.input_tokens) == (1, 40)
