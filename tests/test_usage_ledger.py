@@ -16,18 +16,22 @@ from typing import Any
 
 import pytest
 from logfire.testing import CaptureLogfire
-from pydantic_ai import Agent
+from pydantic_ai import Agent, RunContext
 from pydantic_ai.messages import ModelMessage, ModelResponse, TextPart, ToolCallPart, ToolReturnPart
 from pydantic_ai.models.function import AgentInfo, FunctionModel
+from pydantic_ai.models.test import TestModel
 from pydantic_ai.usage import RequestUsage, RunUsage
 
 from paigeant_ai import (
+    ActivityCatalog,
     ActivityContext,
     AgentActivity,
     InMemoryTransport,
     InMemoryWaitingStore,
     InMemoryWorkflowStore,
+    PaigeantToolset,
     Parallel,
+    PlannerAgentDeps,
     RetryPolicy,
     Transport,
     Usage,
@@ -447,3 +451,24 @@ async def test_an_attempt_that_times_out_still_counts_what_it_used(memory: InMem
     assert status.state == "faulted"
     assert status.usage is not None
     assert (status.usage.requests, status.usage.input_tokens) == (1, 40)
+
+
+async def test_the_planners_status_of_a_waiting_workflow_tells_its_usage(memory: InMemoryTransport) -> None:
+    reply = AgentActivity(approval_agent())
+    waiting = InMemoryWaitingStore()
+    dispatcher = WorkflowDispatcher(memory, waiting_store=waiting)
+    cid = await dispatcher.dispatch_workflow([reply], principal="tenant-a:alice")
+    await Worker(memory, [reply], waiting_store=waiting).run(burst=True)
+    planner = PaigeantToolset(ActivityCatalog([reply]), dispatcher=dispatcher, require_workers=False)
+    ctx = RunContext[Any](
+        deps=PlannerAgentDeps(dispatcher, principal="tenant-a:alice"), model=TestModel(), usage=RunUsage()
+    )
+
+    answer = await planner.get_workflow_status(ctx, cid)
+    assert answer["state"] == "waiting"
+    assert answer["usage"] == {
+        "model": "function:asks_then_answers:",
+        "requests": 1,
+        "input_tokens": 50,
+        "output_tokens": 5,
+    }
