@@ -42,6 +42,8 @@ __all__ = (
     "workflow_usage",
 )
 
+MAX_MODEL_NAME = 200
+"""The longest model name a slip records (each log entry and retry carries it)."""
 UNNAMED_MODEL = "unknown"
 """The key of `usage_by_model` for usage recorded without a model name."""
 
@@ -50,8 +52,11 @@ def to_usage(usage: Usage | RunUsage | RequestUsage, model: str | None = None) -
     """`usage` as a `Usage` for `model` (a `Usage`'s own model unless `model` is given).
 
     Raises:
-        UserError: `usage` is none of the three.
+        UserError: `usage` is none of the three, or its model's name is longer than the slip keeps.
     """
+    name = model if model is not None else getattr(usage, "model", None)
+    if isinstance(name, str) and len(name) > MAX_MODEL_NAME:
+        raise UserError(f"a model name of {len(name)} characters is too long: name the model in at most 200 characters")
     if isinstance(usage, Usage):
         return usage if model is None else usage.model_copy(update={"model": model})
     if isinstance(usage, RunUsage | RequestUsage):  # pyright: ignore[reportUnnecessaryIsInstance]
@@ -90,7 +95,12 @@ def by_model(usages: Iterable[Usage]) -> list[Usage]:
 
 def run_model_name(messages: Iterable[ModelMessage], model: Any) -> str | None:
     """The model a run used: the latest response's (`provider:model` when the response names its provider), else
-    the agent's own model (its name as written, or its `model_name`)."""
+    the agent's own model (its name as written, or its `model_name`); cut to `MAX_MODEL_NAME` characters."""
+    name = _run_model_name(messages, model)
+    return name[:MAX_MODEL_NAME] if name is not None else None
+
+
+def _run_model_name(messages: Iterable[ModelMessage], model: Any) -> str | None:
     for message in reversed(list(messages)):
         if isinstance(message, ModelResponse) and message.model_name:
             provider = message.provider_name

@@ -45,7 +45,7 @@ from paigeant_ai import (
     workflow_usage,
 )
 from paigeant_ai._cli_workflows import render_status
-from paigeant_ai._ledger import to_usage
+from paigeant_ai._ledger import run_model_name, to_usage
 from paigeant_ai.security import generate_key
 
 KEY = generate_key("usage-tests")
@@ -472,3 +472,12 @@ async def test_the_planners_status_of_a_waiting_workflow_tells_its_usage(memory:
         "input_tokens": 50,
         "output_tokens": 5,
     }
+
+
+def test_add_usage_refuses_a_model_name_too_long_for_the_slip() -> None:
+    with pytest.raises(UserError, match="name the model in at most 200 characters"):
+        to_usage(RunUsage(requests=1), model="m" * 201)
+    with pytest.raises(UserError, match="name the model in at most 200 characters"):
+        to_usage(Usage(model="m" * 300, requests=1))
+    response = ModelResponse(parts=[TextPart("ok")], model_name="m" * 300)
+    assert run_model_name([response], None) == "m" * 200  # a provider's name is cut, never refused mid-run
