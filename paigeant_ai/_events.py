@@ -111,7 +111,8 @@ class WorkflowEvent(Wire):
     branch: str | None = Field(default=None, exclude_if=lambda value: value is None)
     """On the events of a parallel group's branch: its key (`step` is the group's index)."""
     usage: Usage | None = Field(default=None, exclude_if=lambda value: value is None)
-    """On the events that end a workflow or its undoing: what it used so far (see `workflow_usage`)."""
+    """On the events that end a step, a workflow or its undoing, and on a wait: what the workflow used so far, as
+    the slip at that point tells (see `workflow_usage`); left out while nothing was used."""
     version: str | None = Field(default=None, exclude_if=lambda value: value is None)
     """On `step_started` and `step_completed`: the version of the activity that ran it; on `waiting`, for a step
     pinned to versions no worker that took it has, the range it waits for."""
@@ -121,8 +122,13 @@ class WorkflowEvent(Wire):
     """On `agent_output`: what `detail` holds: streamed text, a tool call, a tool's result, or a note."""
 
 
-_WITH_USAGE = frozenset({"completed", "faulted", "cancelled", "expired", "compensated", "compensation_failed"})
-"""The events that carry the workflow's usage so far: the ones that end it, or end its undoing."""
+_WITH_USAGE = frozenset(
+    {
+        *("step_completed", "joined", "waiting", "in_doubt"),
+        *("completed", "faulted", "cancelled", "expired", "compensated", "compensation_failed"),
+    }
+)
+"""The events that carry the workflow's usage so far: the ones that end a step, or it, or its undoing, or park it."""
 
 _EVENT_BATCH = TypeAdapter(list[WorkflowEvent])
 

@@ -27,13 +27,14 @@ from ._escape import escape_control
 from ._group_marks import GroupMark, read_mark
 from ._hop import EXPIRY_GRACE, Hop
 from ._join import NO_JOIN_STORE, BranchResult, JoinStore
-from ._ledger import take_usage
+from ._ledger import by_model, take_usage, workflow_usage
 from ._outcome import Advance, End, Reject
 from ._plan import begin_unwinding
 from ._sealing import seal
+from ._usage import sum_usage
 from ._versions import activity_version
 from ._wire import utcnow
-from .contracts import ActivityLogEntry, ActivitySpec, Compensation, PaigeantMessage, Unwinding
+from .contracts import ActivityLogEntry, ActivitySpec, Compensation, PaigeantMessage, RoutingSlip, Unwinding
 from .exceptions import SecurityError
 
 logger = logging.getLogger("paigeant_ai.worker")
@@ -213,6 +214,9 @@ async def complete_branch(hop: Hop, outcome: Advance, deps: SettleDeps) -> Joine
         "attempt": entry.attempt,
         "detail": f"branch {result.key!r} of {group.name!r}",
     }
+    if entry.usage:  # its slip no longer carries it: the totals so far are its slip's and its own
+        used = [workflow_usage(message), *entry.usage]
+        fields["usage"] = sum_usage(usage for usage in used if not usage.is_empty)
     await deps.reporter.report("step_completed", message, duration=entry.duration, at=entry.finished_at, **fields)
     deps.stats.completed_steps += 1
     if count < len(group.branches):  # more than that: someone wrote other fields, which are not joined
@@ -308,7 +312,15 @@ async def stop_group(hop: Hop, deps: SettleDeps) -> bool:
         return False
     results = _loadable(records, message, group, deps)
     slip.compensations.extend(_by_completion(results))
+    _carry_branches_usage(slip, [result for result in results if result.key != slip.branch])
     return True
+
+
+def _carry_branches_usage(slip: RoutingSlip, results: list[BranchResult]) -> None:
+    """Carry in the slip that undoes a group what its branches that completed used (their entries are not joined):
+    the next entry or compensation record it logs keeps it, so the totals count it."""
+    used = (usage for result in results for entry in result.entries for usage in entry.usage)
+    slip.carried_usage = by_model([*slip.carried_usage, *used])
 
 
 def _loadable(
@@ -372,6 +384,7 @@ async def _unwind_again(hop: Hop, deps: SettleDeps) -> None:
     await deps.reporter.report("step_completed", message, activity=hop.spec.name, detail=reason)
     slip.compensations.extend(_by_completion(results))
     slip.completed = [entry for entry in slip.completed if entry.branch is None]
+    _carry_branches_usage(slip, results)
     if begin_unwinding(message, Unwinding(cause="faulted", reason=reason, step=slip.step, activity=hop.spec.name)):
         first = message.next_hop()
         body = seal(first, deps.security, max_bytes=deps.max_message_bytes)

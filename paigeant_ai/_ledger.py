@@ -4,7 +4,8 @@ Where usage is recorded:
 
 - a step's log entry (`ActivityLogEntry.usage`): what the step used, one `Usage` per model, its failed attempts
   that were retried included;
-- a parallel group's entry: each branch's entry in `branches` (the group's own `usage` stays empty);
+- a parallel group's entry: each branch's entry in `branches` (the group's own `usage` stays empty); when a branch
+  fails its group, its failed entry also takes what the branches that had completed used;
 - a compensation's record (`Compensation.usage`), once it ran;
 - the slip's `carried_usage`: what earlier attempts of the current step used (a retried failure, a run that parked),
   until the step's entry takes it over.
@@ -32,6 +33,7 @@ __all__ = (
     "by_model",
     "carry_usage",
     "describe_usage",
+    "most_used",
     "run_model_name",
     "take_usage",
     "to_usage",
@@ -40,6 +42,8 @@ __all__ = (
     "workflow_usage",
 )
 
+MAX_MODEL_NAME = 200
+"""The longest model name a slip records (each log entry and retry carries it)."""
 UNNAMED_MODEL = "unknown"
 """The key of `usage_by_model` for usage recorded without a model name."""
 
@@ -48,8 +52,11 @@ def to_usage(usage: Usage | RunUsage | RequestUsage, model: str | None = None) -
     """`usage` as a `Usage` for `model` (a `Usage`'s own model unless `model` is given).
 
     Raises:
-        UserError: `usage` is none of the three.
+        UserError: `usage` is none of the three, or its model's name is longer than the slip keeps.
     """
+    name = model if model is not None else getattr(usage, "model", None)
+    if isinstance(name, str) and len(name) > MAX_MODEL_NAME:
+        raise UserError(f"a model name of {len(name)} characters is too long: name the model in at most 200 characters")
     if isinstance(usage, Usage):
         return usage if model is None else usage.model_copy(update={"model": model})
     if isinstance(usage, RunUsage | RequestUsage):  # pyright: ignore[reportUnnecessaryIsInstance]
@@ -89,7 +96,12 @@ def by_model(usages: Iterable[Usage]) -> list[Usage]:
 def run_model_name(messages: Iterable[ModelMessage], model: Any) -> str | None:
     """The name a run's usage is recorded and priced under: the agent's model as written (`"openai:gpt-5"`, the
     name a price table knows), else the latest response's (`provider:model` when it names its provider), else the
-    model's `model_name`."""
+    model's `model_name`; cut to `MAX_MODEL_NAME` characters."""
+    name = _run_model_name(messages, model)
+    return name[:MAX_MODEL_NAME] if name is not None else None
+
+
+def _run_model_name(messages: Iterable[ModelMessage], model: Any) -> str | None:
     if isinstance(model, str):
         return model
     for message in reversed(list(messages)):
@@ -141,6 +153,14 @@ def take_usage(hop: Hop) -> list[Usage]:
     slip = hop.message.routing_slip
     used, slip.carried_usage = slip.carried_usage, []
     return used
+
+
+def most_used(known: Usage | None, told: Usage) -> Usage:
+    """The larger of two totals of one workflow (by requests, then tokens, then tool calls): events from different
+    slips (branches, a late branch's undoing) each tell their own, so the latest is not always the most."""
+    if known is None:
+        return told
+    return max(known, told, key=lambda usage: (usage.requests, usage.total_tokens, usage.tool_calls))
 
 
 def describe_usage(usage: Usage) -> str:

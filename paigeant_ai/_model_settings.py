@@ -4,7 +4,7 @@ A step's `ActivitySpec` may carry `model_settings` and `usage_limits`. The worke
 they can change:
 
 - a model setting applies only if the activity lists its name in `overridable`; any other is left out, with a
-  warning that names it;
+  warning that names it; `max_tokens` can only lower the activity's own, when it sets one;
 - a usage limit can only lower the activity's own: each limit is the smaller of the two (a limit the activity does
   not set is pydantic-ai's default, unlimited but for 50 requests).
 """
@@ -92,9 +92,36 @@ def step_run_options(
                 escape_control(", ".join(refused)),
                 ", ".join(overridable) or "none",
             )
+        allowed = _capped(activity, correlation_id, own_settings or {}, allowed)
         if allowed:
             settings = cast(ModelSettings, {**(own_settings or {}), **allowed})
     return settings, lowered_limits(own_limits, planned_limits)
+
+
+_CAPS = ("max_tokens",)
+"""Model settings that cap what a run spends: a plan may lower the worker's, never raise it."""
+
+
+def _capped(
+    activity: str, correlation_id: str, own: Mapping[str, Any], planned: dict[str, JsonValue]
+) -> dict[str, JsonValue]:
+    """`planned` with each cap the worker sets no higher than the worker's (one that is not a number left out)."""
+    for name in _CAPS:
+        if name not in planned or own.get(name) is None:
+            continue
+        value = planned[name]
+        if isinstance(value, bool) or not isinstance(value, int):
+            logger.warning(
+                "step %s of %s: model setting %s left out: %s is not a whole number",
+                activity,
+                escape_control(correlation_id),
+                name,
+                escape_control(repr(value)[:100]),
+            )
+            del planned[name]
+        else:
+            planned[name] = min(value, own[name])
+    return planned
 
 
 def lowered_limits(own: UsageLimits | None, planned: Mapping[LimitName, int] | None) -> UsageLimits | None:

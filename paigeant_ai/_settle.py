@@ -395,6 +395,8 @@ async def _park_again(hop: Hop, outcome: Retry, store: WaitingStore, deps: Settl
     assert resume.parked is not None
     previous = ParkedStep.model_validate(resume.parked)  # verified when the hop was authorized
     parked = previous.model_copy(update={"parked_at": datetime.now(UTC), "proof": None})
+    carry_usage(hop)  # what the failed run used is carried with the earlier runs', for the step's entry
+    parked.message.routing_slip.carried_usage = hop.message.routing_slip.carried_usage
     await store.put(parked.sign(deps.security))
     detail = f"{parked.describe()} again: the resumed step failed ({outcome.reason}) and its answers are used once"
     return Park(ParkWorkflow(ConversationTypeAdapter.validate_python(parked.conversation)), detail=detail)

@@ -410,23 +410,17 @@ def activity_span(ctx: ActivityContext) -> Generator[None]:
         context.detach(token)
 
 
-def usage_attributes(usage: Usage, prefix: str | None = None) -> dict[str, Any]:
-    """Span attributes for `usage`: OpenTelemetry's `gen_ai.usage.*` names for tokens and `paigeant.usage.*` for
-    requests and tool calls; all under `prefix` instead when given (a workflow's totals)."""
-    names = {
-        "input_tokens": "gen_ai.usage.input_tokens",
-        "output_tokens": "gen_ai.usage.output_tokens",
-        "cache_read_tokens": "gen_ai.usage.cache_read.input_tokens",
-        "cache_write_tokens": "gen_ai.usage.cache_creation.input_tokens",
-        "requests": "paigeant.usage.requests",
-        "tool_calls": "paigeant.usage.tool_calls",
-    }
-    attributes: dict[str, Any] = {
-        (prefix + field if prefix else name): getattr(usage, field) for field, name in names.items()
-    }
+def usage_attributes(usage: Usage, prefix: str = "paigeant.usage.") -> dict[str, Any]:
+    """Span attributes for `usage`, each field under `prefix` (`paigeant.usage.input_tokens`; a workflow's totals
+    under `paigeant.workflow.usage.`). Not OpenTelemetry's `gen_ai.usage.*`: pydantic-ai's own spans carry those for
+    the same calls, and a backend that sums them over a trace would count a step's twice."""
+    attributes: dict[str, Any] = {prefix + name: getattr(usage, name) for name in _USAGE_FIELDS}
     if usage.model is not None:
-        attributes[prefix + "model" if prefix else "gen_ai.response.model"] = usage.model
+        attributes[prefix + "model"] = usage.model
     return attributes
+
+
+_USAGE_FIELDS = ("requests", "input_tokens", "output_tokens", "cache_read_tokens", "cache_write_tokens", "tool_calls")
 
 
 def _note_failure(span: trace.Span, exc: BaseException) -> None:

@@ -29,11 +29,12 @@ from pydantic_ai.messages import ModelMessage, ToolReturnPart
 from pydantic_ai.models import KnownModelName, Model
 from pydantic_ai.toolsets import AgentToolset
 
+from ._ledger import workflow_usage
 from ._plan_groups import mark_mandatory
 from ._principal import principal_of
 from .approval import ParkedStep, WaitingStore, verified
 from .catalog import ActivityCatalog, CatalogEntry
-from .contracts import ActivitySpec
+from .contracts import ActivitySpec, PaigeantMessage
 from .dispatch import WorkflowDispatcher
 from .exceptions import InvalidPlan, MessageTooLarge, NoWorker, TokenError, UserError, WorkflowExists
 from .security import MessageSecurity
@@ -211,8 +212,8 @@ class PaigeantToolset(FunctionToolset[Any]):
         """Report where a workflow is: its `state` and steps, and why it stopped (`cancelled`, `failure`) and what
         was undone (`compensation`). States: pending, running, waiting, in_doubt (a step that must not run twice
         may have run: a person must say whether it did), completed, faulted, compensating, compensated (a fault
-        undone), compensation_failed, cancelled, expired, unknown. An ended workflow's `usage` says what its model
-        calls used (requests, tokens, tool calls).
+        undone), compensation_failed, cancelled, expired, unknown. Its `usage` says what its model calls used so
+        far (requests, tokens, tool calls).
 
         Args:
             correlation_id: The id `dispatch_workflow` returned.
@@ -227,6 +228,7 @@ class PaigeantToolset(FunctionToolset[Any]):
                 "state": "in_doubt",
                 "current_activity": parked.activity,
                 "in_doubt": parked.describe(),
+                **_usage_of(parked.message),
                 "note": DATA_NOTICE,
             }
         if parked is not None and parked.budget_exhausted is not None:
@@ -243,6 +245,7 @@ class PaigeantToolset(FunctionToolset[Any]):
                 "state": "waiting",
                 "current_activity": parked.activity,
                 "waiting_for": [call.model_dump(mode="json") for call in parked.pending],
+                **_usage_of(parked.message),
                 "note": DATA_NOTICE,
             }
         assert status is not None
@@ -484,3 +487,9 @@ def _marked(specs: list[ActivitySpec], always: Collection[str], asked: list[str]
         raise InvalidPlan(f"mandatory step {unknown[0]!r} is not an activity of the plan")
     marked = {*always, *asked}
     return [mark_mandatory(spec, marked) for spec in specs]
+
+
+def _usage_of(message: PaigeantMessage) -> dict[str, JsonValue]:
+    """`{"usage": ...}`: what a parked workflow used so far, as its slip tells; empty when it used nothing."""
+    used = workflow_usage(message)
+    return {} if used.is_empty else {"usage": used.model_dump(mode="json")}

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Literal, Protocol, runtime_checkable
 from pydantic import BaseModel, Field, JsonValue
 
 from ._events import WorkflowEvent
+from ._ledger import most_used
 from ._projector import WorkflowProjector
 from ._usage import Usage
 from .exceptions import UserError
@@ -131,8 +132,8 @@ class WorkflowStatus(BaseModel):
     the store once known even when that event is trimmed; the planner shows a workflow only to its owner, and one
     whose owner is unknown (None) to nobody."""
     usage: Usage | None = Field(default=None, exclude_if=lambda usage: usage is None)
-    """What the workflow used, over all its steps, attempts and compensations, once it ended (or ended its undoing):
-    told by its `completed`, `faulted`, `cancelled`, `expired`, `compensated` or `compensation_failed` event."""
+    """What the workflow used so far, over all its steps, attempts and compensations: the largest total its events
+    told (each tells its slip's; a parallel group's branches each tell their own); `None` until one used any."""
     events: list[WorkflowEvent] = Field(default_factory=list[WorkflowEvent])
     """The history, oldest first."""
 
@@ -205,7 +206,7 @@ class _Projection:
         if event.remaining is not None:
             status.remaining = list(event.remaining)
         if event.usage is not None:
-            status.usage = event.usage  # the latest that ended the workflow or its undoing knows the most
+            status.usage = most_used(status.usage, event.usage)
         kind = event.kind
         record = self.step(event) if kind != "dispatched" else None
         if kind == "dispatched" and status.owner is None:

@@ -131,6 +131,7 @@ workflow wf-waiting: waiting
   started <date> UTC, last event <s> later
   deadline: <date> UTC
   waiting for approval of refund (call-1)
+  usage: 1 request, 53 input + 4 output tokens (function:model:)
   current step: 0 refund-order
   still to run: refund-order, check-customer
   steps:

@@ -154,3 +154,17 @@ async def test_a_step_runs_its_agent_with_the_plans_settings_within_the_workers_
         assert f"request_limit of {requests}" in status.failure
         assert status.usage is not None
         assert status.usage.requests == requests
+
+
+def test_a_plan_that_may_set_max_tokens_only_lowers_the_workers(caplog: pytest.LogCaptureFixture) -> None:
+    own: Any = {"max_tokens": 800}
+    raised, _ = step_run_options("draft", "wf-1", own, ("max_tokens",), None, {"max_tokens": 100_000}, None)
+    lowered, _ = step_run_options("draft", "wf-1", own, ("max_tokens",), None, {"max_tokens": 100}, None)
+    assert raised == {"max_tokens": 800}
+    assert lowered == {"max_tokens": 100}
+    with caplog.at_level(logging.WARNING, logger="paigeant_ai.activity"):
+        worded, _ = step_run_options("draft", "wf-1", own, ("max_tokens",), None, {"max_tokens": "lots"}, None)
+    assert worded == {"max_tokens": 800}
+    assert caplog.messages == ["step draft of wf-1: model setting max_tokens left out: 'lots' is not a whole number"]
+    unset, _ = step_run_options("draft", "wf-1", None, ("max_tokens",), None, {"max_tokens": 300}, None)
+    assert unset == {"max_tokens": 300}  # the worker set no cap of its own
