@@ -65,7 +65,7 @@ class Advertiser:
         """Post the record, then keep posting it every heartbeat in the background."""
         if self.board is None:
             return
-        await self._post(stopped=False)  # posting needs no open board: a worker never reads the registry
+        await self._post_or_log()  # posting needs no open board: a worker never reads the registry
         self._task = asyncio.create_task(self._beat(), name="paigeant-registry-heartbeat")
 
     async def stop(self) -> None:
@@ -85,10 +85,13 @@ class Advertiser:
     async def _beat(self) -> None:
         while True:
             await asyncio.sleep(self.interval)
-            try:
-                await self._post(stopped=False)
-            except Exception as exc:  # the broker is away, say: the next heartbeat tries again
-                logger.warning("posting worker %s on the registry failed: %s", self.worker_id, exc)
+            await self._post_or_log()
+
+    async def _post_or_log(self) -> None:
+        try:
+            await self._post(stopped=False)
+        except Exception as exc:  # the broker is away, say: the next heartbeat tries again
+            logger.warning("posting worker %s on the registry failed: %s", self.worker_id, exc)
 
     async def _post(self, *, stopped: bool) -> None:
         assert self.board is not None

@@ -31,6 +31,7 @@ from paigeant_ai._registry import WorkerRecord
 from paigeant_ai.exceptions import TransportError
 from paigeant_ai.transports import Transport
 from paigeant_ai.transports.base import Advertising
+from paigeant_ai.transports.memory import InMemoryRegistryBoard
 
 from .brokers import make_transport, wait_until
 from .scripted import Script, call
@@ -249,3 +250,42 @@ async def test_a_registry_that_cannot_be_read_does_not_stop_dispatches(caplog: p
         strict = WorkflowDispatcher(transport, security=security, require_live_workers=True)
         with pytest.raises(TransportError, match="the registry stream is missing"):
             await strict.dispatch_workflow(["validate-customer"], {})
+
+
+class FlakyRegistryTransport(InMemoryTransport):
+    """An in-memory transport whose registry refuses the first post, as a broker that is briefly away does."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.failures = 1
+
+    def registry_board(self) -> InMemoryRegistryBoard:
+        transport = self
+
+        class Board(InMemoryRegistryBoard):
+            async def post(self, worker_id: str, record: bytes, *, ttl: float) -> None:
+                if transport.failures:
+                    transport.failures -= 1
+                    raise TransportError("the registry is away")
+                await super().post(worker_id, record, ttl=ttl)
+
+        return Board(self._registry)  # pyright: ignore[reportPrivateUsage]
+
+
+async def test_a_worker_whose_first_post_fails_is_on_the_registry_at_its_next_heartbeat(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    transport, security = FlakyRegistryTransport(), signer()
+    async with transport:
+        worker = Worker(transport, [validate_customer], security=security, registry_heartbeat=0.1)
+        async with worker:
+            await wait_until_async(lambda: live_names(transport, security), ["validate-customer"], within=5)
+        assert "the registry is away" in caplog.text
+
+
+async def wait_until_async(read: Any, expected: object, *, within: float) -> None:
+    """Wait until `await read()` returns `expected`."""
+    deadline = asyncio.get_running_loop().time() + within
+    while (found := await read()) != expected:
+        assert asyncio.get_running_loop().time() < deadline, f"still {found!r}, not {expected!r}"
+        await asyncio.sleep(0.02)
