@@ -6,8 +6,10 @@ activity the worker serves as a catalog entry (what it needs and produces, its s
 version) beside the worker's id, host, concurrency and the time of the heartbeat.
 
 The board is broker state that anyone who can write to the broker may write, so nothing on it is believed for being
-there. A reader keeps a record only when its signature (`typ` `paigeant-registry+jws`) holds under a trusted key and
-it is filed under its own worker's id; anything else is logged and ignored. A record is live until
+there. A reader keeps a record only when its signature (`typ` `paigeant-registry+jws`) holds under a trusted key
+that the trust policy lets `advertise` (every trusted key, without a policy): the planner signs plans made of what
+records advertise, so a key trusted only to approve, say, must not be able to put a step there. Anything else is
+logged and ignored. A record is live until
 `LAPSE_BEATS` of its heartbeats have passed without a newer one: the time is signed, so a replayed old record is
 never live again.
 """
@@ -196,7 +198,9 @@ def _verified(body: bytes, security: MessageSecurity) -> WorkerRecord | None:
         logger.warning("a registry record is not a worker record and is ignored: %s", _first_error(exc))
         return None
     try:
-        security.verify_bytes(record.signature, record.signed_bytes(), typ=REGISTRY_TYPE)
+        kid = security.verify_bytes(record.signature, record.signed_bytes(), typ=REGISTRY_TYPE)
+        if kid is not None:
+            security.policy.require(kid, "advertise", "advertise activities on the registry")
     except SecurityError as exc:
         logger.warning(
             "the registry record of worker %r does not verify and is ignored: %s",
