@@ -321,3 +321,22 @@ async def test_with_a_trust_policy_only_a_key_that_may_advertise_puts_activities
         catalog = await ActivityCatalog.from_registry(transport, security=reader)
         assert [entry.name for entry in catalog] == ["validate-customer"]
     assert "key 'approvals-desk' may not advertise activities on the registry" in caplog.text
+
+
+async def test_a_read_sees_a_record_another_process_posted_just_before_it(transport: Transport) -> None:
+    if transport.process_local:
+        pytest.skip("only this process sees an in-memory registry")
+    assert isinstance(transport, Advertising)
+    security = signer()
+    board = transport.registry_board()
+    assert await live_names(transport, security) == []  # the reader is open, and caught up once
+    async with make_transport(transport.name, getattr(transport, "namespace", "")) as other:
+        assert isinstance(other, Advertising)
+        for n in range(20):  # a worker of another process starts, then a dispatch at once reads the registry
+            name = f"step-{n}"
+            record = WorkerRecord(
+                worker_id=f"w-{n}", interval=10, activities=[AdvertisedActivity(spec=ActivitySpec(name=name))]
+            )
+            await other.registry_board().post(f"w-{n}", record.sign(security).to_bytes(), ttl=60)
+            assert name in await live_names(transport, security), f"post {n} was not seen by the read after it"
+    await board.close()
