@@ -340,3 +340,35 @@ async def test_a_read_sees_a_record_another_process_posted_just_before_it(transp
             await other.registry_board().post(f"w-{n}", record.sign(security).to_bytes(), ttl=60)
             assert name in await live_names(transport, security), f"post {n} was not seen by the read after it"
     await board.close()
+
+
+class CountedRegistry(InMemoryTransport):
+    """An in-memory transport that counts the reads of its registry."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.reads = 0
+
+    def registry_board(self) -> InMemoryRegistryBoard:
+        transport = self
+
+        class Board(InMemoryRegistryBoard):
+            async def records(self) -> list[bytes]:
+                transport.reads += 1
+                return await super().records()
+
+        return Board(self._registry)  # pyright: ignore[reportPrivateUsage]
+
+
+async def test_a_burst_of_dispatches_before_any_worker_starts_reads_the_registry_once() -> None:
+    transport, security = CountedRegistry(), signer()
+    async with transport:
+        dispatcher = WorkflowDispatcher(transport, security=security)
+        await asyncio.gather(*(dispatcher.dispatch_workflow(["validate-customer"], {}) for _ in range(50)))
+        assert transport.reads == 1
+        await transport.registry_board().post(
+            "w-1", WorkerRecord(worker_id="w-1", interval=10).sign(security).to_bytes(), ttl=60
+        )
+        strict = WorkflowDispatcher(transport, security=security, require_live_workers=True)
+        with pytest.raises(NoWorker, match="no live worker serves activity 'validate-customer'"):
+            await strict.dispatch_workflow(["validate-customer"], {})
