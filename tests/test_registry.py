@@ -153,6 +153,7 @@ async def test_the_dispatcher_refuses_a_step_no_live_worker_serves_once_any_work
         await dispatcher.dispatch_workflow(["nobody-serves-this"], {})  # nobody is live: dispatched anyway
         async with Worker(transport, [validate_customer], security=security) as worker:
             await wait_until(lambda: worker.advertiser._task is not None, within=5, what="the first heartbeat")  # pyright: ignore[reportPrivateUsage]
+            dispatcher.live_workers.fresh_for = 0  # its read that showed nobody live would answer for a second
             with pytest.raises(NoWorker) as refused:
                 await dispatcher.dispatch_workflow(
                     [ActivitySpec(name="validate-customer", compensate="undo-customer")], {"email": "a@b"}
