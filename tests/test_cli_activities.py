@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import json
+from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from paigeant_ai import ActivityContext, Worker, activity
+from paigeant_ai import ActivityContext, ActivitySpec, MessageSigner, Worker, WorkflowDispatcher, activity
+from paigeant_ai._registry import AdvertisedActivity, WorkerRecord
 from paigeant_ai.cli import _parser, main
 from paigeant_ai.transports.redis import RedisTransport
 
@@ -67,3 +69,28 @@ async def test_the_command_lists_live_workers_versions_and_heartbeats(namespace:
         code, out = await paigeant("activities", "--json")
         [row] = json.loads(out[out.index("[") :])
         assert (row["workers"], row["versions"]) == ([], [])  # both stopped: on record, serving nothing
+
+
+@pytest.mark.redis
+async def test_workflows_shows_a_workflow_whose_worker_died_as_stalled_with_when_it_was_last_seen(
+    namespace: str,
+) -> None:
+    async with RedisTransport(REDIS_URL, namespace=namespace) as transport:
+        security = MessageSigner.from_settings(transport)
+        died = datetime.now(UTC) - timedelta(minutes=2)
+        record = WorkerRecord(
+            worker_id="w-dead",
+            interval=1,
+            heartbeat=died,
+            activities=[AdvertisedActivity(spec=ActivitySpec(name="score-lead"))],
+        )
+        await transport.registry_board().post("w-dead", record.sign(security).to_bytes(), ttl=600)
+        stuck = await WorkflowDispatcher(transport, security=security).dispatch_workflow(["score-lead"], {})
+    code, out = await paigeant("workflows")
+    assert code == 0, out
+    [row] = [line for line in out.splitlines() if stuck in line]
+    assert row.split()[0] == "stalled"
+    assert f"no worker serves 'score-lead' (last seen {died:%Y-%m-%d %H:%M:%S} UTC)" in row
+    code, out = await paigeant("status", stuck)
+    assert code == 0, out
+    assert f"stalled: no worker serves 'score-lead' (last seen {died:%Y-%m-%d %H:%M:%S} UTC)" in out
