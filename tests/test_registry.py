@@ -32,6 +32,7 @@ from paigeant_ai.exceptions import TransportError
 from paigeant_ai.transports import Transport
 from paigeant_ai.transports.base import Advertising
 from paigeant_ai.transports.memory import InMemoryRegistryBoard
+from paigeant_ai.transports.redis import RedisTransport
 from paigeant_ai.trust import TrustPolicy
 
 from .brokers import make_transport, wait_until
@@ -373,3 +374,15 @@ async def test_a_burst_of_dispatches_before_any_worker_starts_reads_the_registry
         strict = WorkflowDispatcher(transport, security=security, require_live_workers=True)
         with pytest.raises(NoWorker, match="no live worker serves activity 'validate-customer'"):
             await strict.dispatch_workflow(["validate-customer"], {})
+
+
+@pytest.mark.redis
+async def test_a_redis_reader_skips_a_record_larger_than_a_board_accepts(transport: Transport) -> None:
+    if not isinstance(transport, RedisTransport):
+        pytest.skip("written straight into the Redis hash")
+    board = transport.registry_board()
+    await board.post("w-1", b"kept", ttl=60)
+    client: Any = transport.client  # written to as an intruder would
+    await client.hset(f"{transport.namespace}:registry", "w-2", b"x" * (256 * 1024 + 1))
+    await client.zadd(f"{transport.namespace}:registry:until", {"w-2": 2**50})
+    assert await board.records() == [b"kept"]
