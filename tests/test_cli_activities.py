@@ -79,20 +79,22 @@ async def test_the_command_lists_live_workers_versions_and_heartbeats(namespace:
         assert (row["workers"], row["versions"]) == ([], [])  # both stopped: on record, serving nothing
 
 
+async def post_dead_worker(transport: RedisTransport, security: MessageSigner, activity_name: str) -> datetime:
+    """Put on the registry the record of a worker of `activity_name` last heard from two minutes ago; that time."""
+    died = datetime.now(UTC) - timedelta(minutes=2)
+    spec = ActivitySpec(name=activity_name)
+    record = WorkerRecord(worker_id="w-dead", interval=1, heartbeat=died, activities=[AdvertisedActivity(spec=spec)])
+    await transport.registry_board().post("w-dead", record.sign(security).to_bytes(), ttl=600)
+    return died
+
+
 @pytest.mark.redis
 async def test_workflows_shows_a_workflow_whose_worker_died_as_stalled_with_when_it_was_last_seen(
     namespace: str,
 ) -> None:
     async with RedisTransport(REDIS_URL, namespace=namespace) as transport:
         security = MessageSigner.from_settings(transport)
-        died = datetime.now(UTC) - timedelta(minutes=2)
-        record = WorkerRecord(
-            worker_id="w-dead",
-            interval=1,
-            heartbeat=died,
-            activities=[AdvertisedActivity(spec=ActivitySpec(name="score-lead"))],
-        )
-        await transport.registry_board().post("w-dead", record.sign(security).to_bytes(), ttl=600)
+        died = await post_dead_worker(transport, security, "score-lead")
         stuck = await WorkflowDispatcher(transport, security=security).dispatch_workflow(["score-lead"], {})
     code, out = await paigeant("workflows")
     assert code == 0, out
@@ -120,14 +122,7 @@ async def test_workflows_shows_a_compensating_workflow_whose_compensation_has_no
 ) -> None:
     async with RedisTransport(REDIS_URL, namespace=namespace) as transport:
         security = MessageSigner.from_settings(transport)
-        died = datetime.now(UTC) - timedelta(minutes=2)
-        record = WorkerRecord(
-            worker_id="w-refunds",
-            interval=1,
-            heartbeat=died,
-            activities=[AdvertisedActivity(spec=ActivitySpec(name="refund-lead"))],
-        )
-        await transport.registry_board().post("w-refunds", record.sign(security).to_bytes(), ttl=600)
+        await post_dead_worker(transport, security, "refund-lead")
         route = [ActivitySpec(name="charge-lead", compensate="refund-lead"), ActivitySpec(name="ship-lead")]
         stuck = await WorkflowDispatcher(transport, security=security).dispatch_workflow(route, {})
         await Worker(transport, [charge_lead, ship_lead], security=security).run(burst=True)
