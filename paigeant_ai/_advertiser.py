@@ -15,7 +15,7 @@ import socket
 import uuid
 from collections.abc import Mapping
 
-from ._registry import REGISTRY_RETENTION, AdvertisedActivity, WorkerRecord
+from ._registry import MAX_HEARTBEAT, REGISTRY_RETENTION, AdvertisedActivity, WorkerRecord
 from ._versions import activity_version
 from ._wire import utcnow
 from .activity import Activity
@@ -49,8 +49,10 @@ class Advertiser:
         concurrency: int,
         interval: float,
     ) -> None:
-        if not 0 < interval < float("inf"):
-            raise UserError(f"the registry heartbeat must be a positive number of seconds, not {interval!r}")
+        if not 0 < interval <= MAX_HEARTBEAT:
+            raise UserError(
+                f"the registry heartbeat must be a positive number of seconds up to {MAX_HEARTBEAT:g}, not {interval!r}"
+            )
         self.board: RegistryBoard | None = transport.registry_board() if isinstance(transport, Advertising) else None
         self.activities = activities
         self.security = security

@@ -33,6 +33,7 @@ from .transports.base import Advertising, Transport
 
 __all__ = (
     "LAPSE_BEATS",
+    "MAX_HEARTBEAT",
     "REGISTRY_RETENTION",
     "REGISTRY_TYPE",
     "AdvertisedActivity",
@@ -46,6 +47,8 @@ logger = logging.getLogger("paigeant_ai.registry")
 REGISTRY_TYPE = "paigeant-registry+jws"
 LAPSE_BEATS = 3
 """A worker's record lapses once this many of its heartbeats have passed without a newer one."""
+MAX_HEARTBEAT = 86400.0
+"""The longest heartbeat period a worker may have (a day): a record with a longer one is ignored."""
 REGISTRY_RETENTION = 600.0
 """Seconds a board keeps a record after its last post: how long a dead worker shows as last seen (and how far back
 a RabbitMQ reader reads the registry stream when it opens)."""
@@ -103,7 +106,7 @@ class WorkerRecord(Wire):
     pid: int = 0
     concurrency: int = Field(default=1, ge=1)
     heartbeat: AwareDatetime = Field(default_factory=utcnow)
-    interval: float = Field(gt=0)
+    interval: float = Field(gt=0, le=MAX_HEARTBEAT)
     """Seconds between two heartbeats of this worker."""
     stopped: bool = False
     """The worker stopped cleanly: it serves nothing any more."""

@@ -386,3 +386,20 @@ async def test_a_redis_reader_skips_a_record_larger_than_a_board_accepts(transpo
     await client.hset(f"{transport.namespace}:registry", "w-2", b"x" * (256 * 1024 + 1))
     await client.zadd(f"{transport.namespace}:registry:until", {"w-2": 2**50})
     assert await board.records() == [b"kept"]
+
+
+async def test_a_heartbeat_period_beyond_a_day_is_refused_by_the_worker_and_ignored_by_readers(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    transport, security = InMemoryTransport(), signer()
+    async with transport:
+        for wrong in (1e300, float("nan"), 0):
+            with pytest.raises(UserError, match="the registry heartbeat must be a positive number of seconds up to"):
+                Worker(transport, [validate_customer], security=security, registry_heartbeat=wrong)
+        record = WorkerRecord(
+            worker_id="w-1", interval=10, activities=[AdvertisedActivity(spec=ActivitySpec(name="x"))]
+        )
+        body = record.sign(security).to_bytes().replace(b'"interval":10.0', b'"interval":1e300')
+        await transport.registry_board().post("w-1", body, ttl=60)
+        assert await live_names(transport, security) == []
+    assert "a registry record is not a worker record and is ignored: interval" in caplog.text
