@@ -107,7 +107,7 @@ class Advertiser:
             stopped=stopped,
             activities=self._advertisements(),
         ).sign(self.security)
-        await self.board.post(self.worker_id, record.to_bytes(), ttl=max(REGISTRY_RETENTION, 4 * self.interval))
+        await self.board.post(self.worker_id, record.to_bytes(), ttl=REGISTRY_RETENTION)
 
     def _advertisements(self) -> list[AdvertisedActivity]:
         if self._advertised is None:  # made once: an agent's output schema is not free

@@ -47,11 +47,12 @@ logger = logging.getLogger("paigeant_ai.registry")
 REGISTRY_TYPE = "paigeant-registry+jws"
 LAPSE_BEATS = 3
 """A worker's record lapses once this many of its heartbeats have passed without a newer one."""
-MAX_HEARTBEAT = 86400.0
-"""The longest heartbeat period a worker may have (a day): a record with a longer one is ignored."""
 REGISTRY_RETENTION = 600.0
 """Seconds a board keeps a record after its last post: how long a dead worker shows as last seen (and how far back
 a RabbitMQ reader reads the registry stream when it opens)."""
+MAX_HEARTBEAT = REGISTRY_RETENTION / 4
+"""The longest heartbeat period a worker may have: a live worker's record is always on the board (a record with a
+longer one is ignored)."""
 
 
 class AdvertisedActivity(Wire):
