@@ -15,7 +15,7 @@ import socket
 import uuid
 from collections.abc import Mapping
 
-from ._registry import REGISTRY_RETENTION, AdvertisedActivity, WorkerRecord
+from ._registry import MAX_HEARTBEAT, REGISTRY_RETENTION, AdvertisedActivity, WorkerRecord
 from ._versions import activity_version
 from ._wire import utcnow
 from .activity import Activity
@@ -49,8 +49,10 @@ class Advertiser:
         concurrency: int,
         interval: float,
     ) -> None:
-        if not 0 < interval < float("inf"):
-            raise UserError(f"the registry heartbeat must be a positive number of seconds, not {interval!r}")
+        if not 0 < interval <= MAX_HEARTBEAT:
+            raise UserError(
+                f"the registry heartbeat must be a positive number of seconds up to {MAX_HEARTBEAT:g}, not {interval!r}"
+            )
         self.board: RegistryBoard | None = transport.registry_board() if isinstance(transport, Advertising) else None
         self.activities = activities
         self.security = security
@@ -65,7 +67,7 @@ class Advertiser:
         """Post the record, then keep posting it every heartbeat in the background."""
         if self.board is None:
             return
-        await self._post(stopped=False)  # posting needs no open board: a worker never reads the registry
+        await self._post_or_log()  # posting needs no open board: a worker never reads the registry
         self._task = asyncio.create_task(self._beat(), name="paigeant-registry-heartbeat")
 
     async def stop(self) -> None:
@@ -85,10 +87,13 @@ class Advertiser:
     async def _beat(self) -> None:
         while True:
             await asyncio.sleep(self.interval)
-            try:
-                await self._post(stopped=False)
-            except Exception as exc:  # the broker is away, say: the next heartbeat tries again
-                logger.warning("posting worker %s on the registry failed: %s", self.worker_id, exc)
+            await self._post_or_log()
+
+    async def _post_or_log(self) -> None:
+        try:
+            await self._post(stopped=False)
+        except Exception as exc:  # the broker is away, say: the next heartbeat tries again
+            logger.warning("posting worker %s on the registry failed: %s", self.worker_id, exc)
 
     async def _post(self, *, stopped: bool) -> None:
         assert self.board is not None
@@ -102,7 +107,7 @@ class Advertiser:
             stopped=stopped,
             activities=self._advertisements(),
         ).sign(self.security)
-        await self.board.post(self.worker_id, record.to_bytes(), ttl=max(REGISTRY_RETENTION, 4 * self.interval))
+        await self.board.post(self.worker_id, record.to_bytes(), ttl=REGISTRY_RETENTION)
 
     def _advertisements(self) -> list[AdvertisedActivity]:
         if self._advertised is None:  # made once: an agent's output schema is not free

@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING
 from ._escape import escape_control, escape_json
 from ._events import WorkflowEvent
 from ._ledger import describe_usage
+from ._stalls import WAITING_STATES
 from .exceptions import UserError
 from .settings import Settings
 from .store import WorkflowProjector, WorkflowStatus, mark_stalled
@@ -145,7 +146,7 @@ async def sync_store(store: RedisWorkflowStore, transport_name: str | None) -> N
 async def _with_stalls(statuses: list[WorkflowStatus], transport_name: str | None) -> list[WorkflowStatus]:
     """`statuses`, the workflows whose current step nobody has consumed for a while marked `stalled`."""
     chosen = (transport_name or Settings.from_env().transport).strip().lower()
-    if chosen in IN_MEMORY_NAMES or not any(status.state in ("pending", "running") for status in statuses):
+    if chosen in IN_MEMORY_NAMES or not any(status.state in WAITING_STATES for status in statuses):
         return statuses
     async with command_transport(chosen) as transport:
         return await mark_stalled(statuses, transport, after=Settings.from_env().stall_after)

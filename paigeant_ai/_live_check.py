@@ -40,9 +40,9 @@ class LiveCheck:
     """A dispatcher's check against the registry, which it reads at most once per `fresh_for` seconds.
 
     A dispatch does not pay a registry read (a round trip and a signature check per worker) each time: dispatches
-    within `fresh_for` of a read, or while one is under way, use its answer. A refusal is never made on a cached
-    answer, nor is a check skipped on one that shows no live worker: the registry is read again first, so a worker
-    that started a moment ago counts.
+    within `fresh_for` of a read, or while one is under way, use its answer, also one that shows no live worker (a
+    burst of dispatches made before the workers start pays one read, not one each). A refusal is never made on a
+    cached answer: the registry is read again first, so a worker that started a moment ago counts.
 
     Args:
         transport: The dispatcher's transport.
@@ -90,9 +90,7 @@ class LiveCheck:
             self._lock = (loop, asyncio.Lock())
         async with self._lock[1]:  # dispatches at once wait for one read, then use it
             if not fresh and self._read is not None and time.monotonic() - self._read[0] <= self.fresh_for:
-                cached = self._read[1]
-                if cached is None or cached.live:  # an empty registry is read again: a worker may have started
-                    return cached
+                return self._read[1]
             registry = await read_registry(self.transport, self.security)
             self._read = (time.monotonic(), registry)
             return registry

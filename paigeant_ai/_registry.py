@@ -6,8 +6,10 @@ activity the worker serves as a catalog entry (what it needs and produces, its s
 version) beside the worker's id, host, concurrency and the time of the heartbeat.
 
 The board is broker state that anyone who can write to the broker may write, so nothing on it is believed for being
-there. A reader keeps a record only when its signature (`typ` `paigeant-registry+jws`) holds under a trusted key and
-it is filed under its own worker's id; anything else is logged and ignored. A record is live until
+there. A reader keeps a record only when its signature (`typ` `paigeant-registry+jws`) holds under a trusted key
+that the trust policy lets `advertise` (every trusted key, without a policy): the planner signs plans made of what
+records advertise, so a key trusted only to approve, say, must not be able to put a step there. Anything else is
+logged and ignored. A record is live until
 `LAPSE_BEATS` of its heartbeats have passed without a newer one: the time is signed, so a replayed old record is
 never live again.
 """
@@ -31,6 +33,7 @@ from .transports.base import Advertising, Transport
 
 __all__ = (
     "LAPSE_BEATS",
+    "MAX_HEARTBEAT",
     "REGISTRY_RETENTION",
     "REGISTRY_TYPE",
     "AdvertisedActivity",
@@ -47,6 +50,9 @@ LAPSE_BEATS = 3
 REGISTRY_RETENTION = 600.0
 """Seconds a board keeps a record after its last post: how long a dead worker shows as last seen (and how far back
 a RabbitMQ reader reads the registry stream when it opens)."""
+MAX_HEARTBEAT = REGISTRY_RETENTION / 4
+"""The longest heartbeat period a worker may have: a live worker's record is always on the board (a record with a
+longer one is ignored)."""
 
 
 class AdvertisedActivity(Wire):
@@ -101,7 +107,7 @@ class WorkerRecord(Wire):
     pid: int = 0
     concurrency: int = Field(default=1, ge=1)
     heartbeat: AwareDatetime = Field(default_factory=utcnow)
-    interval: float = Field(gt=0)
+    interval: float = Field(gt=0, le=MAX_HEARTBEAT)
     """Seconds between two heartbeats of this worker."""
     stopped: bool = False
     """The worker stopped cleanly: it serves nothing any more."""
@@ -196,7 +202,9 @@ def _verified(body: bytes, security: MessageSecurity) -> WorkerRecord | None:
         logger.warning("a registry record is not a worker record and is ignored: %s", _first_error(exc))
         return None
     try:
-        security.verify_bytes(record.signature, record.signed_bytes(), typ=REGISTRY_TYPE)
+        kid = security.verify_bytes(record.signature, record.signed_bytes(), typ=REGISTRY_TYPE)
+        if kid is not None:
+            security.policy.require(kid, "advertise", "advertise activities on the registry")
     except SecurityError as exc:
         logger.warning(
             "the registry record of worker %r does not verify and is ignored: %s",

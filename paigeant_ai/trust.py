@@ -18,6 +18,7 @@ trusted key may do everything (the compatible default). With one, a key may do o
 - `approve`: sign approvals of tool calls a parked step waits for.
 - `cancel`: cancel workflows it did not start.
 - `revise`: sign revisions of a workflow's route (a worker whose agent revises it).
+- `advertise`: post on the registry what it serves (a worker), which planners and dispatchers then use.
 
 A key the policy does not name may do nothing. Load it with `TrustPolicy.load(path)` or the
 `PAIGEANT_TRUST_POLICY_FILE` setting.
@@ -35,7 +36,7 @@ from .exceptions import SecurityError, UserError
 
 __all__ = ("Grant", "Permission", "TrustPolicy")
 
-Permission = Literal["start", "approve", "cancel", "revise"]
+Permission = Literal["start", "approve", "cancel", "revise", "advertise"]
 PERMISSIONS: frozenset[str] = frozenset(get_args(Permission))
 
 

@@ -29,7 +29,7 @@ from urllib.parse import urlsplit
 
 import pytest
 
-from paigeant_ai import InMemoryTransport, WorkflowDispatcher, get_transport
+from paigeant_ai import InMemoryTransport, WorkflowDispatcher, get_transport, read_registry
 from paigeant_ai.contracts import DEAD_LETTER, EVENTS
 from paigeant_ai.security import MessageSigner, generate_key
 from paigeant_ai.transports import Transport
@@ -289,6 +289,23 @@ async def wait_until(condition: Callable[[], bool], *, within: float, what: str)
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {within:g}s waiting for {what}")
         await asyncio.sleep(0.1)
+
+
+async def wait_until_advertised(dispatcher: WorkflowDispatcher, steps: Iterable[str], *, within: float) -> None:
+    """Wait until live workers on the dispatcher's registry serve every one of `steps`: worker processes started
+    together get ready in any order, and a dispatch meanwhile is refused once some of them are live."""
+    wanted = set(steps)
+    deadline = time.monotonic() + within
+    while not wanted <= set(live := await read_live(dispatcher)):
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {within:g}s waiting for workers of {sorted(wanted - set(live))}")
+        await asyncio.sleep(0.1)
+
+
+async def read_live(dispatcher: WorkflowDispatcher) -> list[str]:
+    """The activities live workers serve, by the dispatcher's registry (verified with its keys)."""
+    registry = await read_registry(dispatcher.transport, dispatcher.security)
+    return registry.names if registry is not None else []
 
 
 async def drained(transport: Transport, addresses: Iterable[str], *, within: float) -> None:

@@ -3,10 +3,20 @@
 from __future__ import annotations
 
 import json
+from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from paigeant_ai import ActivityContext, Worker, activity
+from paigeant_ai import (
+    ActivityContext,
+    ActivitySpec,
+    MessageSigner,
+    NonRetryableError,
+    Worker,
+    WorkflowDispatcher,
+    activity,
+)
+from paigeant_ai._registry import AdvertisedActivity, WorkerRecord
 from paigeant_ai.cli import _parser, main
 from paigeant_ai.transports.redis import RedisTransport
 
@@ -67,3 +77,57 @@ async def test_the_command_lists_live_workers_versions_and_heartbeats(namespace:
         code, out = await paigeant("activities", "--json")
         [row] = json.loads(out[out.index("[") :])
         assert (row["workers"], row["versions"]) == ([], [])  # both stopped: on record, serving nothing
+
+
+async def post_dead_worker(transport: RedisTransport, security: MessageSigner, activity_name: str) -> datetime:
+    """Put on the registry the record of a worker of `activity_name` last heard from two minutes ago; that time."""
+    died = datetime.now(UTC) - timedelta(minutes=2)
+    spec = ActivitySpec(name=activity_name)
+    record = WorkerRecord(worker_id="w-dead", interval=1, heartbeat=died, activities=[AdvertisedActivity(spec=spec)])
+    await transport.registry_board().post("w-dead", record.sign(security).to_bytes(), ttl=600)
+    return died
+
+
+@pytest.mark.redis
+async def test_workflows_shows_a_workflow_whose_worker_died_as_stalled_with_when_it_was_last_seen(
+    namespace: str,
+) -> None:
+    async with RedisTransport(REDIS_URL, namespace=namespace) as transport:
+        security = MessageSigner.from_settings(transport)
+        died = await post_dead_worker(transport, security, "score-lead")
+        stuck = await WorkflowDispatcher(transport, security=security).dispatch_workflow(["score-lead"], {})
+    code, out = await paigeant("workflows")
+    assert code == 0, out
+    [row] = [line for line in out.splitlines() if stuck in line]
+    assert row.split()[0] == "stalled"
+    assert f"no worker serves 'score-lead' (last seen {died:%Y-%m-%d %H:%M:%S} UTC)" in row
+    code, out = await paigeant("status", stuck)
+    assert code == 0, out
+    assert f"stalled: no worker serves 'score-lead' (last seen {died:%Y-%m-%d %H:%M:%S} UTC)" in out
+
+
+@activity(name="charge-lead")
+async def charge_lead(ctx: ActivityContext) -> dict[str, int]:
+    return {"charged": 1}
+
+
+@activity(name="ship-lead")
+async def ship_lead(ctx: ActivityContext) -> dict[str, int]:
+    raise NonRetryableError("no carrier")
+
+
+@pytest.mark.redis
+async def test_workflows_shows_a_compensating_workflow_whose_compensation_has_no_live_worker_as_stalled(
+    namespace: str,
+) -> None:
+    async with RedisTransport(REDIS_URL, namespace=namespace) as transport:
+        security = MessageSigner.from_settings(transport)
+        await post_dead_worker(transport, security, "refund-lead")
+        route = [ActivitySpec(name="charge-lead", compensate="refund-lead"), ActivitySpec(name="ship-lead")]
+        stuck = await WorkflowDispatcher(transport, security=security).dispatch_workflow(route, {})
+        await Worker(transport, [charge_lead, ship_lead], security=security).run(burst=True)
+    code, out = await paigeant("workflows")
+    assert code == 0, out
+    [row] = [line for line in out.splitlines() if stuck in line]
+    assert row.split()[0] == "stalled"
+    assert "no worker serves 'refund-lead' (last seen " in row

@@ -19,7 +19,15 @@ import pytest
 from paigeant_ai.contracts import DEAD_LETTER
 
 from . import brokers
-from .brokers import RABBITMQ_URL, REDIS_URL, report, require_rabbitmqctl, require_redis, wait_until
+from .brokers import (
+    RABBITMQ_URL,
+    REDIS_URL,
+    report,
+    require_rabbitmqctl,
+    require_redis,
+    wait_until,
+    wait_until_advertised,
+)
 from .long_steps_workers import LONG, STEPS, dispatch, long_runs, runs_by_process
 from .workflows_for_crash import completed
 
@@ -99,6 +107,7 @@ async def test_a_step_longer_than_the_consumer_timeout_runs_once(
             await workers.start("long_worker")
             await workers.start("long_worker")
             await wait_until_consumed(dispatcher.transport, LONG, 2)
+        await wait_until_advertised(dispatcher, STEPS, within=30)  # the edge worker may be ready after them
         ids = await dispatch(dispatcher, 5)
 
         await wait_until(lambda: completed(records) >= set(ids), within=150, what="all 5 workflows to complete")
@@ -164,6 +173,7 @@ async def test_a_long_step_whose_worker_is_killed_is_taken_over_by_its_watch_cop
         first_worker = await workers.start("long_worker")
         second_worker = await workers.start("long_worker")
         await wait_until_consumed(dispatcher.transport, LONG, 2)
+        await wait_until_advertised(dispatcher, STEPS, within=30)  # the edge worker may be ready after them
         [cid] = await dispatch(dispatcher, 1)
 
         await wait_until(lambda: bool(long_runs(records)), within=30, what="the long step to start")
@@ -206,6 +216,7 @@ async def test_redis_steps_longer_than_the_visibility_timeout_run_once(
         await workers.start("redis_edge_worker")
         await workers.start("redis_long_worker")
         await workers.start("redis_long_worker")
+        await wait_until_advertised(dispatcher, STEPS, within=30)  # the workers get ready in any order
         ids = await dispatch(dispatcher, 4)
 
         await wait_until(lambda: completed(records) >= set(ids), within=60, what="all 4 workflows to complete")

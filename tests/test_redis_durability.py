@@ -26,7 +26,7 @@ from paigeant_ai import WorkflowDispatcher
 from paigeant_ai.contracts import DEAD_LETTER
 
 from . import brokers
-from .brokers import REDIS_URL, ROOT, Fleet, drained, report, wait_until
+from .brokers import REDIS_URL, ROOT, Fleet, drained, report, wait_until, wait_until_advertised
 from .workflows_for_crash import MIDDLE, STEPS, completed, dispatch, middle_runs, read_records
 
 pytestmark = [pytest.mark.redis, pytest.mark.slow]
@@ -172,9 +172,10 @@ async def test_onboarding_runs_across_worker_processes(tmp_path: Path) -> None:
         "payment_worker": "setup-payment-method",
         "welcome_worker": "send-welcome-email",
     }
-    async with fleet(tmp_path, REDIS_URL) as (workers, _, _):
+    async with fleet(tmp_path, REDIS_URL) as (workers, ready, _):
         for target in steps:
             await workers.start(f"examples.onboarding:{target}")
+        await wait_until_advertised(ready, steps.values(), within=60)  # else a dispatch may find some of them live
         dispatcher = await asyncio.create_subprocess_exec(
             *(sys.executable, "-m", "examples.onboarding", "--dispatch-only"),
             cwd=ROOT,

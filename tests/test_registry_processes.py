@@ -11,10 +11,10 @@ from typing import Literal
 
 import pytest
 
-from paigeant_ai import InMemoryWorkflowStore, WorkflowProjector, read_registry
+from paigeant_ai import InMemoryWorkflowStore, WorkflowProjector
 from paigeant_ai.store import WorkflowStatus, mark_stalled
 
-from .brokers import RABBITMQ_URL, REDIS_URL, fleet
+from .brokers import RABBITMQ_URL, REDIS_URL, fleet, wait_until_advertised
 
 HEARTBEAT = 0.5
 
@@ -37,15 +37,7 @@ async def test_a_workflow_whose_worker_was_killed_shows_stalled_within_a_few_hea
         process = await workers.start("slow_worker")
         transport, security = dispatcher.transport, dispatcher.security
 
-        async def live() -> list[str]:
-            registry = await read_registry(transport, security)
-            assert registry is not None
-            return registry.names
-
-        deadline = time.monotonic() + 30
-        while await live() != ["registry-slow"]:
-            assert time.monotonic() < deadline, f"the worker never advertised its step\n{workers.output()}"
-            await asyncio.sleep(0.1)
+        await wait_until_advertised(dispatcher, ["registry-slow"], within=30)
         store = InMemoryWorkflowStore()
         projector = WorkflowProjector(transport, store, security=security)
         projecting = asyncio.create_task(projector.run())

@@ -81,7 +81,7 @@ def test_a_policy_is_read_from_a_file_or_json_text(tmp_path: Path) -> None:
     ("source", "fix"),
     [
         ({"orders-1": {"may": ["start"]}}, 'one member, "keys"'),
-        ({"keys": {"orders-1": {"may": ["sart"]}}}, "unknown permission 'sart'; choose from approve, cancel"),
+        ({"keys": {"orders-1": {"may": ["sart"]}}}, "unknown permission 'sart'; choose from advertise, approve"),
         ({"keys": {"orders-1": {"can": ["start"]}}}, "unknown member 'can'"),
         ({"keys": {"orders-1": {"send_to": "charge"}}}, "send_to must be a list of strings"),
         ({"keys": {"orders-1": ["start"]}}, 'must be an object like {"may": ["start"]}'),

@@ -3,8 +3,9 @@
 A post is a persistent message, confirmed by the broker, on the durable stream `<namespace>.@registry` (`x-queue-type:
 stream`, `x-max-age` an hour, in segments of 8 MiB); its headers name the worker and the time (Unix seconds) until which
 the record is kept. Each transport object has one `RegistryStreamReader`, which reads the stream from
-`REGISTRY_RETENTION` seconds back (a timestamp offset) into a map of each worker's latest record, so reads are local;
-opening it catches up with a marker, as the cancel board's reader does (see `_cancel_board`).
+`REGISTRY_RETENTION` seconds back (a timestamp offset) into a map of each worker's latest record. Each read catches
+up first with a marker, as the cancel board's reader does when it opens (see `_cancel_board`): a read sees every post
+confirmed before it, as on Redis, so a dispatcher never refuses a step whose worker advertised a moment ago.
 """
 
 from __future__ import annotations
@@ -52,8 +53,10 @@ class RabbitMQRegistryBoard:
         reader.latest[worker_id] = (record, until)
 
     async def records(self) -> list[bytes]:
+        """The records still kept, with every post confirmed before this read: the reader catches up each time."""
         reader = self.transport.registry_reader()
         await reader.open()
+        await reader.catch_up()
         return reader.current()
 
     async def open(self) -> None:
@@ -71,6 +74,10 @@ class RegistryStreamReader(CancelStreamReader):
     def __init__(self, transport: RabbitMQTransport) -> None:
         super().__init__(transport)
         self.latest: dict[str, tuple[bytes, float]] = {}  # worker ID -> (record, Unix seconds it is kept until)
+
+    async def catch_up(self) -> None:
+        """Return once every record posted before the call is in `latest` (a marker's round trip)."""
+        await self._catch_up()
 
     def current(self) -> list[bytes]:
         """The records still kept."""

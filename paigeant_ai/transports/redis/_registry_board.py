@@ -11,7 +11,7 @@ from __future__ import annotations
 import time
 from typing import TYPE_CHECKING, cast
 
-from ..base import check_registry_post
+from ..base import MAX_REGISTRY_RECORD_BYTES, check_registry_post
 from ._types import Script, as_script
 from ._wire import ms
 
@@ -82,7 +82,10 @@ class RedisRegistryBoard:
         read = self._script(READ_RECORDS)
         with self.transport.errors("reading the registry"):
             found = await read(keys=self.keys, args=[_now()])
-        return [bytes(record) for record in cast("list[bytes]", found or [])]
+        # Anyone who can write to Redis can write here: a record too large for a board to accept is not read.
+        return [
+            bytes(record) for record in cast("list[bytes]", found or []) if len(record) <= MAX_REGISTRY_RECORD_BYTES
+        ]
 
     async def open(self) -> None:
         return None
