@@ -35,6 +35,7 @@ from paigeant_ai._sealing import seal
 from paigeant_ai.approval import WaitingStore, get_waiting_store
 from paigeant_ai.cli import _parser, main
 from paigeant_ai.contracts import ActivitySpec, BudgetExtension, PaigeantMessage, Plan, Usage
+from paigeant_ai.planner import PaigeantToolset
 from paigeant_ai.security import MessageSigner, generate_key
 from paigeant_ai.store import project
 from paigeant_ai.transports import Transport
@@ -222,6 +223,24 @@ async def test_mistakes_are_refused_with_the_fix(memory: InMemoryTransport) -> N
         await team.dispatcher(DESK).resume(cid, approver="carol")
 
 
+@pytest.mark.parametrize(
+    ("model", "arguments", "match"),
+    [
+        (Budget, {"tokens": float("nan")}, "Budget refuses tokens=nan"),
+        (Budget, {"requests": -1}, "Budget refuses requests=-1"),
+        (Budget, {"cost": float("inf")}, "Budget refuses cost=inf"),
+        (Price, {"input_per_mtok": -1, "output_per_mtok": 1}, "Price refuses input_per_mtok=-1"),
+        (Budget, {"tokenz": 3}, "unknown field 'tokenz'"),
+    ],
+)
+def test_a_limit_that_is_not_a_finite_number_of_at_least_0_is_a_user_error(
+    model: type[Budget | Price], arguments: dict[str, object], match: str
+) -> None:
+    with pytest.raises(UserError, match=match):
+        model(**arguments)  # pyright: ignore[reportArgumentType]
+    assert Budget.model_validate_json('{"tokens": 5}') == Budget(tokens=5)
+
+
 async def test_a_hop_whose_budget_was_raised_or_granted_by_a_forger_is_refused(memory: InMemoryTransport) -> None:
     team = Team(memory, get_waiting_store(memory))
     cid = await team.dispatcher().dispatch_workflow([team.step(n) for n in STEPS], budget=Budget(tokens=STEP))
@@ -323,3 +342,7 @@ async def test_paigeant_resume_budget_extends_a_parked_workflow_on_redis(monkeyp
             assert team.kinds() == ["budget_exhausted", "completed"]
     finally:
         await delete_redis_namespace(namespace)
+
+
+def test_the_planners_status_tool_tells_the_model_of_budget_exhausted() -> None:
+    assert "budget_exhausted" in (PaigeantToolset.get_workflow_status.__doc__ or "")
