@@ -196,7 +196,7 @@ async def complete_branch(hop: Hop, outcome: Advance, deps: SettleDeps) -> Joine
     message = hop.message
     group, group_id = _group_of(message)
     result = _result(hop, outcome).sign(deps.security)
-    if message.resume is not None:  # it may have held its group's wait
+    if message.resume is not None or message.budget_extensions:  # resumed: it may have held its group's wait
         await joins.release_wait(group_id, result.key)
     keep = _ttl(message) if message.expires_at is not None else 0.0
     count, mark = await joins.add(group_id, result.key, result.model_dump_json().encode(), ttl=keep)

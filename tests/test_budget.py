@@ -31,6 +31,7 @@ from paigeant_ai import (
 )
 from paigeant_ai._budget import exhaustion, logged_usages, spent
 from paigeant_ai._budget_resume import EXTENSION_TYPE
+from paigeant_ai._join import join_store_for
 from paigeant_ai._sealing import seal
 from paigeant_ai.approval import WaitingStore, get_waiting_store
 from paigeant_ai.cli import _parser, main
@@ -296,6 +297,28 @@ async def test_branches_share_what_is_left(memory: InMemoryTransport) -> None:
     ran = [name for name in team.calls if name != "draft"]
     assert sorted(ran) == ["b0", "b1", "b2"]  # the estimate (draft's 1000) pays for three; the others get no share
     assert len(team.calls) * STEP <= 4 * STEP + STEP  # the budget, and at most one step's own overshoot
+
+
+async def test_a_branch_resumed_with_more_budget_lets_another_branch_of_its_group_wait(
+    memory: InMemoryTransport,
+) -> None:
+    team = Team(memory, get_waiting_store(memory))
+    group = Parallel(*(team.step(name) for name in ("b0", "b1", "b2")))
+    cid = await team.dispatcher().dispatch_workflow([team.step("draft"), group], budget=Budget(tokens=3 * STEP))
+    await team.work(["draft", "b0", "b2"])  # b1's hop waits in its queue: the group stays open
+    parked = await team.dispatcher().parked(cid)
+    assert parked.activity == "b2"  # draft's 1000 pays for two branches, b0 and b1: b2 has no share
+
+    await team.dispatcher(DESK).resume(cid, budget=Budget(tokens=STEP), approver="carol")
+    await team.work(["b2"])
+    assert team.calls == ["draft", "b0", "b2"]
+    joins = join_store_for(memory, None)
+    assert joins is not None
+    assert await joins.hold_wait(f"{cid}/1", "b1", ttl=60) == "b1"  # b2 waits no more: b1 may park
+    await joins.release_wait(f"{cid}/1", "b1")
+
+    await team.work(["b1"])
+    assert team.kinds() == ["budget_exhausted", "completed"]
 
 
 def test_usage_of_a_log_counts_the_branches() -> None:
