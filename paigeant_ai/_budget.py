@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-from pydantic_ai.usage import UsageLimits
+from pydantic_ai.usage import RunUsage, UsageLimits
 
 from ._ledger import usage_by_model
 from ._usage import Usage, sum_usage
@@ -196,12 +196,16 @@ def exhaustion(message: PaigeantMessage, now: datetime | None = None, running: S
     return None
 
 
-def step_limits(message: PaigeantMessage, own: UsageLimits | None, model: str | None) -> UsageLimits | None:
+def step_limits(
+    message: PaigeantMessage, own: UsageLimits | None, model: str | None, begun: RunUsage | None = None
+) -> UsageLimits | None:
     """The usage limits of an agent step: its activity's own (`own`) tightened to what the budget leaves.
 
     A cost left is turned into tokens at the dearer of the model's input and output prices, so the step cannot
     overspend it by more than its last response; a model without a price gets no cost-derived limit here (the
-    check before each hop stops the workflow once it ran).
+    check before each hop stops the workflow once it ran). A run resumed after approval starts from its
+    conversation's usage (`begun`), which the log already counts (carried while it waited): what the budget leaves
+    is added to it, so that the earlier part of the run is counted once.
     """
     budget = effective_budget(message)
     if budget is None:
@@ -215,20 +219,22 @@ def step_limits(message: PaigeantMessage, own: UsageLimits | None, model: str | 
         if per_token > 0:
             by_cost = math.floor(left["cost"] / per_token)
             tokens = by_cost if tokens is None else min(tokens, by_cost)
+    begun = begun or RunUsage()
     limits = own if own is not None else UsageLimits()
     return UsageLimits(
-        request_limit=_tighter(limits.request_limit, left.get("requests")),
-        tool_calls_limit=_tighter(limits.tool_calls_limit, left.get("tool_calls")),
+        request_limit=_tighter(limits.request_limit, left.get("requests"), begun.requests),
+        tool_calls_limit=_tighter(limits.tool_calls_limit, left.get("tool_calls"), begun.tool_calls),
         input_tokens_limit=limits.input_tokens_limit,
         output_tokens_limit=limits.output_tokens_limit,
-        total_tokens_limit=_tighter(limits.total_tokens_limit, tokens),
+        total_tokens_limit=_tighter(limits.total_tokens_limit, tokens, begun.total_tokens),
         per_request_input_tokens_limit=limits.per_request_input_tokens_limit,
         count_tokens_before_request=limits.count_tokens_before_request,
         cost_limit=limits.cost_limit,
     )
 
 
-def _tighter(limit: int | None, left: int | None) -> int | None:
+def _tighter(limit: int | None, left: int | None, begun: int) -> int | None:
+    """The stricter of the activity's `limit` and the run's start `begun` plus what the budget leaves (`left`)."""
     if left is None:
         return limit
-    return left if limit is None else min(limit, left)
+    return begun + left if limit is None else min(limit, begun + left)

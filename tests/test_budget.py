@@ -14,7 +14,7 @@ from datetime import timedelta
 import pytest
 from joserfc.jwk import Key
 from pydantic_ai import Agent
-from pydantic_ai.messages import ModelMessage, ModelResponse, TextPart
+from pydantic_ai.messages import ModelMessage, ModelResponse, TextPart, ToolCallPart
 from pydantic_ai.models.function import AgentInfo, FunctionModel
 from pydantic_ai.usage import RequestUsage
 
@@ -319,6 +319,35 @@ async def test_a_branch_resumed_with_more_budget_lets_another_branch_of_its_grou
 
     await team.work(["b1"])
     assert team.kinds() == ["budget_exhausted", "completed"]
+
+
+async def test_a_run_resumed_after_approval_counts_its_earlier_part_once(memory: InMemoryTransport) -> None:
+    """A step asks to send (STEP tokens), waits for approval, then answers (STEP more), within a budget of 2.5 STEP."""
+    team = Team(memory, get_waiting_store(memory))
+
+    def asks_then_answers(messages: list[ModelMessage], info: AgentInfo) -> ModelResponse:
+        team.calls.append("reply")
+        used = RequestUsage(input_tokens=600, output_tokens=400)
+        if len(messages) == 1:
+            return ModelResponse(parts=[ToolCallPart("send", {"text": "hi"}, tool_call_id="send-1")], usage=used)
+        return ModelResponse(parts=[TextPart("sent")], usage=used)
+
+    agent = Agent(FunctionModel(asks_then_answers), name="reply")
+
+    @agent.tool_plain(requires_approval=True)
+    def send(text: str) -> str:  # pyright: ignore[reportUnusedFunction]
+        return "sent"
+
+    reply = AgentActivity(agent, name="reply")
+    worker = Worker(
+        memory, [reply], security=signer(WORKERS, memory), waiting_store=team.store, on_event=team.events.append
+    )
+    cid = await team.dispatcher().dispatch_workflow([reply], budget=Budget(tokens=2 * STEP + STEP // 2))
+    await worker.run(burst=True)
+    await team.dispatcher(DESK).resume(cid, approvals={"send-1": True}, approver="carol")
+    await worker.run(burst=True)
+    assert team.calls == ["reply", "reply"]
+    assert team.kinds() == ["completed"]  # not stopped at 1.5 STEP, as if the first request counted twice
 
 
 def test_usage_of_a_log_counts_the_branches() -> None:
