@@ -34,6 +34,7 @@ __all__ = (
     "effective_budget",
     "exhaustion",
     "logged_usages",
+    "probes_first",
     "spent",
     "step_limits",
 )
@@ -140,11 +141,13 @@ def _share(message: PaigeantMessage, budget: Budget) -> tuple[Budget, list[Usage
     if slip.branch is None or not slip.itinerary:
         return budget, logged_usages(message)
     before = [entry for entry in slip.completed if entry.branch is None]
-    used_before = _entry_usages(before)
+    probe = [entry for entry in slip.completed if entry.branch not in (None, slip.branch)]  # see `probes_first`
+    used_before = _entry_usages([*before, *probe])
     left = _left(budget, spent(used_before, budget.prices))
-    keys = [spec.branch_key for spec in slip.itinerary[0].branches]
-    runnable = len(keys)
-    estimate = max((sum_usage(entry.usage).total_tokens for entry in before), default=0)
+    done = {entry.branch for entry in probe}
+    keys = [spec.branch_key for spec in slip.itinerary[0].branches if spec.branch_key not in done]
+    runnable = 1 if probes_first(message) else len(keys)  # the probe runs alone: all that is left is its share
+    estimate = _estimate([*before, *probe])
     if budget.tokens is not None and estimate > 0:
         runnable = min(runnable, math.ceil(left.get("tokens", 0) / estimate))
     position = keys.index(slip.branch) if slip.branch in keys else len(keys)
@@ -155,6 +158,29 @@ def _share(message: PaigeantMessage, budget: Budget) -> tuple[Budget, list[Usage
             shares[name] = math.floor(whole) if name != "cost" else whole
     own = [usage for entry in slip.completed if entry.branch == slip.branch for usage in entry.usage]
     return budget.model_copy(update=shares), own
+
+
+def _estimate(entries: Iterable[ActivityLogEntry]) -> int:
+    """What one branch is expected to use: the tokens of the largest step in `entries`."""
+    return max((sum_usage(entry.usage).total_tokens for entry in entries), default=0)
+
+
+def probes_first(message: PaigeantMessage) -> bool:
+    """Whether the parallel group `message` has reached (its fan-out's hop, or the first hop of one of its branches
+    before any other completed) starts with its first branch alone, the probe.
+
+    So it does when the budget limits tokens and no step before the group used a model: nothing tells what a
+    branch uses, and branches sent at once could each spend all that is left. The probe's worker sends the other
+    branches once it completed, each with the probe's log entry, from which `_share` knows what is left and what a
+    branch uses before they start (see `paigeant_ai._budget_probe`).
+    """
+    slip = message.routing_slip
+    budget = effective_budget(message)
+    if budget is None or budget.tokens is None or not slip.itinerary or len(slip.itinerary[0].branches) < 2:
+        return False
+    if any(entry.branch not in (None, slip.branch) for entry in slip.completed):
+        return False  # a branch sent after the probe
+    return _estimate(entry for entry in slip.completed if entry.branch is None) == 0
 
 
 def _left(budget: Budget, used: Spent) -> dict[str, Any]:

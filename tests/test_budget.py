@@ -46,6 +46,7 @@ from paigeant_ai.trust import TrustPolicy
 
 from .brokers import REDIS_URL, dead_letters, delete_redis_namespace, redis_command_line
 from .test_cli_cancel import paigeant
+from .test_parallel import joinable as joinable_transport
 
 STEP = 1000
 """Tokens each model request of a step uses: 600 in, 400 out."""
@@ -348,6 +349,23 @@ async def test_a_run_resumed_after_approval_counts_its_earlier_part_once(memory:
     await worker.run(burst=True)
     assert team.calls == ["reply", "reply"]
     assert team.kinds() == ["completed"]  # not stopped at 1.5 STEP, as if the first request counted twice
+
+
+joinable = joinable_transport  # the transport, with the store its workers share for the join
+
+
+async def test_ten_branches_first_in_the_workflow_with_a_budget_for_three_run_at_most_four(
+    joinable: Transport,
+) -> None:
+    """No step before the group tells what a branch uses: the first runs alone, then the others know."""
+    team = Team(joinable, get_waiting_store(joinable))
+    branches = [f"b{n}" for n in range(10)]
+    await team.dispatcher().dispatch_workflow(
+        [Parallel(*(team.step(name) for name in branches))], budget=Budget(tokens=3 * STEP)
+    )
+    await team.work(branches)
+    assert sorted(team.calls) == ["b0", "b1", "b2"]  # b0 alone, then what is left pays for two more
+    assert "budget_exhausted" in team.kinds()
 
 
 def test_usage_of_a_log_counts_the_branches() -> None:
