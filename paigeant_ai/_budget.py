@@ -7,8 +7,9 @@ the worker already verified: the plan, the extensions and the log.
 The branches of a parallel group draw from the same budget: when the group starts, what is left is shared among
 the branches that may run. With a step that used a model before the group, the largest such step's use is the
 estimate of what one branch uses, and only as many branches as what is left pays for (rounded up) get a share, the
-others none (they stop as `budget_exhausted`); without one, every branch gets an equal share. Each share is a
-branch's own limit, so the group overspends by at most each running branch's own overshoot.
+others none (they stop as `budget_exhausted`). Without one, under a `tokens` limit, the first branch runs alone
+and its use is the estimate for the others (see `probes_first`); otherwise every branch gets an equal share. Each
+share is a branch's own limit, so the group overspends by at most each running branch's own overshoot.
 """
 
 from __future__ import annotations
