@@ -368,6 +368,29 @@ async def test_ten_branches_first_in_the_workflow_with_a_budget_for_three_run_at
     assert "budget_exhausted" in team.kinds()
 
 
+async def test_an_agent_whose_model_is_a_name_is_priced_and_limited_under_that_name(memory: InMemoryTransport) -> None:
+    """The ledger records a run under its agent's model as written, the name the price table and the step's
+    cost-derived limit use: priced, it completes within its cost; a cost for fewer tokens than it needs stops it."""
+    team = Team(memory, get_waiting_store(memory))
+    writer = AgentActivity(Agent("test", name="writer"), prompt="write", output_key="text", name="writer")
+    worker = Worker(
+        memory, [writer], security=signer(WORKERS, memory), waiting_store=team.store, on_event=team.events.append
+    )
+    # Agent("test") makes a TestModel of the name, whose responses say "test": it is named provider:model.
+    prices = {"test:test": Price(input_per_mtok=1_000_000, output_per_mtok=1_000_000)}  # one per token
+    await team.dispatcher().dispatch_workflow([writer], budget=Budget(cost=10_000, prices=prices))
+    await worker.run(burst=True)
+    assert team.kinds() == ["completed"]
+    usage = team.last("completed").usage
+    assert usage is not None
+    assert usage.model == "test:test"
+
+    await team.dispatcher().dispatch_workflow([writer], budget=Budget(cost=5, prices=prices))
+    await worker.run(burst=True)
+    assert team.kinds() == ["completed", "budget_exhausted"]  # stopped at the 5 tokens its cost left, not after
+    assert "it cost 55 of its 5; step 'writer' stopped at its limit" in (team.last("budget_exhausted").detail or "")
+
+
 def test_usage_of_a_log_counts_the_branches() -> None:
     usage = Usage(model="m", input_tokens=3, output_tokens=2, requests=1)
     assert spent([usage, usage], {"m": Price(input_per_mtok=1e6, output_per_mtok=0)}).cost == 6
