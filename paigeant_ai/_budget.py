@@ -7,8 +7,9 @@ the worker already verified: the plan, the extensions and the log.
 The branches of a parallel group draw from the same budget: when the group starts, what is left is shared among
 the branches that may run. With a step that used a model before the group, the largest such step's use is the
 estimate of what one branch uses, and only as many branches as what is left pays for (rounded up) get a share, the
-others none (they stop as `budget_exhausted`); without one, every branch gets an equal share. Each share is a
-branch's own limit, so the group overspends by at most each running branch's own overshoot.
+others none (they stop as `budget_exhausted`). Without one, under a `tokens` limit, the first branch runs alone
+and its use is the estimate for the others (see `probes_first`); otherwise every branch gets an equal share. Each
+share is a branch's own limit, so the group overspends by at most each running branch's own overshoot.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-from pydantic_ai.usage import UsageLimits
+from pydantic_ai.usage import RunUsage, UsageLimits
 
 from ._ledger import usage_by_model
 from ._usage import Usage, sum_usage
@@ -34,6 +35,7 @@ __all__ = (
     "effective_budget",
     "exhaustion",
     "logged_usages",
+    "probes_first",
     "spent",
     "step_limits",
 )
@@ -140,11 +142,13 @@ def _share(message: PaigeantMessage, budget: Budget) -> tuple[Budget, list[Usage
     if slip.branch is None or not slip.itinerary:
         return budget, logged_usages(message)
     before = [entry for entry in slip.completed if entry.branch is None]
-    used_before = _entry_usages(before)
+    probe = [entry for entry in slip.completed if entry.branch not in (None, slip.branch)]  # see `probes_first`
+    used_before = _entry_usages([*before, *probe])
     left = _left(budget, spent(used_before, budget.prices))
-    keys = [spec.branch_key for spec in slip.itinerary[0].branches]
-    runnable = len(keys)
-    estimate = max((sum_usage(entry.usage).total_tokens for entry in before), default=0)
+    done = {entry.branch for entry in probe}
+    keys = [spec.branch_key for spec in slip.itinerary[0].branches if spec.branch_key not in done]
+    runnable = 1 if probes_first(message) else len(keys)  # the probe runs alone: all that is left is its share
+    estimate = _estimate([*before, *probe])
     if budget.tokens is not None and estimate > 0:
         runnable = min(runnable, math.ceil(left.get("tokens", 0) / estimate))
     position = keys.index(slip.branch) if slip.branch in keys else len(keys)
@@ -155,6 +159,29 @@ def _share(message: PaigeantMessage, budget: Budget) -> tuple[Budget, list[Usage
             shares[name] = math.floor(whole) if name != "cost" else whole
     own = [usage for entry in slip.completed if entry.branch == slip.branch for usage in entry.usage]
     return budget.model_copy(update=shares), own
+
+
+def _estimate(entries: Iterable[ActivityLogEntry]) -> int:
+    """What one branch is expected to use: the tokens of the largest step in `entries`."""
+    return max((sum_usage(entry.usage).total_tokens for entry in entries), default=0)
+
+
+def probes_first(message: PaigeantMessage) -> bool:
+    """Whether the parallel group `message` has reached (its fan-out's hop, or the first hop of one of its branches
+    before any other completed) starts with its first branch alone, the probe.
+
+    So it does when the budget limits tokens and no step before the group used a model: nothing tells what a
+    branch uses, and branches sent at once could each spend all that is left. The probe's worker sends the other
+    branches once it completed, each with the probe's log entry, from which `_share` knows what is left and what a
+    branch uses before they start (see `paigeant_ai._budget_probe`).
+    """
+    slip = message.routing_slip
+    budget = effective_budget(message)
+    if budget is None or budget.tokens is None or not slip.itinerary or len(slip.itinerary[0].branches) < 2:
+        return False
+    if any(entry.branch not in (None, slip.branch) for entry in slip.completed):
+        return False  # a branch sent after the probe
+    return _estimate(entry for entry in slip.completed if entry.branch is None) == 0
 
 
 def _left(budget: Budget, used: Spent) -> dict[str, Any]:
@@ -196,12 +223,16 @@ def exhaustion(message: PaigeantMessage, now: datetime | None = None, running: S
     return None
 
 
-def step_limits(message: PaigeantMessage, own: UsageLimits | None, model: str | None) -> UsageLimits | None:
+def step_limits(
+    message: PaigeantMessage, own: UsageLimits | None, model: str | None, begun: RunUsage | None = None
+) -> UsageLimits | None:
     """The usage limits of an agent step: its activity's own (`own`) tightened to what the budget leaves.
 
     A cost left is turned into tokens at the dearer of the model's input and output prices, so the step cannot
     overspend it by more than its last response; a model without a price gets no cost-derived limit here (the
-    check before each hop stops the workflow once it ran).
+    check before each hop stops the workflow once it ran). A run resumed after approval starts from its
+    conversation's usage (`begun`), which the log already counts (carried while it waited): what the budget leaves
+    is added to it, so that the earlier part of the run is counted once.
     """
     budget = effective_budget(message)
     if budget is None:
@@ -215,20 +246,22 @@ def step_limits(message: PaigeantMessage, own: UsageLimits | None, model: str | 
         if per_token > 0:
             by_cost = math.floor(left["cost"] / per_token)
             tokens = by_cost if tokens is None else min(tokens, by_cost)
+    begun = begun or RunUsage()
     limits = own if own is not None else UsageLimits()
     return UsageLimits(
-        request_limit=_tighter(limits.request_limit, left.get("requests")),
-        tool_calls_limit=_tighter(limits.tool_calls_limit, left.get("tool_calls")),
+        request_limit=_tighter(limits.request_limit, left.get("requests"), begun.requests),
+        tool_calls_limit=_tighter(limits.tool_calls_limit, left.get("tool_calls"), begun.tool_calls),
         input_tokens_limit=limits.input_tokens_limit,
         output_tokens_limit=limits.output_tokens_limit,
-        total_tokens_limit=_tighter(limits.total_tokens_limit, tokens),
+        total_tokens_limit=_tighter(limits.total_tokens_limit, tokens, begun.total_tokens),
         per_request_input_tokens_limit=limits.per_request_input_tokens_limit,
         count_tokens_before_request=limits.count_tokens_before_request,
         cost_limit=limits.cost_limit,
     )
 
 
-def _tighter(limit: int | None, left: int | None) -> int | None:
+def _tighter(limit: int | None, left: int | None, begun: int) -> int | None:
+    """The stricter of the activity's `limit` and the run's start `begun` plus what the budget leaves (`left`)."""
     if left is None:
         return limit
-    return left if limit is None else min(limit, left)
+    return begun + left if limit is None else min(limit, begun + left)

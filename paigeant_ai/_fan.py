@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
+from ._budget_probe import first_branches, send_after_probe
 from ._escape import escape_control
 from ._group_marks import GroupMark, read_mark
 from ._hop import EXPIRY_GRACE, Hop
@@ -88,7 +89,7 @@ def branch_hops(message: PaigeantMessage) -> list[PaigeantMessage]:
 
 async def fan_out(message: PaigeantMessage, deps: SettleDeps) -> None:
     """Send the first hop of each branch of the group `message` has reached, each confirmed by the transport."""
-    hops = branch_hops(message)
+    hops = first_branches(message, branch_hops(message))  # the first alone, under a budget with no estimate
     for hop in hops:
         body = seal(hop, deps.security, max_bytes=deps.max_message_bytes)
         await deps.transport.publish(hop.routing_slip.current or "", body, headers=dict(hop.headers))
@@ -197,7 +198,7 @@ async def complete_branch(hop: Hop, outcome: Advance, deps: SettleDeps) -> Joine
     message = hop.message
     group, group_id = _group_of(message)
     result = _result(hop, outcome).sign(deps.security)
-    if message.resume is not None:  # it may have held its group's wait
+    if message.resume is not None or message.budget_extensions:  # resumed: it may have held its group's wait
         await joins.release_wait(group_id, result.key)
     keep = _ttl(message) if message.expires_at is not None else 0.0
     count, mark = await joins.add(group_id, result.key, result.model_dump_json().encode(), ttl=keep)
@@ -219,6 +220,7 @@ async def complete_branch(hop: Hop, outcome: Advance, deps: SettleDeps) -> Joine
         fields["usage"] = sum_usage(usage for usage in used if not usage.is_empty)
     await deps.reporter.report("step_completed", message, duration=entry.duration, at=entry.finished_at, **fields)
     deps.stats.completed_steps += 1
+    await send_after_probe(message, result.entries, deps)  # the other branches, once the first that ran alone completed
     if count < len(group.branches):  # more than that: someone wrote other fields, which are not joined
         return None
     records = await joins.records(group_id)

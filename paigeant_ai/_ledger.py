@@ -95,8 +95,9 @@ def by_model(usages: Iterable[Usage]) -> list[Usage]:
 
 def run_model_name(messages: Iterable[ModelMessage], model: Any) -> str | None:
     """The name a run's usage is recorded and priced under: the agent's model as written (`"openai:gpt-5"`, the
-    name a price table knows), else the latest response's (`provider:model` when it names its provider), else the
-    model's `model_name`; cut to `MAX_MODEL_NAME` characters."""
+    name a price table knows), or as `provider:model` when the agent holds a model object (what `Agent("openai:gpt-5")`
+    makes of the name), else the latest response's (`provider:model` when it names its provider), else the model's
+    `model_name`; cut to `MAX_MODEL_NAME` characters."""
     name = _run_model_name(messages, model)
     return name[:MAX_MODEL_NAME] if name is not None else None
 
@@ -104,12 +105,23 @@ def run_model_name(messages: Iterable[ModelMessage], model: Any) -> str | None:
 def _run_model_name(messages: Iterable[ModelMessage], model: Any) -> str | None:
     if isinstance(model, str):
         return model
+    if (configured := _configured_name(model)) is not None:
+        return configured
     for message in reversed(list(messages)):
         if isinstance(message, ModelResponse) and message.model_name:
             provider = message.provider_name
             return f"{provider}:{message.model_name}" if provider else message.model_name
     name = getattr(model, "model_name", None)
     return name if isinstance(name, str) else None
+
+
+def _configured_name(model: Any) -> str | None:
+    """`provider:model` of the model object an agent was built with (`Agent("openai:gpt-5")` builds one, whose
+    responses name a dated snapshot the price table does not know); None for a model that picks among several."""
+    name, system = getattr(model, "model_name", None), getattr(model, "system", None)
+    if not isinstance(name, str) or not isinstance(system, str) or system.startswith("fallback:"):
+        return None
+    return name if ":" in name or system == "function" else f"{system}:{name}"  # a FunctionModel names itself
 
 
 def _entries(entries: Iterable[ActivityLogEntry]) -> Iterator[ActivityLogEntry]:

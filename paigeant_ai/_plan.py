@@ -286,7 +286,7 @@ def check_route(plan: Plan, slip: RoutingSlip) -> int:
     """
     route = _planned_steps(plan.steps)
     check_group_sizes(route, _plan_error)
-    done = [entry.name for entry in slip.completed if entry.outcome != "failed"]
+    done = [entry.name for entry in slip.completed if entry.outcome != "failed" and entry.branch is None]
     limits = plan.limits
     if len(slip.revisions) > limits.max_revisions:
         raise _revision_error(

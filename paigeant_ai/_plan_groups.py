@@ -60,13 +60,17 @@ def check_group_sizes(steps: Sequence[_Step], error: Callable[[str], SecurityErr
 
 def check_groups(route: list[_Step], slip: RoutingSlip) -> None:
     """Each parallel group that completed logs one completion per branch, by one of the branch's alternatives; a
-    branch's failures logged beside the route belong to a branch of the group the workflow is at."""
+    branch's failures (and, in another branch's hop, its completion) logged beside the route belong to a branch of
+    the group the workflow is at."""
     position = 0
     for entry in slip.completed:
         planned = route[position] if position < len(route) else None
         if entry.branch is not None:
             branch = planned.branch(entry.branch) if planned is not None else None
-            if entry.outcome != "failed" or branch is None or entry.name not in branch.alternatives:
+            # a failure of a branch, or the completion of the branch that ran first alone, carried to the others
+            # (see `paigeant_ai._budget_probe`)
+            probe = slip.branch not in (None, entry.branch)
+            if (entry.outcome != "failed" and not probe) or branch is None or entry.name not in branch.alternatives:
                 raise plan_error(f"step {position} logs {entry.name!r} as branch {entry.branch!r}, which it is not")
             continue
         if entry.outcome == "failed":

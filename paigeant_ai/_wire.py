@@ -15,8 +15,19 @@ from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import Any, Literal, Self
 
-from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, ValidationInfo, model_validator
+from pydantic import (
+    AwareDatetime,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ModelWrapValidatorHandler,
+    ValidationError,
+    ValidationInfo,
+    model_validator,
+)
 from pydantic_core import PydanticCustomError
+
+from .exceptions import UserError
 
 __all__ = (
     "FROM_WIRE",
@@ -119,7 +130,28 @@ def _none(value: object) -> bool:
     return value is None
 
 
-class Price(Wire):
+class _Limits(Wire):
+    """A wire type a user builds with numbers: a value it refuses raises `UserError` naming the field and the fix."""
+
+    @model_validator(mode="wrap")
+    @classmethod
+    def _refused_as_user_error(cls, data: Any, handler: ModelWrapValidatorHandler[Self], info: ValidationInfo) -> Self:
+        if (info.context or {}).get("paigeant_wire"):
+            return handler(data)
+        try:
+            return handler(data)
+        except ValidationError as error:
+            first = error.errors()[0]
+            if not first["loc"]:  # a misspelt field
+                raise UserError(f"{cls.__name__}: {first['msg']}") from None
+            where = ".".join(str(part) for part in first["loc"])
+            raise UserError(
+                f"{cls.__name__} refuses {where}={first.get('input')!r} ({first['msg'][0].lower()}{first['msg'][1:]}): "
+                "give a finite number of at least 0, or leave it out"
+            ) from None
+
+
+class Price(_Limits):
     """What one model costs, in the currency of the budget's `cost`, per million tokens."""
 
     model_config = ConfigDict(frozen=True)
@@ -132,7 +164,7 @@ class Price(Wire):
     """Cache writes; None: priced as input."""
 
 
-class Budget(Wire):
+class Budget(_Limits):
     """What a whole workflow may use, all steps and branches together, carried in its signed plan.
 
     Each limit left `None` is not enforced. See `paigeant_ai._budget` and the docs' "Budgets" section.

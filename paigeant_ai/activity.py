@@ -546,10 +546,10 @@ class AgentActivity(Generic[DepsT, OutputT]):
             ctx.spec.model_settings,
             ctx.spec.usage_limits,
         )
-        limits = step_limits(ctx.message, limits, run_model_name((), getattr(self.agent, "model", None)))
         # Filled as the run goes, so that a run that raises still tells what it used. A resumed run goes on from its
         # conversation's usage (its limits count the whole step) and records only what it adds.
         start = copy(conversation.usage) if conversation is not None else RunUsage()
+        limits = step_limits(ctx.message, limits, run_model_name((), getattr(self.agent, "model", None)), start)
         usage = copy(start)
         with capture_run_messages() as messages:
             try:

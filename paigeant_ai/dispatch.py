@@ -20,6 +20,7 @@ from . import observability
 from ._approvals import attested, describe, sign_approvals
 from ._at_most_once import resume_in_doubt
 from ._budget import checked_budget
+from ._budget_probe import first_branches
 from ._budget_resume import resume_with_budget
 from ._cancel import CANCEL_TTL, Cancellation, CancelRequest, sign_cancel, unwind_parked
 from ._dispatch_checks import require_workers, specs_of, variables_of, workflow_fingerprint
@@ -198,7 +199,7 @@ class WorkflowDispatcher:
                 await self._require_workers(message.routing_slip.itinerary)
             await self.live_workers.require(message.routing_slip.itinerary)
             with observability.dispatch_span(message, self.transport.name):
-                for first in branch_hops(message) if fans_out(message) else [message]:  # a group: each branch
+                for first in first_branches(message, branch_hops(message)) if fans_out(message) else [message]:
                     body = self.encode(first)
                     await self.transport.publish(first.routing_slip.current or "", body, headers=dict(first.headers))
         except BaseException:
@@ -209,7 +210,9 @@ class WorkflowDispatcher:
             await self._confirm(message.correlation_id, fingerprint)
         await self.reporter.report("dispatched", message, owner=owner, deadline=message.expires_at)
         if fans_out(message):
-            await self.reporter.report("fanned_out", message, detail=describe_fan_out(branch_hops(message)))
+            await self.reporter.report(
+                "fanned_out", message, detail=describe_fan_out(first_branches(message, branch_hops(message)))
+            )
         return message.correlation_id
 
     def _first_message(

@@ -211,9 +211,10 @@ class PaigeantToolset(FunctionToolset[Any]):
     async def get_workflow_status(self, ctx: RunContext[Any], correlation_id: str) -> dict[str, JsonValue]:
         """Report where a workflow is: its `state` and steps, and why it stopped (`cancelled`, `failure`) and what
         was undone (`compensation`). States: pending, running, waiting, in_doubt (a step that must not run twice
-        may have run: a person must say whether it did), completed, faulted, compensating, compensated (a fault
-        undone), compensation_failed, cancelled, expired, unknown. Its `usage` says what its model calls used so
-        far (requests, tokens, tool calls).
+        may have run: a person must say whether it did), budget_exhausted (its budget is spent: `budget_exhausted`
+        says why; a person may resume it with more, or cancel it), completed, faulted, compensating, compensated
+        (a fault undone), compensation_failed, cancelled, expired, unknown. Its `usage` says what its model calls
+        used so far (requests, tokens, tool calls).
 
         Args:
             correlation_id: The id `dispatch_workflow` returned.

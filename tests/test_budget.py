@@ -14,7 +14,7 @@ from datetime import timedelta
 import pytest
 from joserfc.jwk import Key
 from pydantic_ai import Agent
-from pydantic_ai.messages import ModelMessage, ModelResponse, TextPart
+from pydantic_ai.messages import ModelMessage, ModelResponse, TextPart, ToolCallPart
 from pydantic_ai.models.function import AgentInfo, FunctionModel
 from pydantic_ai.usage import RequestUsage
 
@@ -31,10 +31,12 @@ from paigeant_ai import (
 )
 from paigeant_ai._budget import exhaustion, logged_usages, spent
 from paigeant_ai._budget_resume import EXTENSION_TYPE
+from paigeant_ai._join import join_store_for
 from paigeant_ai._sealing import seal
 from paigeant_ai.approval import WaitingStore, get_waiting_store
 from paigeant_ai.cli import _parser, main
 from paigeant_ai.contracts import ActivitySpec, BudgetExtension, PaigeantMessage, Plan, Usage
+from paigeant_ai.planner import PaigeantToolset
 from paigeant_ai.security import MessageSigner, generate_key
 from paigeant_ai.store import project
 from paigeant_ai.transports import Transport
@@ -44,6 +46,7 @@ from paigeant_ai.trust import TrustPolicy
 
 from .brokers import REDIS_URL, dead_letters, delete_redis_namespace, redis_command_line
 from .test_cli_cancel import paigeant
+from .test_parallel import joinable as joinable_transport
 
 STEP = 1000
 """Tokens each model request of a step uses: 600 in, 400 out."""
@@ -222,6 +225,24 @@ async def test_mistakes_are_refused_with_the_fix(memory: InMemoryTransport) -> N
         await team.dispatcher(DESK).resume(cid, approver="carol")
 
 
+@pytest.mark.parametrize(
+    ("model", "arguments", "match"),
+    [
+        (Budget, {"tokens": float("nan")}, "Budget refuses tokens=nan"),
+        (Budget, {"requests": -1}, "Budget refuses requests=-1"),
+        (Budget, {"cost": float("inf")}, "Budget refuses cost=inf"),
+        (Price, {"input_per_mtok": -1, "output_per_mtok": 1}, "Price refuses input_per_mtok=-1"),
+        (Budget, {"tokenz": 3}, "unknown field 'tokenz'"),
+    ],
+)
+def test_a_limit_that_is_not_a_finite_number_of_at_least_0_is_a_user_error(
+    model: type[Budget | Price], arguments: dict[str, object], match: str
+) -> None:
+    with pytest.raises(UserError, match=match):
+        model(**arguments)  # pyright: ignore[reportArgumentType]
+    assert Budget.model_validate_json('{"tokens": 5}') == Budget(tokens=5)
+
+
 async def test_a_hop_whose_budget_was_raised_or_granted_by_a_forger_is_refused(memory: InMemoryTransport) -> None:
     team = Team(memory, get_waiting_store(memory))
     cid = await team.dispatcher().dispatch_workflow([team.step(n) for n in STEPS], budget=Budget(tokens=STEP))
@@ -279,6 +300,97 @@ async def test_branches_share_what_is_left(memory: InMemoryTransport) -> None:
     assert len(team.calls) * STEP <= 4 * STEP + STEP  # the budget, and at most one step's own overshoot
 
 
+async def test_a_branch_resumed_with_more_budget_lets_another_branch_of_its_group_wait(
+    memory: InMemoryTransport,
+) -> None:
+    team = Team(memory, get_waiting_store(memory))
+    group = Parallel(*(team.step(name) for name in ("b0", "b1", "b2")))
+    cid = await team.dispatcher().dispatch_workflow([team.step("draft"), group], budget=Budget(tokens=3 * STEP))
+    await team.work(["draft", "b0", "b2"])  # b1's hop waits in its queue: the group stays open
+    parked = await team.dispatcher().parked(cid)
+    assert parked.activity == "b2"  # draft's 1000 pays for two branches, b0 and b1: b2 has no share
+
+    await team.dispatcher(DESK).resume(cid, budget=Budget(tokens=STEP), approver="carol")
+    await team.work(["b2"])
+    assert team.calls == ["draft", "b0", "b2"]
+    joins = join_store_for(memory, None)
+    assert joins is not None
+    assert await joins.hold_wait(f"{cid}/1", "b1", ttl=60) == "b1"  # b2 waits no more: b1 may park
+    await joins.release_wait(f"{cid}/1", "b1")
+
+    await team.work(["b1"])
+    assert team.kinds() == ["budget_exhausted", "completed"]
+
+
+async def test_a_run_resumed_after_approval_counts_its_earlier_part_once(memory: InMemoryTransport) -> None:
+    """A step asks to send (STEP tokens), waits for approval, then answers (STEP more), within a budget of 2.5 STEP."""
+    team = Team(memory, get_waiting_store(memory))
+
+    def asks_then_answers(messages: list[ModelMessage], info: AgentInfo) -> ModelResponse:
+        team.calls.append("reply")
+        used = RequestUsage(input_tokens=600, output_tokens=400)
+        if len(messages) == 1:
+            return ModelResponse(parts=[ToolCallPart("send", {"text": "hi"}, tool_call_id="send-1")], usage=used)
+        return ModelResponse(parts=[TextPart("sent")], usage=used)
+
+    agent = Agent(FunctionModel(asks_then_answers), name="reply")
+
+    @agent.tool_plain(requires_approval=True)
+    def send(text: str) -> str:  # pyright: ignore[reportUnusedFunction]
+        return "sent"
+
+    reply = AgentActivity(agent, name="reply")
+    worker = Worker(
+        memory, [reply], security=signer(WORKERS, memory), waiting_store=team.store, on_event=team.events.append
+    )
+    cid = await team.dispatcher().dispatch_workflow([reply], budget=Budget(tokens=2 * STEP + STEP // 2))
+    await worker.run(burst=True)
+    await team.dispatcher(DESK).resume(cid, approvals={"send-1": True}, approver="carol")
+    await worker.run(burst=True)
+    assert team.calls == ["reply", "reply"]
+    assert team.kinds() == ["completed"]  # not stopped at 1.5 STEP, as if the first request counted twice
+
+
+joinable = joinable_transport  # the transport, with the store its workers share for the join
+
+
+async def test_ten_branches_first_in_the_workflow_with_a_budget_for_three_run_at_most_four(
+    joinable: Transport,
+) -> None:
+    """No step before the group tells what a branch uses: the first runs alone, then the others know."""
+    team = Team(joinable, get_waiting_store(joinable))
+    branches = [f"b{n}" for n in range(10)]
+    await team.dispatcher().dispatch_workflow(
+        [Parallel(*(team.step(name) for name in branches))], budget=Budget(tokens=3 * STEP)
+    )
+    await team.work(branches)
+    assert sorted(team.calls) == ["b0", "b1", "b2"]  # b0 alone, then what is left pays for two more
+    assert "budget_exhausted" in team.kinds()
+
+
+async def test_an_agent_whose_model_is_a_name_is_priced_and_limited_under_that_name(memory: InMemoryTransport) -> None:
+    """The ledger records a run under its agent's model as written, the name the price table and the step's
+    cost-derived limit use: priced, it completes within its cost; a cost for fewer tokens than it needs stops it."""
+    team = Team(memory, get_waiting_store(memory))
+    writer = AgentActivity(Agent("test", name="writer"), prompt="write", output_key="text", name="writer")
+    worker = Worker(
+        memory, [writer], security=signer(WORKERS, memory), waiting_store=team.store, on_event=team.events.append
+    )
+    # Agent("test") makes a TestModel of the name, whose responses say "test": it is named provider:model.
+    prices = {"test:test": Price(input_per_mtok=1_000_000, output_per_mtok=1_000_000)}  # one per token
+    await team.dispatcher().dispatch_workflow([writer], budget=Budget(cost=10_000, prices=prices))
+    await worker.run(burst=True)
+    assert team.kinds() == ["completed"]
+    usage = team.last("completed").usage
+    assert usage is not None
+    assert usage.model == "test:test"
+
+    await team.dispatcher().dispatch_workflow([writer], budget=Budget(cost=5, prices=prices))
+    await worker.run(burst=True)
+    assert team.kinds() == ["completed", "budget_exhausted"]  # stopped at the 5 tokens its cost left, not after
+    assert "it cost 55 of its 5; step 'writer' stopped at its limit" in (team.last("budget_exhausted").detail or "")
+
+
 def test_usage_of_a_log_counts_the_branches() -> None:
     usage = Usage(model="m", input_tokens=3, output_tokens=2, requests=1)
     assert spent([usage, usage], {"m": Price(input_per_mtok=1e6, output_per_mtok=0)}).cost == 6
@@ -323,3 +435,7 @@ async def test_paigeant_resume_budget_extends_a_parked_workflow_on_redis(monkeyp
             assert team.kinds() == ["budget_exhausted", "completed"]
     finally:
         await delete_redis_namespace(namespace)
+
+
+def test_the_planners_status_tool_tells_the_model_of_budget_exhausted() -> None:
+    assert "budget_exhausted" in (PaigeantToolset.get_workflow_status.__doc__ or "")
