@@ -518,13 +518,17 @@ class WorkflowDispatcher:
         step = message.routing_slip.current
         pending = unwind_parked(message, request)
         # Reported before the first compensation is sent: a store must know why the workflow stopped before a
-        # worker reports that its compensations ended.
-        await self.reporter.report("cancelled", message, activity=step, by=request.by, detail=request.summary)
+        # worker reports that its compensations ended. Both are dated alike, `compensating` first: a reader between
+        # the two (a watch) sees a workflow being undone, never one that seems to have ended; the store orders them
+        # by rank (the cause, then the undoing).
+        at = datetime.now(UTC)
         if pending:
             undo = ", ".join(f"{record.activity} (by {record.compensate})" for record in reversed(pending))
             await self.reporter.report(
-                "compensating", message, activity=step, step=message.routing_slip.step, detail=f"undoing {undo}"
+                "compensating", message, activity=step, step=message.routing_slip.step, detail=f"undoing {undo}", at=at
             )
+        await self.reporter.report("cancelled", message, activity=step, by=request.by, detail=request.summary, at=at)
+        if pending:
             with observability.replay_span(message, self.transport.name, operation="cancel"):
                 hop = message.next_hop()
                 await self.transport.publish(
