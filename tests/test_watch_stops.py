@@ -4,10 +4,15 @@ where it waits for a person (issue 18)."""
 from __future__ import annotations
 
 import asyncio
+from collections.abc import AsyncIterator
+
+import pytest
 
 from paigeant_ai import InMemoryTransport, WatchedEvent, WorkflowDispatcher
 from paigeant_ai._events import WorkflowEvent
 from paigeant_ai._watch import watch_workflow
+from paigeant_ai.exceptions import UnknownWorkflow, UserError
+from paigeant_ai.transports import Transport
 
 from .brokers import wait_until
 from .scripted import refunder
@@ -50,3 +55,29 @@ async def test_cancelling_a_waiting_workflow_is_watched_to_the_end_of_its_undoin
         assert kinds[-1] == "compensated"
         assert shop.undid(cid) == ["release"]
         assert (await shop.ended(cid, "cancelled")).state == "cancelled"
+
+
+async def test_a_watch_of_an_id_never_dispatched_gives_up_when_asked_to(transport: Transport) -> None:
+    dispatcher = WorkflowDispatcher(transport, security=signer(KEYS.orders))
+    started = asyncio.get_running_loop().time()
+    with pytest.raises(UnknownWorkflow, match=r"no event of workflow 'never-sent' in 0\.5 seconds: check the ID"):
+        await asyncio.wait_for(anext(dispatcher.watch("never-sent", start_within=0.5)), 10)
+    assert asyncio.get_running_loop().time() - started < 5
+    with pytest.raises(UserError, match="start_within is seconds"):
+        await anext(dispatcher.watch("never-sent", start_within=float("nan")))
+
+
+async def test_a_watch_that_may_give_up_follows_a_workflow_that_started_to_its_end() -> None:
+    async with InMemoryTransport() as transport:
+        shop = Shop(transport)
+        cid = await shop.dispatcher.dispatch_workflow(["reserve", "ship"])
+        watching = asyncio.create_task(_kinds_of(shop.dispatcher.watch(cid, start_within=0.2)))
+        await asyncio.sleep(0.4)  # longer than start_within: the workflow's first event is there, so it waits on
+        await shop.worker().run(burst=True)
+        kinds = await asyncio.wait_for(watching, 10)
+        assert kinds[0] == "dispatched"
+        assert kinds[-1] == "completed"
+
+
+async def _kinds_of(watch: AsyncIterator[WatchedEvent]) -> list[str]:
+    return [item.event.kind async for item in watch]
