@@ -4,12 +4,15 @@ where it waits for a person (issue 18)."""
 from __future__ import annotations
 
 import asyncio
+import uuid
 from collections.abc import AsyncIterator
+from typing import Any
 
 import pytest
+from pydantic_core import to_json
 
 from paigeant_ai import InMemoryTransport, WatchedEvent, WorkflowDispatcher
-from paigeant_ai._events import WorkflowEvent
+from paigeant_ai._events import EVENTS_SIGNATURE_HEADER, EVENTS_SIGNATURE_TYPE, WorkflowEvent
 from paigeant_ai._watch import watch_workflow
 from paigeant_ai.exceptions import UnknownWorkflow, UserError
 from paigeant_ai.transports import Transport
@@ -81,3 +84,29 @@ async def test_a_watch_that_may_give_up_follows_a_workflow_that_started_to_its_e
 
 async def _kinds_of(watch: AsyncIterator[WatchedEvent]) -> list[str]:
     return [item.event.kind async for item in watch]
+
+
+@pytest.mark.parametrize("parked", ["waiting", "in_doubt", "budget_exhausted"])
+async def test_a_parked_workflow_has_not_ended_and_its_watch_waits_until_it_does(parked: str) -> None:
+    async with InMemoryTransport() as transport:
+        cid = f"parked-{uuid.uuid4().hex}"
+        security = signer(KEYS.orders)
+
+        async def append(*events: dict[str, Any]) -> None:
+            body = to_json(list(events))
+            signature = security.sign_bytes(body, typ=EVENTS_SIGNATURE_TYPE) or ""
+            await transport.append_progress(cid, body, {EVENTS_SIGNATURE_HEADER: signature})
+
+        step = {"correlation_id": cid, "activity": "one", "step": 0}
+        await append(
+            {"kind": "step_started", **step, "at": "2026-12-01T10:00:00Z"},
+            {"kind": parked, **step, "detail": "a person decides", "at": "2026-12-01T10:00:01Z"},
+        )
+        watching = asyncio.create_task(_kinds_of(watch_workflow(transport, security, cid, poll=0.05)))
+        await asyncio.sleep(0.5)
+        assert not watching.done(), f"a workflow parked as {parked} has not ended"
+        await append(
+            {"kind": "resumed", **step, "at": "2026-12-01T10:00:02Z"},
+            {"kind": "completed", **step, "payload": {}, "at": "2026-12-01T10:00:03Z"},
+        )
+        assert await asyncio.wait_for(watching, 10) == ["step_started", parked, "resumed", "completed"]
