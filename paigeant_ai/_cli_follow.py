@@ -27,13 +27,15 @@ from ._projector import _verifier  # pyright: ignore[reportPrivateUsage]
 from ._watch import WatchedEvent, watch_workflow
 from .exceptions import TransportError, UnknownWorkflow, UserError
 from .settings import Settings
-from .store import project
+from .store import FINAL_STATES, WorkflowStatus, project
 from .transports import IN_MEMORY_NAMES
 
-__all__ = ("FIND_WITHIN", "follow")
+__all__ = ("ENDED_WITHIN", "FIND_WITHIN", "follow")
 
 FIND_WITHIN = 3.0
 """Seconds `--follow` waits for a workflow's first event before it looks the ID up in the workflow store."""
+ENDED_WITHIN = 30.0
+"""Seconds `--follow` waits for the first event of a workflow the store says ended (its stream may have expired)."""
 
 
 async def follow(args: argparse.Namespace) -> int:
@@ -49,19 +51,25 @@ async def follow(args: argparse.Namespace) -> int:
     async with command_transport(chosen) as transport:
         verifier = _verifier(transport)
 
-        async def print_events(of: str) -> None:
-            watch = watch_workflow(transport, verifier, of, after=args.after, start_within=FIND_WITHIN)
+        async def print_events(of: str, start_within: float | None) -> None:
+            watch = watch_workflow(transport, verifier, of, after=args.after, start_within=start_within)
             await _print_events(watch, seen, as_json=args.json)
 
         try:
-            await print_events(correlation_id)
+            await print_events(correlation_id, FIND_WITHIN)
         except UnknownWorkflow:
             found = await _in_store(args)
-            if found is None or found == correlation_id:
-                print(_not_followed(correlation_id, in_store=found is not None))
+            if found is None:
+                print(_not_followed(correlation_id, in_store=False))
                 return 1
-            correlation_id = found
-            await print_events(correlation_id)
+            correlation_id = found.correlation_id
+            # A workflow the store knows is there; a RabbitMQ stream may take longer than `FIND_WITHIN` to reach its
+            # first event. One that ended may have outlived its stream: that one is not waited for long.
+            try:
+                await print_events(correlation_id, ENDED_WITHIN if found.state in FINAL_STATES else None)
+            except UnknownWorkflow:
+                print(_not_followed(correlation_id, in_store=True))
+                return 1
     status = project(correlation_id, seen)
     return 0 if status is not None and status.state == "completed" else 1
 
@@ -89,8 +97,8 @@ async def _print_events(watch: AsyncIterator[WatchedEvent], seen: list[WorkflowE
             print(escape_control(f"{event.at:%H:%M:%S.%f}"[:-3] + f"  {_describe(event)}"), flush=True)
 
 
-async def _in_store(args: argparse.Namespace) -> str | None:
-    """The whole ID of the workflow the store knows by `args.correlation_id` (its ID or a prefix), or None.
+async def _in_store(args: argparse.Namespace) -> WorkflowStatus | None:
+    """The status of the workflow the store knows by `args.correlation_id` (its ID or a prefix), or None.
 
     Raises:
         UserError: Several workflows start with it.
@@ -103,4 +111,4 @@ async def _in_store(args: argparse.Namespace) -> str | None:
             status = await find_status(store, args.correlation_id)
     except TransportError:
         return None  # no store to ask: the ID is all there is
-    return status.correlation_id if status is not None else None
+    return status
