@@ -188,6 +188,7 @@ async def run_paigeant(
     signed: bool,
     agent: bool,
     heartbeat: float | None = None,
+    progress: bool = True,
 ) -> Result:
     namespace = f"bench-{uuid.uuid4().hex[:8]}"
     transport = make_transport(transport_name, namespace)
@@ -201,6 +202,8 @@ async def run_paigeant(
         await asyncio.gather(*(dispatcher.dispatch_workflow(specs, {"blob": blob}) for _ in range(workflows)))
         gc.collect()
         worker = Worker(transport, steps, concurrency=concurrency, security=security, registry_heartbeat=heartbeat)
+        if not progress:
+            worker.reporter.progress.streams = None  # every write to the progress streams becomes a no-op
         rss_before = rss_mb()
         started = time.perf_counter()
         running = asyncio.create_task(worker.run())
@@ -213,6 +216,7 @@ async def run_paigeant(
     await cleanup(transport)
     variant = ("agent" if agent else "functions") + (", signed" if signed else ", unsigned")
     variant += f", beat {heartbeat:g}s" if heartbeat is not None else ""
+    variant += "" if progress else ", no progress"
     return Result(transport_name, variant, workflows, seconds, probe.latencies, rss_before, rss_after)
 
 

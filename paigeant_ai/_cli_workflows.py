@@ -63,7 +63,7 @@ def add_commands(
     status.add_argument(
         "--follow",
         action="store_true",
-        help="print the workflow's events as they happen, from its start until it ends (the whole ID, on a broker)",
+        help="print the workflow's events as they happen, from its start until it ends (on a broker)",
     )
     status.add_argument("--after", help="with --follow: go on after this offset (from a --json line)")
 

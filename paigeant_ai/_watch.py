@@ -32,7 +32,7 @@ from pydantic_core import to_json
 from ._escape import escape_control
 from ._event_auth import authenticate_events
 from ._events import WorkflowEvent
-from .exceptions import SecurityError, TransportError, UserError
+from .exceptions import SecurityError, TransportError, UnknownWorkflow, UserError
 from .store import FINAL_STATES, event_order, project
 from .transports.base import ProgressEntry, ProgressReader, ProgressStreams, Transport
 
@@ -104,11 +104,16 @@ async def watch_workflow(
     after: str | None = None,
     poll: float = 1.0,
     linger: float = 0.1,
+    start_within: float | None = None,
 ) -> AsyncIterator[WatchedEvent]:
     """Every event of one workflow, in order, from its start (or `after` an offset) until it ends.
 
+    With `start_within`, a watch from the start that finds no event of the workflow within that many seconds
+    raises `UnknownWorkflow` rather than waiting on (for an ID never dispatched, or mistyped).
+
     Raises:
-        UserError: The transport keeps no progress streams, or `after` is no offset.
+        UserError: The transport keeps no progress streams, `after` is no offset, or `start_within` is negative.
+        UnknownWorkflow: No event of the workflow within `start_within` seconds.
         TransportError: The broker could not be read, six times in a row.
     """
     if not isinstance(transport, ProgressStreams):
@@ -116,15 +121,28 @@ async def watch_workflow(
             f"the {transport.name} transport keeps no progress streams: watch workflows on the in-memory, Redis or "
             "RabbitMQ transport"
         )
+    if start_within is not None and not start_within >= 0:
+        raise UserError(f"start_within is seconds, at least 0 (or None to wait on), got {start_within!r}")
     cursor = _Cursor.decode(after)
     if cursor.ended:
         return
+    loop = asyncio.get_running_loop()
+    give_up = None if start_within is None or after is not None else loop.time() + start_within
     known = set(cursor.seen) | set(cursor.recent)
     history: list[WorkflowEvent] = []
     read = _Reading(transport, correlation_id, cursor.position)
     try:
         while True:
-            entries = await read.together(poll, linger)
+            if history:
+                give_up = None  # the workflow started: wait on for the rest
+            wait = poll if give_up is None else max(0.0, min(poll, give_up - loop.time()))
+            entries = await read.together(wait, linger)
+            if give_up is not None and not entries and not history and loop.time() >= give_up:
+                raise UnknownWorkflow(
+                    f"no event of workflow {correlation_id!r} in {start_within:g} seconds: check the ID (a workflow "
+                    "the progress stream no longer keeps, or not yet dispatched, has none)",
+                    correlation_id=correlation_id,
+                )
             if not entries:
                 continue
             fresh: list[tuple[WorkflowEvent, str]] = []

@@ -521,13 +521,17 @@ class WorkflowDispatcher:
         step = message.routing_slip.current
         pending = unwind_parked(message, request)
         # Reported before the first compensation is sent: a store must know why the workflow stopped before a
-        # worker reports that its compensations ended.
-        await self.reporter.report("cancelled", message, activity=step, by=request.by, detail=request.summary)
+        # worker reports that its compensations ended. Both are dated alike, `compensating` first: a reader between
+        # the two (a watch) sees a workflow being undone, never one that seems to have ended; the store orders them
+        # by rank (the cause, then the undoing).
+        at = datetime.now(UTC)
         if pending:
             undo = ", ".join(f"{record.activity} (by {record.compensate})" for record in reversed(pending))
             await self.reporter.report(
-                "compensating", message, activity=step, step=message.routing_slip.step, detail=f"undoing {undo}"
+                "compensating", message, activity=step, step=message.routing_slip.step, detail=f"undoing {undo}", at=at
             )
+        await self.reporter.report("cancelled", message, activity=step, by=request.by, detail=request.summary, at=at)
+        if pending:
             with observability.replay_span(message, self.transport.name, operation="cancel"):
                 hop = message.next_hop()
                 await self.transport.publish(
@@ -552,7 +556,9 @@ class WorkflowDispatcher:
         )
         return Cancellation(parked.correlation_id, "cancelled", detail)
 
-    def watch(self, correlation_id: str, *, after: str | None = None) -> AsyncIterator[WatchedEvent]:
+    def watch(
+        self, correlation_id: str, *, after: str | None = None, start_within: float | None = None
+    ) -> AsyncIterator[WatchedEvent]:
         """Every event of a workflow, in order, from its start until it ends, as it happens.
 
         ```python
@@ -563,14 +569,17 @@ class WorkflowDispatcher:
         Each event comes from the transport's progress stream (see `ProgressStreams`), checked against the trusted
         keys of this dispatcher's `security`: what does not verify is logged and skipped. A watch started late
         catches up from the workflow's first event the stream still keeps; one given `after=watched.offset`
-        yields only what came after that event. See the "Progress" section of docs/cost-and-progress.md.
+        yields only what came after that event. A watch of an ID nothing was dispatched under waits for its first
+        event; give `start_within=seconds` to have it raise `UnknownWorkflow` after that long without one. See the
+        "Progress" section of docs/cost-and-progress.md.
 
         Raises:
             UserError: The transport keeps no progress streams, or `after` is no offset a watch yielded.
+            UnknownWorkflow: No event of the workflow within `start_within` seconds.
             TransportError: The broker could not be read, six times in a row (a watch reads on after a failed
                 read, from the entry it last read).
         """
-        return watch_workflow(self.transport, self.security, correlation_id, after=after)
+        return watch_workflow(self.transport, self.security, correlation_id, after=after, start_within=start_within)
 
     def _store(self) -> WaitingStore:
         if self.waiting_store is None:

@@ -410,5 +410,12 @@ def test_status_follow_prints_every_event_until_the_workflow_ends_and_goes_on_af
         assert main(["status", "wf-follow", "--follow", "--json", "--after", every[2]["offset"]]) == 0
         rest = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
         assert [item["event"] for item in rest] == [item["event"] for item in every[3:]]
+
+        assert main(["status", "wf-fol", "--follow"]) == 0, "a prefix names the workflow, as for status"
+        assert normalized(capsys.readouterr().out).splitlines()[-1] == "<time>  completed       step 1 create-account"
+        assert main(["status", "wf-nobody", "--follow"]) == 1, "an unknown ID is reported, not waited for"
+        assert (
+            "no workflow 'wf-nobody': nothing in its progress stream, and not in the store" in capsys.readouterr().out
+        )
     finally:
         asyncio.run(delete_redis_namespace(name))
