@@ -4,6 +4,7 @@ The range is the step's `ActivitySpec.version`, part of the spec the dispatcher 
 it). A worker outside it does not claim the hop, counts no attempt and dead-letters nothing: it gives the delivery
 back to the broker after `PIN_RETRY_DELAY` seconds, and reports the workflow `waiting` ("waiting for <activity>
 <range>"), once per hop, so that `paigeant status` says what it waits for. A worker in the range then takes it as usual.
+A cancelled workflow is not handed back: the worker that has its step ends it, whatever its version.
 """
 
 from __future__ import annotations

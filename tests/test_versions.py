@@ -202,3 +202,33 @@ def test_a_derived_version_is_the_same_for_a_partial_and_for_a_callable_object()
     made = activity_version(FunctionActivity(Step(), name="b"))
     assert made == activity_version(FunctionActivity(Step(), name="b"))
     assert re.fullmatch(r"0\+[0-9a-f]{8}", made or "")
+
+
+async def test_a_workflow_waiting_for_its_pinned_version_is_cancelled_by_a_worker_outside_the_range() -> None:
+    ran: list[str] = []
+
+    async def charge(ctx: ActivityContext) -> dict[str, str]:
+        ran.append("1.9")
+        return {}
+
+    async with InMemoryTransport() as transport:
+        events: list[WorkflowEvent] = []
+        dispatcher = WorkflowDispatcher(transport, security=MessageSigner(KEY))
+        correlation_id = await dispatcher.dispatch_workflow([ActivitySpec(name="charge", version="~=2.1")], {})
+        old = Worker(
+            transport,
+            [activity(name="charge", version="1.9")(charge)],
+            security=MessageSigner(KEY),
+            on_event=events.append,
+        )
+        running = asyncio.create_task(old.run())
+        await wait_until(lambda: any(event.kind == "waiting" for event in events), within=10, what="the wait")
+        await dispatcher.cancel(correlation_id, "no longer wanted", by="ops")
+        await wait_until(lambda: any(event.kind == "cancelled" for event in events), within=10, what="the cancel")
+        old.stop()
+        await running
+
+    assert ran == []
+    status = project(correlation_id, events)
+    assert status is not None
+    assert status.state == "cancelled"
