@@ -15,7 +15,15 @@ from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import Any, Literal, Self
 
-from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, ValidationInfo, model_validator
+from pydantic import (
+    AwareDatetime,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ModelWrapValidatorHandler,
+    ValidationInfo,
+    model_validator,
+)
 from pydantic_core import PydanticCustomError
 
 __all__ = (
@@ -56,17 +64,21 @@ class Wire(BaseModel):
         ser_json_inf_nan="constants",
     )
 
-    @model_validator(mode="after")
-    def _known_fields_only(self, info: ValidationInfo) -> Self:
-        extra = self.__pydantic_extra__
+    @model_validator(mode="wrap")
+    @classmethod
+    def _known_fields_only(cls, data: Any, handler: ModelWrapValidatorHandler[Self], info: ValidationInfo) -> Self:
+        model = handler(data)
+        if isinstance(data, Wire):
+            return model  # a model already read (from the wire, with what it kept) is passed on as it is
+        extra = model.__pydantic_extra__
         if extra and not (info.context or {}).get("paigeant_wire"):
             names = ", ".join(repr(name) for name in extra)
             raise PydanticCustomError(
                 "extra_forbidden",
                 "unknown field {names} for {model}: check its spelling",
-                {"names": names, "model": type(self).__name__},
+                {"names": names, "model": cls.__name__},
             )
-        return self
+        return model
 
 
 class RetryPolicy(Wire):
