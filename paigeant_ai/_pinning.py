@@ -4,7 +4,8 @@ The range is the step's `ActivitySpec.version`, part of the spec the dispatcher 
 it). A worker outside it does not claim the hop, counts no attempt and dead-letters nothing: it gives the delivery
 back to the broker after `PIN_RETRY_DELAY` seconds, and reports the workflow `waiting` ("waiting for <activity>
 <range>"), once per hop, so that `paigeant status` says what it waits for. A worker in the range then takes it as usual.
-A cancelled workflow is not handed back: the worker that has its step ends it, whatever its version.
+A cancelled workflow is not handed back: the worker that has its step ends it, whatever its version; nor is a copy of
+a step that ran already (a lost ack's redelivery, a replay): it is settled as any copy is, and reports no wait.
 """
 
 from __future__ import annotations

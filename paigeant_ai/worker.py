@@ -356,7 +356,7 @@ class Worker:
             if isinstance(pin, Reject):
                 await refuse(delivery, pin, self)
                 return
-            if pin is not None and not await self._cancelled(hop.message):  # a cancel ends it on any version
+            if pin is not None and await self._waits_for_pin(hop):
                 await self._pins.hand_back(hop, pin)
                 return
             # A fresh copy is authorized (and claims its id) before it may wait, so a replayed copy of a running
@@ -398,6 +398,13 @@ class Worker:
                 self.at_most_once.forget(hop)
                 self._long_steps.forget(hop)
                 self._running_keys.pop(key).set()
+
+    async def _waits_for_pin(self, hop: Hop) -> bool:
+        """Whether a hop pinned to versions this worker does not run waits for another: not when its workflow is
+        cancelled (it ends here, on any version), nor when its step ran already (a copy: settled here as one)."""
+        if await self._cancelled(hop.message):
+            return False
+        return not await self.dedupe.is_done(hop.message.idempotency_key)
 
     def _authenticate(self, hop: Hop) -> Hop | Reject:
         """The hop, once its signature holds and its signer may send to the step; else why it is refused."""

@@ -24,6 +24,7 @@ from paigeant_ai import (
     activity,
 )
 from paigeant_ai._cli_workflows import render_status
+from paigeant_ai._dedupe import InMemoryDedupeStore
 from paigeant_ai._versions import activity_version, fits
 from paigeant_ai.activity import FunctionActivity
 from paigeant_ai.exceptions import NonRetryableError, UserError
@@ -232,3 +233,29 @@ async def test_a_workflow_waiting_for_its_pinned_version_is_cancelled_by_a_worke
     status = project(correlation_id, events)
     assert status is not None
     assert status.state == "cancelled"
+
+
+async def test_a_copy_of_a_pinned_step_that_ran_already_does_not_show_its_workflow_waiting_again() -> None:
+    from paigeant_ai._plan import new_plan
+    from paigeant_ai._sealing import seal
+
+    message = PaigeantMessage.new([ActivitySpec(name="charge", version="~=2.1")], {})
+    message.plan = new_plan(message, MessageSigner(KEY))
+    body = seal(message, MessageSigner(KEY), max_bytes=1 << 20)
+    async with InMemoryTransport() as transport:
+        events: list[WorkflowEvent] = []
+        await transport.publish("charge", body)
+        signer, dedupe = MessageSigner(KEY), InMemoryDedupeStore()  # what the replicas share (Redis in production)
+        new = Worker(transport, [activity(name="charge", version="2.1.4")(_step)], security=signer, dedupe=dedupe)
+        await new.run(burst=True)
+        await transport.publish("charge", body)  # the copy: a lost ack's redelivery, or a replay
+        charge = activity(name="charge", version="1.9")(_step)
+        old = Worker(transport, [charge], security=signer, dedupe=dedupe, on_event=events.append)
+        running = asyncio.create_task(old.run())
+        await wait_until(lambda: bool(events), within=10, what="the copy settled")
+        await asyncio.sleep(0.3)  # time for a second event, were the copy handed back
+        old.stop()
+        await running
+
+    assert "waiting" not in [event.kind for event in events]
+    assert [event.kind for event in events] == ["rejected"]
