@@ -5,7 +5,8 @@ it). A worker outside it does not claim the hop, counts no attempt and dead-lett
 back to the broker after `PIN_RETRY_DELAY` seconds, and reports the workflow `waiting` ("waiting for <activity>
 <range>"), once per hop, so that `paigeant status` says what it waits for. A worker in the range then takes it as usual.
 A cancelled workflow is not handed back: the worker that has its step ends it, whatever its version; nor is a copy of
-a step that ran already (a lost ack's redelivery, a replay): it is settled as any copy is, and reports no wait.
+a step that ran already (a lost ack's redelivery, a replay): it is settled as any copy is, and reports no wait; nor is
+a hop whose pin its signed plan does not hold: it is refused.
 """
 
 from __future__ import annotations

@@ -400,8 +400,13 @@ class Worker:
                 self._running_keys.pop(key).set()
 
     async def _waits_for_pin(self, hop: Hop) -> bool:
-        """Whether a hop pinned to versions this worker does not run waits for another: not when its workflow is
-        cancelled (it ends here, on any version), nor when its step ran already (a copy: settled here as one)."""
+        """Whether a hop pinned to versions this worker does not run waits for another: not when its pin is not the
+        signed plan's (refused here), its workflow is cancelled (it ends here, on any version), or its step ran
+        already (a copy: settled here as one)."""
+        try:
+            self.plans.check(hop.message, hop.signer, None, self.security)  # the pin is the dispatcher's
+        except SecurityError:
+            return False
         if await self._cancelled(hop.message):
             return False
         return not await self.dedupe.is_done(hop.message.idempotency_key)

@@ -259,3 +259,25 @@ async def test_a_copy_of_a_pinned_step_that_ran_already_does_not_show_its_workfl
 
     assert "waiting" not in [event.kind for event in events]
     assert [event.kind for event in events] == ["rejected"]
+
+
+async def test_a_pin_the_signed_plan_does_not_hold_is_refused_not_waited_for() -> None:
+    from paigeant_ai._plan import new_plan
+    from paigeant_ai._sealing import seal
+
+    message = PaigeantMessage.new([ActivitySpec(name="charge")], {})
+    message.plan = new_plan(message, MessageSigner(KEY))
+    message.routing_slip.itinerary[0] = ActivitySpec(name="charge", version="~=9.0")  # pinned on the way
+    body = seal(message, MessageSigner(KEY), max_bytes=1 << 20)
+    async with InMemoryTransport() as transport:
+        events: list[WorkflowEvent] = []
+        await transport.publish("charge", body)
+        charge = activity(name="charge", version="1.0")(_step)
+        worker = Worker(transport, [charge], security=MessageSigner(KEY), on_event=events.append)
+        running = asyncio.create_task(worker.run())
+        await wait_until(lambda: bool(events), within=10, what="the hop settled")
+        worker.stop()
+        await running
+
+    assert [event.kind for event in events] == ["rejected"]
+    assert "plan" in (events[0].detail or "")
