@@ -13,17 +13,9 @@ from __future__ import annotations
 import random
 from collections.abc import Mapping
 from datetime import UTC, datetime
-from typing import Any, Literal, Self
+from typing import Any, Literal
 
-from pydantic import (
-    AwareDatetime,
-    BaseModel,
-    ConfigDict,
-    Field,
-    ModelWrapValidatorHandler,
-    ValidationInfo,
-    model_validator,
-)
+from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
 from pydantic_core import PydanticCustomError
 
 __all__ = (
@@ -64,21 +56,17 @@ class Wire(BaseModel):
         ser_json_inf_nan="constants",
     )
 
-    @model_validator(mode="wrap")
-    @classmethod
-    def _known_fields_only(cls, data: Any, handler: ModelWrapValidatorHandler[Self], info: ValidationInfo) -> Self:
-        model = handler(data)
-        if isinstance(data, Wire):
-            return model  # a model already read (from the wire, with what it kept) is passed on as it is
-        extra = model.__pydantic_extra__
-        if extra and not (info.context or {}).get("paigeant_wire"):
+    def model_post_init(self, context: Any, /) -> None:
+        # Run where a model is built, not where one already built is passed into another: a model read from the
+        # wire, with what it kept, goes into a new one (a parked record holds the message it parked) as it is.
+        extra = self.__pydantic_extra__
+        if extra and not (context or {}).get("paigeant_wire"):
             names = ", ".join(repr(name) for name in extra)
             raise PydanticCustomError(
                 "extra_forbidden",
                 "unknown field {names} for {model}: check its spelling",
-                {"names": names, "model": cls.__name__},
+                {"names": names, "model": type(self).__name__},
             )
-        return model
 
 
 class RetryPolicy(Wire):
