@@ -26,7 +26,7 @@ from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import Any, Literal, cast
 
-from pydantic import BaseModel, ConfigDict, Field, JsonValue, TypeAdapter, ValidationError
+from pydantic import ConfigDict, Field, JsonValue, TypeAdapter, ValidationError
 from pydantic_ai import DeferredToolResults
 from pydantic_ai.tools import ToolApproved, ToolDenied
 from pydantic_core import to_jsonable_python
@@ -35,6 +35,7 @@ from ._at_most_once import check_decision
 from ._escape import escape_control
 from ._hop import Hop
 from ._tokens import granted_scopes, unverified_claims
+from ._wire import FROM_WIRE, Wire
 from .approval import APPROVAL_TYPE, APPROVE_SCOPE, ParkedStep, PendingToolCall
 from .exceptions import SecurityError, TokenError, UserError
 from .security import MessageSecurity, own_kid
@@ -49,10 +50,10 @@ _COMPARED = {"v", "correlation_id", "routing_slip", "payload", "created_at", "ex
 """What a resume hop must carry exactly as its parked record holds it."""
 
 
-class Approval(BaseModel):
+class Approval(Wire):
     """One approver's decision on one tool call of a parked step, bound to the exact call and record."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(frozen=True)
 
     v: Literal[1] = 1
     correlation_id: str
@@ -72,10 +73,8 @@ class Approval(BaseModel):
     """The arguments the approver set instead of the requested ones (for the audit)."""
 
 
-class SignedApproval(BaseModel):
+class SignedApproval(Wire):
     """An `Approval` with its signature, as a resume hop carries it."""
-
-    model_config = ConfigDict(extra="forbid")
 
     approval: Approval
     proof: str | None = Field(default=None, repr=False)
@@ -269,7 +268,7 @@ def _parked_of(hop: Hop, security: MessageSecurity) -> ParkedStep:
             "a resume for a step that never parked: the hop carries no parked record", code="resume_unparked"
         )
     try:
-        parked = ParkedStep.model_validate(resume.parked)
+        parked = ParkedStep.model_validate(resume.parked, context=FROM_WIRE)
     except ValidationError:
         raise SecurityError("the resume's parked record is not a parked record", code="resume_unparked") from None
     parked.verify(security)
@@ -305,7 +304,7 @@ def _verified_approvals(
     found: dict[str, tuple[Approval, str]] = {}
     for data in raw:
         try:
-            item = SignedApproval.model_validate(data)
+            item = SignedApproval.model_validate(data, context=FROM_WIRE)
         except ValidationError:
             raise SecurityError("an approval of the resume is malformed", code="approval_invalid") from None
         approval = item.approval

@@ -32,6 +32,7 @@ from ._escape import escape_control
 from ._hop import Hop
 from ._in_doubt import DECISION_TYPE, DoubtDecision, InDoubt, Ran, RunAgain, SignedDecision, StartRecord, StepInDoubt
 from ._outcome import Fault, Outcome, Park, Retry, completed, describe
+from ._wire import FROM_WIRE
 from .activity import DEFAULT_TIMEOUT, Activity, ActivityContext, to_payload_update
 from .approval import ParkedStep
 from .exceptions import NonRetryableError, RetryActivity, SecurityError, TransportError, UserError
@@ -271,7 +272,7 @@ def _decision_of(hop: Hop) -> DoubtDecision | None:
     resume = hop.message.resume
     if resume is None or resume.parked is None or resume.parked.get("in_doubt") is None or not resume.approvals:
         return None
-    return SignedDecision.model_validate(resume.approvals[0]).decision
+    return SignedDecision.model_validate(resume.approvals[0], context=FROM_WIRE).decision
 
 
 # -- the worker's check of the resume ----------------------------------------------------------------------------
@@ -287,7 +288,7 @@ def check_decision(parked: ParkedStep, raw: list[dict[str, Any]], security: Mess
     if len(raw) != 1:
         raise SecurityError("a resume of an in-doubt step carries one decision", code="resume_answers")
     try:
-        item = SignedDecision.model_validate(raw[0])
+        item = SignedDecision.model_validate(raw[0], context=FROM_WIRE)
     except ValidationError:
         raise SecurityError("the decision on the in-doubt step is malformed", code="approval_invalid") from None
     what = f"the decision on in-doubt step {parked.activity!r}"

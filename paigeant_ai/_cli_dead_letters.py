@@ -17,6 +17,7 @@ from ._escape import escape_control
 from ._events import EventReporter
 from ._long_steps import WATCH_HEADER
 from ._sealing import seal
+from ._wire import FROM_WIRE
 from .approval import ParkedStep, WaitingStore, verified
 from .contracts import DEAD_LETTER, ActivityLogEntry, PaigeantMessage
 from .exceptions import InvalidMessage, SecurityError, UserError
@@ -186,7 +187,7 @@ async def park_again(
             "dead-letter queue (from Python, pass replay_dead_letter(..., waiting_store=<the workers' store>))"
         )
     try:
-        parked = ParkedStep.model_validate(message.resume.parked)
+        parked = ParkedStep.model_validate(message.resume.parked, context=FROM_WIRE)
         parked.verify(signer)
     except (ValidationError, SecurityError) as exc:
         raise UserError(f"this letter cannot be replayed: its parked record is refused: {exc}") from None

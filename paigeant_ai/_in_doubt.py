@@ -16,8 +16,9 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, Literal, TypeAlias
 
-from pydantic import BaseModel, ConfigDict, Field, JsonValue, ValidationError
+from pydantic import ConfigDict, Field, JsonValue, ValidationError
 
+from ._wire import FROM_WIRE, Wire
 from .exceptions import ParkWorkflow, SecurityError
 
 if TYPE_CHECKING:
@@ -71,14 +72,12 @@ ReconcileFunc: TypeAlias = "Callable[[ActivityContext], Reconciliation | Awaitab
 (`RunAgain()`); sync or async. It gets the step's context, so `ctx.idempotency_key` names what to look for."""
 
 
-class StartRecord(BaseModel):
+class StartRecord(Wire):
     """That a worker started an at-most-once step, written and confirmed before the activity runs.
 
     Kept under `key(idempotency_key, attempt)` until the step settled; `proof` is the worker's detached JWS
     (`typ: paigeant-started+jws`) over the record without it.
     """
-
-    model_config = ConfigDict(extra="forbid")
 
     v: Literal[1] = 1
     correlation_id: str
@@ -115,7 +114,7 @@ class StartRecord(BaseModel):
             SecurityError: Why it cannot be trusted (code `start_record`).
         """
         try:
-            record = cls.model_validate_json(raw)
+            record = cls.model_validate_json(raw, context=FROM_WIRE)
         except ValidationError:
             raise SecurityError("its start record is not a start record", code="start_record") from None
         try:
@@ -128,10 +127,10 @@ class StartRecord(BaseModel):
         return record
 
 
-class InDoubt(BaseModel):
+class InDoubt(Wire):
     """Why a parked step is in doubt: it may have run, and must not run again blindly."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(frozen=True)
 
     idempotency_key: str
     attempt: int
@@ -151,10 +150,10 @@ class InDoubt(BaseModel):
         )
 
 
-class DoubtDecision(BaseModel):
+class DoubtDecision(Wire):
     """A person's answer to an in-doubt step, bound to the parked record it settles."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(frozen=True)
 
     v: Literal[1] = 1
     correlation_id: str
@@ -175,10 +174,8 @@ class DoubtDecision(BaseModel):
         return f"in-doubt step {self.activity!r} sent to run again by {who}"
 
 
-class SignedDecision(BaseModel):
+class SignedDecision(Wire):
     """A `DoubtDecision` with its signature, as the resume hop carries it (in `Resumption.approvals`)."""
-
-    model_config = ConfigDict(extra="forbid")
 
     kind: Literal["in_doubt"] = "in_doubt"
     decision: DoubtDecision

@@ -2,8 +2,12 @@
 
 The range is the step's `ActivitySpec.version`, part of the spec the dispatcher signed (its plan's digest covers
 it). A worker outside it does not claim the hop, counts no attempt and dead-letters nothing: it gives the delivery
-back to the broker after `PIN_RETRY_DELAY` seconds, and reports the workflow `waiting` ("waiting for <activity>
-<range>"), once per hop, so that `paigeant status` says what it waits for. A worker in the range then takes it as usual.
+back to the broker, published afresh to be delivered after `PIN_RETRY_DELAY` seconds (so it never counts as a
+delivery that failed), and reports the workflow `waiting` ("waiting for <activity> <range>"), once per hop, so that
+`paigeant status` says what it waits for. A worker in the range then takes it as usual.
+A cancelled workflow is not handed back: the worker that has its step ends it, whatever its version; nor is a copy of
+a step that ran already (a lost ack's redelivery, a replay): it is settled as any copy is, and reports no wait; nor is
+a hop whose pin its signed plan does not hold: it is refused.
 """
 
 from __future__ import annotations
@@ -70,4 +74,9 @@ class Pins:
             await self.reporter.report(
                 "waiting", message, activity=name, detail=f"waiting for {name} {pin}", version=pin
             )
-        await self.transport.retry_later(hop.delivery, self.delay)
+        # Published afresh, not `retry_later`: a hop no worker claimed has not been delivered in vain, and a
+        # transport that counts deliveries (Redis's `max_deliveries`) would dead-letter a step waiting for long.
+        # A crash between the two leaves a second copy, which is settled as a copy once the step has run.
+        delivery = hop.delivery
+        await self.transport.publish(delivery.address, delivery.body, headers=delivery.headers, delay=self.delay)
+        await self.transport.ack(delivery)

@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING
 from ._escape import escape_control
 from ._plan import token_subject
 from ._tokens import check_scopes, granted_scopes
+from ._wire import FROM_WIRE
 from .approval import APPROVE_SCOPE, ParkedStep, WaitingStore
 from .exceptions import SecurityError, TokenError, UserError
 from .security import MessageSecurity, MessageSigner
@@ -103,7 +104,7 @@ async def release_parked(hop: Hop, store: WaitingStore | None) -> None:
     resume = hop.message.resume
     if resume is None or resume.parked is None:
         return
-    parked = ParkedStep.model_validate(resume.parked)
+    parked = ParkedStep.model_validate(resume.parked, context=FROM_WIRE)
     if store is None:
         logger.warning(
             "workflow %s resumed on a worker without a waiting store: its parked record stays in the dispatcher's "

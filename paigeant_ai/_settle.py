@@ -46,6 +46,7 @@ from ._outcome import Advance, End, Fault, Halt, Outcome, Park, Reject, Retry, S
 from ._plan import begin_unwinding, revise_route
 from ._sealing import NonFiniteNumber, seal, too_large, unsigned_body
 from ._versions import activity_version
+from ._wire import FROM_WIRE
 from .approval import ParkedStep, WaitingStore
 from .contracts import DEAD_LETTER, ActivityLogEntry, Compensation, PaigeantMessage, RetryPolicy, Unwinding
 from .exceptions import MessageTooLarge, ParkWorkflow, SecurityError
@@ -393,7 +394,7 @@ async def _park_again(hop: Hop, outcome: Retry, store: WaitingStore, deps: Settl
     resume = hop.message.resume
     assert resume is not None
     assert resume.parked is not None
-    previous = ParkedStep.model_validate(resume.parked)  # verified when the hop was authorized
+    previous = ParkedStep.model_validate(resume.parked, context=FROM_WIRE)  # verified when the hop was authorized
     parked = previous.model_copy(update={"parked_at": datetime.now(UTC), "proof": None})
     carry_usage(hop)  # what the failed run used is carried with the earlier runs', for the step's entry
     parked.message.routing_slip.carried_usage = hop.message.routing_slip.carried_usage

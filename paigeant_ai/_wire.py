@@ -67,17 +67,17 @@ class Wire(BaseModel):
         ser_json_inf_nan="constants",
     )
 
-    @model_validator(mode="after")
-    def _known_fields_only(self, info: ValidationInfo) -> Self:
+    def model_post_init(self, context: Any, /) -> None:
+        # Run where a model is built, not where one already built is passed into another: a model read from the
+        # wire, with what it kept, goes into a new one (a parked record holds the message it parked) as it is.
         extra = self.__pydantic_extra__
-        if extra and not (info.context or {}).get("paigeant_wire"):
+        if extra and not (context or {}).get("paigeant_wire"):
             names = ", ".join(repr(name) for name in extra)
             raise PydanticCustomError(
                 "extra_forbidden",
                 "unknown field {names} for {model}: check its spelling",
                 {"names": names, "model": type(self).__name__},
             )
-        return self
 
 
 class RetryPolicy(Wire):

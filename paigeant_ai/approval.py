@@ -32,6 +32,7 @@ from pydantic_core import to_jsonable_python
 from ._budget import BudgetExhausted
 from ._escape import escape_control
 from ._in_doubt import InDoubt, StepInDoubt
+from ._wire import FROM_WIRE, Wire
 from .contracts import PaigeantMessage, Resumption, SecurityContext, derive_message_id
 from .exceptions import ParkWorkflow, SecurityError, UserError
 from .transports.base import SharedStores, Transport
@@ -79,7 +80,7 @@ class PendingToolCall(BaseModel):
     metadata: dict[str, JsonValue] = Field(default_factory=dict[str, JsonValue])
 
 
-class ParkedStep(BaseModel):
+class ParkedStep(Wire):
     """A workflow waiting at one step, as a `WaitingStore` keeps it: signed by the worker that parked it.
 
     The record holds what is later acted on, once: the message as parked (route, payload, revisions) and the
@@ -97,8 +98,6 @@ class ParkedStep(BaseModel):
         obo_required: Whether the workflow carried a user token: `resume` then needs a fresh one.
         proof: The parking worker's signature; None when messages are not signed.
     """
-
-    model_config = ConfigDict(extra="forbid")
 
     v: Literal[2] = 2
     correlation_id: str
@@ -144,7 +143,7 @@ class ParkedStep(BaseModel):
             SecurityError: It is not a parked record of this version (code `parked_invalid`).
         """
         try:
-            return cls.model_validate_json(data)
+            return cls.model_validate_json(data, context=FROM_WIRE)
         except ValidationError as exc:
             reason = exc.errors(include_url=False)[0]
             where = ".".join(str(item) for item in reason["loc"]) or "<root>"

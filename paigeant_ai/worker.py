@@ -36,7 +36,7 @@ from ._approvals import check_resume
 from ._at_most_once import AtMostOnce
 from ._budget_gate import after_step, budget_gate, release_budget_park
 from ._budget_resume import check_extensions
-from ._cancel import CancelCheck
+from ._cancel import CancelCheck, CancelRequest
 from ._dedupe import DedupeStore, InMemoryDedupeStore
 from ._escape import escape_control
 from ._events import EventCallback, EventReporter
@@ -53,6 +53,7 @@ from ._shared_store import resolve_shared_store, say_what_is_protected
 from ._versions import activity_version
 from .activity import DEFAULT_TIMEOUT, Activity, ActivityContext, ActivityFunc, as_activity
 from .approval import WaitingStore
+from .contracts import PaigeantMessage
 from .exceptions import DuplicateMessage, ReplayedMessage, SecurityError, TokenError, TransportError, UserError
 from .security import MessageSecurity, MessageSigner
 from .settings import Settings
@@ -355,7 +356,7 @@ class Worker:
             if isinstance(pin, Reject):
                 await refuse(delivery, pin, self)
                 return
-            if pin is not None:
+            if pin is not None and await self._waits_for_pin(hop):
                 await self._pins.hand_back(hop, pin)
                 return
             # A fresh copy is authorized (and claims its id) before it may wait, so a replayed copy of a running
@@ -397,6 +398,18 @@ class Worker:
                 self.at_most_once.forget(hop)
                 self._long_steps.forget(hop)
                 self._running_keys.pop(key).set()
+
+    async def _waits_for_pin(self, hop: Hop) -> bool:
+        """Whether a hop pinned to versions this worker does not run waits for another: not when its pin is not the
+        signed plan's (refused here), its workflow is cancelled (it ends here, on any version), or its step ran
+        already (a copy: settled here as one)."""
+        try:
+            self.plans.check(hop.message, hop.signer, None, self.security)  # the pin is the dispatcher's
+        except SecurityError:
+            return False
+        if await self._cancelled(hop.message):
+            return False
+        return not await self.dedupe.is_done(hop.message.idempotency_key)
 
     def _authenticate(self, hop: Hop) -> Hop | Reject:
         """The hop, once its signature holds and its signer may send to the step; else why it is refused."""
@@ -484,13 +497,17 @@ class Worker:
         if hop.expired and message.expires_at is not None:
             deadline = message.expires_at.isoformat()
             return Halt("expired", f"its deadline {deadline} passed before step {message.routing_slip.current!r} ran")
-        if self.cancel_board is None:
-            return None
-        records = await self.cancel_board.records(message.correlation_id)
-        request = self.cancels.holding(records, message, self.security) if records else None
+        request = await self._cancelled(message)
         if request is None:
             return None
         return Halt("cancelled", request.summary, by=request.by, cancel=request.to_bytes().decode())
+
+    async def _cancelled(self, message: PaigeantMessage) -> CancelRequest | None:
+        """The cancel request on the board that holds for the workflow of `message`, if one does."""
+        if self.cancel_board is None:
+            return None
+        records = await self.cancel_board.records(message.correlation_id)
+        return self.cancels.holding(records, message, self.security) if records else None
 
     async def _watch_cancellations(self) -> None:
         """Interrupt the running steps of cancelled workflows: their activity's task is cancelled mid-way."""

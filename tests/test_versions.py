@@ -24,6 +24,7 @@ from paigeant_ai import (
     activity,
 )
 from paigeant_ai._cli_workflows import render_status
+from paigeant_ai._dedupe import InMemoryDedupeStore
 from paigeant_ai._versions import activity_version, fits
 from paigeant_ai.activity import FunctionActivity
 from paigeant_ai.exceptions import NonRetryableError, UserError
@@ -202,3 +203,81 @@ def test_a_derived_version_is_the_same_for_a_partial_and_for_a_callable_object()
     made = activity_version(FunctionActivity(Step(), name="b"))
     assert made == activity_version(FunctionActivity(Step(), name="b"))
     assert re.fullmatch(r"0\+[0-9a-f]{8}", made or "")
+
+
+async def test_a_workflow_waiting_for_its_pinned_version_is_cancelled_by_a_worker_outside_the_range() -> None:
+    ran: list[str] = []
+
+    async def charge(ctx: ActivityContext) -> dict[str, str]:
+        ran.append("1.9")
+        return {}
+
+    async with InMemoryTransport() as transport:
+        events: list[WorkflowEvent] = []
+        dispatcher = WorkflowDispatcher(transport, security=MessageSigner(KEY))
+        correlation_id = await dispatcher.dispatch_workflow([ActivitySpec(name="charge", version="~=2.1")], {})
+        old = Worker(
+            transport,
+            [activity(name="charge", version="1.9")(charge)],
+            security=MessageSigner(KEY),
+            on_event=events.append,
+        )
+        running = asyncio.create_task(old.run())
+        await wait_until(lambda: any(event.kind == "waiting" for event in events), within=10, what="the wait")
+        await dispatcher.cancel(correlation_id, "no longer wanted", by="ops")
+        await wait_until(lambda: any(event.kind == "cancelled" for event in events), within=10, what="the cancel")
+        old.stop()
+        await running
+
+    assert ran == []
+    status = project(correlation_id, events)
+    assert status is not None
+    assert status.state == "cancelled"
+
+
+async def test_a_copy_of_a_pinned_step_that_ran_already_does_not_show_its_workflow_waiting_again() -> None:
+    from paigeant_ai._plan import new_plan
+    from paigeant_ai._sealing import seal
+
+    message = PaigeantMessage.new([ActivitySpec(name="charge", version="~=2.1")], {})
+    message.plan = new_plan(message, MessageSigner(KEY))
+    body = seal(message, MessageSigner(KEY), max_bytes=1 << 20)
+    async with InMemoryTransport() as transport:
+        events: list[WorkflowEvent] = []
+        await transport.publish("charge", body)
+        signer, dedupe = MessageSigner(KEY), InMemoryDedupeStore()  # what the replicas share (Redis in production)
+        new = Worker(transport, [activity(name="charge", version="2.1.4")(_step)], security=signer, dedupe=dedupe)
+        await new.run(burst=True)
+        await transport.publish("charge", body)  # the copy: a lost ack's redelivery, or a replay
+        charge = activity(name="charge", version="1.9")(_step)
+        old = Worker(transport, [charge], security=signer, dedupe=dedupe, on_event=events.append)
+        running = asyncio.create_task(old.run())
+        await wait_until(lambda: bool(events), within=10, what="the copy settled")
+        await asyncio.sleep(0.3)  # time for a second event, were the copy handed back
+        old.stop()
+        await running
+
+    assert "waiting" not in [event.kind for event in events]
+    assert [event.kind for event in events] == ["rejected"]
+
+
+async def test_a_pin_the_signed_plan_does_not_hold_is_refused_not_waited_for() -> None:
+    from paigeant_ai._plan import new_plan
+    from paigeant_ai._sealing import seal
+
+    message = PaigeantMessage.new([ActivitySpec(name="charge")], {})
+    message.plan = new_plan(message, MessageSigner(KEY))
+    message.routing_slip.itinerary[0] = ActivitySpec(name="charge", version="~=9.0")  # pinned on the way
+    body = seal(message, MessageSigner(KEY), max_bytes=1 << 20)
+    async with InMemoryTransport() as transport:
+        events: list[WorkflowEvent] = []
+        await transport.publish("charge", body)
+        charge = activity(name="charge", version="1.0")(_step)
+        worker = Worker(transport, [charge], security=MessageSigner(KEY), on_event=events.append)
+        running = asyncio.create_task(worker.run())
+        await wait_until(lambda: bool(events), within=10, what="the hop settled")
+        worker.stop()
+        await running
+
+    assert [event.kind for event in events] == ["rejected"]
+    assert "plan" in (events[0].detail or "")

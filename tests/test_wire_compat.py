@@ -14,8 +14,9 @@ from paigeant_ai import activity as activity_decorator
 from paigeant_ai._events import decode_events
 from paigeant_ai._plan import PLAN_TYPE, _plan_bytes, spec_digest  # pyright: ignore[reportPrivateUsage]
 from paigeant_ai._sealing import seal
+from paigeant_ai._wire import FROM_WIRE
 from paigeant_ai.contracts import RoutingSlip
-from paigeant_ai.exceptions import InvalidMessage
+from paigeant_ai.exceptions import InvalidMessage, SecurityError
 from paigeant_ai.security import MessageSigner, generate_key
 from paigeant_ai.transports import InMemoryTransport
 
@@ -172,3 +173,38 @@ def test_an_event_from_a_newer_worker_keeps_its_new_fields() -> None:
     (decoded,) = decode_events(json.dumps([raw]).encode())
     assert decoded.model_extra == {"heartbeat": 3}
     assert json.loads(decoded.model_dump_json()) == raw
+
+
+def test_a_parked_record_and_its_answers_with_fields_a_newer_worker_added_load_and_verify() -> None:
+    from paigeant_ai._approvals import SignedApproval
+    from paigeant_ai._in_doubt import SignedDecision, StartRecord
+    from paigeant_ai.approval import ParkedStep
+
+    signer = MessageSigner(KEY)
+    message = PaigeantMessage.from_json(json.dumps(_newer(PaigeantMessage.new([ActivitySpec(name="a")], {}))))
+    parked = ParkedStep(correlation_id=message.correlation_id, activity="a", step=0, message=message).sign(signer)
+    raw = json.loads(parked.model_dump_json())
+    raw["parked_by"] = "node-7"
+    record = json.dumps(raw)
+    loaded = ParkedStep.load(record)
+    assert loaded.message.model_extra == {"release": {"train": "2026.12", "flags": [1, 2]}}
+    assert loaded.model_extra == {"parked_by": "node-7"}
+    with pytest.raises(SecurityError, match=r"parked record .* is refused"):  # signed over what was written
+        loaded.verify(signer)
+    assert ParkedStep.model_validate(json.loads(parked.model_dump_json()), context=FROM_WIRE).digest == parked.digest
+
+    start = {"correlation_id": "c", "activity": "a", "step": 0, "idempotency_key": "k", "attempt": 0, "worker": "w"}
+    start_record = StartRecord.model_validate({**start, "host": "node-7"}, context=FROM_WIRE).sign(signer)
+    assert StartRecord.verified(start_record.encode(), signer, idempotency_key="k", attempt=0).model_extra == {
+        "host": "node-7"
+    }
+    approval = {"correlation_id": "c", "step": 0, "activity": "a", "tool_call_id": "t", "tool_name": "n"}
+    approval |= {"args_digest": "d", "parked_digest": "p", "decision": "approved", "reason": "fine"}
+    assert SignedApproval.model_validate({"approval": approval}, context=FROM_WIRE).approval.model_extra == {
+        "reason": "fine"
+    }
+    decision = {"correlation_id": "c", "step": 0, "activity": "a", "parked_digest": "p", "decision": "ran"}
+    signed = SignedDecision.model_validate({"decision": {**decision, "note": "x"}, "ticket": 7}, context=FROM_WIRE)
+    assert signed.model_extra == {"ticket": 7}
+    with pytest.raises(ValidationError, match="unknown field 'ticket'"):  # built in Python: still strict
+        SignedDecision.model_validate({"decision": decision, "ticket": 7})
