@@ -287,7 +287,7 @@ async def test_a_faulted_order_is_undone_in_reverse_in_status_and_one_trace(
             assert "failed: " in text
             assert "no carrier delivers to the moon" in text
             undone = [line.split() for line in text.splitlines() if " undoes " in line]  # the steps, by index
-            assert [(row[1], row[2], row[3], row[-1]) for row in undone] == [
+            assert [(row[1], row[2], row[3], row[row.index("undoes") + 1]) for row in undone] == [
                 ("order-reserve.compensate", "completed", "1", "order-reserve"),
                 ("order-charge.compensate", "completed", "1", "order-charge"),
             ]
