@@ -66,11 +66,12 @@ def next_wave(message: PaigeantMessage, results: list[BranchResult]) -> list[Pai
     return sendable(hops)
 
 
-def resumed_wave(message: PaigeantMessage) -> list[PaigeantMessage]:
-    """For the hop that resumes a branch parked `budget_exhausted` (with its new grant): the other branches of its
-    wave, unsigned, each with the same log and grants."""
+def resumed_wave(parked: PaigeantMessage, message: PaigeantMessage) -> list[PaigeantMessage]:
+    """For `message`, the hop that resumes `parked` (parked `budget_exhausted`) with a new grant: if it is a branch
+    the budget held back (its wave was empty), the other branches of its wave, unsigned, each with the same log and
+    grants. A branch that ran out of its share mid-step is resumed alone: the rest of its wave was sent with it."""
     slip = message.routing_slip
-    if slip.branch is None or not slip.itinerary:
+    if slip.branch is None or not slip.itinerary or wave(parked) != []:
         return []
     done = {logged.branch for logged in slip.completed if logged.branch is not None}
     hops = [message]

@@ -125,7 +125,7 @@ async def resume_with_budget(
     message.budget_extensions = [*message.budget_extensions, extension]
     with observability.replay_span(message, dispatcher.transport.name, operation="resume"):
         await dispatcher.transport.publish(parked.activity, dispatcher.encode(message), headers=dict(message.headers))
-        for sibling in resumed_wave(message):  # a branch's: the rest of its wave, which the grant pays for too
+        for sibling in resumed_wave(parked.message, message):  # a branch held back: the rest of the grant's wave
             address = sibling.routing_slip.current or ""
             await dispatcher.transport.publish(address, dispatcher.encode(sibling), headers=dict(sibling.headers))
     # The record stays parked until a worker has checked and claimed the resume (`_budget_gate.release_budget_park`).
