@@ -384,6 +384,39 @@ async def test_ten_branches_first_in_the_workflow_with_a_budget_for_three_park_t
     assert await team.store.get(cid) is None
 
 
+async def test_a_grant_for_one_more_branch_runs_one_and_parks_again(memory: InMemoryTransport) -> None:
+    team = Team(memory, get_waiting_store(memory))
+    branches = [f"b{n}" for n in range(4)]
+    cid = await team.dispatcher().dispatch_workflow(
+        [team.step("draft"), Parallel(*(team.step(name) for name in branches))], budget=Budget(tokens=2 * STEP)
+    )
+    await team.work(["draft", *branches])
+    assert team.calls == ["draft", "b0"]
+    assert (await team.dispatcher().parked(cid)).activity == "b1"
+
+    await team.dispatcher(DESK).resume(cid, budget=Budget(tokens=STEP), approver="carol")
+    await team.work(branches)
+    assert team.calls == ["draft", "b0", "b1"]
+    assert (await team.dispatcher().parked(cid)).activity == "b2"  # parked again, at the next branch held back
+
+    await team.dispatcher(DESK).resume(cid, budget=Budget(tokens=2 * STEP), approver="carol")
+    await team.work(branches)
+    assert sorted(team.calls) == ["b0", "b1", "b2", "b3", "draft"]
+    assert team.kinds() == ["budget_exhausted", "budget_exhausted", "completed"]
+
+
+async def test_a_budget_that_faults_sends_every_branch_and_faults_its_group(memory: InMemoryTransport) -> None:
+    team = Team(memory, get_waiting_store(memory))
+    branches = [f"b{n}" for n in range(4)]
+    await team.dispatcher().dispatch_workflow(
+        [team.step("draft"), Parallel(*(team.step(name) for name in branches))],
+        budget=Budget(tokens=2 * STEP, on_exhausted="fault"),
+    )
+    await team.work(["draft", *branches])
+    assert sorted(team.calls) == ["b0", "draft"]  # the others have no share: each faults before its step runs
+    assert team.kinds() == ["faulted"]
+
+
 async def test_an_agent_whose_model_is_a_name_is_priced_and_limited_under_that_name(memory: InMemoryTransport) -> None:
     """The ledger records a run under its agent's model as written, the name the price table and the step's
     cost-derived limit use: priced, it completes within its cost; a cost for fewer tokens than it needs stops it."""
