@@ -38,6 +38,7 @@ __all__ = (
     "probes_first",
     "spent",
     "step_limits",
+    "wave",
 )
 
 _LIMITS = ("tokens", "requests", "tool_calls", "cost", "wall_time")
@@ -141,6 +142,21 @@ def _share(message: PaigeantMessage, budget: Budget) -> tuple[Budget, list[Usage
     slip = message.routing_slip
     if slip.branch is None or not slip.itinerary:
         return budget, logged_usages(message)
+    keys, runnable, left = _runnable(message, budget)
+    position = keys.index(slip.branch) if slip.branch in keys else len(keys)
+    shares: dict[str, Any] = {}
+    for name in ("tokens", "requests", "tool_calls", "cost"):
+        if name in left:
+            whole = left[name] / runnable if position < runnable else 0
+            shares[name] = math.floor(whole) if name != "cost" else whole
+    own = [usage for entry in slip.completed if entry.branch == slip.branch for usage in entry.usage]
+    return budget.model_copy(update=shares), own
+
+
+def _runnable(message: PaigeantMessage, budget: Budget) -> tuple[list[str], int, dict[str, Any]]:
+    """For a branch's hop: the keys of its group's branches that have not run, how many of them (the first) get a
+    share, and what is left to share."""
+    slip = message.routing_slip
     before = [entry for entry in slip.completed if entry.branch is None]
     probe = [entry for entry in slip.completed if entry.branch not in (None, slip.branch)]  # see `probes_first`
     used_before = _entry_usages([*before, *probe])
@@ -151,14 +167,19 @@ def _share(message: PaigeantMessage, budget: Budget) -> tuple[Budget, list[Usage
     estimate = _estimate([*before, *probe])
     if budget.tokens is not None and estimate > 0:
         runnable = min(runnable, math.ceil(left.get("tokens", 0) / estimate))
-    position = keys.index(slip.branch) if slip.branch in keys else len(keys)
-    shares: dict[str, Any] = {}
-    for name in ("tokens", "requests", "tool_calls", "cost"):
-        if name in left:
-            whole = left[name] / runnable if position < runnable else 0
-            shares[name] = math.floor(whole) if name != "cost" else whole
-    own = [usage for entry in slip.completed if entry.branch == slip.branch for usage in entry.usage]
-    return budget.model_copy(update=shares), own
+    return keys, runnable, left
+
+
+def wave(message: PaigeantMessage) -> list[str] | None:
+    """For a branch's hop: the keys of the branches of its group that get a share, the ones sent with it (see
+    `paigeant_ai._budget_probe`); None when every branch is sent at once (no budget, or one that faults when spent).
+    """
+    budget = effective_budget(message)
+    slip = message.routing_slip
+    if budget is None or budget.on_exhausted == "fault" or slip.branch is None or not slip.itinerary:
+        return None
+    keys, runnable, _ = _runnable(message, budget)
+    return keys[:runnable]
 
 
 def _estimate(entries: Iterable[ActivityLogEntry]) -> int:

@@ -14,6 +14,7 @@ import logging
 from typing import TYPE_CHECKING
 
 from . import observability
+from ._budget_probe import resumed_wave
 from ._escape import escape_control
 from ._resume_checks import check_before_resume
 from ._wire import Budget, BudgetExtension
@@ -124,6 +125,9 @@ async def resume_with_budget(
     message.budget_extensions = [*message.budget_extensions, extension]
     with observability.replay_span(message, dispatcher.transport.name, operation="resume"):
         await dispatcher.transport.publish(parked.activity, dispatcher.encode(message), headers=dict(message.headers))
+        for sibling in resumed_wave(parked.message, message):  # a branch held back: the rest of the grant's wave
+            address = sibling.routing_slip.current or ""
+            await dispatcher.transport.publish(address, dispatcher.encode(sibling), headers=dict(sibling.headers))
     # The record stays parked until a worker has checked and claimed the resume (`_budget_gate.release_budget_park`).
     detail = f"budget extended by {approver}: {describe_amounts(add)}"
     logger.info("workflow %s: %s", escape_control(cid), escape_control(detail))

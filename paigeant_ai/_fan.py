@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
-from ._budget_probe import first_branches, send_after_probe
+from ._budget_probe import first_branches, next_wave, wave_done
 from ._escape import escape_control
 from ._group_marks import GroupMark, read_mark
 from ._hop import EXPIRY_GRACE, Hop
@@ -220,7 +220,14 @@ async def complete_branch(hop: Hop, outcome: Advance, deps: SettleDeps) -> Joine
         fields["usage"] = sum_usage(usage for usage in used if not usage.is_empty)
     await deps.reporter.report("step_completed", message, duration=entry.duration, at=entry.finished_at, **fields)
     deps.stats.completed_steps += 1
-    await send_after_probe(message, result.entries, deps)  # the other branches, once the first that ran alone completed
+    records = await joins.records(group_id) if count < len(group.branches) else {}
+    if records and wave_done(message, records):  # under a budget: the branches it pays for next (see `_budget_probe`)
+        ran = [
+            _load(records[spec.branch_key], spec, message, deps)
+            for spec in group.branches
+            if spec.branch_key in records
+        ]
+        await _send_all(next_wave(message, ran), deps)
     if count < len(group.branches):  # more than that: someone wrote other fields, which are not joined
         return None
     records = await joins.records(group_id)
@@ -231,6 +238,12 @@ async def complete_branch(hop: Hop, outcome: Advance, deps: SettleDeps) -> Joine
     detail = f"{len(group.branches)} branches merged: {keys}"
     await deps.reporter.report("joined", continuation, step=joined.step, activity=group.name, detail=detail)
     return Joined(continuation, joined, group_id)
+
+
+async def _send_all(hops: list[PaigeantMessage], deps: SettleDeps) -> None:
+    for hop in hops:
+        body = seal(hop, deps.security, max_bytes=deps.max_message_bytes)
+        await deps.transport.publish(hop.routing_slip.current or "", body, headers=dict(hop.headers))
 
 
 def _verified(

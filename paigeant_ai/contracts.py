@@ -334,7 +334,7 @@ class RoutingSlip(Wire):
         """The index of the current step in the workflow (how many steps are done)."""
         done = 0
         for entry in self.completed:  # a plain loop: this is read several times on every hop
-            if entry.outcome != "failed":
+            if entry.outcome != "failed" and entry.branch is None:  # not a branch's, carried for its budget
                 done += 1
         return done
 

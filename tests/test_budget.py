@@ -306,19 +306,17 @@ async def test_a_branch_resumed_with_more_budget_lets_another_branch_of_its_grou
     team = Team(memory, get_waiting_store(memory))
     group = Parallel(*(team.step(name) for name in ("b0", "b1", "b2")))
     cid = await team.dispatcher().dispatch_workflow([team.step("draft"), group], budget=Budget(tokens=3 * STEP))
-    await team.work(["draft", "b0", "b2"])  # b1's hop waits in its queue: the group stays open
+    await team.work(["draft", "b0", "b1", "b2"])
     parked = await team.dispatcher().parked(cid)
-    assert parked.activity == "b2"  # draft's 1000 pays for two branches, b0 and b1: b2 has no share
+    assert parked.activity == "b2"  # draft's 1000 pays for two branches, b0 and b1: b2, sent after them, has no share
+    assert team.calls == ["draft", "b0", "b1"]
 
     await team.dispatcher(DESK).resume(cid, budget=Budget(tokens=STEP), approver="carol")
     await team.work(["b2"])
-    assert team.calls == ["draft", "b0", "b2"]
+    assert team.calls == ["draft", "b0", "b1", "b2"]
     joins = join_store_for(memory, None)
     assert joins is not None
     assert await joins.hold_wait(f"{cid}/1", "b1", ttl=60) == "b1"  # b2 waits no more: b1 may park
-    await joins.release_wait(f"{cid}/1", "b1")
-
-    await team.work(["b1"])
     assert team.kinds() == ["budget_exhausted", "completed"]
 
 
@@ -354,18 +352,69 @@ async def test_a_run_resumed_after_approval_counts_its_earlier_part_once(memory:
 joinable = joinable_transport  # the transport, with the store its workers share for the join
 
 
-async def test_ten_branches_first_in_the_workflow_with_a_budget_for_three_run_at_most_four(
+async def test_ten_branches_first_in_the_workflow_with_a_budget_for_three_park_then_complete_on_more_budget(
     joinable: Transport,
 ) -> None:
-    """No step before the group tells what a branch uses: the first runs alone, then the others know."""
+    """No step before the group tells what a branch uses: the first runs alone, then the others know. Those the
+    budget does not pay for wait, the workflow parks once as `budget_exhausted`, and more budget lets them run."""
     team = Team(joinable, get_waiting_store(joinable))
     branches = [f"b{n}" for n in range(10)]
-    await team.dispatcher().dispatch_workflow(
+    cid = await team.dispatcher().dispatch_workflow(
         [Parallel(*(team.step(name) for name in branches))], budget=Budget(tokens=3 * STEP)
     )
     await team.work(branches)
     assert sorted(team.calls) == ["b0", "b1", "b2"]  # b0 alone, then what is left pays for two more
-    assert "budget_exhausted" in team.kinds()
+    assert team.kinds() == ["budget_exhausted"]  # not faulted, nothing undone
+    assert "compensating" not in [event.kind for event in team.events]
+    status = project(cid, team.events)
+    assert status is not None
+    assert status.state == "budget_exhausted"
+    parked = await team.dispatcher().parked(cid)
+    assert (parked.activity, parked.budget_exhausted is not None) == ("b3", True)
+
+    await team.dispatcher(DESK).resume(cid, budget=Budget(tokens=7 * STEP), approver="carol")
+    await team.work(branches)
+    assert sorted(team.calls) == sorted(branches)  # each branch ran once
+    assert team.kinds() == ["budget_exhausted", "completed"]
+    status = project(cid, team.events)
+    assert status is not None
+    assert status.state == "completed"
+    payload = team.last("completed").payload or {}
+    assert sorted(payload) == branches  # every branch's output, joined
+    assert await team.store.get(cid) is None
+
+
+async def test_a_grant_for_one_more_branch_runs_one_and_parks_again(memory: InMemoryTransport) -> None:
+    team = Team(memory, get_waiting_store(memory))
+    branches = [f"b{n}" for n in range(4)]
+    cid = await team.dispatcher().dispatch_workflow(
+        [team.step("draft"), Parallel(*(team.step(name) for name in branches))], budget=Budget(tokens=2 * STEP)
+    )
+    await team.work(["draft", *branches])
+    assert team.calls == ["draft", "b0"]
+    assert (await team.dispatcher().parked(cid)).activity == "b1"
+
+    await team.dispatcher(DESK).resume(cid, budget=Budget(tokens=STEP), approver="carol")
+    await team.work(branches)
+    assert team.calls == ["draft", "b0", "b1"]
+    assert (await team.dispatcher().parked(cid)).activity == "b2"  # parked again, at the next branch held back
+
+    await team.dispatcher(DESK).resume(cid, budget=Budget(tokens=2 * STEP), approver="carol")
+    await team.work(branches)
+    assert sorted(team.calls) == ["b0", "b1", "b2", "b3", "draft"]
+    assert team.kinds() == ["budget_exhausted", "budget_exhausted", "completed"]
+
+
+async def test_a_budget_that_faults_sends_every_branch_and_faults_its_group(memory: InMemoryTransport) -> None:
+    team = Team(memory, get_waiting_store(memory))
+    branches = [f"b{n}" for n in range(4)]
+    await team.dispatcher().dispatch_workflow(
+        [team.step("draft"), Parallel(*(team.step(name) for name in branches))],
+        budget=Budget(tokens=2 * STEP, on_exhausted="fault"),
+    )
+    await team.work(["draft", *branches])
+    assert sorted(team.calls) == ["b0", "draft"]  # the others have no share: each faults before its step runs
+    assert team.kinds() == ["faulted"]
 
 
 async def test_an_agent_whose_model_is_a_name_is_priced_and_limited_under_that_name(memory: InMemoryTransport) -> None:
