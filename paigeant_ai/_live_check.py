@@ -36,6 +36,10 @@ def named_activities(itinerary: Sequence[ActivitySpec]) -> list[str]:
     return list(names)
 
 
+UNREADABLE_FOR = 10.0
+"""Seconds after a failed read of the registry during which dispatches skip the check instead of reading again."""
+
+
 class LiveCheck:
     """A dispatcher's check against the registry, which it reads at most once per `fresh_for` seconds.
 
@@ -59,6 +63,7 @@ class LiveCheck:
         self.when = when
         self.fresh_for = fresh_for
         self._read: tuple[float, LiveRegistry | None] | None = None
+        self._failed: tuple[float, TransportError] | None = None
         self._lock: tuple[asyncio.AbstractEventLoop, asyncio.Lock] | None = None
 
     async def require(self, itinerary: Sequence[ActivitySpec]) -> None:
@@ -91,8 +96,14 @@ class LiveCheck:
         async with self._lock[1]:  # dispatches at once wait for one read, then use it
             if not fresh and self._read is not None and time.monotonic() - self._read[0] <= self.fresh_for:
                 return self._read[1]
-            registry = await read_registry(self.transport, self.security)
-            self._read = (time.monotonic(), registry)
+            if self._failed is not None and time.monotonic() - self._failed[0] <= UNREADABLE_FOR:
+                raise self._failed[1]  # dispatches right after a failed read do not each wait for another
+            try:
+                registry = await read_registry(self.transport, self.security)
+            except TransportError as exc:
+                self._failed = (time.monotonic(), exc)
+                raise
+            self._read, self._failed = (time.monotonic(), registry), None
             return registry
 
 

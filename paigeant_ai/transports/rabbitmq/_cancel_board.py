@@ -245,17 +245,18 @@ class CancelStreamReader(Resubscribing):
         if not self.book.add(correlation_id, bytes(body), asyncio.get_running_loop().time() + left):
             logger.debug("ignoring a cancel record for %r from %r: it has enough records", correlation_id, self.queue)
 
-    async def _catch_up(self) -> None:
+    async def _catch_up(self, within: float | None = None) -> None:
         nonce = uuid.uuid4().hex
         seen = self._markers[nonce] = asyncio.get_running_loop().create_future()
+        within = self.transport.timeout if within is None else within
         try:
             await self.publish(b"", {MARKER_HEADER: nonce})
-            async with asyncio.timeout(self.transport.timeout):
+            async with asyncio.timeout(within):
                 await seen
         except TimeoutError as exc:
             raise TransportError(
                 f"catching up with {self.queue!r}: the marker published to it did not come back within "
-                f"{self.transport.timeout:g}s; check that RabbitMQ runs with streams enabled (3.9 or later)"
+                f"{within:g}s; check that RabbitMQ runs with streams enabled (3.9 or later)"
             ) from exc
         finally:
             del self._markers[nonce]

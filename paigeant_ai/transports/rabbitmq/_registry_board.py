@@ -16,6 +16,7 @@ from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
 from ..._registry import REGISTRY_RETENTION
+from ...exceptions import TransportError
 from ..base import MAX_REGISTRY_RECORD_BYTES, check_registry_post
 from ._cancel_board import MARKER_HEADER, CancelStreamReader, _seconds  # pyright: ignore[reportPrivateUsage]
 from ._wire import header_text
@@ -37,6 +38,11 @@ def registry_stream_arguments() -> dict[str, Any]:
     """The arguments the registry stream is declared with."""
     # Retention drops whole segments: small ones keep the stream near an hour of heartbeats, not 500 MB of them.
     return {"x-queue-type": "stream", "x-max-age": "1h", "x-stream-max-segment-size-bytes": 8 * 2**20}
+
+
+CATCH_UP_WITHIN = 5.0
+"""Seconds a read of the registry waits for its marker to come back before it gives up (a dispatcher then goes on
+without the check, with a warning)."""
 
 
 class RabbitMQRegistryBoard:
@@ -76,8 +82,16 @@ class RegistryStreamReader(CancelStreamReader):
         self.latest: dict[str, tuple[bytes, float]] = {}  # worker ID -> (record, Unix seconds it is kept until)
 
     async def catch_up(self) -> None:
-        """Return once every record posted before the call is in `latest` (a marker's round trip)."""
-        await self._catch_up()
+        """Return once every record posted before the call is in `latest` (a marker's round trip).
+
+        A reader whose marker does not come back (its subscription was lost with a broker restart and not yet
+        restored) is dropped, so that the next read starts afresh on a channel of its own.
+        """
+        try:
+            await self._catch_up(within=min(self.transport.timeout, CATCH_UP_WITHIN))
+        except TransportError:
+            self.transport.drop_registry_reader(self)
+            raise
 
     def current(self) -> list[bytes]:
         """The records still kept."""

@@ -134,6 +134,7 @@ class RabbitMQTransport(TransportBase):
         self._connect_lock = asyncio.Lock()
         self._cancel_reader: CancelStreamReader | None = None
         self._registry_reader: RegistryStreamReader | None = None
+        self._closing: set[asyncio.Future[None]] = set()  # readers dropped, closing in the background
 
     def __repr__(self) -> str:
         return f"RabbitMQTransport({redact_url(self.url)!r}, namespace={self.namespace!r})"
@@ -463,6 +464,15 @@ class RabbitMQTransport(TransportBase):
         if self._registry_reader is None:
             self._registry_reader = RegistryStreamReader(self)
         return self._registry_reader
+
+    def drop_registry_reader(self, reader: RegistryStreamReader) -> None:
+        """Forget `reader` (it no longer reads the stream) and close it in the background; the next read makes
+        a new one."""
+        if self._registry_reader is reader:
+            self._registry_reader = None
+            closing = asyncio.ensure_future(reader.close())
+            self._closing.add(closing)
+            closing.add_done_callback(self._closing.discard)
 
     async def declare_registry_stream(self) -> None:
         """Declare the registry stream unless this transport has (idempotent)."""
