@@ -223,21 +223,13 @@ class PaigeantToolset(FunctionToolset[Any]):
         if found is None:
             return {"correlation_id": correlation_id, "state": "unknown"}
         status, parked = found
-        if parked is not None and parked.in_doubt is not None:
+        if parked is not None and (state := _stopped_state(parked)) is not None:
             return {
                 "correlation_id": correlation_id,
-                "state": "in_doubt",
+                "state": state,
                 "current_activity": parked.activity,
-                "in_doubt": parked.describe(),
+                state: parked.describe(),
                 **_usage_of(parked.message),
-                "note": DATA_NOTICE,
-            }
-        if parked is not None and parked.budget_exhausted is not None:
-            return {
-                "correlation_id": correlation_id,
-                "state": "budget_exhausted",
-                "current_activity": parked.activity,
-                "budget_exhausted": parked.describe(),
                 "note": DATA_NOTICE,
             }
         if parked is not None:
@@ -488,6 +480,14 @@ def _marked(specs: list[ActivitySpec], always: Collection[str], asked: list[str]
         raise InvalidPlan(f"mandatory step {unknown[0]!r} is not an activity of the plan")
     marked = {*always, *asked}
     return [mark_mandatory(spec, marked) for spec in specs]
+
+
+def _stopped_state(parked: ParkedStep) -> str | None:
+    """The state of a workflow parked until a person decides something other than an approval: `in_doubt` (did an
+    at-most-once step run?) or `budget_exhausted` (more budget?); None for a step waiting for approvals."""
+    if parked.in_doubt is not None:
+        return "in_doubt"
+    return "budget_exhausted" if parked.budget_exhausted is not None else None
 
 
 def _usage_of(message: PaigeantMessage) -> dict[str, JsonValue]:
