@@ -219,20 +219,19 @@ class CancelStreamReader(Resubscribing):
 
     async def _on_message(self, message: DeliveredMessage) -> None:
         try:
-            self._take(message.body, message.header.properties.headers or {})
+            headers = message.header.properties.headers or {}
+            marker = header_text(headers.get(MARKER_HEADER))
+            if marker is None:
+                self._take(message.body, headers)
+            elif (waiting := self._markers.get(marker)) is not None and not waiting.done():
+                waiting.set_result(None)  # a catch-up's marker: everything before it has been read
         finally:
             if not message.channel.is_closed:
                 with suppress(*BROKER_ERRORS):
                     await message.channel.basic_ack(cast(int, message.delivery_tag), wait=False)
 
     def _take(self, body: bytes, headers: Mapping[str, Any]) -> None:
-        """Put one entry of the stream in the book, or resolve the marker it is; ignore anything else."""
-        marker = header_text(headers.get(MARKER_HEADER))
-        if marker is not None:
-            waiting = self._markers.get(marker)
-            if waiting is not None and not waiting.done():
-                waiting.set_result(None)
-            return
+        """Put one entry of the stream (no marker) in the book; ignore anything that is no cancel record."""
         correlation_id = header_text(headers.get(FOR_HEADER))
         until = _seconds(header_text(headers.get(UNTIL_HEADER)))
         if correlation_id is None or not readable_id(correlation_id) or until is None:

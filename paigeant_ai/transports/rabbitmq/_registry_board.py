@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 from ..._registry import REGISTRY_RETENTION
 from ...exceptions import TransportError
 from ..base import MAX_REGISTRY_RECORD_BYTES, check_registry_post
-from ._cancel_board import MARKER_HEADER, CancelStreamReader, _seconds  # pyright: ignore[reportPrivateUsage]
+from ._cancel_board import CancelStreamReader, _seconds  # pyright: ignore[reportPrivateUsage]
 from ._wire import header_text
 
 if TYPE_CHECKING:
@@ -110,12 +110,6 @@ class RegistryStreamReader(CancelStreamReader):
         return datetime.now(UTC) - timedelta(seconds=REGISTRY_RETENTION)
 
     def _take(self, body: bytes, headers: Mapping[str, Any]) -> None:
-        marker = header_text(headers.get(MARKER_HEADER))
-        if marker is not None:
-            waiting = self._markers.get(marker)
-            if waiting is not None and not waiting.done():
-                waiting.set_result(None)
-            return
         worker_id = header_text(headers.get(WORKER_HEADER))
         until = _seconds(header_text(headers.get(UNTIL_HEADER)))
         if not worker_id or until is None or len(body) > MAX_REGISTRY_RECORD_BYTES:
