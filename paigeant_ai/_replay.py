@@ -10,6 +10,10 @@ A hop is claimed, atomically, when it starts, with a digest of what it says, and
 | the same hop, settled         | `settled`: a replay, refused      | `settled`: skipped (its ack was lost) |
 | the hop with other content    | `duplicate`: skipped              | `duplicate`: skipped                |
 
+A claim carries the random token of the copy that made it (`holder`): asked again by that copy, it is `claimed`.
+Redis clients send a request again when a dropped connection lost its reply, and a worker must not refuse, as a
+replay, the hop it has just claimed itself.
+
 A running claim carries a lease (the step's timeout and a margin): a copy that arrives after it lapsed belongs to
 a hop whose worker is gone (a poison message sent back from the dead-letter queue) and may run. A worker that
 handed its delivery back to the broker while the step runs (see `paigeant_ai._long_steps`) renews the lease
@@ -58,7 +62,9 @@ class ReplayCache(Protocol):
             redelivered: The broker delivered this copy before: it may take over a running claim.
             lease: Seconds the claim stays running before another copy may take it over.
             ttl: Seconds the claim is remembered.
-            holder: A random token of the copy that claims: only it renews the claim (see `renew`).
+            holder: A random token of the copy that claims: only it renews the claim (see `renew`), and its own
+                running claim asked again is `claimed` (a store's client may send a request twice when a dropped
+                connection lost the reply: the copy must not be refused as a replay of itself).
         """
         ...
 
@@ -134,6 +140,8 @@ class InMemoryReplayCache:
             return "duplicate"
         if entry.settled:
             return "settled"
+        if holder and entry.holder == holder:  # its own claim, asked again
+            return "claimed"
         if (redelivered and not entry.held) or entry.lease_until < now:
             entry.lease_until, entry.held, entry.holder = now + lease, False, holder
             return "claimed"

@@ -554,6 +554,24 @@ async def test_a_hop_is_claimed_as_it_starts_and_each_copy_gets_its_answer(kind:
         assert await claim("m2") == "claimed", "its lease lapsed: its worker is gone"
 
 
+@pytest.mark.parametrize("kind", ["memory", pytest.param("redis", marks=pytest.mark.redis)])
+async def test_a_claim_asked_twice_by_its_holder_is_its_own_not_a_replay(kind: str) -> None:
+    """A store's client sends a request again when a dropped connection lost its reply (redis-py resends the
+    pipeline once Redis is back): the copy that claimed must not then be refused, and dead-lettered, as a replay."""
+    async with _cache(kind) as cache:
+
+        async def claim(holder: str) -> str:
+            options = {"sent_at": time.time(), "redelivered": False, "lease": 60, "ttl": 60, "holder": holder}
+            return await cache.claim("m1", "d1", **options)
+
+        assert await claim("copy-a") == "claimed"
+        assert await claim("copy-a") == "claimed", "the same claim, sent again"
+        assert await claim("copy-b") == "running", "another copy is still a replay"
+        assert await claim("") == "running", "a claim without a holder proves nothing"
+        await cache.settle("m1", "d1", 60)
+        assert await claim("copy-a") == "settled"
+
+
 @asynccontextmanager
 async def _cache(kind: str) -> AsyncGenerator[InMemoryReplayCache | RedisReplayCache]:
     if kind == "memory":

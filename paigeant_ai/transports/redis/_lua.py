@@ -395,7 +395,7 @@ CLAIM_HOP = (
     + """
 -- KEYS: the replay entry of a hop. ARGV: its digest, 1 if the broker redelivered it, lease ms, ttl ms, holder.
 -- Returns claimed, running, settled or duplicate (see `paigeant_ai._replay`): a fresh copy of a running or settled
--- hop is a replay.
+-- hop is a replay; the holder's own claim, asked again, is claimed.
 local now = now_ms()
 local raw = redis.call('GET', KEYS[1])
 local running = 'r ' .. (now + tonumber(ARGV[3])) .. ' ' .. ARGV[1] .. ' ' .. ARGV[5]
@@ -403,9 +403,11 @@ if not raw then
   redis.call('SET', KEYS[1], running, 'PX', ARGV[4])
   return 'claimed'
 end
-local state, lease_end, digest = read_entry(raw)
+local state, lease_end, digest, holder = read_entry(raw)
 if digest ~= ARGV[1] then return 'duplicate' end
 if state == 's' then return 'settled' end
+-- This very claim, sent again: redis-py resends a pipeline whose replies a dropped connection lost.
+if ARGV[5] ~= '-' and holder == ARGV[5] then return 'claimed' end
 if (ARGV[2] == '1' and state == 'r') or lease_end < now then
   redis.call('SET', KEYS[1], running, 'KEEPTTL')
   return 'claimed'
