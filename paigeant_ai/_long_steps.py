@@ -339,7 +339,20 @@ class LongSteps:
         """What becomes of `delivery`, which could not be settled."""
         if id(delivery) in self._detached:
             return "it was handed back while its step ran: its watch copy runs the step again once its claim lapses"
-        return "it will be delivered again"
+        return "it is handed back, to be delivered again"
+
+    async def give_back(self, delivery: Delivery) -> None:
+        """Hand `delivery`, which could not be settled, back to the broker now, unless it was handed back already.
+
+        A refused publish leaves the connection up: without this the broker would keep the delivery with this
+        worker until its consumer closed (on RabbitMQ, until its consumer timeout), and the workflow would stall.
+        """
+        if id(delivery) in self._detached:
+            return
+        try:
+            await self.transport.give_back(delivery)
+        except TransportError as exc:  # the connection is gone: the broker takes its deliveries back by itself
+            logger.warning("could not hand a delivery from %s back: %s", delivery.address, exc)
 
     def handled(self, delivery: Delivery) -> None:
         """Forget `delivery`, whose handling is over."""

@@ -325,11 +325,12 @@ class Worker:
             logger.info("step on %s cancelled by shutdown; it will be delivered again", delivery.address)
             raise
         except TransportError:
-            # The broker failed while the hop was settled: it hands the unacked delivery out again (or its watch copy
-            # runs the step again, for one handed back while it ran).
+            # The broker failed while the hop was settled: the delivery goes back to it now, to be handed out again
+            # as its redelivery (or its watch copy runs the step again, for one handed back while it ran).
             logger.exception(
                 "could not settle a delivery on %s; %s", delivery.address, self._long_steps.after(delivery)
             )
+            await self._long_steps.give_back(delivery)
         except Exception as exc:
             # A failure of the worker itself (a store, a callback, a bug): keep the message, with the reason, where
             # an operator can replay it once the cause is fixed, rather than hold it unsettled forever.

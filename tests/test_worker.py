@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import random
+from typing import Any
 
 import pytest
 
@@ -309,6 +310,45 @@ async def test_a_redelivered_completed_step_is_not_run_again(
     await worker.run(burst=True)
     assert runs == 1
     assert worker.stats.duplicates == 1
+
+
+async def test_a_successor_the_broker_refuses_is_sent_again_without_waiting_for_the_consumer_to_go(
+    transport: Transport, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A refused publish (RabbitMQ's negative confirm) leaves the connection up: the step's delivery goes back to
+    the broker at once and its redelivery sends the successor, rather than waiting with this worker until it stops."""
+    runs: list[str] = []
+
+    @activity(name="first")
+    async def counted_first(ctx: ActivityContext) -> dict[str, int]:
+        runs.append("first")
+        return {"a": 1}
+
+    publish = transport.publish
+    refused = asyncio.Event()
+
+    async def refuse_the_successor_once(address: str, body: bytes, **options: Any) -> None:
+        if address == "second" and not refused.is_set():
+            refused.set()
+            raise TransportError("publishing to 'second': RabbitMQ refused the message (negative publisher confirm)")
+        await publish(address, body, **options)
+
+    monkeypatch.setattr(transport, "publish", refuse_the_successor_once)
+    events: list[WorkflowEvent] = []
+    completed = asyncio.Event()
+
+    def record(event: WorkflowEvent) -> None:
+        events.append(event)
+        if event.kind == "completed":
+            completed.set()
+
+    await WorkflowDispatcher(transport).dispatch_workflow([counted_first, second])
+    async with Worker(transport, [counted_first, second], on_event=record):
+        await asyncio.wait_for(completed.wait(), 10)
+    assert refused.is_set()
+    assert runs == ["first", "first"]
+    assert [event.payload for event in events if event.kind == "completed"] == [{"a": 1, "b": 2}]
+    assert await dead_letters(transport) == []
 
 
 async def test_concurrency_limits_steps_in_flight(transport: Transport) -> None:

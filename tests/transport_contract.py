@@ -157,6 +157,20 @@ class TransportContract:
             await transport.ack(again)
         assert await transport.pending(where) == 0
 
+    async def test_a_delivery_given_back_comes_again_at_once_as_a_redelivery(self, transport: Transport) -> None:
+        where = address()
+        await transport.publish(where, b"unsettled", headers={"k": "v"})
+        async with await transport.consume(where) as consumer:
+            first = await receive(consumer)
+            assert not first.redelivered
+            await transport.give_back(first)
+            again = await receive(consumer)
+            assert (again.body, again.headers["k"], again.redelivered) == (b"unsettled", "v", True)
+            await transport.give_back(first)  # given back already: nothing more happens
+            await transport.ack(again)
+            await receive_nothing(consumer)
+        assert await transport.pending(where) == 0
+
     async def test_dead_letter_keeps_the_reason_and_settles(self, transport: Transport) -> None:
         where = address()
         await transport.publish(where, b"poison", headers={"k": "v"})

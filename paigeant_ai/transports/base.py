@@ -173,6 +173,12 @@ class Transport(Protocol):
         """Move the delivery to `dead-letter` with `reason` in its headers, and settle it."""
         ...
 
+    async def give_back(self, delivery: Delivery) -> None:
+        """Hand an unsettled delivery back to the broker now, as its redelivery: the next consumer sees it
+        `redelivered`, as if its consumer had died. For a delivery whose settling failed while the connection lived
+        (a refused publish): without it the broker would wait for the consumer to go before delivering it again."""
+        ...
+
     async def pending(self, address: str) -> int:
         """How many messages at `address` are waiting or delayed and not yet settled (used by burst mode)."""
         ...

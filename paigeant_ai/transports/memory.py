@@ -156,6 +156,9 @@ class InMemoryTransport(TransportBase):
             else:
                 owner.queue.put(entry)
 
+    async def give_back(self, delivery: Delivery) -> None:
+        await self.retry_later(delivery, 0)  # it keeps its count: handed out again, it is a redelivery
+
     async def dead_letter(self, delivery: Delivery, reason: str) -> None:
         owner = self._owner(delivery)
         if owner.settle(delivery):

@@ -171,6 +171,14 @@ async def ack(message: DeliveredMessage, address: str) -> None:
         raise TransportError(f"acknowledging a delivery from {address!r}: {explain(exc)}") from exc
 
 
+async def requeue(message: DeliveredMessage, address: str) -> None:
+    """Return `message` to its queue as a redelivery (`basic.reject` with requeue: the broker counts it)."""
+    try:
+        await message.channel.basic_reject(cast(int, message.delivery_tag), requeue=True, wait=False)
+    except BROKER_ERRORS as exc:
+        raise TransportError(f"handing back a delivery from {address!r}: {explain(exc)}") from exc
+
+
 async def underlay(channel: AbstractRobustChannel) -> aiormq.Channel:
     """The aiormq channel under `channel`, as it now is (a reconnect replaces it)."""
     return cast(aiormq.Channel, await channel.get_underlay_channel())

@@ -24,7 +24,7 @@ from ...exceptions import TransportError, UserError
 from ...settings import Settings
 from ..base import Delivery, TransportBase, dead_letter_headers, ensure_bytes, redact_url
 from ._cancel_board import CANCEL_STREAM, CancelStreamReader, RabbitMQCancelBoard, cancel_stream_arguments
-from ._consumer import RabbitMQConsumer, ack, underlay
+from ._consumer import RabbitMQConsumer, ack, requeue, underlay
 from ._errors import BROKER_ERRORS, CONNECTION_LOST, broker_errors, cancelling, channel_ready, explain, on_channel
 from ._progress import (
     PROGRESS_RETENTION,
@@ -415,6 +415,12 @@ class RabbitMQTransport(TransportBase):
         if token in consumer.handed:
             await self.publish(delivery.address, delivery.body, headers=delivery.headers, delay=delay)
             await self.ack(delivery)
+
+    async def give_back(self, delivery: Delivery) -> None:
+        consumer, token = self._owner(delivery)
+        message = consumer.handed.pop(token, None)
+        if message is not None:
+            await requeue(message, delivery.address)
 
     async def dead_letter(self, delivery: Delivery, reason: str) -> None:
         consumer, token = self._owner(delivery)

@@ -297,6 +297,9 @@ class RedisTransport(TransportBase):
         if delay > 0:
             self._expect_due(delivery.address, delay)
 
+    async def give_back(self, delivery: Delivery) -> None:
+        await self.retry_later(delivery, 0)  # re-added with its count: read again, it is a redelivery
+
     async def dead_letter(self, delivery: Delivery, reason: str) -> None:
         handle = self._handle(delivery)
         await self.dead_letter_entry(handle.consumer.stream, handle.entry_id, delivery, reason)
