@@ -11,7 +11,11 @@ deliveries (`retry_later`, a consumer handing back what it held, a delayed retry
 before, kept in the hash `<stream>@deliveries` (entry id -> count), which these scripts alone write. A publisher
 can add any field to an entry with `XADD`, so a count in the entry would let anyone who can publish make a replay
 look redelivered (a worker then skips or takes it over instead of refusing it) or poisoned (dead-lettered with a
-harmless-looking reason). The hash loses an entry's count when the entry is trimmed. Delayed messages are members
+harmless-looking reason). The hash loses an entry's count when the entry is trimmed. An entry these scripts add
+with no deliveries before also has the field `fresh`, so that a consumer woken by a blocking `XREADGROUP` asks the
+hash only about entries without it: the field spares a lookup, it never lowers a count, since only the entry
+these scripts add with a count has a count in the hash, and that entry has no `fresh` (a publisher's own entry,
+with or without it, has a new id, with no count). Delayed messages are members
 of a sorted set, scored by the server time in milliseconds when they are due, and packed as
 `<32 hex id><10 digits deliveries><10 digits headers length><headers><body>`; the transport's `publish` always
 packs 0 deliveries.
@@ -64,6 +68,10 @@ local function append(stream, body, headers, deliveries, maxlen)
   args[#args + 1] = body
   args[#args + 1] = 'headers'
   args[#args + 1] = headers
+  if deliveries == 0 then
+    args[#args + 1] = 'fresh'
+    args[#args + 1] = '1'
+  end
   local id = redis.call(unpack(args))
   if deliveries > 0 then redis.call('HSET', stream .. '@deliveries', id, deliveries) end
   return id
