@@ -380,10 +380,8 @@ class Worker:
                 if redelivered:
                     outcome = await self._authorize(hop)
                 # A step that completed is skipped, even if its token has expired since (a refused token is a Fault).
-                if (outcome is None or isinstance(outcome, Fault)) and await self.dedupe.is_done(key):
-                    outcome = Skip("already completed (redelivery)")
-                if outcome is None:
-                    outcome = await self._halted(hop)  # cancelled, or past its deadline: nothing more runs
+                if outcome is None or isinstance(outcome, Fault):
+                    outcome = await self._done_or_halted(hop, outcome)  # cancelled, or past its deadline: it stops
                 if outcome is None:
                     outcome = budget_gate(hop)  # its budget spent: parked or faulted before the step runs
                 if outcome is None or isinstance(outcome, (Halt, Skip)):
@@ -399,6 +397,23 @@ class Worker:
                 self.at_most_once.forget(hop)
                 self._long_steps.forget(hop)
                 self._running_keys.pop(key).set()
+
+    async def _done_or_halted(self, hop: Hop, outcome: Outcome | None) -> Outcome | None:
+        """Skip for a step that completed already, else `outcome`, else why its workflow stops here (`_halted`).
+
+        A shared dedupe store and the cancel board are asked together: on Redis both reads go out in one round trip,
+        before the step runs. Both are only reads, so asking the board of a step that completed changes nothing. An
+        in-process store answers at once: asking one after the other spares the two tasks of `gather`.
+        """
+        key = hop.message.idempotency_key
+        if outcome is not None:  # refused: only whether the step ran while it was allowed matters
+            done = await self.dedupe.is_done(key)
+        elif isinstance(self.dedupe, InMemoryDedupeStore):
+            done = await self.dedupe.is_done(key)
+            outcome = None if done else await self._halted(hop)
+        else:
+            done, outcome = await asyncio.gather(self.dedupe.is_done(key), self._halted(hop))
+        return Skip("already completed (redelivery)") if done else outcome
 
     async def _waits_for_pin(self, hop: Hop) -> bool:
         """Whether a hop pinned to versions this worker does not run waits for another: not when its pin is not the

@@ -161,6 +161,38 @@ async def test_a_poison_message_goes_to_dead_letter_by_delivery_count(namespace:
         assert letter.headers[REASON_HEADER].startswith("delivered 3 times without being settled (max_deliveries is 2)")
 
 
+async def test_a_waiting_consumer_asks_the_count_only_of_an_entry_added_again(
+    namespace: str, raw: aioredis.Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # An idle consumer waits in a blocking read (for up to `poll_interval`): an entry published once reaches it with
+    # no second round trip; an entry added again after a delivery still comes with its count, from Redis's hash.
+    async with RedisTransport(REDIS_URL, namespace=namespace, poll_interval=5.0) as transport:
+        where = address()
+        stream = transport.stream_key(where)
+        hmget = transport.client.hmget
+        asked: list[list[bytes]] = []
+
+        async def spying_hmget(name: str, keys: list[bytes]) -> list[bytes | None]:
+            asked.append(keys)
+            return await hmget(name, keys)
+
+        monkeypatch.setattr(transport.client, "hmget", spying_hmget)
+        async with await transport.consume(where) as consumer:
+            await asyncio.sleep(0.3)  # its reads found nothing: it blocks now
+            await transport.publish(where, b"once")
+            first = await receive(consumer)
+            assert first.delivery_count == 1
+            assert asked == []
+            await asyncio.sleep(0.3)
+            await transport.retry_later(first, 0)
+            again = await receive(consumer)
+            assert (again.body, again.delivery_count) == (b"once", 2)
+            assert asked == [[again.handle.entry_id]]
+            await transport.ack(again)
+        entries = cast("list[tuple[bytes, dict[bytes, bytes]]]", await raw.xrange(stream))
+        assert [b"fresh" in entry_fields for _, entry_fields in entries] == [True, False]
+
+
 async def test_trimming_never_drops_an_entry_that_is_not_settled(namespace: str, raw: aioredis.Redis) -> None:
     async with RedisTransport(REDIS_URL, namespace=namespace, trim_length=10) as transport:
         where = address()

@@ -254,14 +254,23 @@ class RedisConsumer(ConsumerBase):
         # RESP2 replies [[stream, entries]], RESP3 {stream: entries} (a `protocol=3` URL).
         streams = cast("dict[bytes, _Entries] | list[tuple[bytes, _Entries]] | None", reply) or ()
         for _stream, entries in streams.items() if isinstance(streams, dict) else streams:
-            if not entries:
-                continue
-            with t.errors("reading from", self.stream):
-                before = await t.client.hmget(f"{self.stream}@deliveries", [entry_id for entry_id, _ in entries])
-            await self._take(
-                _from_fields(entry_id, fields, _count(count) + 1)
-                for (entry_id, fields), count in zip(entries, before, strict=True)
-            )
+            if entries:
+                before = await self._deliveries_before(entries)
+                await self._take(
+                    _from_fields(entry_id, fields, before.get(entry_id, 0) + 1) for entry_id, fields in entries
+                )
+
+    async def _deliveries_before(self, entries: _Entries) -> dict[bytes, int]:
+        """How often each entry a blocking read returned was delivered before it was (re-)added, from the
+        `@deliveries` hash: asked only about entries without the field `fresh` (see `_lua`), so an entry
+        published once costs no second round trip before its worker sees it."""
+        unknown = [entry_id for entry_id, fields in entries if b"fresh" not in fields]
+        if not unknown:
+            return {}
+        t = self.transport
+        with t.errors("reading from", self.stream):
+            counts = await t.client.hmget(f"{self.stream}@deliveries", unknown)
+        return {entry_id: _count(count) for entry_id, count in zip(unknown, counts, strict=True)}
 
     async def _take(self, entries: Iterable[tuple[bytes, bytes, bytes, int]]) -> None:
         """Buffer what was read or claimed, as (id, body, headers, deliveries); dead-letter what came too often."""

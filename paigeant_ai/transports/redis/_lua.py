@@ -4,15 +4,19 @@ Each settles or moves entries atomically, so several workers can share a stream 
 never both handed back and acknowledged, and a delayed message moves into its stream exactly once. A plain ack is
 an `XACK`, no script.
 
-Stream entries have the fields `body` and `headers` (a JSON object); any other field is ignored. How often an entry
+Stream entries have the fields `body` and `headers` (a JSON object), and `fresh` (below). How often an entry
 was delivered comes from Redis alone, never from the entry: the consumer group's own delivery counter of the
 entry (in its pending entries list), plus, for an entry the transport itself re-added after unacknowledged
 deliveries (`retry_later`, a consumer handing back what it held, a delayed retry coming due), the deliveries
 before, kept in the hash `<stream>@deliveries` (entry id -> count), which these scripts alone write. A publisher
 can add any field to an entry with `XADD`, so a count in the entry would let anyone who can publish make a replay
 look redelivered (a worker then skips or takes it over instead of refusing it) or poisoned (dead-lettered with a
-harmless-looking reason). The hash loses an entry's count when the entry is trimmed. Delayed messages are members
-of a sorted set, scored by the server time in milliseconds when they are due, and packed as
+harmless-looking reason). The hash loses an entry's count when the entry is trimmed. An entry these scripts add
+with no deliveries before has the field `fresh` (exactly those the hash has no count for), so that a consumer
+woken by a blocking `XREADGROUP` asks the hash only about entries without it. The field spares a lookup and never
+lowers a count: a publisher's own entry, with or without it, has a new id, which the hash has no count for.
+Delayed messages are members of a sorted set, scored by the server time in milliseconds when they are due, and
+packed as
 `<32 hex id><10 digits deliveries><10 digits headers length><headers><body>`; the transport's `publish` always
 packs 0 deliveries.
 """
@@ -64,6 +68,10 @@ local function append(stream, body, headers, deliveries, maxlen)
   args[#args + 1] = body
   args[#args + 1] = 'headers'
   args[#args + 1] = headers
+  if deliveries == 0 then
+    args[#args + 1] = 'fresh'
+    args[#args + 1] = '1'
+  end
   local id = redis.call(unpack(args))
   if deliveries > 0 then redis.call('HSET', stream .. '@deliveries', id, deliveries) end
   return id
