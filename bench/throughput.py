@@ -15,7 +15,7 @@ the registry's heartbeat at 50 ms, to show it costs the hops nothing), and, in t
 It ends with one line per performance target: PASS, FAIL or SKIP, the measurement, the limit and its baseline
 (`bench/_targets.py`).
 
-    uv run python -m bench.throughput                       # every transport whose server is up; about 5 minutes
+    uv run python -m bench.throughput                       # every transport whose server is up; a few minutes
     uv run python -m bench.throughput --markdown            # the targets as the README's table
     uv run python -m bench.throughput --transports inmemory --workflows 5000 --no-soak
     uv run python -m bench.throughput --soak                # only the soaks: 100,000 hops per transport
