@@ -192,5 +192,5 @@ class DetachedJWS:
             return key, verifier_of(key, alg)
         except JoseError:
             raise SecurityError(
-                f"key {show(kid)} may not verify signatures (its use or key_ops)", code="algorithm"
+                f"key {show(kid)} may not verify signatures (its key_ops)", code="algorithm"
             ) from None
