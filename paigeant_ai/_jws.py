@@ -191,6 +191,4 @@ class DetachedJWS:
         try:
             return key, verifier_of(key, alg)
         except JoseError:
-            raise SecurityError(
-                f"key {show(kid)} may not verify signatures (its key_ops)", code="algorithm"
-            ) from None
+            raise SecurityError(f"key {show(kid)} may not verify signatures (its key_ops)", code="algorithm") from None

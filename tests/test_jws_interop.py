@@ -106,4 +106,3 @@ def test_a_trusted_key_whose_key_ops_leave_out_verify_is_refused_by_name() -> No
     with pytest.raises(SecurityError, match="may not verify signatures") as refused:
         verifier.verify(signature, PAYLOAD, TYP)
     assert refused.value.code == "algorithm"
-
