@@ -71,17 +71,17 @@ def joserfc_ed25519() -> Generator[None]:
     the baseline a run compares against."""
     registry = JWSRegistry(algorithms=list(ALGORITHMS))
 
-    def signer_of(key: Key, alg: str) -> Sign:
+    def sign_with(key: Key, alg: str) -> Sign:
         algorithm = registry.get_alg(alg)
         return lambda data: algorithm.sign(data, key)
 
-    def verifier_of(key: Key, alg: str) -> Verify:
+    def verify_with(key: Key, alg: str) -> Verify:
         algorithm = registry.get_alg(alg)
         return lambda data, signature: algorithm.verify(data, signature, key)
 
-    saved = _jws.signer_of, _jws.verifier_of
-    _jws.signer_of, _jws.verifier_of = signer_of, verifier_of
+    saved = _jws.sign_with, _jws.verify_with
+    _jws.sign_with, _jws.verify_with = sign_with, verify_with
     try:
         yield
     finally:
-        _jws.signer_of, _jws.verifier_of = saved
+        _jws.sign_with, _jws.verify_with = saved

@@ -5,10 +5,10 @@ Appendix F), protected header exactly `{"alg", "kid", "typ"}`, `alg` from `ALGOR
 thing was signed, so that a signature over one kind (a hop, a plan, an approval) never passes for another. What is
 signed, and why, is `paigeant_ai.security`'s.
 
-Every hop is signed once and verified once, so those two calls are most of what signing costs. An Ed25519 key
-signs and verifies through libsodium (PyNaCl), the fastest implementation at hand: Ed25519 is deterministic, so the
-signature is the very one joserfc would make, in a fraction of the time. A P-256 key uses joserfc's algorithm.
-Keys, key sets and everything else stay joserfc's.
+Every hop is signed once and verified once, and its events are signed too, so these calls weigh on every hop.
+An Ed25519 key signs and verifies through libsodium (PyNaCl), the fastest implementation at hand: Ed25519 is
+deterministic, so the signature is the very one joserfc would make, in a fraction of the time. A P-256 key uses
+joserfc's algorithm. Keys, key sets and everything else stay joserfc's.
 """
 
 from __future__ import annotations
@@ -48,7 +48,7 @@ def require_detached(signature: str) -> None:
         raise SecurityError("the signature is not a detached compact JWS", code="malformed_signature")
 
 
-def signer_of(key: Key, alg: str) -> Sign:
+def sign_with(key: Key, alg: str) -> Sign:
     """How the private `key` signs with `alg`: libsodium for Ed25519, joserfc's algorithm otherwise.
 
     Made once per key, as joserfc would check it on every signature: the key must allow signing.
@@ -61,7 +61,7 @@ def signer_of(key: Key, alg: str) -> Sign:
     return lambda data: algorithm.sign(data, key)
 
 
-def verifier_of(key: Key, alg: str) -> Verify:
+def verify_with(key: Key, alg: str) -> Verify:
     """How the public `key` checks an `alg` signature: libsodium for Ed25519, joserfc's algorithm otherwise.
 
     Both compare in the library, in constant time; a signature of the wrong length or shape does not hold.
@@ -126,7 +126,7 @@ class DetachedJWS:
             return None
         if self._sign is None or self._sign[0] is not key:
             alg = algorithm_of(key) or ""  # a signing key is loaded only for an allowed algorithm
-            self._sign, self._headers = (key, signer_of(key, alg)), {}
+            self._sign, self._headers = (key, sign_with(key, alg)), {}
         segment = self._headers.get(typ)
         if segment is None:  # the protected header is the same on everything of one type: encoded once
             segment = self._headers[typ] = json_b64encode({"alg": algorithm_of(key), "kid": key.kid, "typ": typ})
@@ -189,6 +189,6 @@ class DetachedJWS:
         if algorithm_of(key) != alg or key.get("alg", alg) != alg:
             raise SecurityError(f"key {show(kid)} does not sign with {alg}", code="algorithm")
         try:
-            return key, verifier_of(key, alg)
+            return key, verify_with(key, alg)
         except JoseError:
             raise SecurityError(f"key {show(kid)} may not verify signatures (its key_ops)", code="algorithm") from None
