@@ -5,7 +5,8 @@ itself `null`: see `paigeant_ai._sealing`), protected header `{"alg", "kid", "ty
 allow-list (`Ed25519`, `ES256`).
 A worker verifies what it receives against its trusted public keys (a JWKS, looked up by `kid`), refuses a
 message it has already settled, validates the user's on-behalf-of token and the scopes the step requires, and
-signs again, with its own key, what it forwards. All cryptography is joserfc's.
+signs again, with its own key, what it forwards. Keys, key sets and tokens are joserfc's; an Ed25519 signature
+is made and checked by libsodium (see `paigeant_ai._jws`).
 
 Keys come from the constructor or from the environment (`MessageSigner.from_settings`):
 
