@@ -2,8 +2,8 @@
 
 A signed hop verifies the hop it received and signs the next one, so its least possible extra CPU is one sign and
 one verify over a message of its size. This measures exactly that with the bare libraries: `cryptography` (what
-joserfc, and so paigeant, uses) always, PyNaCl (libsodium) when it is importable. The fastest is the floor the
-signed-hop target is set against.
+joserfc uses, and paigeant for P-256 keys) and PyNaCl (libsodium, what paigeant signs and verifies Ed25519 hops
+with). The fastest is the floor the signed-hop target is set against.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ def with_cryptography() -> SignAndVerify:
 
 
 def with_pynacl() -> SignAndVerify | None:
-    """PyNaCl's sign and verify, or None when it is not installed (it is not a dependency of paigeant-ai)."""
+    """PyNaCl's sign and verify, or None when it cannot be imported."""
     try:
         signing = importlib.import_module("nacl.signing")
     except ImportError:
