@@ -29,7 +29,7 @@ from pydantic_core import to_json
 
 from . import observability
 from ._escape import escape_control
-from ._ledger import workflow_usage
+from ._ledger import usage_if_any
 from ._progress_write import ProgressWriter
 from ._usage import Usage
 from ._wire import FROM_WIRE
@@ -281,7 +281,7 @@ def _values(kind: EventKind, message: PaigeantMessage | None, fields: dict[str, 
         values["remaining"] = [spec.name for spec in message.routing_slip.itinerary]
         if message.routing_slip.branch is not None:
             values["branch"] = message.routing_slip.branch
-    if kind in _WITH_USAGE and message is not None and not (used := workflow_usage(message)).is_empty:
+    if kind in _WITH_USAGE and message is not None and (used := usage_if_any(message)) is not None:
         values["usage"] = used
     values.update(fields)
     return values
