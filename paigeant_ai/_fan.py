@@ -33,7 +33,6 @@ from ._outcome import Advance, End, Reject
 from ._plan import begin_unwinding
 from ._sealing import seal
 from ._usage import sum_usage
-from ._versions import activity_version
 from ._wire import utcnow
 from .contracts import ActivityLogEntry, ActivitySpec, Compensation, PaigeantMessage, RoutingSlip, Unwinding
 from .exceptions import SecurityError
@@ -162,7 +161,7 @@ def _result(hop: Hop, outcome: Advance) -> BranchResult:
         approvals=hop.approvals,
         branch=key,
         usage=take_usage(hop),
-        version=activity_version(hop.activity),
+        version=hop.version,
     )
     compensation = None
     if hop.spec.compensate is not None:

@@ -11,6 +11,8 @@ The stages of a hop, in order (see `Worker.process`):
 
 from __future__ import annotations
 
+import itertools
+import os
 import secrets
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -52,6 +54,8 @@ class Hop:
         raised: What the step raised, if it failed (for an at-most-once step: whether it may have run).
         detached: Its delivery was handed back to the broker while the step ran (acked, a watch copy left behind:
             see `paigeant_ai._long_steps`); settling it acks nothing more.
+        version: The version of the activity that runs it (see `paigeant_ai._versions`), as its worker found it
+            once for all its hops.
     """
 
     delivery: Delivery
@@ -69,8 +73,28 @@ class Hop:
     interrupt: Halt | None = None
     raised: BaseException | None = None
     detached: bool = False
-    holder: str = field(default_factory=lambda: secrets.token_hex(8))
-    """A random token of this copy of the hop, stored with its running claim: who holds it (see `_replay`)."""
+    version: str | None = None
+    holder: str = field(default_factory=lambda: _holders.next())
+    """A token of this copy of the hop, stored with its running claim: who holds it (see `_replay`)."""
+
+
+class _Holders:
+    """Tokens no two copies of a hop anywhere share: a random prefix of this process (drawn again in a forked child),
+    then a count of its hops; one random draw a process instead of a system call on every hop."""
+
+    def __init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
+        self._prefix, self._count = secrets.token_hex(8), itertools.count()
+
+    def next(self) -> str:
+        return f"{self._prefix}{next(self._count):x}"
+
+
+_holders = _Holders()
+if hasattr(os, "register_at_fork"):  # not on Windows, which does not fork
+    os.register_at_fork(after_in_child=_holders.reset)
 
 
 def admit(delivery: Delivery, activities: Mapping[str, Activity], max_bytes: int) -> Hop | Reject:

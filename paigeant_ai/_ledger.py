@@ -38,6 +38,7 @@ __all__ = (
     "take_usage",
     "to_usage",
     "usage_by_model",
+    "usage_if_any",
     "usage_since",
     "workflow_usage",
 )
@@ -143,6 +144,17 @@ def workflow_usage(workflow: RoutingSlip | PaigeantMessage) -> Usage:
     records; `model` is set only when every one used the same model."""
     slip = workflow.routing_slip if isinstance(workflow, PaigeantMessage) else workflow
     return sum_usage(_recorded(slip))
+
+
+def usage_if_any(workflow: RoutingSlip | PaigeantMessage) -> Usage | None:
+    """`workflow_usage`, or None while the workflow used nothing: most events of most workflows, which then add up
+    no totals."""
+    slip = workflow.routing_slip if isinstance(workflow, PaigeantMessage) else workflow
+    recorded = list(_recorded(slip))
+    if not recorded:
+        return None
+    used = sum_usage(recorded)
+    return None if used.is_empty else used
 
 
 def usage_by_model(workflow: RoutingSlip | PaigeantMessage) -> dict[str, Usage]:

@@ -45,7 +45,6 @@ from ._long_steps import hand_over
 from ._outcome import Advance, End, Fault, Halt, Outcome, Park, Reject, Retry, Skip
 from ._plan import begin_unwinding, revise_route
 from ._sealing import NonFiniteNumber, seal, too_large, unsigned_body
-from ._versions import activity_version
 from ._wire import FROM_WIRE
 from .approval import ParkedStep, WaitingStore
 from .contracts import DEAD_LETTER, ActivityLogEntry, Compensation, PaigeantMessage, RetryPolicy, Unwinding
@@ -204,7 +203,7 @@ async def _secure_successor(hop: Hop, outcome: Outcome, deps: SettleDeps) -> tup
                 to := slip.fall_back(attempt=hop.message.attempt, started_at=hop.started, error=outcome.reason)
             ):
                 slip.completed[-1].usage = take_usage(hop)
-                slip.completed[-1].version = activity_version(hop.activity)  # the failure `fall_back` logged
+                slip.completed[-1].version = hop.version  # the failure `fall_back` logged
                 await _publish_hop(hop.message, deps)
                 await deps.dedupe.mark_done(key)
                 return _FellBack(outcome.reason, to), None
@@ -245,7 +244,7 @@ async def _stop(hop: Hop, unwinding: Unwinding, deps: SettleDeps, *, failed: str
     if failed is not None:
         entry = slip.mark_failed(hop.spec.name, attempt=message.attempt, started_at=hop.started, error=failed)
         entry.usage = take_usage(hop)
-        entry.version = activity_version(hop.activity)
+        entry.version = hop.version
     branch = slip.branch
     pending = begin_unwinding(message, unwinding)  # undoing has a window of its own, past the workflow's deadline
     stopped = _Stopped(unwinding, pending, failed, branch)
@@ -299,7 +298,7 @@ async def _complete_step(hop: Hop, outcome: Advance | End, deps: SettleDeps) -> 
             hop.spec.name, attempt=message.attempt, started_at=hop.started, reason=outcome.reason, output_keys=keys
         )
         entry.usage = take_usage(hop)
-        entry.version = activity_version(hop.activity)
+        entry.version = hop.version
     else:
         undoing = message.routing_slip.undoing
         if undoing is None:
@@ -312,7 +311,7 @@ async def _complete_step(hop: Hop, outcome: Advance | End, deps: SettleDeps) -> 
         if undoing is not None:
             undoing.usage = entry.usage  # a compensation's entry is not logged: its record keeps what it used
         entry.approvals = hop.approvals  # who approved what this step ran, in the signed log
-        entry.version = activity_version(hop.activity)
+        entry.version = hop.version
         if undoing is None and hop.spec.compensate is not None:
             slip.compensations.append(
                 Compensation(
@@ -422,7 +421,7 @@ async def _publish_fault(hop: Hop, outcome: Fault, deps: SettleDeps) -> str | No
         hop.spec.name, attempt=message.attempt, started_at=hop.started, error=outcome.reason
     )
     entry.usage = take_usage(hop)
-    entry.version = activity_version(hop.activity)
+    entry.version = hop.version
     detail = _fault_detail(hop, outcome)
     headers = {**message.headers, REASON_HEADER: detail[:2000], SOURCE_HEADER: hop.delivery.address}
     copy = message.next_hop(attempt=message.attempt)

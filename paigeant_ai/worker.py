@@ -162,6 +162,7 @@ class Worker:
             interval=settings.registry_heartbeat if registry_heartbeat is None else registry_heartbeat,
         )
         """Posts this worker's record on the transport's registry (see `paigeant_ai._advertiser`)."""
+        self._versions: dict[str, str | None] = {}  # by activity name, see `_version_of`
         self._activity_tasks: dict[str, dict[int, tuple[Hop, asyncio.Task[object]]]] = {}
         self._watcher: asyncio.Task[None] | None = None
         self._slots = asyncio.Semaphore(self.concurrency)  # made anew by run(), after `concurrency` may change
@@ -347,6 +348,7 @@ class Worker:
         with observability.hop_span(delivery, self.transport.name):
             hop = admit(delivery, self.activities, self.max_message_bytes)  # bytes, size, route, expiry
             if not isinstance(hop, Reject):
+                hop.version = self._version_of(hop.activity)
                 hop = refuse_without_join(hop, self.joins)  # a branch's hop needs a join store
             if not isinstance(hop, Reject):
                 hop = self._authenticate(hop)  # the signature and the signer's right to send here; no I/O
@@ -426,6 +428,13 @@ class Worker:
         if await self._cancelled(hop.message):
             return False
         return not await self.dedupe.is_done(hop.message.idempotency_key)
+
+    def _version_of(self, activity: Activity) -> str | None:
+        """The version of one of this worker's activities, found once: deriving it digests the activity's code."""
+        name = activity.spec.name
+        if name not in self._versions:
+            self._versions[name] = activity_version(activity)
+        return self._versions[name]
 
     def _authenticate(self, hop: Hop) -> Hop | Reject:
         """The hop, once its signature holds and its signer may send to the step; else why it is refused."""
@@ -566,7 +575,7 @@ class Worker:
             if left < timeout:
                 timeout, hop.deadline_bound = max(left, 0.001), True
         fields: dict[str, Any] = {"step": undoing.step, "undoes": undoing.activity} if undoing is not None else {}
-        fields["version"] = activity_version(hop.activity)
+        fields["version"] = hop.version
         await self.reporter.report("step_started", message, timeout=timeout, **fields)
         cid = message.correlation_id
         try:
