@@ -30,8 +30,8 @@ from paigeant_ai import ActivityContext, ActivitySpec, AgentActivity, FunctionAc
 from paigeant_ai.activity import Activity
 from paigeant_ai.transports.memory import InMemoryTransport
 
+from ._paigeant import NAMES, nothing, reply_ok
 from ._security import security_for
-from .throughput import NAMES, nothing, reply_ok
 
 
 class Counted:

@@ -561,8 +561,9 @@ async def test_a_claim_asked_twice_by_its_holder_is_its_own_not_a_replay(kind: s
     async with _cache(kind) as cache:
 
         async def claim(holder: str) -> str:
-            options = {"sent_at": time.time(), "redelivered": False, "lease": 60, "ttl": 60, "holder": holder}
-            return await cache.claim("m1", "d1", **options)
+            return await cache.claim(
+                "m1", "d1", sent_at=time.time(), redelivered=False, lease=60, ttl=60, holder=holder
+            )
 
         assert await claim("copy-a") == "claimed"
         assert await claim("copy-a") == "claimed", "the same claim, sent again"
