@@ -106,9 +106,9 @@ class Result:
 HEADER = ["transport", "variant", "hops/s", "workflows/s", "p50 hop ms", "p99 hop ms", "vs raw", "RSS MB"]
 
 
-def print_table(rows: list[list[str]]) -> None:
-    widths = [max(len(str(row[i])) for row in [HEADER, *rows]) for i in range(len(HEADER))]
-    line = "| " + " | ".join(h.ljust(w) for h, w in zip(HEADER, widths, strict=True)) + " |"
+def print_table(rows: list[list[str]], header: list[str] = HEADER) -> None:
+    widths = [max(len(str(row[i])) for row in [header, *rows]) for i in range(len(header))]
+    line = "| " + " | ".join(h.ljust(w) for h, w in zip(header, widths, strict=True)) + " |"
     print(line)
     print("|" + "|".join("-" * (w + 2) for w in widths) + "|")
     for row in rows:

@@ -13,8 +13,9 @@ a socket pair:
 - the child reads its end until it closes: the supervisor is gone (even after `kill -9`), and the child stops
   gracefully instead of running on, orphaned.
 
-Children ignore SIGINT: a Ctrl-C in a terminal reaches the whole process group, and the supervisor alone turns it
-into one graceful stop of every child (SIGTERM). A second SIGTERM or SIGINT kills them at once.
+Children ignore SIGINT, and run in a process group of their own from the moment they start: a Ctrl-C in a terminal
+reaches only the supervisor, which turns it into one graceful stop of every child (SIGTERM). A second SIGTERM or
+SIGINT kills them at once.
 """
 
 from __future__ import annotations
@@ -241,7 +242,11 @@ class Supervisor:
         ours, theirs = socket.socketpair()
         try:
             process = await asyncio.create_subprocess_exec(
-                *self.command, "--prefork-child", slot.option(theirs.fileno()), pass_fds=(theirs.fileno(),)
+                *self.command,
+                *("--prefork-child", slot.option(theirs.fileno())),
+                pass_fds=(theirs.fileno(),),
+                stdin=asyncio.subprocess.DEVNULL,  # not the terminal's: a background process group may not read it
+                process_group=0,  # out of the terminal's reach while it imports, before it can ignore SIGINT
             )
         except BaseException:
             ours.close()
