@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-import sys
 from contextlib import AbstractAsyncContextManager
 from pathlib import Path
 
@@ -22,7 +21,7 @@ from paigeant_ai import WorkflowDispatcher, read_registry
 from paigeant_ai.contracts import DEAD_LETTER
 
 from . import brokers
-from .brokers import REDIS_URL, ROOT, Fleet, drained, wait_until
+from .brokers import REDIS_URL, Fleet, drained, wait_until
 from .workflows_for_crash import MIDDLE, STEPS, completed, dispatch, middle_runs, read_records
 
 pytestmark = [pytest.mark.redis, pytest.mark.slow]
@@ -36,23 +35,9 @@ def fleet(tmp_path: Path) -> AbstractAsyncContextManager[tuple[Fleet, WorkflowDi
 
 
 async def supervise(workers: Fleet, processes: int = 2) -> asyncio.subprocess.Process:
-    """Start `paigeant worker tests.redis_workflows:middle_worker --processes N`, logging as the fleet's do."""
+    """Start `paigeant worker tests.redis_workflows:middle_worker --processes N`."""
     workers.env["PAIGEANT_REGISTRY_HEARTBEAT"] = "0.5"  # a killed child lapses from the registry soon
-    fd = os.open(workers.log_of("supervisor", len(workers.processes)), os.O_WRONLY | os.O_CREAT)
-    try:
-        process = await asyncio.create_subprocess_exec(
-            *(sys.executable, "-m", "paigeant_ai.cli", "worker", f"{workers.workers}:middle_worker"),
-            *("--processes", str(processes)),
-            cwd=ROOT,
-            env=workers.env,
-            stdin=asyncio.subprocess.DEVNULL,
-            stdout=fd,
-            stderr=fd,
-        )
-    finally:
-        os.close(fd)
-    workers.processes.append(process)
-    return process
+    return await workers.start("middle_worker", "--processes", str(processes))
 
 
 def parent_of(pid: int) -> int | None:
@@ -88,7 +73,7 @@ async def serves_middle(dispatcher: WorkflowDispatcher) -> bool:
 
 
 def supervisor_log(workers: Fleet, process: asyncio.subprocess.Process) -> str:
-    return workers.log_of("supervisor", workers.processes.index(process)).read_text()
+    return workers.log_of("middle_worker", workers.processes.index(process)).read_text()
 
 
 async def test_two_processes_serve_a_batch_and_a_sigterm_stops_both_gracefully(tmp_path: Path) -> None:
