@@ -1,10 +1,11 @@
 """Hops per second of `paigeant worker --processes N` on Redis: one worker process beside two, in one run.
 
 Each run starts `paigeant worker bench.processes:worker --processes N` as its own process, waits until its N
-worker processes are on the registry, then dispatches signed three-step workflows whose steps each spin the CPU
-for `--work-ms` (as a step that parses, renders or scores would) and times them until the last one's third step
-has counted itself in Redis. It also reads the CPU the worker processes used (from /proc), per hop. Runs
-alternate (1, 2, 1, 2, ...) so that what else the machine does weighs on both alike.
+worker processes are on the registry, dispatches signed three-step workflows whose steps each spin the CPU for
+`--work-ms` (as a step that parses, renders or scores would), then lets their first steps run (a key in Redis
+they wait for) and times them until the last one's third step has counted itself in Redis. It also reads the CPU
+the worker processes used (from /proc), per hop. Runs alternate (1, 2, 1, 2, ...) so that what else the machine
+does weighs on both alike.
 
     uv run python -m bench.processes                      # 1 and 2 processes, 2 rounds, 600 workflows each
     uv run python -m bench.processes --processes 1,2,4 --rounds 3 --workflows 1000 --work-ms 2
@@ -45,6 +46,10 @@ NAMES = ["bench-a", "bench-b", "bench-c"]
 ROOT = Path(__file__).resolve().parent.parent
 DONE_KEY = "bench-done"
 """The Redis counter, in the run's namespace, that each workflow's last step increments."""
+GO_KEY = "bench-go"
+"""The Redis key, in the run's namespace, whose existence lets the first steps run."""
+_go: list[bool] = []
+"""Not empty once this process has seen the go key."""
 
 
 # -- the worker every process runs ------------------------------------------------------------------------------
@@ -63,6 +68,7 @@ def work_ms() -> float:
 
 @activity(name=NAMES[0])
 async def first(ctx: ActivityContext) -> None:
+    await wait_for_go()
     spin(work_ms())
 
 
@@ -75,6 +81,15 @@ async def second(ctx: ActivityContext) -> None:
 def done_counter() -> redis.Redis:
     """This process's client for the finished-workflow counter, made in its event loop on first use."""
     return redis.Redis.from_url(os.environ["PAIGEANT_REDIS_URL"])
+
+
+async def wait_for_go() -> None:
+    """Wait until the benchmark says go: every worker process is ready and every workflow is dispatched, so that
+    neither one process starting before the other nor the dispatch's signing is in the time measured."""
+    key = f"{os.environ['PAIGEANT_NAMESPACE']}:{GO_KEY}"
+    while not _go and not await done_counter().exists(key):  # noqa: ASYNC110 - set by another process: polled
+        await asyncio.sleep(0.05)
+    _go.append(True)
 
 
 @activity(name=NAMES[2])
@@ -159,8 +174,9 @@ async def run_once(processes: int, workflows: int, concurrency: int, work: float
             pids = await live_pids(transport, security, processes) | {supervisor.pid}
             dispatcher = WorkflowDispatcher(transport, security=security)
             specs = [ActivitySpec(name=name) for name in NAMES]
-            cpu_before, started = cpu_seconds(pids), time.perf_counter()
             await asyncio.gather(*(dispatcher.dispatch_workflow(specs, {"n": n}) for n in range(workflows)))
+            cpu_before, started = cpu_seconds(pids), time.perf_counter()
+            await counter.set(f"{namespace}:{GO_KEY}", 1)
             while int(await counter.get(f"{namespace}:{DONE_KEY}") or 0) < workflows:  # noqa: ASYNC110
                 await asyncio.sleep(0.02)  # the count is kept by other processes: polled
             seconds, cpu = time.perf_counter() - started, cpu_seconds(pids) - cpu_before

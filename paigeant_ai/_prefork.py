@@ -33,8 +33,17 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from .exceptions import PaigeantError, UserError
+from .settings import Settings
 
-__all__ = ("ChildSlot", "Supervisor", "SupervisorLink", "in_memory_refusal", "run_as_child")
+__all__ = (
+    "ChildSlot",
+    "Supervisor",
+    "SupervisorLink",
+    "child_command",
+    "in_memory_refusal",
+    "process_count",
+    "run_as_child",
+)
 
 logger = logging.getLogger("paigeant_ai.prefork")
 
@@ -71,6 +80,27 @@ def in_memory_refusal(processes: int) -> str:
         f"the in-memory transport lives in one process, so {processes} processes would not share its queues: "
         "run --processes 1, or run on a broker: --transport redis|rabbitmq (or PAIGEANT_TRANSPORT)"
     )
+
+
+def process_count(given: int | None) -> int:
+    """How many worker processes to run: `--processes` when given, else `PAIGEANT_PROCESSES`, at least 1.
+
+    Raises:
+        UserError: Fewer than one.
+    """
+    processes = Settings.from_env().processes if given is None else given
+    if processes < 1:
+        source = "--processes" if given is not None else "PAIGEANT_PROCESSES"
+        raise UserError(f"{source} must be at least 1, got {processes}")
+    return processes
+
+
+def child_command(target: str, options: Sequence[str]) -> list[str]:
+    """The command line of each child: `paigeant worker <target> <options>`, in a Python process of its own.
+
+    The broker's URL is not on it (`ps` would show a password): a child inherits the `PAIGEANT_*` environment.
+    """
+    return [sys.executable, "-m", "paigeant_ai.cli", "worker", target, *options]
 
 
 # -- the child's side --------------------------------------------------------------------------------------------

@@ -28,7 +28,15 @@ from urllib.parse import urlsplit
 from . import __version__, _cli_activities, _cli_cancel, _cli_dead_letters, _cli_keys, _cli_resume, _cli_workflows
 from ._escape import escape_control
 from ._events import WorkflowEvent
-from ._prefork import ChildSlot, Supervisor, SupervisorLink, in_memory_refusal, run_as_child
+from ._prefork import (
+    ChildSlot,
+    Supervisor,
+    SupervisorLink,
+    child_command,
+    in_memory_refusal,
+    process_count,
+    run_as_child,
+)
 from .exceptions import PaigeantError, UserError
 from .security import MessageSigner
 from .settings import Settings
@@ -431,34 +439,16 @@ def _run_worker_command(args: argparse.Namespace, settings: dict[str, str]) -> i
     if args.prefork_child is not None:
         link = SupervisorLink.from_option(args.prefork_child)
         return run_as_child(link, lambda: asyncio.run(worker(child=link)))
-    processes = _processes(args.processes)
+    processes = process_count(args.processes)
     if processes == 1:
         return asyncio.run(worker())
     if expected.get("transport") == "inmemory":
         raise UserError(in_memory_refusal(processes))
-    return asyncio.run(Supervisor(_child_command(args, expected), processes, args.target).run())
-
-
-def _processes(given: int | None) -> int:
-    """How many worker processes to run: `--processes`, else `PAIGEANT_PROCESSES`, at least 1."""
-    processes = Settings.from_env().processes if given is None else given
-    if processes < 1:
-        source = "--processes" if given is not None else "PAIGEANT_PROCESSES"
-        raise UserError(f"{source} must be at least 1, got {processes}")
-    return processes
-
-
-def _child_command(args: argparse.Namespace, expected: dict[str, str]) -> list[str]:
-    """The command line of each child of a supervisor: this worker, as asked, in a process of its own.
-
-    The broker's URL is not on it (`ps` would show a password): the child inherits the `PAIGEANT_*` environment.
-    """
-    command = [sys.executable, "-m", "paigeant_ai.cli", "worker", args.target]
-    command += [f"--{key}={value}" for key, value in expected.items()]
+    options = [f"--{key}={value}" for key, value in expected.items()]  # each child refuses what this one would
     if args.concurrency is not None:
-        command.append(f"--concurrency={args.concurrency}")
-    command += ["--burst"] * args.burst + ["--verbose"] * args.verbose
-    return command
+        options.append(f"--concurrency={args.concurrency}")
+    options += ["--burst"] * args.burst + ["--verbose"] * args.verbose
+    return asyncio.run(Supervisor(child_command(args.target, options), processes, args.target).run())
 
 
 def _run(args: argparse.Namespace, settings: dict[str, str]) -> int:
@@ -485,7 +475,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     # A one-shot command reports a broker it cannot reach in one line; the client's own log would repeat it.
     quiet = () if args.command == "worker" else ("aiormq", "aio_pika")
     child: str | None = getattr(args, "prefork_child", None)
-    tag = f" [worker {child.partition(':')[0]}]" if child else ""
+    tag = f" [worker {child.partition(':')[0]}]" if child else ""  # as `ChildSlot.label` says it
     try:
         settings = _settings_from(args)
         with _logging(verbose=args.verbose, quiet=quiet, tag=tag), _environment(settings):
