@@ -185,7 +185,6 @@ class _Child:
 
     slot: ChildSlot
     process: asyncio.subprocess.Process
-    started: float
     ready_at: float | None = None
     failure: str | None = None
     fatal: bool = False
@@ -283,7 +282,7 @@ class Supervisor:
             raise
         finally:
             theirs.close()  # the child holds it now: its end closes when the child exits
-        child = self._children[slot.index] = _Child(slot, process, time.monotonic())
+        child = self._children[slot.index] = _Child(slot, process)
         if self._stopping.is_set():  # a signal came while it was being started
             _send_signal(child, signal.SIGKILL if self._forced else signal.SIGTERM)
         child.listening = asyncio.create_task(self._listen(child, ours), name=f"paigeant-{slot.label}")
