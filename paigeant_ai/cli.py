@@ -19,6 +19,7 @@ import signal
 import sys
 from collections.abc import Generator, Sequence
 from contextlib import contextmanager
+from functools import partial
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -27,6 +28,15 @@ from urllib.parse import urlsplit
 from . import __version__, _cli_activities, _cli_cancel, _cli_dead_letters, _cli_keys, _cli_resume, _cli_workflows
 from ._escape import escape_control
 from ._events import WorkflowEvent
+from ._prefork import (
+    ChildSlot,
+    Supervisor,
+    SupervisorLink,
+    child_command,
+    in_memory_refusal,
+    process_count,
+    run_as_child,
+)
 from .exceptions import PaigeantError, UserError
 from .security import MessageSigner
 from .settings import Settings
@@ -148,36 +158,44 @@ async def run_worker(
     concurrency: int | None = None,
     verbose: bool = False,
     expected: dict[str, str] | None = None,
+    child: SupervisorLink | None = None,
 ) -> int:
     """Run the worker at `target` until SIGTERM/SIGINT (graceful) or, with `burst`, until its queues are empty.
 
     `expected` is what the command line asked for (`transport`, `namespace`): a worker built on something
-    else is refused rather than run where the user did not mean it to.
+    else is refused rather than run where the user did not mean it to. `child` is the link to the supervisor of
+    `--processes N` when this process is one of its workers.
     """
     if concurrency is not None and concurrency < 1:
         raise UserError(f"--concurrency must be at least 1, got {concurrency}")
     worker = await _resolve_worker(target)
     _check_connection(worker, target, expected or {})
+    if child is not None and worker.transport.process_local:
+        raise UserError(in_memory_refusal(child.slot.count))
     if concurrency is not None:
         worker.concurrency = concurrency
     if verbose:  # only then: a worker without callbacks does not build its events' models at all
         worker.reporter.callbacks.append(log_step)
-    await _run_until_stopped(worker, target, burst=burst)
+    await _run_until_stopped(worker, target, burst=burst, child=child)
     stats = worker.stats
+    name = "worker" if child is None else child.slot.label
     print(
-        f"worker stopped: {stats.completed_steps} steps completed, {stats.retried} retried, "
+        f"{name} stopped: {stats.completed_steps} steps completed, {stats.retried} retried, "
         f"{stats.faulted} faulted, {stats.rejected} rejected, {stats.duplicates} duplicates skipped",
         file=sys.stderr,
     )
     return 0
 
 
-async def _run_until_stopped(worker: Worker, target: str, *, burst: bool) -> None:
+async def _run_until_stopped(worker: Worker, target: str, *, burst: bool, child: SupervisorLink | None) -> None:
     loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):  # first: a supervisor may signal as soon as it sees the banner
+    # A child of `--processes N` leaves SIGINT ignored: the supervisor turns the terminal's Ctrl-C into its SIGTERM.
+    signals = (signal.SIGTERM, signal.SIGINT) if child is None else (signal.SIGTERM,)
+    for sig in signals:  # first: a supervisor may signal as soon as it sees the banner
         loop.add_signal_handler(sig, worker.stop)
+    links = _link_to_supervisor(worker, child)
     try:
-        print(worker_banner(worker, target), file=sys.stderr)
+        print(worker_banner(worker, target, None if child is None else child.slot), file=sys.stderr)
         if getattr(worker.transport, "process_local", False) and not burst:
             print(
                 "paigeant: warning: the in-memory transport lives in this process, so no other process can send "
@@ -187,9 +205,24 @@ async def _run_until_stopped(worker: Worker, target: str, *, burst: bool) -> Non
         await worker.transport.connect()
         await worker.run(burst=burst)
     finally:
-        for sig in (signal.SIGTERM, signal.SIGINT):
+        for sig in signals:
             loop.remove_signal_handler(sig)
+        for task in links:
+            task.cancel()
+        await asyncio.gather(*links, return_exceptions=True)
         await worker.transport.disconnect()
+
+
+def _link_to_supervisor(worker: Worker, child: SupervisorLink | None) -> list[asyncio.Task[None]]:
+    """A child tells its supervisor once it consumes, and stops when the supervisor is gone."""
+    if child is None:
+        return []
+
+    async def ready() -> None:
+        await worker.consuming.wait()
+        child.ready()
+
+    return [asyncio.create_task(ready()), asyncio.create_task(child.stop_when_gone(worker.stop))]
 
 
 def _check_connection(worker: Worker, target: str, expected: dict[str, str]) -> None:
@@ -206,8 +239,9 @@ def _check_connection(worker: Worker, target: str, expected: dict[str, str]) -> 
         raise UserError(worker.security.refusal)
 
 
-def worker_banner(worker: Worker, target: str) -> str:
-    """What a worker prints as it starts: what it is, where it connects, what it consumes and how it signs."""
+def worker_banner(worker: Worker, target: str, slot: ChildSlot | None = None) -> str:
+    """What a worker prints as it starts: what it is, where it connects, what it consumes and how it signs; as one
+    of the processes of `--processes N` (`slot`), which one it is and its id on the registry."""
     transport = worker.transport
     namespace: str = getattr(transport, "namespace", "paigeant")
     url: str | None = getattr(transport, "url", None)
@@ -221,6 +255,9 @@ def worker_banner(worker: Worker, target: str) -> str:
         f"  concurrency  {worker.concurrency}",
         f"  signing key  {_signing_key(worker)}",
     ]
+    if slot is not None:
+        worker_id = worker.advertiser.worker_id
+        lines.append(f"  process      {slot.index} of {slot.count}, pid {os.getpid()}, registry id {worker_id}")
     return "\n".join(lines)
 
 
@@ -315,6 +352,12 @@ def _parser() -> argparse.ArgumentParser:
     worker.add_argument("target", help="module:attribute of a Worker, or of a function that returns one")
     worker.add_argument("--burst", action="store_true", help="stop once the worker's queues are empty")
     worker.add_argument("--concurrency", type=int, help="steps run at once (default PAIGEANT_CONCURRENCY or 10)")
+    worker.add_argument(
+        "--processes",
+        type=int,
+        help="worker processes run side by side under one supervisor (default PAIGEANT_PROCESSES or 1)",
+    )
+    worker.add_argument("--prefork-child", help=argparse.SUPPRESS)  # set by the supervisor on its children
 
     dispatch = commands.add_parser("dispatch", parents=common, help="start a workflow and print its correlation ID")
     dispatch.add_argument("activities", nargs="+", help="activity names, in order")
@@ -371,9 +414,10 @@ def _environment(settings: dict[str, str]) -> Generator[None]:
 
 
 @contextmanager
-def _logging(*, verbose: bool, quiet: Sequence[str]) -> Generator[None]:
-    """paigeant's own logs at INFO with `-v` (WARNING without); the loggers named in `quiet` silenced."""
-    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+def _logging(*, verbose: bool, quiet: Sequence[str], tag: str = "") -> Generator[None]:
+    """paigeant's own logs at INFO with `-v` (WARNING without); the loggers named in `quiet` silenced; `tag` in
+    each line (which of the processes of `--processes N` logs it)."""
+    logging.basicConfig(format=f"%(asctime)s %(levelname)s %(name)s{tag}: %(message)s")
     levels = dict.fromkeys(quiet, logging.CRITICAL) | {"paigeant_ai": logging.INFO if verbose else logging.WARNING}
     saved = {name: logging.getLogger(name).level for name in levels}
     for name, level in levels.items():
@@ -385,14 +429,31 @@ def _logging(*, verbose: bool, quiet: Sequence[str]) -> Generator[None]:
             logging.getLogger(name).setLevel(level)
 
 
+def _run_worker_command(args: argparse.Namespace, settings: dict[str, str]) -> int:
+    """`paigeant worker`: in this process, as a supervisor of `--processes N`, or as one of its children."""
+    names = {"transport": "PAIGEANT_TRANSPORT", "namespace": "PAIGEANT_NAMESPACE"}
+    expected = {key: settings[name] for key, name in names.items() if name in settings}
+    worker = partial(
+        run_worker, args.target, burst=args.burst, concurrency=args.concurrency, verbose=args.verbose, expected=expected
+    )
+    if args.prefork_child is not None:
+        link = SupervisorLink.from_option(args.prefork_child)
+        return run_as_child(link, lambda: asyncio.run(worker(child=link)))
+    processes = process_count(args.processes)
+    if processes == 1:
+        return asyncio.run(worker())
+    if expected.get("transport") == "inmemory":
+        raise UserError(in_memory_refusal(processes))
+    options = [f"--{key}={value}" for key, value in expected.items()]  # each child refuses what this one would
+    if args.concurrency is not None:
+        options.append(f"--concurrency={args.concurrency}")
+    options += ["--burst"] * args.burst + ["--verbose"] * args.verbose
+    return asyncio.run(Supervisor(child_command(args.target, options), processes, args.target).run())
+
+
 def _run(args: argparse.Namespace, settings: dict[str, str]) -> int:
     if args.command == "worker":
-        names = {"transport": "PAIGEANT_TRANSPORT", "namespace": "PAIGEANT_NAMESPACE"}
-        expected = {key: settings[name] for key, name in names.items() if name in settings}
-        worker = run_worker(
-            args.target, burst=args.burst, concurrency=args.concurrency, verbose=args.verbose, expected=expected
-        )
-        return asyncio.run(worker)
+        return _run_worker_command(args, settings)
     if args.command == "dispatch":
         return asyncio.run(run_dispatch(args.activities, args.variables))
     if args.command in _cli_workflows.COMMANDS:
@@ -413,9 +474,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     # A one-shot command reports a broker it cannot reach in one line; the client's own log would repeat it.
     quiet = () if args.command == "worker" else ("aiormq", "aio_pika")
+    child: str | None = getattr(args, "prefork_child", None)
+    tag = f" [worker {child.partition(':')[0]}]" if child else ""  # as `ChildSlot.label` says it
     try:
         settings = _settings_from(args)
-        with _logging(verbose=args.verbose, quiet=quiet), _environment(settings):
+        with _logging(verbose=args.verbose, quiet=quiet, tag=tag), _environment(settings):
             return _run(args, settings)
     except PaigeantError as exc:
         print(f"paigeant: {escape_control(str(exc))}", file=sys.stderr)

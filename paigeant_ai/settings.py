@@ -79,6 +79,8 @@ class Settings:
         redis_url: `PAIGEANT_REDIS_URL`.
         max_message_bytes: `PAIGEANT_MAX_MESSAGE_BYTES`, the largest message a dispatcher sends or a worker accepts.
         concurrency: `PAIGEANT_CONCURRENCY`, how many steps one worker runs at once.
+        processes: `PAIGEANT_PROCESSES`, how many worker processes `paigeant worker` runs side by side (default 1:
+            the worker runs in the command's own process).
         namespace: `PAIGEANT_NAMESPACE`, the prefix of every queue, stream and key (default `paigeant`).
         signing_key: `PAIGEANT_SIGNING_KEY`, this service's private JWK as JSON (or `signing_key_file`,
             `PAIGEANT_SIGNING_KEY_FILE`, its path).
@@ -113,6 +115,7 @@ class Settings:
     redis_url: str = "redis://127.0.0.1:6379/0"
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
     concurrency: int = 10
+    processes: int = 1
     namespace: str = "paigeant"
     signing_key: str | None = None
     signing_key_file: str | None = None
@@ -144,6 +147,7 @@ class Settings:
             redis_url=env.get("PAIGEANT_REDIS_URL", defaults.redis_url),
             max_message_bytes=_env_int("PAIGEANT_MAX_MESSAGE_BYTES", defaults.max_message_bytes),
             concurrency=_env_int("PAIGEANT_CONCURRENCY", defaults.concurrency),
+            processes=_env_int("PAIGEANT_PROCESSES", defaults.processes),
             namespace=env.get("PAIGEANT_NAMESPACE", defaults.namespace),
             signing_key=_env_str("PAIGEANT_SIGNING_KEY"),
             signing_key_file=_env_str("PAIGEANT_SIGNING_KEY_FILE"),

@@ -173,6 +173,8 @@ class Worker:
         self._stop = asyncio.Event()
         self._running = False
         self._background: asyncio.Task[None] | None = None
+        self.consuming = asyncio.Event()
+        """Set while `run()` consumes every queue of this worker: it has started (a supervisor waits for it)."""
 
     @property
     def publish_events(self) -> bool:
@@ -208,11 +210,13 @@ class Worker:
                 consumer = await self.transport.consume(name, prefetch=self.concurrency)
                 self._consumers.append(consumer)
                 self._pumps.append(asyncio.create_task(self._pump(consumer), name=f"paigeant-consume-{name}"))
+            self.consuming.set()
             if burst:
                 await self._wait_until_drained()
             else:
                 await self._wait_until_stopped()
         finally:
+            self.consuming.clear()
             await self._shutdown()
             self._running = False
             self._stop = asyncio.Event()  # ready to run again; a stop() before run() still stops that run

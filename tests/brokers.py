@@ -194,13 +194,13 @@ class Fleet:
     """The module whose attributes a bare target names."""
     processes: list[asyncio.subprocess.Process] = field(default_factory=list[asyncio.subprocess.Process])
 
-    async def start(self, target: str) -> asyncio.subprocess.Process:
-        """Start `python -m paigeant_ai.cli worker <target>`; a bare attribute is one of `self.workers`."""
+    async def start(self, target: str, *options: str) -> asyncio.subprocess.Process:
+        """Start `python -m paigeant_ai.cli worker <target> <options>`; a bare attribute is one of `self.workers`."""
         target = target if ":" in target else f"{self.workers}:{target}"
         fd = os.open(self.log_of(target.rpartition(":")[2], len(self.processes)), os.O_WRONLY | os.O_CREAT)
         try:
             process = await asyncio.create_subprocess_exec(
-                *(sys.executable, "-m", "paigeant_ai.cli", "worker", target),
+                *(sys.executable, "-m", "paigeant_ai.cli", "worker", target, *options),
                 cwd=ROOT,
                 env=self.env,
                 stdin=asyncio.subprocess.DEVNULL,
