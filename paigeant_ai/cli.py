@@ -211,7 +211,9 @@ def worker_banner(worker: Worker, target: str) -> str:
     transport = worker.transport
     namespace: str = getattr(transport, "namespace", "paigeant")
     url: str | None = getattr(transport, "url", None)
+    location: str | None = getattr(transport, "location", None)  # a file (SQLite): the absolute path
     where = f"{transport.name} {redact_url(url)}" if url else f"{transport.name} (this process only)"
+    where = f"{transport.name} {location}" if location else where
     queues = ", ".join(f"{namespace}.{name}" for name in worker.activities)
     lines = [
         f"paigeant {__version__} worker {target}",
@@ -280,7 +282,9 @@ def _connection_options(*, in_subcommand: bool) -> argparse.ArgumentParser:
     options = argparse.ArgumentParser(add_help=False)
     unset = argparse.SUPPRESS if in_subcommand else None
     group = options.add_argument_group("broker")
-    group.add_argument("--transport", default=unset, help="inmemory, rabbitmq or redis (default PAIGEANT_TRANSPORT)")
+    group.add_argument(
+        "--transport", default=unset, help="inmemory, rabbitmq, redis or sqlite (default PAIGEANT_TRANSPORT)"
+    )
     group.add_argument(
         "-b",
         "--broker-url",
@@ -336,8 +340,8 @@ def _settings_from(args: argparse.Namespace) -> dict[str, str]:
     if args.transport is not None:
         transport = args.transport.strip().lower()
         transport = "inmemory" if transport in IN_MEMORY_NAMES else transport
-        if transport not in ("inmemory", *_URL_SETTINGS):
-            raise UserError(f"unknown --transport {args.transport!r}; use inmemory, rabbitmq or redis")
+        if transport not in ("inmemory", "sqlite", *_URL_SETTINGS):
+            raise UserError(f"unknown --transport {args.transport!r}; use inmemory, rabbitmq, redis or sqlite")
     if args.broker_url is not None:
         by_scheme = _URL_SCHEMES.get(urlsplit(args.broker_url).scheme.lower())
         if by_scheme is None:

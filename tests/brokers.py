@@ -235,9 +235,10 @@ class Fleet:
 
 @asynccontextmanager
 async def fleet(
-    tmp_path: Path, broker: Literal["rabbitmq", "redis"], url: str, *, workers: str, steps: Iterable[str]
+    tmp_path: Path, broker: Literal["rabbitmq", "redis", "sqlite"], url: str, *, workers: str, steps: Iterable[str]
 ) -> AsyncGenerator[tuple[Fleet, WorkflowDispatcher, Path]]:
-    """Worker processes, a dispatcher and the records directory, all in a namespace of their own on `url`.
+    """Worker processes, a dispatcher and the records directory, all in a namespace of their own on `url` (on
+    SQLite, `url` is the file's path).
 
     Every process signs and verifies, as in production. Afterwards the processes are stopped and the namespace is
     deleted (on RabbitMQ, the queues of `steps` and of the dead letters and events; on Redis, every key, but only on
@@ -257,7 +258,7 @@ async def fleet(
         "PAIGEANT_SIGNING_KEY": json.dumps(key.as_dict(private=True)),
         "PAIGEANT_TRUSTED_KEYS": json.dumps({"keys": [key.as_dict(private=False)]}),
         "PAIGEANT_TRANSPORT": broker,
-        f"PAIGEANT_{broker.upper()}_URL": url,
+        f"PAIGEANT_{broker.upper()}_{'PATH' if broker == 'sqlite' else 'URL'}": url,
         "PAIGEANT_NAMESPACE": namespace,
         "PAIGEANT_TEST_RECORDS": str(records),
         "PAIGEANT_TEST_STEP_SECONDS": "0.2",
@@ -266,7 +267,8 @@ async def fleet(
     }
     env.pop("PAIGEANT_ALLOW_UNSIGNED", None)
     processes = Fleet(env, logs, workers)
-    transport = get_transport(broker, url=url, namespace=namespace)
+    where = {"path": url} if broker == "sqlite" else {"url": url}
+    transport = get_transport(broker, **where, namespace=namespace)
     try:
         await transport.connect()
         yield processes, WorkflowDispatcher(transport, security=MessageSigner(key)), records
