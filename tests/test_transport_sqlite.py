@@ -6,6 +6,8 @@ import asyncio
 import os
 import sqlite3
 import stat
+import subprocess
+import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -25,6 +27,7 @@ from paigeant_ai.transports.base import (
 )
 from paigeant_ai.transports.sqlite import SCHEMA_VERSION, SQLiteTransport
 
+from .brokers import ROOT
 from .transport_contract import TransportContract, address, receive, receive_nothing
 
 
@@ -316,3 +319,23 @@ async def test_the_waiting_store_round_trips_records(tmp_path: Path) -> None:
         with sqlite3.connect(transport.path) as raw:
             raw.execute("INSERT INTO waiting VALUES ('paigeant', 'wf', 'm', x'00', 0)")
         assert await store.waiting() == []  # not a parked record: left out, with a logged reason
+
+
+def test_the_onboarding_example_runs_durably_on_sqlite(tmp_path: Path) -> None:
+    env = {**os.environ, "PAIGEANT_SQLITE_PATH": str(tmp_path / "onboarding.sqlite3")}
+    for name in ("PAIGEANT_TRANSPORT", "PAIGEANT_SIGNING_KEY", "PAIGEANT_SIGNING_KEY_FILE", "PAIGEANT_ALLOW_UNSIGNED"):
+        env.pop(name, None)
+    result = subprocess.run(
+        [sys.executable, "-m", "examples.onboarding", "--transport", "sqlite"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "on the sqlite transport" in result.stdout
+    assert '"welcome_email": "Welcome aboard! Your premium account is ready."' in result.stdout
+    with sqlite3.connect(tmp_path / "onboarding.sqlite3") as raw:
+        assert raw.execute("SELECT count(*) FROM messages WHERE address != 'events'").fetchone()[0] == 0
