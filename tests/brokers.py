@@ -1,7 +1,8 @@
 """The test brokers, in one place: where they are, the three transports, clean-up, and worker processes.
 
-- `conftest.transport` is the fixture that runs a test on all three transports (the broker ones marked `redis` /
-  `rabbitmq`), each in a namespace of its own that is deleted afterwards; a module with a `transport` fixture of its
+- `conftest.transport` is the fixture that runs a test on every transport (the broker ones marked `redis` /
+  `rabbitmq`; SQLite on a file of its own in the temporary folder), each in a namespace of its own that is deleted
+  afterwards; a module with a `transport` fixture of its
   own keeps it. `dead_letters()` reads what any of them dead-lettered.
 - `delete_redis_namespace()`, `delete_queues()`, `delete_rabbitmq_addresses()` and `delete_rabbitmq_namespace()` are
   the clean-up helpers every test that leaves something on a broker shares.
@@ -18,6 +19,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import uuid
 from collections.abc import AsyncGenerator, Callable, Iterable
@@ -85,6 +87,7 @@ def require_rabbitmqctl() -> None:
 
 TRANSPORTS = [
     "inmemory",
+    "sqlite",
     pytest.param("redis", marks=pytest.mark.redis),
     pytest.param("rabbitmq", marks=pytest.mark.rabbitmq),
 ]
@@ -94,6 +97,8 @@ def make_transport(name: str, namespace: str) -> Transport:
     """A transport of kind `name` on the test brokers, in `namespace`."""
     if name == "inmemory":
         return InMemoryTransport()
+    if name == "sqlite":
+        return get_transport("sqlite", path=sqlite_path(namespace), namespace=namespace)
     if name == "redis":
         require_redis()
         return get_transport("redis", url=REDIS_URL, namespace=namespace)
@@ -118,10 +123,23 @@ async def dead_letters(transport: Transport) -> list[Delivery]:
 
 async def clean(transport: Transport, namespace: str) -> None:
     """Delete what `transport` left on its broker in `namespace`."""
-    if transport.name == "redis":
+    if transport.name == "sqlite":
+        delete_sqlite_files(namespace)
+    elif transport.name == "redis":
         await delete_redis_namespace(namespace)
     elif transport.name == "rabbitmq":
         await delete_queues(getattr(transport, "_declared", set[str]()))
+
+
+def sqlite_path(namespace: str) -> Path:
+    """The file of a test's SQLite transport: one per namespace, in the temporary folder."""
+    return Path(tempfile.gettempdir()) / f"{namespace}.sqlite3"
+
+
+def delete_sqlite_files(namespace: str) -> None:
+    """Delete the file of `namespace`'s SQLite transport and its WAL files."""
+    for suffix in ("", "-wal", "-shm"):
+        Path(f"{sqlite_path(namespace)}{suffix}").unlink(missing_ok=True)
 
 
 async def delete_redis_namespace(namespace: str, url: str = REDIS_URL) -> None:

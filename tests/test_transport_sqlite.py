@@ -26,6 +26,7 @@ from paigeant_ai.transports.base import (
     SharedStores,
 )
 from paigeant_ai.transports.sqlite import SCHEMA_VERSION, SQLiteTransport
+from paigeant_ai.transports.sqlite._sweep import sweep
 
 from .brokers import ROOT
 from .transport_contract import TransportContract, address, receive, receive_nothing
@@ -339,3 +340,13 @@ def test_the_onboarding_example_runs_durably_on_sqlite(tmp_path: Path) -> None:
     assert '"welcome_email": "Welcome aboard! Your premium account is ready."' in result.stdout
     with sqlite3.connect(tmp_path / "onboarding.sqlite3") as raw:
         assert raw.execute("SELECT count(*) FROM messages WHERE address != 'events'").fetchone()[0] == 0
+
+
+async def test_expired_rows_are_swept(tmp_path: Path) -> None:
+    async with SQLiteTransport(tmp_path / "sweep.sqlite3") as transport:
+        assert await transport.claim("short", "v", ttl=0.05) is None
+        assert await transport.claim("long", "v", ttl=60) is None
+        await asyncio.sleep(0.1)
+        await transport.db.call(lambda db: sweep(db, transport.namespace), doing="sweeping")
+        with sqlite3.connect(transport.path) as raw:
+            assert [key for (key,) in raw.execute("SELECT key FROM claims")] == ["long"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import socket
 import time
@@ -30,8 +31,11 @@ from ._stores import (
     claim_key,
     release_key,
 )
+from ._sweep import SWEEP_EVERY, sweep
 
 __all__ = ("SQLiteTransport",)
+
+logger = logging.getLogger("paigeant_ai.transports.sqlite")
 
 
 class SQLiteTransport(TransportBase):
@@ -90,6 +94,7 @@ class SQLiteTransport(TransportBase):
         self.consumer_name = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
         self.db = Database(self.path, synchronous=synchronous.upper())
         self._consumers: set[SQLiteConsumer] = set()
+        self._sweeper: asyncio.Task[None] | None = None
         self.progress_appends = 0
         self.progress_arrived = asyncio.Event()
         """Set, then cleared, by every append of this process: wakes its progress readers at once."""
@@ -105,11 +110,26 @@ class SQLiteTransport(TransportBase):
         if self.db.opened:
             return
         await self.db.open()
+        self._sweeper = asyncio.create_task(self._sweep_forever(), name="paigeant-sqlite-sweep")
 
     async def disconnect(self) -> None:
         for consumer in list(self._consumers):
             await consumer.aclose()
+        sweeper, self._sweeper = self._sweeper, None
+        if sweeper is not None:
+            sweeper.cancel()
+            await asyncio.gather(sweeper, return_exceptions=True)
         await self.db.close()
+
+    async def _sweep_forever(self) -> None:
+        """Delete what expired, now and then every `SWEEP_EVERY` seconds (Redis expires its keys by itself)."""
+        ns = self.namespace
+        while True:
+            try:
+                await self.db.call(lambda db: sweep(db, ns), doing="deleting expired rows")
+            except TransportError as exc:
+                logger.warning("%s; trying again in %gs", exc, SWEEP_EVERY)
+            await asyncio.sleep(SWEEP_EVERY)
 
     # -- the Transport protocol ------------------------------------------------------------------------------
 
