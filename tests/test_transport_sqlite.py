@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pytest
 
+from paigeant_ai import ActivityContext, FunctionActivity, Worker
+from paigeant_ai.cli import worker_banner
 from paigeant_ai.exceptions import TransportError, UserError
 from paigeant_ai.transports import Transport, get_transport
 from paigeant_ai.transports.base import (
@@ -119,6 +121,8 @@ async def test_a_read_only_file_is_a_transport_error_naming_it(tmp_path: Path) -
 async def test_a_file_that_may_not_be_written_fails_the_publish_clearly(tmp_path: Path) -> None:
     path = tmp_path / "query-only.sqlite3"
     async with SQLiteTransport(path) as transport:
+        await asyncio.sleep(0)  # the sweep a transport starts with goes first
+        await transport.db.call(lambda db: None, write=False, doing="waiting for the first sweep")
         await transport.db.call(lambda db: db.execute("PRAGMA query_only = 1"), doing="making it read-only")
         with pytest.raises(TransportError, match=rf"SQLite at {path} failed while publishing to 'a': the file"):
             await transport.publish("a", b"y")
@@ -350,3 +354,13 @@ async def test_expired_rows_are_swept(tmp_path: Path) -> None:
         await transport.db.call(lambda db: sweep(db, transport.namespace), doing="sweeping")
         with sqlite3.connect(transport.path) as raw:
             assert [key for (key,) in raw.execute("SELECT key FROM claims")] == ["long"]
+
+
+def test_the_worker_banner_names_the_file(tmp_path: Path) -> None:
+    transport = SQLiteTransport(tmp_path / "banner.sqlite3")
+    banner = worker_banner(Worker(transport, [FunctionActivity(nothing, name="step")]), "app:worker")
+    assert f"  transport    sqlite {tmp_path / 'banner.sqlite3'}" in banner.splitlines()
+
+
+async def nothing(ctx: ActivityContext) -> None:
+    return None

@@ -75,5 +75,7 @@ def get_transport(name: str | None = None, **options: object) -> Transport:
     except ImportError as exc:
         if isinstance(exc, ModuleNotFoundError) and (exc.name or "").startswith("paigeant_ai"):
             raise UserError(f"the {chosen} transport is not available in this version of paigeant-ai") from exc
+        if not extra:
+            raise UserError(f"the {chosen} transport needs a Python built with {exc.name or 'it'}") from exc
         raise UserError(f'the {chosen} transport needs its extra: pip install "paigeant-ai[{extra}]"') from exc
     return getattr(module, class_name)(**options)

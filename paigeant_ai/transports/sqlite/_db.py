@@ -67,6 +67,7 @@ class Database:
         self.synchronous = synchronous
         self._calls: queue.SimpleQueue[_Call | None] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
+        self._failed: TransportError | None = None
 
     async def open(self) -> None:
         """Start the thread, open the file (creating its schema on first use) and check it."""
@@ -98,6 +99,8 @@ class Database:
         """
         if self._thread is None:
             raise TransportError("the SQLite transport is not connected: call `await transport.connect()` first")
+        if self._failed is not None:
+            raise self._failed
         loop = asyncio.get_running_loop()
         future: asyncio.Future[_T] = loop.create_future()
         self._calls.put(_Call(run, write, doing, future, loop))
@@ -118,6 +121,10 @@ class Database:
         try:
             while (turn := self._next_turn()) is not None:
                 self._run_turn(connection, turn)
+        except Exception as exc:  # a bug, not SQLite: fail what waits rather than leave it waiting for ever
+            logger.exception("the SQLite thread of %s stopped", self.path)
+            self._failed = TransportError(f"the SQLite thread of {self.path} stopped: {exc!r}")
+            self._fail_all(self._failed)
         finally:
             connection.close()
 
@@ -147,22 +154,31 @@ class Database:
         return turn
 
     def _run_turn(self, connection: sqlite3.Connection, turn: list[_Call]) -> None:
-        writes = any(call.write for call in turn)
-        outcomes: list[tuple[_Call, bool, Any]] = []
-        try:
-            connection.execute("BEGIN IMMEDIATE" if writes else "BEGIN")
-            for call in turn:
-                outcomes.append(self._run_one(connection, call))
-            connection.execute("COMMIT")
-        except (sqlite3.Error, _TurnFailed) as exc:
-            if connection.in_transaction:
-                connection.rollback()
-            failed, cause = (exc.call, exc.cause) if isinstance(exc, _TurnFailed) else (turn[0], exc)
-            others = f" (in a transaction with {len(turn) - 1} more calls)" if len(turn) > 1 else ""
-            self._fail_all(translate(self.path, failed.doing + others, cause), turn)
+        """Run `turn` in one transaction. A call that fails the whole transaction (a full disk) fails alone: the
+        others run again in the next one."""
+        turn = [call for call in turn if not call.future.cancelled()]  # nobody waits for them: not run
+        while turn:
+            outcomes: list[tuple[_Call, bool, Any]] = []
+            try:
+                connection.execute("BEGIN IMMEDIATE" if any(call.write for call in turn) else "BEGIN")
+                for call in turn:
+                    outcomes.append(self._run_one(connection, call))
+                connection.execute("COMMIT")
+            except _TurnFailed as failed:
+                if connection.in_transaction:
+                    connection.rollback()
+                _resolve(failed.call, False, translate(self.path, failed.call.doing, failed.cause))
+                turn = [call for call in turn if call is not failed.call]
+                continue
+            except sqlite3.Error as exc:  # BEGIN or COMMIT: nothing of the turn was written
+                if connection.in_transaction:
+                    connection.rollback()
+                others = f" (in a transaction with {len(turn) - 1} more calls)" if len(turn) > 1 else ""
+                self._fail_all(translate(self.path, turn[0].doing + others, exc), turn)
+                return
+            for call, ok, value in outcomes:
+                _resolve(call, ok, value)
             return
-        for call, ok, value in outcomes:
-            _resolve(call, ok, value)
 
     def _run_one(self, connection: sqlite3.Connection, call: _Call) -> tuple[_Call, bool, Any]:
         connection.execute("SAVEPOINT call")
