@@ -29,6 +29,20 @@ def fleet(tmp_path: Path) -> AbstractAsyncContextManager[tuple[Fleet, WorkflowDi
     return brokers.fleet(tmp_path, "sqlite", path, workers="tests.sqlite_workflows", steps=STEPS)
 
 
+async def every_workflow_completed(dispatcher: WorkflowDispatcher, records: Path, ids: list[str]) -> dict[str, int]:
+    """Wait until every workflow of `ids` completed, each middle step ran at most twice, nothing was dead-lettered
+    and the queues drained: the middle steps that ran twice, with their counts."""
+    await wait_until(lambda: completed(records) >= set(ids), within=90, what=f"all {len(ids)} workflows to complete")
+    assert completed(records) == set(ids)
+    runs = middle_runs(records)
+    assert set(runs) == {f"{cid}:1:{MIDDLE}" for cid in ids}  # every middle step ran, under its own key
+    twice = {key: count for key, count in runs.items() if count > 1}
+    assert all(count == 2 for count in twice.values())
+    assert await dispatcher.transport.pending(DEAD_LETTER) == 0
+    await drained(dispatcher.transport, STEPS, within=30)
+    return twice
+
+
 async def test_kill_9_a_worker_mid_run_loses_no_workflow(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     started = time.monotonic()
     async with fleet(tmp_path) as (workers, dispatcher, records):
@@ -45,16 +59,9 @@ async def test_kill_9_a_worker_mid_run_loses_no_workflow(tmp_path: Path, capsys:
         await victim.wait()
         killed_at = victim_runs()
 
-        await wait_until(lambda: completed(records) >= set(ids), within=90, what="all 200 workflows to complete")
-        assert completed(records) == set(ids)
+        twice = await every_workflow_completed(dispatcher, records, ids)
         assert survivor.returncode is None
-        runs = middle_runs(records)
-        assert set(runs) == {f"{cid}:1:{MIDDLE}" for cid in ids}  # every middle step ran, under its own key
-        twice = {key: count for key, count in runs.items() if count > 1}
-        assert all(count == 2 for count in twice.values())
         assert len(twice) <= 4  # what the victim held (its concurrency) and had not yet recorded as done
-        assert await dispatcher.transport.pending(DEAD_LETTER) == 0
-        await drained(dispatcher.transport, STEPS, within=30)
         report(
             capsys,
             f"sqlite kill -9: 200/200 workflows completed in {time.monotonic() - started:.1f}s; the victim ran "
@@ -79,14 +86,8 @@ async def test_kill_9_every_worker_and_restart_resumes_everything(
 
         for target in ("edge_worker", "middle_worker", "middle_worker"):
             await workers.start(target)
-        await wait_until(lambda: completed(records) >= set(ids), within=90, what="all 150 workflows to complete")
-        assert completed(records) == set(ids)
-        runs = middle_runs(records)
-        assert set(runs) == {f"{cid}:1:{MIDDLE}" for cid in ids}
-        twice = sum(1 for count in runs.values() if count > 1)
+        twice = len(await every_workflow_completed(dispatcher, records, ids))
         assert twice <= 8  # at most what the two killed middle workers held
-        assert await dispatcher.transport.pending(DEAD_LETTER) == 0
-        await drained(dispatcher.transport, STEPS, within=30)
         report(
             capsys,
             f"sqlite kill -9 of every worker: 150/150 workflows completed in {time.monotonic() - started:.1f}s; "

@@ -16,7 +16,7 @@ from typing import Literal
 from ...contracts import DEAD_LETTER, RESERVED_ADDRESSES
 from ...exceptions import TransportError, UserError
 from ...settings import Settings
-from ..base import Delivery, TransportBase, dead_letter_headers, ensure_bytes
+from ..base import Delivery, TransportBase, check_lease_settings, dead_letter_headers, ensure_bytes
 from . import _queue as q
 from ._boards import SQLiteCancelBoard, SQLiteRegistryBoard
 from ._consumer import LIVE_WITHIN, Handle, SQLiteConsumer
@@ -77,14 +77,12 @@ class SQLiteTransport(TransportBase):
         settings = Settings.from_env()
         self.path = Path(path if path is not None else settings.sqlite_path).expanduser().absolute()
         self.namespace = namespace or settings.namespace
-        if visibility_timeout <= 0:
-            raise UserError("visibility_timeout must be a positive number of seconds")
-        if max_deliveries < 1:
-            raise UserError("max_deliveries must be at least 1")
-        if trim_length < 1:
-            raise UserError("trim_length must be at least 1")
-        if poll_interval <= 0:
-            raise UserError("poll_interval must be a positive number of seconds")
+        check_lease_settings(
+            visibility_timeout=visibility_timeout,
+            max_deliveries=max_deliveries,
+            trim_length=trim_length,
+            poll_interval=poll_interval,
+        )
         if synchronous not in ("full", "normal"):
             raise UserError(f"synchronous must be 'full' or 'normal', not {synchronous!r}")
         self.visibility_timeout = visibility_timeout
