@@ -181,7 +181,7 @@ async def _run_until_stopped(worker: Worker, target: str, *, burst: bool) -> Non
         if getattr(worker.transport, "process_local", False) and not burst:
             print(
                 "paigeant: warning: the in-memory transport lives in this process, so no other process can send "
-                "this worker a step; run it on a broker: --transport redis|rabbitmq (or PAIGEANT_TRANSPORT)",
+                "this worker a step; run it on a broker: --transport sqlite|redis|rabbitmq (or PAIGEANT_TRANSPORT)",
                 file=sys.stderr,
             )
         await worker.transport.connect()
@@ -262,7 +262,7 @@ async def run_dispatch(activities: Sequence[str], variables: str, transport: str
         raise UserError("--variables must be a JSON object")
     if (transport or Settings.from_env().transport).strip().lower() in IN_MEMORY_NAMES:
         raise UserError(
-            "an in-memory workflow dies with this command's process: dispatch on rabbitmq or redis "
+            "an in-memory workflow dies with this command's process: dispatch on sqlite, rabbitmq or redis "
             "(--transport or PAIGEANT_TRANSPORT)"
         )
     async with _cli_workflows.command_transport(transport) as connected:
