@@ -364,3 +364,22 @@ def test_the_worker_banner_names_the_file(tmp_path: Path) -> None:
 
 async def nothing(ctx: ActivityContext) -> None:
     return None
+
+
+async def test_a_lapsed_holder_cannot_take_back_what_another_consumer_holds(tmp_path: Path) -> None:
+    path = tmp_path / "lapsed.sqlite3"
+    async with SQLiteTransport(path, visibility_timeout=60) as stalled, SQLiteTransport(path) as other:
+        where = address()
+        await stalled.publish(where, b"work")
+        async with await stalled.consume(where, prefetch=1) as first:  # no room to take it again itself
+            late = await receive(first)
+            with sqlite3.connect(path) as raw:  # its lease lapsed while its process was stopped
+                raw.execute("UPDATE messages SET lease_until = 0")
+            async with await other.consume(where) as second:
+                taken = await receive(second)
+                await stalled.retry_later(late, 0)
+                await receive_nothing(first, within=0.5)  # not handed out again while `second` holds it
+                with sqlite3.connect(path) as raw:
+                    assert raw.execute("SELECT lease_owner FROM messages").fetchall() == [(second.name,)]
+                await other.ack(taken)
+        assert await other.pending(where) == 0

@@ -171,8 +171,9 @@ class SQLiteTransport(TransportBase):
         visible_at = time.time() + max(0.0, delay)
         await self.db.call(
             lambda db: db.execute(
-                "UPDATE messages SET visible_at = ?, lease_owner = NULL, lease_until = NULL WHERE id = ?",
-                (visible_at, handle.row_id),
+                "UPDATE messages SET visible_at = ?, lease_owner = NULL, lease_until = NULL "
+                "WHERE id = ? AND lease_owner = ?",  # unless its lease lapsed and another consumer took it
+                (visible_at, handle.row_id, handle.consumer.name),
             ),
             doing=f"handing back a delivery from {delivery.address!r}",
         )
