@@ -39,6 +39,7 @@ from paigeant_ai.contracts import DEAD_LETTER, EVENTS
 from paigeant_ai.transports import Transport
 
 from ._security import security_for
+from ._sqlite_raw import remove_files, sqlite_path
 
 RABBITMQ_URL = os.environ.get("PAIGEANT_RABBITMQ_URL", "amqp://guest:guest@127.0.0.1:5672/")
 REDIS_URL = os.environ.get("PAIGEANT_REDIS_URL", "redis://127.0.0.1:6379/0")
@@ -123,6 +124,8 @@ def make_transport(name: str, namespace: str) -> Transport:
         return get_transport(name, url=RABBITMQ_URL, namespace=namespace)
     if name == "redis":
         return get_transport(name, url=REDIS_URL, namespace=namespace)
+    if name == "sqlite":
+        return get_transport(name, path=sqlite_path(namespace), namespace=namespace)
     return get_transport(name, namespace=namespace)
 
 
@@ -308,7 +311,9 @@ async def cleanup(transport: Transport) -> None:
     Called once the transport is closed, so that no consumer of it declares a queue again.
     """
     namespace = getattr(transport, "namespace", "")
-    if transport.name == "redis":
+    if transport.name == "sqlite":
+        remove_files(sqlite_path(namespace))
+    elif transport.name == "redis":
         import redis.asyncio as redis
 
         client = redis.Redis.from_url(REDIS_URL)

@@ -52,10 +52,10 @@ class Flow:
             self.gaps.append(time.perf_counter() - self._sent_at)
             self._sent_at = None
 
-    def sending(self) -> None:
-        """A stage is about to publish to the next one."""
+    def sending(self, at: float | None = None) -> None:
+        """A stage is about to publish to the next one (or began to, at `at`, a `time.perf_counter()`)."""
         if self.timed:
-            self._sent_at = time.perf_counter()
+            self._sent_at = time.perf_counter() if at is None else at
 
     def finished(self, messages: int = 1) -> None:
         """`messages` left the last stage."""
@@ -288,4 +288,11 @@ def redis_relay(url: str) -> Callable[[int], Awaitable[Relay]]:
 
 def relays(rabbitmq_url: str, redis_url: str) -> dict[str, Callable[[int], Awaitable[Relay]]]:
     """How to open each transport's relay."""
-    return {"inmemory": memory_relay, "rabbitmq": rabbitmq_relay(rabbitmq_url), "redis": redis_relay(redis_url)}
+    from ._sqlite_raw import sqlite_relay  # the standard library only: no extra to import
+
+    return {
+        "inmemory": memory_relay,
+        "rabbitmq": rabbitmq_relay(rabbitmq_url),
+        "redis": redis_relay(redis_url),
+        "sqlite": sqlite_relay,
+    }

@@ -198,8 +198,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument(
         "--transports",
         type=lambda text: [t.strip() for t in text.split(",") if t.strip()],
-        default=["inmemory", "rabbitmq", "redis"],
-        help="comma-separated: inmemory,rabbitmq,redis (default all)",
+        default=["inmemory", "rabbitmq", "redis", "sqlite"],
+        help="comma-separated: inmemory,rabbitmq,redis,sqlite (default all)",
     )
     parser.add_argument("--rounds", type=int, default=3, help="in-memory rounds, unsigned and signed (default 3)")
     parser.add_argument("--sign-rounds", type=int, default=2000, help="bare sign + verify calls timed (default 2000)")

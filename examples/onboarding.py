@@ -7,7 +7,12 @@ Run it (in memory, one process):
 
     uv run python -m examples.onboarding
 
-On RabbitMQ or Redis, each step can run in its own process (see the README):
+Durably, in one SQLite file (`./paigeant.sqlite3`), with no server to run (signed with a key made for the run,
+unless `PAIGEANT_SIGNING_KEY_FILE` names one):
+
+    uv run python -m examples.onboarding --transport sqlite
+
+On RabbitMQ, Redis or SQLite, each step can run in its own process (see the README):
 
     PAIGEANT_TRANSPORT=rabbitmq uv run paigeant worker examples.onboarding:validate_worker
     PAIGEANT_TRANSPORT=rabbitmq uv run python -m examples.onboarding --dispatch-only
@@ -34,6 +39,8 @@ from paigeant_ai import (
     activity,
     get_transport,
 )
+from paigeant_ai.security import MessageSigner, generate_key
+from paigeant_ai.settings import Settings
 
 from ._progress import show
 
@@ -124,21 +131,38 @@ payment_worker = Worker(transport, [setup_payment], on_event=show)
 welcome_worker = Worker(transport, [send_welcome], on_event=show)
 
 
-async def main(*, dispatch_only: bool = False) -> str:
-    """Dispatch one onboarding workflow; unless `dispatch_only`, run the steps here until it completes."""
-    async with transport:
-        dispatcher = WorkflowDispatcher(transport)
+def key_for_this_run() -> MessageSigner | None:
+    """A signer with a key made now, when no keys are set: the dispatcher and the worker of this one process share
+    it, and no other process can sign with it."""
+    settings = Settings.from_env()
+    if settings.signing_key or settings.signing_key_file or settings.allow_unsigned:
+        return None
+    return MessageSigner(generate_key("onboarding-example"))
+
+
+async def main(*, dispatch_only: bool = False, transport_name: str | None = None) -> str:
+    """Dispatch one onboarding workflow; unless `dispatch_only`, run the steps here until it completes.
+
+    `transport_name` picks another transport than `PAIGEANT_TRANSPORT` (`inmemory`, `sqlite`, `redis`, `rabbitmq`).
+    """
+    chosen = get_transport(transport_name) if transport_name else transport
+    security = None if chosen is transport or dispatch_only else key_for_this_run()
+    runner = worker if chosen is transport else Worker(chosen, ONBOARDING, on_event=show, security=security)
+    async with chosen:
+        dispatcher = WorkflowDispatcher(chosen, security=security)
         correlation_id = await dispatcher.dispatch_workflow(
             activities=ONBOARDING,
             variables={"customer_email": "new.customer@example.com", "subscription_tier": "premium"},
         )
-        print(f"dispatched onboarding workflow {correlation_id} on the {transport.name} transport")
+        print(f"dispatched onboarding workflow {correlation_id} on the {chosen.name} transport")
         if not dispatch_only:
-            await worker.run(burst=True)
+            await runner.run(burst=True)
     return correlation_id
 
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description="Run the customer-onboarding workflow.")
     parser.add_argument("--dispatch-only", action="store_true", help="dispatch, and leave the steps to workers")
-    asyncio.run(main(dispatch_only=parser.parse_args().dispatch_only))
+    parser.add_argument("--transport", help="inmemory, sqlite, redis or rabbitmq (default PAIGEANT_TRANSPORT)")
+    args = parser.parse_args()
+    asyncio.run(main(dispatch_only=args.dispatch_only, transport_name=args.transport))

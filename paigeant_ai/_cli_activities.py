@@ -43,7 +43,7 @@ async def run_command(args: argparse.Namespace) -> int:
     if chosen in IN_MEMORY_NAMES:
         raise UserError(
             "an in-memory registry lives in the process of its workers: read it there (read_registry), or run "
-            "workers on rabbitmq or redis (--transport or PAIGEANT_TRANSPORT)"
+            "workers on sqlite, rabbitmq or redis (--transport or PAIGEANT_TRANSPORT)"
         )
     async with command_transport(chosen) as transport:
         signer = MessageSigner.from_settings(transport)

@@ -65,7 +65,8 @@ async def run_command(args: argparse.Namespace) -> int:
     if chosen in IN_MEMORY_NAMES:
         raise UserError(
             "an in-memory workflow lives in the process that dispatched it: cancel it there "
-            "(WorkflowDispatcher.cancel), or run workflows on rabbitmq or redis (--transport or PAIGEANT_TRANSPORT)"
+            "(WorkflowDispatcher.cancel), or run workflows on sqlite, rabbitmq or redis "
+            "(--transport or PAIGEANT_TRANSPORT)"
         )
     token = _token(args.token_file)
     store = workflow_store(args.redis_url)

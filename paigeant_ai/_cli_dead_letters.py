@@ -241,7 +241,7 @@ async def _dead_letters(transport_name: str | None, *, limit: int, replay: str |
     if chosen in IN_MEMORY_NAMES:
         raise UserError(
             "the in-memory transport's dead letters live in the process that made them; "
-            "use --transport rabbitmq or redis (or PAIGEANT_TRANSPORT)"
+            "use --transport sqlite, rabbitmq or redis (or PAIGEANT_TRANSPORT)"
         )
     async with command_transport(chosen) as transport:
         if replay is not None:

@@ -44,7 +44,7 @@ async def follow(args: argparse.Namespace) -> int:
     if chosen in IN_MEMORY_NAMES:
         raise UserError(
             "--follow reads a broker, and in-memory workflows live in their own process: "
-            "give --transport redis|rabbitmq (or PAIGEANT_TRANSPORT)"
+            "give --transport sqlite|redis|rabbitmq (or PAIGEANT_TRANSPORT)"
         )
     correlation_id: str = args.correlation_id
     seen: list[WorkflowEvent] = []

@@ -199,7 +199,7 @@ async def _run_until_stopped(worker: Worker, target: str, *, burst: bool, child:
         if getattr(worker.transport, "process_local", False) and not burst:
             print(
                 "paigeant: warning: the in-memory transport lives in this process, so no other process can send "
-                "this worker a step; run it on a broker: --transport redis|rabbitmq (or PAIGEANT_TRANSPORT)",
+                "this worker a step; run it on a broker: --transport sqlite|redis|rabbitmq (or PAIGEANT_TRANSPORT)",
                 file=sys.stderr,
             )
         await worker.transport.connect()
@@ -245,7 +245,9 @@ def worker_banner(worker: Worker, target: str, slot: ChildSlot | None = None) ->
     transport = worker.transport
     namespace: str = getattr(transport, "namespace", "paigeant")
     url: str | None = getattr(transport, "url", None)
+    location: str | None = getattr(transport, "location", None)  # a file (SQLite): the absolute path
     where = f"{transport.name} {redact_url(url)}" if url else f"{transport.name} (this process only)"
+    where = f"{transport.name} {location}" if location else where
     queues = ", ".join(f"{namespace}.{name}" for name in worker.activities)
     lines = [
         f"paigeant {__version__} worker {target}",
@@ -297,7 +299,7 @@ async def run_dispatch(activities: Sequence[str], variables: str, transport: str
         raise UserError("--variables must be a JSON object")
     if (transport or Settings.from_env().transport).strip().lower() in IN_MEMORY_NAMES:
         raise UserError(
-            "an in-memory workflow dies with this command's process: dispatch on rabbitmq or redis "
+            "an in-memory workflow dies with this command's process: dispatch on sqlite, rabbitmq or redis "
             "(--transport or PAIGEANT_TRANSPORT)"
         )
     async with _cli_workflows.command_transport(transport) as connected:
@@ -317,7 +319,9 @@ def _connection_options(*, in_subcommand: bool) -> argparse.ArgumentParser:
     options = argparse.ArgumentParser(add_help=False)
     unset = argparse.SUPPRESS if in_subcommand else None
     group = options.add_argument_group("broker")
-    group.add_argument("--transport", default=unset, help="inmemory, rabbitmq or redis (default PAIGEANT_TRANSPORT)")
+    group.add_argument(
+        "--transport", default=unset, help="inmemory, rabbitmq, redis or sqlite (default PAIGEANT_TRANSPORT)"
+    )
     group.add_argument(
         "-b",
         "--broker-url",
@@ -379,8 +383,8 @@ def _settings_from(args: argparse.Namespace) -> dict[str, str]:
     if args.transport is not None:
         transport = args.transport.strip().lower()
         transport = "inmemory" if transport in IN_MEMORY_NAMES else transport
-        if transport not in ("inmemory", *_URL_SETTINGS):
-            raise UserError(f"unknown --transport {args.transport!r}; use inmemory, rabbitmq or redis")
+        if transport not in ("inmemory", "sqlite", *_URL_SETTINGS):
+            raise UserError(f"unknown --transport {args.transport!r}; use inmemory, rabbitmq, redis or sqlite")
     if args.broker_url is not None:
         by_scheme = _URL_SCHEMES.get(urlsplit(args.broker_url).scheme.lower())
         if by_scheme is None:

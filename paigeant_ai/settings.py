@@ -74,9 +74,11 @@ class Settings:
     """Settings read from the environment.
 
     Attributes:
-        transport: `PAIGEANT_TRANSPORT`, one of `inmemory` (default), `rabbitmq`, `redis`.
+        transport: `PAIGEANT_TRANSPORT`, one of `inmemory` (default), `rabbitmq`, `redis`, `sqlite`.
         rabbitmq_url: `PAIGEANT_RABBITMQ_URL`.
         redis_url: `PAIGEANT_REDIS_URL`.
+        sqlite_path: `PAIGEANT_SQLITE_PATH`, the SQLite transport's file (default `paigeant.sqlite3` in the working
+            directory).
         max_message_bytes: `PAIGEANT_MAX_MESSAGE_BYTES`, the largest message a dispatcher sends or a worker accepts.
         concurrency: `PAIGEANT_CONCURRENCY`, how many steps one worker runs at once.
         processes: `PAIGEANT_PROCESSES`, how many worker processes `paigeant worker` runs side by side (default 1:
@@ -113,6 +115,7 @@ class Settings:
     transport: str = "inmemory"
     rabbitmq_url: str = "amqp://guest:guest@127.0.0.1:5672/"
     redis_url: str = "redis://127.0.0.1:6379/0"
+    sqlite_path: str = "paigeant.sqlite3"
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
     concurrency: int = 10
     processes: int = 1
@@ -145,6 +148,7 @@ class Settings:
             transport=env.get("PAIGEANT_TRANSPORT", defaults.transport).strip().lower() or defaults.transport,
             rabbitmq_url=env.get("PAIGEANT_RABBITMQ_URL", defaults.rabbitmq_url),
             redis_url=env.get("PAIGEANT_REDIS_URL", defaults.redis_url),
+            sqlite_path=env.get("PAIGEANT_SQLITE_PATH") or defaults.sqlite_path,
             max_message_bytes=_env_int("PAIGEANT_MAX_MESSAGE_BYTES", defaults.max_message_bytes),
             concurrency=_env_int("PAIGEANT_CONCURRENCY", defaults.concurrency),
             processes=_env_int("PAIGEANT_PROCESSES", defaults.processes),

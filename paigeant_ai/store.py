@@ -416,6 +416,14 @@ class WorkflowStore(Protocol):
         ...
 
 
+def check_store_limits(*, max_workflows: int, max_events: int, ttl: float | None = None) -> None:
+    """Raise the `UserError` a workflow store raises for limits it cannot keep (every store checks the same)."""
+    if ttl is not None and ttl <= 0:
+        raise UserError("ttl must be a positive number of seconds")
+    if max_workflows < 1 or max_events < 1:
+        raise UserError("max_workflows and max_events must be at least 1")
+
+
 class InMemoryWorkflowStore:
     """A store in this process's memory: the latest `max_workflows` workflows, `max_events` events each.
 
@@ -423,8 +431,7 @@ class InMemoryWorkflowStore:
     """
 
     def __init__(self, *, max_workflows: int = 10_000, max_events: int = DEFAULT_MAX_EVENTS) -> None:
-        if max_workflows < 1 or max_events < 1:
-            raise UserError("max_workflows and max_events must be at least 1")
+        check_store_limits(max_workflows=max_workflows, max_events=max_events)
         self.max_workflows = max_workflows
         self.max_events = max_events
         self._events: OrderedDict[str, dict[str, WorkflowEvent]] = OrderedDict()

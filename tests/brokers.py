@@ -1,7 +1,8 @@
 """The test brokers, in one place: where they are, the three transports, clean-up, and worker processes.
 
-- `conftest.transport` is the fixture that runs a test on all three transports (the broker ones marked `redis` /
-  `rabbitmq`), each in a namespace of its own that is deleted afterwards; a module with a `transport` fixture of its
+- `conftest.transport` is the fixture that runs a test on every transport (the broker ones marked `redis` /
+  `rabbitmq`; SQLite on a file of its own in the temporary folder), each in a namespace of its own that is deleted
+  afterwards; a module with a `transport` fixture of its
   own keeps it. `dead_letters()` reads what any of them dead-lettered.
 - `delete_redis_namespace()`, `delete_queues()`, `delete_rabbitmq_addresses()` and `delete_rabbitmq_namespace()` are
   the clean-up helpers every test that leaves something on a broker shares.
@@ -18,6 +19,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import uuid
 from collections.abc import AsyncGenerator, Callable, Iterable
@@ -85,6 +87,7 @@ def require_rabbitmqctl() -> None:
 
 TRANSPORTS = [
     "inmemory",
+    "sqlite",
     pytest.param("redis", marks=pytest.mark.redis),
     pytest.param("rabbitmq", marks=pytest.mark.rabbitmq),
 ]
@@ -94,6 +97,8 @@ def make_transport(name: str, namespace: str) -> Transport:
     """A transport of kind `name` on the test brokers, in `namespace`."""
     if name == "inmemory":
         return InMemoryTransport()
+    if name == "sqlite":
+        return get_transport("sqlite", path=sqlite_path(namespace), namespace=namespace)
     if name == "redis":
         require_redis()
         return get_transport("redis", url=REDIS_URL, namespace=namespace)
@@ -118,10 +123,23 @@ async def dead_letters(transport: Transport) -> list[Delivery]:
 
 async def clean(transport: Transport, namespace: str) -> None:
     """Delete what `transport` left on its broker in `namespace`."""
-    if transport.name == "redis":
+    if transport.name == "sqlite":
+        delete_sqlite_files(namespace)
+    elif transport.name == "redis":
         await delete_redis_namespace(namespace)
     elif transport.name == "rabbitmq":
         await delete_queues(getattr(transport, "_declared", set[str]()))
+
+
+def sqlite_path(namespace: str) -> Path:
+    """The file of a test's SQLite transport: one per namespace, in the temporary folder."""
+    return Path(tempfile.gettempdir()) / f"{namespace}.sqlite3"
+
+
+def delete_sqlite_files(namespace: str) -> None:
+    """Delete the file of `namespace`'s SQLite transport and its WAL files."""
+    for suffix in ("", "-wal", "-shm"):
+        Path(f"{sqlite_path(namespace)}{suffix}").unlink(missing_ok=True)
 
 
 async def delete_redis_namespace(namespace: str, url: str = REDIS_URL) -> None:
@@ -235,9 +253,10 @@ class Fleet:
 
 @asynccontextmanager
 async def fleet(
-    tmp_path: Path, broker: Literal["rabbitmq", "redis"], url: str, *, workers: str, steps: Iterable[str]
+    tmp_path: Path, broker: Literal["rabbitmq", "redis", "sqlite"], url: str, *, workers: str, steps: Iterable[str]
 ) -> AsyncGenerator[tuple[Fleet, WorkflowDispatcher, Path]]:
-    """Worker processes, a dispatcher and the records directory, all in a namespace of their own on `url`.
+    """Worker processes, a dispatcher and the records directory, all in a namespace of their own on `url` (on
+    SQLite, `url` is the file's path).
 
     Every process signs and verifies, as in production. Afterwards the processes are stopped and the namespace is
     deleted (on RabbitMQ, the queues of `steps` and of the dead letters and events; on Redis, every key, but only on
@@ -257,7 +276,7 @@ async def fleet(
         "PAIGEANT_SIGNING_KEY": json.dumps(key.as_dict(private=True)),
         "PAIGEANT_TRUSTED_KEYS": json.dumps({"keys": [key.as_dict(private=False)]}),
         "PAIGEANT_TRANSPORT": broker,
-        f"PAIGEANT_{broker.upper()}_URL": url,
+        f"PAIGEANT_{broker.upper()}_{'PATH' if broker == 'sqlite' else 'URL'}": url,
         "PAIGEANT_NAMESPACE": namespace,
         "PAIGEANT_TEST_RECORDS": str(records),
         "PAIGEANT_TEST_STEP_SECONDS": "0.2",
@@ -266,7 +285,8 @@ async def fleet(
     }
     env.pop("PAIGEANT_ALLOW_UNSIGNED", None)
     processes = Fleet(env, logs, workers)
-    transport = get_transport(broker, url=url, namespace=namespace)
+    where = {"path": url} if broker == "sqlite" else {"url": url}
+    transport = get_transport(broker, **where, namespace=namespace)
     try:
         await transport.connect()
         yield processes, WorkflowDispatcher(transport, security=MessageSigner(key)), records

@@ -99,7 +99,7 @@ def test_the_options_apply_for_the_command_only(monkeypatch: pytest.MonkeyPatch)
 @pytest.mark.parametrize(
     ("argv", "error"),
     [
-        (["--transport", "kafka"], "unknown --transport 'kafka'; use inmemory, rabbitmq or redis"),
+        (["--transport", "kafka"], "unknown --transport 'kafka'; use inmemory, rabbitmq, redis or sqlite"),
         (["-b", "http://u:pw@host/"], "--broker-url 'http://u:***@host/' is neither a redis:// nor an amqp:// URL"),
         (["--transport", "rabbitmq", "-b", "redis://h/0"], "--broker-url is a redis URL but --transport is rabbitmq"),
         (["--namespace", " "], "--namespace must not be empty"),

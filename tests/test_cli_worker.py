@@ -267,7 +267,7 @@ def test_an_in_memory_worker_says_no_other_process_can_reach_it() -> None:
     assert started.startswith("paigeant 0.1.0 worker tests.test_cli_worker:greeter\n")
     assert started.endswith(
         "\npaigeant: warning: the in-memory transport lives in this process, so no other process can send this "
-        "worker a step; run it on a broker: --transport redis|rabbitmq (or PAIGEANT_TRANSPORT)\n"
+        "worker a step; run it on a broker: --transport sqlite|redis|rabbitmq (or PAIGEANT_TRANSPORT)\n"
     )
     assert process.returncode == 0
     assert "worker stopped: 0 steps completed" in rest

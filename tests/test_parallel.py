@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import sqlite3
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -50,6 +51,7 @@ from paigeant_ai.transports import Transport
 from paigeant_ai.transports.base import REASON_HEADER
 from paigeant_ai.transports.redis import RedisTransport
 from paigeant_ai.transports.redis._joins import RedisJoinStore
+from paigeant_ai.transports.sqlite import SQLiteJoinStore
 
 from .brokers import REDIS_URL, dead_letters, delete_redis_namespace
 from .test_steering import KEYS, signer
@@ -591,6 +593,11 @@ async def forge_failure_mark(team: Team, group: str, mark: bytes) -> None:
     joins = team.worker_.joins
     if isinstance(joins, RedisJoinStore):
         await joins.transport.client.hset(joins.key(group), "failed", mark)  # pyright: ignore[reportUnknownMemberType]
+    elif isinstance(joins, SQLiteJoinStore):
+        with sqlite3.connect(joins.transport.path) as db:
+            db.execute(
+                "INSERT OR REPLACE INTO joins VALUES (?, ?, 'failed', ?)", (joins.transport.namespace, group, mark)
+            )
     else:
         assert isinstance(joins, InMemoryJoinStore)
         joins._failed[group] = mark  # pyright: ignore[reportPrivateUsage]
@@ -726,6 +733,16 @@ async def test_a_variable_a_branch_would_overwrite_is_refused_at_dispatch(joinab
     assert await dead_letters(joinable) == []
 
 
+async def sqlite_group_expiry(joins: SQLiteJoinStore, group: str) -> int:
+    """-1 if the group's row in the file has no expiry (as Redis's PTTL says of a key without one), else 1."""
+    while True:
+        with sqlite3.connect(joins.transport.path) as db:
+            row = db.execute("SELECT expires FROM join_groups WHERE grp = ?", (group,)).fetchone()
+        if row is not None:
+            return -1 if row[0] is None else 1
+        await asyncio.sleep(0.02)
+
+
 async def test_without_a_deadline_a_groups_results_are_kept_until_it_joins(joinable: Transport) -> None:
     if joinable.name == "inmemory":
         pytest.skip("process memory does not expire")
@@ -734,6 +751,9 @@ async def test_without_a_deadline_a_groups_results_are_kept_until_it_joins(joina
 
     async def inventory(ctx: ActivityContext) -> dict[str, Any]:  # reads the group's expiry once research is stored
         joins = team.worker_.joins
+        if isinstance(joins, SQLiteJoinStore):
+            ttls.append(await sqlite_group_expiry(joins, f"{ctx.correlation_id}/1"))
+            return {"stock": 3}
         assert isinstance(joins, RedisJoinStore)
         key = joins.key(f"{ctx.correlation_id}/1")
         while not await joins.transport.client.exists(key):  # pyright: ignore[reportUnknownMemberType]  # noqa: ASYNC110

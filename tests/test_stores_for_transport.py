@@ -1,9 +1,10 @@
-"""`get_waiting_store` and `get_workflow_store`: one module serves the in-memory transport and Redis alike."""
+"""`get_waiting_store` and `get_workflow_store`: one module serves the in-memory transport, SQLite and Redis alike."""
 
 from __future__ import annotations
 
 import uuid
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -22,17 +23,22 @@ from paigeant_ai import (
 from paigeant_ai.security import MessageSigner, generate_key
 from paigeant_ai.store import InMemoryWorkflowStore
 from paigeant_ai.transports.redis import RedisReplayCache, RedisTransport, RedisWaitingStore, RedisWorkflowStore
+from paigeant_ai.transports.sqlite import SQLiteTransport, SQLiteWaitingStore, SQLiteWorkflowStore
 
 from .brokers import REDIS_URL, delete_redis_namespace, require_redis
 from .scripted import Script
 from .test_approval import SEND, answer
 
 
-@pytest.fixture(params=["inmemory", pytest.param("redis", marks=pytest.mark.redis)])
-async def transport(request: pytest.FixtureRequest) -> AsyncIterator[Transport]:
+@pytest.fixture(params=["inmemory", "sqlite", pytest.param("redis", marks=pytest.mark.redis)])
+async def transport(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Transport]:
     if request.param == "inmemory":
         async with InMemoryTransport() as memory:
             yield memory
+        return
+    if request.param == "sqlite":
+        async with SQLiteTransport(tmp_path / "paigeant.sqlite3", poll_interval=0.05) as sqlite:
+            yield sqlite
         return
     require_redis()
     namespace = f"paigeant-test-{uuid.uuid4().hex[:12]}"
@@ -61,6 +67,8 @@ async def test_the_stores_that_fit_the_transport_park_resume_and_report_a_workfl
 
     def signer() -> MessageSigner:
         replay = RedisReplayCache(transport) if isinstance(transport, RedisTransport) else None
+        if isinstance(transport, SQLiteTransport):
+            replay = transport.replay_cache()
         return MessageSigner(key, replay_cache=replay)
 
     # What an application module writes once, whatever PAIGEANT_TRANSPORT says.
@@ -95,6 +103,10 @@ async def test_each_transport_gets_its_own_kind_of_store(transport: Transport) -
         assert isinstance(waiting, RedisWaitingStore)
         assert isinstance(store, RedisWorkflowStore)
         assert (waiting.transport, store.transport) == (transport, transport)  # its connection and namespace
+    elif isinstance(transport, SQLiteTransport):
+        assert isinstance(waiting, SQLiteWaitingStore)
+        assert isinstance(store, SQLiteWorkflowStore)
+        assert (waiting.transport, store.transport) == (transport, transport)  # its file and namespace
     else:
         assert isinstance(waiting, InMemoryWaitingStore)
         assert isinstance(store, InMemoryWorkflowStore)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import sqlite3
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -58,6 +59,7 @@ from paigeant_ai.security import MessageSigner, generate_key
 from paigeant_ai.transports import Transport
 from paigeant_ai.transports.base import REASON_HEADER, SharedStores
 from paigeant_ai.transports.redis import RedisWaitingStore
+from paigeant_ai.transports.sqlite import SQLiteWaitingStore
 from paigeant_ai.trust import TrustPolicy
 
 from .brokers import dead_letters
@@ -190,6 +192,10 @@ class Bank:
         store = self.store
         if isinstance(store, InMemoryWaitingStore):
             return json.loads(store._records[cid])  # pyright: ignore[reportPrivateUsage]
+        if isinstance(store, SQLiteWaitingStore):  # the row as written to the file
+            with sqlite3.connect(store.transport.path) as db:
+                row = db.execute("SELECT record FROM waiting WHERE correlation_id = ?", (cid,)).fetchone()
+            return json.loads(row[0])
         assert isinstance(store, RedisWaitingStore)
         raw = await store.transport.client.hget(store.key(cid), "record")
         assert raw is not None

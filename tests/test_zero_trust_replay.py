@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import tempfile
 import time
 import uuid
 from collections.abc import AsyncGenerator
@@ -39,6 +40,7 @@ from paigeant_ai.store import InMemoryWorkflowStore
 from paigeant_ai.transports import Transport
 from paigeant_ai.transports.base import REASON_HEADER, SOURCE_HEADER, Delivery, SharedStores
 from paigeant_ai.transports.redis import RedisReplayCache, RedisTransport
+from paigeant_ai.transports.sqlite import SQLiteReplayCache, SQLiteTransport
 from paigeant_ai.worker import InMemoryDedupeStore
 
 from . import replay_workers
@@ -533,7 +535,7 @@ async def _messages(transport: Transport, address: str) -> list[PaigeantMessage]
 # -- the claim, state by state ---------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("kind", ["memory", pytest.param("redis", marks=pytest.mark.redis)])
+@pytest.mark.parametrize("kind", ["memory", "sqlite", pytest.param("redis", marks=pytest.mark.redis)])
 async def test_a_hop_is_claimed_as_it_starts_and_each_copy_gets_its_answer(kind: str) -> None:
     async with _cache(kind) as cache:
 
@@ -554,7 +556,7 @@ async def test_a_hop_is_claimed_as_it_starts_and_each_copy_gets_its_answer(kind:
         assert await claim("m2") == "claimed", "its lease lapsed: its worker is gone"
 
 
-@pytest.mark.parametrize("kind", ["memory", pytest.param("redis", marks=pytest.mark.redis)])
+@pytest.mark.parametrize("kind", ["memory", "sqlite", pytest.param("redis", marks=pytest.mark.redis)])
 async def test_a_claim_asked_twice_by_its_holder_is_its_own_not_a_replay(kind: str) -> None:
     """A store's client sends a request again when a dropped connection lost its reply (redis-py resends the
     pipeline once Redis is back): the copy that claimed must not then be refused, and dead-lettered, as a replay."""
@@ -574,9 +576,14 @@ async def test_a_claim_asked_twice_by_its_holder_is_its_own_not_a_replay(kind: s
 
 
 @asynccontextmanager
-async def _cache(kind: str) -> AsyncGenerator[InMemoryReplayCache | RedisReplayCache]:
+async def _cache(kind: str) -> AsyncGenerator[InMemoryReplayCache | RedisReplayCache | SQLiteReplayCache]:
     if kind == "memory":
         yield InMemoryReplayCache()
+        return
+    if kind == "sqlite":
+        with tempfile.TemporaryDirectory() as folder:
+            async with SQLiteTransport(Path(folder) / "replay.sqlite3") as sqlite:
+                yield sqlite.replay_cache()
         return
     require_redis()
     namespace = f"paigeant-test-{uuid.uuid4().hex[:12]}"

@@ -5,7 +5,7 @@ The seam is `Transport`; what a transport offers beyond it is declared, never gu
 `SharedClaims` (keys claimed once), `SharedStores` (stores every process shares), `Cancellations` (a
 `CancelBoard` of cancel records every process reads) and `ProgressStreams` (a durable progress stream per
 workflow). Each backend lives in one module or subpackage: `memory`,
-`rabbitmq`, `redis`.
+`rabbitmq`, `redis`, `sqlite`.
 """
 
 from __future__ import annotations
@@ -44,6 +44,7 @@ IN_MEMORY_NAMES = frozenset({"inmemory", "memory", "in-memory"})
 _EXTRAS = {
     "rabbitmq": ("paigeant_ai.transports.rabbitmq", "RabbitMQTransport", "rabbitmq"),
     "redis": ("paigeant_ai.transports.redis", "RedisTransport", "redis"),
+    "sqlite": ("paigeant_ai.transports.sqlite", "SQLiteTransport", ""),
 }
 
 
@@ -51,8 +52,8 @@ def get_transport(name: str | None = None, **options: object) -> Transport:
     """A new transport chosen by `name`, else by `PAIGEANT_TRANSPORT` (default `inmemory`).
 
     Args:
-        name: `inmemory`, `rabbitmq` or `redis`.
-        **options: Passed to the transport's constructor (for example `url=`).
+        name: `inmemory`, `rabbitmq`, `redis` or `sqlite`.
+        **options: Passed to the transport's constructor (for example `url=`, or `path=` for SQLite).
 
     Raises:
         UserError: The name is unknown, or the transport's extra is not installed.
@@ -74,5 +75,7 @@ def get_transport(name: str | None = None, **options: object) -> Transport:
     except ImportError as exc:
         if isinstance(exc, ModuleNotFoundError) and (exc.name or "").startswith("paigeant_ai"):
             raise UserError(f"the {chosen} transport is not available in this version of paigeant-ai") from exc
+        if not extra:
+            raise UserError(f"the {chosen} transport needs a Python built with {exc.name or 'it'}") from exc
         raise UserError(f'the {chosen} transport needs its extra: pip install "paigeant-ai[{extra}]"') from exc
     return getattr(module, class_name)(**options)

@@ -448,6 +448,20 @@ class ConsumerBase:
         await self.aclose()
 
 
+def check_lease_settings(
+    *, visibility_timeout: float, max_deliveries: int, trim_length: int, poll_interval: float
+) -> None:
+    """Raise the `UserError` naming the setting, for the settings of a transport that leases deliveries."""
+    if visibility_timeout <= 0:
+        raise UserError("visibility_timeout must be a positive number of seconds")
+    if max_deliveries < 1:
+        raise UserError("max_deliveries must be at least 1")
+    if trim_length < 1:
+        raise UserError("trim_length must be at least 1")
+    if poll_interval <= 0:
+        raise UserError("poll_interval must be a positive number of seconds")
+
+
 def dead_letter_headers(delivery: Delivery, reason: str) -> dict[str, str]:
     """The headers a dead-lettered copy of `delivery` carries."""
     return {**delivery.headers, REASON_HEADER: escape_control(reason)[:2000], SOURCE_HEADER: delivery.address}

@@ -18,7 +18,7 @@ from ..._replay import ClaimState, RenewState
 from ..._wire import FROM_WIRE
 from ...approval import ParkedStep, loadable
 from ...exceptions import UserError
-from ...store import DEFAULT_MAX_EVENTS, WorkflowStatus, event_order, project, with_owner
+from ...store import DEFAULT_MAX_EVENTS, WorkflowStatus, check_store_limits, event_order, project, with_owner
 from . import _lua as lua
 from ._wire import ms
 
@@ -186,10 +186,7 @@ class RedisWorkflowStore:
         max_workflows: int = 100_000,
         max_events: int = DEFAULT_MAX_EVENTS,
     ) -> None:
-        if ttl <= 0:
-            raise UserError("ttl must be a positive number of seconds")
-        if max_workflows < 1 or max_events < 1:
-            raise UserError("max_workflows and max_events must be at least 1")
+        check_store_limits(max_workflows=max_workflows, max_events=max_events, ttl=ttl)
         self.transport = transport
         self.ttl = ttl
         self.max_workflows = max_workflows

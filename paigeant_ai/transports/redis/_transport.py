@@ -28,7 +28,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from ...contracts import DEAD_LETTER, RESERVED_ADDRESSES
 from ...exceptions import TransportError, UserError
 from ...settings import Settings
-from ..base import Delivery, TransportBase, dead_letter_headers, ensure_bytes, redact_url
+from ..base import Delivery, TransportBase, check_lease_settings, dead_letter_headers, ensure_bytes, redact_url
 from ._cancel_board import RedisCancelBoard
 from ._consumer import LIVE_WITHIN, Handle, RedisConsumer
 from ._joins import RedisJoinStore
@@ -115,14 +115,12 @@ class RedisTransport(TransportBase):
         self.url = url or settings.redis_url
         self.namespace = namespace or settings.namespace
         self.consumer_name = consumer_name or f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
-        if visibility_timeout <= 0:
-            raise UserError("visibility_timeout must be a positive number of seconds")
-        if max_deliveries < 1:
-            raise UserError("max_deliveries must be at least 1")
-        if trim_length < 1:
-            raise UserError("trim_length must be at least 1")
-        if poll_interval <= 0:
-            raise UserError("poll_interval must be a positive number of seconds")
+        check_lease_settings(
+            visibility_timeout=visibility_timeout,
+            max_deliveries=max_deliveries,
+            trim_length=trim_length,
+            poll_interval=poll_interval,
+        )
         if max_connections < 2:
             raise UserError("max_connections must be at least 2")
         self.visibility_timeout = visibility_timeout

@@ -1,0 +1,123 @@
+"""The queue statements: each function runs inside the transaction of one turn of the database's thread.
+
+A row of `messages` is one message at one address. It is *ready* once `visible_at` has passed and nobody holds a
+lease on it (`lease_until` unset or passed); a consumer claims ready rows by setting its lease, and counts the
+delivery. Ack deletes the row; `retry_later` clears the lease and moves `visible_at`; a lapsed lease makes the row
+ready again, so a dead process's deliveries come back with their count one higher.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import cast
+
+__all__ = (
+    "Row",
+    "claim_ready",
+    "dump_headers",
+    "give_back",
+    "insert",
+    "load_headers",
+    "move",
+    "next_ready",
+    "renew",
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Row:
+    """A claimed row: its id, bytes, headers and how often it was delivered, this delivery included."""
+
+    id: int
+    body: bytes
+    headers: str
+    delivery_count: int
+
+
+def dump_headers(headers: Mapping[str, str] | None) -> str:
+    return json.dumps(dict(headers or {}), ensure_ascii=False, separators=(",", ":"))
+
+
+def load_headers(raw: str) -> dict[str, str]:
+    """The headers of a row; `{}` for text someone wrote by hand that is not a JSON object of strings."""
+    try:
+        loaded = json.loads(raw)
+    except ValueError:
+        return {}
+    if not isinstance(loaded, dict):
+        return {}
+    return {str(k): str(v) for k, v in cast("dict[object, object]", loaded).items()}
+
+
+def insert(
+    db: sqlite3.Connection, ns: str, address: str, body: bytes, headers: str, delay: float, keep: int | None
+) -> None:
+    """Add a message; at a capped address (`keep` rows at most), drop the oldest beyond the cap."""
+    now = time.time()
+    db.execute(
+        "INSERT INTO messages (ns, address, body, headers, visible_at, created) VALUES (?, ?, ?, ?, ?, ?)",
+        (ns, address, body, headers, now + max(0.0, delay), now),
+    )
+    if keep is not None:
+        db.execute(
+            "DELETE FROM messages WHERE ns = ? AND address = ? AND lease_owner IS NULL AND id <= "
+            "(SELECT id FROM messages WHERE ns = ? AND address = ? ORDER BY id DESC LIMIT 1 OFFSET ?)",
+            (ns, address, ns, address, keep),
+        )
+
+
+def claim_ready(db: sqlite3.Connection, ns: str, address: str, owner: str, *, room: int, lease: float) -> list[Row]:
+    """Lease up to `room` ready rows to `owner` for `lease` seconds, oldest first, each delivered once more."""
+    now = time.time()
+    found = db.execute(
+        "UPDATE messages SET lease_owner = ?, lease_until = ?, delivery_count = delivery_count + 1 WHERE id IN "
+        "(SELECT id FROM messages WHERE ns = ? AND address = ? AND visible_at <= ? "
+        "AND (lease_until IS NULL OR lease_until <= ?) ORDER BY id LIMIT ?) "
+        "RETURNING id, body, headers, delivery_count",
+        (owner, now + lease, ns, address, now, now, room),
+    ).fetchall()
+    return sorted((Row(*row) for row in found), key=lambda row: row.id)
+
+
+def next_ready(db: sqlite3.Connection, ns: str, address: str) -> float | None:
+    """Seconds until a row at `address` may be ready (0 if one is now); None if the address has no rows."""
+    found = db.execute(
+        "SELECT min(max(visible_at, coalesce(lease_until, 0))) FROM messages WHERE ns = ? AND address = ?",
+        (ns, address),
+    ).fetchone()[0]
+    return None if found is None else max(0.0, found - time.time())
+
+
+def renew(db: sqlite3.Connection, owner: str, ids: Sequence[int], lease: float) -> set[int]:
+    """Extend `owner`'s leases of `ids`: the ids it still holds (the others were settled or taken over)."""
+    kept: set[int] = set()
+    until = time.time() + lease
+    for start in range(0, len(ids), 500):
+        chunk = ids[start : start + 500]
+        marks = ",".join("?" * len(chunk))
+        rows = db.execute(
+            f"UPDATE messages SET lease_until = ? WHERE lease_owner = ? AND id IN ({marks}) RETURNING id",
+            (until, owner, *chunk),
+        ).fetchall()
+        kept.update(row[0] for row in rows)
+    return kept
+
+
+def give_back(db: sqlite3.Connection, owner: str, never_handed_out: Sequence[int]) -> None:
+    """Clear `owner`'s leases: its rows are ready again. Those never handed out do not count as delivered."""
+    for row_id in never_handed_out:
+        db.execute(
+            "UPDATE messages SET delivery_count = max(0, delivery_count - 1) WHERE id = ? AND lease_owner = ?",
+            (row_id, owner),
+        )
+    db.execute("UPDATE messages SET lease_owner = NULL, lease_until = NULL WHERE lease_owner = ?", (owner,))
+
+
+def move(db: sqlite3.Connection, row_id: int, ns: str, address: str, body: bytes, headers: str, keep: int) -> None:
+    """Delete the row `row_id` and add its message at `address` (the dead letters), in one transaction."""
+    db.execute("DELETE FROM messages WHERE id = ?", (row_id,))
+    insert(db, ns, address, body, headers, 0.0, keep)
