@@ -2,7 +2,7 @@
 held against the slip's log and live route; and what a worker remembers of it from one hop to the next.
 
 What the check derives from a plan and its revisions (the route they give, the steps they added) is a function of
-the bytes they were signed over, and the live route's steps (their digests) a function of the route's JSON.
+the bytes they were signed over, and each live step (its digest, its fallbacks, ...) a function of its spec's JSON.
 `RouteMemo` keeps both under a digest of those bytes, so that the later hops of a workflow on one worker derive
 neither again; everything that reads the slip's log still runs on every hop.
 """
@@ -29,7 +29,6 @@ from .contracts import ActivitySpec, Plan, PlannedStep, Revision, RoutingSlip
 from .exceptions import SecurityError
 
 __all__ = (
-    "Revised",
     "RouteMemo",
     "Step",
     "added_and_removed",
@@ -139,10 +138,10 @@ def check_route(plan: Plan, slip: RoutingSlip) -> int:
             made where it says) or `plan` (the log or the live route is not what the plan and revisions give).
     """
     done = _done(slip)
-    return _check_slip(slip, revised_route(plan, slip.revisions, len(done)), done, _steps)
+    return _check_slip(slip, _revised_route(plan, slip.revisions, len(done)), done, _steps)
 
 
-class Revised(NamedTuple):
+class _Revised(NamedTuple):
     """The route a plan and its revisions give, and what the revisions did to it."""
 
     route: tuple[Step, ...]
@@ -152,7 +151,7 @@ class Revised(NamedTuple):
     """The step the latest revision was made at (0 without one): the log must have got that far."""
 
 
-def revised_route(plan: Plan, revisions: Sequence[Revision], done: int) -> Revised:
+def _revised_route(plan: Plan, revisions: Sequence[Revision], done: int) -> _Revised:
     """The route `plan` gives, changed by `revisions`, each made at one of the first `done` + 1 steps.
 
     Raises:
@@ -191,7 +190,7 @@ def revised_route(plan: Plan, revisions: Sequence[Revision], done: int) -> Revis
                 f"the revisions add {added_total} steps, the plan allows {limits.max_added_steps} in all"
             )
         route[at + 1 :] = new
-    return Revised(tuple(route), added_total, last)
+    return _Revised(tuple(route), added_total, last)
 
 
 def _done(slip: RoutingSlip) -> list[str]:
@@ -201,7 +200,7 @@ def _done(slip: RoutingSlip) -> list[str]:
 
 def _check_slip(
     slip: RoutingSlip,
-    revised: Revised,
+    revised: _Revised,
     done: list[str],
     live_steps: Callable[[list[ActivitySpec]], Sequence[Step]],
 ) -> int:
@@ -234,7 +233,7 @@ class RouteMemo:
     """
 
     def __init__(self, size: int) -> None:
-        self._revised: Lru[tuple[bytes, ...], Revised] = Lru(size)
+        self._revised: Lru[tuple[bytes, ...], _Revised] = Lru(size)
         self._steps: Lru[bytes, Step] = Lru(size)
 
     def check(self, plan: Plan, slip: RoutingSlip, signed: tuple[bytes, ...]) -> int:
@@ -243,7 +242,7 @@ class RouteMemo:
         done = _done(slip)
         revised = self._revised.get(signed)
         if revised is None or revised.latest_step > len(done):  # a log not as far: walked again to say which
-            revised = self._revised.put(signed, revised_route(plan, slip.revisions, len(done)))
+            revised = self._revised.put(signed, _revised_route(plan, slip.revisions, len(done)))
         return _check_slip(slip, revised, done, self._live_steps)
 
     def _live_steps(self, itinerary: list[ActivitySpec]) -> list[Step]:
