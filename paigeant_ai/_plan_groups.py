@@ -11,7 +11,7 @@ from .contracts import MAX_BRANCHES, ActivityLogEntry, ActivitySpec, Compensatio
 from .exceptions import SecurityError
 
 if TYPE_CHECKING:
-    from ._plan import _Step
+    from ._plan_route import Step
 
 __all__ = (
     "Branch",
@@ -50,7 +50,7 @@ class Branch(NamedTuple):
     compensate: str | None
 
 
-def check_group_sizes(steps: Sequence[_Step], error: Callable[[str], SecurityError]) -> None:
+def check_group_sizes(steps: Sequence[Step], error: Callable[[str], SecurityError]) -> None:
     for step in steps:
         if len(step.branches) > MAX_BRANCHES:
             raise error(
@@ -58,7 +58,7 @@ def check_group_sizes(steps: Sequence[_Step], error: Callable[[str], SecurityErr
             )
 
 
-def check_groups(route: list[_Step], slip: RoutingSlip) -> None:
+def check_groups(route: Sequence[Step], slip: RoutingSlip) -> None:
     """Each parallel group that completed logs one completion per branch, by one of the branch's alternatives; a
     branch's failures (and, in another branch's hop, its completion) logged beside the route belong to a branch of
     the group the workflow is at."""
@@ -84,7 +84,7 @@ def check_groups(route: list[_Step], slip: RoutingSlip) -> None:
         raise plan_error(f"the hop runs branch {slip.branch!r}, which step {position} of the plan does not have")
 
 
-def _check_joined(position: int, planned: _Step, entry: ActivityLogEntry) -> None:
+def _check_joined(position: int, planned: Step, entry: ActivityLogEntry) -> None:
     done = [branch.branch for branch in entry.branches if branch.outcome == "completed"]
     if sorted(key or "" for key in done) != sorted(branch.key for branch in planned.branches):
         raise plan_error(f"parallel group {planned.name!r} at step {position} did not log each branch completed once")
@@ -97,7 +97,7 @@ def _check_joined(position: int, planned: _Step, entry: ActivityLogEntry) -> Non
             )
 
 
-def check_branch_fallbacks(route: list[_Step], position: int, slip: RoutingSlip) -> None:
+def check_branch_fallbacks(route: Sequence[Step], position: int, slip: RoutingSlip) -> None:
     """The live branch's fallbacks were taken in its declared order, and it runs as the one they give now."""
     branch = route[position].branch(slip.branch) if position < len(route) else None
     if branch is None:
@@ -121,7 +121,7 @@ def check_branch_fallbacks(route: list[_Step], position: int, slip: RoutingSlip)
 
 
 def check_branch_compensation(
-    route: list[_Step], done: list[str], slip: RoutingSlip, record: Compensation, last: int, keys: set[str]
+    route: Sequence[Step], done: list[str], slip: RoutingSlip, record: Compensation, last: int, keys: set[str]
 ) -> None:
     """A branch's entry in the compensation log: of a branch of the group at its step, which completed there (or
     the workflow is being undone from that group), once, after the steps before it."""
