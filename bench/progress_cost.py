@@ -43,7 +43,7 @@ def _nothing(self: ProgressWriter, *args: object) -> list[_Entry]:
 
 
 def _patched(name: str, replacement: Callable[..., list[_Entry]]) -> _Patch:
-    """Build the variant's `ProgressWriter` method in place of paigeant's, while it runs."""
+    """A context in which `replacement` stands for the `ProgressWriter` method `name`: one variant's writer."""
     return lambda: mock.patch.object(ProgressWriter, name, replacement)
 
 

@@ -82,13 +82,21 @@ def sign_parts(security: MessageSecurity, parts: Sequence[tuple[str, bytes]]) ->
     signature = security.sign_bytes(_statement(root, len(parts)), typ=PROGRESS_SIGNATURE_TYPE)
     if signature is None:
         return [{} for _ in parts]
-    return [
-        {
-            PROGRESS_SIGNATURE_HEADER: signature,
-            PROGRESS_PROOF_HEADER: ".".join([str(index), str(len(parts)), *map(_b64, path)]),
-        }
-        for index, path in enumerate(paths)
-    ]
+    proofs = _proofs(paths)
+    return [{PROGRESS_SIGNATURE_HEADER: signature, PROGRESS_PROOF_HEADER: proof} for proof in proofs]
+
+
+def _proofs(paths: list[list[bytes]]) -> list[str]:
+    """Each leaf's proof header. A sibling is on the paths of every leaf of the other half of its subtree: each
+    digest is encoded once."""
+    encoded: dict[bytes, str] = {}
+    proofs: list[str] = []
+    for index, path in enumerate(paths):
+        for digest in path:
+            if digest not in encoded:
+                encoded[digest] = _b64(digest)
+        proofs.append(".".join([str(index), str(len(paths)), *[encoded[digest] for digest in path]]))
+    return proofs
 
 
 def is_proved_part(headers: Mapping[str, str]) -> bool:
