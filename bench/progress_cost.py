@@ -21,6 +21,7 @@ import asyncio
 import contextlib
 import os
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from unittest import mock
 
 from paigeant_ai._events import events_headers
@@ -54,21 +55,35 @@ VARIANTS: dict[str, _Patch] = {
 }
 
 
-async def bench(workflows: int, runs: int) -> None:
-    cpu: dict[str, list[float]] = {variant: [] for variant in VARIANTS}
-    signed: dict[str, list[float]] = {variant: [] for variant in VARIANTS}
-    load_before = os.getloadavg()[0]
+@dataclass
+class Measured:
+    """One variant's runs: CPU µs per hop and signatures made per hop, each run."""
+
+    cpu: list[float] = field(default_factory=list[float])
+    signed: list[float] = field(default_factory=list[float])
+
+
+async def measure(workflows: int, runs: int) -> dict[str, Measured]:
+    """Every variant, `runs` times each, alternating, after one warm-up run."""
+    measured = {variant: Measured() for variant in VARIANTS}
     await whole_hops(50, signed=True)  # warm: imports, the versions' scan
     for _ in range(runs):
         for variant, patch in VARIANTS.items():
             with patch():
                 per_hop, (made, _verified) = await whole_hops(workflows, signed=True)
-            cpu[variant].append(per_hop)
-            signed[variant].append(made)
+            measured[variant].cpu.append(per_hop)
+            measured[variant].signed.append(made)
+    return measured
+
+
+async def bench(workflows: int, runs: int) -> None:
+    load_before = os.getloadavg()[0]
+    measured = await measure(workflows, runs)
     rows = [["signed hop (in-memory worker)", "CPU µs per hop, best", "all runs", "signatures made per hop"]]
-    for variant in VARIANTS:
-        made = ", ".join(f"{value:.2f}" for value in signed[variant])
-        rows.append([variant, f"{min(cpu[variant]):,.0f}", ", ".join(f"{v:,.0f}" for v in cpu[variant]), made])
+    for variant, runs_of in measured.items():
+        cpu = ", ".join(f"{value:,.0f}" for value in runs_of.cpu)
+        made = ", ".join(f"{value:.2f}" for value in runs_of.signed)
+        rows.append([variant, f"{min(runs_of.cpu):,.0f}", cpu, made])
     print_table(rows)
     print(f"load average {load_before:.1f} before, {os.getloadavg()[0]:.1f} after, on {os.cpu_count()} cores")
 
