@@ -382,4 +382,4 @@ def events_headers(security: MessageSecurity | None, body: bytes) -> dict[str, s
 
 def _progress_writer(transport: Transport, security: MessageSecurity | None) -> ProgressWriter:
     """What writes the reporter's batches into the workflows' progress streams, signing a batch split there."""
-    return ProgressWriter(transport, lambda body: events_headers(security, body))
+    return ProgressWriter(transport, security)

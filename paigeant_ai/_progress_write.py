@@ -1,8 +1,9 @@
 """Writing signed batches of events into the workflows' progress streams (a transport's `ProgressStreams`).
 
-Each entry is one workflow's share of a batch, signed like a batch on `events` (so `authenticate_events` checks
-it): a batch of one workflow, the usual case, goes in as it was published, with the same signature; a batch of
-several is split, and each part signed on its own.
+Each entry is one workflow's share of a batch. A batch of one workflow, the usual case, goes in as it was
+published, with the same signature (`paigeant-events+jws`). A batch of several is split, and its parts signed
+together, once: one signature over a Merkle tree of the parts, and each part with its proof (see
+`paigeant_ai._progress_proof`). Either way `authenticate_progress` checks an entry on its own.
 
 A worker's writes go in the background, one at a time in the order they were given, so that a hop never waits
 on them; at most the writes still queued are lost when its process dies. A write that fails is logged and
@@ -15,13 +16,18 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import deque
-from collections.abc import Callable, Sequence
-from typing import Any
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
 
 from pydantic_core import to_json
 
 from ._escape import escape_control
+from ._merkle import MAX_LEAVES
+from ._progress_proof import sign_parts
 from .transports.base import ProgressStreams, Transport
+
+if TYPE_CHECKING:
+    from .security import MessageSecurity
 
 __all__ = ("ProgressWriter",)
 
@@ -38,13 +44,13 @@ class ProgressWriter:
 
     Args:
         transport: Where the streams are; a transport without `ProgressStreams` makes every call a no-op.
-        sign: The headers that sign the part of a batch that belongs to one workflow (a batch of one workflow
-            keeps its own).
+        security: Signs the parts of a batch of several workflows (a batch of one workflow keeps its own
+            signature); None, or unsigned, leaves them unsigned, as their batch is.
     """
 
-    def __init__(self, transport: Transport, sign: Callable[[bytes], dict[str, str] | None]) -> None:
+    def __init__(self, transport: Transport, security: MessageSecurity | None) -> None:
         self.streams = transport if isinstance(transport, ProgressStreams) else None
-        self.sign = sign
+        self.security = security
         self._queued: deque[_Entry] = deque()
         self._task: asyncio.Task[None] | None = None
 
@@ -85,11 +91,18 @@ class ProgressWriter:
                 by_workflow.setdefault(correlation_id, []).append(values)
         if len(by_workflow) == 1 and len(next(iter(by_workflow.values()))) == len(events):
             return [(next(iter(by_workflow)), body, dict(headers or {}))]
+        parts = [(correlation_id, to_json(part)) for correlation_id, part in by_workflow.items()]
         entries: list[_Entry] = []
-        for correlation_id, part in by_workflow.items():
-            part_body = to_json(part)
-            entries.append((correlation_id, part_body, self.sign(part_body) or {}))
+        for start in range(0, len(parts), MAX_LEAVES):
+            entries.extend(self._signed(parts[start : start + MAX_LEAVES], signed=bool(headers)))
         return entries
+
+    def _signed(self, parts: list[tuple[str, bytes]], *, signed: bool) -> list[_Entry]:
+        """`parts` with the headers that sign them all at once; unsigned when their batch is."""
+        if not signed or self.security is None:
+            return [(correlation_id, body, {}) for correlation_id, body in parts]
+        signatures = sign_parts(self.security, parts)
+        return [(correlation_id, body, own) for (correlation_id, body), own in zip(parts, signatures, strict=True)]
 
     async def _drain(self) -> None:
         while self._queued:

@@ -1,11 +1,13 @@
 """Watching one workflow: its events, as they happen, from its progress stream (a transport's `ProgressStreams`).
 
-Every entry of the stream is a batch of events signed like a batch on `events`; each is checked with
-`authenticate_events` against the trusted keys, and one that does not hold (unsigned, an unknown key, altered, not
-events at all) is logged and skipped, as is an event of another workflow. Events are yielded once each (the same
-event written twice, after a crash, is yielded once) and in the order of `store.event_order` among those that
-arrive together: whatever the stream holds when a read returns, and what arrives within `linger` seconds after.
-An event that arrives later than that, with an earlier order key, is yielded when it arrives.
+Every entry of the stream is a batch of events signed like a batch on `events`, or the workflow's part of a batch
+of several workflows with its proof against that batch's one signature; each is checked with
+`authenticate_progress` against the trusted keys, and one that does not hold (unsigned, an unknown key, altered, a
+proof that leads elsewhere, not events at all) is logged and skipped, as is an event of another workflow. Events
+are yielded once each (the same event written twice, after a crash, is yielded once) and in the order of
+`store.event_order` among those that arrive together: whatever the stream holds when a read returns, and what
+arrives within `linger` seconds after. An event that arrives later than that, with an earlier order key, is
+yielded when it arrives.
 
 The watch ends after the event that brings the workflow to a final state (`store.FINAL_STATES`), with what the
 stream already holds beside it; a parked workflow (`waiting`, `in_doubt`) is not final.
@@ -30,7 +32,7 @@ from pydantic import ValidationError
 from pydantic_core import to_json
 
 from ._escape import escape_control
-from ._event_auth import authenticate_events
+from ._event_auth import authenticate_progress
 from ._events import WorkflowEvent
 from .exceptions import SecurityError, TransportError, UnknownWorkflow, UserError
 from .store import FINAL_STATES, event_order, project
@@ -221,7 +223,7 @@ class _Reading:
 def _verified(security: MessageSecurity, correlation_id: str, entry: ProgressEntry) -> list[WorkflowEvent]:
     """The events of `entry` that belong to the workflow, once its signature holds; [] (logged) if it does not."""
     try:
-        events = authenticate_events(security, entry.body, entry.headers)
+        events = authenticate_progress(security, correlation_id, entry.body, entry.headers)
     except SecurityError as exc:
         logger.warning(
             "skipping an entry of the progress of %s: %s", escape_control(correlation_id), escape_control(str(exc))
