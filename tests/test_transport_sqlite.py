@@ -118,6 +118,15 @@ async def test_a_read_only_file_is_a_transport_error_naming_it(tmp_path: Path) -
         make_read_only(tmp_path, path, writable=True)
 
 
+async def test_a_file_that_cannot_be_opened_fails_connect_clearly(tmp_path: Path) -> None:
+    path = tmp_path / "no-such-folder" / "x.sqlite3"  # a typo in PAIGEANT_SQLITE_PATH: connect fails, never hangs
+    for _ in range(3):
+        transport = SQLiteTransport(path)
+        with pytest.raises(TransportError, match=rf"SQLite at {path} failed while opening the database: the file"):
+            await asyncio.wait_for(transport.connect(), 10)
+        assert not transport.db.opened
+
+
 async def test_a_file_that_may_not_be_written_fails_the_publish_clearly(tmp_path: Path) -> None:
     path = tmp_path / "query-only.sqlite3"
     async with SQLiteTransport(path) as transport:

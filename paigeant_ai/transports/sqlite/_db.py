@@ -112,21 +112,29 @@ class Database:
         create_or_check(connection, self.path)
 
     def _serve(self) -> None:
-        connection: sqlite3.Connection | None = None
         try:
             connection = self._connect()
         except sqlite3.Error as exc:
-            self._fail_all(translate(self.path, "opening the database", exc))
+            self._refuse_until_closed(translate(self.path, "opening the database", exc))
             return
+        turn: list[_Call] | None = None
         try:
             while (turn := self._next_turn()) is not None:
                 self._run_turn(connection, turn)
         except Exception as exc:  # a bug, not SQLite: fail what waits rather than leave it waiting for ever
             logger.exception("the SQLite thread of %s stopped", self.path)
-            self._failed = TransportError(f"the SQLite thread of {self.path} stopped: {exc!r}")
-            self._fail_all(self._failed)
+            failed = TransportError(f"the SQLite thread of {self.path} stopped: {exc!r}")
+            self._fail_all(failed, turn or [])
+            self._refuse_until_closed(failed)
         finally:
             connection.close()
+
+    def _refuse_until_closed(self, error: TransportError) -> None:
+        """Fail every call with `error` until the database closes: a call asked just as the thread failed is
+        answered too, rather than left waiting for a thread that stopped."""
+        self._failed = error
+        while (turn := self._next_turn()) is not None:
+            self._fail_all(error, turn)
 
     def _connect(self) -> sqlite3.Connection:
         connection = sqlite3.connect(self.path, timeout=_BUSY_TIMEOUT_MS / 1000, isolation_level=None)
@@ -197,16 +205,8 @@ class Database:
         connection.execute("RELEASE call")
         return call, True, value
 
-    def _fail_all(self, error: TransportError, turn: list[_Call] | None = None) -> None:
-        calls = list(turn or [])
-        while turn is None:
-            try:
-                call = self._calls.get_nowait()
-            except queue.Empty:
-                break
-            if call is not None:
-                calls.append(call)
-        for call in calls:
+    def _fail_all(self, error: TransportError, turn: list[_Call]) -> None:
+        for call in turn:
             _resolve(call, False, error)
 
 
