@@ -355,6 +355,39 @@ def test_the_onboarding_example_runs_durably_on_sqlite(tmp_path: Path) -> None:
         assert raw.execute("SELECT count(*) FROM messages WHERE address != 'events'").fetchone()[0] == 0
 
 
+def onboarding(tmp_path: Path, *args: str) -> subprocess.Popen[str]:
+    """The onboarding example on SQLite in `tmp_path`, its output read line by line."""
+    env = {**os.environ, "PAIGEANT_SQLITE_PATH": str(tmp_path / "onboarding.sqlite3")}
+    for name in ("PAIGEANT_TRANSPORT", "PAIGEANT_SIGNING_KEY", "PAIGEANT_SIGNING_KEY_FILE", "PAIGEANT_ALLOW_UNSIGNED"):
+        env.pop(name, None)
+    command = [sys.executable, "-u", "-m", "examples.onboarding", "--transport", "sqlite", *args]
+    return subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+@pytest.mark.slow
+def test_the_onboarding_example_killed_mid_step_finishes_the_same_workflow_when_started_again(tmp_path: Path) -> None:
+    with onboarding(tmp_path, "--pause", "2") as first:
+        assert first.stdout is not None
+        try:
+            started = first.stdout.readline()
+            assert started.startswith("dispatched onboarding workflow "), started
+            while "done    step 0" not in (line := first.stdout.readline()):  # step 1 now runs, for 2 s
+                assert line, "the first run ended before its second step"
+        finally:
+            first.kill()
+    correlation_id = started.split()[3]
+    with onboarding(tmp_path) as again:
+        out, _ = again.communicate(timeout=180)
+    assert again.returncode == 0, out
+    assert out.startswith("resuming what an earlier run left unfinished"), out
+    assert "rejected" not in out
+    assert "dispatched" not in out
+    assert f"workflow {correlation_id} completed" in out
+    with sqlite3.connect(tmp_path / "onboarding.sqlite3") as raw:
+        left = raw.execute("SELECT address FROM messages WHERE address != 'events'").fetchall()
+    assert left == []
+
+
 async def test_expired_rows_are_swept(tmp_path: Path) -> None:
     async with SQLiteTransport(tmp_path / "sweep.sqlite3") as transport:
         assert await transport.claim("short", "v", ttl=0.05) is None
