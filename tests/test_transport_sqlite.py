@@ -15,6 +15,7 @@ import pytest
 
 from paigeant_ai import ActivityContext, FunctionActivity, Worker
 from paigeant_ai.cli import worker_banner
+from paigeant_ai.contracts import DEAD_LETTER
 from paigeant_ai.exceptions import TransportError, UserError
 from paigeant_ai.transports import Transport, get_transport
 from paigeant_ai.transports.base import (
@@ -425,3 +426,20 @@ async def test_a_lapsed_holder_cannot_take_back_what_another_consumer_holds(tmp_
                     assert raw.execute("SELECT lease_owner FROM messages").fetchall() == [(second.name,)]
                 await other.ack(taken)
         assert await other.pending(where) == 0
+
+
+async def test_a_lapsed_holder_cannot_dead_letter_what_another_consumer_holds(tmp_path: Path) -> None:
+    path = tmp_path / "lapsed-dead.sqlite3"
+    async with SQLiteTransport(path, visibility_timeout=60) as stalled, SQLiteTransport(path) as other:
+        where = address()
+        await stalled.publish(where, b"work")
+        async with await stalled.consume(where, prefetch=1) as first:
+            late = await receive(first)
+            with sqlite3.connect(path) as raw:  # its lease lapsed while its process was stopped
+                raw.execute("UPDATE messages SET lease_until = 0")
+            async with await other.consume(where) as second:
+                taken = await receive(second)
+                await stalled.dead_letter(late, "failed after its lease lapsed")
+                assert await other.pending(DEAD_LETTER) == 0  # `second` decides what becomes of it
+                await other.retry_later(taken, 0)  # so the step is tried again, not lost
+                assert await other.pending(where) == 1
