@@ -128,6 +128,18 @@ async def test_a_file_that_cannot_be_opened_fails_connect_clearly(tmp_path: Path
         assert not transport.db.opened
 
 
+async def test_an_sqlite_older_than_it_needs_is_refused_clearly(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(sqlite3, "sqlite_version_info", (3, 31, 1))  # Ubuntu 20.04's, which has no RETURNING
+    monkeypatch.setattr(sqlite3, "sqlite_version", "3.31.1")
+    transport = SQLiteTransport(tmp_path / "old.sqlite3")
+    with pytest.raises(UserError, match=r"needs SQLite 3\.35 or newer; this Python's sqlite3 uses 3\.31\.1"):
+        await transport.connect()
+    assert not transport.db.opened
+    assert not (tmp_path / "old.sqlite3").exists()
+
+
 async def test_a_file_that_may_not_be_written_fails_the_publish_clearly(tmp_path: Path) -> None:
     path = tmp_path / "query-only.sqlite3"
     async with SQLiteTransport(path) as transport:

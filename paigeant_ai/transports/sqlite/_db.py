@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
-from ...exceptions import TransportError
+from ...exceptions import TransportError, UserError
 from ._schema import create_or_check
 
 __all__ = ("Database", "translate")
@@ -32,6 +32,8 @@ _T = TypeVar("_T")
 _BUSY_TIMEOUT_MS = 30_000
 """How long a transaction waits for another process's write lock before it fails (a batch holds it for
 milliseconds; only a stuck process makes anyone wait this long)."""
+_OLDEST_SQLITE = (3, 35)
+"""The oldest SQLite the statements run on (`UPDATE ... RETURNING` came in 3.35)."""
 _MOST_PER_TURN = 500
 """Most calls one transaction runs, so that no process holds the write lock for long."""
 
@@ -70,7 +72,13 @@ class Database:
         self._failed: TransportError | None = None
 
     async def open(self) -> None:
-        """Start the thread, open the file (creating its schema on first use) and check it."""
+        """Start the thread, open the file (creating its schema on first use) and check it.
+
+        Raises:
+            UserError: Python's `sqlite3` uses an SQLite older than the statements need.
+            TransportError: The file cannot be opened, or holds another schema version.
+        """
+        _check_sqlite_version()
         self._thread = threading.Thread(target=self._serve, name=f"paigeant-sqlite {self.path.name}", daemon=True)
         self._thread.start()
         try:
@@ -208,6 +216,15 @@ class Database:
     def _fail_all(self, error: TransportError, turn: list[_Call]) -> None:
         for call in turn:
             _resolve(call, False, error)
+
+
+def _check_sqlite_version() -> None:
+    if sqlite3.sqlite_version_info < _OLDEST_SQLITE:
+        oldest, found = ".".join(map(str, _OLDEST_SQLITE)), sqlite3.sqlite_version
+        raise UserError(
+            f"the SQLite transport needs SQLite {oldest} or newer; this Python's sqlite3 uses {found}: "
+            "run a Python built with a newer SQLite (`uv python install` gives one), or use another transport"
+        )
 
 
 class _TurnFailed(Exception):
