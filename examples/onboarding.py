@@ -164,6 +164,8 @@ def key_for_this_run(chosen: Transport) -> MessageSigner | None:
         kept.parent.mkdir(parents=True, exist_ok=True)
         with os.fdopen(os.open(kept, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "w") as file:
             file.write(json.dumps(key.as_dict(private=True)))
+    if os.name == "posix" and kept.stat().st_mode & 0o077:
+        raise SystemExit(f"{kept} may be read or written by others: delete it (a new key is made) or chmod 600 it")
     return MessageSigner(load_signing_key(Path(kept)))
 
 
