@@ -7,9 +7,11 @@ Run it (in memory, one process):
 
     uv run python -m examples.onboarding
 
-Durably, in one SQLite file (`./paigeant.sqlite3`), with no server to run (signed with a key made for the run,
-unless `PAIGEANT_SIGNING_KEY_FILE` names one):
+Durably, in one SQLite file (`./paigeant.sqlite3`), with no server to run (signed with a key kept beside the file,
+unless `PAIGEANT_SIGNING_KEY_FILE` names one). Stop it mid-run (`--pause 3` makes each plain step take 3 s: time to
+press Ctrl-C or `kill -9` it), start it again, and the same workflow finishes where it stopped:
 
+    uv run python -m examples.onboarding --transport sqlite --pause 3
     uv run python -m examples.onboarding --transport sqlite
 
 On RabbitMQ, Redis or SQLite, each step can run in its own process (see the README):
@@ -22,6 +24,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
+import os
+from pathlib import Path
 
 from pydantic import BaseModel
 from pydantic_ai import Agent
@@ -39,8 +44,10 @@ from paigeant_ai import (
     activity,
     get_transport,
 )
-from paigeant_ai.security import MessageSigner, generate_key
+from paigeant_ai.security import MessageSigner, generate_key, load_signing_key
 from paigeant_ai.settings import Settings
+from paigeant_ai.transports import Transport
+from paigeant_ai.transports.sqlite import SQLiteTransport
 
 from ._progress import show
 
@@ -98,6 +105,7 @@ validate = AgentActivity(
 @activity(name="create-customer-account")
 async def create_account(ctx: ActivityContext) -> dict[str, str]:
     """Create the customer's account once the data is valid."""
+    await _pause(ctx)
     validation = ctx.payload.get("validation")
     if not isinstance(validation, dict) or not validation.get("valid"):
         raise NonRetryableError("customer data did not pass validation")
@@ -108,9 +116,17 @@ async def create_account(ctx: ActivityContext) -> dict[str, str]:
 @activity(name="setup-payment-method", retry=RetryPolicy(max_attempts=3, initial_interval=0.2))
 async def setup_payment(ctx: ActivityContext) -> dict[str, str]:
     """Attach a payment method; the payment provider is flaky on the first try."""
+    await _pause(ctx)
     if ctx.attempt == 0:
         raise RetryActivity("payment provider timed out")
     return {"payment_method": f"card-on-file for {ctx.payload['account_id']}"}
+
+
+async def _pause(ctx: ActivityContext) -> None:
+    """Wait the workflow's `pause_seconds` (`--pause`): time to stop the run mid-step and start it again."""
+    seconds = ctx.payload.get("pause_seconds")
+    if isinstance(seconds, int | float):
+        await asyncio.sleep(seconds)
 
 
 send_welcome = AgentActivity(
@@ -131,30 +147,60 @@ payment_worker = Worker(transport, [setup_payment], on_event=show)
 welcome_worker = Worker(transport, [send_welcome], on_event=show)
 
 
-def key_for_this_run() -> MessageSigner | None:
-    """A signer with a key made now, when no keys are set: the dispatcher and the worker of this one process share
-    it, and no other process can sign with it."""
+def key_for_this_run(chosen: Transport) -> MessageSigner | None:
+    """A signer for this process's dispatcher and worker, when no keys are set; no other process can sign with it.
+
+    On SQLite the key is kept beside the file (readable by its owner only), so a run stopped midway and started
+    again verifies, and finishes, what the first run signed; elsewhere it is made for the run.
+    """
     settings = Settings.from_env()
     if settings.signing_key or settings.signing_key_file or settings.allow_unsigned:
         return None
-    return MessageSigner(generate_key("onboarding-example"))
+    if not isinstance(chosen, SQLiteTransport):
+        return MessageSigner(generate_key("onboarding-example"))
+    kept = chosen.path.with_name(chosen.path.name + ".onboarding-key.json")
+    if not kept.exists():
+        key = generate_key("onboarding-example")
+        kept.parent.mkdir(parents=True, exist_ok=True)
+        with os.fdopen(os.open(kept, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "w") as file:
+            file.write(json.dumps(key.as_dict(private=True)))
+    if os.name == "posix" and kept.stat().st_mode & 0o077:
+        raise SystemExit(f"{kept} may be read or written by others: delete it (a new key is made) or chmod 600 it")
+    return MessageSigner(load_signing_key(Path(kept)))
 
 
-async def main(*, dispatch_only: bool = False, transport_name: str | None = None) -> str:
+async def in_flight(chosen: Transport, runner: Worker) -> int:
+    """How many messages of earlier runs wait at the workflow's steps (a retry waiting its turn included)."""
+    return sum([await chosen.pending(name) for name in runner.activities])
+
+
+async def main(*, dispatch_only: bool = False, transport_name: str | None = None, pause: float = 0.0) -> str | None:
     """Dispatch one onboarding workflow; unless `dispatch_only`, run the steps here until it completes.
 
-    `transport_name` picks another transport than `PAIGEANT_TRANSPORT` (`inmemory`, `sqlite`, `redis`, `rabbitmq`).
+    On a durable transport that still holds the steps of an earlier run (stopped midway), nothing new is dispatched:
+    the run finishes those instead, and returns None. `transport_name` picks another transport than
+    `PAIGEANT_TRANSPORT` (`inmemory`, `sqlite`, `redis`, `rabbitmq`); `pause` makes each plain step wait that long.
     """
     chosen = get_transport(transport_name) if transport_name else transport
-    security = None if chosen is transport or dispatch_only else key_for_this_run()
+    security = None if chosen is transport or dispatch_only else key_for_this_run(chosen)
     runner = worker if chosen is transport else Worker(chosen, ONBOARDING, on_event=show, security=security)
+    correlation_id: str | None = None
     async with chosen:
-        dispatcher = WorkflowDispatcher(chosen, security=security)
-        correlation_id = await dispatcher.dispatch_workflow(
-            activities=ONBOARDING,
-            variables={"customer_email": "new.customer@example.com", "subscription_tier": "premium"},
-        )
-        print(f"dispatched onboarding workflow {correlation_id} on the {chosen.name} transport")
+        left = 0 if dispatch_only else await in_flight(chosen, runner)
+        if left:
+            print(f"resuming what an earlier run left unfinished on the {chosen.name} transport; a step it was running")
+            print("when it was killed comes back once that run's lease on it lapses (visibility_timeout, 30 s)")
+        else:
+            dispatcher = WorkflowDispatcher(chosen, security=security)
+            correlation_id = await dispatcher.dispatch_workflow(
+                activities=ONBOARDING,
+                variables={
+                    "customer_email": "new.customer@example.com",
+                    "subscription_tier": "premium",
+                    **({"pause_seconds": pause} if pause else {}),
+                },
+            )
+            print(f"dispatched onboarding workflow {correlation_id} on the {chosen.name} transport")
         if not dispatch_only:
             await runner.run(burst=True)
     return correlation_id
@@ -164,5 +210,6 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description="Run the customer-onboarding workflow.")
     parser.add_argument("--dispatch-only", action="store_true", help="dispatch, and leave the steps to workers")
     parser.add_argument("--transport", help="inmemory, sqlite, redis or rabbitmq (default PAIGEANT_TRANSPORT)")
+    parser.add_argument("--pause", type=float, default=0.0, help="seconds each plain step waits (time to stop it)")
     args = parser.parse_args()
-    asyncio.run(main(dispatch_only=args.dispatch_only, transport_name=args.transport))
+    asyncio.run(main(dispatch_only=args.dispatch_only, transport_name=args.transport, pause=args.pause))

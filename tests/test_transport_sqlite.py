@@ -15,6 +15,7 @@ import pytest
 
 from paigeant_ai import ActivityContext, FunctionActivity, Worker
 from paigeant_ai.cli import worker_banner
+from paigeant_ai.contracts import DEAD_LETTER
 from paigeant_ai.exceptions import TransportError, UserError
 from paigeant_ai.transports import Transport, get_transport
 from paigeant_ai.transports.base import (
@@ -116,6 +117,27 @@ async def test_a_read_only_file_is_a_transport_error_naming_it(tmp_path: Path) -
                 await transport.publish("a", b"y")
     finally:
         make_read_only(tmp_path, path, writable=True)
+
+
+async def test_a_file_that_cannot_be_opened_fails_connect_clearly(tmp_path: Path) -> None:
+    path = tmp_path / "no-such-folder" / "x.sqlite3"  # a typo in PAIGEANT_SQLITE_PATH: connect fails, never hangs
+    for _ in range(3):
+        transport = SQLiteTransport(path)
+        with pytest.raises(TransportError, match=rf"SQLite at {path} failed while opening the database: the file"):
+            await asyncio.wait_for(transport.connect(), 10)
+        assert not transport.db.opened
+
+
+async def test_an_sqlite_older_than_it_needs_is_refused_clearly(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(sqlite3, "sqlite_version_info", (3, 31, 1))  # Ubuntu 20.04's, which has no RETURNING
+    monkeypatch.setattr(sqlite3, "sqlite_version", "3.31.1")
+    transport = SQLiteTransport(tmp_path / "old.sqlite3")
+    with pytest.raises(UserError, match=r"needs SQLite 3\.35 or newer; this Python's sqlite3 uses 3\.31\.1"):
+        await transport.connect()
+    assert not transport.db.opened
+    assert not (tmp_path / "old.sqlite3").exists()
 
 
 async def test_a_file_that_may_not_be_written_fails_the_publish_clearly(tmp_path: Path) -> None:
@@ -346,6 +368,39 @@ def test_the_onboarding_example_runs_durably_on_sqlite(tmp_path: Path) -> None:
         assert raw.execute("SELECT count(*) FROM messages WHERE address != 'events'").fetchone()[0] == 0
 
 
+def onboarding(tmp_path: Path, *args: str) -> subprocess.Popen[str]:
+    """The onboarding example on SQLite in `tmp_path`, its output read line by line."""
+    env = {**os.environ, "PAIGEANT_SQLITE_PATH": str(tmp_path / "onboarding.sqlite3")}
+    for name in ("PAIGEANT_TRANSPORT", "PAIGEANT_SIGNING_KEY", "PAIGEANT_SIGNING_KEY_FILE", "PAIGEANT_ALLOW_UNSIGNED"):
+        env.pop(name, None)
+    command = [sys.executable, "-u", "-m", "examples.onboarding", "--transport", "sqlite", *args]
+    return subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+@pytest.mark.slow
+def test_the_onboarding_example_killed_mid_step_finishes_the_same_workflow_when_started_again(tmp_path: Path) -> None:
+    with onboarding(tmp_path, "--pause", "2") as first:
+        assert first.stdout is not None
+        try:
+            started = first.stdout.readline()
+            assert started.startswith("dispatched onboarding workflow "), started
+            while "done    step 0" not in (line := first.stdout.readline()):  # step 1 now runs, for 2 s
+                assert line, "the first run ended before its second step"
+        finally:
+            first.kill()
+    correlation_id = started.split()[3]
+    with onboarding(tmp_path) as again:
+        out, _ = again.communicate(timeout=180)
+    assert again.returncode == 0, out
+    assert out.startswith("resuming what an earlier run left unfinished"), out
+    assert "rejected" not in out
+    assert "dispatched" not in out
+    assert f"workflow {correlation_id} completed" in out
+    with sqlite3.connect(tmp_path / "onboarding.sqlite3") as raw:
+        left = raw.execute("SELECT address FROM messages WHERE address != 'events'").fetchall()
+    assert left == []
+
+
 async def test_expired_rows_are_swept(tmp_path: Path) -> None:
     async with SQLiteTransport(tmp_path / "sweep.sqlite3") as transport:
         assert await transport.claim("short", "v", ttl=0.05) is None
@@ -383,3 +438,20 @@ async def test_a_lapsed_holder_cannot_take_back_what_another_consumer_holds(tmp_
                     assert raw.execute("SELECT lease_owner FROM messages").fetchall() == [(second.name,)]
                 await other.ack(taken)
         assert await other.pending(where) == 0
+
+
+async def test_a_lapsed_holder_cannot_dead_letter_what_another_consumer_holds(tmp_path: Path) -> None:
+    path = tmp_path / "lapsed-dead.sqlite3"
+    async with SQLiteTransport(path, visibility_timeout=60) as stalled, SQLiteTransport(path) as other:
+        where = address()
+        await stalled.publish(where, b"work")
+        async with await stalled.consume(where, prefetch=1) as first:
+            late = await receive(first)
+            with sqlite3.connect(path) as raw:  # its lease lapsed while its process was stopped
+                raw.execute("UPDATE messages SET lease_until = 0")
+            async with await other.consume(where) as second:
+                taken = await receive(second)
+                await stalled.dead_letter(late, "failed after its lease lapsed")
+                assert await other.pending(DEAD_LETTER) == 0  # `second` decides what becomes of it
+                await other.retry_later(taken, 0)  # so the step is tried again, not lost
+                assert await other.pending(where) == 1

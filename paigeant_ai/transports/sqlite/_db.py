@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
-from ...exceptions import TransportError
+from ...exceptions import TransportError, UserError
 from ._schema import create_or_check
 
 __all__ = ("Database", "translate")
@@ -32,6 +32,8 @@ _T = TypeVar("_T")
 _BUSY_TIMEOUT_MS = 30_000
 """How long a transaction waits for another process's write lock before it fails (a batch holds it for
 milliseconds; only a stuck process makes anyone wait this long)."""
+_OLDEST_SQLITE = (3, 35)
+"""The oldest SQLite the statements run on (`UPDATE ... RETURNING` came in 3.35)."""
 _MOST_PER_TURN = 500
 """Most calls one transaction runs, so that no process holds the write lock for long."""
 
@@ -70,7 +72,13 @@ class Database:
         self._failed: TransportError | None = None
 
     async def open(self) -> None:
-        """Start the thread, open the file (creating its schema on first use) and check it."""
+        """Start the thread, open the file (creating its schema on first use) and check it.
+
+        Raises:
+            UserError: Python's `sqlite3` uses an SQLite older than the statements need.
+            TransportError: The file cannot be opened, or holds another schema version.
+        """
+        _check_sqlite_version()
         self._thread = threading.Thread(target=self._serve, name=f"paigeant-sqlite {self.path.name}", daemon=True)
         self._thread.start()
         try:
@@ -112,21 +120,29 @@ class Database:
         create_or_check(connection, self.path)
 
     def _serve(self) -> None:
-        connection: sqlite3.Connection | None = None
         try:
             connection = self._connect()
         except sqlite3.Error as exc:
-            self._fail_all(translate(self.path, "opening the database", exc))
+            self._refuse_until_closed(translate(self.path, "opening the database", exc))
             return
+        turn: list[_Call] | None = None
         try:
             while (turn := self._next_turn()) is not None:
                 self._run_turn(connection, turn)
         except Exception as exc:  # a bug, not SQLite: fail what waits rather than leave it waiting for ever
             logger.exception("the SQLite thread of %s stopped", self.path)
-            self._failed = TransportError(f"the SQLite thread of {self.path} stopped: {exc!r}")
-            self._fail_all(self._failed)
+            failed = TransportError(f"the SQLite thread of {self.path} stopped: {exc!r}")
+            self._fail_all(failed, turn or [])
+            self._refuse_until_closed(failed)
         finally:
             connection.close()
+
+    def _refuse_until_closed(self, error: TransportError) -> None:
+        """Fail every call with `error` until the database closes: a call asked just as the thread failed is
+        answered too, rather than left waiting for a thread that stopped."""
+        self._failed = error
+        while (turn := self._next_turn()) is not None:
+            self._fail_all(error, turn)
 
     def _connect(self) -> sqlite3.Connection:
         connection = sqlite3.connect(self.path, timeout=_BUSY_TIMEOUT_MS / 1000, isolation_level=None)
@@ -197,17 +213,18 @@ class Database:
         connection.execute("RELEASE call")
         return call, True, value
 
-    def _fail_all(self, error: TransportError, turn: list[_Call] | None = None) -> None:
-        calls = list(turn or [])
-        while turn is None:
-            try:
-                call = self._calls.get_nowait()
-            except queue.Empty:
-                break
-            if call is not None:
-                calls.append(call)
-        for call in calls:
+    def _fail_all(self, error: TransportError, turn: list[_Call]) -> None:
+        for call in turn:
             _resolve(call, False, error)
+
+
+def _check_sqlite_version() -> None:
+    if sqlite3.sqlite_version_info < _OLDEST_SQLITE:
+        oldest, found = ".".join(map(str, _OLDEST_SQLITE)), sqlite3.sqlite_version
+        raise UserError(
+            f"the SQLite transport needs SQLite {oldest} or newer; this Python's sqlite3 uses {found}: "
+            "run a Python built with a newer SQLite (`uv python install` gives one), or use another transport"
+        )
 
 
 class _TurnFailed(Exception):

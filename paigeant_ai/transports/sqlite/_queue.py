@@ -117,7 +117,12 @@ def give_back(db: sqlite3.Connection, owner: str, never_handed_out: Sequence[int
     db.execute("UPDATE messages SET lease_owner = NULL, lease_until = NULL WHERE lease_owner = ?", (owner,))
 
 
-def move(db: sqlite3.Connection, row_id: int, ns: str, address: str, body: bytes, headers: str, keep: int) -> None:
-    """Delete the row `row_id` and add its message at `address` (the dead letters), in one transaction."""
-    db.execute("DELETE FROM messages WHERE id = ?", (row_id,))
+def move(
+    db: sqlite3.Connection, row_id: int, owner: str, ns: str, address: str, body: bytes, headers: str, keep: int
+) -> bool:
+    """Delete the row `row_id` that `owner` holds and add its message at `address` (the dead letters), in one
+    transaction; False, and nothing changed, if `owner` no longer holds it (its lease lapsed, another took it)."""
+    if not db.execute("DELETE FROM messages WHERE id = ? AND lease_owner = ?", (row_id, owner)).rowcount:
+        return False
     insert(db, ns, address, body, headers, 0.0, keep)
+    return True

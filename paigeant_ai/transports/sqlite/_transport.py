@@ -186,13 +186,16 @@ class SQLiteTransport(TransportBase):
     async def dead_letter(self, delivery: Delivery, reason: str) -> None:
         handle = self._handle(delivery)
         headers = q.dump_headers(dead_letter_headers(delivery, reason))
-        ns, keep = self.namespace, self.trim_length
-        await self.db.call(
-            lambda db: q.move(db, handle.row_id, ns, DEAD_LETTER, delivery.body, headers, keep),
+        ns, keep, owner = self.namespace, self.trim_length, handle.consumer.name
+        moved = await self.db.call(
+            lambda db: q.move(db, handle.row_id, owner, ns, DEAD_LETTER, delivery.body, headers, keep),
             doing=f"dead-lettering a delivery from {delivery.address!r}",
         )
         handle.consumer.settled(handle.row_id)
-        self._wake(DEAD_LETTER)
+        if moved:
+            self._wake(DEAD_LETTER)
+        else:  # its lease lapsed and another consumer took it: that one settles it
+            logger.warning("not dead-lettering a delivery from %r that another consumer took over", delivery.address)
 
     async def pending(self, address: str) -> int:
         ns = self.namespace
