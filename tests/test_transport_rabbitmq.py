@@ -68,6 +68,25 @@ class TestRabbitMQContract(TransportContract):
         self.made.append(transport)
         return transport
 
+    async def test_progress_readers_opened_and_closed_together_keep_the_connection(self) -> None:
+        """A reader that closes its channel while entries still arrive must not ack them after `channel.close`: the
+        broker reads such an ack after the channel is gone, and closes the whole connection (CHANNEL_ERROR)."""
+        ids = [str(uuid.uuid4()) for _ in range(20)]
+        async with self.make() as transport:
+            for correlation_id in ids:
+                for n in range(30):
+                    await transport.append_progress(correlation_id, b"x" * 200, {"n": str(n)})
+            steady = await transport.read_progress(ids[0])  # open throughout: its channel dies with the connection
+            for _ in range(8):
+                readers = await asyncio.gather(*(transport.read_progress(correlation_id) for correlation_id in ids))
+                await asyncio.sleep(0.01)
+                await asyncio.gather(*(reader.aclose() for reader in readers))
+            read = 0
+            while entries := await steady.read(0.5):
+                read += len(entries)
+            await steady.aclose()
+        assert read == 30
+
     async def test_get_transport_builds_it(self, monkeypatch: pytest.MonkeyPatch) -> None:
         monkeypatch.setenv("PAIGEANT_RABBITMQ_URL", "amqp://someone:secret@rabbit.example:5673/vhost")
         monkeypatch.setenv("PAIGEANT_NAMESPACE", "orders")

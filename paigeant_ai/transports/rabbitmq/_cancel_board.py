@@ -226,7 +226,9 @@ class CancelStreamReader(Resubscribing):
             elif (waiting := self._markers.get(marker)) is not None and not waiting.done():
                 waiting.set_result(None)  # a catch-up's marker: everything before it has been read
         finally:
-            if not message.channel.is_closed:
+            # Not once this reader closes its channel: an ack sent after its `channel.close`, and read by the broker
+            # after the channel is gone, is an error on the whole connection (CHANNEL_ERROR).
+            if not self._closed and not message.channel.is_closed:
                 with suppress(*BROKER_ERRORS):
                     await message.channel.basic_ack(cast(int, message.delivery_tag), wait=False)
 

@@ -140,7 +140,9 @@ class RabbitMQProgressReader:
                     found.pop("x-stream-offset", None)
                     self._found.put_nowait(ProgressEntry(str(offset), bytes(message.body), found))
         finally:
-            if not message.channel.is_closed:
+            # Not once this reader closes its channel: an ack sent after its `channel.close`, and read by the broker
+            # after the channel is gone, is an error on the whole connection (CHANNEL_ERROR).
+            if not self._closed and not message.channel.is_closed:
                 with suppress(*BROKER_ERRORS):
                     await message.channel.basic_ack(cast(int, message.delivery_tag), wait=False)
 
