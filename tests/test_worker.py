@@ -25,6 +25,7 @@ from paigeant_ai import (
     WorkflowEvent,
     activity,
 )
+from paigeant_ai import _long_steps
 from paigeant_ai.security import generate_key
 from paigeant_ai.transports.base import REASON_HEADER, SOURCE_HEADER, Delivery
 
@@ -348,6 +349,43 @@ async def test_a_successor_the_broker_refuses_is_sent_again_without_waiting_for_
     assert refused.is_set()
     assert runs == ["first", "first"]
     assert [event.payload for event in events if event.kind == "completed"] == [{"a": 1, "b": 2}]
+    assert await dead_letters(transport) == []
+
+
+async def test_a_successor_the_broker_keeps_refusing_is_handed_back_after_a_growing_pause(
+    transport: Transport, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Each hand-back runs the step again on its redelivery: without a pause, a broker that keeps refusing the
+    successor would have the step run in a tight loop, and its delivery dead-lettered as poison within a moment."""
+    monkeypatch.setattr(_long_steps, "GIVE_BACK_PAUSE", 0.01)
+    runs: list[str] = []
+
+    @activity(name="first")
+    async def counted_first(ctx: ActivityContext) -> dict[str, int]:
+        runs.append("first")
+        return {"a": 1}
+
+    publish = transport.publish
+    refusals = 3
+
+    async def refuse_the_successor(address: str, body: bytes, **options: Any) -> None:
+        nonlocal refusals
+        if address == "second" and refusals:
+            refusals -= 1
+            raise TransportError("publishing to 'second': RabbitMQ refused the message (negative publisher confirm)")
+        await publish(address, body, **options)
+
+    monkeypatch.setattr(transport, "publish", refuse_the_successor)
+    completed = asyncio.Event()
+    await WorkflowDispatcher(transport).dispatch_workflow([counted_first, second])
+    with caplog.at_level("WARNING", logger="paigeant_ai.worker"):
+        async with Worker(
+            transport, [counted_first, second], on_event=lambda e: e.kind == "completed" and completed.set()
+        ):
+            await asyncio.wait_for(completed.wait(), 10)
+    assert runs == ["first"] * 4
+    pauses = [r.getMessage().rpartition(" in ")[2] for r in caplog.records if "handing it back" in r.getMessage()]
+    assert pauses == ["0.01s", "0.02s", "0.04s"]
     assert await dead_letters(transport) == []
 
 
