@@ -389,6 +389,33 @@ async def test_a_successor_the_broker_keeps_refusing_is_handed_back_after_a_grow
     assert await dead_letters(transport) == []
 
 
+async def test_a_worker_that_stops_hands_back_at_once_what_it_waited_to_hand_back(
+    transport: Transport, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setattr(_long_steps, "GIVE_BACK_PAUSE", 60.0)
+    publish = transport.publish
+
+    async def refuse_the_successor_once(address: str, body: bytes, **options: Any) -> None:
+        if address == "second":
+            monkeypatch.setattr(transport, "publish", publish)
+            raise TransportError("publishing to 'second': RabbitMQ refused the message (negative publisher confirm)")
+        await publish(address, body, **options)
+
+    monkeypatch.setattr(transport, "publish", refuse_the_successor_once)
+    await WorkflowDispatcher(transport).dispatch_workflow([first, second])
+    worker = Worker(transport, [first, second], shutdown_timeout=600)
+    with caplog.at_level("WARNING", logger="paigeant_ai.worker"):
+        running = asyncio.create_task(worker.run())
+        while not any("handing it back in 60s" in r.getMessage() for r in caplog.records):
+            await asyncio.sleep(0.01)
+        worker.stop()  # the delivery goes back to the broker now, instead of waiting out the pause with the worker
+        await asyncio.wait_for(running, 30)
+    completed = asyncio.Event()
+    async with Worker(transport, [first, second], on_event=lambda e: e.kind == "completed" and completed.set()):
+        await asyncio.wait_for(completed.wait(), 10)
+    assert await dead_letters(transport) == []
+
+
 async def test_concurrency_limits_steps_in_flight(transport: Transport) -> None:
     running = 0
     peak = 0
