@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import random
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -23,9 +24,9 @@ from paigeant_ai import (
     Worker,
     WorkflowDispatcher,
     WorkflowEvent,
+    _long_steps,
     activity,
 )
-from paigeant_ai import _long_steps
 from paigeant_ai.security import generate_key
 from paigeant_ai.transports.base import REASON_HEADER, SOURCE_HEADER, Delivery
 
@@ -352,6 +353,14 @@ async def test_a_successor_the_broker_refuses_is_sent_again_without_waiting_for_
     assert await dead_letters(transport) == []
 
 
+def _set_on_completed(completed: asyncio.Event) -> Callable[[WorkflowEvent], None]:
+    def on_event(event: WorkflowEvent) -> None:
+        if event.kind == "completed":
+            completed.set()
+
+    return on_event
+
+
 async def test_a_successor_the_broker_keeps_refusing_is_handed_back_after_a_growing_pause(
     transport: Transport, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -379,9 +388,7 @@ async def test_a_successor_the_broker_keeps_refusing_is_handed_back_after_a_grow
     completed = asyncio.Event()
     await WorkflowDispatcher(transport).dispatch_workflow([counted_first, second])
     with caplog.at_level("WARNING", logger="paigeant_ai.worker"):
-        async with Worker(
-            transport, [counted_first, second], on_event=lambda e: e.kind == "completed" and completed.set()
-        ):
+        async with Worker(transport, [counted_first, second], on_event=_set_on_completed(completed)):
             await asyncio.wait_for(completed.wait(), 10)
     assert runs == ["first"] * 4
     pauses = [r.getMessage().rpartition(" in ")[2] for r in caplog.records if "handing it back" in r.getMessage()]
@@ -394,10 +401,12 @@ async def test_a_worker_that_stops_hands_back_at_once_what_it_waited_to_hand_bac
 ) -> None:
     monkeypatch.setattr(_long_steps, "GIVE_BACK_PAUSE", 60.0)
     publish = transport.publish
+    refused = asyncio.Event()
 
     async def refuse_the_successor_once(address: str, body: bytes, **options: Any) -> None:
         if address == "second":
             monkeypatch.setattr(transport, "publish", publish)
+            refused.set()
             raise TransportError("publishing to 'second': RabbitMQ refused the message (negative publisher confirm)")
         await publish(address, body, **options)
 
@@ -406,12 +415,12 @@ async def test_a_worker_that_stops_hands_back_at_once_what_it_waited_to_hand_bac
     worker = Worker(transport, [first, second], shutdown_timeout=600)
     with caplog.at_level("WARNING", logger="paigeant_ai.worker"):
         running = asyncio.create_task(worker.run())
-        while not any("handing it back in 60s" in r.getMessage() for r in caplog.records):
-            await asyncio.sleep(0.01)
+        await asyncio.wait_for(refused.wait(), 10)
         worker.stop()  # the delivery goes back to the broker now, instead of waiting out the pause with the worker
         await asyncio.wait_for(running, 30)
+    assert any("handing it back in 60s" in r.getMessage() for r in caplog.records)
     completed = asyncio.Event()
-    async with Worker(transport, [first, second], on_event=lambda e: e.kind == "completed" and completed.set()):
+    async with Worker(transport, [first, second], on_event=_set_on_completed(completed)):
         await asyncio.wait_for(completed.wait(), 10)
     assert await dead_letters(transport) == []
 
