@@ -314,45 +314,6 @@ async def test_a_redelivered_completed_step_is_not_run_again(
     assert worker.stats.duplicates == 1
 
 
-async def test_a_successor_the_broker_refuses_is_sent_again_without_waiting_for_the_consumer_to_go(
-    transport: Transport, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """A refused publish (RabbitMQ's negative confirm) leaves the connection up: the step's delivery goes back to
-    the broker at once and its redelivery sends the successor, rather than waiting with this worker until it stops."""
-    runs: list[str] = []
-
-    @activity(name="first")
-    async def counted_first(ctx: ActivityContext) -> dict[str, int]:
-        runs.append("first")
-        return {"a": 1}
-
-    publish = transport.publish
-    refused = asyncio.Event()
-
-    async def refuse_the_successor_once(address: str, body: bytes, **options: Any) -> None:
-        if address == "second" and not refused.is_set():
-            refused.set()
-            raise TransportError("publishing to 'second': RabbitMQ refused the message (negative publisher confirm)")
-        await publish(address, body, **options)
-
-    monkeypatch.setattr(transport, "publish", refuse_the_successor_once)
-    events: list[WorkflowEvent] = []
-    completed = asyncio.Event()
-
-    def record(event: WorkflowEvent) -> None:
-        events.append(event)
-        if event.kind == "completed":
-            completed.set()
-
-    await WorkflowDispatcher(transport).dispatch_workflow([counted_first, second])
-    async with Worker(transport, [counted_first, second], on_event=record):
-        await asyncio.wait_for(completed.wait(), 10)
-    assert refused.is_set()
-    assert runs == ["first", "first"]
-    assert [event.payload for event in events if event.kind == "completed"] == [{"a": 1, "b": 2}]
-    assert await dead_letters(transport) == []
-
-
 def _set_on_completed(completed: asyncio.Event) -> Callable[[WorkflowEvent], None]:
     def on_event(event: WorkflowEvent) -> None:
         if event.kind == "completed":
@@ -361,11 +322,18 @@ def _set_on_completed(completed: asyncio.Event) -> Callable[[WorkflowEvent], Non
     return on_event
 
 
-async def test_a_successor_the_broker_keeps_refusing_is_handed_back_after_a_growing_pause(
-    transport: Transport, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+@pytest.mark.parametrize(("refusals", "pauses"), [(1, ["0.01s"]), (3, ["0.01s", "0.02s", "0.04s"])])
+async def test_a_successor_the_broker_refuses_is_sent_again_after_a_pause_that_grows(
+    refusals: int,
+    pauses: list[str],
+    transport: Transport,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
-    """Each hand-back runs the step again on its redelivery: without a pause, a broker that keeps refusing the
-    successor would have the step run in a tight loop, and its delivery dead-lettered as poison within a moment."""
+    """A refused publish (RabbitMQ's negative confirm) leaves the connection up: the step's delivery goes back to
+    the broker, rather than waiting with this worker until it stops, and its redelivery runs the step again and
+    sends the successor. It goes back after a pause that doubles each time: without it, a broker that keeps refusing
+    would have the step run in a tight loop, and its delivery dead-lettered as poison within a moment."""
     monkeypatch.setattr(_long_steps, "GIVE_BACK_PAUSE", 0.01)
     runs: list[str] = []
 
@@ -375,24 +343,32 @@ async def test_a_successor_the_broker_keeps_refusing_is_handed_back_after_a_grow
         return {"a": 1}
 
     publish = transport.publish
-    refusals = 3
+    left = refusals
 
     async def refuse_the_successor(address: str, body: bytes, **options: Any) -> None:
-        nonlocal refusals
-        if address == "second" and refusals:
-            refusals -= 1
+        nonlocal left
+        if address == "second" and left:
+            left -= 1
             raise TransportError("publishing to 'second': RabbitMQ refused the message (negative publisher confirm)")
         await publish(address, body, **options)
 
     monkeypatch.setattr(transport, "publish", refuse_the_successor)
+    events: list[WorkflowEvent] = []
     completed = asyncio.Event()
+
+    def record(event: WorkflowEvent) -> None:
+        events.append(event)
+        if event.kind == "completed":
+            completed.set()
+
     await WorkflowDispatcher(transport).dispatch_workflow([counted_first, second])
     with caplog.at_level("WARNING", logger="paigeant_ai.worker"):
-        async with Worker(transport, [counted_first, second], on_event=_set_on_completed(completed)):
+        async with Worker(transport, [counted_first, second], on_event=record):
             await asyncio.wait_for(completed.wait(), 10)
-    assert runs == ["first"] * 4
-    pauses = [r.getMessage().rpartition(" in ")[2] for r in caplog.records if "handing it back" in r.getMessage()]
-    assert pauses == ["0.01s", "0.02s", "0.04s"]
+    assert runs == ["first"] * (refusals + 1)
+    assert [event.payload for event in events if event.kind == "completed"] == [{"a": 1, "b": 2}]
+    given_back = [r.getMessage().rpartition(" in ")[2] for r in caplog.records if "handing it back" in r.getMessage()]
+    assert given_back == pauses
     assert await dead_letters(transport) == []
 
 
