@@ -72,6 +72,13 @@ HAND_BACK_MARGIN = 0.1
 HAND_BACK_PAUSE = 0.05
 """Seconds before a failed hand-back is tried again the first time; the pause doubles each time after."""
 HAND_BACK_PAUSE_MAX = 2.0
+GIVE_BACK_PAUSE = 0.5
+"""Seconds a delivery that could not be settled waits before it is given back, doubled for each delivery of it
+before, up to `GIVE_BACK_PAUSE_MAX`: its redelivery runs the step again, so a broker that keeps refusing the
+successor must not have the step run in a tight loop (and dead-lettered as poison within a moment). Each
+hand-back counts as a delivery, so ten of them (the brokers' default `max_deliveries`) take about three minutes:
+an outage of a store the hop needs (a shared store's Redis) that short dead-letters nothing."""
+GIVE_BACK_PAUSE_MAX = 60.0
 
 
 def watch_marker(security: MessageSecurity, body: bytes, sequence: int = 0) -> str:
@@ -341,14 +348,20 @@ class LongSteps:
             return "it was handed back while its step ran: its watch copy runs the step again once its claim lapses"
         return "it is handed back, to be delivered again"
 
-    async def give_back(self, delivery: Delivery) -> None:
+    async def give_back(self, delivery: Delivery, stopping: asyncio.Event) -> None:
         """Hand `delivery`, which could not be settled, back to the broker now, unless it was handed back already.
 
         A refused publish leaves the connection up: without this the broker would keep the delivery with this
         worker until its consumer closed (on RabbitMQ, until its consumer timeout), and the workflow would stall.
+        It waits a pause first (`GIVE_BACK_PAUSE`), longer each time the same delivery comes back, cut short when the
+        worker is `stopping`.
         """
         if id(delivery) in self._detached:
             return
+        pause = min(GIVE_BACK_PAUSE_MAX, GIVE_BACK_PAUSE * 2 ** (delivery.delivery_count - 1))
+        logger.warning("a delivery on %s could not be settled: handing it back in %gs", delivery.address, pause)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stopping.wait(), pause)
         try:
             await self.transport.give_back(delivery)
         except TransportError as exc:  # the connection is gone: the broker takes its deliveries back by itself

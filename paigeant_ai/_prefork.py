@@ -10,8 +10,11 @@ a socket pair:
   ready failed at startup; a `PaigeantError` then (a bad target, bad settings, a broker it cannot reach) is not
   mended by starting it again, so the supervisor stops the others and exits with that error, once. Any other
   failure is tried again, a few times.
-- the child reads its end until it closes: the supervisor is gone (even after `kill -9`), and the child stops
-  gracefully instead of running on, orphaned.
+- the child says, when ready, how long its graceful stop may take (its `shutdown_timeout` and `STOP_MARGIN`); a
+  child still running that long after the supervisor's SIGTERM is hung, and is killed.
+- a thread of the child reads its end until it closes: the supervisor is gone (even after `kill -9`), and the child
+  stops gracefully instead of running on, orphaned; a child still there once its stop may be over (its event loop
+  is blocked) is killed, so that nothing outlives the supervisor.
 
 Children ignore SIGINT, and run in a process group of their own from the moment they start: a Ctrl-C in a terminal
 reaches only the supervisor, which turns it into one graceful stop of every child (SIGTERM). A second SIGTERM or
@@ -28,6 +31,7 @@ import os
 import signal
 import socket
 import sys
+import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -56,6 +60,10 @@ STARTUP_ATTEMPTS = 3
 """Starts in a row that end before the child is ready, after which the supervisor gives up."""
 LINK_DRAIN = 1.0
 """Seconds to read what a child that exited still said: a grandchild may hold its end open."""
+STOP_MARGIN = 15.0
+"""Seconds a worker's graceful stop may take beyond its `shutdown_timeout` (events to flush, connections to close)."""
+UNREADY_STOP_WITHIN = 30.0 + STOP_MARGIN
+"""Seconds a child that never said it was ready gets to stop: a worker's default `shutdown_timeout` and the margin."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -132,23 +140,38 @@ class SupervisorLink:
         sock.setblocking(False)
         return cls(slot, sock)
 
-    def ready(self) -> None:
-        """Tell the supervisor this worker consumes its queues: from now on its death is a crash, not a startup."""
-        self._send({"ready": True})
+    def ready(self, stop_within: float) -> None:
+        """Tell the supervisor this worker consumes its queues: from now on its death is a crash, not a startup;
+        and that its graceful stop takes at most `stop_within` seconds: after that, it is hung."""
+        self._send({"ready": True, "stop_within": stop_within})
         self.is_ready = True
 
     def failed(self, reason: str, *, fatal: bool) -> None:
         """Tell the supervisor why this worker could not start; `fatal` when starting it again cannot help."""
         self._send({"failed": reason[:2000], "fatal": fatal})
 
-    async def stop_when_gone(self, stop: Callable[[], None]) -> None:
-        """Call `stop` once the supervisor's end closes: it exited or was killed."""
+    def stop_when_gone(self, stop: Callable[[], None], stop_within: float) -> None:
+        """Call `stop` in the running event loop once the supervisor's end closes (it exited or was killed), and
+        kill this process if it is still there `stop_within` seconds later.
+
+        A thread watches, not the event loop: a step that blocks the loop must not keep an orphan alive.
+        """
         loop = asyncio.get_running_loop()
-        with contextlib.suppress(OSError):
-            while await loop.sock_recv(self._sock, 64):  # the supervisor never writes: only its end closing ends this
-                pass
-        logger.warning("the supervisor is gone: stopping gracefully")
-        stop()
+        watched = self._sock.dup()  # its own descriptor: closing the link when the worker ends does not touch it
+        watched.setblocking(True)
+
+        def watch() -> None:
+            with contextlib.suppress(OSError):
+                while watched.recv(64):  # the supervisor never writes: only its end closing ends this
+                    pass
+            logger.warning("the supervisor is gone: stopping gracefully")
+            with contextlib.suppress(RuntimeError):  # the loop is closed: this process is ending anyway
+                loop.call_soon_threadsafe(stop)
+            time.sleep(stop_within)
+            logger.error("still running %gs after the supervisor went: killing this worker process", stop_within)
+            os.kill(os.getpid(), signal.SIGKILL)
+
+        threading.Thread(target=watch, name=f"paigeant-{self.slot.label}-link", daemon=True).start()
 
     def close(self) -> None:
         self._sock.close()
@@ -186,6 +209,7 @@ class _Child:
     slot: ChildSlot
     process: asyncio.subprocess.Process
     ready_at: float | None = None
+    stop_within: float = UNREADY_STOP_WITHIN
     failure: str | None = None
     fatal: bool = False
     listening: asyncio.Task[None] | None = None
@@ -214,6 +238,7 @@ class Supervisor:
         self._children: dict[int, _Child] = {}
         self._stopping = asyncio.Event()
         self._forced = False
+        self._killed_hung = 0
         self._error: str | None = None
         self._announced = False
 
@@ -235,8 +260,9 @@ class Supervisor:
             raise UserError(self._error)
         how = "killed at once" if self._forced else "stopped"
         restarted = f", {self.restarts} restarted on the way" if self.restarts else ""
-        print(f"supervisor stopped: {self.count} worker processes {how}{restarted}", file=sys.stderr)
-        return 1 if self._forced else 0
+        hung = f", {self._killed_hung} killed as hung" if self._killed_hung else ""
+        print(f"supervisor stopped: {self.count} worker processes {how}{restarted}{hung}", file=sys.stderr)
+        return 1 if self._forced or self._killed_hung else 0
 
     async def _keep_running(self, slot: ChildSlot) -> None:
         """Start the child of `slot`, and start it again whenever it dies, until the supervisor stops."""
@@ -284,7 +310,7 @@ class Supervisor:
             theirs.close()  # the child holds it now: its end closes when the child exits
         child = self._children[slot.index] = _Child(slot, process)
         if self._stopping.is_set():  # a signal came while it was being started
-            _send_signal(child, signal.SIGKILL if self._forced else signal.SIGTERM)
+            self._signal(child, signal.SIGKILL if self._forced else signal.SIGTERM)
         child.listening = asyncio.create_task(self._listen(child, ours), name=f"paigeant-{slot.label}")
         return child
 
@@ -315,6 +341,8 @@ class Supervisor:
             return
         if message.get("ready") is True:
             child.ready_at = time.monotonic()
+            if isinstance(within := message.get("stop_within"), int | float) and within > 0:
+                child.stop_within = float(within)
             self._announce()
         elif isinstance(reason := message.get("failed"), str):
             child.failure, child.fatal = reason, message.get("fatal") is True
@@ -361,10 +389,26 @@ class Supervisor:
     def _stop(self, sig: signal.Signals) -> None:
         self._stopping.set()
         for child in self._children.values():
-            _send_signal(child, sig)
+            self._signal(child, sig)
 
-
-def _send_signal(child: _Child, sig: signal.Signals) -> None:
-    if child.process.returncode is None:
+    def _signal(self, child: _Child, sig: signal.Signals) -> None:
+        """Send `sig` to a running child; after a SIGTERM, kill it if it has not stopped by its deadline."""
+        if child.process.returncode is not None:
+            return
         with contextlib.suppress(ProcessLookupError):
             child.process.send_signal(sig)
+        if sig == signal.SIGTERM:
+            asyncio.get_running_loop().call_later(child.stop_within, self._kill_if_hung, child)
+
+    def _kill_if_hung(self, child: _Child) -> None:
+        if child.process.returncode is not None:
+            return
+        logger.error(
+            "%s (pid %d) did not stop within %gs of SIGTERM: killing it; what it held goes back to the broker",
+            child.slot.label,
+            child.process.pid,
+            child.stop_within,
+        )
+        self._killed_hung += 1
+        with contextlib.suppress(ProcessLookupError):
+            child.process.kill()

@@ -29,6 +29,7 @@ from . import __version__, _cli_activities, _cli_cancel, _cli_dead_letters, _cli
 from ._escape import escape_control
 from ._events import WorkflowEvent
 from ._prefork import (
+    STOP_MARGIN,
     ChildSlot,
     Supervisor,
     SupervisorLink,
@@ -217,12 +218,14 @@ def _link_to_supervisor(worker: Worker, child: SupervisorLink | None) -> list[as
     """A child tells its supervisor once it consumes, and stops when the supervisor is gone."""
     if child is None:
         return []
+    stop_within = worker.shutdown_timeout + STOP_MARGIN
 
     async def ready() -> None:
         await worker.consuming.wait()
-        child.ready()
+        child.ready(stop_within)
 
-    return [asyncio.create_task(ready()), asyncio.create_task(child.stop_when_gone(worker.stop))]
+    child.stop_when_gone(worker.stop, stop_within)
+    return [asyncio.create_task(ready())]
 
 
 def _check_connection(worker: Worker, target: str, expected: dict[str, str]) -> None:

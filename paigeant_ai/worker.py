@@ -335,7 +335,7 @@ class Worker:
             logger.exception(
                 "could not settle a delivery on %s; %s", delivery.address, self._long_steps.after(delivery)
             )
-            await self._long_steps.give_back(delivery)
+            await self._long_steps.give_back(delivery, self._stop)
         except Exception as exc:
             # A failure of the worker itself (a store, a callback, a bug): keep the message, with the reason, where
             # an operator can replay it once the cause is fixed, rather than hold it unsettled forever.

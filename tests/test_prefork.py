@@ -6,13 +6,19 @@ fail as they start, so no broker is needed. The workers of real brokers are in `
 
 from __future__ import annotations
 
+import asyncio
+import os
 import re
+import signal
+import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
 from paigeant_ai import Worker
-from paigeant_ai._prefork import ChildSlot, SupervisorLink
+from paigeant_ai._prefork import ChildSlot, Supervisor, SupervisorLink
 from paigeant_ai.cli import main
 from paigeant_ai.exceptions import UserError
 
@@ -21,6 +27,31 @@ IN_MEMORY = (
     "paigeant: the in-memory transport lives in one process, so 2 processes would not share its queues: run "
     "--processes 1, or run on a broker: --transport redis|rabbitmq (or PAIGEANT_TRANSPORT)\n"
 )
+
+
+HUNG_CHILD = """
+import json, signal, socket, sys, time
+signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a worker whose stop hangs
+link = socket.socket(fileno=int(sys.argv[-1].rpartition(":")[2]))
+link.send(json.dumps({"ready": True, "stop_within": 0.5}).encode() + b"\\n")
+time.sleep(600)
+"""
+"""A child of the supervisor that says it is ready and that it stops within half a second, then never stops."""
+
+BLOCKED_CHILD = """
+import asyncio, logging, sys, time
+from paigeant_ai._prefork import SupervisorLink
+
+async def main():
+    logging.basicConfig()  # as `paigeant worker` logs
+    link = SupervisorLink.from_option(sys.argv[1])
+    link.stop_when_gone(lambda: print("asked to stop", flush=True), 0.5)
+    print("running", flush=True)
+    time.sleep(600)  # a step that blocks the event loop
+
+asyncio.run(main())
+"""
+"""A worker process whose event loop is blocked: the stop it is asked for never happens."""
 
 
 def broken() -> Worker:
@@ -98,3 +129,43 @@ def test_the_supervisors_option_is_refused_when_it_is_not_the_supervisors() -> N
 def test_a_child_says_which_it_is() -> None:
     slot = ChildSlot(2, 4)
     assert (slot.label, slot.option(7)) == ("worker 2/4", "2/4:7")
+
+
+async def test_a_child_that_does_not_stop_by_its_deadline_is_killed(
+    capsys: pytest.CaptureFixture[str], caplog: pytest.LogCaptureFixture
+) -> None:
+    supervisor = Supervisor([sys.executable, "-c", HUNG_CHILD], 2, "tests:hung")
+    running = asyncio.create_task(supervisor.run())
+    said = ""
+    while "runs 2 worker processes" not in said:  # both said they are ready
+        await asyncio.sleep(0.05)
+        said += capsys.readouterr().err
+    os.kill(os.getpid(), signal.SIGTERM)
+    assert await asyncio.wait_for(running, 60) == 1
+    assert capsys.readouterr().err.endswith("supervisor stopped: 2 worker processes stopped, 2 killed as hung\n")
+    hung = [r.getMessage() for r in caplog.records if "did not stop" in r.getMessage()]
+    assert len(hung) == 2
+    assert all(re.fullmatch(r"worker [12]/2 \(pid \d+\) did not stop within 0.5s of SIGTERM: .*", m) for m in hung)
+
+
+def test_a_child_whose_loop_is_blocked_does_not_outlive_its_supervisor() -> None:
+    ours, theirs = socket.socketpair()
+    with (
+        theirs,
+        subprocess.Popen(
+            [sys.executable, "-c", BLOCKED_CHILD, ChildSlot(1, 2).option(theirs.fileno())],
+            pass_fds=(theirs.fileno(),),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        ) as child,
+    ):
+        theirs.close()
+        assert child.stdout is not None
+        assert child.stdout.readline() == "running\n"
+        ours.close()  # the supervisor is killed
+        out, err = child.communicate(timeout=60)
+    assert child.returncode == -signal.SIGKILL
+    assert out == ""  # its event loop never ran the stop
+    assert "the supervisor is gone: stopping gracefully" in err
+    assert "still running 0.5s after the supervisor went: killing this worker process" in err

@@ -1,10 +1,10 @@
-"""`paigeant worker --processes 2` on Redis, as real processes: a supervisor and its two worker processes serve
-workflows, stop gracefully on SIGTERM, start a child again after `kill -9`, and do not outlive a supervisor that
-was killed.
+"""`paigeant worker --processes 2` on Redis and RabbitMQ, as real processes: a supervisor and its two worker
+processes serve workflows, stop gracefully on SIGTERM, start a child again after `kill -9`, and do not outlive a
+supervisor that was killed.
 
-The workflows are the three steps of the crash tests (`tests.redis_workflows`): the supervisor runs the slow middle
-step, a plain worker process the first and last. Which process ran a step is recorded by pid, and the registry
-tells the live workers' pids.
+The workflows are the three steps of the crash tests (`tests.workflows_for_crash`, `tests.redis_workflows` on
+Redis): the supervisor runs the slow middle step, a plain worker process the first and last. Which process ran a
+step is recorded by pid, and the registry tells the live workers' pids.
 """
 
 from __future__ import annotations
@@ -21,17 +21,26 @@ from paigeant_ai import WorkflowDispatcher, read_registry
 from paigeant_ai.contracts import DEAD_LETTER
 
 from . import brokers
-from .brokers import REDIS_URL, Fleet, drained, wait_until
+from .brokers import RABBITMQ_URL, REDIS_URL, Fleet, drained, wait_until
 from .workflows_for_crash import MIDDLE, STEPS, completed, dispatch, middle_runs, read_records
 
-pytestmark = [pytest.mark.redis, pytest.mark.slow]
+pytestmark = pytest.mark.slow
 
 STARTUP = 90
 """Seconds a process may take to start: a worker process imports pydantic-ai, slow on a busy machine."""
 
 
-def fleet(tmp_path: Path) -> AbstractAsyncContextManager[tuple[Fleet, WorkflowDispatcher, Path]]:
-    return brokers.fleet(tmp_path, "redis", REDIS_URL, workers="tests.redis_workflows", steps=STEPS)
+@pytest.fixture(
+    params=[pytest.param("redis", marks=pytest.mark.redis), pytest.param("rabbitmq", marks=pytest.mark.rabbitmq)]
+)
+def broker(request: pytest.FixtureRequest) -> str:
+    return request.param
+
+
+def fleet(tmp_path: Path, broker: str) -> AbstractAsyncContextManager[tuple[Fleet, WorkflowDispatcher, Path]]:
+    if broker == "redis":
+        return brokers.fleet(tmp_path, "redis", REDIS_URL, workers="tests.redis_workflows", steps=STEPS)
+    return brokers.fleet(tmp_path, "rabbitmq", RABBITMQ_URL, workers="tests.workflows_for_crash", steps=STEPS)
 
 
 async def supervise(workers: Fleet, processes: int = 2) -> asyncio.subprocess.Process:
@@ -76,8 +85,8 @@ def supervisor_log(workers: Fleet, process: asyncio.subprocess.Process) -> str:
     return workers.log_of("middle_worker", workers.processes.index(process)).read_text()
 
 
-async def test_two_processes_serve_a_batch_and_a_sigterm_stops_both_gracefully(tmp_path: Path) -> None:
-    async with fleet(tmp_path) as (workers, dispatcher, records):
+async def test_two_processes_serve_a_batch_and_a_sigterm_stops_both_gracefully(tmp_path: Path, broker: str) -> None:
+    async with fleet(tmp_path, broker) as (workers, dispatcher, records):
         await workers.start("edge_worker")
         supervisor = await supervise(workers)
         pids = await children(dispatcher, supervisor.pid)
@@ -106,8 +115,10 @@ async def test_two_processes_serve_a_batch_and_a_sigterm_stops_both_gracefully(t
         assert await dispatcher.transport.pending(DEAD_LETTER) == 0
 
 
-async def test_a_child_killed_mid_run_is_started_again_and_every_workflow_completes(tmp_path: Path) -> None:
-    async with fleet(tmp_path) as (workers, dispatcher, records):
+async def test_a_child_killed_mid_run_is_started_again_and_every_workflow_completes(
+    tmp_path: Path, broker: str
+) -> None:
+    async with fleet(tmp_path, broker) as (workers, dispatcher, records):
         await workers.start("edge_worker")
         supervisor = await supervise(workers)
         victim, survivor = sorted(await children(dispatcher, supervisor.pid))
@@ -137,8 +148,8 @@ async def test_a_child_killed_mid_run_is_started_again_and_every_workflow_comple
         )
 
 
-async def test_the_children_of_a_killed_supervisor_stop_gracefully(tmp_path: Path) -> None:
-    async with fleet(tmp_path) as (workers, dispatcher, _):
+async def test_the_children_of_a_killed_supervisor_stop_gracefully(tmp_path: Path, broker: str) -> None:
+    async with fleet(tmp_path, broker) as (workers, dispatcher, _):
         supervisor = await supervise(workers)
         pids = await children(dispatcher, supervisor.pid)
         supervisor.kill()

@@ -398,3 +398,24 @@ async def test_streams_stay_bounded_after_10_000_workflows(namespace: str, raw: 
         print(f"\n{workflows:,} two-step workflows in {elapsed:.1f}s; stream lengths {lengths}")
         assert all(length <= trim_length for length in lengths.values())
         assert await transport.pending("reserve") == await transport.pending("notify") == 0
+
+
+async def test_a_lapsed_holder_cannot_hand_back_what_another_consumer_took_over(
+    namespace: str, raw: aioredis.Redis
+) -> None:
+    """A worker whose lease lapsed (its process stalled) and then hands its delivery back must not take the entry
+    from the consumer that claimed it meanwhile: that would add a redelivery that takes the running claim over."""
+    async with RedisTransport(REDIS_URL, namespace=namespace) as stalled:
+        where = address()
+        stream = stalled.stream_key(where)
+        await stalled.publish(where, b"work")
+        async with await stalled.consume(where) as first:
+            late = await receive(first)
+            entry_id = (await raw.xpending_range(stream, GROUP, "-", "+", 10))[0]["message_id"]
+            await raw.xclaim(stream, GROUP, "other-worker", 0, [entry_id])  # its lease lapsed: another took it
+            await stalled.give_back(late)
+            await stalled.retry_later(late, 0)
+            await receive_nothing(first, within=0.5)
+            held = await raw.xpending_range(stream, GROUP, "-", "+", 10)
+            assert [(p["message_id"], p["consumer"]) for p in held] == [(entry_id, b"other-worker")]
+            assert await raw.xlen(stream) == 1

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import random
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -23,6 +24,7 @@ from paigeant_ai import (
     Worker,
     WorkflowDispatcher,
     WorkflowEvent,
+    _long_steps,
     activity,
 )
 from paigeant_ai.security import generate_key
@@ -312,11 +314,27 @@ async def test_a_redelivered_completed_step_is_not_run_again(
     assert worker.stats.duplicates == 1
 
 
-async def test_a_successor_the_broker_refuses_is_sent_again_without_waiting_for_the_consumer_to_go(
-    transport: Transport, monkeypatch: pytest.MonkeyPatch
+def _set_on_completed(completed: asyncio.Event) -> Callable[[WorkflowEvent], None]:
+    def on_event(event: WorkflowEvent) -> None:
+        if event.kind == "completed":
+            completed.set()
+
+    return on_event
+
+
+@pytest.mark.parametrize(("refusals", "pauses"), [(1, ["0.01s"]), (3, ["0.01s", "0.02s", "0.04s"])])
+async def test_a_successor_the_broker_refuses_is_sent_again_after_a_pause_that_grows(
+    refusals: int,
+    pauses: list[str],
+    transport: Transport,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     """A refused publish (RabbitMQ's negative confirm) leaves the connection up: the step's delivery goes back to
-    the broker at once and its redelivery sends the successor, rather than waiting with this worker until it stops."""
+    the broker, rather than waiting with this worker until it stops, and its redelivery runs the step again and
+    sends the successor. It goes back after a pause that doubles each time: without it, a broker that keeps refusing
+    would have the step run in a tight loop, and its delivery dead-lettered as poison within a moment."""
+    monkeypatch.setattr(_long_steps, "GIVE_BACK_PAUSE", 0.01)
     runs: list[str] = []
 
     @activity(name="first")
@@ -325,15 +343,16 @@ async def test_a_successor_the_broker_refuses_is_sent_again_without_waiting_for_
         return {"a": 1}
 
     publish = transport.publish
-    refused = asyncio.Event()
+    left = refusals
 
-    async def refuse_the_successor_once(address: str, body: bytes, **options: Any) -> None:
-        if address == "second" and not refused.is_set():
-            refused.set()
+    async def refuse_the_successor(address: str, body: bytes, **options: Any) -> None:
+        nonlocal left
+        if address == "second" and left:
+            left -= 1
             raise TransportError("publishing to 'second': RabbitMQ refused the message (negative publisher confirm)")
         await publish(address, body, **options)
 
-    monkeypatch.setattr(transport, "publish", refuse_the_successor_once)
+    monkeypatch.setattr(transport, "publish", refuse_the_successor)
     events: list[WorkflowEvent] = []
     completed = asyncio.Event()
 
@@ -343,11 +362,42 @@ async def test_a_successor_the_broker_refuses_is_sent_again_without_waiting_for_
             completed.set()
 
     await WorkflowDispatcher(transport).dispatch_workflow([counted_first, second])
-    async with Worker(transport, [counted_first, second], on_event=record):
-        await asyncio.wait_for(completed.wait(), 10)
-    assert refused.is_set()
-    assert runs == ["first", "first"]
+    with caplog.at_level("WARNING", logger="paigeant_ai.worker"):
+        async with Worker(transport, [counted_first, second], on_event=record):
+            await asyncio.wait_for(completed.wait(), 10)
+    assert runs == ["first"] * (refusals + 1)
     assert [event.payload for event in events if event.kind == "completed"] == [{"a": 1, "b": 2}]
+    given_back = [r.getMessage().rpartition(" in ")[2] for r in caplog.records if "handing it back" in r.getMessage()]
+    assert given_back == pauses
+    assert await dead_letters(transport) == []
+
+
+async def test_a_worker_that_stops_hands_back_at_once_what_it_waited_to_hand_back(
+    transport: Transport, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setattr(_long_steps, "GIVE_BACK_PAUSE", 60.0)
+    publish = transport.publish
+    refused = asyncio.Event()
+
+    async def refuse_the_successor_once(address: str, body: bytes, **options: Any) -> None:
+        if address == "second":
+            monkeypatch.setattr(transport, "publish", publish)
+            refused.set()
+            raise TransportError("publishing to 'second': RabbitMQ refused the message (negative publisher confirm)")
+        await publish(address, body, **options)
+
+    monkeypatch.setattr(transport, "publish", refuse_the_successor_once)
+    await WorkflowDispatcher(transport).dispatch_workflow([first, second])
+    worker = Worker(transport, [first, second], shutdown_timeout=600)
+    with caplog.at_level("WARNING", logger="paigeant_ai.worker"):
+        running = asyncio.create_task(worker.run())
+        await asyncio.wait_for(refused.wait(), 10)
+        worker.stop()  # the delivery goes back to the broker now, instead of waiting out the pause with the worker
+        await asyncio.wait_for(running, 30)
+    assert any("handing it back in 60s" in r.getMessage() for r in caplog.records)
+    completed = asyncio.Event()
+    async with Worker(transport, [first, second], on_event=_set_on_completed(completed)):
+        await asyncio.wait_for(completed.wait(), 10)
     assert await dead_letters(transport) == []
 
 

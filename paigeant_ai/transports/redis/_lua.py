@@ -223,7 +223,11 @@ return trim(KEYS[1], ARGV[1], tonumber(ARGV[2]))
 RETRY = (
     _COMMON
     + """
--- KEYS: stream, delayed set. ARGV: group, entry id, delay in ms, deliveries so far, unique id.
+-- KEYS: stream, delayed set. ARGV: group, entry id, delay in ms, deliveries so far, unique id, consumer.
+-- Only the consumer that holds the entry hands it back: one whose lease lapsed must not take it from the consumer
+-- that claimed it since (its copy, added again, would be a redelivery that takes the running hop over).
+local held = redis.pcall('XPENDING', KEYS[1], ARGV[1], ARGV[2], ARGV[2], 1)
+if type(held) ~= 'table' or held.err or #held == 0 or held[1][2] ~= ARGV[6] then return 0 end
 local entry = redis.call('XRANGE', KEYS[1], ARGV[2], ARGV[2])
 if settle(KEYS[1], ARGV[1], ARGV[2]) == 0 or #entry == 0 then return 0 end
 local f = field_map(entry[1][2])

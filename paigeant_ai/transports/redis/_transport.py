@@ -289,7 +289,7 @@ class RedisTransport(TransportBase):
         with self.errors("handing back a delivery from", delivery.address):
             await self.scripts.retry(
                 keys=[handle.consumer.stream, self.delayed_key(delivery.address)],
-                args=[*args, delivery.delivery_count, uuid.uuid4().hex],
+                args=[*args, delivery.delivery_count, uuid.uuid4().hex, handle.consumer.name],
             )
         handle.consumer.settled(handle.entry_id)
         if delay > 0:
