@@ -8,7 +8,7 @@ An event goes to four places: the `on_event` callbacks of the process, the span 
 
 Events are a projection, not part of the workflow. A worker batches them off the hop's path; an event that must
 be safe before a hop is acked (the `completed` event, the only home of a workflow's result) is published at once,
-last in one message with the events still waiting, so that the workflow's events stay in order.
+after the batch before it so that the workflow's events stay in order.
 
 Each published batch is signed once by the reporter's `MessageSecurity` (see `paigeant_ai._event_auth`), so that
 a store applies only events a trusted key reported.
@@ -242,11 +242,13 @@ class EventReporter:
             self.progress.add([values], body, events_headers(self.security, body))
 
     async def _publish(self, values: dict[str, Any], *, now: bool) -> None:
-        if self._batch is not None:
-            await self._batch.publish_with(values)  # after what waits in the batch, in the same message
-            return
         body = to_json([values])
         headers = events_headers(self.security, body)
+        if self._batch is not None:
+            await self._batch.flush()  # keep the workflow's events in order
+            self.progress.add([values], body, headers)  # in the background, after the batch before it
+            await self.transport.publish(EVENTS, body, headers=headers)
+            return
         try:
             await self.transport.publish(EVENTS, body, headers=headers)
         except Exception:
@@ -301,7 +303,6 @@ class _EventBatcher:
         self.interval = interval
         self.max_batch = max_batch
         self._pending: list[dict[str, Any]] = []
-        self._sending: asyncio.Future[None] | None = None  # a batch on its way to the broker
         self._task: asyncio.Task[None] | None = None
         self._full = asyncio.Event()
         self.progress = _progress_writer(transport, security)
@@ -321,42 +322,17 @@ class _EventBatcher:
             await self._publish()
 
     async def _publish(self) -> None:
-        await self._after_sending()
         batch, self._pending = self._pending, []
         self._full.clear()
         if not batch:
             return
-        try:
-            await self._send(batch)
-        except Exception:
-            logger.warning("could not publish %d workflow events", len(batch), exc_info=True)
-
-    async def publish_with(self, event: dict[str, Any]) -> None:
-        """Publish what waits in the batch and `event` after it, now, in one message (one signature).
-
-        Raises:
-            TransportError: The message could not be published; nothing is left to publish later.
-        """
-        await self._after_sending()  # a batch already on its way goes first: the workflow's events stay in order
-        batch, self._pending = [*self._pending, event], []
-        self._full.clear()
-        await self._send(batch)
-
-    async def _send(self, batch: list[dict[str, Any]]) -> None:
         body = to_json(batch)  # the array `decode_events` reads
         headers = events_headers(self.security, body)
-        self.progress.add(batch, body, headers)  # in the background, after the batch before it
-        self._sending = sent = asyncio.get_running_loop().create_future()
+        self.progress.add(batch, body, headers)
         try:
             await self.transport.publish(EVENTS, body, headers=headers)
-        finally:
-            sent.set_result(None)
-            if self._sending is sent:
-                self._sending = None
-
-    async def _after_sending(self) -> None:
-        while self._sending is not None:
-            await asyncio.shield(self._sending)
+        except Exception:
+            logger.warning("could not publish %d workflow events", len(batch), exc_info=True)
 
     async def flush(self) -> None:
         """Publish what is waiting, now."""
