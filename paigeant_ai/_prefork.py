@@ -270,7 +270,7 @@ class Supervisor:
         while not self._stopping.is_set():
             child = await self._start(slot)
             await self._wait(child)
-            if self._stopping.is_set() or child.process.returncode == 0:
+            if self._stopping.is_set() or (child.process.returncode == 0 and "--burst" in self.command):
                 return  # stopped, or done (`--burst`): nothing to start again
             if child.ready_at is None:
                 failed_starts += 1
