@@ -10,7 +10,9 @@ own queues or streams, `<namespace>.<address>`.
 
 from __future__ import annotations
 
+import asyncio
 import time
+from collections import deque
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -19,7 +21,7 @@ from typing import TYPE_CHECKING, Any, Protocol, Self, runtime_checkable
 from urllib.parse import urlsplit, urlunsplit
 
 from .._escape import escape_control
-from ..exceptions import UserError
+from ..exceptions import TransportError, UserError
 
 if TYPE_CHECKING:
     from ..approval import WaitingStore
@@ -446,6 +448,34 @@ class ConsumerBase:
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
         await self.aclose()
+
+
+class BufferedConsumer(ConsumerBase):
+    """A consumer whose background tasks fill a buffer (Redis, SQLite): it hands out what is buffered, raises the
+    failure that stopped its fetching, and ends once closed. A subclass records each delivery it hands out."""
+
+    def __init__(self, address: str) -> None:
+        self.address = address
+        self._buffer: deque[Delivery] = deque()
+        self._arrived = asyncio.Event()
+        self._failure: BaseException | None = None
+        self._closed = False
+
+    def _handed_out(self, delivery: Delivery) -> None:  # pragma: no cover - every consumer has its own
+        raise NotImplementedError
+
+    async def __anext__(self) -> Delivery:
+        while True:
+            if self._closed:
+                raise StopAsyncIteration
+            if self._failure is not None:
+                raise TransportError(f"consuming {self.address!r} failed: {self._failure}") from self._failure
+            if self._buffer:
+                delivery = self._buffer.popleft()
+                self._handed_out(delivery)
+                return delivery
+            self._arrived.clear()
+            await self._arrived.wait()
 
 
 def check_lease_settings(

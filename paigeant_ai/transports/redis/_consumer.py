@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, NamedTuple, cast
 from redis.exceptions import ResponseError
 
 from ...exceptions import TransportError
-from ..base import ConsumerBase, Delivery
+from ..base import BufferedConsumer, Delivery
 from ._wire import GROUP, load_headers, ms
 
 if TYPE_CHECKING:
@@ -66,7 +66,7 @@ class Handle(NamedTuple):
     entry_id: bytes
 
 
-class RedisConsumer(ConsumerBase):
+class RedisConsumer(BufferedConsumer):
     """One named consumer of an address's group.
 
     A background task reads entries into a local buffer, never holding more than `prefetch` entries read or
@@ -75,18 +75,14 @@ class RedisConsumer(ConsumerBase):
     """
 
     def __init__(self, transport: RedisTransport, address: str, name: str, prefetch: int) -> None:
+        super().__init__(address)
         self.transport = transport
-        self.address = address
         self.name = name
         self.prefetch = prefetch
         self.stream = transport.stream_key(address)
-        self._buffer: deque[Delivery] = deque()
         self._unacked: dict[bytes, int] = {}  # entry id -> the transport's generation when handed out
-        self._arrived = asyncio.Event()
         self._room = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
-        self._failure: BaseException | None = None
-        self._closed = False
         self._cursor: bytes = b"0-0"
         self._due_at = 0.0
         self._settled_since_trim = 0
@@ -105,18 +101,8 @@ class RedisConsumer(ConsumerBase):
 
     # -- the consumer protocol -------------------------------------------------------------------------------
 
-    async def __anext__(self) -> Delivery:
-        while True:
-            if self._closed:
-                raise StopAsyncIteration
-            if self._failure is not None:
-                raise TransportError(f"consuming {self.address!r} failed: {self._failure}") from self._failure
-            if self._buffer:
-                delivery = self._buffer.popleft()
-                self._unacked[delivery.handle.entry_id] = self.transport.generation
-                return delivery
-            self._arrived.clear()
-            await self._arrived.wait()
+    def _handed_out(self, delivery: Delivery) -> None:
+        self._unacked[delivery.handle.entry_id] = self.transport.generation
 
     async def aclose(self) -> None:
         if self._closed:

@@ -14,7 +14,7 @@ from collections import deque
 from typing import TYPE_CHECKING, NamedTuple
 
 from ...exceptions import TransportError
-from ..base import ConsumerBase, Delivery
+from ..base import BufferedConsumer, Delivery
 from . import _queue as q
 
 if TYPE_CHECKING:
@@ -39,23 +39,19 @@ class Handle(NamedTuple):
     row_id: int
 
 
-class SQLiteConsumer(ConsumerBase):
+class SQLiteConsumer(BufferedConsumer):
     """One consumer of an address: a background task leases rows into a local buffer (at most `prefetch` rows
     buffered or handed out and not settled); `__anext__` only takes from that buffer, so cancelling it loses
     nothing. Another task renews the leases every third of `visibility_timeout`, a third records its heartbeat."""
 
     def __init__(self, transport: SQLiteTransport, address: str, name: str, prefetch: int) -> None:
+        super().__init__(address)
         self.transport = transport
-        self.address = address
         self.name = name
         self.prefetch = prefetch
         self.wake = asyncio.Event()
-        self._buffer: deque[Delivery] = deque()
         self._unacked: set[int] = set()
-        self._arrived = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
-        self._failure: BaseException | None = None
-        self._closed = False
 
     async def start(self) -> None:
         t = self.transport
@@ -69,18 +65,8 @@ class SQLiteConsumer(ConsumerBase):
 
     # -- the consumer protocol -------------------------------------------------------------------------------
 
-    async def __anext__(self) -> Delivery:
-        while True:
-            if self._closed:
-                raise StopAsyncIteration
-            if self._failure is not None:
-                raise TransportError(f"consuming {self.address!r} failed: {self._failure}") from self._failure
-            if self._buffer:
-                delivery = self._buffer.popleft()
-                self._unacked.add(delivery.handle.row_id)
-                return delivery
-            self._arrived.clear()
-            await self._arrived.wait()
+    def _handed_out(self, delivery: Delivery) -> None:
+        self._unacked.add(delivery.handle.row_id)
 
     async def aclose(self) -> None:
         if self._closed:
