@@ -107,3 +107,17 @@ def test_a_slow_hop_or_a_growing_worker_fails_and_what_was_not_measured_is_skipp
         (6, "RSS growth, rabbitmq"),
         (6, "RSS growth, redis"),
     ]
+
+
+def test_the_hop_floor_sums_the_operations_no_hop_can_skip() -> None:
+    command = [sys.executable, "-m", "bench.hop_floor", "--rounds", "200"]
+    env = {**os.environ, "PYTHONWARNINGS": "error"}
+    done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120, check=False)
+    assert done.returncode == 0, done.stderr
+    figures = dict(re.findall(r"^  (.+?)\s+([\d.]+) us", done.stdout, flags=re.MULTILINE))
+    assert len(figures) == 7, done.stdout
+    parts = ["parse and validate the message (pydantic)", "log the step in the slip"]
+    parts += ["write the successor message (pydantic)", "put on and take off an asyncio queue"]
+    assert all(float(figures[part]) >= 0 for part in parts)
+    assert float(figures["unsigned floor (sum)"]) > 0
+    assert float(figures["signed floor (sum)"]) > float(figures["unsigned floor (sum)"])
