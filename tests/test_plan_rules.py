@@ -33,6 +33,7 @@ from paigeant_ai._registry import verified_records
 from paigeant_ai._wire import FROM_WIRE
 from paigeant_ai.security import MessageSigner, generate_key
 
+from .brokers import wait_until
 from .scripted import Script, call, tool_returns
 
 
@@ -216,3 +217,18 @@ def test_an_advertisement_carries_the_rules_and_an_older_one_without_them_still_
     [old] = verified_records([body], signer)
     assert old.activities[0].catalog_entry().rules == PlanRules()
     assert WorkerRecord.model_validate_json(body, context=FROM_WIRE).to_bytes() == body
+
+
+async def test_a_catalog_built_from_the_live_registry_keeps_the_rules_its_workers_advertise() -> None:
+    signer = MessageSigner(generate_key("workers"))
+    async with InMemoryTransport() as transport:
+        worker = Worker(transport, [take_payment, ship_order], security=signer)
+        async with worker:
+            await wait_until(lambda: worker.advertiser._task is not None, within=5, what="the first heartbeat")  # pyright: ignore[reportPrivateUsage]
+            live = await ActivityCatalog.from_registry(transport, security=signer)
+    entry = live.get("ship-order")
+    assert entry is not None
+    assert entry.rules == PlanRules(after=("take-payment",), conflicts=("refund-order",))
+    assert refused(live, ["ship-order"]) == snapshot(
+        "'ship-order' must come after 'take-payment', which the plan lacks: add 'take-payment' before 'ship-order'"
+    )
