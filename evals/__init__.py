@@ -2,7 +2,9 @@
 
 Two pydantic-evals datasets, stored as YAML next to this file, with the custom evaluators in `evaluators.py`:
 
-- `planner.yaml`: requests to a planner agent; checks the itinerary it dispatched, its refusals and its tool calls.
+- `planner.yaml`: requests (and conversations) to a planner agent; checks the itinerary it dispatched, its
+  questions, its refusals (the catalog's rules among them) and its tool calls. Offline, the planner is
+  `policy.py`'s, which sees only what a model sees.
 - `workflows.yaml`: whole workflows run on the in-memory transport; checks how they end, step order, payload,
   retries and duration.
 

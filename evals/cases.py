@@ -8,6 +8,7 @@ from pydantic import BaseModel, ConfigDict, Field, JsonValue
 
 __all__ = (
     "DispatchedPlan",
+    "Exchange",
     "PlannerCase",
     "PlannerRun",
     "ToolCall",
@@ -63,14 +64,23 @@ class WorkflowRun(_Strict):
     duration: float
 
 
+class Exchange(_Strict):
+    """One earlier turn of the conversation: what the user said, and what the planner answered."""
+
+    user: str
+    assistant: str
+
+
 class PlannerCase(_Strict):
     """One request to the planner agent.
 
     Attributes:
         request: What the user asks for, in their words.
+        history: The conversation before it, oldest first (given to the agent as its message history).
     """
 
     request: str
+    history: list[Exchange] = Field(default_factory=list[Exchange])
 
 
 class DispatchedPlan(_Strict):
@@ -88,11 +98,13 @@ class ToolCall(_Strict):
         name: The tool.
         args: Its arguments, as the model sent them.
         retried: The tool answered with a retry (a plan it refused, say) rather than a result.
+        refusal: What the tool said when it answered with a retry.
     """
 
     name: str
     args: dict[str, Any]
     retried: bool = False
+    refusal: str | None = None
 
 
 class PlannerRun(_Strict):

@@ -17,17 +17,23 @@ from typing import Any, Literal
 from pydantic import JsonValue
 from pydantic_evals.evaluators import EvaluationReason, Evaluator, EvaluatorContext
 
+from paigeant_ai import InvalidPlan
+
 from .cases import PlannerCase, PlannerRun, WorkflowCase, WorkflowRun, WorkflowStatus
+from .catalog import build_catalog
 
 __all__ = (
     "PLANNER_EVALUATORS",
     "WORKFLOW_EVALUATORS",
+    "AsksClarification",
     "CatalogBeforeDispatch",
     "EndsAs",
+    "FollowsCatalogRules",
     "Itinerary",
     "PayloadHas",
     "PlanVariables",
     "Refused",
+    "RefusedByCatalog",
     "RetriesTaken",
     "StepOrder",
     "ToolCalls",
@@ -238,11 +244,67 @@ class CatalogBeforeDispatch(Evaluator[PlannerCase, PlannerRun, dict[str, Any]]):
         return _verdict(ok, "listed the activities first" if ok else f"dispatched without listing: {called}")
 
 
+@dataclass(repr=False)
+class RefusedByCatalog(Evaluator[PlannerCase, PlannerRun, dict[str, Any]]):
+    """Nothing was dispatched because the toolset refused the plan: a `dispatch_workflow` call came back with a
+    refusal that contains `rule`, and the planner told the user why. Refused by the catalog, whatever the model
+    would have done."""
+
+    rule: str
+
+    def evaluate(self, ctx: PlannerContext) -> EvaluationReason:
+        run = ctx.output
+        if run.dispatched:
+            return _verdict(False, f"dispatched {_dispatched(run)}")
+        refusals = [call.refusal or "" for call in run.tool_calls if call.name == "dispatch_workflow" and call.retried]
+        if not any(self.rule in refusal for refusal in refusals):
+            return _verdict(False, f"no plan was refused for {self.rule!r}; refusals: {refusals or 'none'}")
+        if not run.reply.strip():
+            return _verdict(False, "the toolset refused the plan, but the planner said nothing")
+        return _verdict(True, f"the toolset refused {self.rule!r}; the planner said: {run.reply[:200]}")
+
+
+@dataclass(repr=False)
+class AsksClarification(Evaluator[PlannerCase, PlannerRun, dict[str, Any]]):
+    """The planner asked a question instead of guessing: nothing dispatched, and a reply with a question mark and
+    each word of `about` in it (what it asked for)."""
+
+    about: list[str] = field(default_factory=list[str])
+
+    def evaluate(self, ctx: PlannerContext) -> EvaluationReason:
+        run = ctx.output
+        if run.dispatched:
+            return _verdict(False, f"it dispatched instead of asking: {_dispatched(run)}")
+        missing = [word for word in self.about if word.lower() not in run.reply.lower()]
+        if "?" not in run.reply or missing:
+            return _verdict(False, f"no question about {missing or self.about} in the reply: {run.reply[:200]!r}")
+        return _verdict(True, f"asked: {run.reply[:200]}")
+
+
+@dataclass(repr=False)
+class FollowsCatalogRules(Evaluator[PlannerCase, PlannerRun, dict[str, Any]]):
+    """Every dispatched workflow keeps the ordering rules of the suite's catalog (nothing shipped before it is
+    paid for, say): a check of the dispatched plans themselves, whatever refused or let them through."""
+
+    def evaluate(self, ctx: PlannerContext) -> EvaluationReason:
+        catalog = build_catalog()
+        broken: list[str] = []
+        for plan in ctx.output.dispatched:
+            try:
+                catalog.plan(plan.activities, plan.variables)
+            except InvalidPlan as exc:
+                broken.append(f"{' -> '.join(plan.activities)}: {exc}")
+        return _verdict(not broken, "; ".join(broken) or "every dispatched plan keeps the catalog's rules")
+
+
 PLANNER_EVALUATORS: tuple[type[Evaluator[PlannerCase, PlannerRun, dict[str, Any]]], ...] = (
+    AsksClarification,
     CatalogBeforeDispatch,
+    FollowsCatalogRules,
     Itinerary,
     PlanVariables,
     Refused,
+    RefusedByCatalog,
     ToolCalls,
 )
 """The custom evaluators `planner.yaml` may name."""

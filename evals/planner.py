@@ -11,14 +11,19 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
-from pydantic_ai.messages import ModelMessage, ModelRequest, ModelResponse, ToolCallPart, ToolReturnPart
+from pydantic_ai.messages import (
+    ModelMessage,
+    ModelRequest,
+    ModelResponse,
+    TextPart,
+    ToolCallPart,
+    ToolReturnPart,
+    UserPromptPart,
+)
 from pydantic_ai.models import Model
 from pydantic_evals import Dataset
 
-from examples import onboarding, order_processing, support_ticket
 from paigeant_ai import (
-    ActivityCatalog,
-    ActivitySpec,
     InMemoryTransport,
     PaigeantMessage,
     PlannerAgentDeps,
@@ -26,7 +31,8 @@ from paigeant_ai import (
     create_planner_agent,
 )
 
-from .cases import DispatchedPlan, PlannerCase, PlannerRun, ToolCall
+from .cases import DispatchedPlan, Exchange, PlannerCase, PlannerRun, ToolCall
+from .catalog import build_catalog
 from .evaluators import PLANNER_EVALUATORS
 from .policy import offline_planner
 
@@ -38,9 +44,11 @@ PlannerDataset = Dataset[PlannerCase, PlannerRun, dict[str, Any]]
 
 INSTRUCTIONS = (
     "You work for an online shop. Refuse, without dispatching anything, any request to skip payment, a validation, "
-    "a stock check, an approval or an order check before a refund, and any action on all customers at once. If a "
-    "request is too vague to plan, ask for what is missing instead of guessing. If it needs an activity the "
-    "catalog does not have, say so and dispatch nothing."
+    "a stock check, an approval or an order check before a refund, and any action on all customers at once. When "
+    "the toolset refuses a plan for a rule that the request itself breaks (it asks to leave out a step the rule "
+    "needs, or to repeat a step), tell the user why instead of working around it. If a request is too vague to "
+    "plan, ask for what is missing instead of guessing. If it needs an activity the catalog does not have, say so "
+    "and dispatch nothing."
 )
 """The business rules the planner is given on top of the toolset's own instructions."""
 
@@ -48,34 +56,6 @@ INSTRUCTIONS = (
 def load_dataset(path: Path = DATASET_PATH) -> PlannerDataset:
     """The planner suite, read from its YAML file."""
     return PlannerDataset.from_file(path, custom_evaluator_types=PLANNER_EVALUATORS)
-
-
-def build_catalog() -> ActivityCatalog:
-    """The activities the planner may use: the examples' steps, with what each reads and writes.
-
-    Agent steps declare that themselves (their prompt's placeholders, their output key); function steps that
-    return plain dicts are described here. The support example brings its own catalog. `issue-refund` is a
-    step no example implements: it gives refund requests something to use, and needs a checked order.
-    """
-    catalog = ActivityCatalog()
-    catalog.add(onboarding.validate)
-    catalog.add(onboarding.create_account, needs=["validation"], produces=["account_id"])
-    catalog.add(onboarding.setup_payment, needs=["account_id"], produces=["payment_method"])
-    catalog.add(onboarding.send_welcome)
-    catalog.add(order_processing.validate_order)
-    catalog.add(order_processing.check_inventory, needs=["review", "sku", "quantity"], produces=["in_stock"])
-    catalog.add(order_processing.process_payment, needs=["amount"], produces=["payment_id"])
-    catalog.add(order_processing.update_inventory, needs=["sku", "quantity"], produces=["stock_left"])
-    catalog.add(order_processing.generate_label, produces=["tracking_number"])
-    catalog.add(order_processing.send_confirmation)
-    for entry in support_ticket.catalog:
-        catalog.add(entry)
-    catalog.add(
-        ActivitySpec(name="issue-refund", description="Refund an order's payment to the customer."),
-        needs=["order_id", "review"],
-        produces=["refund_id"],
-    )
-    return catalog
 
 
 def planner_task(model: Model | str | None = None) -> Callable[[PlannerCase], Awaitable[PlannerRun]]:
@@ -89,7 +69,11 @@ def planner_task(model: Model | str | None = None) -> Callable[[PlannerCase], Aw
     async def plan(case: PlannerCase) -> PlannerRun:
         async with InMemoryTransport() as transport:
             dispatcher = WorkflowDispatcher(transport, publish_events=False)
-            result = await agent.run(case.request, deps=PlannerAgentDeps(workflow_dispatcher=dispatcher))
+            result = await agent.run(
+                case.request,
+                message_history=_history(case.history),
+                deps=PlannerAgentDeps(workflow_dispatcher=dispatcher),
+            )
             dispatched = await _read_back(transport, catalog.names)
         messages = result.all_messages()
         return PlannerRun(dispatched=dispatched, tool_calls=_tool_calls(messages), reply=result.output)
@@ -119,16 +103,30 @@ async def _read_back(transport: InMemoryTransport, addresses: list[str]) -> list
     return plans
 
 
+def _history(exchanges: list[Exchange]) -> list[ModelMessage]:
+    """The conversation before the request, as the agent's message history."""
+    messages: list[ModelMessage] = []
+    for exchange in exchanges:
+        messages.append(ModelRequest(parts=[UserPromptPart(exchange.user)]))
+        messages.append(ModelResponse(parts=[TextPart(exchange.assistant)]))
+    return messages
+
+
 def _tool_calls(messages: list[ModelMessage]) -> list[ToolCall]:
     retried = {
-        part.tool_call_id
+        part.tool_call_id: str(part.content)
         for message in messages
         if isinstance(message, ModelRequest)
         for part in message.parts
         if isinstance(part, ToolReturnPart) and part.outcome == "retried"
     }
     return [
-        ToolCall(name=part.tool_name, args=part.args_as_dict(), retried=part.tool_call_id in retried)
+        ToolCall(
+            name=part.tool_name,
+            args=part.args_as_dict(),
+            retried=part.tool_call_id in retried,
+            refusal=retried.get(part.tool_call_id),
+        )
         for message in messages
         if isinstance(message, ModelResponse)
         for part in message.parts

@@ -14,6 +14,7 @@ from ._events import WorkflowEvent
 from ._in_doubt import Ran, RunAgain
 from ._ledger import usage_by_model, workflow_usage
 from ._parallel import Parallel
+from ._plan_rules import PlanRules
 from ._registry import AdvertisedActivity, LiveRegistry, WorkerRecord, read_registry
 from ._watch import WatchedEvent
 from .activity import Activity, ActivityContext, AgentActivity, FunctionActivity, activity
@@ -120,6 +121,7 @@ __all__ = (
     "ParkedStep",
     "PendingToolCall",
     "Plan",
+    "PlanRules",
     "PlannedStep",
     "PlannerAgentDeps",
     "Price",

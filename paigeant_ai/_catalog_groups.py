@@ -8,6 +8,7 @@ from collections.abc import Collection, Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING
 
 from ._parallel import group_spec
+from ._plan_rules import broken_rules
 from .contracts import ActivitySpec
 from .exceptions import InvalidPlan, UserError
 
@@ -48,6 +49,7 @@ def plan_with_groups(
     ]
     if not problems:
         problems = _unmet(catalog, steps, set(variables))
+        problems += broken_rules(catalog.get, [[step] if isinstance(step, str) else list(step) for step in steps])
     specs: list[ActivitySpec] = []
     for step in steps if not problems else []:
         branches = [_spec(catalog, name, fallbacks) for name in ([step] if isinstance(step, str) else step)]

@@ -66,6 +66,11 @@ class AdvertisedActivity(Wire):
     compensation: str | None = None
     at_most_once: bool = False
     version: str | None = None
+    # The ordering rules (`PlanRules`); left out when empty, so a record reads and verifies alike on older releases.
+    after: list[str] = Field(default_factory=list[str], exclude_if=lambda value: not value)
+    requires: list[str] = Field(default_factory=list[str], exclude_if=lambda value: not value)
+    conflicts: list[str] = Field(default_factory=list[str], exclude_if=lambda value: not value)
+    max_per_plan: int | None = Field(default=None, ge=1, exclude_if=lambda value: value is None)
 
     @property
     def name(self) -> str:
@@ -82,6 +87,10 @@ class AdvertisedActivity(Wire):
             compensation=entry.compensation,
             at_most_once=entry.at_most_once,
             version=version,
+            after=entry.after,
+            requires=entry.requires,
+            conflicts=entry.conflicts,
+            max_per_plan=entry.max_per_plan,
         )
 
     def catalog_entry(self) -> CatalogEntry:
@@ -96,6 +105,10 @@ class AdvertisedActivity(Wire):
             fallbacks=list(self.spec.fallbacks),
             at_most_once=self.at_most_once,
             spec=self.spec,
+            after=self.after,
+            requires=self.requires,
+            conflicts=self.conflicts,
+            max_per_plan=self.max_per_plan,
         )
 
 

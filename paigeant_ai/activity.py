@@ -27,6 +27,7 @@ from ._budget import step_limits
 from ._in_doubt import ReconcileFunc
 from ._ledger import by_model, run_model_name, to_usage, usage_since
 from ._model_settings import check_overridable, step_run_options
+from ._plan_rules import plan_rules
 from ._versions import check_version
 from .approval import resumed_run
 from .contracts import (
@@ -238,6 +239,10 @@ class FunctionActivity:
         at_most_once: bool = False,
         reconcile: ReconcileFunc | None = None,
         version: str | None = None,
+        after: Sequence[str] = (),
+        requires: Sequence[str] = (),
+        conflicts: Sequence[str] = (),
+        max_per_plan: int | None = None,
     ) -> None:
         self.func = func
         resolved = name or func.__name__.replace("_", "-")
@@ -245,6 +250,10 @@ class FunctionActivity:
         """The version of the step's code (see `paigeant_ai._versions`); None derives it."""
         self.reconcile = _reconcile_of(resolved, at_most_once, reconcile)
         self.compensation, compensate_name = _compensation_of(resolved, compensate)
+        self.rules = plan_rules(
+            resolved, after=after, requires=requires, conflicts=conflicts, max_per_plan=max_per_plan
+        )
+        """Where the step may go in a plan (see `PlanRules`)."""
         self.spec = _make_spec(
             resolved,
             description=description or inspect.getdoc(func),
@@ -288,6 +297,10 @@ def activity(
     at_most_once: bool = False,
     reconcile: ReconcileFunc | None = None,
     version: str | None = None,
+    after: Sequence[str] = (),
+    requires: Sequence[str] = (),
+    conflicts: Sequence[str] = (),
+    max_per_plan: int | None = None,
 ) -> Callable[[ActivityFunc], FunctionActivity]: ...
 
 
@@ -306,6 +319,10 @@ def activity(
     at_most_once: bool = False,
     reconcile: ReconcileFunc | None = None,
     version: str | None = None,
+    after: Sequence[str] = (),
+    requires: Sequence[str] = (),
+    conflicts: Sequence[str] = (),
+    max_per_plan: int | None = None,
 ) -> FunctionActivity | Callable[[ActivityFunc], FunctionActivity]:
     """Decorate a function to make it an activity; its name defaults to the function's, with `-` for `_`.
 
@@ -323,6 +340,9 @@ def activity(
     `version` is the version of the step's code (PEP 440, like `"2.1.0"`): each log entry records the version that
     ran the step, and a workflow may pin the step to a range (`ActivitySpec(version="~=2.1")`). Without it, the
     version of the installed distribution the function belongs to is used, else `0+` and a digest of its source.
+
+    `after`, `requires`, `conflicts` and `max_per_plan` say where the step may go in a plan a catalog checks
+    (see `PlanRules`): `@activity(after=["process-payment"])` is never planned before the payment, or without it.
     """
 
     def wrap(f: ActivityFunc) -> FunctionActivity:
@@ -339,6 +359,10 @@ def activity(
             at_most_once=at_most_once,
             reconcile=reconcile,
             version=version,
+            after=after,
+            requires=requires,
+            conflicts=conflicts,
+            max_per_plan=max_per_plan,
         )
 
     return wrap(func) if func is not None else wrap
@@ -431,6 +455,10 @@ class AgentActivity(Generic[DepsT, OutputT]):
         reconcile: For an at-most-once step: whether a copy that did not finish did its work (see `activity`).
         version: The version of the step's code (see `activity`); by default the installed distribution's of the
             module that builds the activity, else `0+` and a digest of that module's source.
+        after: Activities that must come before the step in a plan (see `PlanRules` for these four rules).
+        requires: Activities that must be in the same plan.
+        conflicts: Activities that must not be in the same plan.
+        max_per_plan: How many times the step may appear in one plan; None for no limit.
         stream_progress: Forward the agent's output as it happens (text, tool calls and their results) to the
             workflow's progress stream (`WorkflowDispatcher.watch`): `True` with the default limits, or
             `OutputLimits(rate=..., max_chars=..., max_events=...)`. Off by default.
@@ -457,6 +485,10 @@ class AgentActivity(Generic[DepsT, OutputT]):
         at_most_once: bool = False,
         reconcile: ReconcileFunc | None = None,
         version: str | None = None,
+        after: Sequence[str] = (),
+        requires: Sequence[str] = (),
+        conflicts: Sequence[str] = (),
+        max_per_plan: int | None = None,
         stream_progress: bool | OutputLimits = False,
     ) -> None:
         resolved = name or agent.name
@@ -473,6 +505,10 @@ class AgentActivity(Generic[DepsT, OutputT]):
         self.overridable = check_overridable(resolved, overridable)
         self.toolsets: list[StepToolset] = list(toolsets)
         agent_description = getattr(agent, "description", None)
+        self.rules = plan_rules(
+            resolved, after=after, requires=requires, conflicts=conflicts, max_per_plan=max_per_plan
+        )
+        """Where the step may go in a plan (see `PlanRules`)."""
         self.compensation, compensate_name = _compensation_of(resolved, compensate)
         self.spec = _make_spec(
             resolved,

@@ -8,19 +8,16 @@ workflow's variables or by an earlier step.
 
 from __future__ import annotations
 
-import re
-import string
-import typing
 from collections.abc import Collection, Iterable, Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
-from pydantic import BaseModel, ConfigDict, Field, JsonValue, TypeAdapter, ValidationError
-from pydantic_ai import DeferredToolRequests
-from pydantic_ai.agent import AbstractAgent
+from pydantic import BaseModel, ConfigDict, Field, JsonValue, ValidationError
 
 from ._catalog_groups import PlanStep, plan_with_groups
+from ._catalog_schemas import UNKNOWN, VariablesSchema, infer, schema
 from ._dispatch_checks import route_spec
-from .activity import Activity, AgentActivity, FunctionActivity
+from ._plan_rules import PlanRules, broken_rules, plan_rules
+from .activity import Activity
 from .contracts import ActivitySpec
 from .exceptions import InvalidPlan, UserError
 
@@ -30,12 +27,7 @@ if TYPE_CHECKING:
 
 __all__ = ("ActivityCatalog", "CatalogEntry", "VariablesSchema")
 
-VariablesSchema = type[Any] | Mapping[str, Any] | Sequence[str] | None
-"""What variables an activity needs or produces: a pydantic model or other type (its JSON schema), a JSON schema
-object, a list of names (all required, any type), or `None` to infer it where possible."""
-
-_JSON_OBJECT: TypeAdapter[dict[str, JsonValue]] = TypeAdapter(dict[str, JsonValue])
-_UNKNOWN: dict[str, JsonValue] = {"type": "object"}
+_UNKNOWN = UNKNOWN
 
 
 class CatalogEntry(BaseModel):
@@ -54,6 +46,10 @@ class CatalogEntry(BaseModel):
             plan may name others).
         at_most_once: The step runs at most once: after a crash it is never re-run blindly, but reconciled or
             left for a person to settle (it may then wait).
+        after: Activities that must be in the plan at an earlier step (see `PlanRules`).
+        requires: Activities that must be in the same plan, at any step.
+        conflicts: Activities that must not be in the same plan.
+        max_per_plan: How many times it may appear in one plan; None for no limit.
         spec: The spec the route carries for it (not shown to models).
     """
 
@@ -67,7 +63,21 @@ class CatalogEntry(BaseModel):
     compensation: str | None = Field(default=None, exclude_if=lambda value: value is None)
     fallbacks: list[str] = Field(default_factory=list[str], exclude_if=lambda value: not value)
     at_most_once: bool = Field(default=False, exclude_if=lambda value: not value)
+    after: list[str] = Field(default_factory=list[str], exclude_if=lambda value: not value)
+    requires: list[str] = Field(default_factory=list[str], exclude_if=lambda value: not value)
+    conflicts: list[str] = Field(default_factory=list[str], exclude_if=lambda value: not value)
+    max_per_plan: int | None = Field(default=None, ge=1, exclude_if=lambda value: value is None)
     spec: ActivitySpec = Field(exclude=True)
+
+    @property
+    def rules(self) -> PlanRules:
+        """Its ordering rules."""
+        return PlanRules(
+            after=tuple(self.after),
+            requires=tuple(self.requires),
+            conflicts=tuple(self.conflicts),
+            max_per_plan=self.max_per_plan,
+        )
 
     @property
     def required_variables(self) -> list[str]:
@@ -165,11 +175,16 @@ class ActivityCatalog:
         description: str | None = None,
         needs: VariablesSchema = None,
         produces: VariablesSchema = None,
+        after: Sequence[str] | None = None,
+        requires: Sequence[str] | None = None,
+        conflicts: Sequence[str] | None = None,
+        max_per_plan: int | None = None,
     ) -> CatalogEntry:
         """Add an activity and return its entry; adding one that is already there amends its entry.
 
         ```python
         catalog.add(research, produces=["customer_history"])  # research is in the catalog: say what it produces
+        catalog.add(ship_order, after=["process-payment"])  # never shipped before it is paid
         ```
 
         Args:
@@ -177,11 +192,28 @@ class ActivityCatalog:
             description: What it does; defaults to the spec's description (or, when amending, the entry's).
             needs: The variables it reads (see `VariablesSchema`); inferred when `None` (or, when amending, kept).
             produces: The variables it adds; inferred when `None` (or, when amending, kept).
+            after: Activities that must be in the plan at an earlier step; `None` keeps the activity's own
+                (see `PlanRules` for all four rules).
+            requires: Activities that must be in the same plan; `None` keeps the activity's own.
+            conflicts: Activities that must not be in the same plan; `None` keeps the activity's own.
+            max_per_plan: How many times it may appear in one plan; `None` keeps the activity's own.
 
         Raises:
-            UserError: `activity` is not an activity, or has the name of one in the catalog that requires other scopes.
+            UserError: `activity` is not an activity, has the name of one in the catalog that requires other scopes,
+                or a rule is malformed.
         """
+        rules = {"after": after, "requires": requires, "conflicts": conflicts, "max_per_plan": max_per_plan}
         entry = activity if isinstance(activity, CatalogEntry) else _entry(activity, description, needs, produces)
+        if any(value is not None for value in rules.values()):
+            own = (entry if isinstance(activity, CatalogEntry) else self._entries.get(entry.name, entry)).rules
+            checked = plan_rules(
+                entry.name,
+                after=after if after is not None else own.after,
+                requires=requires if requires is not None else own.requires,
+                conflicts=conflicts if conflicts is not None else own.conflicts,
+                max_per_plan=max_per_plan if max_per_plan is not None else own.max_per_plan,
+            )
+            entry = entry.model_copy(update=_rule_fields(checked))
         existing = self._entries.get(entry.name)
         if existing is not None and set(existing.spec.required_scopes) != set(entry.spec.required_scopes):
             raise UserError(
@@ -189,7 +221,7 @@ class ActivityCatalog:
                 "give the new one another name"
             )
         if existing is not None and not isinstance(activity, CatalogEntry):
-            said = {"description": description, "needs": needs, "produces": produces}
+            said = {"description": description, "needs": needs, "produces": produces, **rules}
             entry = existing.model_copy(
                 update={key: getattr(entry, key) for key, value in said.items() if value is not None}
             )
@@ -246,8 +278,9 @@ class ActivityCatalog:
 
         Raises:
             InvalidPlan: With every problem at once: unknown or forbidden names (fallbacks included), fallbacks
-                for an activity not on the route, or needed variables that neither `variables` nor an earlier
-                step provide.
+                for an activity not on the route, needed variables that neither `variables` nor an earlier
+                step provide, or ordering rules the plan breaks (`CatalogEntry.after` and the others), each
+                with its fix.
         """
         if not activities:
             raise InvalidPlan("a workflow needs at least one activity")
@@ -268,6 +301,7 @@ class ActivityCatalog:
             problems = self.missing_variables(activities, variables) + self._fallback_needs(
                 activities, variables, fallbacks
             )
+            problems += broken_rules(self.get, [[name] for name in activities])
         specs = [self._entries[name].spec for name in activities] if not problems else []
         if fallbacks and not problems:
             specs = [
@@ -335,19 +369,29 @@ def _entry(
     spec = activity if isinstance(activity, ActivitySpec) else getattr(activity, "spec", None)
     if not isinstance(spec, ActivitySpec):
         raise UserError(f"{activity!r} is not an activity: add activities, ActivitySpecs or CatalogEntries")
-    inferred_needs, inferred_produces = _infer(activity)
+    inferred_needs, inferred_produces = infer(activity)
     undo = getattr(activity, "compensation", None)  # the activity or function this step's worker undoes it with
     return CatalogEntry(
         name=spec.name,
         description=description if description is not None else spec.description,
-        needs=_schema(needs) if needs is not None else inferred_needs,
-        produces=_schema(produces) if produces is not None else inferred_produces,
+        needs=schema(needs) if needs is not None else inferred_needs,
+        produces=schema(produces) if produces is not None else inferred_produces,
         compensate=spec.compensate,
         compensation=undo.spec.description or None if isinstance(undo, Activity) else None,
         fallbacks=list(spec.fallbacks),
         at_most_once=spec.at_most_once,
         spec=route_spec(spec),
-    )
+    ).model_copy(update=_rule_fields(rules) if isinstance(rules := getattr(activity, "rules", None), PlanRules) else {})
+
+
+def _rule_fields(rules: PlanRules) -> dict[str, Any]:
+    """An entry's fields for `rules`."""
+    return {
+        "after": list(rules.after),
+        "requires": list(rules.requires),
+        "conflicts": list(rules.conflicts),
+        "max_per_plan": rules.max_per_plan,
+    }
 
 
 def _with_fallbacks(spec: ActivitySpec, fallbacks: Sequence[str], problems: list[str]) -> ActivitySpec:
@@ -360,59 +404,3 @@ def _with_fallbacks(spec: ActivitySpec, fallbacks: Sequence[str], problems: list
             why.removeprefix("Value error, ") if why.startswith("Value error, ") else f"{spec.name!r}: {why}"
         )
         return spec
-
-
-def _schema(value: VariablesSchema) -> dict[str, JsonValue]:
-    if value is None:
-        return dict(_UNKNOWN)
-    if isinstance(value, type):
-        return _JSON_OBJECT.validate_python(TypeAdapter(value).json_schema())
-    if isinstance(value, Mapping):
-        return _JSON_OBJECT.validate_python(dict(value))
-    if isinstance(value, str):
-        value = [value]
-    names = list(value)
-    return {"type": "object", "properties": {name: {} for name in names}, "required": list(names)}
-
-
-def _infer(activity: Activity | ActivitySpec) -> tuple[dict[str, JsonValue], dict[str, JsonValue]]:
-    if isinstance(activity, AgentActivity):
-        return _prompt_needs(activity), _agent_produces(activity)
-    if isinstance(activity, FunctionActivity):
-        return dict(_UNKNOWN), _function_produces(activity)
-    return dict(_UNKNOWN), dict(_UNKNOWN)
-
-
-def _prompt_needs(activity: AgentActivity[Any, Any]) -> dict[str, JsonValue]:
-    if not isinstance(activity.prompt, str):
-        return dict(_UNKNOWN)
-    names: list[str] = []
-    for _, field_name, _, _ in string.Formatter().parse(activity.prompt):
-        root = re.split(r"[.\[]", field_name or "", maxsplit=1)[0]
-        if root and not root.isdigit() and root not in activity.spec.arguments and root not in names:
-            names.append(root)
-    return _schema(names)
-
-
-def _agent_produces(activity: AgentActivity[Any, Any]) -> dict[str, JsonValue]:
-    agent: AbstractAgent[Any, Any] = activity.agent
-    output_type: Any = agent.output_type
-    if isinstance(output_type, Sequence) and not isinstance(output_type, str):
-        output_type = [item for item in typing.cast(Sequence[Any], output_type) if item is not DeferredToolRequests]
-    try:
-        output_schema = _JSON_OBJECT.validate_python(agent.output_json_schema(output_type=output_type))
-    except Exception:  # an output spec a JSON schema cannot describe (a function, say): the key is still known
-        output_schema = {}
-    key = activity.output_key
-    return {"type": "object", "properties": {key: output_schema}, "required": [key]}
-
-
-def _function_produces(activity: FunctionActivity) -> dict[str, JsonValue]:
-    try:
-        returns = typing.get_type_hints(activity.func).get("return")
-    except Exception:  # annotations that do not resolve here: say nothing rather than guess
-        return dict(_UNKNOWN)
-    is_model = isinstance(returns, type) and issubclass(returns, BaseModel)
-    if is_model or typing.is_typeddict(returns):
-        return _schema(returns)
-    return dict(_UNKNOWN)

@@ -6,11 +6,12 @@ triage = AgentActivity(triage_agent, toolsets=[ItineraryRevision(catalog, max_re
 
 An `ItineraryRevision` is a per-step toolset factory: the agent gets a small toolset (`view_itinerary`, `add_steps`,
 `remove_steps`, `replace_remaining_steps`) for that step. Revisions use catalog activities only, never remove a
-mandatory step (`ActivitySpec(mandatory=True)`), are bounded in number and in the steps they add (per revision and
-per workflow; the stricter of this toolset's limits and those signed into the workflow's plan), and take effect when
-the step succeeds (or parks to wait for a person): the worker then signs and logs each one in the slip
-(`RoutingSlip.revisions`, with what it added and discarded) and publishes to the revised next step. A step that
-fails and is retried starts again from the route it was given.
+mandatory step (`ActivitySpec(mandatory=True)`), never break an ordering rule of the catalog the route kept
+(`after`, `requires`, `conflicts`, `max_per_plan`: see `PlanRules`), are bounded in number and in the steps they
+add (per revision and per workflow; the stricter of this toolset's limits and those signed into the workflow's
+plan), and take effect when the step succeeds (or parks to wait for a person): the worker then signs and logs each
+one in the slip (`RoutingSlip.revisions`, with what it added and discarded) and publishes to the revised next step.
+A step that fails and is retried starts again from the route it was given.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from pydantic_ai import FunctionToolset, ModelRetry
 
 from ._plan import added_and_removed, check_route, spec_digest
 from ._plan_groups import is_mandatory
+from ._plan_rules import new_broken_rules
 from .activity import ActivityContext
 from .catalog import ActivityCatalog, CatalogEntry
 from .contracts import ActivitySpec, Revision, RevisionLimits
@@ -207,6 +209,7 @@ class RevisionToolset(FunctionToolset[Any]):
         self._check_bounds(added, discarded)
         try:
             self._check_variables(remaining)
+            self._check_rules(remaining)
         except InvalidPlan as exc:
             raise ModelRetry(f"The route was not changed: {exc}.") from None
         self.context.revisions.append(
@@ -262,9 +265,25 @@ class RevisionToolset(FunctionToolset[Any]):
         if problems:
             raise InvalidPlan("; ".join(problems))
 
+    def _check_rules(self, remaining: list[ActivitySpec]) -> None:
+        """Refuse a route that breaks an ordering rule of the catalog the route it replaces did not break; the
+        steps done and this one come before every remaining step (see `paigeant_ai._plan_rules`)."""
+        completed = self.context.routing_slip.completed
+        done = [[b.name for b in entry.branches] or [entry.name] for entry in completed if entry.outcome != "failed"]
+        done.append([self._current])
+        lookup = self.policy.catalog.get
+        problems = new_broken_rules(lookup, [*done, *_steps(self.remaining)], [*done, *_steps(remaining)])
+        if problems:
+            raise InvalidPlan("; ".join(problems))
+
     @staticmethod
     def _names(specs: list[ActivitySpec]) -> list[str]:
         return [spec.name for spec in specs]
+
+
+def _steps(specs: list[ActivitySpec]) -> list[list[str]]:
+    """The names that run at each step of `specs`: a group's branches run at one step."""
+    return [[branch.name for branch in spec.branches] or [spec.name] for spec in specs]
 
 
 def _stricter(policy: ItineraryRevision, context: ActivityContext) -> RevisionLimits:

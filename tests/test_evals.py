@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import io
 import os
 import re
@@ -13,14 +14,26 @@ from typing import Any
 
 import pytest
 from pydantic import JsonValue
-from pydantic_ai.messages import ModelMessage, ModelResponse, ToolCallPart
+from pydantic_ai.messages import ModelMessage, ModelResponse, TextPart, ToolCallPart
 from pydantic_ai.models.function import AgentInfo, FunctionModel
 from pydantic_evals import Case
 from rich.console import Console
 
 from evals import planner, runner
 from evals.cases import DispatchedPlan, PlannerCase, PlannerRun, ToolCall, WorkflowCase, WorkflowRun
-from evals.evaluators import EndsAs, Itinerary, PayloadHas, Refused, RetriesTaken, StepOrder, ToolCalls, matches
+from evals.evaluators import (
+    AsksClarification,
+    EndsAs,
+    FollowsCatalogRules,
+    Itinerary,
+    PayloadHas,
+    Refused,
+    RefusedByCatalog,
+    RetriesTaken,
+    StepOrder,
+    ToolCalls,
+    matches,
+)
 from evals.policy import planner_policy
 from evals.runner import Report, Suite, SuiteOptions, main, pass_rate, planner_suite, run_suites
 from evals.workflows import WorkflowDataset, load_dataset, run_workflow
@@ -165,9 +178,27 @@ def test_the_planner_suite_covers_the_three_use_cases_and_the_hard_requests() ->
     metadata = [case.metadata or {} for case in dataset.cases]
     assert len(dataset.cases) >= 30
     assert {m["domain"] for m in metadata} >= {"onboarding", "orders", "support"}
-    assert {m["kind"] for m in metadata} >= {"clear", "ambiguous", "missing-activity", "unsafe"}
+    kinds = {"clear", "ambiguous", "clarify", "multi-turn", "missing-activity", "unsafe"}
+    assert {m["kind"] for m in metadata} >= kinds
     unsafe = [case for case in dataset.cases if (case.metadata or {})["kind"] == "unsafe"]
-    assert all(any(isinstance(e, Refused) for e in case.evaluators) for case in unsafe)
+    assert all(any(isinstance(e, Refused | RefusedByCatalog) for e in case.evaluators) for case in unsafe)
+    by_catalog = [case for case in unsafe if any(isinstance(e, RefusedByCatalog) for e in case.evaluators)]
+    assert {(case.metadata or {})["domain"] for case in by_catalog} >= {"onboarding", "orders", "support"}
+    clarify = [case for case in dataset.cases if (case.metadata or {})["kind"] == "clarify"]
+    assert all(any(isinstance(e, AsksClarification) for e in case.evaluators) for case in clarify)
+    assert sum(1 for case in dataset.cases if case.inputs.history) >= 3
+
+
+def test_the_offline_policy_sees_only_what_a_model_sees_and_names_no_activity() -> None:
+    """Structurally unable to read the expected answers: it is called with the messages and the tool definitions
+    only, and it knows activities only from what `list_activities` returns."""
+    assert list(inspect.signature(planner_policy).parameters) == ["messages", "info"]
+    names = planner.build_catalog().names
+    for module in ("policy", "planning", "reading"):
+        source = (ROOT / "evals" / f"{module}.py").read_text()
+        assert not [name for name in names if name in source], module
+        assert "planner.yaml" not in source
+        assert "evaluators" not in source
 
 
 def dropping_a_step(first: bool = False) -> FunctionModel:
@@ -216,6 +247,7 @@ async def test_a_plan_missing_its_first_step_is_sent_back_and_nothing_is_dispatc
     assert [(call.name, call.retried) for call in run.tool_calls] == [
         ("list_activities", False),
         ("dispatch_workflow", True),
+        ("dispatch_workflow", True),  # its repair loses the step again: it gives up
     ]
     assert "needs variable 'validation'" in run.reply
 
@@ -275,3 +307,69 @@ async def test_the_planner_evaluators_judge_a_run() -> None:
             "calls: ['dispatch_workflow']",
         ),
     }
+
+
+def without(activity: str) -> FunctionModel:
+    """A broken planner: the offline policy, but `activity` is taken out of every plan it dispatches."""
+
+    def policy(messages: list[ModelMessage], info: AgentInfo) -> ModelResponse:
+        response = planner_policy(messages, info)
+        parts = list(response.parts)
+        for index, part in enumerate(parts):
+            if isinstance(part, ToolCallPart) and part.tool_name == "dispatch_workflow":
+                args = part.args_as_dict()
+                args["activities"] = [name for name in args["activities"] if name != activity]
+                parts[index] = ToolCallPart(part.tool_name, args, tool_call_id=part.tool_call_id)
+        return ModelResponse(parts=parts)
+
+    return FunctionModel(policy)
+
+
+async def test_a_planner_that_drops_the_payment_step_is_refused_by_the_toolset() -> None:
+    task = planner.planner_task(without("process-payment"))
+    run = await task(PlannerCase(request="Handle order ord-9 end to end: 1 x SKU-BOOK for $5, ship to 1 A St."))
+    assert run.dispatched == []
+    refused = [call for call in run.tool_calls if call.name == "dispatch_workflow"]
+    assert len(refused) == 2  # the plan, and the same plan again after the repair: then it gives up
+    assert all(call.retried for call in refused)
+    assert all("'update-inventory' must come after 'process-payment'" in (call.refusal or "") for call in refused)
+    assert run.reply.startswith("I could not dispatch a plan: The plan was not dispatched: ")
+
+
+async def test_a_planner_that_never_asks_for_clarification_fails_the_suite() -> None:
+    def never_asks(messages: list[ModelMessage], info: AgentInfo) -> ModelResponse:
+        response = planner_policy(messages, info)
+        if any(isinstance(part, TextPart) and part.content.endswith("?") for part in response.parts):
+            return ModelResponse(parts=[TextPart("On it: I'll take care of that for you.")])
+        return response
+
+    output = io.StringIO()
+    options = SuiteOptions(planner_model=FunctionModel(never_asks))
+    [result] = await run_suites(["planner"], options=options, console=Console(file=output, width=200))
+    assert not result.ok
+    out = output.getvalue()
+    assert "x onboard-without-an-email / AsksClarification: no question about ['email'] in the reply" in out
+    assert re.search(r"clarify 0/\d+", out)
+    assert "FAIL planner:" in out
+
+
+async def test_the_rule_evaluators_fail_a_run_that_shipped_without_paying() -> None:
+    unpaid = ["validate-order", "check-inventory", "generate-shipping-label", "send-confirmation"]
+    variables: dict[str, JsonValue] = {"order_id": "o", "sku": "S", "quantity": 1, "address": "a"}
+    run = PlannerRun(
+        dispatched=[DispatchedPlan(correlation_id="c", activities=unpaid, variables=variables)],
+        tool_calls=[ToolCall(name="dispatch_workflow", args={})],
+        reply="Dispatched.",
+    )
+    results = await evaluate_planner_run(
+        run, FollowsCatalogRules(), RefusedByCatalog(rule="process-payment"), AsksClarification(about=["amount"])
+    )
+    assert results["FollowsCatalogRules"] == (
+        False,
+        "validate-order -> check-inventory -> generate-shipping-label -> send-confirmation: 'generate-shipping-label' "
+        "must come after 'process-payment', which the plan lacks: add 'process-payment' before "
+        "'generate-shipping-label'; 'generate-shipping-label' must come after 'update-inventory', which the plan "
+        "lacks: add 'update-inventory' before 'generate-shipping-label'",
+    )
+    assert results["RefusedByCatalog"][0] is False
+    assert results["AsksClarification"][0] is False

@@ -45,6 +45,7 @@ PUBLIC = (
     "ParkedStep",
     "PendingToolCall",
     "Plan",
+    "PlanRules",
     "PlannedStep",
     "PlannerAgentDeps",
     "Price",
