@@ -65,6 +65,7 @@ PUBLIC = (
     "Transport",
     "TransportError",
     "TrustPolicy",
+    "UnknownTransport",
     "UnknownWorkflow",
     "Unwinding",
     "Usage",
