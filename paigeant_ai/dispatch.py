@@ -205,7 +205,7 @@ class WorkflowDispatcher:
             await self.routes.connect()
             if require_workers:
                 await self._require_workers(message.routing_slip.itinerary)
-            await self.live_workers.require(self._on_own_transport(message.routing_slip.itinerary))
+            await self.live_workers.require(message.routing_slip.itinerary)  # workers post on their home's registry
             with observability.dispatch_span(message, self.transport.name):
                 for first in first_branches(message, branch_hops(message)) if fans_out(message) else [message]:
                     body = self.encode(first)
@@ -305,10 +305,6 @@ class WorkflowDispatcher:
         route names (see `paigeant_ai._dispatch_checks.require_workers`), each on the transport its step lives on."""
         for transport, specs in self.routes.placed(itinerary):
             await require_workers(transport, specs)
-
-    def _on_own_transport(self, itinerary: Sequence[ActivitySpec]) -> list[ActivitySpec]:
-        """The steps that live on the dispatcher's transport, whose registry it reads."""
-        return next((specs for transport, specs in self.routes.placed(itinerary) if transport is self.transport), [])
 
     async def waiting(self) -> list[ParkedStep]:
         """Every parked workflow whose record verifies, oldest first: what an approver may review.

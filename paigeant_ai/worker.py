@@ -169,6 +169,8 @@ class Worker:
             self.security,
             concurrency=self.concurrency,
             interval=settings.registry_heartbeat if registry_heartbeat is None else registry_heartbeat,
+            home=self.routes.home,
+            address=self.routes.own_name,
         )
         """Posts this worker's record on the transport's registry (see `paigeant_ai._advertiser`)."""
         self._versions: dict[str, str | None] = {}  # by activity name, see `_version_of`

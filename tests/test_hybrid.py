@@ -284,3 +284,63 @@ async def test_a_failure_on_redis_undoes_the_in_memory_step_there_after_its_retr
     assert attempts == [0, 1]
     assert undone == [cid]
     assert "faulted" in [event.kind for event in events]
+
+
+async def test_a_fallback_runs_on_its_steps_transport_and_a_dead_letter_stays_where_its_step_failed(
+    places: dict[str, Transport],
+) -> None:
+    @activity(name="hybrid-bill")
+    async def declined(ctx: ActivityContext) -> None:
+        raise NonRetryableError("card declined")
+
+    @activity(name="hybrid-bill-by-invoice")
+    async def invoice(ctx: ActivityContext) -> dict[str, bool]:
+        return {"invoiced": True}
+
+    @activity(name="hybrid-ship")
+    async def lost(ctx: ActivityContext) -> None:
+        raise NonRetryableError("no such address")
+
+    faulted, events, record = _on("faulted")
+    dispatcher = WorkflowDispatcher(places["local"], transports=places)
+    route = [
+        ActivitySpec(name="hybrid-bill", transport="store", fallbacks=("hybrid-bill-by-invoice",)),
+        ActivitySpec(name="hybrid-ship", transport="ship"),
+    ]
+    await dispatcher.dispatch_workflow(route)
+    async with (
+        Worker(places["store"], [declined, invoice], transports=places, home="local", on_event=record),
+        Worker(places["ship"], [lost], transports=places, home="local", on_event=record),
+    ):
+        await asyncio.wait_for(faulted.wait(), 30)
+    assert [(event.kind, event.activity) for event in events if event.kind == "step_completed"] == [
+        ("step_completed", "hybrid-bill-by-invoice")
+    ]
+    [letter] = await dead_letters(places["ship"])
+    assert "no such address" in letter.headers["x-paigeant-reason"]
+    assert await dead_letters(places["store"]) == []
+    assert await dead_letters(places["local"]) == []
+
+
+def test_named_transports_come_from_the_settings(monkeypatch: pytest.MonkeyPatch) -> None:
+    from paigeant_ai._routes import Routes
+
+    monkeypatch.setenv("PAIGEANT_TRANSPORTS", f"store={REDIS_URL}; ship=amqp://guest:guest@127.0.0.1:5672/")
+    monkeypatch.setenv("PAIGEANT_HOME_TRANSPORT", "store")
+    monkeypatch.setenv("PAIGEANT_NAMESPACE", "paigeant-test-unused")  # nothing is connected
+    assert Routes(make_transport("redis", "paigeant-test-other")).own_name is None  # another namespace: not `store`
+    own = make_transport("redis", "paigeant-test-unused")
+    routes = Routes(own)
+    assert routes.own_name == "store"
+    assert routes.home is own
+    assert routes.resolve("ship").name == "rabbitmq"
+    assert routes.resolve("amqp://127.0.0.1:5672") is routes.resolve("ship")  # its URL, without the credentials
+    monkeypatch.setenv("PAIGEANT_HOME_TRANSPORT", "elsewhere")
+    with pytest.raises(UserError, match="home transport 'elsewhere' is not one of the named transports"):
+        Routes(own)
+    monkeypatch.setenv("PAIGEANT_TRANSPORTS", "store")
+    with pytest.raises(UserError, match="is not name=url"):
+        Routes(own)
+    monkeypatch.setenv("PAIGEANT_TRANSPORTS", "store=http://127.0.0.1/")
+    with pytest.raises(UserError, match="use redis://, rediss://, unix://, amqp://, amqps:// or sqlite:///path"):
+        Routes(own)

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from paigeant_ai import WatchedEvent, WorkflowDispatcher, get_transport
+from paigeant_ai import WatchedEvent, WorkflowDispatcher, get_transport, read_registry
 from paigeant_ai.contracts import DEAD_LETTER, EVENTS
 from paigeant_ai.security import MessageSigner, generate_key
 
@@ -32,6 +32,7 @@ from .brokers import (
     require_rabbitmq,
     require_redis,
     wait_until,
+    wait_until_advertised,
 )
 from .hybrid_workers import FIRST, LAST, MIDDLE, ROUTE
 from .workflows_for_crash import completed, read_records
@@ -84,7 +85,14 @@ async def test_redis_rabbitmq_redis_workflows_survive_a_kill_9_of_the_middle_wor
         await workers.start("first_worker")
         doomed = await workers.start("middle_worker")
         await workers.start("last_worker")
-        ids = [await dispatcher.dispatch_workflow(ROUTE, {"n": n}) for n in range(WORKFLOWS)]
+        # Every worker advertises on the home transport too, its specs naming its own transport.
+        await wait_until_advertised(dispatcher, [FIRST, MIDDLE, LAST], within=90)
+        registry = await read_registry(redis, dispatcher.security)
+        assert registry is not None
+        advertised = {entry.name: entry.spec for entry in registry.entries()}
+        route = [advertised[name] for name in (FIRST, MIDDLE, LAST)]  # as a planner builds it from its catalog
+        assert route == ROUTE
+        ids = [await dispatcher.dispatch_workflow(route, {"n": n}) for n in range(WORKFLOWS)]
         await wait_until(lambda: len(_middle_runs(records)) >= 6, within=60, what="the middle worker to run steps")
         doomed.kill()  # SIGKILL: its unacked steps go back to RabbitMQ
         await doomed.wait()
