@@ -344,3 +344,41 @@ def test_named_transports_come_from_the_settings(monkeypatch: pytest.MonkeyPatch
     monkeypatch.setenv("PAIGEANT_TRANSPORTS", "store=http://127.0.0.1/")
     with pytest.raises(UserError, match="use redis://, rediss://, unix://, amqp://, amqps:// or sqlite:///path"):
         Routes(own)
+
+
+async def test_a_parallel_group_runs_where_its_predecessor_ran_and_is_undone_there(
+    places: dict[str, Transport],
+) -> None:
+    """The group after a Redis step runs on Redis (its join store is there), the step after it on RabbitMQ; when
+    that one fails, each branch's compensation goes back to Redis, where the branches ran."""
+    undone: list[str] = []
+
+    @activity(name="hybrid-unreserve")
+    async def unreserve(ctx: ActivityContext) -> None:
+        undone.append(ctx.message.routing_slip.undoing.activity if ctx.message.routing_slip.undoing else "?")
+
+    def branch(name: str) -> Any:
+        @activity(name=name, compensate=unreserve)
+        async def reserve(ctx: ActivityContext) -> dict[str, str]:
+            return {"reserved": name}
+
+        return reserve
+
+    shelf, truck = branch("hybrid-shelf"), branch("hybrid-truck")
+
+    @activity(name="hybrid-ship")
+    async def lost(ctx: ActivityContext) -> None:
+        raise NonRetryableError("no such address")
+
+    compensated, events, record = _on("compensated")
+    dispatcher = WorkflowDispatcher(places["local"], transports=places)
+    await dispatcher.dispatch_workflow(
+        [ROUTE[1], Parallel(shelf, truck), ActivitySpec(name="hybrid-ship", transport="ship")], {"traces": []}
+    )
+    async with (
+        Worker(places["store"], [bill, shelf, truck], transports=places, home="local", on_event=record),
+        Worker(places["ship"], [lost], transports=places, home="local", on_event=record),
+    ):
+        await asyncio.wait_for(compensated.wait(), 30)
+    assert sorted(undone) == ["hybrid-shelf", "hybrid-truck"]
+    assert "faulted" in [event.kind for event in events]
