@@ -114,6 +114,8 @@ async def test_redis_rabbitmq_redis_workflows_survive_a_kill_9_of_the_middle_wor
         kinds = [(seen.event.kind, seen.event.activity) async for seen in _until_completed(dispatcher, ids[-1])]
         assert ("step_completed", MIDDLE) in kinds
         assert kinds[-1] == ("completed", LAST)
+        banner = workers.log_of("middle_worker", 1).read_text()
+        assert "transports   ship (rabbitmq), store (redis); this one is ship, home store" in banner
         report(
             capsys,
             f"hybrid Redis -> RabbitMQ -> Redis: {WORKFLOWS} workflows completed; middle worker killed after "
