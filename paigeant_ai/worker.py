@@ -81,8 +81,8 @@ class Worker:
         allow_unsigned: With no keys configured, run without signatures instead of refusing to start on a real
             broker (`PAIGEANT_ALLOW_UNSIGNED=1`). Anyone who can publish to the broker can then forge steps.
         on_event: Called (sync or async) with every `WorkflowEvent` this worker produces.
-        publish_events: Also publish every event on the transport's `events` address (capped by each
-            transport), where a `WorkflowProjector` in any process can feed them to a `WorkflowStore`.
+        publish_events: Also publish every event on the `events` address of its home transport (see `home`;
+            capped by each transport), where a `WorkflowProjector` in any process can feed them to a `WorkflowStore`.
         shutdown_timeout: On stop, seconds in-flight steps get to finish before they are cancelled and
             left unacked for redelivery.
         rng: Source of retry jitter (seed it for reproducible tests).
