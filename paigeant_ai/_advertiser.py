@@ -19,7 +19,7 @@ from ._registry import MAX_HEARTBEAT, REGISTRY_RETENTION, AdvertisedActivity, Wo
 from ._versions import activity_version
 from ._wire import utcnow
 from .activity import Activity
-from .catalog import ActivityCatalog
+from .catalog import ActivityCatalog, CatalogEntry
 from .exceptions import UserError
 from .security import MessageSecurity
 from .transports.base import Advertising, RegistryBoard, Transport
@@ -38,6 +38,10 @@ class Advertiser:
         security: Signs the record with the worker's key.
         concurrency: How many steps the worker runs at once.
         interval: Seconds between two heartbeats.
+        home: The workflows' home transport, when it is another than `transport`: the record is posted there too,
+            so that a planner reading the home's registry sees every activity of every transport.
+        address: The name of the worker's transport, as steps name it: each advertised spec carries it, so that a
+            route built from the catalog sends each step to the transport of the workers that serve it.
     """
 
     def __init__(
@@ -48,12 +52,18 @@ class Advertiser:
         *,
         concurrency: int,
         interval: float,
+        home: Transport | None = None,
+        address: str | None = None,
     ) -> None:
         if not 0 < interval <= MAX_HEARTBEAT:
             raise UserError(
                 f"the registry heartbeat must be a positive number of seconds up to {MAX_HEARTBEAT:g}, not {interval!r}"
             )
-        self.board: RegistryBoard | None = transport.registry_board() if isinstance(transport, Advertising) else None
+        places = [transport] if home is None or home is transport else [transport, home]
+        self.boards: list[RegistryBoard] = [
+            place.registry_board() for place in places if isinstance(place, Advertising)
+        ]
+        self.address = address
         self.activities = activities
         self.security = security
         self.concurrency = concurrency
@@ -65,7 +75,7 @@ class Advertiser:
 
     async def start(self) -> None:
         """Post the record, then keep posting it every heartbeat in the background."""
-        if self.board is None:
+        if not self.boards:
             return
         await self._post_or_log()  # posting needs no open board: a worker never reads the registry
         self._task = asyncio.create_task(self._beat(), name="paigeant-registry-heartbeat")
@@ -73,7 +83,7 @@ class Advertiser:
     async def stop(self) -> None:
         """Stop the heartbeat and post the record once more, `stopped`: its activities are no longer served here."""
         task, self._task = self._task, None
-        if task is None or self.board is None:
+        if task is None or not self.boards:
             return
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
@@ -81,8 +91,9 @@ class Advertiser:
             await self._post(stopped=True)
         except Exception as exc:
             logger.warning("could not withdraw worker %s from the registry (%s); it lapses there", self.worker_id, exc)
-        with contextlib.suppress(Exception):
-            await self.board.close()
+        for board in self.boards:
+            with contextlib.suppress(Exception):
+                await board.close()
 
     async def _beat(self) -> None:
         while True:
@@ -96,7 +107,6 @@ class Advertiser:
             logger.warning("posting worker %s on the registry failed: %s", self.worker_id, exc)
 
     async def _post(self, *, stopped: bool) -> None:
-        assert self.board is not None
         record = WorkerRecord(
             worker_id=self.worker_id,
             host=self.host,
@@ -107,12 +117,20 @@ class Advertiser:
             stopped=stopped,
             activities=self._advertisements(),
         ).sign(self.security)
-        await self.board.post(self.worker_id, record.to_bytes(), ttl=REGISTRY_RETENTION)
+        for board in self.boards:
+            await board.post(self.worker_id, record.to_bytes(), ttl=REGISTRY_RETENTION)
 
     def _advertisements(self) -> list[AdvertisedActivity]:
         if self._advertised is None:  # made once: an agent's output schema is not free
             catalog = ActivityCatalog(self.activities.values())
             self._advertised = [
-                AdvertisedActivity.of(entry, activity_version(self.activities[entry.name])) for entry in catalog
+                AdvertisedActivity.of(self._addressed(entry), activity_version(self.activities[entry.name]))
+                for entry in catalog
             ]
         return self._advertised
+
+    def _addressed(self, entry: CatalogEntry) -> CatalogEntry:
+        """`entry`, its spec naming this worker's transport (if it has a name)."""
+        if self.address is None:
+            return entry
+        return entry.model_copy(update={"spec": entry.spec.model_copy(update={"transport": self.address})})

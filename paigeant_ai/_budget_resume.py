@@ -124,7 +124,8 @@ async def resume_with_budget(
     message.resume = None  # the step starts afresh
     message.budget_extensions = [*message.budget_extensions, extension]
     with observability.replay_span(message, dispatcher.transport.name, operation="resume"):
-        await dispatcher.transport.publish(parked.activity, dispatcher.encode(message), headers=dict(message.headers))
+        transport = dispatcher.routes.for_message(message)  # the step's own transport
+        await transport.publish(parked.activity, dispatcher.encode(message), headers=dict(message.headers))
         for sibling in resumed_wave(parked.message, message):  # a branch held back: the rest of the grant's wave
             address = sibling.routing_slip.current or ""
             await dispatcher.transport.publish(address, dispatcher.encode(sibling), headers=dict(sibling.headers))

@@ -146,7 +146,7 @@ def _ttl(message: PaigeantMessage) -> float:
     return max(left.total_seconds(), 60.0)
 
 
-def _result(hop: Hop, outcome: Advance) -> BranchResult:
+def _result(hop: Hop, outcome: Advance, ran_on: str | None) -> BranchResult:
     message = hop.message
     slip = message.routing_slip
     key = slip.branch
@@ -172,6 +172,7 @@ def _result(hop: Hop, outcome: Advance) -> BranchResult:
             idempotency_key=message.idempotency_key,
             output=outcome.update,
             branch=key,
+            transport=ran_on,
         )
     entries = [*(logged for logged in slip.completed if logged.branch == key), entry]
     return BranchResult(
@@ -196,7 +197,7 @@ async def complete_branch(hop: Hop, outcome: Advance, deps: SettleDeps) -> Joine
     assert joins is not None  # a branch's hop is refused by a worker without a join store
     message = hop.message
     group, group_id = _group_of(message)
-    result = _result(hop, outcome).sign(deps.security)
+    result = _result(hop, outcome, deps.routes.own_name).sign(deps.security)  # undone where it ran
     if message.resume is not None or message.budget_extensions:  # resumed: it may have held its group's wait
         await joins.release_wait(group_id, result.key)
     keep = _ttl(message) if message.expires_at is not None else 0.0

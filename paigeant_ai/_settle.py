@@ -44,11 +44,12 @@ from ._ledger import carry_usage, take_usage
 from ._long_steps import hand_over
 from ._outcome import Advance, End, Fault, Halt, Outcome, Park, Reject, Retry, Skip
 from ._plan import begin_unwinding, revise_route
+from ._routes import Routes, step_address
 from ._sealing import NonFiniteNumber, seal, too_large, unsigned_body
 from ._wire import FROM_WIRE
 from .approval import ParkedStep, WaitingStore
 from .contracts import DEAD_LETTER, ActivityLogEntry, Compensation, PaigeantMessage, RetryPolicy, Unwinding
-from .exceptions import MessageTooLarge, ParkWorkflow, SecurityError
+from .exceptions import MessageTooLarge, ParkWorkflow, SecurityError, UnknownTransport
 from .security import MessageSecurity
 from .transports.base import REASON_HEADER, SOURCE_HEADER, Delivery, Transport
 
@@ -118,6 +119,8 @@ class SettleDeps(Protocol):
     def max_message_bytes(self) -> int: ...
     @property
     def joins(self) -> JoinStore | None: ...
+    @property
+    def routes(self) -> Routes: ...
 
 
 async def settle(hop: Hop, outcome: Outcome, deps: SettleDeps) -> None:
@@ -169,6 +172,8 @@ async def _secure_successor(hop: Hop, outcome: Outcome, deps: SettleDeps) -> tup
                 return await _secure_successor(hop, Fault(str(exc)), deps)
             except SecurityError as exc:  # revisions this worker may not sign, or past the plan's limits
                 return await _secure_successor(hop, Fault(str(exc)), deps)
+            except UnknownTransport as exc:  # the next step lives on a transport this worker does not know
+                return await _secure_successor(hop, Fault(str(exc), fallback=False), deps)
         case Park():
             store = deps.waiting_store
             if store is None:
@@ -284,13 +289,15 @@ async def _publish_hop(message: PaigeantMessage, deps: SettleDeps) -> None:
         await fan_out(message, deps)
         return
     hop = message.next_hop()
+    transport = deps.routes.for_message(hop)  # the next step's own transport, confirmed there before the ack here
     body = seal(hop, deps.security, max_bytes=deps.max_message_bytes)
-    await deps.transport.publish(hop.routing_slip.current or "", body, headers=dict(hop.headers))
+    await transport.publish(hop.routing_slip.current or "", body, headers=dict(hop.headers))
 
 
 async def _complete_step(hop: Hop, outcome: Advance | End, deps: SettleDeps) -> None:
     """Log the step in the slip and send on what follows it; report it, and remember it as done."""
     message, key = hop.message, hop.message.idempotency_key  # the key of this step, before the slip moves on
+    ran_on = deps.routes.own_name or step_address(message.routing_slip)  # where its compensation goes
     keys = list(outcome.update)
     if isinstance(outcome, End) and message.routing_slip.unwinding is None:  # a compensation cannot end the undoing
         message.payload.update(outcome.update)
@@ -320,6 +327,7 @@ async def _complete_step(hop: Hop, outcome: Advance | End, deps: SettleDeps) -> 
                     compensate=hop.spec.compensate,
                     idempotency_key=key,
                     output=outcome.update,
+                    transport=ran_on,
                 )
             )
         await _publish_next(message, deps)

@@ -260,6 +260,10 @@ def worker_banner(worker: Worker, target: str, slot: ChildSlot | None = None) ->
         f"  concurrency  {worker.concurrency}",
         f"  signing key  {_signing_key(worker)}",
     ]
+    if worker.routes.hybrid:  # steps on other transports: where their hops go, and where events do
+        named = ", ".join(f"{name} ({t.name})" for name, t in sorted(worker.routes.named.items()))
+        home = next((name for name, t in worker.routes.named.items() if t is worker.routes.home), "its own")
+        lines.append(f"  transports   {named}; this one is {worker.routes.own_name or 'unnamed'}, home {home}")
     if slot is not None:
         worker_id = worker.advertiser.worker_id
         lines.append(f"  process      {slot.index} of {slot.count}, pid {os.getpid()}, registry id {worker_id}")

@@ -15,6 +15,7 @@ from typing import Annotated, Any, Literal, Self
 from pydantic import AwareDatetime, ConfigDict, Field, JsonValue, ValidationError, model_validator
 from pydantic_core import from_json, to_json
 
+from ._addresses import check_transport_address
 from ._json_values import check_finite
 from ._model_settings import StepModelSettings, StepUsageLimits
 from ._usage import Usage, sum_usage
@@ -69,6 +70,8 @@ MAX_FALLBACKS = 8
 """Fallbacks one step may name."""
 
 ActivityName = Annotated[str, Field(min_length=1, max_length=200, pattern=r"^[A-Za-z0-9][A-Za-z0-9._:-]*$")]
+TransportAddress = Annotated[str, Field(min_length=1, max_length=500)]
+"""Where a step lives: the name of a configured transport (`billing`), or its URL without credentials."""
 
 
 class ActivitySpec(Wire):
@@ -116,9 +119,15 @@ class ActivitySpec(Wire):
     version: str | None = Field(default=None, min_length=1, max_length=200, exclude_if=lambda value: value is None)
     """The versions of the activity that may run the step, a PEP 440 range (`"~=2.1"`, `">=2,<3"`): a worker whose
     version is outside it hands the step back for one that fits (see `paigeant_ai._versions`)."""
+    transport: TransportAddress | None = Field(default=None, exclude_if=lambda value: value is None)
+    """The transport the step lives on: the name of one its workers and dispatcher are configured with
+    (`PAIGEANT_TRANSPORTS`), or that transport's URL without credentials; `None` keeps it on the transport the
+    workflow is on when it gets there. It only ever selects among configured transports (see `docs/deployment.md`)."""
 
     @model_validator(mode="after")
     def _not_reserved(self) -> Self:
+        if self.transport is not None:
+            check_transport_address(self.transport)
         if self.name in RESERVED_ADDRESSES:
             raise ValueError(f"{self.name!r} is reserved for paigeant's own queues; choose another activity name")
         others = [name for name in (self.compensate, *self.fallbacks) if name in RESERVED_ADDRESSES]
@@ -238,6 +247,8 @@ class Compensation(Wire):
     """For a branch of a parallel group (`step` is the group's index): the branch's key."""
     usage: list[Usage] = Field(default_factory=list[Usage], exclude_if=_is_empty)
     """What its compensation used, one `Usage` per model, once it ran."""
+    transport: TransportAddress | None = Field(default=None, exclude_if=lambda value: value is None)
+    """The transport the step ran on, where its compensation runs; `None`: the one the workflow is on then."""
 
 
 UnwindCause = Literal["faulted", "cancelled", "expired"]

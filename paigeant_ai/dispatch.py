@@ -35,6 +35,7 @@ from ._parallel import Parallel, refuse_shadowed_keys
 from ._plan import new_plan, signer_of, token_subject
 from ._principal import principal_of
 from ._resume_checks import check_before_resume
+from ._routes import Routes
 from ._sealing import seal
 from ._watch import WatchedEvent, watch_workflow
 from .activity import Activity
@@ -93,6 +94,9 @@ class WorkflowDispatcher:
         require_live_workers: Refuse a workflow naming an activity that no live worker serves, by the transport's
             registry (see `docs/registry.md`): `None` (the default) once the registry shows any live worker,
             `True` always (the transport must keep a registry), `False` never.
+        transports: The transports, by name, that the steps of its workflows may live on (`ActivitySpec.transport`);
+            defaults to `PAIGEANT_TRANSPORTS`. A step naming another is refused at dispatch; a cancel is posted on
+            every one of them. See `docs/deployment.md`.
     """
 
     def __init__(
@@ -109,6 +113,7 @@ class WorkflowDispatcher:
         claims: SharedClaims | None = None,
         revision_limits: RevisionLimits | None = None,
         require_live_workers: bool | None = None,
+        transports: Mapping[str, Transport] | None = None,
     ) -> None:
         if require_live_workers and not isinstance(transport, Advertising):
             raise UserError(
@@ -116,6 +121,8 @@ class WorkflowDispatcher:
                 "leave require_live_workers at None or False"
             )
         self.transport = transport
+        self.routes = Routes(transport, transports)
+        """Where each workflow's first hop, resumes and cancels go (see `paigeant_ai._routes`)."""
         self.revision_limits = revision_limits
         self.claims = claims if claims is not None else transport if isinstance(transport, SharedClaims) else None
         self._dispatched: OrderedDict[str, str] = OrderedDict()  # correlation ID -> fingerprint, latest last
@@ -195,13 +202,15 @@ class WorkflowDispatcher:
         # Ours now, or claimed by a dispatch of the same workflow that may not have got through (it failed, or is
         # still sending): send it (again). Its first hop has the same message ID, so a worker runs it once.
         try:
+            await self.routes.connect()
             if require_workers:
                 await self._require_workers(message.routing_slip.itinerary)
-            await self.live_workers.require(message.routing_slip.itinerary)
+            await self.live_workers.require(message.routing_slip.itinerary)  # workers post on their home's registry
             with observability.dispatch_span(message, self.transport.name):
                 for first in first_branches(message, branch_hops(message)) if fans_out(message) else [message]:
                     body = self.encode(first)
-                    await self.transport.publish(first.routing_slip.current or "", body, headers=dict(first.headers))
+                    transport = self.routes.for_message(first)
+                    await transport.publish(first.routing_slip.current or "", body, headers=dict(first.headers))
         except BaseException:
             if fingerprint is not None and held is None:
                 await self._release(message.correlation_id, fingerprint)  # so that a corrected retry is not refused
@@ -220,6 +229,7 @@ class WorkflowDispatcher:
     ) -> PaigeantMessage:
         """The first message of a workflow, every argument checked, each mistake told in one sentence."""
         specs = specs_of(activities)
+        self.routes.check_route(specs)
         refuse_groups_without_join(self.transport, specs)
         refuse_shadowed_keys(specs, variables_of(variables))
         if correlation_id is not None and (not isinstance(correlation_id, str) or not correlation_id):
@@ -292,8 +302,9 @@ class WorkflowDispatcher:
 
     async def _require_workers(self, itinerary: Sequence[ActivitySpec]) -> None:
         """Raise `NoWorker` unless something consumes the first step now, and every fallback and compensation the
-        route names (see `paigeant_ai._dispatch_checks.require_workers`)."""
-        await require_workers(self.transport, itinerary)
+        route names (see `paigeant_ai._dispatch_checks.require_workers`), each on the transport its step lives on."""
+        for transport, specs in self.routes.placed(itinerary):
+            await require_workers(transport, specs)
 
     async def waiting(self) -> list[ParkedStep]:
         """Every parked workflow whose record verifies, oldest first: what an approver may review.
@@ -409,7 +420,9 @@ class WorkflowDispatcher:
         signed = sign_approvals(parked, answers, self.security, approver=approver, approver_token=approver_token)
         message = parked.resume_message(answers, [item.model_dump(mode="json") for item in signed], obo_token=obo_token)
         with observability.replay_span(message, self.transport.name, operation="resume"):
-            await self.transport.publish(parked.activity, self.encode(message), headers=dict(message.headers))
+            await self.routes.connect()
+            transport = self.routes.for_message(message)
+            await transport.publish(parked.activity, self.encode(message), headers=dict(message.headers))
         # The record stays parked until a worker has checked and claimed the resume (`_resume_checks`).
         audit = describe([(item.approval, attested(item)) for item in signed])
         others = sorted(answers.calls)
@@ -470,12 +483,8 @@ class WorkflowDispatcher:
                     correlation_id=correlation_id,
                 )
         request = self._cancel_request(correlation_id, reason, by, token)
-        board = self.transport.cancel_board() if isinstance(self.transport, Cancellations) else None
-        if board is None:
-            raise UserError(f"{self.transport.name} has no cancel board: workflows on it cannot be cancelled")
-        await board.open()
         ttl = min((self.ttl or CLAIM_TTL) + EXPIRY_GRACE.total_seconds(), CANCEL_TTL)
-        await board.post(correlation_id, request.to_bytes(), ttl=ttl)
+        await self._post_cancel(correlation_id, request.to_bytes(), ttl)
         await self.reporter.report(
             "cancel_requested", None, correlation_id=correlation_id, by=request.by, detail=reason or None
         )
@@ -495,6 +504,22 @@ class WorkflowDispatcher:
             f"workflow {correlation_id!r} will stop before its next step, and a step of it running now is interrupted"
         )
         return Cancellation(correlation_id, "requested", detail)
+
+    async def _post_cancel(self, correlation_id: str, record: bytes, ttl: float) -> None:
+        """Post the cancel on the board of every transport a step may live on, each confirmed: a worker reads its
+        own transport's board, so a cancel missing from one would let that transport's steps run on."""
+        if not isinstance(self.transport, Cancellations):
+            raise UserError(f"{self.transport.name} has no cancel board: workflows on it cannot be cancelled")
+        await self.routes.connect()
+        for transport in self.routes.transports():
+            if not isinstance(transport, Cancellations):
+                raise UserError(
+                    f"the {transport.name} transport has no cancel board: a workflow with steps on it could not be "
+                    "cancelled there; configure only transports with cancel boards in PAIGEANT_TRANSPORTS"
+                )
+            board = transport.cancel_board()
+            await board.open()
+            await board.post(correlation_id, record, ttl=ttl)
 
     def _cancel_request(self, correlation_id: str, reason: str, by: str | None, token: str | None) -> CancelRequest:
         request = sign_cancel(
@@ -534,7 +559,7 @@ class WorkflowDispatcher:
         if pending:
             with observability.replay_span(message, self.transport.name, operation="cancel"):
                 hop = message.next_hop()
-                await self.transport.publish(
+                await self.routes.for_message(hop).publish(
                     hop.routing_slip.current or "", self.encode(hop), headers=dict(hop.headers)
                 )
         detail = f"workflow {parked.correlation_id!r} waited at {step!r}; it was released" + (

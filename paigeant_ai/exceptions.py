@@ -28,6 +28,7 @@ __all__ = (
     "SecurityError",
     "TokenError",
     "TransportError",
+    "UnknownTransport",
     "UnknownWorkflow",
     "UserError",
     "WorkflowExists",
@@ -56,6 +57,18 @@ class WorkflowExists(UserError):
     def __init__(self, message: str, *, correlation_id: str) -> None:
         super().__init__(message)
         self.correlation_id = correlation_id
+
+
+class UnknownTransport(UserError):
+    """A step names a transport that the dispatcher or worker was not configured with (see `docs/deployment.md`).
+
+    Attributes:
+        address: What the step names.
+    """
+
+    def __init__(self, message: str, *, address: str) -> None:
+        super().__init__(message)
+        self.address = address
 
 
 class UnknownWorkflow(UserError):

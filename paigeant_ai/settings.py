@@ -110,6 +110,10 @@ class Settings:
             worker's death.
         registry_heartbeat: `PAIGEANT_REGISTRY_HEARTBEAT`, seconds between two posts of a worker's record on the
             registry (default 10); a worker not heard from for three of them no longer counts as serving anything.
+        transports: `PAIGEANT_TRANSPORTS`, the named transports a workflow's steps may live on, as
+            `billing=redis://host:6379/0;shipping=amqp://user:password@host/` (see `docs/deployment.md`).
+        home_transport: `PAIGEANT_HOME_TRANSPORT`, the name of the one among them where a worker publishes its
+            events; by default the transport it consumes from.
     """
 
     transport: str = "inmemory"
@@ -138,6 +142,8 @@ class Settings:
     rabbitmq_consumer_timeout: float = 1800.0
     step_lease: float = 60.0
     registry_heartbeat: float = 10.0
+    transports: str | None = None
+    home_transport: str | None = None
 
     @classmethod
     def from_env(cls) -> Settings:
@@ -173,4 +179,6 @@ class Settings:
             ),
             step_lease=_env_seconds("PAIGEANT_STEP_LEASE", defaults.step_lease),
             registry_heartbeat=_env_seconds("PAIGEANT_REGISTRY_HEARTBEAT", defaults.registry_heartbeat),
+            transports=_env_str("PAIGEANT_TRANSPORTS"),
+            home_transport=_env_str("PAIGEANT_HOME_TRANSPORT"),
         )

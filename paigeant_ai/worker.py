@@ -25,7 +25,7 @@ import asyncio
 import contextlib
 import logging
 import random
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
@@ -48,6 +48,7 @@ from ._outcome import SIGNALS, Fault, Halt, Outcome, Reject, Skip, classify, com
 from ._pinning import Pins
 from ._plan import PlanCheck
 from ._resume_checks import release_parked
+from ._routes import Routes
 from ._settle import WorkerStats, refuse, settle
 from ._shared_store import resolve_shared_store, say_what_is_protected
 from ._versions import activity_version
@@ -80,8 +81,8 @@ class Worker:
         allow_unsigned: With no keys configured, run without signatures instead of refusing to start on a real
             broker (`PAIGEANT_ALLOW_UNSIGNED=1`). Anyone who can publish to the broker can then forge steps.
         on_event: Called (sync or async) with every `WorkflowEvent` this worker produces.
-        publish_events: Also publish every event on the transport's `events` address (capped by each
-            transport), where a `WorkflowProjector` in any process can feed them to a `WorkflowStore`.
+        publish_events: Also publish every event on the `events` address of its home transport (see `home`;
+            capped by each transport), where a `WorkflowProjector` in any process can feed them to a `WorkflowStore`.
         shutdown_timeout: On stop, seconds in-flight steps get to finish before they are cancelled and
             left unacked for redelivery.
         rng: Source of retry jitter (seed it for reproducible tests).
@@ -94,6 +95,10 @@ class Worker:
             each process keeps its own, and the worker says at start what that leaves unprotected.
         registry_heartbeat: Seconds between two posts of this worker's record on the transport's registry (see
             `paigeant_ai._registry`); defaults to `PAIGEANT_REGISTRY_HEARTBEAT` (10).
+        transports: The transports, by name, that the steps of its workflows may live on (`ActivitySpec.transport`),
+            its own among them; the next hop goes to its step's transport. Defaults to `PAIGEANT_TRANSPORTS`.
+        home: The name of the transport where it publishes its events, the workflows' home (the dispatcher's);
+            defaults to `PAIGEANT_HOME_TRANSPORT`, else `transport`. See `docs/deployment.md`.
     """
 
     def __init__(
@@ -113,11 +118,15 @@ class Worker:
         waiting_store: WaitingStore | None = None,
         shared_store: str | SharedStores | None = None,
         registry_heartbeat: float | None = None,
+        transports: Mapping[str, Transport] | None = None,
+        home: str | None = None,
     ) -> None:
         if not activities:
             raise UserError("a Worker needs at least one activity")
         settings = Settings.from_env()
         self.transport = transport
+        self.routes = Routes(transport, transports, home=home)
+        """Where each hop goes: its step's transport (see `paigeant_ai._routes`)."""
         self.activities = _by_name(activities)
         self.concurrency = settings.concurrency if concurrency is None else concurrency
         if self.concurrency < 1:
@@ -138,7 +147,7 @@ class Worker:
                 replay_cache=shared.replay_cache() if shared is not None else None,
             )
         )
-        self.reporter = EventReporter(transport, on_event, publish=publish_events, security=self.security)
+        self.reporter = EventReporter(self.routes.home, on_event, publish=publish_events, security=self.security)
         self._pins = Pins(transport, self.reporter)
         self._long_steps = LongSteps(transport, self.security)  # hands back what it holds past the ack deadline
         self.shutdown_timeout = shutdown_timeout
@@ -160,6 +169,8 @@ class Worker:
             self.security,
             concurrency=self.concurrency,
             interval=settings.registry_heartbeat if registry_heartbeat is None else registry_heartbeat,
+            home=self.routes.home,
+            address=self.routes.own_name,
         )
         """Posts this worker's record on the transport's registry (see `paigeant_ai._advertiser`)."""
         self._versions: dict[str, str | None] = {}  # by activity name, see `_version_of`
@@ -198,6 +209,7 @@ class Worker:
         self._running = True
         self._slots = asyncio.Semaphore(self.concurrency)
         try:
+            await self.routes.connect()
             if self._store_connection is not None:
                 await self._store_connection.connect()
             if self.cancel_board is not None:
@@ -309,6 +321,7 @@ class Worker:
             await self.cancel_board.close()
         if self._store_connection is not None:
             await self._store_connection.disconnect()
+        await self.routes.disconnect()
 
     async def _pump(self, consumer: Consumer) -> None:
         async for delivery in consumer:
@@ -351,6 +364,8 @@ class Worker:
         """Process one delivery end to end and settle it (ack, publish onwards, or dead-letter)."""
         with observability.hop_span(delivery, self.transport.name):
             hop = admit(delivery, self.activities, self.max_message_bytes)  # bytes, size, route, expiry
+            if not isinstance(hop, Reject) and (misrouted := self.routes.arrival_refusal(hop.message)) is not None:
+                hop = Reject(misrouted)  # its step lives on another transport: one signed hop runs on one only
             if not isinstance(hop, Reject):
                 hop.version = self._version_of(hop.activity)
                 hop = refuse_without_join(hop, self.joins)  # a branch's hop needs a join store

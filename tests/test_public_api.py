@@ -66,6 +66,7 @@ PUBLIC = (
     "Transport",
     "TransportError",
     "TrustPolicy",
+    "UnknownTransport",
     "UnknownWorkflow",
     "Unwinding",
     "Usage",
