@@ -15,6 +15,7 @@ from ._in_doubt import Ran, RunAgain
 from ._ledger import usage_by_model, workflow_usage
 from ._parallel import Parallel
 from ._registry import AdvertisedActivity, LiveRegistry, WorkerRecord, read_registry
+from ._step_record import StepRecord
 from ._watch import WatchedEvent
 from .activity import Activity, ActivityContext, AgentActivity, FunctionActivity, activity
 from .approval import (
@@ -135,6 +136,7 @@ __all__ = (
     "SecurityContext",
     "SecurityError",
     "SignedApproval",
+    "StepRecord",
     "TokenError",
     "TokenValidator",
     "Transport",
