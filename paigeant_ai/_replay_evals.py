@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from opentelemetry import trace
-from pydantic import JsonValue, TypeAdapter, ValidationError
+from pydantic import JsonValue, PrivateAttr, TypeAdapter, ValidationError
 from pydantic_ai import DeferredToolRequests
 from pydantic_ai.agent import AbstractAgent
 from pydantic_ai.models import Model
@@ -20,11 +20,21 @@ from ._recorded import RecordedDataset, RecordedStep, RecordedWorkflow
 from .activity import ActivityContext, AgentActivity
 from .contracts import ActivitySpec, PaigeantMessage
 from .exceptions import ParkWorkflow, UserError
+from .observability import TRACER_NAME
 
 __all__ = ("FieldsMatch", "ReplayReport", "ReplayedStep", "SameToolCalls", "SchemaValid", "replay_dataset")
 
 Candidate = AbstractAgent[Any, Any] | AgentActivity[Any, Any]
 """A new version of a step: an agent (run on the recorded prompt) or an `AgentActivity` (which renders its own)."""
+
+
+class _Replayed(RecordedStep):
+    """A recorded step's inputs, replayed: its recorded output is at hand for the schema check."""
+
+    _recorded_output: JsonValue = PrivateAttr(default=None)
+
+    def recorded_output(self) -> JsonValue:
+        return self._recorded_output
 
 
 @dataclass
@@ -50,7 +60,8 @@ class FieldsMatch(Evaluator[RecordedStep, ReplayedStep, dict[str, Any]]):
 
 @dataclass
 class SchemaValid(Evaluator[RecordedStep, ReplayedStep, dict[str, Any]]):
-    """The candidate's output, and the recorded one, validate against the candidate agent's output type."""
+    """The candidate's output, and the recorded one (what the workflow's later steps read), validate against the
+    candidate agent's output type."""
 
     def evaluate(self, ctx: StepContext) -> EvaluationReason:
         errors = ctx.output.schema_errors
@@ -126,7 +137,7 @@ async def replay_dataset(
         progress: Show pydantic-evals' progress bar.
 
     A case regressed when a check failed (`FieldsMatch`, `SchemaValid`, `SameToolCalls`, the judge) or the candidate
-    raised. The replay runs in a `paigeant evals replay` span, so that with Logfire configured the results reach
+    raised. The replay runs in a `paigeant.evals.replay` span, so that with Logfire configured the results reach
     its evals view.
     """
     unknown = sorted(set(candidates) - {case.inputs.activity for case in _steps(dataset.cases)})
@@ -152,8 +163,8 @@ async def replay_dataset(
     async def task(inputs: RecordedStep) -> ReplayedStep:
         return await replay_step(inputs, candidates[inputs.activity])
 
-    tracer = trace.get_tracer("paigeant_ai")
-    with tracer.start_as_current_span("paigeant evals replay", attributes={"dataset": dataset.name}):
+    tracer = trace.get_tracer(TRACER_NAME)
+    with tracer.start_as_current_span("paigeant.evals.replay", attributes={"dataset": dataset.name}):
         report = await replay.evaluate(
             task, name=dataset.name, max_concurrency=max_concurrency, progress=progress, task_name="replay"
         )
@@ -185,7 +196,10 @@ async def replay_step(inputs: RecordedStep, candidate: Candidate) -> ReplayedSte
         raise UserError(f"the candidate of {inputs.activity!r} waits for approval; a replay cannot approve") from None
     output = update.get(step.output_key)
     called = ctx.records[-1].tool_calls if ctx.records else []
-    return ReplayedStep(output=output, tool_calls=called, schema_errors=_schema_errors(step, output))
+    errors = _schema_errors(step, output, "the output")
+    if isinstance(inputs, _Replayed):
+        errors += _schema_errors(step, inputs.recorded_output(), "the recorded output")
+    return ReplayedStep(output=output, tool_calls=called, schema_errors=errors)
 
 
 def _as_step(agent: AbstractAgent[Any, Any], inputs: RecordedStep) -> AgentActivity[Any, Any]:
@@ -196,15 +210,15 @@ def _as_step(agent: AbstractAgent[Any, Any], inputs: RecordedStep) -> AgentActiv
     )
 
 
-def _schema_errors(step: AgentActivity[Any, Any], output: JsonValue) -> list[str]:
-    """Why the candidate's output, as stored in a payload, does not validate against its agent's output type."""
-    adapter = _output_adapter(step.agent.output_type)
-    errors: list[str] = []
+def _schema_errors(step: AgentActivity[Any, Any], output: JsonValue, what: str) -> list[str]:
+    """Why `output`, as stored in a payload, does not validate against the candidate agent's output type."""
     try:
-        adapter.validate_python(output)
+        _output_adapter(step.agent.output_type).validate_python(output)
     except ValidationError as exc:
-        errors.append(f"the output does not validate: {exc.errors(include_url=False)[0]['msg']}")
-    return errors
+        error = exc.errors(include_url=False)[0]
+        where = ".".join(str(part) for part in error["loc"])
+        return [f"{what} does not validate: {where + ': ' if where else ''}{error['msg']}"]
+    return []
 
 
 def _output_adapter(output_type: Any) -> TypeAdapter[Any]:
@@ -220,14 +234,19 @@ def _steps(
     cases: Sequence[Case[RecordedStep | RecordedWorkflow, JsonValue, dict[str, Any]]],
 ) -> list[Case[RecordedStep, ReplayedStep, dict[str, Any]]]:
     """The step cases of a recorded dataset, as cases of a replay."""
-    # The expected output stays the recorded JSON: the evaluators compare the candidate's output with it.
-    return [
-        Case[RecordedStep, ReplayedStep, dict[str, Any]](
-            name=case.name,
-            inputs=case.inputs,
-            expected_output=case.expected_output,  # pyright: ignore[reportArgumentType]
-            metadata=case.metadata,
+    replayed: list[Case[RecordedStep, ReplayedStep, dict[str, Any]]] = []
+    for case in cases:
+        if not isinstance(case.inputs, RecordedStep):
+            continue
+        inputs = _Replayed.model_validate(case.inputs.model_dump())
+        inputs._recorded_output = case.expected_output  # pyright: ignore[reportPrivateUsage]
+        # The expected output stays the recorded JSON: the evaluators compare the candidate's output with it.
+        replayed.append(
+            Case[RecordedStep, ReplayedStep, dict[str, Any]](
+                name=case.name,
+                inputs=inputs,
+                expected_output=case.expected_output,  # pyright: ignore[reportArgumentType]
+                metadata=case.metadata,
+            )
         )
-        for case in cases
-        if isinstance(case.inputs, RecordedStep)
-    ]
+    return replayed
