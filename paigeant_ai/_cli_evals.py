@@ -66,6 +66,11 @@ def add_command(
     )
     run.add_argument("--max-regressions", type=int, default=0, help="regressed cases allowed before exiting 1")
     run.add_argument("--judge", metavar="MODEL", help="also grade each output with an LLMJudge on this real model")
+    run.add_argument(
+        "--logfire",
+        action="store_true",
+        help="configure Logfire (LOGFIRE_TOKEN) so that the results reach its evals view",
+    )
 
 
 async def run_command(args: argparse.Namespace) -> int:
@@ -76,6 +81,8 @@ async def run_command(args: argparse.Namespace) -> int:
         raise UserError(str(exc)) from exc
     if args.evals_command == "record":
         return await _record(args)
+    if args.logfire:
+        _configure_logfire()
     candidates = dict(_candidate(spec) for spec in args.activity)
     dataset = evals.load_dataset(args.dataset)
     report = await evals.replay_dataset(dataset, candidates, judge=args.judge)
@@ -138,6 +145,15 @@ def _candidate(spec: str) -> tuple[str, Any]:
     if not isinstance(candidate, AbstractAgent | AgentActivity):
         raise UserError(f"{target} is a {type(candidate).__name__}: name an Agent or an AgentActivity")
     return name, candidate
+
+
+def _configure_logfire() -> None:
+    """Send this process's spans to Logfire when a token is set (`LOGFIRE_TOKEN`); an application's call to make."""
+    try:
+        import logfire
+    except ImportError as exc:
+        raise UserError(f'--logfire needs the logfire extra: pip install "paigeant-ai[logfire]" ({exc})') from exc
+    logfire.configure(service_name="paigeant-evals", send_to_logfire="if-token-present", console=False)
 
 
 def _verdict(report: ReplayReport, allowed: int) -> int:

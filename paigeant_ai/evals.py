@@ -5,7 +5,7 @@ agent step (its rendered prompt and the payload it saw as inputs, its output as 
 workflow (the payload its first step saw, its plan, and its final payload). `replay_dataset` runs candidate agents
 on the recorded inputs, no broker involved, and reports each case whose output, schema or tool calls changed.
 
-```python {test="skip"}
+```python
 dataset = await record_dataset(store, activities=["classify-ticket-priority"], redact=["customer"])
 dataset.to_file("support.yaml")
 report = await replay_dataset(load_dataset("support.yaml"), {"classify-ticket-priority": new_classifier})

@@ -86,7 +86,9 @@ def test_record_on_sqlite_then_run_exits_1_on_exactly_the_five_regressions(
     )
     assert tolerated.returncode == 0, tolerated.stderr
 
-    same = paigeant("evals", "run", dataset_file, "--activity", CANDIDATES + "same_classifier", env=offline)
+    same = paigeant(
+        "evals", "run", dataset_file, "--activity", CANDIDATES + "same_classifier", "--logfire", env=offline
+    )
     assert same.returncode == 0, same.stderr
     assert same.stdout.splitlines() == ["0 of 20 replayed cases regressed (20 not replayed)"]
 
