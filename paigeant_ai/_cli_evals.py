@@ -81,6 +81,8 @@ async def run_command(args: argparse.Namespace) -> int:
         raise UserError(str(exc)) from exc
     if args.evals_command == "record":
         return await _record(args)
+    if args.max_regressions < 0:
+        raise UserError(f"--max-regressions must be 0 or more, got {args.max_regressions}")
     if args.logfire:
         _configure_logfire()
     candidates = dict(_candidate(spec) for spec in args.activity)

@@ -24,6 +24,7 @@ from paigeant_ai import (
     InMemoryTransport,
     InMemoryWorkflowStore,
     NonRetryableError,
+    Parallel,
     Worker,
     WorkflowDispatcher,
     activity,
@@ -279,3 +280,17 @@ async def test_the_replay_runs_in_a_span_with_pydantic_evals_spans_inside(
         span for span in cases if '"value":false' in str(span["attributes"].get("assertions", "")).replace(" ", "")
     ]
     assert len(failed) == 5
+
+
+async def test_the_branches_of_a_parallel_group_are_recorded_each_under_its_key() -> None:
+    first = AgentActivity(Agent(TestModel(custom_output_text="one"), name="summarize"), prompt="Part {part}")
+    store = InMemoryWorkflowStore()
+    async with InMemoryTransport() as transport:
+        cid = await WorkflowDispatcher(transport).dispatch_workflow(
+            [Parallel("summarize", "summarize", keys=["left", "right"])], {"part": 1}
+        )
+        await Worker(transport, [first], on_event=store.apply).run(burst=True)
+
+    dataset = await record_dataset(store)
+    steps = sorted((case.name or "", case.expected_output) for case in dataset.cases if case.inputs.kind == "step")
+    assert steps == [(f"{cid}:0:left:summarize", "one"), (f"{cid}:0:right:summarize", "one")]
