@@ -1,5 +1,6 @@
 """`paigeant evals record` and `paigeant evals run` in their own processes, on workflows a real worker ran on SQLite
-and signed: the dataset comes from SQLite's status store, and the exit code gates a deploy."""
+and signed: the dataset comes from SQLite's status store, and the exit code gates a deploy. And the same workflows
+recorded from Redis's status store."""
 
 from __future__ import annotations
 
@@ -13,11 +14,12 @@ from pathlib import Path
 import pytest
 
 from paigeant_ai import WorkflowProjector, get_transport
-from paigeant_ai.evals import RecordedStep, load_dataset, record_dataset
+from paigeant_ai.evals import RecordedStep, load_dataset, record_dataset, replay_dataset
 from paigeant_ai.security import MessageSigner, generate_key
 from paigeant_ai.transports.base import SharedStores
 
-from .support_records import CHANGED, OBO_TOKEN, run_support_workflows
+from .brokers import clean, make_transport
+from .support_records import CHANGED, OBO_TOKEN, changed_classifier, run_support_workflows
 
 ROOT = Path(__file__).resolve().parent.parent
 CANDIDATES = "classify-ticket-priority=tests.support_records:"
@@ -131,3 +133,29 @@ def test_a_candidate_that_is_not_an_agent_is_refused(tmp_path: Path) -> None:
     assert "is a list: name an Agent or an AgentActivity" in result.stderr
     result = paigeant("evals", "run", str(dataset), "--activity", "tests.support_records:CHANGED", env=env)
     assert "--activity takes NAME=module:agent" in result.stderr
+
+
+@pytest.mark.redis
+async def test_workflows_recorded_from_redis_replay_as_those_recorded_elsewhere() -> None:
+    namespace = f"paigeant-test-{uuid.uuid4().hex[:12]}"
+    transport = make_transport("redis", namespace)
+    try:
+        async with transport:
+            await run_support_workflows(transport, security=MessageSigner(KEY))
+            assert isinstance(transport, SharedStores)
+            store = transport.workflow_store()
+            projector = WorkflowProjector(transport, store, security=MessageSigner(None, [KEY]))
+            await projector.run(burst=True)
+            assert dict(projector.refused) == {}
+            dataset = await record_dataset(store, activities=["classify-ticket-priority"])
+    finally:
+        await clean(transport, namespace)
+    assert len(dataset.cases) == 40
+    report = await replay_dataset(dataset, {"classify-ticket-priority": changed_classifier})
+    changed = {
+        case.name
+        for case in dataset.cases
+        if isinstance(case.inputs, RecordedStep) and case.inputs.payload["customer"] in CHANGED
+    }
+    assert set(report.regressions) == changed
+    assert len(changed) == 5
