@@ -16,6 +16,7 @@ from ._ledger import usage_by_model, workflow_usage
 from ._parallel import Parallel
 from ._plan_rules import PlanRules
 from ._registry import AdvertisedActivity, LiveRegistry, WorkerRecord, read_registry
+from ._step_record import StepRecord
 from ._watch import WatchedEvent
 from .activity import Activity, ActivityContext, AgentActivity, FunctionActivity, activity
 from .approval import (
@@ -138,6 +139,7 @@ __all__ = (
     "SecurityContext",
     "SecurityError",
     "SignedApproval",
+    "StepRecord",
     "TokenError",
     "TokenValidator",
     "Transport",

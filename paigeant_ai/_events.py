@@ -31,6 +31,7 @@ from . import observability
 from ._escape import escape_control
 from ._ledger import usage_if_any
 from ._progress_write import ProgressWriter
+from ._step_record import StepRecord
 from ._usage import Usage
 from ._wire import FROM_WIRE
 from .contracts import EVENTS, WIRE_VERSION, PaigeantMessage, Wire, utcnow
@@ -120,6 +121,8 @@ class WorkflowEvent(Wire):
         default=None, exclude_if=lambda value: value is None
     )
     """On `agent_output`: what `detail` holds: streamed text, a tool call, a tool's result, or a note."""
+    record: StepRecord | None = Field(default=None, exclude_if=lambda value: value is None)
+    """On `step_completed` of an agent step: what it saw and produced (see `AgentActivity(record=...)`)."""
 
 
 _WITH_USAGE = frozenset(

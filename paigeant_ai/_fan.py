@@ -218,6 +218,8 @@ async def complete_branch(hop: Hop, outcome: Advance, deps: SettleDeps) -> Joine
     if entry.usage:  # its slip no longer carries it: the totals so far are its slip's and its own
         used = [workflow_usage(message), *entry.usage]
         fields["usage"] = sum_usage(usage for usage in used if not usage.is_empty)
+    if hop.ctx is not None and hop.ctx.records:
+        fields["record"] = hop.ctx.records[-1]
     await deps.reporter.report("step_completed", message, duration=entry.duration, at=entry.finished_at, **fields)
     deps.stats.completed_steps += 1
     records = await joins.records(group_id) if count < len(group.branches) else {}

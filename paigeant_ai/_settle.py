@@ -46,6 +46,7 @@ from ._outcome import Advance, End, Fault, Halt, Outcome, Park, Reject, Retry, S
 from ._plan import begin_unwinding, revise_route
 from ._routes import Routes, step_address
 from ._sealing import NonFiniteNumber, seal, too_large, unsigned_body
+from ._step_record import StepRecord
 from ._wire import FROM_WIRE
 from .approval import ParkedStep, WaitingStore
 from .contracts import DEAD_LETTER, ActivityLogEntry, Compensation, PaigeantMessage, RetryPolicy, Unwinding
@@ -331,7 +332,7 @@ async def _complete_step(hop: Hop, outcome: Advance | End, deps: SettleDeps) -> 
                 )
             )
         await _publish_next(message, deps)
-    await _report_step_done(message, entry, deps)
+    await _report_step_done(message, entry, deps, hop.ctx.records[-1] if hop.ctx and hop.ctx.records else None)
     await deps.dedupe.mark_done(key)
 
 
@@ -345,9 +346,12 @@ async def _publish_next(message: PaigeantMessage, deps: SettleDeps) -> None:
     await _publish_hop(message, deps)
 
 
-async def _report_step_done(message: PaigeantMessage, entry: ActivityLogEntry, deps: SettleDeps) -> None:
-    """Report the completed step; a workflow's last step reports its result, safely published before the ack, so
-    that a crash in between runs the last step again rather than losing the result."""
+async def _report_step_done(
+    message: PaigeantMessage, entry: ActivityLogEntry, deps: SettleDeps, record: StepRecord | None = None
+) -> None:
+    """Report the completed step (with what its agent saw and produced, `record`); a workflow's last step reports
+    its result, safely published before the ack, so that a crash in between runs the last step again rather than
+    losing the result."""
     slip = message.routing_slip
     finished = slip.is_complete
     fields: dict[str, Any] = {"activity": entry.name, "step": entry.step, "attempt": entry.attempt}
@@ -364,9 +368,12 @@ async def _report_step_done(message: PaigeantMessage, entry: ActivityLogEntry, d
         return
     deps.stats.completed_steps += 1  # counted first, so that a callback reading the stats sees this step
     deps.stats.completed_workflows += finished
+    if record is not None:
+        fields["record"] = record
     await deps.reporter.report("step_completed", message, duration=entry.duration, at=entry.finished_at, **fields)
     if finished:
         detail = entry.error if entry.outcome == "ended" else None
+        fields.pop("record", None)  # the step's event has it
         await deps.reporter.report(
             "completed", message, detail=detail, payload=dict(message.payload), now=True, **fields
         )

@@ -28,6 +28,7 @@ from ._in_doubt import ReconcileFunc
 from ._ledger import by_model, run_model_name, to_usage, usage_since
 from ._model_settings import check_overridable, step_run_options
 from ._plan_rules import plan_rules
+from ._step_record import DEFAULT_RECORD_BYTES, StepRecord, record_step
 from ._versions import check_version
 from .approval import resumed_run
 from .contracts import (
@@ -76,6 +77,8 @@ class ActivityContext:
             any activity its own models' with `add_usage`; the worker logs it in the step's entry.
         progress: Where the step's running output goes (its workflow's progress stream), set by the worker;
             `AgentActivity(..., stream_progress=True)` sends its agent's output there.
+        records: What an `AgentActivity` saw and produced (its prompt, the payload, its output, the tools it
+            called), added by it; the worker reports the latest with the step's `step_completed` event.
     """
 
     message: PaigeantMessage
@@ -84,6 +87,7 @@ class ActivityContext:
     revisions: list[Revision] = field(default_factory=list[Revision])
     usage: list[Usage] = field(default_factory=list[Usage])
     progress: StepProgress | None = field(default=None, repr=False, compare=False)
+    records: list[StepRecord] = field(default_factory=list[StepRecord], repr=False, compare=False)
     _payload: Mapping[str, JsonValue] = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -462,6 +466,10 @@ class AgentActivity(Generic[DepsT, OutputT]):
         stream_progress: Forward the agent's output as it happens (text, tool calls and their results) to the
             workflow's progress stream (`WorkflowDispatcher.watch`): `True` with the default limits, or
             `OutputLimits(rate=..., max_chars=..., max_events=...)`. Off by default.
+        record: Record what each run saw and produced (its rendered prompt, the payload, its output, the tools it
+            called) in the step's `step_completed` event, for `paigeant_ai.evals.record_dataset`: `True` keeps
+            records up to 32,000 bytes of JSON, a number sets that bound, `False` records nothing. The user's
+            token and the message's signature are never recorded.
     """
 
     def __init__(
@@ -490,6 +498,7 @@ class AgentActivity(Generic[DepsT, OutputT]):
         conflicts: Sequence[str] = (),
         max_per_plan: int | None = None,
         stream_progress: bool | OutputLimits = False,
+        record: bool | int = True,
     ) -> None:
         resolved = name or agent.name
         if not resolved:
@@ -523,6 +532,8 @@ class AgentActivity(Generic[DepsT, OutputT]):
         self.reconcile = _reconcile_of(resolved, at_most_once, reconcile)
         self.output_key = output_key or resolved.replace("-", "_")
         self._run_output_type = run_output_type(agent, resolved)
+        self.record_bytes = (DEFAULT_RECORD_BYTES if record else 0) if isinstance(record, bool) else record
+        """The largest record of a run it keeps (see `record`); 0 records nothing."""
         self.output_limits = (
             stream_progress
             if isinstance(stream_progress, OutputLimits)
@@ -568,6 +579,8 @@ class AgentActivity(Generic[DepsT, OutputT]):
             output = to_jsonable_python(result.output)
         except PydanticSerializationError as exc:
             raise NonRetryableError(f"the output of {self.spec.name!r} cannot be stored as JSON: {exc}") from None
+        if self.record_bytes > 0:
+            ctx.records.append(record_step(ctx, result, output, self.output_key, max_bytes=self.record_bytes))
         return to_payload_update({self.output_key: output}, self.output_key, self.spec.name)
 
     async def _run_agent(self, ctx: ActivityContext) -> AgentRunResult[Any]:

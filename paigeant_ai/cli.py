@@ -25,7 +25,16 @@ from types import ModuleType
 from typing import Any
 from urllib.parse import urlsplit
 
-from . import __version__, _cli_activities, _cli_cancel, _cli_dead_letters, _cli_keys, _cli_resume, _cli_workflows
+from . import (
+    __version__,
+    _cli_activities,
+    _cli_cancel,
+    _cli_dead_letters,
+    _cli_evals,
+    _cli_keys,
+    _cli_resume,
+    _cli_workflows,
+)
 from ._escape import escape_control
 from ._events import WorkflowEvent
 from ._prefork import (
@@ -380,6 +389,7 @@ def _parser() -> argparse.ArgumentParser:
     _cli_resume.add_command(commands, common)
     _cli_dead_letters.add_command(commands, common)
     _cli_keys.add_commands(commands)  # keys generate
+    _cli_evals.add_command(commands, common)  # evals record, evals run
     return parser
 
 
@@ -477,6 +487,8 @@ def _run(args: argparse.Namespace, settings: dict[str, str]) -> int:
         return asyncio.run(_cli_resume.run_command(args))
     if args.command == "dead-letters":
         return asyncio.run(_cli_dead_letters.run_command(args))
+    if args.command == "evals":
+        return asyncio.run(_cli_evals.run_command(args))
     return _cli_keys.run_command(args)
 
 

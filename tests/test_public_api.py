@@ -61,6 +61,7 @@ PUBLIC = (
     "SecurityContext",
     "SecurityError",
     "SignedApproval",
+    "StepRecord",
     "TokenError",
     "TokenValidator",
     "Transport",
@@ -123,6 +124,26 @@ def test_what_belongs_to_redis_is_exported_from_its_module_only() -> None:
     for name in redis.__all__:
         assert getattr(redis, name) is not None, name
     assert not [name for name in paigeant_ai.__all__ if name.startswith("Redis")]
+
+
+def test_the_evals_module_exports_the_recording_and_the_replay() -> None:
+    from paigeant_ai import evals
+
+    assert evals.__all__ == (
+        "FieldsMatch",
+        "RecordedDataset",
+        "RecordedStep",
+        "RecordedWorkflow",
+        "ReplayReport",
+        "ReplayedStep",
+        "SameToolCalls",
+        "SchemaValid",
+        "load_dataset",
+        "record_dataset",
+        "replay_dataset",
+    )
+    for name in evals.__all__:
+        assert getattr(evals, name) is not None, name
 
 
 def test_the_package_says_it_is_typed() -> None:
