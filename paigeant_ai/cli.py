@@ -25,7 +25,16 @@ from types import ModuleType
 from typing import Any
 from urllib.parse import urlsplit
 
-from . import __version__, _cli_activities, _cli_cancel, _cli_dead_letters, _cli_keys, _cli_resume, _cli_workflows
+from . import (
+    __version__,
+    _cli_activities,
+    _cli_cancel,
+    _cli_console,
+    _cli_dead_letters,
+    _cli_keys,
+    _cli_resume,
+    _cli_workflows,
+)
 from ._escape import escape_control
 from ._events import WorkflowEvent
 from ._prefork import (
@@ -375,6 +384,7 @@ def _parser() -> argparse.ArgumentParser:
     _cli_activities.add_command(commands, common)
     _cli_resume.add_command(commands, common)
     _cli_dead_letters.add_command(commands, common)
+    _cli_console.add_command(commands, common)
     _cli_keys.add_commands(commands)  # keys generate
     return parser
 
@@ -473,6 +483,8 @@ def _run(args: argparse.Namespace, settings: dict[str, str]) -> int:
         return asyncio.run(_cli_resume.run_command(args))
     if args.command == "dead-letters":
         return asyncio.run(_cli_dead_letters.run_command(args))
+    if args.command == "console":
+        return asyncio.run(_cli_console.run_command(args))
     return _cli_keys.run_command(args)
 
 
