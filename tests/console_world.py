@@ -23,6 +23,8 @@ from paigeant_ai import (
     AgentActivity,
     MessageSigner,
     NonRetryableError,
+    TokenValidator,
+    TrustPolicy,
     Worker,
     WorkflowDispatcher,
     activity,
@@ -103,10 +105,14 @@ class World:
 
 
 @asynccontextmanager
-async def world(tmp_path: Path, *, project: bool = True) -> AsyncGenerator[World]:
+async def world(
+    tmp_path: Path, *, policy: TrustPolicy | None = None, tokens: TokenValidator | None = None
+) -> AsyncGenerator[World]:
     """A shop on `tmp_path`'s SQLite file with its worker running, and a console over it (not yet served).
 
-    The users file holds `ana` (may approve and replay) and `bob` (may only look), both with `PASSWORD`.
+    The users file holds `ana` (may approve and replay) and `bob` (may only look), both with `PASSWORD`. Every
+    part signs with the key `shop-console`, which `policy` (by default none: every trusted key may do everything)
+    governs.
     """
     key = generate_key("shop-console")
     users = Users(tmp_path / "users.json")
@@ -114,7 +120,7 @@ async def world(tmp_path: Path, *, project: bool = True) -> AsyncGenerator[World
     users.add("bob", PASSWORD, [])
     shop = Shop()
     async with SQLiteTransport(tmp_path / "shop.db", poll_interval=0.05) as transport:
-        signer = MessageSigner(key, [key], replay_cache=transport.replay_cache())
+        signer = MessageSigner(key, [key], replay_cache=transport.replay_cache(), policy=policy, tokens=tokens)
         waiting = transport.waiting_store()
         dispatcher = WorkflowDispatcher(transport, security=signer, waiting_store=waiting)
         console = Console(
@@ -123,8 +129,8 @@ async def world(tmp_path: Path, *, project: bool = True) -> AsyncGenerator[World
             signer,
             waiting_store=waiting,
             users=users,
+            tokens=tokens,
             trace_url="https://traces.example/search?q={correlation_id}",
-            project=project,
         )
         worker = Worker(transport, activities(shop), security=signer, waiting_store=waiting)
         async with worker:

@@ -5,14 +5,25 @@ from __future__ import annotations
 import asyncio
 import re
 from collections.abc import AsyncGenerator
+from contextlib import asynccontextmanager
+from datetime import UTC, datetime
 from pathlib import Path
 
 import httpx
 import pytest
+from joserfc import jwt
 from pydantic_ai import models
 
+from paigeant_ai import TokenValidator, TrustPolicy, UserError, WorkflowStatus
 from paigeant_ai.console import create_app
-from paigeant_ai.console.auth import SESSION_COOKIE, Users, hash_password, verify_password
+from paigeant_ai.console.auth import (
+    SESSION_COOKIE,
+    Users,
+    hash_password,
+    principal_from_token,
+    verify_password,
+)
+from paigeant_ai.security import generate_key
 
 from .console_world import PASSWORD, World, world
 
@@ -21,12 +32,8 @@ models.ALLOW_MODEL_REQUESTS = False
 
 @pytest.fixture
 async def shop(tmp_path: Path) -> AsyncGenerator[tuple[World, httpx.AsyncClient]]:
-    async with world(tmp_path) as shop:
-        app = create_app(shop.console)
-        async with app.router.lifespan_context(app):
-            transport = httpx.ASGITransport(app=app)
-            async with httpx.AsyncClient(transport=transport, base_url="http://127.0.0.1") as client:
-                yield shop, client
+    async with world(tmp_path) as shop, served(shop) as client:
+        yield shop, client
 
 
 def csrf_of(page: httpx.Response) -> str:
@@ -40,10 +47,15 @@ async def sign_in(client: httpx.AsyncClient, name: str, password: str = PASSWORD
     return await client.post("/login", data={"csrf": csrf_of(login), "name": name, "password": password})
 
 
+async def waiting(shop: World, correlation_id: str) -> bool:
+    assert shop.console.waiting_store is not None
+    return await shop.console.waiting_store.get(correlation_id) is not None
+
+
 async def parked_ticket(shop: World) -> str:
     correlation_id = await shop.ticket()
     for _ in range(200):
-        if await shop.console.waiting_store.get(correlation_id) is not None:  # type: ignore[union-attr]
+        if await waiting(shop, correlation_id):
             return correlation_id
         await asyncio.sleep(0.05)
     raise AssertionError("the ticket never parked")
@@ -107,7 +119,7 @@ async def test_a_form_without_the_csrf_token_is_refused(shop: tuple[World, httpx
     assert wrong.status_code == 403
     login = await client.post("/login", data={"name": "ana", "password": PASSWORD})
     assert login.status_code == 403
-    assert await world_.console.waiting_store.get(correlation_id) is not None  # type: ignore[union-attr]
+    assert await waiting(world_, correlation_id)
     assert world_.shop.refunds == []
 
 
@@ -122,7 +134,7 @@ async def test_a_person_without_approve_permission_is_refused(shop: tuple[World,
     assert refused.status_code == 403
     assert refused.text == "refused: bob may not approve tool calls (the users file or token gives 'approve')"
     await asyncio.sleep(0.3)
-    assert await world_.console.waiting_store.get(correlation_id) is not None  # type: ignore[union-attr]
+    assert await waiting(world_, correlation_id)
     assert world_.shop.refunds == []
 
 
@@ -136,16 +148,88 @@ async def test_edited_arguments_run_and_are_recorded_as_edited(shop: tuple[World
         data={"decision": "approve", "csrf": csrf_of(inbox), "args": '{"ticket": "T-1042", "amount": 25}'},
     )
     assert decided.headers["location"] == f"/workflows/{correlation_id}"
-    for _ in range(200):
-        status = await world_.console.store.get(correlation_id)
-        if status is not None and status.state == "completed":
-            break
-        await asyncio.sleep(0.05)
+    status = await completed(world_, correlation_id)
     assert world_.shop.refunds == [{"ticket": "T-1042", "amount": 25}]
     page = (await client.get(f"/workflows/{correlation_id}")).text
     assert "refund approved with edited arguments by ana" in page
-    resumed = next(event for event in status.events if event.kind == "resumed")  # type: ignore[union-attr]
+    resumed = next(event for event in status.events if event.kind == "resumed")
     assert resumed.detail is not None
     assert "ana" in resumed.detail
     assert "25" in resumed.detail
     print(resumed.detail)
+
+
+ISSUER, AUDIENCE = "https://id.example.com", "paigeant-console"
+IDP = generate_key("idp-1", "ES256")
+
+
+def token(subject: str, scope: str) -> str:
+    now = int(datetime.now(UTC).timestamp())
+    claims = {"iss": ISSUER, "aud": AUDIENCE, "sub": subject, "scope": scope, "iat": now, "exp": now + 600}
+    return jwt.encode({"alg": "ES256", "kid": IDP.kid}, claims, IDP, algorithms=["ES256"])
+
+
+def validator() -> TokenValidator:
+    return TokenValidator({"keys": [IDP.as_dict(private=False)]}, issuer=ISSUER, audience=AUDIENCE)
+
+
+@asynccontextmanager
+async def served(shop: World) -> AsyncGenerator[httpx.AsyncClient]:
+    app = create_app(shop.console)
+    async with app.router.lifespan_context(app):
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://127.0.0.1") as client:
+            yield client
+
+
+async def completed(shop: World, correlation_id: str) -> WorkflowStatus:
+    for _ in range(200):
+        status = await shop.console.store.get(correlation_id)
+        if status is not None and status.state == "completed":
+            return status
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"workflow {correlation_id} did not complete")
+
+
+def test_a_token_gives_the_permissions_its_scopes_name() -> None:
+    carol = principal_from_token(token("carol", "openid paigeant:approve"), validator())
+    assert (carol.name, carol.may, carol.via) == ("carol", frozenset({"approve"}), "token")
+    reader = principal_from_token(token("dave", "openid"), validator())
+    assert reader.may == frozenset()
+    with pytest.raises(UserError, match="the token is refused"):
+        principal_from_token(token("carol", "paigeant:approve") + "x", validator())
+    with pytest.raises(UserError, match="token sign-in needs the issuer"):
+        principal_from_token(token("carol", "paigeant:approve"), None)
+
+
+async def test_a_person_signed_in_with_a_token_approves_as_its_subject(tmp_path: Path) -> None:
+    async with world(tmp_path, tokens=validator()) as shop, served(shop) as client:
+        correlation_id = await parked_ticket(shop)
+        login = await client.get("/login")
+        assert "Sign in with the token" in login.text
+        bearer = token("carol", "paigeant:approve")
+        await client.post("/login", data={"csrf": csrf_of(login), "token": bearer})
+        inbox = await client.get("/approvals")
+        await client.post(f"/approvals/{correlation_id}/r1", data={"decision": "approve", "csrf": csrf_of(inbox)})
+        status = await completed(shop, correlation_id)
+        resumed = next(event for event in status.events if event.kind == "resumed")
+        assert resumed.detail == "approved refund (r1) by carol"
+        assert shop.shop.refunds == [{"ticket": "T-1042", "amount": 40}]
+
+
+async def test_the_trust_policy_decides_whether_the_console_may_approve(tmp_path: Path) -> None:
+    policy = TrustPolicy.load({"keys": {"shop-console": {"may": ["start"], "send_to": "*"}}})
+    async with world(tmp_path, policy=policy) as shop, served(shop) as client:
+        correlation_id = await parked_ticket(shop)
+        await sign_in(client, "ana")
+        inbox = await client.get("/approvals")
+        sent = await client.post(
+            f"/approvals/{correlation_id}/r1", data={"decision": "approve", "csrf": csrf_of(inbox)}
+        )
+        assert sent.headers["location"] == "/approvals"
+        page = (await client.get("/approvals")).text
+        assert "not sent:" in page
+        assert "may not approve" in page
+        await asyncio.sleep(0.3)
+        assert await waiting(shop, correlation_id)
+        assert shop.shop.refunds == []
