@@ -52,7 +52,10 @@ def support_model(shop: Shop) -> FunctionModel:
         returns = [part for message in messages for part in message.parts if isinstance(part, ToolReturnPart)]
         if returns:
             return ModelResponse(parts=[TextPart(f"Dear customer: {returns[-1].model_response_str()}")])
-        return ModelResponse(parts=[ToolCallPart("refund", {"ticket": "T-1042", "amount": 40}, tool_call_id="r1")])
+        because = TextPart("The customer was charged twice for one order: I refund the second charge.")
+        return ModelResponse(
+            parts=[because, ToolCallPart("refund", {"ticket": "T-1042", "amount": 40}, tool_call_id="r1")]
+        )
 
     return FunctionModel(reply, model_name="support-test")
 

@@ -144,6 +144,8 @@ async def test_a_parked_ticket_is_approved_and_completes(browsing: Browsing) -> 
     request = page.locator("section.request", has_text=ticket)
     await expect(request).to_contain_text("refund")
     await expect(request.locator("pre")).to_contain_text('"amount": 40')
+    await expect(request.locator(".said")).to_contain_text("charged twice for one order: I refund the second")
+    await expect(request).to_contain_text("Help with: charged twice for one order")
     await browsing.shot("approvals")
 
     await request.locator("button", has_text="Approve").click()

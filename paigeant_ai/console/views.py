@@ -14,6 +14,8 @@ from datetime import UTC, datetime
 from typing import Any
 
 from pydantic import JsonValue
+from pydantic_ai import ConversationTypeAdapter
+from pydantic_ai.messages import ModelRequest, ModelResponse, TextPart, UserPromptPart
 
 from .._cli_dead_letters import DeadLetter, browse_dead_letters
 from .._cli_workflows import _describe  # pyright: ignore[reportPrivateUsage]
@@ -248,6 +250,28 @@ class Request:
     why: str
     call: PendingToolCall
     args: str
+    task: str
+    """What the agent was asked (the step's prompt)."""
+    said: str
+    """What the agent said as it asked for the call."""
+
+
+def _words(parked: ParkedStep) -> tuple[str, str]:
+    """The agent's task (its first prompt) and what it said last, from the signed conversation."""
+    messages = ConversationTypeAdapter.validate_python(parked.conversation).messages
+    prompts = [
+        part.content
+        for message in messages
+        if isinstance(message, ModelRequest)
+        for part in message.parts
+        if isinstance(part, UserPromptPart) and isinstance(part.content, str)
+    ]
+    said = ""
+    for message in reversed(messages):
+        if isinstance(message, ModelResponse):
+            said = " ".join(part.content for part in message.parts if isinstance(part, TextPart)).strip()
+            break
+    return escape_control(prompts[0] if prompts else ""), escape_control(said)
 
 
 def requests(waiting: Sequence[ParkedStep]) -> list[Request]:
@@ -260,5 +284,6 @@ def requests(waiting: Sequence[ParkedStep]) -> list[Request]:
                 continue
             args = json.dumps(call.args, indent=2, sort_keys=True, ensure_ascii=False)
             at = f"{parked.parked_at:%Y-%m-%d %H:%M:%S} UTC"
-            found.append(Request(parked.correlation_id, parked.activity, parked.step, at, why, call, args))
+            task, said = _words(parked)
+            found.append(Request(parked.correlation_id, parked.activity, parked.step, at, why, call, args, task, said))
     return found
