@@ -103,6 +103,8 @@ async def run_command(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
     async with _console(args, users) as console:
+        if _is_loopback(host):  # a page elsewhere that rebinds its name to this address is not answered
+            console.allowed_hosts = ["127.0.0.1", "localhost", "::1", "[::1]", host]
         config = uvicorn.Config(create_app(console), host=host, port=args.port, log_level="warning")
         print(f"paigeant console on http://{host}:{args.port}/ ({console.transport.name})")
         await uvicorn.Server(config).serve()

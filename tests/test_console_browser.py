@@ -23,6 +23,7 @@ from paigeant_ai.console import create_app
 from .console_world import PASSWORD, World, world
 
 models.ALLOW_MODEL_REQUESTS = False
+pytestmark = pytest.mark.slow  # a browser and a server per test
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = [

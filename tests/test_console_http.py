@@ -233,3 +233,12 @@ async def test_the_trust_policy_decides_whether_the_console_may_approve(tmp_path
         await asyncio.sleep(0.3)
         assert await waiting(shop, correlation_id)
         assert shop.shop.refunds == []
+
+
+async def test_a_console_on_loopback_answers_only_to_its_own_names(tmp_path: Path) -> None:
+    async with world(tmp_path) as shop:
+        shop.console.allowed_hosts = ["127.0.0.1", "localhost"]
+        async with served(shop) as client:
+            assert (await client.get("/login")).status_code == 200
+            rebound = await client.get("/login", headers={"Host": "attacker.example"})  # a DNS rebinding page
+            assert rebound.status_code == 400

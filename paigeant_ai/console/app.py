@@ -12,11 +12,14 @@ import contextlib
 import json
 from collections.abc import AsyncGenerator, Awaitable, Callable
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
 from pydantic_ai.tools import ToolApproved, ToolDenied
 from starlette.applications import Starlette
+from starlette.middleware import Middleware
+from starlette.middleware.trustedhost import TrustedHostMiddleware
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, RedirectResponse, Response
 from starlette.routing import Mount, Route
@@ -61,6 +64,7 @@ class Console:
         users: The local accounts; None for none (token sign-in only).
         tokens: The issuer's token checks, for token sign-in; None for none.
         trace_url: A link to a workflow's trace, with `{correlation_id}` in it.
+        allowed_hosts: The host names the console answers to; None for any.
     """
 
     transport: Transport
@@ -70,6 +74,8 @@ class Console:
     users: Users | None = None
     tokens: TokenValidator | None = None
     trace_url: str | None = None
+    allowed_hosts: list[str] | None = None
+    """The names the console answers to (the `Host` header), against DNS rebinding; None for any."""
     project: bool = True
     connect: bool = False
     secret: str | None = None
@@ -79,8 +85,9 @@ class Console:
     def __post_init__(self) -> None:
         self.sessions = Sessions(self.secret.encode() if self.secret else None)
 
-    @property
+    @cached_property
     def dispatcher(self) -> WorkflowDispatcher:
+        """Reads parked workflows and resumes them, signed with `security`."""
         return WorkflowDispatcher(self.transport, security=self.security, waiting_store=self.waiting_store)
 
 
@@ -120,7 +127,7 @@ def create_app(console: Console) -> Starlette:
         found = console.sessions.get(request.cookies.get(SESSION_COOKIE))
         session_id, session = found if found is not None else console.sessions.start()
         response = page("login.html", request, session, accounts=console.users is not None, tokens=console.tokens)
-        _set_cookie(response, console.sessions.cookie_of(session_id))
+        _set_cookie(request, response, console.sessions.cookie_of(session_id))
         return response
 
     async def login(request: Request) -> Response:
@@ -135,7 +142,7 @@ def create_app(console: Console) -> Starlette:
         console.sessions.end(found[0])
         session_id, _ = console.sessions.start(principal)
         response = RedirectResponse("/workflows", status_code=303)
-        _set_cookie(response, console.sessions.cookie_of(session_id))
+        _set_cookie(request, response, console.sessions.cookie_of(session_id))
         return response
 
     async def logout(request: Request, console: Console, session: Session) -> Response:
@@ -178,11 +185,15 @@ def create_app(console: Console) -> Starlette:
         Route("/approvals/{correlation_id}/{tool_call_id}", signed_in(decide, form=True), methods=["POST"]),
         Mount("/static", StaticFiles(directory=str(_HERE / "static")), name="static"),
     ]
-    return Starlette(routes=routes, lifespan=lifespan)
+    hosts = console.allowed_hosts or ["*"]
+    return Starlette(
+        routes=routes, lifespan=lifespan, middleware=[Middleware(TrustedHostMiddleware, allowed_hosts=hosts)]
+    )
 
 
-def _set_cookie(response: Response, value: str) -> None:
-    response.set_cookie(SESSION_COOKIE, value, httponly=True, samesite="strict", path="/")
+def _set_cookie(request: Request, response: Response, value: str) -> None:
+    secure = request.url.scheme == "https"  # behind a TLS proxy that says so; plain HTTP on loopback otherwise
+    response.set_cookie(SESSION_COOKIE, value, httponly=True, samesite="strict", path="/", secure=secure)
 
 
 def _sign_in(console: Console, form: Any) -> tuple[Principal | None, str]:
@@ -282,11 +293,10 @@ async def replay(request: Request, console: Console, session: Session) -> Respon
     if found is None:
         session.flash = f"no dead letter {message_id} any more: another process took it"
     else:
-        letter, sent = found
+        _, sent = found
         session.flash = (
             f"replayed by {me.name}: workflow {sent.correlation_id} to step {sent.step} (attempt {sent.attempt + 1})"
         )
-        del letter
     return RedirectResponse("/dead-letters", status_code=303)
 
 
