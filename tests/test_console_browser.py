@@ -86,6 +86,7 @@ async def browsing(tmp_path: Path, shots: Path) -> AsyncGenerator[Browsing]:
                 page.set_default_timeout(15_000)
                 browsing = Browsing(shop, page, f"http://127.0.0.1:{port}", shots)
                 await browsing.open("/login")
+                await browsing.shot("sign-in")
                 await page.fill("input[name=name]", "ana")
                 await page.fill("input[name=password]", PASSWORD)
                 await page.click("button:has-text('Sign in')")
