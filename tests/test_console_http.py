@@ -129,7 +129,8 @@ async def test_a_person_without_approve_permission_is_refused(shop: tuple[World,
     await sign_in(client, "bob")
     inbox = await client.get("/approvals")
     assert "refund" in inbox.text
-    assert "bob" in inbox.text
+    assert "You may look, not decide" in inbox.text
+    assert "Approve</button>" not in inbox.text
     refused = await client.post(f"/approvals/{correlation_id}/r1", data={"decision": "approve", "csrf": csrf_of(inbox)})
     assert refused.status_code == 403
     assert refused.text == "refused: bob may not approve tool calls (the users file or token gives 'approve')"
