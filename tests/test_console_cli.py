@@ -2,24 +2,31 @@
 
 from __future__ import annotations
 
+import asyncio
 import io
 import os
+import re
 import socket
 import subprocess
 import sys
 import time
 import urllib.request
+import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 
+import httpx
 import pytest
 
-from paigeant_ai import WorkflowStatus, cli
+from paigeant_ai import MessageSigner, WorkflowDispatcher, WorkflowStatus, cli, get_transport
 from paigeant_ai.console import Users
 from paigeant_ai.console.views import redact, timeline
+from paigeant_ai.security import load_signing_key
 from paigeant_ai.store import StepStatus
 
+from .brokers import REDIS_URL, delete_redis_namespace
+from .conftest import require_redis
 from .console_world import PASSWORD
 
 
@@ -150,3 +157,44 @@ def test_secrets_are_redacted_at_any_depth() -> None:
         "user": {"name": "ana", "api_key": "[redacted]", "tokens": "[redacted]"},
         "items": [{"password": "[redacted]", "n": 1}],
     }
+
+
+def start_console(env: dict[str, str], port: int) -> subprocess.Popen[str]:
+    command = [sys.executable, "-m", "paigeant_ai.cli", "console", "--port", str(port)]
+    return subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+
+@pytest.mark.redis
+@pytest.mark.slow
+async def test_the_console_on_redis_shows_what_its_events_say(keyed: dict[str, str], tmp_path: Path) -> None:
+    require_redis()
+    namespace = f"paigeant-test-{uuid.uuid4().hex[:8]}"
+    env = keyed | {"PAIGEANT_TRANSPORT": "redis", "PAIGEANT_REDIS_URL": REDIS_URL, "PAIGEANT_NAMESPACE": namespace}
+    Users(env["PAIGEANT_CONSOLE_USERS"]).add("ana", PASSWORD, [])
+    port = free_port()
+    process = start_console(env, port)
+    try:
+        await asyncio.to_thread(wait_for_sign_in_page, port)
+        key = load_signing_key(env["PAIGEANT_SIGNING_KEY_FILE"])
+        async with get_transport("redis", url=REDIS_URL, namespace=namespace) as transport:
+            dispatcher = WorkflowDispatcher(transport, security=MessageSigner(key, [key]))
+            correlation_id = await dispatcher.dispatch_workflow(["pack"], {"order": "ord-9"})
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as client:
+            login = await client.get("/login")
+            csrf = re.search(r'name="csrf" value="([^"]+)"', login.text)
+            assert csrf is not None
+            await client.post("/login", data={"csrf": csrf.group(1), "name": "ana", "password": PASSWORD})
+            rows = ""
+            for _ in range(100):  # the console's projector applies the dispatcher's signed event
+                rows = (await client.get("/workflows/rows")).text
+                if correlation_id in rows:
+                    break
+                await asyncio.sleep(0.1)
+            assert correlation_id in rows
+            assert "pending" in rows
+            page = (await client.get(f"/workflows/{correlation_id[:8]}")).text
+            assert "Still to run</dt><dd>pack" in page
+    finally:
+        process.terminate()
+        process.communicate(timeout=10)
+        await delete_redis_namespace(namespace)
