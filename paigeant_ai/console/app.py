@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import json
 from collections.abc import AsyncGenerator, Awaitable, Callable
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -96,64 +97,29 @@ Handler = Callable[[Request, Console, Session], Awaitable[Response]]
 
 def create_app(console: Console) -> Starlette:
     """The console's ASGI app."""
-    templates = Jinja2Templates(directory=str(_HERE / "templates"))
+    routes = [
+        Route("/", _home),
+        Route("/login", _login_page, methods=["GET"]),
+        Route("/login", _login, methods=["POST"]),
+        Route("/logout", signed_in(logout, form=True), methods=["POST"]),
+        Route("/workflows", signed_in(workflows_page)),
+        Route("/workflows/rows", signed_in(workflows_rows)),
+        Route("/workflows/{correlation_id}", signed_in(workflow_page)),
+        Route("/workflows/{correlation_id}/live", signed_in(workflow_live)),
+        Route("/dead-letters", signed_in(letters_page)),
+        Route("/dead-letters/{message_id}/replay", signed_in(replay, form=True), methods=["POST"]),
+        Route("/approvals", signed_in(approvals_page)),
+        Route("/approvals/{correlation_id}/{tool_call_id}", signed_in(decide, form=True), methods=["POST"]),
+        Mount("/static", StaticFiles(directory=str(_HERE / "static")), name="static"),
+    ]
+    hosts = Middleware(TrustedHostMiddleware, allowed_hosts=console.allowed_hosts or ["*"])
+    app = Starlette(routes=routes, lifespan=_lifespan(console), middleware=[hosts])
+    app.state.console = console
+    app.state.templates = Jinja2Templates(directory=str(_HERE / "templates"))
+    return app
 
-    def page(
-        name: str, request: Request, session: Session | None, headers: dict[str, str] | None = None, **context: Any
-    ) -> Response:
-        flash = session.flash if session is not None else None
-        if session is not None and not name.startswith("_"):  # a live part leaves the line to its page
-            session.flash = None
-        me = session.principal if session else None
-        context |= {"me": me, "csrf": session.csrf if session else "", "flash": flash}
-        return templates.TemplateResponse(request, name, context, headers=_HEADERS | (headers or {}))
 
-    def signed_in(handler: Handler, *, form: bool = False) -> Callable[[Request], Awaitable[Response]]:
-        async def endpoint(request: Request) -> Response:
-            found = console.sessions.get(request.cookies.get(SESSION_COOKIE))
-            if found is None or found[1].principal is None:
-                if form:
-                    return Response("sign in first", status_code=403, headers=_HEADERS)
-                return RedirectResponse("/login", status_code=303)
-            session = found[1]
-            if form and not csrf_holds(session, (await request.form()).get("csrf")):
-                return Response("refused: the form has no valid CSRF token", status_code=403, headers=_HEADERS)
-            request.state.page = page
-            return await handler(request, console, session)
-
-        return endpoint
-
-    async def login_page(request: Request) -> Response:
-        found = console.sessions.get(request.cookies.get(SESSION_COOKIE))
-        session_id, session = found if found is not None else console.sessions.start()
-        response = page("login.html", request, session, accounts=console.users is not None, tokens=console.tokens)
-        _set_cookie(request, response, console.sessions.cookie_of(session_id))
-        return response
-
-    async def login(request: Request) -> Response:
-        found = console.sessions.get(request.cookies.get(SESSION_COOKIE))
-        form = await request.form()
-        if found is None or not csrf_holds(found[1], form.get("csrf")):
-            return Response("refused: the form has no valid CSRF token", status_code=403, headers=_HEADERS)
-        principal, error = _sign_in(console, form)
-        if principal is None:
-            found[1].flash = error
-            return RedirectResponse("/login?failed=1", status_code=303)
-        console.sessions.end(found[0])
-        session_id, _ = console.sessions.start(principal)
-        response = RedirectResponse("/workflows", status_code=303)
-        _set_cookie(request, response, console.sessions.cookie_of(session_id))
-        return response
-
-    async def logout(request: Request, console: Console, session: Session) -> Response:
-        found = console.sessions.get(request.cookies.get(SESSION_COOKIE))
-        if found is not None:
-            console.sessions.end(found[0])
-        return RedirectResponse("/login", status_code=303)
-
-    async def home(request: Request) -> Response:
-        return RedirectResponse("/workflows", status_code=303)
-
+def _lifespan(console: Console) -> Callable[[Starlette], AbstractAsyncContextManager[None]]:
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncGenerator[None]:
         if console.connect:
@@ -170,25 +136,79 @@ def create_app(console: Console) -> Starlette:
             if console.connect:
                 await console.transport.disconnect()
 
-    routes = [
-        Route("/", home),
-        Route("/login", login_page, methods=["GET"]),
-        Route("/login", login, methods=["POST"]),
-        Route("/logout", signed_in(logout, form=True), methods=["POST"]),
-        Route("/workflows", signed_in(workflows_page)),
-        Route("/workflows/rows", signed_in(workflows_rows)),
-        Route("/workflows/{correlation_id}", signed_in(workflow_page)),
-        Route("/workflows/{correlation_id}/live", signed_in(workflow_live)),
-        Route("/dead-letters", signed_in(letters_page)),
-        Route("/dead-letters/{message_id}/replay", signed_in(replay, form=True), methods=["POST"]),
-        Route("/approvals", signed_in(approvals_page)),
-        Route("/approvals/{correlation_id}/{tool_call_id}", signed_in(decide, form=True), methods=["POST"]),
-        Mount("/static", StaticFiles(directory=str(_HERE / "static")), name="static"),
-    ]
-    hosts = console.allowed_hosts or ["*"]
-    return Starlette(
-        routes=routes, lifespan=lifespan, middleware=[Middleware(TrustedHostMiddleware, allowed_hosts=hosts)]
-    )
+    return lifespan
+
+
+def _render(
+    request: Request, name: str, session: Session | None, headers: dict[str, str] | None = None, **context: Any
+) -> Response:
+    """The page `name` for `session`'s person, with the line it has to show (kept for a page, not a live part)."""
+    flash = session.flash if session is not None else None
+    if session is not None and not name.startswith("_"):
+        session.flash = None
+    me = session.principal if session else None
+    context |= {"me": me, "csrf": session.csrf if session else "", "flash": flash}
+    templates: Jinja2Templates = request.app.state.templates
+    return templates.TemplateResponse(request, name, context, headers=_HEADERS | (headers or {}))
+
+
+def _session(request: Request) -> tuple[Console, tuple[str, Session] | None]:
+    console: Console = request.app.state.console
+    return console, console.sessions.get(request.cookies.get(SESSION_COOKIE))
+
+
+def _refused(why: str) -> Response:
+    return Response(f"refused: {why}", status_code=403, headers=_HEADERS)
+
+
+def signed_in(handler: Handler, *, form: bool = False) -> Callable[[Request], Awaitable[Response]]:
+    """`handler` for a signed-in person only; for a `form` post, only with the session's CSRF token."""
+
+    async def endpoint(request: Request) -> Response:
+        console, found = _session(request)
+        if found is None or found[1].principal is None:
+            return _refused("sign in first") if form else RedirectResponse("/login", status_code=303)
+        session = found[1]
+        if form and not csrf_holds(session, (await request.form()).get("csrf")):
+            return _refused("the form has no valid CSRF token")
+        return await handler(request, console, session)
+
+    return endpoint
+
+
+async def _home(request: Request) -> Response:
+    return RedirectResponse("/workflows", status_code=303)
+
+
+async def _login_page(request: Request) -> Response:
+    console, found = _session(request)
+    session_id, session = found if found is not None else console.sessions.start()
+    response = _render(request, "login.html", session, accounts=console.users is not None, tokens=console.tokens)
+    _set_cookie(request, response, console.sessions.cookie_of(session_id))
+    return response
+
+
+async def _login(request: Request) -> Response:
+    console, found = _session(request)
+    form = await request.form()
+    if found is None or not csrf_holds(found[1], form.get("csrf")):
+        return _refused("the form has no valid CSRF token")
+    principal, error = _sign_in(console, form)
+    if principal is None:
+        found[1].flash = error
+        return RedirectResponse("/login?failed=1", status_code=303)
+    console.sessions.end(found[0])  # a new session at each sign-in: one planted before it is worth nothing
+    session_id, _ = console.sessions.start(principal)
+    response = RedirectResponse("/workflows", status_code=303)
+    _set_cookie(request, response, console.sessions.cookie_of(session_id))
+    return response
+
+
+async def logout(request: Request, console: Console, session: Session) -> Response:
+    _, found = _session(request)
+    if found is not None:
+        console.sessions.end(found[0])
+    return RedirectResponse("/login", status_code=303)
 
 
 def _set_cookie(request: Request, response: Response, value: str) -> None:
@@ -207,10 +227,6 @@ def _sign_in(console: Console, form: Any) -> tuple[Principal | None, str]:
         return None, "this console has no local accounts: sign in with a token"
     principal = console.users.sign_in(str(form.get("name") or ""), str(form.get("password") or ""))
     return principal, "" if principal is not None else "unknown name or wrong password"
-
-
-def _render(request: Request, name: str, session: Session, **context: Any) -> Response:
-    return request.state.page(name, request, session, **context)
 
 
 # -- workflows --------------------------------------------------------------------------------------------------
@@ -313,11 +329,7 @@ async def decide(request: Request, console: Console, session: Session) -> Respon
     assert me is not None
     correlation_id, call_id = request.path_params["correlation_id"], request.path_params["tool_call_id"]
     if not me.allows("approve"):
-        return Response(
-            f"refused: {me.name} may not approve tool calls (the users file or token gives 'approve')",
-            status_code=403,
-            headers=_HEADERS,
-        )
+        return _refused(f"{me.name} may not approve tool calls (the users file or token gives 'approve')")
     form = await request.form()
     try:
         answer, said = await _answer(console, correlation_id, call_id, form, me)
