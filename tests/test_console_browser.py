@@ -82,8 +82,9 @@ async def browsing(tmp_path: Path, shots: Path) -> AsyncGenerator[Browsing]:
         try:
             async with async_playwright() as playwright:
                 browser = await playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
-                page = await browser.new_page(viewport={"width": 1280, "height": 800})
-                page.set_default_timeout(15_000)
+                context = await browser.new_context(viewport={"width": 1280, "height": 800})
+                context.set_default_timeout(15_000)
+                page = await context.new_page()
                 browsing = Browsing(shop, page, f"http://127.0.0.1:{port}", shots)
                 await browsing.open("/login")
                 await browsing.shot("sign-in")
@@ -102,28 +103,31 @@ async def browsing(tmp_path: Path, shots: Path) -> AsyncGenerator[Browsing]:
 async def test_the_list_shows_a_workflow_that_is_followed_live_to_completion(browsing: Browsing) -> None:
     shop, page = browsing.shop, browsing.page
     shop.shop.carrier_down = False
-    shop.shop.pack_seconds = 2.0
+    shop.shop.pack_seconds = 4.0
     faulted = await shop.order("take-order", "charge")
     running = await shop.order("take-order", "pack", "ship")
     await browsing.open("/workflows")
     row = page.locator("tr", has_text=running)
-    await expect(row).to_contain_text("pack")  # the list updates itself while the step runs
+    await expect(row).to_contain_text("running")
     await expect(page.locator("tr", has_text=faulted)).to_contain_text("faulted")
     await browsing.shot("workflows")
 
-    await browsing.open("/workflows?q=" + running[:8])  # search by ID prefix
-    await expect(page.locator("tbody tr")).to_have_count(1)
-    await page.click(f"text={running}")
-    await expect(page.locator("#state")).to_have_text("completed")  # without reloading the page
-    await expect(page.locator(".timeline .cell")).to_have_count(3)
-    payload = page.locator("#payload")
+    follower = await page.context.new_page()  # the workflow in a tab of its own; the list stays open here
+    await follower.goto(f"{browsing.base}/workflows?q={running[:8]}")  # search by ID prefix
+    await expect(follower.locator("tbody tr")).to_have_count(1)
+    await follower.click(f"text={running}")
+    await expect(follower.locator("#state")).to_have_text("running")
+    await expect(follower.locator("#state")).to_have_text("completed")  # without reloading the page
+    await expect(follower.locator(".timeline .cell")).to_have_count(3)
+    payload = follower.locator("#payload")
     await expect(payload).to_contain_text("TRK-555")
     await expect(payload).to_contain_text("[redacted]")
     await expect(payload).not_to_contain_text("hunter2")
-    await expect(page.locator("a", has_text="open its trace")).to_have_attribute(
+    await expect(follower.locator("a", has_text="open its trace")).to_have_attribute(
         "href", f"https://traces.example/search?q={running}"
     )
-    await browsing.shot("workflow")
+    await follower.screenshot(path=browsing.shots / "console-workflow.png", full_page=True)
+    await expect(row).to_contain_text("completed")  # the list, never reloaded, caught up too
 
 
 async def test_a_faulted_workflow_shows_why(browsing: Browsing) -> None:
