@@ -33,6 +33,7 @@ __all__ = (
     "park_again",
     "replay_dead_letter",
     "replay_id",
+    "replay_letter",
     "run_command",
     "signed_failure",
 )
@@ -304,13 +305,15 @@ async def _dead_letter_id(transport: Transport, given: str) -> str | None:
     return next(iter(candidates), None)
 
 
-async def _replay(transport: Transport, given: str) -> int:
-    signer = MessageSigner.from_settings(transport)
-    signer.ensure_ready()  # the replay is signed with this process's key, which the workers must trust
-    message_id = await _dead_letter_id(transport, given)
-    if message_id is None:
-        print(f"no dead letter with message id {given!r}, nor one whose message or workflow ID starts with it")
-        return 1
+async def replay_letter(
+    transport: Transport, message_id: str, signer: MessageSecurity, waiting_store: WaitingStore | None = None
+) -> tuple[DeadLetter, PaigeantMessage] | None:
+    """Replay the letter with `message_id` (see `replay_dead_letter`), taking it off the queue once it is sent;
+    the letter and what was sent, or None when no letter has that id (any more).
+
+    Raises:
+        UserError: The letter cannot be replayed (see `replay_dead_letter`); it stays in the queue.
+    """
     replayed: list[tuple[DeadLetter, PaigeantMessage]] = []
     refused: list[UserError] = []
 
@@ -318,7 +321,7 @@ async def _replay(transport: Transport, given: str) -> int:
         if replayed or refused or letter.message is None or letter.message.message_id != message_id:
             return True
         try:
-            replayed.append((letter, await replay_dead_letter(transport, letter, signer)))
+            replayed.append((letter, await replay_dead_letter(transport, letter, signer, waiting_store)))
         except UserError as exc:
             refused.append(exc)
             return True  # the letter stays in the queue
@@ -327,10 +330,21 @@ async def _replay(transport: Transport, given: str) -> int:
     await browse_dead_letters(transport, replay_match)
     if refused:
         raise refused[0]
-    if not replayed:
+    return replayed[0] if replayed else None
+
+
+async def _replay(transport: Transport, given: str) -> int:
+    signer = MessageSigner.from_settings(transport)
+    signer.ensure_ready()  # the replay is signed with this process's key, which the workers must trust
+    message_id = await _dead_letter_id(transport, given)
+    if message_id is None:
+        print(f"no dead letter with message id {given!r}, nor one whose message or workflow ID starts with it")
+        return 1
+    found = await replay_letter(transport, message_id, signer)
+    if found is None:
         print(f"no dead letter with message id {message_id!r}: another process took it meanwhile")
         return 1
-    letter, message = replayed[0]
+    letter, message = found
     if letter.message is not None and letter.message.resume is not None:
         print(
             f"parked workflow {escape_control(message.correlation_id)} again at step {message.step} "

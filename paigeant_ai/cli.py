@@ -29,6 +29,7 @@ from . import (
     __version__,
     _cli_activities,
     _cli_cancel,
+    _cli_console,
     _cli_dead_letters,
     _cli_evals,
     _cli_keys,
@@ -388,6 +389,7 @@ def _parser() -> argparse.ArgumentParser:
     _cli_activities.add_command(commands, common)
     _cli_resume.add_command(commands, common)
     _cli_dead_letters.add_command(commands, common)
+    _cli_console.add_command(commands, common)
     _cli_keys.add_commands(commands)  # keys generate
     _cli_evals.add_command(commands, common)  # evals record, evals run
     return parser
@@ -489,6 +491,8 @@ def _run(args: argparse.Namespace, settings: dict[str, str]) -> int:
         return asyncio.run(_cli_dead_letters.run_command(args))
     if args.command == "evals":
         return asyncio.run(_cli_evals.run_command(args))
+    if args.command == "console":
+        return asyncio.run(_cli_console.run_command(args))
     return _cli_keys.run_command(args)
 
 

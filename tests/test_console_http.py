@@ -1,0 +1,245 @@
+"""The console over HTTP (httpx's ASGI transport): who may sign in and act, and forms without a CSRF token."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+from collections.abc import AsyncGenerator
+from contextlib import asynccontextmanager
+from datetime import UTC, datetime
+from pathlib import Path
+
+import httpx
+import pytest
+from joserfc import jwt
+from pydantic_ai import models
+
+from paigeant_ai import TokenValidator, TrustPolicy, UserError, WorkflowStatus
+from paigeant_ai.console import create_app
+from paigeant_ai.console.auth import (
+    SESSION_COOKIE,
+    Users,
+    hash_password,
+    principal_from_token,
+    verify_password,
+)
+from paigeant_ai.security import generate_key
+
+from .console_world import PASSWORD, World, world
+
+models.ALLOW_MODEL_REQUESTS = False
+
+
+@pytest.fixture
+async def shop(tmp_path: Path) -> AsyncGenerator[tuple[World, httpx.AsyncClient]]:
+    async with world(tmp_path) as shop, served(shop) as client:
+        yield shop, client
+
+
+def csrf_of(page: httpx.Response) -> str:
+    found = re.search(r'name="csrf" value="([^"]+)"', page.text)
+    assert found is not None, page.text
+    return found.group(1)
+
+
+async def sign_in(client: httpx.AsyncClient, name: str, password: str = PASSWORD) -> httpx.Response:
+    login = await client.get("/login")
+    return await client.post("/login", data={"csrf": csrf_of(login), "name": name, "password": password})
+
+
+async def waiting(shop: World, correlation_id: str) -> bool:
+    assert shop.console.waiting_store is not None
+    return await shop.console.waiting_store.get(correlation_id) is not None
+
+
+async def parked_ticket(shop: World) -> str:
+    correlation_id = await shop.ticket()
+    for _ in range(200):
+        if await waiting(shop, correlation_id):
+            return correlation_id
+        await asyncio.sleep(0.05)
+    raise AssertionError("the ticket never parked")
+
+
+def test_passwords_are_scrypt_hashes_that_verify_only_themselves() -> None:
+    stored = hash_password(PASSWORD)
+    assert stored.startswith("scrypt$16384$8$1$")
+    assert PASSWORD not in stored
+    assert verify_password(PASSWORD, stored)
+    assert not verify_password(PASSWORD + "!", stored)
+    assert not verify_password(PASSWORD, "md5$nothing")
+
+
+def test_the_users_file_is_private_and_refuses_unknown_permissions(tmp_path: Path) -> None:
+    users = Users(tmp_path / "users.json")
+    users.add("ana", PASSWORD, ["approve"])
+    assert (tmp_path / "users.json").stat().st_mode & 0o777 == 0o600
+    signed_in = users.sign_in("ana", PASSWORD)
+    assert signed_in is not None
+    assert signed_in.may == {"approve"}
+    assert users.sign_in("ana", "wrong password") is None
+    assert users.sign_in("nobody", PASSWORD) is None
+    with pytest.raises(Exception, match="unknown permission delete"):
+        users.add("eve", PASSWORD, ["delete"])
+
+
+async def test_every_page_needs_a_signed_in_person(shop: tuple[World, httpx.AsyncClient]) -> None:
+    _, client = shop
+    for path in ("/workflows", "/approvals", "/dead-letters", "/workflows/rows"):
+        response = await client.get(path)
+        assert response.status_code == 303
+        assert response.headers["location"] == "/login"
+    refused = await sign_in(client, "ana", "not her password")
+    assert refused.headers["location"] == "/login?failed=1"
+    assert "unknown name or wrong password" in (await client.get("/login?failed=1")).text
+
+
+async def test_the_session_cookie_is_signed_httponly_and_strict(shop: tuple[World, httpx.AsyncClient]) -> None:
+    _, client = shop
+    signed_in = await sign_in(client, "ana")
+    assert signed_in.status_code == 303
+    assert signed_in.headers["location"] == "/workflows"
+    cookie = signed_in.headers["set-cookie"]
+    assert "HttpOnly" in cookie
+    assert "SameSite=strict" in cookie
+    assert (await client.get("/workflows")).status_code == 200
+    session_id, _, mac = client.cookies[SESSION_COOKIE].partition(".")
+    client.cookies.set(SESSION_COOKIE, f"{session_id}.{'0' * len(mac)}")  # a cookie whose signature does not hold
+    assert (await client.get("/workflows")).status_code == 303
+
+
+async def test_a_form_without_the_csrf_token_is_refused(shop: tuple[World, httpx.AsyncClient]) -> None:
+    world_, client = shop
+    correlation_id = await parked_ticket(world_)
+    await sign_in(client, "ana")
+    forged = await client.post(f"/approvals/{correlation_id}/r1", data={"decision": "approve"})
+    assert forged.status_code == 403
+    assert "CSRF" in forged.text
+    wrong = await client.post(f"/approvals/{correlation_id}/r1", data={"decision": "approve", "csrf": "guessed"})
+    assert wrong.status_code == 403
+    login = await client.post("/login", data={"name": "ana", "password": PASSWORD})
+    assert login.status_code == 403
+    assert await waiting(world_, correlation_id)
+    assert world_.shop.refunds == []
+
+
+async def test_a_person_without_approve_permission_is_refused(shop: tuple[World, httpx.AsyncClient]) -> None:
+    world_, client = shop
+    correlation_id = await parked_ticket(world_)
+    await sign_in(client, "bob")
+    inbox = await client.get("/approvals")
+    assert "refund" in inbox.text
+    assert "You may look, not decide" in inbox.text
+    assert "Approve</button>" not in inbox.text
+    refused = await client.post(f"/approvals/{correlation_id}/r1", data={"decision": "approve", "csrf": csrf_of(inbox)})
+    assert refused.status_code == 403
+    assert refused.text == "refused: bob may not approve tool calls (the users file or token gives 'approve')"
+    await asyncio.sleep(0.3)
+    assert await waiting(world_, correlation_id)
+    assert world_.shop.refunds == []
+
+
+async def test_edited_arguments_run_and_are_recorded_as_edited(shop: tuple[World, httpx.AsyncClient]) -> None:
+    world_, client = shop
+    correlation_id = await parked_ticket(world_)
+    await sign_in(client, "ana")
+    inbox = await client.get("/approvals")
+    decided = await client.post(
+        f"/approvals/{correlation_id}/r1",
+        data={"decision": "approve", "csrf": csrf_of(inbox), "args": '{"ticket": "T-1042", "amount": 25}'},
+    )
+    assert decided.headers["location"] == f"/workflows/{correlation_id}"
+    status = await completed(world_, correlation_id)
+    assert world_.shop.refunds == [{"ticket": "T-1042", "amount": 25}]
+    page = (await client.get(f"/workflows/{correlation_id}")).text
+    assert "refund approved with edited arguments by ana" in page
+    resumed = next(event for event in status.events if event.kind == "resumed")
+    assert resumed.detail is not None
+    assert "ana" in resumed.detail
+    assert "25" in resumed.detail
+    print(resumed.detail)
+
+
+ISSUER, AUDIENCE = "https://id.example.com", "paigeant-console"
+IDP = generate_key("idp-1", "ES256")
+
+
+def token(subject: str, scope: str) -> str:
+    now = int(datetime.now(UTC).timestamp())
+    claims = {"iss": ISSUER, "aud": AUDIENCE, "sub": subject, "scope": scope, "iat": now, "exp": now + 600}
+    return jwt.encode({"alg": "ES256", "kid": IDP.kid}, claims, IDP, algorithms=["ES256"])
+
+
+def validator() -> TokenValidator:
+    return TokenValidator({"keys": [IDP.as_dict(private=False)]}, issuer=ISSUER, audience=AUDIENCE)
+
+
+@asynccontextmanager
+async def served(shop: World) -> AsyncGenerator[httpx.AsyncClient]:
+    app = create_app(shop.console)
+    async with app.router.lifespan_context(app):
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://127.0.0.1") as client:
+            yield client
+
+
+async def completed(shop: World, correlation_id: str) -> WorkflowStatus:
+    for _ in range(200):
+        status = await shop.console.store.get(correlation_id)
+        if status is not None and status.state == "completed":
+            return status
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"workflow {correlation_id} did not complete")
+
+
+def test_a_token_gives_the_permissions_its_scopes_name() -> None:
+    carol = principal_from_token(token("carol", "openid paigeant:approve"), validator())
+    assert (carol.name, carol.may, carol.via) == ("carol", frozenset({"approve"}), "token")
+    reader = principal_from_token(token("dave", "openid"), validator())
+    assert reader.may == frozenset()
+    with pytest.raises(UserError, match="the token is refused"):
+        principal_from_token(token("carol", "paigeant:approve") + "x", validator())
+    with pytest.raises(UserError, match="token sign-in needs the issuer"):
+        principal_from_token(token("carol", "paigeant:approve"), None)
+
+
+async def test_a_person_signed_in_with_a_token_approves_as_its_subject(tmp_path: Path) -> None:
+    async with world(tmp_path, tokens=validator()) as shop, served(shop) as client:
+        correlation_id = await parked_ticket(shop)
+        login = await client.get("/login")
+        assert "Sign in with the token" in login.text
+        bearer = token("carol", "paigeant:approve")
+        await client.post("/login", data={"csrf": csrf_of(login), "token": bearer})
+        inbox = await client.get("/approvals")
+        await client.post(f"/approvals/{correlation_id}/r1", data={"decision": "approve", "csrf": csrf_of(inbox)})
+        status = await completed(shop, correlation_id)
+        resumed = next(event for event in status.events if event.kind == "resumed")
+        assert resumed.detail == "approved refund (r1) by carol"
+        assert shop.shop.refunds == [{"ticket": "T-1042", "amount": 40}]
+
+
+async def test_the_trust_policy_decides_whether_the_console_may_approve(tmp_path: Path) -> None:
+    policy = TrustPolicy.load({"keys": {"shop-console": {"may": ["start"], "send_to": "*"}}})
+    async with world(tmp_path, policy=policy) as shop, served(shop) as client:
+        correlation_id = await parked_ticket(shop)
+        await sign_in(client, "ana")
+        inbox = await client.get("/approvals")
+        sent = await client.post(
+            f"/approvals/{correlation_id}/r1", data={"decision": "approve", "csrf": csrf_of(inbox)}
+        )
+        assert sent.headers["location"] == "/approvals"
+        page = (await client.get("/approvals")).text
+        assert "not sent:" in page
+        assert "may not approve" in page
+        await asyncio.sleep(0.3)
+        assert await waiting(shop, correlation_id)
+        assert shop.shop.refunds == []
+
+
+async def test_a_console_on_loopback_answers_only_to_its_own_names(tmp_path: Path) -> None:
+    async with world(tmp_path) as shop:
+        shop.console.allowed_hosts = ["127.0.0.1", "localhost"]
+        async with served(shop) as client:
+            assert (await client.get("/login")).status_code == 200
+            rebound = await client.get("/login", headers={"Host": "attacker.example"})  # a DNS rebinding page
+            assert rebound.status_code == 400
