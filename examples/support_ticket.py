@@ -134,7 +134,7 @@ CRM = {"X": ["2024-03: upgraded to the premium plan", "yesterday: card payment o
 OUTBOX: list[str] = []
 
 
-@activity(name="route-to-specialist", after=["classify-ticket-priority"])
+@activity(name="route-to-specialist")
 async def route_to_specialist(ctx: ActivityContext) -> Assignment:
     """Pick the team that handles the ticket, from its classification."""
     classification = ctx.payload.get("classification")
