@@ -68,7 +68,7 @@ def _orders(catalog: ActivityCatalog) -> None:
     )
     catalog.add(
         order_processing.update_inventory,
-        description="Order: the reserved items leave the warehouse's stock for good.",
+        description="Order: the reserved items leave the warehouse for good.",
         needs=["sku", "quantity"],
         produces=["stock_left"],
     )
