@@ -1,9 +1,10 @@
-"""The planner suite's catalog: the examples' activities, what each reads and writes, and the shop's ordering rules.
+"""The planner suite's catalog: the examples' activities, what each reads and writes, and their ordering rules.
 
 Each description starts with the flow the activity belongs to ("Order: ...") and says what it does, as a planner
 reads it. The rules are the shop's: nothing ships before it is paid for, a payment follows the stock check and is
 always confirmed, a refund follows a checked order and happens once, and an order is never shipped and refunded in
-one workflow. They are enforced by the catalog whatever the planner says.
+one workflow. The examples declare them where each activity is declared (`@activity(after=...)`); this catalog
+adds `issue-refund` and its conflict with shipping. They are enforced by the catalog whatever the planner says.
 """
 
 from __future__ import annotations
@@ -34,8 +35,6 @@ def _onboarding(catalog: ActivityCatalog) -> None:
         description="Onboarding: create the new customer's account once their data is valid.",
         needs=["validation"],
         produces=["account_id"],
-        after=["validate-customer-data"],
-        max_per_plan=1,
     )
     catalog.add(
         onboarding.setup_payment,
@@ -60,30 +59,24 @@ def _orders(catalog: ActivityCatalog) -> None:
         "here.",
         needs=["review", "sku", "quantity"],
         produces=["in_stock"],
-        after=["validate-order"],
     )
     catalog.add(
         order_processing.process_payment,
         description="Order: charge the customer for the order with the main provider.",
         needs=["amount"],
         produces=["payment_id"],
-        after=["check-inventory"],
-        requires=["send-confirmation"],
-        max_per_plan=1,
     )
     catalog.add(
         order_processing.update_inventory,
-        description="Order: the reserved items leave the warehouse's stock for good.",
+        description="Order: the reserved items leave the warehouse for good.",
         needs=["sku", "quantity"],
         produces=["stock_left"],
-        after=["process-payment"],
     )
     catalog.add(
         order_processing.generate_label,
         description="Order: book the parcel with the carrier so that the order ships, and return its tracking number.",
         produces=["tracking_number"],
-        after=["process-payment", "update-inventory"],
-        conflicts=["issue-refund"],
+        conflicts=["issue-refund"],  # besides the example's own rules: never shipped and refunded at once
     )
     catalog.add(
         order_processing.send_confirmation,
@@ -108,6 +101,4 @@ def _support(catalog: ActivityCatalog) -> None:
         "schedule-follow-up": "Follow-up: book a call with the customer for the next morning.",
     }
     for entry in support_ticket.catalog:
-        catalog.add(entry)
-        after = ["classify-ticket-priority"] if entry.name == "generate-response" else None
-        catalog.add(entry.spec, description=described.get(entry.name, entry.description), after=after)
+        catalog.add(entry.model_copy(update={"description": described.get(entry.name, entry.description)}))

@@ -40,6 +40,16 @@ class Activity:
     def words(self) -> set[str]:
         return self.name_stems | set(stems(self.description))
 
+    @property
+    def verb(self) -> str | None:
+        """The first word of what its description says it does, after the flow ("Order: check an order" -> check)."""
+        said = stems(self.description.rsplit(":", 1)[-1])
+        return said[0] if said else None
+
+    def described_by(self, words: list[str]) -> bool:
+        """Whether its description starts with the verb of `words` and mentions the rest ("check the order")."""
+        return len(words) > 1 and self.verb == words[0] and all(word in self.words for word in words[1:])
+
     @classmethod
     def listed(cls, entry: dict[str, Any]) -> Activity:
         needs, produces = entry.get("needs") or {}, entry.get("produces") or {}
@@ -124,10 +134,16 @@ def _intent(reading: Reading, catalog: list[Activity]) -> list[str] | str | obje
 
 
 def _named(verb: str, clause: list[str], catalog: list[Activity]) -> list[str]:
-    """The activities whose name holds `verb`, the ones that share the most words with the clause."""
+    """The activities the clause's verb and object describe ("check the order": the one described as checking an
+    order); else those whose name holds `verb` (the ones sharing the most words with the clause); else the one
+    activity whose description uses `verb`."""
+    described = [a.name for a in catalog if a.described_by(clause[:2])]
+    if described:
+        return described
     hits = [a for a in catalog if verb in a.name_stems]
-    if not hits:
-        return []
+    if not hits:  # a word one description alone uses points to it; "handle" asks for a flow, not one step
+        described = [a.name for a in catalog if verb in stems(a.description)]
+        return described if len(described) == 1 and verb not in GENERIC else []
     best = max(len(set(clause) & a.words) for a in hits)
     return [a.name for a in hits if len(set(clause) & a.words) == best]
 
@@ -136,7 +152,11 @@ def _excluded(phrases: list[tuple[str, list[str]]], catalog: list[Activity]) -> 
     """The activities the user asked to leave out, each with the words they used."""
     excluded: dict[str, str] = {}
     for said, words in phrases:
-        named = [a for a in catalog if set(words) <= a.name_stems] or [a for a in catalog if set(words) & a.name_stems]
+        named = (
+            [a for a in catalog if set(words) <= a.name_stems]
+            or [a for a in catalog if a.described_by(words)]
+            or [a for a in catalog if set(words) & a.name_stems]
+        )
         if not named:
             return Say(f"I can't do that without {said}: it is not a step I can leave out of the plan.")
         excluded.update({a.name: said for a in named})

@@ -3,9 +3,10 @@
 It sees what a model sees and nothing else: the conversation (`messages`: the user's turns, its own earlier replies,
 and the tools' answers) and the tool definitions. It knows no activity by name. It reads the request
 (`evals.reading`), calls `list_activities`, and plans from what the catalog says: the activity whose name holds the
-request's verb (or every activity of the flow the verb names), the activities that produce what those need, in the
-order the variables flow. It asks when a value the plan needs is not in the conversation, and says so when no
-activity does what is asked. It does not read the ordering rules ahead: it dispatches, and when the toolset refuses
+request's verb (or every activity of the flow the verb names, or the one whose description says what the request
+asks: "check the order", "in stock"), the activities that produce what those need, in the order the variables
+flow. It asks when a value the plan needs is not in the conversation, and says so when no activity does what is
+asked. It does not read the ordering rules ahead: it dispatches, and when the toolset refuses
 the plan it repairs it from the refusal (adds a step, moves one before another, drops one that conflicts), as a
 model would, unless the repair goes against what the user asked (leaving a step out, doing a step twice), in which
 case it tells the user the catalog refuses it. So an unsafe plan is refused by the toolset, not by this policy.

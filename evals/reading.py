@@ -2,8 +2,9 @@
 
 Nothing here knows the catalog or the suite's cases: words are reduced to stems so that they can be compared with the
 names and descriptions `list_activities` returns, values are found by the variable names a catalog uses, and a
-short list of phrases maps everyday words onto a catalog's vocabulary ("sign up" is onboarding, "in stock" is an
-inventory check), as a model's knowledge of the language would.
+short list of phrases maps everyday words onto plainer ones ("sign up" is onboarding, "deliver" is ship), as a
+model's knowledge of the language would. No phrase names an activity: which activity a request means is read from
+the catalog's names and descriptions (`evals.planning`).
 """
 
 from __future__ import annotations
@@ -24,10 +25,7 @@ STOPWORDS = frozenset(_STOPWORDS.split())
 
 
 PHRASES: list[tuple[str, str]] = [
-    (r"\bcheck (?:the |an |this |that )?order\b", "validate order"),
     (r"\bcheck(?:ed)? out\b", "hold"),
-    (r"\b(?:in stock|stock check|check (?:the )?stock)\b", "check inventory"),
-    (r"\bstock\b", "inventory"),
     (r"\b(?:sign(?:ing)?[- ]?up|register)\b", "onboard"),
     (r"\bset(?:ting)? up\b", "setup"),
     (r"\b(?:bought|buy|buys|purchased?)\b", "process order"),
@@ -39,7 +37,7 @@ PHRASES: list[tuple[str, str]] = [
 
 _EXCLUDE = re.compile(
     r"\b(?:skip(?:ping)?|without|bypass(?:ing)?|no need to|don't|do not)\s+(?:the |a |any |waiting for )?"
-    r"([a-z-]+(?:\s+[a-z-]+)?)"
+    r"([a-z-]+(?:\s+(?:the |an |a )?[a-z-]+)?)"
 )
 _BULK = re.compile(r"\b(?:every|all)\b[^.]*\bcustomers?\b")
 _TWICE = re.compile(r"\b(?:twice|two times)\b")

@@ -102,7 +102,7 @@ validate = AgentActivity(
 )
 
 
-@activity(name="create-customer-account")
+@activity(name="create-customer-account", after=["validate-customer-data"], max_per_plan=1)
 async def create_account(ctx: ActivityContext) -> dict[str, str]:
     """Create the customer's account once the data is valid."""
     await _pause(ctx)
@@ -113,7 +113,12 @@ async def create_account(ctx: ActivityContext) -> dict[str, str]:
     return {"account_id": "acct-" + ctx.idempotency_key.split(":")[0][:8]}
 
 
-@activity(name="setup-payment-method", retry=RetryPolicy(max_attempts=3, initial_interval=0.2))
+@activity(
+    name="setup-payment-method",
+    retry=RetryPolicy(max_attempts=3, initial_interval=0.2),
+    after=["create-customer-account"],  # a payment method belongs to an account
+    max_per_plan=1,
+)
 async def setup_payment(ctx: ActivityContext) -> dict[str, str]:
     """Attach a payment method; the payment provider is flaky on the first try."""
     await _pause(ctx)

@@ -35,6 +35,7 @@ from pydantic_ai.messages import ModelMessage, ModelResponse, TextPart, ToolCall
 from pydantic_ai.models.function import AgentInfo, FunctionModel
 
 from paigeant_ai import (
+    ActivityCatalog,
     ActivityContext,
     AgentActivity,
     EndWorkflow,
@@ -85,10 +86,11 @@ validate_order = AgentActivity(
     prompt="Review order {order_id}: {quantity} x {sku}, shipping to {address}.",
     output_key="review",
     compensate="notify-customer",  # an accepted order that is called off: the customer is told why
+    max_per_plan=1,
 )
 
 
-@activity(name="check-inventory", compensate="release-inventory")
+@activity(name="check-inventory", compensate="release-inventory", after=["validate-order"], max_per_plan=1)
 async def check_inventory(ctx: ActivityContext) -> dict[str, bool]:
     """Make sure the items are in stock, and reserve them; an order that cannot be filled ends here."""
     review = ctx.payload.get("review")
@@ -108,6 +110,9 @@ async def check_inventory(ctx: ActivityContext) -> dict[str, bool]:
     retry=RetryPolicy(max_attempts=4, initial_interval=0.1, backoff=2),
     compensate="refund-payment",
     fallbacks=["charge-backup"],  # once this step has failed for good
+    after=["check-inventory"],  # never charged for items that are not reserved
+    requires=["send-confirmation"],  # a charge is always confirmed to the customer
+    max_per_plan=1,  # charged once per order
 )
 async def process_payment(ctx: ActivityContext) -> dict[str, str]:
     """Charge the customer with the main provider; it times out twice before it answers."""
@@ -128,13 +133,13 @@ async def charge_backup(ctx: ActivityContext) -> dict[str, str]:
     return {"payment_id": f"bak-{ctx.correlation_id[:8]}"}
 
 
-@activity(name="update-inventory")
+@activity(name="update-inventory", after=["process-payment"], max_per_plan=1)
 async def update_inventory(ctx: ActivityContext) -> dict[str, int]:
     """Confirm the reservation: the items leave the warehouse's stock for good."""
     return {"stock_left": STOCK[str(ctx.payload["sku"])]}
 
 
-@activity(name="generate-shipping-label")
+@activity(name="generate-shipping-label", after=["process-payment", "update-inventory"], max_per_plan=1)
 async def generate_label(ctx: ActivityContext) -> dict[str, str]:
     """Book the parcel with the carrier (it takes a second) and return its tracking number."""
     try:
@@ -149,6 +154,7 @@ send_confirmation = AgentActivity(
     Agent(FunctionModel(_confirm), name="send-confirmation"),
     prompt="Write a confirmation for order {order_id}, tracking number {tracking_number}.",
     output_key="confirmation",
+    after=["generate-shipping-label"],
 )
 
 # -- the compensations: each gets the step it undoes as `ctx.undoing`, and why as `ctx.unwinding` ----------------
@@ -166,7 +172,7 @@ async def release_inventory(ctx: ActivityContext) -> dict[str, str]:
     return {"released": f"{quantity} x {sku}"}
 
 
-@activity(name="refund-payment")
+@activity(name="refund-payment", max_per_plan=1)  # a charge is refunded once
 async def refund_payment(ctx: ActivityContext) -> dict[str, str]:
     """Refund a charge, with the provider that made it (the main one or the backup)."""
     assert ctx.undoing is not None
@@ -196,6 +202,13 @@ ORDER_STEPS = [validate_order, check_inventory, process_payment, update_inventor
 """The route of an order."""
 ACTIVITIES = [*ORDER_STEPS, charge_backup, release_inventory, refund_payment, notify_customer]
 """What the worker runs: the route's steps, the payment's fallback, and the compensations."""
+
+catalog = ActivityCatalog()
+"""What a planner may put in an order's plan, with the shop's rules: nothing ships before it is paid for, the
+payment follows the stock check and is always confirmed, and each step happens once per order."""
+for step in [*ORDER_STEPS, charge_backup]:
+    catalog.add(step)
+catalog.add(generate_label, produces=["tracking_number"])  # its `dict[str, str]` does not say which keys
 
 ORDER = {"order_id": "ord-1001", "sku": "SKU-BOOK", "quantity": 2, "amount": 39.90, "address": "1 Main St"}
 GOOD_CARD, DECLINED_CARD = "4242-4242-4242-4242", "4000-0000-0000-0002"

@@ -148,7 +148,7 @@ async def research_customer_history(ctx: ActivityContext) -> History:
     return History(customer_history=CRM.get(str(ctx.payload["customer"]), ["no history on file"]))
 
 
-@activity(name="schedule-follow-up")
+@activity(name="schedule-follow-up", max_per_plan=1)  # one call per ticket
 async def schedule_follow_up(ctx: ActivityContext) -> FollowUp:
     """Book a follow-up call with the customer for the next morning."""
     return FollowUp(follow_up=f"call customer {ctx.payload['customer']} tomorrow at 09:00")
@@ -193,6 +193,8 @@ generate_response = AgentActivity(
         "History: {customer_history}\nWrite the reply and send it."
     ),
     output_key="response",
+    after=["classify-ticket-priority"],  # never answered before it is classified
+    max_per_plan=1,  # the customer gets one reply
 )
 
 STEPS = [classify_ticket, route_to_specialist, research_customer_history, generate_response, schedule_follow_up]

@@ -84,7 +84,7 @@ def broken_rules(lookup: Lookup, steps: Sequence[Sequence[str]]) -> list[str]:
     for name in at:
         entry = lookup(name)
         if entry is not None:
-            problems += _broken(entry, at)
+            problems += _broken(lookup, entry, at)
     return list(dict.fromkeys(problems))
 
 
@@ -94,11 +94,21 @@ def new_broken_rules(lookup: Lookup, before: Sequence[Sequence[str]], after: Seq
     return [problem for problem in broken_rules(lookup, after) if problem not in old]
 
 
-def _broken(entry: CatalogEntry, at: dict[str, list[int]]) -> list[str]:
+def _unknown(name: str, rule: str, other: str) -> str:
+    """A rule no plan can keep: it names an activity the catalog lacks (misspelt, or served by no live worker)."""
+    return (
+        f"{name!r} must {rule} {other!r}, which the catalog lacks: leave {name!r} out of the plan, "
+        f"or add {other!r} to the catalog (or correct the rule's name)"
+    )
+
+
+def _broken(lookup: Lookup, entry: CatalogEntry, at: dict[str, list[int]]) -> list[str]:
     name, first = entry.name, min(at[entry.name])
     problems: list[str] = []
     for other in entry.after:
-        if other not in at:
+        if other not in at and lookup(other) is None:
+            problems.append(_unknown(name, "come after", other))
+        elif other not in at:
             problems.append(f"{name!r} must come after {other!r}, which the plan lacks: add {other!r} before {name!r}")
         elif min(at[other]) == first:
             problems.append(
@@ -109,6 +119,8 @@ def _broken(entry: CatalogEntry, at: dict[str, list[int]]) -> list[str]:
             problems.append(f"{name!r} must come after {other!r}: move {other!r} before {name!r}")
     problems += [
         f"{name!r} must be accompanied by {other!r}: add {other!r} to the plan"
+        if lookup(other) is not None
+        else _unknown(name, "be accompanied by", other)
         for other in entry.requires
         if other not in at
     ]

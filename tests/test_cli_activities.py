@@ -16,7 +16,11 @@ from paigeant_ai import (
     WorkflowDispatcher,
     activity,
 )
-from paigeant_ai._registry import AdvertisedActivity, WorkerRecord
+from paigeant_ai._cli_activities import (
+    _table,  # pyright: ignore[reportPrivateUsage]
+    activity_rows,
+)
+from paigeant_ai._registry import AdvertisedActivity, LiveRegistry, WorkerRecord
 from paigeant_ai.cli import _parser, main
 from paigeant_ai.transports.redis import RedisTransport
 
@@ -72,11 +76,56 @@ async def test_the_command_lists_live_workers_versions_and_heartbeats(namespace:
             code, out = await paigeant("activities")
             assert code == 0, out
             header, line = out.strip().splitlines()[-2:]
-            assert header.split() == ["ACTIVITY", "WORKERS", "CONCURRENCY", "VERSIONS", "LAST", "HEARTBEAT"]
+            assert header.split() == ["ACTIVITY", "WORKERS", "CONCURRENCY", "VERSIONS", "LAST", "HEARTBEAT", "RULES"]
             assert line.split()[:5] == ["score-lead", "2", "5", "3.0.1,", "4.0.0"]
         code, out = await paigeant("activities", "--json")
         [row] = json.loads(out[out.index("[") :])
         assert (row["workers"], row["versions"]) == ([], [])  # both stopped: on record, serving nothing
+
+
+def advertised(worker_id: str, heartbeat: datetime, activities: list[AdvertisedActivity]) -> WorkerRecord:
+    return WorkerRecord(worker_id=worker_id, interval=1, heartbeat=heartbeat, activities=activities)
+
+
+def test_each_activity_shows_its_ordering_rules_as_the_newest_live_worker_advertises_them() -> None:
+    now = datetime.now(UTC)
+    ship = AdvertisedActivity(
+        spec=ActivitySpec(name="ship-order"), after=["take-payment"], conflicts=["refund-order"], max_per_plan=1
+    )
+    older_ship = AdvertisedActivity(spec=ActivitySpec(name="ship-order"), after=["old-step"])
+    refund = AdvertisedActivity(spec=ActivitySpec(name="refund-order"), requires=["notify-customer"], max_per_plan=2)
+    records = [
+        advertised("stopped", now, [older_ship]).model_copy(update={"stopped": True}),  # newest, but serves nothing
+        advertised("live", now - timedelta(seconds=0.5), [ship, refund]),
+        advertised("older-release", now - timedelta(seconds=0.5), [AdvertisedActivity(spec=ActivitySpec(name="pay"))]),
+    ]
+    rows = activity_rows(LiveRegistry(records=records, now=now))
+    rules = {row["name"]: {key: row[key] for key in ("after", "requires", "conflicts", "max_per_plan")} for row in rows}
+    assert rules == {
+        "pay": {"after": [], "requires": [], "conflicts": [], "max_per_plan": None},
+        "refund-order": {"after": [], "requires": ["notify-customer"], "conflicts": [], "max_per_plan": 2},
+        "ship-order": {"after": ["take-payment"], "requires": [], "conflicts": ["refund-order"], "max_per_plan": 1},
+    }
+    assert json.loads(json.dumps(rows)) == rows  # what --json prints
+    lines = _table(rows).splitlines()
+    assert lines[0].split()[-1] == "RULES"
+    assert [line.split("UTC", 1)[1].strip() for line in lines[1:]] == [
+        "-",
+        "requires notify-customer; at most 2 times",
+        "after take-payment; conflicts refund-order; at most once",
+    ]
+
+
+def test_an_activity_whose_workers_all_stopped_shows_the_rules_of_the_newest_record() -> None:
+    now = datetime.now(UTC)
+    newest = AdvertisedActivity(spec=ActivitySpec(name="ship-order"), after=["take-payment"])
+    oldest = AdvertisedActivity(spec=ActivitySpec(name="ship-order"), after=["old-step"])
+    records = [
+        advertised("a", now - timedelta(minutes=2), [newest]),
+        advertised("b", now - timedelta(minutes=3), [oldest]),
+    ]
+    [row] = activity_rows(LiveRegistry(records=records, now=now))
+    assert (row["workers"], row["after"]) == ([], ["take-payment"])
 
 
 async def post_dead_worker(transport: RedisTransport, security: MessageSigner, activity_name: str) -> datetime:

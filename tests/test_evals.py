@@ -34,6 +34,7 @@ from evals.evaluators import (
     ToolCalls,
     matches,
 )
+from evals.planning import Activity, Dispatch, decide
 from evals.policy import planner_policy
 from evals.runner import Report, Suite, SuiteOptions, main, pass_rate, planner_suite, run_suites
 from evals.workflows import WorkflowDataset, load_dataset, run_workflow
@@ -197,8 +198,23 @@ def test_the_offline_policy_sees_only_what_a_model_sees_and_names_no_activity() 
     for module in ("policy", "planning", "reading"):
         source = (ROOT / "evals" / f"{module}.py").read_text()
         assert not [name for name in names if name in source], module
+        spelled = [name.replace("-", " ") for name in names if "-" in name]  # "check inventory": a name all the same
+        assert not [name for name in spelled if name in source.lower()], module
         assert "planner.yaml" not in source
         assert "evaluators" not in source
+
+
+@pytest.mark.parametrize("swapped", [False, True])
+def test_the_offline_policy_reads_which_activity_a_request_means_from_the_catalogs_descriptions(swapped: bool) -> None:
+    """No phrase of its own maps "check the order" or "in stock" to an activity: swap the descriptions of two
+    activities whose names say neither, and its answers swap."""
+    checks, stock = "Order: check an order before anything else.", "Order: make sure the items are in stock."
+    if swapped:
+        checks, stock = stock, checks
+    catalog = [Activity("audit-purchase", checks, (), ()), Activity("reserve-items", stock, (), ())]
+    checking, stocked = ["reserve-items", "audit-purchase"] if swapped else ["audit-purchase", "reserve-items"]
+    assert decide(["Check the order ord-1."], [], [], catalog) == Dispatch([checking], {})
+    assert decide(["Is SKU-A in stock for order ord-1?"], [], [], catalog) == Dispatch([stocked], {})
 
 
 def dropping_a_step(first: bool = False) -> FunctionModel:

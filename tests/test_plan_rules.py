@@ -117,6 +117,17 @@ def test_requires_conflicts_and_max_per_plan_each_name_their_fix() -> None:
     assert len(shop().plan(["notify-customer", "refund-order"])) == 2  # requires: any position
 
 
+def test_a_rule_naming_an_activity_the_catalog_lacks_says_no_plan_can_keep_it() -> None:
+    catalog = ActivityCatalog([notify_customer])
+    catalog.add(ActivitySpec(name="ship"), after=["take-paymnt"], requires=["notify-customer", "insure-parcel"])
+    assert refused(catalog, ["ship", "notify-customer"]) == snapshot(
+        "'ship' must come after 'take-paymnt', which the catalog lacks: leave 'ship' out of the plan, or add "
+        "'take-paymnt' to the catalog (or correct the rule's name); 'ship' must be accompanied by 'insure-parcel', "
+        "which the catalog lacks: leave 'ship' out of the plan, or add 'insure-parcel' to the catalog (or correct "
+        "the rule's name)"
+    )
+
+
 def test_every_broken_rule_is_told_at_once_beside_missing_variables() -> None:
     catalog = shop()
     catalog.add(ActivitySpec(name="label"), needs=["address"], after=["take-payment"])
