@@ -103,6 +103,20 @@ class TestRabbitMQContract(TransportContract):
         with pytest.raises(TransportError, match=r"cannot connect to RabbitMQ at amqp://guest:\*\*\*@127\.0\.0\.1:1/"):
             await transport.connect()
 
+    async def test_unreachable_nodes_are_each_named(self) -> None:
+        transport = RabbitMQTransport("amqp://guest:guest@127.0.0.1:1/, amqp://guest:secret@127.0.0.1:2/", timeout=2)
+        assert transport.urls == ("amqp://guest:guest@127.0.0.1:1/", "amqp://guest:secret@127.0.0.1:2/")
+        assert repr(transport).startswith("RabbitMQTransport('amqp://guest:***@127.0.0.1:1/,amqp://guest:***@")
+        with pytest.raises(TransportError, match=r"any of its nodes \(amqp://guest:\*\*\*@127\.0\.0\.1:1/: .*:2/: "):
+            await transport.connect()
+        assert transport.node_url is None
+
+    def test_nodes_come_as_a_list_or_separated_by_commas(self) -> None:
+        nodes = ["amqp://a:1/", "amqp://b:2/"]
+        assert RabbitMQTransport(nodes).urls == RabbitMQTransport(" amqp://a:1/,amqp://b:2/ ").urls == tuple(nodes)
+        with pytest.raises(UserError, match="PAIGEANT_RABBITMQ_URL"):
+            RabbitMQTransport(" , ")
+
     async def test_queues_are_durable_quorum_queues(self, transport: RabbitMQTransport) -> None:
         require_rabbitmqctl()
         where = address()
