@@ -234,9 +234,11 @@ class RabbitCluster:
             node.process = None
 
     def restart(self, index: int) -> None:
-        """Start node `index` again on its data folder; it rejoins the cluster by itself."""
-        self._spawn(self.nodes[index])
-        self._await_startup(self.nodes[index])
+        """Start node `index` again on its data folder; return once it has rejoined the cluster (by itself)."""
+        node = self.nodes[index]
+        self._spawn(node)
+        self._await_startup(node)
+        self.ctl(node, "await_online_nodes", str(self.size), timeout=START_TIMEOUT)
 
     def stop(self) -> None:
         """Kill every process this cluster started: each node's process group, then its epmd."""

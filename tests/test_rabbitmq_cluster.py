@@ -148,11 +148,11 @@ async def test_workers_ride_out_the_sigkill_of_their_node_and_lose_no_workflow(
         workers.env["PAIGEANT_TEST_STEP_SECONDS"] = "0.3"
         workers.env["PAIGEANT_RABBITMQ_URL"] = starting_at(cluster, 1)
         victim = await workers.start("middle_worker")  # on the second node, the one killed
-        await wait_until_advertised(dispatcher, [MIDDLE], within=30)
         workers.env["PAIGEANT_RABBITMQ_URL"] = starting_at(cluster, 2)
         await workers.start("middle_worker")
         workers.env["PAIGEANT_RABBITMQ_URL"] = starting_at(cluster, 0)
         await workers.start("edge_worker")
+        await wait_until_advertised(dispatcher, STEPS, within=60)
         assert await asyncio.to_thread(connected_node, cluster, of_process(victim.pid)) == 1
         before = await dispatch(dispatcher, 150)
 
@@ -176,7 +176,7 @@ async def test_workers_ride_out_the_sigkill_of_their_node_and_lose_no_workflow(
         after = await dispatch(dispatcher, 20)
 
         everything = {*before, *during, *after}
-        await wait_until(lambda: completed(records) >= everything, within=90, what="all 200 workflows to complete")
+        await wait_until(lambda: completed(records) >= everything, within=120, what="all 200 workflows to complete")
         await brokers.drained(dispatcher.transport, STEPS, within=30)
 
         assert completed(records) == everything

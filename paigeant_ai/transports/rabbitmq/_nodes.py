@@ -42,6 +42,7 @@ class NodesConnection(RobustConnection):
         self.nodes = tuple(nodes)
         self.node = first
         """The index in `nodes` of the node this connection is on, or tries next."""
+        self._left: object = None  # the connection last left behind: one that fails twice moves on once
         self.close_callbacks.add(self._next_node)
 
     @property
@@ -54,6 +55,10 @@ class NodesConnection(RobustConnection):
         # with a cancel, or nothing, when it is closed.
         if self.is_closed or len(self.nodes) == 1 or exc is None or isinstance(exc, asyncio.CancelledError):
             return
+        underlay = self.transport  # None when an attempt to connect failed
+        if underlay is not None and underlay is self._left:
+            return  # a connection whose channels could not be restored reports its loss twice
+        self._left = underlay
         lost = self.node_url
         self.node = (self.node + 1) % len(self.nodes)
         self.url = URL(self.nodes[self.node])

@@ -143,8 +143,7 @@ class RabbitMQTransport(TransportBase):
         self._closing: set[asyncio.Future[None]] = set()  # readers dropped, closing in the background
 
     def __repr__(self) -> str:
-        where = ",".join(redact_url(url) for url in self.urls)
-        return f"RabbitMQTransport({where!r}, namespace={self.namespace!r})"
+        return f"RabbitMQTransport({redact_url(self.url)!r}, namespace={self.namespace!r})"
 
     @property
     def node_url(self) -> str | None:
