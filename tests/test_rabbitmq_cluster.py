@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+from paigeant_ai import WorkflowDispatcher
 from paigeant_ai.contracts import DEAD_LETTER
 from paigeant_ai.exceptions import TransportError
 from paigeant_ai.transports.base import redact_url
@@ -26,7 +27,7 @@ from . import brokers
 from .brokers import report, wait_until, wait_until_advertised
 from .rabbit_cluster import RabbitCluster, require_rabbitmq_server
 from .transport_contract import receive
-from .workflows_for_crash import MIDDLE, STEPS, completed, dispatch, middle_runs, read_records
+from .workflows_for_crash import MIDDLE, STEPS, completed, middle_runs, read_records
 
 pytestmark = pytest.mark.slow
 
@@ -145,26 +146,29 @@ async def test_workers_ride_out_the_sigkill_of_their_node_and_lose_no_workflow(
         tmp_path, "rabbitmq", starting_at(cluster, 0), workers="tests.workflows_for_crash", steps=STEPS
     )
     async with fleet as (workers, dispatcher, records):
-        workers.env["PAIGEANT_TEST_STEP_SECONDS"] = "0.3"
+        workers.env["PAIGEANT_TEST_STEP_SECONDS"] = "0.4"
         workers.env["PAIGEANT_RABBITMQ_URL"] = starting_at(cluster, 1)
         victim = await workers.start("middle_worker")  # on the second node, the one killed
+        await wait_until_advertised(dispatcher, [MIDDLE], within=60)  # it declared the middle queue: it leads there
         workers.env["PAIGEANT_RABBITMQ_URL"] = starting_at(cluster, 2)
         await workers.start("middle_worker")
         workers.env["PAIGEANT_RABBITMQ_URL"] = starting_at(cluster, 0)
         await workers.start("edge_worker")
         await wait_until_advertised(dispatcher, STEPS, within=60)
         assert await asyncio.to_thread(connected_node, cluster, of_process(victim.pid)) == 1
-        before = await dispatch(dispatcher, 150)
+        before = await dispatch_at_once(dispatcher, 150)
 
         def victim_runs() -> int:
             return len(read_records(records, "middle").get(victim.pid, []))
 
-        await wait_until(lambda: victim_runs() >= 10, within=60, what="the victim to run 10 middle steps")
+        await wait_until(lambda: victim_runs() >= 4, within=60, what="the victim to run 4 middle steps")
         leaders = await asyncio.to_thread(queue_leaders, cluster, workers.env["PAIGEANT_NAMESPACE"])
+        assert MIDDLE in leaders.get(cluster.nodes[1].name, []), "the killed node leads the queue its worker consumes"
         await asyncio.to_thread(cluster.kill, 1)
         killed_at, in_flight = time.monotonic(), len(before) - len(completed(records))
+        assert in_flight > 0, "the node is killed while workflows run"
         try:
-            during = await dispatch(dispatcher, 30)  # a node is down: the cluster takes workflows all the same
+            during = await dispatch_at_once(dispatcher, 30)  # a node is down: the cluster takes workflows all the same
             await wait_until(
                 lambda: connected_node(cluster, of_process(victim.pid)) in (0, 2),
                 within=30,
@@ -173,7 +177,7 @@ async def test_workers_ride_out_the_sigkill_of_their_node_and_lose_no_workflow(
             moved = time.monotonic() - killed_at
         finally:
             await asyncio.to_thread(cluster.restart, 1)
-        after = await dispatch(dispatcher, 20)
+        after = await dispatch_at_once(dispatcher, 20)
 
         everything = {*before, *during, *after}
         await wait_until(lambda: completed(records) >= everything, within=120, what="all 200 workflows to complete")
@@ -194,8 +198,13 @@ async def test_workers_ride_out_the_sigkill_of_their_node_and_lose_no_workflow(
             f"node SIGKILLed: {len(everything)}/{len(everything)} workflows completed in "
             f"{time.monotonic() - started:.1f}s; {in_flight} were in flight; the victim's worker was on another node "
             f"{moved:.1f}s later; {len(twice)} middle steps ran more than once; the killed node led "
-            f"{sorted(leaders.get(cluster.nodes[1].name, []))}",
+            f"{sorted(leaders[cluster.nodes[1].name])}",
         )
+
+
+async def dispatch_at_once(dispatcher: WorkflowDispatcher, count: int) -> list[str]:
+    """Dispatch `count` workflows of `tests.workflows_for_crash` concurrently; their correlation IDs."""
+    return list(await asyncio.gather(*(dispatcher.dispatch_workflow(list(STEPS), {"n": n}) for n in range(count))))
 
 
 def queue_leaders(cluster: RabbitCluster, namespace: str) -> dict[str, list[str]]:

@@ -34,7 +34,8 @@ class NodesConnection(RobustConnection):
 
     When its connection is lost, or an attempt to open it fails, the next attempt goes to the next node in
     `nodes`, round and round, every `reconnect_interval` seconds; its channels and consumers are restored there as
-    aio-pika restores them on one node. The options in the query of the first URL apply to every node.
+    aio-pika restores them on one node. Give every URL the same query options (`heartbeat`, ...): those of the
+    first are the connection's.
     """
 
     def __init__(self, nodes: Sequence[str], first: int = 0, **kwargs: Any) -> None:
