@@ -75,7 +75,7 @@ class Settings:
 
     Attributes:
         transport: `PAIGEANT_TRANSPORT`, one of `inmemory` (default), `rabbitmq`, `redis`, `sqlite`.
-        rabbitmq_url: `PAIGEANT_RABBITMQ_URL`.
+        rabbitmq_url: `PAIGEANT_RABBITMQ_URL`; the nodes of a cluster separated by commas.
         redis_url: `PAIGEANT_REDIS_URL`.
         sqlite_path: `PAIGEANT_SQLITE_PATH`, the SQLite transport's file (default `paigeant.sqlite3` in the working
             directory).

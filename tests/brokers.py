@@ -259,10 +259,10 @@ async def fleet(
     SQLite, `url` is the file's path).
 
     Every process signs and verifies, as in production. Afterwards the processes are stopped and the namespace is
-    deleted (on RabbitMQ, the queues of `steps` and of the dead letters and events; on Redis, every key, but only on
-    the shared test server), even when the test fails.
+    deleted (on RabbitMQ, the queues of `steps` and of the dead letters and events; on Redis, every key; but only on
+    the shared test servers: a server of a test's own goes with it), even when the test fails.
     """
-    if broker == "rabbitmq":
+    if url == RABBITMQ_URL:
         require_rabbitmq()
     elif url == REDIS_URL:
         require_redis()
@@ -296,7 +296,7 @@ async def fleet(
     finally:
         await processes.stop()
         await transport.disconnect()
-        if broker == "rabbitmq":
+        if url == RABBITMQ_URL:
             await delete_rabbitmq_addresses(namespace, [*steps, DEAD_LETTER, EVENTS, PROGRESS_STREAM])
         elif url == REDIS_URL:
             await delete_redis_namespace(namespace)

@@ -115,6 +115,7 @@ async def test_a_burst_run_waits_for_the_transports_requeue_lag() -> None:
         ("amqp://guest@[::1]/", "amqp://guest@[::1]/"),
         ("redis://app:p@ss@cache:6379/0", "redis://app:***@cache:6379/0"),
         ("redis://:pw@[::1:6379/0", "redis://***@[::1:6379/0"),  # Python cannot parse it: hidden anyway
+        ("amqp://a:x@r1/,amqp://b:y@r2/", "amqp://a:***@r1/,amqp://b:***@r2/"),  # a cluster's nodes
     ],
 )
 def test_a_url_is_shown_without_its_password(url: str, shown: str) -> None:

@@ -13,7 +13,7 @@ import pytest
 
 from paigeant_ai.exceptions import TransportError, UserError
 from paigeant_ai.transports import Transport, get_transport
-from paigeant_ai.transports.base import REASON_HEADER, SOURCE_HEADER
+from paigeant_ai.transports.base import REASON_HEADER, SOURCE_HEADER, redact_url
 from paigeant_ai.transports.rabbitmq import RabbitMQTransport
 
 from .brokers import RABBITMQ_URL, delete_queues, require_rabbitmq, require_rabbitmqctl
@@ -102,6 +102,47 @@ class TestRabbitMQContract(TransportContract):
         transport = RabbitMQTransport("amqp://guest:guest@127.0.0.1:1/", timeout=2)
         with pytest.raises(TransportError, match=r"cannot connect to RabbitMQ at amqp://guest:\*\*\*@127\.0\.0\.1:1/"):
             await transport.connect()
+
+    async def test_unreachable_nodes_are_each_named(self) -> None:
+        transport = RabbitMQTransport("amqp://guest:guest@127.0.0.1:1/, amqp://guest:secret@127.0.0.1:2/", timeout=2)
+        assert transport.urls == ("amqp://guest:guest@127.0.0.1:1/", "amqp://guest:secret@127.0.0.1:2/")
+        assert repr(transport).startswith("RabbitMQTransport('amqp://guest:***@127.0.0.1:1/,amqp://guest:***@")
+        with pytest.raises(TransportError, match=r"any of its nodes \(amqp://guest:\*\*\*@127\.0\.0\.1:1/: .*:2/: "):
+            await transport.connect()
+        assert transport.node_url is None
+
+    async def test_the_first_node_that_answers_is_used(self) -> None:
+        transport = RabbitMQTransport(
+            ["amqp://guest:guest@127.0.0.1:1/", RABBITMQ_URL], namespace=self.namespace, timeout=5
+        )
+        self.made.append(transport)
+        async with transport:
+            assert transport.node_url == redact_url(RABBITMQ_URL)
+            await transport.publish("orders", b"x")
+            assert await transport.pending("orders") == 1
+
+    async def test_a_lost_connection_reconnects_to_the_next_node(self) -> None:
+        require_rabbitmqctl()
+        second = f"{RABBITMQ_URL}?name=second"  # the same broker under another address, as a second node
+        transport = self.make()
+        transport.urls = (RABBITMQ_URL, second)
+        async with transport:
+            await transport.publish("orders", b"before")
+            await force_close(transport)
+            for _ in range(2000):  # the client sees the connection closed
+                if transport.node_url == redact_url(second):
+                    break
+                await asyncio.sleep(0.005)
+            assert transport.node_url == redact_url(second)
+            await transport.publish("orders", b"after")  # waits for the reconnect, to the second address
+            async with await transport.consume("orders") as consumer:
+                assert {(await receive(consumer)).body, (await receive(consumer)).body} == {b"before", b"after"}
+
+    def test_nodes_come_as_a_list_or_separated_by_commas(self) -> None:
+        nodes = ["amqp://a:1/", "amqp://b:2/"]
+        assert RabbitMQTransport(nodes).urls == RabbitMQTransport(" amqp://a:1/,amqp://b:2/ ").urls == tuple(nodes)
+        with pytest.raises(UserError, match="PAIGEANT_RABBITMQ_URL"):
+            RabbitMQTransport(" , ")
 
     async def test_queues_are_durable_quorum_queues(self, transport: RabbitMQTransport) -> None:
         require_rabbitmqctl()

@@ -498,7 +498,10 @@ def dead_letter_headers(delivery: Delivery, reason: str) -> dict[str, str]:
 
 
 def redact_url(url: str) -> str:
-    """`url` with its password replaced by `***` (the user, host, port and path kept), for logs and errors."""
+    """`url` with its password replaced by `***` (the user, host, port and path kept), for logs and errors; each
+    of several URLs separated by commas (a cluster's nodes)."""
+    if "," in url:
+        return ",".join(redact_url(part) for part in url.split(","))
     try:
         parts = urlsplit(url)
         password = parts.password

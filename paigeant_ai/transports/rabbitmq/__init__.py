@@ -20,9 +20,11 @@ prefetch), and one that reads the cancellations stream. Consumers resume after a
 cancels them (their queue was deleted); deliveries handed out before a reconnect can no longer be acked and come
 back from the broker.
 
-The modules: `_transport.py` (the transport and its queues), `_consumer.py` (its consumers), `_wire.py` (headers,
-delivery counts, queue arguments), `_errors.py` (the broker's errors, translated), `_cancel_board.py` (the cancel
-board).
+The connection may be given the nodes of a cluster: it reconnects to the next node when it loses one.
+
+The modules: `_transport.py` (the transport and its queues), `_consumer.py` (its consumers), `_nodes.py` (a
+cluster's nodes behind one connection), `_wire.py` (headers, delivery counts, queue arguments), `_errors.py` (the
+broker's errors, translated), `_cancel_board.py` (the cancel board).
 """
 
 try:

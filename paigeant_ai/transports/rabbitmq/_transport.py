@@ -7,7 +7,7 @@ import functools
 import math
 import os
 import socket
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from contextlib import suppress
 from datetime import UTC, datetime
 from typing import Any, TypeVar
@@ -26,6 +26,7 @@ from ..base import Delivery, TransportBase, dead_letter_headers, ensure_bytes, r
 from ._cancel_board import CANCEL_STREAM, CancelStreamReader, RabbitMQCancelBoard, cancel_stream_arguments
 from ._consumer import RabbitMQConsumer, ack, requeue, underlay
 from ._errors import BROKER_ERRORS, CONNECTION_LOST, broker_errors, cancelling, channel_ready, explain, on_channel
+from ._nodes import NodesConnection, node_urls, open_connection
 from ._progress import (
     PROGRESS_RETENTION,
     PROGRESS_STREAM,
@@ -62,7 +63,10 @@ class RabbitMQTransport(TransportBase):
     """A transport on RabbitMQ: durable quorum queues, publisher confirms, manual acks.
 
     Args:
-        url: The AMQP URL; defaults to `PAIGEANT_RABBITMQ_URL` (`amqp://guest:guest@127.0.0.1:5672/`).
+        url: The AMQP URL; defaults to `PAIGEANT_RABBITMQ_URL` (`amqp://guest:guest@127.0.0.1:5672/`). For a
+            cluster, the URLs of several nodes (a list, or one string of URLs separated by commas): the transport
+            connects to the first that answers and, when it loses that node, reconnects to the next (see
+            `node_url`).
         namespace: The prefix of every queue; defaults to `PAIGEANT_NAMESPACE` (`paigeant`).
         max_deliveries: The poison limit: a message handed out this many times without being settled (its
             consumers died or went away) moves to the dead-letter queue; `None` for no limit.
@@ -89,7 +93,7 @@ class RabbitMQTransport(TransportBase):
 
     def __init__(
         self,
-        url: str | None = None,
+        url: str | Sequence[str] | None = None,
         *,
         namespace: str | None = None,
         max_deliveries: int | None = 10,
@@ -101,7 +105,9 @@ class RabbitMQTransport(TransportBase):
         lease: float | None = None,
     ) -> None:
         settings = Settings.from_env()
-        self.url = url or settings.rabbitmq_url
+        self.urls = node_urls(url or settings.rabbitmq_url)
+        """The address of each node, in the order they are tried."""
+        self.url = ",".join(self.urls)
         self.namespace = namespace or settings.namespace
         if max_deliveries is not None and max_deliveries < 1:
             raise UserError("max_deliveries must be at least 1 (or None for no limit)")
@@ -123,7 +129,7 @@ class RabbitMQTransport(TransportBase):
         self.timeout = timeout
         self.reconnect_interval = reconnect_interval
         self.connection_name = connection_name or f"paigeant {socket.gethostname()} pid {os.getpid()}"
-        self._connection: AbstractRobustConnection | None = None
+        self._connection: NodesConnection | None = None
         self._publisher: AbstractRobustChannel | None = None
         self._admin: AbstractRobustChannel | None = None
         self._publishing: aiormq.Channel | None = None  # the open channel under `_publisher`
@@ -139,24 +145,24 @@ class RabbitMQTransport(TransportBase):
     def __repr__(self) -> str:
         return f"RabbitMQTransport({redact_url(self.url)!r}, namespace={self.namespace!r})"
 
+    @property
+    def node_url(self) -> str | None:
+        """The URL of the node the transport is connected to (or reconnecting to), its password hidden; `None`
+        before `connect()`."""
+        return self._connection.node_url if self._connection is not None else None
+
     # -- lifecycle -------------------------------------------------------------------------------------------
 
     async def connect(self) -> None:
         async with self._connect_lock:
             if self._connection is not None:
                 return
-            try:
-                connection = await aio_pika.connect_robust(
-                    self.url,
-                    timeout=self.timeout,
-                    reconnect_interval=self.reconnect_interval,
-                    client_properties={"connection_name": self.connection_name},
-                )
-            except (*BROKER_ERRORS, ValueError) as exc:
-                raise TransportError(
-                    f"cannot connect to RabbitMQ at {redact_url(self.url)}: {explain(exc)}; "
-                    "check that it runs and that PAIGEANT_RABBITMQ_URL (or url=) points at it"
-                ) from exc
+            connection = await open_connection(
+                self.urls,
+                within=self.timeout,
+                reconnect_interval=self.reconnect_interval,
+                client_properties={"connection_name": self.connection_name},
+            )
             try:
                 with broker_errors("opening channels"):
                     self._publisher = await connection.channel(publisher_confirms=True, on_return_raises=True)
@@ -323,6 +329,9 @@ class RabbitMQTransport(TransportBase):
                     f"publishing to {queue!r}: no confirm from RabbitMQ ({explain(exc)}); "
                     "the message may or may not have been published"
                 ) from exc
+            except aiormq.exceptions.DeliveryError as exc:
+                await self._renew_publishing(channel)
+                raise TransportError(f"publishing to {queue!r}: {explain(exc)}") from exc
             except BROKER_ERRORS as exc:
                 raise TransportError(f"publishing to {queue!r}: {explain(exc)}") from exc
             # Unroutable: the queue was deleted after it was declared here. Nothing was enqueued, so declare it
@@ -339,6 +348,17 @@ class RabbitMQTransport(TransportBase):
             channel = await underlay(publisher)
         self._publishing = channel
         return channel
+
+    async def _renew_publishing(self, channel: aiormq.Channel) -> None:
+        """Close the publishing channel after a negative confirm; the next publish opens a new one.
+
+        On a cluster, a channel that started publishing to a quorum queue just as its leader's node died can be
+        refused every message after the queue elected its new leader; a new channel is not.
+        """
+        if self._publishing is channel:
+            self._publishing = None
+        with suppress(*BROKER_ERRORS):
+            await channel.close()
 
     async def _redeclare(self, queue: str) -> None:
         if queue == self.queue_name(CANCEL_STREAM):
