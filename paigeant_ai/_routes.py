@@ -15,6 +15,8 @@ runs on two transports with two replay caches. The workflow's events and status 
 
 from __future__ import annotations
 
+import asyncio
+import logging
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING
 from urllib.parse import unquote, urlsplit
@@ -29,6 +31,8 @@ if TYPE_CHECKING:
     from .approval import ParkedStep
 
 __all__ = ("Routes", "parse_transports", "step_address")
+
+logger = logging.getLogger("paigeant_ai.routes")
 
 _SCHEMES = {"redis": "redis", "rediss": "redis", "unix": "redis", "amqp": "rabbitmq", "amqps": "rabbitmq"}
 
@@ -143,6 +147,7 @@ class Routes:
             )
         self.home = self.named[home] if home is not None else own
         self._connected = False
+        self._connecting = asyncio.Lock()
 
     @property
     def hybrid(self) -> bool:
@@ -246,12 +251,14 @@ class Routes:
         return None
 
     async def connect(self) -> None:
-        """Connect every transport it may send to, but its own (connected by whoever gave it). Idempotent."""
-        if self._connected:
-            return
-        for transport in self.transports()[1:]:
-            await transport.connect()
-        self._connected = True
+        """Connect every transport it may send to, but its own (connected by whoever gave it). Idempotent, and
+        once at a time: two dispatches at once do not open two connections to one broker."""
+        async with self._connecting:
+            if self._connected:
+                return
+            for transport in self.transports()[1:]:
+                await transport.connect()
+            self._connected = True
 
     def parked_on(self, parked: ParkedStep) -> Transport:
         """Where a resume or a cancel sends back the step parked as `parked`: the transport it parked on, as the
@@ -265,7 +272,12 @@ class Routes:
         return self.for_message(parked.message)
 
     async def disconnect(self) -> None:
-        """Close the transports it made from the settings (not its own, nor those it was given)."""
-        for transport in self._owned:
-            await transport.disconnect()
-        self._connected = False
+        """Close the transports it made from the settings (not its own, nor those it was given), each even when
+        closing another failed."""
+        async with self._connecting:
+            self._connected = False
+            for transport in self._owned:
+                try:
+                    await transport.disconnect()
+                except Exception as exc:
+                    logger.warning("closing the %s transport failed: %s", transport.name, exc)

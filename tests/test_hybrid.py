@@ -217,6 +217,55 @@ async def test_the_next_hop_is_acked_here_only_once_its_transport_confirmed_it(
         assert await dead_letters(transport) == []
 
 
+async def test_a_compensation_on_another_transport_is_confirmed_there_before_the_failed_step_is_acked(
+    places: dict[str, Transport], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The failed Redis step's compensation goes back to the in-memory transport, which refuses it once: the
+    delivery on Redis is not acked, is delivered again, and its second failure sends the compensation."""
+    from paigeant_ai import _long_steps
+
+    monkeypatch.setattr(_long_steps, "GIVE_BACK_PAUSE", 0.01)
+    attempts: list[int] = []
+    undone: list[str] = []
+
+    @activity(name="hybrid-undo-take")
+    async def undo_take(ctx: ActivityContext) -> None:
+        undone.append(ctx.correlation_id)
+
+    @activity(name="hybrid-take", compensate=undo_take)
+    async def reversible_take(ctx: ActivityContext) -> dict[str, int]:
+        return {"taken": 1}
+
+    @activity(name="hybrid-bill")
+    async def declined(ctx: ActivityContext) -> None:
+        attempts.append(ctx.attempt)
+        raise NonRetryableError("card declined")
+
+    local, refused = places["local"], asyncio.Event()
+    publish = local.publish
+
+    async def refuse_once(address: str, body: bytes, **options: Any) -> None:
+        if address == "hybrid-undo-take" and not refused.is_set():
+            refused.set()
+            raise TransportError("publishing to 'hybrid-undo-take': the broker refused the message")
+        await publish(address, body, **options)
+
+    monkeypatch.setattr(local, "publish", refuse_once)
+    compensated, _, record = _on("compensated")
+    dispatcher = WorkflowDispatcher(local, transports=places)
+    cid = await dispatcher.dispatch_workflow(ROUTE[:2])
+    async with (
+        Worker(local, [reversible_take], transports=places, home="local", on_event=record),
+        Worker(places["store"], [declined], transports=places, home="local", on_event=record),
+    ):
+        await asyncio.wait_for(compensated.wait(), 30)
+    assert refused.is_set()
+    assert attempts == [0, 0], "the same attempt, delivered again on Redis"
+    assert undone == [cid]
+    for transport in places.values():
+        assert await dead_letters(transport) == []
+
+
 async def test_a_hop_that_arrives_on_another_transport_than_its_steps_is_dead_lettered(
     places: dict[str, Transport],
 ) -> None:
