@@ -135,8 +135,8 @@ class Routes:
         self.own = own
         self.own_name = next((name for name, t in self.named.items() if _same_place(t, own)), None)
         """The name of the transport it consumes from, if it is one of the named ones."""
-        if self.own_name is not None:
-            self.named[self.own_name] = own
+        if self.own_name is not None:  # every name of its own broker and namespace is its own transport
+            self.named = {name: own if _same_place(t, own) else t for name, t in self.named.items()}
             self._owned = [t for t in self._owned if not _same_place(t, own)]
         home = home if home is not None else settings.home_transport
         if home is not None and home not in self.named:

@@ -425,6 +425,8 @@ def test_named_transports_come_from_the_settings(monkeypatch: pytest.MonkeyPatch
     assert routes.home is own
     assert routes.resolve("ship").name == "rabbitmq"
     assert routes.resolve("amqp://127.0.0.1:5672") is routes.resolve("ship")  # its URL, without the credentials
+    monkeypatch.setenv("PAIGEANT_TRANSPORTS", f"store={REDIS_URL};orders={REDIS_URL}")
+    assert Routes(own).resolve("orders") is own  # two names of one broker and namespace: both its own
     monkeypatch.setenv("PAIGEANT_HOME_TRANSPORT", "elsewhere")
     with pytest.raises(UserError, match="home transport 'elsewhere' is not one of the named transports"):
         Routes(own)
