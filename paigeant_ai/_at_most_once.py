@@ -366,7 +366,7 @@ async def resume_in_doubt(
     item.proof = security.sign_bytes(item.signed_bytes(), typ=DECISION_TYPE)
     message = parked.resume_message(DeferredToolResults(), [item.model_dump(mode="json")], obo_token=obo_token)
     with observability.replay_span(message, dispatcher.transport.name, operation="resume"):
-        transport = dispatcher.routes.for_message(message)  # the step's own transport
+        transport = await dispatcher.parked_on(parked, message)  # where the step parked
         await transport.publish(parked.activity, dispatcher.encode(message), headers=dict(message.headers))
     await dispatcher.reporter.report("resumed", message, detail=decision.describe(approver))
 

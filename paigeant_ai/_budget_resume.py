@@ -124,11 +124,12 @@ async def resume_with_budget(
     message.resume = None  # the step starts afresh
     message.budget_extensions = [*message.budget_extensions, extension]
     with observability.replay_span(message, dispatcher.transport.name, operation="resume"):
-        transport = dispatcher.routes.for_message(message)  # the step's own transport
+        siblings = resumed_wave(parked.message, message)  # a branch held back: the rest of the grant's wave
+        transport = await dispatcher.parked_on(parked, message, *siblings)  # where it parked: its group runs there
         await transport.publish(parked.activity, dispatcher.encode(message), headers=dict(message.headers))
-        for sibling in resumed_wave(parked.message, message):  # a branch held back: the rest of the grant's wave
+        for sibling in siblings:
             address = sibling.routing_slip.current or ""
-            await dispatcher.transport.publish(address, dispatcher.encode(sibling), headers=dict(sibling.headers))
+            await transport.publish(address, dispatcher.encode(sibling), headers=dict(sibling.headers))
     # The record stays parked until a worker has checked and claimed the resume (`_budget_gate.release_budget_park`).
     detail = f"budget extended by {approver}: {describe_amounts(add)}"
     logger.info("workflow %s: %s", escape_control(cid), escape_control(detail))

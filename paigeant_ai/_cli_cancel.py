@@ -79,10 +79,10 @@ async def run_command(args: argparse.Namespace) -> int:
         status = await find_status(store, args.correlation_id)
         correlation_id = status.correlation_id if status is not None else args.correlation_id
         waiting = transport.waiting_store() if isinstance(transport, SharedStores) else None
-        dispatcher = WorkflowDispatcher(transport, security=signer, waiting_store=waiting)
         by = args.by or (None if token is not None else _kid(signer))  # with a token: its subject, by default
         try:
-            done = await dispatcher.cancel(correlation_id, args.reason, by=by, token=token, store=store)
+            async with WorkflowDispatcher(transport, security=signer, waiting_store=waiting) as dispatcher:
+                done = await dispatcher.cancel(correlation_id, args.reason, by=by, token=token, store=store)
         except UnknownWorkflow as exc:
             return _print(Cancellation(exc.correlation_id, "finished", str(exc)), as_json=args.json, unknown=True)
     return _print(done, as_json=args.json)

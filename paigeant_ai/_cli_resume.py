@@ -81,9 +81,9 @@ async def run_command(args: argparse.Namespace) -> int:
         if connection is not None:
             await connection.connect()
         try:
-            dispatcher = WorkflowDispatcher(transport, security=signer, waiting_store=shared.waiting_store())
             by = args.by or _kid(signer) or "an unnamed operator"
-            await dispatcher.resume(args.correlation_id, in_doubt=answer, budget=budget, approver=by, obo_token=token)
+            async with WorkflowDispatcher(transport, security=signer, waiting_store=shared.waiting_store()) as sender:
+                await sender.resume(args.correlation_id, in_doubt=answer, budget=budget, approver=by, obo_token=token)
         finally:
             if connection is not None:
                 await connection.disconnect()

@@ -90,6 +90,7 @@ async def fan_out(message: PaigeantMessage, deps: SettleDeps) -> None:
     """Send the first hop of each branch of the group `message` has reached, each confirmed by the transport."""
     hops = first_branches(message, branch_hops(message))  # the first alone, under a budget with no estimate
     for hop in hops:
+        deps.routes.stamp(hop, deps.transport)  # a group runs where it was reached
         body = seal(hop, deps.security, max_bytes=deps.max_message_bytes)
         await deps.transport.publish(hop.routing_slip.current or "", body, headers=dict(hop.headers))
     await deps.reporter.report("fanned_out", message, detail=describe_fan_out(hops))
@@ -244,6 +245,7 @@ async def complete_branch(hop: Hop, outcome: Advance, deps: SettleDeps) -> Joine
 
 async def _send_all(hops: list[PaigeantMessage], deps: SettleDeps) -> None:
     for hop in hops:
+        deps.routes.stamp(hop, deps.transport)  # a group runs where it was reached
         body = seal(hop, deps.security, max_bytes=deps.max_message_bytes)
         await deps.transport.publish(hop.routing_slip.current or "", body, headers=dict(hop.headers))
 
@@ -404,8 +406,9 @@ async def _unwind_again(hop: Hop, deps: SettleDeps) -> None:
     _carry_branches_usage(slip, results)
     if begin_unwinding(message, Unwinding(cause="faulted", reason=reason, step=slip.step, activity=hop.spec.name)):
         first = message.next_hop()
+        transport = deps.routes.send_to(first)  # where the undone step ran
         body = seal(first, deps.security, max_bytes=deps.max_message_bytes)
-        await deps.transport.publish(first.routing_slip.current or "", body, headers=dict(first.headers))
+        await transport.publish(first.routing_slip.current or "", body, headers=dict(first.headers))
 
 
 async def _undo_late_branch(hop: Hop, result: BranchResult, deps: SettleDeps) -> None:
@@ -430,5 +433,6 @@ async def _undo_late_branch(hop: Hop, result: BranchResult, deps: SettleDeps) ->
     slip.completed = [entry for entry in slip.completed if entry.branch is None]
     begin_unwinding(message, Unwinding(cause="faulted", reason=reason, step=slip.step, activity=hop.spec.name))
     first = message.next_hop()
+    transport = deps.routes.send_to(first)  # where the undone branch ran
     body = seal(first, deps.security, max_bytes=deps.max_message_bytes)
-    await deps.transport.publish(first.routing_slip.current or "", body, headers=dict(first.headers))
+    await transport.publish(first.routing_slip.current or "", body, headers=dict(first.headers))

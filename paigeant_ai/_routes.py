@@ -6,15 +6,19 @@ transport's URL without credentials. What a message says only ever selects among
 host a message names, and no credentials travel in a message. A step that names none stays on the transport the
 workflow is on when it gets there.
 
-A worker forwards the next hop to the transport of its step, confirmed there before the delivery is acked here; a
-hop that arrives on a transport other than its step's is refused (dead-lettered), so that one signed hop never runs on
-two transports with two replay caches. The workflow's events and status live on one home transport (the worker's
+A worker forwards the next hop to the transport of its step, confirmed there before the delivery is acked here. Each
+hop is stamped, under its signature, with the name of the transport it is sent on (`PaigeantMessage.sent_on`); a hop
+that arrives on another transport than that one or its step's is refused (dead-lettered), so that one signed hop never
+runs on two transports with two replay caches. The workflow's events and status live on one home transport (the worker's
 `home`), its cancellations are posted on every transport the dispatcher knows (see `docs/deployment.md`).
 """
 
 from __future__ import annotations
 
+import asyncio
+import logging
 from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING
 from urllib.parse import unquote, urlsplit
 
 from ._addresses import bare_url, check_transport_address, is_url
@@ -23,7 +27,12 @@ from .exceptions import UnknownTransport, UserError
 from .settings import Settings
 from .transports.base import Transport
 
+if TYPE_CHECKING:
+    from .approval import ParkedStep
+
 __all__ = ("Routes", "parse_transports", "step_address")
+
+logger = logging.getLogger("paigeant_ai.routes")
 
 _SCHEMES = {"redis": "redis", "rediss": "redis", "unix": "redis", "amqp": "rabbitmq", "amqps": "rabbitmq"}
 
@@ -80,6 +89,17 @@ def _check_name(name: str) -> None:
         raise UserError(f"{name!r} is a URL, not a transport name")
 
 
+def _url_of(transport: Transport) -> str:
+    """The URL `transport` was configured with, as a step may name it ('' when it has none)."""
+    url = getattr(transport, "url", None)
+    return bare_url(url) if isinstance(url, str) and url else ""
+
+
+def _has_host(bare: str) -> bool:
+    """Whether `bare` names a host (a step's `redis://` or `://` alone matches no transport)."""
+    return bool(urlsplit(bare).netloc) if "://" in bare else False
+
+
 def _same_place(a: Transport, b: Transport) -> bool:
     """Whether `a` and `b` reach the same queues: the same object, or the same broker and namespace."""
     if a is b:
@@ -115,8 +135,8 @@ class Routes:
         self.own = own
         self.own_name = next((name for name, t in self.named.items() if _same_place(t, own)), None)
         """The name of the transport it consumes from, if it is one of the named ones."""
-        if self.own_name is not None:
-            self.named[self.own_name] = own
+        if self.own_name is not None:  # every name of its own broker and namespace is its own transport
+            self.named = {name: own if _same_place(t, own) else t for name, t in self.named.items()}
             self._owned = [t for t in self._owned if not _same_place(t, own)]
         home = home if home is not None else settings.home_transport
         if home is not None and home not in self.named:
@@ -127,6 +147,7 @@ class Routes:
             )
         self.home = self.named[home] if home is not None else own
         self._connected = False
+        self._connecting = asyncio.Lock()
 
     @property
     def hybrid(self) -> bool:
@@ -152,9 +173,8 @@ class Routes:
         if not is_url(address):
             found = self.named.get(address)
         else:
-            bare = bare_url(address)
-            candidates = self.transports()
-            found = next((t for t in candidates if bare_url(str(getattr(t, "url", ""))) == bare), None)
+            bare = bare_url(address)  # compared with the configured ones' URLs only: never a connection
+            found = next((t for t in self.transports() if _url_of(t) == bare), None) if _has_host(bare) else None
         if found is None:
             known = ", ".join(sorted(self.named)) or "none is"
             raise UnknownTransport(
@@ -167,6 +187,17 @@ class Routes:
     def for_message(self, message: PaigeantMessage) -> Transport:
         """The transport the current hop of `message` goes to."""
         return self.resolve(step_address(message.routing_slip), step=message.routing_slip.current)
+
+    def send_to(self, hop: PaigeantMessage) -> Transport:
+        """The transport the (unsigned) `hop` goes to, which `hop` is stamped with (see `stamp`)."""
+        return self.stamp(hop, self.for_message(hop))
+
+    def stamp(self, hop: PaigeantMessage, transport: Transport) -> Transport:
+        """Mark the (unsigned) `hop` as sent on `transport`, by its name, when named transports are configured:
+        signed with the hop, it makes a copy put on another transport's queue refused there. Returns `transport`."""
+        if self.named:
+            hop.sent_on = next((name for name, t in self.named.items() if t is transport), None)
+        return transport
 
     def check_route(self, specs: Sequence[ActivitySpec]) -> None:
         """At dispatch: every step names a configured transport, and no parallel group names any.
@@ -197,7 +228,16 @@ class Routes:
         return groups
 
     def arrival_refusal(self, message: PaigeantMessage) -> str | None:
-        """Why a hop consumed from its own transport is refused there, if it is: its step lives on another one."""
+        """Why a hop consumed from its own transport is refused there, if it is: it was sent on another one, or its
+        step lives on another one. A worker configured with no named transports cannot tell names apart: it only
+        refuses a step that names one."""
+        if message.sent_on is not None and self.named:
+            try:
+                found = self.resolve(message.sent_on, step=message.routing_slip.current)
+            except UnknownTransport as exc:
+                return f"misrouted: {exc}"
+            if found is not self.own:
+                return f"misrouted: the hop was sent on transport {message.sent_on!r}, not on the one it arrived on"
         address = step_address(message.routing_slip)
         if address is None:
             return None
@@ -211,15 +251,33 @@ class Routes:
         return None
 
     async def connect(self) -> None:
-        """Connect every transport it may send to, but its own (connected by whoever gave it). Idempotent."""
-        if self._connected:
-            return
-        for transport in self.transports()[1:]:
-            await transport.connect()
-        self._connected = True
+        """Connect every transport it may send to, but its own (connected by whoever gave it). Idempotent, and
+        once at a time: two dispatches at once do not open two connections to one broker."""
+        async with self._connecting:
+            if self._connected:
+                return
+            for transport in self.transports()[1:]:
+                await transport.connect()
+            self._connected = True
+
+    def parked_on(self, parked: ParkedStep) -> Transport:
+        """Where a resume or a cancel sends back the step parked as `parked`: the transport it parked on, as the
+        parking worker signed it; for a record without one, its step's transport (else its own).
+
+        Raises:
+            UnknownTransport: The transport is not configured here.
+        """
+        if parked.transport is not None:
+            return self.resolve(parked.transport, step=parked.activity)
+        return self.for_message(parked.message)
 
     async def disconnect(self) -> None:
-        """Close the transports it made from the settings."""
-        for transport in self._owned:
-            await transport.disconnect()
-        self._connected = False
+        """Close the transports it made from the settings (not its own, nor those it was given), each even when
+        closing another failed."""
+        async with self._connecting:
+            self._connected = False
+            for transport in self._owned:
+                try:
+                    await transport.disconnect()
+                except Exception as exc:
+                    logger.warning("closing the %s transport failed: %s", transport.name, exc)

@@ -164,7 +164,7 @@ async def _secure_successor(hop: Hop, outcome: Outcome, deps: SettleDeps) -> tup
             except SecurityError as exc:  # a result in the join store that does not verify: nothing is joined
                 deps.stats.rejected += 1
                 return Reject(f"security check failed: {exc}"), f"security check failed: {exc}"
-            except (MessageTooLarge, NonFiniteNumber) as exc:
+            except (MessageTooLarge, NonFiniteNumber, UnknownTransport) as exc:  # nothing of the join was sent
                 return await _secure_successor(hop, Fault(str(exc), fallback=False), deps)
         case Advance() | End():
             try:
@@ -290,7 +290,7 @@ async def _publish_hop(message: PaigeantMessage, deps: SettleDeps) -> None:
         await fan_out(message, deps)
         return
     hop = message.next_hop()
-    transport = deps.routes.for_message(hop)  # the next step's own transport, confirmed there before the ack here
+    transport = deps.routes.send_to(hop)  # the next step's own transport, confirmed there before the ack here
     body = seal(hop, deps.security, max_bytes=deps.max_message_bytes)
     await transport.publish(hop.routing_slip.current or "", body, headers=dict(hop.headers))
 
@@ -396,6 +396,7 @@ async def _park(hop: Hop, outcome: Park, store: WaitingStore, deps: SettleDeps) 
     parked = ParkedStep.from_signal(
         hop.message, outcome.signal, obo_subject=subject if isinstance(subject, str) else None
     )
+    parked.transport = deps.routes.own_name  # a resume or a cancel sends it back here, where it ran
     # The resume, however late, continues this hop's trace.
     parked.message.headers = observability.inject_context(parked.message.headers, hop.message.correlation_id)
     await store.put(parked.sign(deps.security))  # signed at rest: nothing acts on it unless it verifies
@@ -423,6 +424,7 @@ async def _publish_retry(hop: Hop, outcome: Retry, deps: SettleDeps) -> Retry:
     delay = policy.delay_before(outcome.attempt, deps.rng) if outcome.delay is None else outcome.delay
     carry_usage(hop)  # the next attempt carries what this one used, for the step's entry
     retry = hop.message.next_hop(attempt=outcome.attempt)
+    deps.routes.stamp(retry, deps.transport)  # the step's transport, where it arrived
     body = seal(retry, deps.security, max_bytes=deps.max_message_bytes)
     await deps.transport.publish(hop.delivery.address, body, headers=dict(retry.headers), delay=delay)
     return replace(outcome, delay=delay)

@@ -33,7 +33,7 @@ from ._budget import BudgetExhausted
 from ._escape import escape_control
 from ._in_doubt import InDoubt, StepInDoubt
 from ._wire import FROM_WIRE, Wire
-from .contracts import PaigeantMessage, Resumption, SecurityContext, derive_message_id
+from .contracts import PaigeantMessage, Resumption, SecurityContext, TransportAddress, derive_message_id
 from .exceptions import ParkWorkflow, SecurityError, UserError
 from .transports.base import SharedStores, Transport
 
@@ -112,6 +112,9 @@ class ParkedStep(Wire):
     """Set when the step waits because it may have run (an at-most-once step): what a person must settle."""
     budget_exhausted: str | None = Field(default=None, exclude_if=lambda value: value is None)
     """Set when the workflow waits because its budget is spent: why (see `paigeant_ai._budget`)."""
+    transport: TransportAddress | None = Field(default=None, exclude_if=lambda value: value is None)
+    """The name of the transport the step parked on (its worker's), where a resume or a cancel sends it back;
+    `None`: the transport its step names, else the dispatcher's (see `docs/deployment.md`)."""
     proof: str | None = Field(default=None, repr=False)
 
     @classmethod

@@ -319,8 +319,8 @@ async def run_dispatch(activities: Sequence[str], variables: str, transport: str
             "an in-memory workflow dies with this command's process: dispatch on sqlite, rabbitmq or redis "
             "(--transport or PAIGEANT_TRANSPORT)"
         )
-    async with _cli_workflows.command_transport(transport) as connected:
-        correlation_id = await WorkflowDispatcher(connected).dispatch_workflow(list(activities), parsed)
+    async with _cli_workflows.command_transport(transport) as connected, WorkflowDispatcher(connected) as dispatcher:
+        correlation_id = await dispatcher.dispatch_workflow(list(activities), parsed)
     print(correlation_id)
     return 0
 

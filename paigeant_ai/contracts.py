@@ -530,6 +530,9 @@ class PaigeantMessage(Wire):
     """The route the workflow was started with, signed; unchanged on every hop (see `paigeant_ai._plan`)."""
     budget_extensions: list[BudgetExtension] = Field(default_factory=list[BudgetExtension], exclude_if=_is_empty)
     """More budget granted since the workflow started, each signed by who granted it (see `paigeant_ai._budget`)."""
+    sent_on: TransportAddress | None = Field(default=None, exclude_if=lambda value: value is None)
+    """The name of the transport this hop was sent on, signed with it by a sender configured with named
+    transports: a copy put on another transport is refused there (see `paigeant_ai._routes`)."""
     security: SecurityContext = Field(default_factory=SecurityContext)
     """Always the last field, with the signature last in it: see `paigeant_ai._sealing`."""
 
@@ -614,6 +617,7 @@ class PaigeantMessage(Wire):
                     self.correlation_id, self.routing_slip.hop_key, self.routing_slip.current, attempt
                 ),
                 "attempt": attempt,
+                "sent_on": None,  # its sender names where it sends it
                 "security": self.security.model_copy(update={"jws_signature": None}),
             }
         )

@@ -12,7 +12,7 @@ from collections import OrderedDict
 from collections.abc import AsyncIterator, Mapping, Sequence
 from datetime import UTC, datetime, timedelta
 from types import EllipsisType
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Self
 
 from pydantic import ValidationError
 
@@ -96,7 +96,8 @@ class WorkflowDispatcher:
             `True` always (the transport must keep a registry), `False` never.
         transports: The transports, by name, that the steps of its workflows may live on (`ActivitySpec.transport`);
             defaults to `PAIGEANT_TRANSPORTS`. A step naming another is refused at dispatch; a cancel is posted on
-            every one of them. See `docs/deployment.md`.
+            every one of them. See `docs/deployment.md`. Those it makes from `PAIGEANT_TRANSPORTS` are its own:
+            use it as `async with WorkflowDispatcher(...) as dispatcher:`, or call `aclose()`, to close them.
     """
 
     def __init__(
@@ -146,6 +147,18 @@ class WorkflowDispatcher:
         )
         self.live_workers = LiveCheck(transport, self.security, when=require_live_workers)
         """Refuses a route naming an activity no live worker serves (see `paigeant_ai._live_check`)."""
+
+    async def __aenter__(self) -> Self:
+        await self.routes.connect()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        """Close the transports it made from `PAIGEANT_TRANSPORTS`; not `transport` nor those given in
+        `transports=`, which their owner closes. It may be used again afterwards: it connects them anew."""
+        await self.routes.disconnect()
 
     async def dispatch_workflow(
         self,
@@ -208,8 +221,8 @@ class WorkflowDispatcher:
             await self.live_workers.require(message.routing_slip.itinerary)  # workers post on their home's registry
             with observability.dispatch_span(message, self.transport.name):
                 for first in first_branches(message, branch_hops(message)) if fans_out(message) else [message]:
+                    transport = self.routes.send_to(first)
                     body = self.encode(first)
-                    transport = self.routes.for_message(first)
                     await transport.publish(first.routing_slip.current or "", body, headers=dict(first.headers))
         except BaseException:
             if fingerprint is not None and held is None:
@@ -420,8 +433,7 @@ class WorkflowDispatcher:
         signed = sign_approvals(parked, answers, self.security, approver=approver, approver_token=approver_token)
         message = parked.resume_message(answers, [item.model_dump(mode="json") for item in signed], obo_token=obo_token)
         with observability.replay_span(message, self.transport.name, operation="resume"):
-            await self.routes.connect()
-            transport = self.routes.for_message(message)
+            transport = await self.parked_on(parked, message)
             await transport.publish(parked.activity, self.encode(message), headers=dict(message.headers))
         # The record stays parked until a worker has checked and claimed the resume (`_resume_checks`).
         audit = describe([(item.approval, attested(item)) for item in signed])
@@ -505,6 +517,15 @@ class WorkflowDispatcher:
         )
         return Cancellation(correlation_id, "requested", detail)
 
+    async def parked_on(self, parked: ParkedStep, *hops: PaigeantMessage) -> Transport:
+        """The transport a resume or cancel of `parked` goes to: the one it parked on (see `Routes.parked_on`);
+        each of `hops` (unsigned) is stamped as sent there."""
+        await self.routes.connect()
+        transport = self.routes.parked_on(parked)
+        for hop in hops:
+            self.routes.stamp(hop, transport)
+        return transport
+
     async def _post_cancel(self, correlation_id: str, record: bytes, ttl: float) -> None:
         """Post the cancel on the board of every transport a step may live on, each confirmed: a worker reads its
         own transport's board, so a cancel missing from one would let that transport's steps run on."""
@@ -559,9 +580,9 @@ class WorkflowDispatcher:
         if pending:
             with observability.replay_span(message, self.transport.name, operation="cancel"):
                 hop = message.next_hop()
-                await self.routes.for_message(hop).publish(
-                    hop.routing_slip.current or "", self.encode(hop), headers=dict(hop.headers)
-                )
+                await self.routes.connect()
+                transport = self.routes.send_to(hop)  # where the undone step ran
+                await transport.publish(hop.routing_slip.current or "", self.encode(hop), headers=dict(hop.headers))
         detail = f"workflow {parked.correlation_id!r} waited at {step!r}; it was released" + (
             " and its compensations started" if pending else ", with nothing to undo"
         )
@@ -574,7 +595,8 @@ class WorkflowDispatcher:
         hop = parked.message.model_copy(update={"resume": None}).next_hop(attempt=parked.message.attempt)
         name = f"{parked.activity}#cancel-{parked.digest[:32]}"  # not the parked hop's id, which ran already
         hop.message_id = derive_message_id(parked.correlation_id, parked.step, name, hop.attempt)
-        await self.transport.publish(hop.routing_slip.current or "", self.encode(hop), headers=dict(hop.headers))
+        transport = await self.parked_on(parked, hop)  # the branch's transport, where its group's join store is
+        await transport.publish(hop.routing_slip.current or "", self.encode(hop), headers=dict(hop.headers))
         detail = (
             f"workflow {parked.correlation_id!r} waited at branch {parked.message.routing_slip.branch!r}; it was "
             "released, and a worker stops its group and undoes what completed"

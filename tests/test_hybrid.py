@@ -30,12 +30,14 @@ from paigeant_ai import (
     WorkflowEvent,
     activity,
 )
+from paigeant_ai.approval import get_waiting_store
 from paigeant_ai.contracts import EVENTS
 from paigeant_ai.exceptions import TransportError
 from paigeant_ai.security import generate_key
 from paigeant_ai.transports import Transport
 
-from .brokers import REDIS_URL, clean, dead_letters, make_transport
+from .brokers import RABBITMQ_URL, REDIS_URL, clean, dead_letters, make_transport
+from .test_parallel import asks_approval
 
 pytestmark = [pytest.mark.redis, pytest.mark.rabbitmq]
 
@@ -160,6 +162,9 @@ async def test_a_url_only_selects_among_configured_transports(places: dict[str, 
         await dispatcher.dispatch_workflow([ActivitySpec(name="hybrid-take", transport="redis://203.0.113.9:6379/0")])
     with pytest.raises(ValidationError, match="may not carry credentials"):
         ActivitySpec(name="hybrid-take", transport="amqp://guest:guest@127.0.0.1:5672/")
+    for hostless in ("://", "redis://", "memory://"):  # the in-memory transport has no URL: nothing names it
+        with pytest.raises(UnknownTransport):
+            dispatcher.routes.resolve(hostless)
 
 
 async def test_a_parallel_group_naming_a_transport_is_refused_at_dispatch(places: dict[str, Transport]) -> None:
@@ -212,6 +217,55 @@ async def test_the_next_hop_is_acked_here_only_once_its_transport_confirmed_it(
         assert await dead_letters(transport) == []
 
 
+async def test_a_compensation_on_another_transport_is_confirmed_there_before_the_failed_step_is_acked(
+    places: dict[str, Transport], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The failed Redis step's compensation goes back to the in-memory transport, which refuses it once: the
+    delivery on Redis is not acked, is delivered again, and its second failure sends the compensation."""
+    from paigeant_ai import _long_steps
+
+    monkeypatch.setattr(_long_steps, "GIVE_BACK_PAUSE", 0.01)
+    attempts: list[int] = []
+    undone: list[str] = []
+
+    @activity(name="hybrid-undo-take")
+    async def undo_take(ctx: ActivityContext) -> None:
+        undone.append(ctx.correlation_id)
+
+    @activity(name="hybrid-take", compensate=undo_take)
+    async def reversible_take(ctx: ActivityContext) -> dict[str, int]:
+        return {"taken": 1}
+
+    @activity(name="hybrid-bill")
+    async def declined(ctx: ActivityContext) -> None:
+        attempts.append(ctx.attempt)
+        raise NonRetryableError("card declined")
+
+    local, refused = places["local"], asyncio.Event()
+    publish = local.publish
+
+    async def refuse_once(address: str, body: bytes, **options: Any) -> None:
+        if address == "hybrid-undo-take" and not refused.is_set():
+            refused.set()
+            raise TransportError("publishing to 'hybrid-undo-take': the broker refused the message")
+        await publish(address, body, **options)
+
+    monkeypatch.setattr(local, "publish", refuse_once)
+    compensated, _, record = _on("compensated")
+    dispatcher = WorkflowDispatcher(local, transports=places)
+    cid = await dispatcher.dispatch_workflow(ROUTE[:2])
+    async with (
+        Worker(local, [reversible_take], transports=places, home="local", on_event=record),
+        Worker(places["store"], [declined], transports=places, home="local", on_event=record),
+    ):
+        await asyncio.wait_for(compensated.wait(), 30)
+    assert refused.is_set()
+    assert attempts == [0, 0], "the same attempt, delivered again on Redis"
+    assert undone == [cid]
+    for transport in places.values():
+        assert await dead_letters(transport) == []
+
+
 async def test_a_hop_that_arrives_on_another_transport_than_its_steps_is_dead_lettered(
     places: dict[str, Transport],
 ) -> None:
@@ -232,7 +286,43 @@ async def test_a_hop_that_arrives_on_another_transport_than_its_steps_is_dead_le
     await worker.run(burst=True)
     assert ran == []
     [letter] = await dead_letters(places["local"])
-    assert "misrouted: step 'hybrid-bill' lives on transport 'store'" in letter.headers["x-paigeant-reason"]
+    assert "misrouted: the hop was sent on transport 'store'" in letter.headers["x-paigeant-reason"]
+
+
+async def test_a_hop_copied_onto_another_transport_is_refused_there_though_its_step_names_none(
+    places: dict[str, Transport],
+) -> None:
+    """The step after a Redis step names no transport, so it runs on Redis: a copy of its signed hop put on the
+    RabbitMQ queue of its name is dead-lettered there, unrun, and that worker goes on with its next delivery."""
+    ran: list[str] = []
+
+    @activity(name="hybrid-ship")
+    async def counted_ship(ctx: ActivityContext) -> dict[str, bool]:
+        ran.append(ctx.correlation_id)
+        return {"shipped": True}
+
+    dispatcher = WorkflowDispatcher(places["local"], transports=places)
+    cid = await dispatcher.dispatch_workflow([ROUTE[1], ActivitySpec(name="hybrid-ship")], {"traces": []})
+    await Worker(places["store"], [bill], transports=places).run(burst=True)
+    async with await places["store"].consume("hybrid-ship") as consumer:
+        delivery = await asyncio.wait_for(anext(consumer), 10)
+        await places["store"].ack(delivery)
+    await places["ship"].publish("hybrid-ship", delivery.body, headers=delivery.headers)
+    own = await dispatcher.dispatch_workflow([ActivitySpec(name="hybrid-ship", transport="ship")])
+    done, events, record = _on("completed")
+    refused = asyncio.Event()
+
+    def note(event: WorkflowEvent) -> None:
+        record(event)
+        if event.kind == "rejected":
+            refused.set()
+
+    async with Worker(places["ship"], [counted_ship], transports=places, home="local", on_event=note):
+        await asyncio.wait_for(asyncio.gather(done.wait(), refused.wait()), 30)
+    assert ran == [own], "the copy never ran; the worker ran the hop sent to it"
+    [letter] = await dead_letters(places["ship"])
+    assert "misrouted: the hop was sent on transport 'store'" in letter.headers["x-paigeant-reason"]
+    assert cid not in [event.correlation_id for event in events if event.kind == "step_completed"]
 
 
 async def test_a_cancel_reaches_a_step_on_another_transport(places: dict[str, Transport]) -> None:
@@ -335,6 +425,8 @@ def test_named_transports_come_from_the_settings(monkeypatch: pytest.MonkeyPatch
     assert routes.home is own
     assert routes.resolve("ship").name == "rabbitmq"
     assert routes.resolve("amqp://127.0.0.1:5672") is routes.resolve("ship")  # its URL, without the credentials
+    monkeypatch.setenv("PAIGEANT_TRANSPORTS", f"store={REDIS_URL};orders={REDIS_URL}")
+    assert Routes(own).resolve("orders") is own  # two names of one broker and namespace: both its own
     monkeypatch.setenv("PAIGEANT_HOME_TRANSPORT", "elsewhere")
     with pytest.raises(UserError, match="home transport 'elsewhere' is not one of the named transports"):
         Routes(own)
@@ -382,3 +474,75 @@ async def test_a_parallel_group_runs_where_its_predecessor_ran_and_is_undone_the
         await asyncio.wait_for(compensated.wait(), 30)
     assert sorted(undone) == ["hybrid-shelf", "hybrid-truck"]
     assert "faulted" in [event.kind for event in events]
+
+
+async def test_a_dispatcher_closes_the_transports_it_made_and_only_those(
+    places: dict[str, Transport], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    namespace = str(cast(Any, places["store"]).namespace)
+    monkeypatch.setenv("PAIGEANT_NAMESPACE", namespace)
+    monkeypatch.setenv("PAIGEANT_TRANSPORTS", f"store={REDIS_URL};ship={RABBITMQ_URL}")
+    async with WorkflowDispatcher(places["local"]) as dispatcher:
+        made = [dispatcher.routes.resolve("store"), dispatcher.routes.resolve("ship")]
+        assert all(transport not in places.values() for transport in made)
+        await dispatcher.dispatch_workflow([ActivitySpec(name="hybrid-bill", transport="store")])
+    assert await places["store"].pending("hybrid-bill") == 1
+    for transport in made:
+        with pytest.raises(TransportError, match="not connected"):
+            await transport.pending("hybrid-bill")
+    await dispatcher.dispatch_workflow([ActivitySpec(name="hybrid-ship", transport="ship")])  # connects anew
+    await dispatcher.aclose()
+    assert await places["ship"].pending("hybrid-ship") == 1
+    monkeypatch.delenv("PAIGEANT_TRANSPORTS")
+    async with WorkflowDispatcher(places["local"], transports=places) as given:
+        await given.dispatch_workflow([ActivitySpec(name="hybrid-bill", transport="store")])
+    assert await places["store"].pending("hybrid-bill") == 2  # what it was given stays open
+
+
+@pytest.mark.parametrize("action", ["resume", "cancel"])
+async def test_a_waiting_branch_is_sent_back_to_the_transport_it_waits_on(
+    places: dict[str, Transport], action: str
+) -> None:
+    """A group after a Redis step runs on Redis; its branch that waits for an approval is resumed, or released by
+    a cancel, on Redis, by a dispatcher on another transport."""
+
+    @activity(name="hybrid-research")
+    async def research(ctx: ActivityContext) -> dict[str, str]:
+        return {"found": "yes"}
+
+    waiting = get_waiting_store(places["store"])
+    ended, events, record = _on("completed" if action == "resume" else "cancelled")
+    waited = asyncio.Event()
+
+    def note(event: WorkflowEvent) -> None:
+        record(event)
+        if event.kind == "waiting":
+            waited.set()
+
+    dispatcher = WorkflowDispatcher(places["local"], transports=places, waiting_store=waiting)
+    route = [ROUTE[1], Parallel("hybrid-ask", "hybrid-research")]
+    cid = await dispatcher.dispatch_workflow(route, {"traces": []})
+    worker = Worker(
+        places["store"],
+        [bill, asks_approval("hybrid-ask"), research],
+        transports=places,
+        home="local",
+        on_event=note,
+        waiting_store=waiting,
+    )
+    async with worker:
+        await asyncio.wait_for(waited.wait(), 30)
+        parked = await waiting.get(cid)
+        assert parked is not None
+        assert parked.transport == "store"  # signed with the record
+        if action == "resume":
+            await dispatcher.resume(cid, approve_all=True, approver="support:ann")
+        else:
+            await dispatcher.cancel(cid, "no longer needed", by="support:bob")
+        await asyncio.wait_for(ended.wait(), 30)
+    assert await places["local"].pending("hybrid-ask") == 0
+    if action == "resume":
+        [completed] = [event for event in events if event.kind == "completed"]
+        assert {"billed", "hybrid-ask", "hybrid-research"} <= set(completed.payload or {})  # both branches joined
+    for transport in places.values():
+        assert await dead_letters(transport) == []
