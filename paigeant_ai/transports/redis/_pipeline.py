@@ -33,7 +33,8 @@ Invariants.
 - A caller's own commands are awaited one after the other, so its order is kept; across callers there is no
   order but the pipeline's.
 - redis-py sends a pipeline again after a lost connection. So that a resent PUBLISH call adds nothing twice,
-  each call carries a marker key (`<namespace>:published:<random>:<call number>`), set by the script with an
+  each call carries a marker key (`<namespace>:published:<random>:<call number>`; on a cluster, where a call
+  publishes to one stream, `<stream>:published:...`, in the stream's slot), set by the script with an
   expiry of `_PUBLISH_MARKER_MS`, holding the call's outcome: a call whose marker exists adds nothing and
   answers with the outcome of its first run.
 - A request whose caller was cancelled before it was sent is dropped; one whose arguments cannot be packed
@@ -57,6 +58,7 @@ from collections.abc import Callable, Iterator
 from typing import Any, TypeVar, cast
 
 import redis.asyncio as aioredis
+from redis.asyncio.cluster import RedisCluster
 from redis.exceptions import DataError, NoScriptError, ResponseError
 
 from . import _lua as lua
@@ -141,20 +143,29 @@ class _Batch:
 class Pipeliner:
     """Sends what is asked of Redis while a pipeline waits for its replies as the next pipeline (see above)."""
 
-    def __init__(self, client: PipelinedRedis, namespace: str) -> None:
+    def __init__(self, client: PipelinedRedis | PipelinedCluster, namespace: str) -> None:
         self.client = client
+        self.cluster = isinstance(client, PipelinedCluster)
+        """On a Redis Cluster, no call may touch keys of two slots: a PUBLISH call carries the messages of one
+        stream (its marker tagged as the stream), and the MANY calls are not made (each command goes on its own)."""
+        self.namespace = namespace
         self._publish_sha = client.register_script(lua.PUBLISH).sha
         self._many_sha = client.register_script(lua.MANY).sha
         self._next = _Batch()
         self._sender: asyncio.Task[None] | None = None
         self._load_scripts = False
-        self._markers = f"{namespace}:published:{uuid.uuid4().hex}:"  # then the number of the PUBLISH call
+        self._markers = f"published:{uuid.uuid4().hex}:"  # then the number of the PUBLISH call
         self._calls = 0
 
     def command(self, args: tuple[Any, ...], options: dict[str, Any]) -> asyncio.Future[Any]:
         """Queue one command (`("SET", key, value)`, with redis-py's options) in the next pipeline."""
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        if args[0] in _MERGED and len(args) <= _MERGED_MAX_WORDS and not options.keys() - _MERGED_OPTIONS:
+        if (
+            not self.cluster
+            and args[0] in _MERGED
+            and len(args) <= _MERGED_MAX_WORDS
+            and not options.keys() - _MERGED_OPTIONS
+        ):
             self._next.merged.append((args, options, future))
         else:
             self._next.commands.append((args, options, future))
@@ -203,20 +214,22 @@ class Pipeliner:
             self._sender = None
 
     async def _send(self, batch: _Batch) -> None:
-        pipe = self.client.pipeline(transaction=False)
+        pipe: Any = self.client.pipeline(transaction=False)
+        # A cluster's pipeline queues with `execute_command`; a plain one runs it at once unless told to queue.
+        queue: Callable[..., Any] = pipe.execute_command if self.cluster else pipe.pipeline_execute_command
         answers: list[Callable[[Any], None]] = []
         # Acks first: nobody waits for them, so a command asked for after an ack must not run before it.
         for stream, acks in batch.acks.items():
-            pipe.pipeline_execute_command("XACK", stream, GROUP, *(entry_id for entry_id, _ in acks))
+            queue("XACK", stream, GROUP, *(entry_id for entry_id, _ in acks))
             answers.append(functools.partial(_resolve_all, [future for _, future in acks]))
-        for chunk in _chunks(batch.publishes, _PUBLISHES_PER_CALL):
-            pipe.pipeline_execute_command(*self._publish_call(chunk))
+        for chunk in self._publish_chunks(batch.publishes):
+            queue(*self._publish_call(chunk))
             answers.append(functools.partial(self._published, chunk))
         for chunk in _chunks(batch.merged, _MERGED_PER_CALL):
-            pipe.pipeline_execute_command(*self._many_call(chunk))
+            queue(*self._many_call(chunk))
             answers.append(functools.partial(self._answered, chunk))
         for args, options, future in batch.commands:
-            pipe.pipeline_execute_command(*args, **options)
+            queue(*args, **options)
             answers.append(functools.partial(_resolve, future))
         try:
             if self._load_scripts:  # Redis restarted and forgot them
@@ -245,9 +258,21 @@ class Pipeliner:
         except Exception as exc:  # a reply of an unexpected shape: no caller may wait for ever
             _resolve_all(list(batch.futures()), exc)
 
+    def _publish_chunks(self, publishes: list[_Publish]) -> Iterator[list[_Publish]]:
+        """The PUBLISH calls of a batch: up to `_PUBLISHES_PER_CALL` messages each, of one stream on a cluster."""
+        if not self.cluster:
+            yield from _chunks(publishes, _PUBLISHES_PER_CALL)
+            return
+        streams: dict[str, list[_Publish]] = {}
+        for publish in publishes:
+            streams.setdefault(publish[0], []).append(publish)
+        for same_stream in streams.values():
+            yield from _chunks(same_stream, _PUBLISHES_PER_CALL)
+
     def _publish_call(self, chunk: list[_Publish]) -> list[Any]:
         self._calls += 1
-        marker = f"{self._markers}{self._calls}"  # the same when redis-py sends the pipeline again
+        # The same when redis-py sends the pipeline again; on a cluster, in the slot of the call's one stream.
+        marker = f"{chunk[0][0] if self.cluster else self.namespace}:{self._markers}{self._calls}"
         call: list[Any] = ["EVALSHA", self._publish_sha, len(chunk) + 1, *(stream for stream, *_ in chunk), marker]
         for _, body, headers, maxlen, _ in chunk:
             call += (body, headers, maxlen)
@@ -314,10 +339,29 @@ class PipelinedRedis(aioredis.Redis):
     """A redis-py client whose quick commands go out in the shared pipelines of a `Pipeliner`."""
 
     pipeliner: Pipeliner | None = None
+    sentinels: list[aioredis.Redis] = []
+    """The clients of the sentinels that name this client's master (if they do), closed with it."""
 
     async def execute_command(self, *args: Any, **options: Any) -> Any:
         pipeliner = self.pipeliner
         if pipeliner is None or args[0] not in _PIPELINED:
+            return await super().execute_command(*args, **options)
+        return await pipeliner.command(args, options)
+
+    async def aclose(self, close_connection_pool: bool | None = None) -> None:
+        await super().aclose(close_connection_pool)
+        for sentinel in self.sentinels:
+            await sentinel.aclose()
+
+
+class PipelinedCluster(RedisCluster):
+    """A redis-py Redis Cluster client whose quick commands go out in the shared pipelines of a `Pipeliner`."""
+
+    pipeliner: Pipeliner | None = None
+
+    async def execute_command(self, *args: Any, **options: Any) -> Any:
+        pipeliner = self.pipeliner
+        if pipeliner is None or args[0] not in _PIPELINED or "target_nodes" in options:
             return await super().execute_command(*args, **options)
         return await pipeliner.command(args, options)
 
