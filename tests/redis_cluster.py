@@ -138,14 +138,14 @@ class Cluster:
     def url(self) -> str:
         return "redis+cluster://" + ",".join(f"127.0.0.1:{port}" for port in self.masters)
 
-    def master_of(self, key: str) -> int:
-        """The port of the master that now holds `key`'s slot."""
+    def master_of(self, key: str) -> int | None:
+        """The port of the master that now holds `key`'s slot (`None` while none does, in a failover)."""
         slot = int(cli(self.live()[0], "CLUSTER", "KEYSLOT", key).strip())
         for line in cli(self.live()[0], "CLUSTER", "NODES").splitlines():
             words = line.split()
             if "master" in words[2] and "fail" not in words[2] and _serves(words[8:], slot):
                 return int(words[1].split(":")[1].split("@")[0])
-        raise AssertionError(f"no master serves slot {slot}")
+        return None
 
     def live(self) -> list[int]:
         return [port for port, process in self.servers.processes.items() if process.poll() is None]
@@ -153,8 +153,13 @@ class Cluster:
     def fail_over_master_of(self, key: str) -> int:
         """SIGKILL the master of `key`'s slot and wait until its replica took over; the killed port."""
         victim = self.master_of(key)
+        assert victim is not None, f"no master serves {key!r}"
         self.servers.kill(victim)
-        wait_for(lambda: self.master_of(key) != victim and self.healthy(), within=30, what="the replica's promotion")
+        wait_for(
+            lambda: self.master_of(key) not in (victim, None) and self.healthy(),
+            within=30,
+            what="the replica's promotion",
+        )
         return victim
 
     def healthy(self) -> bool:
