@@ -52,7 +52,8 @@ def free_ports(count: int) -> list[int]:
         with socket.socket() as probe:
             probe.bind(("127.0.0.1", 0))
             port = probe.getsockname()[1]
-        if port == 6379 or port + 10000 > 65535 or port in found or not _free(port + 10000):
+        taken = {*found, *(other + 10000 for other in found), *(other - 10000 for other in found)}
+        if port == 6379 or port + 10000 > 65535 or port in taken or port + 10000 in taken or not _free(port + 10000):
             continue
         found.append(port)
     return found
@@ -94,8 +95,11 @@ class Servers:
 
     folder: Path
     processes: dict[int, subprocess.Popen[bytes]] = field(default_factory=dict[int, "subprocess.Popen[bytes]"])
+    options: dict[int, tuple[str, ...]] = field(default_factory=dict[int, tuple[str, ...]])
 
     def start(self, port: int, *options: str) -> None:
+        """Start a server on `port` (again, with the options and files it had, if it ran before)."""
+        options = self.options.setdefault(port, options)
         data = self.folder / str(port)
         data.mkdir(exist_ok=True)
         log = open(data / "redis.log", "ab")  # noqa: SIM115 - the process keeps writing to it
@@ -151,7 +155,8 @@ class Cluster:
         return [port for port, process in self.servers.processes.items() if process.poll() is None]
 
     def fail_over_master_of(self, key: str) -> int:
-        """SIGKILL the master of `key`'s slot and wait until its replica took over; the killed port."""
+        """SIGKILL the master of `key`'s slot and wait until its replica took over; then start the killed server
+        again, and wait until it is the new master's replica, in sync. The killed port."""
         victim = self.master_of(key)
         assert victim is not None, f"no master serves {key!r}"
         self.servers.kill(victim)
@@ -160,6 +165,8 @@ class Cluster:
             within=30,
             what="the replica's promotion",
         )
+        self.servers.start(victim)  # on its files: it knows the cluster, and joins it as the new master's replica
+        wait_for(lambda: _in_sync(victim), within=30, what=f"the killed master {victim} to be a replica in sync")
         return victim
 
     def healthy(self) -> bool:
@@ -235,7 +242,8 @@ class SentinelSet:
         return int(reply[1])
 
     def fail_over(self) -> int:
-        """SIGKILL the master and wait until the sentinels promoted the replica; the killed port."""
+        """SIGKILL the master and wait until the sentinels promoted the replica; then start the killed server again
+        and wait until the sentinels made it the new master's replica, in sync. The killed port."""
         victim = self.master()
         self.servers.kill(victim)
         (replica,) = (port for port in self.redis_ports if port != victim)
@@ -244,6 +252,8 @@ class SentinelSet:
             within=30,
             what="the sentinels to promote the replica",
         )
+        self.servers.start(victim)
+        wait_for(lambda: _in_sync(victim), within=30, what=f"the killed master {victim} to be a replica in sync")
         return victim
 
 
@@ -283,6 +293,11 @@ def sentinel_set(tmp_path: Path) -> Generator[SentinelSet]:
     finally:
         servers.stop_all()
         shutil.rmtree(servers.folder, ignore_errors=True)
+
+
+def _in_sync(port: int) -> bool:
+    info = cli(port, "INFO", "replication")
+    return "role:slave" in info and "master_link_status:up" in info
 
 
 def _knows_others(port: int) -> bool:

@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 
 from paigeant_ai.contracts import DEAD_LETTER
+from paigeant_ai.exceptions import TransportError
 from paigeant_ai.transports import Transport
 from paigeant_ai.transports.redis import RedisTransport
 
@@ -42,7 +43,7 @@ from .test_worker import (  # the worker's behaviour, on this module's `transpor
     test_retry_exhausted_faults_and_dead_letters,
     test_retry_then_success,
 )
-from .transport_contract import TransportContract
+from .transport_contract import TransportContract, receive
 from .workflows_for_crash import MIDDLE, STEPS, completed, dispatch, middle_runs, read_records
 
 __all__ = (  # the suites of the other modules, run here on this module's `transport`
@@ -131,14 +132,35 @@ async def test_a_cluster_or_sentinel_url_without_what_it_needs_is_refused_with_t
         await RedisTransport(url).connect()
 
 
+@pytest.mark.parametrize("servers", ["cluster", "sentinels"])
+async def test_a_publish_waits_for_the_replicas_it_asks_for_and_fails_without_them(
+    servers: str, request: pytest.FixtureRequest
+) -> None:
+    url = request.getfixturevalue(servers).url
+    namespace = new_namespace()
+    async with RedisTransport(url, namespace=namespace, min_replicas_acked=1) as transport:
+        await transport.publish("replicated", b"on two nodes")
+        async with await transport.consume("replicated") as consumer:
+            assert (await receive(consumer)).body == b"on two nodes"
+    # Every master has one replica: asking for two, the publish fails (and the worker would send it again).
+    async with RedisTransport(url, namespace=namespace, min_replicas_acked=2, replica_ack_timeout=0.2) as transport:
+        with pytest.raises(TransportError, match="reached 1 replicas, not the 2 of min_replicas_acked"):
+            await transport.publish("replicated", b"short of replicas")
+
+
 # -- failover under worker processes ---------------------------------------------------------------------------
 
 
 async def run_through_a_failover(
     tmp_path: Path, url: str, fail_over: Callable[[], int], capsys: pytest.CaptureFixture[str], what: str
 ) -> None:
-    """Dispatch 60 three-step workflows to worker processes on `url`, `fail_over()` once the middle steps run,
-    and check that every workflow completes, each middle step ran, at most a few twice, nothing dead-lettered."""
+    """Dispatch 60 three-step workflows to worker processes on `url`, `fail_over()` once the middle steps run (the
+    killed master comes back as the new master's replica, so that publishes find a replica again), and check that
+    every workflow completes, each middle step ran, at most a few twice, nothing dead-lettered.
+
+    The workers publish with `min_replicas_acked=1`: a step is acknowledged only once its successor is on the
+    replica too, so the replica that takes over has every step not yet acknowledged (without it, replication is
+    asynchronous and the failover may lose the last writes, `appendfsync always` or not)."""
     async with brokers.fleet(tmp_path, "redis", url, workers="tests.redis_workflows", steps=STEPS) as fleet:
         workers, dispatcher, records = fleet
         await workers.start("edge_worker")
@@ -159,6 +181,13 @@ async def run_through_a_failover(
         report(capsys, f"{what}: killed {killed}; 60/60 workflows completed ({lines} last steps), {len(twice)} twice")
 
 
+@pytest.fixture
+def replicated(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The worker processes of `tests.redis_workflows` publish with `min_replicas_acked=1`."""
+    monkeypatch.setenv("PAIGEANT_TEST_MIN_REPLICAS_ACKED", "1")
+
+
+@pytest.mark.usefixtures("replicated")
 async def test_a_cluster_master_killed_mid_run_loses_no_workflow(
     cluster: Cluster, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -171,6 +200,7 @@ async def test_a_cluster_master_killed_mid_run_loses_no_workflow(
     await run_through_a_failover(tmp_path, cluster.url, fail_over, capsys, "redis cluster failover")
 
 
+@pytest.mark.usefixtures("replicated")
 async def test_the_sentinel_master_killed_mid_run_loses_no_workflow(
     sentinels: SentinelSet, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -85,7 +85,8 @@ def _cluster(url: str, *, max_connections: int, retry: Retry, **timeouts: Any) -
     if parts.path not in ("", "/"):
         raise ValueError("a Redis Cluster has only database 0: leave the path out")
     nodes = [ClusterNode(host, port) for host, port in _nodes(parts.netloc, url)]
-    return PipelinedCluster(
+    cluster: Any = PipelinedCluster  # abstract to the type checker before redis-py 6, though it is not
+    return cluster(
         startup_nodes=nodes,
         max_connections=max_connections,
         retry=retry,

@@ -29,15 +29,12 @@ __all__ = (
     "CLAIM_HOP",
     "DEAD_LETTER",
     "GIVE_BACK",
-    "INDEX",
     "MANY",
-    "PARK",
     "PENDING",
     "PROMOTE",
     "PUBLISH",
     "PUBLISH_LATER",
     "READ",
-    "RECORD_EVENT",
     "RELEASE",
     "REMOVE_PARKED",
     "RENEW",
@@ -385,39 +382,11 @@ if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) 
 return 0
 """
 
-PARK = """
--- KEYS: a parked workflow. ARGV: its record, its message id. Replaces what was parked there.
-redis.call('DEL', KEYS[1])
-redis.call('HSET', KEYS[1], 'record', ARGV[1], 'message_id', ARGV[2])
-return 1
-"""
-
 REMOVE_PARKED = """
 -- KEYS: a parked workflow. ARGV: its message id.
 -- Removes it if it is still the same parking (a newer one is kept).
 if redis.call('HGET', KEYS[1], 'message_id') ~= ARGV[1] then return 0 end
 redis.call('DEL', KEYS[1])
-return 1
-"""
-
-RECORD_EVENT = """
--- KEYS: a workflow's events, its owner. ARGV: the event, its score, most events kept, ms to keep them, the owner
--- named by a `dispatched` event (or ''), when it was dispatched (micros).
-redis.call('ZADD', KEYS[1], ARGV[2], ARGV[1])
-redis.call('ZREMRANGEBYRANK', KEYS[1], 0, -tonumber(ARGV[3]) - 1)
-redis.call('PEXPIRE', KEYS[1], ARGV[4])
-if ARGV[5] ~= '' then
-  redis.call('ZADD', KEYS[2], 'LT', ARGV[6], ARGV[5])
-  redis.call('ZREMRANGEBYRANK', KEYS[2], 1, -1)  -- only the earliest dispatch names the owner
-end
-redis.call('PEXPIRE', KEYS[2], ARGV[4])
-return 1
-"""
-
-INDEX = """
--- KEYS: an index (a sorted set). ARGV: the member, its score (kept if higher), most members kept.
-redis.call('ZADD', KEYS[1], 'GT', ARGV[2], ARGV[1])
-redis.call('ZREMRANGEBYRANK', KEYS[1], 0, -tonumber(ARGV[3]) - 1)
 return 1
 """
 

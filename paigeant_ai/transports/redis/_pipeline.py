@@ -62,6 +62,7 @@ from redis.asyncio.cluster import RedisCluster
 from redis.exceptions import DataError, NoScriptError, ResponseError
 
 from . import _lua as lua
+from ._types import as_script
 from ._wire import GROUP
 
 __all__ = ("PipelinedRedis", "Pipeliner")
@@ -143,14 +144,20 @@ class _Batch:
 class Pipeliner:
     """Sends what is asked of Redis while a pipeline waits for its replies as the next pipeline (see above)."""
 
-    def __init__(self, client: PipelinedRedis | PipelinedCluster, namespace: str) -> None:
+    def __init__(
+        self, client: PipelinedRedis | PipelinedCluster, namespace: str, *, min_replicas: int = 0, wait_ms: int = 1000
+    ) -> None:
         self.client = client
+        self.min_replicas = min_replicas
+        """Replicas that must have every write of a batch with publishes before those publishes count as done
+        (`WAIT`); 0 to answer as soon as the master has them."""
+        self.wait_ms = wait_ms
         self.cluster = isinstance(client, PipelinedCluster)
         """On a Redis Cluster, no call may touch keys of two slots: a PUBLISH call carries the messages of one
         stream (its marker tagged as the stream), and the MANY calls are not made (each command goes on its own)."""
         self.namespace = namespace
-        self._publish_sha = client.register_script(lua.PUBLISH).sha
-        self._many_sha = client.register_script(lua.MANY).sha
+        self._publish_sha = as_script(client, lua.PUBLISH).sha
+        self._many_sha = as_script(client, lua.MANY).sha
         self._next = _Batch()
         self._sender: asyncio.Task[None] | None = None
         self._load_scripts = False
@@ -222,15 +229,23 @@ class Pipeliner:
         for stream, acks in batch.acks.items():
             queue("XACK", stream, GROUP, *(entry_id for entry_id, _ in acks))
             answers.append(functools.partial(_resolve_all, [future for _, future in acks]))
+        held: list[tuple[asyncio.Future[None], Exception | None]] | None = None
+        if self.min_replicas and batch.publishes:
+            held = []  # the publishes' outcomes, given once the replicas have them (or in time did not)
         for chunk in self._publish_chunks(batch.publishes):
             queue(*self._publish_call(chunk))
-            answers.append(functools.partial(self._published, chunk))
+            answers.append(functools.partial(self._published, chunk, held=held))
         for chunk in _chunks(batch.merged, _MERGED_PER_CALL):
             queue(*self._many_call(chunk))
             answers.append(functools.partial(self._answered, chunk))
         for args, options, future in batch.commands:
             queue(*args, **options)
             answers.append(functools.partial(_resolve, future))
+        waits: list[Any] = []
+        if held is not None:
+            for where in self._wait_targets(batch.publishes):
+                queue("WAIT", self.min_replicas, self.wait_ms, **where)
+                answers.append(waits.append)
         try:
             if self._load_scripts:  # Redis restarted and forgot them
                 self._load_scripts = False
@@ -255,6 +270,8 @@ class Pipeliner:
         try:
             for answer, reply in zip(answers, replies, strict=True):
                 answer(reply)
+            if held is not None:
+                self._replicated(held, waits)
         except Exception as exc:  # a reply of an unexpected shape: no caller may wait for ever
             _resolve_all(list(batch.futures()), exc)
 
@@ -279,7 +296,32 @@ class Pipeliner:
         call.append(_PUBLISH_MARKER_MS)
         return call
 
-    def _published(self, chunk: list[_Publish], reply: Any) -> None:
+    def _wait_targets(self, publishes: list[_Publish]) -> list[dict[str, Any]]:
+        """Where a `WAIT` goes after the publishes: on the pipeline's connection, or to each master written to."""
+        if not isinstance(self.client, PipelinedCluster):
+            return [{}]
+        nodes = {node.name: node for stream, *_ in publishes if (node := self.client.get_node_from_key(stream))}
+        return [{"target_nodes": node} for node in nodes.values()]
+
+    def _replicated(self, held: list[tuple[asyncio.Future[None], Exception | None]], waits: list[Any]) -> None:
+        """Answer the held publishes: refused, unless every `WAIT` counted `min_replicas` replicas."""
+        short = [reply for reply in waits if isinstance(reply, Exception) or int(reply) < self.min_replicas]
+        error = None
+        if short:
+            reached = "an unknown number of" if isinstance(short[0], Exception) else str(int(short[0]))
+            error = ResponseError(
+                f"the write reached {reached} replicas, not the {self.min_replicas} of min_replicas_acked, within "
+                f"{self.wait_ms} ms; it is sent again (lower min_replicas_acked or bring the replicas back)"
+            )
+        for future, outcome in held:
+            _resolve(future, outcome or error)
+
+    def _published(
+        self,
+        chunk: list[_Publish],
+        reply: Any,
+        held: list[tuple[asyncio.Future[None], Exception | None]] | None = None,
+    ) -> None:
         if isinstance(reply, NoScriptError):  # nothing ran: again, once the script is loaded
             self._load_scripts = True
             self._next.publishes[:0] = chunk
@@ -288,7 +330,11 @@ class Pipeliner:
         else:
             outcome, error = cast("list[bytes]", reply)
             for flag, (*_, future) in zip(outcome, chunk, strict=True):
-                _resolve(future, None if flag == ord("1") else ResponseError(error.decode(errors="replace")))
+                refused = None if flag == ord("1") else ResponseError(error.decode(errors="replace"))
+                if held is None:
+                    _resolve(future, refused)
+                else:
+                    held.append((future, refused))
 
     def _many_call(self, chunk: list[_Request]) -> list[Any]:
         call: list[Any] = ["EVALSHA", self._many_sha, 0]

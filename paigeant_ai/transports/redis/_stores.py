@@ -30,6 +30,34 @@ __all__ = ("RedisDedupeStore", "RedisReplayCache", "RedisWaitingStore", "RedisWo
 
 logger = logging.getLogger("paigeant_ai.transports.redis")
 
+_PARK = """
+-- KEYS: a parked workflow. ARGV: its record, its message id. Replaces what was parked there.
+redis.call('DEL', KEYS[1])
+redis.call('HSET', KEYS[1], 'record', ARGV[1], 'message_id', ARGV[2])
+return 1
+"""
+
+_RECORD_EVENT = """
+-- KEYS: a workflow's events, its owner. ARGV: the event, its score, most events kept, ms to keep them, the owner
+-- named by a `dispatched` event (or ''), when it was dispatched (micros).
+redis.call('ZADD', KEYS[1], ARGV[2], ARGV[1])
+redis.call('ZREMRANGEBYRANK', KEYS[1], 0, -tonumber(ARGV[3]) - 1)
+redis.call('PEXPIRE', KEYS[1], ARGV[4])
+if ARGV[5] ~= '' then
+  redis.call('ZADD', KEYS[2], 'LT', ARGV[6], ARGV[5])
+  redis.call('ZREMRANGEBYRANK', KEYS[2], 1, -1)  -- only the earliest dispatch names the owner
+end
+redis.call('PEXPIRE', KEYS[2], ARGV[4])
+return 1
+"""
+
+_INDEX = """
+-- KEYS: an index (a sorted set). ARGV: the member, its score (kept if higher), most members kept.
+redis.call('ZADD', KEYS[1], 'GT', ARGV[2], ARGV[1])
+redis.call('ZREMRANGEBYRANK', KEYS[1], 0, -tonumber(ARGV[3]) - 1)
+return 1
+"""
+
 
 class RedisDedupeStore:
     """Remembers completed steps in Redis, for every worker that shares it (`SET NX` with an expiry).
@@ -138,7 +166,7 @@ class RedisWaitingStore:
             # The record, then the index (another slot on a cluster): an index entry always has its record, but
             # for one whose removal stopped half-way, which `waiting()` skips.
             await self.transport.client.eval(
-                lua.PARK, 1, self.key(cid), parked.model_dump_json(), parked.message.message_id
+                _PARK, 1, self.key(cid), parked.model_dump_json(), parked.message.message_id
             )
             await self.transport.client.zadd(self.index_key, {cid: parked.parked_at.timestamp()})
 
@@ -227,7 +255,7 @@ class RedisWorkflowStore:
             # The workflow's keys in one script, then the index (another slot on a cluster), which `list()` reads
             # knowing that a workflow it names may have expired.
             await self.transport.client.eval(
-                lua.RECORD_EVENT,
+                _RECORD_EVENT,
                 2,
                 key,
                 self.owner_key(correlation_id),
@@ -238,7 +266,7 @@ class RedisWorkflowStore:
                 owner,
                 micros,
             )
-            await self.transport.client.eval(lua.INDEX, 1, self.index_key, correlation_id, micros, self.max_workflows)
+            await self.transport.client.eval(_INDEX, 1, self.index_key, correlation_id, micros, self.max_workflows)
 
     async def get(self, correlation_id: str) -> WorkflowStatus | None:
         with self.transport.errors(f"reading workflow {correlation_id!r}"):

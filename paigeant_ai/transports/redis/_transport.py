@@ -90,7 +90,13 @@ class RedisTransport(TransportBase):
         reconnect_attempts: Retries of a command while Redis is unreachable (about one a second), so a
             restart of Redis goes unnoticed by the workflows.
         max_connections: Connections to Redis at most; each consumer keeps one for its blocking reads, other
-            commands wait for a free one.
+            commands wait for a free one (on a cluster: at most, to each node).
+        min_replicas_acked: Replicas that must hold a publish (a workflow's next step) before it counts as sent,
+            and so before the step that sent it is acknowledged: after the publishes of each pipeline, a `WAIT`
+            for this many replicas, up to `replica_ack_timeout`; short of them, the publishes fail and the worker
+            sends them again. 0 (the default) does not wait: a failover may lose the latest writes (see
+            docs/deployment.md).
+        replica_ack_timeout: Seconds a `WAIT` for `min_replicas_acked` replicas lasts at most.
     """
 
     name = "redis"
@@ -109,6 +115,8 @@ class RedisTransport(TransportBase):
         poll_interval: float = 1.0,
         reconnect_attempts: int = 20,
         max_connections: int = 100,
+        min_replicas_acked: int = 0,
+        replica_ack_timeout: float = 1.0,
     ) -> None:
         settings = Settings.from_env()
         self.url = url or settings.redis_url
@@ -122,6 +130,10 @@ class RedisTransport(TransportBase):
         )
         if max_connections < 2:
             raise UserError("max_connections must be at least 2")
+        if min_replicas_acked < 0 or replica_ack_timeout <= 0:
+            raise UserError("min_replicas_acked must be 0 or more and replica_ack_timeout a positive number of seconds")
+        self.min_replicas_acked = min_replicas_acked
+        self.replica_ack_timeout = replica_ack_timeout
         self.visibility_timeout = visibility_timeout
         self.max_deliveries = max_deliveries
         self.trim_length = trim_length
@@ -210,7 +222,9 @@ class RedisTransport(TransportBase):
         except TransportError:
             await client.aclose()
             raise
-        client.pipeliner = Pipeliner(client, self.namespace)
+        client.pipeliner = Pipeliner(
+            client, self.namespace, min_replicas=self.min_replicas_acked, wait_ms=ms(self.replica_ack_timeout)
+        )
         self._client, self._scripts, self._pipeliner = client, Scripts.register(client), client.pipeliner
 
     async def disconnect(self) -> None:

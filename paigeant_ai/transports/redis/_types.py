@@ -117,7 +117,8 @@ def as_commands(client: Client) -> RedisCommands:
 
 def as_script(client: Client, source: str) -> Script:
     """`source` registered on `client`, seen through `Script`."""
-    return cast("Script", client.register_script(source))
+    # Typed for the plain client alone before redis-py 6, though a cluster client has it too.
+    return cast("Script", cast(Any, client).register_script(source))
 
 
 @dataclass(slots=True)
