@@ -208,6 +208,7 @@ def redis_cluster(tmp_path: Path) -> Generator[Cluster]:
         assert created.returncode == 0, created.stdout + created.stderr
         cluster = Cluster(servers, masters=[], replicas=[])
         wait_for(cluster.healthy, within=30, what="the cluster to cover every slot")
+        wait_for(lambda: cli(ports[0], "CLUSTER", "NODES").count("slave") == 3, within=30, what="three replicas")
         for line in cli(ports[0], "CLUSTER", "NODES").splitlines():
             words = line.split()
             port = int(words[1].split(":")[1].split("@")[0])

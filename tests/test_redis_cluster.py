@@ -124,6 +124,17 @@ async def test_each_address_keeps_its_keys_in_one_slot_and_addresses_spread_over
         assert len(masters) > 1
 
 
+async def test_the_consumed_addresses_are_found_on_every_master(cluster: Cluster) -> None:
+    async with RedisTransport(cluster.url, namespace=new_namespace()) as transport:
+        addresses = [f"served-{n}" for n in range(6)]
+        consumers = [await transport.consume(address) for address in addresses]
+        try:
+            assert await transport.consumed_addresses() == sorted(addresses)
+        finally:
+            for consumer in consumers:
+                await consumer.aclose()
+
+
 @pytest.mark.parametrize("url", ["redis+cluster://", "redis+cluster://127.0.0.1:x", "redis+sentinel://127.0.0.1:1"])
 async def test_a_cluster_or_sentinel_url_without_what_it_needs_is_refused_with_the_fix(url: str) -> None:
     from paigeant_ai.exceptions import UserError
@@ -152,11 +163,11 @@ async def test_a_publish_waits_for_the_replicas_it_asks_for_and_fails_without_th
 
 
 async def run_through_a_failover(
-    tmp_path: Path, url: str, fail_over: Callable[[], int], capsys: pytest.CaptureFixture[str], what: str
+    tmp_path: Path, url: str, fail_over: Callable[[], int], capsys: pytest.CaptureFixture[str], what: str, rerun: int
 ) -> None:
     """Dispatch 60 three-step workflows to worker processes on `url`, `fail_over()` once the middle steps run (the
     killed master comes back as the new master's replica, so that publishes find a replica again), and check that
-    every workflow completes, each middle step ran, at most a few twice, nothing dead-lettered.
+    every workflow completes, each middle step ran, at most `rerun` of them again, nothing dead-lettered.
 
     The workers publish with `min_replicas_acked=1`: a step is acknowledged only once its successor is on the
     replica too, so the replica that takes over has every step not yet acknowledged (without it, replication is
@@ -174,11 +185,13 @@ async def run_through_a_failover(
         runs = middle_runs(records)
         assert set(runs) == {f"{cid}:1:{MIDDLE}" for cid in ids}
         twice = {key: count for key, count in runs.items() if count > 1}
-        assert len(twice) <= 8, twice  # the steps in flight on the killed node's streams at most
+        assert len(twice) <= rerun, twice
+        assert max(runs.values()) <= 4, twice
         assert await dispatcher.transport.pending(DEAD_LETTER) == 0
         await drained(dispatcher.transport, STEPS, within=60)
         lines = sum(len(lines) for lines in read_records(records, "last").values())
-        report(capsys, f"{what}: killed {killed}; 60/60 workflows completed ({lines} last steps), {len(twice)} twice")
+        again = sum(runs.values()) - len(runs)
+        report(capsys, f"{what}: killed {killed}; 60/60 completed ({lines} last steps), {again} middle steps run again")
 
 
 @pytest.fixture
@@ -197,11 +210,17 @@ async def test_a_cluster_master_killed_mid_run_loses_no_workflow(
     def fail_over() -> int:
         return cluster.fail_over_master_of(stream)
 
-    await run_through_a_failover(tmp_path, cluster.url, fail_over, capsys, "redis cluster failover")
+    # Only the streams of the killed master stop for the failover: the steps in flight on them may run again.
+    await run_through_a_failover(tmp_path, cluster.url, fail_over, capsys, "redis cluster failover", rerun=8)
 
 
 @pytest.mark.usefixtures("replicated")
 async def test_the_sentinel_master_killed_mid_run_loses_no_workflow(
     sentinels: SentinelSet, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    await run_through_a_failover(tmp_path, sentinels.url, sentinels.fail_over, capsys, "redis sentinel failover")
+    # Every write fails while the sentinels notice (1 s), promote the replica and the killed master comes back as
+    # its replica (a publish waits for one): each step that ends meanwhile is handed back and may run again, more
+    # than once if the outage outlasts its first pauses.
+    await run_through_a_failover(
+        tmp_path, sentinels.url, sentinels.fail_over, capsys, "redis sentinel failover", rerun=40
+    )

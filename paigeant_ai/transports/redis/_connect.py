@@ -41,11 +41,13 @@ def open_client(url: str, *, max_connections: int, retry_attempts: int) -> Pipel
     retry = Retry(ExponentialBackoff(cap=1.0, base=0.05), retry_attempts)
     timeouts: dict[str, Any] = {"socket_timeout": 30.0, "socket_connect_timeout": 5.0}
     scheme = url.partition("://")[0].lower()
+    # After a failover, pooled connections to a server that died are stale: one idle this long is checked first.
+    checked = {**timeouts, "health_check_interval": 5}
     try:
         if scheme in CLUSTER_SCHEMES:
-            return _cluster(url, max_connections=max_connections, retry=retry, **timeouts)
+            return _cluster(url, max_connections=max_connections, retry=retry, **checked)
         if scheme in SENTINEL_SCHEMES:
-            return _sentinel(url, max_connections=max_connections, retry=retry, **timeouts)
+            return _sentinel(url, max_connections=max_connections, retry=retry, **checked)
         # A blocking pool: past `max_connections`, a command waits for a free connection instead of failing.
         pool = aioredis.BlockingConnectionPool.from_url(
             url, max_connections=max_connections, timeout=30.0, retry=retry, **timeouts

@@ -216,7 +216,10 @@ class Pipeliner:
                         break
                 batch, self._next = self._next, _Batch()
                 batch.drop_cancelled()
-                await self._send(batch)
+                try:
+                    await self._send(batch)
+                except Exception as exc:  # building the pipeline failed: no caller may wait for ever
+                    _resolve_all(list(batch.futures()), exc)
         finally:
             self._sender = None
 
@@ -243,7 +246,7 @@ class Pipeliner:
             answers.append(functools.partial(_resolve, future))
         waits: list[Any] = []
         if held is not None:
-            for where in self._wait_targets(batch.publishes):
+            for where in self._wait_targets(batch.publishes, waits):
                 queue("WAIT", self.min_replicas, self.wait_ms, **where)
                 answers.append(waits.append)
         try:
@@ -296,11 +299,22 @@ class Pipeliner:
         call.append(_PUBLISH_MARKER_MS)
         return call
 
-    def _wait_targets(self, publishes: list[_Publish]) -> list[dict[str, Any]]:
-        """Where a `WAIT` goes after the publishes: on the pipeline's connection, or to each master written to."""
+    def _wait_targets(self, publishes: list[_Publish], waits: list[Any]) -> list[dict[str, Any]]:
+        """Where a `WAIT` goes after the publishes: on the pipeline's connection, or to each master written to. A
+        master that cannot be told (in a failover) adds an error to `waits`: the publishes fail, to be sent again."""
         if not isinstance(self.client, PipelinedCluster):
             return [{}]
-        nodes = {node.name: node for stream, *_ in publishes if (node := self.client.get_node_from_key(stream))}
+        nodes: dict[str, Any] = {}
+        for stream in {stream for stream, *_ in publishes}:
+            try:
+                node = self.client.get_node_from_key(stream)
+            except Exception as exc:  # no master serves the slot now
+                waits.append(exc)
+                continue
+            if node is None:
+                waits.append(ResponseError(f"no master is known for {stream!r}"))
+            else:
+                nodes[node.name] = node
         return [{"target_nodes": node} for node in nodes.values()]
 
     def _replicated(self, held: list[tuple[asyncio.Future[None], Exception | None]], waits: list[Any]) -> None:
