@@ -21,6 +21,8 @@ from paigeant_ai.contracts import DEAD_LETTER
 from paigeant_ai.exceptions import TransportError
 from paigeant_ai.transports import Transport
 from paigeant_ai.transports.redis import RedisTransport
+from paigeant_ai.transports.redis._connect import open_client
+from paigeant_ai.transports.redis._pipeline import PipelinedCluster, PipelinedRedis
 
 from . import brokers
 from .brokers import drained, report, wait_until, wait_until_advertised
@@ -133,6 +135,27 @@ async def test_the_consumed_addresses_are_found_on_every_master(cluster: Cluster
         finally:
             for consumer in consumers:
                 await consumer.aclose()
+
+
+async def test_the_url_gives_the_nodes_the_credentials_and_the_master() -> None:
+    cluster = open_client(
+        "redis+cluster://app:s%40cret@10.0.0.1:7000,10.0.0.2:7001/", max_connections=5, retry_attempts=1
+    )
+    assert isinstance(cluster, PipelinedCluster)
+    assert [(node.host, node.port) for node in cluster.nodes_manager.startup_nodes.values()] == [
+        ("10.0.0.1", 7000),
+        ("10.0.0.2", 7001),
+    ]
+    assert cluster.get_connection_kwargs()["password"] == "s@cret"
+    await cluster.aclose()
+    master = open_client(
+        "redis+sentinel://:pw@10.0.0.1:26379,10.0.0.2:26379/orders/2", max_connections=5, retry_attempts=1
+    )
+    assert isinstance(master, PipelinedRedis)
+    assert [sentinel.get_connection_kwargs()["port"] for sentinel in master.sentinels] == [26379, 26379]
+    kwargs = master.get_connection_kwargs()
+    assert (kwargs["db"], kwargs["password"]) == (2, "pw")
+    await master.aclose()
 
 
 @pytest.mark.parametrize("url", ["redis+cluster://", "redis+cluster://127.0.0.1:x", "redis+sentinel://127.0.0.1:1"])
