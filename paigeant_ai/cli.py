@@ -261,7 +261,8 @@ def worker_banner(worker: Worker, target: str, slot: ChildSlot | None = None) ->
     location: str | None = getattr(transport, "location", None)  # a file (SQLite): the absolute path
     where = f"{transport.name} {redact_url(url)}" if url else f"{transport.name} (this process only)"
     where = f"{transport.name} {location}" if location else where
-    queues = ", ".join(f"{namespace}.{name}" for name in worker.activities)
+    stream_key = getattr(transport, "stream_key", None)  # Redis: the stream of an address, with its hash tag
+    queues = ", ".join(stream_key(name) if stream_key else f"{namespace}.{name}" for name in worker.activities)
     lines = [
         f"paigeant {__version__} worker {target}",
         f"  transport    {where}",

@@ -5,7 +5,8 @@
 The three steps of the RabbitMQ tests (`tests.workflows_for_crash`), on Redis Streams: the workers remember
 completed steps in Redis (`RedisDedupeStore`), so a step redelivered to another process after a crash is
 skipped once it completed, and a dead worker's entries are claimed after `PAIGEANT_TEST_VISIBILITY_TIMEOUT`
-seconds. The environment also picks the URL and namespace (`PAIGEANT_REDIS_URL`, `PAIGEANT_NAMESPACE`).
+seconds. The environment also picks the URL and namespace (`PAIGEANT_REDIS_URL`, `PAIGEANT_NAMESPACE`), and the
+replicas a publish waits for (`PAIGEANT_TEST_MIN_REPLICAS_ACKED`, for the failover tests).
 """
 
 from __future__ import annotations
@@ -19,7 +20,10 @@ from .workflows_for_crash import first, last, middle
 
 
 def _transport() -> RedisTransport:
-    return RedisTransport(visibility_timeout=float(os.environ.get("PAIGEANT_TEST_VISIBILITY_TIMEOUT", "2")))
+    return RedisTransport(
+        visibility_timeout=float(os.environ.get("PAIGEANT_TEST_VISIBILITY_TIMEOUT", "2")),
+        min_replicas_acked=int(os.environ.get("PAIGEANT_TEST_MIN_REPLICAS_ACKED", "0")),
+    )
 
 
 def middle_worker() -> Worker:

@@ -250,7 +250,7 @@ async def test_redis_keeps_the_key_as_long_as_its_longest_record(redis_brokers: 
     transport = await redis_brokers.transport()
     board = transport.cancel_board()
     workflow = cid()
-    key = f"{redis_brokers.namespace}:cancel:{workflow}"
+    key = board.key(workflow)
     await board.post(workflow, b"long", ttl=TTL)
     await board.post(workflow, b"short", ttl=1.0)  # never shortens the expiry
     assert await transport.client.pttl(key) > (TTL - 60) * 1000
@@ -266,8 +266,8 @@ async def test_redis_foreign_data_in_a_key_never_breaks_the_board(redis_brokers:
     wrong_type, garbage = cid(), cid()
     raw = aioredis.Redis.from_url(REDIS_URL)
     try:
-        await raw.set(f"{redis_brokers.namespace}:cancel:{wrong_type}", b"not a list")
-        await raw.execute_command("RPUSH", f"{redis_brokers.namespace}:cancel:{garbage}", b"\xff\x00garbage")
+        await raw.set(board.key(wrong_type), b"not a list")
+        await raw.execute_command("RPUSH", board.key(garbage), b"\xff\x00garbage")
     finally:
         await raw.aclose()
     assert await board.records(wrong_type) == []

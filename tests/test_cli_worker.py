@@ -126,7 +126,7 @@ def test_the_banner_says_where_the_worker_connects_and_how_it_signs(
         "paigeant 0.1.0 worker tests.test_cli_worker:greeter\n"
         f"  transport    redis redis://default:***@{parts.netloc}{parts.path}\n"
         f"  namespace    {namespace}\n"
-        f"  queues       {namespace}.greet, {namespace}.flaky\n"
+        f"  queues       {namespace}:{{q:greet}}, {namespace}:{{q:flaky}}\n"
         "  concurrency  3\n"
         f"  signing key  {kid}"
     )

@@ -384,8 +384,8 @@ async def test_a_redis_reader_skips_a_record_larger_than_a_board_accepts(transpo
     board = transport.registry_board()
     await board.post("w-1", b"kept", ttl=60)
     client: Any = transport.client  # written to as an intruder would
-    await client.hset(f"{transport.namespace}:registry", "w-2", b"x" * (256 * 1024 + 1))
-    await client.zadd(f"{transport.namespace}:registry:until", {"w-2": 2**50})
+    await client.hset(transport.registry_board().keys[0], "w-2", b"x" * (256 * 1024 + 1))
+    await client.zadd(transport.registry_board().keys[1], {"w-2": 2**50})
     assert await board.records() == [b"kept"]
 
 

@@ -63,7 +63,7 @@ def test_get_transport_builds_it_from_the_environment(monkeypatch: pytest.Monkey
     assert isinstance(transport, RedisTransport)
     assert transport.url == "redis://:secret@redis.example:6380/2"
     assert transport.namespace == "orders"
-    assert transport.stream_key("charge-card") == "orders.charge-card"
+    assert transport.stream_key("charge-card") == "orders:{q:charge-card}"
     explicit = get_transport("redis", url="redis://127.0.0.1:6379/3", namespace="billing")
     assert isinstance(explicit, RedisTransport)
     assert (explicit.url, explicit.namespace) == ("redis://127.0.0.1:6379/3", "billing")

@@ -1,18 +1,25 @@
 """Everything Redis: `RedisTransport` (Redis Streams) and the stores every process on a Redis shares.
 
-What it keeps in Redis, for the namespace `paigeant`:
+What it keeps in Redis, for the namespace `paigeant` (every key carries the hash tag of what it belongs to, so
+that each script and transaction stays in one slot of a Redis Cluster: see `_layout.py`):
 
-- `paigeant.<address>`: a stream with one consumer group, `workers`. Every `consume()` is a named consumer of
+- `paigeant:{q:<address>}`: a stream with one consumer group, `workers`. Every `consume()` is a named consumer of
   that group, reading in batches. An entry is acknowledged (`XACK`) only when it is settled.
-- `paigeant:delayed:<address>`: a sorted set of messages due later (delayed publishes and `retry_later`). The
+- `paigeant:{q:<address>}:delayed`: a sorted set of messages due later (delayed publishes and `retry_later`). The
   consumers of the address move due messages into the stream, atomically, so several workers can share it.
-- `paigeant:consumers:<address>`: when each consumer of the address was last seen (its heartbeat), for
+- `paigeant:{q:<address>}:consumers`: when each consumer of the address was last seen (its heartbeat), for
   `consumers()`: who serves a step, and since when nobody does.
 - `paigeant:dispatched:<correlation id>`: the claims of dispatchers on correlation IDs (`claim()`).
-- `paigeant:cancel:<correlation id>`: the cancel records of a workflow (`cancel_board()`).
-- `paigeant:done:<key>`, `paigeant:replay:<message id>`, `paigeant:waiting[:<correlation id>]`,
-  `paigeant:workflows` and `paigeant:workflow:<correlation id>`: the shared stores (`RedisDedupeStore`,
-  `RedisReplayCache`, `RedisWaitingStore`, `RedisWorkflowStore`).
+- `paigeant:{w:<correlation id>}:cancel`: the cancel records of a workflow (`cancel_board()`); `...:progress`, its
+  progress stream; `...:events` and `...:owner`, its history (`RedisWorkflowStore`); `...:waiting`, its parked step.
+- `paigeant:done:<key>`, `paigeant:replay:<message id>`, `paigeant:waiting` and `paigeant:workflows` (the indexes of
+  parked and of all workflows): the shared stores (`RedisDedupeStore`, `RedisReplayCache`, `RedisWaitingStore`,
+  `RedisWorkflowStore`).
+- `paigeant:{j:<group>}`: the results of a parallel group's branches (`join_store()`); `paigeant:{registry}`: the
+  registry (`registry_board()`).
+
+The URL picks one server (`redis://`), a Redis Cluster (`redis+cluster://`) or the master that Sentinels name
+(`redis+sentinel://`): see `_connect.py`.
 
 A consumer holds a lease on what it took: it renews the idle time of its entries every third of
 `visibility_timeout`. When a process dies, its leases lapse and a live consumer claims the entries; an entry
@@ -26,7 +33,8 @@ what it batches, why, and what must not change.
 
 The modules: `_transport.py` (the transport), `_consumer.py` (its consumers), `_pipeline.py` (the shared
 pipeline), `_lua.py` (the scripts), `_stores.py` (the shared stores), `_cancel_board.py` (the cancel board),
-`_wire.py` (entries and times), `_types.py` (redis-py's calls, typed once).
+`_wire.py` (entries and times), `_types.py` (redis-py's calls, typed once), `_layout.py` (the key names),
+`_connect.py` (one server, a cluster or Sentinel).
 """
 
 try:

@@ -1,6 +1,6 @@
 """`RedisCancelBoard`: the cancel records of a `RedisTransport`, one Redis list per correlation ID.
 
-The list `<namespace>:cancel:<correlation id>` holds the records, oldest first, each once, at most
+The list `<namespace>:{w:<correlation id>}:cancel` holds the records, oldest first, each once, at most
 `MAX_CANCEL_RECORDS`; it expires when the longest-lived of them may go (a later post extends the expiry, never
 shortens it). Both scripts put up with a key that holds something else: a read finds nothing there, a post replaces
 it. Their calls go out in the transport's shared pipeline, so a read of many IDs is one round trip.
@@ -17,6 +17,7 @@ from redis.exceptions import ResponseError
 
 from .._cancel_book import check_post, readable_id, warn_full
 from ..base import MAX_CANCEL_RECORDS
+from ._layout import workflow_key
 from ._types import Script, as_script
 from ._wire import ms
 
@@ -76,7 +77,7 @@ class RedisCancelBoard:
 
     def key(self, correlation_id: str) -> str:
         """The list of `correlation_id`'s records."""
-        return f"{self.transport.namespace}:cancel:{correlation_id}"
+        return workflow_key(self.transport.namespace, correlation_id, "cancel")
 
     async def post(self, correlation_id: str, record: bytes, *, ttl: float) -> None:
         check_post(correlation_id, record, ttl)
@@ -102,7 +103,8 @@ class RedisCancelBoard:
         if not ids:
             return {}
         read = self._script(READ_CANCELS)
-        chunks = [ids[start : start + _KEYS_PER_CALL] for start in range(0, len(ids), _KEYS_PER_CALL)]
+        size = 1 if self.transport.cluster else _KEYS_PER_CALL  # on a cluster, each workflow's key is in its own slot
+        chunks = [ids[start : start + size] for start in range(0, len(ids), size)]
         with self.transport.errors("reading the cancel records"):
             # Asked for together, the calls go out in one pipeline.
             replies = await asyncio.gather(

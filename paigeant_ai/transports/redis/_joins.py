@@ -1,6 +1,6 @@
 """`RedisJoinStore`: where the branches of parallel groups meet, in Redis (a `JoinStore`, see `paigeant_ai._join`).
 
-Each group is one hash, `<namespace>:join:<correlation id>/<step>`: a field `r:<branch key>` per stored result, and
+Each group is one hash, `<namespace>:{j:<correlation id>/<step>}`: a field `r:<branch key>` per stored result, and
 `failed` (the signed `GroupMark` of the branch that failed the group) once one did; and beside it `<that key>:wait`,
 the key of the branch that is parked, if one is. Each change is one script, so the count a worker reads is the one
 its own result made, and the results a failing branch reads are those stored before its mark.
@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from ._layout import group_key
 from ._wire import ms
 
 if TYPE_CHECKING:
@@ -62,7 +63,7 @@ class RedisJoinStore:
 
     def key(self, group: str) -> str:
         """The hash of one group."""
-        return f"{self.transport.namespace}:join:{group}"
+        return group_key(self.transport.namespace, group)
 
     async def add(self, group: str, key: str, record: bytes, *, ttl: float) -> tuple[int, bytes | None]:
         with self.transport.errors("storing a branch's result", group):

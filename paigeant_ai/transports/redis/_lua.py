@@ -19,6 +19,14 @@ Delayed messages are members of a sorted set, scored by the server time in milli
 packed as
 `<32 hex id><10 digits deliveries><10 digits headers length><headers><body>`; the transport's `publish` always
 packs 0 deliveries.
+
+On a Redis Cluster a script may touch the keys of one hash slot only. Each script here touches one owner's keys
+(`_layout.py`), which share a tag: PUBLISH (streams and marker: one address per call on a cluster, see
+`_pipeline.py`), READ, PROMOTE, TRIM, RETRY, GIVE_BACK, CLAIM, RENEW, PENDING (an address's stream, its
+`@deliveries` hash and its delayed set), BEAT and WATCH (its consumers), RELEASE, CLAIM_HOP, RENEW_HOP and
+SETTLE_HOP (one key each), REMOVE_PARKED (a workflow's parked step). DEAD_LETTER moves an entry from an address's
+stream to `dead-letter`, two owners: on a cluster the transport copies, then acknowledges, instead. MANY runs
+quick commands on any keys: it is not used on a cluster.
 """
 
 from __future__ import annotations
@@ -383,11 +391,10 @@ return 0
 """
 
 REMOVE_PARKED = """
--- KEYS: a parked workflow, the index of parked workflows. ARGV: its message id, its correlation id.
+-- KEYS: a parked workflow. ARGV: its message id.
 -- Removes it if it is still the same parking (a newer one is kept).
 if redis.call('HGET', KEYS[1], 'message_id') ~= ARGV[1] then return 0 end
 redis.call('DEL', KEYS[1])
-redis.call('ZREM', KEYS[2], ARGV[2])
 return 1
 """
 

@@ -33,7 +33,8 @@ Invariants.
 - A caller's own commands are awaited one after the other, so its order is kept; across callers there is no
   order but the pipeline's.
 - redis-py sends a pipeline again after a lost connection. So that a resent PUBLISH call adds nothing twice,
-  each call carries a marker key (`<namespace>:published:<random>:<call number>`), set by the script with an
+  each call carries a marker key (`<namespace>:published:<random>:<call number>`; on a cluster, where a call
+  publishes to one stream, `<stream>:published:...`, in the stream's slot), set by the script with an
   expiry of `_PUBLISH_MARKER_MS`, holding the call's outcome: a call whose marker exists adds nothing and
   answers with the outcome of its first run.
 - A request whose caller was cancelled before it was sent is dropped; one whose arguments cannot be packed
@@ -57,9 +58,11 @@ from collections.abc import Callable, Iterator
 from typing import Any, TypeVar, cast
 
 import redis.asyncio as aioredis
+from redis.asyncio.cluster import RedisCluster
 from redis.exceptions import DataError, NoScriptError, ResponseError
 
 from . import _lua as lua
+from ._types import as_script
 from ._wire import GROUP
 
 __all__ = ("PipelinedRedis", "Pipeliner")
@@ -141,20 +144,35 @@ class _Batch:
 class Pipeliner:
     """Sends what is asked of Redis while a pipeline waits for its replies as the next pipeline (see above)."""
 
-    def __init__(self, client: PipelinedRedis, namespace: str) -> None:
+    def __init__(
+        self, client: PipelinedRedis | PipelinedCluster, namespace: str, *, min_replicas: int = 0, wait_ms: int = 1000
+    ) -> None:
         self.client = client
-        self._publish_sha = client.register_script(lua.PUBLISH).sha
-        self._many_sha = client.register_script(lua.MANY).sha
+        self.min_replicas = min_replicas
+        """Replicas that must have every write of a batch with publishes before those publishes count as done
+        (`WAIT`); 0 to answer as soon as the master has them."""
+        self.wait_ms = wait_ms
+        self.cluster = isinstance(client, PipelinedCluster)
+        """On a Redis Cluster, no call may touch keys of two slots: a PUBLISH call carries the messages of one
+        stream (its marker tagged as the stream), and the MANY calls are not made (each command goes on its own)."""
+        self.namespace = namespace
+        self._publish_sha = as_script(client, lua.PUBLISH).sha
+        self._many_sha = as_script(client, lua.MANY).sha
         self._next = _Batch()
         self._sender: asyncio.Task[None] | None = None
         self._load_scripts = False
-        self._markers = f"{namespace}:published:{uuid.uuid4().hex}:"  # then the number of the PUBLISH call
+        self._markers = f"published:{uuid.uuid4().hex}:"  # then the number of the PUBLISH call
         self._calls = 0
 
     def command(self, args: tuple[Any, ...], options: dict[str, Any]) -> asyncio.Future[Any]:
         """Queue one command (`("SET", key, value)`, with redis-py's options) in the next pipeline."""
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        if args[0] in _MERGED and len(args) <= _MERGED_MAX_WORDS and not options.keys() - _MERGED_OPTIONS:
+        if (
+            not self.cluster
+            and args[0] in _MERGED
+            and len(args) <= _MERGED_MAX_WORDS
+            and not options.keys() - _MERGED_OPTIONS
+        ):
             self._next.merged.append((args, options, future))
         else:
             self._next.commands.append((args, options, future))
@@ -198,26 +216,39 @@ class Pipeliner:
                         break
                 batch, self._next = self._next, _Batch()
                 batch.drop_cancelled()
-                await self._send(batch)
+                try:
+                    await self._send(batch)
+                except Exception as exc:  # building the pipeline failed: no caller may wait for ever
+                    _resolve_all(list(batch.futures()), exc)
         finally:
             self._sender = None
 
     async def _send(self, batch: _Batch) -> None:
-        pipe = self.client.pipeline(transaction=False)
+        pipe: Any = self.client.pipeline(transaction=False)
+        # A cluster's pipeline queues with `execute_command`; a plain one runs it at once unless told to queue.
+        queue: Callable[..., Any] = pipe.execute_command if self.cluster else pipe.pipeline_execute_command
         answers: list[Callable[[Any], None]] = []
         # Acks first: nobody waits for them, so a command asked for after an ack must not run before it.
         for stream, acks in batch.acks.items():
-            pipe.pipeline_execute_command("XACK", stream, GROUP, *(entry_id for entry_id, _ in acks))
+            queue("XACK", stream, GROUP, *(entry_id for entry_id, _ in acks))
             answers.append(functools.partial(_resolve_all, [future for _, future in acks]))
-        for chunk in _chunks(batch.publishes, _PUBLISHES_PER_CALL):
-            pipe.pipeline_execute_command(*self._publish_call(chunk))
-            answers.append(functools.partial(self._published, chunk))
+        held: list[tuple[asyncio.Future[None], Exception | None]] | None = None
+        if self.min_replicas and batch.publishes:
+            held = []  # the publishes' outcomes, given once the replicas have them (or in time did not)
+        for chunk in self._publish_chunks(batch.publishes):
+            queue(*self._publish_call(chunk))
+            answers.append(functools.partial(self._published, chunk, held=held))
         for chunk in _chunks(batch.merged, _MERGED_PER_CALL):
-            pipe.pipeline_execute_command(*self._many_call(chunk))
+            queue(*self._many_call(chunk))
             answers.append(functools.partial(self._answered, chunk))
         for args, options, future in batch.commands:
-            pipe.pipeline_execute_command(*args, **options)
+            queue(*args, **options)
             answers.append(functools.partial(_resolve, future))
+        waits: list[Any] = []
+        if held is not None:
+            for where in self._wait_targets(batch.publishes, waits):
+                queue("WAIT", self.min_replicas, self.wait_ms, **where)
+                answers.append(waits.append)
         try:
             if self._load_scripts:  # Redis restarted and forgot them
                 self._load_scripts = False
@@ -242,19 +273,69 @@ class Pipeliner:
         try:
             for answer, reply in zip(answers, replies, strict=True):
                 answer(reply)
+            if held is not None:
+                self._replicated(held, waits)
         except Exception as exc:  # a reply of an unexpected shape: no caller may wait for ever
             _resolve_all(list(batch.futures()), exc)
 
+    def _publish_chunks(self, publishes: list[_Publish]) -> Iterator[list[_Publish]]:
+        """The PUBLISH calls of a batch: up to `_PUBLISHES_PER_CALL` messages each, of one stream on a cluster."""
+        if not self.cluster:
+            yield from _chunks(publishes, _PUBLISHES_PER_CALL)
+            return
+        streams: dict[str, list[_Publish]] = {}
+        for publish in publishes:
+            streams.setdefault(publish[0], []).append(publish)
+        for same_stream in streams.values():
+            yield from _chunks(same_stream, _PUBLISHES_PER_CALL)
+
     def _publish_call(self, chunk: list[_Publish]) -> list[Any]:
         self._calls += 1
-        marker = f"{self._markers}{self._calls}"  # the same when redis-py sends the pipeline again
+        # The same when redis-py sends the pipeline again; on a cluster, in the slot of the call's one stream.
+        marker = f"{chunk[0][0] if self.cluster else self.namespace}:{self._markers}{self._calls}"
         call: list[Any] = ["EVALSHA", self._publish_sha, len(chunk) + 1, *(stream for stream, *_ in chunk), marker]
         for _, body, headers, maxlen, _ in chunk:
             call += (body, headers, maxlen)
         call.append(_PUBLISH_MARKER_MS)
         return call
 
-    def _published(self, chunk: list[_Publish], reply: Any) -> None:
+    def _wait_targets(self, publishes: list[_Publish], waits: list[Any]) -> list[dict[str, Any]]:
+        """Where a `WAIT` goes after the publishes: on the pipeline's connection, or to each master written to. A
+        master that cannot be told (in a failover) adds an error to `waits`: the publishes fail, to be sent again."""
+        if not isinstance(self.client, PipelinedCluster):
+            return [{}]
+        nodes: dict[str, Any] = {}
+        for stream in {stream for stream, *_ in publishes}:
+            try:
+                node = self.client.get_node_from_key(stream)
+            except Exception as exc:  # no master serves the slot now
+                waits.append(exc)
+                continue
+            if node is None:
+                waits.append(ResponseError(f"no master is known for {stream!r}"))
+            else:
+                nodes[node.name] = node
+        return [{"target_nodes": node} for node in nodes.values()]
+
+    def _replicated(self, held: list[tuple[asyncio.Future[None], Exception | None]], waits: list[Any]) -> None:
+        """Answer the held publishes: refused, unless every `WAIT` counted `min_replicas` replicas."""
+        short = [reply for reply in waits if isinstance(reply, Exception) or int(reply) < self.min_replicas]
+        error = None
+        if short:
+            reached = "an unknown number of" if isinstance(short[0], Exception) else str(int(short[0]))
+            error = ResponseError(
+                f"the write reached {reached} replicas, not the {self.min_replicas} of min_replicas_acked, within "
+                f"{self.wait_ms} ms; it is sent again (lower min_replicas_acked or bring the replicas back)"
+            )
+        for future, outcome in held:
+            _resolve(future, outcome or error)
+
+    def _published(
+        self,
+        chunk: list[_Publish],
+        reply: Any,
+        held: list[tuple[asyncio.Future[None], Exception | None]] | None = None,
+    ) -> None:
         if isinstance(reply, NoScriptError):  # nothing ran: again, once the script is loaded
             self._load_scripts = True
             self._next.publishes[:0] = chunk
@@ -263,7 +344,11 @@ class Pipeliner:
         else:
             outcome, error = cast("list[bytes]", reply)
             for flag, (*_, future) in zip(outcome, chunk, strict=True):
-                _resolve(future, None if flag == ord("1") else ResponseError(error.decode(errors="replace")))
+                refused = None if flag == ord("1") else ResponseError(error.decode(errors="replace"))
+                if held is None:
+                    _resolve(future, refused)
+                else:
+                    held.append((future, refused))
 
     def _many_call(self, chunk: list[_Request]) -> list[Any]:
         call: list[Any] = ["EVALSHA", self._many_sha, 0]
@@ -314,10 +399,29 @@ class PipelinedRedis(aioredis.Redis):
     """A redis-py client whose quick commands go out in the shared pipelines of a `Pipeliner`."""
 
     pipeliner: Pipeliner | None = None
+    sentinels: list[aioredis.Redis] = []
+    """The clients of the sentinels that name this client's master (if they do), closed with it."""
 
     async def execute_command(self, *args: Any, **options: Any) -> Any:
         pipeliner = self.pipeliner
         if pipeliner is None or args[0] not in _PIPELINED:
+            return await super().execute_command(*args, **options)
+        return await pipeliner.command(args, options)
+
+    async def aclose(self, close_connection_pool: bool | None = None) -> None:
+        await super().aclose(close_connection_pool)
+        for sentinel in self.sentinels:
+            await sentinel.aclose()
+
+
+class PipelinedCluster(RedisCluster):
+    """A redis-py Redis Cluster client whose quick commands go out in the shared pipelines of a `Pipeliner`."""
+
+    pipeliner: Pipeliner | None = None
+
+    async def execute_command(self, *args: Any, **options: Any) -> Any:
+        pipeliner = self.pipeliner
+        if pipeliner is None or args[0] not in _PIPELINED or "target_nodes" in options:
             return await super().execute_command(*args, **options)
         return await pipeliner.command(args, options)
 

@@ -1,4 +1,4 @@
-"""The progress streams of a `RedisTransport`: one Redis stream per workflow, `<namespace>:progress:<id>`.
+"""The progress streams of a `RedisTransport`: one Redis stream per workflow, `<namespace>:{w:<id>}:progress`.
 
 One stream per workflow rather than one shared: a watcher reads only its workflow's entries (`XREAD` on one key,
 no filtering), each stream is trimmed on its own (`MAXLEN ~ PROGRESS_MAX_ENTRIES`), and expires
@@ -13,6 +13,7 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, cast
 
 from ..base import ProgressEntry
+from ._layout import workflow_key
 from ._wire import dump_headers, load_headers, ms
 
 if TYPE_CHECKING:
@@ -28,7 +29,7 @@ _READ_COUNT = 500
 
 
 def progress_key(transport: RedisTransport, correlation_id: str) -> str:
-    return f"{transport.namespace}:progress:{correlation_id}"
+    return workflow_key(transport.namespace, correlation_id, "progress")
 
 
 async def append_progress(

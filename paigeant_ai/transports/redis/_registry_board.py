@@ -1,9 +1,10 @@
 """`RedisRegistryBoard`: the registry of a `RedisTransport`, one hash of records and one sorted set of expiries.
 
-`<namespace>:registry` maps each worker ID to its latest record; `<namespace>:registry:until` scores each worker ID with
-the time (Unix ms) until which its record is kept. A post sets both; a read first drops the records whose time has
-passed. Both keys expire `REGISTRY_RETENTION` after the last post, so a namespace nobody uses any more leaves nothing
-behind. Both scripts put up with keys that hold something else: a read finds nothing there, a post replaces them.
+`<namespace>:{registry}` maps each worker ID to its latest record; `<namespace>:{registry}:until` scores each
+worker ID with the time (Unix ms) until which its record is kept. A post sets both; a read first drops the records
+whose time has passed. Both keys expire `REGISTRY_RETENTION` after the last post, so a namespace nobody uses any more
+leaves nothing behind. Both scripts put up with keys that hold something else: a read finds nothing there, a post
+replaces them.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import time
 from typing import TYPE_CHECKING, cast
 
 from ..base import MAX_REGISTRY_RECORD_BYTES, check_registry_post
+from ._layout import registry_keys
 from ._types import Script, as_script
 from ._wire import ms
 
@@ -70,7 +72,7 @@ class RedisRegistryBoard:
     @property
     def keys(self) -> list[str]:
         """The hash of records and the sorted set of their expiries."""
-        return [f"{self.transport.namespace}:registry", f"{self.transport.namespace}:registry:until"]
+        return registry_keys(self.transport.namespace)
 
     async def post(self, worker_id: str, record: bytes, *, ttl: float) -> None:
         check_registry_post(worker_id, record, ttl)

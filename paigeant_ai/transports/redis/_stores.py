@@ -20,6 +20,7 @@ from ...approval import ParkedStep, loadable
 from ...exceptions import UserError
 from ...store import DEFAULT_MAX_EVENTS, WorkflowStatus, check_store_limits, event_order, project, with_owner
 from . import _lua as lua
+from ._layout import workflow_key
 from ._wire import ms
 
 if TYPE_CHECKING:
@@ -28,6 +29,34 @@ if TYPE_CHECKING:
 __all__ = ("RedisDedupeStore", "RedisReplayCache", "RedisWaitingStore", "RedisWorkflowStore")
 
 logger = logging.getLogger("paigeant_ai.transports.redis")
+
+_PARK = """
+-- KEYS: a parked workflow. ARGV: its record, its message id. Replaces what was parked there.
+redis.call('DEL', KEYS[1])
+redis.call('HSET', KEYS[1], 'record', ARGV[1], 'message_id', ARGV[2])
+return 1
+"""
+
+_RECORD_EVENT = """
+-- KEYS: a workflow's events, its owner. ARGV: the event, its score, most events kept, ms to keep them, the owner
+-- named by a `dispatched` event (or ''), when it was dispatched (micros).
+redis.call('ZADD', KEYS[1], ARGV[2], ARGV[1])
+redis.call('ZREMRANGEBYRANK', KEYS[1], 0, -tonumber(ARGV[3]) - 1)
+redis.call('PEXPIRE', KEYS[1], ARGV[4])
+if ARGV[5] ~= '' then
+  redis.call('ZADD', KEYS[2], 'LT', ARGV[6], ARGV[5])
+  redis.call('ZREMRANGEBYRANK', KEYS[2], 1, -1)  -- only the earliest dispatch names the owner
+end
+redis.call('PEXPIRE', KEYS[2], ARGV[4])
+return 1
+"""
+
+_INDEX = """
+-- KEYS: an index (a sorted set). ARGV: the member, its score (kept if higher), most members kept.
+redis.call('ZADD', KEYS[1], 'GT', ARGV[2], ARGV[1])
+redis.call('ZREMRANGEBYRANK', KEYS[1], 0, -tonumber(ARGV[3]) - 1)
+return 1
+"""
 
 
 class RedisDedupeStore:
@@ -109,7 +138,7 @@ class RedisReplayCache:
 class RedisWaitingStore:
     """A `WaitingStore` in Redis, shared by every process that points at it.
 
-    Each parked workflow is a hash `<namespace>:waiting:<correlation_id>` (its JSON and the id of its message);
+    Each parked workflow is a hash `<namespace>:{w:<correlation_id>}:waiting` (its JSON and the id of its message);
     the sorted set `<namespace>:waiting` indexes them by when they parked. Nothing is deleted on its own: a parked
     workflow waits until it is resumed (which is refused once its workflow expired: see `WorkflowDispatcher(ttl=...)`).
     A record holds no bearer token; it is signed by the worker that parked it, and whoever can write to this Redis
@@ -129,17 +158,17 @@ class RedisWaitingStore:
 
     def key(self, correlation_id: str) -> str:
         """The hash of one parked workflow."""
-        return f"{self.transport.namespace}:waiting:{correlation_id}"
+        return workflow_key(self.transport.namespace, correlation_id, "waiting")
 
     async def put(self, parked: ParkedStep) -> None:
         cid = parked.correlation_id
         with self.transport.errors(f"parking workflow {cid!r}"):
-            async with self.transport.client.pipeline(transaction=True) as pipe:
-                pipe.delete(self.key(cid))
-                pipe.hset(self.key(cid), "record", parked.model_dump_json())
-                pipe.hset(self.key(cid), "message_id", parked.message.message_id)
-                pipe.zadd(self.index_key, {cid: parked.parked_at.timestamp()})
-                await pipe.execute()
+            # The record, then the index (another slot on a cluster): an index entry always has its record, but
+            # for one whose removal stopped half-way, which `waiting()` skips.
+            await self.transport.client.eval(
+                _PARK, 1, self.key(cid), parked.model_dump_json(), parked.message.message_id
+            )
+            await self.transport.client.zadd(self.index_key, {cid: parked.parked_at.timestamp()})
 
     async def get(self, correlation_id: str) -> ParkedStep | None:
         with self.transport.errors(f"reading parked workflow {correlation_id!r}"):
@@ -149,9 +178,9 @@ class RedisWaitingStore:
     async def remove(self, parked: ParkedStep) -> bool:
         cid = parked.correlation_id
         with self.transport.errors(f"removing parked workflow {cid!r}"):
-            removed = await self.transport.client.eval(
-                lua.REMOVE_PARKED, 2, self.key(cid), self.index_key, parked.message.message_id, cid
-            )
+            removed = await self.transport.client.eval(lua.REMOVE_PARKED, 1, self.key(cid), parked.message.message_id)
+            if removed:
+                await self.transport.client.zrem(self.index_key, cid)
         return bool(removed)
 
     async def waiting(self) -> list[ParkedStep]:
@@ -206,12 +235,12 @@ class RedisWorkflowStore:
 
     def events_key(self, correlation_id: str) -> str:
         """The sorted set of one workflow's events."""
-        return f"{self.transport.namespace}:workflow:{correlation_id}"
+        return workflow_key(self.transport.namespace, correlation_id, "events")
 
     def owner_key(self, correlation_id: str) -> str:
         """The workflow's owner, kept apart from its events so that trimming them never loses it: a sorted set
         of one member, the owner of its earliest `dispatched` event, scored by when it was dispatched."""
-        return f"{self.transport.namespace}:workflow-owner:{correlation_id}"
+        return workflow_key(self.transport.namespace, correlation_id, "owner")
 
     async def apply(self, event: WorkflowEvent) -> None:
         correlation_id = event.correlation_id
@@ -220,19 +249,24 @@ class RedisWorkflowStore:
         key = self.events_key(correlation_id)
         at, rank = event_order(event)
         micros = round(at.timestamp() * 1_000_000)
+        owner = event.owner if event.kind == "dispatched" and event.owner is not None else ""
+        keep = round(self.ttl * 1000)
         with self.transport.errors(f"recording an event of workflow {correlation_id!r}"):
-            async with self.transport.client.pipeline(transaction=True) as pipe:
-                pipe.zadd(key, {event.model_dump_json(): micros * 4 + rank})
-                pipe.zremrangebyrank(key, 0, -self.max_events - 1)
-                pipe.pexpire(key, round(self.ttl * 1000))
-                if event.kind == "dispatched" and event.owner is not None:
-                    owner_key = self.owner_key(correlation_id)
-                    pipe.zadd(owner_key, {event.owner: micros}, lt=True)
-                    pipe.zremrangebyrank(owner_key, 1, -1)  # only the earliest dispatch names the owner
-                pipe.pexpire(self.owner_key(correlation_id), round(self.ttl * 1000))
-                pipe.zadd(self.index_key, {correlation_id: micros}, gt=True)
-                pipe.zremrangebyrank(self.index_key, 0, -self.max_workflows - 1)
-                await pipe.execute()
+            # The workflow's keys in one script, then the index (another slot on a cluster), which `list()` reads
+            # knowing that a workflow it names may have expired.
+            await self.transport.client.eval(
+                _RECORD_EVENT,
+                2,
+                key,
+                self.owner_key(correlation_id),
+                event.model_dump_json(),
+                micros * 4 + rank,
+                self.max_events,
+                keep,
+                owner,
+                micros,
+            )
+            await self.transport.client.eval(_INDEX, 1, self.index_key, correlation_id, micros, self.max_workflows)
 
     async def get(self, correlation_id: str) -> WorkflowStatus | None:
         with self.transport.errors(f"reading workflow {correlation_id!r}"):

@@ -18,11 +18,8 @@ from datetime import UTC, datetime, timedelta
 from types import TracebackType
 from typing import Any, cast
 
-import redis.asyncio as aioredis
-from redis.asyncio.retry import Retry
-from redis.backoff import ExponentialBackoff
+from redis.exceptions import ClusterDownError, RedisClusterException, RedisError, ResponseError
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import RedisError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from ...contracts import DEAD_LETTER, RESERVED_ADDRESSES
@@ -30,9 +27,11 @@ from ...exceptions import TransportError, UserError
 from ...settings import Settings
 from ..base import Delivery, TransportBase, check_lease_settings, dead_letter_headers, ensure_bytes, redact_url
 from ._cancel_board import RedisCancelBoard
+from ._connect import is_cluster, open_client
 from ._consumer import LIVE_WITHIN, Handle, RedisConsumer
 from ._joins import RedisJoinStore
-from ._pipeline import PipelinedRedis, Pipeliner
+from ._layout import address_key
+from ._pipeline import PipelinedCluster, PipelinedRedis, Pipeliner
 from ._progress import PROGRESS_RETENTION, RedisProgressReader, append_progress
 from ._registry_board import RedisRegistryBoard
 from ._stores import RedisDedupeStore, RedisReplayCache, RedisWaitingStore, RedisWorkflowStore
@@ -60,10 +59,10 @@ class _Errors:
     def __exit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
-        if not isinstance(exc, RedisError):
+        if not isinstance(exc, RedisError | RedisClusterException):
             return
         doing = self.doing if self.about is None else f"{self.doing} {self.about!r}"
-        if isinstance(exc, RedisConnectionError | RedisTimeoutError):
+        if isinstance(exc, RedisConnectionError | RedisTimeoutError | RedisClusterException | ClusterDownError):
             self.transport.generation += 1
             raise TransportError(
                 f"Redis at {redact_url(self.transport.url)} is unreachable while {doing}: {exc}"
@@ -91,7 +90,13 @@ class RedisTransport(TransportBase):
         reconnect_attempts: Retries of a command while Redis is unreachable (about one a second), so a
             restart of Redis goes unnoticed by the workflows.
         max_connections: Connections to Redis at most; each consumer keeps one for its blocking reads, other
-            commands wait for a free one.
+            commands wait for a free one (on a cluster: at most, to each node).
+        min_replicas_acked: Replicas that must hold a publish (a workflow's next step) before it counts as sent,
+            and so before the step that sent it is acknowledged: after the publishes of each pipeline, a `WAIT`
+            for this many replicas, up to `replica_ack_timeout`; short of them, the publishes fail and the worker
+            sends them again. 0 (the default) does not wait: a failover may lose the latest writes (see
+            docs/deployment.md).
+        replica_ack_timeout: Seconds a `WAIT` for `min_replicas_acked` replicas lasts at most.
     """
 
     name = "redis"
@@ -110,6 +115,8 @@ class RedisTransport(TransportBase):
         poll_interval: float = 1.0,
         reconnect_attempts: int = 20,
         max_connections: int = 100,
+        min_replicas_acked: int = 0,
+        replica_ack_timeout: float = 1.0,
     ) -> None:
         settings = Settings.from_env()
         self.url = url or settings.redis_url
@@ -123,6 +130,10 @@ class RedisTransport(TransportBase):
         )
         if max_connections < 2:
             raise UserError("max_connections must be at least 2")
+        if min_replicas_acked < 0 or replica_ack_timeout <= 0:
+            raise UserError("min_replicas_acked must be 0 or more and replica_ack_timeout a positive number of seconds")
+        self.min_replicas_acked = min_replicas_acked
+        self.replica_ack_timeout = replica_ack_timeout
         self.visibility_timeout = visibility_timeout
         self.max_deliveries = max_deliveries
         self.trim_length = trim_length
@@ -132,7 +143,7 @@ class RedisTransport(TransportBase):
         self.generation = 0
         """Bumped whenever Redis could not be reached: deliveries handed out before may never be settled, so
         their leases are no longer renewed and they return to the stream after `visibility_timeout`."""
-        self._client: PipelinedRedis | None = None
+        self._client: PipelinedRedis | PipelinedCluster | None = None
         self._pipeliner: Pipeliner | None = None
         self._scripts: Scripts | None = None
         self._consumers: set[RedisConsumer] = set()
@@ -144,12 +155,12 @@ class RedisTransport(TransportBase):
         """The stream of `address`."""
         key = self._streams.get(address)
         if key is None:
-            key = self._streams[address] = f"{self.namespace}.{address}"
+            key = self._streams[address] = address_key(self.namespace, address)
         return key
 
     def delayed_key(self, address: str) -> str:
         """The sorted set of `address`'s delayed messages."""
-        return f"{self.namespace}:delayed:{address}"
+        return address_key(self.namespace, address, "delayed")
 
     @property
     def client(self) -> RedisCommands:
@@ -167,6 +178,11 @@ class RedisTransport(TransportBase):
         if self._scripts is None:
             raise TransportError("the Redis transport is not connected: call `await transport.connect()` first")
         return self._scripts
+
+    @property
+    def cluster(self) -> bool:
+        """True when connected to a Redis Cluster (a `redis+cluster://` URL)."""
+        return is_cluster(self._client)
 
     @property
     def connected(self) -> bool:
@@ -199,26 +215,16 @@ class RedisTransport(TransportBase):
     async def connect(self) -> None:
         if self._client is not None:
             return
-        try:
-            # A blocking pool: past `max_connections`, a command waits for a free connection instead of failing.
-            pool = aioredis.BlockingConnectionPool.from_url(
-                self.url,
-                max_connections=self.max_connections,
-                timeout=30.0,
-                socket_timeout=30.0,
-                socket_connect_timeout=5.0,
-                retry=Retry(ExponentialBackoff(cap=1.0, base=0.05), self.reconnect_attempts),
-            )
-        except ValueError as exc:
-            raise UserError(f"invalid Redis URL {redact_url(self.url)!r}: {exc}; set PAIGEANT_REDIS_URL") from None
-        client = cast("PipelinedRedis", PipelinedRedis.from_pool(pool))
+        client = open_client(self.url, max_connections=self.max_connections, retry_attempts=self.reconnect_attempts)
         try:
             with self.errors("connecting"):
                 await as_commands(client).ping()
         except TransportError:
             await client.aclose()
             raise
-        client.pipeliner = Pipeliner(client, self.namespace)
+        client.pipeliner = Pipeliner(
+            client, self.namespace, min_replicas=self.min_replicas_acked, wait_ms=ms(self.replica_ack_timeout)
+        )
         self._client, self._scripts, self._pipeliner = client, Scripts.register(client), client.pipeliner
 
     async def disconnect(self) -> None:
@@ -312,17 +318,17 @@ class RedisTransport(TransportBase):
 
     def consumers_key(self, address: str) -> str:
         """The sorted set of `address`'s consumers, each scored by when it was last seen (negated once closed)."""
-        return f"{self.namespace}:consumers:{address}"
+        return address_key(self.namespace, address, "consumers")
 
     async def consumers(self, address: str) -> int:
         """The consumers of `address` whose last heartbeat is recent (a live one beats every few seconds)."""
         return (await self._watch(address))[0]
 
     async def consumed_addresses(self) -> list[str]:
-        prefix = self.consumers_key("")
+        prefix, suffix = self.stream_key(""), ":consumers"
         with self.errors("listing the consumers of namespace", self.namespace):
-            keys = [key async for key in self.client.scan_iter(match=_glob(prefix) + "*")]
-        addresses = sorted(key.decode().removeprefix(prefix) for key in keys)
+            keys = [key async for key in self.client.scan_iter(match=_glob(prefix[:-1]) + "*}" + suffix)]
+        addresses = sorted(key.decode().removeprefix(prefix[:-1]).removesuffix("}" + suffix) for key in keys)
         return [address for address in addresses if (await self._watch(address))[0]]
 
     async def last_consumed(self, address: str) -> datetime | None:
@@ -425,10 +431,22 @@ class RedisTransport(TransportBase):
         """Move the entry of `delivery` from `stream` to `dead-letter`, with `reason`, in one script."""
         headers = dump_headers(dead_letter_headers(delivery, reason))
         with self.errors("dead-lettering a delivery from", delivery.address):
+            if self.cluster:  # the two streams are in different slots: copy first, then acknowledge
+                await self._dead_letter_across_slots(stream, entry_id, delivery.body, headers)
+                return
             await self.scripts.dead_letter(
                 keys=[stream, self.stream_key(DEAD_LETTER)],
                 args=[GROUP, entry_id, delivery.body, headers, self.trim_length],
             )
+
+    async def _dead_letter_across_slots(self, stream: str, entry_id: bytes, body: bytes, headers: bytes) -> None:
+        """Dead-letter an entry still pending: its copy is in `dead-letter` before it is acknowledged, so a crash
+        between the two leaves it pending (delivered again, and dead-lettered again: two copies), never lost."""
+        held = await self.client.xpending_range(stream, GROUP, min=entry_id, max=entry_id, count=1)
+        if not held:
+            return  # settled meanwhile, or another consumer's since its lease lapsed and it was claimed
+        await self._pipelined().publish(self.stream_key(DEAD_LETTER), body, headers, self.trim_length)
+        await self.client.xack(stream, GROUP, entry_id)
 
 
 def _glob(text: str) -> str:

@@ -15,6 +15,10 @@ from . import _lua as lua
 
 if TYPE_CHECKING:
     import redis.asyncio as aioredis
+    from redis.asyncio.cluster import RedisCluster
+
+    Client = aioredis.Redis | RedisCluster
+    """A client of one Redis server (or Sentinel-managed master), or of a Redis Cluster."""
 
 __all__ = ("RedisCommands", "Script", "Scripts", "as_commands", "as_script")
 
@@ -89,6 +93,14 @@ class RedisCommands(Protocol):
         block: int | None = None,
     ) -> Any: ...
 
+    async def xpending_range(
+        self, name: str, groupname: str, min: Value, max: Value, count: int
+    ) -> list[dict[str, Any]]: ...
+
+    async def xack(self, name: str, groupname: str, *ids: Value) -> int: ...
+
+    async def zadd(self, name: str, mapping: Mapping[str, float]) -> int: ...
+
     async def xinfo_groups(self, name: str) -> list[dict[str, Any]]: ...
 
     async def xinfo_consumers(self, name: str, groupname: str) -> list[dict[str, Any]]: ...
@@ -98,14 +110,15 @@ class RedisCommands(Protocol):
     def register_script(self, script: str) -> Script: ...
 
 
-def as_commands(client: aioredis.Redis) -> RedisCommands:
+def as_commands(client: Client) -> RedisCommands:
     """`client`, seen through `RedisCommands`."""
     return cast("RedisCommands", client)
 
 
-def as_script(client: aioredis.Redis, source: str) -> Script:
+def as_script(client: Client, source: str) -> Script:
     """`source` registered on `client`, seen through `Script`."""
-    return cast("Script", client.register_script(source))
+    # Typed for the plain client alone before redis-py 6, though a cluster client has it too.
+    return cast("Script", cast(Any, client).register_script(source))
 
 
 @dataclass(slots=True)
@@ -131,7 +144,7 @@ class Scripts:
     settle_hop: Script
 
     @classmethod
-    def register(cls, client: aioredis.Redis) -> Scripts:
+    def register(cls, client: Client) -> Scripts:
         return cls(
             publish=as_script(client, lua.PUBLISH),
             publish_later=as_script(client, lua.PUBLISH_LATER),
