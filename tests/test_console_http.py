@@ -157,7 +157,44 @@ async def test_edited_arguments_run_and_are_recorded_as_edited(shop: tuple[World
     assert resumed.detail is not None
     assert "ana" in resumed.detail
     assert "25" in resumed.detail
-    print(resumed.detail)
+
+
+async def test_an_agent_step_shows_the_payload_it_saw_its_output_and_its_tools(
+    shop: tuple[World, httpx.AsyncClient],
+) -> None:
+    world_, client = shop
+    given = {"ticket": "charged twice", "session_token": "tok-do-not-show"}
+    correlation_id = await world_.dispatcher.dispatch_workflow(["answer-ticket"], given)
+    for _ in range(200):
+        if await waiting(world_, correlation_id):
+            break
+        await asyncio.sleep(0.05)
+    await sign_in(client, "ana")
+    inbox = await client.get("/approvals")
+    await client.post(f"/approvals/{correlation_id}/r1", data={"decision": "approve", "csrf": csrf_of(inbox)})
+    await completed(world_, correlation_id)
+    page = (await client.get(f"/workflows/{correlation_id}")).text
+    seen = page[page.index('<details class="seen"') : page.index("</details>", page.index('<details class="seen"'))]
+    assert "called refund" in seen
+    assert "&#34;ticket&#34;: &#34;charged twice&#34;" in seen  # the payload the step saw, escaped for HTML
+    assert "&#34;session_token&#34;: &#34;[redacted]&#34;" in seen
+    assert "output, as <code>reply</code>" in seen
+    assert "Dear customer: refunded 40 EUR on T-1042" in seen
+    assert "tok-do-not-show" not in page
+
+
+async def test_a_step_without_a_record_shows_no_payload_of_its_own(shop: tuple[World, httpx.AsyncClient]) -> None:
+    world_, client = shop
+    correlation_id = await world_.order("take-order", "charge")
+    for _ in range(200):
+        status = await world_.console.store.get(correlation_id)
+        if status is not None and status.state == "faulted":
+            break
+        await asyncio.sleep(0.05)
+    await sign_in(client, "ana")
+    page = (await client.get(f"/workflows/{correlation_id}")).text
+    assert "the card was declined" in page
+    assert '<details class="seen"' not in page
 
 
 ISSUER, AUDIENCE = "https://id.example.com", "paigeant-console"
