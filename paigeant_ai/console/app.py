@@ -82,9 +82,12 @@ class Console:
     secret: str | None = None
     """Signs the session cookies (`PAIGEANT_CONSOLE_SECRET`); a random one for the process when None."""
     sessions: Sessions = field(init=False)
+    signing_in: asyncio.Semaphore = field(init=False)
+    """Password checks run in threads, two at a time: each takes half a second and 128 MiB."""
 
     def __post_init__(self) -> None:
         self.sessions = Sessions(self.secret.encode() if self.secret else None)
+        self.signing_in = asyncio.Semaphore(2)
 
     @cached_property
     def dispatcher(self) -> WorkflowDispatcher:
@@ -193,7 +196,7 @@ async def _login(request: Request) -> Response:
     form = await request.form()
     if found is None or not csrf_holds(found[1], form.get("csrf")):
         return _refused("the form has no valid CSRF token")
-    principal, error = _sign_in(console, form)
+    principal, error = await _sign_in(console, form)
     if principal is None:
         found[1].flash = error
         return RedirectResponse("/login?failed=1", status_code=303)
@@ -208,7 +211,9 @@ async def logout(request: Request, console: Console, session: Session) -> Respon
     _, found = _session(request)
     if found is not None:
         console.sessions.end(found[0])
-    return RedirectResponse("/login", status_code=303)
+    response = RedirectResponse("/login", status_code=303)
+    response.delete_cookie(SESSION_COOKIE, path="/", httponly=True, samesite="strict")
+    return response
 
 
 def _set_cookie(request: Request, response: Response, value: str) -> None:
@@ -216,7 +221,7 @@ def _set_cookie(request: Request, response: Response, value: str) -> None:
     response.set_cookie(SESSION_COOKIE, value, httponly=True, samesite="strict", path="/", secure=secure)
 
 
-def _sign_in(console: Console, form: Any) -> tuple[Principal | None, str]:
+async def _sign_in(console: Console, form: Any) -> tuple[Principal | None, str]:
     token = str(form.get("token") or "").strip()
     if token:
         try:
@@ -225,7 +230,10 @@ def _sign_in(console: Console, form: Any) -> tuple[Principal | None, str]:
             return None, str(exc)
     if console.users is None:
         return None, "this console has no local accounts: sign in with a token"
-    principal = console.users.sign_in(str(form.get("name") or ""), str(form.get("password") or ""))
+    async with console.signing_in:  # off the event loop, so that the pages stay served meanwhile
+        principal = await asyncio.to_thread(
+            console.users.sign_in, str(form.get("name") or ""), str(form.get("password") or "")
+        )
     return principal, "" if principal is not None else "unknown name or wrong password"
 
 
