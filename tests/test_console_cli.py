@@ -158,6 +158,14 @@ def test_secrets_are_redacted_at_any_depth() -> None:
         "user": {"name": "ana", "api_key": "[redacted]", "tokens": "[redacted]"},
         "items": [{"password": "[redacted]", "n": 1}],
     }
+    headers = {"Auth": "Basic YW5h", "x_bearer": "b", "db_pwd": "p", "author": "Ana", "authority": "ops"}
+    assert redact(headers) == {
+        "Auth": "[redacted]",
+        "x_bearer": "[redacted]",
+        "db_pwd": "[redacted]",
+        "author": "Ana",
+        "authority": "ops",
+    }
 
 
 def start_console(env: dict[str, str], port: int) -> subprocess.Popen[str]:

@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
+from urllib.parse import quote
 
 from pydantic import JsonValue
 from pydantic_ai import ConversationTypeAdapter
@@ -44,7 +45,9 @@ __all__ = (
     "workflow_view",
 )
 
-_SECRET = re.compile(r"secret|token|passw|api[_-]?key|authorization|credential|private|cookie|session", re.I)
+_SECRET = re.compile(
+    r"secret|token|passw|pwd|api[_-]?key|auth(?!or)|bearer|credential|private|cookie|session|signature", re.I
+)
 REDACTED = "[redacted]"
 
 
@@ -217,7 +220,7 @@ def _event_line(event: WorkflowEvent, started: datetime) -> EventLine:
 def workflow_view(status: WorkflowStatus, trace_url: str | None, parked: ParkedStep | None) -> WorkflowView:
     """What the page of one workflow shows; `trace_url` a template with `{correlation_id}`."""
     revisions = [escape_control(_describe(event)) for event in status.events if event.kind == "revised"]
-    link = trace_url.replace("{correlation_id}", status.correlation_id) if trace_url else None
+    link = trace_url.replace("{correlation_id}", quote(status.correlation_id, safe="")) if trace_url else None
     return WorkflowView(
         status=status,
         rows=timeline(status),
