@@ -197,6 +197,30 @@ async def test_a_denial_note_reaches_the_agent(shop: tuple[World, httpx.AsyncCli
     assert resumed.detail == "denied refund (r1) by ana"
 
 
+async def test_two_requests_of_one_step_are_sent_once_both_are_answered(shop: tuple[World, httpx.AsyncClient]) -> None:
+    world_, client = shop
+    world_.shop.calls_asked = 2
+    correlation_id = await parked_ticket(world_)
+    await sign_in(client, "ana")
+    inbox = await client.get("/approvals")
+    assert inbox.text.count(f'action="/approvals/{correlation_id}/') == 2
+    first = await client.post(f"/approvals/{correlation_id}/r1", data={"decision": "approve", "csrf": csrf_of(inbox)})
+    assert first.headers["location"] == "/approvals"
+    assert "refund approved by ana; sent once you answer r2 too" in (await client.get("/approvals")).text
+    await asyncio.sleep(0.3)
+    assert await waiting(world_, correlation_id)
+    data = {"decision": "deny", "csrf": csrf_of(inbox), "note": "one refund is enough"}
+    second = await client.post(f"/approvals/{correlation_id}/r2", data=data)
+    assert second.headers["location"] == f"/workflows/{correlation_id}"
+    status = await completed(world_, correlation_id)
+    assert world_.shop.refunds == [{"ticket": "T-1042", "amount": 40}]
+    resumed = next(event for event in status.events if event.kind == "resumed")
+    assert resumed.detail is not None
+    assert "r1" in resumed.detail
+    assert "r2" in resumed.detail
+    assert "by ana" in resumed.detail
+
+
 async def test_edited_arguments_run_and_are_recorded_as_edited(shop: tuple[World, httpx.AsyncClient]) -> None:
     world_, client = shop
     correlation_id = await parked_ticket(world_)

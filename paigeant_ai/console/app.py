@@ -29,7 +29,7 @@ from starlette.templating import Jinja2Templates
 
 from .._cli_dead_letters import replay_letter
 from .._tokens import TokenValidator
-from ..approval import ApprovalAnswer, WaitingStore
+from ..approval import ApprovalAnswer, ParkedStep, WaitingStore
 from ..dispatch import WorkflowDispatcher
 from ..exceptions import PaigeantError, SecurityError, UserError
 from ..security import MessageSigner
@@ -83,6 +83,9 @@ class Console:
     """Signs the session cookies (`PAIGEANT_CONSOLE_SECRET`); a random one for the process when None."""
     sessions: Sessions = field(init=False)
     signing_in: asyncio.Semaphore = field(init=False)
+    held: dict[tuple[str, str], dict[str, ApprovalAnswer]] = field(init=False, default_factory=dict)
+    """A person's answers to some of a workflow's approval requests, by (workflow, person), sent once they have
+    answered all of them: a parked step resumes with an answer to every request."""
     """Password checks run in threads, two at a time: each takes half a second and 128 MiB."""
 
     def __post_init__(self) -> None:
@@ -339,30 +342,36 @@ async def decide(request: Request, console: Console, session: Session) -> Respon
     if not me.allows("approve"):
         return _refused(f"{me.name} may not approve tool calls (the users file or token gives 'approve')")
     form = await request.form()
+    held = console.held.setdefault((correlation_id, me.name), {})
     try:
-        answer, said = await _answer(console, correlation_id, call_id, form, me)
-        await console.dispatcher.resume(
-            correlation_id, approvals={call_id: answer}, approver=me.name, approver_token=me.token
-        )
+        parked = await console.dispatcher.parked(correlation_id)
+        answer, said = _answer(parked, call_id, form, me)
+        held[call_id] = answer
+        open_calls = [c.tool_call_id for c in parked.pending if c.kind == "approval" and c.tool_call_id not in held]
+        if open_calls:
+            session.flash = f"{said} by {me.name}; sent once you answer {', '.join(open_calls)} too"
+            return RedirectResponse("/approvals", status_code=303)
+        answers = {key: value for key, value in held.items() if key in {c.tool_call_id for c in parked.pending}}
+        await console.dispatcher.resume(correlation_id, approvals=answers, approver=me.name, approver_token=me.token)
     except (UserError, SecurityError) as exc:
+        held.pop(call_id, None)
         session.flash = f"not sent: {exc}"
         return RedirectResponse("/approvals", status_code=303)
+    console.held.pop((correlation_id, me.name), None)
     session.flash = f"{said} by {me.name}: workflow {correlation_id}"
     return RedirectResponse(f"/workflows/{correlation_id}", status_code=303)
 
 
-async def _answer(
-    console: Console, correlation_id: str, call_id: str, form: Any, me: Principal
-) -> tuple[ApprovalAnswer, str]:
+def _answer(parked: ParkedStep, call_id: str, form: Any, me: Principal) -> tuple[ApprovalAnswer, str]:
     """The answer the form gives to the call, and what to say about it.
 
     Raises:
-        UserError: The workflow does not wait for that call, or the edited arguments are not a JSON object.
+        UserError: The workflow does not wait for a person's approval of that call, or the edited arguments are
+            not a JSON object.
     """
-    parked = await console.dispatcher.parked(correlation_id)
-    call = next((item for item in parked.pending if item.tool_call_id == call_id), None)
+    call = next((item for item in parked.pending if item.tool_call_id == call_id and item.kind == "approval"), None)
     if call is None:
-        raise UserError(f"workflow {correlation_id!r} does not wait for tool call {call_id!r} (any more)")
+        raise UserError(f"workflow {parked.correlation_id!r} does not wait for approval of {call_id!r} (any more)")
     decision = str(form.get("decision") or "")
     if decision == "deny":
         note = str(form.get("note") or "").strip()
