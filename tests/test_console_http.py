@@ -22,6 +22,7 @@ from paigeant_ai import TokenValidator, TrustPolicy, UserError, WorkflowStatus
 from paigeant_ai.console import create_app
 from paigeant_ai.console.auth import (
     SESSION_COOKIE,
+    Principal,
     Sessions,
     Users,
     hash_password,
@@ -348,6 +349,17 @@ def test_a_token_sign_in_ends_when_its_token_expires() -> None:
     expired = dataclasses.replace(carol, expires=time.time() - 1)
     session_id, _ = sessions.start(expired)
     assert sessions.get(sessions.cookie_of(session_id)) is None
+
+
+def test_sessions_of_the_sign_in_page_are_bounded() -> None:
+    sessions = Sessions()
+    sessions.most_waiting = 3
+    ana, _ = sessions.start(Principal("ana", frozenset(), "account"))
+    opened = [sessions.start()[0] for _ in range(5)]
+    assert [sessions.get(sessions.cookie_of(key)) is not None for key in opened] == [False, False, True, True, True]
+    assert sessions.get(sessions.cookie_of(ana)) is not None  # a signed-in person is never pushed out
+    _, waiting = sessions.start()
+    assert waiting.expires < time.time() + 1801
 
 
 async def test_the_trust_policy_decides_whether_the_console_may_approve(tmp_path: Path) -> None:

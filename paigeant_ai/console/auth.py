@@ -48,6 +48,8 @@ _MOST_N = 2**20
 SESSION_COOKIE = "paigeant_console"
 SESSION_SECONDS = 8 * 3600
 """How long a sign-in lasts."""
+SIGN_IN_SECONDS = 1800
+"""How long the session of a sign-in page lasts before anyone signed in with it."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -190,6 +192,9 @@ class Sessions:
     does: a restart signs everyone out), else a random one for the process.
     """
 
+    most_waiting = 10_000
+    """The most sessions of a sign-in page kept at once (anyone may open one): the oldest go first."""
+
     def __init__(self, secret: bytes | None = None) -> None:
         self._secret = secret or secrets.token_bytes(32)
         self._sessions: dict[str, Session] = {}
@@ -217,9 +222,13 @@ class Sessions:
         for stale in [key for key, session in self._sessions.items() if session.expires < now]:
             del self._sessions[stale]
         session_id = secrets.token_urlsafe(32)
-        expires = now + SESSION_SECONDS
+        expires = now + (SESSION_SECONDS if principal is not None else SIGN_IN_SECONDS)
         if principal is not None and principal.expires is not None:  # a token's sign-in ends with the token
             expires = min(expires, principal.expires)
+        if principal is None:
+            waiting = [key for key, session in self._sessions.items() if session.principal is None]
+            for oldest in waiting[: max(0, len(waiting) - self.most_waiting + 1)]:
+                del self._sessions[oldest]
         session = Session(secrets.token_urlsafe(32), expires, principal)
         self._sessions[session_id] = session
         return session_id, session
