@@ -57,6 +57,14 @@ def test_a_short_password_is_refused(
     assert not path.exists()
 
 
+def test_a_missing_password_file_is_said(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = tmp_path / "people.json"
+    missing = tmp_path / "nowhere.txt"
+    assert cli.main(["console", "--users-file", str(path), "add-user", "ana", "--password-file", str(missing)]) == 2
+    assert f"cannot read the password from {missing}: No such file or directory" in capsys.readouterr().err
+    assert not path.exists()
+
+
 def test_the_in_memory_transport_is_served_from_its_own_process(capsys: pytest.CaptureFixture[str]) -> None:
     assert cli.main(["console", "--transport", "inmemory"]) == 2
     assert "serve paigeant_ai.console.create_app(Console(...)) from that process" in capsys.readouterr().err
