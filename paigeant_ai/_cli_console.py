@@ -16,6 +16,7 @@ import os
 import sys
 from collections.abc import AsyncGenerator, Sequence
 from contextlib import AsyncExitStack, asynccontextmanager
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ._cli_workflows import command_transport, workflow_store
@@ -70,7 +71,12 @@ def _password(source: str | None) -> str:
         if getpass.getpass("again: ") != password:
             raise UserError("the passwords differ: run the command again")
         return password
-    text = sys.stdin.read() if source == "-" else open(source).read()  # noqa: SIM115
+    try:
+        text = sys.stdin.read() if source == "-" else Path(source).read_text()
+    except OSError as exc:
+        raise UserError(
+            f"cannot read the password from {source}: {exc.strerror}; give a readable --password-file"
+        ) from None
     return text.rstrip("\n")
 
 

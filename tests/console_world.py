@@ -42,6 +42,8 @@ class Shop:
 
     carrier_down: bool = True
     pack_seconds: float = 0.0
+    calls_asked: int = 1
+    """How many refunds the support agent asks for at once (`r1`, `r2`, ...)."""
     refunds: list[dict[str, Any]] = field(default_factory=list[dict[str, Any]])
 
 
@@ -53,9 +55,11 @@ def support_model(shop: Shop) -> FunctionModel:
         if returns:
             return ModelResponse(parts=[TextPart(f"Dear customer: {returns[-1].model_response_str()}")])
         because = TextPart("The customer was charged twice for one order: I refund the second charge.")
-        return ModelResponse(
-            parts=[because, ToolCallPart("refund", {"ticket": "T-1042", "amount": 40}, tool_call_id="r1")]
-        )
+        calls = [
+            ToolCallPart("refund", {"ticket": "T-1042", "amount": 40 - 10 * index}, tool_call_id=f"r{index + 1}")
+            for index in range(shop.calls_asked)
+        ]
+        return ModelResponse(parts=[because, *calls])
 
     return FunctionModel(reply, model_name="support-test")
 

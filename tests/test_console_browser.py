@@ -160,6 +160,12 @@ async def test_a_parked_ticket_is_approved_and_completes(browsing: Browsing) -> 
     await expect(page.locator("#payload")).to_contain_text("Dear customer: refunded 40 EUR on T-1042")
     await expect(page.locator(".events")).to_contain_text("approved refund (r1) by ana")
     assert shop.shop.refunds == [{"ticket": "T-1042", "amount": 40}]
+    seen = page.locator(".cell details.seen")  # what the agent step saw, recorded with its completion
+    await expect(seen.locator("summary")).to_contain_text("called refund")
+    await seen.locator("summary").click()
+    await expect(seen.locator("pre").first).to_contain_text('"ticket": "charged twice for one order"')
+    await expect(seen.locator("pre").last).to_contain_text("Dear customer: refunded 40 EUR on T-1042")
+    await browsing.shot("agent-step")
 
 
 async def test_a_denied_ticket_completes_with_the_agents_reply(browsing: Browsing) -> None:

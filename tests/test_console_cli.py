@@ -19,15 +19,16 @@ from pathlib import Path
 import httpx
 import pytest
 
-from paigeant_ai import MessageSigner, WorkflowDispatcher, WorkflowStatus, cli, get_transport
+from paigeant_ai import MessageSigner, Worker, WorkflowDispatcher, WorkflowStatus, cli, get_transport
 from paigeant_ai.console import Users
 from paigeant_ai.console.views import redact, timeline
 from paigeant_ai.security import load_signing_key
 from paigeant_ai.store import StepStatus
+from paigeant_ai.transports.redis import RedisTransport
 
-from .brokers import REDIS_URL, delete_redis_namespace
-from .conftest import require_redis
-from .console_world import PASSWORD
+from .brokers import RABBITMQ_URL, REDIS_URL, delete_queues, delete_redis_namespace
+from .conftest import require_rabbitmq, require_redis
+from .console_world import PASSWORD, Shop, activities
 
 
 def test_add_user_writes_an_account_that_signs_in(
@@ -53,6 +54,14 @@ def test_a_short_password_is_refused(
     path = tmp_path / "people.json"
     assert cli.main(["console", "--users-file", str(path), "add-user", "ana", "--password-file", "-"]) == 2
     assert "a password of at least 8 characters" in capsys.readouterr().err
+    assert not path.exists()
+
+
+def test_a_missing_password_file_is_said(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = tmp_path / "people.json"
+    missing = tmp_path / "nowhere.txt"
+    assert cli.main(["console", "--users-file", str(path), "add-user", "ana", "--password-file", str(missing)]) == 2
+    assert f"cannot read the password from {missing}: No such file or directory" in capsys.readouterr().err
     assert not path.exists()
 
 
@@ -157,6 +166,14 @@ def test_secrets_are_redacted_at_any_depth() -> None:
         "user": {"name": "ana", "api_key": "[redacted]", "tokens": "[redacted]"},
         "items": [{"password": "[redacted]", "n": 1}],
     }
+    headers = {"Auth": "Basic YW5h", "x_bearer": "b", "db_pwd": "p", "author": "Ana", "authority": "ops"}
+    assert redact(headers) == {
+        "Auth": "[redacted]",
+        "x_bearer": "[redacted]",
+        "db_pwd": "[redacted]",
+        "author": "Ana",
+        "authority": "ops",
+    }
 
 
 def start_console(env: dict[str, str], port: int) -> subprocess.Popen[str]:
@@ -197,4 +214,79 @@ async def test_the_console_on_redis_shows_what_its_events_say(keyed: dict[str, s
     finally:
         process.terminate()
         process.communicate(timeout=10)
+        await delete_redis_namespace(namespace)
+
+
+async def sign_in(client: httpx.AsyncClient, name: str) -> None:
+    login = await client.get("/login")
+    csrf = re.search(r'name="csrf" value="([^"]+)"', login.text)
+    assert csrf is not None
+    signed_in = await client.post("/login", data={"csrf": csrf.group(1), "name": name, "password": PASSWORD})
+    assert signed_in.headers["location"] == "/workflows"
+
+
+async def page_until(client: httpx.AsyncClient, path: str, wanted: str, seconds: float = 20) -> str:
+    page = ""
+    for _ in range(int(seconds * 10)):
+        page = (await client.get(path)).text
+        if wanted in page:
+            return page
+        await asyncio.sleep(0.1)
+    raise AssertionError(f"{wanted!r} never showed on {path}:\n{page}")
+
+
+@pytest.mark.rabbitmq
+@pytest.mark.redis
+@pytest.mark.slow
+async def test_the_console_on_rabbitmq_answers_a_parked_ticket_of_a_real_worker(
+    keyed: dict[str, str], tmp_path: Path
+) -> None:
+    require_rabbitmq()
+    require_redis()
+    namespace = f"paigeant-test-{uuid.uuid4().hex[:8]}"
+    env = keyed | {
+        "PAIGEANT_TRANSPORT": "rabbitmq",
+        "PAIGEANT_RABBITMQ_URL": RABBITMQ_URL,
+        "PAIGEANT_REDIS_URL": REDIS_URL,  # the workflow store, on Redis beside RabbitMQ
+        "PAIGEANT_SHARED_STORE_URL": REDIS_URL,  # where parked workflows wait
+        "PAIGEANT_NAMESPACE": namespace,
+    }
+    Users(env["PAIGEANT_CONSOLE_USERS"]).add("ana", PASSWORD, ["approve"])
+    key = load_signing_key(env["PAIGEANT_SIGNING_KEY_FILE"])
+    shop = Shop()
+    port = free_port()
+    process = start_console(env, port)
+    transport = get_transport("rabbitmq", url=RABBITMQ_URL, namespace=namespace)
+    try:
+        await asyncio.to_thread(wait_for_sign_in_page, port)
+        async with (
+            transport,
+            RedisTransport(REDIS_URL, namespace=namespace) as shared,
+        ):
+            signer = MessageSigner(key, [key], replay_cache=shared.replay_cache())
+            waiting = shared.waiting_store()
+            dispatcher = WorkflowDispatcher(transport, security=signer, waiting_store=waiting)
+            worker = Worker(transport, activities(shop), security=signer, waiting_store=waiting, shared_store=shared)
+            async with worker:
+                correlation_id = await dispatcher.dispatch_workflow(["answer-ticket"], {"ticket": "charged twice"})
+                async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as client:
+                    await sign_in(client, "ana")
+                    await page_until(client, "/workflows/rows?state=waiting", correlation_id)
+                    inbox = await page_until(client, "/approvals", correlation_id)
+                    assert "refund" in inbox
+                    csrf = re.search(r'name="csrf" value="([^"]+)"', inbox)
+                    assert csrf is not None
+                    decided = await client.post(
+                        f"/approvals/{correlation_id}/r1", data={"decision": "approve", "csrf": csrf.group(1)}
+                    )
+                    assert decided.headers["location"] == f"/workflows/{correlation_id}"
+                    page = await page_until(client, f"/workflows/{correlation_id}", ">completed<")
+        assert "Dear customer: refunded 40 EUR on T-1042" in page
+        assert "approved refund (r1) by ana" in page
+        assert "called refund" in page  # what the agent step saw, recorded on RabbitMQ and kept on Redis
+        assert shop.refunds == [{"ticket": "T-1042", "amount": 40}]
+    finally:
+        process.terminate()
+        process.communicate(timeout=10)
+        await delete_queues(getattr(transport, "_declared", set[str]()))
         await delete_redis_namespace(namespace)

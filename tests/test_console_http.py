@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import base64
+import dataclasses
+import hashlib
 import re
+import time
 from collections.abc import AsyncGenerator
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
@@ -18,6 +22,8 @@ from paigeant_ai import TokenValidator, TrustPolicy, UserError, WorkflowStatus
 from paigeant_ai.console import create_app
 from paigeant_ai.console.auth import (
     SESSION_COOKIE,
+    Principal,
+    Sessions,
     Users,
     hash_password,
     principal_from_token,
@@ -63,11 +69,21 @@ async def parked_ticket(shop: World) -> str:
 
 def test_passwords_are_scrypt_hashes_that_verify_only_themselves() -> None:
     stored = hash_password(PASSWORD)
-    assert stored.startswith("scrypt$16384$8$1$")
+    assert stored.startswith("scrypt$131072$8$1$")  # OWASP's minimum for scrypt
     assert PASSWORD not in stored
     assert verify_password(PASSWORD, stored)
     assert not verify_password(PASSWORD + "!", stored)
     assert not verify_password(PASSWORD, "md5$nothing")
+    salt, digest = stored.split("$")[4:]
+    assert not verify_password(PASSWORD, f"scrypt${2**30}$8$1${salt}${digest}")  # refused, never computed
+
+
+def test_a_hash_made_with_other_parameters_still_verifies() -> None:
+    salt = b"0123456789abcdef"
+    digest = hashlib.scrypt(PASSWORD.encode(), salt=salt, n=2**14, r=8, p=1, dklen=32)
+    stored = "$".join(["scrypt", "16384", "8", "1", base64.b64encode(salt).decode(), base64.b64encode(digest).decode()])
+    assert verify_password(PASSWORD, stored)
+    assert not verify_password("another one", stored)
 
 
 def test_the_users_file_is_private_and_refuses_unknown_permissions(tmp_path: Path) -> None:
@@ -106,6 +122,33 @@ async def test_the_session_cookie_is_signed_httponly_and_strict(shop: tuple[Worl
     session_id, _, mac = client.cookies[SESSION_COOKIE].partition(".")
     client.cookies.set(SESSION_COOKIE, f"{session_id}.{'0' * len(mac)}")  # a cookie whose signature does not hold
     assert (await client.get("/workflows")).status_code == 303
+    odd = await client.get("/workflows", headers={b"Cookie": f"{SESSION_COOKIE}={session_id}.".encode() + b"\xc3\xa9"})
+    assert odd.status_code == 303  # a signature that is not even ASCII is refused as any other
+
+
+async def test_signing_out_ends_the_session_and_clears_its_cookie(shop: tuple[World, httpx.AsyncClient]) -> None:
+    _, client = shop
+    await sign_in(client, "ana")
+    page = await client.get("/workflows")
+    cookie = client.cookies[SESSION_COOKIE]
+    assert (await client.post("/logout")).status_code == 403  # without the form's CSRF token
+    assert (await client.get("/workflows")).status_code == 200
+    signed_out = await client.post("/logout", data={"csrf": csrf_of(page)})
+    assert signed_out.headers["location"] == "/login"
+    assert f'{SESSION_COOKIE}=""' in signed_out.headers["set-cookie"]
+    assert SESSION_COOKIE not in client.cookies
+    client.cookies.set(SESSION_COOKIE, cookie)  # the old cookie, kept by someone: its session is gone
+    assert (await client.get("/workflows")).status_code == 303
+
+
+async def test_a_new_session_id_is_given_at_sign_in(shop: tuple[World, httpx.AsyncClient]) -> None:
+    _, client = shop
+    login = await client.get("/login")
+    planted = client.cookies[SESSION_COOKIE]
+    await client.post("/login", data={"csrf": csrf_of(login), "name": "ana", "password": PASSWORD})
+    assert client.cookies[SESSION_COOKIE].partition(".")[0] != planted.partition(".")[0]
+    client.cookies.set(SESSION_COOKIE, planted)  # the session of before the sign-in is worth nothing
+    assert (await client.get("/workflows")).status_code == 303
 
 
 async def test_a_form_without_the_csrf_token_is_refused(shop: tuple[World, httpx.AsyncClient]) -> None:
@@ -139,6 +182,46 @@ async def test_a_person_without_approve_permission_is_refused(shop: tuple[World,
     assert world_.shop.refunds == []
 
 
+async def test_a_denial_note_reaches_the_agent(shop: tuple[World, httpx.AsyncClient]) -> None:
+    world_, client = shop
+    correlation_id = await parked_ticket(world_)
+    await sign_in(client, "ana")
+    inbox = await client.get("/approvals")
+    note = "Refunds over 30 EUR need a manager."
+    data = {"decision": "deny", "csrf": csrf_of(inbox), "note": note}
+    await client.post(f"/approvals/{correlation_id}/r1", data=data)
+    status = await completed(world_, correlation_id)
+    assert status.payload is not None
+    assert status.payload["reply"] == f"Dear customer: {note}"
+    assert world_.shop.refunds == []
+    resumed = next(event for event in status.events if event.kind == "resumed")
+    assert resumed.detail == "denied refund (r1) by ana"
+
+
+async def test_two_requests_of_one_step_are_sent_once_both_are_answered(shop: tuple[World, httpx.AsyncClient]) -> None:
+    world_, client = shop
+    world_.shop.calls_asked = 2
+    correlation_id = await parked_ticket(world_)
+    await sign_in(client, "ana")
+    inbox = await client.get("/approvals")
+    assert inbox.text.count(f'action="/approvals/{correlation_id}/') == 2
+    first = await client.post(f"/approvals/{correlation_id}/r1", data={"decision": "approve", "csrf": csrf_of(inbox)})
+    assert first.headers["location"] == "/approvals"
+    assert "refund approved by ana; sent once you answer r2 too" in (await client.get("/approvals")).text
+    await asyncio.sleep(0.3)
+    assert await waiting(world_, correlation_id)
+    data = {"decision": "deny", "csrf": csrf_of(inbox), "note": "one refund is enough"}
+    second = await client.post(f"/approvals/{correlation_id}/r2", data=data)
+    assert second.headers["location"] == f"/workflows/{correlation_id}"
+    status = await completed(world_, correlation_id)
+    assert world_.shop.refunds == [{"ticket": "T-1042", "amount": 40}]
+    resumed = next(event for event in status.events if event.kind == "resumed")
+    assert resumed.detail is not None
+    assert "r1" in resumed.detail
+    assert "r2" in resumed.detail
+    assert "by ana" in resumed.detail
+
+
 async def test_edited_arguments_run_and_are_recorded_as_edited(shop: tuple[World, httpx.AsyncClient]) -> None:
     world_, client = shop
     correlation_id = await parked_ticket(world_)
@@ -157,7 +240,44 @@ async def test_edited_arguments_run_and_are_recorded_as_edited(shop: tuple[World
     assert resumed.detail is not None
     assert "ana" in resumed.detail
     assert "25" in resumed.detail
-    print(resumed.detail)
+
+
+async def test_an_agent_step_shows_the_payload_it_saw_its_output_and_its_tools(
+    shop: tuple[World, httpx.AsyncClient],
+) -> None:
+    world_, client = shop
+    given = {"ticket": "charged twice", "session_token": "tok-do-not-show"}
+    correlation_id = await world_.dispatcher.dispatch_workflow(["answer-ticket"], given)
+    for _ in range(200):
+        if await waiting(world_, correlation_id):
+            break
+        await asyncio.sleep(0.05)
+    await sign_in(client, "ana")
+    inbox = await client.get("/approvals")
+    await client.post(f"/approvals/{correlation_id}/r1", data={"decision": "approve", "csrf": csrf_of(inbox)})
+    await completed(world_, correlation_id)
+    page = (await client.get(f"/workflows/{correlation_id}")).text
+    seen = page[page.index('<details class="seen"') : page.index("</details>", page.index('<details class="seen"'))]
+    assert "called refund" in seen
+    assert "&#34;ticket&#34;: &#34;charged twice&#34;" in seen  # the payload the step saw, escaped for HTML
+    assert "&#34;session_token&#34;: &#34;[redacted]&#34;" in seen
+    assert "output, as <code>reply</code>" in seen
+    assert "Dear customer: refunded 40 EUR on T-1042" in seen
+    assert "tok-do-not-show" not in page
+
+
+async def test_a_step_without_a_record_shows_no_payload_of_its_own(shop: tuple[World, httpx.AsyncClient]) -> None:
+    world_, client = shop
+    correlation_id = await world_.order("take-order", "charge")
+    for _ in range(200):
+        status = await world_.console.store.get(correlation_id)
+        if status is not None and status.state == "faulted":
+            break
+        await asyncio.sleep(0.05)
+    await sign_in(client, "ana")
+    page = (await client.get(f"/workflows/{correlation_id}")).text
+    assert "the card was declined" in page
+    assert '<details class="seen"' not in page
 
 
 ISSUER, AUDIENCE = "https://id.example.com", "paigeant-console"
@@ -197,6 +317,8 @@ def test_a_token_gives_the_permissions_its_scopes_name() -> None:
     assert (carol.name, carol.may, carol.via) == ("carol", frozenset({"approve"}), "token")
     reader = principal_from_token(token("dave", "openid"), validator())
     assert reader.may == frozenset()
+    assert reader.expires is not None
+    assert time.time() + 590 < reader.expires <= time.time() + 600
     with pytest.raises(UserError, match="the token is refused"):
         principal_from_token(token("carol", "paigeant:approve") + "x", validator())
     with pytest.raises(UserError, match="token sign-in needs the issuer"):
@@ -216,6 +338,28 @@ async def test_a_person_signed_in_with_a_token_approves_as_its_subject(tmp_path:
         resumed = next(event for event in status.events if event.kind == "resumed")
         assert resumed.detail == "approved refund (r1) by carol"
         assert shop.shop.refunds == [{"ticket": "T-1042", "amount": 40}]
+
+
+def test_a_token_sign_in_ends_when_its_token_expires() -> None:
+    sessions = Sessions()
+    carol = principal_from_token(token("carol", "paigeant:approve"), validator())
+    session_id, session = sessions.start(carol)
+    assert carol.expires is not None
+    assert session.expires == carol.expires  # ten minutes, not the eight hours of a password's sign-in
+    expired = dataclasses.replace(carol, expires=time.time() - 1)
+    session_id, _ = sessions.start(expired)
+    assert sessions.get(sessions.cookie_of(session_id)) is None
+
+
+def test_sessions_of_the_sign_in_page_are_bounded() -> None:
+    sessions = Sessions()
+    sessions.most_waiting = 3
+    ana, _ = sessions.start(Principal("ana", frozenset(), "account"))
+    opened = [sessions.start()[0] for _ in range(5)]
+    assert [sessions.get(sessions.cookie_of(key)) is not None for key in opened] == [False, False, True, True, True]
+    assert sessions.get(sessions.cookie_of(ana)) is not None  # a signed-in person is never pushed out
+    _, waiting = sessions.start()
+    assert waiting.expires < time.time() + 1801
 
 
 async def test_the_trust_policy_decides_whether_the_console_may_approve(tmp_path: Path) -> None:

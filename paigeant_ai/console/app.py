@@ -29,7 +29,7 @@ from starlette.templating import Jinja2Templates
 
 from .._cli_dead_letters import replay_letter
 from .._tokens import TokenValidator
-from ..approval import ApprovalAnswer, WaitingStore
+from ..approval import ApprovalAnswer, ParkedStep, WaitingStore
 from ..dispatch import WorkflowDispatcher
 from ..exceptions import PaigeantError, SecurityError, UserError
 from ..security import MessageSigner
@@ -82,9 +82,15 @@ class Console:
     secret: str | None = None
     """Signs the session cookies (`PAIGEANT_CONSOLE_SECRET`); a random one for the process when None."""
     sessions: Sessions = field(init=False)
+    signing_in: asyncio.Semaphore = field(init=False)
+    held: dict[tuple[str, str], dict[str, ApprovalAnswer]] = field(init=False, default_factory=dict)
+    """A person's answers to some of a workflow's approval requests, by (workflow, person), sent once they have
+    answered all of them: a parked step resumes with an answer to every request."""
+    """Password checks run in threads, two at a time: each takes half a second and 128 MiB."""
 
     def __post_init__(self) -> None:
         self.sessions = Sessions(self.secret.encode() if self.secret else None)
+        self.signing_in = asyncio.Semaphore(2)
 
     @cached_property
     def dispatcher(self) -> WorkflowDispatcher:
@@ -193,7 +199,7 @@ async def _login(request: Request) -> Response:
     form = await request.form()
     if found is None or not csrf_holds(found[1], form.get("csrf")):
         return _refused("the form has no valid CSRF token")
-    principal, error = _sign_in(console, form)
+    principal, error = await _sign_in(console, form)
     if principal is None:
         found[1].flash = error
         return RedirectResponse("/login?failed=1", status_code=303)
@@ -208,7 +214,9 @@ async def logout(request: Request, console: Console, session: Session) -> Respon
     _, found = _session(request)
     if found is not None:
         console.sessions.end(found[0])
-    return RedirectResponse("/login", status_code=303)
+    response = RedirectResponse("/login", status_code=303)
+    response.delete_cookie(SESSION_COOKIE, path="/", httponly=True, samesite="strict")
+    return response
 
 
 def _set_cookie(request: Request, response: Response, value: str) -> None:
@@ -216,7 +224,7 @@ def _set_cookie(request: Request, response: Response, value: str) -> None:
     response.set_cookie(SESSION_COOKIE, value, httponly=True, samesite="strict", path="/", secure=secure)
 
 
-def _sign_in(console: Console, form: Any) -> tuple[Principal | None, str]:
+async def _sign_in(console: Console, form: Any) -> tuple[Principal | None, str]:
     token = str(form.get("token") or "").strip()
     if token:
         try:
@@ -225,7 +233,10 @@ def _sign_in(console: Console, form: Any) -> tuple[Principal | None, str]:
             return None, str(exc)
     if console.users is None:
         return None, "this console has no local accounts: sign in with a token"
-    principal = console.users.sign_in(str(form.get("name") or ""), str(form.get("password") or ""))
+    async with console.signing_in:  # off the event loop, so that the pages stay served meanwhile
+        principal = await asyncio.to_thread(
+            console.users.sign_in, str(form.get("name") or ""), str(form.get("password") or "")
+        )
     return principal, "" if principal is not None else "unknown name or wrong password"
 
 
@@ -331,30 +342,36 @@ async def decide(request: Request, console: Console, session: Session) -> Respon
     if not me.allows("approve"):
         return _refused(f"{me.name} may not approve tool calls (the users file or token gives 'approve')")
     form = await request.form()
+    held = console.held.setdefault((correlation_id, me.name), {})
     try:
-        answer, said = await _answer(console, correlation_id, call_id, form, me)
-        await console.dispatcher.resume(
-            correlation_id, approvals={call_id: answer}, approver=me.name, approver_token=me.token
-        )
+        parked = await console.dispatcher.parked(correlation_id)
+        answer, said = _answer(parked, call_id, form, me)
+        held[call_id] = answer
+        open_calls = [c.tool_call_id for c in parked.pending if c.kind == "approval" and c.tool_call_id not in held]
+        if open_calls:
+            session.flash = f"{said} by {me.name}; sent once you answer {', '.join(open_calls)} too"
+            return RedirectResponse("/approvals", status_code=303)
+        answers = {key: value for key, value in held.items() if key in {c.tool_call_id for c in parked.pending}}
+        await console.dispatcher.resume(correlation_id, approvals=answers, approver=me.name, approver_token=me.token)
     except (UserError, SecurityError) as exc:
+        held.pop(call_id, None)
         session.flash = f"not sent: {exc}"
         return RedirectResponse("/approvals", status_code=303)
+    console.held.pop((correlation_id, me.name), None)
     session.flash = f"{said} by {me.name}: workflow {correlation_id}"
     return RedirectResponse(f"/workflows/{correlation_id}", status_code=303)
 
 
-async def _answer(
-    console: Console, correlation_id: str, call_id: str, form: Any, me: Principal
-) -> tuple[ApprovalAnswer, str]:
+def _answer(parked: ParkedStep, call_id: str, form: Any, me: Principal) -> tuple[ApprovalAnswer, str]:
     """The answer the form gives to the call, and what to say about it.
 
     Raises:
-        UserError: The workflow does not wait for that call, or the edited arguments are not a JSON object.
+        UserError: The workflow does not wait for a person's approval of that call, or the edited arguments are
+            not a JSON object.
     """
-    parked = await console.dispatcher.parked(correlation_id)
-    call = next((item for item in parked.pending if item.tool_call_id == call_id), None)
+    call = next((item for item in parked.pending if item.tool_call_id == call_id and item.kind == "approval"), None)
     if call is None:
-        raise UserError(f"workflow {correlation_id!r} does not wait for tool call {call_id!r} (any more)")
+        raise UserError(f"workflow {parked.correlation_id!r} does not wait for approval of {call_id!r} (any more)")
     decision = str(form.get("decision") or "")
     if decision == "deny":
         note = str(form.get("note") or "").strip()

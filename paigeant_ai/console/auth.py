@@ -41,11 +41,15 @@ PERMISSIONS: tuple[Permission, ...] = ("approve", "replay")
 TOKEN_SCOPES: dict[str, Permission] = {"paigeant:approve": "approve", "paigeant:replay": "replay"}
 """The token scopes that give a person a console permission."""
 
-_SCRYPT = {"n": 2**14, "r": 8, "p": 1}
-"""scrypt's cost: the parameters OWASP suggests for an interactive sign-in (16 MiB, tens of milliseconds)."""
+_SCRYPT = {"n": 2**17, "r": 8, "p": 1}
+"""scrypt's cost: OWASP's minimum for password storage (128 MiB, about half a second on one core)."""
+_MOST_N = 2**20
+"""The largest cost a stored hash may ask for (1 GiB): a hash asking more is refused, not computed."""
 SESSION_COOKIE = "paigeant_console"
 SESSION_SECONDS = 8 * 3600
 """How long a sign-in lasts."""
+SIGN_IN_SECONDS = 1800
+"""How long the session of a sign-in page lasts before anyone signed in with it."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,6 +61,8 @@ class Principal:
     via: Literal["account", "token"]
     token: str | None = field(default=None, repr=False)
     """The bearer token a person signed in with; sent with an approval as the approver's token."""
+    expires: float | None = None
+    """When the sign-in ends at the latest (a token's `exp`): the session ends then too."""
 
     def allows(self, permission: Permission) -> bool:
         return permission in self.may
@@ -68,7 +74,7 @@ class Principal:
 def hash_password(password: str) -> str:
     """`password` as `scrypt$n$r$p$salt$hash` (base64), with a fresh salt."""
     salt = secrets.token_bytes(16)
-    digest = hashlib.scrypt(password.encode(), salt=salt, **_SCRYPT, dklen=32)
+    digest = hashlib.scrypt(password.encode(), salt=salt, **_SCRYPT, dklen=32, maxmem=_memory(_SCRYPT["n"], 8))
     encoded = [base64.b64encode(part).decode() for part in (salt, digest)]
     return "$".join(["scrypt", str(_SCRYPT["n"]), str(_SCRYPT["r"]), str(_SCRYPT["p"]), *encoded])
 
@@ -79,13 +85,26 @@ def verify_password(password: str, stored: str) -> bool:
         scheme, n, r, p, salt, digest = stored.split("$")
         if scheme != "scrypt":
             return False
-        expected = base64.b64decode(digest)
+        expected, cost, block = base64.b64decode(digest), int(n), int(r)
+        if cost > _MOST_N or block > 16:
+            return False
         got = hashlib.scrypt(
-            password.encode(), salt=base64.b64decode(salt), n=int(n), r=int(r), p=int(p), dklen=len(expected)
+            password.encode(),
+            salt=base64.b64decode(salt),
+            n=cost,
+            r=block,
+            p=int(p),
+            dklen=len(expected),
+            maxmem=_memory(cost, block),
         )
     except ValueError:
         return False
     return hmac.compare_digest(got, expected)
+
+
+def _memory(n: int, r: int) -> int:
+    """The memory scrypt may use for cost `n` and block size `r`: what it needs (128 n r bytes), and room."""
+    return 128 * n * r + 2**24
 
 
 class Users:
@@ -148,7 +167,8 @@ def principal_from_token(token: str, validator: TokenValidator | None) -> Princi
     if not isinstance(subject, str) or not subject:
         raise UserError("the token names nobody: it has no 'sub' claim")
     may = frozenset(TOKEN_SCOPES[scope] for scope in granted_scopes(claims) if scope in TOKEN_SCOPES)
-    return Principal(subject, may, "token", token)
+    expires = claims.get("exp")
+    return Principal(subject, may, "token", token, float(expires) if isinstance(expires, int | float) else None)
 
 
 # -- sessions ---------------------------------------------------------------------------------------------------
@@ -172,6 +192,9 @@ class Sessions:
     does: a restart signs everyone out), else a random one for the process.
     """
 
+    most_waiting = 10_000
+    """The most sessions of a sign-in page kept at once (anyone may open one): the oldest go first."""
+
     def __init__(self, secret: bytes | None = None) -> None:
         self._secret = secret or secrets.token_bytes(32)
         self._sessions: dict[str, Session] = {}
@@ -185,7 +208,7 @@ class Sessions:
     def get(self, cookie: str | None) -> tuple[str, Session] | None:
         """The session the cookie names, when its signature holds and it has not ended."""
         session_id, _, mac = (cookie or "").partition(".")
-        if not session_id or not hmac.compare_digest(mac, self._mac(session_id)):
+        if not session_id or not hmac.compare_digest(mac.encode(), self._mac(session_id).encode()):
             return None
         session = self._sessions.get(session_id)
         if session is None or session.expires < time.time():
@@ -199,7 +222,14 @@ class Sessions:
         for stale in [key for key, session in self._sessions.items() if session.expires < now]:
             del self._sessions[stale]
         session_id = secrets.token_urlsafe(32)
-        session = Session(secrets.token_urlsafe(32), now + SESSION_SECONDS, principal)
+        expires = now + (SESSION_SECONDS if principal is not None else SIGN_IN_SECONDS)
+        if principal is not None and principal.expires is not None:  # a token's sign-in ends with the token
+            expires = min(expires, principal.expires)
+        if principal is None:
+            waiting = [key for key, session in self._sessions.items() if session.principal is None]
+            for oldest in waiting[: max(0, len(waiting) - self.most_waiting + 1)]:
+                del self._sessions[oldest]
+        session = Session(secrets.token_urlsafe(32), expires, principal)
         self._sessions[session_id] = session
         return session_id, session
 

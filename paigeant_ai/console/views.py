@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
+from urllib.parse import quote
 
 from pydantic import JsonValue
 from pydantic_ai import ConversationTypeAdapter
@@ -22,6 +23,7 @@ from .._cli_workflows import _describe  # pyright: ignore[reportPrivateUsage]
 from .._escape import escape_control
 from .._events import WorkflowEvent
 from .._ledger import describe_usage
+from .._step_record import StepRecord
 from ..approval import ParkedStep, PendingToolCall
 from ..store import FINAL_STATES, StepStatus, WorkflowStatus
 from ..transports import Transport
@@ -30,6 +32,7 @@ __all__ = (
     "LetterView",
     "Request",
     "Row",
+    "StepSeen",
     "TimelineRow",
     "WorkflowView",
     "age",
@@ -37,11 +40,14 @@ __all__ = (
     "redact",
     "requests",
     "rows",
+    "step_records",
     "timeline",
     "workflow_view",
 )
 
-_SECRET = re.compile(r"secret|token|passw|api[_-]?key|authorization|credential|private|cookie|session", re.I)
+_SECRET = re.compile(
+    r"secret|token|passw|pwd|api[_-]?key|auth(?!or)|bearer|credential|private|cookie|session|signature", re.I
+)
 REDACTED = "[redacted]"
 
 
@@ -140,6 +146,45 @@ def timeline(status: WorkflowStatus) -> list[TimelineRow]:
     return [forward[index] for index in sorted(forward)] + undoing
 
 
+@dataclass(frozen=True, slots=True)
+class StepSeen:
+    """What an agent step saw and produced, from its recorded `step_completed` (secrets redacted)."""
+
+    payload: str | None
+    """The payload the step saw."""
+    output: str | None
+    """Its output, as it put it in the payload under `output_key`."""
+    output_key: str
+    tools: list[str]
+    """The tools its agent called, in order."""
+    omitted: int | None
+    """The record's size in bytes when it was too large to keep more than the tools called."""
+
+
+StepKey = tuple[int, str, str | None]
+"""A step's place in the timeline: its index, activity and branch."""
+
+
+def _seen(record: StepRecord) -> StepSeen:
+    if record.omitted is not None:
+        return StepSeen(None, None, record.output_key, record.tool_calls, record.omitted)
+    # the output sits under its key in the payload: redacted as the payload would redact it
+    output = redact({record.output_key: record.output})[record.output_key]
+    shown = json.dumps(output, indent=2, sort_keys=True, ensure_ascii=False, default=str)
+    return StepSeen(pretty(record.inputs), escape_control(shown), record.output_key, record.tool_calls, None)
+
+
+def step_records(status: WorkflowStatus) -> dict[StepKey, StepSeen]:
+    """What each recorded agent step saw and produced (its latest report), by its place in the timeline."""
+    found: dict[StepKey, StepSeen] = {}
+    for event in status.events:
+        if event.kind != "step_completed" or event.record is None or event.undoes is not None:
+            continue
+        if event.step is not None and event.activity:
+            found[(event.step, event.activity, event.branch)] = _seen(event.record)
+    return found
+
+
 @dataclass(slots=True)
 class EventLine:
     at: str
@@ -162,6 +207,8 @@ class WorkflowView:
     trace_url: str | None
     parked: ParkedStep | None = None
     notes: list[str] = field(default_factory=list[str])
+    seen: dict[StepKey, StepSeen] = field(default_factory=dict[StepKey, StepSeen])
+    """What each recorded agent step saw and produced (see `step_records`)."""
 
 
 def _event_line(event: WorkflowEvent, started: datetime) -> EventLine:
@@ -173,7 +220,7 @@ def _event_line(event: WorkflowEvent, started: datetime) -> EventLine:
 def workflow_view(status: WorkflowStatus, trace_url: str | None, parked: ParkedStep | None) -> WorkflowView:
     """What the page of one workflow shows; `trace_url` a template with `{correlation_id}`."""
     revisions = [escape_control(_describe(event)) for event in status.events if event.kind == "revised"]
-    link = trace_url.replace("{correlation_id}", status.correlation_id) if trace_url else None
+    link = trace_url.replace("{correlation_id}", quote(status.correlation_id, safe="")) if trace_url else None
     return WorkflowView(
         status=status,
         rows=timeline(status),
@@ -183,6 +230,7 @@ def workflow_view(status: WorkflowStatus, trace_url: str | None, parked: ParkedS
         payload=pretty(status.payload) if status.payload is not None else None,
         trace_url=link,
         parked=parked,
+        seen=step_records(status),
     )
 
 

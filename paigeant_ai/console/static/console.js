@@ -20,7 +20,14 @@
       const html = await response.text();
       if (html !== element.dataset.last) {
         element.dataset.last = html;
+        const open = Array.from(element.querySelectorAll("details[open][id]"), function (item) { return item.id; });
         element.innerHTML = html;
+        for (const id of open) {  // what a person opened stays open as the part refreshes
+          const item = document.getElementById(id);
+          if (item !== null) {
+            item.open = true;
+          }
+        }
       }
       if (response.headers.get("X-Paigeant-Ended") === "1") {
         element.dataset.ended = "1";
