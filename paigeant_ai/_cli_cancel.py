@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from ._cancel import Cancellation
-from ._cli_workflows import command_transport, find_status, sync_store, workflow_store
+from ._cli_workflows import REDIS_URL_HELP, command_store, command_transport, find_status, sync_store
 from ._escape import escape_control, escape_json
 from .dispatch import WorkflowDispatcher
 from .exceptions import UnknownWorkflow, UserError
@@ -56,7 +56,7 @@ def add_command(
         "not let cancel by itself; - reads it from stdin",
     )
     cancel.add_argument("--json", action="store_true", help="print JSON instead of text")
-    cancel.add_argument("--redis-url", help="the Redis of the workflow store (default PAIGEANT_REDIS_URL)")
+    cancel.add_argument("--redis-url", help=REDIS_URL_HELP)
 
 
 async def run_command(args: argparse.Namespace) -> int:
@@ -69,13 +69,11 @@ async def run_command(args: argparse.Namespace) -> int:
             "(--transport or PAIGEANT_TRANSPORT)"
         )
     token = _token(args.token_file)
-    store = workflow_store(args.redis_url)
-    store.transport.reconnect_attempts = 1
-    async with store.transport, command_transport(chosen) as transport:
+    async with command_transport(chosen) as transport, command_store(transport, args.redis_url) as store:
         signer = MessageSigner.from_settings(transport)
         if signer.refusal is not None:  # the workers act only on a cancel signed by a key they trust
             raise UserError(signer.refusal)
-        await sync_store(store, chosen)
+        await sync_store(store, transport)
         status = await find_status(store, args.correlation_id)
         correlation_id = status.correlation_id if status is not None else args.correlation_id
         waiting = transport.waiting_store() if isinstance(transport, SharedStores) else None

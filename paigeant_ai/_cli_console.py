@@ -19,13 +19,12 @@ from contextlib import AsyncExitStack, asynccontextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from ._cli_workflows import command_transport, workflow_store
+from ._cli_workflows import command_store, command_transport
 from ._shared_store import resolve_shared_store
 from .approval import WaitingStore
 from .exceptions import UserError
 from .security import MessageSigner
 from .settings import Settings
-from .store import WorkflowStore
 from .transports import IN_MEMORY_NAMES, SharedStores
 
 if TYPE_CHECKING:
@@ -133,14 +132,11 @@ async def _console(args: argparse.Namespace, users: Users) -> AsyncGenerator[Con
         signer = MessageSigner.from_settings(transport)
         if signer.refusal is not None:  # approvals and replays are signed with this key
             raise UserError(signer.refusal)
-        store: WorkflowStore
+        store = await stack.enter_async_context(command_store(transport, args.redis_url))
         waiting: WaitingStore | None = None
         if isinstance(transport, SharedStores):
-            store, waiting = transport.workflow_store(), transport.waiting_store()
+            waiting = transport.waiting_store()
         else:
-            redis_store = workflow_store(args.redis_url)
-            await stack.enter_async_context(redis_store.transport)
-            store = redis_store
             shared, connection = resolve_shared_store(transport, None, settings)
             if connection is not None:
                 await stack.enter_async_context(connection)

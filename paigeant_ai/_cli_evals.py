@@ -21,9 +21,8 @@ from ._escape import escape_control
 from .activity import AgentActivity
 from .exceptions import UserError
 from .settings import Settings
-from .store import WorkflowProjector, WorkflowStore
+from .store import WorkflowStore
 from .transports import IN_MEMORY_NAMES
-from .transports.base import SharedStores
 
 if TYPE_CHECKING:
     from .evals import ReplayReport
@@ -116,7 +115,7 @@ async def _record(args: argparse.Namespace) -> int:
 @asynccontextmanager
 async def _store(args: argparse.Namespace) -> AsyncGenerator[WorkflowStore]:
     """The transport's workflow store, up to date with the events waiting on the transport."""
-    from ._cli_workflows import command_transport, workflow_store
+    from ._cli_workflows import command_store, command_transport, sync_store
 
     chosen = (args.transport or Settings.from_env().transport).strip().lower()
     if chosen in IN_MEMORY_NAMES:
@@ -124,16 +123,9 @@ async def _store(args: argparse.Namespace) -> AsyncGenerator[WorkflowStore]:
             "in-memory workflows live in the process that ran them: record them there "
             "(paigeant_ai.evals.record_dataset), or choose --transport sqlite, redis or rabbitmq"
         )
-    async with command_transport(chosen) as transport:
-        if isinstance(transport, SharedStores):
-            store = transport.workflow_store()
-            await WorkflowProjector(transport, store).run(burst=True)
-            yield store
-            return
-        redis_store = workflow_store(args.redis_url)
-        async with redis_store.transport:
-            await WorkflowProjector(transport, redis_store).run(burst=True)
-            yield redis_store
+    async with command_transport(chosen) as transport, command_store(transport, args.redis_url) as store:
+        await sync_store(store, transport)
+        yield store
 
 
 def _candidate(spec: str) -> tuple[str, Any]:

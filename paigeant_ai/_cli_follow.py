@@ -16,10 +16,10 @@ from collections.abc import AsyncIterator
 
 from ._cli_workflows import (
     _describe,  # pyright: ignore[reportPrivateUsage]
+    command_store,
     command_transport,
     find_status,
     sync_store,
-    workflow_store,
 )
 from ._escape import escape_control, escape_json
 from ._events import WorkflowEvent
@@ -28,7 +28,7 @@ from ._watch import WatchedEvent, watch_workflow
 from .exceptions import TransportError, UnknownWorkflow, UserError
 from .settings import Settings
 from .store import FINAL_STATES, WorkflowStatus, project
-from .transports import IN_MEMORY_NAMES
+from .transports import IN_MEMORY_NAMES, Transport
 
 __all__ = ("ENDED_WITHIN", "FIND_WITHIN", "follow")
 
@@ -58,7 +58,7 @@ async def follow(args: argparse.Namespace) -> int:
         try:
             await print_events(correlation_id, FIND_WITHIN)
         except UnknownWorkflow:
-            found = await _in_store(args)
+            found = await _in_store(args, transport)
             if found is None:
                 print(_not_followed(correlation_id, in_store=False))
                 return 1
@@ -97,17 +97,16 @@ async def _print_events(watch: AsyncIterator[WatchedEvent], seen: list[WorkflowE
             print(escape_control(f"{event.at:%H:%M:%S.%f}"[:-3] + f"  {_describe(event)}"), flush=True)
 
 
-async def _in_store(args: argparse.Namespace) -> WorkflowStatus | None:
+async def _in_store(args: argparse.Namespace, transport: Transport) -> WorkflowStatus | None:
     """The status of the workflow the store knows by `args.correlation_id` (its ID or a prefix), or None.
 
     Raises:
         UserError: Several workflows start with it.
     """
-    store = workflow_store(args.redis_url)
     try:
-        async with store.transport:
+        async with command_store(transport, args.redis_url) as store:
             if not args.no_sync:
-                await sync_store(store, args.transport)
+                await sync_store(store, transport)
             status = await find_status(store, args.correlation_id)
     except TransportError:
         return None  # no store to ask: the ID is all there is

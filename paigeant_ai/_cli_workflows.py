@@ -1,6 +1,7 @@
 """`paigeant status`, `paigeant workflows` and `paigeant dead-letters`: where workflows are and why they failed.
 
-`status` and `workflows` read a `RedisWorkflowStore` (`PAIGEANT_REDIS_URL`). Unless told `--no-sync`, they first
+`status` and `workflows` read the transport's own workflow store when it has one (SQLite: in its file; Redis), else
+(RabbitMQ) a `RedisWorkflowStore` (`--redis-url`, `PAIGEANT_REDIS_URL`). Unless told `--no-sync`, they first
 apply the events waiting on the transport's `events` address (`PAIGEANT_TRANSPORT`), so the store is current
 even when no projector runs, and afterwards ask the transport which workflows wait at a step nobody consumes
 (`stalled`). `dead-letters` reads the dead-letter queue without losing any letter: each one is
@@ -13,11 +14,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 from collections.abc import AsyncGenerator, Sequence
 from contextlib import asynccontextmanager
 from datetime import datetime
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 from ._escape import escape_control, escape_json
 from ._events import WorkflowEvent
@@ -25,8 +25,9 @@ from ._ledger import describe_usage
 from ._stalls import WAITING_STATES
 from .exceptions import UserError
 from .settings import Settings
-from .store import WorkflowProjector, WorkflowStatus, mark_stalled
+from .store import WorkflowProjector, WorkflowStatus, WorkflowStore, mark_stalled
 from .transports import IN_MEMORY_NAMES, Transport, get_transport
+from .transports.base import SharedStores
 
 if TYPE_CHECKING:
     from .transports.redis import RedisWorkflowStore
@@ -35,6 +36,7 @@ __all__ = (
     "COMMANDS",
     "add_commands",
     "ambiguous",
+    "command_store",
     "command_transport",
     "find_status",
     "render_status",
@@ -45,6 +47,9 @@ __all__ = (
 )
 
 COMMANDS = frozenset({"status", "workflows"})
+
+REDIS_URL_HELP = "on RabbitMQ: the Redis of the workflow store (default PAIGEANT_REDIS_URL)"
+"""`--redis-url`: SQLite and Redis keep their workflow store themselves."""
 
 _COMMAND_RECONNECTS = 1
 """Retries of a Redis command by a command that runs once (a worker's transport keeps retrying for a while)."""
@@ -77,7 +82,7 @@ def add_commands(
 def store_arguments(parser: argparse.ArgumentParser) -> None:
     """The options of a command that reads the workflow store."""
     parser.add_argument("--json", action="store_true", help="print JSON instead of text")
-    parser.add_argument("--redis-url", help="the Redis of the workflow store (default PAIGEANT_REDIS_URL)")
+    parser.add_argument("--redis-url", help=REDIS_URL_HELP)
     parser.add_argument("--no-sync", action="store_true", help="read the store as it is, without applying new events")
 
 
@@ -91,19 +96,23 @@ async def run_command(args: argparse.Namespace) -> int:
         return await follow(args)
     if getattr(args, "after", None) is not None:
         raise UserError("--after goes with --follow: paigeant status ID --follow --after OFFSET")
-    store = workflow_store(args.redis_url)
-    store.transport.reconnect_attempts = _COMMAND_RECONNECTS
-    async with store.transport:
+    chosen = (args.transport or Settings.from_env().transport).strip().lower()
+    if chosen in IN_MEMORY_NAMES:
+        raise UserError(
+            "in-memory workflows live in the process that runs them: ask its WorkflowStore there, "
+            "or run workflows on sqlite, redis or rabbitmq (--transport or PAIGEANT_TRANSPORT)"
+        )
+    async with command_transport(chosen) as transport, command_store(transport, args.redis_url) as store:
         if not args.no_sync:
-            await sync_store(store, args.transport)
+            await sync_store(store, transport)
         if args.command == "status":
             status = await find_status(store, args.correlation_id)
             if status is not None and not args.no_sync:
-                [status] = await _with_stalls([status], args.transport)
+                [status] = await _with_stalls([status], transport)
             return _print_status(status, args.correlation_id, as_json=args.json)
         statuses = list(await store.list(limit=args.limit))
         if not args.no_sync:
-            statuses = await _with_stalls(statuses, args.transport)
+            statuses = await _with_stalls(statuses, transport)
         return _print_workflows(statuses, as_json=args.json)
 
 
@@ -121,8 +130,25 @@ async def command_transport(name: str | None = None) -> AsyncGenerator[Transport
         yield transport
 
 
+@asynccontextmanager
+async def command_store(transport: Transport, redis_url: str | None) -> AsyncGenerator[WorkflowStore]:
+    """The workflow store of a command on the connected `transport`: the transport's own when it has one (SQLite,
+    Redis), else the Redis store at `redis_url` (`PAIGEANT_REDIS_URL`), connected for the command.
+
+    Raises:
+        UserError: The transport has no store of its own and the `redis` extra is not installed.
+    """
+    if isinstance(transport, SharedStores):
+        yield transport.workflow_store()
+        return
+    store = workflow_store(redis_url)
+    store.transport.reconnect_attempts = _COMMAND_RECONNECTS
+    async with store.transport:
+        yield store
+
+
 def workflow_store(url: str | None) -> RedisWorkflowStore:
-    """The store `status` and `workflows` read, with a connection of its own.
+    """A Redis workflow store with a connection of its own, for a transport that keeps none (RabbitMQ).
 
     Raises:
         UserError: The `redis` extra is not installed.
@@ -134,44 +160,41 @@ def workflow_store(url: str | None) -> RedisWorkflowStore:
     return RedisWorkflowStore.from_url(url)
 
 
-async def sync_store(store: RedisWorkflowStore, transport_name: str | None) -> None:
-    """Apply the events waiting on the transport's `events` address to `store`, so that it is current."""
-    chosen = (transport_name or Settings.from_env().transport).strip().lower()
-    if chosen in IN_MEMORY_NAMES:
-        return  # in-memory events live and die in their own process
-    async with command_transport(chosen) as transport:
-        await WorkflowProjector(transport, store).run(burst=True)
+async def sync_store(store: WorkflowStore, transport: Transport) -> None:
+    """Apply the events waiting on the connected `transport`'s `events` address to `store`, so that it is current."""
+    await WorkflowProjector(transport, store).run(burst=True)
 
 
-async def _with_stalls(statuses: list[WorkflowStatus], transport_name: str | None) -> list[WorkflowStatus]:
+async def _with_stalls(statuses: list[WorkflowStatus], transport: Transport) -> list[WorkflowStatus]:
     """`statuses`, the workflows whose current step nobody has consumed for a while marked `stalled`."""
-    chosen = (transport_name or Settings.from_env().transport).strip().lower()
-    if chosen in IN_MEMORY_NAMES or not any(status.state in WAITING_STATES for status in statuses):
+    if not any(status.state in WAITING_STATES for status in statuses):
         return statuses
-    async with command_transport(chosen) as transport:
-        return await mark_stalled(statuses, transport, after=Settings.from_env().stall_after)
+    return await mark_stalled(statuses, transport, after=Settings.from_env().stall_after)
 
 
 # -- IDs by prefix -----------------------------------------------------------------------------------------------
 
 
-async def find_status(store: RedisWorkflowStore, given: str) -> WorkflowStatus | None:
-    """The status of the workflow `given` names: its correlation ID, or a prefix of it no other one starts with.
+@runtime_checkable
+class _ByPrefix(Protocol):
+    """A workflow store that finds workflows by the start of their ID (the SQLite, Redis and in-memory ones)."""
+
+    async def ids_starting_with(self, prefix: str) -> list[str]: ...
+
+
+async def find_status(store: WorkflowStore, given: str) -> WorkflowStatus | None:
+    """The status of the workflow `given` names: its correlation ID, or a prefix of it no other one starts with
+    (on a store that finds IDs by prefix; on another, the whole ID only).
 
     Raises:
         UserError: Several workflows start with `given`.
     """
     status = await store.get(given)
-    if status is not None or not given:
+    if status is not None or not given or not isinstance(store, _ByPrefix):
         return status
-    pattern = re.sub(r"([*?\[\]\\])", r"\\\1", given) + "*"  # a glob that matches `given` literally
-    client = store.transport.client
-    with store.transport.errors("looking for workflows by prefix"):
-        found = [member.decode() async for member, _ in client.zscan_iter(store.index_key, match=pattern)]
-        if len(found) > 1:  # the index may still name workflows whose history expired
-            found = [found_id for found_id in found if await client.exists(store.events_key(found_id))]
+    found = await store.ids_starting_with(given)
     if len(found) > 1:
-        raise UserError(ambiguous(given, "workflows", sorted(found)))
+        raise UserError(ambiguous(given, "workflows", found))
     return await store.get(found[0]) if found else None
 
 

@@ -473,6 +473,10 @@ class InMemoryWorkflowStore:
                 found.append(status)
         return found
 
+    async def ids_starting_with(self, prefix: str) -> list[str]:
+        """The correlation IDs of the kept workflows that start with `prefix`, sorted."""
+        return sorted(correlation_id for correlation_id in self._events if correlation_id.startswith(prefix))
+
 
 def with_owner(status: WorkflowStatus | None, owner: tuple[datetime, str] | None) -> WorkflowStatus | None:
     """`status` with the owner its store kept (from the earliest `dispatched` event, which may have been trimmed)."""

@@ -7,6 +7,7 @@ on Redis uses them by default; build them yourself to share them from another tr
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Iterable, Sequence
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, cast
@@ -292,6 +293,16 @@ class RedisWorkflowStore:
             with self.transport.errors("forgetting expired workflows"):
                 await self.transport.client.zrem(self.index_key, *expired)
         return found
+
+    async def ids_starting_with(self, prefix: str) -> list[str]:
+        """The correlation IDs of the kept workflows that start with `prefix`, sorted."""
+        pattern = re.sub(r"([*?\[\]\\])", r"\\\1", prefix) + "*"  # a glob that matches `prefix` literally
+        client = self.transport.client
+        with self.transport.errors("looking for workflows by prefix"):
+            found = [member.decode() async for member, _ in client.zscan_iter(self.index_key, match=pattern)]
+            if len(found) > 1:  # the index may still name workflows whose history expired
+                found = [found_id for found_id in found if await client.exists(self.events_key(found_id))]
+        return sorted(found)
 
 
 def _parse_events(raw: Iterable[bytes]) -> list[WorkflowEvent]:

@@ -344,6 +344,20 @@ class SQLiteWorkflowStore:
                 found.append(status)
         return found
 
+    async def ids_starting_with(self, prefix: str) -> list[str]:
+        """The correlation IDs of the kept workflows that start with `prefix`, sorted."""
+        ns, now = self.transport.namespace, time.time()
+        rows = await self.transport.db.call(  # a range on the key, then an exact comparison: no wildcard to escape
+            lambda db: db.execute(
+                "SELECT correlation_id FROM workflows WHERE ns = ? AND correlation_id >= ? "
+                "AND substr(correlation_id, 1, ?) = ? AND expires > ? ORDER BY correlation_id",
+                (ns, prefix, len(prefix), prefix, now),
+            ).fetchall(),
+            write=False,
+            doing="looking for workflows by prefix",
+        )
+        return [cast(str, correlation_id) for (correlation_id,) in rows]
+
 
 def _events_and_owner(
     db: sqlite3.Connection, ns: str, cid: str, now: float
