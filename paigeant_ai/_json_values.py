@@ -8,7 +8,7 @@ from typing import Any
 
 from .exceptions import NonFiniteNumber
 
-__all__ = ("check_finite",)
+__all__ = ("check_finite", "is_finite")
 
 
 def check_finite(value: Any, where: str) -> None:
@@ -20,6 +20,11 @@ def check_finite(value: Any, where: str) -> None:
             f"{where} holds {found} at {place or 'the top level'}; JSON has no NaN or infinity: use null, a string "
             "or a finite number there"
         )
+
+
+def is_finite(value: Any) -> bool:
+    """Whether `value` (JSON-like data) holds no NaN and no infinity."""
+    return _non_finite_path(value) is None
 
 
 def _non_finite_path(value: Any, path: str = "") -> tuple[str, str] | None:

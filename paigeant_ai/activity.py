@@ -25,6 +25,7 @@ from ._agent_progress import OutputLimits, StepProgress
 from ._agents import model_error_signal, run_output_type
 from ._budget import step_limits
 from ._in_doubt import ReconcileFunc
+from ._json_values import is_finite
 from ._ledger import by_model, run_model_name, to_usage, usage_since
 from ._model_settings import check_overridable, step_run_options
 from ._plan_rules import plan_rules
@@ -579,7 +580,7 @@ class AgentActivity(Generic[DepsT, OutputT]):
             output = to_jsonable_python(result.output)
         except PydanticSerializationError as exc:
             raise NonRetryableError(f"the output of {self.spec.name!r} cannot be stored as JSON: {exc}") from None
-        if self.record_bytes > 0:
+        if self.record_bytes > 0 and is_finite(output):  # a NaN output faults the step when the worker settles it
             ctx.records.append(record_step(ctx, result, output, self.output_key, max_bytes=self.record_bytes))
         return to_payload_update({self.output_key: output}, self.output_key, self.spec.name)
 
