@@ -487,7 +487,7 @@ def with_owner(status: WorkflowStatus | None, owner: tuple[datetime, str] | None
 
 def get_workflow_store(transport: Transport) -> WorkflowStore:
     """The workflow store that fits `transport`: the one its processes share if it offers `SharedStores` (on
-    Redis a `RedisWorkflowStore` on its connection), else one in this process's memory.
+    Redis a `RedisWorkflowStore` on its connection, on SQLite one in its file), else one in this process's memory.
 
     ```python
     store = get_workflow_store(transport)
