@@ -335,6 +335,9 @@ async def _watch(dispatcher: WorkflowDispatcher, cid: str) -> list[WatchedEvent]
 
 async def test_the_progress_bench_signs_once_a_batch_where_it_signed_once_a_workflow() -> None:
     """The bench's variants differ in what they sign (counted, not timed)."""
-    measured = await progress_cost.measure(workflows=30, runs=1)
-    off, apart, once = (measured[variant].signed[0] for variant in progress_cost.VARIANTS)
-    assert off < once < apart
+    workflows, hops = 30, 90
+    measured = await progress_cost.measure(workflows=workflows, runs=1)
+    off, apart, once = (round(measured[variant].signed[0] * hops) for variant in progress_cost.VARIANTS)
+    # The events' batches are cut by timing, so each run may sign one or two more or fewer of them.
+    assert apart - off >= workflows - 3  # a signature per workflow's progress entries
+    assert once - off < (apart - off) / 3  # one per batch of workflows: a few
