@@ -116,6 +116,9 @@ async def test_a_burst_run_waits_for_the_transports_requeue_lag() -> None:
         ("redis://app:p@ss@cache:6379/0", "redis://app:***@cache:6379/0"),
         ("redis://:pw@[::1:6379/0", "redis://***@[::1:6379/0"),  # Python cannot parse it: hidden anyway
         ("amqp://a:x@r1/,amqp://b:y@r2/", "amqp://a:***@r1/,amqp://b:***@r2/"),  # a cluster's nodes
+        ("redis://u:pa,ss@cache:6379/0", "redis://u:***@cache:6379/0"),  # a comma in a password
+        ("amqp://a:x,1@r1/, amqp://b:y@r2/", "amqp://a:***@r1/,amqp://b:***@r2/"),
+        ("redis+cluster://u:p@h1:7000,h2:7001", "redis+cluster://u:***@h1:7000,h2:7001"),
     ],
 )
 def test_a_url_is_shown_without_its_password(url: str, shown: str) -> None:
@@ -147,3 +150,10 @@ async def test_publishing_a_message_object_names_the_fix() -> None:
         with pytest.raises(UserError, match=r"publish takes the message's bytes, not PaigeantMessage"):
             await transport.publish("validate", message)  # pyright: ignore[reportArgumentType]
         assert await transport.pending("validate") == 0
+
+
+def test_a_comma_in_a_password_does_not_make_another_node() -> None:
+    from paigeant_ai.transports.rabbitmq._nodes import node_urls
+
+    assert node_urls("amqp://a:x,1@r1/, amqp://b:y@r2/") == ("amqp://a:x,1@r1/", "amqp://b:y@r2/")
+    assert node_urls(["amqp://a:x@r1/"]) == ("amqp://a:x@r1/",)

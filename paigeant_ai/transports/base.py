@@ -11,6 +11,7 @@ own queues or streams, `<namespace>.<address>`.
 from __future__ import annotations
 
 import asyncio
+import re
 import time
 from collections import deque
 from collections.abc import Collection, Mapping
@@ -497,11 +498,21 @@ def dead_letter_headers(delivery: Delivery, reason: str) -> dict[str, str]:
     return {**delivery.headers, REASON_HEADER: escape_control(reason)[:2000], SOURCE_HEADER: delivery.address}
 
 
+_NEXT_URL = re.compile(r",\s*(?=[A-Za-z][A-Za-z0-9+.-]*://)")
+
+
+def split_urls(text: str) -> list[str]:
+    """The URLs of `text`, several separated by commas (a cluster's nodes). A comma splits only where a new URL
+    starts, so a password or a list of hosts with a comma in it stays whole."""
+    return _NEXT_URL.split(text)
+
+
 def redact_url(url: str) -> str:
     """`url` with its password replaced by `***` (the user, host, port and path kept), for logs and errors; each
     of several URLs separated by commas (a cluster's nodes)."""
-    if "," in url:
-        return ",".join(redact_url(part) for part in url.split(","))
+    urls = split_urls(url)
+    if len(urls) > 1:
+        return ",".join(redact_url(part) for part in urls)
     try:
         parts = urlsplit(url)
         password = parts.password

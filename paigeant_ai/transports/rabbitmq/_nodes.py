@@ -12,7 +12,7 @@ from aio_pika import RobustConnection
 from yarl import URL
 
 from ...exceptions import TransportError, UserError
-from ..base import redact_url
+from ..base import redact_url, split_urls
 from ._errors import BROKER_ERRORS, explain
 
 __all__ = ("NodesConnection", "node_urls", "open_connection")
@@ -23,7 +23,7 @@ logger = logging.getLogger("paigeant_ai.transports.rabbitmq")
 def node_urls(url: str | Sequence[str]) -> tuple[str, ...]:
     """The node addresses in `url`: one URL, several separated by commas, or a list of them."""
     given = [url] if isinstance(url, str) else list(url)
-    urls = tuple(part.strip() for item in given for part in item.split(",") if part.strip())
+    urls = tuple(part.strip() for item in given for part in split_urls(item) if part.strip())
     if not urls:
         raise UserError("give RabbitMQ's address: url= or PAIGEANT_RABBITMQ_URL (several nodes separated by commas)")
     return urls
