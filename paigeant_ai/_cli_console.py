@@ -19,7 +19,7 @@ from contextlib import AsyncExitStack, asynccontextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from ._cli_workflows import command_store, command_transport
+from ._cli_workflows import REDIS_URL_HELP, command_store, command_transport
 from ._shared_store import resolve_shared_store
 from .approval import WaitingStore
 from .exceptions import UserError
@@ -48,9 +48,7 @@ def add_command(
         "--users-file", help=f"the local accounts (default PAIGEANT_CONSOLE_USERS or {DEFAULT_USERS_FILE})"
     )
     console.add_argument("--trace-url", help="a link to a workflow's trace, with {correlation_id} in it")
-    console.add_argument(
-        "--redis-url", help="on RabbitMQ: the Redis of the workflow store (default PAIGEANT_REDIS_URL)"
-    )
+    console.add_argument("--redis-url", help=REDIS_URL_HELP)
     actions = console.add_subparsers(dest="console_action")
     add_user = actions.add_parser("add-user", help="add (or replace) a local account of the console")
     add_user.add_argument("name", help="the name the person signs in with, recorded with every decision")

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 from pydantic_ai.agent import AbstractAgent
 
+from ._cli_workflows import REDIS_URL_HELP
 from ._escape import escape_control
 from .activity import AgentActivity
 from .exceptions import UserError
@@ -51,7 +52,7 @@ def add_command(
     )
     record.add_argument("--limit", type=int, default=1000, help="how many recent workflows to look at")
     record.add_argument("--name", default="recorded-workflows", help="the dataset's name")
-    record.add_argument("--redis-url", help="on RabbitMQ: the Redis of the workflow store (default PAIGEANT_REDIS_URL)")
+    record.add_argument("--redis-url", help=REDIS_URL_HELP)
 
     run = actions.add_parser("run", help="replay a recorded dataset against new versions of its agents")
     run.add_argument("dataset", help="a file `paigeant evals record` wrote")

@@ -89,10 +89,7 @@ def branch_hops(message: PaigeantMessage) -> list[PaigeantMessage]:
 async def fan_out(message: PaigeantMessage, deps: SettleDeps) -> None:
     """Send the first hop of each branch of the group `message` has reached, each confirmed by the transport."""
     hops = first_branches(message, branch_hops(message))  # the first alone, under a budget with no estimate
-    for hop in hops:
-        deps.routes.stamp(hop, deps.transport)  # a group runs where it was reached
-        body = seal(hop, deps.security, max_bytes=deps.max_message_bytes)
-        await deps.transport.publish(hop.routing_slip.current or "", body, headers=dict(hop.headers))
+    await _send_all(hops, deps)
     await deps.reporter.report("fanned_out", message, detail=describe_fan_out(hops))
 
 
@@ -219,8 +216,8 @@ async def complete_branch(hop: Hop, outcome: Advance, deps: SettleDeps) -> Joine
     if entry.usage:  # its slip no longer carries it: the totals so far are its slip's and its own
         used = [workflow_usage(message), *entry.usage]
         fields["usage"] = sum_usage(usage for usage in used if not usage.is_empty)
-    if hop.ctx is not None and hop.ctx.records:
-        fields["record"] = hop.ctx.records[-1]
+    if hop.record is not None:
+        fields["record"] = hop.record
     await deps.reporter.report("step_completed", message, duration=entry.duration, at=entry.finished_at, **fields)
     deps.stats.completed_steps += 1
     records = await joins.records(group_id) if count < len(group.branches) else {}

@@ -20,6 +20,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from ._outcome import Halt, Reject
+from ._step_record import StepRecord
 from .activity import Activity, ActivityContext
 from .contracts import ActivitySpec, PaigeantMessage
 from .exceptions import InvalidMessage
@@ -76,6 +77,11 @@ class Hop:
     version: str | None = None
     holder: str = field(default_factory=lambda: _holders.next())
     """A token of this copy of the hop, stored with its running claim: who holds it (see `_replay`)."""
+
+    @property
+    def record(self) -> StepRecord | None:
+        """What its agent saw and produced, for the step's `step_completed` event (None for other activities)."""
+        return self.ctx.records[-1] if self.ctx is not None and self.ctx.records else None
 
 
 class _Holders:

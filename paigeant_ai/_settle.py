@@ -332,7 +332,7 @@ async def _complete_step(hop: Hop, outcome: Advance | End, deps: SettleDeps) -> 
                 )
             )
         await _publish_next(message, deps)
-    await _report_step_done(message, entry, deps, hop.ctx.records[-1] if hop.ctx and hop.ctx.records else None)
+    await _report_step_done(message, entry, deps, hop.record)
     await deps.dedupe.mark_done(key)
 
 

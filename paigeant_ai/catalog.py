@@ -27,8 +27,6 @@ if TYPE_CHECKING:
 
 __all__ = ("ActivityCatalog", "CatalogEntry", "VariablesSchema")
 
-_UNKNOWN = UNKNOWN
-
 
 class CatalogEntry(BaseModel):
     """One activity as a planner sees it.
@@ -57,8 +55,8 @@ class CatalogEntry(BaseModel):
 
     name: str
     description: str = ""
-    needs: dict[str, JsonValue] = Field(default_factory=lambda: dict(_UNKNOWN))
-    produces: dict[str, JsonValue] = Field(default_factory=lambda: dict(_UNKNOWN))
+    needs: dict[str, JsonValue] = Field(default_factory=lambda: dict(UNKNOWN))
+    produces: dict[str, JsonValue] = Field(default_factory=lambda: dict(UNKNOWN))
     compensate: str | None = Field(default=None, exclude_if=lambda value: value is None)
     compensation: str | None = Field(default=None, exclude_if=lambda value: value is None)
     fallbacks: list[str] = Field(default_factory=list[str], exclude_if=lambda value: not value)
@@ -385,13 +383,8 @@ def _entry(
 
 
 def _rule_fields(rules: PlanRules) -> dict[str, Any]:
-    """An entry's fields for `rules`."""
-    return {
-        "after": list(rules.after),
-        "requires": list(rules.requires),
-        "conflicts": list(rules.conflicts),
-        "max_per_plan": rules.max_per_plan,
-    }
+    """An entry's fields for `rules`: they have the same names."""
+    return rules.model_dump(mode="json")
 
 
 def _with_fallbacks(spec: ActivitySpec, fallbacks: Sequence[str], problems: list[str]) -> ActivitySpec:

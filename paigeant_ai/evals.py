@@ -16,7 +16,7 @@ assert not report.regressions, report.render()
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from datetime import UTC, datetime
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +33,7 @@ except ImportError as _exc:  # pragma: no cover - the extra is installed whereve
 from ._events import WorkflowEvent
 from ._step_record import REDACTED, StepRecord
 from .exceptions import UserError
-from .store import FINAL_STATES, WorkflowStatus, WorkflowStore
+from .store import FINAL_STATES, WorkflowStatus, WorkflowStore, _aware
 
 __all__ = (
     "FieldsMatch",
@@ -104,10 +104,6 @@ def _wanted(status: WorkflowStatus, states: Sequence[str], since: datetime | Non
         and (since is None or started >= _aware(since))
         and (until is None or started < _aware(until))
     )
-
-
-def _aware(at: datetime) -> datetime:
-    return at if at.tzinfo is not None else at.replace(tzinfo=UTC)
 
 
 def _records(events: Iterable[WorkflowEvent]) -> list[tuple[WorkflowEvent, StepRecord]]:

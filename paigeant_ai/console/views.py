@@ -23,7 +23,7 @@ from .._cli_workflows import _describe  # pyright: ignore[reportPrivateUsage]
 from .._escape import escape_control
 from .._events import WorkflowEvent
 from .._ledger import describe_usage
-from .._step_record import StepRecord
+from .._step_record import REDACTED, StepRecord
 from ..approval import ParkedStep, PendingToolCall
 from ..store import FINAL_STATES, StepStatus, WorkflowStatus
 from ..transports import Transport
@@ -48,7 +48,6 @@ __all__ = (
 _SECRET = re.compile(
     r"secret|token|passw|pwd|api[_-]?key|auth(?!or)|bearer|credential|private|cookie|session|signature", re.I
 )
-REDACTED = "[redacted]"
 
 
 def redact(value: Any) -> Any:
