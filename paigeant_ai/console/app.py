@@ -28,6 +28,7 @@ from starlette.staticfiles import StaticFiles
 from starlette.templating import Jinja2Templates
 
 from .._cli_dead_letters import replay_letter
+from .._cli_workflows import find_status
 from .._tokens import TokenValidator
 from ..approval import ApprovalAnswer, ParkedStep, WaitingStore
 from ..dispatch import WorkflowDispatcher
@@ -263,11 +264,11 @@ async def workflows_rows(request: Request, console: Console, session: Session) -
 
 
 async def _status(console: Console, given: str) -> WorkflowStatus | None:
-    status = await console.store.get(given)
-    if status is not None:
-        return status
-    found = [row for row in await console.store.list(limit=LIST_LIMIT) if row.correlation_id.startswith(given)]
-    return found[0] if len(found) == 1 else None
+    """The workflow `given` names, by its ID or a prefix only it starts with (as `paigeant status` finds it)."""
+    try:
+        return await find_status(console.store, given)
+    except UserError:  # a prefix of several workflows names none
+        return None
 
 
 async def _workflow(request: Request, console: Console) -> views.WorkflowView | None:
