@@ -23,7 +23,8 @@ logger = logging.getLogger("paigeant_ai.transports.rabbitmq")
 def node_urls(url: str | Sequence[str]) -> tuple[str, ...]:
     """The node addresses in `url`: one URL, several separated by commas, or a list of them."""
     given = [url] if isinstance(url, str) else list(url)
-    urls = tuple(part.strip() for item in given for part in split_urls(item) if part.strip())
+    parts = (part.strip(" ,") for item in given for part in split_urls(item))  # a stray comma at either end
+    urls = tuple(part for part in parts if part)
     if not urls:
         raise UserError("give RabbitMQ's address: url= or PAIGEANT_RABBITMQ_URL (several nodes separated by commas)")
     return urls
