@@ -61,10 +61,11 @@ async def test_a_rolling_deploy_to_a_release_with_new_wire_fields_loses_no_workf
         records,
     ):
         workers.env["PAIGEANT_TEST_STEP_SECONDS"] = "0.4"
-        workers.env[CONCURRENCY_ENV] = "2"  # 30 workflows take about 7 s: the deploy happens while they run
+        workers.env[CONCURRENCY_ENV] = "2"
         await _ready(*[await _start(workers, 1) for _ in range(3)])
-        rolling = [await dispatcher.dispatch_workflow(list(STEPS), {"n": n}) for n in range(30)]
-        for number in range(3):  # one by one, while workflows are in flight
+        rolling: list[str] = []
+        for number in range(3):  # one by one, each while a wave of 10 workflows is in flight, however slow the start
+            rolling += [await dispatcher.dispatch_workflow(list(STEPS), {"n": n}) for n in range(10)]
             await _retire(workers, number)
             await _ready(await _start(workers, 2))
         await wait_until(lambda: set(rolling) <= set(finals(records)), within=40, what="all 30 workflows")
@@ -72,6 +73,7 @@ async def test_a_rolling_deploy_to_a_release_with_new_wire_fields_loses_no_workf
         for number in range(3, 6):
             await _retire(workers, number)
         await _ready(await _start(workers, 2, ("roll-a",)), await _start(workers, 1, ("roll-b", "roll-c")))
+        await brokers.wait_until_advertised(dispatcher, STEPS, within=30)  # a banner comes before the worker's record
         older = [await dispatcher.dispatch_workflow(list(STEPS), {"n": n}) for n in range(5)]
         await wait_until(lambda: set(older) <= set(finals(records)), within=30, what="the 5 workflows")
         assert await dead_letters(dispatcher.transport) == []
@@ -79,6 +81,7 @@ async def test_a_rolling_deploy_to_a_release_with_new_wire_fields_loses_no_workf
     seen = finals(records)
     ran = [version for cid in rolling for _, version in seen[cid]["versions"]] + [seen[cid]["last"] for cid in rolling]
     assert set(ran) == {"1.0.0", "2.0.0"}  # both releases ran steps, and every step's log names its version
+    assert any(len({version for _, version in seen[cid]["versions"]}) == 2 for cid in rolling)  # within a workflow
     for cid in rolling:
         newer_before = any(version == "2.0.0" for _, version in seen[cid]["versions"])
         assert (seen[cid]["extra"] == NEWER) is newer_before  # kept by every worker once a newer one added it
