@@ -70,6 +70,9 @@ async def test_the_command_lists_live_workers_versions_and_heartbeats(namespace:
             assert row["name"] == "score-lead"
             assert row["versions"] == ["3.0.1", "4.0.0"]
             assert row["concurrency"] == 5
+            last = datetime.fromisoformat(row["last_heartbeat"])
+            assert timedelta(0) <= datetime.now(UTC) - last < timedelta(seconds=30)  # the newest of the two posts
+            assert last == max(datetime.fromisoformat(worker["heartbeat"]) for worker in row["workers"])
             assert sorted(worker["worker_id"] for worker in row["workers"]) == sorted(
                 [old.advertiser.worker_id, new.advertiser.worker_id]
             )

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import socket
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -15,6 +17,7 @@ from paigeant_ai import (
     ActivityCatalog,
     ActivityContext,
     ActivitySpec,
+    DispatchedWorkflow,
     InMemoryTransport,
     MessageSigner,
     NoWorker,
@@ -25,6 +28,7 @@ from paigeant_ai import (
     WorkflowDispatcher,
     activity,
     create_planner_agent,
+    dispatched_workflows,
     read_registry,
 )
 from paigeant_ai._registry import AdvertisedActivity, WorkerRecord
@@ -37,7 +41,7 @@ from paigeant_ai.transports.redis import RedisTransport
 from paigeant_ai.trust import TrustPolicy
 
 from .brokers import make_transport, wait_until
-from .scripted import Script, call
+from .scripted import Script, call, tool_returns
 
 
 class Customer(BaseModel):
@@ -148,29 +152,94 @@ async def test_a_hand_written_catalog_merges_with_the_live_one_and_wins_on_a_cla
         assert sorted(scoped.names) == ["send-welcome", "validate-customer"]
 
 
-async def test_the_dispatcher_refuses_a_step_no_live_worker_serves_once_any_worker_is_live() -> None:
+@activity(
+    name="close-account",
+    description="Closes the customer's account",
+    required_scopes=["customers:write"],
+    compensate="reopen-account",
+)
+async def close_account(ctx: ActivityContext) -> dict[str, bool]:
+    return {"closed": True}
+
+
+async def test_an_entry_carries_scopes_compensation_schemas_and_the_catalog_filters_by_name_and_scope() -> None:
     transport, security = InMemoryTransport(), signer()
-    async with transport:
-        dispatcher = WorkflowDispatcher(transport, security=security)
-        await dispatcher.dispatch_workflow(["nobody-serves-this"], {})  # nobody is live: dispatched anyway
-        async with Worker(transport, [validate_customer], security=security) as worker:
-            await wait_until(lambda: worker.advertiser._task is not None, within=5, what="the first heartbeat")  # pyright: ignore[reportPrivateUsage]
-            dispatcher.live_workers.fresh_for = 0  # its read that showed nobody live would answer for a second
-            with pytest.raises(NoWorker) as refused:
-                await dispatcher.dispatch_workflow(
-                    [ActivitySpec(name="validate-customer", compensate="undo-customer")], {"email": "a@b"}
-                )
-            assert str(refused.value) == (
-                "no live worker serves activity 'undo-customer': start a worker for it, or use only what is live: "
-                "validate-customer"
+    worker = Worker(transport, [validate_customer, send_welcome, close_account], security=security)
+    async with transport, worker:
+        await wait_until(lambda: worker.advertiser._task is not None, within=5, what="the first heartbeat")  # pyright: ignore[reportPrivateUsage]
+        registry = await read_registry(transport, security)
+        assert registry is not None
+        [record] = registry.workers("close-account")
+        assert (record.host, record.pid) == (socket.gethostname(), os.getpid())
+        assert record.heartbeat <= datetime.now(UTC)
+        [closing] = [item for item in record.activities if item.name == "close-account"]
+        assert closing.spec.required_scopes == ("customers:write",)
+        assert closing.spec.compensate == "reopen-account"
+        [validating] = [item for item in record.activities if item.name == "validate-customer"]
+        assert validating.produces["properties"] == {"customer_id": {"title": "Customer Id", "type": "string"}}
+        allowed = await ActivityCatalog.from_registry(transport, security=security, allowed=["close-account", "x"])
+        assert allowed.names == ["close-account"]
+        reader = await ActivityCatalog.from_registry(transport, security=security, scopes=["customers:read"])
+        assert sorted(reader.names) == ["send-welcome", "validate-customer"]
+        writer = await ActivityCatalog.from_registry(transport, security=security, scopes=["customers:write"])
+        assert sorted(writer.names) == ["close-account", "send-welcome", "validate-customer"]
+
+
+async def test_the_planner_is_told_what_is_live_when_its_plan_names_a_step_no_live_worker_serves() -> None:
+    transport, security = InMemoryTransport(), signer()
+    catalog = ActivityCatalog([validate_customer, send_welcome])  # written by hand: names a step nobody runs now
+    script = Script(
+        [
+            call(
+                "dispatch_workflow",
+                {"activities": ["validate-customer", "send-welcome"], "variables": {"email": "a@b"}},
+            ),
+            call("dispatch_workflow", {"activities": ["validate-customer"], "variables": {"email": "a@b"}}),
+            ModelResponse(parts=[TextPart("Dispatched what runs now.")]),
+        ]
+    )
+    planner = create_planner_agent(model=script.model, catalog=catalog)
+    worker = Worker(transport, [validate_customer], security=security)
+    async with transport, worker:
+        await wait_until(lambda: worker.advertiser._task is not None, within=5, what="the first heartbeat")  # pyright: ignore[reportPrivateUsage]
+        deps = PlannerAgentDeps(workflow_dispatcher=WorkflowDispatcher(transport, security=security))
+        result = await planner.run("Onboard a@b", deps=deps)
+    [refused, dispatched] = [
+        part for part in tool_returns(script.requests[-1]) if part.tool_name == "dispatch_workflow"
+    ]
+    assert refused.content == (
+        "The plan was not dispatched: no live worker serves activity 'send-welcome': start a worker for it, or use "
+        "only what is live: validate-customer."
+    )
+    assert [workflow.activities for workflow in dispatched_workflows(result)] == [["validate-customer"]]
+    assert isinstance(dispatched.content, DispatchedWorkflow)
+
+
+async def test_the_dispatcher_refuses_a_step_no_live_worker_serves_once_any_worker_is_live(
+    transport: Transport,
+) -> None:
+    security = signer()
+    dispatcher = WorkflowDispatcher(transport, security=security)
+    await dispatcher.dispatch_workflow(["nobody-serves-this"], {})  # nobody is live: dispatched anyway
+    async with Worker(transport, [validate_customer], security=security) as worker:
+        await wait_until(lambda: worker.advertiser._task is not None, within=5, what="the first heartbeat")  # pyright: ignore[reportPrivateUsage]
+        dispatcher.live_workers.fresh_for = 0  # its read that showed nobody live would answer for a second
+        with pytest.raises(NoWorker) as refused:
+            await dispatcher.dispatch_workflow(
+                [ActivitySpec(name="validate-customer", compensate="undo-customer")], {"email": "a@b"}
             )
+        assert str(refused.value) == (
+            "no live worker serves activity 'undo-customer': start a worker for it, or use only what is live: "
+            "validate-customer"
+        )
+        if transport.name != "rabbitmq":  # a group there needs a join store besides (PAIGEANT_SHARED_STORE_URL)
             with pytest.raises(NoWorker, match=r"serves activities 'score-risk', 'manual-review': start"):
                 await dispatcher.dispatch_workflow(
                     [Parallel("validate-customer", ActivitySpec(name="score-risk", fallbacks=("manual-review",)))],
                     {"email": "a@b"},
                 )
-            unchecked = WorkflowDispatcher(transport, security=security, require_live_workers=False)
-            await unchecked.dispatch_workflow(["nobody-serves-this"], {})
+        unchecked = WorkflowDispatcher(transport, security=security, require_live_workers=False)
+        await unchecked.dispatch_workflow(["nobody-serves-this"], {})
 
 
 async def test_the_planner_without_a_catalog_plans_from_the_registry(transport: Transport) -> None:

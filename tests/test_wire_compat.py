@@ -7,7 +7,7 @@ import json
 from typing import Any
 
 import pytest
-from pydantic import ValidationError
+from pydantic import Field, ValidationError
 
 from paigeant_ai import ActivityContext, ActivitySpec, PaigeantMessage, Worker, WorkflowDispatcher, WorkflowEvent
 from paigeant_ai import activity as activity_decorator
@@ -58,6 +58,17 @@ def test_a_spec_a_newer_release_extends_has_the_same_digest_on_an_older_worker()
     assert older.model_extra == {"priority": 3}
     assert older.model_dump_json() == newer.model_dump_json()
     assert spec_digest(older) == spec_digest(newer)
+
+
+def test_a_newer_release_reads_an_older_spec_and_encodes_it_as_the_older_worker_did() -> None:
+    class NewerSpec(ActivitySpec):
+        priority: int = Field(default=0, exclude_if=lambda value: value == 0)  # new, optional, left out at its default
+
+    older = ActivitySpec(name="charge", version="~=2.1", compensate="refund")
+    newer = NewerSpec.model_validate_json(older.model_dump_json(), context=FROM_WIRE)
+    assert newer.priority == 0
+    assert newer.model_dump_json() == older.model_dump_json()
+    assert spec_digest(newer) == spec_digest(older)  # the older dispatcher's signed plan still holds
 
 
 def test_a_misspelt_field_built_in_python_still_raises() -> None:
