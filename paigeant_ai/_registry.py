@@ -36,6 +36,7 @@ __all__ = (
     "MAX_HEARTBEAT",
     "REGISTRY_RETENTION",
     "REGISTRY_TYPE",
+    "STALL_BEATS",
     "AdvertisedActivity",
     "LiveRegistry",
     "WorkerRecord",
@@ -47,6 +48,9 @@ logger = logging.getLogger("paigeant_ai.registry")
 REGISTRY_TYPE = "paigeant-registry+jws"
 LAPSE_BEATS = 3
 """A worker's record lapses once this many of its heartbeats have passed without a newer one."""
+STALL_BEATS = 2
+"""`paigeant status` shows a workflow stalled at a step once every worker serving it has been silent this many of
+its heartbeats: one to two heartbeats after the last one died. Dispatch waits for the record to lapse."""
 REGISTRY_RETENTION = 600.0
 """Seconds a board keeps a record after its last post: how long a dead worker shows as last seen (and how far back
 a RabbitMQ reader reads the registry stream when it opens)."""
@@ -181,6 +185,10 @@ class LiveRegistry:
     def serves(self, name: str) -> bool:
         """Whether a live worker serves `name`."""
         return bool(self.workers(name))
+
+    def heard_from(self, name: str, *, beats: float = STALL_BEATS) -> bool:
+        """Whether a live worker serving `name` posted within its last `beats` heartbeats."""
+        return any(self.now < r.heartbeat + timedelta(seconds=beats * r.interval) for r in self.workers(name))
 
     def last_seen(self, name: str) -> datetime | None:
         """The latest heartbeat of any worker that served `name` (live or not); None if none is on record."""

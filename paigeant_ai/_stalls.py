@@ -1,7 +1,9 @@
 """Which workflows are stalled, by the registry: their current step has no live worker.
 
-With a registry the answer comes soon after a worker dies: once its record lapses (`LAPSE_BEATS` heartbeats without
-a newer one), a workflow waiting at one of its activities is stalled, with when a worker serving it was last seen.
+With a registry the answer comes soon after a worker dies: once every worker serving its activity has been silent for
+`STALL_BEATS` of its heartbeats (one to two heartbeats after the last one died), a workflow waiting at it is
+stalled, with when a worker serving it was last seen. That is a heartbeat sooner than its record lapses, after which
+the dispatcher refuses the step: a lost post may show a workflow stalled for a heartbeat, never refuse a dispatch.
 An activity the registry has no record of (its workers never advertised it, or too long ago) is left to the
 transport's count of consumers, as without a registry (see `paigeant_ai.store.mark_stalled`).
 """
@@ -25,7 +27,7 @@ def judged_by_registry(statuses: Sequence[WorkflowStatus], registry: LiveRegistr
     judged: list[WorkflowStatus | None] = []
     for status in statuses:
         activity = status.current_activity
-        if status.state not in WAITING_STATES or activity is None or registry.serves(activity):
+        if status.state not in WAITING_STATES or activity is None or registry.heard_from(activity):
             judged.append(status)
             continue
         seen = registry.last_seen(activity)

@@ -31,9 +31,11 @@ from paigeant_ai import (
     dispatched_workflows,
     read_registry,
 )
-from paigeant_ai._registry import AdvertisedActivity, WorkerRecord
+from paigeant_ai._registry import AdvertisedActivity, LiveRegistry, WorkerRecord
+from paigeant_ai._stalls import judged_by_registry
 from paigeant_ai._versions import activity_version
 from paigeant_ai.exceptions import TransportError
+from paigeant_ai.store import WorkflowStatus
 from paigeant_ai.transports import Transport
 from paigeant_ai.transports.base import Advertising
 from paigeant_ai.transports.memory import InMemoryRegistryBoard
@@ -115,6 +117,29 @@ async def test_a_worker_that_dies_lapses_after_three_heartbeats() -> None:
         assert datetime.now(UTC) >= record.lapses_at  # three heartbeats after the last one, not before
         worker.stop()
         await running
+
+
+def test_status_shows_a_silent_workers_step_stalled_a_heartbeat_before_dispatch_refuses_it() -> None:
+    heartbeat = datetime(2026, 12, 6, 12, 0, tzinfo=UTC)
+    served = AdvertisedActivity(spec=ActivitySpec(name="validate-customer"))
+    record = WorkerRecord(worker_id="w-1", interval=10, heartbeat=heartbeat, activities=[served])
+    waiting = WorkflowStatus(
+        correlation_id="c-1",
+        state="running",
+        current_activity="validate-customer",
+        started_at=heartbeat,
+        updated_at=heartbeat,
+    )
+
+    def judged(seconds_silent: float) -> tuple[str, bool]:
+        registry = LiveRegistry(records=[record], now=heartbeat + timedelta(seconds=seconds_silent))
+        [status] = judged_by_registry([waiting], registry)
+        assert status is not None
+        return status.state, registry.serves("validate-customer")
+
+    assert judged(19.9) == ("running", True)  # a post lost: not yet
+    assert judged(20.1) == ("stalled", True)  # two heartbeats of silence: shown stalled; dispatch still goes out
+    assert judged(30.1) == ("stalled", False)  # three: the record lapses, and dispatch refuses the step
 
 
 async def test_a_record_that_does_not_verify_is_logged_and_ignored(caplog: pytest.LogCaptureFixture) -> None:

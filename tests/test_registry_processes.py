@@ -1,4 +1,4 @@
-"""A worker process killed for good: its workflow shows `stalled` within a few heartbeats (real brokers, processes)."""
+"""A worker process killed for good: its workflow shows `stalled` within two heartbeats (real brokers, processes)."""
 
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ HEARTBEAT = 0.5
     "broker",
     [pytest.param("redis", marks=pytest.mark.redis), pytest.param("rabbitmq", marks=pytest.mark.rabbitmq)],
 )
-async def test_a_workflow_whose_worker_was_killed_shows_stalled_within_a_few_heartbeats(
+async def test_a_workflow_whose_worker_was_killed_shows_stalled_within_two_heartbeats(
     tmp_path: Path, broker: Literal["redis", "rabbitmq"]
 ) -> None:
     url = REDIS_URL if broker == "redis" else RABBITMQ_URL
@@ -64,7 +64,7 @@ async def test_a_workflow_whose_worker_was_killed_shows_stalled_within_a_few_hea
                 assert time.monotonic() - killed < 4 * HEARTBEAT + 5, "the workflow never showed stalled"
                 await asyncio.sleep(0.05)
             took = time.monotonic() - killed
-            assert took <= 3 * HEARTBEAT + 1.5, f"stalled only {took:.2f}s after the kill"
+            assert took <= 2 * HEARTBEAT + 1.5, f"stalled only {took:.2f}s after the kill"
             assert marked.stalled is not None
             assert marked.stalled.startswith("no worker serves 'registry-slow' (last seen ")
             last_seen = datetime.strptime(marked.stalled[-24:-5], "%Y-%m-%d %H:%M:%S").replace(tzinfo=UTC)
