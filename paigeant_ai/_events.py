@@ -308,6 +308,8 @@ class _EventBatcher:
         self._pending: list[dict[str, Any]] = []
         self._task: asyncio.Task[None] | None = None
         self._full = asyncio.Event()
+        self._sending: set[asyncio.Future[None]] = set()
+        """The batches on their way to the broker: a flush waits for them, whoever sends them."""
         self.progress = _progress_writer(transport, security)
 
     def add(self, event: dict[str, Any]) -> None:
@@ -332,17 +334,28 @@ class _EventBatcher:
         body = to_json(batch)  # the array `decode_events` reads
         headers = events_headers(self.security, body)
         self.progress.add(batch, body, headers)
+        sent = asyncio.get_running_loop().create_future()
+        self._sending.add(sent)
         try:
             await self.transport.publish(EVENTS, body, headers=headers)
         except Exception:
             logger.warning("could not publish %d workflow events", len(batch), exc_info=True)
+        finally:
+            self._sending.discard(sent)
+            sent.set_result(None)
 
     async def flush(self) -> None:
-        """Publish what is waiting, now."""
+        """Publish what is waiting, now, and return once every batch taken before is sent (or failed).
+
+        A batch may be on its way from another flush rather than the background task (events that came as the
+        task ended); an event published after the flush must not overtake it.
+        """
         if self._task is not None and not self._task.done():
             self._full.set()
             await asyncio.gather(self._task, return_exceptions=True)
         await self._publish()
+        if self._sending:
+            await asyncio.wait(list(self._sending))  # never cancels them, should this flush be cancelled
 
 
 EVENTS_SIGNATURE_TYPE = "paigeant-events+jws"
