@@ -127,7 +127,7 @@ class WorkflowEvent(Wire):
 
 _WITH_USAGE = frozenset(
     {
-        *("step_completed", "joined", "waiting", "in_doubt"),
+        *("step_completed", "joined", "waiting", "in_doubt", "budget_exhausted"),
         *("completed", "faulted", "cancelled", "expired", "compensated", "compensation_failed"),
     }
 )
