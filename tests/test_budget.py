@@ -19,6 +19,7 @@ from pydantic_ai.models.function import AgentInfo, FunctionModel
 from pydantic_ai.usage import RequestUsage
 
 from paigeant_ai import (
+    ActivityContext,
     AgentActivity,
     Budget,
     InMemoryTransport,
@@ -28,6 +29,7 @@ from paigeant_ai import (
     Worker,
     WorkflowDispatcher,
     WorkflowEvent,
+    activity,
 )
 from paigeant_ai._budget import exhaustion, logged_usages, spent
 from paigeant_ai._budget_resume import EXTENSION_TYPE
@@ -145,6 +147,41 @@ async def test_a_spent_budget_parks_before_the_next_step_and_a_signed_grant_comp
     assert team.calls == ["draft", "review", "review", "publish"]
     assert team.kinds() == ["budget_exhausted", "completed"]
     assert await team.store.get(cid) is None
+
+
+async def test_a_workflow_parked_budget_exhausted_can_be_cancelled_and_its_completed_steps_are_undone(
+    memory: InMemoryTransport,
+) -> None:
+    team = Team(memory, get_waiting_store(memory))
+    undone: list[str] = []
+
+    @activity(name="undo-draft")
+    async def undo_draft(ctx: ActivityContext) -> None:
+        undone.append(ctx.correlation_id)
+
+    plain = team.step("draft")
+    draft = AgentActivity(plain.agent, prompt="do draft", output_key="draft", name="draft", compensate="undo-draft")
+    steps = [draft, team.step("review"), team.step("publish")]
+    worker = Worker(
+        memory,
+        [*steps, undo_draft],
+        security=signer(WORKERS, memory),
+        waiting_store=team.store,
+        on_event=team.events.append,
+    )
+    cid = await team.dispatcher().dispatch_workflow(steps, budget=Budget(tokens=STEP))
+    await worker.run(burst=True)
+    assert team.kinds() == ["budget_exhausted"]
+
+    cancellation = await team.dispatcher().cancel(cid, "too dear", by="carol")
+    assert cancellation.state == "cancelled"  # it waited: released here, its undoing started
+    await worker.run(burst=True)
+    assert undone == [cid]
+    assert team.calls == ["draft"]  # neither review nor publish ever ran
+    assert await team.store.get(cid) is None
+    status = project(cid, team.events)
+    assert status is not None
+    assert status.state == "compensated"
 
 
 async def test_a_budget_spent_exactly_stops_before_the_next_step_runs(memory: InMemoryTransport) -> None:
