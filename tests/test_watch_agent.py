@@ -15,6 +15,8 @@ from paigeant_ai import AgentActivity, InMemoryTransport, OutputLimits, WatchedE
 from paigeant_ai.exceptions import UserError
 from paigeant_ai.security import MessageSigner, generate_key
 
+from .brokers import wait_until
+
 KEY = generate_key("agent-output-test-1")
 WORDS = [f"word{n} " for n in range(40)]
 
@@ -87,6 +89,47 @@ async def test_agent_output_is_cut_and_capped_and_off_by_default() -> None:
     quiet = await run_and_watch(AgentActivity(writer_agent()))
     assert not [item for item in quiet if item.event.kind == "agent_output"]
     assert quiet[-1].event.kind == "completed"
+
+
+async def test_text_reaches_the_watch_while_the_model_is_still_answering() -> None:
+    """A model that says two words at once, then pauses: a watcher sees both while the step still runs."""
+    pause = asyncio.Event()
+
+    async def pauses(messages: list[ModelMessage], info: AgentInfo) -> AsyncIterator[str]:
+        yield "Hello "
+        yield "world"  # within the same 1 / rate seconds as "Hello ": held back, then sent when the time is up
+        await pause.wait()
+        yield "!"
+
+    step = AgentActivity(Agent(FunctionModel(stream_function=pauses), name="writer"), stream_progress=True)
+    signer = MessageSigner(KEY, [KEY])
+    watched: list[WatchedEvent] = []
+
+    def said() -> str:
+        return "".join(item.event.detail or "" for item in watched if item.event.kind == "agent_output")
+
+    async with InMemoryTransport() as transport:
+        dispatcher = WorkflowDispatcher(transport, security=signer)
+        worker = Worker(transport, [step], security=signer)
+        running = asyncio.create_task(worker.run())
+        try:
+            cid = await dispatcher.dispatch_workflow(["writer"])
+
+            async def watch() -> None:
+                async for item in dispatcher.watch(cid):
+                    watched.append(item)
+
+            watching = asyncio.create_task(watch())
+            await wait_until(lambda: said() == "Hello world", within=10, what="the text before the pause")
+            assert "step_completed" not in [item.event.kind for item in watched]  # the step is still running
+            pause.set()
+            await asyncio.wait_for(watching, 30)
+        finally:
+            pause.set()
+            worker.stop()
+            await asyncio.wait_for(running, 30)
+    assert said() == "Hello world!"
+    assert watched[-1].event.kind == "completed"
 
 
 def test_limits_must_be_positive() -> None:
