@@ -14,7 +14,7 @@ from datetime import timedelta
 import pytest
 from joserfc.jwk import Key
 from pydantic_ai import Agent
-from pydantic_ai.messages import ModelMessage, ModelResponse, TextPart, ToolCallPart
+from pydantic_ai.messages import ModelMessage, ModelResponse, TextPart, ToolCallPart, ToolReturnPart
 from pydantic_ai.models.function import AgentInfo, FunctionModel
 from pydantic_ai.usage import RequestUsage
 
@@ -230,6 +230,45 @@ async def test_requests_and_cost_are_budgets_too(memory: InMemoryTransport) -> N
     await team.work(STEPS)
     assert team.calls == ["draft", "review"]
     assert "reached the limit what was left gave it" in (team.last("budget_exhausted").detail or "")
+
+
+async def test_tool_calls_are_a_budget_kept_inside_a_step_and_before_the_next(memory: InMemoryTransport) -> None:
+    """Each step's agent calls its tool twice: a budget of one tool call stops the first step at its second call."""
+    team = Team(memory, get_waiting_store(memory))
+    looked_up: list[str] = []
+
+    def looker(name: str) -> AgentActivity[None, str]:
+        def model(messages: list[ModelMessage], info: AgentInfo) -> ModelResponse:
+            returned = sum(isinstance(part, ToolReturnPart) for message in messages for part in message.parts)
+            if returned < 2:
+                return ModelResponse(parts=[ToolCallPart("look_up", {"term": name})])
+            return ModelResponse(parts=[TextPart(f"{name} done")])
+
+        agent = Agent(FunctionModel(model), name=name)
+
+        @agent.tool_plain
+        def look_up(term: str) -> str:  # pyright: ignore[reportUnusedFunction]
+            looked_up.append(term)
+            return "found"
+
+        return AgentActivity(agent, name=name)
+
+    steps = [looker("first"), looker("second")]
+    worker = Worker(
+        memory, steps, security=signer(WORKERS, memory), waiting_store=team.store, on_event=team.events.append
+    )
+    cid = await team.dispatcher().dispatch_workflow(steps, budget=Budget(tool_calls=1))
+    await worker.run(burst=True)
+    assert looked_up == ["first"]  # its second call was refused at the limit what was left gave it
+    assert team.kinds() == ["budget_exhausted"]
+    assert (await team.dispatcher().parked(cid)).activity == "first"
+
+    # One more tool call lets the first step finish; the second then finds the budget spent before it runs.
+    await team.dispatcher(DESK).resume(cid, budget=Budget(tool_calls=2), approver="carol")
+    await worker.run(burst=True)
+    assert looked_up == ["first", "first", "first"]
+    assert "it used 3 of its 3 tool calls" in (team.last("budget_exhausted").detail or "")
+    assert (await team.dispatcher().parked(cid)).activity == "second"
 
 
 async def test_a_model_missing_from_the_price_table_exhausts_a_cost_budget(memory: InMemoryTransport) -> None:
