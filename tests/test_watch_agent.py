@@ -4,6 +4,7 @@ calls and their results into the workflow's progress stream, coalesced and bound
 from __future__ import annotations
 
 import asyncio
+import itertools
 from collections.abc import AsyncIterator
 
 import pytest
@@ -130,6 +131,23 @@ async def test_text_reaches_the_watch_while_the_model_is_still_answering() -> No
             await asyncio.wait_for(running, 30)
     assert said() == "Hello world!"
     assert watched[-1].event.kind == "completed"
+
+
+async def test_streamed_text_goes_out_at_most_rate_times_a_second() -> None:
+    async def steady(messages: list[ModelMessage], info: AgentInfo) -> AsyncIterator[str]:
+        for word in WORDS:  # 40 words over about 0.8 s
+            await asyncio.sleep(0.02)
+            yield word
+
+    limits = OutputLimits(rate=5)
+    agent: Agent[None, str] = Agent(FunctionModel(stream_function=steady), name="writer")
+    watched = await run_and_watch(AgentActivity(agent, stream_progress=limits))
+    text = [item.event for item in watched if item.event.kind == "agent_output" and item.event.part == "text"]
+    assert "".join(event.detail or "" for event in text) == "".join(WORDS)
+    gaps = [(later.at - earlier.at).total_seconds() for earlier, later in itertools.pairwise(text)]
+    # Never faster than the rate (clocks aside), but for the last: what is left goes out when the answer ends.
+    assert all(gap >= 0.9 / limits.rate for gap in gaps[:-1]), gaps
+    assert 2 <= len(text) < len(WORDS)
 
 
 def test_limits_must_be_positive() -> None:
