@@ -51,5 +51,9 @@ async def test_the_completed_event_waits_for_a_batch_that_a_flush_is_still_sendi
         assert broker.arrived == [["step_started"]]  # the completed event did not go ahead of the held batch
         broker.let_through.set()
         await asyncio.gather(completing, flushing)
+        await reporter.flush()
+        stream = await (await broker.read_progress("wf-1")).read(0)
 
     assert broker.arrived == [["step_started"], ["step_completed"], ["completed"]]
+    # The workflow's progress stream, which `watch` reads, has them in the same order.
+    assert [[event.kind for event in decode_events(entry.body)] for entry in stream] == broker.arrived
