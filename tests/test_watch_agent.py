@@ -5,14 +5,25 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 
 import pytest
 from pydantic_ai import Agent
 from pydantic_ai.messages import ModelMessage, ModelResponse, TextPart, ToolCallPart, ToolReturnPart
 from pydantic_ai.models.function import AgentInfo, DeltaToolCall, DeltaToolCalls, FunctionModel
 
-from paigeant_ai import AgentActivity, InMemoryTransport, OutputLimits, WatchedEvent, Worker, WorkflowDispatcher
+from paigeant_ai import (
+    ActivityContext,
+    AgentActivity,
+    InMemoryTransport,
+    OutputLimits,
+    WatchedEvent,
+    Worker,
+    WorkflowDispatcher,
+    activity,
+)
+from paigeant_ai._events import decode_events
+from paigeant_ai.contracts import EVENTS
 from paigeant_ai.exceptions import UserError
 from paigeant_ai.security import MessageSigner, generate_key
 
@@ -148,6 +159,57 @@ async def test_streamed_text_goes_out_at_most_rate_times_a_second() -> None:
     # Never faster than the rate (clocks aside), but for the last: what is left goes out when the answer ends.
     assert all(gap >= 0.9 / limits.rate for gap in gaps[:-1]), gaps
     assert 2 <= len(text) < len(WORDS)
+
+
+class SlowEvents(InMemoryTransport):
+    """A broker slow to take a batch on `events`: the worker's next events wait behind it."""
+
+    async def publish(
+        self, address: str, body: bytes, *, headers: Mapping[str, str] | None = None, delay: float = 0.0
+    ) -> None:
+        if address == EVENTS:
+            await asyncio.sleep(0.3)
+        await super().publish(address, body, headers=headers, delay=delay)
+
+
+async def test_a_steps_output_follows_its_step_started_in_the_stream_however_slow_events_are() -> None:
+    @activity(name="first")
+    async def first(ctx: ActivityContext) -> dict[str, str]:
+        await asyncio.sleep(0.1)  # done while the worker's first batch is still on its way
+        return {"first": "done"}
+
+    async def talks(messages: list[ModelMessage], info: AgentInfo) -> AsyncIterator[str]:
+        yield "a few words"
+
+    agent: Agent[None, str] = Agent(FunctionModel(stream_function=talks), name="writer")
+    signer = MessageSigner(KEY, [KEY])
+    async with SlowEvents() as transport:
+        worker = Worker(transport, [first, AgentActivity(agent, stream_progress=True)], security=signer)
+        running = asyncio.create_task(worker.run())
+        try:
+            cid = await WorkflowDispatcher(transport, security=signer).dispatch_workflow(["first", "writer"])
+            watched = [item async for item in WorkflowDispatcher(transport, security=signer).watch(cid)]
+        finally:
+            worker.stop()
+            await asyncio.wait_for(running, 30)
+        entries = await (await transport.read_progress(cid)).read(0)
+
+    assert watched[-1].event.kind == "completed"
+    # The stream as written (the dispatcher's own `dispatched` may come late, as documented).
+    written = [
+        (event.kind, event.activity)
+        for entry in entries
+        for event in decode_events(entry.body)
+        if event.kind != "dispatched"
+    ]
+    assert written == [
+        ("step_started", "first"),
+        ("step_completed", "first"),
+        ("step_started", "writer"),
+        ("agent_output", "writer"),
+        ("step_completed", "writer"),
+        ("completed", "writer"),
+    ]
 
 
 def test_limits_must_be_positive() -> None:
