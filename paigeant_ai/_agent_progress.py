@@ -2,7 +2,8 @@
 its tool calls and their results into the workflow's progress stream while the step runs.
 
 It is pydantic-ai's `event_stream_handler` on the step's `agent.run`, so the run itself is unchanged. What it sends
-is bounded: text deltas are coalesced into one `agent_output` event at most every `1 / rate` seconds, each event's
+is bounded: text deltas are coalesced into one `agent_output` event at most every `1 / rate` seconds (text held back
+goes out when that time is up, even if the model pauses mid-answer), each event's
 `detail` is cut at `max_chars`, and a step sends at most `max_events` of them (then one saying the rest is left
 out). The events go only to the progress stream (`WorkflowDispatcher.watch`), signed like every other; never to
 `events`, the workflow store or the callbacks, so a chatty agent costs the store nothing.
@@ -10,6 +11,7 @@ out). The events go only to the progress stream (`WorkflowDispatcher.watch`), si
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import AsyncIterable
 from dataclasses import dataclass
@@ -67,9 +69,12 @@ class StepProgress:
         forward = _Forwarder(self, limits)
 
         async def handle(ctx: RunContext[Any], events: AsyncIterable[Any]) -> None:
-            async for event in events:
-                forward.take(event)
-            forward.flush_text()
+            try:
+                async for event in events:
+                    forward.take(event)
+                forward.flush_text()
+            finally:
+                forward.stop_timer()  # nothing of this run is sent once it stopped
 
         return handle
 
@@ -84,6 +89,7 @@ class _Forwarder:
         self.text: list[str] = []
         self.last_sent = 0.0
         self.sent = 0
+        self._timer: asyncio.TimerHandle | None = None
 
     def take(self, event: Any) -> None:
         if isinstance(event, PartStartEvent) and isinstance(event.part, TextPart) and event.part.content:
@@ -99,10 +105,19 @@ class _Forwarder:
 
     def _text(self, delta: str) -> None:
         self.text.append(delta)
-        if time.monotonic() - self.last_sent >= 1 / self.limits.rate:
+        wait = 1 / self.limits.rate - (time.monotonic() - self.last_sent)
+        if wait <= 0:
             self.flush_text()
+        elif self._timer is None:  # a model that pauses shows what it said so far once the time is up
+            self._timer = asyncio.get_running_loop().call_later(wait, self.flush_text)
+
+    def stop_timer(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
 
     def flush_text(self) -> None:
+        self.stop_timer()
         if self.text:
             text, self.text = "".join(self.text), []
             self._send("text", text)

@@ -20,6 +20,7 @@ import asyncio
 import contextlib
 import inspect
 import logging
+from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, Literal
@@ -127,7 +128,7 @@ class WorkflowEvent(Wire):
 
 _WITH_USAGE = frozenset(
     {
-        *("step_completed", "joined", "waiting", "in_doubt"),
+        *("step_completed", "joined", "waiting", "in_doubt", "budget_exhausted"),
         *("completed", "faulted", "cancelled", "expired", "compensated", "compensation_failed"),
     }
 )
@@ -240,6 +241,8 @@ class EventReporter:
         """Send an event to its workflow's progress stream only, in the background (not to `events`, the
         callbacks or the span): what a running step says as it goes."""
         if self.publish:
+            if self._batch is not None:
+                self._batch.form()  # the events reported before it go into the stream before it
             values = _values(kind, message, fields)
             body = to_json([values])
             self.progress.add([values], body, events_headers(self.security, body))
@@ -295,7 +298,8 @@ class _EventBatcher:
 
     A hop reports two or three events; publishing each on its own would cost as many broker round trips as the
     step itself. A batch that cannot be published is logged and dropped, and at most `interval` seconds of
-    events are lost when a process dies.
+    events are lost when a process dies. A running step's output (`report_progress`) forms the batch that waits
+    first, so that in the progress stream it follows the events reported before it.
     """
 
     def __init__(
@@ -306,8 +310,12 @@ class _EventBatcher:
         self.interval = interval
         self.max_batch = max_batch
         self._pending: list[dict[str, Any]] = []
+        self._formed: deque[tuple[int, bytes, dict[str, str] | None]] = deque()
+        """Batches in the progress streams already, still to publish on `events` (their size, body and headers)."""
         self._task: asyncio.Task[None] | None = None
         self._full = asyncio.Event()
+        self._sending: set[asyncio.Future[None]] = set()
+        """The batches on their way to the broker: a flush waits for them, whoever sends them."""
         self.progress = _progress_writer(transport, security)
 
     def add(self, event: dict[str, Any]) -> None:
@@ -315,34 +323,58 @@ class _EventBatcher:
         self._pending.append(event)
         if len(self._pending) >= self.max_batch:
             self._full.set()
+        self._run_soon()
+
+    def form(self) -> None:
+        """Make what waits a batch now: into the progress streams at once, ahead of what is written after it (a
+        running step's output), and on `events` in the background, in order."""
+        if not self._pending:
+            return
+        batch, self._pending = self._pending, []
+        body = to_json(batch)  # the array `decode_events` reads
+        headers = events_headers(self.security, body)
+        self.progress.add(batch, body, headers)
+        self._formed.append((len(batch), body, headers))
+        self._full.set()
+        self._run_soon()
+
+    def _run_soon(self) -> None:
         if self._task is None or self._task.done():
             self._task = asyncio.create_task(self._run(), name="paigeant-events")
 
     async def _run(self) -> None:
-        while self._pending:
+        while self._pending or self._formed:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._full.wait(), self.interval)
             await self._publish()
 
     async def _publish(self) -> None:
-        batch, self._pending = self._pending, []
+        self.form()
         self._full.clear()
-        if not batch:
-            return
-        body = to_json(batch)  # the array `decode_events` reads
-        headers = events_headers(self.security, body)
-        self.progress.add(batch, body, headers)
-        try:
-            await self.transport.publish(EVENTS, body, headers=headers)
-        except Exception:
-            logger.warning("could not publish %d workflow events", len(batch), exc_info=True)
+        while self._formed:
+            size, body, headers = self._formed.popleft()
+            sent = asyncio.get_running_loop().create_future()
+            self._sending.add(sent)
+            try:
+                await self.transport.publish(EVENTS, body, headers=headers)
+            except Exception:
+                logger.warning("could not publish %d workflow events", size, exc_info=True)
+            finally:
+                self._sending.discard(sent)
+                sent.set_result(None)
 
     async def flush(self) -> None:
-        """Publish what is waiting, now."""
+        """Publish what is waiting, now, and return once every batch taken before is sent (or failed).
+
+        A batch may be on its way from another flush rather than the background task (events that came as the
+        task ended); an event published after the flush must not overtake it.
+        """
         if self._task is not None and not self._task.done():
             self._full.set()
             await asyncio.gather(self._task, return_exceptions=True)
         await self._publish()
+        if self._sending:
+            await asyncio.wait(list(self._sending))  # never cancels them, should this flush be cancelled
 
 
 EVENTS_SIGNATURE_TYPE = "paigeant-events+jws"

@@ -14,11 +14,12 @@ from datetime import timedelta
 import pytest
 from joserfc.jwk import Key
 from pydantic_ai import Agent
-from pydantic_ai.messages import ModelMessage, ModelResponse, TextPart, ToolCallPart
+from pydantic_ai.messages import ModelMessage, ModelResponse, TextPart, ToolCallPart, ToolReturnPart
 from pydantic_ai.models.function import AgentInfo, FunctionModel
 from pydantic_ai.usage import RequestUsage
 
 from paigeant_ai import (
+    ActivityContext,
     AgentActivity,
     Budget,
     InMemoryTransport,
@@ -28,6 +29,7 @@ from paigeant_ai import (
     Worker,
     WorkflowDispatcher,
     WorkflowEvent,
+    activity,
 )
 from paigeant_ai._budget import exhaustion, logged_usages, spent
 from paigeant_ai._budget_resume import EXTENSION_TYPE
@@ -132,6 +134,12 @@ async def test_a_spent_budget_parks_before_the_next_step_and_a_signed_grant_comp
     overshoot = spent_tokens - (STEP + STEP // 2)
     assert spent_tokens == 2 * STEP
     assert 0 < overshoot <= STEP
+    # The status of the parked workflow counts the step stopped at its limit, as its reason does.
+    parked_status = project(cid, team.events)
+    assert parked_status is not None
+    assert parked_status.state == "budget_exhausted"
+    assert parked_status.usage is not None
+    assert (parked_status.usage.requests, parked_status.usage.total_tokens) == (2, spent_tokens)
 
     # A grant the desk signs: review runs again (its first attempt's tokens stay counted), then publish.
     await team.dispatcher(DESK).resume(cid, budget=Budget(tokens=3 * STEP), approver="carol")
@@ -139,6 +147,41 @@ async def test_a_spent_budget_parks_before_the_next_step_and_a_signed_grant_comp
     assert team.calls == ["draft", "review", "review", "publish"]
     assert team.kinds() == ["budget_exhausted", "completed"]
     assert await team.store.get(cid) is None
+
+
+async def test_a_workflow_parked_budget_exhausted_can_be_cancelled_and_its_completed_steps_are_undone(
+    memory: InMemoryTransport,
+) -> None:
+    team = Team(memory, get_waiting_store(memory))
+    undone: list[str] = []
+
+    @activity(name="undo-draft")
+    async def undo_draft(ctx: ActivityContext) -> None:
+        undone.append(ctx.correlation_id)
+
+    plain = team.step("draft")
+    draft = AgentActivity(plain.agent, prompt="do draft", output_key="draft", name="draft", compensate="undo-draft")
+    steps = [draft, team.step("review"), team.step("publish")]
+    worker = Worker(
+        memory,
+        [*steps, undo_draft],
+        security=signer(WORKERS, memory),
+        waiting_store=team.store,
+        on_event=team.events.append,
+    )
+    cid = await team.dispatcher().dispatch_workflow(steps, budget=Budget(tokens=STEP))
+    await worker.run(burst=True)
+    assert team.kinds() == ["budget_exhausted"]
+
+    cancellation = await team.dispatcher().cancel(cid, "too dear", by="carol")
+    assert cancellation.state == "cancelled"  # it waited: released here, its undoing started
+    await worker.run(burst=True)
+    assert undone == [cid]
+    assert team.calls == ["draft"]  # neither review nor publish ever ran
+    assert await team.store.get(cid) is None
+    status = project(cid, team.events)
+    assert status is not None
+    assert status.state == "compensated"
 
 
 async def test_a_budget_spent_exactly_stops_before_the_next_step_runs(memory: InMemoryTransport) -> None:
@@ -187,6 +230,45 @@ async def test_requests_and_cost_are_budgets_too(memory: InMemoryTransport) -> N
     await team.work(STEPS)
     assert team.calls == ["draft", "review"]
     assert "reached the limit what was left gave it" in (team.last("budget_exhausted").detail or "")
+
+
+async def test_tool_calls_are_a_budget_kept_inside_a_step_and_before_the_next(memory: InMemoryTransport) -> None:
+    """Each step's agent calls its tool twice: a budget of one tool call stops the first step at its second call."""
+    team = Team(memory, get_waiting_store(memory))
+    looked_up: list[str] = []
+
+    def looker(name: str) -> AgentActivity[None, str]:
+        def model(messages: list[ModelMessage], info: AgentInfo) -> ModelResponse:
+            returned = sum(isinstance(part, ToolReturnPart) for message in messages for part in message.parts)
+            if returned < 2:
+                return ModelResponse(parts=[ToolCallPart("look_up", {"term": name})])
+            return ModelResponse(parts=[TextPart(f"{name} done")])
+
+        agent = Agent(FunctionModel(model), name=name)
+
+        @agent.tool_plain
+        def look_up(term: str) -> str:  # pyright: ignore[reportUnusedFunction]
+            looked_up.append(term)
+            return "found"
+
+        return AgentActivity(agent, name=name)
+
+    steps = [looker("first"), looker("second")]
+    worker = Worker(
+        memory, steps, security=signer(WORKERS, memory), waiting_store=team.store, on_event=team.events.append
+    )
+    cid = await team.dispatcher().dispatch_workflow(steps, budget=Budget(tool_calls=1))
+    await worker.run(burst=True)
+    assert looked_up == ["first"]  # its second call was refused at the limit what was left gave it
+    assert team.kinds() == ["budget_exhausted"]
+    assert (await team.dispatcher().parked(cid)).activity == "first"
+
+    # One more tool call lets the first step finish; the second then finds the budget spent before it runs.
+    await team.dispatcher(DESK).resume(cid, budget=Budget(tool_calls=2), approver="carol")
+    await worker.run(burst=True)
+    assert looked_up == ["first", "first", "first"]
+    assert "it used 3 of its 3 tool calls" in (team.last("budget_exhausted").detail or "")
+    assert (await team.dispatcher().parked(cid)).activity == "second"
 
 
 async def test_a_model_missing_from_the_price_table_exhausts_a_cost_budget(memory: InMemoryTransport) -> None:
@@ -309,11 +391,12 @@ async def test_a_branch_resumed_with_more_budget_lets_another_branch_of_its_grou
     await team.work(["draft", "b0", "b1", "b2"])
     parked = await team.dispatcher().parked(cid)
     assert parked.activity == "b2"  # draft's 1000 pays for two branches, b0 and b1: b2, sent after them, has no share
-    assert team.calls == ["draft", "b0", "b1"]
+    assert team.calls[0] == "draft"
+    assert sorted(team.calls[1:]) == ["b0", "b1"]  # side by side: either may call its model first
 
     await team.dispatcher(DESK).resume(cid, budget=Budget(tokens=STEP), approver="carol")
     await team.work(["b2"])
-    assert team.calls == ["draft", "b0", "b1", "b2"]
+    assert team.calls[3:] == ["b2"]
     joins = join_store_for(memory, None)
     assert joins is not None
     assert await joins.hold_wait(f"{cid}/1", "b1", ttl=60) == "b1"  # b2 waits no more: b1 may park

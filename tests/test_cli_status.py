@@ -10,9 +10,14 @@ from collections.abc import Iterator
 
 import pytest
 from inline_snapshot import snapshot
+from pydantic_ai import Agent
+from pydantic_ai.messages import ModelMessage, ModelResponse, TextPart
+from pydantic_ai.models.function import AgentInfo, FunctionModel
+from pydantic_ai.usage import RequestUsage
 
 from paigeant_ai import (
     ActivityContext,
+    AgentActivity,
     NonRetryableError,
     Worker,
     WorkflowDispatcher,
@@ -368,6 +373,24 @@ async def test_cancelling_a_projector_leaves_nothing_behind_and_loses_no_event(
         assert sorted(status.correlation_id for status in await store.list()) == ["wf-1", "wf-2"]
     gc.collect()
     assert "never retrieved" not in caplog.text
+
+
+def test_status_as_json_has_the_workflows_usage(namespace: str, capsys: pytest.CaptureFixture[str]) -> None:
+    def answer(messages: list[ModelMessage], info: AgentInfo) -> ModelResponse:
+        return ModelResponse(parts=[TextPart("ok")], usage=RequestUsage(input_tokens=53, output_tokens=4))
+
+    step = AgentActivity(Agent(FunctionModel(answer, model_name="answerer"), name="answer"))
+
+    async def run() -> None:
+        async with RedisTransport(REDIS_URL, namespace=namespace) as transport:
+            await WorkflowDispatcher(transport).dispatch_workflow([step], correlation_id="wf-usage")
+            await Worker(transport, [step]).run(burst=True)
+
+    asyncio.run(run())
+    assert main(["status", "wf-usage", "--json"]) == 0
+    status = json.loads(capsys.readouterr().out)
+    assert status["state"] == "completed"
+    assert status["usage"] == {"model": "answerer", "requests": 1, "input_tokens": 53, "output_tokens": 4}
 
 
 def test_status_follow_prints_every_event_until_the_workflow_ends_and_goes_on_after_an_offset(

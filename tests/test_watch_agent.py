@@ -4,16 +4,30 @@ calls and their results into the workflow's progress stream, coalesced and bound
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+import itertools
+from collections.abc import AsyncIterator, Mapping
 
 import pytest
 from pydantic_ai import Agent
 from pydantic_ai.messages import ModelMessage, ModelResponse, TextPart, ToolCallPart, ToolReturnPart
 from pydantic_ai.models.function import AgentInfo, DeltaToolCall, DeltaToolCalls, FunctionModel
 
-from paigeant_ai import AgentActivity, InMemoryTransport, OutputLimits, WatchedEvent, Worker, WorkflowDispatcher
+from paigeant_ai import (
+    ActivityContext,
+    AgentActivity,
+    InMemoryTransport,
+    OutputLimits,
+    WatchedEvent,
+    Worker,
+    WorkflowDispatcher,
+    activity,
+)
+from paigeant_ai._events import decode_events
+from paigeant_ai.contracts import EVENTS
 from paigeant_ai.exceptions import UserError
 from paigeant_ai.security import MessageSigner, generate_key
+
+from .brokers import wait_until
 
 KEY = generate_key("agent-output-test-1")
 WORDS = [f"word{n} " for n in range(40)]
@@ -87,6 +101,115 @@ async def test_agent_output_is_cut_and_capped_and_off_by_default() -> None:
     quiet = await run_and_watch(AgentActivity(writer_agent()))
     assert not [item for item in quiet if item.event.kind == "agent_output"]
     assert quiet[-1].event.kind == "completed"
+
+
+async def test_text_reaches_the_watch_while_the_model_is_still_answering() -> None:
+    """A model that says two words at once, then pauses: a watcher sees both while the step still runs."""
+    pause = asyncio.Event()
+
+    async def pauses(messages: list[ModelMessage], info: AgentInfo) -> AsyncIterator[str]:
+        yield "Hello "
+        yield "world"  # within the same 1 / rate seconds as "Hello ": held back, then sent when the time is up
+        await pause.wait()
+        yield "!"
+
+    step = AgentActivity(Agent(FunctionModel(stream_function=pauses), name="writer"), stream_progress=True)
+    signer = MessageSigner(KEY, [KEY])
+    watched: list[WatchedEvent] = []
+
+    def said() -> str:
+        return "".join(item.event.detail or "" for item in watched if item.event.kind == "agent_output")
+
+    async with InMemoryTransport() as transport:
+        dispatcher = WorkflowDispatcher(transport, security=signer)
+        worker = Worker(transport, [step], security=signer)
+        running = asyncio.create_task(worker.run())
+        try:
+            cid = await dispatcher.dispatch_workflow(["writer"])
+
+            async def watch() -> None:
+                async for item in dispatcher.watch(cid):
+                    watched.append(item)
+
+            watching = asyncio.create_task(watch())
+            await wait_until(lambda: said() == "Hello world", within=10, what="the text before the pause")
+            assert "step_completed" not in [item.event.kind for item in watched]  # the step is still running
+            pause.set()
+            await asyncio.wait_for(watching, 30)
+        finally:
+            pause.set()
+            worker.stop()
+            await asyncio.wait_for(running, 30)
+    assert said() == "Hello world!"
+    assert watched[-1].event.kind == "completed"
+
+
+async def test_streamed_text_goes_out_at_most_rate_times_a_second() -> None:
+    async def steady(messages: list[ModelMessage], info: AgentInfo) -> AsyncIterator[str]:
+        for word in WORDS:  # 40 words over about 0.8 s
+            await asyncio.sleep(0.02)
+            yield word
+
+    limits = OutputLimits(rate=5)
+    agent: Agent[None, str] = Agent(FunctionModel(stream_function=steady), name="writer")
+    watched = await run_and_watch(AgentActivity(agent, stream_progress=limits))
+    text = [item.event for item in watched if item.event.kind == "agent_output" and item.event.part == "text"]
+    assert "".join(event.detail or "" for event in text) == "".join(WORDS)
+    gaps = [(later.at - earlier.at).total_seconds() for earlier, later in itertools.pairwise(text)]
+    # Never faster than the rate (clocks aside), but for the last: what is left goes out when the answer ends.
+    assert all(gap >= 0.9 / limits.rate for gap in gaps[:-1]), gaps
+    assert 2 <= len(text) < len(WORDS)
+
+
+class SlowEvents(InMemoryTransport):
+    """A broker slow to take a batch on `events`: the worker's next events wait behind it."""
+
+    async def publish(
+        self, address: str, body: bytes, *, headers: Mapping[str, str] | None = None, delay: float = 0.0
+    ) -> None:
+        if address == EVENTS:
+            await asyncio.sleep(0.3)
+        await super().publish(address, body, headers=headers, delay=delay)
+
+
+async def test_a_steps_output_follows_its_step_started_in_the_stream_however_slow_events_are() -> None:
+    @activity(name="first")
+    async def first(ctx: ActivityContext) -> dict[str, str]:
+        await asyncio.sleep(0.1)  # done while the worker's first batch is still on its way
+        return {"first": "done"}
+
+    async def talks(messages: list[ModelMessage], info: AgentInfo) -> AsyncIterator[str]:
+        yield "a few words"
+
+    agent: Agent[None, str] = Agent(FunctionModel(stream_function=talks), name="writer")
+    signer = MessageSigner(KEY, [KEY])
+    async with SlowEvents() as transport:
+        worker = Worker(transport, [first, AgentActivity(agent, stream_progress=True)], security=signer)
+        running = asyncio.create_task(worker.run())
+        try:
+            cid = await WorkflowDispatcher(transport, security=signer).dispatch_workflow(["first", "writer"])
+            watched = [item async for item in WorkflowDispatcher(transport, security=signer).watch(cid)]
+        finally:
+            worker.stop()
+            await asyncio.wait_for(running, 30)
+        entries = await (await transport.read_progress(cid)).read(0)
+
+    assert watched[-1].event.kind == "completed"
+    # The stream as written (the dispatcher's own `dispatched` may come late, as documented).
+    written = [
+        (event.kind, event.activity)
+        for entry in entries
+        for event in decode_events(entry.body)
+        if event.kind != "dispatched"
+    ]
+    assert written == [
+        ("step_started", "first"),
+        ("step_completed", "first"),
+        ("step_started", "writer"),
+        ("agent_output", "writer"),
+        ("step_completed", "writer"),
+        ("completed", "writer"),
+    ]
 
 
 def test_limits_must_be_positive() -> None:

@@ -1,0 +1,74 @@
+"""The progress streams are bounded as documented (docs/cost-and-progress.md#progress): in memory by entries,
+workflows and time; on Redis by entries and an expiry after the last entry; on RabbitMQ by age and size (issue 18)."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+
+import aio_pika
+import pytest
+from aiormq.exceptions import ChannelPreconditionFailed
+
+from paigeant_ai.transports._memory_progress import MemoryProgress
+from paigeant_ai.transports.rabbitmq import RabbitMQTransport
+from paigeant_ai.transports.rabbitmq._progress import PROGRESS_STREAM, progress_stream_arguments
+from paigeant_ai.transports.redis import RedisTransport
+from paigeant_ai.transports.redis._progress import PROGRESS_RETENTION, progress_key
+
+from .brokers import RABBITMQ_URL, REDIS_URL, delete_queues, delete_redis_namespace, require_rabbitmq, require_redis
+
+
+async def read_all(progress: MemoryProgress, correlation_id: str) -> list[bytes]:
+    return [entry.body for entry in await progress.reader(correlation_id, None).read(0)]
+
+
+async def test_in_memory_a_stream_keeps_its_latest_entries_of_the_latest_workflows_for_a_while() -> None:
+    progress = MemoryProgress(max_entries=3, max_workflows=2, retention=0.2)
+    for n in range(5):
+        progress.append("wf-1", f"e{n}".encode(), {})
+    assert await read_all(progress, "wf-1") == [b"e2", b"e3", b"e4"]  # the latest max_entries
+
+    progress.append("wf-2", b"a", {})
+    progress.append("wf-3", b"b", {})
+    assert await read_all(progress, "wf-1") == []  # the oldest workflow went past max_workflows
+    assert await read_all(progress, "wf-3") == [b"b"]
+
+    await asyncio.sleep(0.3)
+    assert await read_all(progress, "wf-3") == []  # forgotten `retention` seconds after its last entry
+
+
+@pytest.mark.redis
+async def test_on_redis_a_stream_expires_a_week_after_its_last_entry() -> None:
+    require_redis()
+    namespace = f"paigeant-test-{uuid.uuid4().hex[:12]}"
+    try:
+        async with RedisTransport(REDIS_URL, namespace=namespace) as transport:
+            await transport.append_progress("wf-1", b"[]", {})
+            ttl = await transport.client.pttl(progress_key(transport, "wf-1"))  # pyright: ignore[reportUnknownMemberType]
+            assert PROGRESS_RETENTION * 1000 - 60_000 < ttl <= PROGRESS_RETENTION * 1000
+    finally:
+        await delete_redis_namespace(namespace)
+
+
+@pytest.mark.rabbitmq
+async def test_on_rabbitmq_the_stream_is_declared_with_its_age_and_size_limits() -> None:
+    require_rabbitmq()
+    namespace = f"paigeant-test-{uuid.uuid4().hex[:12]}"
+    name = f"{namespace}.{PROGRESS_STREAM}"
+    try:
+        async with RabbitMQTransport(RABBITMQ_URL, namespace=namespace) as transport:
+            await transport.append_progress("wf-1", b"[]", {})
+        connection = await aio_pika.connect(RABBITMQ_URL)
+        async with connection:
+            # RabbitMQ refuses to declare a queue again with other arguments: the same ones are what it holds.
+            channel = await connection.channel()
+            await channel.declare_queue(name, durable=True, arguments=progress_stream_arguments())
+            assert progress_stream_arguments()["x-max-age"] == "24h"
+            channel = await connection.channel()
+            with pytest.raises(ChannelPreconditionFailed, match="x-max-age"):
+                await channel.declare_queue(
+                    name, durable=True, arguments={**progress_stream_arguments(), "x-max-age": "48h"}
+                )
+    finally:
+        await delete_queues([name])
