@@ -527,7 +527,7 @@ async def _report_stopped(hop: Hop, stopped: _Stopped, deps: SettleDeps) -> None
         await report("faulted", message, detail=unwinding.reason, now=now, **fields)
     elif unwinding.cause == "cancelled":
         stats.cancelled += 1
-        logger.info("workflow %s cancelled by %s: %s", cid, escape_control(str(unwinding.by)), unwinding.reason)
+        logger.info("workflow %s %s", cid, escape_control(unwinding.reason))  # the reason says who cancelled it
         await report("cancelled", message, detail=unwinding.reason, by=unwinding.by, now=now, **fields)
     else:
         stats.expired += 1

@@ -262,6 +262,8 @@ class _Projection:
         """The events of a workflow that stops before its end, and of its compensations."""
         status, kind = self.status, event.kind
         if kind == "cancel_requested":
+            if status.state in FINAL_STATES or self.unwinding:  # too late: it changes nothing, so it says nothing
+                return
             status.cancelled = f"requested by {event.by or 'an unnamed service'}" + (
                 f": {event.detail}" if event.detail else ""
             )

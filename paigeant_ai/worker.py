@@ -178,6 +178,7 @@ class Worker:
         self._watcher: asyncio.Task[None] | None = None
         self._slots = asyncio.Semaphore(self.concurrency)  # made anew by run(), after `concurrency` may change
         self._inflight: set[asyncio.Task[None]] = set()
+        self._started = 0  # steps started, ever: a drain check sees whether one started while it counted
         self._running_keys: dict[str, asyncio.Event] = {}
         self._consumers: list[Consumer] = []
         self._pumps: list[asyncio.Task[None]] = []
@@ -264,13 +265,22 @@ class Worker:
         loop = asyncio.get_running_loop()
         while not self._stop.is_set():
             self._raise_if_a_consumer_failed()
-            if not self._inflight and await self._all_queues_empty():
+            if not self._inflight and await self._quiet_through_a_count():
                 quiet_since = quiet_since if quiet_since is not None else loop.time()
                 if loop.time() - quiet_since >= quiet_for:
                     return
             else:
                 quiet_since = None
             await asyncio.sleep(0.02)
+
+    async def _quiet_through_a_count(self) -> bool:
+        """Whether every queue is empty and no step started while they were counted.
+
+        The count takes a round trip per queue: a step that starts during it can hand its workflow on to a queue
+        counted already, then settle before its own queue is counted, and both would look empty.
+        """
+        started = self._started
+        return await self._all_queues_empty() and not self._inflight and self._started == started
 
     async def _all_queues_empty(self) -> bool:
         for name in self.activities:  # stop at the first queue with work: each count may be a broker round trip
@@ -331,6 +341,7 @@ class Worker:
                 self._slots.release()
                 return
             task = asyncio.create_task(self._handle(delivery))
+            self._started += 1
             self._inflight.add(task)
             task.add_done_callback(self._inflight.discard)
 

@@ -17,11 +17,15 @@ from typing import Any
 import pytest
 from joserfc import jwt
 from joserfc.jwk import Key
+from pydantic_ai import Agent
+from pydantic_ai.messages import ModelMessage, ModelResponse, TextPart, ToolCallPart
+from pydantic_ai.models.function import AgentInfo, FunctionModel
 
 from paigeant_ai import (
     Activity,
     ActivityContext,
     ActivitySpec,
+    AgentActivity,
     EndWorkflow,
     FunctionActivity,
     InMemoryWaitingStore,
@@ -35,6 +39,7 @@ from paigeant_ai import (
     activity,
 )
 from paigeant_ai._cancel import CancelRequest, sign_cancel
+from paigeant_ai._cli_workflows import render_status
 from paigeant_ai._sealing import seal
 from paigeant_ai.contracts import Compensation
 from paigeant_ai.exceptions import UnknownWorkflow
@@ -269,6 +274,60 @@ async def test_when_every_fallback_fails_the_workflow_faults_and_is_undone(trans
     assert status.failure == "step 'charge-backup' failed: NonRetryableError: charge-backup is down"
 
 
+async def test_fallbacks_run_in_order_once_retries_are_exhausted_and_the_fallback_that_ran_is_undone(
+    transport: Transport,
+) -> None:
+    shop = Shop(transport, fail={"charge-backup", "ship"})
+
+    async def charge_card(ctx: ActivityContext) -> None:
+        shop.ran.append(("charge-card", ctx.correlation_id))
+        raise ConnectionError("the card network timed out")
+
+    async def charge_invoice(ctx: ActivityContext) -> dict[str, str]:
+        shop.ran.append(("charge-invoice", ctx.correlation_id))
+        return {"invoice": f"inv-{ctx.correlation_id[:8]}"}
+
+    async def void_invoice(ctx: ActivityContext) -> dict[str, str]:
+        assert ctx.undoing is not None
+        shop.undone.append(("void-invoice", ctx.correlation_id, ctx.undoing))
+        if ctx.attempt < 2:
+            raise ConnectionError("the invoicing service is busy")
+        return {"voided": str(ctx.undoing.output["invoice"])}
+
+    fast = RetryPolicy(max_attempts=3, initial_interval=0.01)
+    card = FunctionActivity(
+        charge_card, name="charge-card", retry=fast, compensate="refund", fallbacks=("charge-backup", "charge-invoice")
+    )
+    worker = shop.worker(
+        card,
+        FunctionActivity(charge_invoice, name="charge-invoice", compensate="void-invoice"),
+        FunctionActivity(void_invoice, name="void-invoice", retry=fast),  # its own policy: three attempts
+    )
+    cid = await shop.dispatcher.dispatch_workflow(["reserve", card, "ship"])
+    await worker.run(burst=True)
+
+    tried = ["charge-card"] * 3 + ["charge-backup", "charge-invoice"]
+    assert shop.order(cid) == ["reserve", *tried, "ship"], "retries exhausted, then each fallback in order"
+    assert shop.undid(cid) == ["void-invoice"] * 3 + ["release"], "the fallback that ran is undone, retried"
+    void = shop.undone[0][2]
+    assert (void.step, void.activity, void.compensate) == (1, "charge-invoice", "void-invoice")
+    assert void.output == {"invoice": f"inv-{cid[:8]}"}
+    status = await shop.ended(cid, "compensated")
+    failed = [(step.activity, step.error) for step in status.steps if step.state == "failed"]
+    assert failed == [
+        (
+            "charge-card",
+            "retries exhausted after 3 attempts: ConnectionError: the card network timed out; "
+            "falling back to 'charge-backup'",
+        ),
+        ("charge-backup", "NonRetryableError: charge-backup is down; falling back to 'charge-invoice'"),
+        ("ship", "NonRetryableError: ship is down"),
+    ]
+    undo = [(step.step, step.activity, step.undoes, step.attempts) for step in status.steps if step.undoes]
+    assert undo == [(0, "release", "reserve", 1), (1, "void-invoice", "charge-invoice", 3)]
+    assert worker.stats.fell_back == 2
+
+
 async def test_a_compensation_that_fails_for_good_is_dead_lettered_and_its_replay_finishes_the_undoing(
     transport: Transport,
 ) -> None:
@@ -348,6 +407,83 @@ async def test_a_cancel_interrupts_the_running_step_and_undoes_the_completed_one
     assert pack.state == "failed"
     assert pack.error is not None
     assert pack.error.startswith("interrupted: cancelled by support:bob")
+
+
+async def test_a_cancel_stops_an_agent_run_mid_way_and_an_agent_steps_function_undoes_it(transport: Transport) -> None:
+    shop = Shop(transport)
+    asked: list[int] = []  # the model requests of the carrier agent
+    pickups: list[str] = []  # the carrier agent's tool calls that started
+    carrier_called_off: list[str] = []
+    quotes_withdrawn: list[str] = []
+
+    def quote_model(messages: list[ModelMessage], info: AgentInfo) -> ModelResponse:
+        return ModelResponse(parts=[TextPart("12.50")])
+
+    def carrier_model(messages: list[ModelMessage], info: AgentInfo) -> ModelResponse:
+        asked.append(len(messages))
+        if len(messages) == 1:
+            return ModelResponse(parts=[ToolCallPart("book_pickup", {})])
+        return ModelResponse(parts=[TextPart("booked")])
+
+    carrier: Agent[None, str] = Agent(FunctionModel(carrier_model), name="book-carrier")
+
+    @carrier.tool_plain
+    async def book_pickup() -> str:
+        pickups.append("started")
+        try:
+            await asyncio.sleep(30)  # the carrier's API is slow today
+        except asyncio.CancelledError:
+            carrier_called_off.append("book_pickup")
+            raise
+        return "pickup booked"
+
+    async def withdraw_quote(ctx: ActivityContext) -> None:
+        assert ctx.undoing is not None
+        assert ctx.unwinding is not None
+        quotes_withdrawn.append(f"{ctx.undoing.output['quote']} ({ctx.unwinding.cause})")
+
+    quote = AgentActivity(Agent(FunctionModel(quote_model), name="quote"), compensate=withdraw_quote)
+    book = AgentActivity(carrier)
+    async with shop.worker(quote, book):
+        cid = await shop.dispatcher.dispatch_workflow([quote, book, "ship"])
+        await shop.until(_true(lambda: pickups == ["started"]), "the carrier agent's tool call to start")
+        await shop.dispatcher.cancel(cid, "the customer withdrew", by="support:bob")
+        status = await shop.ended(cid, "cancelled")
+
+    assert carrier_called_off == ["book_pickup"], "the agent's run was cancelled inside its tool call"
+    assert asked == [1], "the model was never asked again: the run stopped mid-way, not after it finished"
+    assert shop.order(cid) == [], "ship never started"
+    assert quotes_withdrawn == ["12.50 (cancelled)"], "the agent step undone by its function, once"
+    undo = [(step.activity, step.undoes) for step in status.steps if step.undoes]
+    assert undo == [("quote.compensate", "quote")]
+
+
+async def test_a_cancel_replayed_after_the_workflow_was_cancelled_changes_nothing(transport: Transport) -> None:
+    assert isinstance(transport, Cancellations)
+    board = transport.cancel_board()
+    await board.open()
+    shop = Shop(transport, slow=30.0)
+    async with shop.worker():
+        cid = await shop.dispatcher.dispatch_workflow(ORDER)
+        await shop.until(_true(lambda: shop.order(cid) == ["reserve", "charge", "pack"]), "pack to start")
+        await shop.dispatcher.cancel(cid, "the customer withdrew", by="support:bob")
+        await shop.ended(cid, "cancelled")
+        posted = await board.records(cid)
+
+        for record in posted:  # replayed as it was, signature and all
+            await board.post(cid, record, ttl=60)
+        assert await board.records(cid) == posted, "the same request is kept once"
+        again = await shop.dispatcher.cancel(cid, "the customer withdrew", by="support:bob")  # and a new one
+        assert again.state == "requested", "without a store the dispatcher cannot tell it ended: the workers can"
+        other = await shop.dispatcher.dispatch_workflow(["reserve", "charge"])
+        await shop.ended(other, "completed")  # the worker read the board since
+
+    assert shop.undid(cid) == ["refund", "release"], "undone once"
+    assert shop.order(cid) == ["reserve", "charge", "pack"]
+    status = await shop.status(cid)
+    assert status.state == "cancelled"
+    assert status.cancelled == "cancelled by support:bob: the customer withdrew"
+    assert shop.undid(other) == []
 
 
 async def test_a_cancel_releases_a_waiting_workflow_and_undoes_it(transport: Transport) -> None:
@@ -440,8 +576,14 @@ async def test_the_deadline_ends_a_workflow_expired_and_undoes_it(transport: Tra
     hurried = shop.dispatcher_with(KEYS.orders, ttl=1.5)
     async with shop.worker():
         cid = await hurried.dispatch_workflow(ORDER)
+        await shop.until(_true(lambda: shop.order(cid) == ["reserve", "charge", "pack"]), "pack to start")
+        running = render_status(await shop.status(cid))  # what `paigeant status` prints while pack runs
         status = await shop.ended(cid, "expired")
 
+    assert "  deadline: " in running
+    [pack_line] = [line.split() for line in running.splitlines() if line.split()[1:3] == ["pack", "running"]]
+    assert pack_line[5] == "timeout", "the step's timeout, cut to the deadline, is in the status"
+    assert 0 < float(pack_line[6].removesuffix("s")) <= 1.5
     assert shop.order(cid) == ["reserve", "charge", "pack"]
     assert shop.interrupted == [cid], "the running step was cut short at the deadline"
     assert shop.undid(cid) == ["refund", "release"]

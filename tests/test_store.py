@@ -378,3 +378,35 @@ def test_a_compensation_in_doubt_and_resumed_keeps_why_the_workflow_stopped() ->
     after = project("wf", [*late.events, WorkflowEvent(kind="resumed", correlation_id="wf", at=start + timedelta(10))])
     assert after is not None
     assert after.state == "compensated", "a resume that came too late does not reopen a finished workflow"
+
+
+def test_a_cancel_requested_too_late_leaves_who_stopped_the_workflow_and_why() -> None:
+    start = datetime(2026, 1, 1, tzinfo=UTC)
+
+    def at(n: int, kind: str, **fields: object) -> WorkflowEvent:
+        return WorkflowEvent.model_validate(
+            {"kind": kind, "correlation_id": "wf", "at": start + timedelta(seconds=n), **fields}
+        )
+
+    requested = at(3, "cancel_requested", by="bob", detail="ordered twice")
+    cancelled = [
+        at(0, "dispatched", step=0, activity="reserve"),
+        at(1, "step_started", step=0, activity="reserve"),
+        at(2, "step_completed", step=0, activity="reserve"),
+        requested,
+        at(4, "cancelled", step=1, activity="charge", by="bob", detail="cancelled by bob: ordered twice"),
+        at(5, "compensating", step=1, activity="charge", detail="undoing reserve (by release)"),
+    ]
+    undoing = project("wf", [*cancelled, requested.model_copy(update={"at": start + timedelta(seconds=6)})])
+    assert undoing is not None
+    assert (undoing.state, undoing.cancelled) == ("compensating", "cancelled by bob: ordered twice")
+    ended = project("wf", [*cancelled, at(7, "compensated"), at(8, "cancel_requested", by="carol")])
+    assert ended is not None
+    assert (ended.state, ended.cancelled) == ("cancelled", "cancelled by bob: ordered twice")
+    completed = [at(0, "dispatched", step=0, activity="reserve"), at(1, "completed", step=0, activity="reserve")]
+    late = project("wf", [*completed, at(2, "cancel_requested", by="carol")])
+    assert late is not None
+    assert (late.state, late.cancelled) == ("completed", None)
+    early = project("wf", cancelled[:4])
+    assert early is not None
+    assert early.cancelled == "requested by bob: ordered twice", "in time, the request shows until it holds"

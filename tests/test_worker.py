@@ -588,3 +588,35 @@ async def pending_soon(transport: Transport, address: str, expected: int, within
         await asyncio.sleep(0.05)
         count = await transport.pending(address)
     return count
+
+
+class SlowCounts(InMemoryTransport):
+    """Counts a queue as a broker does, in a round trip: steps run while the worker counts its queues."""
+
+    async def pending(self, address: str) -> int:
+        await asyncio.sleep(0.1)
+        return await super().pending(address)
+
+
+async def test_burst_does_not_stop_while_a_step_it_counted_past_hands_its_workflow_on() -> None:
+    ran: list[str] = []
+
+    @activity(name="pay", retry=RetryPolicy(max_attempts=2, initial_interval=0.15, jitter=0))
+    async def pay(ctx: ActivityContext) -> None:
+        ran.append(f"pay {ctx.attempt}")
+        if ctx.attempt == 0:
+            raise ConnectionError("the provider timed out")
+
+    @activity(name="ship")
+    async def ship(ctx: ActivityContext) -> None:
+        await asyncio.sleep(0.5)
+        ran.append("ship")
+
+    async with SlowCounts() as transport:
+        await WorkflowDispatcher(transport).dispatch_workflow([pay, ship])
+        # `ship` is counted first, empty; then the retry of `pay` runs and hands on to `ship` before `pay` is
+        # counted, empty too: the worker must not take that for drained, and stop `ship` half-way.
+        await Worker(transport, [ship, pay], shutdown_timeout=0.05).run(burst=True)
+
+        assert ran == ["pay 0", "pay 1", "ship"]
+        assert await transport.pending("ship") == 0
