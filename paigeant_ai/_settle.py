@@ -54,7 +54,10 @@ from .exceptions import MessageTooLarge, ParkWorkflow, SecurityError, UnknownTra
 from .security import MessageSecurity
 from .transports.base import REASON_HEADER, SOURCE_HEADER, Delivery, Transport
 
-__all__ = ("SettleDeps", "WorkerStats", "refuse", "settle")
+__all__ = ("INTERRUPTED", "SettleDeps", "WorkerStats", "refuse", "settle")
+
+INTERRUPTED = "interrupted: "
+"""How the `step_failed` of a step stopped while it ran (a cancel, a deadline) begins: it did not fault."""
 
 logger = logging.getLogger("paigeant_ai.worker")
 
@@ -236,7 +239,7 @@ async def _secure_successor(hop: Hop, outcome: Outcome, deps: SettleDeps) -> tup
                 by=outcome.by,
                 cancel=outcome.cancel,
             )
-            failed = f"interrupted: {outcome.reason}" if hop.interrupt is not None else None
+            failed = f"{INTERRUPTED}{outcome.reason}" if hop.interrupt is not None else None
             return await _stop(hop, cause, deps, failed=failed), None
         case Skip() | Reject():
             pass

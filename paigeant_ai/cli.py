@@ -48,6 +48,7 @@ from ._prefork import (
     process_count,
     run_as_child,
 )
+from ._settle import INTERRUPTED
 from .exceptions import PaigeantError, UserError
 from .security import MessageSigner
 from .settings import Settings
@@ -296,6 +297,8 @@ def log_step(event: WorkflowEvent) -> None:
     label = _STEP_LABELS.get(event.kind)
     if label is None:
         return
+    if event.kind == "step_failed" and (event.detail or "").startswith(INTERRUPTED):
+        label = "stopped"  # a cancel or the deadline stopped it while it ran: it did not fault
     text = f"[{(event.correlation_id or '?')[:8]}] {label:<7} step {event.step} {event.activity}"
     text += f" attempt {event.attempt + 1}"
     if event.duration is not None:

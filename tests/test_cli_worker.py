@@ -72,6 +72,24 @@ async def four_workflows() -> Worker:
     return Worker(transport, [greet, flaky, refuse, refund], waiting_store=InMemoryWaitingStore())
 
 
+_cancelling: list[WorkflowDispatcher] = []
+
+
+@activity(name="wait-for-customer")
+async def wait_for_customer(ctx: ActivityContext) -> None:
+    await _cancelling[0].cancel(ctx.message.correlation_id, "the customer withdrew", by="alice")
+    await asyncio.sleep(30)  # interrupted by the cancel
+
+
+async def cancelled_mid_step() -> Worker:
+    """A worker whose one workflow is cancelled while its step runs."""
+    transport = InMemoryTransport()
+    await transport.connect()
+    _cancelling[:] = [dispatcher := WorkflowDispatcher(transport)]
+    await dispatcher.dispatch_workflow([wait_for_customer], correlation_id="55555555-cancelled")
+    return Worker(transport, [wait_for_customer])
+
+
 def greeter() -> Worker:
     """A worker on the transport the settings choose."""
     return Worker(get_transport(), [greet, flaky])
@@ -173,6 +191,17 @@ def test_verbose_logs_one_line_per_step(caplog: pytest.LogCaptureFixture, capsys
     ]
     assert all(record.levelno == logging.INFO for record in caplog.records if record.name == "paigeant_ai.cli")
     assert "worker stopped: 2 steps completed, 1 retried, 1 faulted" in capsys.readouterr().err
+
+
+def test_verbose_logs_a_step_a_cancel_interrupted_as_stopped_not_faulted(
+    caplog: pytest.LogCaptureFixture, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["worker", "tests.test_cli_worker:cancelled_mid_step", "--burst", "-v"]) == 0
+    assert step_lines(caplog) == [
+        "[55555555] started step 0 wait-for-customer attempt 1",
+        "[55555555] stopped step 0 wait-for-customer attempt 1: interrupted: cancelled by alice: the customer withdrew",
+    ]
+    assert "0 faulted" in capsys.readouterr().err
 
 
 def test_without_verbose_no_step_is_logged(
