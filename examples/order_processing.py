@@ -17,7 +17,7 @@ The agents (`AgentActivity`) run on `FunctionModel`, offline. Side effects are k
 each compensation on the key of the step it undoes (`ctx.undoing.idempotency_key`), so a redelivery never does
 anything twice. At the end it prints each workflow's status, as `paigeant status` shows it.
 
-Run it (in memory, one process; `--transport redis` or `rabbitmq` for a broker, with the `PAIGEANT_*` settings):
+Run it (in memory, one process; `--transport sqlite`, `redis` or `rabbitmq` to keep it, with the `PAIGEANT_*` settings):
 
     uv run python -m examples.order_processing
     uv run python -m examples.order_processing --cancel-after generate-shipping-label
@@ -42,6 +42,7 @@ from paigeant_ai import (
     InMemoryWorkflowStore,
     NonRetryableError,
     RetryPolicy,
+    UserError,
     Worker,
     WorkflowDispatcher,
     WorkflowEvent,
@@ -270,6 +271,11 @@ if __name__ == "__main__":
         help="pay, then cancel the order as STEP starts: " + ", ".join(step.spec.name for step in ORDER_STEPS),
     )
     parser.add_argument("--pay-ok", action="store_true", help="the payment goes through: the order ships")
-    parser.add_argument("--transport", choices=["inmemory", "redis", "rabbitmq"], help="default: PAIGEANT_TRANSPORT")
+    parser.add_argument(
+        "--transport", choices=["inmemory", "sqlite", "redis", "rabbitmq"], help="default: PAIGEANT_TRANSPORT"
+    )
     args = parser.parse_args()
-    asyncio.run(main(cancel_after=args.cancel_after, pay_ok=args.pay_ok, transport_name=args.transport))
+    try:
+        asyncio.run(main(cancel_after=args.cancel_after, pay_ok=args.pay_ok, transport_name=args.transport))
+    except UserError as exc:  # a setting to fix (a broker's keys, say): one sentence, not a traceback
+        raise SystemExit(f"order_processing: {exc}") from None
