@@ -18,7 +18,15 @@ from paigeant_ai.cli import _parser, main
 from paigeant_ai.security import generate_key
 from paigeant_ai.transports.redis import RedisTransport
 
-from .brokers import REDIS_URL, ROOT, delete_redis_namespace, redis_command_line
+from .brokers import (
+    RABBITMQ_URL,
+    REDIS_URL,
+    ROOT,
+    delete_rabbitmq_namespace,
+    delete_redis_namespace,
+    make_transport,
+    redis_command_line,
+)
 from .scripted import refunder
 
 
@@ -80,9 +88,13 @@ async def status_of(correlation_id: str) -> dict[str, object]:
 
 
 @pytest.mark.redis
+@pytest.mark.parametrize("broker", ["redis", pytest.param("rabbitmq", marks=pytest.mark.rabbitmq)])
 async def test_a_running_workflow_cancelled_by_the_command_ends_cancelled_with_its_steps_undone(
-    namespace: str,
+    namespace: str, broker: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    if broker == "rabbitmq":  # the cancel goes on RabbitMQ; `status` reads the workflow store in Redis
+        monkeypatch.setenv("PAIGEANT_TRANSPORT", "rabbitmq")
+        monkeypatch.setenv("PAIGEANT_RABBITMQ_URL", RABBITMQ_URL)
     started, interrupted, undone = asyncio.Event(), asyncio.Event(), list[str]()
 
     @activity(name="reserve-stock", compensate="release-stock")
@@ -108,7 +120,7 @@ async def test_a_running_workflow_cancelled_by_the_command_ends_cancelled_with_i
     async def ship(ctx: ActivityContext) -> None:
         raise AssertionError("a cancelled workflow never reaches its next step")
 
-    async with RedisTransport(REDIS_URL, namespace=namespace) as transport:
+    async with make_transport(broker, namespace) as transport:
         worker = Worker(transport, [reserve, release, charge, ship])
         worker.cancel_poll = 0.1
         async with worker:
@@ -147,6 +159,8 @@ async def test_a_running_workflow_cancelled_by_the_command_ends_cancelled_with_i
         0,
         f"nothing changed: workflow {correlation_id!r} had already ended cancelled; nothing was cancelled\n",
     )
+    if broker == "rabbitmq":
+        await delete_rabbitmq_namespace(namespace)
 
 
 @pytest.mark.redis
