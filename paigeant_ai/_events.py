@@ -314,8 +314,8 @@ class _EventBatcher:
         """Batches in the progress streams already, still to publish on `events` (their size, body and headers)."""
         self._task: asyncio.Task[None] | None = None
         self._full = asyncio.Event()
-        self._sending: set[asyncio.Future[None]] = set()
-        """The batches on their way to the broker: a flush waits for them, whoever sends them."""
+        self._sending = asyncio.Lock()
+        """Held while batches go to the broker, one at a time and in order: a flush waits for it, whoever sends."""
         self.progress = _progress_writer(transport, security)
 
     def add(self, event: dict[str, Any]) -> None:
@@ -351,17 +351,13 @@ class _EventBatcher:
     async def _publish(self) -> None:
         self.form()
         self._full.clear()
-        while self._formed:
-            size, body, headers = self._formed.popleft()
-            sent = asyncio.get_running_loop().create_future()
-            self._sending.add(sent)
-            try:
-                await self.transport.publish(EVENTS, body, headers=headers)
-            except Exception:
-                logger.warning("could not publish %d workflow events", size, exc_info=True)
-            finally:
-                self._sending.discard(sent)
-                sent.set_result(None)
+        async with self._sending:  # a batch another caller is sending goes out first, and this waits for it
+            while self._formed:
+                size, body, headers = self._formed.popleft()
+                try:
+                    await self.transport.publish(EVENTS, body, headers=headers)
+                except Exception:
+                    logger.warning("could not publish %d workflow events", size, exc_info=True)
 
     async def flush(self) -> None:
         """Publish what is waiting, now, and return once every batch taken before is sent (or failed).
@@ -373,8 +369,6 @@ class _EventBatcher:
             self._full.set()
             await asyncio.gather(self._task, return_exceptions=True)
         await self._publish()
-        if self._sending:
-            await asyncio.wait(list(self._sending))  # never cancels them, should this flush be cancelled
 
 
 EVENTS_SIGNATURE_TYPE = "paigeant-events+jws"
