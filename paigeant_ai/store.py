@@ -330,8 +330,8 @@ async def mark_stalled(
     tell leaves every status as it is. The transport is asked once per step.
 
     Where the transport keeps a registry of live workers (`Advertising`) that knows the step, the registry answers
-    instead (verified with `security`, by default the `PAIGEANT_*` keys): a workflow is stalled once no live worker
-    serves its current step, a few heartbeats after the last one died (see `paigeant_ai._stalls`).
+    instead (verified with `security`, by default the `PAIGEANT_*` keys): a workflow is stalled once the workers of
+    its current step have been silent two heartbeats, one to two after the last one died (see `paigeant_ai._stalls`).
     """
     statuses = list(statuses)
     judged = await _judged_by_registry(statuses, transport, security)
