@@ -42,6 +42,7 @@ from ._escape import escape_control
 from ._events import EventCallback, EventReporter
 from ._fan import refuse_without_join
 from ._hop import Hop, admit
+from ._in_order import SettlingWorkflows
 from ._join import JoinStore, join_store_for
 from ._long_steps import LongSteps, StillRunning
 from ._outcome import SIGNALS, Fault, Halt, Outcome, Reject, Skip, classify, completed, describe
@@ -180,6 +181,7 @@ class Worker:
         self._inflight: set[asyncio.Task[None]] = set()
         self._started = 0  # steps started, ever: a drain check sees whether one started while it counted
         self._running_keys: dict[str, asyncio.Event] = {}
+        self._settling = SettlingWorkflows()  # a workflow's events in order here (see `paigeant_ai._in_order`)
         self._consumers: list[Consumer] = []
         self._pumps: list[asyncio.Task[None]] = []
         self._stop = asyncio.Event()
@@ -385,6 +387,7 @@ class Worker:
             if isinstance(hop, Reject):
                 await refuse(delivery, hop, self)  # before it may wait: a forged copy never holds anything up
                 return
+            await self._settling.wait_for(hop.message.correlation_id)  # an earlier hop of its workflow reports first
             pin = self._pins.missed(hop)  # pinned to versions this worker does not run: for another, unclaimed
             if isinstance(pin, Reject):
                 await refuse(delivery, pin, self)
@@ -396,11 +399,11 @@ class Worker:
             # step is refused at once; the broker's redelivery waits for a copy running here, then finds it settled.
             redelivered = self._long_steps.redelivered(hop.delivery)
             if redelivered and self._long_steps.holds(hop.message.message_id):  # its ack failed as it was handed back
-                await settle(hop, Skip("handed back, and running here (redelivery)"), self)
+                await self._settle(hop, Skip("handed back, and running here (redelivery)"))
                 return
             outcome = None if redelivered else await self._authorize(hop)  # token, plan, resume, claim
             if isinstance(outcome, Reject):
-                await settle(hop, outcome, self)
+                await self._settle(hop, outcome)
                 return
             if isinstance(outcome, StillRunning):
                 await self._long_steps.rearm(hop)  # a watch copy of a step its worker still runs
@@ -423,12 +426,17 @@ class Worker:
                     async with self._long_steps.watch(hop):  # handed back before the broker's ack deadline
                         outcome = await self.at_most_once.run(hop, self._run, self.max_message_bytes)
                     outcome = after_step(hop, outcome)  # stopped at its budget's limit: the budget is exhausted
-                await settle(hop, outcome, self)  # the successor made safe, then the ack
+                await self._settle(hop, outcome)  # the successor made safe, then the ack
                 await self.at_most_once.settled(hop)
             finally:
                 self.at_most_once.forget(hop)
                 self._long_steps.forget(hop)
                 self._running_keys.pop(key).set()
+
+    async def _settle(self, hop: Hop, outcome: Outcome) -> None:
+        """Settle `hop` (`paigeant_ai._settle.settle`); a hop of its workflow arriving meanwhile starts after."""
+        with self._settling.settling(hop.message.correlation_id):
+            await settle(hop, outcome, self)
 
     async def _done_or_halted(self, hop: Hop, outcome: Outcome | None) -> Outcome | None:
         """Skip for a step that completed already, else `outcome`, else why its workflow stops here (`_halted`).

@@ -1,0 +1,119 @@
+"""A worker reports a workflow's events in the order its hops happened, even when the broker hands out the next hop
+before the one that sent it has its confirm (as RabbitMQ does with persistent messages: it delivers, then writes to
+disk, then confirms)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Mapping
+
+import pytest
+
+from paigeant_ai import (
+    ActivityContext,
+    InMemoryTransport,
+    NonRetryableError,
+    Worker,
+    WorkflowDispatcher,
+    WorkflowEvent,
+    activity,
+)
+from paigeant_ai._in_order import SettlingWorkflows
+from paigeant_ai.security import generate_key
+
+KEY = generate_key("in-order-tests")
+
+
+@pytest.fixture(autouse=True)
+def signing_keys(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PAIGEANT_SIGNING_KEY", json.dumps(KEY.as_dict(private=True)))
+    monkeypatch.setenv("PAIGEANT_TRUSTED_KEYS", json.dumps({"keys": [KEY.as_dict(private=False)]}))
+    monkeypatch.delenv("PAIGEANT_ALLOW_UNSIGNED", raising=False)
+
+
+class ConfirmsLate(InMemoryTransport):
+    """Delivers a step's message at once and confirms it to its sender a while later."""
+
+    async def publish(
+        self, address: str, body: bytes, *, headers: Mapping[str, str] | None = None, delay: float = 0.0
+    ) -> None:
+        await super().publish(address, body, headers=headers, delay=delay)
+        if not address.startswith("paigeant."):  # a step's queue, not events, progress or the registry
+            await asyncio.sleep(0.05)
+
+
+@activity
+async def reserve(ctx: ActivityContext) -> dict[str, str]:
+    return {"reservation": "r-1"}
+
+
+@activity
+async def charge(ctx: ActivityContext) -> dict[str, str]:
+    return {"charge": "c-1"}
+
+
+@activity
+async def ship(ctx: ActivityContext) -> dict[str, str]:
+    raise NonRetryableError("the carrier refused the parcel")
+
+
+@activity
+async def release(ctx: ActivityContext) -> dict[str, bool]:
+    return {"released": True}
+
+
+@activity
+async def refund(ctx: ActivityContext) -> dict[str, bool]:
+    return {"refunded": True}
+
+
+def steps(events: list[WorkflowEvent]) -> list[tuple[str, str | None]]:
+    return [(event.kind, event.activity) for event in events if event.kind.startswith("step_")]
+
+
+async def test_a_step_that_arrives_before_its_sender_is_confirmed_reports_after_it() -> None:
+    transport = ConfirmsLate()
+    await transport.connect()
+    events: list[WorkflowEvent] = []
+    await WorkflowDispatcher(transport).dispatch_workflow(activities=[reserve, charge], variables={})
+    worker = Worker(transport, [reserve, charge], on_event=events.append, concurrency=4)
+    await worker.run(burst=True)
+
+    assert steps(events) == [
+        ("step_started", "reserve"),
+        ("step_completed", "reserve"),
+        ("step_started", "charge"),
+        ("step_completed", "charge"),
+    ]
+    assert events[-1].kind == "completed"
+
+
+async def test_a_saga_reports_its_undoing_latest_step_first() -> None:
+    transport = ConfirmsLate()
+    await transport.connect()
+    events: list[WorkflowEvent] = []
+    specs = [
+        reserve.spec.model_copy(update={"compensate": "release"}),
+        charge.spec.model_copy(update={"compensate": "refund"}),
+        ship.spec,
+    ]
+    await WorkflowDispatcher(transport).dispatch_workflow(activities=specs, variables={})
+    worker = Worker(transport, [reserve, charge, ship, release, refund], on_event=events.append, concurrency=4)
+    await worker.run(burst=True)
+
+    undone = [(event.undoes, event.activity) for event in events if event.kind == "step_completed" and event.undoes]
+    assert undone == [("charge", "refund"), ("reserve", "release")]
+    kinds = [event.kind for event in events if not event.kind.startswith("step_")]
+    assert kinds[-3:] == ["compensating", "faulted", "compensated"]
+
+
+async def test_a_settle_that_hangs_holds_the_next_hop_up_for_a_bounded_time() -> None:
+    settling = SettlingWorkflows()
+    with settling.settling("wf-1"):
+        await asyncio.wait_for(settling.wait_for("wf-1", at_most=0.05), 1)  # returns, though wf-1 still settles
+        waiter = asyncio.create_task(settling.wait_for("wf-1", at_most=5))
+        await asyncio.sleep(0.01)
+        assert not waiter.done()
+    await asyncio.wait_for(waiter, 1)  # released as soon as the settle ends
+    await asyncio.wait_for(settling.wait_for("wf-1"), 0.01)  # nothing settling: no wait at all
