@@ -38,10 +38,13 @@ def _append(db: sqlite3.Connection, ns: str, cid: str, body: bytes, headers: str
         "INSERT INTO progress (ns, correlation_id, body, headers, created) VALUES (?, ?, ?, ?, ?) RETURNING id",
         (ns, cid, body, headers, now),
     ).fetchone()[0]
-    db.execute(
-        "DELETE FROM progress WHERE ns = ? AND correlation_id = ? AND id <= ?",
-        (ns, cid, added - PROGRESS_MAX_ENTRIES),
-    )
+    if added > PROGRESS_MAX_ENTRIES:  # else no stream can hold more than its cap yet
+        # Row ids count the entries of every workflow: the cap counts this workflow's own, the newest kept.
+        db.execute(
+            "DELETE FROM progress WHERE ns = ? AND correlation_id = ? AND id <= (SELECT id FROM progress "
+            "WHERE ns = ? AND correlation_id = ? ORDER BY id DESC LIMIT 1 OFFSET ?)",
+            (ns, cid, ns, cid, PROGRESS_MAX_ENTRIES),
+        )
     if sweep:
         db.execute(
             "DELETE FROM progress WHERE ns = ? AND correlation_id IN (SELECT correlation_id FROM progress "
