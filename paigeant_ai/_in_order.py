@@ -57,5 +57,8 @@ class SettlingWorkflows:
         entry = self._settling.get(correlation_id)
         if entry is None:
             return  # the usual case: nothing to wait for, and no await
+        # `asyncio.timeout`, not `asyncio.wait_for`: on Python 3.11 that returns instead of raising when a shutdown
+        # cancels the hop just as the settle ends, and the hop would then run its step after all.
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(entry.done.wait(), at_most)
+            async with asyncio.timeout(at_most):
+                await entry.done.wait()

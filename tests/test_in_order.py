@@ -117,3 +117,14 @@ async def test_a_settle_that_hangs_holds_the_next_hop_up_for_a_bounded_time() ->
         assert not waiter.done()
     await asyncio.wait_for(waiter, 1)  # released as soon as the settle ends
     await asyncio.wait_for(settling.wait_for("wf-1"), 0.01)  # nothing settling: no wait at all
+
+
+async def test_a_hop_waiting_for_its_workflow_is_cancelled_by_a_shutdown_that_comes_as_the_settle_ends() -> None:
+    settling = SettlingWorkflows()
+    with settling.settling("wf-1"):
+        waiter = asyncio.create_task(settling.wait_for("wf-1"))
+        await asyncio.sleep(0.01)
+    assert waiter.cancel(), "the hop has not resumed yet: the shutdown's cancel reaches it"
+    with pytest.raises(asyncio.CancelledError):
+        await waiter  # rather than go on to run its step while the worker shuts down
+
