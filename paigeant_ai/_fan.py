@@ -86,11 +86,12 @@ def branch_hops(message: PaigeantMessage) -> list[PaigeantMessage]:
     return hops
 
 
-async def fan_out(message: PaigeantMessage, deps: SettleDeps) -> None:
-    """Send the first hop of each branch of the group `message` has reached, each confirmed by the transport."""
+async def fan_out(message: PaigeantMessage, deps: SettleDeps) -> str:
+    """Send the first hop of each branch of the group `message` has reached, each confirmed by the transport; what
+    its `fanned_out` event says (reported by the caller, after the step that led to the group)."""
     hops = first_branches(message, branch_hops(message))  # the first alone, under a budget with no estimate
     await _send_all(hops, deps)
-    await deps.reporter.report("fanned_out", message, detail=describe_fan_out(hops))
+    return describe_fan_out(hops)
 
 
 def describe_fan_out(hops: list[PaigeantMessage]) -> str:

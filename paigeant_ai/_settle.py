@@ -213,7 +213,7 @@ async def _secure_successor(hop: Hop, outcome: Outcome, deps: SettleDeps) -> tup
             ):
                 slip.completed[-1].usage = take_usage(hop)
                 slip.completed[-1].version = hop.version  # the failure `fall_back` logged
-                await _publish_hop(hop.message, deps)
+                await _report_fanned_out(hop.message, await _publish_hop(hop.message, deps), deps)
                 await deps.dedupe.mark_done(key)
                 return _FellBack(outcome.reason, to), None
             if slip.branch is not None and not await _first_to_stop(hop, deps):
@@ -261,7 +261,7 @@ async def _stop(hop: Hop, unwinding: Unwinding, deps: SettleDeps, *, failed: str
         # Published before the first compensation is: another worker may run that and report its end before this
         # hop is settled, and a store must already know why the workflow stopped.
         await _report_stopped(hop, stopped, deps)
-        await _publish_hop(message, deps)
+        await _report_fanned_out(message, await _publish_hop(message, deps), deps)
     return stopped
 
 
@@ -279,30 +279,38 @@ async def _complete_branch(hop: Hop, outcome: Advance, deps: SettleDeps) -> None
     key = hop.message.idempotency_key  # the branch's, before its slip changes
     joined = await complete_branch(hop, outcome, deps)
     if joined is not None:
-        await _publish_next(joined.message, deps)
+        fanned = await _publish_next(joined.message, deps)
         if joined.message.routing_slip.is_complete:
             await _report_step_done(joined.message, joined.entry, deps)
+        await _report_fanned_out(joined.message, fanned, deps)
         assert deps.joins is not None
         await deps.joins.delete(joined.group)
     await deps.dedupe.mark_done(key)
 
 
-async def _publish_hop(message: PaigeantMessage, deps: SettleDeps) -> None:
-    """Publish `message` as the first attempt of its slip's current step (one hop per branch for a group)."""
+async def _publish_hop(message: PaigeantMessage, deps: SettleDeps) -> str | None:
+    """Publish `message` as the first attempt of its slip's current step (one hop per branch for a group); for a
+    group, what its `fanned_out` event says, for `_report_fanned_out` once what led to the group is reported."""
     if fans_out(message):
-        await fan_out(message, deps)
-        return
+        return await fan_out(message, deps)
     hop = message.next_hop()
     transport = deps.routes.send_to(hop)  # the next step's own transport, confirmed there before the ack here
     body = seal(hop, deps.security, max_bytes=deps.max_message_bytes)
     await transport.publish(hop.routing_slip.current or "", body, headers=dict(hop.headers))
+    return None
+
+
+async def _report_fanned_out(message: PaigeantMessage, fanned: str | None, deps: SettleDeps) -> None:
+    """Report that the group `message` reached fanned out (`fanned`: what `_publish_hop` said of it), if it did."""
+    if fanned is not None:
+        await deps.reporter.report("fanned_out", message, detail=fanned)
 
 
 async def _complete_step(hop: Hop, outcome: Advance | End, deps: SettleDeps) -> None:
     """Log the step in the slip and send on what follows it; report it, and remember it as done."""
     message, key = hop.message, hop.message.idempotency_key  # the key of this step, before the slip moves on
     ran_on = deps.routes.own_name or step_address(message.routing_slip)  # where its compensation goes
-    keys = list(outcome.update)
+    keys, fanned = list(outcome.update), None
     if isinstance(outcome, End) and message.routing_slip.unwinding is None:  # a compensation cannot end the undoing
         message.payload.update(outcome.update)
         entry = message.routing_slip.mark_ended(
@@ -334,19 +342,20 @@ async def _complete_step(hop: Hop, outcome: Advance | End, deps: SettleDeps) -> 
                     transport=ran_on,
                 )
             )
-        await _publish_next(message, deps)
-    await _report_step_done(message, entry, deps, hop.record)
+        fanned = await _publish_next(message, deps)
+    await _report_step_done(message, entry, deps, hop.record)  # the step, then the group it led to, if one
+    await _report_fanned_out(message, fanned, deps)
     await deps.dedupe.mark_done(key)
 
 
-async def _publish_next(message: PaigeantMessage, deps: SettleDeps) -> None:
+async def _publish_next(message: PaigeantMessage, deps: SettleDeps) -> str | None:
     if message.routing_slip.is_complete:
         # A finished workflow's result goes out in its `completed` event: it must be one a hop could carry.
         size = len(unsigned_body(message))
         if size > deps.max_message_bytes:
             raise too_large(size, deps.max_message_bytes)
-        return
-    await _publish_hop(message, deps)
+        return None
+    return await _publish_hop(message, deps)
 
 
 async def _report_step_done(

@@ -14,6 +14,7 @@ from paigeant_ai import (
     ActivityContext,
     InMemoryTransport,
     NonRetryableError,
+    Parallel,
     Worker,
     WorkflowDispatcher,
     WorkflowEvent,
@@ -128,3 +129,16 @@ async def test_a_hop_waiting_for_its_workflow_is_cancelled_by_a_shutdown_that_co
     with pytest.raises(asyncio.CancelledError):
         await waiter  # rather than go on to run its step while the worker shuts down
 
+
+async def test_a_step_is_reported_completed_before_the_group_after_it_fans_out() -> None:
+    transport = InMemoryTransport()
+    await transport.connect()
+    events: list[WorkflowEvent] = []
+    itinerary = ["reserve", Parallel("charge", "release")]
+    await WorkflowDispatcher(transport).dispatch_workflow(activities=itinerary, variables={})
+    worker = Worker(transport, [reserve, charge, release], on_event=events.append)
+    await worker.run(burst=True)
+
+    kinds = [(event.kind, event.activity) for event in events if event.branch is None]
+    assert kinds[:3] == [("step_started", "reserve"), ("step_completed", "reserve"), ("fanned_out", "parallel")]
+    assert kinds[-1] == ("completed", "parallel")
