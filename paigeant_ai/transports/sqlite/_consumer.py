@@ -93,6 +93,8 @@ class SQLiteConsumer(BufferedConsumer):
     # -- bookkeeping -----------------------------------------------------------------------------------------
 
     def settled(self, row_id: int) -> None:
+        """Stop renewing the lease of `row_id`: it was settled, or settling it failed. A delivery whose settling
+        failed comes back once its lease lapses, as if this process had died, rather than be held while it lives."""
         self._unacked.discard(row_id)
         self.wake.set()
 
