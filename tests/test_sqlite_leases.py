@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from paigeant_ai.contracts import DEAD_LETTER
 from paigeant_ai.exceptions import TransportError
 from paigeant_ai.transports.base import Consumer, Delivery
 from paigeant_ai.transports.sqlite import SQLiteTransport, _db
@@ -51,3 +52,27 @@ async def test_a_delivery_that_could_not_be_settled_nor_handed_back_comes_back_a
             async with await other.consume(where) as second:
                 again = await first_of(consumer, second, within=5.0)  # either may take it back
                 assert (again.body, again.delivery_count) == (b"step", 2)
+
+
+async def test_a_lapsed_delivery_cannot_take_back_its_redelivery_to_the_same_consumer(tmp_path: Path) -> None:
+    """A delivery whose lease lapsed, taken again by the same consumer, is a new delivery: settling the old one
+    (handing it back, dead-lettering it) must leave the new one alone, as it does one another consumer took."""
+    path = tmp_path / "same.sqlite3"
+    async with SQLiteTransport(path, visibility_timeout=60) as transport:
+        where = address()
+        await transport.publish(where, b"work")
+        async with await transport.consume(where, prefetch=2) as consumer:
+            late = await receive(consumer)
+            with sqlite3.connect(path) as raw:  # its lease lapsed (renewals failed while the file was busy)
+                raw.execute("UPDATE messages SET lease_until = 0")
+            transport._wake(where)  # pyright: ignore[reportPrivateUsage]
+            again = await receive(consumer)
+            assert (again.body, again.delivery_count) == (b"work", 2)
+            await transport.retry_later(late, 0)
+            await transport.dead_letter(late, "failed after its lease lapsed")
+            with sqlite3.connect(path) as raw:  # still leased to the redelivery, which is running: not a third one
+                held = raw.execute("SELECT address, lease_until > 0, delivery_count FROM messages").fetchall()
+            assert held == [(where, 1, 2)]
+            assert await transport.pending(DEAD_LETTER) == 0
+            await transport.ack(again)
+        assert await transport.pending(where) == 0
