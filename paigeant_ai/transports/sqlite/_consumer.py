@@ -33,10 +33,12 @@ LIVE_WITHIN = 15.0
 
 
 class Handle(NamedTuple):
-    """What `Delivery.handle` holds on SQLite: who handed the row out, and its id."""
+    """What `Delivery.handle` holds on SQLite: who handed the row out, its id, and its delivery count, which tells
+    this delivery from a later one of the same row (its lease lapsed and a consumer, maybe this one, took it again)."""
 
     consumer: SQLiteConsumer
     row_id: int
+    delivery_count: int
 
 
 class SQLiteConsumer(BufferedConsumer):
@@ -50,7 +52,7 @@ class SQLiteConsumer(BufferedConsumer):
         self.name = name
         self.prefetch = prefetch
         self.wake = asyncio.Event()
-        self._unacked: set[int] = set()
+        self._unacked: dict[int, int] = {}  # row id -> the delivery count of the delivery handed out
         self._tasks: list[asyncio.Task[None]] = []
 
     async def start(self) -> None:
@@ -66,7 +68,7 @@ class SQLiteConsumer(BufferedConsumer):
     # -- the consumer protocol -------------------------------------------------------------------------------
 
     def _handed_out(self, delivery: Delivery) -> None:
-        self._unacked.add(delivery.handle.row_id)
+        self._unacked[delivery.handle.row_id] = delivery.handle.delivery_count
 
     async def aclose(self) -> None:
         if self._closed:
@@ -92,8 +94,12 @@ class SQLiteConsumer(BufferedConsumer):
 
     # -- bookkeeping -----------------------------------------------------------------------------------------
 
-    def settled(self, row_id: int) -> None:
-        self._unacked.discard(row_id)
+    def settled(self, handle: Handle) -> None:
+        """Stop renewing the lease of the delivery of `handle`: it was settled, or settling it failed. A delivery
+        whose settling failed comes back once its lease lapses, as if this process had died, rather than be held
+        while it lives. A later delivery of the same row keeps its lease."""
+        if self._unacked.get(handle.row_id) == handle.delivery_count:
+            del self._unacked[handle.row_id]
         self.wake.set()
 
     def _room_left(self) -> int:
@@ -155,7 +161,7 @@ class SQLiteConsumer(BufferedConsumer):
         limit = t.max_deliveries
         for row in rows:
             delivery = Delivery(self.address, row.body, q.load_headers(row.headers), row.delivery_count)
-            delivery.handle = Handle(self, row.id)
+            delivery.handle = Handle(self, row.id, row.delivery_count)
             if row.delivery_count <= limit:
                 self._buffer.append(delivery)
             else:
@@ -195,7 +201,8 @@ class SQLiteConsumer(BufferedConsumer):
         )
         lost = set(held) - kept
         if lost:
-            self._unacked -= lost
+            for row_id in lost:
+                self._unacked.pop(row_id, None)
             self._buffer = deque(d for d in self._buffer if d.handle.row_id not in lost)
             self.wake.set()
 

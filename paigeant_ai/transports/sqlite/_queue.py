@@ -118,11 +118,23 @@ def give_back(db: sqlite3.Connection, owner: str, never_handed_out: Sequence[int
 
 
 def move(
-    db: sqlite3.Connection, row_id: int, owner: str, ns: str, address: str, body: bytes, headers: str, keep: int
+    db: sqlite3.Connection,
+    row_id: int,
+    owner: str,
+    delivery_count: int,
+    ns: str,
+    address: str,
+    body: bytes,
+    headers: str,
+    keep: int,
 ) -> bool:
-    """Delete the row `row_id` that `owner` holds and add its message at `address` (the dead letters), in one
-    transaction; False, and nothing changed, if `owner` no longer holds it (its lease lapsed, another took it)."""
-    if not db.execute("DELETE FROM messages WHERE id = ? AND lease_owner = ?", (row_id, owner)).rowcount:
+    """Delete the row `row_id` that `owner` holds as its `delivery_count`th delivery and add its message at
+    `address` (the dead letters), in one transaction; False, and nothing changed, if that delivery no longer holds
+    it (its lease lapsed, and another consumer, or `owner` again, took it)."""
+    held = db.execute(
+        "DELETE FROM messages WHERE id = ? AND lease_owner = ? AND delivery_count = ?", (row_id, owner, delivery_count)
+    )
+    if not held.rowcount:
         return False
     insert(db, ns, address, body, headers, 0.0, keep)
     return True

@@ -160,24 +160,29 @@ class SQLiteTransport(TransportBase):
 
     async def ack(self, delivery: Delivery) -> None:
         handle = self._handle(delivery)
-        await self.db.call(
-            lambda db: db.execute("DELETE FROM messages WHERE id = ?", (handle.row_id,)),
-            doing=f"acknowledging a delivery from {delivery.address!r}",
-        )
-        handle.consumer.settled(handle.row_id)
+        try:
+            await self.db.call(
+                lambda db: db.execute("DELETE FROM messages WHERE id = ?", (handle.row_id,)),
+                doing=f"acknowledging a delivery from {delivery.address!r}",
+            )
+        finally:  # settled, or failed: no longer renewed either way (see `SQLiteConsumer.settled`)
+            handle.consumer.settled(handle)
 
     async def retry_later(self, delivery: Delivery, delay: float) -> None:
         handle = self._handle(delivery)
         visible_at = time.time() + max(0.0, delay)
-        await self.db.call(
-            lambda db: db.execute(
-                "UPDATE messages SET visible_at = ?, lease_owner = NULL, lease_until = NULL "
-                "WHERE id = ? AND lease_owner = ?",  # unless its lease lapsed and another consumer took it
-                (visible_at, handle.row_id, handle.consumer.name),
-            ),
-            doing=f"handing back a delivery from {delivery.address!r}",
-        )
-        handle.consumer.settled(handle.row_id)
+        try:
+            await self.db.call(
+                lambda db: db.execute(
+                    # Unless its lease lapsed and a consumer (another, or this one again) took it since.
+                    "UPDATE messages SET visible_at = ?, lease_owner = NULL, lease_until = NULL "
+                    "WHERE id = ? AND lease_owner = ? AND delivery_count = ?",
+                    (visible_at, handle.row_id, handle.consumer.name, handle.delivery_count),
+                ),
+                doing=f"handing back a delivery from {delivery.address!r}",
+            )
+        finally:
+            handle.consumer.settled(handle)
         self._wake(delivery.address)
 
     async def give_back(self, delivery: Delivery) -> None:
@@ -187,15 +192,19 @@ class SQLiteTransport(TransportBase):
         handle = self._handle(delivery)
         headers = q.dump_headers(dead_letter_headers(delivery, reason))
         ns, keep, owner = self.namespace, self.trim_length, handle.consumer.name
-        moved = await self.db.call(
-            lambda db: q.move(db, handle.row_id, owner, ns, DEAD_LETTER, delivery.body, headers, keep),
-            doing=f"dead-lettering a delivery from {delivery.address!r}",
-        )
-        handle.consumer.settled(handle.row_id)
+        try:
+            moved = await self.db.call(
+                lambda db: q.move(
+                    db, handle.row_id, owner, handle.delivery_count, ns, DEAD_LETTER, delivery.body, headers, keep
+                ),
+                doing=f"dead-lettering a delivery from {delivery.address!r}",
+            )
+        finally:
+            handle.consumer.settled(handle)
         if moved:
             self._wake(DEAD_LETTER)
-        else:  # its lease lapsed and another consumer took it: that one settles it
-            logger.warning("not dead-lettering a delivery from %r that another consumer took over", delivery.address)
+        else:  # its lease lapsed and a consumer took it again: that delivery settles it
+            logger.warning("not dead-lettering a delivery from %r that was delivered again since", delivery.address)
 
     async def pending(self, address: str) -> int:
         ns = self.namespace
