@@ -429,7 +429,10 @@ async def _undo_late_branch(hop: Hop, result: BranchResult, deps: SettleDeps) ->
         result.compensation,
     ]
     slip.completed = [entry for entry in slip.completed if entry.branch is None]
-    begin_unwinding(message, Unwinding(cause="faulted", reason=reason, step=slip.step, activity=hop.spec.name))
+    unwinding = Unwinding(
+        cause="faulted", reason=reason, step=slip.step, activity=hop.spec.name, late_branch=result.key
+    )
+    begin_unwinding(message, unwinding)
     first = message.next_hop()
     transport = deps.routes.send_to(first)  # where the undone branch ran
     body = seal(first, deps.security, max_bytes=deps.max_message_bytes)

@@ -374,7 +374,7 @@ async def _report_step_done(
         undone = next(record for record in slip.compensations if record.step == entry.step)
         fields["undoes"] = undone.activity
         await deps.reporter.report("step_completed", message, duration=entry.duration, at=entry.finished_at, **fields)
-        if finished:
+        if finished and slip.unwinding.late_branch is None:  # a late branch's undoing ends with its one step
             detail = f"{_undone(slip.compensations)}; {slip.unwinding.cause}: {slip.unwinding.reason}"
             await deps.reporter.report("compensated", message, detail=detail, payload=dict(message.payload), now=True)
         return

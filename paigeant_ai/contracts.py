@@ -271,6 +271,9 @@ class Unwinding(Wire):
     at: AwareDatetime = Field(default_factory=utcnow)
     cancel: str | None = Field(default=None, repr=False, exclude_if=lambda value: value is None)
     """For `cancelled`: the signed cancel request (see `paigeant_ai._cancel`), checked by every worker."""
+    late_branch: str | None = Field(default=None, exclude_if=lambda value: value is None)
+    """For the undoing of a branch that completed after its parallel group had failed: the branch's key. Its end is
+    not the workflow's: the unwinding the group's failure started undoes the steps before the group."""
 
 
 class RoutingSlip(Wire):
