@@ -252,6 +252,8 @@ class _Projection:
             status.state, status.failure = "faulted", f"rejected: {event.detail}"
 
     def _running(self) -> None:
+        if self.undone == "compensated":  # a late branch's own undoing, after the rest: the workflow stays undone
+            return
         if self.unwinding:  # a compensation's step: the workflow still unwinds, and keeps why it stopped
             self.status.state, self.status.waiting_for = "compensating", None
             return
