@@ -6,8 +6,8 @@ the hop that sent it still waits for the confirm and has yet to report its own s
 steps would hand its `on_event` callbacks (and its `-v` log) the second step's events before the first's: a saga
 would seem to undo its first step before its second.
 
-So a hop does not start while another hop of its workflow is settling in the same worker: it waits until that one
-has been acked and reported. The wait is bounded (`WAIT_AT_MOST`): a settle stuck on a broker that does not answer
+So a hop that arrives while other hops of its workflow are settling in the same worker waits until those have been
+acked and reported (not for the ones that begin settling after it arrived). The wait is bounded (`WAIT_AT_MOST`): a settle stuck on a broker that does not answer
 holds the next hop up no longer than that. Across workers nothing is held: each worker's events are in order, and a
 `WorkflowStore` orders the events of several by what they say (`store.event_order`).
 """
@@ -17,48 +17,46 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import Generator
-from dataclasses import dataclass, field
 
 __all__ = ("WAIT_AT_MOST", "SettlingWorkflows")
 
 WAIT_AT_MOST = 5.0
-"""Seconds a hop waits, at most, for another hop of its workflow to settle before it starts anyway."""
-
-
-@dataclass(slots=True)
-class _Settling:
-    hops: int = 0
-    done: asyncio.Event = field(default_factory=asyncio.Event)
+"""Seconds a hop waits, at most, for the hops of its workflow settling when it arrived, before it starts anyway."""
 
 
 class SettlingWorkflows:
-    """The workflows a hop of which is settling in this worker, for the hops of theirs that arrive meanwhile."""
+    """The hops settling in this worker, by workflow, for the hops of theirs that arrive meanwhile."""
 
     def __init__(self) -> None:
-        self._settling: dict[str, _Settling] = {}
+        self._settling: dict[str, list[asyncio.Event]] = {}
 
     @contextlib.contextmanager
     def settling(self, correlation_id: str) -> Generator[None]:
         """Mark a hop of `correlation_id` as settling for the duration of the block (its publish, ack and reports)."""
-        entry = self._settling.get(correlation_id)
-        if entry is None:
-            entry = self._settling[correlation_id] = _Settling()
-        entry.hops += 1
+        done = asyncio.Event()
+        self._settling.setdefault(correlation_id, []).append(done)
         try:
             yield
         finally:
-            entry.hops -= 1
-            if entry.hops == 0:
+            hops = self._settling[correlation_id]
+            hops.remove(done)
+            if not hops:
                 del self._settling[correlation_id]
-                entry.done.set()
+            done.set()
 
     async def wait_for(self, correlation_id: str, *, at_most: float = WAIT_AT_MOST) -> None:
-        """Return once no hop of `correlation_id` that was settling here on the call is settling any more."""
-        entry = self._settling.get(correlation_id)
-        if entry is None:
+        """Return once every hop of `correlation_id` that was settling here on the call has settled.
+
+        Only those: the branches of a wide parallel group settle one after another, and a hop that waited for all
+        of them, those that began after it arrived too, could wait the whole `at_most` behind them.
+        """
+        hops = self._settling.get(correlation_id)
+        if hops is None:
             return  # the usual case: nothing to wait for, and no await
+        earlier = list(hops)
         # `asyncio.timeout`, not `asyncio.wait_for`: on Python 3.11 that returns instead of raising when a shutdown
         # cancels the hop just as the settle ends, and the hop would then run its step after all.
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(at_most):
-                await entry.done.wait()
+                for done in earlier:
+                    await done.wait()

@@ -142,3 +142,14 @@ async def test_a_step_is_reported_completed_before_the_group_after_it_fans_out()
     kinds = [(event.kind, event.activity) for event in events if event.branch is None]
     assert kinds[:3] == [("step_started", "reserve"), ("step_completed", "reserve"), ("fanned_out", "parallel")]
     assert kinds[-1] == ("completed", "parallel")
+
+
+async def test_a_hop_waits_only_for_the_hops_of_its_workflow_settling_when_it_arrived() -> None:
+    settling = SettlingWorkflows()
+    earlier = settling.settling("wf-1")
+    earlier.__enter__()
+    waiter = asyncio.create_task(settling.wait_for("wf-1", at_most=5))
+    await asyncio.sleep(0.01)
+    with settling.settling("wf-1"):  # a sibling branch begins to settle after the hop arrived
+        earlier.__exit__(None, None, None)
+        await asyncio.wait_for(waiter, 1)  # the one it waited for has settled: it goes, though the sibling has not
