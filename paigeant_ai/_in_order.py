@@ -7,9 +7,10 @@ steps would hand its `on_event` callbacks (and its `-v` log) the second step's e
 would seem to undo its first step before its second.
 
 So a hop that arrives while other hops of its workflow are settling in the same worker waits until those have been
-acked and reported (not for the ones that begin settling after it arrived). The wait is bounded (`WAIT_AT_MOST`): a settle stuck on a broker that does not answer
-holds the next hop up no longer than that. Across workers nothing is held: each worker's events are in order, and a
-`WorkflowStore` orders the events of several by what they say (`store.event_order`).
+acked and reported (not for the ones that begin settling after it arrived). The wait is bounded (`WAIT_AT_MOST`):
+a settle stuck on a broker that does not answer holds the next hop up no longer than that. Across workers nothing
+is held: each worker's events are in order, and a `WorkflowStore` orders the events of several by what they say
+(`store.event_order`).
 """
 
 from __future__ import annotations
