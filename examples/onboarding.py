@@ -39,6 +39,7 @@ from paigeant_ai import (
     NonRetryableError,
     RetryActivity,
     RetryPolicy,
+    UserError,
     Worker,
     WorkflowDispatcher,
     activity,
@@ -166,9 +167,13 @@ def key_for_this_run(chosen: Transport) -> MessageSigner | None:
     kept = chosen.path.with_name(chosen.path.name + ".onboarding-key.json")
     if not kept.exists():
         key = generate_key("onboarding-example")
-        kept.parent.mkdir(parents=True, exist_ok=True)
-        with os.fdopen(os.open(kept, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "w") as file:
-            file.write(json.dumps(key.as_dict(private=True)))
+        try:
+            kept.parent.mkdir(parents=True, exist_ok=True)
+            with os.fdopen(os.open(kept, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "w") as file:
+                file.write(json.dumps(key.as_dict(private=True)))
+        except OSError as exc:
+            fix = "set PAIGEANT_SQLITE_PATH to a file in a folder you can write"
+            raise UserError(f"cannot keep the example's key at {kept} ({exc.strerror}): {fix}") from exc
     if os.name == "posix" and kept.stat().st_mode & 0o077:
         raise SystemExit(f"{kept} may be read or written by others: delete it (a new key is made) or chmod 600 it")
     return MessageSigner(load_signing_key(Path(kept)))
@@ -217,4 +222,7 @@ if __name__ == "__main__":
     parser.add_argument("--transport", help="inmemory, sqlite, redis or rabbitmq (default PAIGEANT_TRANSPORT)")
     parser.add_argument("--pause", type=float, default=0.0, help="seconds each plain step waits (time to stop it)")
     args = parser.parse_args()
-    asyncio.run(main(dispatch_only=args.dispatch_only, transport_name=args.transport, pause=args.pause))
+    try:
+        asyncio.run(main(dispatch_only=args.dispatch_only, transport_name=args.transport, pause=args.pause))
+    except UserError as exc:  # a setting to fix (a transport's name, its file): one sentence, not a traceback
+        raise SystemExit(f"onboarding: {exc}") from None

@@ -24,6 +24,30 @@ def run_example(module: str, *args: str, env: dict[str, str] | None = None) -> s
     return result.stdout
 
 
+def test_onboarding_names_the_fix_of_a_bad_setting_in_one_sentence() -> None:
+    def fails(*args: str, env: dict[str, str]) -> str:
+        keys = ("PAIGEANT_SIGNING_KEY", "PAIGEANT_SIGNING_KEY_FILE", "PAIGEANT_ALLOW_UNSIGNED")
+        result = subprocess.run(
+            [sys.executable, "-m", "examples.onboarding", *args],
+            cwd=ROOT,
+            env={**{k: v for k, v in os.environ.items() if k not in keys}, **env},
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        )
+        assert result.returncode == 1, result.stderr
+        assert "Traceback" not in result.stderr
+        return result.stderr.strip()
+
+    assert fails("--transport", "nosuch", env={}) == (
+        "onboarding: unknown transport 'nosuch'; set PAIGEANT_TRANSPORT to one of: inmemory, rabbitmq, redis, sqlite"
+    )
+    said = fails("--transport", "sqlite", env={"PAIGEANT_SQLITE_PATH": "/proc/no-such-folder/x.db"})
+    assert said.startswith("onboarding: cannot keep the example's key at /proc/no-such-folder/x.db.onboarding-key.json")
+    assert said.endswith("set PAIGEANT_SQLITE_PATH to a file in a folder you can write")
+
+
 def test_onboarding_runs_offline_in_memory() -> None:
     out = run_example("examples.onboarding")
     lines = out.splitlines()
