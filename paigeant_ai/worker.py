@@ -435,8 +435,12 @@ class Worker:
 
     async def _settle(self, hop: Hop, outcome: Outcome) -> None:
         """Settle `hop` (`paigeant_ai._settle.settle`); a hop of its workflow arriving meanwhile starts after."""
-        with self._settling.settling(hop.message.correlation_id):
+        cid = hop.message.correlation_id
+        done = self._settling.begin(cid)
+        try:
             await settle(hop, outcome, self)
+        finally:
+            self._settling.end(cid, done)
 
     async def _done_or_halted(self, hop: Hop, outcome: Outcome | None) -> Outcome | None:
         """Skip for a step that completed already, else `outcome`, else why its workflow stops here (`_halted`).

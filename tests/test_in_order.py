@@ -111,20 +111,22 @@ async def test_a_saga_reports_its_undoing_latest_step_first() -> None:
 
 async def test_a_settle_that_hangs_holds_the_next_hop_up_for_a_bounded_time() -> None:
     settling = SettlingWorkflows()
-    with settling.settling("wf-1"):
-        await asyncio.wait_for(settling.wait_for("wf-1", at_most=0.05), 1)  # returns, though wf-1 still settles
-        waiter = asyncio.create_task(settling.wait_for("wf-1", at_most=5))
-        await asyncio.sleep(0.01)
-        assert not waiter.done()
+    done = settling.begin("wf-1")
+    await asyncio.wait_for(settling.wait_for("wf-1", at_most=0.05), 1)  # returns, though wf-1 still settles
+    waiter = asyncio.create_task(settling.wait_for("wf-1", at_most=5))
+    await asyncio.sleep(0.01)
+    assert not waiter.done()
+    settling.end("wf-1", done)
     await asyncio.wait_for(waiter, 1)  # released as soon as the settle ends
     await asyncio.wait_for(settling.wait_for("wf-1"), 0.01)  # nothing settling: no wait at all
 
 
 async def test_a_hop_waiting_for_its_workflow_is_cancelled_by_a_shutdown_that_comes_as_the_settle_ends() -> None:
     settling = SettlingWorkflows()
-    with settling.settling("wf-1"):
-        waiter = asyncio.create_task(settling.wait_for("wf-1"))
-        await asyncio.sleep(0.01)
+    done = settling.begin("wf-1")
+    waiter = asyncio.create_task(settling.wait_for("wf-1"))
+    await asyncio.sleep(0.01)
+    settling.end("wf-1", done)
     assert waiter.cancel(), "the hop has not resumed yet: the shutdown's cancel reaches it"
     with pytest.raises(asyncio.CancelledError):
         await waiter  # rather than go on to run its step while the worker shuts down
@@ -146,10 +148,9 @@ async def test_a_step_is_reported_completed_before_the_group_after_it_fans_out()
 
 async def test_a_hop_waits_only_for_the_hops_of_its_workflow_settling_when_it_arrived() -> None:
     settling = SettlingWorkflows()
-    earlier = settling.settling("wf-1")
-    earlier.__enter__()
+    earlier = settling.begin("wf-1")
     waiter = asyncio.create_task(settling.wait_for("wf-1", at_most=5))
     await asyncio.sleep(0.01)
-    with settling.settling("wf-1"):  # a sibling branch begins to settle after the hop arrived
-        earlier.__exit__(None, None, None)
-        await asyncio.wait_for(waiter, 1)  # the one it waited for has settled: it goes, though the sibling has not
+    settling.begin("wf-1")  # a sibling branch begins to settle after the hop arrived, and is still settling
+    settling.end("wf-1", earlier)
+    await asyncio.wait_for(waiter, 1)  # the one it waited for has settled: it goes, though the sibling has not
