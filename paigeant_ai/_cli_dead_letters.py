@@ -100,7 +100,8 @@ async def browse_dead_letters(transport: Transport, visit: Callable[[DeadLetter]
     async with await transport.consume(DEAD_LETTER, prefetch=min(total, 100)) as consumer:
         while seen < total:
             try:
-                delivery = await asyncio.wait_for(anext(consumer), timeout=2.0)
+                async with asyncio.timeout(2.0):
+                    delivery = await anext(consumer)
             except (TimeoutError, StopAsyncIteration):
                 break  # the rest is held by another consumer
             seen += 1

@@ -345,7 +345,8 @@ class _EventBatcher:
     async def _run(self) -> None:
         while self._pending or self._formed:
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._full.wait(), self.interval)
+                async with asyncio.timeout(self.interval):
+                    await self._full.wait()
             await self._publish()
 
     async def _publish(self) -> None:

@@ -361,7 +361,8 @@ class LongSteps:
         pause = min(GIVE_BACK_PAUSE_MAX, GIVE_BACK_PAUSE * 2 ** (delivery.delivery_count - 1))
         logger.warning("a delivery on %s could not be settled: handing it back in %gs", delivery.address, pause)
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(stopping.wait(), pause)
+            async with asyncio.timeout(pause):
+                await stopping.wait()
         try:
             await self.transport.give_back(delivery)
         except TransportError as exc:  # the connection is gone: the broker takes its deliveries back by itself

@@ -291,7 +291,8 @@ class Supervisor:
             )
             self.restarts += 1
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._stopping.wait(), delay)
+                async with asyncio.timeout(delay):
+                    await self._stopping.wait()
 
     async def _start(self, slot: ChildSlot) -> _Child:
         ours, theirs = socket.socketpair()
@@ -319,7 +320,8 @@ class Supervisor:
         await child.process.wait()
         if child.listening is not None:
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(child.listening, LINK_DRAIN)
+                async with asyncio.timeout(LINK_DRAIN):
+                    await child.listening
 
     async def _listen(self, child: _Child, sock: socket.socket) -> None:
         """Read what the child says until its end closes."""

@@ -124,7 +124,8 @@ class SQLiteConsumer(BufferedConsumer):
                 failures, eager = 0, False
                 poll = min(poll * 2, self.transport.poll_interval)
                 try:
-                    await asyncio.wait_for(self.wake.wait(), wait)
+                    async with asyncio.timeout(wait):
+                        await self.wake.wait()
                     poll, eager = _FIRST_POLL, True
                 except TimeoutError:
                     pass
