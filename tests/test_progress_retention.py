@@ -5,6 +5,7 @@ workflows and time; on Redis and SQLite by entries and an expiry after the last 
 from __future__ import annotations
 
 import asyncio
+import time
 import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -21,6 +22,7 @@ from paigeant_ai.transports.redis import _progress as redis_progress
 from paigeant_ai.transports.redis._progress import PROGRESS_RETENTION, progress_key
 from paigeant_ai.transports.sqlite import SQLiteTransport
 from paigeant_ai.transports.sqlite import _progress as sqlite_progress
+from paigeant_ai.transports.sqlite._sweep import sweep
 
 from .brokers import RABBITMQ_URL, REDIS_URL, delete_queues, delete_redis_namespace, require_rabbitmq, require_redis
 
@@ -90,6 +92,23 @@ async def test_on_sqlite_a_stream_keeps_its_own_latest_entries_whatever_other_wo
         assert [entry async for entry in _bodies(transport, "wf-parked")] == [b"dispatched", b"waiting", b"resumed"]
         # One past its cap keeps its latest.
         assert [entry async for entry in _bodies(transport, "wf-busy")] == [f"e{n}".encode() for n in range(15, 20)]
+
+
+async def test_on_sqlite_the_sweep_forgets_a_stream_past_its_retention_though_nothing_is_appended_since(
+    tmp_path: Path,
+) -> None:
+    async with SQLiteTransport(tmp_path / "progress.db", namespace="retention") as transport:
+        await transport.append_progress("wf-old", b"long ago", {})
+        await transport.append_progress("wf-new", b"just now", {})
+        week_ago = time.time() - sqlite_progress.PROGRESS_RETENTION - 60
+        await transport.db.call(
+            lambda db: db.execute("UPDATE progress SET created = ? WHERE correlation_id = 'wf-old'", (week_ago,)),
+            doing="ageing a stream",
+        )
+        # No append comes after: a quiet machine. The transport's own sweep (once a minute) forgets it.
+        await transport.db.call(lambda db: sweep(db, "retention"), doing="sweeping")
+        assert [entry async for entry in _bodies(transport, "wf-old")] == []
+        assert [entry async for entry in _bodies(transport, "wf-new")] == [b"just now"]
 
 
 async def _bodies(transport: RedisTransport | SQLiteTransport, correlation_id: str) -> AsyncIterator[bytes]:

@@ -1,8 +1,8 @@
 """The progress streams of a `SQLiteTransport`: rows of `progress`, one stream per workflow, positions its row ids.
 
 A stream keeps its last `PROGRESS_MAX_ENTRIES` entries, and is forgotten `PROGRESS_RETENTION` seconds after its
-last entry (swept when entries are appended). A reader in the process that appends is woken at once; one in another
-process looks again every `_POLL` seconds while it waits.
+last entry (by the transport's sweep, once a minute: see `_sweep`). A reader in the process that appends is woken
+at once; one in another process looks again every `_POLL` seconds while it waits.
 """
 
 from __future__ import annotations
@@ -28,11 +28,9 @@ PROGRESS_RETENTION = 7 * 24 * 3600.0
 """Seconds a workflow's stream is kept after its last entry."""
 _READ_COUNT = 500
 _POLL = 0.1
-_SWEEP_EVERY = 1000
-"""Appends between two sweeps of the streams whose retention has passed."""
 
 
-def _append(db: sqlite3.Connection, ns: str, cid: str, body: bytes, headers: str, sweep: bool) -> None:
+def _append(db: sqlite3.Connection, ns: str, cid: str, body: bytes, headers: str) -> None:
     now = time.time()
     added = db.execute(
         "INSERT INTO progress (ns, correlation_id, body, headers, created) VALUES (?, ?, ?, ?, ?) RETURNING id",
@@ -45,22 +43,14 @@ def _append(db: sqlite3.Connection, ns: str, cid: str, body: bytes, headers: str
             "WHERE ns = ? AND correlation_id = ? ORDER BY id DESC LIMIT 1 OFFSET ?)",
             (ns, cid, ns, cid, PROGRESS_MAX_ENTRIES),
         )
-    if sweep:
-        db.execute(
-            "DELETE FROM progress WHERE ns = ? AND correlation_id IN (SELECT correlation_id FROM progress "
-            "WHERE ns = ? GROUP BY correlation_id HAVING max(created) < ?)",
-            (ns, ns, now - PROGRESS_RETENTION),
-        )
 
 
 async def append_progress(
     transport: SQLiteTransport, correlation_id: str, body: bytes, headers: Mapping[str, str]
 ) -> None:
     ns, header_json = transport.namespace, q.dump_headers(headers)
-    transport.progress_appends += 1
-    sweep = transport.progress_appends % _SWEEP_EVERY == 1
     await transport.db.call(
-        lambda db: _append(db, ns, correlation_id, body, header_json, sweep),
+        lambda db: _append(db, ns, correlation_id, body, header_json),
         doing=f"appending to the progress of {correlation_id!r}",
     )
     transport.progress_arrived.set()
@@ -85,7 +75,8 @@ class SQLiteProgressReader:
             if found or left <= 0:
                 return found
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self.transport.progress_arrived.wait(), min(_POLL, left))
+                async with asyncio.timeout(min(_POLL, left)):
+                    await self.transport.progress_arrived.wait()
         return []
 
     async def _read_now(self) -> list[ProgressEntry]:

@@ -6,6 +6,8 @@ from __future__ import annotations
 import sqlite3
 import time
 
+from ._progress import PROGRESS_RETENTION
+
 __all__ = ("SWEEP_EVERY", "sweep")
 
 SWEEP_EVERY = 60.0
@@ -32,3 +34,8 @@ def sweep(db: sqlite3.Connection, ns: str) -> None:
         (ns, ns, now),
     )
     db.execute("DELETE FROM join_groups WHERE ns = ? AND expires <= ?", (ns, now))
+    db.execute(
+        "DELETE FROM progress WHERE ns = ? AND correlation_id IN (SELECT correlation_id FROM progress "
+        "WHERE ns = ? GROUP BY correlation_id HAVING max(created) < ?)",
+        (ns, ns, now - PROGRESS_RETENTION),
+    )

@@ -93,7 +93,6 @@ class SQLiteTransport(TransportBase):
         self.db = Database(self.path, synchronous=synchronous.upper())
         self._consumers: set[SQLiteConsumer] = set()
         self._sweeper: asyncio.Task[None] | None = None
-        self.progress_appends = 0
         self.progress_arrived = asyncio.Event()
         """Set, then cleared, by every append of this process: wakes its progress readers at once."""
 
