@@ -72,6 +72,8 @@ class Advertiser:
         self.worker_id = f"{self.host}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         self._advertised: list[AdvertisedActivity] | None = None
         self._task: asyncio.Task[None] | None = None
+        self.posted = False
+        """Whether the last post of the record reached every board."""
 
     async def start(self) -> None:
         """Post the record, then keep posting it every heartbeat in the background."""
@@ -103,7 +105,9 @@ class Advertiser:
     async def _post_or_log(self) -> None:
         try:
             await self._post(stopped=False)
+            self.posted = True
         except Exception as exc:  # the broker is away, say: the next heartbeat tries again
+            self.posted = False
             logger.warning("posting worker %s on the registry failed: %s", self.worker_id, exc)
 
     async def _post(self, *, stopped: bool) -> None:

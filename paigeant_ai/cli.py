@@ -205,7 +205,7 @@ async def _run_until_stopped(worker: Worker, target: str, *, burst: bool, child:
     signals = (signal.SIGTERM, signal.SIGINT) if child is None else (signal.SIGTERM,)
     for sig in signals:  # first: a supervisor may signal as soon as it sees the banner
         loop.add_signal_handler(sig, worker.stop)
-    links = _link_to_supervisor(worker, child)
+    links = [*_link_to_supervisor(worker, child), asyncio.create_task(_say_when_ready(worker))]
     try:
         print(worker_banner(worker, target, None if child is None else child.slot), file=sys.stderr)
         if getattr(worker.transport, "process_local", False) and not burst:
@@ -223,6 +223,20 @@ async def _run_until_stopped(worker: Worker, target: str, *, burst: bool, child:
             task.cancel()
         await asyncio.gather(*links, return_exceptions=True)
         await worker.transport.disconnect()
+
+
+async def _say_when_ready(worker: Worker) -> None:
+    """The banner's last line, once the worker is on the registry and consumes: from then on a dispatch of its
+    steps finds it, where one sent as the banner appears may be refused as unserved."""
+    await worker.consuming.wait()
+    advertiser = worker.advertiser
+    if not advertiser.boards:
+        said = "consuming"
+    elif advertiser.posted:
+        said = f"consuming, on the registry as {advertiser.worker_id}"
+    else:
+        said = f"consuming; not on the registry yet (trying again every {advertiser.interval:g}s)"
+    print(f"  ready        {said}", file=sys.stderr)
 
 
 def _link_to_supervisor(worker: Worker, child: SupervisorLink | None) -> list[asyncio.Task[None]]:

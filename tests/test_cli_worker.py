@@ -32,9 +32,11 @@ from paigeant_ai import (
     activity,
     get_transport,
 )
+from paigeant_ai._advertiser import Advertiser
 from paigeant_ai._cli_keys import generate_keys
 from paigeant_ai.approval import InMemoryWaitingStore
 from paigeant_ai.cli import main
+from paigeant_ai.exceptions import TransportError
 
 from .brokers import REDIS_URL, delete_redis_namespace, require_redis
 from .scripted import refunder
@@ -140,14 +142,59 @@ def test_the_banner_says_where_the_worker_connects_and_how_it_signs(
     err = capsys.readouterr().err
     assert "s3cret" not in err
     banner = err.split("\nworker stopped")[0]
-    assert banner == (
-        "paigeant 0.1.0 worker tests.test_cli_worker:greeter\n"
-        f"  transport    redis redis://default:***@{parts.netloc}{parts.path}\n"
-        f"  namespace    {namespace}\n"
-        f"  queues       {namespace}:{{q:greet}}, {namespace}:{{q:flaky}}\n"
-        "  concurrency  3\n"
-        f"  signing key  {kid}"
+    assert re.fullmatch(
+        re.escape(
+            "paigeant 0.1.0 worker tests.test_cli_worker:greeter\n"
+            f"  transport    redis redis://default:***@{parts.netloc}{parts.path}\n"
+            f"  namespace    {namespace}\n"
+            f"  queues       {namespace}:{{q:greet}}, {namespace}:{{q:flaky}}\n"
+            "  concurrency  3\n"
+            f"  signing key  {kid}\n"
+            "  ready        consuming, on the registry as "
+        )
+        + r"\S+-\d+-[0-9a-f]{8}",
+        banner,
     )
+
+
+@pytest.mark.redis
+def test_the_banner_says_ready_only_once_the_worker_is_on_the_registry(
+    namespace: str, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("PAIGEANT_ALLOW_UNSIGNED", "1")
+    monkeypatch.setenv("PAIGEANT_REDIS_URL", REDIS_URL)
+    said: list[str] = []  # what the worker printed, read as each post of its record finished
+    post = Advertiser._post
+
+    async def slow_post(self: Advertiser, *, stopped: bool) -> None:
+        await asyncio.sleep(0.3)  # a slow broker: the banner is out long before the record is posted
+        said.append(capsys.readouterr().err)
+        await post(self, stopped=stopped)
+
+    monkeypatch.setattr(Advertiser, "_post", slow_post)
+    argv = ["worker", "tests.test_cli_worker:greeter", "--burst", "--transport", "redis", "--namespace", namespace]
+    assert main(argv) == 0
+    said.append(capsys.readouterr().err)
+    assert "  signing key  unsigned\n" in said[0]
+    assert "  ready " not in said[0]  # the banner was out, its last line was not: the record was not posted yet
+    assert re.search(r"\n  ready        consuming, on the registry as \S+\n", "".join(said))
+
+
+@pytest.mark.redis
+def test_the_banner_says_when_the_worker_is_not_on_the_registry_yet(
+    namespace: str, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("PAIGEANT_ALLOW_UNSIGNED", "1")
+    monkeypatch.setenv("PAIGEANT_REDIS_URL", REDIS_URL)
+
+    async def failing_post(self: Advertiser, *, stopped: bool) -> None:
+        raise TransportError("the registry is away")
+
+    monkeypatch.setattr(Advertiser, "_post", failing_post)
+    argv = ["worker", "tests.test_cli_worker:greeter", "--burst", "--transport", "redis", "--namespace", namespace]
+    assert main(argv) == 0
+    err = capsys.readouterr().err
+    assert re.search(r"\n  ready        consuming; not on the registry yet \(trying again every \d+s\)\n", err)
 
 
 @pytest.mark.redis
