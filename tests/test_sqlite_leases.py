@@ -12,6 +12,7 @@ from paigeant_ai.contracts import DEAD_LETTER
 from paigeant_ai.exceptions import TransportError
 from paigeant_ai.transports.base import Consumer, Delivery
 from paigeant_ai.transports.sqlite import SQLiteTransport, _db
+from paigeant_ai.transports.sqlite import _queue as q
 
 from .transport_contract import address, receive
 
@@ -76,3 +77,30 @@ async def test_a_lapsed_delivery_cannot_take_back_its_redelivery_to_the_same_con
             assert await transport.pending(DEAD_LETTER) == 0
             await transport.ack(again)
         assert await transport.pending(where) == 0
+
+
+async def test_rows_a_closing_consumer_leased_but_never_handed_out_do_not_count_as_delivered(tmp_path: Path) -> None:
+    """A consumer that closes while a request for more rows is on the database's thread never sees that answer:
+    the rows it leased were not delivered, so closing must not leave them counted, or restarts alone would push a
+    message towards `max_deliveries` and the dead letters."""
+    path = tmp_path / "closing.sqlite3"
+    async with SQLiteTransport(path) as transport:
+        where = address()
+        for body in (b"handed out", b"leased unseen"):
+            await transport.publish(where, body)
+        consumer = await transport.consume(where, prefetch=1)  # leases one row at a time
+        handed = await receive(consumer)
+        assert handed.body == b"handed out"
+        # The answer to a lease request that the closing consumer's fetch task no longer waits for:
+        await transport.db.call(
+            lambda db: q.claim_ready(db, transport.namespace, where, consumer.name, room=1, lease=30.0),
+            doing="leasing as the consumer's last request did",
+        )
+        await consumer.aclose()
+        counts = await transport.db.call(
+            lambda db: dict(db.execute("SELECT body, delivery_count FROM messages").fetchall()),
+            write=False,
+            doing="reading the counts",
+        )
+        # The delivery it handed out and never settled counts; the row it leased and never saw does not.
+        assert counts == {b"handed out": 1, b"leased unseen": 0}

@@ -57,7 +57,7 @@ class SQLiteConsumer(BufferedConsumer):
 
     async def start(self) -> None:
         t = self.transport
-        await t.db.call(lambda db: q.give_back(db, self.name, ()), doing=f"taking back the leases of {self.name}")
+        await t.db.call(lambda db: q.give_back(db, self.name, None), doing=f"taking back the leases of {self.name}")
         await self._beat()
         self._tasks = [
             asyncio.create_task(self._fetch_forever(), name=f"paigeant-sqlite-fetch-{self.address}"),
@@ -77,7 +77,7 @@ class SQLiteConsumer(BufferedConsumer):
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
-        never_handed_out = [delivery.handle.row_id for delivery in self._buffer]
+        handed_out = list(self._unacked)  # the rest of what it holds, it never handed out
         self._buffer.clear()
         self._unacked.clear()
         self._arrived.set()
@@ -85,7 +85,7 @@ class SQLiteConsumer(BufferedConsumer):
         if self.transport.db.opened:
             try:
                 await self.transport.db.call(
-                    lambda db: q.give_back(db, self.name, never_handed_out),
+                    lambda db: q.give_back(db, self.name, handed_out),
                     doing=f"handing back the deliveries of {self.name}",
                 )
                 await self._beat(closing=True)

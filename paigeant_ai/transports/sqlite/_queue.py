@@ -107,12 +107,16 @@ def renew(db: sqlite3.Connection, owner: str, ids: Sequence[int], lease: float) 
     return kept
 
 
-def give_back(db: sqlite3.Connection, owner: str, never_handed_out: Sequence[int]) -> None:
-    """Clear `owner`'s leases: its rows are ready again. Those never handed out do not count as delivered."""
-    for row_id in never_handed_out:
+def give_back(db: sqlite3.Connection, owner: str, handed_out: Sequence[int] | None) -> None:
+    """Clear `owner`'s leases: its rows are ready again. Given what it `handed_out`, its other rows were never
+    delivered (buffered, or leased by a request whose answer it no longer waited for): they do not count as
+    delivered. Without it (None), every count stays."""
+    if handed_out is not None:
+        marks = ",".join("?" * len(handed_out))
         db.execute(
-            "UPDATE messages SET delivery_count = max(0, delivery_count - 1) WHERE id = ? AND lease_owner = ?",
-            (row_id, owner),
+            "UPDATE messages SET delivery_count = max(0, delivery_count - 1) "
+            f"WHERE lease_owner = ? AND id NOT IN ({marks})",
+            (owner, *handed_out),
         )
     db.execute("UPDATE messages SET lease_owner = NULL, lease_until = NULL WHERE lease_owner = ?", (owner,))
 
