@@ -57,7 +57,8 @@ async def test_a_delivery_that_could_not_be_settled_nor_handed_back_comes_back_a
 
 async def test_a_lapsed_delivery_cannot_take_back_its_redelivery_to_the_same_consumer(tmp_path: Path) -> None:
     """A delivery whose lease lapsed, taken again by the same consumer, is a new delivery: settling the old one
-    (handing it back, dead-lettering it) must leave the new one alone, as it does one another consumer took."""
+    (acknowledging it, handing it back, dead-lettering it) must leave the new one alone, as it does one another
+    consumer took."""
     path = tmp_path / "same.sqlite3"
     async with SQLiteTransport(path, visibility_timeout=60) as transport:
         where = address()
@@ -69,6 +70,7 @@ async def test_a_lapsed_delivery_cannot_take_back_its_redelivery_to_the_same_con
             transport._wake(where)  # pyright: ignore[reportPrivateUsage]
             again = await receive(consumer)
             assert (again.body, again.delivery_count) == (b"work", 2)
+            await transport.ack(late)
             await transport.retry_later(late, 0)
             await transport.dead_letter(late, "failed after its lease lapsed")
             with sqlite3.connect(path) as raw:  # still leased to the redelivery, which is running: not a third one

@@ -17,6 +17,7 @@ from typing import cast
 
 __all__ = (
     "Row",
+    "ack",
     "claim_ready",
     "dump_headers",
     "give_back",
@@ -105,6 +106,18 @@ def renew(db: sqlite3.Connection, owner: str, ids: Sequence[int], lease: float) 
         ).fetchall()
         kept.update(row[0] for row in rows)
     return kept
+
+
+def ack(db: sqlite3.Connection, row_id: int, owner: str, delivery_count: int) -> bool | None:
+    """Delete the row `row_id` that `owner` holds as its `delivery_count`th delivery: True. False, and nothing
+    changed, if a later delivery holds it (its lease lapsed and a consumer, maybe `owner` again, took it); None if
+    the row is gone (settled already)."""
+    held = db.execute(
+        "DELETE FROM messages WHERE id = ? AND lease_owner = ? AND delivery_count = ?", (row_id, owner, delivery_count)
+    )
+    if held.rowcount:
+        return True
+    return False if db.execute("SELECT 1 FROM messages WHERE id = ?", (row_id,)).fetchone() else None
 
 
 def give_back(db: sqlite3.Connection, owner: str, handed_out: Sequence[int] | None) -> None:

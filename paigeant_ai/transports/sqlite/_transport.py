@@ -160,12 +160,14 @@ class SQLiteTransport(TransportBase):
     async def ack(self, delivery: Delivery) -> None:
         handle = self._handle(delivery)
         try:
-            await self.db.call(
-                lambda db: db.execute("DELETE FROM messages WHERE id = ?", (handle.row_id,)),
+            acked = await self.db.call(
+                lambda db: q.ack(db, handle.row_id, handle.consumer.name, handle.delivery_count),
                 doing=f"acknowledging a delivery from {delivery.address!r}",
             )
         finally:  # settled, or failed: no longer renewed either way (see `SQLiteConsumer.settled`)
             handle.consumer.settled(handle)
+        if acked is False:  # its lease lapsed and a consumer took it again: that delivery settles it
+            logger.warning("not acknowledging a delivery from %r that was delivered again since", delivery.address)
 
     async def retry_later(self, delivery: Delivery, delay: float) -> None:
         handle = self._handle(delivery)
