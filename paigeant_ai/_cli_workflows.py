@@ -17,10 +17,10 @@ import json
 from collections.abc import AsyncGenerator, Sequence
 from contextlib import asynccontextmanager
 from datetime import datetime
-from typing import TYPE_CHECKING, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Protocol, get_args, runtime_checkable
 
 from ._escape import escape_control, escape_json
-from ._events import WorkflowEvent
+from ._events import EventKind, WorkflowEvent
 from ._ledger import describe_usage
 from ._stalls import WAITING_STATES
 from .exceptions import UserError
@@ -280,11 +280,15 @@ def render_status(status: WorkflowStatus) -> str:
     return "\n".join(escape_control(line.rstrip()) for line in lines)  # what workflows said is shown, never obeyed
 
 
+_KIND_WIDTH = max(len(kind) for kind in get_args(EventKind))
+"""The width of the timeline's kind column: the longest kind (`compensation_failed`), so every row lines up."""
+
+
 def _describe(event: WorkflowEvent) -> str:
     where = f" step {event.step}" if event.step is not None else ""
     where += f" {event.activity}" if event.activity else ""
     where += f" [branch {event.branch}]" if event.branch else ""
-    text = f"{event.kind:<15}{where}"
+    text = f"{event.kind:<{_KIND_WIDTH}}{where}"
     if event.kind in ("step_started", "step_completed") and event.attempt:
         text += f" (attempt {event.attempt + 1})"
     if event.undoes:

@@ -39,6 +39,7 @@ __all__ = (
     "RetryPolicy",
     "RevisionLimits",
     "Wire",
+    "assume_utc",
     "utcnow",
 )
 
@@ -48,6 +49,11 @@ FROM_WIRE: Mapping[str, Any] = {"paigeant_wire": True}
 
 def utcnow() -> datetime:
     return datetime.now(UTC)
+
+
+def assume_utc(at: datetime) -> datetime:
+    """`at` with a time zone: a naive one (as an older store or a caller may give) is taken as UTC."""
+    return at if at.tzinfo is not None else at.replace(tzinfo=UTC)
 
 
 class Wire(BaseModel):

@@ -219,6 +219,9 @@ class WorkflowDispatcher:
             if require_workers:
                 await self._require_workers(message.routing_slip.itinerary)
             await self.live_workers.require(message.routing_slip.itinerary)  # workers post on their home's registry
+            # After the worker checks: a route no worker serves is told so, with what is served, before the join
+            # store it would need besides.
+            refuse_groups_without_join(self.transport, message.routing_slip.itinerary)
             with observability.dispatch_span(message, self.transport.name):
                 for first in first_branches(message, branch_hops(message)) if fans_out(message) else [message]:
                     transport = self.routes.send_to(first)
@@ -243,7 +246,6 @@ class WorkflowDispatcher:
         """The first message of a workflow, every argument checked, each mistake told in one sentence."""
         specs = specs_of(activities)
         self.routes.check_route(specs)
-        refuse_groups_without_join(self.transport, specs)
         refuse_shadowed_keys(specs, variables_of(variables))
         if correlation_id is not None and (not isinstance(correlation_id, str) or not correlation_id):
             raise UserError(

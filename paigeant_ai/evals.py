@@ -32,8 +32,9 @@ except ImportError as _exc:  # pragma: no cover - the extra is installed whereve
 
 from ._events import WorkflowEvent
 from ._step_record import REDACTED, StepRecord
+from ._wire import assume_utc
 from .exceptions import UserError
-from .store import FINAL_STATES, WorkflowStatus, WorkflowStore, _aware
+from .store import FINAL_STATES, WorkflowStatus, WorkflowStore
 
 __all__ = (
     "FieldsMatch",
@@ -98,11 +99,11 @@ def load_dataset(path: Path | str) -> RecordedDataset:
 
 
 def _wanted(status: WorkflowStatus, states: Sequence[str], since: datetime | None, until: datetime | None) -> bool:
-    started = _aware(status.started_at)
+    started = assume_utc(status.started_at)
     return (
         status.state in states
-        and (since is None or started >= _aware(since))
-        and (until is None or started < _aware(until))
+        and (since is None or started >= assume_utc(since))
+        and (until is None or started < assume_utc(until))
     )
 
 

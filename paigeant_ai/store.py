@@ -23,6 +23,7 @@ from ._events import WorkflowEvent
 from ._ledger import most_used
 from ._projector import WorkflowProjector
 from ._usage import Usage
+from ._wire import assume_utc
 from .exceptions import UserError
 from .transports.base import ConsumerWatch, SharedStores
 
@@ -353,7 +354,7 @@ async def mark_stalled(
         if activity not in unserved:
             unserved[activity] = await _unserved_since(transport, activity)
         since = unserved[activity]
-        idle = (now - max(since, _aware(status.updated_at))).total_seconds() if since is not None else 0.0
+        idle = (now - max(since, assume_utc(status.updated_at))).total_seconds() if since is not None else 0.0
         if idle < after:
             marked.append(status)
             continue
@@ -386,10 +387,6 @@ async def _unserved_since(transport: ConsumerWatch, activity: str) -> datetime |
     if count is None or count > 0:
         return None
     return await transport.last_consumed(activity) or _NEVER
-
-
-def _aware(at: datetime) -> datetime:
-    return at if at.tzinfo is not None else at.replace(tzinfo=UTC)
 
 
 def _span(seconds: float) -> str:

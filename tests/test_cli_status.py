@@ -7,6 +7,7 @@ import gc
 import json
 import re
 from collections.abc import Iterator
+from datetime import UTC, datetime
 
 import pytest
 from inline_snapshot import snapshot
@@ -21,8 +22,12 @@ from paigeant_ai import (
     NonRetryableError,
     Worker,
     WorkflowDispatcher,
+    WorkflowEvent,
+    WorkflowStatus,
     activity,
 )
+from paigeant_ai._cli_workflows import render_status
+from paigeant_ai._events import EventKind
 from paigeant_ai.approval import InMemoryWaitingStore
 from paigeant_ai.cli import main
 from paigeant_ai.security import generate_key
@@ -61,7 +66,7 @@ async def check_customer(ctx: ActivityContext) -> dict[str, str]:
 @activity(name="create-account")
 async def create_account(ctx: ActivityContext) -> dict[str, str]:
     if not FIXED and ctx.payload.get("email") == "bad@example.com":
-        raise NonRetryableError("address refused")
+        raise NonRetryableError("refused")
     return {"account": "acct-1"}
 
 
@@ -96,12 +101,12 @@ workflow wf-completed: completed
       0 check-customer  completed 1 attempt   <s>  version 0+<digest>
       1 create-account  completed 1 attempt   <s>  version 0+<digest>
   timeline:
-    <time> +<s>  dispatched      step 0 check-customer
-    <time> +<s>  step_started    step 0 check-customer
-    <time> +<s>  step_completed  step 0 check-customer in <s>
-    <time> +<s>  step_started    step 1 create-account
-    <time> +<s>  step_completed  step 1 create-account in <s>
-    <time> +<s>  completed       step 1 create-account
+    <time> +<s>  dispatched          step 0 check-customer
+    <time> +<s>  step_started        step 0 check-customer
+    <time> +<s>  step_completed      step 0 check-customer in <s>
+    <time> +<s>  step_started        step 1 create-account
+    <time> +<s>  step_completed      step 1 create-account in <s>
+    <time> +<s>  completed           step 1 create-account
   final payload:
     {
       "account": "acct-1",
@@ -115,19 +120,19 @@ workflow wf-completed: completed
 workflow wf-failed: faulted
   started <date> UTC, last event <s> later
   deadline: <date> UTC
-  failed: step 'create-account' failed: NonRetryableError: address refused
+  failed: step 'create-account' failed: NonRetryableError: refused
   still to run: create-account
   steps:
       0 check-customer  completed 1 attempt   <s>  version 0+<digest>
       1 create-account  failed    1 attempt     version 0+<digest>
-        NonRetryableError: address refused
+        NonRetryableError: refused
   timeline:
-    <time> +<s>  dispatched      step 0 check-customer
-    <time> +<s>  step_started    step 0 check-customer
-    <time> +<s>  step_completed  step 0 check-customer in <s>
-    <time> +<s>  step_started    step 1 create-account
-    <time> +<s>  step_failed     step 1 create-account: NonRetryableError: address refused
-    <time> +<s>  faulted         step 1 create-account: step 'create-account' failed: NonRetryableError: address refused
+    <time> +<s>  dispatched          step 0 check-customer
+    <time> +<s>  step_started        step 0 check-customer
+    <time> +<s>  step_completed      step 0 check-customer in <s>
+    <time> +<s>  step_started        step 1 create-account
+    <time> +<s>  step_failed         step 1 create-account: NonRetryableError: refused
+    <time> +<s>  faulted             step 1 create-account: step 'create-account' failed: NonRetryableError: refused
 """)
 
     assert main(["status", "wf-waiting", "--no-sync"]) == 0
@@ -142,9 +147,9 @@ workflow wf-waiting: waiting
   steps:
       0 refund-order  waiting   1 attempt     version 0+<digest>
   timeline:
-    <time> +<s>  dispatched      step 0 refund-order
-    <time> +<s>  step_started    step 0 refund-order
-    <time> +<s>  waiting         step 0 refund-order: waiting for approval of refund (call-1)
+    <time> +<s>  dispatched          step 0 refund-order
+    <time> +<s>  step_started        step 0 refund-order
+    <time> +<s>  waiting             step 0 refund-order: waiting for approval of refund (call-1)
 """)
 
     assert main(["workflows"]) == 0
@@ -153,13 +158,46 @@ workflow wf-waiting: waiting
     assert sorted(rows) == snapshot(
         [
             "completed  <date>  wf-completed    -",
-            "faulted    <date>  wf-failed       step 'create-account' failed: NonRetryableError: address refused",
+            "faulted    <date>  wf-failed       step 'create-account' failed: NonRetryableError: refused",
             "waiting    <date>  wf-waiting      waiting for approval of refund (call-1)",
         ]
     )  # the two that ran side by side may finish in either order
 
     assert main(["status", "wf-nope"]) == 1
     assert "no workflow 'wf-nope' in the store" in capsys.readouterr().out
+
+
+def test_the_timeline_lines_up_a_failed_compensation_with_the_other_events() -> None:
+    start = datetime(2026, 1, 1, 12, 0, tzinfo=UTC)
+    happened: list[tuple[EventKind, int, str, str | None]] = [
+        ("dispatched", 0, "reserve", None),
+        ("step_completed", 0, "reserve", None),
+        ("step_failed", 1, "charge", None),
+        ("faulted", 1, "charge", None),
+        ("compensating", 1, "charge", None),
+        ("step_failed", 0, "release", "reserve"),
+        ("compensation_failed", 0, "release", "reserve"),
+    ]
+    events = [
+        WorkflowEvent(kind=kind, correlation_id="w-1", step=step, activity=name, undoes=undoes, at=start)
+        for kind, step, name, undoes in happened
+    ]
+    status = WorkflowStatus(
+        correlation_id="w-1", state="compensation_failed", started_at=start, updated_at=start, events=events
+    )
+    rows = render_status(status).split("  timeline:\n")[1].splitlines()
+    assert rows == snapshot(
+        [
+            "    12:00:00.000 +0.000s  dispatched          step 0 reserve",
+            "    12:00:00.000 +0.000s  step_completed      step 0 reserve",
+            "    12:00:00.000 +0.000s  step_failed         step 1 charge",
+            "    12:00:00.000 +0.000s  faulted             step 1 charge",
+            "    12:00:00.000 +0.000s  compensating        step 1 charge",
+            "    12:00:00.000 +0.000s  step_failed         step 0 release undoing reserve",
+            "    12:00:00.000 +0.000s  compensation_failed step 0 release undoing reserve",
+        ]
+    )
+    assert len({row.index(" step ") for row in rows}) == 1, "every row's step starts in the same column"
 
 
 def test_status_as_json_has_no_token(namespace: str, capsys: pytest.CaptureFixture[str]) -> None:
@@ -198,7 +236,7 @@ def test_dead_letters_are_listed_with_reasons_and_replayed_after_the_fix(
 1 dead letter on redis:
 
   message <id>  workflow wf-failed  step 1 create-account  attempt 1  from create-account
-    reason: step 'create-account' failed: NonRetryableError: address refused
+    reason: step 'create-account' failed: NonRetryableError: refused
 
 replay one once its cause is fixed: paigeant dead-letters --replay <message id>
 """)
@@ -211,7 +249,7 @@ replay one once its cause is fixed: paigeant dead-letters --replay <message id>
     assert main(["dead-letters", "--replay", message_id[1]]) == 0
     assert normalized(capsys.readouterr().out) == snapshot("""\
 replayed workflow wf-failed to step 1 create-account as message <id> (attempt 2)
-  it had failed: step 'create-account' failed: NonRetryableError: address refused
+  it had failed: step 'create-account' failed: NonRetryableError: refused
 """)
     assert main(["dead-letters", "--replay", message_id[1]]) == 1
     assert "no dead letter with message id" in capsys.readouterr().out
@@ -225,18 +263,18 @@ workflow wf-failed: completed
   steps:
       0 check-customer  completed 1 attempt   <s>  version 0+<digest>
       1 create-account  completed 2 attempts  <s>  version 0+<digest>
-        (earlier attempt: NonRetryableError: address refused)
+        (earlier attempt: NonRetryableError: refused)
   timeline:
-    <time> +<s>  dispatched      step 0 check-customer
-    <time> +<s>  step_started    step 0 check-customer
-    <time> +<s>  step_completed  step 0 check-customer in <s>
-    <time> +<s>  step_started    step 1 create-account
-    <time> +<s>  step_failed     step 1 create-account: NonRetryableError: address refused
-    <time> +<s>  faulted         step 1 create-account: step 'create-account' failed: NonRetryableError: address refused
-    <time> +<s>  replayed        step 1 create-account: from the dead-letter queue
-    <time> +<s>  step_started    step 1 create-account (attempt 2)
-    <time> +<s>  step_completed  step 1 create-account (attempt 2) in <s>
-    <time> +<s>  completed       step 1 create-account
+    <time> +<s>  dispatched          step 0 check-customer
+    <time> +<s>  step_started        step 0 check-customer
+    <time> +<s>  step_completed      step 0 check-customer in <s>
+    <time> +<s>  step_started        step 1 create-account
+    <time> +<s>  step_failed         step 1 create-account: NonRetryableError: refused
+    <time> +<s>  faulted             step 1 create-account: step 'create-account' failed: NonRetryableError: refused
+    <time> +<s>  replayed            step 1 create-account: from the dead-letter queue
+    <time> +<s>  step_started        step 1 create-account (attempt 2)
+    <time> +<s>  step_completed      step 1 create-account (attempt 2) in <s>
+    <time> +<s>  completed           step 1 create-account
   final payload:
     {
       "account": "acct-1",
@@ -417,15 +455,15 @@ def test_status_follow_prints_every_event_until_the_workflow_ends_and_goes_on_af
         lines = normalized(capsys.readouterr().out).splitlines()
         assert sorted(lines) == sorted(
             [
-                "<time>  dispatched      step 0 check-customer",
-                "<time>  step_started    step 0 check-customer",
-                "<time>  step_completed  step 0 check-customer in <s>",
-                "<time>  step_started    step 1 create-account",
-                "<time>  step_completed  step 1 create-account in <s>",
-                "<time>  completed       step 1 create-account",
+                "<time>  dispatched          step 0 check-customer",
+                "<time>  step_started        step 0 check-customer",
+                "<time>  step_completed      step 0 check-customer in <s>",
+                "<time>  step_started        step 1 create-account",
+                "<time>  step_completed      step 1 create-account in <s>",
+                "<time>  completed           step 1 create-account",
             ]
         )
-        assert lines[-1] == "<time>  completed       step 1 create-account"
+        assert lines[-1] == "<time>  completed           step 1 create-account"
 
         assert main(["status", "wf-follow", "--follow", "--json"]) == 0
         every = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
@@ -435,7 +473,7 @@ def test_status_follow_prints_every_event_until_the_workflow_ends_and_goes_on_af
         assert [item["event"] for item in rest] == [item["event"] for item in every[3:]]
 
         assert main(["status", "wf-fol", "--follow"]) == 0, "a prefix names the workflow, as for status"
-        assert normalized(capsys.readouterr().out).splitlines()[-1] == "<time>  completed       step 1 create-account"
+        assert normalized(capsys.readouterr().out).splitlines()[-1] == lines[-1]
         assert main(["status", "wf-nobody", "--follow"]) == 1, "an unknown ID is reported, not waited for"
         assert (
             "no workflow 'wf-nobody': nothing in its progress stream, and not in the store" in capsys.readouterr().out

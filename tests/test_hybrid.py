@@ -7,7 +7,6 @@ sign and verify as in production. Worker processes and a kill -9 are in `tests.t
 from __future__ import annotations
 
 import asyncio
-import json
 import uuid
 from collections.abc import AsyncIterator
 from typing import Any, cast
@@ -33,22 +32,17 @@ from paigeant_ai import (
 from paigeant_ai.approval import get_waiting_store
 from paigeant_ai.contracts import EVENTS
 from paigeant_ai.exceptions import TransportError
-from paigeant_ai.security import generate_key
 from paigeant_ai.transports import Transport
 
 from .brokers import RABBITMQ_URL, REDIS_URL, clean, dead_letters, make_transport
 from .test_parallel import asks_approval
 
-pytestmark = [pytest.mark.redis, pytest.mark.rabbitmq]
-
-KEY = generate_key("hybrid-tests")
+pytestmark = [pytest.mark.redis, pytest.mark.rabbitmq, pytest.mark.usefixtures("signed_with_one_key")]
 
 
 @pytest.fixture(autouse=True)
-def signing_keys(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("PAIGEANT_SIGNING_KEY", json.dumps(KEY.as_dict(private=True)))
-    monkeypatch.setenv("PAIGEANT_TRUSTED_KEYS", json.dumps({"keys": [KEY.as_dict(private=False)]}))
-    for name in ("PAIGEANT_ALLOW_UNSIGNED", "PAIGEANT_TRANSPORTS", "PAIGEANT_HOME_TRANSPORT"):
+def no_transport_settings(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in ("PAIGEANT_TRANSPORTS", "PAIGEANT_HOME_TRANSPORT"):
         monkeypatch.delenv(name, raising=False)
 
 

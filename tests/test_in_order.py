@@ -5,7 +5,6 @@ disk, then confirms)."""
 from __future__ import annotations
 
 import asyncio
-import json
 from collections.abc import Mapping
 
 import pytest
@@ -21,16 +20,8 @@ from paigeant_ai import (
     activity,
 )
 from paigeant_ai._in_order import SettlingWorkflows
-from paigeant_ai.security import generate_key
 
-KEY = generate_key("in-order-tests")
-
-
-@pytest.fixture(autouse=True)
-def signing_keys(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("PAIGEANT_SIGNING_KEY", json.dumps(KEY.as_dict(private=True)))
-    monkeypatch.setenv("PAIGEANT_TRUSTED_KEYS", json.dumps({"keys": [KEY.as_dict(private=False)]}))
-    monkeypatch.delenv("PAIGEANT_ALLOW_UNSIGNED", raising=False)
+pytestmark = pytest.mark.usefixtures("signed_with_one_key")
 
 
 class ConfirmsLate(InMemoryTransport):

@@ -4,7 +4,6 @@ undone, even when a branch that completed after the failure has its own compensa
 from __future__ import annotations
 
 import asyncio
-import json
 
 import pytest
 
@@ -17,17 +16,9 @@ from paigeant_ai import (
     WorkflowDispatcher,
     activity,
 )
-from paigeant_ai.security import generate_key
 from paigeant_ai.store import InMemoryWorkflowStore
 
-KEY = generate_key("late-branch-tests")
-
-
-@pytest.fixture(autouse=True)
-def signing_keys(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("PAIGEANT_SIGNING_KEY", json.dumps(KEY.as_dict(private=True)))
-    monkeypatch.setenv("PAIGEANT_TRUSTED_KEYS", json.dumps({"keys": [KEY.as_dict(private=False)]}))
-    monkeypatch.delenv("PAIGEANT_ALLOW_UNSIGNED", raising=False)
+pytestmark = pytest.mark.usefixtures("signed_with_one_key")
 
 
 store = InMemoryWorkflowStore()

@@ -25,16 +25,8 @@ from paigeant_ai import (
     WorkflowDispatcher,
 )
 from paigeant_ai._model_settings import lowered_limits, step_run_options
-from paigeant_ai.security import generate_key
 
-KEY = generate_key("settings-tests")
-
-
-@pytest.fixture(autouse=True)
-def signing_keys(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("PAIGEANT_SIGNING_KEY", json.dumps(KEY.as_dict(private=True)))
-    monkeypatch.setenv("PAIGEANT_TRUSTED_KEYS", json.dumps({"keys": [KEY.as_dict(private=False)]}))
-    monkeypatch.delenv("PAIGEANT_ALLOW_UNSIGNED", raising=False)
+pytestmark = pytest.mark.usefixtures("signed_with_one_key")
 
 
 @pytest.fixture

@@ -38,7 +38,6 @@ from .test_parallel import (  # parallel groups: their joins, on this module's `
 )
 from .test_transport_redis import settling_a_lapsed_delivery_leaves_its_redelivery_alone
 from .test_worker import (  # the worker's behaviour, on this module's `transport`
-    signing_keys,
     test_a_redelivered_completed_step_is_not_run_again,
     test_a_worker_stopped_mid_step_leaves_the_message_for_redelivery,
     test_a_workflow_runs_every_step_in_order,
@@ -51,7 +50,6 @@ from .workflows_for_crash import MIDDLE, STEPS, completed, dispatch, middle_runs
 
 __all__ = (  # the suites of the other modules, run here on this module's `transport`
     "joinable",
-    "signing_keys",
     "test_a_branch_that_fails_for_good_undoes_the_steps_before_and_the_branches_that_completed",
     "test_a_group_runs_its_branches_and_merges_their_outputs_under_their_keys",
     "test_a_redelivered_completed_step_is_not_run_again",
@@ -64,7 +62,7 @@ __all__ = (  # the suites of the other modules, run here on this module's `trans
     "test_retry_then_success",
 )
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("signed_with_one_key")]
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,6 @@ it was handed), on each transport.
 from __future__ import annotations
 
 import asyncio
-import json
 import random
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -46,17 +45,10 @@ from paigeant_ai import (
 )
 from paigeant_ai._cli_workflows import render_status
 from paigeant_ai._ledger import run_model_name, to_usage
-from paigeant_ai.security import generate_key
 
-KEY = generate_key("usage-tests")
+pytestmark = pytest.mark.usefixtures("signed_with_one_key")
+
 FAST = RetryPolicy(max_attempts=3, initial_interval=0.01, jitter=0)
-
-
-@pytest.fixture(autouse=True)
-def signing_keys(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("PAIGEANT_SIGNING_KEY", json.dumps(KEY.as_dict(private=True)))
-    monkeypatch.setenv("PAIGEANT_TRUSTED_KEYS", json.dumps({"keys": [KEY.as_dict(private=False)]}))
-    monkeypatch.delenv("PAIGEANT_ALLOW_UNSIGNED", raising=False)
 
 
 @pytest.fixture

@@ -27,21 +27,12 @@ from paigeant_ai import (
     _long_steps,
     activity,
 )
-from paigeant_ai.security import generate_key
 from paigeant_ai.transports.base import REASON_HEADER, SOURCE_HEADER, Delivery
 
 from .brokers import dead_letters
 
 FAST = RetryPolicy(max_attempts=3, initial_interval=0.01, jitter=0)
-KEY = generate_key("worker-tests")
-
-
-@pytest.fixture(autouse=True)
-def signing_keys(monkeypatch: pytest.MonkeyPatch) -> None:
-    """One key for the dispatchers and workers of a test, as in production: a real broker refuses to run without."""
-    monkeypatch.setenv("PAIGEANT_SIGNING_KEY", json.dumps(KEY.as_dict(private=True)))
-    monkeypatch.setenv("PAIGEANT_TRUSTED_KEYS", json.dumps({"keys": [KEY.as_dict(private=False)]}))
-    monkeypatch.delenv("PAIGEANT_ALLOW_UNSIGNED", raising=False)
+pytestmark = pytest.mark.usefixtures("signed_with_one_key")
 
 
 @activity
