@@ -1,14 +1,15 @@
-"""Hops per second of `paigeant worker --processes N` on Redis: one worker process beside two, in one run.
+"""Hops per second of `paigeant worker --processes N` on Redis or SQLite: one worker process beside two, in one run.
 
 Each run starts `paigeant worker bench.processes:worker --processes N` as its own process, waits until its N
 worker processes are on the registry, dispatches signed three-step workflows whose steps each spin the CPU for
-`--work-ms` (as a step that parses, renders or scores would), then lets their first steps run (a key in Redis
-they wait for) and times them until the last one's third step has counted itself in Redis. It also reads the CPU
-the worker processes used (from /proc), per hop. Runs alternate (1, 2, 1, 2, ...) so that what else the machine
-does weighs on both alike.
+`--work-ms` (as a step that parses, renders or scores would), then lets their first steps run (a file they wait
+for) and times them until the last one's third step has counted itself (a byte appended to another file). It also
+reads the CPU the worker processes used (from /proc), per hop. Runs alternate (1, 2, 1, 2, ...) so that what else
+the machine does weighs on both alike. On SQLite every process shares one file in the temporary folder.
 
-    uv run python -m bench.processes                      # 1 and 2 processes, 2 rounds, 600 workflows each
+    uv run python -m bench.processes                      # Redis: 1 and 2 processes, 2 rounds, 600 workflows each
     uv run python -m bench.processes --processes 1,2,4 --rounds 3 --workflows 1000 --work-ms 2
+    uv run python -m bench.processes --transport sqlite --work-ms 0 --concurrency 50 --workflows 1500
 """
 
 from __future__ import annotations
@@ -26,8 +27,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from statistics import median
 
-import redis.asyncio as redis
-
 from paigeant_ai import (
     ActivityContext,
     ActivitySpec,
@@ -41,16 +40,13 @@ from paigeant_ai.security import MessageSigner, generate_key
 from paigeant_ai.transports import Transport
 
 from ._paigeant import REDIS_URL, cleanup, server_up
+from ._sqlite_raw import sqlite_path
 from .throughput import print_table
 
 NAMES = ["bench-a", "bench-b", "bench-c"]
 ROOT = Path(__file__).resolve().parent.parent
-DONE_KEY = "bench-done"
-"""The Redis counter, in the run's namespace, that each workflow's last step increments."""
-GO_KEY = "bench-go"
-"""The Redis key, in the run's namespace, whose existence lets the first steps run."""
 _go: list[bool] = []
-"""Not empty once this process has seen the go key."""
+"""Not empty once this process has seen the go file."""
 
 
 # -- the worker every process runs ------------------------------------------------------------------------------
@@ -78,17 +74,25 @@ async def second(ctx: ActivityContext) -> None:
     spin(work_ms())
 
 
+def _count(path: Path) -> int:
+    """The size of the file at `path`; -1 while there is none."""
+    try:
+        return path.stat().st_size
+    except FileNotFoundError:
+        return -1
+
+
 @functools.cache
-def done_counter() -> redis.Redis:
-    """This process's client for the finished-workflow counter, made in its event loop on first use."""
-    return redis.Redis.from_url(os.environ["PAIGEANT_REDIS_URL"])
+def done_file() -> int:
+    """This process's descriptor of the run's done file, opened to append on first use."""
+    return os.open(os.environ["PAIGEANT_BENCH_DONE"], os.O_WRONLY | os.O_APPEND | os.O_CREAT)
 
 
 async def wait_for_go() -> None:
     """Wait until the benchmark says go: every worker process is ready and every workflow is dispatched, so that
     neither one process starting before the other nor the dispatch's signing is in the time measured."""
-    key = f"{os.environ['PAIGEANT_NAMESPACE']}:{GO_KEY}"
-    while not _go and not await done_counter().exists(key):  # noqa: ASYNC110 - set by another process: polled
+    go = Path(os.environ["PAIGEANT_BENCH_GO"])
+    while not _go and _count(go) < 0:  # noqa: ASYNC110 - made by another process: polled
         await asyncio.sleep(0.05)
     _go.append(True)
 
@@ -96,7 +100,7 @@ async def wait_for_go() -> None:
 @activity(name=NAMES[2])
 async def third(ctx: ActivityContext) -> None:
     spin(work_ms())
-    await done_counter().incr(f"{os.environ['PAIGEANT_NAMESPACE']}:{DONE_KEY}")
+    os.write(done_file(), b".")  # one byte a finished workflow: the file's size is the count
 
 
 def worker() -> Worker:
@@ -149,13 +153,18 @@ async def live_pids(transport: Transport, security: MessageSigner, count: int, *
     raise RuntimeError(f"{count} worker processes did not start within {within:g}s")
 
 
-async def run_once(processes: int, workflows: int, concurrency: int, work: float) -> Run:
+async def run_once(transport_name: str, processes: int, workflows: int, concurrency: int, work: float) -> Run:
     namespace = f"bench-procs-{uuid.uuid4().hex[:8]}"
     key = generate_key("bench-processes")
+    go, done = (sqlite_path(namespace).with_suffix(suffix) for suffix in (".go", ".done"))
+    where = {"redis": {"url": REDIS_URL}, "sqlite": {"path": sqlite_path(namespace)}}[transport_name]
     env = {
         **os.environ,
-        "PAIGEANT_TRANSPORT": "redis",
+        "PAIGEANT_TRANSPORT": transport_name,
         "PAIGEANT_REDIS_URL": REDIS_URL,
+        "PAIGEANT_SQLITE_PATH": str(sqlite_path(namespace)),
+        "PAIGEANT_BENCH_GO": str(go),
+        "PAIGEANT_BENCH_DONE": str(done),
         "PAIGEANT_NAMESPACE": namespace,
         "PAIGEANT_SIGNING_KEY": json.dumps(key.as_dict(private=True)),
         "PAIGEANT_TRUSTED_KEYS": json.dumps({"keys": [key.as_dict(private=False)]}),
@@ -167,8 +176,7 @@ async def run_once(processes: int, workflows: int, concurrency: int, work: float
     supervisor = await asyncio.create_subprocess_exec(
         *command, "--processes", str(processes), cwd=ROOT, env=env, stderr=asyncio.subprocess.DEVNULL
     )
-    transport = get_transport("redis", url=REDIS_URL, namespace=namespace)
-    counter = redis.Redis.from_url(REDIS_URL)
+    transport = get_transport(transport_name, namespace=namespace, **where)
     security = MessageSigner(key)
     try:
         async with transport:
@@ -177,14 +185,15 @@ async def run_once(processes: int, workflows: int, concurrency: int, work: float
             specs = [ActivitySpec(name=name) for name in NAMES]
             await asyncio.gather(*(dispatcher.dispatch_workflow(specs, {"n": n}) for n in range(workflows)))
             cpu_before, started = cpu_seconds(pids), time.perf_counter()
-            await counter.set(f"{namespace}:{GO_KEY}", 1)
-            while int(await counter.get(f"{namespace}:{DONE_KEY}") or 0) < workflows:  # noqa: ASYNC110
-                await asyncio.sleep(0.02)  # the count is kept by other processes: polled
+            go.touch()
+            while _count(done) < workflows:  # noqa: ASYNC110 - the worker processes count: polled
+                await asyncio.sleep(0.02)
             seconds, cpu = time.perf_counter() - started, cpu_seconds(pids) - cpu_before
     finally:
         supervisor.send_signal(signal.SIGTERM)
         await supervisor.wait()
-        await counter.aclose()
+        for marker in (go, done):
+            marker.unlink(missing_ok=True)
     await cleanup(transport)
     return Run(processes, workflows, seconds, cpu)
 
@@ -209,7 +218,7 @@ async def bench(args: argparse.Namespace) -> None:
     load_before = os.getloadavg()
     for round_number in range(args.rounds):
         for processes in args.processes:
-            run = await run_once(processes, args.workflows, args.concurrency, args.work_ms)
+            run = await run_once(args.transport, processes, args.workflows, args.concurrency, args.work_ms)
             runs[processes].append(run)
             print(
                 f"  round {round_number + 1}: {processes} process(es) {run.hops_per_second:>8,.0f} hops/s, "
@@ -234,8 +243,9 @@ async def bench(args: argparse.Namespace) -> None:
         )
     print()
     print(
-        f"signed three-step workflows on Redis, {args.work_ms:g} ms of CPU per step, concurrency {args.concurrency} "
-        f"per process, {os.cpu_count()} cores; load average {load_before[0]:.1f} before, {os.getloadavg()[0]:.1f} after"
+        f"signed three-step workflows on {args.transport}, {args.work_ms:g} ms of CPU per step, "
+        f"concurrency {args.concurrency} per process, {os.cpu_count()} cores; "
+        f"load average {load_before[0]:.1f} before, {os.getloadavg()[0]:.1f} after"
     )
     print_table(HEADER, rows)
 
@@ -252,8 +262,9 @@ def main() -> None:
         default=[1, 2],
         help="comma-separated process counts, the first the baseline (default 1,2)",
     )
+    parser.add_argument("--transport", choices=["redis", "sqlite"], default="redis", help="default redis")
     args = parser.parse_args()
-    if not server_up("redis"):
+    if args.transport == "redis" and not server_up("redis"):
         raise SystemExit("no Redis on 127.0.0.1:6379; start it to run this benchmark")
     asyncio.run(bench(args))
 
