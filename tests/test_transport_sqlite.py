@@ -455,3 +455,18 @@ async def test_a_lapsed_holder_cannot_dead_letter_what_another_consumer_holds(tm
                 assert await other.pending(DEAD_LETTER) == 0  # `second` decides what becomes of it
                 await other.retry_later(taken, 0)  # so the step is tried again, not lost
                 assert await other.pending(where) == 1
+
+
+async def test_a_write_waits_for_another_processs_write_lock_and_goes_through_once_it_is_free(tmp_path: Path) -> None:
+    path = tmp_path / "busy.sqlite3"
+    async with SQLiteTransport(path) as transport:
+        locker = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        locker.execute("BEGIN IMMEDIATE")  # another process writes for a while
+        loop = asyncio.get_running_loop()
+        loop.call_later(0.3, locker.execute, "ROLLBACK")
+        started = loop.time()
+        await transport.publish("step", b"waited")
+        waited = loop.time() - started
+        locker.close()
+        assert 0.3 <= waited < 2.0  # it waited for the lock, and took it soon after it was free
+        assert await transport.pending("step") == 1
