@@ -157,12 +157,18 @@ def test_the_banner_says_where_the_worker_connects_and_how_it_signs(
     )
 
 
+def unsigned_burst_on_redis(namespace: str, monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The command line of an unsigned `--burst` worker on Redis, in `namespace`."""
+    monkeypatch.setenv("PAIGEANT_ALLOW_UNSIGNED", "1")
+    monkeypatch.setenv("PAIGEANT_REDIS_URL", REDIS_URL)
+    return ["worker", "tests.test_cli_worker:greeter", "--burst", "--transport", "redis", "--namespace", namespace]
+
+
 @pytest.mark.redis
 def test_the_banner_says_ready_only_once_the_worker_is_on_the_registry(
     namespace: str, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setenv("PAIGEANT_ALLOW_UNSIGNED", "1")
-    monkeypatch.setenv("PAIGEANT_REDIS_URL", REDIS_URL)
+    argv = unsigned_burst_on_redis(namespace, monkeypatch)
     said: list[str] = []  # what the worker printed, read as each post of its record finished
     post = Advertiser._post
 
@@ -172,7 +178,6 @@ def test_the_banner_says_ready_only_once_the_worker_is_on_the_registry(
         await post(self, stopped=stopped)
 
     monkeypatch.setattr(Advertiser, "_post", slow_post)
-    argv = ["worker", "tests.test_cli_worker:greeter", "--burst", "--transport", "redis", "--namespace", namespace]
     assert main(argv) == 0
     said.append(capsys.readouterr().err)
     assert "  signing key  unsigned\n" in said[0]
@@ -184,14 +189,12 @@ def test_the_banner_says_ready_only_once_the_worker_is_on_the_registry(
 def test_the_banner_says_when_the_worker_is_not_on_the_registry_yet(
     namespace: str, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setenv("PAIGEANT_ALLOW_UNSIGNED", "1")
-    monkeypatch.setenv("PAIGEANT_REDIS_URL", REDIS_URL)
+    argv = unsigned_burst_on_redis(namespace, monkeypatch)
 
     async def failing_post(self: Advertiser, *, stopped: bool) -> None:
         raise TransportError("the registry is away")
 
     monkeypatch.setattr(Advertiser, "_post", failing_post)
-    argv = ["worker", "tests.test_cli_worker:greeter", "--burst", "--transport", "redis", "--namespace", namespace]
     assert main(argv) == 0
     err = capsys.readouterr().err
     assert re.search(r"\n  ready        consuming; not on the registry yet \(trying again every \d+s\)\n", err)

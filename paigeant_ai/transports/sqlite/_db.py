@@ -299,15 +299,4 @@ def _answer(answers: list[tuple[_Call, bool, Any]]) -> None:
 
 
 def _resolve(call: _Call, ok: bool, value: Any) -> None:
-    def settle() -> None:
-        if call.future.done():
-            return
-        if ok:
-            call.future.set_result(value)
-        else:
-            call.future.set_exception(value)
-
-    try:
-        call.loop.call_soon_threadsafe(settle)
-    except RuntimeError:  # its event loop closed: nobody waits for it any more
-        logger.debug("a call's event loop closed before its answer")
+    _resolve_all([(call, ok, value)])
