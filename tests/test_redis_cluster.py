@@ -36,7 +36,6 @@ from .test_parallel import (  # parallel groups: their joins, on this module's `
     test_a_branch_that_fails_for_good_undoes_the_steps_before_and_the_branches_that_completed,
     test_a_group_runs_its_branches_and_merges_their_outputs_under_their_keys,
 )
-from .test_transport_redis import settling_a_lapsed_delivery_leaves_its_redelivery_alone
 from .test_worker import (  # the worker's behaviour, on this module's `transport`
     test_a_redelivered_completed_step_is_not_run_again,
     test_a_worker_stopped_mid_step_leaves_the_message_for_redelivery,
@@ -123,14 +122,6 @@ async def test_each_address_keeps_its_keys_in_one_slot_and_addresses_spread_over
             await transport.publish(address, b"x")
             masters.add(cluster.master_of(transport.stream_key(address)) or 0)
         assert len(masters) > 1
-
-
-async def test_a_lapsed_delivery_cannot_settle_its_redelivery_on_a_cluster(
-    cluster: Cluster, caplog: pytest.LogCaptureFixture
-) -> None:
-    # Dead-lettering copies, then acknowledges, across slots here: it too leaves the later delivery alone.
-    async with RedisTransport(cluster.url, namespace=new_namespace(), visibility_timeout=0.3) as transport:
-        await settling_a_lapsed_delivery_leaves_its_redelivery_alone(transport, caplog)
 
 
 async def test_the_consumed_addresses_are_found_on_every_master(cluster: Cluster) -> None:

@@ -5,7 +5,7 @@ idempotency key.
 The crash test uses the shared Redis (DB 15) in a namespace of its own. The shared Redis keeps nothing on disk,
 so the restart test starts a private `redis-server` (append-only file, `appendfsync always`, a free port, a
 temporary folder), kills it with SIGKILL and starts it again on the same files. Both stop their processes and
-clean up, even when they fail. A last test flushes the scripts of a private server under a consumer's acks.
+clean up, even when they fail.
 """
 
 from __future__ import annotations
@@ -21,11 +21,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
-import redis.asyncio as aioredis
 
 from paigeant_ai import WorkflowDispatcher
 from paigeant_ai.contracts import DEAD_LETTER
-from paigeant_ai.transports.redis import RedisTransport
 
 from . import brokers
 from .brokers import REDIS_URL, ROOT, Fleet, drained, report, wait_until, wait_until_advertised
@@ -195,33 +193,3 @@ async def test_onboarding_runs_across_worker_processes(tmp_path: Path) -> None:
             assert f" done    step {number} {step} " in workers.log_of(target, number).read_text()
         assert " retry   step 2 setup-payment-method" in workers.log_of("payment_worker", 2).read_text()
         assert '"welcome_email": "Welcome aboard! Your premium account is ready."' in welcome.read_text()
-
-
-async def test_acks_sent_after_redis_forgot_its_scripts_still_settle(tmp_path: Path) -> None:
-    """An ack is a script call (it acknowledges only the delivery that holds the entry): after Redis forgets its
-    scripts, as on a restart, the acks of that pipeline are sent again once the script is loaded, not lost."""
-    server = PrivateRedis(tmp_path)
-    await server.start()
-    try:
-        async with RedisTransport(server.url, namespace="acks") as transport:
-            where = "forgotten-scripts"
-            for number in range(3):
-                await transport.publish(where, b"%d" % number)
-            async with await transport.consume(where) as consumer:
-                deliveries = [await asyncio.wait_for(anext(consumer), 5) for _ in range(3)]
-                async with aioredis.Redis.from_url(server.url) as raw:
-                    await raw.script_flush()
-                for delivery in deliveries:
-                    await transport.ack(delivery)
-                left = [await transport.pending(where)]
-                for _ in range(50):  # acks are not awaited: each answer asks again after them
-                    if left[-1] == 0:
-                        break
-                    await asyncio.sleep(0.1)
-                    left.append(await transport.pending(where))
-                assert left[-1] == 0, left
-    except BaseException:
-        print(server.log())
-        raise
-    finally:
-        await server.kill()

@@ -14,7 +14,6 @@ from redis.exceptions import DataError as RedisDataError
 from redis.exceptions import ResponseError as RedisResponseError
 
 from paigeant_ai import ActivityContext, ActivitySpec, PaigeantMessage, Worker, WorkflowDispatcher, WorkflowEvent
-from paigeant_ai.contracts import DEAD_LETTER
 from paigeant_ai.exceptions import TransportError, UserError
 from paigeant_ai.transports import Transport, get_transport
 from paigeant_ai.transports.base import REASON_HEADER, SOURCE_HEADER
@@ -420,44 +419,3 @@ async def test_a_lapsed_holder_cannot_hand_back_what_another_consumer_took_over(
             held = await raw.xpending_range(stream, GROUP, "-", "+", 10)
             assert [(p["message_id"], p["consumer"]) for p in held] == [(entry_id, b"other-worker")]
             assert await raw.xlen(stream) == 1
-
-
-async def test_a_lapsed_delivery_cannot_take_back_its_redelivery_to_the_same_consumer(
-    namespace: str, caplog: pytest.LogCaptureFixture
-) -> None:
-    async with RedisTransport(REDIS_URL, namespace=namespace, visibility_timeout=0.3) as transport:
-        await settling_a_lapsed_delivery_leaves_its_redelivery_alone(transport, caplog)
-
-
-async def settling_a_lapsed_delivery_leaves_its_redelivery_alone(
-    transport: RedisTransport, caplog: pytest.LogCaptureFixture
-) -> None:
-    """A delivery whose lease lapsed, claimed again by the same consumer, is a new delivery: settling the old one
-    (acking it, handing it back, dead-lettering it) must leave the new one alone, as it does one another consumer
-    claimed, and must not stop the new one's lease being renewed. `transport` has a short visibility timeout."""
-    where = address()
-    stream = transport.stream_key(where)
-    await transport.publish(where, b"work")
-    async with await transport.consume(where, prefetch=2) as consumer:
-        late = await receive(consumer)
-        transport.generation += 1  # Redis was unreachable: its lease is no longer renewed, and lapses
-        again = await receive(consumer, within=5)  # claimed back by the same consumer
-        assert (again.body, again.delivery_count) == (b"work", 2)
-        assert again.handle.entry_id == late.handle.entry_id
-        await transport.retry_later(late, 0)
-        await transport.give_back(late)
-        await transport.dead_letter(late, "failed after its lease lapsed")
-        await transport.ack(late)
-        await transport.pending(where)  # goes out after the ack
-        held = await transport.client.xpending_range(stream, GROUP, "-", "+", 10)
-        assert [(p["consumer"], p["times_delivered"]) for p in held] == [(consumer.name.encode(), 2)]
-        assert await transport.client.xlen(stream) == 1  # not added again
-        assert await transport.pending(DEAD_LETTER) == 0
-        refused = [r.getMessage() for r in caplog.records if "that was delivered again since" in r.getMessage()]
-        assert [message.split(" a delivery")[0] for message in refused] == [
-            *("not handing back", "not handing back", "not dead-lettering", "not acknowledging")
-        ]
-        # The redelivery runs on for several visibility timeouts: its lease is still renewed.
-        await receive_nothing(consumer, within=1.2)
-        await transport.ack(again)
-    assert await transport.pending(where) == 0

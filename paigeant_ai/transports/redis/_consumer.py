@@ -42,36 +42,28 @@ def _count(raw: object) -> int:
         return 0
 
 
-_Entry = tuple[bytes, bytes, bytes, int, int]
-"""An entry read or claimed: (id, body, headers, deliveries in all, the group's delivery count of the entry)."""
+def _from_fields(entry_id: bytes, fields: dict[bytes, bytes], deliveries: int) -> tuple[bytes, bytes, bytes, int]:
+    """(id, body, headers, deliveries) of an entry read as fields, delivered `deliveries` times in all, as Redis
+    counts them: a `deliveries` field in the entry, which any publisher can write, counts for nothing."""
+    return entry_id, fields.get(b"body", b""), fields.get(b"headers", b"{}"), deliveries
 
 
-def _from_fields(entry_id: bytes, fields: dict[bytes, bytes], before: int, times_delivered: int) -> _Entry:
-    """An entry read as fields, delivered `before` times before it was (re-)added and `times_delivered` times since,
-    as Redis counts them: a `deliveries` field in the entry, which any publisher can write, counts for nothing."""
-    body, headers = fields.get(b"body", b""), fields.get(b"headers", b"{}")
-    return entry_id, body, headers, before + times_delivered, times_delivered
-
-
-def _unpack_entries(packed: bytes) -> Iterator[_Entry]:
-    """Each entry the READ script packed, delivered once more now (the group's first delivery of it)."""
+def _unpack_entries(packed: bytes) -> Iterator[tuple[bytes, bytes, bytes, int]]:
+    """(id, body, headers, deliveries) of each entry the READ script packed, delivered once more now."""
     position, end = 0, len(packed)
     while position < end:
         line_end = packed.index(b"\n", position)
         entry_id, before, headers_length, body_length = packed[position:line_end].split(b" ")
         headers_end = line_end + 1 + int(headers_length)
         position = headers_end + int(body_length)
-        yield entry_id, packed[headers_end:position], packed[line_end + 1 : headers_end], int(before) + 1, 1
+        yield entry_id, packed[headers_end:position], packed[line_end + 1 : headers_end], int(before) + 1
 
 
 class Handle(NamedTuple):
-    """What `Delivery.handle` holds on Redis: who handed the entry out, its id in the stream, and the group's
-    delivery count of the entry when it was handed out (`XPENDING`'s), which tells this delivery from a later one
-    of the same entry (its lease lapsed and `XAUTOCLAIM` gave it to a consumer, maybe this one, counting one more)."""
+    """What `Delivery.handle` holds on Redis: who handed the entry out, and its id in the stream."""
 
     consumer: RedisConsumer
     entry_id: bytes
-    times_delivered: int
 
 
 class RedisConsumer(BufferedConsumer):
@@ -88,8 +80,7 @@ class RedisConsumer(BufferedConsumer):
         self.name = name
         self.prefetch = prefetch
         self.stream = transport.stream_key(address)
-        # entry id -> (the transport's generation when handed out, the group's delivery count of it then)
-        self._unacked: dict[bytes, tuple[int, int]] = {}
+        self._unacked: dict[bytes, int] = {}  # entry id -> the transport's generation when handed out
         self._room = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         self._cursor: bytes = b"0-0"
@@ -111,8 +102,7 @@ class RedisConsumer(BufferedConsumer):
     # -- the consumer protocol -------------------------------------------------------------------------------
 
     def _handed_out(self, delivery: Delivery) -> None:
-        handle: Handle = delivery.handle
-        self._unacked[handle.entry_id] = (self.transport.generation, handle.times_delivered)
+        self._unacked[delivery.handle.entry_id] = self.transport.generation
 
     async def aclose(self) -> None:
         if self._closed:
@@ -131,13 +121,9 @@ class RedisConsumer(BufferedConsumer):
 
     # -- bookkeeping -----------------------------------------------------------------------------------------
 
-    def settled(self, handle: Handle) -> None:
-        """Stop renewing the lease of the delivery of `handle`: it was settled. A later delivery of the same entry
-        (its lease lapsed and this consumer claimed it again) keeps its lease."""
+    def settled(self, entry_id: bytes) -> None:
         self._settled_since_trim += 1
-        handed_out = self._unacked.get(handle.entry_id)
-        if handed_out is not None and handed_out[1] == handle.times_delivered:
-            del self._unacked[handle.entry_id]
+        if self._unacked.pop(entry_id, None) is not None:
             self._room.set()
 
     def expect_due(self, delay: float) -> None:
@@ -222,8 +208,8 @@ class RedisConsumer(BufferedConsumer):
             )
         self._cursor = cursor
         await self._take(
-            _from_fields(entry_id, dict(zip(flat[::2], flat[1::2], strict=True)), int(before), int(times))
-            for entry_id, flat, times, before in claimed
+            _from_fields(entry_id, dict(zip(flat[::2], flat[1::2], strict=True)), int(times))
+            for entry_id, flat, times in claimed
         )
         return cursor != b"0-0"
 
@@ -257,7 +243,7 @@ class RedisConsumer(BufferedConsumer):
             if entries:
                 before = await self._deliveries_before(entries)
                 await self._take(
-                    _from_fields(entry_id, fields, before.get(entry_id, 0), 1) for entry_id, fields in entries
+                    _from_fields(entry_id, fields, before.get(entry_id, 0) + 1) for entry_id, fields in entries
                 )
 
     async def _deliveries_before(self, entries: _Entries) -> dict[bytes, int]:
@@ -272,14 +258,13 @@ class RedisConsumer(BufferedConsumer):
             counts = await t.client.hmget(f"{self.stream}@deliveries", unknown)
         return {entry_id: _count(count) for entry_id, count in zip(unknown, counts, strict=True)}
 
-    async def _take(self, entries: Iterable[_Entry]) -> None:
-        """Buffer what was read or claimed; dead-letter what came too often."""
+    async def _take(self, entries: Iterable[tuple[bytes, bytes, bytes, int]]) -> None:
+        """Buffer what was read or claimed, as (id, body, headers, deliveries); dead-letter what came too often."""
         t = self.transport
         address, buffer, limit = self.address, self._buffer, t.max_deliveries
         poison: list[Delivery] = []
-        for entry_id, body, headers, count, times_delivered in entries:
-            handle = Handle(self, entry_id, times_delivered)
-            delivery = Delivery(address, body, load_headers(headers), count, handle)
+        for entry_id, body, headers, count in entries:
+            delivery = Delivery(address, body, load_headers(headers), count, Handle(self, entry_id))
             (buffer if count <= limit else poison).append(delivery)
         if buffer:
             self._arrived.set()
@@ -290,7 +275,7 @@ class RedisConsumer(BufferedConsumer):
             )
             logger.warning("dead-lettering an entry of %r: %s", address, reason)
             try:
-                await t.dead_letter_entry(delivery, reason)
+                await t.dead_letter_entry(self.stream, delivery.handle.entry_id, delivery, reason)
             except TransportError:
                 # It stays with this consumer, unrenewed: it is claimed again after the visibility timeout.
                 logger.warning("could not dead-letter an entry of %r", address, exc_info=True)
@@ -306,7 +291,7 @@ class RedisConsumer(BufferedConsumer):
     async def _renew(self) -> None:
         """Renew the leases of what this consumer holds; let go of what it can no longer vouch for."""
         t = self.transport
-        stale = [entry_id for entry_id, (generation, _) in self._unacked.items() if generation != t.generation]
+        stale = [entry_id for entry_id, generation in self._unacked.items() if generation != t.generation]
         for entry_id in stale:
             # Redis was unreachable since it was handed out: its worker may never settle it.
             del self._unacked[entry_id]

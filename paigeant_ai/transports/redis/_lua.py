@@ -1,11 +1,8 @@
 """The Lua scripts of the Redis transport and its consumers.
 
 Each settles or moves entries atomically, so several workers can share a stream without locks: a message is
-never both handed back and acknowledged, and a delayed message moves into its stream exactly once. A delivery is
-settled (ACK, RETRY, DEAD_LETTER) only while the entry is still pending as that delivery: with its consumer and the
-group's delivery count it had when it was handed out. Once its lease lapsed, `XAUTOCLAIM` may give the entry to
-another consumer or to the same one again, and counts one more delivery: the late settle of the first delivery is
-then refused, and the entry is left to the delivery that holds it now.
+never both handed back and acknowledged, and a delayed message moves into its stream exactly once. A plain ack is
+an `XACK`, no script.
 
 Stream entries have the fields `body` and `headers` (a JSON object), and `fresh` (below). How often an entry
 was delivered comes from Redis alone, never from the entry: the consumer group's own delivery counter of the
@@ -25,7 +22,7 @@ packs 0 deliveries.
 
 On a Redis Cluster a script may touch the keys of one hash slot only. Each script here touches one owner's keys
 (`_layout.py`), which share a tag: PUBLISH (streams and marker: one address per call on a cluster, see
-`_pipeline.py`), READ, PROMOTE, TRIM, ACK, RETRY, GIVE_BACK, CLAIM, RENEW, PENDING (an address's stream, its
+`_pipeline.py`), READ, PROMOTE, TRIM, RETRY, GIVE_BACK, CLAIM, RENEW, PENDING (an address's stream, its
 `@deliveries` hash and its delayed set), BEAT and WATCH (its consumers), RELEASE, CLAIM_HOP, RENEW_HOP and
 SETTLE_HOP (one key each), REMOVE_PARKED (a workflow's parked step). DEAD_LETTER moves an entry from an address's
 stream to `dead-letter`, two owners: on a cluster the transport copies, then acknowledges, instead. MANY runs
@@ -35,7 +32,6 @@ quick commands on any keys: it is not used on a cluster.
 from __future__ import annotations
 
 __all__ = (
-    "ACK",
     "BEAT",
     "CLAIM",
     "CLAIM_HOP",
@@ -136,16 +132,6 @@ local function settle(stream, group, id)
   if type(acked) ~= 'number' then return 0 end
   return acked
 end
-
--- Whether the entry `id` is pending as the delivery that `consumer` was handed as the group's `times`th: 1 if so,
--- -1 if it is pending as another delivery (its lease lapsed and a consumer, maybe the same one, claimed it since:
--- that counted one more), 0 if it is not pending (settled, or the group is gone).
-local function holds(stream, group, id, consumer, times)
-  local p = redis.pcall('XPENDING', stream, group, id, id, 1)
-  if type(p) ~= 'table' or p.err or #p == 0 then return 0 end
-  if p[1][2] ~= consumer or p[1][4] ~= tonumber(times) then return -1 end
-  return 1
-end
 """
 
 PUBLISH = (
@@ -234,22 +220,6 @@ return math.max(0, tonumber(nxt[2]) - now)
 """
 )
 
-ACK = (
-    _COMMON
-    + """
--- KEYS: stream. ARGV: group, then each delivery to acknowledge as its entry id, consumer and delivery count (the
--- group's, when it was handed out). Returns one character per delivery: 1 if it was acknowledged, 0 if its entry
--- was not pending, - if it was pending as a later delivery, which is left alone (see `holds`).
-local outcome = {}
-for i = 2, #ARGV, 3 do
-  local held = holds(KEYS[1], ARGV[1], ARGV[i], ARGV[i + 1], ARGV[i + 2])
-  if held == 1 then held = settle(KEYS[1], ARGV[1], ARGV[i]) end
-  outcome[#outcome + 1] = held < 0 and '-' or tostring(held)
-end
-return table.concat(outcome)
-"""
-)
-
 TRIM = (
     _COMMON
     + """
@@ -261,13 +231,11 @@ return trim(KEYS[1], ARGV[1], tonumber(ARGV[2]))
 RETRY = (
     _COMMON
     + """
--- KEYS: stream, delayed set. ARGV: group, entry id, delay in ms, deliveries so far, unique id, consumer, the group's
--- delivery count when it was handed out. Returns 1 if it was handed back, else what `holds` found.
--- Only the delivery that holds the entry hands it back: one whose lease lapsed must not take it from the delivery
--- claimed since, by another consumer or the same one (its copy, added again, would be a redelivery that takes the
--- running hop over).
-local held = holds(KEYS[1], ARGV[1], ARGV[2], ARGV[6], ARGV[7])
-if held ~= 1 then return held end
+-- KEYS: stream, delayed set. ARGV: group, entry id, delay in ms, deliveries so far, unique id, consumer.
+-- Only the consumer that holds the entry hands it back: one whose lease lapsed must not take it from the consumer
+-- that claimed it since (its copy, added again, would be a redelivery that takes the running hop over).
+local held = redis.pcall('XPENDING', KEYS[1], ARGV[1], ARGV[2], ARGV[2], 1)
+if type(held) ~= 'table' or held.err or #held == 0 or held[1][2] ~= ARGV[6] then return 0 end
 local entry = redis.call('XRANGE', KEYS[1], ARGV[2], ARGV[2])
 if settle(KEYS[1], ARGV[1], ARGV[2]) == 0 or #entry == 0 then return 0 end
 local f = field_map(entry[1][2])
@@ -285,10 +253,7 @@ return 1
 DEAD_LETTER = (
     _COMMON
     + """
--- KEYS: stream, dead-letter stream. ARGV: group, entry id, body, headers JSON, length cap of dead-letter, consumer,
--- the group's delivery count when it was handed out. Returns 1 if it was moved, else what `holds` found.
-local held = holds(KEYS[1], ARGV[1], ARGV[2], ARGV[6], ARGV[7])
-if held ~= 1 then return held end
+-- KEYS: stream, dead-letter stream. ARGV: group, entry id, body, headers JSON, length cap of dead-letter.
 if settle(KEYS[1], ARGV[1], ARGV[2]) == 0 then return 0 end
 append(KEYS[2], ARGV[3], ARGV[4], 0, tonumber(ARGV[5]))
 return 1
@@ -330,8 +295,8 @@ CLAIM = (
     _COMMON
     + """
 -- KEYS: stream. ARGV: group, consumer, visibility timeout in ms, cursor, most entries, forget-after in ms.
--- Claims entries consumers (this one too) left idle past the visibility timeout, each as {id, fields, the group's
--- delivery count, the deliveries before the entry was re-added}, and
+-- Claims entries other consumers left idle past the visibility timeout, with their delivery counts (all of them:
+-- the group's and those before the entry was re-added), and
 -- forgets consumers that hold nothing and have been silent for forget-after ms.
 local r = redis.pcall('XAUTOCLAIM', KEYS[1], ARGV[1], ARGV[2], ARGV[3], ARGV[4], 'COUNT', ARGV[5])
 if type(r) ~= 'table' or r.err then return {'0-0', {}} end
@@ -341,7 +306,7 @@ for _, e in ipairs(r[2]) do
     local p = redis.call('XPENDING', KEYS[1], ARGV[1], e[1], e[1], 1)
     local times = 1
     if #p > 0 then times = p[1][4] end
-    claimed[#claimed + 1] = {e[1], e[2], times, before(KEYS[1], e[1])}
+    claimed[#claimed + 1] = {e[1], e[2], times + before(KEYS[1], e[1])}
   end
 end
 for _, c in ipairs(redis.call('XINFO', 'CONSUMERS', KEYS[1], ARGV[1])) do

@@ -7,8 +7,7 @@ a dedupe check, a replay-cache lookup, a consumer's read...) is queued in the ne
 comes, the next batch goes out as one pipeline. In it:
 
 - the publishes are PUBLISH script calls of up to `_PUBLISHES_PER_CALL` messages each;
-- the acks are one ACK script call per stream, which acknowledges each entry only if it is still pending as the
-  delivery being acked (see `_lua`);
+- the acks are one `XACK` per stream;
 - the quick commands of `_MERGED` (those whose reply a script returns unchanged: GET, SET, EXISTS, XADD, ...)
   are MANY script calls of up to `_MERGED_PER_CALL` commands, each command at most `_MERGED_MAX_WORDS` words
   and with only the redis-py options of `_MERGED_OPTIONS`;
@@ -41,8 +40,8 @@ Invariants.
 - A request whose caller was cancelled before it was sent is dropped; one whose arguments cannot be packed
   (`DataError`) fails alone: the batch is split and sent again request by request.
 - Every future is resolved, whatever happens: with its reply, its error, or the batch's error.
-- After Redis restarts and forgets the scripts (`NoScriptError`), the unrun calls (acks, publishes, MANY) are
-  queued again in front of the next batch and the scripts loaded first.
+- After Redis restarts and forgets the scripts (`NoScriptError`), the unrun calls are queued again in front of
+  the next batch and the scripts loaded first.
 
 What breaks if it is reverted. Every step costs several round trips and connection checkouts again, and the
 throughput on Redis under load falls with them (run `bench/throughput.py` before and after). Awaiting acks adds
@@ -98,7 +97,6 @@ _TURNS_TO_FILL = 4
 _T = TypeVar("_T")
 _Request = tuple[tuple[Any, ...], dict[str, Any], "asyncio.Future[Any]"]
 _Publish = tuple[str, bytes, bytes, int, "asyncio.Future[None]"]
-_Ack = tuple[bytes, str, int, "asyncio.Future[int]"]
 
 
 class _Batch:
@@ -109,7 +107,7 @@ class _Batch:
     def __init__(self) -> None:
         self.size = 0  # requests added
         self.publishes: list[_Publish] = []
-        self.acks: dict[str, list[_Ack]] = {}  # by stream
+        self.acks: dict[str, list[tuple[bytes, asyncio.Future[None]]]] = {}
         self.merged: list[_Request] = []  # sent together in MANY calls
         self.commands: list[_Request] = []  # sent one by one
 
@@ -125,7 +123,7 @@ class _Batch:
     def futures(self) -> Iterator[asyncio.Future[Any]]:
         yield from (future for *_, future in self.publishes)
         for acks in self.acks.values():
-            yield from (future for *_, future in acks)
+            yield from (future for _, future in acks)
         yield from (future for *_, future in self.merged)
         yield from (future for *_, future in self.commands)
 
@@ -160,7 +158,6 @@ class Pipeliner:
         self.namespace = namespace
         self._publish_sha = as_script(client, lua.PUBLISH).sha
         self._many_sha = as_script(client, lua.MANY).sha
-        self._ack_sha = as_script(client, lua.ACK).sha
         self._next = _Batch()
         self._sender: asyncio.Task[None] | None = None
         self._load_scripts = False
@@ -191,12 +188,10 @@ class Pipeliner:
         self._wake()
         return future
 
-    def ack(self, stream: str, entry_id: bytes, consumer: str, times_delivered: int) -> asyncio.Future[int]:
-        """Queue the ack of the delivery of `entry_id` that `consumer` was handed as the group's `times_delivered`th,
-        sent before anything asked for after it. Its future gives 1 if it was acknowledged, 0 if the entry was not
-        pending, -1 if a later delivery of it holds it (which is left alone)."""
-        future: asyncio.Future[int] = asyncio.get_running_loop().create_future()
-        self._next.acks.setdefault(stream, []).append((entry_id, consumer, times_delivered, future))
+    def ack(self, stream: str, entry_id: bytes) -> asyncio.Future[None]:
+        """Queue one `XACK`, sent before anything asked for after it."""
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._next.acks.setdefault(stream, []).append((entry_id, future))
         self._next.size += 1
         self._wake()
         return future
@@ -235,8 +230,8 @@ class Pipeliner:
         answers: list[Callable[[Any], None]] = []
         # Acks first: nobody waits for them, so a command asked for after an ack must not run before it.
         for stream, acks in batch.acks.items():
-            queue(*self._ack_call(stream, acks))
-            answers.append(functools.partial(self._acked, stream, acks))
+            queue("XACK", stream, GROUP, *(entry_id for entry_id, _ in acks))
+            answers.append(functools.partial(_resolve_all, [future for _, future in acks]))
         held: list[tuple[asyncio.Future[None], Exception | None]] | None = None
         if self.min_replicas and batch.publishes:
             held = []  # the publishes' outcomes, given once the replicas have them (or in time did not)
@@ -257,7 +252,6 @@ class Pipeliner:
         try:
             if self._load_scripts:  # Redis restarted and forgot them
                 self._load_scripts = False
-                await self.client.script_load(lua.ACK)
                 await self.client.script_load(lua.PUBLISH)
                 await self.client.script_load(lua.MANY)
             replies: list[Any] = await pipe.execute(raise_on_error=False)
@@ -283,22 +277,6 @@ class Pipeliner:
                 self._replicated(held, waits)
         except Exception as exc:  # a reply of an unexpected shape: no caller may wait for ever
             _resolve_all(list(batch.futures()), exc)
-
-    def _ack_call(self, stream: str, acks: list[_Ack]) -> list[Any]:
-        call: list[Any] = ["EVALSHA", self._ack_sha, 1, stream, GROUP]
-        for entry_id, consumer, times_delivered, _ in acks:
-            call += (entry_id, consumer, times_delivered)
-        return call
-
-    def _acked(self, stream: str, acks: list[_Ack], reply: Any) -> None:
-        if isinstance(reply, NoScriptError):  # nothing ran: again, first in the next batch, once the script is loaded
-            self._load_scripts = True
-            self._next.acks.setdefault(stream, [])[:0] = acks
-        elif isinstance(reply, Exception):
-            _resolve_all([future for *_, future in acks], reply)
-        else:
-            for flag, (*_, future) in zip(cast("bytes", reply), acks, strict=True):
-                _resolve(future, -1 if flag == ord("-") else flag - ord("0"))
 
     def _publish_chunks(self, publishes: list[_Publish]) -> Iterator[list[_Publish]]:
         """The PUBLISH calls of a batch: up to `_PUBLISHES_PER_CALL` messages each, of one stream on a cluster."""

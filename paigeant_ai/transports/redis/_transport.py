@@ -8,7 +8,6 @@ Its consumers are `RedisConsumer`s (`_consumer.py`); every quick command goes ou
 from __future__ import annotations
 
 import asyncio
-import functools
 import logging
 import os
 import re
@@ -273,27 +272,18 @@ class RedisTransport(TransportBase):
         return consumer
 
     async def ack(self, delivery: Delivery) -> None:
-        """Settle the delivery: its ack goes out in the next pipeline, before any command asked for later.
+        """Settle the delivery: its `XACK` goes out in the next pipeline, before any command asked for later.
 
-        Like an AMQP ack (here an ACK script call), it is not waited for: if it is lost with the connection or the
-        process, the entry is delivered again after `visibility_timeout`, and the worker recognises the completed
-        step. An ack that comes after the delivery's lease lapsed and the entry was delivered again (to any
-        consumer, this one too) acknowledges nothing: that later delivery settles it.
+        Like an AMQP ack, it is not waited for: if it is lost with the connection or the process, the entry is
+        delivered again after `visibility_timeout`, and the worker recognises the completed step.
         """
         handle = self._handle(delivery)
-        acked = self._pipelined().ack(
-            handle.consumer.stream, handle.entry_id, handle.consumer.name, handle.times_delivered
-        )
-        acked.add_done_callback(functools.partial(self._ack_settled, delivery.address))
-        handle.consumer.settled(handle)
+        self._pipelined().ack(handle.consumer.stream, handle.entry_id).add_done_callback(self._ack_settled)
+        handle.consumer.settled(handle.entry_id)
 
-    def _ack_settled(self, address: str, future: asyncio.Future[int]) -> None:
-        if future.cancelled():
-            return
-        error = future.exception()
+    def _ack_settled(self, future: asyncio.Future[None]) -> None:
+        error = None if future.cancelled() else future.exception()
         if error is None:
-            if future.result() < 0:
-                logger.warning("not acknowledging a delivery from %r that was delivered again since", address)
             return
         if isinstance(error, RedisConnectionError | RedisTimeoutError):
             self.generation += 1
@@ -303,14 +293,12 @@ class RedisTransport(TransportBase):
         handle = self._handle(delivery)
         args = [GROUP, handle.entry_id, round(delay * 1000) if delay > 0 else 0]
         with self.errors("handing back a delivery from", delivery.address):
-            moved = await self.scripts.retry(
+            await self.scripts.retry(
                 keys=[handle.consumer.stream, self.delayed_key(delivery.address)],
-                args=[*args, delivery.delivery_count, uuid.uuid4().hex, handle.consumer.name, handle.times_delivered],
+                args=[*args, delivery.delivery_count, uuid.uuid4().hex, handle.consumer.name],
             )
-        handle.consumer.settled(handle)
-        if moved < 0:  # its lease lapsed and the entry was delivered again: that delivery settles it
-            logger.warning("not handing back a delivery from %r that was delivered again since", delivery.address)
-        elif delay > 0:
+        handle.consumer.settled(handle.entry_id)
+        if delay > 0:
             self._expect_due(delivery.address, delay)
 
     async def give_back(self, delivery: Delivery) -> None:
@@ -318,8 +306,8 @@ class RedisTransport(TransportBase):
 
     async def dead_letter(self, delivery: Delivery, reason: str) -> None:
         handle = self._handle(delivery)
-        await self.dead_letter_entry(delivery, reason)
-        handle.consumer.settled(handle)
+        await self.dead_letter_entry(handle.consumer.stream, handle.entry_id, delivery, reason)
+        handle.consumer.settled(handle.entry_id)
 
     async def pending(self, address: str) -> int:
         with self.errors("counting the messages of", address):
@@ -439,36 +427,26 @@ class RedisTransport(TransportBase):
                 if "BUSYGROUP" not in str(exc):
                     raise
 
-    async def dead_letter_entry(self, delivery: Delivery, reason: str) -> None:
-        """Move the entry of `delivery` from its stream to `dead-letter`, with `reason`, in one script; unless it is
-        no longer pending as this delivery (its lease lapsed and it was delivered again: that delivery settles it)."""
-        handle = self._handle(delivery)
-        stream, consumer = handle.consumer.stream, handle.consumer.name
+    async def dead_letter_entry(self, stream: str, entry_id: bytes, delivery: Delivery, reason: str) -> None:
+        """Move the entry of `delivery` from `stream` to `dead-letter`, with `reason`, in one script."""
         headers = dump_headers(dead_letter_headers(delivery, reason))
         with self.errors("dead-lettering a delivery from", delivery.address):
             if self.cluster:  # the two streams are in different slots: copy first, then acknowledge
-                moved = await self._dead_letter_across_slots(handle, delivery.body, headers)
-            else:
-                args = [GROUP, handle.entry_id, delivery.body, headers, self.trim_length]
-                moved = await self.scripts.dead_letter(
-                    keys=[stream, self.stream_key(DEAD_LETTER)], args=[*args, consumer, handle.times_delivered]
-                )
-        if moved < 0:
-            logger.warning("not dead-lettering a delivery from %r that was delivered again since", delivery.address)
+                await self._dead_letter_across_slots(stream, entry_id, delivery.body, headers)
+                return
+            await self.scripts.dead_letter(
+                keys=[stream, self.stream_key(DEAD_LETTER)],
+                args=[GROUP, entry_id, delivery.body, headers, self.trim_length],
+            )
 
-    async def _dead_letter_across_slots(self, handle: Handle, body: bytes, headers: bytes) -> int:
-        """Dead-letter an entry still pending as the delivery of `handle`: its copy is in `dead-letter` before it is
-        acknowledged, so a crash between the two leaves it pending (delivered again, and dead-lettered again: two
-        copies), never lost. 1 if it was moved, 0 if it was not pending, -1 if a later delivery holds it."""
-        stream, entry_id = handle.consumer.stream, handle.entry_id
+    async def _dead_letter_across_slots(self, stream: str, entry_id: bytes, body: bytes, headers: bytes) -> None:
+        """Dead-letter an entry still pending: its copy is in `dead-letter` before it is acknowledged, so a crash
+        between the two leaves it pending (delivered again, and dead-lettered again: two copies), never lost."""
         held = await self.client.xpending_range(stream, GROUP, min=entry_id, max=entry_id, count=1)
         if not held:
-            return 0  # settled meanwhile
-        if (held[0]["consumer"], held[0]["times_delivered"]) != (handle.consumer.name.encode(), handle.times_delivered):
-            return -1  # its lease lapsed and it was claimed since, by another consumer or this one again
+            return  # settled meanwhile, or another consumer's since its lease lapsed and it was claimed
         await self._pipelined().publish(self.stream_key(DEAD_LETTER), body, headers, self.trim_length)
-        await self.scripts.ack(keys=[stream], args=[GROUP, entry_id, handle.consumer.name, handle.times_delivered])
-        return 1
+        await self.client.xack(stream, GROUP, entry_id)
 
 
 def _glob(text: str) -> str:

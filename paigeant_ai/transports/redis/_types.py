@@ -130,7 +130,6 @@ class Scripts:
     read: Script
     promote: Script
     trim: Script
-    ack: Script
     retry: Script
     dead_letter: Script
     give_back: Script
@@ -152,7 +151,6 @@ class Scripts:
             read=as_script(client, lua.READ),
             promote=as_script(client, lua.PROMOTE),
             trim=as_script(client, lua.TRIM),
-            ack=as_script(client, lua.ACK),
             retry=as_script(client, lua.RETRY),
             dead_letter=as_script(client, lua.DEAD_LETTER),
             give_back=as_script(client, lua.GIVE_BACK),
