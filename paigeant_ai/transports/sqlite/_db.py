@@ -187,7 +187,7 @@ class Database:
             except _TurnFailed as failed:
                 if connection.in_transaction:
                     connection.rollback()
-                _resolve(failed.call, False, translate(self.path, failed.call.doing, failed.cause))
+                _resolve_all([(failed.call, False, translate(self.path, failed.call.doing, failed.cause))])
                 turn = [call for call in turn if call is not failed.call]
                 continue
             except sqlite3.Error as exc:  # BEGIN or COMMIT: nothing of the turn was written
@@ -217,8 +217,7 @@ class Database:
         return call, True, value
 
     def _fail_all(self, error: TransportError, turn: list[_Call]) -> None:
-        for call in turn:
-            _resolve(call, False, error)
+        _resolve_all([(call, False, error) for call in turn])
 
 
 def _check_sqlite_version() -> None:
@@ -277,7 +276,7 @@ def _busy(exc: sqlite3.Error) -> bool:
 
 
 def _resolve_all(outcomes: list[tuple[_Call, bool, Any]]) -> None:
-    """Answer the calls of a turn, waking each event loop once for all of them rather than once a call."""
+    """Answer calls (a turn's, or those that failed), waking each event loop once for all of them."""
     by_loop: dict[asyncio.AbstractEventLoop, list[tuple[_Call, bool, Any]]] = {}
     for outcome in outcomes:
         by_loop.setdefault(outcome[0].loop, []).append(outcome)
@@ -296,7 +295,3 @@ def _answer(answers: list[tuple[_Call, bool, Any]]) -> None:
             call.future.set_result(value)
         else:
             call.future.set_exception(value)
-
-
-def _resolve(call: _Call, ok: bool, value: Any) -> None:
-    _resolve_all([(call, ok, value)])
