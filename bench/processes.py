@@ -39,7 +39,7 @@ from paigeant_ai import (
 from paigeant_ai.security import MessageSigner, generate_key
 from paigeant_ai.transports import Transport
 
-from ._paigeant import REDIS_URL, cleanup, server_up
+from ._paigeant import REDIS_URL, cleanup, make_transport, server_up
 from ._sqlite_raw import sqlite_path
 from .throughput import print_table
 
@@ -157,7 +157,6 @@ async def run_once(transport_name: str, processes: int, workflows: int, concurre
     namespace = f"bench-procs-{uuid.uuid4().hex[:8]}"
     key = generate_key("bench-processes")
     go, done = (sqlite_path(namespace).with_suffix(suffix) for suffix in (".go", ".done"))
-    where = {"redis": {"url": REDIS_URL}, "sqlite": {"path": sqlite_path(namespace)}}[transport_name]
     env = {
         **os.environ,
         "PAIGEANT_TRANSPORT": transport_name,
@@ -176,7 +175,7 @@ async def run_once(transport_name: str, processes: int, workflows: int, concurre
     supervisor = await asyncio.create_subprocess_exec(
         *command, "--processes", str(processes), cwd=ROOT, env=env, stderr=asyncio.subprocess.DEVNULL
     )
-    transport = get_transport(transport_name, namespace=namespace, **where)
+    transport = make_transport(transport_name, namespace)  # the file the workers open, on SQLite
     security = MessageSigner(key)
     try:
         async with transport:
